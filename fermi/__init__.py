@@ -1,0 +1,93 @@
+"""Fermi Infer: a compiled-graph inference engine for small language models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fermi.errors import FermiError, ModelLoadError, RequestError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fermi.engine.api import Engine
+    from fermi.engine.sampling import SamplingParams
+    from fermi.engine.types import Completion, Delta, Usage
+
+# Heavy modules (torch, the engine) load on first use, so `fermi --help` stays fast.
+_LAZY = {
+    "Engine": "fermi.engine.api",
+    "SamplingParams": "fermi.engine.sampling",
+    "Completion": "fermi.engine.types",
+    "Delta": "fermi.engine.types",
+    "Usage": "fermi.engine.types",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fermi' has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Completion",
+    "Delta",
+    "Engine",
+    "FermiError",
+    "ModelLoadError",
+    "RequestError",
+    "SamplingParams",
+    "Usage",
+    "load",
+]
+__version__ = "0.1.0"
+
+DEFAULT_MODEL = "Qwen/Qwen3-1.7B"
+
+
+def default_model() -> str:
+    return os.environ.get("FERMI_MODEL") or DEFAULT_MODEL
+
+
+def load(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_seq_len: int | None = None,
+    max_batch: int | None = None,
+    runner: str | None = None,
+    prefill_chunk: int | None = None,
+) -> Engine:
+    """Load a model and return an :class:`Engine`.
+
+    ``model`` is a Hugging Face id, a checkpoint folder, or ``FERMI_MODEL`` /
+    Qwen/Qwen3-1.7B when omitted. ``dtype`` defaults to bf16 on CUDA and fp32 on CPU.
+    ``max_seq_len`` defaults to the model's context capped at 4096; ``max_batch`` to 8.
+    """
+    import torch
+
+    from fermi.engine.api import Engine
+    from fermi.hub import resolve
+    from fermi.loading import load_folder, parse_dtype
+    from fermi.runners.select import default_device, torch_runner
+
+    name = str(model) if model is not None else default_model()
+    path = resolve(name)
+    dev = torch.device(device) if device is not None else default_device()
+    torch_dtype = parse_dtype(dtype, dev)
+    ckpt = load_folder(path, dev, torch_dtype)
+    seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 4096)
+    if seq_len < 2:
+        raise ValueError("max_seq_len must be at least 2")
+    run = torch_runner(ckpt.model, runner, max_batch or 8, seq_len, prefill_chunk)
+    return Engine(run, ckpt.tokenizer, ckpt.generation, model_name=_display_name(name, path))
+
+
+def _display_name(name: str, path: Path) -> str:
+    return path.name if Path(name).expanduser().exists() else name

@@ -1,0 +1,57 @@
+"""Token ids -> text deltas for one sequence: detokenize, stop strings, reasoning split.
+
+Order matters: stop strings are matched on the model's raw text (so a stop string is
+found wherever it appears), and the reasoning split runs on what survives.
+"""
+
+from __future__ import annotations
+
+from fermi.engine.types import Delta, FinishReason, GenerationRequest, TokenLogprob
+from fermi.text.detokenize import IncrementalDetokenizer
+from fermi.text.reasoning import ReasoningSplitter
+from fermi.text.stops import StopStringMatcher
+from fermi.text.tokenizer import Tokenizer
+
+
+class OutputStream:
+    def __init__(self, tokenizer: Tokenizer, request: GenerationRequest) -> None:
+        self.request = request
+        self.detok = IncrementalDetokenizer(tokenizer, request.skip_special_tokens)
+        self.stops = StopStringMatcher(list(request.stop))
+        self.splitter = (
+            ReasoningSplitter(request.start_in_reasoning) if request.split_reasoning else None
+        )
+        self.token_ids: list[int] = []
+
+    def _split(self, text: str, final: bool) -> tuple[str, str]:
+        if self.splitter is None:
+            return "", text
+        reasoning, content = self.splitter.feed(text) if text else ("", "")
+        if final:
+            r, c = self.splitter.flush()
+            reasoning, content = reasoning + r, content + c
+        return reasoning, content
+
+    def push(
+        self, token_id: int, logprob: TokenLogprob | None = None
+    ) -> tuple[Delta, FinishReason | None]:
+        """Add one generated token; return its delta and a finish reason if it ends the
+        sequence (an eos token or a stop string)."""
+        req = self.request
+        self.token_ids.append(token_id)
+        delta = Delta(token_ids=[token_id], logprobs=[logprob] if logprob else None)
+        if token_id in req.eos_token_ids and not req.ignore_eos:
+            return delta, "stop"
+        text, stopped = self.stops.feed(self.detok.add(token_id))
+        delta.reasoning, delta.text = self._split(text, final=False)
+        return delta, ("stop" if stopped else None)
+
+    def finish(self, reason: FinishReason) -> Delta:
+        """Release held-back text at the end of the sequence."""
+        tail = ""
+        if not self.stops.stopped:
+            tail, stopped = self.stops.feed(self.detok.flush())
+            if not stopped:
+                tail += self.stops.flush()
+        reasoning, text = self._split(tail, final=True)
+        return Delta(text=text, reasoning=reasoning, finish_reason=reason)

@@ -1,0 +1,293 @@
+"""Continuous batching over a runner's cache slots.
+
+One background thread owns the runner. Each loop iteration it admits waiting requests
+into free slots, prefills one chunk of one prompt (so a long prompt never stalls running
+decodes for long), and runs one batched decode step for every sequence past its prompt.
+A finished or cancelled sequence frees its slot at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fermi.engine.output import OutputStream
+from fermi.engine.sampling import SamplingBatch, sample
+from fermi.engine.types import Delta, FinishReason, GenerationRequest, TokenLogprob, Usage
+from fermi.errors import EngineOverloadedError
+from fermi.runners.base import Runner
+from fermi.text.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Delta], None]
+
+
+class RequestHandle:
+    """Returned by :meth:`Scheduler.submit`; ``cancel()`` stops generation within a step."""
+
+    def __init__(self, request: GenerationRequest, sink: Sink) -> None:
+        self.request = request
+        self.sink = sink
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Sequence:
+    handle: RequestHandle
+    slot: int
+    output: OutputStream
+    prefilled: int = 0  # prompt tokens already in the cache
+    last_token: int = -1
+    generated: int = 0
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+    @property
+    def position(self) -> int:
+        """Cache position of the next token to feed."""
+        return len(self.request.prompt_ids) + self.generated - 1
+
+
+@dataclass
+class SchedulerStats:
+    running: int = 0
+    waiting: int = 0
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    last_step_at: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, max_waiting: int = 1024) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        caps = runner.capabilities
+        self.caps = caps
+        self.sampling = SamplingBatch(caps.max_batch, caps.vocab_size, caps.device)
+        self.max_waiting = max_waiting
+        self.stats = SchedulerStats()
+        self._inbox: queue.Queue[RequestHandle | None] = queue.Queue()
+        self._waiting: deque[RequestHandle] = deque()
+        self._free = list(range(caps.max_batch))
+        self._prefilling: deque[_Sequence] = deque()
+        self._decoding: list[_Sequence] = []
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted but not yet finished, for back-pressure
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="fermi-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- public -----------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the engine is closed")
+            if self._pending >= self.max_waiting + self.caps.max_batch:
+                raise EngineOverloadedError(
+                    f"the request queue is full ({self.max_waiting} waiting); try again later"
+                )
+            self._pending += 1
+        handle = RequestHandle(request, sink)
+        self._inbox.put(handle)
+        return handle
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def load(self) -> int:
+        """Requests submitted and not yet finished (used to pick the least loaded replica)."""
+        return self._pending
+
+    # -- loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            busy = bool(self._waiting or self._prefilling or self._decoding)
+            try:
+                item = self._inbox.get(block=not busy)
+                while True:
+                    if item is None:
+                        self._fail_all("the engine is closed")
+                        return
+                    self._waiting.append(item)
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                self._step()
+            except Exception as exc:  # a broken step must not take the engine down
+                log.exception("engine step failed")
+                self._fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self._prefilling:
+            self._prefill_chunk(self._prefilling[0])
+        if self._decoding:
+            self._decode()
+        self.stats.running = len(self._prefilling) + len(self._decoding)
+        self.stats.waiting = len(self._waiting)
+        self.stats.last_step_at = time.monotonic()
+        self.stats.steps += 1
+
+    def _admit(self) -> None:
+        while self._waiting and self._free:
+            handle = self._waiting.popleft()
+            if handle.cancelled.is_set():
+                self._finish_unstarted(handle, "cancelled")
+                continue
+            slot = self._free.pop(0)
+            req = handle.request
+            seed = req.params.seed if req.params.seed is not None else random.getrandbits(62)
+            self.sampling.set_row(slot, req.params, list(req.prompt_ids), seed)
+            seq = _Sequence(handle, slot, OutputStream(self.tokenizer, req))
+            self._prefilling.append(seq)
+
+    def _prefill_chunk(self, seq: _Sequence) -> None:
+        prompt = seq.request.prompt_ids
+        chunk = list(prompt[seq.prefilled : seq.prefilled + self.caps.prefill_chunk])
+        logits = self.runner.prefill(seq.slot, chunk, seq.prefilled)
+        seq.prefilled += len(chunk)
+        self.stats.prompt_tokens += len(chunk)
+        if seq.prefilled < len(prompt):
+            return
+        self._prefilling.popleft()
+        self._sample_and_emit([seq], logits[None])
+        if not seq.handle.done.is_set():
+            self._decoding.append(seq)
+
+    def _decode(self) -> None:
+        seqs = list(self._decoding)
+        logits = self.runner.decode(
+            [s.slot for s in seqs], [s.last_token for s in seqs], [s.position for s in seqs]
+        )
+        self._sample_and_emit(seqs, logits)
+        self._decoding = [s for s in self._decoding if not s.handle.done.is_set()]
+
+    def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        rows = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=logits.device)
+        flags = [self.sampling.row_flags(s.slot) for s in seqs]
+        want = max((s.request.logprobs for s in seqs if s.request.logprobs is not None), default=-1)
+        out = sample(
+            logits,
+            self.sampling,
+            rows,
+            use_filters=any(f.filters for f in flags),
+            use_penalties=any(f.penalties for f in flags),
+            want_logprobs=want,
+        )
+        self.sampling.record(rows, out.tokens)
+        tokens = out.tokens.tolist()  # the one host sync per step
+        chosen = out.logprobs.tolist() if want >= 0 and out.logprobs is not None else None
+        top_ids = out.top_ids.tolist() if want > 0 and out.top_ids is not None else None
+        top_lp = out.top_logprobs.tolist() if want > 0 and out.top_logprobs is not None else None
+        now = time.perf_counter()
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            lp = None
+            k = seq.request.logprobs
+            if k is not None and chosen is not None:
+                top = ()
+                if k > 0 and top_ids is not None and top_lp is not None:
+                    top = tuple(
+                        (t, self.tokenizer.decode([t]), p)
+                        for t, p in zip(top_ids[i][:k], top_lp[i][:k], strict=True)
+                    )
+                lp = TokenLogprob(token, self.tokenizer.decode([token]), chosen[i], top)
+            self._emit_token(seq, token, lp, now)
+
+    def _emit_token(self, seq: _Sequence, token: int, lp: TokenLogprob | None, now: float) -> None:
+        if seq.handle.first_token_at is None:
+            seq.handle.first_token_at = now
+        seq.generated += 1
+        seq.last_token = token
+        self.stats.generated_tokens += 1
+        delta, reason = seq.output.push(token, lp)
+        if reason is None:
+            if seq.generated >= seq.request.max_tokens:
+                reason = "length"
+            elif len(seq.request.prompt_ids) + seq.generated >= self.caps.max_seq_len:
+                reason = "length"  # the context is full
+        if reason is None:
+            if delta.text or delta.reasoning or delta.token_ids:
+                self._send(seq.handle, delta)
+            return
+        final = seq.output.finish(reason)
+        delta.text += final.text
+        delta.reasoning += final.reasoning
+        self._complete(seq, delta, reason)
+
+    def _complete(self, seq: _Sequence, delta: Delta, reason: FinishReason) -> None:
+        delta.finish_reason = reason
+        delta.usage = Usage(len(seq.request.prompt_ids), seq.generated)
+        self._free_slot(seq.slot)
+        self._finish(seq.handle, delta)
+
+    def _free_slot(self, slot: int) -> None:
+        self.runner.release(slot)
+        self._free.append(slot)
+        self._free.sort()  # lowest slots first keeps the decode batch dense
+
+    def _finish(self, handle: RequestHandle, delta: Delta) -> None:
+        handle.finished_at = time.perf_counter()
+        handle.done.set()
+        with self._lock:
+            self._pending -= 1
+        self._send(handle, delta)
+
+    def _send(self, handle: RequestHandle, delta: Delta) -> None:
+        try:
+            handle.sink(delta)
+        except Exception:  # a consumer that went away must not break the batch
+            log.exception("delivering output failed; cancelling the request")
+            handle.cancel()
+
+    def _finish_unstarted(self, handle: RequestHandle, reason: FinishReason, error=None) -> None:
+        n = len(handle.request.prompt_ids)
+        self._finish(handle, Delta(finish_reason=reason, usage=Usage(n, 0), error=error))
+
+    def _drop_cancelled(self) -> None:
+        for seqs in (self._prefilling, self._decoding):
+            for seq in [s for s in seqs if s.handle.cancelled.is_set()]:
+                seqs.remove(seq)
+                self._complete(seq, Delta(), "cancelled")
+        for handle in [h for h in self._waiting if h.cancelled.is_set()]:
+            self._waiting.remove(handle)
+            self._finish_unstarted(handle, "cancelled")
+
+    def _fail_running(self, message: str) -> None:
+        for seq in list(self._prefilling) + list(self._decoding):
+            if not seq.handle.done.is_set():
+                self._complete(seq, Delta(error=message), "error")
+        self._prefilling.clear()
+        self._decoding.clear()
+
+    def _fail_all(self, message: str) -> None:
+        self._fail_running(message)
+        while self._waiting:
+            self._finish_unstarted(self._waiting.popleft(), "error", message)

@@ -1,0 +1,74 @@
+"""Data that crosses the engine's seams: requests in, deltas and completions out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fermi.engine.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+Thinking = Literal["on", "off", "auto"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A fully prepared request: token ids already templated, parameters resolved."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    eos_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    # Split <think>...</think> from the answer (chat requests); True when the prompt
+    # itself already opened the think block.
+    split_reasoning: bool = False
+    start_in_reasoning: bool = False
+    # None: no logprobs; 0: the chosen token's; k: also the k most likely alternatives.
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass
+class Delta:
+    """One step of output. The last delta of a request has ``finish_reason`` and ``usage``."""
+
+    text: str = ""
+    reasoning: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    reasoning: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+    # Seconds from submission to the first token, and from the first token to the last.
+    time_to_first_token: float = 0.0
+    decode_time: float = 0.0

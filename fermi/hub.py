@@ -1,0 +1,57 @@
+"""Resolve a model reference (local path or Hugging Face id) to files on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fermi.errors import ModelLoadError
+
+# Files a checkpoint folder may need; weights are fetched by pattern.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+
+
+def offline() -> bool:
+    """``FERMI_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) forbids any network access."""
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("FERMI_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def resolve(model: str | os.PathLike) -> Path:
+    """A local folder or file as is; otherwise a Hugging Face repo id, downloaded once into
+    the usual Hugging Face cache (or found there when offline)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    name = str(model)
+    from fermi.aliases import alias_path
+
+    aliased = alias_path(name)
+    if aliased is not None:
+        return aliased
+    if name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") != 1:
+        raise ModelLoadError(f"model {name!r}: no such file or folder (and not a Hugging Face id)")
+    return _snapshot(name)
+
+
+def _snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        if offline():
+            folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True)
+        else:
+            folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+    except LocalEntryNotFoundError as exc:
+        if offline():
+            raise ModelLoadError(
+                f"model {repo_id!r} is not in the Hugging Face cache and FERMI_OFFLINE/"
+                "HF_HUB_OFFLINE forbids downloading it; download it once with network, or "
+                "pass a local folder"
+            ) from exc
+        raise ModelLoadError(f"model {repo_id!r} could not be downloaded: {exc}") from exc
+    except HFValidationError as exc:
+        raise ModelLoadError(f"model {repo_id!r} is not a valid Hugging Face id: {exc}") from exc
+    except Exception as exc:  # network errors, 401/404 from the hub
+        raise ModelLoadError(f"model {repo_id!r} could not be downloaded: {exc}") from exc
+    return Path(folder)

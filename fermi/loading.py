@@ -1,0 +1,210 @@
+"""Checkpoint folders in, ready modules out.
+
+A folder holds ``config.json``, ``model.safetensors`` (or a sharded
+``model.safetensors.index.json``), ``tokenizer.json``, and optionally
+``tokenizer_config.json`` and ``generation_config.json``. Every problem is reported with
+the file or tensor it concerns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from fermi.errors import ModelLoadError
+from fermi.models.decoder import Decoder, ModelConfig
+from fermi.models.registry import Adapter, UnsupportedModelError, adapter_for
+from fermi.text.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Defaults from ``generation_config.json`` (a request's own values win)."""
+
+    eos_token_ids: tuple[int, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    do_sample: bool | None = None
+
+
+@dataclass
+class Checkpoint:
+    """Everything loaded from one model folder."""
+
+    folder: Path
+    model: Decoder
+    config: ModelConfig
+    hf_config: dict
+    tokenizer: Tokenizer
+    generation: GenerationDefaults
+    extra: dict = field(default_factory=dict)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"model folder {path.parent} has no {path.name}") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if name is None or name == "auto":
+        return default_dtype(device)
+    if isinstance(name, torch.dtype):
+        return name
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
+    if name not in table:
+        raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(table)}")
+    return table[name]
+
+
+def load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Checkpoint:
+    """Load a Hugging Face style checkpoint folder."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is not a model folder")
+    hf_config = read_json(folder / "config.json")
+    try:
+        adapter = adapter_for(hf_config, str(folder / "config.json"))
+        config = adapter.to_config(hf_config)
+    except UnsupportedModelError as exc:
+        raise ModelLoadError(str(exc)) from None
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.exists():
+        raise ModelLoadError(f"model folder {folder} has no tokenizer.json")
+    tokenizer = Tokenizer.from_folder(folder)
+    weights = read_safetensors(folder)
+    model = build_model(config, adapter, weights, device, dtype, source=str(folder))
+    generation = read_generation_defaults(folder, hf_config, tokenizer)
+    return Checkpoint(folder, model, config, hf_config, tokenizer, generation)
+
+
+def read_safetensors(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Map every tensor name to (file, name) without reading the data yet."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index} has no 'weight_map'")
+        files = sorted(set(weight_map.values()))
+    elif single.exists():
+        files = [single.name]
+    else:
+        raise ModelLoadError(
+            f"model folder {folder} has no model.safetensors or model.safetensors.index.json"
+        )
+    located: dict[str, tuple[Path, str]] = {}
+    for name in files:
+        path = folder / name
+        if not path.exists():
+            raise ModelLoadError(f"model folder {folder} has no {name} (listed in {index.name})")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    located[key] = (path, key)
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from None
+    return located
+
+
+def materialize(located: dict[str, tuple[Path, str]]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for path, key in located.values():
+        by_file.setdefault(path, []).append(key)
+    for path, keys in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for key in keys:
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def build_model(
+    config: ModelConfig,
+    adapter: Adapter,
+    weights: dict[str, tuple[Path, str]] | dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    source: str,
+) -> Decoder:
+    """Create the decoder without initialising it, then assign the checkpoint's tensors."""
+    tensors = {k: (v if isinstance(v, torch.Tensor) else None) for k, v in weights.items()}
+    if any(v is None for v in tensors.values()):
+        tensors = materialize(weights)  # type: ignore[arg-type]
+    if adapter.sanitize is not None:
+        tensors = adapter.sanitize(tensors, config)
+    with torch.device("meta"):
+        model = Decoder(config)
+    expected = model.state_dict()
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        tensors.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(f"{source}: tensor {missing[0]!r} is missing{more}")
+    unexpected = [
+        k for k in tensors if k not in expected and not k.endswith(adapter.ignored_suffixes)
+    ]
+    if unexpected:
+        raise ModelLoadError(
+            f"{source}: unexpected tensor {unexpected[0]!r} for {config.architecture} "
+            "(does config.json match the weights?)"
+        )
+    state = {}
+    for name, ref in expected.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise ModelLoadError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(ref.shape)}"
+            )
+        state[name] = tensor.to(device=device, dtype=dtype)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False)
+
+
+def read_generation_defaults(
+    folder: Path, hf_config: dict, tokenizer: Tokenizer
+) -> GenerationDefaults:
+    path = folder / "generation_config.json"
+    gen = read_json(path) if path.exists() else {}
+    eos: list[int] = []
+    for source in (gen.get("eos_token_id"), hf_config.get("eos_token_id")):
+        for value in source if isinstance(source, list) else [source]:
+            if isinstance(value, int) and value not in eos:
+                eos.append(value)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return GenerationDefaults(
+        eos_token_ids=tuple(eos),
+        temperature=gen.get("temperature"),
+        top_p=gen.get("top_p"),
+        top_k=gen.get("top_k"),
+        min_p=gen.get("min_p"),
+        repetition_penalty=gen.get("repetition_penalty"),
+        do_sample=gen.get("do_sample"),
+    )

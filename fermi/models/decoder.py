@@ -1,0 +1,286 @@
+"""One decoder-only transformer with a static KV cache, shared by every architecture.
+
+Module and parameter names follow the Hugging Face checkpoints (``model.layers.N.self_attn.
+q_proj``...), so most checkpoints load without renaming. Architecture adapters
+(``fermi.models.<arch>``) only translate ``config.json`` into :class:`ModelConfig` and fix
+naming quirks of their checkpoints.
+
+``forward`` has no Python control flow on tensor values and no host syncs: the same code
+runs eagerly on CPU, compiles with ``fullgraph=True``, captures in CUDA graphs and exports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fermi.models.rope import RopeConfig, apply_rope, rope_tables
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    attention_bias: bool = False  # bias on q/k/v projections
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    # Per layer: None (global attention) or a window length in tokens.
+    sliding_windows: tuple[int | None, ...] = ()
+    # Gemma 2 style extras; neutral defaults for everything else.
+    embedding_scale: float = 1.0
+    norm_unit_offset: bool = False  # RMSNorm multiplies by (1 + weight)
+    sandwich_norms: bool = False  # extra post-attention / pre+post-feed-forward norms
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+
+    @property
+    def attn_scale(self) -> float:
+        base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
+        return 1.0 / math.sqrt(base)
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_windows[layer] if self.sliding_windows else None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma computes the scale in float32 before casting back
+            return (h * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * h.to(dtype)
+
+
+class KVCache(nn.Module):
+    """Two buffers [max_batch, kv_heads, max_seq_len, head_dim]; row ``s`` is cache slot ``s``."""
+
+    def __init__(
+        self, max_batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype, device
+    ) -> None:
+        super().__init__()
+        shape = (max_batch, kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(
+        self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write k/v [B, H, T, D] in place at (slots[b], :, positions[b, t])."""
+        # Advanced indices on dims 0 and 2 select a [B, T, H, D] view of the cache.
+        index = slots[:, None].expand_as(positions)
+        self.k[index, :, positions] = k.transpose(1, 2)
+        self.v[index, :, positions] = v.transpose(1, 2)
+
+    def read(self, slots: torch.Tensor | None, batch: int, kv_len: int):
+        """The first ``kv_len`` positions of the given slots (a view when ``slots`` is None,
+        meaning rows 0..batch-1 are slots 0..batch-1)."""
+        if slots is None:
+            return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
+        return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        h, d, kv = cfg.num_attention_heads, cfg.head_dim, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_proj_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        read_slots: torch.Tensor | None,
+        kv_len: int,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        assert self.cache is not None, "call Decoder.setup_cache() before forward()"
+        self.cache.write(slots, positions, k, v)
+        keys, values = self.cache.read(read_slots, b, kv_len)
+
+        # Key j is visible to a query at position p when j <= p (and inside the window).
+        key_pos = torch.arange(kv_len, device=x.device)
+        mask = key_pos[None, None, :] <= positions[:, :, None]
+        window = cfg.window(self.layer)
+        if window is not None:
+            mask = mask & (key_pos[None, None, :] > positions[:, :, None] - window)
+        mask = mask[:, None]  # [B, 1, T, L]
+        out = self._attend(q, keys, values, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _attend(self, q, keys, values, mask) -> torch.Tensor:
+        cfg = self.cfg
+        groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+        if cfg.attn_logit_softcap is None:
+            return F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=cfg.attn_scale
+            )
+        # Soft-capping needs the raw scores, so this path spells attention out.
+        scores = (q @ keys.transpose(-1, -2)) * cfg.attn_scale
+        cap = cfg.attn_logit_softcap
+        scores = torch.tanh(scores / cap) * cap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return probs @ values
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = _activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _activation(name: str):
+    if name == "silu":
+        return F.silu
+    if name in ("gelu_pytorch_tanh", "gelu_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    raise ValueError(f"activation {name!r} is not supported")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        eps, off = cfg.rms_norm_eps, cfg.norm_unit_offset
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.sandwich = cfg.sandwich_norms
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+
+    def forward(self, x, cos, sin, positions, slots, read_slots, kv_len: int) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, positions, slots, read_slots, kv_len)
+        if not self.sandwich:
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + self.post_feedforward_layernorm(h)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
+
+
+class Decoder(nn.Module):
+    """The causal LM: ``model`` (embeddings, layers, final norm) and ``lm_head``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.max_batch = 0
+        self.max_seq_len = 0
+
+    def setup_cache(
+        self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None
+    ) -> None:
+        """Allocate the KV cache and the rope tables on the model's device."""
+        weight = self.model.embed_tokens.weight
+        dtype = dtype or weight.dtype
+        cfg = self.cfg
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(
+                max_batch, cfg.num_key_value_heads, max_seq_len, cfg.head_dim, dtype, weight.device
+            )
+        cos, sin = rope_tables(cfg.rope, cfg.head_dim, max_seq_len, seq_len=max_seq_len)
+        self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        kv_len: int,
+        rows_are_slots: bool = False,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Run ``tokens`` [B, T] at ``positions`` [B, T] for cache ``slots`` [B].
+
+        ``kv_len`` (a Python int, static per compiled graph) bounds the attended cache
+        length: every position must be < kv_len. ``rows_are_slots`` says batch row i is
+        slot i, which lets attention read the cache as a view. Returns float32 logits for
+        the last position of each row [B, V], or for every position [B, T, V].
+        """
+        cfg = self.cfg
+        x = self.model.embed_tokens(tokens)
+        if cfg.embedding_scale != 1.0:
+            x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        read_slots = None if rows_are_slots else slots
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, slots, read_slots, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.model.norm(x)).float()
+        if cfg.final_logit_softcap is not None:
+            cap = cfg.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits[:, -1] if last_only else logits

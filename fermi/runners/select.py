@@ -1,0 +1,37 @@
+"""Pick a runner for a loaded checkpoint (or honour the caller's choice)."""
+
+from __future__ import annotations
+
+import torch
+
+from fermi.models.decoder import Decoder
+from fermi.runners.base import Runner
+
+TORCH_RUNNERS = ("torch", "torch-cpu", "torch-cuda", "torch-eager")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def torch_runner(
+    model: Decoder,
+    name: str | None,
+    max_batch: int,
+    max_seq_len: int,
+    prefill_chunk: int | None,
+) -> Runner:
+    """The eager runner anywhere; the compiled CUDA runner when on a CUDA device."""
+    device = model.model.embed_tokens.weight.device
+    if name not in (None, *TORCH_RUNNERS):
+        raise ValueError(f"runner {name!r} is not one of {', '.join(TORCH_RUNNERS)}")
+    if device.type == "cuda" and name in (None, "torch", "torch-cuda"):
+        try:
+            from fermi.runners.torch_cuda import CudaGraphRunner
+        except ImportError:
+            CudaGraphRunner = None
+        if CudaGraphRunner is not None:
+            return CudaGraphRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk)
+    from fermi.runners.torch_eager import TorchRunner
+
+    return TorchRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk or 512)

@@ -1,0 +1,47 @@
+"""The decoder run eagerly with torch (CPU, or any device without compilation)."""
+
+from __future__ import annotations
+
+import torch
+
+from fermi.models.decoder import Decoder
+from fermi.runners.base import Capabilities
+
+
+class TorchRunner:
+    def __init__(
+        self, model: Decoder, max_batch: int, max_seq_len: int, prefill_chunk: int = 512
+    ) -> None:
+        self.model = model
+        device = model.model.embed_tokens.weight.device
+        model.setup_cache(max_batch, max_seq_len)
+        name = "torch-cpu" if device.type == "cpu" else f"torch-{device.type}"
+        self.capabilities = Capabilities(
+            name=name,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            vocab_size=model.cfg.vocab_size,
+            device=device,
+            prefill_chunk=prefill_chunk,
+        )
+        self.device = device
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        n = len(token_ids)
+        tokens = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(start_pos, start_pos + n, device=self.device)[None]
+        slots = torch.tensor([slot], dtype=torch.long, device=self.device)
+        return self.model(tokens, positions, slots, kv_len=start_pos + n)[0]
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        dev = self.device
+        tokens = torch.tensor(token_ids, dtype=torch.long, device=dev)[:, None]
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        # Attention cost follows the longest live context, not max_seq_len.
+        return self.model(tokens, pos, slot_t, kv_len=max(positions) + 1)
+
+    def release(self, slot: int) -> None:
+        """Nothing to do: a slot's stale entries are masked until overwritten."""

@@ -1,0 +1,66 @@
+"""Tiny random checkpoints for tests, written the way Hugging Face writes them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests.tiny_tokenizer import TINY_VOCAB_SIZE, write_tiny_tokenizer
+
+QWEN3_BASE = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": TINY_VOCAB_SIZE,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "hidden_act": "silu",
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "torch_dtype": "float32",
+}
+
+
+def hf_model(config: dict, seed: int = 0):
+    """A transformers model built from ``config`` with seeded random weights."""
+    import transformers
+
+    cls = getattr(transformers, config["architectures"][0])
+    cfg_cls = transformers.AutoConfig.for_model(config["model_type"]).__class__
+    hf_cfg = cfg_cls(**{k: v for k, v in config.items() if k not in ("architectures",)})
+    hf_cfg.architectures = config["architectures"]
+    torch.manual_seed(seed)
+    model = cls(hf_cfg).eval()
+    with torch.no_grad():  # default init leaves norms at 1: perturb so they are tested too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def write_checkpoint(
+    folder: Path, overrides: dict | None = None, seed: int = 0, template: str = "qwen3"
+) -> Path:
+    """Write config.json, model.safetensors, generation_config.json and the tiny tokenizer."""
+    config = {**QWEN3_BASE, **(overrides or {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(folder, template=template)
+    specials = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in specials}
+    config["eos_token_id"] = ids["<|im_end|>"]
+    model = hf_model(config, seed)
+    model.config.eos_token_id = ids["<|im_end|>"]
+    model.save_pretrained(folder, safe_serialization=True)
+    gen = {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": True}
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    return folder
