@@ -1,0 +1,1 @@
+"""Text layer: tokenizer, chat templates, streaming detokenization, reasoning and stop handling."""

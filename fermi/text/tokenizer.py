@@ -1,0 +1,278 @@
+"""Tokenizer wrapper: encode/decode through `tokenizers` and chat-template rendering via jinja2."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from fermi.errors import RequestError
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATE_JSON_FILE = "chat_template.json"
+
+
+class ChatTemplateError(RequestError):
+    """The chat template is missing, invalid, or rejected the conversation.
+
+    A RequestError (and so a ValueError) because it almost always comes from what the
+    client sent, e.g. a template's raise_exception("roles must alternate"); API layers map
+    it to HTTP 400 without knowing about jinja2.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="messages")
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Accepts `{% generation %}...{% endgeneration %}` blocks and renders their body as-is.
+
+    Some templates mark assistant spans this way for training masks; without this
+    extension they fail to compile, so we accept the tag and ignore its meaning.
+    """
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # jinja2's built-in tojson HTML-escapes `<`, `>`, `&` and `'`, which would corrupt
+    # prompts; templates written for transformers expect plain json.dumps output.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _make_environment() -> ImmutableSandboxedEnvironment:
+    # Same whitespace settings and helpers that transformers gives templates, so a model's
+    # published template renders byte-identically here.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _token_content(value: Any) -> str | None:
+    """Special tokens in tokenizer_config.json are either plain strings or AddedToken dicts."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _pick_template(value: Any) -> str | None:
+    """chat_template may be a string or a list of named templates; we serve the default one."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+        template = named.get("default")
+        return template if isinstance(template, str) else None
+    return None
+
+
+# Names clients use for an assistant message's reasoning; templates read reasoning_content.
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copy messages into the shape templates expect, leaving the caller's dicts untouched.
+
+    Keys set to None are dropped: OpenAI clients send `content: null` next to tool calls,
+    and templates handle a missing key but would render the literal "None". Reasoning sent
+    under another name is also exposed as reasoning_content.
+    """
+    normalized = []
+    for message in messages:
+        clean = {key: value for key, value in message.items() if value is not None}
+        reasoning = next((clean[key] for key in _REASONING_KEYS if key in clean), None)
+        if reasoning is not None:
+            clean.setdefault("reasoning_content", reasoning)
+        normalized.append(clean)
+    return normalized
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special-token and chat-template metadata around it."""
+
+    def __init__(
+        self,
+        tok: tokenizers.Tokenizer,
+        chat_template: str | None,
+        bos_token: str | None,
+        eos_token: str | None,
+        add_bos: bool = False,
+    ) -> None:
+        self._tok = tok
+        self.chat_template = chat_template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.add_bos = add_bos
+        self._compiled: jinja2.Template | None = None
+        added = tok.get_added_tokens_decoder()
+        self.special_ids: set[int] = {i for i, t in added.items() if t.special}
+        self.eos_token_id: int | None = self.token_to_id(eos_token) if eos_token else None
+        self.bos_token_id: int | None = self.token_to_id(bos_token) if bos_token else None
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> Tokenizer:
+        """Load a Hugging Face style tokenizer folder (tokenizer.json + optional config)."""
+        folder = Path(folder)
+        tok_path = folder / TOKENIZER_FILE
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"no {TOKENIZER_FILE} in tokenizer folder {folder}")
+        tok = tokenizers.Tokenizer.from_file(str(tok_path))
+
+        config: dict[str, Any] = {}
+        config_path = folder / CONFIG_FILE
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+
+        template = _pick_template(config.get("chat_template"))
+        # A standalone template file is the newer convention and wins over the config
+        # entry, matching what transformers does when both exist.
+        template_json = folder / TEMPLATE_JSON_FILE
+        if template_json.is_file():
+            loaded = json.loads(template_json.read_text(encoding="utf-8"))
+            template = _pick_template(loaded.get("chat_template")) or template
+        template_file = folder / TEMPLATE_FILE
+        if template_file.is_file():
+            template = template_file.read_text(encoding="utf-8")
+
+        return cls(
+            tok,
+            chat_template=template,
+            bos_token=_token_content(config.get("bos_token")),
+            eos_token=_token_content(config.get("eos_token")),
+            add_bos=bool(config.get("add_bos_token", False)),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce, added tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The wrapped `tokenizers.Tokenizer`, for callers that need its full API."""
+        return self._tok
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # Tokenizers built without a post-processor (e.g. from GGUF metadata) cannot add
+        # BOS themselves; add it here unless the post-processor already did.
+        if (
+            add_special_tokens
+            and self.add_bos
+            and self.bos_token_id is not None
+            and (not ids or ids[0] != self.bos_token_id)
+        ):
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _template(self) -> jinja2.Template:
+        if self._compiled is None:
+            if not self.chat_template:
+                raise ChatTemplateError(
+                    "this tokenizer has no chat template; use a raw-text completion "
+                    "or a model whose tokenizer_config.json defines chat_template"
+                )
+            try:
+                self._compiled = _make_environment().from_string(self.chat_template)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
+        return self._compiled
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        **extra: Any,
+    ) -> str:
+        """Render a conversation to prompt text with the model's jinja chat template."""
+        template = self._template()
+        context: dict[str, Any] = {}
+        # Undefined rather than "" when absent: templates may test `bos_token is defined`.
+        if self.bos_token is not None:
+            context["bos_token"] = self.bos_token
+        if self.eos_token is not None:
+            context["eos_token"] = self.eos_token
+        context.update(
+            {
+                # transformers always passes these two (None when unused); templates test
+                # them with `is defined` or truthiness, so do the same for identical output.
+                "tools": tools,
+                "documents": None,
+                **extra,
+                "messages": _normalize_messages(messages),
+                "add_generation_prompt": add_generation_prompt,
+            }
+        )
+        # Only when asked: templates distinguish "undefined" from "false" (Qwen3 turns
+        # thinking off only for an explicit false).
+        if enable_thinking is not None:
+            context["enable_thinking"] = enable_thinking
+        try:
+            return template.render(**context)
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"chat template error: {exc}") from exc
+
+    def render_prompt_ids(
+        self,
+        messages: list[dict[str, Any]],
+        enable_thinking: bool | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Render the conversation with a generation prompt and tokenize it.
+
+        Special tokens are not added again: the template already wrote BOS etc. as text,
+        and their text form encodes to the special ids.
+        """
+        text = self.apply_chat_template(messages, enable_thinking=enable_thinking, tools=tools)
+        return self.encode(text, add_special_tokens=False)
