@@ -28,6 +28,8 @@ QWEN3_BASE = {
     "bos_token_id": None,
     "eos_token_id": None,
     "torch_dtype": "float32",
+    # Larger than the usual 0.02 so that greedy output of the random model varies.
+    "initializer_range": 0.1,
 }
 
 

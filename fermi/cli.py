@@ -1,0 +1,257 @@
+"""The ``fermi`` command: chat, generate, serve, grpc, export.
+
+Front-end commands that pull in heavy dependencies (the HTTP server, gRPC, exporters)
+are imported only when invoked, so ``fermi --help`` and ``fermi chat`` start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import time
+
+import click
+
+from fermi import DEFAULT_MODEL
+
+# name -> "module:attribute" of a click command, imported on first use.
+LAZY_COMMANDS = {
+    "serve": "fermi.server.cli:serve_command",
+    "grpc": "fermi.rpc.cli:grpc_command",
+    "export": "export.cli:export_command",
+}
+
+
+class FermiGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._available()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None or name not in LAZY_COMMANDS:
+            return command
+        module, attr = LAZY_COMMANDS[name].split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            raise click.ClickException(f"`fermi {name}` is unavailable: {exc}") from exc
+
+    @staticmethod
+    def _available() -> list[str]:
+        names = []
+        for name, target in LAZY_COMMANDS.items():
+            module = target.split(":")[0]
+            try:
+                if importlib.util.find_spec(module) is not None:
+                    names.append(name)
+            except ModuleNotFoundError:
+                continue
+        return names
+
+
+def model_options(func):
+    """Options every command that loads a model shares; flags win over the environment."""
+    options = [
+        click.option(
+            "--model",
+            "-m",
+            envvar="FERMI_MODEL",
+            default=DEFAULT_MODEL,
+            show_default=True,
+            show_envvar=True,
+            help="Hugging Face id, checkpoint folder, .gguf file, export folder or alias.",
+        ),
+        click.option(
+            "--device", default=None, help="cuda, cuda:1, cpu. [default: cuda if available]"
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+            default="auto",
+            show_default=True,
+            help="auto = bf16 on CUDA, fp32 on CPU.",
+        ),
+        click.option(
+            "--max-seq-len",
+            type=int,
+            default=None,
+            help="Context length. [default: model's, capped at 4096]",
+        ),
+        click.option(
+            "--max-batch", type=int, default=None, help="Concurrent sequences. [default: 8]"
+        ),
+        click.option(
+            "--runner", default=None, help="Force a runner: torch-cpu, torch-cuda, onnx, coreml."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def load_engine(model, device, dtype, max_seq_len, max_batch, runner):
+    import fermi
+
+    try:
+        return fermi.load(
+            model,
+            device=device,
+            dtype=dtype,
+            max_seq_len=max_seq_len,
+            max_batch=max_batch,
+            runner=runner,
+        )
+    except (fermi.FermiError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=FermiGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fermi-infer")
+def main() -> None:
+    """Fermi Infer: fast inference for small language models."""
+
+
+THINKING = click.Choice(["on", "off", "auto"])
+
+
+@main.command()
+@model_options
+@click.option(
+    "--thinking", type=THINKING, default="auto", show_default=True, help="Reasoning mode."
+)
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Per reply.")
+@click.option("--temperature", type=float, default=None, help="[default: the model's]")
+@click.option("--system", default=None, help="A system message that starts the conversation.")
+def chat(
+    model, device, dtype, max_seq_len, max_batch, runner, thinking, max_tokens, temperature, system
+):
+    """Chat in the terminal. /reset clears the conversation, /exit (or Ctrl-D) quits."""
+    engine = load_engine(model, device, dtype, max_seq_len, max_batch, runner)
+    color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
+    dim, reset = ("\x1b[2m", "\x1b[0m") if color else ("", "")
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    click.echo(f"fermi chat · {engine.model_name} · {engine.capabilities.name} · /reset /exit")
+    try:
+        while True:
+            try:
+                line = input("> " if sys.stdin.isatty() else "")
+            except EOFError:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text == "/exit":
+                break
+            if text == "/reset":
+                history = history[:1] if system else []
+                click.echo("(conversation cleared)")
+                continue
+            history.append({"role": "user", "content": text})
+            try:
+                reply = _stream_reply(
+                    engine, history, thinking, max_tokens, temperature, dim, reset
+                )
+            except Exception as exc:  # keep the session alive after a failed turn
+                history.pop()
+                click.echo(f"error: {exc}", err=True)
+                continue
+            history.append({"role": "assistant", "content": reply})
+    finally:
+        engine.close()
+
+
+def _stream_reply(engine, history, thinking, max_tokens, temperature, dim, reset) -> str:
+    started = time.perf_counter()
+    answer: list[str] = []
+    in_reasoning = False
+    first_at = None
+    tokens = 0
+    for delta in engine.stream(
+        messages=history, thinking=thinking, max_tokens=max_tokens, temperature=temperature
+    ):
+        if first_at is None and delta.token_ids:
+            first_at = time.perf_counter()
+        tokens += len(delta.token_ids)
+        if delta.reasoning:
+            if not in_reasoning:
+                click.echo(f"{dim}[thinking] ", nl=False)
+                in_reasoning = True
+            click.echo(delta.reasoning, nl=False)
+        if delta.text:
+            if in_reasoning:
+                click.echo(f"{reset}\n[answer] ", nl=False)
+                in_reasoning = False
+            click.echo(delta.text, nl=False)
+            answer.append(delta.text)
+        sys.stdout.flush()
+    if in_reasoning:
+        click.echo(reset, nl=False)
+    elapsed = time.perf_counter() - (first_at or started)
+    rate = (tokens - 1) / elapsed if tokens > 1 and elapsed > 0 else 0.0
+    click.echo(f"\n{dim}[{tokens} tokens · {rate:.1f} tok/s · {delta.finish_reason}]{reset}")
+    return "".join(answer)
+
+
+@main.command()
+@model_options
+@click.argument("prompt")
+@click.option(
+    "--chat/--raw", "as_chat", default=True, show_default=True, help="Apply the chat template."
+)
+@click.option("--thinking", type=THINKING, default="auto", show_default=True)
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=None, help="[default: the model's]")
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+def generate(
+    model,
+    device,
+    dtype,
+    max_seq_len,
+    max_batch,
+    runner,
+    prompt,
+    as_chat,
+    thinking,
+    max_tokens,
+    temperature,
+    top_p,
+    top_k,
+    seed,
+    stop,
+):
+    """Generate one reply to PROMPT and print it as it streams."""
+    engine = load_engine(model, device, dtype, max_seq_len, max_batch or 1, runner)
+    source = {"messages": [{"role": "user", "content": prompt}]} if as_chat else {"prompt": prompt}
+    try:
+        shown_reasoning = False
+        for delta in engine.stream(
+            **source,
+            thinking=thinking,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=list(stop),
+        ):
+            if delta.reasoning:
+                shown_reasoning = True
+                click.echo(delta.reasoning, nl=False, err=True)
+            if delta.text:
+                click.echo(delta.text, nl=False)
+        click.echo()
+        if shown_reasoning:
+            click.echo("(reasoning was printed to stderr)", err=True)
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()

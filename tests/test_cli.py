@@ -1,0 +1,109 @@
+"""The chat and generate commands driven as a user would, through real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.tiny import write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("cli") / "qwen3", {})
+
+
+def fermi(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fermi.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "NO_COLOR": "1", **(env or {})},
+    )
+
+
+def replies(stdout: str) -> list[str]:
+    """The reply texts of a chat session's output, without header and stats lines."""
+    body = stdout.split("\n", 1)[1].replace("(conversation cleared)\n", "")
+    return re.split(r"\n\[\d+ tokens[^\]]*\]\n", body)[:-1]
+
+
+def test_chat_two_turns_reset_and_exit(folder):
+    script = "hello there\nand again\n/reset\nfresh start\n/exit\nnever read\n"
+    args = ["--model", str(folder), "--max-tokens", "6", "--temperature", "0"]
+    res = fermi("chat", *args, stdin=script)
+    assert res.returncode == 0, res.stderr
+    assert "(conversation cleared)" in res.stdout
+    got = replies(res.stdout)
+    assert len(got) == 3  # the line after /exit is never read
+
+    import fermi as api
+
+    u1, u2, u3 = (
+        {"role": "user", "content": c} for c in ("hello there", "and again", "fresh start")
+    )
+    with api.load(folder, max_batch=1, max_seq_len=512) as engine:
+
+        def say(msgs):
+            return engine.generate(messages=msgs, max_tokens=6, temperature=0).text
+
+        a1 = say([u1])
+        a2 = say([u1, {"role": "assistant", "content": a1}, u2])  # the history is kept
+        a3 = say([u3])  # after /reset the conversation starts afresh
+    assert got == [a1, a2, a3]
+    assert a2 != say_alone(folder, u2)
+
+
+def say_alone(folder, message):
+    import fermi as api
+
+    with api.load(folder, max_batch=1, max_seq_len=512) as engine:
+        return engine.generate(messages=[message], max_tokens=6, temperature=0).text
+
+
+def test_chat_ends_on_eof(folder):
+    res = fermi(
+        "chat", "--model", str(folder), "--max-tokens", "3", "--temperature", "0", stdin="hi\n"
+    )
+    assert res.returncode == 0
+    assert "[3 tokens" in res.stdout
+
+
+def test_generate_prints_the_completion(folder):
+    import fermi as api
+
+    with api.load(folder, max_batch=1, max_seq_len=512) as engine:
+        expected = engine.generate(prompt="Once upon", max_tokens=8, temperature=0).text
+    res = fermi(
+        "generate",
+        "--model",
+        str(folder),
+        "--raw",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "Once upon",
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == expected + "\n"
+
+
+def test_bad_model_is_a_clear_error_not_a_traceback(tmp_path):
+    res = fermi("generate", "--model", str(tmp_path), "hi")
+    assert res.returncode != 0
+    assert "has no config.json" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_model_defaults_to_fermi_model_env_and_help_shows_defaults():
+    res = fermi("chat", "--help", env={"FERMI_MODEL": "acme/custom"})
+    assert res.returncode == 0
+    assert "FERMI_MODEL" in res.stdout and "Qwen/Qwen3-1.7B" in res.stdout
+    assert "--thinking" in res.stdout

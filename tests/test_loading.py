@@ -1,0 +1,135 @@
+"""Loading checkpoints: sharded files, and errors that name what is wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fermi
+from fermi.errors import ModelLoadError
+from fermi.hub import resolve
+from fermi.loading import load_folder
+from tests.tiny import write_checkpoint
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    return write_checkpoint(
+        tmp_path_factory.mktemp("load") / "qwen3", {"tie_word_embeddings": False}
+    )
+
+
+@pytest.fixture
+def folder(original, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(original, copy)
+    return copy
+
+
+def test_sharded_checkpoint_loads_to_the_same_weights(original, tmp_path):
+    import transformers
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(original, sharded)
+    (sharded / "model.safetensors").unlink()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
+    ref.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    a = load_folder(original, CPU, torch.float32).model.state_dict()
+    b = load_folder(sharded, CPU, torch.float32).model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors"])
+def test_missing_file_is_named(folder, name):
+    (folder / name).unlink()
+    with pytest.raises(ModelLoadError, match=name.replace(".", r"\.")):
+        load_folder(folder, CPU, torch.float32)
+
+
+def test_missing_shard_is_named(folder):
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    half = len(names) // 2
+    save_file({k: tensors[k] for k in names[:half]}, folder / "part-1.safetensors")
+    index = {
+        "weight_map": {
+            k: ("part-1.safetensors" if i < half else "part-2.safetensors")
+            for i, k in enumerate(names)
+        }
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=r"part-2\.safetensors"):
+        load_folder(folder, CPU, torch.float32)
+
+
+def test_unsupported_architecture_is_named(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"MambaForCausalLM.*Qwen3ForCausalLM"):
+        load_folder(folder, CPU, torch.float32)
+
+
+def test_shape_mismatch_names_the_tensor(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"mlp\.(down|gate|up)_proj\.weight.*shape"):
+        load_folder(folder, CPU, torch.float32)
+
+
+def test_missing_tensor_is_named(folder):
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.self_attn\.k_norm\.weight"):
+        load_folder(folder, CPU, torch.float32)
+
+
+def test_corrupt_config_is_reported(folder):
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"config\.json is not valid JSON"):
+        load_folder(folder, CPU, torch.float32)
+
+
+def test_offline_mode_fails_clearly_for_an_uncached_id(monkeypatch, tmp_path):
+    monkeypatch.setenv("FERMI_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError, match="FERMI_OFFLINE"):
+        resolve("Qwen/Qwen3-0.6B")
+
+
+def test_offline_mode_finds_a_cached_snapshot(monkeypatch, tmp_path, original):
+    """A model already in the Hugging Face cache loads with FERMI_OFFLINE=1."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(original, snap)
+    (cache / "models--acme--tiny" / "refs").mkdir()
+    (cache / "models--acme--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("FERMI_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    assert resolve("acme/tiny") == snap
+    with fermi.load("acme/tiny", max_batch=1, max_seq_len=32) as engine:
+        assert engine.model_name == "acme/tiny"
+
+
+def test_nonexistent_local_path_is_reported(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file or folder"):
+        resolve(str(tmp_path / "nope"))
+
+
+def test_bf16_load_casts_weights(original):
+    ckpt = load_folder(original, CPU, torch.bfloat16)
+    assert ckpt.model.lm_head.weight.dtype == torch.bfloat16
