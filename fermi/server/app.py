@@ -1,0 +1,256 @@
+"""Granian entry points: the RSGI app (the default) and an ASGI app over the same ``Api``.
+
+Both adapters do the same four things: read the body within the size limit, run the
+handler while watching for the client to leave (leaving cancels the generation), write
+a whole body or a stream of server-sent events, and turn any unexpected exception into
+a 500 (or, once a stream has started, an SSE error event) that carries no traceback.
+
+``fermi serve`` starts Granian with ``create_rsgi_app`` (or ``create_asgi_app``) as a
+factory; each worker process builds its own engines from ``FERMI_SERVER_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fermi.server.config import ServerConfig
+from fermi.server.errors import ApiError, internal_error
+from fermi.server.handlers import DONE, Api, Reply, StreamEndedError, StreamReply, error_reply, sse
+from fermi.server.protocol import ErrorBody
+
+log = logging.getLogger("fermi.server")
+
+SSE_HEADERS = [
+    ("content-type", "text/event-stream; charset=utf-8"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),  # tell reverse proxies not to hold events back
+]
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+def _reply_headers(reply: Reply) -> list[tuple[str, str]]:
+    return [("content-type", reply.content_type), *reply.headers]
+
+
+async def _until_done_or_gone(work: Awaitable[None], gone: Awaitable[Any]) -> None:
+    """Run ``work``; if the client disconnects first, cancel it (which cancels generation)."""
+    work_task = asyncio.ensure_future(work)
+    gone_task = asyncio.ensure_future(gone)
+    try:
+        await asyncio.wait((work_task, gone_task), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work_task, gone_task):
+            if not task.done():
+                task.cancel()
+    if work_task.done() and not work_task.cancelled():
+        work_task.result()  # re-raise what the work raised
+    else:
+        await asyncio.gather(work_task, return_exceptions=True)
+
+
+async def _send_stream(reply: StreamReply, send: Callable[[bytes], Awaitable[None]]) -> None:
+    try:
+        async for piece in reply.chunks:
+            await send(piece)
+    except StreamEndedError:
+        pass
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if _client_gone(exc):
+            return
+        log.exception("stream failed")
+        with contextlib.suppress(Exception):  # the client may be gone as well
+            await send(sse(ErrorBody(internal_error().detail())) + DONE)
+    finally:
+        await reply.chunks.aclose()  # type: ignore[attr-defined]
+
+
+def _client_gone(exc: Exception) -> bool:
+    # Granian raises its own ProtocolClosed (RSGI) or OSError-like errors once the peer left.
+    return type(exc).__name__ in ("RSGIProtocolClosed", "ClientDisconnected") or isinstance(
+        exc, (ConnectionError, BrokenPipeError)
+    )
+
+
+class RsgiApp:
+    """Granian's native interface: no per-request dict scope, bytes in and out."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.limit = api.config.max_body_bytes
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.api.close()
+
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        if scope.proto != "http":
+            return
+        try:
+            body = await self._body(scope, proto)
+        except ApiError as exc:
+            self.api.metrics.error(exc.status)
+            self._reply(proto, error_reply(exc))
+            return
+        if scope.method == "GET":
+            await self._respond(scope, proto, body)
+        else:
+            await _until_done_or_gone(self._respond(scope, proto, body), proto.client_disconnect())
+
+    async def _body(self, scope: Any, proto: Any) -> bytes:
+        length = scope.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                raise _too_large(self.limit)
+            return await proto()
+        chunks, size = [], 0
+        async for chunk in proto:
+            size += len(chunk)
+            if size > self.limit:
+                raise _too_large(self.limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    def _reply(proto: Any, reply: Reply) -> None:
+        proto.response_bytes(reply.status, _reply_headers(reply), reply.body)
+
+    async def _respond(self, scope: Any, proto: Any, body: bytes) -> None:
+        try:
+            reply = await self.api.handle(
+                scope.method, scope.path, scope.headers.get("authorization"), body
+            )
+        except Exception:
+            log.exception("request failed: %s %s", scope.method, scope.path)
+            self._reply(proto, error_reply(internal_error()))
+            return
+        if isinstance(reply, Reply):
+            self._reply(proto, reply)
+            return
+        transport = proto.response_stream(200, SSE_HEADERS)
+        await _send_stream(reply, transport.send_bytes)
+
+
+class AsgiApp:
+    """The same endpoints over ASGI, for comparison and for ASGI-only hosts."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.limit = api.config.max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            body = await self._body(headers, receive)
+        except ApiError as exc:
+            self.api.metrics.error(exc.status)
+            await self._reply(send, error_reply(exc))
+            return
+        work = self._respond(scope, headers, body, send)
+        if scope["method"] == "GET":
+            await work
+        else:
+            await _until_done_or_gone(work, _disconnected(receive))
+
+    async def _lifespan(self, receive: Callable, send: Callable) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.api.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _body(self, headers: dict[str, str], receive: Callable) -> bytes:
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            raise _too_large(self.limit)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise _too_large(self.limit)
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def _reply(send: Callable, reply: Reply) -> None:
+        headers = [(k.encode(), v.encode()) for k, v in _reply_headers(reply)]
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def _respond(self, scope: dict, headers: dict[str, str], body: bytes, send) -> None:
+        method, path = scope["method"], scope["path"]
+        try:
+            reply = await self.api.handle(method, path, headers.get("authorization"), body)
+        except Exception:
+            log.exception("request failed: %s %s", method, path)
+            await self._reply(send, error_reply(internal_error()))
+            return
+        if isinstance(reply, Reply):
+            await self._reply(send, reply)
+            return
+        start = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(k.encode(), v.encode()) for k, v in SSE_HEADERS],
+        }
+        await send(start)
+
+        async def piece(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        await _send_stream(reply, piece)
+        with contextlib.suppress(Exception):  # the client left; nothing to finish
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _disconnected(receive: Callable) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_api(config: ServerConfig) -> Api:
+    from fermi.server.pool import load_pool
+
+    pool = load_pool(
+        config.model,
+        config.devices,
+        dtype=config.dtype,
+        max_seq_len=config.max_seq_len,
+        max_batch=config.max_batch,
+        runner=config.runner,
+    )
+    return Api(pool, config)
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")
+
+
+def create_rsgi_app() -> RsgiApp:
+    """Granian factory (``--factory``): load the engines named by FERMI_SERVER_CONFIG."""
+    _configure_logging()
+    return RsgiApp(build_api(ServerConfig.from_env()))
+
+
+def create_asgi_app() -> AsgiApp:
+    _configure_logging()
+    return AsgiApp(build_api(ServerConfig.from_env()))

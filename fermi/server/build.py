@@ -1,0 +1,170 @@
+"""Request bodies -> engine requests: thinking switches, sampling fields, n, limits."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from fermi.engine.api import Engine
+from fermi.engine.types import GenerationRequest, Thinking
+from fermi.errors import RequestError
+from fermi.server.errors import ApiError
+from fermi.server.protocol import ChatCompletionRequest, CompletionRequest, Message, SamplingFields
+
+MAX_CHOICES = 16  # n per request; more would starve everyone else's slots
+
+
+def resolve_thinking(body: ChatCompletionRequest) -> Thinking:
+    """The product's switch first, then the conventions other servers' clients send."""
+    if body.thinking is not None:
+        return body.thinking
+    kwargs = body.chat_template_kwargs or {}
+    enable = kwargs.get("enable_thinking")
+    if isinstance(enable, bool):
+        return "on" if enable else "off"
+    if body.think is not None:
+        return "on" if body.think else "off"
+    if body.reasoning_effort is not None and body.reasoning_effort.lower() == "none":
+        return "off"
+    return "auto"
+
+
+def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Messages as the chat template wants them; content parts joined into one string."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise ApiError(
+                        400,
+                        f"content part of type {part.type!r} is not supported; "
+                        "this model takes text only",
+                        param=f"messages[{i}].content[{j}]",
+                    )
+                texts.append(part.text)
+            content = "".join(texts)
+        item: dict[str, Any] = {"role": message.role, "content": content or ""}
+        if message.name is not None:
+            item["name"] = message.name
+        out.append(item)
+    return out
+
+
+def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[GenerationRequest]:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = body.max_tokens
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    kwargs = dict(messages=chat_messages(body.messages), thinking=resolve_thinking(body))
+    return _requests(engine, body, kwargs, max_tokens, field, logprobs, "messages")
+
+
+def completion_requests(engine: Engine, body: CompletionRequest) -> list[GenerationRequest]:
+    """One engine request per (prompt, choice), in OpenAI's order: prompt-major."""
+    if body.echo:
+        raise ApiError(400, "echo is not supported", param="echo")
+    if body.suffix:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    out = []
+    for prompt in _prompts(body.prompt):
+        key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+        out += _requests(
+            engine, body, {key: prompt}, body.max_tokens, "max_tokens", body.logprobs, "prompt"
+        )
+    return out
+
+
+def _prompts(prompt: str | list[Any]) -> list[str | list[int]]:
+    """OpenAI's four prompt forms as a list of strings or token-id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [list(prompt)]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if prompt and all(
+        isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+        for p in prompt
+    ):
+        return [list(p) for p in prompt]
+    raise ApiError(
+        400,
+        "prompt must be a string, a list of strings, a list of token ids or a list of "
+        "token-id lists, and not empty",
+        param="prompt",
+    )
+
+
+def _requests(
+    engine: Engine,
+    body: SamplingFields,
+    prompt: dict[str, Any],
+    max_tokens: int | None,
+    max_tokens_field: str,
+    logprobs: int | None,
+    prompt_field: str,
+) -> list[GenerationRequest]:
+    if not 1 <= body.n <= MAX_CHOICES:
+        raise ApiError(400, f"n must be between 1 and {MAX_CHOICES}, got {body.n}", param="n")
+    stop = body.stop
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(s == "" for s in stops):
+        raise ApiError(400, "stop strings must not be empty", param="stop")
+    try:
+        first = engine.build_request(
+            **prompt,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            seed=body.seed,
+            stop=stops,
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
+    except RequestError as exc:
+        raise _request_error(exc, prompt_field, max_tokens_field) from None
+    if max_tokens is not None and first.max_tokens < max_tokens:
+        # The engine clamps silently; an API client asked for more than fits and must know.
+        n = len(first.prompt_ids)
+        raise ApiError(
+            400,
+            f"this model's context is {engine.max_seq_len} tokens; the prompt has {n} tokens "
+            f"and {max_tokens_field} asks for {max_tokens} more ({n + max_tokens} in all). "
+            f"Lower {max_tokens_field} to {engine.max_seq_len - n} or shorten the prompt.",
+            param=max_tokens_field,
+            code="context_length_exceeded",
+        )
+    if body.n == 1:
+        return [first]
+    # Seeded choices differ from each other yet reproduce: choice i draws with seed + i.
+    return [
+        first
+        if i == 0 or body.seed is None
+        else replace(first, params=replace(first.params, seed=body.seed + i))
+        for i in range(body.n)
+    ]
+
+
+def _request_error(exc: RequestError, prompt_field: str, max_tokens_field: str) -> ApiError:
+    message, param = str(exc), exc.param
+    if message.startswith("the prompt has"):
+        # Drop the Python API's hint (truncate=True); an HTTP client cannot pass it.
+        return ApiError(
+            400, message.split(" (")[0], param=prompt_field, code="context_length_exceeded"
+        )
+    if param == "max_tokens":
+        param = max_tokens_field
+    elif param in ("messages", "prompt", "prompt_token_ids"):
+        param = prompt_field
+    return ApiError(400, message, param=param, code="invalid_value")

@@ -1,0 +1,124 @@
+"""``fermi serve``: the OpenAI-compatible HTTP server on Granian."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import click
+
+from fermi.cli import model_options
+from fermi.server.config import ENV_VAR, ServerConfig
+
+INTERFACES = {
+    "rsgi": "fermi.server.app:create_rsgi_app",
+    "asgi": "fermi.server.app:create_asgi_app",
+}
+
+
+@click.command("serve")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--api-key",
+    envvar="FERMI_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on /v1/*. [default: no key]",
+)
+@click.option(
+    "--pool",
+    envvar="FERMI_ENGINE_POOL",
+    show_envvar=True,
+    type=int,
+    default=None,
+    help="Engine replicas; on CUDA one per GPU. [default: 1, or one per --devices entry]",
+)
+@click.option(
+    "--devices",
+    default=None,
+    help="One replica per listed device, e.g. 0,1 or cuda:0,cuda:1 (repeat one to share it).",
+)
+@click.option(
+    "--served-model-name", default=None, help="Model id in responses. [default: --model's name]"
+)
+@click.option(
+    "--max-body-bytes",
+    default=8 * 1024 * 1024,
+    show_default=True,
+    type=int,
+    help="Larger request bodies get 413.",
+)
+@click.option(
+    "--interface",
+    type=click.Choice(sorted(INTERFACES)),
+    default="rsgi",
+    show_default=True,
+    help="Granian interface (RSGI measured faster; see docs/http-server.md).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def serve_command(
+    model: str,
+    device: str | None,
+    dtype: str,
+    max_seq_len: int | None,
+    max_batch: int | None,
+    runner: str | None,
+    host: str,
+    port: int,
+    api_key: str | None,
+    pool: int | None,
+    devices: str | None,
+    served_model_name: str | None,
+    max_body_bytes: int,
+    interface: str,
+    log_level: str,
+) -> None:
+    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and
+    /metrics."""
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    from fermi.server.pool import PoolConfigError, gpu_count, parse_devices, plan_devices
+
+    try:
+        listed = parse_devices(devices)
+        needs_gpus = bool(listed) or (pool or 1) > 1
+        placed = plan_devices(pool, listed, device, gpu_count() if needs_gpus else 0)
+    except PoolConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if max_body_bytes < 1:
+        raise click.UsageError("--max-body-bytes must be positive")
+    config = ServerConfig(
+        model=model,
+        devices=placed,
+        dtype=None if dtype == "auto" else dtype,
+        max_seq_len=max_seq_len,
+        max_batch=max_batch,
+        runner=runner,
+        served_model_name=served_model_name,
+        api_key=api_key or None,
+        max_body_bytes=max_body_bytes,
+    )
+    os.environ[ENV_VAR] = config.to_env()
+    # A fresh interpreter per worker: the parent may have touched CUDA (counting GPUs),
+    # and a forked child cannot use a CUDA context it inherited.
+    multiprocessing.set_start_method("spawn", force=True)
+    server = Server(
+        INTERFACES[interface],
+        address=host,
+        port=port,
+        interface=Interfaces(interface),
+        workers=1,
+        factory=True,
+        websockets=False,
+        log_level=LogLevels(log_level),
+    )
+    server.serve()

@@ -1,0 +1,59 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from fermi.server.protocol import ENCODER, ErrorBody, ErrorDetail
+
+# msgspec ends a validation message with " - at `$.messages[0].content`".
+_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+class ApiError(Exception):
+    """Raised anywhere in a handler; the app turns it into the matching HTTP response."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # OpenAI's field name
+        param: str | None = None,
+        code: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def detail(self) -> ErrorDetail:
+        return ErrorDetail(self.message, self.type, self.param, self.code)
+
+    def body(self) -> bytes:
+        return ENCODER.encode(ErrorBody(self.detail()))
+
+
+def bad_body(exc: msgspec.DecodeError) -> ApiError:
+    """A body that is not JSON, or JSON of the wrong shape: 400 naming the field."""
+    text = str(exc)
+    match = _PATH.search(text)
+    param = match.group(1) if match else ""
+    missing = _MISSING.search(text)
+    if missing:
+        param = f"{param}.{missing.group(1)}" if param else missing.group(1)
+    if isinstance(exc, msgspec.ValidationError):
+        return ApiError(400, text, param=param or None, code="invalid_value")
+    return ApiError(400, f"the request body is not valid JSON: {text}", code="invalid_json")
+
+
+def internal_error() -> ApiError:
+    # The details go to the server log only: a client never sees a traceback.
+    return ApiError(500, "internal server error; see the server log", type="server_error")

@@ -1,0 +1,329 @@
+"""The endpoints, independent of the server interface (RSGI or ASGI) that carries them.
+
+``Api.handle`` takes a method, a path, the Authorization header and the body bytes, and
+returns a :class:`Reply` (a whole body) or a :class:`StreamReply` (server-sent events).
+Every failure it expects is an :class:`ApiError`; the interface adapters in ``app.py``
+turn anything else into a 500 without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from fermi.engine.types import Delta, GenerationRequest
+from fermi.server.build import chat_requests, completion_requests
+from fermi.server.chunks import (
+    ChatChunker,
+    ChoiceText,
+    TextChunker,
+    chat_completion,
+    text_completion,
+    usage_body,
+)
+from fermi.server.config import ServerConfig
+from fermi.server.errors import ApiError, bad_body
+from fermi.server.generation import Generation
+from fermi.server.health import HealthChecker
+from fermi.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from fermi.server.metrics import ServerMetrics
+from fermi.server.pool import EnginePool
+from fermi.server.protocol import (
+    CHAT_DECODER,
+    COMPLETION_DECODER,
+    ENCODER,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorBody,
+    ModelCard,
+    ModelList,
+)
+
+JSON = "application/json"
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = JSON
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class StreamReply:
+    """An SSE body; ``chunks`` yields already framed ``data: ...`` events."""
+
+    chunks: AsyncIterator[bytes]
+
+
+def sse(obj: msgspec.Struct) -> bytes:
+    return b"data: " + ENCODER.encode(obj) + b"\n\n"
+
+
+def error_reply(error: ApiError) -> Reply:
+    return Reply(error.status, error.body(), headers=error.headers)
+
+
+class _Timing:
+    """Latency metrics of one request, observed as its deltas arrive."""
+
+    __slots__ = ("last", "metrics", "start")
+
+    def __init__(self, metrics: ServerMetrics, start: float) -> None:
+        self.metrics = metrics
+        self.start = start
+        self.last = 0.0
+
+    def arrived(self) -> None:
+        now = time.perf_counter()
+        if self.last:
+            self.metrics.itl.observe(now - self.last)
+        else:
+            self.metrics.ttft.observe(now - self.start)
+        self.last = now
+
+    def done(self, requests: list[GenerationRequest], n: int, choices: list[ChoiceText]) -> int:
+        """Count the tokens and the end; return the prompt tokens (each prompt once)."""
+        m = self.metrics
+        prompt_tokens = sum(len(r.prompt_ids) for r in requests[::n])
+        m.prompt_tokens.inc(prompt_tokens)
+        m.generation_tokens.inc(sum(c.tokens for c in choices))
+        m.e2e.observe(time.perf_counter() - self.start)
+        for c in choices:
+            m.finished(c.finish_reason or "abort")
+        return prompt_tokens
+
+
+class Api:
+    def __init__(self, pool: EnginePool, config: ServerConfig) -> None:
+        self.pool = pool
+        self.config = config
+        engine = pool.engine
+        self.model_name = config.served_model_name or engine.model_name
+        # A client may name the model as served or as it was passed to --model.
+        self.model_names = {self.model_name, engine.model_name, config.model}
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(pool, self.model_name)
+        self.health = HealthChecker(pool)
+        self._api_key = config.api_key.encode() if config.api_key else None
+        self._routes: dict[tuple[str, str], Callable[[bytes], Awaitable[Reply | StreamReply]]] = {
+            ("POST", "/v1/chat/completions"): self.chat,
+            ("POST", "/v1/completions"): self.completions,
+            ("GET", "/v1/models"): self.models,
+            ("GET", "/health"): self.healthcheck,
+            ("GET", "/metrics"): self.metrics_text,
+        }
+        self._paths = {path for _, path in self._routes}
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    async def handle(
+        self, method: str, path: str, authorization: str | None, body: bytes
+    ) -> Reply | StreamReply:
+        try:
+            if path.startswith("/v1/"):
+                self._authorize(authorization)
+            route = self._routes.get((method, path))
+            if route is None:
+                return self._no_route(method, path)
+            return await route(body)
+        except ApiError as exc:
+            self.metrics.error(exc.status)
+            return error_reply(exc)
+
+    def _authorize(self, authorization: str | None) -> None:
+        if self._api_key is None:
+            return
+        given = (authorization or "").encode()
+        if not hmac.compare_digest(given, b"Bearer " + self._api_key):
+            raise ApiError(
+                401,
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+
+    def _no_route(self, method: str, path: str) -> Reply:
+        if path.startswith("/v1/models/"):
+            return self._model_card(path.removeprefix("/v1/models/"))
+        if path in self._paths:
+            error = ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
+        else:
+            error = ApiError(404, f"no such endpoint: {method} {path}", code="not_found")
+        self.metrics.error(error.status)
+        return error_reply(error)
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    # -- models, health, metrics --------------------------------------------------------
+
+    def _card(self) -> ModelCard:
+        return ModelCard(
+            id=self.model_name, created=self.created, max_model_len=self.pool.engine.max_seq_len
+        )
+
+    async def models(self, body: bytes) -> Reply:
+        return Reply(200, ENCODER.encode(ModelList(data=[self._card()])))
+
+    def _model_card(self, name: str) -> Reply:
+        self._check_model(name)
+        return Reply(200, ENCODER.encode(self._card()))
+
+    async def healthcheck(self, body: bytes) -> Reply:
+        ok, lines = await self.health.check()
+        payload = {"status": "ok" if ok else "unhealthy", "replicas": lines}
+        return Reply(200 if ok else 503, ENCODER.encode(payload))
+
+    async def metrics_text(self, body: bytes) -> Reply:
+        return Reply(200, self.metrics.render(), METRICS_CONTENT_TYPE)
+
+    # -- generation -------------------------------------------------------------------
+
+    async def chat(self, raw: bytes) -> Reply | StreamReply:
+        start = time.perf_counter()
+        try:
+            body = CHAT_DECODER.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise bad_body(exc) from None
+        self._check_model(body.model)
+        requests = chat_requests(self.pool.engine, body)
+        generation = Generation(self.pool, requests, asyncio.get_running_loop())
+        timing = _Timing(self.metrics, start)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return StreamReply(self._chat_stream(body, requests, generation, timing, rid, created))
+        choices = await self._collect(generation, timing, len(requests))
+        prompt_tokens = timing.done(requests, body.n, choices)
+        reply = chat_completion(
+            rid, created, self.model_name, choices, prompt_tokens, bool(body.logprobs)
+        )
+        return Reply(200, ENCODER.encode(reply))
+
+    async def completions(self, raw: bytes) -> Reply | StreamReply:
+        start = time.perf_counter()
+        try:
+            body = COMPLETION_DECODER.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise bad_body(exc) from None
+        self._check_model(body.model)
+        requests = completion_requests(self.pool.engine, body)
+        generation = Generation(self.pool, requests, asyncio.get_running_loop())
+        timing = _Timing(self.metrics, start)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return StreamReply(self._text_stream(body, requests, generation, timing, rid, created))
+        choices = await self._collect(generation, timing, len(requests))
+        prompt_tokens = timing.done(requests, body.n, choices)
+        reply = text_completion(
+            rid, created, self.model_name, choices, prompt_tokens, body.logprobs
+        )
+        return Reply(200, ENCODER.encode(reply))
+
+    async def _collect(self, generation: Generation, timing: _Timing, n: int) -> list[ChoiceText]:
+        choices = [ChoiceText() for _ in range(n)]
+        try:
+            async for batch in generation.batches():
+                timing.arrived()
+                for index, delta in batch:
+                    _raise_engine_error(delta)
+                    choices[index].add(delta)
+        finally:
+            generation.cancel()
+        return choices
+
+    async def _chat_stream(
+        self,
+        body: ChatCompletionRequest,
+        requests: list[GenerationRequest],
+        generation: Generation,
+        timing: _Timing,
+        rid: str,
+        created: int,
+    ) -> AsyncIterator[bytes]:
+        chunker = ChatChunker(rid, created, self.model_name, len(requests), bool(body.logprobs))
+        choices = [ChoiceText() for _ in requests]
+        yield sse(chunker.first())
+        async for events in self._events(generation, timing, choices, chunker.delta):
+            yield events
+        prompt_tokens = timing.done(requests, body.n, choices)
+        if body.stream_options and body.stream_options.include_usage:
+            usage = usage_body(prompt_tokens, sum(c.tokens for c in choices))
+            yield sse(chunker.usage(usage))
+        yield DONE
+
+    async def _text_stream(
+        self,
+        body: CompletionRequest,
+        requests: list[GenerationRequest],
+        generation: Generation,
+        timing: _Timing,
+        rid: str,
+        created: int,
+    ) -> AsyncIterator[bytes]:
+        chunker = TextChunker(rid, created, self.model_name, len(requests), body.logprobs)
+        choices = [ChoiceText() for _ in requests]
+        async for events in self._events(generation, timing, choices, chunker.delta):
+            yield events
+        prompt_tokens = timing.done(requests, body.n, choices)
+        if body.stream_options and body.stream_options.include_usage:
+            usage = usage_body(prompt_tokens, sum(c.tokens for c in choices))
+            yield sse(chunker.usage(usage))
+        yield DONE
+
+    async def _events(
+        self,
+        generation: Generation,
+        timing: _Timing,
+        choices: list[ChoiceText],
+        to_chunk: Callable[[int, Delta], msgspec.Struct | None],
+    ) -> AsyncIterator[bytes]:
+        """SSE events of every delta that has arrived, joined into one write per wake-up."""
+        try:
+            async for batch in generation.batches():
+                timing.arrived()
+                events = []
+                for index, delta in batch:
+                    if delta.error:
+                        # The stream ends here; the client raises on the error event.
+                        events += (sse(ErrorBody(_engine_error(delta).detail())), DONE)
+                        yield b"".join(events)
+                        self.metrics.error(500)
+                        raise StreamEndedError
+                    choices[index].add(delta)
+                    chunk = to_chunk(index, delta)
+                    if chunk is not None:
+                        events.append(sse(chunk))
+                if events:
+                    yield b"".join(events)
+        finally:
+            generation.cancel()
+
+
+class StreamEndedError(Exception):
+    """Raised after an error event was sent; the adapter closes the stream quietly."""
+
+
+def _engine_error(delta: Delta) -> ApiError:
+    return ApiError(500, f"generation failed: {delta.error}", type="server_error")
+
+
+def _raise_engine_error(delta: Delta) -> None:
+    if delta.error:
+        raise _engine_error(delta)
