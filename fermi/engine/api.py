@@ -296,6 +296,10 @@ class Engine:
             decode_time=(handle.finished_at or first) - first,
         )
 
+    def release_session(self, session: str) -> None:
+        """Drop the KV cache kept for requests with ``session`` set (see GenerationRequest)."""
+        self.scheduler.release_session(session)
+
     def close(self) -> None:
         self.scheduler.close()
 

@@ -3,7 +3,10 @@
 One background thread owns the runner. Each loop iteration it admits waiting requests
 into free slots, prefills one chunk of one prompt (so a long prompt never stalls running
 decodes for long), and runs one batched decode step for every sequence past its prompt.
-A finished or cancelled sequence frees its slot at once.
+A finished or cancelled sequence frees its slot at once, unless its request names a
+session: then the slot keeps its KV cache for that session's next request (which prefills
+only past the shared prefix) until the session is released or the slot is needed by
+another request (least recently used session first), so idle sessions never block work.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import queue
 import random
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -53,6 +56,8 @@ class _Sequence:
     slot: int
     output: OutputStream
     prefilled: int = 0  # prompt tokens already in the cache
+    reused: int = 0  # of those, tokens a session's cache already held at admission
+    keep: bool = True  # False once the request's session was released while it ran
     last_token: int = -1
     generated: int = 0
     token_ids: list[int] = field(default_factory=list)
@@ -65,6 +70,19 @@ class _Sequence:
     def position(self) -> int:
         """Cache position of the next token to feed."""
         return len(self.request.prompt_ids) + self.generated - 1
+
+
+@dataclass
+class _Kept:
+    """A session's slot between requests and the tokens its cache holds."""
+
+    slot: int
+    tokens: list[int]
+
+
+@dataclass(frozen=True)
+class _Release:
+    session: str
 
 
 @dataclass
@@ -86,9 +104,10 @@ class Scheduler:
         self.sampling = SamplingBatch(caps.max_batch, caps.vocab_size, caps.device)
         self.max_waiting = max_waiting
         self.stats = SchedulerStats()
-        self._inbox: queue.Queue[RequestHandle | None] = queue.Queue()
+        self._inbox: queue.Queue[RequestHandle | _Release | None] = queue.Queue()
         self._waiting: deque[RequestHandle] = deque()
         self._free = list(range(caps.max_batch))
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()  # idle sessions, LRU first
         self._prefilling: deque[_Sequence] = deque()
         self._decoding: list[_Sequence] = []
         self._lock = threading.Lock()
@@ -112,6 +131,10 @@ class Scheduler:
         self._inbox.put(handle)
         return handle
 
+    def release_session(self, session: str) -> None:
+        """Drop the KV cache kept for ``session`` (no-op when none is kept)."""
+        self._inbox.put(_Release(session))
+
     def close(self) -> None:
         with self._lock:
             self._stopped = True
@@ -134,7 +157,10 @@ class Scheduler:
                     if item is None:
                         self._fail_all("the engine is closed")
                         return
-                    self._waiting.append(item)
+                    if isinstance(item, _Release):
+                        self._release(item.session)
+                    else:
+                        self._waiting.append(item)
                     item = self._inbox.get_nowait()
             except queue.Empty:
                 pass
@@ -157,17 +183,51 @@ class Scheduler:
         self.stats.steps += 1
 
     def _admit(self) -> None:
-        while self._waiting and self._free:
+        while self._waiting and (self._free or self._kept):
             handle = self._waiting.popleft()
             if handle.cancelled.is_set():
                 self._finish_unstarted(handle, "cancelled")
                 continue
-            slot = self._free.pop(0)
             req = handle.request
+            slot, reused = self._take_slot(req)
             seed = req.params.seed if req.params.seed is not None else random.getrandbits(62)
             self.sampling.set_row(slot, req.params, list(req.prompt_ids), seed)
-            seq = _Sequence(handle, slot, OutputStream(self.tokenizer, req))
-            self._prefilling.append(seq)
+            out = OutputStream(self.tokenizer, req)
+            self._prefilling.append(_Sequence(handle, slot, out, prefilled=reused, reused=reused))
+
+    def _take_slot(self, request: GenerationRequest) -> tuple[int, int]:
+        """A slot for ``request`` and how many of its prompt tokens that slot already holds."""
+        kept = self._kept.pop(request.session, None) if request.session is not None else None
+        if kept is not None:
+            shared = _common_prefix(kept.tokens, request.prompt_ids)
+            # The last prompt token always runs again: its logits pick the first new token.
+            # Cache entries past the shared prefix are masked by position, then overwritten.
+            return kept.slot, min(shared, len(request.prompt_ids) - 1)
+        if not self._free:
+            _, lru = self._kept.popitem(last=False)
+            self._free_slot(lru.slot)
+        return self._free.pop(0), 0
+
+    def _keep(self, seq: _Sequence) -> None:
+        prompt = seq.request.prompt_ids
+        if seq.prefilled < len(prompt):
+            tokens = list(prompt[: seq.prefilled])
+        else:  # the newest token was sampled but never fed, so it is not in the cache
+            tokens = [*prompt, *seq.output.token_ids[: max(seq.generated - 1, 0)]]
+        key = seq.request.session
+        assert key is not None
+        older = self._kept.pop(key, None)  # two overlapping requests of one session
+        if older is not None:
+            self._free_slot(older.slot)
+        self._kept[key] = _Kept(seq.slot, tokens)
+
+    def _release(self, session: str) -> None:
+        kept = self._kept.pop(session, None)
+        if kept is not None:
+            self._free_slot(kept.slot)
+        for seq in (*self._prefilling, *self._decoding):
+            if seq.request.session == session:
+                seq.keep = False
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         prompt = seq.request.prompt_ids
@@ -244,8 +304,11 @@ class Scheduler:
 
     def _complete(self, seq: _Sequence, delta: Delta, reason: FinishReason) -> None:
         delta.finish_reason = reason
-        delta.usage = Usage(len(seq.request.prompt_ids), seq.generated)
-        self._free_slot(seq.slot)
+        delta.usage = Usage(len(seq.request.prompt_ids), seq.generated, seq.reused)
+        if seq.request.session is not None and seq.keep and reason != "error":
+            self._keep(seq)
+        else:
+            self._free_slot(seq.slot)
         self._finish(seq.handle, delta)
 
     def _free_slot(self, slot: int) -> None:
@@ -291,3 +354,11 @@ class Scheduler:
         self._fail_running(message)
         while self._waiting:
             self._finish_unstarted(self._waiting.popleft(), "error", message)
+
+
+def _common_prefix(a: list[int], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -28,12 +28,18 @@ class GenerationRequest:
     # None: no logprobs; 0: the chosen token's; k: also the k most likely alternatives.
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Keep the slot's KV cache under this key when the request ends; a later request with
+    # the same key starts from the longest prefix it shares with that cache.
+    # Engine.release_session(key) drops it; so does the scheduler when it needs the slot.
+    session: str | None = None
 
 
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens whose KV came from a session's cache instead of a prefill.
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
