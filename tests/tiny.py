@@ -66,3 +66,50 @@ def write_checkpoint(
     gen = {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": True}
     (folder / "generation_config.json").write_text(json.dumps(gen))
     return folder
+
+
+def write_checkpoint_for(
+    folder: Path,
+    config: dict,
+    seed: int = 0,
+    *,
+    added_tokens: tuple[tuple[str, bool], ...] = (),
+    tokenizer_config: dict | None = None,
+    eos_tokens: tuple[str, ...] = ("<|im_end|>",),
+) -> Path:
+    """Write a checkpoint of any transformers architecture that ``config`` names.
+
+    The tiny tokenizer gets ``added_tokens`` ((text, special), ids after its own) and
+    ``tokenizer_config`` entries (chat_template, bos/eos tokens) over its defaults.
+    ``eos_tokens`` become generation_config's eos ids, the first also config's.
+    Biases are perturbed like the norms, since transformers initialises them to zero.
+    """
+    from tokenizers import AddedToken, Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(folder, template="plain")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for text, special in added_tokens:
+        token = AddedToken(text, special=special, normalized=False)
+        if special:
+            tok.add_special_tokens([token])
+        else:
+            tok.add_tokens([token])
+    tok.save(str(folder / "tokenizer.json"))
+    if tok.get_vocab_size() > config["vocab_size"]:
+        raise ValueError(f"vocab_size {config['vocab_size']} < tokenizer's {tok.get_vocab_size()}")
+    tok_config_path = folder / "tokenizer_config.json"
+    tok_config = {**json.loads(tok_config_path.read_text()), **(tokenizer_config or {})}
+    tok_config_path.write_text(json.dumps(tok_config, indent=2))
+
+    eos_ids = [tok.token_to_id(t) for t in eos_tokens]
+    config = {**config, "eos_token_id": eos_ids[0] if eos_ids else None}
+    model = hf_model(config, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    gen = {"eos_token_id": eos_ids, "do_sample": True}
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    return folder

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fermi.models.rope import RopeConfig, apply_rope, rope_tables
+from fermi.models.rope import RopeConfig, apply_rope, longrope_switch, rope_tables
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.cache: KVCache | None = None
+        # The layer's sliding window; setup_cache drops one that cannot bind in the cache.
+        self.window: int | None = cfg.window(layer)
 
     def forward(
         self,
@@ -145,7 +147,7 @@ class Attention(nn.Module):
         # Key j is visible to a query at position p when j <= p (and inside the window).
         key_pos = torch.arange(kv_len, device=x.device)
         mask = key_pos[None, None, :] <= positions[:, :, None]
-        window = cfg.window(self.layer)
+        window = self.window
         if window is not None:
             mask = mask & (key_pos[None, None, :] > positions[:, :, None] - window)
         mask = mask[:, None]  # [B, 1, T, L]
@@ -236,6 +238,7 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_batch = 0
         self.max_seq_len = 0
+        self.rope_switch: int | None = None  # LongRoPE: first position of the long factors
 
     def setup_cache(
         self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None
@@ -244,11 +247,21 @@ class Decoder(nn.Module):
         weight = self.model.embed_tokens.weight
         dtype = dtype or weight.dtype
         cfg = self.cfg
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             layer.self_attn.cache = KVCache(
                 max_batch, cfg.num_key_value_heads, max_seq_len, cfg.head_dim, dtype, weight.device
             )
-        cos, sin = rope_tables(cfg.rope, cfg.head_dim, max_seq_len, seq_len=max_seq_len)
+            # A window as long as the cache masks nothing: skip the extra mask (Phi-3.5's
+            # 262144, or Gemma 2's 4096 with a 4096-token cache).
+            window = cfg.window(i)
+            layer.self_attn.window = window if window is not None and window < max_seq_len else None
+        self.rope_switch = longrope_switch(cfg.rope)
+        if self.rope_switch is None:
+            cos, sin = rope_tables(cfg.rope, cfg.head_dim, max_seq_len)
+        else:  # LongRoPE keeps a short- and a long-factor table; _rope picks one per row
+            short = rope_tables(cfg.rope, cfg.head_dim, max_seq_len)
+            long = rope_tables(cfg.rope, cfg.head_dim, max_seq_len, seq_len=self.rope_switch + 1)
+            cos, sin = torch.stack((short[0], long[0])), torch.stack((short[1], long[1]))
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
         self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -273,7 +286,7 @@ class Decoder(nn.Module):
         x = self.model.embed_tokens(tokens)
         if cfg.embedding_scale != 1.0:
             x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        cos, sin = self._rope(positions)
         read_slots = None if rows_are_slots else slots
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, slots, read_slots, kv_len)
@@ -284,3 +297,14 @@ class Decoder(nn.Module):
             cap = cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits[:, -1] if last_only else logits
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, T, rotary_dim] for ``positions`` [B, T]."""
+        if self.rope_switch is None:
+            return self.rope_cos[positions], self.rope_sin[positions]
+        # LongRoPE, as transformers does it: a forward whose largest position reaches the
+        # original training length uses the long factors for all its tokens. Chosen per row
+        # (a tensor select, no host sync), so a sequence does not depend on its batch.
+        last = positions.amax(dim=-1, keepdim=True)
+        variant = (last >= self.rope_switch).long().expand_as(positions)
+        return self.rope_cos[variant, positions], self.rope_sin[variant, positions]

@@ -8,16 +8,20 @@ from fermi.models.rope import RopeConfig
 
 
 def sliding_windows(cfg: dict) -> tuple[int | None, ...]:
-    """Per-layer attention windows from ``layer_types`` / ``use_sliding_window``."""
+    """Per-layer attention windows from ``layer_types`` / ``use_sliding_window``.
+
+    As transformers reads Qwen2/Qwen3 configs: without ``use_sliding_window`` there is no
+    window at all, even where ``layer_types`` names sliding layers.
+    """
     layers = int(cfg["num_hidden_layers"])
-    window = cfg.get("sliding_window")
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    if not window:
+        return ()
     types = cfg.get("layer_types")
     if types:
         return tuple(window if t == "sliding_attention" else None for t in types)
-    if cfg.get("use_sliding_window") and window:
-        start = int(cfg.get("max_window_layers", layers))
-        return tuple(window if i >= start else None for i in range(layers))
-    return ()
+    start = int(cfg.get("max_window_layers", 28))
+    return tuple(window if i >= start else None for i in range(layers))
 
 
 def qwen3_config(cfg: dict) -> ModelConfig:

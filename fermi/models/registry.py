@@ -60,7 +60,7 @@ def adapter_for(hf_config: dict, source: str = "config.json") -> Adapter:
 def _import_adapters() -> None:
     # Adapters register themselves on import; importing here keeps the registry the one
     # place that knows which modules exist.
-    from fermi.models import llama, qwen3  # noqa: F401
+    from fermi.models import gemma2, llama, phi3, qwen2, qwen3  # noqa: F401
 
 
 def require(cfg: dict, key: str, source: str = "config.json"):

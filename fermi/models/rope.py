@@ -126,6 +126,18 @@ def _longrope(
     return inv_freq / ext, float(attention_factor)
 
 
+def longrope_switch(rope: RopeConfig) -> int | None:
+    """The position from which LongRoPE uses its long factors, or None for other types.
+
+    transformers picks the long factors for a whole forward once its largest position
+    reaches the original training length (``max(position_ids) + 1 > original``).
+    """
+    if rope.rope_type != "longrope":
+        return None
+    p = rope.params
+    return int(p.get("original_max_position_embeddings") or rope.max_position_embeddings)
+
+
 def rope_tables(
     rope: RopeConfig, head_dim: int, max_seq_len: int, seq_len: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
