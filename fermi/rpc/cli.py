@@ -1,0 +1,64 @@
+"""``fermi grpc``: the fermi.v1.Fermi gRPC server with sessions, health and reflection."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from fermi.cli import load_engine, model_options
+from fermi.rpc.sessions import DEFAULT_SESSION_MAX, SessionConfig
+
+
+@click.command("grpc")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=50051, show_default=True, type=int)
+@click.option(
+    "--session-ttl-ms",
+    envvar="FERMI_SESSION_TTL_MS",
+    show_envvar=True,
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="End a chat session idle this long; 0 = never.",
+)
+@click.option(
+    "--session-max",
+    envvar="FERMI_SESSION_MAX",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=DEFAULT_SESSION_MAX,
+    show_default=True,
+    help="Most sessions kept; beyond it the least recently used one ends.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def grpc_command(
+    model: str,
+    device: str | None,
+    dtype: str,
+    max_seq_len: int | None,
+    max_batch: int | None,
+    runner: str | None,
+    host: str,
+    port: int,
+    session_ttl_ms: int,
+    session_max: int,
+    log_level: str,
+) -> None:
+    """Serve MODEL over gRPC (fermi.v1.Fermi, grpc.health.v1, reflection)."""
+    from fermi.rpc.server import serve
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    engine = load_engine(model, device, dtype, max_seq_len, max_batch, runner)
+    try:
+        serve(engine, f"{host}:{port}", SessionConfig(session_ttl_ms, session_max))
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        engine.close()

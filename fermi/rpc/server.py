@@ -1,0 +1,245 @@
+"""The fermi.v1.Fermi service on a grpc.aio server, with health checking and reflection.
+
+Each call streams deltas from ``Engine.astream_request``. When a client cancels, grpc
+cancels the handler's task; that closes the engine stream, which cancels the request, and
+the scheduler drops it before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from fermi.engine.api import Engine
+from fermi.engine.types import Delta, GenerationRequest
+from fermi.errors import FermiError, RequestError
+from fermi.rpc import convert
+from fermi.rpc.generated import fermi_pb2 as pb
+from fermi.rpc.generated import fermi_pb2_grpc as pb_grpc
+from fermi.rpc.sessions import SessionConfig, SessionStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Fermi"].full_name
+# With work queued and no engine step for this long, health reports NOT_SERVING.
+STALL_SECONDS = 60.0
+_HOUSEKEEPING_SECONDS = 1.0
+
+
+class FermiService(pb_grpc.FermiServicer):
+    def __init__(self, engine: Engine, sessions: SessionStore) -> None:
+        self.engine = engine
+        self.sessions = sessions
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator:  # noqa: N802
+        try:
+            built = self.engine.build_request(**convert.generate_kwargs(request))
+            async for delta in self._run(built):
+                yield convert.response(delta)
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator:  # noqa: N802
+        try:
+            async for out in self._chat(request):
+                yield out
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, context):  # noqa: N802
+        try:
+            self.sessions.close(request.session_id)
+        except Exception as exc:
+            await _abort(context, exc)
+        return pb.CloseSessionResponse()
+
+    async def ListModels(  # noqa: N802
+        self, request: pb.ListModelsRequest, context
+    ) -> pb.ListModelsResponse:
+        engine = self.engine
+        model = pb.Model(
+            id=engine.model_name,
+            max_seq_len=engine.max_seq_len,
+            max_batch=engine.max_batch,
+            runner=engine.capabilities.name,
+            supports_thinking=engine.supports_thinking,
+        )
+        return pb.ListModelsResponse(models=[model])
+
+    async def _chat(self, request: pb.ChatRequest) -> AsyncIterator[pb.GenerateResponse]:
+        role = request.message.role or "user"
+        if role != "user":
+            raise RequestError(f"message.role must be user, not {role!r}", "message.role")
+        user = {"role": "user", "content": request.message.content}
+        kwargs = convert.sampling_kwargs(request.sampling)
+        kwargs["thinking"] = convert.thinking_mode(request.thinking)
+        if request.session_id:
+            if request.system:
+                raise RequestError("system can only be set on a session's first turn", "system")
+            session = self.sessions.begin_turn(request.session_id)
+            built = None
+        else:
+            history = [{"role": "system", "content": request.system}] if request.system else []
+            # Validate before creating, so a bad first turn leaves no session behind.
+            built = self.engine.build_request(messages=[*history, user], **kwargs)
+            session = self.sessions.begin_new(history)
+        added = None
+        try:
+            if built is None:
+                built = self.engine.build_request(messages=[*session.messages, user], **kwargs)
+            text, reasoning = [], []
+            async for delta in self._run(replace(built, session=session.id)):
+                text.append(delta.text)
+                reasoning.append(delta.reasoning)
+                if delta.finish_reason in ("stop", "length"):
+                    added = [user, assistant_message("".join(text), "".join(reasoning))]
+                yield convert.response(delta, session.id)
+        finally:
+            self.sessions.end_turn(session, added)
+
+    async def _run(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        async for delta in self.engine.astream_request(request):
+            if delta.error:
+                raise FermiError(f"generation failed: {delta.error}")
+            yield delta
+
+
+def assistant_message(text: str, reasoning: str) -> dict[str, str]:
+    """How a finished turn is kept in a session's conversation."""
+    message = {"role": "assistant", "content": text}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    return message
+
+
+async def _abort(context, exc: Exception) -> None:
+    code, details = convert.status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("gRPC call failed")
+    await context.abort(code, details)
+
+
+class GrpcServer:
+    """The service, health and reflection on one grpc.aio server."""
+
+    def __init__(self, engine: Engine, sessions: SessionConfig | None = None) -> None:
+        self.engine = engine
+        self.sessions = SessionStore(sessions or SessionConfig.from_env(), engine.release_session)
+        self.health = health_aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self._housekeeping: asyncio.Task | None = None
+
+    async def start(self, address: str) -> int:
+        """Bind ``address`` (``host:port``; port 0 picks one) and start; return the port."""
+        server = grpc.aio.server()
+        pb_grpc.add_FermiServicer_to_server(FermiService(self.engine, self.sessions), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc}") from None
+        await server.start()
+        self.server = server
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+        return port
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _housekeep(self) -> None:
+        """End idle sessions and report a wedged engine as NOT_SERVING."""
+        serving = True
+        while True:
+            await asyncio.sleep(_HOUSEKEEPING_SECONDS)
+            self.sessions.expire()
+            stats = self.engine.scheduler.stats
+            stalled = (
+                self.engine.scheduler.load > 0
+                and time.monotonic() - stats.last_step_at > STALL_SECONDS
+            )
+            if stalled == serving:
+                serving = not stalled
+                status = health_pb2.HealthCheckResponse
+                await self._set_health(status.SERVING if serving else status.NOT_SERVING)
+                if stalled:
+                    log.error("no engine step for %.0f s with work queued", STALL_SECONDS)
+
+
+def serve(engine: Engine, address: str, sessions: SessionConfig | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, then drain for a few seconds."""
+
+    async def main() -> None:
+        server = GrpcServer(engine, sessions)
+        port = await server.start(address)
+        log.info("fermi.v1.Fermi serving %s on port %d", engine.model_name, port)
+        print(f"gRPC: serving {engine.model_name} on {address.rsplit(':', 1)[0]}:{port}")
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(main())
+
+
+class ServerThread:
+    """A :class:`GrpcServer` on its own event loop thread (tests, benchmarks, notebooks)."""
+
+    def __init__(
+        self, engine: Engine, sessions: SessionConfig | None = None, host: str = "127.0.0.1"
+    ) -> None:
+        self.server = GrpcServer(engine, sessions)
+        self.host = host
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        started = asyncio.run_coroutine_threadsafe(self.server.start(f"{self.host}:0"), self._loop)
+        self.port = started.result(timeout=30)
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.server.stop(0), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,322 @@
+"""The gRPC front end end to end: a real server on a loopback port and a real grpcio client."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+import fermi
+from fermi.rpc.generated import fermi_pb2 as pb
+from fermi.rpc.generated import fermi_pb2_grpc as pb_grpc
+from fermi.rpc.server import ServerThread, assistant_message
+from fermi.rpc.sessions import SessionConfig
+from tests.tiny import write_checkpoint
+
+GREEDY = pb.SamplingParams(max_tokens=8, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    folder = write_checkpoint(tmp_path_factory.mktemp("grpc") / "qwen3", {})
+    eng = fermi.load(folder, max_batch=2, max_seq_len=1024)
+    yield eng
+    eng.close()
+
+
+def serve(engine, **sessions):
+    """A started server and a client channel to it; stop with ``close(server, channel)``."""
+    server = ServerThread(engine, SessionConfig(**sessions)).start()
+    return server, grpc.insecure_channel(server.address)
+
+
+@pytest.fixture(scope="module")
+def channel(engine):
+    server, chan = serve(engine)
+    yield chan
+    chan.close()
+    server.stop()
+
+
+@pytest.fixture
+def stub(channel):
+    return pb_grpc.FermiStub(channel)
+
+
+def chat(stub, text, session_id="", **kwargs):
+    """One turn: (session id, text, the last response)."""
+    kwargs.setdefault("sampling", GREEDY)
+    request = pb.ChatRequest(session_id=session_id, message=pb.Message(content=text), **kwargs)
+    responses = list(stub.Chat(request))
+    assert {r.session_id for r in responses} == {responses[0].session_id}
+    return responses[0].session_id, "".join(r.text for r in responses), responses[-1]
+
+
+def rpc_error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def wait_until(predicate, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_generate_streams_deltas_equal_to_engine_generate(stub, engine):
+    request = pb.GenerateRequest(prompt="Hello, world!", sampling=GREEDY)
+    responses = list(stub.Generate(request))
+    expected = engine.generate(prompt="Hello, world!", max_tokens=8, temperature=0)
+    assert len(responses) > 1
+    assert [t for r in responses for t in r.token_ids] == expected.token_ids
+    assert "".join(r.text for r in responses) == expected.text
+    assert [r.finish_reason for r in responses[:-1]] == [""] * (len(responses) - 1)
+    last = responses[-1]
+    assert last.finish_reason == expected.finish_reason
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (
+        expected.usage.prompt_tokens,
+        expected.usage.completion_tokens,
+    )
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+
+
+def test_generate_from_token_ids_and_conversation_with_logprobs(stub, engine):
+    ids = pb.GenerateRequest(
+        prompt_token_ids=pb.TokenIds(ids=[5, 77, 120, 33]),
+        sampling=pb.SamplingParams(max_tokens=4, temperature=0, top_logprobs=2, ignore_eos=True),
+    )
+    responses = list(stub.Generate(ids))
+    logprobs = [lp for r in responses for lp in r.logprobs]
+    assert [lp.token_id for lp in logprobs] == [t for r in responses for t in r.token_ids]
+    assert all(len(lp.top) == 2 and lp.logprob <= 0 for lp in logprobs)
+    conversation = pb.GenerateRequest(
+        conversation=pb.Conversation(messages=[pb.Message(role="user", content="Hi")]),
+        sampling=GREEDY,
+        thinking=pb.THINKING_OFF,
+    )
+    got = [t for r in stub.Generate(conversation) for t in r.token_ids]
+    expected = engine.generate(
+        messages=[{"role": "user", "content": "Hi"}], thinking="off", max_tokens=8, temperature=0
+    )
+    assert got == expected.token_ids
+
+
+def test_three_turn_chat_equals_the_whole_conversation_and_reuses_the_cache(stub, engine):
+    turns = ["Hello, how are you today?", "The capital of France is Paris.", "Numbers: 1 2 3"]
+    history: list[dict] = [{"role": "system", "content": "You are a helpful assistant."}]
+    session_id, previous_cache, previous_prompt_len = "", None, 0
+    for i, user in enumerate(turns):
+        history.append({"role": "user", "content": user})
+        prompt = engine.build_request(messages=history).prompt_ids
+        before = engine.scheduler.stats.prompt_tokens
+        extra = {"system": history[0]["content"]} if i == 0 else {}
+        session_id, text, last = chat(stub, user, session_id, **extra)
+        prefilled = engine.scheduler.stats.prompt_tokens - before
+        whole = engine.generate(messages=history, max_tokens=8, temperature=0)
+        assert text == whole.text
+        assert last.usage.prompt_tokens == len(prompt)
+        if previous_cache is None:
+            assert last.usage.cached_tokens == 0
+        else:
+            # What the cache held: the last prompt and every generated token but the last.
+            shared = 0
+            while shared < len(previous_cache) and prompt[shared] == previous_cache[shared]:
+                shared += 1
+            # At least the whole previous prompt is reused; re-tokenizing this random model's
+            # text may differ from the tokens it generated, and there the reuse ends.
+            assert shared >= previous_prompt_len
+            assert last.usage.cached_tokens == shared
+        assert prefilled == len(prompt) - last.usage.cached_tokens
+        generated = whole.token_ids
+        previous_cache, previous_prompt_len = [*prompt, *generated[:-1]], len(prompt)
+        history.append(assistant_message(whole.text, whole.reasoning))
+    stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+
+
+def test_unknown_and_closed_sessions_are_not_found(stub):
+    err = rpc_error(lambda: chat(stub, "hi", "no-such-session"))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-session does not exist" in err.details()
+    session_id, _, _ = chat(stub, "hi")
+    stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+    err = rpc_error(lambda: chat(stub, "again", session_id))
+    assert (err.code(), err.details()) == (
+        grpc.StatusCode.NOT_FOUND,
+        f"session {session_id} was closed",
+    )
+    err = rpc_error(lambda: stub.CloseSession(pb.CloseSessionRequest(session_id=session_id)))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_idle_session_expires_after_the_ttl(engine):
+    server, chan = serve(engine, ttl_ms=300)
+    try:
+        stub = pb_grpc.FermiStub(chan)
+        kept, _, _ = chat(stub, "one")
+        idle, _, _ = chat(stub, "two")
+        time.sleep(0.2)
+        chat(stub, "three", kept)  # a turn counts as use
+        time.sleep(0.2)
+        chat(stub, "four", kept)
+        err = rpc_error(lambda: chat(stub, "late", idle))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert err.details() == f"session {idle} expired after 300 ms idle"
+    finally:
+        chan.close()
+        server.stop()
+
+
+def test_sessions_beyond_the_limit_evict_the_least_recently_used(engine):
+    server, chan = serve(engine, max_sessions=2)
+    try:
+        stub = pb_grpc.FermiStub(chan)
+        first, _, _ = chat(stub, "one")
+        second, _, _ = chat(stub, "two")
+        chat(stub, "again", first)  # now `second` is the least recently used
+        third, _, _ = chat(stub, "three")
+        err = rpc_error(lambda: chat(stub, "back", second))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert "evicted (more than 2 sessions)" in err.details()
+        assert chat(stub, "still here", first)[0] == first
+        assert chat(stub, "me too", third)[0] == third
+    finally:
+        chan.close()
+        server.stop()
+
+
+def test_cancelled_stream_stops_generation_on_the_server(stub, engine):
+    stats = engine.scheduler.stats
+    before = stats.generated_tokens
+    request = pb.GenerateRequest(
+        prompt="Hello", sampling=pb.SamplingParams(max_tokens=1000, ignore_eos=True)
+    )
+    call = stub.Generate(request)
+    for _ in range(3):
+        next(call)
+    call.cancel()
+    assert wait_until(lambda: engine.scheduler.load == 0)
+    generated = stats.generated_tokens - before
+    time.sleep(0.1)
+    assert stats.generated_tokens - before == generated  # nothing runs any more
+    assert 3 <= generated < 1000
+    assert stats.running == 0
+
+
+def test_second_turn_while_one_runs_is_a_failed_precondition(stub, engine):
+    session_id, _, _ = chat(stub, "start")
+    long_turn = stub.Chat(
+        pb.ChatRequest(
+            session_id=session_id,
+            message=pb.Message(content="go on"),
+            sampling=pb.SamplingParams(max_tokens=900, ignore_eos=True),
+        )
+    )
+    next(long_turn)
+    err = rpc_error(lambda: chat(stub, "me too", session_id))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "turn in progress" in err.details()
+    long_turn.cancel()
+    assert wait_until(lambda: engine.scheduler.load == 0)
+    # A cancelled turn is dropped from the conversation; the session goes on.
+    assert wait_until(lambda: _try_chat(stub, session_id))
+
+
+def _try_chat(stub, session_id) -> bool:
+    try:
+        chat(stub, "after", session_id)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("request_", "detail"),
+    [
+        (pb.GenerateRequest(), "input: set one of prompt, prompt_token_ids or conversation"),
+        (
+            pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(temperature=-1)),
+            "temperature: temperature must be >= 0",
+        ),
+        (
+            pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(max_tokens=0)),
+            "max_tokens: max_tokens must be at least 1",
+        ),
+        (
+            pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 99999])),
+            "prompt_token_ids: token id 99999 is outside the vocabulary",
+        ),
+        (
+            pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(top_logprobs=21)),
+            "top_logprobs: top_logprobs must be between 0 and 20",
+        ),
+        (
+            pb.GenerateRequest(
+                conversation=pb.Conversation(messages=[pb.Message(role="robot", content="x")])
+            ),
+            "conversation.messages[0].role: role must be one of",
+        ),
+        (
+            pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[5] * 1100)),
+            "the prompt has 1100 tokens; this engine's context is 1024",
+        ),
+    ],
+)
+def test_bad_generate_requests_are_invalid_argument_naming_the_field(stub, request_, detail):
+    err = rpc_error(lambda: list(stub.Generate(request_)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert detail in err.details()
+
+
+def test_bad_chat_requests_are_invalid_argument_and_create_no_session(stub):
+    err = rpc_error(lambda: list(stub.Chat(pb.ChatRequest(message=pb.Message(role="assistant")))))
+    assert (err.code(), err.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "message.role: message.role must be user, not 'assistant'",
+    )
+    session_id, _, _ = chat(stub, "hi")
+    err = rpc_error(lambda: chat(stub, "hi", session_id, system="late"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "system can only be set on a session's first turn" in err.details()
+    bad = pb.ChatRequest(message=pb.Message(content="x"), thinking=7)
+    err = rpc_error(lambda: list(stub.Chat(bad)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("thinking:")
+
+
+def test_list_models_describes_the_served_model(stub, engine):
+    (model,) = stub.ListModels(pb.ListModelsRequest()).models
+    assert (model.id, model.max_seq_len, model.max_batch, model.runner) == (
+        engine.model_name,
+        1024,
+        2,
+        "torch-cpu",
+    )
+    assert model.supports_thinking
+
+
+def test_health_reports_serving_for_the_server_and_the_service(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "fermi.v1.Fermi"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services_and_describes_fermi(channel):
+    db = ProtoReflectionDescriptorDatabase(channel)
+    services = set(db.get_services())
+    assert {"fermi.v1.Fermi", "grpc.health.v1.Health"} <= services
+    proto = db.FindFileContainingSymbol("fermi.v1.Fermi")
+    assert proto.name == "fermi/v1/fermi.proto"
+    (service,) = proto.service
+    assert [m.name for m in service.method] == ["Generate", "Chat", "CloseSession", "ListModels"]
