@@ -79,6 +79,11 @@ def load(
 
     name = str(model) if model is not None else default_model()
     path = resolve(name)
+    if (path / "manifest.json").is_file():  # a `fermi export` artefact: its runner decides
+        from fermi.runners.artefact import load_artefact
+
+        art = load_artefact(path, runner, max_batch, max_seq_len, prefill_chunk)
+        return Engine(art.runner, art.tokenizer, art.generation, _display_name(name, path))
     dev = torch.device(device) if device is not None else default_device()
     torch_dtype = parse_dtype(dtype, dev)
     ckpt = load_folder(path, dev, torch_dtype)

@@ -1,0 +1,101 @@
+"""The ``fermi export`` click command (wired into ``fermi.cli`` lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from export.build import DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
+
+
+@click.command("export")
+@click.option(
+    "--model",
+    "-m",
+    envvar="FERMI_MODEL",
+    required=True,
+    show_envvar=True,
+    help="Hugging Face id, checkpoint folder or alias to export.",
+)
+@click.option("--target", type=click.Choice(TARGETS), required=True, help="Artefact format.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output folder (created; an earlier export there is replaced).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16"]),
+    default=None,
+    help="Weights and compute precision. [default: fp32 for onnx, fp16 for coreml]",
+)
+@click.option(
+    "--max-seq-len",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Longest context the artefact supports. [default: model's, capped at 2048]",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Cache slots the runner allocates by default (fermi.load can change it).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(sorted({q for qs in QUANTIZE.values() for q in qs})),
+    default="none",
+    show_default=True,
+    help="Weight quantisation: int8 (onnx: dynamic; coreml: per channel), int4 (coreml: "
+    "per block of 32).",
+)
+@click.option(
+    "--prefill-chunk",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Longest prompt chunk per call. [default: {DEFAULT_CHUNK['onnx']} onnx, "
+    f"{DEFAULT_CHUNK['coreml']} coreml]",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Compare the exported model with the torch engine (greedy tokens and logits).",
+)
+def export_command(
+    model: str,
+    target: str,
+    out: Path,
+    dtype: str | None,
+    max_seq_len: int | None,
+    max_batch: int,
+    quantize: str,
+    prefill_chunk: int | None,
+    verify: bool,
+) -> None:
+    """Export a model to an ONNX or a stateful Core ML artefact folder."""
+    from export.build import export_model
+    from fermi.errors import FermiError
+
+    options = ExportOptions(
+        model=model,
+        target=target,
+        out=out,
+        dtype=dtype,
+        max_seq_len=max_seq_len,
+        max_batch=max_batch,
+        quantize=quantize,
+        prefill_chunk=prefill_chunk,
+        verify=verify,
+    )
+    try:
+        manifest = export_model(options, progress=click.echo)
+    except (FermiError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"exported {manifest.architecture} to {out} ({manifest.target}, {manifest.dtype}, "
+        f"quantize {manifest.quantize}); load it with fermi.load({str(out)!r})"
+    )

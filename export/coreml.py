@@ -1,0 +1,163 @@
+"""Core ML export: a stateful ML Program (.mlpackage) for macOS 15 / iOS 18.
+
+Inputs: input_ids [1, query] int32 and causal_mask [1, 1, query, kv] float16 (additive);
+output: logits [1, vocab] float32; states: k_cache / v_cache [layers, 1, kv_heads,
+max_seq_len, head_dim] float16. Traced with ``torch.jit.trace`` (coremltools 9 converts a
+torch 2.13 trace; its torch.export path is beta).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.wrapper import CoreMLStep
+from fermi.models.decoder import Decoder
+from fermi.runners.artefact import TensorSpec
+from fermi.runners.base import Capabilities
+from fermi.runners.coreml import causal_mask
+
+STATE_NAMES = ("k_cache", "v_cache")
+
+
+def build_step(decoder: Decoder, max_seq_len: int) -> CoreMLStep:
+    """The wrapper that gets traced: the decoder's weights, fp16 cache buffers."""
+    return CoreMLStep(decoder, max_seq_len, torch.float16).eval()
+
+
+def trace(step: CoreMLStep) -> torch.jit.ScriptModule:
+    example = (torch.zeros(1, 3, dtype=torch.int32), torch.from_numpy(causal_mask(4, 3)))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings about shape arithmetic (intended)
+        traced = torch.jit.trace(step, example)
+    # Tracing ran the model once and wrote its cache buffers; start conversion from zeros.
+    step.k_cache.zero_()
+    step.v_cache.zero_()
+    return traced
+
+
+def convert(
+    traced: torch.jit.ScriptModule,
+    step: CoreMLStep,
+    max_seq_len: int,
+    max_query: int,
+    compute_fp16: bool,
+):
+    """Convert the trace into a stateful ML Program (saved with ``.save(path)``)."""
+    import coremltools as ct
+
+    query = ct.RangeDim(lower_bound=1, upper_bound=max_query, default=1, symbol="query")
+    kv = ct.RangeDim(lower_bound=1, upper_bound=max_seq_len, default=1, symbol="kv")
+    shape = tuple(step.k_cache.shape)
+    states = [
+        ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=name)
+        for name in STATE_NAMES
+    ]
+    precision = ct.precision.FLOAT16 if compute_fp16 else ct.precision.FLOAT32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ct.convert(
+            traced,
+            inputs=[
+                ct.TensorType(name="input_ids", shape=(1, query), dtype=np.int32),
+                ct.TensorType(name="causal_mask", shape=(1, 1, query, kv), dtype=np.float16),
+            ],
+            outputs=[ct.TensorType(name="logits", dtype=np.float32)],
+            states=states,
+            minimum_deployment_target=ct.target.iOS18,
+            compute_precision=precision,
+            compute_units=ct.ComputeUnit.ALL,
+            convert_to="mlprogram",
+            skip_model_load=True,  # loading needs macOS; the runner loads it there
+        )
+    return model
+
+
+def quantize(model, quantize: str):
+    """Weight-only quantisation: int4 per block of 32, or int8 per output channel."""
+    import coremltools.optimize.coreml as cto
+
+    if quantize == "int4":
+        # Per-block int4 (block 32), as in Apple's Llama 3.1 Core ML guide.
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32
+        )
+    else:
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=op))
+
+
+def io_specs(package: Path) -> tuple[list[TensorSpec], list[TensorSpec], list[TensorSpec]]:
+    """Inputs, outputs and states of a saved package, read from its spec (no macOS needed)."""
+    spec = load_spec(package)
+    desc = spec.description
+    return (
+        [_feature(f) for f in desc.input],
+        [_feature(f) for f in desc.output],
+        [_feature(f, state=True) for f in desc.state],
+    )
+
+
+def load_spec(package: Path):
+    import coremltools as ct
+
+    return ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+
+
+def program_ops(spec) -> set[str]:
+    """Every op type in the ML Program's functions."""
+    ops: set[str] = set()
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            ops.update(op.type for op in block.operations)
+    return ops
+
+
+def _feature(feature, state: bool = False) -> TensorSpec:
+    array = feature.type.stateType.arrayType if state else feature.type.multiArrayType
+    shape: list[int | str] = list(array.shape)
+    ranges = array.shapeRange.sizeRanges
+    if ranges:  # flexible axes: name them by their range, e.g. "1..64"
+        shape = [
+            f"{r.lowerBound}..{r.upperBound}" if r.lowerBound != r.upperBound else r.lowerBound
+            for r in ranges
+        ]
+    from coremltools.proto.FeatureTypes_pb2 import ArrayFeatureType
+
+    dtype = ArrayFeatureType.ArrayDataType.Name(array.dataType).lower()  # "float16"...
+    return TensorSpec(feature.name, shape, dtype)
+
+
+class StepRunner:
+    """Runs the (eager or traced) Core ML wrapper through the Runner protocol, one slot.
+
+    This is what can be checked on Linux: the module handed to the converter computes
+    what the engine computes.
+    """
+
+    def __init__(self, step: torch.nn.Module, vocab_size: int, max_seq_len: int, chunk: int):
+        self.step = step
+        self.capabilities = Capabilities(
+            "coreml-trace", 1, max_seq_len, vocab_size, torch.device("cpu"), chunk
+        )
+
+    @torch.no_grad()
+    def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        ids = torch.tensor([token_ids], dtype=torch.int32)
+        mask = torch.from_numpy(causal_mask(start_pos, len(token_ids)))
+        return self.step(ids, mask)[0].float()
+
+    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        return torch.stack(
+            [self.prefill(s, [t], p) for s, t, p in zip(slots, token_ids, positions, strict=True)]
+        )
+
+    def release(self, slot: int) -> None:
+        """Nothing to do: positions are overwritten before they are read."""

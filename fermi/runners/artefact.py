@@ -1,0 +1,165 @@
+"""Exported artefact folders: the manifest, its checks, and the runner it names.
+
+An artefact folder (written by ``fermi export``) holds the model file(s), the tokenizer
+and template files, and ``manifest.json``. Loading one never imports the exporters: the
+ONNX and Core ML runtimes are imported only by the runner the manifest names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from fermi.errors import ModelLoadError
+from fermi.loading import GenerationDefaults, read_generation_defaults, read_json
+from fermi.runners.base import Runner
+from fermi.text.tokenizer import Tokenizer
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+TARGETS = ("onnx", "coreml")
+# The runner names ``runner=`` accepts for each target.
+TARGET_RUNNERS = {"onnx": ("onnx",), "coreml": ("coreml",)}
+
+
+class TensorSpec(msgspec.Struct, frozen=True):
+    """A graph input, output or state: symbolic axes are named strings ("query")."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+
+class CacheSpec(msgspec.Struct, frozen=True):
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str  # "float32" or "float16"
+
+
+class Manifest(msgspec.Struct, frozen=True):
+    format_version: int
+    target: str
+    model_file: str
+    source: str
+    architecture: str
+    dtype: str
+    quantize: str
+    max_seq_len: int
+    max_batch: int
+    prefill_chunk: int
+    vocab_size: int
+    cache: CacheSpec
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    states: list[TensorSpec]
+    tools: dict[str, str]
+    files: dict[str, str]  # relative path -> sha256 (every file except the manifest)
+    created: str = ""
+
+
+@dataclass
+class Artefact:
+    """A loaded artefact: what :func:`fermi.load` needs to build an engine."""
+
+    folder: Path
+    manifest: Manifest
+    runner: Runner
+    tokenizer: Tokenizer
+    generation: GenerationDefaults
+
+
+def is_artefact(folder: Path) -> bool:
+    return (folder / MANIFEST_NAME).is_file()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: Path, verify_checksums: bool = True) -> Manifest:
+    """Read and check ``manifest.json``: known format version, every listed file present
+    and (unless ``verify_checksums`` is off) with the recorded sha256."""
+    path = folder / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{folder} has no {MANIFEST_NAME}") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{path} has format_version {version!r}; this Fermi reads version "
+            f"{FORMAT_VERSION} (re-export the model with this version of `fermi export`)"
+        )
+    try:
+        manifest = msgspec.convert(raw, Manifest)
+    except msgspec.ValidationError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+    if manifest.target not in TARGETS:
+        raise ModelLoadError(
+            f"{path}: target {manifest.target!r} is not one of {', '.join(TARGETS)}"
+        )
+    if manifest.model_file not in manifest.files:
+        raise ModelLoadError(f"{path}: model_file {manifest.model_file!r} is not in 'files'")
+    for name, expected in manifest.files.items():
+        file = folder / name
+        if not file.is_file():
+            raise ModelLoadError(f"artefact {folder} is missing {name} (listed in {MANIFEST_NAME})")
+        if verify_checksums and sha256_file(file) != expected:
+            raise ModelLoadError(
+                f"artefact file {file} does not match its sha256 in {MANIFEST_NAME} "
+                "(the file was changed or truncated; re-export or re-download it)"
+            )
+    return manifest
+
+
+def load_artefact(
+    folder: Path,
+    runner: str | None = None,
+    max_batch: int | None = None,
+    max_seq_len: int | None = None,
+    prefill_chunk: int | None = None,
+) -> Artefact:
+    """Check the manifest and build the runner it names (``runner`` overrides)."""
+    manifest = read_manifest(folder)
+    allowed = TARGET_RUNNERS[manifest.target]
+    name = runner or allowed[0]
+    if name not in allowed:
+        raise ModelLoadError(
+            f"artefact {folder} is a {manifest.target} export; runner {name!r} cannot run it "
+            f"(use {' or '.join(allowed)}, or load the source checkpoint for torch runners)"
+        )
+    seq_len = max_seq_len or manifest.max_seq_len
+    if not 2 <= seq_len <= manifest.max_seq_len:
+        raise ValueError(
+            f"max_seq_len must be between 2 and {manifest.max_seq_len} "
+            f"(the length {folder} was exported for)"
+        )
+    batch = max_batch or manifest.max_batch
+    if batch < 1:
+        raise ValueError("max_batch must be at least 1")
+    chunk = min(prefill_chunk or manifest.prefill_chunk, manifest.prefill_chunk)
+    if manifest.target == "onnx":
+        from fermi.runners.onnx import OnnxRunner
+
+        built: Runner = OnnxRunner(folder, manifest, batch, seq_len, chunk)
+    else:
+        from fermi.runners.coreml import CoreMLRunner
+
+        built = CoreMLRunner(folder, manifest, batch, seq_len, chunk)
+    tokenizer = Tokenizer.from_folder(folder)
+    hf_config = read_json(folder / "config.json")
+    generation = read_generation_defaults(folder, hf_config, tokenizer)
+    return Artefact(folder, manifest, built, tokenizer, generation)
