@@ -262,6 +262,9 @@ class Decoder(nn.Module):
             short = rope_tables(cfg.rope, cfg.head_dim, max_seq_len)
             long = rope_tables(cfg.rope, cfg.head_dim, max_seq_len, seq_len=self.rope_switch + 1)
             cos, sin = torch.stack((short[0], long[0])), torch.stack((short[1], long[1]))
+            # Slots a runner marked long (fermi.runners.longrope); host-set between steps.
+            marks = torch.zeros(max_batch, dtype=torch.bool, device=weight.device)
+            self.register_buffer("rope_long", marks, persistent=False)
         self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
         self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -286,7 +289,7 @@ class Decoder(nn.Module):
         x = self.model.embed_tokens(tokens)
         if cfg.embedding_scale != 1.0:
             x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
-        cos, sin = self._rope(positions)
+        cos, sin = self._rope(positions, slots)
         read_slots = None if rows_are_slots else slots
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, slots, read_slots, kv_len)
@@ -298,13 +301,17 @@ class Decoder(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits[:, -1] if last_only else logits
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, T, rotary_dim] for ``positions`` [B, T]."""
+    def _rope(
+        self, positions: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, T, rotary_dim] for ``positions`` [B, T] of cache ``slots`` [B]."""
         if self.rope_switch is None:
             return self.rope_cos[positions], self.rope_sin[positions]
-        # LongRoPE, as transformers does it: a forward whose largest position reaches the
-        # original training length uses the long factors for all its tokens. Chosen per row
-        # (a tensor select, no host sync), so a sequence does not depend on its batch.
+        # LongRoPE, as transformers' forward does it: a forward whose largest position
+        # reaches the original training length uses the long factors for all its tokens;
+        # so does a slot its runner marked long while re-encoding the slot's earlier tokens.
+        # Chosen per row (a tensor select, no host sync): a sequence ignores its batch.
         last = positions.amax(dim=-1, keepdim=True)
-        variant = (last >= self.rope_switch).long().expand_as(positions)
+        long = (last >= self.rope_switch) | self.rope_long[slots][:, None]
+        variant = long.long().expand_as(positions)
         return self.rope_cos[variant, positions], self.rope_sin[variant, positions]

@@ -6,6 +6,7 @@ import torch
 
 from fermi.models.decoder import Decoder
 from fermi.runners.base import Runner
+from fermi.runners.longrope import with_longrope
 
 TORCH_RUNNERS = ("torch", "torch-cpu", "torch-cuda", "torch-eager")
 
@@ -31,7 +32,9 @@ def torch_runner(
         except ImportError:
             CudaGraphRunner = None
         if CudaGraphRunner is not None:
-            return CudaGraphRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk)
+            runner = CudaGraphRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk)
+            return with_longrope(runner, model)
     from fermi.runners.torch_eager import TorchRunner
 
-    return TorchRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk or 512)
+    runner = TorchRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk or 512)
+    return with_longrope(runner, model)
