@@ -173,16 +173,16 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def _housekeep(self) -> None:
-        """End idle sessions and report a wedged engine as NOT_SERVING."""
-        serving = True
+        """End idle sessions; report NOT_SERVING while the engine makes no progress."""
+        scheduler = self.engine.scheduler
+        serving, steps, progress_at = True, scheduler.stats.steps, time.monotonic()
         while True:
             await asyncio.sleep(_HOUSEKEEPING_SECONDS)
             self.sessions.expire()
-            stats = self.engine.scheduler.stats
-            stalled = (
-                self.engine.scheduler.load > 0
-                and time.monotonic() - stats.last_step_at > STALL_SECONDS
-            )
+            now = time.monotonic()
+            if scheduler.load == 0 or scheduler.stats.steps != steps:
+                steps, progress_at = scheduler.stats.steps, now
+            stalled = now - progress_at > STALL_SECONDS
             if stalled == serving:
                 serving = not stalled
                 status = health_pb2.HealthCheckResponse
