@@ -1,0 +1,87 @@
+"""Compile artefacts on disk, so a second start on the same machine skips Inductor.
+
+``torch.compiler.save_cache_artifacts`` bundles everything compiled in this process (FX graphs,
+AOTAutograd entries, Triton kernels, autotuning results); ``load_cache_artifacts`` puts them back
+into the local caches before the first compile. One bundle per key: the model's shape, dtype,
+cache and batch sizes, torch version and GPU, so a bundle is never offered to another setup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """``FERMI_COMPILE_CACHE``, else ``$XDG_CACHE_HOME/fermi/compile`` (``~/.cache/...``)."""
+    explicit = os.environ.get("FERMI_COMPILE_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fermi" / "compile"
+
+
+def device_tag(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name} sm{props.major}{props.minor} {props.multi_processor_count}sm"
+
+
+def cache_key(model_config: object, dtype: torch.dtype, device: torch.device, **shapes) -> str:
+    """A short hash of everything that changes the compiled code."""
+    config = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else {}
+    blob = json.dumps(
+        {
+            "config": config,
+            "dtype": str(dtype),
+            "shapes": shapes,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "device": device_tag(device),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class CompileCache:
+    """The artefact bundle for one key: ``load()`` before compiling, ``save()`` after."""
+
+    def __init__(self, key: str, root: Path | None = None) -> None:
+        self.path = (root or cache_root()) / f"{key}.bin"
+        self.loaded = False
+
+    def load(self) -> bool:
+        if not self.path.exists():
+            return False
+        try:
+            torch.compiler.load_cache_artifacts(self.path.read_bytes())
+        except Exception as exc:  # a stale or truncated bundle only costs a cold compile
+            log.warning("ignoring compile cache %s: %s", self.path, exc)
+            return False
+        self.loaded = True
+        return True
+
+    def save(self) -> None:
+        if self.loaded:
+            return
+        try:
+            saved = torch.compiler.save_cache_artifacts()
+            if saved is None:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_bytes(saved[0])
+            tmp.replace(self.path)  # atomic: a concurrent start never reads half a file
+        except OSError as exc:
+            log.warning("could not write compile cache %s: %s", self.path, exc)

@@ -1,0 +1,423 @@
+"""The decoder on an NVIDIA GPU: compiled once, replayed as CUDA graphs.
+
+Compilation. ``Decoder.forward`` is compiled with ``fullgraph=True`` and dynamic shapes, so
+one compiled program serves every batch size, chunk length and attended cache length (three
+compiles in all: the one-row decode step, the wider decode step, and prefill). Each shape the
+runner uses is then captured once as a CUDA graph and replayed; a step costs one graph launch
+and one small host-to-device copy of its token ids and positions.
+
+Buckets. Decode runs over rows 0..B-1 with B the smallest batch bucket (1, 2, 4, ...,
+``max_batch``) that holds the highest live slot: the scheduler hands out the lowest free slots
+first, so the batch stays dense. The attended cache length is the smallest length bucket
+(256, 384, 512, 768, ... about 1.5x apart, up to the cache) that holds the longest live
+context, so attention cost follows the context rather than ``max_seq_len``. Prefill pads a
+chunk to a power-of-two length bucket.
+
+Padding. The cache has one spare position past the largest attended length (the "scratch"
+position). Padded decode rows and padded prefill tokens are placed there, so their keys and
+values land in a column that no step ever reads; they never overwrite a real entry, not even
+of a slot that is half-way through a chunked prefill. (It also keeps every attended length
+shorter than the cache, so a read is never the whole buffer, which would compile apart.)
+
+Sampling runs inside the decode graph (``decode_sample``): the step returns token ids, and
+the scheduler reads back only those. It calls the same ``fermi.engine.sampling.sample`` as
+every other runner, on this runner's ``sampling`` tensors, whose addresses never change.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fermi.engine.sampling import SampleOutput, SamplingBatch, sample
+from fermi.models.decoder import Decoder
+from fermi.runners.base import Capabilities
+from fermi.runners.compile_cache import CompileCache, cache_key
+
+log = logging.getLogger(__name__)
+
+SMALLEST_KV = 256
+SMALLEST_CHUNK = 16
+CACHE_ALIGN = 128  # cache length multiple: kernels tile the key axis in blocks of 128
+DEFAULT_CHUNK = 2048
+# Sampling variants compiled and captured at warm-up: plain (greedy or temperature) and
+# top-k/top-p/min-p. Penalties and logprobs still run inside the graph, uncompiled.
+WARM_VARIANTS = ((False, False, -1), (True, False, -1))
+
+Variant = tuple[bool, bool, int]
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... below ``max_batch``, then ``max_batch`` itself."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_batch]
+
+
+def kv_buckets(cache_len: int, smallest: int = SMALLEST_KV) -> list[int]:
+    """Attended lengths 256, 384, 512, 768, 1024, ... (x1.5 then x4/3), capped by the cache."""
+    sizes, n = [], smallest
+    while n < cache_len:
+        sizes.append(n)
+        n = n * 3 // 2 if n & (n - 1) == 0 else n * 4 // 3
+    return [*sizes, cache_len]
+
+
+def chunk_buckets(chunk: int, smallest: int = SMALLEST_CHUNK) -> list[int]:
+    """Padded prefill lengths 16, 32, 64, ... below ``chunk``, then ``chunk``."""
+    sizes, n = [], smallest
+    while n < chunk:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, chunk]
+
+
+def pick(value: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= value (callers check that one exists)."""
+    return buckets[bisect.bisect_left(buckets, value)]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    outputs: tuple  # tensors the replay overwrites in place
+
+
+@dataclass
+class StartupStats:
+    seconds: float = 0.0
+    compiles: int = 0  # frames Dynamo compiled during warm-up
+    graphs: int = 0
+    cache_hit: bool = False
+    flex_decode: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _compiled_frames() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class CudaGraphRunner:
+    """Runner protocol (``fermi.runners.base``) plus ``decode_sample`` for the scheduler.
+
+    ``backend`` is the ``torch.compile`` backend (None: run the model eagerly) and
+    ``use_graphs`` defaults to True on CUDA. Both exist so that the same bucketing and
+    padding logic runs, and is tested, on CPU.
+    """
+
+    def __init__(
+        self,
+        model: Decoder,
+        max_batch: int,
+        max_seq_len: int,
+        prefill_chunk: int | None = None,
+        *,
+        backend: str | None = "inductor",
+        use_graphs: bool | None = None,
+        flex_decode: bool = True,
+        warmup: bool = True,
+        compile_cache: bool = True,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+        chunk = min(prefill_chunk or DEFAULT_CHUNK, max_seq_len)
+        if chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model = model
+        weight = model.model.embed_tokens.weight
+        self.device = weight.device
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        if self.use_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.max_batch, self.max_seq_len, self.chunk = max_batch, max_seq_len, chunk
+        longest = _round_up(max_seq_len, CACHE_ALIGN)  # the largest attended length
+        self.scratch = longest  # the spare cache position padding writes to
+        self.cache_len = longest + 1
+        model.setup_cache(max_batch, self.cache_len)
+        self.batch_sizes = batch_buckets(max_batch)
+        self.kv_sizes = kv_buckets(longest)
+        self.chunk_sizes = chunk_buckets(chunk)
+        self.capabilities = Capabilities(
+            name="torch-cuda" if self.device.type == "cuda" else f"torch-{self.device.type}",
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            vocab_size=model.cfg.vocab_size,
+            device=self.device,
+            prefill_chunk=chunk,
+        )
+        self.sampling = SamplingBatch(max_batch, model.cfg.vocab_size, self.device)
+
+        # Static inputs, filled in place before each replay. Decode: [tokens, positions,
+        # live-row order] x max_batch. Prefill: chunk tokens, chunk positions, slot, last row.
+        long = {"dtype": torch.long, "device": self.device}
+        self._io = torch.zeros(3, max_batch, 1, **long)
+        self._rows = torch.arange(max_batch, **long)
+        self._pio = torch.zeros(2 * chunk + 2, **long)
+        self._pinned = self.device.type == "cuda"
+
+        self.backend = backend
+        self._set_flex(flex_decode and backend == "inductor" and self.device.type == "cuda")
+        self._forward: Callable = model.forward
+        if backend is not None:
+            options = {"coordinate_descent_tuning": True} if backend == "inductor" else None
+            self._forward = torch.compile(
+                model.forward, fullgraph=True, dynamic=True, backend=backend, options=options
+            )
+        self._samplers: dict[Variant, Callable] = {}
+        self._graphs: dict[tuple, _Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None
+        self.startup = StartupStats(flex_decode=self.flex)
+        if warmup:
+            self.warmup(compile_cache=compile_cache and backend == "inductor")
+
+    # -- protocol ---------------------------------------------------------------------
+
+    def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
+        n = len(token_ids)
+        if not 1 <= n <= self.chunk:
+            raise ValueError(f"a prefill chunk holds 1..{self.chunk} tokens, got {n}")
+        if start_pos < 0 or start_pos + n > self.max_seq_len:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + n - 1} exceed max_seq_len {self.max_seq_len}"
+            )
+        self._check_slots([slot])
+        self._check_tokens(token_ids)
+        t = pick(n, self.chunk_sizes)
+        kv = pick(start_pos + n, self.kv_sizes)
+        pad = self.chunk - n
+        values = [
+            *token_ids,
+            *([0] * pad),
+            *range(start_pos, start_pos + n),
+            *([self.scratch] * pad),
+            slot,
+            n - 1,
+        ]
+        with self._on_device():
+            self._pio.copy_(self._host(values, self._pio.shape), non_blocking=True)
+            (logits,) = self._run(("prefill", t, kv), functools.partial(self._prefill_body, t, kv))
+            return logits[0].clone()  # the graph's output buffer is reused by the next replay
+
+    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        with self._on_device():
+            b, kv = self._fill_decode(slots, token_ids, positions)
+            body = functools.partial(self._decode_body, b, kv, None)
+            (logits,) = self._run(("decode", b, kv, None), body)
+            return logits.index_select(0, self._io[2, : len(slots), 0])
+
+    def decode_sample(
+        self,
+        slots: list[int],
+        token_ids: list[int],
+        positions: list[int],
+        batch: SamplingBatch,
+        *,
+        use_filters: bool,
+        use_penalties: bool,
+        want_logprobs: int,
+    ) -> SampleOutput | None:
+        """One decode step with sampling in the same graph; rows of ``batch`` are slots.
+
+        Returns None when ``batch`` is not this runner's ``sampling`` (the graphs read those
+        tensors by address); the caller then samples the logits of ``decode`` itself.
+        """
+        if batch is not self.sampling:
+            return None
+        variant = (use_filters, use_penalties, want_logprobs)
+        with self._on_device():
+            b, kv = self._fill_decode(slots, token_ids, positions)
+            body = functools.partial(self._decode_body, b, kv, variant)
+            out = self._run(("decode", b, kv, variant), body)
+            live = self._io[2, : len(slots), 0]
+            return SampleOutput(*(None if t is None else t.index_select(0, live) for t in out))
+
+    def release(self, slot: int) -> None:
+        """Nothing to do: a slot's stale entries are masked until overwritten."""
+
+    # -- warm-up ----------------------------------------------------------------------
+
+    def warmup(self, compile_cache: bool = True) -> StartupStats:
+        """Compile and capture every prefill chunk bucket and every decode (batch, length)
+        bucket for the common sampling variants. Writes only to the scratch position."""
+        started, frames = time.perf_counter(), _compiled_frames()
+        cache = None
+        if compile_cache:
+            cache = CompileCache(
+                cache_key(
+                    self.model.cfg,
+                    self.model.model.embed_tokens.weight.dtype,
+                    self.device,
+                    max_batch=self.max_batch,
+                    cache_len=self.cache_len,
+                    chunk=self.chunk,
+                    flex=self.flex,
+                )
+            )
+            self.startup.cache_hit = cache.load()
+        try:
+            self._warm_all()
+        except Exception as exc:
+            if not self.flex:
+                raise
+            # FlexAttention's decode kernel is the newest piece of the stack: if this torch
+            # cannot compile it here, the plain attention path still can.
+            log.warning("flex decode attention failed to compile (%s); using SDPA", exc)
+            self.startup.notes.append(f"flex decode disabled: {type(exc).__name__}: {exc}")
+            self._set_flex(False)
+            self._graphs.clear()
+            self._warm_all()
+        if cache is not None:
+            cache.save()
+        self.startup.seconds = time.perf_counter() - started
+        self.startup.compiles = _compiled_frames() - frames
+        self.startup.graphs = len(self._graphs)
+        self.startup.flex_decode = self.flex
+        return self.startup
+
+    def _warm_all(self) -> None:
+        with self._on_device():
+            for t in self.chunk_sizes:
+                values = [0] * t + [0] * (self.chunk - t)
+                values += [self.scratch] * self.chunk + [0, t - 1]
+                self._pio.copy_(self._host(values, self._pio.shape))
+                kv = pick(t, self.kv_sizes)
+                self._run(("prefill", t, kv), functools.partial(self._prefill_body, t, kv))
+            idle = [0] * self.max_batch
+            values = [*idle, *([self.scratch] * self.max_batch), *idle]
+            self._io.copy_(self._host(values, self._io.shape))
+            for b in self.batch_sizes:
+                for kv in self.kv_sizes:
+                    for variant in WARM_VARIANTS:
+                        body = functools.partial(self._decode_body, b, kv, variant)
+                        self._run(("decode", b, kv, variant), body)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _set_flex(self, enabled: bool) -> None:
+        self.flex = enabled
+        for layer in self.model.model.layers:
+            layer.self_attn.flex_decode = enabled
+
+    def _prefill_body(self, t: int, kv: int) -> tuple[torch.Tensor]:
+        c = self.chunk
+        tokens = self._pio[:t].view(1, t)
+        positions = self._pio[c : c + t].view(1, t)
+        slot = self._pio[2 * c : 2 * c + 1]
+        last = self._pio[2 * c + 1 : 2 * c + 2]
+        return (self._forward(tokens, positions, slot, kv, last_index=last),)
+
+    def _decode_body(self, b: int, kv: int, variant: Variant | None) -> tuple:
+        rows = self._rows[:b]
+        logits = self._forward(self._io[0, :b], self._io[1, :b], rows, kv, rows_are_slots=True)
+        if variant is None:
+            return (logits,)
+        return tuple(self._sampler(variant)(logits, self.sampling, rows))
+
+    def _sampler(self, variant: Variant) -> Callable:
+        fn = self._samplers.get(variant)
+        if fn is None:
+            filters, penalties, logprobs = variant
+            fn = functools.partial(
+                sample, use_filters=filters, use_penalties=penalties, want_logprobs=logprobs
+            )
+            if self.backend is not None and variant in WARM_VARIANTS:
+                fn = torch.compile(fn, fullgraph=True, dynamic=True, backend=self.backend)
+            self._samplers[variant] = fn
+        return fn
+
+    def _run(self, key: tuple, body: Callable[[], tuple]) -> tuple:
+        if not self.use_graphs:
+            with torch.inference_mode(), _no_duck_shapes():
+                return body()
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._graphs[key] = self._capture(body)
+        captured.graph.replay()
+        return captured.outputs
+
+    def _capture(self, body: Callable[[], tuple]) -> _Captured:
+        stream = self._stream
+        assert stream is not None
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode(), _no_duck_shapes(), torch.cuda.stream(stream):
+            # An eager run first: compilation, autotuning and lazy library set-up must not
+            # happen inside the capture. It computes the same step the replay repeats.
+            body()
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self._pool)
+            try:
+                outputs = body()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return _Captured(graph, outputs)
+
+    def _fill_decode(
+        self, slots: list[int], token_ids: list[int], positions: list[int]
+    ) -> tuple[int, int]:
+        n = len(slots)
+        if n == 0 or len(token_ids) != n or len(positions) != n:
+            raise ValueError("decode needs one token id and one position per slot")
+        self._check_slots(slots)
+        self._check_tokens(token_ids)
+        if min(positions) < 0 or max(positions) >= self.max_seq_len:
+            raise ValueError(f"decode positions must lie in [0, {self.max_seq_len})")
+        b = pick(max(slots) + 1, self.batch_sizes)
+        kv = pick(max(positions) + 1, self.kv_sizes)
+        tokens = [0] * self.max_batch
+        where = [self.scratch] * self.max_batch
+        for slot, token, position in zip(slots, token_ids, positions, strict=True):
+            tokens[slot], where[slot] = token, position
+        order = [*slots, *([0] * (self.max_batch - n))]
+        values = [*tokens, *where, *order]
+        self._io.copy_(self._host(values, self._io.shape), non_blocking=True)
+        return b, kv
+
+    def _host(self, values: list[int], shape: torch.Size) -> torch.Tensor:
+        # Pinned memory from the caching host allocator is not reused before its copy ran,
+        # so the copy can be asynchronous without racing the next step's fill.
+        return torch.tensor(values, dtype=torch.long, pin_memory=self._pinned).view(shape)
+
+    def _check_slots(self, slots: list[int]) -> None:
+        if min(slots) < 0 or max(slots) >= self.max_batch or len(set(slots)) != len(slots):
+            raise ValueError(f"slots must be distinct and in [0, {self.max_batch}), got {slots}")
+
+    def _check_tokens(self, token_ids: list[int]) -> None:
+        vocab = self.capabilities.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab})")
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        # The scheduler thread's current device may be another GPU.
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
+
+def _no_duck_shapes() -> contextlib.AbstractContextManager:
+    """Compile with one symbol per dynamic size: by default two sizes that happen to be equal
+    while tracing (say a chunk of 256 and an attended length of 256) share a symbol, and
+    every later call where they differ would recompile."""
+    import torch.fx.experimental._config as fx_config
+
+    return fx_config.patch(use_duck_shape=False)

@@ -1,0 +1,183 @@
+"""The CUDA-graph runner's bucketing, padding and in-graph sampling, run on CPU.
+
+The runner takes ``backend=None`` (or Dynamo's ``eager`` backend) and ``use_graphs=False``
+here: the same padded shapes, scratch-position writes and sampling calls as on the GPU,
+compared with the eager runner on the same weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fermi.engine.api import Engine
+from fermi.loading import load_folder
+from fermi.runners.torch_cuda import (
+    CudaGraphRunner,
+    batch_buckets,
+    chunk_buckets,
+    kv_buckets,
+    pick,
+)
+from fermi.runners.torch_eager import TorchRunner
+from tests.tiny import write_checkpoint
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("cuda_runner") / "qwen3", {}, seed=3)
+
+
+def load(folder):
+    return load_folder(folder, torch.device("cpu"), torch.float32)
+
+
+def graph_runner(folder, backend=None, **kw) -> CudaGraphRunner:
+    kw = {
+        "max_batch": 4,
+        "max_seq_len": 300,
+        "prefill_chunk": 32,
+        "warmup": backend is not None,
+        **kw,
+    }
+    return CudaGraphRunner(load(folder).model, backend=backend, use_graphs=False, **kw)
+
+
+def test_buckets_cover_every_size_with_bounded_padding():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert chunk_buckets(512) == [16, 32, 64, 128, 256, 512]
+    assert chunk_buckets(100) == [16, 32, 64, 100]
+    assert chunk_buckets(8) == [8]
+    sizes = kv_buckets(32896)
+    assert sizes[:6] == [256, 384, 512, 768, 1024, 1536]
+    assert sizes[-1] == 32896 and sizes == sorted(set(sizes))
+    assert all(s % 128 == 0 for s in sizes)
+    # A live context of n attends at most 1.5x n keys (past the smallest bucket).
+    assert all(pick(n, sizes) <= max(256, 1.5 * n) for n in range(1, 32896, 97))
+
+
+def test_padded_prefill_and_decode_logits_equal_the_eager_runner(folder):
+    ours = graph_runner(folder)
+    ref = TorchRunner(load(folder).model, max_batch=4, max_seq_len=300, prefill_chunk=32)
+    torch.manual_seed(0)
+    vocab = ours.capabilities.vocab_size
+    prompts = {0: 5, 2: 45, 3: 17}  # slot -> prompt length; 45 takes two chunks
+    last = {}
+    for slot, n in prompts.items():
+        ids = torch.randint(0, vocab, (n,)).tolist()
+        for start in range(0, n, 32):
+            chunk = ids[start : start + 32]
+            a, b = ours.prefill(slot, chunk, start), ref.prefill(slot, chunk, start)
+            assert (a - b).abs().max().item() < TOL
+        last[slot] = int(b.argmax())
+    pos = dict(prompts)
+    slots = sorted(prompts)  # [0, 2, 3]: slot 1 is idle, so row 1 is padding
+    for _ in range(6):
+        toks, where = [last[s] for s in slots], [pos[s] for s in slots]
+        a, b = ours.decode(slots, toks, where), ref.decode(slots, toks, where)
+        assert a.shape == (3, vocab)
+        assert (a - b).abs().max().item() < TOL
+        for i, s in enumerate(slots):
+            last[s], pos[s] = int(b[i].argmax()), pos[s] + 1
+
+
+def test_padding_rows_never_touch_a_half_prefilled_slot(folder):
+    """Slot 1 is between two prefill chunks while slots 0 and 2 decode over rows 0..3."""
+    ours, ref = graph_runner(folder), graph_runner(folder)
+    ids = [(7 * i) % 400 + 3 for i in range(50)]
+    for r in (ours, ref):
+        r.prefill(0, ids[:9], 0)
+        r.prefill(2, ids[:11], 0)
+    ours.prefill(1, ids[:32], 0)
+    for step in range(5):
+        ours.decode([0, 2], [ids[step], ids[step + 1]], [9 + step, 11 + step])
+    a = ours.prefill(1, ids[32:], 32)
+    ref.prefill(1, ids[:32], 0)
+    b = ref.prefill(1, ids[32:], 32)
+    assert (a - b).abs().max().item() < TOL
+
+
+def test_decode_sample_returns_the_live_rows_in_slot_order(folder):
+    runner = graph_runner(folder)
+    for slot in (0, 1, 3):
+        runner.prefill(slot, [11 + slot, 12, 13], 0)
+    batch = runner.sampling
+    greedy = runner.decode([3, 0], [20, 21], [3, 3]).argmax(-1)
+    for slot in (0, 3):
+        batch.temperature[slot] = 0.0
+    out = runner.decode_sample(
+        [3, 0], [20, 21], [3, 3], batch, use_filters=False, use_penalties=False, want_logprobs=2
+    )
+    assert out.tokens.tolist() == greedy.tolist()
+    assert out.top_ids.shape == (2, 2) and out.top_ids[:, 0].tolist() == greedy.tolist()
+    other = type(batch)(4, runner.capabilities.vocab_size, "cpu")
+    assert (
+        runner.decode_sample(
+            [0], [1], [3], other, use_filters=False, use_penalties=False, want_logprobs=-1
+        )
+        is None
+    )
+
+
+def test_bad_inputs_raise_clear_errors(folder):
+    runner = graph_runner(folder)
+    with pytest.raises(ValueError, match="prefill chunk holds"):
+        runner.prefill(0, list(range(33)), 0)
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        runner.prefill(0, [1, 2], 299)
+    with pytest.raises(ValueError, match="slots must be distinct"):
+        runner.decode([1, 1], [3, 4], [0, 0])
+    with pytest.raises(ValueError, match="token ids"):
+        runner.decode([0], [10**6], [0])
+    with pytest.raises(ValueError, match="max_batch"):
+        CudaGraphRunner(load(folder).model, 0, 100, backend=None, use_graphs=False)
+
+
+def test_engine_on_the_graph_runner_matches_the_eager_engine(folder):
+    """Greedy and seeded sampling through the scheduler's in-graph sampling path."""
+    from fermi.loading import GenerationDefaults
+    from fermi.text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(folder)
+    gen = GenerationDefaults()
+    prompt = [5, 77, 120, 33, 400, 9, 18] * 6
+    kw = {"prompt_token_ids": prompt, "max_tokens": 24, "ignore_eos": True}
+    results = []
+    for runner in (
+        graph_runner(folder),
+        TorchRunner(load(folder).model, max_batch=4, max_seq_len=300, prefill_chunk=32),
+    ):
+        with Engine(runner, tok, gen, model_name="tiny") as engine:
+            greedy = engine.generate(temperature=0, **kw).token_ids
+            seeded = engine.generate(temperature=0.9, top_k=30, seed=7, **kw).token_ids
+            results.append((greedy, seeded))
+    assert results[0] == results[1]
+
+
+def test_no_recompiles_after_warmup_for_any_prompt_or_batch(folder):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    runner = graph_runner(folder, backend="eager", max_seq_len=700)
+    assert runner.startup.compiles >= 3
+    before = dict(counters["stats"])
+    vocab = runner.capabilities.vocab_size
+    for slot, n in enumerate((1, 31, 32, 3)):
+        runner.prefill(slot, [(slot * 13 + i) % vocab for i in range(n)], 0)
+    runner.prefill(0, [1] * 20, 600)  # a long context: the largest length bucket
+    for slots in ([0], [0, 1], [1, 3], [0, 1, 2, 3]):
+        for where in (5, 300, 650):
+            runner.decode_sample(
+                slots,
+                [1] * len(slots),
+                [where] * len(slots),
+                runner.sampling,
+                use_filters=where == 300,
+                use_penalties=False,
+                want_logprobs=-1,
+            )
+    assert dict(counters["stats"]) == before
