@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fermi.engine.output import OutputStream
-from fermi.engine.sampling import SamplingBatch, sample
+from fermi.engine.sampling import SampleOutput, SamplingBatch, sample
 from fermi.engine.types import Delta, FinishReason, GenerationRequest, TokenLogprob, Usage
 from fermi.errors import EngineOverloadedError
 from fermi.runners.base import Runner
@@ -101,7 +101,10 @@ class Scheduler:
         self.tokenizer = tokenizer
         caps = runner.capabilities
         self.caps = caps
-        self.sampling = SamplingBatch(caps.max_batch, caps.vocab_size, caps.device)
+        # A runner that samples inside its own decode step owns the sampling tensors.
+        self.sampling = getattr(runner, "sampling", None) or SamplingBatch(
+            caps.max_batch, caps.vocab_size, caps.device
+        )
         self.max_waiting = max_waiting
         self.stats = SchedulerStats()
         self._inbox: queue.Queue[RequestHandle | _Release | None] = queue.Queue()
@@ -244,29 +247,39 @@ class Scheduler:
 
     def _decode(self) -> None:
         seqs = list(self._decoding)
-        logits = self.runner.decode(
-            [s.slot for s in seqs], [s.last_token for s in seqs], [s.position for s in seqs]
-        )
-        self._sample_and_emit(seqs, logits)
+        slots = [s.slot for s in seqs]
+        args = (slots, [s.last_token for s in seqs], [s.position for s in seqs])
+        fused = getattr(self.runner, "decode_sample", None)
+        out = None
+        if fused is not None:  # the runner samples inside its decode step (CUDA graphs)
+            rows = torch.tensor(slots, dtype=torch.long, device=self.caps.device)
+            out = fused(*args, self.sampling, **self._sample_options(seqs))
+        if out is None:
+            self._sample_and_emit(seqs, self.runner.decode(*args))
+        else:
+            self._emit_sampled(seqs, rows, out)
         self._decoding = [s for s in self._decoding if not s.handle.done.is_set()]
+
+    def _sample_options(self, seqs: list[_Sequence]) -> dict:
+        flags = [self.sampling.row_flags(s.slot) for s in seqs]
+        want = max((s.request.logprobs for s in seqs if s.request.logprobs is not None), default=-1)
+        return {
+            "use_filters": any(f.filters for f in flags),
+            "use_penalties": any(f.penalties for f in flags),
+            "want_logprobs": want,
+        }
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         rows = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=logits.device)
-        flags = [self.sampling.row_flags(s.slot) for s in seqs]
-        want = max((s.request.logprobs for s in seqs if s.request.logprobs is not None), default=-1)
-        out = sample(
-            logits,
-            self.sampling,
-            rows,
-            use_filters=any(f.filters for f in flags),
-            use_penalties=any(f.penalties for f in flags),
-            want_logprobs=want,
-        )
+        out = sample(logits, self.sampling, rows, **self._sample_options(seqs))
+        self._emit_sampled(seqs, rows, out)
+
+    def _emit_sampled(self, seqs: list[_Sequence], rows: torch.Tensor, out: SampleOutput) -> None:
         self.sampling.record(rows, out.tokens)
         tokens = out.tokens.tolist()  # the one host sync per step
-        chosen = out.logprobs.tolist() if want >= 0 and out.logprobs is not None else None
-        top_ids = out.top_ids.tolist() if want > 0 and out.top_ids is not None else None
-        top_lp = out.top_logprobs.tolist() if want > 0 and out.top_logprobs is not None else None
+        chosen = out.logprobs.tolist() if out.logprobs is not None else None
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         now = time.perf_counter()
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             lp = None
