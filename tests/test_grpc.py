@@ -22,8 +22,12 @@ GREEDY = pb.SamplingParams(max_tokens=8, temperature=0)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    folder = write_checkpoint(tmp_path_factory.mktemp("grpc") / "qwen3", {})
+def folder(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("grpc") / "qwen3", {})
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
     eng = fermi.load(folder, max_batch=2, max_seq_len=1024)
     yield eng
     eng.close()
@@ -210,6 +214,28 @@ def test_cancelled_stream_stops_generation_on_the_server(stub, engine):
     assert stats.generated_tokens - before == generated  # nothing runs any more
     assert 3 <= generated < 1000
     assert stats.running == 0
+
+
+def test_full_engine_queue_is_resource_exhausted_and_leaves_no_session(folder):
+    with fermi.load(folder, max_batch=1, max_seq_len=1024) as small:
+        small.scheduler.max_waiting = 0  # one running request fills it
+        server, chan = serve(small)
+        try:
+            stub = pb_grpc.FermiStub(chan)
+            busy = stub.Generate(
+                pb.GenerateRequest(
+                    prompt="x", sampling=pb.SamplingParams(max_tokens=1000, ignore_eos=True)
+                )
+            )
+            next(busy)
+            err = rpc_error(lambda: chat(stub, "hello"))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "the request queue is full" in err.details()
+            assert len(server.server.sessions) == 0
+            busy.cancel()
+        finally:
+            chan.close()
+            server.stop()
 
 
 def test_second_turn_while_one_runs_is_a_failed_precondition(stub, engine):

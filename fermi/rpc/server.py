@@ -94,7 +94,7 @@ class FermiService(pb_grpc.FermiServicer):
             # Validate before creating, so a bad first turn leaves no session behind.
             built = self.engine.build_request(messages=[*history, user], **kwargs)
             session = self.sessions.begin_new(history)
-        added = None
+        added, answered = None, False
         try:
             if built is None:
                 built = self.engine.build_request(messages=[*session.messages, user], **kwargs)
@@ -105,8 +105,12 @@ class FermiService(pb_grpc.FermiServicer):
                 if delta.finish_reason in ("stop", "length"):
                     added = [user, assistant_message("".join(text), "".join(reasoning))]
                 yield convert.response(delta, session.id)
+                answered = True
         finally:
             self.sessions.end_turn(session, added)
+            if not request.session_id and not answered:
+                # The client never learned this session's id (e.g. the queue was full).
+                self.sessions.discard(session.id)
 
     async def _run(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         async for delta in self.engine.astream_request(request):

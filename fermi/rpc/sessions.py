@@ -148,6 +148,13 @@ class SessionStore:
                 raise SessionNotFoundError(self._not_found(session_id))
             self._end_locked(session, "was closed")
 
+    def discard(self, session_id: str) -> None:
+        """End a session if it still exists (no error when it does not)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                self._end_locked(session, "was discarded")
+
     def expire(self) -> None:
         """End sessions idle for longer than the TTL (also done on every other call)."""
         with self._lock:
