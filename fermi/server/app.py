@@ -237,6 +237,9 @@ def build_api(config: ServerConfig) -> Api:
         max_batch=config.max_batch,
         runner=config.runner,
     )
+    if config.max_waiting is not None:
+        for replica in pool.replicas:
+            replica.engine.scheduler.max_waiting = config.max_waiting
     return Api(pool, config)
 
 

@@ -143,14 +143,13 @@ class ChatChunker:
             id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage
         )
 
-    def first(self) -> ChatCompletionChunk:
-        """The opening chunk: every choice announces the assistant role."""
-        return self._chunk(
-            [
-                ChatChunkChoice(i, ChunkDelta(role="assistant", content=""))
-                for i in range(len(self.pending))
-            ]
-        )
+    def first(self) -> list[ChatCompletionChunk]:
+        """The opening chunks: each choice announces the assistant role (one chunk per
+        choice, as OpenAI streams them)."""
+        return [
+            self._chunk([ChatChunkChoice(i, ChunkDelta(role="assistant", content=""))])
+            for i in range(len(self.pending))
+        ]
 
     def delta(self, index: int, delta: Delta) -> ChatCompletionChunk | None:
         """The chunk for one delta, or None when it carries nothing to send yet."""

@@ -51,6 +51,12 @@ INTERFACES = {
     help="Larger request bodies get 413.",
 )
 @click.option(
+    "--max-waiting",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Requests queued per replica beyond its batch before 429. [default: 1024]",
+)
+@click.option(
     "--interface",
     type=click.Choice(sorted(INTERFACES)),
     default="rsgi",
@@ -77,6 +83,7 @@ def serve_command(
     devices: str | None,
     served_model_name: str | None,
     max_body_bytes: int,
+    max_waiting: int | None,
     interface: str,
     log_level: str,
 ) -> None:
@@ -106,6 +113,7 @@ def serve_command(
         served_model_name=served_model_name,
         api_key=api_key or None,
         max_body_bytes=max_body_bytes,
+        max_waiting=max_waiting,
     )
     os.environ[ENV_VAR] = config.to_env()
     # A fresh interpreter per worker: the parent may have touched CUDA (counting GPUs),

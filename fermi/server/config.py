@@ -23,6 +23,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     served_model_name: str | None = None
     api_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    max_waiting: int | None = None  # queued requests per replica before 429
 
     def to_env(self) -> str:
         return msgspec.json.encode(self).decode()

@@ -245,7 +245,7 @@ class Api:
                     _raise_engine_error(delta)
                     choices[index].add(delta)
         finally:
-            generation.cancel()
+            self._release(generation)
         return choices
 
     async def _chat_stream(
@@ -259,7 +259,7 @@ class Api:
     ) -> AsyncIterator[bytes]:
         chunker = ChatChunker(rid, created, self.model_name, len(requests), bool(body.logprobs))
         choices = [ChoiceText() for _ in requests]
-        yield sse(chunker.first())
+        yield b"".join(sse(chunk) for chunk in chunker.first())
         async for events in self._events(generation, timing, choices, chunker.delta):
             yield events
         prompt_tokens = timing.done(requests, body.n, choices)
@@ -313,7 +313,13 @@ class Api:
                 if events:
                     yield b"".join(events)
         finally:
+            self._release(generation)
+
+    def _release(self, generation: Generation) -> None:
+        """Cancel what is still generating (the client left, or the stream failed)."""
+        if generation.unfinished:
             generation.cancel()
+            self.metrics.aborted.inc()
 
 
 class StreamEndedError(Exception):

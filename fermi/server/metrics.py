@@ -67,6 +67,12 @@ class ServerMetrics:
             [*m, "finished_reason"],
             registry=reg,
         )
+        self.aborted = Counter(
+            "fermi:requests_aborted",
+            "Requests cancelled before they finished (the client left, or a choice failed).",
+            m,
+            registry=reg,
+        ).labels(model)
         self._errors = Counter(
             "fermi:http_errors", "Error responses by status.", [*m, "status"], registry=reg
         )

@@ -11,8 +11,10 @@ import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from fermi.engine.api import Engine
+if TYPE_CHECKING:
+    from fermi.engine.api import Engine
 
 
 class PoolConfigError(ValueError):

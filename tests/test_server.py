@@ -1,0 +1,368 @@
+"""The HTTP server as clients see it: a real ``fermi serve`` (Granian) process driven by the
+official ``openai`` package and by raw HTTP, checked against the same model run in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import openai
+import pytest
+
+import fermi
+from tests.serving import http, metric, running_server, thinking_checkpoint
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HI = [{"role": "user", "content": "Hello, how are you?"}]
+SEQ_LEN = 1024
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return thinking_checkpoint(tmp_path_factory.mktemp("server") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def base(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server-log") / "serve.log"
+    args = ["--api-key", KEY, "--max-seq-len", str(SEQ_LEN), "--max-batch", "2"]
+    args += ["--max-waiting", "2", "--max-body-bytes", "65536"]
+    with running_server(model_dir, *args, log=log) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    """The same model in-process: what a request must produce through HTTP."""
+    with fermi.load(model_dir, max_seq_len=SEQ_LEN, max_batch=2) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def client(base):
+    return openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+
+
+def reasoning_of(delta) -> str:
+    """A streamed delta's reasoning_content: an extra field the openai types do not declare."""
+    return (delta.model_extra or {}).get("reasoning_content") or ""
+
+
+def chat(client, **kwargs):
+    return client.chat.completions.create(model="tiny", messages=HI, **kwargs)
+
+
+# -- chat -------------------------------------------------------------------------------
+
+
+def test_chat_completion_equals_the_engine_and_has_openai_shape(client, engine):
+    out = chat(client, max_tokens=12, seed=7, extra_body={"thinking": "off"})
+    ref = engine.generate(messages=HI, max_tokens=12, seed=7, thinking="off")
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    assert out.model == "tiny"
+    choice = out.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == ref.text
+    assert choice.finish_reason == "length"
+    assert out.usage.prompt_tokens == ref.usage.prompt_tokens
+    assert out.usage.completion_tokens == 12
+    assert out.usage.total_tokens == ref.usage.prompt_tokens + 12
+
+
+def test_streamed_chat_frames_like_openai_and_equals_the_whole_response(client):
+    whole = chat(client, max_tokens=10, seed=3, extra_body={"thinking": "off"})
+    chunks = list(
+        chat(
+            client,
+            max_tokens=10,
+            seed=3,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"thinking": "off"},
+        )
+    )
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *body, last_choice, usage = chunks
+    assert last_choice.choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in body)
+    assert all(c.usage is None for c in chunks[:-1])
+    assert usage.choices == [] and usage.usage.completion_tokens == 10
+    assert usage.usage.prompt_tokens == whole.usage.prompt_tokens
+    text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    assert text == whole.choices[0].message.content
+
+
+def test_raw_sse_stream_ends_with_done_and_has_no_usage_chunk_unless_asked(base):
+    body = {"messages": HI, "max_tokens": 4, "seed": 1, "stream": True}
+    status, headers, raw = http(base + "/v1/chat/completions", body, AUTH)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = raw.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-2])
+    assert all(p["choices"] for p in payloads)  # no usage chunk without include_usage
+
+
+def test_async_client_streams_the_same_text(base):
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+        args = dict(model="tiny", messages=HI, max_tokens=8, seed=11)
+        whole = await aclient.chat.completions.create(**args)
+        parts = []
+        async for chunk in await aclient.chat.completions.create(stream=True, **args):
+            if chunk.choices:
+                d = chunk.choices[0].delta
+                parts.append(reasoning_of(d) + (d.content or ""))
+        await aclient.close()
+        msg = whole.choices[0].message
+        return (msg.reasoning_content or "") + (msg.content or ""), "".join(parts)
+
+    whole, streamed = asyncio.run(run())
+    assert whole == streamed and whole
+
+
+# -- thinking ---------------------------------------------------------------------------
+
+
+def test_thinking_on_puts_output_in_reasoning_fields(client, engine):
+    out = chat(client, max_tokens=12, seed=5, extra_body={"thinking": "on"})
+    ref = engine.generate(messages=HI, max_tokens=12, seed=5, thinking="on")
+    msg = out.choices[0].message
+    assert ref.reasoning  # this template opens <think>, so the output starts as reasoning
+    assert msg.reasoning_content == ref.reasoning
+    assert msg.model_extra["reasoning"] == ref.reasoning
+    assert msg.content == ref.text
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        {"thinking": "off"},
+        {"chat_template_kwargs": {"enable_thinking": False}},
+        {"reasoning_effort": "none"},
+    ],
+)
+def test_every_thinking_off_switch_generates_no_reasoning(client, engine, switch):
+    out = chat(client, max_tokens=12, seed=5, extra_body=switch)
+    ref = engine.generate(messages=HI, max_tokens=12, seed=5, thinking="off")
+    msg = out.choices[0].message
+    assert msg.reasoning_content is None
+    assert msg.content == ref.text and ref.reasoning == ""
+
+
+def test_streamed_reasoning_arrives_as_reasoning_content_deltas(client, engine):
+    stream = chat(client, max_tokens=12, seed=5, stream=True)
+    ref = engine.generate(messages=HI, max_tokens=12, seed=5)
+    reasoning, content = "", ""
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        reasoning += reasoning_of(delta)
+        content += delta.content or ""
+    assert reasoning == ref.reasoning and content == ref.text
+
+
+# -- sampling fields --------------------------------------------------------------------
+
+
+def test_stop_string_ends_the_answer_and_is_not_returned(client):
+    off = {"thinking": "off"}
+    free = chat(client, max_tokens=24, seed=9, extra_body=off).choices[0].message.content
+    stop = free[6:9]
+    cut = free.index(stop)
+    out = chat(client, max_tokens=24, seed=9, stop=[stop, "never-there"], extra_body=off)
+    assert out.choices[0].message.content == free[:cut]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_use_consecutive_seeds_and_reproduce(client):
+    off = {"thinking": "off"}
+    both = chat(client, max_tokens=8, seed=20, n=2, extra_body=off)
+    first = chat(client, max_tokens=8, seed=20, extra_body=off).choices[0].message.content
+    second = chat(client, max_tokens=8, seed=21, extra_body=off).choices[0].message.content
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.message.content for c in both.choices] == [first, second]
+    assert first != second
+    assert both.usage.completion_tokens == 16
+
+
+def test_streamed_n_choices_carry_their_index(client):
+    chunks = list(chat(client, max_tokens=6, seed=20, n=2, stream=True))
+    roles = [c.choices[0].index for c in chunks if c.choices[0].delta.role]
+    finished = sorted(c.choices[0].index for c in chunks if c.choices[0].finish_reason)
+    assert sorted(roles) == [0, 1] and finished == [0, 1]
+
+
+def test_chat_logprobs_have_openai_shape_and_the_engines_values(client, engine):
+    out = chat(client, max_tokens=6, seed=2, logprobs=True, top_logprobs=3)
+    ref = engine.generate(messages=HI, max_tokens=6, seed=2, logprobs=3)
+    items = out.choices[0].logprobs.content
+    assert [i.token for i in items] == [t.token for t in ref.logprobs]
+    assert [i.logprob for i in items] == pytest.approx([t.logprob for t in ref.logprobs])
+    for item in items:
+        assert len(item.top_logprobs) == 3
+        assert item.bytes == list(item.token.encode())
+        tops = [t.logprob for t in item.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+
+
+def test_completions_equal_the_engine_streamed_or_not(client, engine):
+    ref = engine.generate(prompt="The capital of France", max_tokens=10, seed=4)
+    out = client.completions.create(
+        model="tiny", prompt="The capital of France", max_tokens=10, seed=4, logprobs=2
+    )
+    assert out.object == "text_completion" and out.choices[0].text == ref.text
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 10
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0
+    stream = client.completions.create(
+        model="tiny",
+        prompt="The capital of France",
+        max_tokens=10,
+        seed=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_completions_take_token_id_prompts_and_lists_of_prompts(client):
+    out = client.completions.create(model="tiny", prompt=[[1, 2, 3], [4, 5]], max_tokens=3, n=2)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens == 12
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+def error_of(status_body):
+    status, _, body = status_body
+    return status, json.loads(body)["error"]
+
+
+def test_missing_or_wrong_api_key_is_401(base, client):
+    url = base + "/v1/chat/completions"
+    status, err = error_of(http(url, {"messages": HI}))
+    assert status == 401 and err["code"] == "invalid_api_key"
+    status, _ = error_of(http(url, {"messages": HI}, {"Authorization": "Bearer nope"}))
+    assert status == 401
+    bad = openai.OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_malformed_json_and_wrong_types_are_400_naming_the_field(base):
+    url = base + "/v1/chat/completions"
+    status, err = error_of(http(url, b"{not json", AUTH))
+    assert status == 400 and err["type"] == "invalid_request_error"
+    status, err = error_of(http(url, {"messages": HI, "max_tokens": "many"}, AUTH))
+    assert status == 400 and err["param"] == "max_tokens"
+    status, err = error_of(http(url, {"model": "tiny"}, AUTH))
+    assert status == 400 and err["param"] == "messages"
+    status, err = error_of(http(url, {"messages": [{"role": "user", "content": 5}]}, AUTH))
+    assert status == 400 and err["param"] == "messages[0].content"
+    status, err = error_of(http(url, {"messages": HI, "temperature": -1}, AUTH))
+    assert status == 400 and err["param"] == "temperature"
+    status, err = error_of(http(url, {"messages": HI, "top_logprobs": 2}, AUTH))
+    assert status == 400 and err["param"] == "top_logprobs"
+
+
+def test_unknown_fields_are_ignored(client):
+    out = chat(client, max_tokens=2, extra_body={"some_future_field": {"x": 1}, "user": "u1"})
+    assert out.usage.completion_tokens == 2
+
+
+def test_unknown_model_and_unknown_path_are_404(base, client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-9", messages=HI, max_tokens=2)
+    assert info.value.body["code"] == "model_not_found"
+    status, err = error_of(http(base + "/v1/nothing", headers=AUTH))
+    assert status == 404 and set(err) == {"message", "type", "param", "code"}
+
+
+def test_body_over_the_limit_is_413(base):
+    body = {"messages": [{"role": "user", "content": "x" * 70_000}]}
+    status, err = error_of(http(base + "/v1/chat/completions", body, AUTH))
+    assert status == 413 and "65536" in err["message"]
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, max_completion_tokens=SEQ_LEN)
+    assert info.value.body["code"] == "context_length_exceeded"
+    assert info.value.body["param"] == "max_completion_tokens"
+    long_prompt = [{"role": "user", "content": "The quick brown fox. " * 400}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=long_prompt, max_tokens=1)
+    assert info.value.body["code"] == "context_length_exceeded"
+
+
+def test_full_queue_is_429_with_retry_after_and_the_server_keeps_serving(base, client):
+    # Two slots plus two waiting places: the fifth of sixteen choices does not fit.
+    body = {"messages": HI, "max_tokens": 2, "n": 16}
+    status, headers, raw = http(base + "/v1/chat/completions", body, AUTH)
+    assert status == 429 and headers["retry-after"] == "1"
+    assert json.loads(raw)["error"]["code"] == "engine_overloaded"
+    # The refused request's accepted choices were cancelled; their places free within a step.
+    time.sleep(0.5)
+    assert chat(client, max_tokens=2).usage.completion_tokens == 2
+
+
+# -- lifecycle --------------------------------------------------------------------------
+
+
+def test_client_disconnect_cancels_generation_and_frees_the_slot(base):
+    text = http(base + "/metrics")[2].decode()
+    before = metric(text, "fermi:requests_aborted_total")
+    body = json.dumps(
+        {"messages": HI, "max_tokens": 1000, "ignore_eos": True, "stream": True, "seed": 1}
+    ).encode()
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        seen = b""
+        while b"data: " not in seen:  # wait until the stream has started
+            seen += sock.recv(4096)
+    left = time.monotonic()
+    while True:
+        text = http(base + "/metrics")[2].decode()
+        running = metric(text, "fermi:num_requests_running")
+        load = metric(text, "fermi:replica_load")
+        aborted = metric(text, "fermi:requests_aborted_total")
+        if running == load == 0 and aborted == before + 1:
+            break
+        # Uncancelled, the 1000 tokens would keep the slot busy for seconds.
+        assert time.monotonic() - left < 1, "the dropped stream still holds its slot"
+        time.sleep(0.05)
+
+
+def test_health_models_and_metrics_endpoints(base, client):
+    status, _, raw = http(base + "/health")
+    assert status == 200 and json.loads(raw)["status"] == "ok"
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"] and models.data[0].object == "model"
+    assert client.models.retrieve("tiny").id == "tiny"
+    chat(client, max_tokens=3)
+    text = http(base + "/metrics")[2].decode()
+    for name in (
+        "fermi:num_requests_running",
+        "fermi:num_requests_waiting",
+        "fermi:prompt_tokens_total",
+        "fermi:generation_tokens_total",
+        "fermi:time_to_first_token_seconds_count",
+        "fermi:inter_token_latency_seconds_count",
+        "fermi:e2e_request_latency_seconds_count",
+    ):
+        assert metric(text, name, model_name="tiny") >= 0
+    assert metric(text, "fermi:generation_tokens_total") >= 3
