@@ -66,7 +66,8 @@ def load(
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
-    ``model`` is a Hugging Face id, a checkpoint folder, or ``FERMI_MODEL`` /
+    ``model`` is a Hugging Face id, a checkpoint folder, a ``.gguf`` file, an alias such as
+    ``smollm2-135m`` (``fermi.aliases``), or ``FERMI_MODEL`` /
     Qwen/Qwen3-1.7B when omitted. ``dtype`` defaults to bf16 on CUDA and fp32 on CPU.
     ``max_seq_len`` defaults to the model's context capped at 4096; ``max_batch`` to 8.
     """
@@ -85,8 +86,12 @@ def load(
         art = load_artefact(path, runner, max_batch, max_seq_len, prefill_chunk)
         return Engine(art.runner, art.tokenizer, art.generation, _display_name(name, path))
     dev = torch.device(device) if device is not None else default_device()
-    torch_dtype = parse_dtype(dtype, dev)
-    ckpt = load_folder(path, dev, torch_dtype)
+    if path.suffix == ".gguf":  # a llama.cpp file (the packaged aliases are GGUF too)
+        from fermi.gguf import load_gguf
+
+        ckpt = load_gguf(path, dev, dtype)
+    else:
+        ckpt = load_folder(path, dev, parse_dtype(dtype, dev))
     seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 4096)
     if seq_len < 2:
         raise ValueError("max_seq_len must be at least 2")

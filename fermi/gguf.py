@@ -1,0 +1,295 @@
+"""Load a llama.cpp GGUF file as a :class:`fermi.loading.Checkpoint`.
+
+The metadata becomes a Hugging Face style config (so the same architecture adapter reads
+it as reads ``config.json``), the tensors are dequantized and renamed to our module names,
+and the tokenizer is rebuilt with ``tokenizers`` from ``tokenizer.ggml.*``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from fermi.aliases import alias_for_file
+from fermi.errors import ModelLoadError
+from fermi.gguf_reader import GGUFFile, check_type
+from fermi.loading import Checkpoint, GenerationDefaults, build_model, parse_dtype
+from fermi.models.registry import UnsupportedModelError, adapter_for
+from fermi.text.tokenizer import Tokenizer
+
+# GGUF architecture -> Hugging Face architecture, and whether llama.cpp's converter
+# permuted the q/k rows. It does so only for archs it runs with interleaved ("normal")
+# rope, to turn Hugging Face's rotate-half layout into pairs; Qwen archs use NeoX rope
+# in llama.cpp and are written unchanged.
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "llama": ("LlamaForCausalLM", True),
+    "qwen3": ("Qwen3ForCausalLM", False),
+}
+
+# GGUF tensor name (after "blk.N.") -> ours (after "model.layers.N.").
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# llama.cpp stores Llama 3.x rope scaling as per-frequency divisors in this tensor.
+ROPE_FREQS = "rope_freqs.weight"
+
+# Token types in tokenizer.ggml.token_type (llama.cpp's llama_token_type).
+CONTROL, USER_DEFINED = 3, 4
+
+# Pre-tokenizer split patterns by tokenizer.ggml.pre, as llama.cpp applies them.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "falcon3", "smaug-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
+}
+# These split every digit off before the GPT-2 pattern (StarCoder-style vocabularies).
+_DIGIT_SPLIT = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva")
+# Llama 3 vocabularies take a whole pre-token from the vocab before applying merges.
+_IGNORE_MERGES = ("llama-bpe", "llama3", "llama-v3", "falcon3", "smaug-bpe")
+
+
+def load_gguf(
+    path: Path, device: torch.device, dtype: str | torch.dtype | None = None
+) -> Checkpoint:
+    """Load ``path`` (a .gguf file) with its weights in ``dtype`` on ``device``.
+
+    For a file an alias names (``fermi.aliases``), that alias supplies the sampling
+    defaults and the CPU dtype used when ``dtype`` is None or "auto".
+    """
+    path = Path(path)
+    alias = alias_for_file(path)
+    if dtype in (None, "auto") and alias is not None and device.type == "cpu":
+        dtype = alias.cpu_dtype
+    torch_dtype = parse_dtype(dtype, device)
+    gguf = GGUFFile(path)
+    meta = gguf.metadata
+    for info in gguf.tensors.values():
+        check_type(info, gguf.path)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {arch!r} is not supported "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    hf_config = hf_config_from_gguf(gguf, arch)
+    try:
+        adapter = adapter_for(hf_config, str(path))
+        config = adapter.to_config(hf_config)
+    except (UnsupportedModelError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype)
+    model = build_model(config, adapter, weights, device, torch_dtype, source=str(path))
+    tokenizer = tokenizer_from_gguf(meta, str(path))
+    eos = [
+        int(meta[key])
+        for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+        if key in meta
+    ]
+    sampling = alias.sampling if alias is not None else {}
+    generation = GenerationDefaults(eos_token_ids=tuple(dict.fromkeys(eos)), **sampling)
+    return Checkpoint(path, model, config, hf_config, tokenizer, generation, extra={"gguf": arch})
+
+
+def hf_config_from_gguf(gguf: GGUFFile, arch: str) -> dict[str, Any]:
+    """The hyper-parameters of ``{arch}.*`` metadata, spelled as in ``config.json``."""
+    meta, tensors = gguf.metadata, gguf.tensors
+
+    def need(key: str) -> Any:
+        full = f"{arch}.{key}"
+        if full not in meta:
+            raise ModelLoadError(f"{gguf.path}: GGUF metadata has no {full!r}")
+        return meta[full]
+
+    if "token_embd.weight" not in tensors:
+        raise ModelLoadError(f"{gguf.path}: tensor 'token_embd.weight' is missing")
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
+    cfg: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[arch][0]],
+        "vocab_size": tensors["token_embd.weight"].shape[0],
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv") or heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _decimal(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _decimal(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(need("context_length")),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "mlp_bias": "blk.0.ffn_gate.bias" in tensors,
+        "hidden_act": "silu",
+    }
+    rotary = meta.get(f"{arch}.rope.dimension_count")
+    if rotary and int(rotary) != head_dim:
+        cfg["partial_rotary_factor"] = int(rotary) / head_dim
+    scaling = rope_scaling(gguf, arch, cfg["max_position_embeddings"])
+    if scaling:
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _decimal(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-06, not
+    9.99999997e-07): the shortest repr that rounds to the same float32."""
+    return float(str(np.float32(value)))
+
+
+def rope_scaling(gguf: GGUFFile, arch: str, context: int) -> dict[str, Any] | None:
+    meta = gguf.metadata
+    if ROPE_FREQS in gguf.tensors:
+        # Per-frequency divisors of the inverse frequencies: exactly what longrope's factor
+        # list does, with no attention scaling (Llama 3 rope baked in by llama.cpp).
+        factors = gguf.tensor(ROPE_FREQS, torch.float32).tolist()
+        return {
+            "rope_type": "longrope",
+            "short_factor": factors,
+            "long_factor": factors,
+            "factor": 1.0,
+            "attention_factor": 1.0,
+            "original_max_position_embeddings": context,
+        }
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        orig = meta.get(f"{arch}.rope.scaling.original_context_length", context)
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig}
+    raise ModelLoadError(f"{gguf.path}: rope scaling type {kind!r} is not supported")
+
+
+def our_name(gguf_name: str) -> str | None:
+    """Our parameter name for a GGUF tensor name (None for tensors we do not load)."""
+    stem, _, kind = gguf_name.rpartition(".")
+    if stem.startswith("blk."):
+        _, layer, part = stem.split(".", 2)
+        mapped = _LAYER_NAMES.get(part)
+        return f"model.layers.{layer}.{mapped}.{kind}" if mapped else None
+    mapped = _TOP_NAMES.get(stem)
+    return f"{mapped}.{kind}" if mapped else None
+
+
+def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation: within each head it stored the rotate-half pairs
+    (i, i + d/2) as adjacent rows (2i, 2i + 1)."""
+    dim = weight.shape[0] // heads
+    rest = weight.shape[1:]
+    return weight.reshape(heads, dim // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)
+
+
+def read_weights(
+    gguf: GGUFFile, arch: str, heads: int, kv_heads: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    permuted = ARCHITECTURES[arch][1]
+    weights: dict[str, torch.Tensor] = {}
+    for name in gguf.tensors:
+        ours = our_name(name)
+        if ours is None:
+            if name == ROPE_FREQS:
+                continue
+            raise ModelLoadError(f"{gguf.path}: unexpected tensor {name!r} for GGUF arch {arch}")
+        tensor = gguf.tensor(name, dtype)
+        if permuted and ".attn_q." in name:
+            tensor = unpermute_rows(tensor, heads)
+        elif permuted and ".attn_k." in name:
+            tensor = unpermute_rows(tensor, kv_heads)
+        weights[ours] = tensor
+    return weights
+
+
+def tokenizer_from_gguf(meta: dict[str, Any], source: str) -> Tokenizer:
+    """Rebuild a byte-level BPE tokenizer from ``tokenizer.ggml.*`` metadata."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ModelLoadError(
+            f"{source}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')"
+        )
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+    merges: list[str] = meta.get("tokenizer.ggml.merges") or []
+    if not tokens:
+        raise ModelLoadError(f"{source}: GGUF metadata has no tokenizer.ggml.tokens")
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        vocab.setdefault(token, index)  # first spelling wins, as in llama.cpp
+    pre = meta.get("tokenizer.ggml.pre")
+    bpe = models.BPE(
+        vocab=vocab,
+        merges=[tuple(m.split(" ", 1)) for m in merges],
+        ignore_merges=pre in _IGNORE_MERGES,
+    )
+    tok = HFTokenizer(bpe)
+    tok.pre_tokenizer = _pre_tokenizer(pre)
+    tok.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type")
+    if types is not None:
+        special = [
+            AddedToken(tokens[i], special=True, normalized=False)
+            for i, t in enumerate(types)
+            if t == CONTROL
+        ]
+        plain = [
+            AddedToken(tokens[i], special=False, normalized=False)
+            for i, t in enumerate(types)
+            if t == USER_DEFINED
+        ]
+        tok.add_special_tokens(special)
+        tok.add_tokens(plain)
+
+    def token_at(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
+    return Tokenizer(
+        tok,
+        chat_template=meta.get("tokenizer.chat_template"),
+        bos_token=token_at("bos_token_id"),
+        eos_token=token_at("eos_token_id"),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+    )
+
+
+def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGIT_SPLIT:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    # "gpt2", "default" and vocabularies we do not know: GPT-2's own pattern.
+    return byte_level

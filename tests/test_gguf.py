@@ -1,0 +1,245 @@
+"""GGUF loading: tiny Llama / Qwen3 checkpoints written as llama.cpp would, loaded back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import quants as gguf_quants
+
+from fermi.errors import ModelLoadError
+from fermi.gguf import load_gguf
+from fermi.gguf_reader import GGUFFile
+from fermi.loading import load_folder
+from fermi.text.tokenizer import Tokenizer
+from tests.gguf_files import dequantized, gguf_name, write_gguf
+from tests.tiny import write_checkpoint
+
+CPU = torch.device("cpu")
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+Q = GGMLQuantizationType
+
+TEXTS = [
+    "Hello, world! The capital of France is Paris.",
+    "Grüße aus München — ¿Dónde está la biblioteca? Привет, мир! 你好，世界！こんにちは",
+    "Emoji: 😀 🎉 👍🏽 🚀 ❤️ 🐍 and numbers 3.14159 2024",
+    "<|im_start|>user\nhi<|im_end|>\n<think>\nhmm</think>  \n\n\tdef f(x):\n    return x",
+]
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("llama") / "hf", LLAMA, seed=3)
+
+
+@pytest.fixture(scope="module")
+def qwen3_folder(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("qwen3") / "hf", {}, seed=4)
+
+
+def logits(model, tokens: torch.Tensor, steps: int = 6) -> torch.Tensor:
+    """Prefill logits for every position, then greedy cached decode: all stacked [T+steps, V]."""
+    model.setup_cache(max_batch=1, max_seq_len=128)
+    n = tokens.shape[1]
+    with torch.inference_mode():
+        out = [model(tokens, torch.arange(n)[None], torch.tensor([0]), n, last_only=False)[0]]
+        for i in range(steps):
+            tok = out[-1][-1:].argmax(-1, keepdim=True)
+            pos = torch.tensor([[n + i]])
+            out.append(model(tok, pos, torch.tensor([0]), n + i + 1, last_only=False)[0])
+    return torch.cat(out)
+
+
+def prompt(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, 23), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 1}),
+        ("qwen3", {}),
+        ("qwen3", {"tie_word_embeddings": False}),
+    ],
+)
+def test_gguf_f32_round_trip_gives_the_safetensors_weights_and_logits(tmp_path, arch, overrides):
+    base = LLAMA if arch == "llama" else {}
+    folder = write_checkpoint(tmp_path / "hf", {**base, **overrides}, seed=7)
+    path = write_gguf(folder, tmp_path / "m.gguf", arch)
+    original = load_folder(folder, CPU, torch.float32)
+    loaded = load_gguf(path, CPU, torch.float32)
+    assert loaded.config == original.config
+    theirs, ours = original.model.state_dict(), loaded.model.state_dict()
+    assert theirs.keys() == ours.keys()
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name  # exact: names mapped, q/k un-permuted
+    tokens = prompt(original.config.vocab_size)
+    diff = (logits(loaded.model, tokens) - logits(original.model, tokens)).abs().max()
+    assert diff.item() < 1e-5
+
+
+def test_gguf_llama3_rope_stored_as_rope_freqs_matches_the_original(tmp_path):
+    rope = {
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    }
+    folder = write_checkpoint(tmp_path / "hf", {**LLAMA, **rope}, seed=8)
+    path = write_gguf(folder, tmp_path / "m.gguf", "llama")
+    original = load_folder(folder, CPU, torch.float32)
+    loaded = load_gguf(path, CPU, torch.float32)
+    tokens = torch.randint(0, 400, (1, 100), generator=torch.Generator().manual_seed(1))
+    diff = (logits(loaded.model, tokens) - logits(original.model, tokens)).abs().max()
+    assert diff.item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("qtype", "tolerance"), [(Q.F16, 0.005), (Q.Q8_0, 0.05), (Q.Q4_1, 0.6), (Q.Q4_0, 0.6)]
+)
+def test_gguf_quantized_weights_dequantize_exactly_and_logits_stay_close(
+    tmp_path, llama_folder, qtype, tolerance
+):
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=qtype)
+    original = load_folder(llama_folder, CPU, torch.float32)
+    loaded = load_gguf(path, CPU, torch.float32)
+    ours, theirs = loaded.model.state_dict(), original.model.state_dict()
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        assert torch.equal(ours[name], dequantized(theirs[name], qtype)), name
+    tokens = prompt(original.config.vocab_size)
+    ref = logits(original.model, tokens, steps=0)
+    got = logits(loaded.model, tokens, steps=0)
+    relative = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < relative < tolerance
+
+
+def test_gguf_loads_into_the_requested_dtype(tmp_path, llama_folder):
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=Q.Q8_0)
+    loaded = load_gguf(path, CPU, "bf16")
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+
+
+def random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int) -> np.ndarray:
+    """Random quantized bytes with every float16 scale field set to a finite value."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(qtype))
+    data = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    halves = {
+        Q.Q4_0: (0,),
+        Q.Q4_1: (0, 2),
+        Q.Q8_0: (0,),
+        Q.Q2_K: (80, 82),
+        Q.Q3_K: (108,),
+        Q.Q4_K: (0, 2),
+        Q.Q5_K: (0, 2),
+        Q.Q6_K: (208,),
+    }[qtype]
+    for at in halves:
+        scale = rng.uniform(-0.1, 0.1, data.shape[0]).astype(np.float16)
+        data[:, at : at + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return data.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_gguf_block_dequantization_agrees_with_transformers_implementation(tmp_path, qtype):
+    from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
+
+    raw = random_blocks(qtype, 4, 512)
+    writer = GGUFWriter(tmp_path / "q.gguf", "llama")
+    writer.add_tensor("w", raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = GGUFFile(tmp_path / "q.gguf").tensor("w", torch.float32)
+    size = GGML_QUANT_SIZES[qtype][1]
+    theirs = hf_dequantize(torch.from_numpy(raw.reshape(-1, size)), int(qtype)).reshape(4, 512)
+    assert ours.shape == (4, 512)
+    assert torch.allclose(ours, theirs.float(), rtol=0, atol=1e-6)
+    assert ours.abs().max() > 0
+
+
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q5_1])
+def test_gguf_q5_round_trip_through_the_gguf_quantizer(tmp_path, qtype):
+    x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    writer = GGUFWriter(tmp_path / "q.gguf", "llama")
+    writer.add_tensor("w", gguf_quants.quantize(x, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = GGUFFile(tmp_path / "q.gguf").tensor("w", torch.float32).numpy()
+    assert np.abs(ours - x).max() < 0.15 * np.abs(x).max() / 2
+
+
+def test_gguf_tokenizer_encodes_and_decodes_like_the_original(tmp_path, qwen3_folder):
+    path = write_gguf(qwen3_folder, tmp_path / "m.gguf", "qwen3")
+    original = Tokenizer.from_folder(qwen3_folder)
+    loaded = load_gguf(path, CPU, torch.float32).tokenizer
+    assert loaded.vocab_size == original.vocab_size
+    assert loaded.special_ids == original.special_ids
+    assert loaded.eos_token_id == original.eos_token_id
+    for text in TEXTS:
+        ids = original.encode(text)
+        assert loaded.encode(text) == ids, text
+        assert loaded.decode(ids) == text
+        assert loaded.decode(ids, skip_special_tokens=True) == original.decode(ids, True)
+
+
+def test_gguf_chat_template_and_eos_come_from_the_metadata(tmp_path, qwen3_folder):
+    path = write_gguf(qwen3_folder, tmp_path / "m.gguf", "qwen3")
+    original = Tokenizer.from_folder(qwen3_folder)
+    ckpt = load_gguf(path, CPU, torch.float32)
+    messages = [{"role": "user", "content": "Bonjour ¿qué tal? 😀"}]
+    assert ckpt.tokenizer.render_prompt_ids(messages) == original.render_prompt_ids(messages)
+    assert ckpt.generation.eos_token_ids == (original.token_to_id("<|im_end|>"),)
+
+
+def test_gguf_unsupported_quantization_type_is_named(tmp_path, llama_folder):
+    raw = np.zeros((1, GGML_QUANT_SIZES[Q.IQ2_XXS][1]), dtype=np.uint8)
+    path = write_gguf(
+        llama_folder, tmp_path / "m.gguf", "llama", extra_tensors={"odd.weight": (raw, Q.IQ2_XXS)}
+    )
+    with pytest.raises(ModelLoadError, match=r"'odd\.weight' is stored as IQ2_XXS"):
+        load_gguf(path, CPU, torch.float32)
+
+
+def test_gguf_unsupported_architecture_is_named(tmp_path, llama_folder):
+    writer = GGUFWriter(tmp_path / "m.gguf", "mamba")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="GGUF architecture 'mamba' is not supported"):
+        load_gguf(tmp_path / "m.gguf", CPU, torch.float32)
+
+
+def test_gguf_tensor_with_an_unknown_name_is_named(tmp_path, llama_folder):
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama")
+    data = path.read_bytes()
+    # Rename one tensor in the header to a name no architecture uses.
+    name = gguf_name("model.layers.1.mlp.up_proj.weight").encode()
+    path.write_bytes(data.replace(name, name.replace(b"ffn_up", b"ffn_xx"), 1))
+    with pytest.raises(ModelLoadError, match="ffn_xx"):
+        load_gguf(path, CPU, torch.float32)
+
+
+def test_not_a_gguf_file_and_truncated_files_are_clear_errors(tmp_path, llama_folder):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        load_gguf(bad, CPU, torch.float32)
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:2000])  # inside the tokenizer metadata
+    with pytest.raises(ModelLoadError, match="GGUF header is truncated"):
+        load_gguf(cut, CPU, torch.float32)
+    cut.write_bytes(path.read_bytes()[:-100])  # inside the last tensor
+    with pytest.raises(ModelLoadError, match="runs past the end of the file"):
+        load_gguf(cut, CPU, torch.float32)
