@@ -347,3 +347,13 @@ def test_reflection_lists_the_services_and_describes_fermi(channel):
     assert proto.name == "fermi/v1/fermi.proto"
     (service,) = proto.service
     assert [m.name for m in service.method] == ["Generate", "Chat", "CloseSession", "ListModels"]
+
+
+def test_session_settings_come_from_the_environment_unless_given(monkeypatch):
+    monkeypatch.setenv("FERMI_SESSION_TTL_MS", "250")
+    monkeypatch.setenv("FERMI_SESSION_MAX", "7")
+    assert SessionConfig.from_env() == SessionConfig(ttl_ms=250, max_sessions=7)
+    assert SessionConfig.from_env(ttl_ms=0, max_sessions=3) == SessionConfig(0, 3)
+    monkeypatch.setenv("FERMI_SESSION_MAX", "many")
+    with pytest.raises(ValueError, match="FERMI_SESSION_MAX must be an integer, not 'many'"):
+        SessionConfig.from_env()
