@@ -1,0 +1,227 @@
+"""Server pieces without a server process: delta -> chunk mapping, thinking switches,
+replica placement and routing, and the ASGI app driven in-process (a failing engine step
+becomes an SSE error event; an unexpected exception becomes a 500 without a traceback)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import msgspec
+import pytest
+
+from fermi.engine.types import Delta, TokenLogprob, Usage
+from fermi.server.app import AsgiApp
+from fermi.server.build import resolve_thinking
+from fermi.server.chunks import ChatChunker, TextChunker
+from fermi.server.config import ServerConfig
+from fermi.server.handlers import Api
+from fermi.server.pool import PoolConfigError, load_pool, parse_devices, plan_devices
+from fermi.server.protocol import ENCODER, ChatCompletionRequest
+from tests.serving import thinking_checkpoint
+
+
+def as_json(obj) -> dict:
+    return json.loads(ENCODER.encode(obj))
+
+
+def lp(token: str, value: float) -> TokenLogprob:
+    return TokenLogprob(1, token, value, ((1, token, value), (2, "x", value - 1)))
+
+
+# -- delta -> chunk -----------------------------------------------------------------------
+
+
+def test_first_chunks_announce_the_role_once_per_choice():
+    chunks = [as_json(c) for c in ChatChunker("id1", 5, "m", 2, False).first()]
+    assert [c["choices"] for c in chunks] == [
+        [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+          "finish_reason": None}]
+        for i in (0, 1)
+    ]  # fmt: skip
+    assert {c["id"] for c in chunks} == {"id1"} and chunks[0]["usage"] is None
+
+
+def test_reasoning_delta_fills_both_reasoning_fields_and_no_content():
+    chunk = ChatChunker("id", 5, "m", 1, False).delta(0, Delta(reasoning="hmm", token_ids=[1]))
+    assert as_json(chunk)["choices"][0]["delta"] == {
+        "reasoning_content": "hmm",
+        "reasoning": "hmm",
+    }
+
+
+def test_held_back_tokens_send_nothing_and_their_logprobs_ride_with_the_next_chunk():
+    chunker = ChatChunker("id", 5, "m", 1, True)
+    assert chunker.delta(0, Delta(token_ids=[1], logprobs=[lp("<", -0.5)])) is None
+    chunk = as_json(chunker.delta(0, Delta(text="<b", token_ids=[2], logprobs=[lp("b", -1.0)])))
+    content = chunk["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == ["<", "b"]
+    assert content[0]["top_logprobs"][1] == {"token": "x", "logprob": -1.5, "bytes": [120]}
+
+
+def test_last_delta_carries_finish_reason_and_cancelled_reads_as_stop():
+    chunker = ChatChunker("id", 5, "m", 1, False)
+    end = Delta(text="!", finish_reason="length", usage=Usage(3, 4))
+    assert as_json(chunker.delta(0, end))["choices"][0]["finish_reason"] == "length"
+    cut = as_json(chunker.delta(0, Delta(finish_reason="cancelled")))
+    assert cut["choices"][0] == {
+        "index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"
+    }  # fmt: skip
+
+
+def test_minus_infinity_logprob_is_floored_to_a_json_number():
+    chunker = ChatChunker("id", 5, "m", 1, True)
+    chunk = chunker.delta(0, Delta(text="a", logprobs=[lp("a", float("-inf"))]))
+    assert as_json(chunk)["choices"][0]["logprobs"]["content"][0]["logprob"] == -9999.0
+
+
+def test_text_chunks_keep_text_offsets_across_chunks():
+    chunker = TextChunker("id", 5, "m", 1, 1)
+    first = as_json(chunker.delta(0, Delta(text="ab", logprobs=[lp("ab", -1.0)])))
+    second = as_json(chunker.delta(0, Delta(text="c", logprobs=[lp("c", -2.0)])))
+    assert first["choices"][0]["logprobs"]["text_offset"] == [0]
+    assert second["choices"][0]["logprobs"]["text_offset"] == [2]
+    assert second["choices"][0]["logprobs"]["top_logprobs"] == [{"c": -2.0, "x": -3.0}]
+
+
+# -- thinking switches --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "mode"),
+    [
+        ({}, "auto"),
+        ({"thinking": "on"}, "on"),
+        ({"chat_template_kwargs": {"enable_thinking": False}}, "off"),
+        ({"chat_template_kwargs": {"enable_thinking": True}}, "on"),
+        ({"reasoning_effort": "none"}, "off"),
+        ({"reasoning_effort": "high"}, "auto"),
+        ({"think": False}, "off"),
+        # The product's own switch wins over the conventions.
+        ({"thinking": "on", "reasoning_effort": "none"}, "on"),
+    ],
+)
+def test_thinking_switches_resolve_to_one_mode(fields, mode):
+    body = msgspec.json.decode(json.dumps({"messages": [], **fields}), type=ChatCompletionRequest)
+    assert resolve_thinking(body) == mode
+
+
+# -- placement ----------------------------------------------------------------------------
+
+
+def test_devices_are_parsed_and_placed_one_replica_each():
+    assert parse_devices("0, 1") == ["cuda:0", "cuda:1"]
+    assert plan_devices(None, ["cuda:0", "cuda:1"], None, gpu_count=2) == ["cuda:0", "cuda:1"]
+    assert plan_devices(2, [], None, gpu_count=2) == ["cuda:0", "cuda:1"]
+    assert plan_devices(3, [], "cpu", gpu_count=2) == ["cpu", "cpu", "cpu"]
+    assert plan_devices(2, [], None, gpu_count=0) == [None, None]  # CPU host: shared
+    assert plan_devices(2, ["cuda:0", "cuda:0"], None, gpu_count=1) == ["cuda:0", "cuda:0"]
+
+
+@pytest.mark.parametrize(
+    ("pool", "devices", "device", "gpus", "message"),
+    [
+        (3, [], None, 2, "--pool 3 needs 3 GPUs"),
+        (2, [], "cuda:1", 2, "name one device per replica"),
+        (None, ["cuda:2"], None, 2, "device cuda:2 does not exist"),
+        (None, ["tpu"], None, 2, "is not cpu or cuda:N"),
+        (0, [], None, 0, "at least 1"),
+    ],
+)
+def test_impossible_placements_are_errors_that_say_why(pool, devices, device, gpus, message):
+    with pytest.raises(PoolConfigError, match=message):
+        plan_devices(pool, devices, device, gpu_count=gpus)
+
+
+# -- in-process app -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    folder = thinking_checkpoint(tmp_path_factory.mktemp("units") / "tiny", max_positions=256)
+    pool = load_pool(str(folder), [None, None], max_seq_len=256, max_batch=4)
+    api = Api(pool, ServerConfig(model=str(folder)))
+    yield api
+    api.close()
+
+
+def test_least_loaded_replica_is_picked_and_ties_rotate(api):
+    pool = api.pool
+    first, second = pool.pick(), pool.pick()
+    assert {first.index, second.index} == {0, 1}  # idle replicas take turns
+    busy = pool.replicas[0].engine
+    long = busy.build_request(prompt="hello", max_tokens=200, ignore_eos=True)
+    handle = busy.submit(long, lambda d: None)
+    try:
+        assert [pool.pick().index for _ in range(4)] == [1, 1, 1, 1]
+    finally:
+        handle.cancel()
+
+
+async def call_asgi(app: AsgiApp, path: str, body: dict) -> tuple[int, bytes]:
+    raw = json.dumps(body).encode()
+    sent = []
+    incoming = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.sleep(3600)  # the client stays connected
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+    await app(scope, receive, send)
+    status = sent[0]["status"]
+    return status, b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_failing_engine_step_ends_the_stream_with_an_error_event(api):
+    runners = [r.engine.runner for r in api.pool.replicas]
+    originals = [r.decode for r in runners]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated device fault")
+
+    for runner in runners:
+        runner.decode = broken
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    try:
+        status, raw = asyncio.run(call_asgi(AsgiApp(api), "/v1/chat/completions", body))
+    finally:
+        for runner, decode in zip(runners, originals, strict=True):
+            runner.decode = decode
+    events = raw.decode().strip().split("\n\n")
+    assert status == 200 and events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "simulated device fault" in error["message"]
+    assert "Traceback" not in raw.decode()
+    # The same engines keep serving.
+    body["stream"] = False
+    status, raw = asyncio.run(call_asgi(AsgiApp(api), "/v1/chat/completions", body))
+    assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 5
+
+
+def test_unexpected_exception_is_a_500_without_traceback(api, monkeypatch):
+    def explode(**kwargs):
+        raise KeyError("internal detail")
+
+    monkeypatch.setattr(api.pool.replicas[0].engine, "build_request", explode)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    status, raw = asyncio.run(call_asgi(AsgiApp(api), "/v1/chat/completions", body))
+    assert status == 500
+    error = json.loads(raw)["error"]
+    assert error["type"] == "server_error" and "internal detail" not in error["message"]
+
+
+def test_health_probe_generates_a_token_on_each_idle_replica(api):
+    ok, lines = asyncio.run(api.health.check())
+    assert ok and lines == ["replica 0 (cpu): ok", "replica 1 (cpu): ok"]
+    steps = [r.engine.scheduler.stats.steps for r in api.pool.replicas]
+    assert all(s > 0 for s in steps)
+    started = time.monotonic()
+    assert asyncio.run(api.health.check())[0]  # cached: no new generation
+    assert [r.engine.scheduler.stats.steps for r in api.pool.replicas] == steps
+    assert time.monotonic() - started < 0.5
