@@ -77,7 +77,9 @@ def convert(
 
 
 def quantize(model, quantize: str):
-    """Weight-only quantisation: int4 per block of 32, or int8 per output channel."""
+    """Weight-only quantisation of every large weight (linear layers and the embedding,
+    which tied checkpoints share with the output layer) except the rope tables: int4 per
+    block of 32, or int8 per output channel."""
     import coremltools.optimize.coreml as cto
 
     if quantize == "int4":
@@ -89,9 +91,20 @@ def quantize(model, quantize: str):
         op = cto.OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int8", granularity="per_channel"
         )
+    # cos/sin tables are exact values gathered by position; 4 bits would blur every angle.
+    keep = {name: None for name in _const_names(model.get_spec()) if "rope_" in name}
+    config = cto.OptimizationConfig(global_config=op, op_name_configs=keep)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=op))
+        return cto.linear_quantize_weights(model, config)
+
+
+def _const_names(spec) -> list[str]:
+    names = []
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            names += [op.outputs[0].name for op in block.operations if op.type == "const"]
+    return names
 
 
 def io_specs(package: Path) -> tuple[list[TensorSpec], list[TensorSpec], list[TensorSpec]]:

@@ -9,6 +9,7 @@ position of this step < P; the runner keeps the cache and stores the new entries
 
 from __future__ import annotations
 
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -44,6 +45,8 @@ def export_onnx(decoder: Decoder, path: Path, max_seq_len: int) -> None:
     )
     b, q, p = torch.export.Dim("batch"), torch.export.Dim("query"), torch.export.Dim("past")
     dynamic = ({0: b, 1: q}, {0: b, 1: q}, {1: b, 3: p}, {1: b, 3: p})
+    # The exporter logs a warning per torchvision op it cannot register; none is used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

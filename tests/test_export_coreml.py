@@ -1,0 +1,176 @@
+"""Core ML export: what Linux can check (trace numerics, package spec, MIL ops), and a
+predict-with-state test that runs on macOS 15+."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+ct = pytest.importorskip("coremltools")
+
+import fermi  # noqa: E402
+from export import coreml  # noqa: E402
+from export.build import ExportOptions, export_model  # noqa: E402
+from export.verify import compare, sample_prompt  # noqa: E402
+from export.wrapper import CoreMLStep  # noqa: E402
+from fermi.loading import load_folder  # noqa: E402
+from fermi.runners.coreml import coreml_unavailable_reason  # noqa: E402
+from fermi.runners.torch_eager import TorchRunner  # noqa: E402
+from tests.arch_templates import GEMMA2  # noqa: E402
+from tests.test_arch_gemma2 import GEMMA2_BASE  # noqa: E402
+from tests.tiny import write_checkpoint, write_checkpoint_for  # noqa: E402
+
+SEQ, CHUNK = 64, 16
+needs_coreml = pytest.mark.skipif(
+    coreml_unavailable_reason() is not None, reason=str(coreml_unavailable_reason())
+)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("coreml") / "ckpt", seed=4)
+
+
+@pytest.fixture(scope="module")
+def exported(source):
+    out = source.parent / "art"
+    options = ExportOptions(
+        model=str(source), target="coreml", out=out, max_seq_len=SEQ, prefill_chunk=CHUNK
+    )
+    return out, export_model(options, progress=lambda line: None)
+
+
+def engine_runner(folder):
+    model = load_folder(folder, torch.device("cpu"), torch.float32).model
+    return TorchRunner(model, 1, SEQ, prefill_chunk=CHUNK)
+
+
+def step_runner(folder, dtype, cache_dtype, traced=False):
+    decoder = load_folder(folder, torch.device("cpu"), dtype).model
+    step = CoreMLStep(decoder, SEQ, cache_dtype).eval()
+    module = coreml.trace(step) if traced else step
+    return coreml.StepRunner(module, decoder.cfg.vocab_size, SEQ, CHUNK)
+
+
+def test_traced_module_with_fp32_cache_equals_the_engine(source):
+    prompt = sample_prompt(453, 20, seed=1)  # longer than a chunk: two prefill calls
+    parity = compare(
+        engine_runner(source), step_runner(source, torch.float32, torch.float32, True), prompt, 32
+    )
+    assert parity.tokens_equal and parity.max_logit_diff < 1e-4, parity.summary()
+
+
+def test_traced_module_with_fp16_cache_stays_within_fp16_error(source):
+    prompt = sample_prompt(453, 12, seed=2)
+    parity = compare(
+        engine_runner(source), step_runner(source, torch.float32, torch.float16, True), prompt, 16
+    )
+    assert parity.max_logit_diff < 1e-2, parity.summary()
+
+
+def test_fp16_weights_and_cache_stay_close_to_the_fp32_engine(source):
+    prompt = sample_prompt(453, 12, seed=2)
+    parity = compare(
+        engine_runner(source), step_runner(source, torch.float16, torch.float16), prompt, 16
+    )
+    assert parity.max_logit_diff < 5e-2, parity.summary()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"attn_logit_softcapping": None, "final_logit_softcapping": None}],
+    ids=["softcaps", "fused_sdpa"],
+)
+def test_wrapper_is_generic_over_gemma2_windows_norms_and_scales(tmp_path, overrides):
+    # Sliding windows of 8 (the prompt runs past them), sandwich norms, a query scale
+    # that is not head_dim, with and without soft-capping.
+    folder = write_checkpoint_for(
+        tmp_path / "gemma2",
+        {**GEMMA2_BASE, **overrides},
+        seed=7,
+        added_tokens=GEMMA2.added_tokens,
+        tokenizer_config=GEMMA2.tokenizer_config,
+        eos_tokens=GEMMA2.eos_tokens,
+    )
+    prompt = sample_prompt(GEMMA2_BASE["vocab_size"], 20, seed=3)
+    parity = compare(
+        engine_runner(folder), step_runner(folder, torch.float32, torch.float32), prompt, 16
+    )
+    assert parity.tokens_equal and parity.max_logit_diff < 1e-4, parity.summary()
+
+
+def test_package_is_an_ios18_ml_program_with_the_manifest_io_and_fp16_states(exported):
+    out, manifest = exported
+    spec = coreml.load_spec(out / manifest.model_file)
+    assert spec.specificationVersion >= 9  # iOS 18 / macOS 15
+    assert spec.WhichOneof("Type") == "mlProgram"
+    assert coreml.io_specs(out / manifest.model_file) == (
+        manifest.inputs,
+        manifest.outputs,
+        manifest.states,
+    )
+    by_name = {t.name: t for t in manifest.inputs + manifest.outputs + manifest.states}
+    assert by_name["input_ids"].shape == [1, f"1..{CHUNK}"]
+    assert by_name["causal_mask"].shape == [1, 1, f"1..{CHUNK}", f"1..{SEQ}"]
+    assert by_name["logits"].shape == [1, 453] and by_name["logits"].dtype == "float32"
+    for name in ("k_cache", "v_cache"):
+        assert by_name[name].shape == [2, 1, 2, SEQ, 16]
+        assert by_name[name].dtype == "float16"
+    assert manifest.cache.dtype == "float16" and manifest.dtype == "fp16"
+
+
+def test_program_reads_and_writes_the_cache_state_and_uses_fused_attention(exported):
+    out, manifest = exported
+    ops = coreml.program_ops(coreml.load_spec(out / manifest.model_file))
+    assert {"read_state", "slice_update", "write_state"} <= ops
+    assert "scaled_dot_product_attention" in ops
+
+
+def test_int4_quantizes_projections_and_embedding_per_block_but_not_rope_tables(exported, tmp_path):
+    out, manifest = exported
+    model = ct.models.MLModel(str(out / manifest.model_file), skip_model_load=True)
+    path = tmp_path / "int4.mlpackage"
+    coreml.quantize(model, "int4").save(str(path))
+    spec = coreml.load_spec(path)
+    ops = coreml.program_ops(spec)
+    assert {"constexpr_blockwise_shift_scale", "read_state", "write_state"} <= ops
+    quantized = [
+        op.outputs[0].name
+        for function in spec.mlProgram.functions.values()
+        for block in function.block_specializations.values()
+        for op in block.operations
+        if op.type == "constexpr_blockwise_shift_scale"
+    ]
+    assert any("embed_tokens" in name for name in quantized)
+    assert sum("q_proj" in name for name in quantized) == 2
+    assert not any("rope" in name for name in quantized)
+
+
+@needs_coreml
+def test_predict_with_state_generates_what_the_engine_generates(exported, source):
+    out, _ = exported
+    engine = fermi.load(out)
+    reference = fermi.load(source, max_seq_len=SEQ, runner="torch-cpu")
+    try:
+        assert engine.capabilities.name == "coreml"
+        a = engine.generate(prompt="the quick brown fox", max_tokens=16, temperature=0.0)
+        b = reference.generate(prompt="the quick brown fox", max_tokens=16, temperature=0.0)
+        assert a.token_ids == b.token_ids
+    finally:
+        engine.close()
+        reference.close()
+
+
+@needs_coreml
+def test_predict_with_separate_states_keeps_slots_apart(exported, source):
+    from fermi.runners.artefact import load_artefact
+
+    out, manifest = exported
+    runner = load_artefact(out, max_batch=2).runner
+    prompt = sample_prompt(manifest.vocab_size, 12, seed=9)
+    alone = runner.prefill(0, prompt, 0)
+    runner.prefill(1, sample_prompt(manifest.vocab_size, 7, seed=1), 0)
+    again = runner.prefill(0, prompt, 0)
+    assert (alone - again).abs().max() < 1e-3
+    parity = compare(engine_runner(source), runner, prompt, 16)
+    assert parity.max_logit_diff < 5e-2, parity.summary()
