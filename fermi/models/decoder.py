@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fermi.models.attention import flex_decode
 from fermi.models.rope import RopeConfig, apply_rope, longrope_switch, rope_tables
 
 
@@ -119,6 +120,8 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         # The layer's sliding window; setup_cache drops one that cannot bind in the cache.
         self.window: int | None = cfg.window(layer)
+        # One-token steps through FlexAttention's split-KV decode kernel (compiled CUDA only).
+        self.flex_decode = False
 
     def forward(
         self,
@@ -144,6 +147,11 @@ class Attention(nn.Module):
         self.cache.write(slots, positions, k, v)
         keys, values = self.cache.read(read_slots, b, kv_len)
 
+        if self.flex_decode and t == 1:
+            out = flex_decode(
+                q, keys, values, positions, self.window, cfg.attn_scale, cfg.attn_logit_softcap
+            )
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         # Key j is visible to a query at position p when j <= p (and inside the window).
         key_pos = torch.arange(kv_len, device=x.device)
         mask = key_pos[None, None, :] <= positions[:, :, None]
@@ -156,14 +164,22 @@ class Attention(nn.Module):
 
     def _attend(self, q, keys, values, mask) -> torch.Tensor:
         cfg = self.cfg
-        groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        b, h, t, d = q.shape
+        kv_heads = keys.shape[1]
+        groups = h // kv_heads
+        if cfg.attn_logit_softcap is None:
+            # Fold each KV head's group of query heads into the query length: the same
+            # attention as repeating K/V for every query head, without copying the cache.
+            q = q.reshape(b, kv_heads, groups * t, d)
+            mask = mask[:, :, None].expand(b, 1, groups, t, mask.shape[-1])
+            mask = mask.reshape(b, 1, groups * t, mask.shape[-1])
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=cfg.attn_scale
+            )
+            return out.view(b, h, t, d)
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)
             values = values.repeat_interleave(groups, dim=1)
-        if cfg.attn_logit_softcap is None:
-            return F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=cfg.attn_scale
-            )
         # Soft-capping needs the raw scores, so this path spells attention out.
         scores = (q @ keys.transpose(-1, -2)) * cfg.attn_scale
         cap = cfg.attn_logit_softcap
@@ -277,6 +293,7 @@ class Decoder(nn.Module):
         kv_len: int,
         rows_are_slots: bool = False,
         last_only: bool = True,
+        last_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``tokens`` [B, T] at ``positions`` [B, T] for cache ``slots`` [B].
 
@@ -284,6 +301,8 @@ class Decoder(nn.Module):
         length: every position must be < kv_len. ``rows_are_slots`` says batch row i is
         slot i, which lets attention read the cache as a view. Returns float32 logits for
         the last position of each row [B, V], or for every position [B, T, V].
+        ``last_index`` [B] (implies last_only) picks each row's last real token when the
+        rows are padded to a fixed length.
         """
         cfg = self.cfg
         x = self.model.embed_tokens(tokens)
@@ -293,7 +312,10 @@ class Decoder(nn.Module):
         read_slots = None if rows_are_slots else slots
         for layer in self.model.layers:
             x = layer(x, cos, sin, positions, slots, read_slots, kv_len)
-        if last_only:
+        if last_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]
+            last_only = True
+        elif last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.model.norm(x)).float()
         if cfg.final_logit_softcap is not None:
@@ -312,6 +334,6 @@ class Decoder(nn.Module):
         # so does a slot its runner marked long while re-encoding the slot's earlier tokens.
         # Chosen per row (a tensor select, no host sync): a sequence ignores its batch.
         last = positions.amax(dim=-1, keepdim=True)
-        long = (last >= self.rope_switch) | self.rope_long[slots][:, None]
+        long = torch.logical_or(last >= self.rope_switch, self.rope_long[slots][:, None])
         variant = long.long().expand_as(positions)
         return self.rope_cos[variant, positions], self.rope_sin[variant, positions]
