@@ -37,10 +37,24 @@ class LongRopeRunner:
         return self.inner.prefill(slot, token_ids, start_pos)
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        self._before_decode(slots, token_ids, positions)
+        return self.inner.decode(slots, token_ids, positions)
+
+    def decode_sample(
+        self, slots: list[int], token_ids: list[int], positions: list[int], *args, **kw
+    ) -> object:
+        """The inner runner's fused decode+sample step (CUDA graphs), when it has one;
+        None otherwise, which tells the scheduler to call ``decode``."""
+        fused = getattr(self.inner, "decode_sample", None)
+        if fused is None:
+            return None
+        self._before_decode(slots, token_ids, positions)
+        return fused(slots, token_ids, positions, *args, **kw)
+
+    def _before_decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> None:
         for slot, token, pos in zip(slots, token_ids, positions, strict=True):
             self._prepare(slot, pos, pos + 1)
             self._record(slot, pos, [token])
-        return self.inner.decode(slots, token_ids, positions)
 
     def release(self, slot: int) -> None:
         self.inner.release(slot)
