@@ -19,7 +19,8 @@ def fake_artefact(folder, target="onnx", model_file="model.onnx"):
     """A checkpoint's side files plus a stand-in model file, with a real manifest."""
     write_checkpoint(folder)
     (folder / "model.safetensors").unlink()
-    (folder / model_file).write_bytes(b"not a real model")
+    if not (folder / model_file).exists():
+        (folder / model_file).write_bytes(b"not a real model")
     draft = Manifest(
         format_version=0,
         target=target,
@@ -88,7 +89,7 @@ def test_manifest_that_is_not_json_or_lacks_fields_is_a_load_error(tmp_path):
 
 def test_runner_that_cannot_run_the_target_is_refused(tmp_path):
     fake_artefact(tmp_path)
-    with pytest.raises(ModelLoadError, match="onnx export; runner 'torch-cpu' cannot run it"):
+    with pytest.raises(ModelLoadError, match="exported for onnx; runner 'torch-cpu' cannot run it"):
         load_artefact(tmp_path, runner="torch-cpu")
 
 
@@ -100,6 +101,9 @@ def test_longer_context_than_exported_is_refused(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="checks the error shown off macOS")
 def test_coreml_artefact_off_macos_says_where_it_runs(tmp_path):
+    # A package is a folder: the manifest lists its inner files.
+    (tmp_path / "model.mlpackage" / "Data").mkdir(parents=True)
+    (tmp_path / "model.mlpackage" / "Data" / "model.mlmodel").write_bytes(b"stand-in")
     fake_artefact(tmp_path, target="coreml", model_file="model.mlpackage")
     with pytest.raises(ModelLoadError, match=r"Core ML runs only on macOS 15\+"):
         fermi.load(tmp_path)

@@ -111,7 +111,8 @@ def read_manifest(folder: Path, verify_checksums: bool = True) -> Manifest:
         raise ModelLoadError(
             f"{path}: target {manifest.target!r} is not one of {', '.join(TARGETS)}"
         )
-    if manifest.model_file not in manifest.files:
+    model_file = manifest.model_file  # a file (.onnx) or a folder (.mlpackage)
+    if not any(f == model_file or f.startswith(model_file + "/") for f in manifest.files):
         raise ModelLoadError(f"{path}: model_file {manifest.model_file!r} is not in 'files'")
     for name, expected in manifest.files.items():
         file = folder / name
@@ -138,7 +139,7 @@ def load_artefact(
     name = runner or allowed[0]
     if name not in allowed:
         raise ModelLoadError(
-            f"artefact {folder} is a {manifest.target} export; runner {name!r} cannot run it "
+            f"artefact {folder} was exported for {manifest.target}; runner {name!r} cannot run it "
             f"(use {' or '.join(allowed)}, or load the source checkpoint for torch runners)"
         )
     seq_len = max_seq_len or manifest.max_seq_len
