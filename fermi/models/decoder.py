@@ -176,7 +176,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=cfg.attn_scale
             )
-            return out.view(b, h, t, d)
+            return out.reshape(b, h, t, d)
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)
             values = values.repeat_interleave(groups, dim=1)

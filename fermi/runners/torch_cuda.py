@@ -99,6 +99,7 @@ class _Captured:
 @dataclass
 class StartupStats:
     seconds: float = 0.0
+    prefill_s: float = 0.0  # of which: compiling and capturing the prefill buckets
     compiles: int = 0  # frames Dynamo compiled during warm-up
     graphs: int = 0
     cache_hit: bool = False
@@ -176,9 +177,8 @@ class CudaGraphRunner:
         self._set_flex(flex_decode and backend == "inductor" and self.device.type == "cuda")
         self._forward: Callable = model.forward
         if backend is not None:
-            options = {"coordinate_descent_tuning": True} if backend == "inductor" else None
             self._forward = torch.compile(
-                model.forward, fullgraph=True, dynamic=True, backend=backend, options=options
+                model.forward, fullgraph=True, dynamic=True, backend=backend
             )
         self._samplers: dict[Variant, Callable] = {}
         self._graphs: dict[tuple, _Captured] = {}
@@ -293,6 +293,7 @@ class CudaGraphRunner:
         return self.startup
 
     def _warm_all(self) -> None:
+        started = time.perf_counter()
         with self._on_device():
             for t in self.chunk_sizes:
                 values = [0] * t + [0] * (self.chunk - t)
@@ -300,6 +301,7 @@ class CudaGraphRunner:
                 self._pio.copy_(self._host(values, self._pio.shape))
                 kv = pick(t, self.kv_sizes)
                 self._run(("prefill", t, kv), functools.partial(self._prefill_body, t, kv))
+            self.startup.prefill_s = time.perf_counter() - started
             idle = [0] * self.max_batch
             values = [*idle, *([self.scratch] * self.max_batch), *idle]
             self._io.copy_(self._host(values, self._io.shape))

@@ -1,0 +1,112 @@
+"""Where a decode step's time goes: graph replay (GPU) vs the host loop vs the engine.
+
+Builds one random-weight model, warms the CUDA-graph runner, then for a short and a long
+context reports: GPU milliseconds per replay of the batch-1 decode graph (CUDA events), the
+runner loop's milliseconds per step (replay + input copy + reading the token back), and the
+ten most expensive kernels of one replay (torch.profiler). Writes JSON to --out.
+
+    PYTHONPATH=$PWD python3 perf/diag_decode.py --model Qwen3-0.6B --out $OUT/diag.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_decode import our_decoder, prompt_ids
+
+
+def replay_ms(graph, n: int = 50) -> float:
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def loop_ms(runner, context: int, steps: int = 50) -> float:
+    import torch
+
+    token, batch = 5, runner.sampling
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for s in range(steps):
+        out = runner.decode_sample(
+            [0],
+            [token],
+            [context + s],
+            batch,
+            use_filters=False,
+            use_penalties=False,
+            want_logprobs=-1,
+        )
+        token = int(out.tokens[0])
+    return 1e3 * (time.perf_counter() - started) / steps
+
+
+def top_kernels(graph, k: int = 12) -> list[dict]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        rows.append({"name": e.key[:90], "count": e.count // 3, "us_per_step": total / 3})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    kernels = sum(r["count"] for r in rows)
+    return [{"kernels_per_step": kernels}, *rows[:k]]
+
+
+def main() -> None:
+
+    from fermi.models.shapes import config
+    from fermi.runners.torch_cuda import CudaGraphRunner
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="Qwen3-0.6B")
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    cfg = config(args.model)
+    model = our_decoder(cfg)
+    runner = CudaGraphRunner(model, 8, args.max_seq_len, flex_decode=not args.no_flex)
+    result = {"model": args.model, "startup": dataclasses.asdict(runner.startup)}
+    print(result, flush=True)
+    runner.sampling.temperature.zero_()
+    for context in (300, 2100):
+        ids = prompt_ids(context, cfg["vocab_size"], 1)
+        for start in range(0, context, runner.chunk):
+            runner.prefill(0, ids[start : start + runner.chunk], start)
+        loop = [loop_ms(runner, context) for _ in range(3)]
+        kv = runner.kv_sizes[[k >= context + 51 for k in runner.kv_sizes].index(True)]
+        graph = runner._graphs[("decode", 1, kv, (False, False, -1))].graph
+        entry = {
+            "kv_bucket": kv,
+            "replay_ms": statistics.median(replay_ms(graph) for _ in range(3)),
+            "loop_ms": statistics.median(loop),
+            "kernels": top_kernels(graph),
+        }
+        result[f"context_{context}"] = entry
+        print(json.dumps(entry, indent=1), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
