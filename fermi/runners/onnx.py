@@ -29,6 +29,7 @@ class OnnxRunner:
         max_seq_len: int,
         prefill_chunk: int,
         providers: list[str] | None = None,
+        threads: int | None = None,
     ) -> None:
         try:
             import onnxruntime as ort
@@ -39,6 +40,8 @@ class OnnxRunner:
             ) from None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:  # onnxruntime's default is one thread per physical core
+            options.intra_op_num_threads = threads
         path = folder / manifest.model_file
         try:
             self.session = ort.InferenceSession(
