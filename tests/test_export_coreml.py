@@ -14,6 +14,7 @@ from export.build import ExportOptions, export_model  # noqa: E402
 from export.verify import compare, sample_prompt  # noqa: E402
 from export.wrapper import CoreMLStep  # noqa: E402
 from fermi.loading import load_folder  # noqa: E402
+from fermi.runners.artefact import read_manifest  # noqa: E402
 from fermi.runners.coreml import coreml_unavailable_reason  # noqa: E402
 from fermi.runners.torch_eager import TorchRunner  # noqa: E402
 from tests.arch_templates import GEMMA2  # noqa: E402
@@ -101,6 +102,7 @@ def test_wrapper_is_generic_over_gemma2_windows_norms_and_scales(tmp_path, overr
 
 def test_package_is_an_ios18_ml_program_with_the_manifest_io_and_fp16_states(exported):
     out, manifest = exported
+    assert read_manifest(out) == manifest  # the package's inner files pass their checksums
     spec = coreml.load_spec(out / manifest.model_file)
     assert spec.specificationVersion >= 9  # iOS 18 / macOS 15
     assert spec.WhichOneof("Type") == "mlProgram"
