@@ -117,6 +117,8 @@ class Engine:
         given = [x is not None for x in (messages, prompt, prompt_token_ids)]
         if sum(given) != 1:
             raise RequestError("pass exactly one of messages, prompt, prompt_token_ids", "messages")
+        if thinking not in ("on", "off", "auto"):
+            raise RequestError(f"thinking must be on, off or auto, not {thinking!r}", "thinking")
         split, start_in_reasoning, mode = False, False, thinking
         if messages is not None:
             if not messages:
