@@ -202,12 +202,14 @@ def our_decoder(cfg: dict, hf=None, dtype=None):
     return model.eval().requires_grad_(False)
 
 
-def our_engine(model, max_batch: int, max_seq_len: int, flex: bool = True):
+def our_engine(model, max_batch: int, max_seq_len: int, attention: str = "flex"):
     from fermi.engine.api import Engine
     from fermi.loading import GenerationDefaults
     from fermi.runners.torch_cuda import CudaGraphRunner
 
-    runner = CudaGraphRunner(model, max_batch, max_seq_len, prefill_chunk=2048, flex_decode=flex)
+    runner = CudaGraphRunner(
+        model, max_batch, max_seq_len, prefill_chunk=2048, decode_attention=attention
+    )
     tok = wordlevel_tokenizer(model.cfg.vocab_size)
     return Engine(runner, tok, GenerationDefaults(), model_name="bench"), runner
 
@@ -416,12 +418,12 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
     model = our_decoder(cfg, hf)
     max_batch = max(args.batches) if qwen3 else 1
     started = time.perf_counter()
-    engine, runner = our_engine(model, max_batch, 4096, flex=not args.no_flex)
+    engine, runner = our_engine(model, max_batch, 4096, args.decode_attention)
     entry["ours_start"] = {
         "cold_start_s": time.perf_counter() - started,
         "compiles": runner.startup.compiles,
         "graphs": runner.startup.graphs,
-        "flex_decode": runner.startup.flex_decode,
+        "decode_attention": runner.startup.decode_attention,
         "notes": runner.startup.notes,
     }
     log(f"engine ready in {entry['ours_start']['cold_start_s']:.1f}s")
@@ -500,7 +502,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--decode-attention", default="flex", choices=["flex", "math", "sdpa"])
     p.add_argument("--fp32-check", action="store_true")
     p.add_argument("--context-test", default=None, help="model name for the 500-token test")
     p.add_argument("--start-test", nargs="*", default=[], help="models for cold/warm start")

@@ -81,12 +81,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="Qwen3-0.6B")
     p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--max-batch", type=int, default=1)
+    p.add_argument("--decode-attention", default="flex", choices=["flex", "math", "sdpa"])
     p.add_argument("--out", required=True)
     args = p.parse_args()
     cfg = config(args.model)
     model = our_decoder(cfg)
-    runner = CudaGraphRunner(model, 8, args.max_seq_len, flex_decode=not args.no_flex)
+    runner = CudaGraphRunner(
+        model, args.max_batch, args.max_seq_len, decode_attention=args.decode_attention
+    )
     result = {"model": args.model, "startup": dataclasses.asdict(runner.startup)}
     print(result, flush=True)
     runner.sampling.temperature.zero_()

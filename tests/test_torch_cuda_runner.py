@@ -181,3 +181,17 @@ def test_no_recompiles_after_warmup_for_any_prompt_or_batch(folder):
                 want_logprobs=-1,
             )
     assert dict(counters["stats"]) == before
+
+
+@pytest.mark.parametrize("kind", ["math", "flex"])
+def test_decode_attention_kernels_equal_sdpa(folder, kind):
+    ref, ours = graph_runner(folder), graph_runner(folder)
+    for layer in ours.model.model.layers:
+        layer.self_attn.decode_kernel = kind
+    ids = [(5 * i) % 400 + 1 for i in range(40)]
+    for r in (ref, ours):
+        r.prefill(0, ids[:30], 0)
+        r.prefill(2, ids[:12], 0)
+    a = ours.decode([0, 2], [7, 9], [30, 12])
+    b = ref.decode([0, 2], [7, 9], [30, 12])
+    assert (a - b).abs().max().item() < TOL

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fermi.models.attention import flex_decode
+from fermi.models.attention import decode_attention
 from fermi.models.rope import RopeConfig, apply_rope, longrope_switch, rope_tables
 
 
@@ -120,8 +120,9 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         # The layer's sliding window; setup_cache drops one that cannot bind in the cache.
         self.window: int | None = cfg.window(layer)
-        # One-token steps through FlexAttention's split-KV decode kernel (compiled CUDA only).
-        self.flex_decode = False
+        # Kernel for one-token steps: "sdpa", or "flex"/"math" (see fermi.models.attention),
+        # which only pay off compiled on CUDA.
+        self.decode_kernel = "sdpa"
 
     def forward(
         self,
@@ -147,9 +148,16 @@ class Attention(nn.Module):
         self.cache.write(slots, positions, k, v)
         keys, values = self.cache.read(read_slots, b, kv_len)
 
-        if self.flex_decode and t == 1:
-            out = flex_decode(
-                q, keys, values, positions, self.window, cfg.attn_scale, cfg.attn_logit_softcap
+        if t == 1 and self.decode_kernel != "sdpa":
+            out = decode_attention(
+                self.decode_kernel,
+                q,
+                keys,
+                values,
+                positions,
+                self.window,
+                cfg.attn_scale,
+                cfg.attn_logit_softcap,
             )
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         # Key j is visible to a query at position p when j <= p (and inside the window).

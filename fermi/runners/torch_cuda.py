@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fermi.engine.sampling import SampleOutput, SamplingBatch, sample
+from fermi.models.attention import DECODE_KERNELS
 from fermi.models.decoder import Decoder
 from fermi.runners.base import Capabilities
 from fermi.runners.compile_cache import CompileCache, cache_key
@@ -103,7 +104,7 @@ class StartupStats:
     compiles: int = 0  # frames Dynamo compiled during warm-up
     graphs: int = 0
     cache_hit: bool = False
-    flex_decode: bool = False
+    decode_attention: str = "sdpa"
     notes: list[str] = field(default_factory=list)
 
 
@@ -130,7 +131,7 @@ class CudaGraphRunner:
         *,
         backend: str | None = "inductor",
         use_graphs: bool | None = None,
-        flex_decode: bool = True,
+        decode_attention: str = "flex",
         warmup: bool = True,
         compile_cache: bool = True,
     ) -> None:
@@ -174,7 +175,8 @@ class CudaGraphRunner:
         self._pinned = self.device.type == "cuda"
 
         self.backend = backend
-        self._set_flex(flex_decode and backend == "inductor" and self.device.type == "cuda")
+        compiled_cuda = backend == "inductor" and self.device.type == "cuda"
+        self._set_decode_attention(decode_attention if compiled_cuda else "sdpa")
         self._forward: Callable = model.forward
         if backend is not None:
             self._forward = torch.compile(
@@ -184,7 +186,7 @@ class CudaGraphRunner:
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None
-        self.startup = StartupStats(flex_decode=self.flex)
+        self.startup = StartupStats(decode_attention=self.decode_attention)
         if warmup:
             self.warmup(compile_cache=compile_cache and backend == "inductor")
 
@@ -268,28 +270,31 @@ class CudaGraphRunner:
                     max_batch=self.max_batch,
                     cache_len=self.cache_len,
                     chunk=self.chunk,
-                    flex=self.flex,
+                    attention=self.decode_attention,
                 )
             )
             self.startup.cache_hit = cache.load()
-        try:
-            self._warm_all()
-        except Exception as exc:
-            if not self.flex:
-                raise
-            # FlexAttention's decode kernel is the newest piece of the stack: if this torch
-            # cannot compile it here, the plain attention path still can.
-            log.warning("flex decode attention failed to compile (%s); using SDPA", exc)
-            self.startup.notes.append(f"flex decode disabled: {type(exc).__name__}: {exc}")
-            self._set_flex(False)
-            self._graphs.clear()
-            self._warm_all()
+        # The decode kernels are the newest parts of the stack: one that this torch cannot
+        # compile here gives way to the next (flex -> math -> sdpa).
+        while True:
+            try:
+                self._warm_all()
+                break
+            except Exception as exc:
+                fallback = {"flex": "math", "math": "sdpa"}.get(self.decode_attention)
+                if fallback is None:
+                    raise
+                note = f"{self.decode_attention} decode attention failed: {type(exc).__name__}"
+                log.warning("%s (%s); using %s", note, exc, fallback)
+                self.startup.notes.append(f"{note}: {str(exc)[:500]}")
+                self._set_decode_attention(fallback)
+                self._graphs.clear()
         if cache is not None:
             cache.save()
         self.startup.seconds = time.perf_counter() - started
         self.startup.compiles = _compiled_frames() - frames
         self.startup.graphs = len(self._graphs)
-        self.startup.flex_decode = self.flex
+        self.startup.decode_attention = self.decode_attention
         return self.startup
 
     def _warm_all(self) -> None:
@@ -315,10 +320,12 @@ class CudaGraphRunner:
 
     # -- internals --------------------------------------------------------------------
 
-    def _set_flex(self, enabled: bool) -> None:
-        self.flex = enabled
+    def _set_decode_attention(self, kind: str) -> None:
+        if kind not in DECODE_KERNELS:
+            raise ValueError(f"decode_attention must be one of {', '.join(DECODE_KERNELS)}")
+        self.decode_attention = kind
         for layer in self.model.model.layers:
-            layer.self_attn.flex_decode = enabled
+            layer.self_attn.decode_kernel = kind
 
     def _prefill_body(self, t: int, kv: int) -> tuple[torch.Tensor]:
         c = self.chunk
