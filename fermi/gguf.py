@@ -81,20 +81,24 @@ def load_gguf(
 ) -> Checkpoint:
     """Load ``path`` (a .gguf file) with its weights in ``dtype`` on ``device``.
 
-    For a file an alias names (``fermi.aliases``), that alias supplies the sampling
-    defaults and the CPU dtype used when ``dtype`` is None or "auto". On CPU, fp16 means
-    fp16 weights with float32 arithmetic and KV cache (:mod:`fermi.models.half_weights`).
+    On CPU, fp16 means fp16 weight storage with float32 arithmetic and KV cache
+    (:mod:`fermi.models.half_weights`), and it is the default (``dtype`` None or "auto")
+    for quantized files: their weights carry at most 8 bits, so fp16 loses nothing of
+    them, and decoding reads half the bytes of float32. A file an alias names
+    (``fermi.aliases``) takes that alias's sampling defaults and CPU dtype.
     """
     path = Path(path)
+    gguf = GGUFFile(path)
     alias = alias_for_file(path)
-    if dtype in (None, "auto") and alias is not None and device.type == "cpu":
-        dtype = alias.cpu_dtype
+    if dtype in (None, "auto") and device.type == "cpu":
+        if alias is not None and alias.cpu_dtype is not None:
+            dtype = alias.cpu_dtype
+        elif gguf.quantized:
+            dtype = "fp16"
     torch_dtype = parse_dtype(dtype, device)
-    # On CPU, fp16 is a storage format only (see fermi.models.half_weights).
     half_storage = device.type == "cpu" and torch_dtype == torch.float16
     if half_storage:
         torch_dtype = torch.float32
-    gguf = GGUFFile(path)
     meta = gguf.metadata
     for info in gguf.tensors.values():
         check_type(info, gguf.path)

@@ -181,6 +181,11 @@ class GGUFFile:
                 raise ModelLoadError(f"{self.path}: tensor {name!r} runs past the end of the file")
             self.tensors[name] = TensorInfo(name, shape, type_id, start, nbytes)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether any tensor is stored in a block format (Q4_0, Q6_K, ...)."""
+        return any(info.type_id not in _FLOAT_TYPES for info in self.tensors.values())
+
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as stored (uint8, no copy)."""
         info = self.tensors[name]

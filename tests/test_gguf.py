@@ -243,3 +243,25 @@ def test_not_a_gguf_file_and_truncated_files_are_clear_errors(tmp_path, llama_fo
     cut.write_bytes(path.read_bytes()[:-100])  # inside the last tensor
     with pytest.raises(ModelLoadError, match="runs past the end of the file"):
         load_gguf(cut, CPU, torch.float32)
+
+
+def test_quantized_gguf_on_cpu_defaults_to_fp16_weights_with_fp32_compute(tmp_path, llama_folder):
+    from fermi.models.half_weights import HalfWeightLinear
+
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=Q.Q8_0)
+    half = load_gguf(path, CPU).model
+    full = load_gguf(path, CPU, "fp32").model
+    linears = [m for m in half.modules() if isinstance(m, HalfWeightLinear)]
+    assert len(linears) == 2 * 7 + 1  # every projection of both layers, and the head
+    assert {m.weight.dtype for m in linears} == {torch.float16}
+    assert half.model.embed_tokens.weight.dtype == torch.float32
+    tokens = prompt(full.cfg.vocab_size)
+    ref, got = logits(full, tokens), logits(half, tokens)  # prefill (upcast) + decode (fp16)
+    assert got.dtype == torch.float32
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_float_gguf_on_cpu_defaults_to_float32(tmp_path, llama_folder):
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=Q.F16)
+    model = load_gguf(path, CPU).model
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

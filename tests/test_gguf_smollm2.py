@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import fermi
 from fermi import aliases
@@ -89,10 +90,11 @@ def test_missing_alias_package_says_how_to_install_it(monkeypatch):
         fermi.load("smollm2-135m")
 
 
-def test_smollm2_loads_in_fp16_and_still_answers(engine):
+def test_smollm2_by_path_defaults_to_fp16_weights_and_still_answers():
     path = aliases.alias_path("smollm2-135m")
-    with fermi.load(str(path), dtype="fp16", max_seq_len=128, max_batch=1) as eng:
+    with fermi.load(str(path), max_seq_len=128, max_batch=1) as eng:
         assert eng.model_name == path.name
+        assert eng.runner.model.model.layers[0].mlp.up_proj.weight.dtype == torch.float16
         reply = eng.generate(
             messages=[{"role": "user", "content": "What is the capital of France?"}],
             temperature=0.0,
