@@ -23,6 +23,7 @@ Run on the GPU machine from the repository root::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -399,7 +400,8 @@ def run_probe(name: str, cache: Path) -> dict:
 # -- main ------------------------------------------------------------------------------
 
 
-def bench_model(name: str, args, bandwidth: float) -> dict:
+def bench_model(name: str, args, bandwidth: float, entry: dict, save) -> None:
+    """Fill ``entry`` measurement by measurement, calling ``save()`` after each."""
     import torch
 
     from fermi.models.shapes import config
@@ -408,9 +410,12 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
     vocab = cfg["vocab_size"]
     wbytes = weight_bytes_per_token(cfg)
     roof = bandwidth / wbytes
-    entry: dict = {"model": name, "weight_bytes_per_token": wbytes, "roofline_tok_s": roof}
+    entry.update({"model": name, "weight_bytes_per_token": wbytes, "roofline_tok_s": roof})
     qwen3 = name in QWEN3
-    log = lambda msg: print(f"[{name}] {msg}", flush=True)  # noqa: E731
+
+    def log(msg: str) -> None:
+        print(f"[{name}] {msg}", flush=True)
+        save()
 
     torch.cuda.empty_cache()
     torch._dynamo.reset()  # each model compiles afresh; keeps Dynamo's per-code caches small
@@ -418,13 +423,12 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
     model = our_decoder(cfg, hf)
     max_batch = max(args.batches) if qwen3 else 1
     started = time.perf_counter()
-    engine, runner = our_engine(model, max_batch, 4096, args.decode_attention)
+    engine, runner = our_engine(model, max_batch, args.max_seq_len, args.decode_attention)
     entry["ours_start"] = {
         "cold_start_s": time.perf_counter() - started,
-        "compiles": runner.startup.compiles,
-        "graphs": runner.startup.graphs,
-        "decode_attention": runner.startup.decode_attention,
-        "notes": runner.startup.notes,
+        "max_batch": max_batch,
+        "max_seq_len": args.max_seq_len,
+        **dataclasses.asdict(runner.startup),
     }
     log(f"engine ready in {entry['ours_start']['cold_start_s']:.1f}s")
     from torch._dynamo.utils import counters
@@ -455,7 +459,7 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
     engine.close()
     del engine, runner
     if hf is not None:
-        for plen in args.prompts:
+        for plen in args.hf_prompts if args.hf_prompts is not None else args.prompts:
             prompt = prompt_ids(plen, vocab, plen)
             n = args.hf_eager_tokens
             res = bench_hf(hf, prompt, n, static=False, runs=args.runs)
@@ -474,7 +478,6 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
             log(f"fp32 logits: {entry['fp32_logits']}")
     del hf
     torch.cuda.empty_cache()
-    return entry
 
 
 def context_test(name: str, context: int) -> dict:
@@ -501,6 +504,8 @@ def main() -> None:
     p.add_argument("--hf-eager-tokens", type=int, default=64)
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--hf-prompts", type=int, nargs="*", default=None, help="[default: --prompts]")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--decode-attention", default="flex", choices=["flex", "math", "sdpa"])
     p.add_argument("--fp32-check", action="store_true")
@@ -541,13 +546,15 @@ def main() -> None:
     print(f"read bandwidth {result['read_bandwidth_gb_s']:.0f} GB/s", flush=True)
     names = list(args.models) + (list(EXTRA) if args.extra else [])
     for name in names:
+        entry: dict = {"model": name}
+        result["models"].append(entry)
         try:
-            result["models"].append(bench_model(name, args, result["read_bandwidth_gb_s"] * 1e9))
+            bench_model(name, args, result["read_bandwidth_gb_s"] * 1e9, entry, save)
         except Exception as exc:  # one failing shape must not lose the others' numbers
             import traceback
 
             traceback.print_exc()
-            result["models"].append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
+            entry["error"] = f"{type(exc).__name__}: {exc}"
         save()
     if args.context_test:
         result["context_test"] = context_test(args.context_test, 500)
