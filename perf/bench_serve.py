@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -164,8 +165,12 @@ async def load_test(port: int, concurrency: int, requests: int, max_tokens: int)
     }  # fmt: skip
 
 
-async def small_requests(port: int, concurrency: int, requests: int) -> dict:
-    async def run(path: str, body: dict | None) -> float:
+async def small_requests(port: int, concurrency: int, requests: int) -> dict[str, float]:
+    """Requests/s (bound by this Python client as much as by the server) and the server
+    worker's CPU time per request, of ``GET /v1/models`` and of 1-token chat completions."""
+    worker_pid = server_worker_pid(port)
+
+    async def run(path: str, body: dict | None) -> tuple[float, float]:
         queue = list(range(requests))
 
         async def worker() -> None:
@@ -173,39 +178,110 @@ async def small_requests(port: int, concurrency: int, requests: int) -> dict:
                 seed = queue.pop()
                 await request(port, path, body if body is None else {**body, "seed": seed})
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), process_cpu_seconds(worker_pid)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return round(requests / (time.perf_counter() - start), 1)
+        wall = time.perf_counter() - start
+        return requests / wall, (process_cpu_seconds(worker_pid) - cpu) / requests * 1e6
 
+    get_rate, get_cpu = await run("/v1/models", None)
+    chat_rate, chat_cpu = await run("/v1/chat/completions", chat_body(1, 0, False))
     return {
-        "concurrency": concurrency,
-        "models_get_per_s": await run("/v1/models", None),
-        "chat_1_token_per_s": await run("/v1/chat/completions", chat_body(1, 0, False)),
+        "models_get_per_s": get_rate,
+        "models_get_server_cpu_us": get_cpu,
+        "chat_1_token_per_s": chat_rate,
+        "chat_1_token_server_cpu_us": chat_cpu,
     }
 
 
-async def overhead(port: int, engine, max_tokens: int, repeats: int) -> dict:
-    """Per-token decode time of one seeded stream via HTTP minus via the Python API."""
-    http_tpot, api_tpot = [], []
+def server_worker_pid(port: int) -> int:
+    """The Granian worker (the process that runs the engine) of the server on ``port``."""
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            procs[int(entry.name)] = (ppid, cmd)
+    mains = [pid for pid, (_, cmd) in procs.items() if f"--port {port} " in cmd + " "]
+    workers = [p for p, (pp, cmd) in procs.items() if pp in mains and "spawn_main" in cmd]
+    if len(workers) != 1:
+        raise RuntimeError(f"cannot find the server worker on port {port}")
+    return workers[0]
+
+
+def _cpu_seconds(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    return _cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(task.name)] = _cpu_seconds(task / "stat")
+        except OSError:
+            continue
+    return out
+
+
+def http_layer_cpu(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds of every server thread but the busiest, which is the engine's scheduler
+    (with one torch thread, the model runs on it): the HTTP layer's own cost."""
+    spent = {tid: t - before.get(tid, 0.0) for tid, t in after.items()}
+    return sum(spent.values()) - max(spent.values())
+
+
+async def overhead(ports: dict[str, int], engine, max_tokens: int, repeats: int) -> dict:
+    """The same seeded streams through each server and through the Python API, in turns.
+
+    Wall-clock time per token is compared as medians; on a busy machine the difference is
+    mostly noise. CPU time per token compares each server worker's CPU time with this
+    process's own while it runs the engine alone (the Python API path)."""
+    workers = {name: server_worker_pid(port) for name, port in ports.items()}
+    tpot: dict[str, list[float]] = {name: [] for name in [*ports, "python_api"]}
+    cpu = dict.fromkeys(tpot, 0.0)
+    # Only one server streams at a time, so each server's threads work for its own streams.
+    threads_before = {name: thread_cpu_seconds(pid) for name, pid in workers.items()}
     for rep in range(repeats):
-        stream = Stream()
-        await request(port, "/v1/chat/completions", chat_body(max_tokens, rep, True), stream)
-        http_tpot.append(stream.tpot)
+        for name, port in ports.items():
+            stream = Stream()
+            before = process_cpu_seconds(workers[name])
+            await request(port, "/v1/chat/completions", chat_body(max_tokens, rep, True), stream)
+            cpu[name] += process_cpu_seconds(workers[name]) - before
+            tpot[name].append(stream.tpot)
         times = []
+        before = time.process_time()
         async for delta in engine.astream(
             messages=MESSAGES, max_tokens=max_tokens, seed=rep, ignore_eos=True, thinking="off"
         ):
             if delta.text:
                 times.append(time.perf_counter())
-        api_tpot.append((times[-1] - times[0]) / (max_tokens - 1))
-    http_med, api_med = statistics.median(http_tpot), statistics.median(api_tpot)
-    return {
-        "max_tokens": max_tokens,
-        "repeats": repeats,
-        "http_tpot_us": round(http_med * 1e6, 1),
-        "python_api_tpot_us": round(api_med * 1e6, 1),
-        "overhead_per_token_us": round((http_med - api_med) * 1e6, 1),
+        cpu["python_api"] += time.process_time() - before
+        tpot["python_api"].append((times[-1] - times[0]) / (max_tokens - 1))
+    layer = {
+        n: http_layer_cpu(threads_before[n], thread_cpu_seconds(p)) for n, p in workers.items()
     }
+    tokens = repeats * max_tokens
+    api_tpot = statistics.median(tpot["python_api"])
+    api_cpu = cpu["python_api"] / tokens
+    api = {"tpot_us": round(api_tpot * 1e6, 1), "cpu_per_token_us": round(api_cpu * 1e6, 1)}
+    out: dict = {"max_tokens": max_tokens, "repeats": repeats, "python_api": api}
+    for name in ports:
+        med, per_token = statistics.median(tpot[name]), cpu[name] / tokens
+        out[name] = {
+            "tpot_us": round(med * 1e6, 1),
+            "cpu_per_token_us": round(per_token * 1e6, 1),
+            "overhead_per_token_us": round((med - api_tpot) * 1e6, 1),
+            "cpu_overhead_per_token_us": round((per_token - api_cpu) * 1e6, 1),
+            "http_layer_cpu_per_token_us": round(layer[name] / tokens * 1e6, 1),
+        }
+    return out
 
 
 def machine() -> dict:
@@ -219,19 +295,52 @@ def machine() -> dict:
     }
 
 
+async def measure(ports: dict[str, int], engine, args: argparse.Namespace) -> dict:
+    for port in ports.values():
+        await load_test(port, 1, 4, 8)  # warm-up
+    streaming = {
+        name: [
+            await load_test(port, int(c), args.requests, args.max_tokens)
+            for c in args.concurrency.split(",")
+        ]
+        for name, port in ports.items()
+    }
+    # Small requests: the interfaces take turns, so a busy spell hits both alike.
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in ports}
+    for _ in range(args.rounds):
+        for name, port in ports.items():
+            rounds[name].append(await small_requests(port, 8, 200))
+    small = {
+        name: {key: round(statistics.median(r[key] for r in runs), 1) for key in runs[0]}
+        | {"concurrency": 8, "rounds": args.rounds}
+        for name, runs in rounds.items()
+    }
+    cost = await overhead(ports, engine, args.overhead_tokens, args.repeats)
+    return {"streaming": streaming, "small_requests": small, "overhead": cost}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="[default: tiny random Qwen3]")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of every engine (1: no thread-pool spinning in the CPU times)",
+    )
     parser.add_argument("--interfaces", default="rsgi,asgi")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--requests", type=int, default=64, help="streams per load level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--overhead-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="overhead streams per path")
+    parser.add_argument("--rounds", type=int, default=5, help="small-request rounds")
     parser.add_argument("--out", type=Path, default=ROOT / "perf/results/serve.json")
     args = parser.parse_args()
 
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the servers inherit it
+    torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="fermi-bench-serve-"))
     model = args.model or thinking_checkpoint(tmp / "tiny", max_positions=SEQ_LEN)
     engine = fermi.load(model, device=args.device, max_seq_len=SEQ_LEN, max_batch=MAX_BATCH)
@@ -241,27 +350,19 @@ def main() -> None:
         "runner": engine.capabilities.name,
         "device": args.device,
         "machine": machine(),
-        "interfaces": {},
     }
-    for interface in args.interfaces.split(","):
-        serve_args = ["--interface", interface, "--device", args.device]
-        serve_args += ["--max-seq-len", str(SEQ_LEN)]
-        serve_args += ["--max-batch", str(MAX_BATCH)]
-        with running_server(model, *serve_args, log=tmp / f"{interface}.log") as base:
-            port = int(base.rsplit(":", 1)[1])
-
-            async def run_all(port=port) -> dict:
-                await load_test(port, 1, 4, 8)  # warm-up
-                levels = [
-                    await load_test(port, int(c), args.requests, args.max_tokens)
-                    for c in args.concurrency.split(",")
-                ]
-                small = await small_requests(port, 8, 400)
-                cost = await overhead(port, engine, args.overhead_tokens, args.repeats)
-                return {"streaming": levels, "small_requests": small, "overhead": cost}
-
-            results["interfaces"][interface] = asyncio.run(run_all())
-        print(interface, json.dumps(results["interfaces"][interface], indent=1))
+    interfaces = args.interfaces.split(",")
+    with contextlib.ExitStack() as stack:
+        ports = {}
+        for interface in interfaces:
+            serve_args = ["--interface", interface, "--device", args.device]
+            serve_args += ["--max-seq-len", str(SEQ_LEN), "--max-batch", str(MAX_BATCH)]
+            log = tmp / f"{interface}.log"
+            base = stack.enter_context(running_server(model, *serve_args, log=log))
+            ports[interface] = int(base.rsplit(":", 1)[1])
+        results.update(asyncio.run(measure(ports, engine, args)))
+    engine.close()
+    print(json.dumps({k: v for k, v in results.items() if k != "streaming"}, indent=1))
     engine.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
