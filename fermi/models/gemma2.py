@@ -10,8 +10,7 @@ head size, and sliding-window layers alternating with global ones.
 from __future__ import annotations
 
 from fermi.models.decoder import ModelConfig
-from fermi.models.registry import Adapter, UnsupportedModelError, register, require
-from fermi.models.rope import RopeConfig
+from fermi.models.registry import Adapter, UnsupportedModelError, register, shape_fields
 
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 
@@ -33,15 +32,16 @@ def gemma2_windows(cfg: dict, layers: int) -> tuple[int | None, ...]:
 
 
 def gemma2_config(cfg: dict) -> ModelConfig:
-    heads = int(require(cfg, "num_attention_heads"))
-    hidden = int(require(cfg, "hidden_size"))
-    layers = int(require(cfg, "num_hidden_layers"))
     # Gemma 2 reads hidden_activation; hidden_act is a leftover of Gemma 1 configs.
-    act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
-    if act not in GELU_TANH:
-        raise UnsupportedModelError(
-            f"config.json: Gemma 2 with hidden_activation={act!r} is not supported"
-        )
+    fields = shape_fields(
+        cfg,
+        "Gemma 2",
+        max_positions=8192,
+        tied=True,
+        head_dim=256,
+        act_key="hidden_activation",
+        acts=GELU_TANH,
+    )
     if cfg.get("use_bidirectional_attention"):
         raise UnsupportedModelError(
             "config.json: Gemma 2 with use_bidirectional_attention (an encoder) is not supported"
@@ -49,22 +49,11 @@ def gemma2_config(cfg: dict) -> ModelConfig:
     bias = bool(cfg.get("attention_bias", False))
     return ModelConfig(
         architecture="Gemma2ForCausalLM",
-        vocab_size=int(require(cfg, "vocab_size")),
-        hidden_size=hidden,
-        intermediate_size=int(require(cfg, "intermediate_size")),
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or 256),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope=RopeConfig.from_hf(cfg),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        hidden_act="gelu_pytorch_tanh",
+        **{**fields, "hidden_act": "gelu_pytorch_tanh"},
         attention_bias=bias,
         o_proj_bias=bias,
-        sliding_windows=gemma2_windows(cfg, layers),
-        embedding_scale=hidden**0.5,
+        sliding_windows=gemma2_windows(cfg, fields["num_hidden_layers"]),
+        embedding_scale=fields["hidden_size"] ** 0.5,
         norm_unit_offset=True,
         sandwich_norms=True,
         attn_logit_softcap=_optional_float(cfg.get("attn_logit_softcapping", 50.0)),

@@ -14,7 +14,13 @@ import torch
 
 from fermi.errors import ModelLoadError
 from fermi.models.decoder import ModelConfig
-from fermi.models.registry import Adapter, UnsupportedModelError, Weights, register, require
+from fermi.models.registry import (
+    Adapter,
+    UnsupportedModelError,
+    Weights,
+    register,
+    shape_fields,
+)
 from fermi.models.rope import RopeConfig
 
 # transformers' Phi3Config defaults this when config.json does not say.
@@ -47,29 +53,13 @@ def phi3_rope(cfg: dict, head_dim: int) -> RopeConfig:
 
 
 def phi3_config(cfg: dict) -> ModelConfig:
-    heads = int(require(cfg, "num_attention_heads"))
-    hidden = int(require(cfg, "hidden_size"))
-    layers = int(require(cfg, "num_hidden_layers"))
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedModelError(f"config.json: Phi-3 with hidden_act={act!r} is not supported")
+    fields = shape_fields(cfg, "Phi-3", max_positions=4096, eps=1e-5)
     window = cfg.get("sliding_window")
     return ModelConfig(
         architecture="Phi3ForCausalLM",
-        vocab_size=int(require(cfg, "vocab_size")),
-        hidden_size=hidden,
-        intermediate_size=int(require(cfg, "intermediate_size")),
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=head_dim,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        rope=phi3_rope(cfg, head_dim),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        **{**fields, "rope": phi3_rope(cfg, fields["head_dim"])},
         # transformers gives every Phi-3 layer the same window when one is set.
-        sliding_windows=(int(window),) * layers if window else (),
+        sliding_windows=(int(window),) * fields["num_hidden_layers"] if window else (),
     )
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from fermi.models.decoder import ModelConfig
-from fermi.models.registry import Adapter, UnsupportedModelError, register, require
-from fermi.models.rope import RopeConfig
+from fermi.models.registry import Adapter, register, shape_fields
 
 
 def sliding_windows(cfg: dict) -> tuple[int | None, ...]:
@@ -25,26 +24,12 @@ def sliding_windows(cfg: dict) -> tuple[int | None, ...]:
 
 
 def qwen3_config(cfg: dict) -> ModelConfig:
-    heads = int(require(cfg, "num_attention_heads"))
-    hidden = int(require(cfg, "hidden_size"))
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedModelError(f"config.json: Qwen3 with hidden_act={act!r} is not supported")
+    bias = bool(cfg.get("attention_bias", False))
     return ModelConfig(
         architecture="Qwen3ForCausalLM",
-        vocab_size=int(require(cfg, "vocab_size")),
-        hidden_size=hidden,
-        intermediate_size=int(require(cfg, "intermediate_size")),
-        num_hidden_layers=int(require(cfg, "num_hidden_layers")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope=RopeConfig.from_hf(cfg),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 40960)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        o_proj_bias=bool(cfg.get("attention_bias", False)),
+        **shape_fields(cfg, "Qwen3", max_positions=40960),
+        attention_bias=bias,
+        o_proj_bias=bias,
         qk_norm=True,
         sliding_windows=sliding_windows(cfg),
     )

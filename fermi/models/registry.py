@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fermi.models.decoder import ModelConfig
+from fermi.models.rope import RopeConfig
 
 
 class UnsupportedModelError(ValueError):
@@ -68,3 +69,42 @@ def require(cfg: dict, key: str, source: str = "config.json"):
     if key not in cfg:
         raise UnsupportedModelError(f"{source} has no {key!r}")
     return cfg[key]
+
+
+def shape_fields(
+    cfg: dict,
+    family: str,
+    *,
+    max_positions: int,
+    eps: float = 1e-6,
+    tied: bool = False,
+    head_dim: int | None = None,
+    act_key: str = "hidden_act",
+    acts: tuple[str, ...] = ("silu",),
+) -> dict:
+    """The :class:`ModelConfig` fields every architecture reads the same way.
+
+    ``max_positions``, ``eps``, ``tied`` and ``head_dim`` are the family's defaults for
+    keys a config may leave out; ``acts`` the activations the family supports.
+    """
+    heads = int(require(cfg, "num_attention_heads"))
+    hidden = int(require(cfg, "hidden_size"))
+    act = cfg.get(act_key) or acts[0]
+    if act not in acts:
+        raise UnsupportedModelError(
+            f"config.json: {family} with {act_key}={act!r} is not supported"
+        )
+    return {
+        "vocab_size": int(require(cfg, "vocab_size")),
+        "hidden_size": hidden,
+        "intermediate_size": int(require(cfg, "intermediate_size")),
+        "num_hidden_layers": int(require(cfg, "num_hidden_layers")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(cfg.get("num_key_value_heads") or heads),
+        "head_dim": int(cfg.get("head_dim") or head_dim or hidden // heads),
+        "rms_norm_eps": float(cfg.get("rms_norm_eps", eps)),
+        "rope": RopeConfig.from_hf(cfg),
+        "max_position_embeddings": int(cfg.get("max_position_embeddings", max_positions)),
+        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", tied)),
+        "hidden_act": act,
+    }
