@@ -134,8 +134,11 @@ class RsgiApp:
         if isinstance(reply, Reply):
             self._reply(proto, reply)
             return
-        transport = proto.response_stream(200, SSE_HEADERS)
-        await _send_stream(reply, transport.send_bytes)
+        try:
+            transport = proto.response_stream(200, SSE_HEADERS)
+            await _send_stream(reply, transport.send_bytes)
+        finally:
+            reply.cancel()  # a no-op once every choice finished
 
 
 class AsgiApp:
@@ -211,14 +214,19 @@ class AsgiApp:
             "status": 200,
             "headers": [(k.encode(), v.encode()) for k, v in SSE_HEADERS],
         }
-        await send(start)
 
         async def piece(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
-        await _send_stream(reply, piece)
-        with contextlib.suppress(Exception):  # the client left; nothing to finish
+        try:
+            await send(start)
+            await _send_stream(reply, piece)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except Exception as exc:
+            if not _client_gone(exc):
+                raise
+        finally:
+            reply.cancel()  # a no-op once every choice finished
 
 
 async def _disconnected(receive: Callable) -> None:

@@ -59,9 +59,11 @@ class Reply:
 
 @dataclass
 class StreamReply:
-    """An SSE body; ``chunks`` yields already framed ``data: ...`` events."""
+    """An SSE body; ``chunks`` yields already framed ``data: ...`` events. ``cancel`` stops
+    the generation behind it, also when the stream never started (the client left first)."""
 
     chunks: AsyncIterator[bytes]
+    cancel: Callable[[], None]
 
 
 def sse(obj: msgspec.Struct) -> bytes:
@@ -208,7 +210,8 @@ class Api:
         timing = _Timing(self.metrics, start)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return StreamReply(self._chat_stream(body, requests, generation, timing, rid, created))
+            chunks = self._chat_stream(body, requests, generation, timing, rid, created)
+            return StreamReply(chunks, generation.cancel)
         choices = await self._collect(generation, timing, len(requests))
         prompt_tokens = timing.done(requests, body.n, choices)
         reply = chat_completion(
@@ -228,7 +231,8 @@ class Api:
         timing = _Timing(self.metrics, start)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return StreamReply(self._text_stream(body, requests, generation, timing, rid, created))
+            chunks = self._text_stream(body, requests, generation, timing, rid, created)
+            return StreamReply(chunks, generation.cancel)
         choices = await self._collect(generation, timing, len(requests))
         prompt_tokens = timing.done(requests, body.n, choices)
         reply = text_completion(
