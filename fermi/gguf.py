@@ -114,12 +114,12 @@ def load_gguf(
         config = adapter.to_config(hf_config)
     except (UnsupportedModelError, ValueError) as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
+    tokenizer = tokenizer_from_gguf(meta, str(path))  # before the weights: fail fast
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype)
     model = build_model(config, adapter, weights, device, torch_dtype, source=str(path))
     if half_storage:
         use_half_weights(model)
-    tokenizer = tokenizer_from_gguf(meta, str(path))
     eos = [
         int(meta[key])
         for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")

@@ -265,3 +265,14 @@ def test_float_gguf_on_cpu_defaults_to_float32(tmp_path, llama_folder):
     path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=Q.F16)
     model = load_gguf(path, CPU).model
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_gguf_sentencepiece_tokenizer_is_refused_by_name(tmp_path, llama_folder):
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama")
+    data = path.read_bytes()
+    # Same length, so the header stays valid: "gpt2" -> "sp_x" as tokenizer.ggml.model.
+    path.write_bytes(
+        data.replace(b"\x04\x00\x00\x00\x00\x00\x00\x00gpt2", b"\x04" + b"\x00" * 7 + b"sp_x", 1)
+    )
+    with pytest.raises(ModelLoadError, match="tokenizer model 'sp_x' is not supported"):
+        load_gguf(path, CPU, torch.float32)
