@@ -74,6 +74,16 @@ def test_greedy_rows_take_argmax_of_logits():
     assert torch.equal(out.tokens, logits.argmax(-1))
 
 
+def test_all_greedy_shortcut_gives_the_same_tokens_and_logprobs():
+    logits = _logits(300, rows=5)
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.3)] * 5
+    batch = _batch(params, 300, prompts=[[1, 2, 3]] * 5)
+    full = _sample(logits, batch, list(range(5)), want_logprobs=3)
+    fast = _sample(logits, batch, list(range(5)), want_logprobs=3, all_greedy=True)
+    for a, b in zip(full, fast, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_greedy_ignores_low_precision_dtype_and_filters():
     logits = _logits(300, rows=4).to(torch.bfloat16)
     batch = _batch([SamplingParams(temperature=0.0, top_k=3, top_p=0.5)] * 4, 300)

@@ -294,6 +294,7 @@ def sample(
     use_filters: bool,
     use_penalties: bool,
     want_logprobs: int = 0,
+    all_greedy: bool = False,
 ) -> SampleOutput:
     """Pick one token per row of ``logits`` [B, V]; ``rows`` [B] int64 maps them to batch rows.
 
@@ -305,6 +306,8 @@ def sample(
 
     ``use_filters`` / ``use_penalties`` must be True when any row needs them (see
     ``SamplingBatch.row_flags``); rows with neutral values come out the same either way.
+    ``all_greedy`` (every row has temperature 0, known on the host) skips the noise: on a
+    CPU, hashing noise for a whole vocabulary costs as much as a small model's lm_head.
     ``want_logprobs``: -1 = none, 0 = the chosen token's, k in 1..20 = also the k most likely.
     Reported logprobs are from the distribution after penalties and temperature but before
     filtering (temperature 1 for greedy rows): the model's view of the token, not the sampler's.
@@ -327,6 +330,9 @@ def sample(
     greedy = temperature == 0.0
     scaled = x / torch.where(greedy, 1.0, temperature).unsqueeze(1)
 
+    if all_greedy:
+        tokens = torch.argmax(x, dim=-1)
+        return _with_logprobs(tokens, scaled, want_logprobs)
     candidates = scaled
     if use_filters:
         keep = filter_keep(scaled, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
@@ -334,7 +340,10 @@ def sample(
     noise = exponential_noise(batch.seed[rows], batch.step[rows], batch.vocab_size)
     sampled = torch.argmax(candidates - torch.log(noise), dim=-1)
     tokens = torch.where(greedy, torch.argmax(x, dim=-1), sampled)
+    return _with_logprobs(tokens, scaled, want_logprobs)
 
+
+def _with_logprobs(tokens: torch.Tensor, scaled: torch.Tensor, want_logprobs: int) -> SampleOutput:
     if want_logprobs < 0:
         return SampleOutput(tokens, None, None, None)
     # Only the normaliser and one gather: no [B, V] log-softmax is kept.

@@ -271,7 +271,9 @@ class Scheduler:
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         rows = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=logits.device)
-        out = sample(logits, self.sampling, rows, **self._sample_options(seqs))
+        all_greedy = all(s.request.params.is_greedy for s in seqs)
+        options = self._sample_options(seqs)
+        out = sample(logits, self.sampling, rows, **options, all_greedy=all_greedy)
         self._emit_sampled(seqs, rows, out)
 
     def _emit_sampled(self, seqs: list[_Sequence], rows: torch.Tensor, out: SampleOutput) -> None:

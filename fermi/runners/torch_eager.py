@@ -40,8 +40,11 @@ class TorchRunner:
         tokens = torch.tensor(token_ids, dtype=torch.long, device=dev)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        # Attention cost follows the longest live context, not max_seq_len.
-        return self.model(tokens, pos, slot_t, kv_len=max(positions) + 1)
+        # Attention cost follows the longest live context, not max_seq_len. When rows are
+        # slots 0..B-1 (the scheduler hands out the lowest free slots) the cache is read as
+        # a view instead of gathered.
+        dense = slots == list(range(len(slots)))
+        return self.model(tokens, pos, slot_t, kv_len=max(positions) + 1, rows_are_slots=dense)
 
     def release(self, slot: int) -> None:
         """Nothing to do: a slot's stale entries are masked until overwritten."""
