@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -12,7 +14,7 @@ from click.testing import CliRunner
 
 import fermi
 from fermi.cli import main
-from tests.serving import http, metric, running_server, thinking_checkpoint
+from tests.serving import REPO, free_port, http, metric, running_server, thinking_checkpoint
 
 SEQ_LEN = 256
 
@@ -96,3 +98,18 @@ def test_pool_and_devices_that_disagree_are_a_start_up_error(model_dir):
     )
     assert result.exit_code == 2
     assert "--pool 3 does not match --devices" in result.output
+
+
+def test_missing_model_is_a_start_up_error(tmp_path):
+    result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "nothing-here")])
+    assert result.exit_code == 1 and "no such file or folder" in result.output
+
+
+def test_model_that_fails_to_load_stops_the_server_with_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    cmd = [sys.executable, "-m", "fermi.cli", "serve", "--model", str(tmp_path)]
+    cmd += ["--port", str(free_port())]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "cannot start the server:" in done.stderr and "not supported" in done.stderr
+    assert "Traceback" not in done.stderr

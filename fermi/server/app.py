@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fermi.errors import FermiError
 from fermi.server.config import ServerConfig
 from fermi.server.errors import ApiError, internal_error
 from fermi.server.handlers import DONE, Api, Reply, StreamEndedError, StreamReply, error_reply, sse
@@ -256,12 +257,20 @@ def _configure_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")
 
 
+def _start() -> Api:
+    _configure_logging()
+    try:
+        return build_api(ServerConfig.from_env())
+    except (FermiError, ValueError, OSError, RuntimeError) as exc:
+        # A model that cannot load is the user's to fix: one line, no traceback.
+        log.error("cannot start the server: %s", exc)
+        raise SystemExit(1) from None
+
+
 def create_rsgi_app() -> RsgiApp:
     """Granian factory (``--factory``): load the engines named by FERMI_SERVER_CONFIG."""
-    _configure_logging()
-    return RsgiApp(build_api(ServerConfig.from_env()))
+    return RsgiApp(_start())
 
 
 def create_asgi_app() -> AsgiApp:
-    _configure_logging()
-    return AsgiApp(build_api(ServerConfig.from_env()))
+    return AsgiApp(_start())

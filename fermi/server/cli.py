@@ -103,6 +103,13 @@ def serve_command(
         raise click.UsageError(str(exc)) from exc
     if max_body_bytes < 1:
         raise click.UsageError("--max-body-bytes must be positive")
+    from fermi.errors import ModelLoadError
+    from fermi.hub import resolve
+
+    try:
+        resolve(model)  # fail here, not in the worker; a Hub model downloads once, here
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
     config = ServerConfig(
         model=model,
         devices=placed,
