@@ -522,9 +522,13 @@ def main() -> None:
         print(report([json.loads(Path(f).read_text()) for f in args.report]))
         return
 
+    import logging
+
     import torch
     import transformers
 
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    logging.getLogger("fermi").setLevel(logging.INFO)
     props = torch.cuda.get_device_properties(0)
     result: dict = {
         "command": " ".join(sys.argv),

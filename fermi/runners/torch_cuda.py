@@ -307,10 +307,14 @@ class CudaGraphRunner:
                 kv = pick(t, self.kv_sizes)
                 self._run(("prefill", t, kv), functools.partial(self._prefill_body, t, kv))
             self.startup.prefill_s = time.perf_counter() - started
+            log.info("prefill buckets ready in %.1f s", self.startup.prefill_s)
             idle = [0] * self.max_batch
             values = [*idle, *([self.scratch] * self.max_batch), *idle]
             self._io.copy_(self._host(values, self._io.shape))
             for b in self.batch_sizes:
+                log.info(
+                    "decode batch %d: %.1f s since warm-up began", b, time.perf_counter() - started
+                )
                 for kv in self.kv_sizes:
                     for variant in WARM_VARIANTS:
                         body = functools.partial(self._decode_body, b, kv, variant)
