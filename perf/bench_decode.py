@@ -203,7 +203,7 @@ def our_decoder(cfg: dict, hf=None, dtype=None):
     return model.eval().requires_grad_(False)
 
 
-def our_engine(model, max_batch: int, max_seq_len: int, attention: str = "flex"):
+def our_engine(model, max_batch: int, max_seq_len: int, attention: str = "sdpa"):
     from fermi.engine.api import Engine
     from fermi.loading import GenerationDefaults
     from fermi.runners.torch_cuda import CudaGraphRunner
@@ -507,7 +507,7 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--hf-prompts", type=int, nargs="*", default=None, help="[default: --prompts]")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--decode-attention", default="flex", choices=["flex", "math", "sdpa"])
+    p.add_argument("--decode-attention", default="sdpa", choices=["flex", "math", "sdpa"])
     p.add_argument("--fp32-check", action="store_true")
     p.add_argument("--context-test", default=None, help="model name for the 500-token test")
     p.add_argument("--start-test", nargs="*", default=[], help="models for cold/warm start")

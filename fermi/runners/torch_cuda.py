@@ -131,7 +131,7 @@ class CudaGraphRunner:
         *,
         backend: str | None = "inductor",
         use_graphs: bool | None = None,
-        decode_attention: str = "flex",
+        decode_attention: str = "sdpa",
         warmup: bool = True,
         compile_cache: bool = True,
     ) -> None:
