@@ -61,7 +61,7 @@ INTERFACES = {
     type=click.Choice(sorted(INTERFACES)),
     default="rsgi",
     show_default=True,
-    help="Granian interface (RSGI measured faster; see docs/http-server.md).",
+    help="Granian interface (RSGI measured faster; see the README).",
 )
 @click.option(
     "--log-level",
