@@ -243,3 +243,57 @@ def test_generation_config_defaults_apply(folder, tmp_path):
         req = eng.build_request(prompt="hi")
         assert req.params.temperature == 0.0 and req.params.top_k == 20
         assert req.eos_token_ids == {IM_END, TINY_SPECIAL_IDS["<|endoftext|>"]}
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"seed": "1"}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"stop": [5]}, "stop"),
+        ({"logprobs": 1.5}, "logprobs"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"temperature": float("inf")}, "temperature"),
+    ],
+)
+def test_wrongly_typed_fields_are_request_errors(engine, kwargs, param):
+    with pytest.raises(RequestError) as err:
+        engine.generate(prompt="a", **kwargs)
+    assert err.value.param == param
+
+
+def test_a_request_that_fails_at_admission_fails_alone(engine):
+    """A malformed request that slips past validation ends with an error; a request running
+    beside it is untouched and every slot comes back."""
+    import dataclasses
+
+    from fermi.errors import FermiError
+
+    innocent = engine.stream(prompt_token_ids=PROMPT, max_tokens=60, temperature=0, ignore_eos=True)
+    first = next(innocent)
+    good = engine.build_request(prompt_token_ids=PROMPT, max_tokens=4)
+    bad = dataclasses.replace(good, params=dataclasses.replace(good.params, seed="x"))
+    with pytest.raises(FermiError, match="TypeError"):
+        engine.generate_request(bad)
+    rest = list(innocent)
+    assert len(first.token_ids) + sum(len(d.token_ids) for d in rest) == 60
+    assert rest[-1].finish_reason == "length"
+    solo = engine.generate(prompt_token_ids=PROMPT, max_tokens=60, temperature=0, ignore_eos=True)
+    assert first.token_ids + [t for d in rest for t in d.token_ids] == solo.token_ids
+    assert engine.scheduler.load == 0
+    assert sorted(engine.scheduler._free) == list(range(engine.max_batch))
+
+
+def test_a_vanishing_temperature_is_greedy(engine):
+    greedy = engine.generate(prompt_token_ids=PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
+    tiny = engine.generate(
+        prompt_token_ids=PROMPT, max_tokens=8, temperature=1e-40, logprobs=0, ignore_eos=True
+    )
+    assert tiny.token_ids == greedy.token_ids
+    assert all(lp.logprob == lp.logprob for lp in tiny.logprobs)  # no NaN
+
+
+def test_truncate_without_max_tokens_leaves_room_to_answer(engine):
+    out = engine.generate(prompt_token_ids=[1] * 300, truncate=True, temperature=0, ignore_eos=True)
+    assert out.usage.prompt_tokens == 256 - 64
+    assert len(out.token_ids) == 64

@@ -273,7 +273,7 @@ def _try_chat(stub, session_id) -> bool:
         (pb.GenerateRequest(), "input: set one of prompt, prompt_token_ids or conversation"),
         (
             pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(temperature=-1)),
-            "temperature: temperature must be >= 0",
+            "temperature: temperature must be in [0, 100.0]",
         ),
         (
             pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(max_tokens=0)),

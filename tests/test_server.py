@@ -274,6 +274,18 @@ def test_malformed_json_and_wrong_types_are_400_naming_the_field(base):
     assert status == 400 and err["param"] == "top_logprobs"
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("top_k", 2**63), ("temperature", 1e308), ("repetition_penalty", 1e308)],
+)
+def test_out_of_range_sampling_values_are_400_and_leak_nothing(base, client, field, value):
+    url = base + "/v1/chat/completions"
+    for _ in range(10):  # more than the batch: a leaked slot would stall the next request
+        status, err = error_of(http(url, {"messages": HI, "max_tokens": 2, field: value}, AUTH))
+        assert status == 400 and err["param"] == field
+    assert chat(client, max_tokens=2).usage.completion_tokens == 2
+
+
 def test_unknown_fields_are_ignored(client):
     out = chat(client, max_tokens=2, extra_body={"some_future_field": {"x": 1}, "user": "u1"})
     assert out.usage.completion_tokens == 2

@@ -26,6 +26,9 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 # Qwen3's recommended sampling when thinking is off (its generation_config holds the
 # thinking-mode values); applied only when a request sets no sampling knob itself.
+# Temperatures below this are treated as greedy.
+MIN_TEMPERATURE = 1e-5
+
 NON_THINKING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
 
 
@@ -142,6 +145,7 @@ class Engine:
             raise RequestError("the prompt is empty", "prompt")
 
         limit = self.max_seq_len
+        _check_types(max_tokens=max_tokens, seed=seed, logprobs=logprobs, stop=stop)
         if max_tokens is not None and max_tokens < 1:
             raise RequestError("max_tokens must be at least 1", "max_tokens")
         if len(ids) >= limit:
@@ -151,7 +155,8 @@ class Engine:
                     "(pass truncate=True to keep the end of the prompt)",
                     "messages" if messages is not None else "prompt",
                 )
-            keep = max(1, limit - (max_tokens or 1))
+            # Without max_tokens, leave a quarter of the context for the reply.
+            keep = max(1, limit - (max_tokens or max(1, limit // 4)))
             ids = ids[-keep:]
         budget = limit - len(ids)
         max_tokens = budget if max_tokens is None else min(max_tokens, budget)
@@ -201,8 +206,11 @@ class Engine:
         rep = given["repetition_penalty"]
         if rep is None:
             rep = gen.repetition_penalty if gen.repetition_penalty is not None else 1.0
+        temperature = float(values["temperature"])
+        if 0.0 < temperature < MIN_TEMPERATURE:
+            temperature = 0.0  # dividing by it would overflow the logits: it is greedy anyway
         params = SamplingParams(
-            temperature=float(values["temperature"]),
+            temperature=temperature,
             top_k=int(values["top_k"] or 0),
             top_p=float(values["top_p"]),
             min_p=float(values["min_p"]),
@@ -310,6 +318,17 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_types(**values) -> None:
+    """Types a caller from outside Python (JSON, gRPC) could get wrong."""
+    for name in ("max_tokens", "seed", "logprobs"):
+        value = values[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise RequestError(f"{name} must be an integer, not {value!r}", name)
+    stop = values["stop"]
+    if stop is not None and not isinstance(stop, str) and not all(isinstance(s, str) for s in stop):
+        raise RequestError("stop must be a string or a list of strings", "stop")
 
 
 def _field_of(message: str) -> str | None:

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 
 MAX_LOGPROBS = 20
+# Far beyond any useful value, and small enough to stay finite in float32 arithmetic.
+MAX_TEMPERATURE = 100.0
 
 _MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2**31: a value below 2**32 times one of them stays below 2**63, so the
@@ -48,11 +50,15 @@ class SamplingParams:
         """Raise ValueError naming the first field whose value is out of range."""
         # Written as "not (in range)" so that NaN is rejected too.
         checks = (
-            ("temperature", self.temperature >= 0.0, ">= 0"),
-            ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
+            (
+                "temperature",
+                0.0 <= self.temperature <= MAX_TEMPERATURE,
+                f"in [0, {MAX_TEMPERATURE}]",
+            ),
+            ("top_k", 0 <= self.top_k < 2**31, "in [0, 2**31) (0 = off)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0.0, "> 0"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 100.0, "in (0, 100]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
         )

@@ -129,9 +129,12 @@ class Scheduler:
                 raise EngineOverloadedError(
                     f"the request queue is full ({self.max_waiting} waiting); try again later"
                 )
+            if not request.prompt_ids:
+                raise ValueError("the prompt is empty")
             self._pending += 1
-        handle = RequestHandle(request, sink)
-        self._inbox.put(handle)
+            handle = RequestHandle(request, sink)
+            # Queued under the lock, so it cannot land behind close()'s stop marker.
+            self._inbox.put(handle)
         return handle
 
     def release_session(self, session: str) -> None:
@@ -141,7 +144,7 @@ class Scheduler:
     def close(self) -> None:
         with self._lock:
             self._stopped = True
-        self._inbox.put(None)
+            self._inbox.put(None)
         self._thread.join(timeout=30)
 
     @property
@@ -153,7 +156,9 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
-            busy = bool(self._waiting or self._prefilling or self._decoding)
+            # Waiting requests keep the loop busy only while a slot could take them.
+            admissible = self._waiting and (self._free or self._kept)
+            busy = bool(admissible or self._prefilling or self._decoding)
             try:
                 item = self._inbox.get(block=not busy)
                 while True:
@@ -169,7 +174,7 @@ class Scheduler:
                 pass
             try:
                 self._step()
-            except Exception as exc:  # a broken step must not take the engine down
+            except Exception as exc:  # a broken batched step fails the batch, not the engine
                 log.exception("engine step failed")
                 self._fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
 
@@ -177,7 +182,16 @@ class Scheduler:
         self._drop_cancelled()
         self._admit()
         if self._prefilling:
-            self._prefill_chunk(self._prefilling[0])
+            seq = self._prefilling[0]
+            try:
+                self._prefill_chunk(seq)
+            except Exception as exc:  # one prompt's failure ends that request only
+                log.exception("prefill failed")
+                if seq in self._prefilling:
+                    self._prefilling.remove(seq)
+                if not seq.handle.done.is_set():
+                    message = f"prefill failed: {type(exc).__name__}: {exc}"
+                    self._complete(seq, Delta(error=message), "error")
         if self._decoding:
             self._decode()
         self.stats.running = len(self._prefilling) + len(self._decoding)
@@ -193,9 +207,15 @@ class Scheduler:
                 continue
             req = handle.request
             slot, reused = self._take_slot(req)
-            seed = req.params.seed if req.params.seed is not None else random.getrandbits(62)
-            self.sampling.set_row(slot, req.params, list(req.prompt_ids), seed)
-            out = OutputStream(self.tokenizer, req)
+            try:
+                seed = req.params.seed if req.params.seed is not None else random.getrandbits(62)
+                self.sampling.set_row(slot, req.params, list(req.prompt_ids), seed)
+                out = OutputStream(self.tokenizer, req)
+            except Exception as exc:  # this request is malformed: fail it alone
+                log.exception("admitting a request failed")
+                self._free_slot(slot)
+                self._finish_unstarted(handle, "error", f"{type(exc).__name__}: {exc}")
+                continue
             self._prefilling.append(_Sequence(handle, slot, out, prefilled=reused, reused=reused))
 
     def _take_slot(self, request: GenerationRequest) -> tuple[int, int]:

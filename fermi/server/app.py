@@ -100,6 +100,10 @@ class RsgiApp:
             self.api.metrics.error(exc.status)
             self._reply(proto, error_reply(exc))
             return
+        except Exception as exc:
+            if _client_gone(exc):  # the client left while sending its body
+                return
+            raise
         if scope.method == "GET":
             await self._respond(scope, proto, body)
         else:
