@@ -77,6 +77,15 @@ def test_changed_file_is_a_checksum_mismatch(tmp_path):
         fermi.load(tmp_path)
 
 
+def test_a_listed_file_outside_the_folder_is_refused(tmp_path):
+    art = tmp_path / "art"
+    written = fake_artefact(art)
+    (tmp_path / "secret").write_text("x")
+    rewrite(art, files={**written.files, "../secret": "0" * 64})
+    with pytest.raises(ModelLoadError, match=r"'\.\./secret' lies outside"):
+        fermi.load(art)
+
+
 def test_manifest_that_is_not_json_or_lacks_fields_is_a_load_error(tmp_path):
     fake_artefact(tmp_path)
     (tmp_path / "manifest.json").write_text("{broken")

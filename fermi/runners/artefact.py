@@ -114,8 +114,11 @@ def read_manifest(folder: Path, verify_checksums: bool = True) -> Manifest:
     model_file = manifest.model_file  # a file (.onnx) or a folder (.mlpackage)
     if not any(f == model_file or f.startswith(model_file + "/") for f in manifest.files):
         raise ModelLoadError(f"{path}: model_file {manifest.model_file!r} is not in 'files'")
+    root = folder.resolve()
     for name, expected in manifest.files.items():
         file = folder / name
+        if not file.resolve().is_relative_to(root):
+            raise ModelLoadError(f"{path}: file {name!r} lies outside the artefact folder")
         if not file.is_file():
             raise ModelLoadError(f"artefact {folder} is missing {name} (listed in {MANIFEST_NAME})")
         if verify_checksums and sha256_file(file) != expected:
