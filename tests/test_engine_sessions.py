@@ -102,3 +102,25 @@ def test_cancelled_session_request_keeps_what_its_cache_holds(engine):
     assert out.usage.cached_tokens >= len(PROMPT) + 2
     assert out.token_ids == run(engine, follow).token_ids
     engine.release_session("e")
+
+
+def test_releasing_a_session_whose_request_still_waits_keeps_no_cache(engine):
+    import threading
+
+    busy = [
+        engine.stream(prompt_token_ids=PROMPT, max_tokens=40, temperature=0, ignore_eos=True)
+        for _ in range(2)
+    ]
+    for stream in busy:  # both slots are taken once each stream has produced a token
+        next(stream)
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(out=run(engine, PROMPT, session="w")))
+    waiter.start()
+    while engine.scheduler.stats.waiting == 0 and not result:
+        threading.Event().wait(0.005)
+    engine.release_session("w")  # arrives while the request is queued behind the streams
+    for stream in busy:
+        list(stream)
+    waiter.join(timeout=60)
+    assert result["out"].finish_reason == "length"
+    assert "w" not in engine.scheduler._kept

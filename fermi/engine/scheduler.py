@@ -111,6 +111,7 @@ class Scheduler:
         self._waiting: deque[RequestHandle] = deque()
         self._free = list(range(caps.max_batch))
         self._kept: OrderedDict[str, _Kept] = OrderedDict()  # idle sessions, LRU first
+        self._released: set[str] = set()  # sessions released while a request of theirs waited
         self._prefilling: deque[_Sequence] = deque()
         self._decoding: list[_Sequence] = []
         self._lock = threading.Lock()
@@ -216,7 +217,14 @@ class Scheduler:
                 self._free_slot(slot)
                 self._finish_unstarted(handle, "error", f"{type(exc).__name__}: {exc}")
                 continue
-            self._prefilling.append(_Sequence(handle, slot, out, prefilled=reused, reused=reused))
+            seq = _Sequence(handle, slot, out, prefilled=reused, reused=reused)
+            if req.session is not None and req.session in self._released:
+                seq.keep = False
+            self._prefilling.append(seq)
+            if req.session is not None and not any(
+                h.request.session == req.session for h in self._waiting
+            ):
+                self._released.discard(req.session)
 
     def _take_slot(self, request: GenerationRequest) -> tuple[int, int]:
         """A slot for ``request`` and how many of its prompt tokens that slot already holds."""
@@ -251,6 +259,8 @@ class Scheduler:
         for seq in (*self._prefilling, *self._decoding):
             if seq.request.session == session:
                 seq.keep = False
+        if any(h.request.session == session for h in self._waiting):
+            self._released.add(session)  # queued requests of it must not keep a cache either
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         prompt = seq.request.prompt_ids
