@@ -255,9 +255,13 @@ class Engine:
         """``stream`` for asyncio code; cancelling the task cancels the request."""
         request = self.build_request(**kwargs)
         async for delta in self.astream_request(request):
+            if delta.error:
+                raise FermiError(delta.error)
             yield delta
 
     async def astream_request(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Low level: deltas of a prepared request; a failure arrives as a final delta with
+        ``error`` set (front ends turn it into their own error shape)."""
         loop = asyncio.get_running_loop()
         box: asyncio.Queue[Delta] = asyncio.Queue()
         handle = self.submit(request, lambda d: loop.call_soon_threadsafe(box.put_nowait, d))
