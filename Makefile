@@ -19,10 +19,10 @@ $(BIN)/fermi: pyproject.toml
 setup: $(BIN)/fermi
 
 chat: setup
-	$(BIN)/fermi chat --model smollm2-135m
+	$(BIN)/fermi chat --model smollm2-135m --device cpu
 
 serve: setup
-	$(BIN)/fermi serve --model smollm2-135m
+	$(BIN)/fermi serve --model smollm2-135m --device cpu
 
 test: setup
 	$(BIN)/ruff check fermi export tests perf
