@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fermi.models.decoder import Attention, Decoder
+from fermi.models.rope import apply_rope
 
 
 class _WindowCache(nn.Module):
@@ -103,7 +104,8 @@ class _StatefulAttention(nn.Module):
         self.layer = layer
         self.step = step
 
-    def forward(self, x, cos, sin, positions, slots, read_slots, kv_len) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, slots, read_slots, kv_len, masks) -> torch.Tensor:
+        # ``masks`` (the decoder's boolean masks) is unused: Core ML takes its mask as input.
         attn, cfg, step, i = self.inner, self.inner.cfg, self.step, self.layer
         b, t, _ = x.shape
         q = attn.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -113,7 +115,7 @@ class _StatefulAttention(nn.Module):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         rot = int(cfg.head_dim * cfg.rope.partial_rotary_factor)
-        q, k = _rope_static(q, cos, sin, rot), _rope_static(k, cos, sin, rot)
+        q, k = apply_rope(q, cos, sin, rot), apply_rope(k, cos, sin, rot)
 
         step.k_cache[i, :, :, step.start : step.end] = k.to(step.k_cache.dtype)
         step.v_cache[i, :, :, step.start : step.end] = v.to(step.v_cache.dtype)
@@ -142,17 +144,6 @@ class _StatefulAttention(nn.Module):
             scores = torch.tanh(scores / cap) * cap + mask
             out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ values
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
-
-def _rope_static(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
-    """``apply_rope`` with the rotary width as a Python int: under ``torch.jit.trace`` the
-    original's ``cos.shape[-1] // 2`` becomes a traced integer op coremltools cannot convert."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    half = rot // 2
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    out = x_rot * cos + rotated * sin
-    return out if rot == x.shape[-1] else torch.cat((out, x_pass), dim=-1)
 
 
 class CoreMLStep(nn.Module):

@@ -133,6 +133,7 @@ class Attention(nn.Module):
         slots: torch.Tensor,
         read_slots: torch.Tensor | None,
         kv_len: int,
+        masks: dict[int | None, torch.Tensor],
     ) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
@@ -160,14 +161,7 @@ class Attention(nn.Module):
                 cfg.attn_logit_softcap,
             )
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        # Key j is visible to a query at position p when j <= p (and inside the window).
-        key_pos = torch.arange(kv_len, device=x.device)
-        mask = key_pos[None, None, :] <= positions[:, :, None]
-        window = self.window
-        if window is not None:
-            mask = mask & (key_pos[None, None, :] > positions[:, :, None] - window)
-        mask = mask[:, None]  # [B, 1, T, L]
-        out = self._attend(q, keys, values, mask)
+        out = self._attend(q, keys, values, masks[self.window])
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def _attend(self, q, keys, values, mask) -> torch.Tensor:
@@ -232,8 +226,12 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
-    def forward(self, x, cos, sin, positions, slots, read_slots, kv_len: int) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, positions, slots, read_slots, kv_len)
+    def forward(
+        self, x, cos, sin, positions, slots, read_slots, kv_len: int, masks
+    ) -> torch.Tensor:
+        h = self.self_attn(
+            self.input_layernorm(x), cos, sin, positions, slots, read_slots, kv_len, masks
+        )
         if not self.sandwich:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -263,6 +261,10 @@ class Decoder(nn.Module):
         self.max_batch = 0
         self.max_seq_len = 0
         self.rope_switch: int | None = None  # LongRoPE: first position of the long factors
+        # Each layer's attention window (None = global); setup_cache drops unbinding ones.
+        self.windows: tuple[int | None, ...] = tuple(
+            cfg.window(i) for i in range(cfg.num_hidden_layers)
+        )
 
     def setup_cache(
         self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None
@@ -279,6 +281,7 @@ class Decoder(nn.Module):
             # 262144, or Gemma 2's 4096 with a 4096-token cache).
             window = cfg.window(i)
             layer.self_attn.window = window if window is not None and window < max_seq_len else None
+        self.windows = tuple(layer.self_attn.window for layer in self.model.layers)
         self.rope_switch = longrope_switch(cfg.rope)
         if self.rope_switch is None:
             cos, sin = rope_tables(cfg.rope, cfg.head_dim, max_seq_len)
@@ -318,8 +321,9 @@ class Decoder(nn.Module):
             x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
         cos, sin = self._rope(positions, slots)
         read_slots = None if rows_are_slots else slots
+        masks = self._masks(positions, kv_len)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, slots, read_slots, kv_len)
+            x = layer(x, cos, sin, positions, slots, read_slots, kv_len, masks)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]
             last_only = True
@@ -330,6 +334,18 @@ class Decoder(nn.Module):
             cap = cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits[:, -1] if last_only else logits
+
+    def _masks(self, positions: torch.Tensor, kv_len: int) -> dict[int | None, torch.Tensor]:
+        """Boolean masks [B, 1, T, kv_len], one per distinct layer window, built once per
+        forward: key j is visible to a query at position p when j <= p (and inside the
+        window)."""
+        key_pos = torch.arange(kv_len, device=positions.device)[None, None, :]
+        causal = key_pos <= positions[:, :, None]
+        masks = {}
+        for window in set(self.windows):
+            mask = causal if window is None else causal & (key_pos > positions[:, :, None] - window)
+            masks[window] = mask[:, None]
+        return masks
 
     def _rope(
         self, positions: torch.Tensor, slots: torch.Tensor

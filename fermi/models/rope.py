@@ -148,10 +148,16 @@ def rope_tables(
     return emb.cos() * scaling, emb.sin() * scaling
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, D] by cos/sin [B, T, rotary_dim] (rotate-half layout)."""
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int | None = None
+) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, D] by cos/sin [B, T, rotary_dim] (rotate-half layout).
+
+    ``rot`` (the rotary width) may be given as a Python int: under ``torch.jit.trace`` the
+    default ``cos.shape[-1]`` becomes a traced integer op that coremltools cannot convert.
+    """
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    rot = cos.shape[-1]
+    rot = cos.shape[-1] if rot is None else rot
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     half = rot // 2
     rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
