@@ -275,9 +275,30 @@ def _tokens_before(handle, t: float, new_tokens: int) -> float:
     return frac * (new_tokens - 1)
 
 
+def greedy_loop_seconds(runner, context: int, steps: int) -> float:
+    """Wall time of ``steps`` greedy one-row decode steps of slot 0 from ``context``, with
+    the host loop included (each step's token comes back before the next is sent)."""
+    import torch
+
+    token, batch = 5, runner.sampling
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for s in range(steps):
+        out = runner.decode_sample(
+            [0],
+            [token],
+            [context + s],
+            batch,
+            use_filters=False,
+            use_penalties=False,
+            want_logprobs=-1,
+        )
+        token = int(out.tokens[0])
+    return time.perf_counter() - started
+
+
 def ours_raw_context(model, max_seq_len: int, context: int, steps: int = 64) -> float:
     """Runner-level decode tok/s at a given context (no scheduler), for the length test."""
-    import torch
 
     from fermi.runners.torch_cuda import CudaGraphRunner
 
@@ -288,23 +309,7 @@ def ours_raw_context(model, max_seq_len: int, context: int, steps: int = 64) -> 
         runner.prefill(0, ids[start : start + 512], start)
     batch = runner.sampling
     batch.temperature[0] = 0.0
-    rates = []
-    for _ in range(4):
-        token = 5
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for s in range(steps):
-            out = runner.decode_sample(
-                [0],
-                [token],
-                [context + s],
-                batch,
-                use_filters=False,
-                use_penalties=False,
-                want_logprobs=-1,
-            )
-            token = int(out.tokens[0])
-        rates.append(steps / (time.perf_counter() - started))
+    rates = [steps / greedy_loop_seconds(runner, context, steps) for _ in range(4)]
     return statistics.median(rates[1:])
 
 

@@ -15,12 +15,11 @@ import dataclasses
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_decode import our_decoder, prompt_ids
+from bench_decode import greedy_loop_seconds, our_decoder, prompt_ids
 
 
 def replay_ms(graph, n: int = 50) -> float:
@@ -37,23 +36,7 @@ def replay_ms(graph, n: int = 50) -> float:
 
 
 def loop_ms(runner, context: int, steps: int = 50) -> float:
-    import torch
-
-    token, batch = 5, runner.sampling
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for s in range(steps):
-        out = runner.decode_sample(
-            [0],
-            [token],
-            [context + s],
-            batch,
-            use_filters=False,
-            use_penalties=False,
-            want_logprobs=-1,
-        )
-        token = int(out.tokens[0])
-    return 1e3 * (time.perf_counter() - started) / steps
+    return 1e3 * greedy_loop_seconds(runner, context, steps) / steps
 
 
 def top_kernels(graph, k: int = 12) -> list[dict]:
