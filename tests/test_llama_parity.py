@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fermi.loading import load_folder
+from tests.arch_parity import TOL, greedy_pair, load_pair, max_error_prefill_and_decode
 from tests.tiny import write_checkpoint
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_theta": 10000.0}
@@ -29,63 +30,25 @@ CONFIGS = {
     },
 }
 
-TOL = 1e-4
-
 
 def load(tmp_path, name):
     folder = write_checkpoint(tmp_path / name, {**LLAMA, **CONFIGS[name]}, seed=len(name))
-    ckpt = load_folder(folder, torch.device("cpu"), torch.float32)
-    assert ckpt.config.architecture == "LlamaForCausalLM"
-    ckpt.model.setup_cache(max_batch=2, max_seq_len=256)
-    import transformers
-
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model, ref = load_pair(folder)
+    assert model.cfg.architecture == "LlamaForCausalLM"
     assert type(ref).__name__ == "LlamaForCausalLM"
-    return ckpt.model, ref
-
-
-def fwd(model, tokens, start, last_only=False):
-    b, t = tokens.shape
-    pos = torch.arange(start, start + t)[None].expand(b, t)
-    with torch.inference_mode():
-        return model(tokens, pos, torch.zeros(b, dtype=torch.long), start + t, last_only=last_only)
+    return model, ref
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_llama_prefill_and_cached_decode_logits_match_transformers(tmp_path, name):
     model, ref = load(tmp_path, name)
-    torch.manual_seed(1)
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, 37))
-    ours = fwd(model, prompt, 0)
-    with torch.no_grad():
-        out = ref(prompt, use_cache=True)
-    assert (ours - out.logits).abs().max().item() < TOL
-    past, length = out.past_key_values, prompt.shape[1]
-    next_tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    for step in range(48):
-        ours = fwd(model, next_tok, length, last_only=True)
-        length += 1
-        with torch.no_grad():
-            out = ref(next_tok, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        assert (ours - out.logits[:, -1]).abs().max().item() < TOL, f"step {step}"
-        next_tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    assert max_error_prefill_and_decode(model, ref, prompt_len=37, steps=48) < TOL
 
 
 @pytest.mark.parametrize("name", ["tied", "llama3_rope"])
 def test_llama_greedy_64_tokens_identical_to_transformers_generate(tmp_path, name):
     model, ref = load(tmp_path, name)
-    torch.manual_seed(2)
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, 12))
-    with torch.no_grad():
-        expected = ref.generate(
-            prompt, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0
-        )[0, 12:].tolist()
-    logits = fwd(model, prompt, 0, last_only=True)
-    tokens: list[int] = []
-    for _ in range(64):
-        tokens.append(int(logits.argmax(-1)))
-        logits = fwd(model, torch.tensor([[tokens[-1]]]), 12 + len(tokens) - 1, last_only=True)
+    tokens, expected = greedy_pair(model, ref, prompt_len=12)
     assert tokens == expected
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fermi.loading import load_folder
+from tests.arch_parity import TOL, greedy_pair, load_pair, max_error_prefill_and_decode
 from tests.tiny import write_checkpoint
 
 CONFIGS = {
@@ -22,17 +23,9 @@ CONFIGS = {
     },
 }
 
-TOL = 1e-4
-
 
 def load(tmp_path, name):
-    folder = write_checkpoint(tmp_path / name, CONFIGS[name], seed=len(name))
-    ckpt = load_folder(folder, torch.device("cpu"), torch.float32)
-    ckpt.model.setup_cache(max_batch=4, max_seq_len=256)
-    import transformers
-
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return ckpt.model, ref
+    return load_pair(write_checkpoint(tmp_path / name, CONFIGS[name], seed=len(name)))
 
 
 def fwd(model, tokens, start, slot=0, last_only=False):
@@ -46,38 +39,12 @@ def fwd(model, tokens, start, slot=0, last_only=False):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_prefill_and_cached_decode_logits_match_transformers(tmp_path, name):
     model, ref = load(tmp_path, name)
-    torch.manual_seed(1)
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, 37))
-    ours = fwd(model, prompt, 0)
-    with torch.no_grad():
-        out = ref(prompt, use_cache=True)
-    assert (ours - out.logits).abs().max().item() < TOL
-    past, seq = out.past_key_values, prompt
-    next_tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    for step in range(64):
-        seq = torch.cat([seq, next_tok], dim=1)
-        ours = fwd(model, next_tok, seq.shape[1] - 1, last_only=True)
-        with torch.no_grad():
-            out = ref(next_tok, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        assert (ours - out.logits[:, -1]).abs().max().item() < TOL, f"step {step}"
-        next_tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    assert max_error_prefill_and_decode(model, ref, prompt_len=37, steps=64) < TOL
 
 
 def test_greedy_64_tokens_identical_to_transformers_generate(tmp_path):
     model, ref = load(tmp_path, "untied")
-    torch.manual_seed(2)
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, 12))
-    with torch.no_grad():
-        expected = ref.generate(
-            prompt, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0
-        )[0, 12:].tolist()
-    logits = fwd(model, prompt, 0, last_only=True)
-    tokens = []
-    for _ in range(64):
-        tok = int(logits.argmax(-1))
-        tokens.append(tok)
-        logits = fwd(model, torch.tensor([[tok]]), 12 + len(tokens) - 1, last_only=True)
+    tokens, expected = greedy_pair(model, ref, prompt_len=12)
     assert tokens == expected
 
 
