@@ -199,45 +199,38 @@ class Api:
     # -- generation -------------------------------------------------------------------
 
     async def chat(self, raw: bytes) -> Reply | StreamReply:
-        start = time.perf_counter()
-        try:
-            body = CHAT_DECODER.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise bad_body(exc) from None
-        self._check_model(body.model)
-        requests = chat_requests(self.pool.engine, body)
-        generation = Generation(self.pool, requests, asyncio.get_running_loop())
-        timing = _Timing(self.metrics, start)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            chunks = self._chat_stream(body, requests, generation, timing, rid, created)
-            return StreamReply(chunks, generation.cancel)
-        choices = await self._collect(generation, timing, len(requests))
-        prompt_tokens = timing.done(requests, body.n, choices)
-        reply = chat_completion(
-            rid, created, self.model_name, choices, prompt_tokens, bool(body.logprobs)
-        )
-        return Reply(200, ENCODER.encode(reply))
+        return await self._generate(raw, CHAT_DECODER, chat_requests, "chatcmpl", is_chat=True)
 
     async def completions(self, raw: bytes) -> Reply | StreamReply:
+        return await self._generate(raw, COMPLETION_DECODER, completion_requests, "cmpl")
+
+    async def _generate(
+        self, raw: bytes, decoder, to_requests, id_prefix: str, is_chat: bool = False
+    ) -> Reply | StreamReply:
+        """Decode a chat or completions body, submit its engine requests, and answer with a
+        stream or with the whole response."""
         start = time.perf_counter()
         try:
-            body = COMPLETION_DECODER.decode(raw)
+            body = decoder.decode(raw)
         except msgspec.DecodeError as exc:
             raise bad_body(exc) from None
         self._check_model(body.model)
-        requests = completion_requests(self.pool.engine, body)
+        requests = to_requests(self.pool.engine, body)
         generation = Generation(self.pool, requests, asyncio.get_running_loop())
         timing = _Timing(self.metrics, start)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            chunks = self._text_stream(body, requests, generation, timing, rid, created)
+            stream = self._chat_stream if is_chat else self._text_stream
+            chunks = stream(body, requests, generation, timing, rid, created)
             return StreamReply(chunks, generation.cancel)
         choices = await self._collect(generation, timing, len(requests))
         prompt_tokens = timing.done(requests, body.n, choices)
-        reply = text_completion(
-            rid, created, self.model_name, choices, prompt_tokens, body.logprobs
-        )
+        if is_chat:
+            args = (choices, prompt_tokens, bool(body.logprobs))
+            reply = chat_completion(rid, created, self.model_name, *args)
+        else:
+            args = (choices, prompt_tokens, body.logprobs)
+            reply = text_completion(rid, created, self.model_name, *args)
         return Reply(200, ENCODER.encode(reply))
 
     async def _collect(self, generation: Generation, timing: _Timing, n: int) -> list[ChoiceText]:
