@@ -219,9 +219,11 @@ def test_unexpected_exception_is_a_500_without_traceback(api, monkeypatch):
 def test_health_probe_generates_a_token_on_each_idle_replica(api):
     ok, lines = asyncio.run(api.health.check())
     assert ok and lines == ["replica 0 (cpu): ok", "replica 1 (cpu): ok"]
-    steps = [r.engine.scheduler.stats.steps for r in api.pool.replicas]
-    assert all(s > 0 for s in steps)
+    # Generated tokens are counted before their delta is delivered (a step's own counter
+    # moves only after it, which raced with this read).
+    tokens = [r.engine.scheduler.stats.generated_tokens for r in api.pool.replicas]
+    assert all(t > 0 for t in tokens)
     started = time.monotonic()
     assert asyncio.run(api.health.check())[0]  # cached: no new generation
-    assert [r.engine.scheduler.stats.steps for r in api.pool.replicas] == steps
+    assert [r.engine.scheduler.stats.generated_tokens for r in api.pool.replicas] == tokens
     assert time.monotonic() - started < 0.5
