@@ -7,6 +7,8 @@ compared with the eager runner on the same weights.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -195,3 +197,95 @@ def test_decode_attention_kernels_equal_sdpa(folder, kind):
     a = ours.decode([0, 2], [7, 9], [30, 12])
     b = ref.decode([0, 2], [7, 9], [30, 12])
     assert (a - b).abs().max().item() < TOL
+
+
+def test_fed_back_tokens_continue_the_previous_step(folder):
+    """``token_ids=None`` feeds each slot the id the previous step sampled, on the device."""
+    fed, host = graph_runner(folder), graph_runner(folder)
+    for r in (fed, host):
+        r.prefill(0, [11, 12, 13], 0)
+        r.prefill(2, [21, 22, 23, 24], 0)
+        r.sampling.temperature[:] = 0.0
+    kw = {"use_filters": False, "use_penalties": False, "want_logprobs": -1}
+    slots, pos = [2, 0], [4, 3]
+    tokens = [5, 6]
+    out_fed = fed.decode_sample(slots, tokens, pos, fed.sampling, **kw)
+    for step in range(1, 6):
+        out_host = host.decode_sample(
+            slots, tokens, [p + step - 1 for p in pos], host.sampling, **kw
+        )
+        assert out_fed.tokens.tolist() == out_host.tokens.tolist()
+        tokens = out_host.tokens.tolist()
+        out_fed = fed.decode_sample(slots, None, [p + step for p in pos], fed.sampling, **kw)
+    with pytest.raises(ValueError, match="previous decode_sample's slots"):
+        fed.decode_sample([0], None, [9], fed.sampling, **kw)
+    fed.decode([0], [1], [9])  # a logits-only step breaks the chain too
+    with pytest.raises(ValueError, match="previous decode_sample's slots"):
+        fed.decode_sample(slots, None, [9, 9], fed.sampling, **kw)
+
+
+def test_overlapped_scheduling_equals_the_eager_engine(folder):
+    """The scheduler queues step n+1 before reading step n on this runner: requests that end
+    at different steps (length, stop string, eos), join late, sample with seeds and
+    penalties or ask for logprobs all get what the eager engine gives them alone."""
+    from fermi.loading import GenerationDefaults
+    from fermi.text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(folder)
+    gen = GenerationDefaults()
+    requests = [
+        {"prompt_token_ids": [5, 77, 120, 33], "max_tokens": 1, "temperature": 0},
+        {"prompt_token_ids": [9, 8, 7], "max_tokens": 20, "temperature": 0.9, "seed": 4},
+        {"prompt_token_ids": [100 + i for i in range(40)], "max_tokens": 9, "temperature": 0},
+        {
+            "prompt_token_ids": [3] * 11,
+            "max_tokens": 14,
+            "temperature": 0.7,
+            "top_k": 20,
+            "seed": 3,
+            "presence_penalty": 0.5,
+            "logprobs": 2,
+        },
+        {"prompt_token_ids": [44, 45], "max_tokens": 17, "temperature": 0, "ignore_eos": False},
+    ]
+    with Engine(
+        TorchRunner(load(folder).model, max_batch=4, max_seq_len=300, prefill_chunk=32),
+        tok,
+        gen,
+        model_name="tiny",
+    ) as eager:
+        solo = [eager.generate(**r) for r in requests]
+        # a stop string from the middle of a greedy continuation: the request ends early
+        stop = solo[2].text[3:7]
+        requests[2]["stop"] = [stop]
+        solo[2] = eager.generate(**requests[2])
+    assert solo[2].finish_reason == "stop"
+
+    runner = graph_runner(folder)
+    calls = {"fed": 0}
+    decode_sample = runner.decode_sample
+
+    def counting(slots, token_ids, *args, **kw):
+        calls["fed"] += token_ids is None
+        return decode_sample(slots, token_ids, *args, **kw)
+
+    runner.decode_sample = counting
+    results = [None] * len(requests)
+    with Engine(runner, tok, gen, model_name="tiny") as engine:
+
+        def run(i):
+            results[i] = engine.generate(**requests[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+        for t in threads:  # five requests on four slots: one joins when another ends
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert calls["fed"] > 10
+    for got, want in zip(results, solo, strict=True):
+        assert got.token_ids == want.token_ids
+        assert got.finish_reason == want.finish_reason
+        assert got.text == want.text
+    assert [lp.token_id for lp in results[3].logprobs] == solo[3].token_ids
+    for a, b in zip(results[3].logprobs, solo[3].logprobs, strict=True):
+        assert abs(a.logprob - b.logprob) < 1e-4

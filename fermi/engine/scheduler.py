@@ -86,6 +86,17 @@ class _Release:
 
 
 @dataclass
+class _InFlight:
+    """A decode step queued on the device whose tokens the host has not read yet."""
+
+    seqs: list[_Sequence]
+    rows: torch.Tensor
+    out: SampleOutput  # device tensors, live rows in ``seqs`` order
+    host: SampleOutput  # the same, being copied into pinned host memory
+    ready: torch.cuda.Event | None  # recorded after the copies (None: not a CUDA device)
+
+
+@dataclass
 class SchedulerStats:
     running: int = 0
     waiting: int = 0
@@ -114,6 +125,10 @@ class Scheduler:
         self._released: set[str] = set()  # sessions released while a request of theirs waited
         self._prefilling: deque[_Sequence] = deque()
         self._decoding: list[_Sequence] = []
+        # Runners that feed sampled ids back on the device let step n+1 be queued before the
+        # host reads step n's tokens: the host's per-token work overlaps the GPU's next step.
+        self._overlap = bool(getattr(runner, "feeds_back", False))
+        self._in_flight: _InFlight | None = None
         self._lock = threading.Lock()
         self._pending = 0  # submitted but not yet finished, for back-pressure
         self._stopped = False
@@ -276,6 +291,9 @@ class Scheduler:
             self._decoding.append(seq)
 
     def _decode(self) -> None:
+        if self._overlap:
+            self._decode_overlapped()
+            return
         seqs = list(self._decoding)
         slots = [s.slot for s in seqs]
         args = (slots, [s.last_token for s in seqs], [s.position for s in seqs])
@@ -289,6 +307,70 @@ class Scheduler:
         else:
             self._emit_sampled(seqs, rows, out)
         self._decoding = [s for s in self._decoding if not s.handle.done.is_set()]
+
+    def _decode_overlapped(self) -> None:
+        """Queue the next step, then read the previous one.
+
+        While the batch is unchanged, step n+1 continues step n's rows with the ids step n
+        sampled on the device; a row that step n ends (eos, stop string) makes step n+1's
+        row for it wasted work, which is dropped. When the batch changed (a sequence joined,
+        finished or was cancelled), the queued step is read first and the next one starts
+        from the host's ids.
+        """
+        flight, self._in_flight = self._in_flight, None
+        seqs = list(self._decoding)
+        following = None
+        if flight is not None and flight.seqs == seqs and self._can_continue(seqs):
+            # Each row's fed token is the one step n sampled: one position past its last.
+            following = self._launch(seqs, [s.position + 1 for s in seqs], feed=True)
+        if flight is not None:
+            self._collect(flight)
+            self._decoding = [s for s in self._decoding if not s.handle.done.is_set()]
+        if following is not None:
+            if self._decoding:  # else every row it continued has ended: nothing to read
+                self._in_flight = following
+        elif self._decoding:
+            seqs = list(self._decoding)
+            self._in_flight = self._launch(seqs, [s.position for s in seqs], feed=False)
+
+    def _can_continue(self, seqs: list[_Sequence]) -> bool:
+        """Whether every row still has room for one more token after the one in flight."""
+        limit = self.caps.max_seq_len
+        return all(
+            not s.handle.done.is_set()
+            and s.generated + 1 < s.request.max_tokens
+            and s.position + 1 < limit - 1
+            for s in seqs
+        )
+
+    def _launch(self, seqs: list[_Sequence], positions: list[int], *, feed: bool) -> _InFlight:
+        slots = [s.slot for s in seqs]
+        tokens = None if feed else [s.last_token for s in seqs]
+        options = self._sample_options(seqs)
+        out = self.runner.decode_sample(slots, tokens, positions, self.sampling, **options)
+        rows = torch.tensor(slots, dtype=torch.long, device=self.caps.device)
+        self.sampling.record(rows, out.tokens)  # queued before the next step samples
+        cuda = out.tokens.device.type == "cuda"
+        host = SampleOutput(*(None if t is None else _to_host(t, cuda) for t in out))
+        ready = None
+        if cuda:  # on the stream of the runner's GPU, not this thread's current device
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(out.tokens.device))
+        return _InFlight(seqs, rows, out, host, ready)
+
+    def _collect(self, flight: _InFlight) -> None:
+        """Emit the tokens of a queued step (waiting for it), skipping rows already ended."""
+        if flight.ready is not None:
+            flight.ready.synchronize()
+        live = [i for i, s in enumerate(flight.seqs) if not s.handle.done.is_set()]
+        if not live:
+            return
+        if len(live) < len(flight.seqs):
+            index = torch.tensor(live)
+            host = SampleOutput(*(None if t is None else t[index] for t in flight.host))
+        else:
+            host = flight.host
+        self._emit_host([flight.seqs[i] for i in live], host)
 
     def _sample_options(self, seqs: list[_Sequence]) -> dict:
         flags = [self.sampling.row_flags(s.slot) for s in seqs]
@@ -308,7 +390,10 @@ class Scheduler:
 
     def _emit_sampled(self, seqs: list[_Sequence], rows: torch.Tensor, out: SampleOutput) -> None:
         self.sampling.record(rows, out.tokens)
-        tokens = out.tokens.tolist()  # the one host sync per step
+        self._emit_host(seqs, out)  # .tolist() there is the one host sync per step
+
+    def _emit_host(self, seqs: list[_Sequence], out: SampleOutput) -> None:
+        tokens = out.tokens.tolist()
         chosen = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
@@ -389,6 +474,7 @@ class Scheduler:
             self._finish_unstarted(handle, "cancelled")
 
     def _fail_running(self, message: str) -> None:
+        self._in_flight = None
         for seq in list(self._prefilling) + list(self._decoding):
             if not seq.handle.done.is_set():
                 self._complete(seq, Delta(error=message), "error")
@@ -399,6 +485,14 @@ class Scheduler:
         self._fail_running(message)
         while self._waiting:
             self._finish_unstarted(self._waiting.popleft(), "error", message)
+
+
+def _to_host(t: torch.Tensor, cuda: bool) -> torch.Tensor:
+    """A host copy of ``t``; from CUDA an asynchronous copy into pinned memory."""
+    if not cuda:
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 def _common_prefix(a: list[int], b: tuple[int, ...]) -> int:

@@ -1,10 +1,14 @@
 """The decoder on an NVIDIA GPU: compiled once, replayed as CUDA graphs.
 
-Compilation. ``Decoder.forward`` is compiled with ``fullgraph=True`` and dynamic shapes, so
-one compiled program serves every batch size, chunk length and attended cache length (three
-compiles in all: the one-row decode step, the wider decode step, and prefill). Each shape the
-runner uses is then captured once as a CUDA graph and replayed; a step costs one graph launch
-and one small host-to-device copy of its token ids and positions.
+Compilation. Each decoder layer is compiled with ``fullgraph=True`` and dynamic shapes
+("regional" compilation): the layers share one compiled program, so the cost of a compile is
+one layer's, not the whole model's, and one program serves every batch size, chunk length and
+attended cache length (three compiles in all: the one-row decode step, the wider decode step,
+and prefill). The glue between layers (embedding, rope tables, masks, lm_head) runs as plain
+kernels. ``compile_scope="model"`` compiles ``Decoder.forward`` whole instead (minutes for a
+28-layer model, a few fused kernels fewer). Each shape the runner uses is then captured once as
+a CUDA graph and replayed; a step costs one graph launch and one small host-to-device copy of
+its positions (and of its token ids, unless they are fed back on the device: below).
 
 Buckets. Decode runs over rows 0..B-1 with B the smallest batch bucket (1, 2, 4, ...,
 ``max_batch``) that holds the highest live slot: the scheduler hands out the lowest free slots
@@ -21,7 +25,10 @@ shorter than the cache, so a read is never the whole buffer, which would compile
 
 Sampling runs inside the decode graph (``decode_sample``): the step returns token ids, and
 the scheduler reads back only those. It calls the same ``fermi.engine.sampling.sample`` as
-every other runner, on this runner's ``sampling`` tensors, whose addresses never change.
+every other runner, on this runner's ``sampling`` tensors, whose addresses never change. The
+graph also writes the sampled ids into its own token input, so the next step over the same
+slots can start before the host has read them (``decode_sample(slots, None, ...)``): the
+scheduler overlaps its per-token work with the GPU's next step.
 """
 
 from __future__ import annotations
@@ -134,6 +141,7 @@ class CudaGraphRunner:
         decode_attention: str = "sdpa",
         warmup: bool = True,
         compile_cache: bool = True,
+        compile_scope: str = "layer",
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -142,6 +150,8 @@ class CudaGraphRunner:
         chunk = min(prefill_chunk or DEFAULT_CHUNK, max_seq_len)
         if chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if compile_scope not in ("layer", "model"):
+            raise ValueError(f"compile_scope must be 'layer' or 'model', got {compile_scope!r}")
         self.model = model
         weight = model.model.embed_tokens.weight
         self.device = weight.device
@@ -178,10 +188,15 @@ class CudaGraphRunner:
         compiled_cuda = backend == "inductor" and self.device.type == "cuda"
         self._set_decode_attention(decode_attention if compiled_cuda else "sdpa")
         self._forward: Callable = model.forward
+        self.compile_scope = compile_scope
         if backend is not None:
-            self._forward = torch.compile(
-                model.forward, fullgraph=True, dynamic=True, backend=backend
-            )
+            options = {"fullgraph": True, "dynamic": True, "backend": backend}
+            if compile_scope == "model":
+                self._forward = torch.compile(model.forward, **options)
+            else:  # every layer calls the same compiled code: one compile, not one per layer
+                for module in (*model.model.layers, model.model.norm):
+                    module.compile(**options)
+        self._fed: list[int] | None = None  # slots whose sampled ids sit in the token input
         self._samplers: dict[Variant, Callable] = {}
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -219,6 +234,7 @@ class CudaGraphRunner:
             return logits[0].clone()  # the graph's output buffer is reused by the next replay
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        self._fed = None
         with self._on_device():
             b, kv = self._fill_decode(slots, token_ids, positions)
             body = functools.partial(self._decode_body, b, kv, None)
@@ -228,7 +244,7 @@ class CudaGraphRunner:
     def decode_sample(
         self,
         slots: list[int],
-        token_ids: list[int],
+        token_ids: list[int] | None,
         positions: list[int],
         batch: SamplingBatch,
         *,
@@ -240,19 +256,31 @@ class CudaGraphRunner:
 
         Returns None when ``batch`` is not this runner's ``sampling`` (the graphs read those
         tensors by address); the caller then samples the logits of ``decode`` itself.
+
+        ``token_ids=None`` feeds each slot the token the previous ``decode_sample`` sampled for
+        it, without a host round trip (the slots must be the same as that call's): the step
+        is queued behind the previous one while the host is still reading its tokens.
         """
         if batch is not self.sampling:
             return None
+        if token_ids is None and slots != self._fed:
+            raise ValueError("token_ids=None continues the previous decode_sample's slots only")
         variant = (use_filters, use_penalties, want_logprobs)
         with self._on_device():
             b, kv = self._fill_decode(slots, token_ids, positions)
             body = functools.partial(self._decode_body, b, kv, variant)
             out = self._run(("decode", b, kv, variant), body)
+            self._fed = list(slots)
             live = self._io[2, : len(slots), 0]
             return SampleOutput(*(None if t is None else t.index_select(0, live) for t in out))
 
     def release(self, slot: int) -> None:
         """Nothing to do: a slot's stale entries are masked until overwritten."""
+
+    @property
+    def feeds_back(self) -> bool:
+        """``decode_sample`` accepts ``token_ids=None`` (see there)."""
+        return True
 
     # -- warm-up ----------------------------------------------------------------------
 
@@ -271,6 +299,7 @@ class CudaGraphRunner:
                     cache_len=self.cache_len,
                     chunk=self.chunk,
                     attention=self.decode_attention,
+                    scope=self.compile_scope,
                 )
             )
             self.startup.cache_hit = cache.load()
@@ -344,7 +373,9 @@ class CudaGraphRunner:
         logits = self._forward(self._io[0, :b], self._io[1, :b], rows, kv, rows_are_slots=True)
         if variant is None:
             return (logits,)
-        return tuple(self._sampler(variant)(logits, self.sampling, rows))
+        out = self._sampler(variant)(logits, self.sampling, rows)
+        self._io[0, :b, 0].copy_(out.tokens)  # the next step's input, if it continues these rows
+        return tuple(out)
 
     def _sampler(self, variant: Variant) -> Callable:
         fn = self._samplers.get(variant)
@@ -386,22 +417,30 @@ class CudaGraphRunner:
         return _Captured(graph, outputs)
 
     def _fill_decode(
-        self, slots: list[int], token_ids: list[int], positions: list[int]
+        self, slots: list[int], token_ids: list[int] | None, positions: list[int]
     ) -> tuple[int, int]:
+        """Write the step's inputs; ``token_ids=None`` keeps the token row the last decode
+        graph wrote (the ids it sampled)."""
         n = len(slots)
-        if n == 0 or len(token_ids) != n or len(positions) != n:
+        if n == 0 or len(positions) != n or (token_ids is not None and len(token_ids) != n):
             raise ValueError("decode needs one token id and one position per slot")
         self._check_slots(slots)
-        self._check_tokens(token_ids)
+        if token_ids is not None:
+            self._check_tokens(token_ids)
         if min(positions) < 0 or max(positions) >= self.max_seq_len:
             raise ValueError(f"decode positions must lie in [0, {self.max_seq_len})")
         b = pick(max(slots) + 1, self.batch_sizes)
         kv = pick(max(positions) + 1, self.kv_sizes)
-        tokens = [0] * self.max_batch
         where = [self.scratch] * self.max_batch
-        for slot, token, position in zip(slots, token_ids, positions, strict=True):
-            tokens[slot], where[slot] = token, position
+        for slot, position in zip(slots, positions, strict=True):
+            where[slot] = position
         order = [*slots, *([0] * (self.max_batch - n))]
+        if token_ids is None:
+            self._io[1:].copy_(self._host([*where, *order], self._io[1:].shape), non_blocking=True)
+            return b, kv
+        tokens = [0] * self.max_batch
+        for slot, token in zip(slots, token_ids, strict=True):
+            tokens[slot] = token
         values = [*tokens, *where, *order]
         self._io.copy_(self._host(values, self._io.shape), non_blocking=True)
         return b, kv
