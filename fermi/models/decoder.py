@@ -123,6 +123,15 @@ class Attention(nn.Module):
         # Kernel for one-token steps: "sdpa", or "flex"/"math" (see fermi.models.attention),
         # which only pay off compiled on CUDA.
         self.decode_kernel = "sdpa"
+        # After fuse_projections(): one qkv_proj instead of q_proj, k_proj and v_proj.
+        self.fused = False
+
+    def fuse_projections(self) -> None:
+        """Replace q/k/v_proj by one ``qkv_proj`` (rows q, then k, then v)."""
+        if not self.fused:
+            self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+            del self.q_proj, self.k_proj, self.v_proj
+            self.fused = True
 
     def forward(
         self,
@@ -137,9 +146,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim)
-        k = self.k_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.v_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([h * d, kv * d, kv * d], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(b, t, h, d), k.view(b, t, kv, d), v.view(b, t, kv, d)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -198,9 +210,48 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = _activation(cfg.hidden_act)
+        # After fuse_projections(): one gate_up_proj instead of gate_proj and up_proj.
+        self.fused = False
+
+    def fuse_projections(self) -> None:
+        """Replace gate_proj and up_proj by one ``gate_up_proj`` (gate rows first)."""
+        if not self.fused:
+            self.gate_up_proj = concat_linears([self.gate_proj, self.up_proj])
+            del self.gate_proj, self.up_proj
+            self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
+
+
+def concat_linears(parts: list[nn.Module]) -> nn.Module:
+    """One linear layer whose output is the outputs of ``parts`` (same input) side by side.
+
+    Handles ``nn.Linear`` and the CPU fp16-storage ``HalfWeightLinear``; the new weight is
+    one concatenated tensor on the parts' device and dtype (no random initialisation).
+    """
+    from fermi.models.half_weights import HalfWeightLinear
+
+    first = parts[0]
+    if all(type(p) is HalfWeightLinear for p in parts):
+        return HalfWeightLinear.concat(parts)
+    if not all(type(p) is nn.Linear for p in parts):
+        names = sorted({type(p).__name__ for p in parts})
+        raise TypeError(f"cannot fuse projections of type {', '.join(names)}")
+    has_bias = first.bias is not None
+    if any((p.bias is not None) != has_bias for p in parts):
+        raise ValueError("cannot fuse projections where only some have a bias")
+    weight = torch.cat([p.weight.detach() for p in parts])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=first.weight.requires_grad)
+    if has_bias:
+        bias = torch.cat([p.bias.detach() for p in parts])
+        fused.bias = nn.Parameter(bias, requires_grad=first.bias.requires_grad)
+    return fused
 
 
 def _activation(name: str):
@@ -265,6 +316,16 @@ class Decoder(nn.Module):
         self.windows: tuple[int | None, ...] = tuple(
             cfg.window(i) for i in range(cfg.num_hidden_layers)
         )
+
+    def fuse_projections(self) -> Decoder:
+        """Fuse each layer's q/k/v projections into one ``qkv_proj`` and gate/up into one
+        ``gate_up_proj``: two fewer products per layer, the same outputs. Call after the
+        weights are loaded (checkpoints name the separate projections); works on any
+        device, for ``nn.Linear`` and fp16-storage layers alike. Returns the model."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+        return self
 
     def setup_cache(
         self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None

@@ -1,0 +1,120 @@
+"""Decoder.fuse_projections(): one qkv_proj and one gate_up_proj, the same logits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fermi.models.decoder import Decoder, concat_linears
+from fermi.models.gemma2 import gemma2_config
+from fermi.models.half_weights import HalfWeightLinear, use_half_weights
+from fermi.models.llama import llama_config
+from fermi.models.phi3 import phi3_config
+from fermi.models.qwen3 import qwen3_config
+
+SHAPE = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+}
+
+CONFIGS = {
+    "qwen3": lambda: qwen3_config({**SHAPE, "tie_word_embeddings": True}),
+    "llama_bias": lambda: llama_config({**SHAPE, "attention_bias": True, "mlp_bias": True}),
+    "phi3_window": lambda: phi3_config({**SHAPE, "sliding_window": 8}),
+    "gemma2": lambda: gemma2_config(
+        {**SHAPE, "sliding_window": 8, "hidden_activation": "gelu_pytorch_tanh"}
+    ),
+}
+
+
+def random_decoder(cfg, seed: int = 0) -> Decoder:
+    torch.manual_seed(seed)
+    model = Decoder(cfg).eval()
+    with torch.no_grad():  # default init leaves norms at 1 and biases small: perturb them
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def run(model: Decoder, steps: int = 12) -> torch.Tensor:
+    """Logits of a 20-token prefill (every position) and ``steps`` greedy decode steps,
+    two rows in slots 1 and 0 (so the cache is gathered by slot, not read as a view)."""
+    model.setup_cache(max_batch=2, max_seq_len=64)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 20))
+    positions = torch.arange(20)[None].expand(2, 20)
+    slots = torch.tensor([1, 0])
+    out = []
+    with torch.inference_mode():
+        logits = model(prompt, positions, slots, kv_len=20, last_only=False)
+        out.append(logits.flatten())
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(steps):
+            pos = torch.full((2, 1), 20 + i)
+            logits = model(token, pos, slots, kv_len=21 + i)
+            out.append(logits.flatten())
+            token = logits.argmax(-1, keepdim=True)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fused_logits_equal_unfused_fp32(name):
+    model = random_decoder(CONFIGS[name]())
+    expected = run(model)
+    fused = copy.deepcopy(model).fuse_projections()
+    got = run(fused)
+    assert (got - expected).abs().max().item() < 1e-5
+    for layer in fused.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert not hasattr(attn, "q_proj") and not hasattr(mlp, "gate_proj")
+        cfg = fused.cfg
+        rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+        assert attn.qkv_proj.weight.shape == (rows, cfg.hidden_size)
+        assert mlp.gate_up_proj.weight.shape == (2 * cfg.intermediate_size, cfg.hidden_size)
+        assert (attn.qkv_proj.bias is not None) == cfg.attention_bias
+        assert (mlp.gate_up_proj.bias is not None) == cfg.mlp_bias
+    parts = {part for n, _ in fused.named_parameters() for part in n.split(".")}
+    assert parts.isdisjoint({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
+    assert {"qkv_proj", "gate_up_proj"} <= parts
+
+
+def test_fusing_twice_changes_nothing():
+    model = random_decoder(CONFIGS["llama_bias"]()).fuse_projections()
+    weight = model.model.layers[0].self_attn.qkv_proj.weight
+    model.fuse_projections()
+    assert model.model.layers[0].self_attn.qkv_proj.weight is weight
+
+
+@pytest.mark.parametrize("half_first", [True, False])
+def test_fp16_storage_fused_before_or_after_conversion(half_first):
+    model = random_decoder(CONFIGS["llama_bias"]())
+    expected = run(use_half_weights(copy.deepcopy(model)))
+    fused = copy.deepcopy(model)
+    if half_first:
+        fused = use_half_weights(fused).fuse_projections()
+    else:
+        fused = use_half_weights(fused.fuse_projections())
+    got = run(fused)
+    qkv = fused.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, HalfWeightLinear) and qkv.weight.dtype == torch.float16
+    assert qkv.bias.dtype == torch.float32
+    # The same fp16 products, only concatenated: equal to float32 rounding.
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_mixed_or_unknown_layers_are_refused():
+    linear = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="bias"):
+        concat_linears([linear, nn.Linear(4, 4, bias=False)])
+    with pytest.raises(TypeError, match="Conv1d"):
+        concat_linears([linear, nn.Conv1d(4, 4, 1)])
