@@ -203,13 +203,20 @@ def our_decoder(cfg: dict, hf=None, dtype=None):
     return model.eval().requires_grad_(False)
 
 
-def our_engine(model, max_batch: int, max_seq_len: int, attention: str = "sdpa"):
+def our_engine(
+    model, max_batch: int, max_seq_len: int, attention: str = "sdpa", scope: str = "layer"
+):
     from fermi.engine.api import Engine
     from fermi.loading import GenerationDefaults
     from fermi.runners.torch_cuda import CudaGraphRunner
 
     runner = CudaGraphRunner(
-        model, max_batch, max_seq_len, prefill_chunk=2048, decode_attention=attention
+        model,
+        max_batch,
+        max_seq_len,
+        prefill_chunk=2048,
+        decode_attention=attention,
+        compile_scope=scope,
     )
     tok = wordlevel_tokenizer(model.cfg.vocab_size)
     return Engine(runner, tok, GenerationDefaults(), model_name="bench"), runner
@@ -428,7 +435,9 @@ def bench_model(name: str, args, bandwidth: float, entry: dict, save) -> None:
     model = our_decoder(cfg, hf)
     max_batch = max(args.batches) if qwen3 else 1
     started = time.perf_counter()
-    engine, runner = our_engine(model, max_batch, args.max_seq_len, args.decode_attention)
+    engine, runner = our_engine(
+        model, max_batch, args.max_seq_len, args.decode_attention, args.compile_scope
+    )
     entry["ours_start"] = {
         "cold_start_s": time.perf_counter() - started,
         "max_batch": max_batch,
@@ -513,6 +522,7 @@ def main() -> None:
     p.add_argument("--hf-prompts", type=int, nargs="*", default=None, help="[default: --prompts]")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--decode-attention", default="sdpa", choices=["flex", "math", "sdpa"])
+    p.add_argument("--compile-scope", default="layer", choices=["layer", "model"])
     p.add_argument("--fp32-check", action="store_true")
     p.add_argument("--context-test", default=None, help="model name for the 500-token test")
     p.add_argument("--start-test", nargs="*", default=[], help="models for cold/warm start")

@@ -519,3 +519,18 @@ def test_sample_and_record_are_sync_free_and_capture_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(captured.tokens, expected)
     assert batch.step.tolist() == [2] * n
+
+
+@pytest.mark.parametrize("vocab", [151936, 1000, 257, 256, 7])
+def test_chunked_argmax_equals_argmax_including_ties_and_infinities(vocab):
+    from fermi.engine.sampling import chunked_argmax
+
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(5, vocab, generator=g)
+    x[1] = x[1].round()  # many ties: the first index of the maximum must win
+    x[2, :] = float("-inf")  # a fully masked row
+    x[3, vocab // 2 :] = x[3].max() + 1  # ties straddling chunk boundaries
+    x[4, -1] = float("inf")  # the maximum in the last (padded) chunk
+    want = torch.argmax(x, dim=-1)
+    for chunks in (256, 64, 3):
+        assert torch.equal(chunked_argmax(x, chunks), want)

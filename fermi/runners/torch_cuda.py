@@ -142,6 +142,7 @@ class CudaGraphRunner:
         warmup: bool = True,
         compile_cache: bool = True,
         compile_scope: str = "layer",
+        fuse_projections: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -152,6 +153,8 @@ class CudaGraphRunner:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if compile_scope not in ("layer", "model"):
             raise ValueError(f"compile_scope must be 'layer' or 'model', got {compile_scope!r}")
+        if fuse_projections:  # one q/k/v and one gate/up product: fewer, larger kernels
+            model.fuse_projections()
         self.model = model
         weight = model.model.embed_tokens.weight
         self.device = weight.device
