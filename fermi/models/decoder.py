@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fermi.models.attention import decode_attention
-from fermi.models.rope import RopeConfig, apply_rope, longrope_switch, rope_tables
+from fermi.models.rope import RopeConfig, longrope_switch, rope_tables, rotate
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and not self.unit_offset:
+            # One fused kernel; in float32 it is the spelled-out formula below.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -147,18 +150,25 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        # Heads stay on dim 2 ([B, T, heads, D], the projections' layout) until attention.
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         if self.fused:
-            q, k, v = self.qkv_proj(x).split([h * d, kv * d, kv * d], dim=-1)
+            qkv = self.qkv_proj(x).view(b, t, h + kv + kv, d)
+            q, k, v = qkv.split([h, kv, kv], dim=2)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = q.view(b, t, h, d), k.view(b, t, kv, d), v.view(b, t, kv, d)
+            q = self.q_proj(x).view(b, t, h, d)
+            k = self.k_proj(x).view(b, t, kv, d)
+            v = self.v_proj(x).view(b, t, kv, d)
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = rotate(self.q_norm(q), cos, sin), rotate(self.k_norm(k), cos, sin)
+        elif self.fused:  # q and k sit side by side: one rotation for both
+            q, k = rotate(qkv[:, :, : h + kv], cos, sin).split([h, kv], dim=2)
+        else:
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q = q.transpose(1, 2)
 
         assert self.cache is not None, "call Decoder.setup_cache() before forward()"
-        self.cache.write(slots, positions, k, v)
+        self.cache.write(slots, positions, k.transpose(1, 2), v.transpose(1, 2))
         keys, values = self.cache.read(read_slots, b, kv_len)
 
         if t == 1 and self.decode_kernel != "sdpa":
@@ -172,11 +182,13 @@ class Attention(nn.Module):
                 cfg.attn_scale,
                 cfg.attn_logit_softcap,
             )
-            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        out = self._attend(q, keys, values, masks[self.window])
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        else:
+            out = self._attend(q, keys, values, masks[self.window])
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
 
     def _attend(self, q, keys, values, mask) -> torch.Tensor:
+        """q [B, H, T, D] over keys/values [B, Hkv, L, D]; ``mask`` is the additive mask
+        [B, 1, G*T, L] of :meth:`Decoder._masks` (its first T rows are the plain mask)."""
         cfg = self.cfg
         b, h, t, d = q.shape
         kv_heads = keys.shape[1]
@@ -185,8 +197,6 @@ class Attention(nn.Module):
             # Fold each KV head's group of query heads into the query length: the same
             # attention as repeating K/V for every query head, without copying the cache.
             q = q.reshape(b, kv_heads, groups * t, d)
-            mask = mask[:, :, None].expand(b, 1, groups, t, mask.shape[-1])
-            mask = mask.reshape(b, 1, groups * t, mask.shape[-1])
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=cfg.attn_scale
             )
@@ -197,8 +207,7 @@ class Attention(nn.Module):
         # Soft-capping needs the raw scores, so this path spells attention out.
         scores = (q @ keys.transpose(-1, -2)) * cfg.attn_scale
         cap = cfg.attn_logit_softcap
-        scores = torch.tanh(scores / cap) * cap
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = torch.tanh(scores / cap) * cap + mask[:, :, :t]
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         return probs @ values
 
@@ -397,15 +406,22 @@ class Decoder(nn.Module):
         return logits[:, -1] if last_only else logits
 
     def _masks(self, positions: torch.Tensor, kv_len: int) -> dict[int | None, torch.Tensor]:
-        """Boolean masks [B, 1, T, kv_len], one per distinct layer window, built once per
-        forward: key j is visible to a query at position p when j <= p (and inside the
-        window)."""
-        key_pos = torch.arange(kv_len, device=positions.device)[None, None, :]
-        causal = key_pos <= positions[:, :, None]
+        """Additive masks [B, 1, G*T, kv_len] (0 or -inf, in the model's dtype), one per
+        distinct layer window, built once per forward: key j is visible to a query at
+        position p when j <= p (and inside the window). Rows are repeated for each of the
+        G query heads that share a KV head (row g*T + t is query t), the layout of
+        attention's folded query; the first T rows are the plain mask."""
+        cfg = self.cfg
+        groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        dtype = self.model.embed_tokens.weight.dtype
+        query_pos = positions.repeat(1, groups)[:, None, :, None]  # [B, 1, G*T, 1]
+        key_pos = torch.arange(kv_len, device=positions.device)
+        causal = key_pos <= query_pos
         masks = {}
         for window in set(self.windows):
-            mask = causal if window is None else causal & (key_pos > positions[:, :, None] - window)
-            masks[window] = mask[:, None]
+            visible = causal if window is None else causal & (key_pos > query_pos - window)
+            zeros = torch.zeros(visible.shape, dtype=dtype, device=positions.device)
+            masks[window] = zeros.masked_fill(~visible, float("-inf"))
         return masks
 
     def _rope(

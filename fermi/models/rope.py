@@ -141,17 +141,39 @@ def longrope_switch(rope: RopeConfig) -> int | None:
 def rope_tables(
     rope: RopeConfig, head_dim: int, max_seq_len: int, seq_len: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape [max_seq_len, rotary_dim] in float32."""
+    """cos and signed sin tables of shape [max_seq_len, rotary_dim] in float32.
+
+    The sin table carries the rotate-half sign: its first half is negated (-sin, +sin), so
+    that a rotation is ``x * cos + swap_halves(x) * sin`` (see :func:`rotate`).
+    """
     inv_freq, scaling = inverse_frequencies(rope, head_dim, seq_len)
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos() * scaling, emb.sin() * scaling
+    sign = torch.cat((-torch.ones_like(inv_freq), torch.ones_like(inv_freq)))
+    return emb.cos() * scaling, emb.sin() * scaling * sign
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` features of ``x`` by cos and signed sin (rotate-half
+    layout, :func:`rope_tables`), both already broadcastable to ``x[..., :rotary_dim]``.
+
+    Three ops for a full-width rotation: a product, a roll (swapping the two halves) and a
+    fused multiply-add; the sign of the rotate-half trick lives in the sin table.
+    """
+    rot = cos.shape[-1]
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if rot == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(rot // 2, -1), sin)
+    x_rot = x[..., :rot]
+    out = torch.addcmul(x_rot * cos, x_rot.roll(rot // 2, -1), sin)
+    return torch.cat((out, x[..., rot:]), dim=-1)
 
 
 def apply_rope(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int | None = None
 ) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, D] by cos/sin [B, T, rotary_dim] (rotate-half layout).
+    """Rotate ``x`` [B, H, T, D] by cos/signed sin [B, T, rotary_dim] (:func:`rope_tables`).
 
     ``rot`` (the rotary width) may be given as a Python int: under ``torch.jit.trace`` the
     default ``cos.shape[-1]`` becomes a traced integer op that coremltools cannot convert.
@@ -160,6 +182,6 @@ def apply_rope(
     rot = cos.shape[-1] if rot is None else rot
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     half = rot // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    out = x_rot * cos + rotated * sin
+    swapped = torch.cat((x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    out = x_rot * cos + swapped * sin
     return out if rot == x.shape[-1] else torch.cat((out, x_pass), dim=-1)

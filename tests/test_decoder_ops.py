@@ -1,0 +1,49 @@
+"""The decoder's lean eager ops equal their textbook formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fermi.models.decoder import RMSNorm
+from fermi.models.rope import RopeConfig, apply_rope, rope_tables, rotate
+
+
+def textbook_rope(x, cos, sin, rot):
+    """Rotate-half rope on x [..., D] with plain (unsigned) cos/sin [..., rot]."""
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_rotate_and_apply_rope_equal_rotate_half(partial):
+    rope = RopeConfig(theta=10000.0, partial_rotary_factor=partial)
+    head_dim, rot = 16, int(16 * partial)
+    cos, signed_sin = rope_tables(rope, head_dim, 32)
+    # The table's sin has its first half negated.
+    plain_sin = torch.cat((-signed_sin[:, : rot // 2], signed_sin[:, rot // 2 :]), dim=-1)
+    assert (plain_sin[:, : rot // 2] == plain_sin[:, rot // 2 :]).all()
+    torch.manual_seed(0)
+    positions = torch.tensor([[3, 4, 5], [20, 21, 22]])
+    c, s, ps = cos[positions], signed_sin[positions], plain_sin[positions]  # [B, T, rot]
+    x = torch.randn(2, 3, 4, head_dim)  # [B, T, H, D]
+    expected = textbook_rope(x, c[:, :, None], ps[:, :, None], rot)
+    torch.testing.assert_close(rotate(x, c[:, :, None], s[:, :, None]), expected)
+    xt = x.transpose(1, 2)  # [B, H, T, D], the Core ML wrapper's layout
+    torch.testing.assert_close(apply_rope(xt, c, s, rot), expected.transpose(1, 2))
+
+
+def test_rms_norm_fused_path_equals_formula():
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(64))
+    x = torch.randn(3, 5, 64) * 4
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(norm(x), norm.weight * h, rtol=1e-6, atol=1e-6)
+    # Other dtypes keep the float32 computation with the product in the input dtype.
+    xb = x.bfloat16()
+    expected = norm.weight.bfloat16() * h.bfloat16()
+    torch.testing.assert_close(norm.bfloat16()(xb), expected)
