@@ -348,9 +348,12 @@ class Scheduler:
         tokens = None if feed else [s.last_token for s in seqs]
         options = self._sample_options(seqs)
         out = self.runner.decode_sample(slots, tokens, positions, self.sampling, **options)
-        rows = torch.tensor(slots, dtype=torch.long, device=self.caps.device)
-        self.sampling.record(rows, out.tokens)  # queued before the next step samples
         cuda = out.tokens.device.type == "cuda"
+        # A plain torch.tensor(..., device="cuda") copies from pageable memory and waits for
+        # the GPU to finish everything queued, the step in flight included: pin it instead.
+        rows = torch.tensor(slots, dtype=torch.long, pin_memory=cuda)
+        rows = rows.to(out.tokens.device, non_blocking=True)
+        self.sampling.record(rows, out.tokens)  # queued before the next step samples
         host = SampleOutput(*(None if t is None else _to_host(t, cuda) for t in out))
         ready = None
         if cuda:  # on the stream of the runner's GPU, not this thread's current device
