@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import json
 import os
 import platform
+import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -220,73 +223,225 @@ def process_cpu_seconds(pid: int) -> float:
     return _cpu_seconds(Path(f"/proc/{pid}/stat"))
 
 
-def thread_cpu_seconds(pid: int) -> dict[int, float]:
+def thread_cpu_ns(pid: int) -> dict[int, tuple[str, int]]:
+    """Every thread of ``pid``: (name, nanoseconds on a CPU so far), from schedstat (exact,
+    where /proc/PID/stat counts 10 ms ticks)."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            out[int(task.name)] = _cpu_seconds(task / "stat")
-        except OSError:
+            name = (task / "comm").read_text().strip()
+            out[int(task.name)] = (name, int((task / "schedstat").read_text().split()[0]))
+        except (OSError, ValueError):
             continue
     return out
 
 
-def http_layer_cpu(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds of every server thread but the busiest, which is the engine's scheduler
-    (with one torch thread, the model runs on it): the HTTP layer's own cost."""
-    spent = {tid: t - before.get(tid, 0.0) for tid, t in after.items()}
-    return sum(spent.values()) - max(spent.values())
+def cpu_by_role(pid: int, before: dict, after: dict) -> dict[str, float]:
+    """Seconds of CPU between two ``thread_cpu_ns`` readings, grouped: the engine's
+    scheduler thread, the main thread (the asyncio loop, in the server and in this bench),
+    and every other thread (Granian's Rust runtime, torch helpers)."""
+    roles = {"engine": 0.0, "loop": 0.0, "other": 0.0}
+    for tid, (name, ns) in after.items():
+        spent = (ns - before.get(tid, (name, 0))[1]) / 1e9
+        roles["loop" if tid == pid else "other"] += spent
+    # Python does not name OS threads; the engine's is the busiest but the main one.
+    busiest = max(
+        (t for t in after if t != pid), key=lambda t: after[t][1] - before.get(t, ("", 0))[1]
+    )
+    engine = (after[busiest][1] - before.get(busiest, ("", 0))[1]) / 1e9
+    roles["engine"], roles["other"] = engine, roles["other"] - engine
+    return roles
 
 
-async def overhead(ports: dict[str, int], engine, max_tokens: int, repeats: int) -> dict:
-    """The same seeded streams through each server and through the Python API, in turns.
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
 
-    Wall-clock time per token is compared as medians; on a busy machine the difference is
-    mostly noise. CPU time per token compares each server worker's CPU time with this
-    process's own while it runs the engine alone (the Python API path)."""
+
+def raw_stream(port: int, body: dict) -> dict:
+    """POST ``body`` with a blocking socket and read the SSE response, noting only the time
+    and byte count of every ``recv`` while it streams; events are parsed afterwards, so the
+    client costs one syscall and a clock read per arrival, not a JSON parse per event.
+
+    Returns the request's start, the arrival times of its content events, the arrival of
+    ``[DONE]`` and the usage's completion tokens."""
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    pieces, marks, total = [], [], 0
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = time.perf_counter()
+        sock.sendall(head + payload)
+        while data := sock.recv(1 << 16):
+            marks.append(time.perf_counter())
+            total += len(data)
+            pieces.append(data)
+            marks.append(total)
+    raw = b"".join(pieces)
+    times, ends = marks[0::2], marks[1::2]
+    header_end = raw.index(b"\r\n\r\n") + 4
+    if not raw.startswith(b"HTTP/1.1 200") or b"chunked" not in raw[:header_end].lower():
+        raise RuntimeError(f"unexpected response: {raw[:200]!r}")
+    # De-chunk, keeping for every body byte where its chunk ends in ``raw``.
+    body_parts, part_ends, pos = [], [], header_end
+    while True:
+        line_end = raw.index(b"\r\n", pos)
+        size = int(raw[pos:line_end], 16)
+        if size == 0:
+            break
+        body_parts.append(raw[line_end + 2 : line_end + 2 + size])
+        pos = line_end + 2 + size + 2
+        part_ends.append(pos)
+    content, done, usage, offset = [], None, None, 0
+    for part, raw_end in zip(body_parts, part_ends, strict=True):
+        arrived = times[bisect.bisect_left(ends, raw_end)]
+        offset += len(part)
+        for event in part.split(b"\n\n"):
+            data = event.removeprefix(b"data: ")
+            if not data:
+                continue
+            if data == b"[DONE]":
+                done = arrived
+                continue
+            chunk = json.loads(data)
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                content.append(arrived)
+    if done is None or usage is None:
+        raise RuntimeError("the stream ended without usage and [DONE]")
+    return {"start": start, "content": content, "end": done, "tokens": usage}
+
+
+async def api_stream(engine, max_tokens: int, seed: int) -> dict:
+    """The same generation through the Python API (``Engine.astream``)."""
+    content, tokens = [], 0
+    start = time.perf_counter()
+    async for delta in engine.astream(
+        messages=MESSAGES, max_tokens=max_tokens, seed=seed, ignore_eos=True, thinking="off"
+    ):
+        if delta.text:
+            content.append(time.perf_counter())
+        if delta.usage:
+            tokens = delta.usage.completion_tokens
+    return {"start": start, "content": content, "end": time.perf_counter(), "tokens": tokens}
+
+
+async def engine_stream(engine, max_tokens: int, seed: int) -> dict:
+    """The same generation with no consumer at all: the engine thread's sink only notes the
+    time (what the engine costs by itself; no event loop is woken per token)."""
+    request = engine.build_request(
+        messages=MESSAGES, max_tokens=max_tokens, seed=seed, ignore_eos=True, thinking="off"
+    )
+    content: list[float] = []
+    out = {"tokens": 0}
+    finished = threading.Event()
+
+    def sink(delta) -> None:
+        if delta.text:
+            content.append(time.perf_counter())
+        if delta.finish_reason is not None:
+            out["end"], out["tokens"] = time.perf_counter(), delta.usage.completion_tokens
+            finished.set()
+
+    start = time.perf_counter()
+    engine.submit(request, sink)
+    await asyncio.to_thread(finished.wait)
+    return {"start": start, "content": content, **out}
+
+
+def _paired(runs: list[dict], bases: list[dict], suffix: str) -> dict:
+    """Medians (and ranges) over rounds of run - base in the same round, in us per token."""
+    out = {}
+    for key, field in (("tpot", "overhead"), ("e2e", "e2e_overhead"), ("cpu", "cpu_overhead")):
+        if key == "cpu":
+            diffs = [
+                (sum(r["cpu"].values()) / r["tokens"] - sum(b["cpu"].values()) / b["tokens"])
+                for r, b in zip(runs, bases, strict=True)
+            ]
+        else:
+            diffs = [r[key] - b[key] for r, b in zip(runs, bases, strict=True)]
+        diffs = sorted(d * 1e6 for d in diffs)
+        out[f"{field}_per_token_us{suffix}"] = round(statistics.median(diffs), 1)
+        out[f"{field}_range_us{suffix}"] = [round(diffs[0], 1), round(diffs[-1], 1)]
+    return out
+
+
+def _per_token(run: dict) -> tuple[float, float]:
+    """(steady-state seconds per token: first content event to the end / the tokens after
+    the first, whole-stream seconds per token: request to the end / tokens)."""
+    first, end, tokens = run["content"][0], run["end"], run["tokens"]
+    return (end - first) / (tokens - 1), (end - run["start"]) / tokens
+
+
+async def overhead(
+    ports: dict[str, int], engine, max_tokens: int, repeats: int, verbose: bool = True
+) -> dict:
+    """The same seeded stream through each server and through the Python API, in turns
+    (the order rotates every round, so drift and busy spells hit every path alike).
+
+    Per path and round: wall time per token (steady state, first to last content event;
+    and whole stream, request to ``[DONE]``) and the CPU time per token of the process that
+    runs the engine, split by thread. The overhead of a server is the median over rounds of
+    (server - Python API) in the same round."""
     workers = {name: server_worker_pid(port) for name, port in ports.items()}
-    tpot: dict[str, list[float]] = {name: [] for name in [*ports, "python_api"]}
-    cpu = dict.fromkeys(tpot, 0.0)
-    api_loop_cpu = 0.0  # this thread's share: what any asyncio consumer of the engine pays
-    # Only one server streams at a time, so each server's threads work for its own streams.
-    threads_before = {name: thread_cpu_seconds(pid) for name, pid in workers.items()}
+    workers["python_api"] = workers["engine_only"] = os.getpid()
+    paths = list(workers)
+    runs: dict[str, list[dict]] = {name: [] for name in paths}
+    busy0, total0 = machine_jiffies()
+    load_before = os.getloadavg()
     for rep in range(repeats):
-        for name, port in ports.items():
-            stream = Stream()
-            before = process_cpu_seconds(workers[name])
-            await request(port, "/v1/chat/completions", chat_body(max_tokens, rep, True), stream)
-            cpu[name] += process_cpu_seconds(workers[name]) - before
-            tpot[name].append(stream.tpot)
-        times = []
-        before, loop_before = time.process_time(), time.thread_time()
-        async for delta in engine.astream(
-            messages=MESSAGES, max_tokens=max_tokens, seed=rep, ignore_eos=True, thinking="off"
-        ):
-            if delta.text:
-                times.append(time.perf_counter())
-        cpu["python_api"] += time.process_time() - before
-        api_loop_cpu += time.thread_time() - loop_before
-        tpot["python_api"].append((times[-1] - times[0]) / (max_tokens - 1))
-    layer = {
-        n: http_layer_cpu(threads_before[n], thread_cpu_seconds(p)) for n, p in workers.items()
+        for name in paths[rep % len(paths) :] + paths[: rep % len(paths)]:
+            pid = workers[name]
+            before = thread_cpu_ns(pid)
+            if name == "python_api":
+                run = await api_stream(engine, max_tokens, rep)
+            elif name == "engine_only":
+                run = await engine_stream(engine, max_tokens, rep)
+            else:
+                run = raw_stream(ports[name], chat_body(max_tokens, rep, True))
+            cpu = cpu_by_role(pid, before, thread_cpu_ns(pid))
+            tpot, e2e = _per_token(run)
+            if run["tokens"] != max_tokens or len(run["content"]) < max_tokens // 2:
+                raise RuntimeError(f"{name}: {run['tokens']} tokens, {len(run['content'])} events")
+            runs[name].append({"tpot": tpot, "e2e": e2e, "cpu": cpu, "tokens": run["tokens"]})
+            if verbose:
+                print(
+                    f"{rep} {name:10} tpot {tpot * 1e6:7.1f} e2e {e2e * 1e6:7.1f} cpu/token "
+                    + " ".join(f"{k} {v / run['tokens'] * 1e6:6.1f}" for k, v in cpu.items())
+                )
+    busy1, total1 = machine_jiffies()
+    out: dict = {
+        "max_tokens": max_tokens,
+        "repeats": repeats,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "machine_busy_fraction": round((busy1 - busy0) / max(1, total1 - total0), 3),
+        "client": "blocking socket, one recv + clock read per arrival, events parsed after",
     }
-    tokens = repeats * max_tokens
-    api_tpot = statistics.median(tpot["python_api"])
-    api_cpu = cpu["python_api"] / tokens
-    api = {
-        "tpot_us": round(api_tpot * 1e6, 1),
-        "cpu_per_token_us": round(api_cpu * 1e6, 1),
-        "event_loop_cpu_per_token_us": round(api_loop_cpu / tokens * 1e6, 1),
-    }
-    out: dict = {"max_tokens": max_tokens, "repeats": repeats, "python_api": api}
-    for name in ports:
-        med, per_token = statistics.median(tpot[name]), cpu[name] / tokens
-        out[name] = {
-            "tpot_us": round(med * 1e6, 1),
-            "cpu_per_token_us": round(per_token * 1e6, 1),
-            "overhead_per_token_us": round((med - api_tpot) * 1e6, 1),
-            "cpu_overhead_per_token_us": round((per_token - api_cpu) * 1e6, 1),
-            "http_layer_cpu_per_token_us": round(layer[name] / tokens * 1e6, 1),
+    us = 1e6
+    for name in paths:
+        rs = runs[name]
+        entry = {
+            "tpot_us": round(statistics.median(r["tpot"] for r in rs) * us, 1),
+            "e2e_per_token_us": round(statistics.median(r["e2e"] for r in rs) * us, 1),
+            "cpu_per_token_us": {
+                role: round(statistics.median(r["cpu"][role] / r["tokens"] for r in rs) * us, 1)
+                for role in ("engine", "loop", "other")
+            },
         }
+        entry["cpu_per_token_us"]["total"] = round(
+            statistics.median(sum(r["cpu"].values()) / r["tokens"] for r in rs) * us, 1
+        )
+        if name not in ("python_api", "engine_only"):
+            for base in ("python_api", "engine_only"):
+                entry |= _paired(rs, runs[base], "" if base == "python_api" else "_vs_engine")
+        out[name] = entry
     return out
 
 
@@ -304,6 +459,9 @@ def machine() -> dict:
 async def measure(ports: dict[str, int], engine, args: argparse.Namespace) -> dict:
     for port in ports.values():
         await load_test(port, 1, 4, 8)  # warm-up
+    if args.overhead_only:
+        await api_stream(engine, 8, 0)  # warm-up
+        return {"overhead": await overhead(ports, engine, args.overhead_tokens, args.repeats)}
     streaming = {
         name: [
             await load_test(port, int(c), args.requests, args.max_tokens)
@@ -340,8 +498,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="streams per load level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--overhead-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5, help="overhead streams per path")
+    parser.add_argument("--repeats", type=int, default=9, help="overhead rounds (streams per path)")
     parser.add_argument("--rounds", type=int, default=5, help="small-request rounds")
+    parser.add_argument(
+        "--overhead-only", action="store_true", help="measure only the overhead per token"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "perf/results/serve.json")
     args = parser.parse_args()
 
@@ -356,6 +517,7 @@ def main() -> None:
         "runner": engine.capabilities.name,
         "device": args.device,
         "machine": machine(),
+        "command": " ".join(["perf/bench_serve.py", *sys.argv[1:]]),
     }
     interfaces = args.interfaces.split(",")
     with contextlib.ExitStack() as stack:
@@ -369,7 +531,6 @@ def main() -> None:
         results.update(asyncio.run(measure(ports, engine, args)))
     engine.close()
     print(json.dumps({k: v for k, v in results.items() if k != "streaming"}, indent=1))
-    engine.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,11 +1,13 @@
 """Server pieces without a server process: delta -> chunk mapping, thinking switches,
-replica placement and routing, and the ASGI app driven in-process (a failing engine step
-becomes an SSE error event; an unexpected exception becomes a 500 without a traceback)."""
+replica placement and routing, streamed replies pulled by the event loop and pushed from
+the engine threads, and the ASGI app driven in-process (a failing engine step becomes an
+SSE error event; an unexpected exception becomes a 500 without a traceback)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import msgspec
@@ -16,7 +18,7 @@ from fermi.server.app import AsgiApp
 from fermi.server.build import resolve_thinking
 from fermi.server.chunks import ChatChunker, TextChunker
 from fermi.server.config import ServerConfig
-from fermi.server.handlers import Api
+from fermi.server.handlers import Api, StreamEndedError
 from fermi.server.pool import PoolConfigError, load_pool, parse_devices, plan_devices
 from fermi.server.protocol import ENCODER, ChatCompletionRequest
 from tests.serving import thinking_checkpoint
@@ -176,6 +178,95 @@ async def call_asgi(app: AsgiApp, path: str, body: dict) -> tuple[int, bytes]:
     await app(scope, receive, send)
     status = sent[0]["status"]
     return status, b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def stream_events(api: Api, path: str, body: dict, pushed: bool) -> tuple[list, set]:
+    """The events of a streamed reply, delivered one way or the other, and the threads
+    that wrote them (pulled: the event loop's)."""
+    reply = await api.handle("POST", path, None, json.dumps({**body, "stream": True}).encode())
+    pieces, threads = [], set()
+
+    def write(data: bytes) -> None:
+        pieces.append(data)
+        threads.add(threading.get_ident())
+
+    try:
+        if pushed:
+            await reply.push(write)
+        else:
+            async for piece in reply.chunks():
+                write(piece)
+    except StreamEndedError:
+        pass
+    events = b"".join(pieces).decode().strip().split("\n\n")
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-1]], threads
+
+
+def per_choice(events: list[dict]) -> dict[int, list]:
+    """Each choice's chunks in order (choices on two replicas interleave at random), with
+    the per-request id and timestamp left out; the usage chunk under -1."""
+    out: dict[int, list] = {}
+    for event in events:
+        body = {k: v for k, v in event.items() if k not in ("id", "created")}
+        index = event["choices"][0]["index"] if event["choices"] else -1
+        out.setdefault(index, []).append(body)
+    return out
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                  "logprobs": True, "top_logprobs": 2, "thinking": "off"}),
+        ("/v1/completions", {"prompt": "Once upon", "logprobs": 1}),
+    ],
+)  # fmt: skip
+def test_pushed_stream_equals_the_pulled_one_and_is_written_by_the_engine_threads(api, path, body):
+    body = {**body, "max_tokens": 12, "n": 2, "seed": 3, "ignore_eos": True}
+    body["stream_options"] = {"include_usage": True}
+
+    async def both():
+        pulled = await stream_events(api, path, body, pushed=False)
+        pushed = await stream_events(api, path, body, pushed=True)
+        return pulled, pushed, threading.get_ident()
+
+    (pulled, pull_threads), (pushed, push_threads), loop_thread = asyncio.run(both())
+    assert per_choice(pushed) == per_choice(pulled)
+    assert pushed[-1]["usage"]["completion_tokens"] == 24 and pushed[-1]["choices"] == []
+    assert pull_threads == {loop_thread}
+    # The choices ran on the two replicas; their engine threads wrote the events (the loop
+    # wrote only the opening role chunks of the chat stream).
+    engine_threads = push_threads - {loop_thread}
+    assert len(engine_threads) == 2
+    if "messages" in body:
+        assert [e["choices"][0]["delta"].get("role") for e in pushed[:2]] == ["assistant"] * 2
+
+
+def test_failing_engine_step_ends_a_pushed_stream_with_an_error_event(api):
+    runners = [r.engine.runner for r in api.pool.replicas]
+    originals = [r.decode for r in runners]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated device fault")
+
+    for runner in runners:
+        runner.decode = broken
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 2}
+    try:
+        events, _ = asyncio.run(stream_events(api, "/v1/chat/completions", body, pushed=True))
+    finally:
+        for runner, decode in zip(runners, originals, strict=True):
+            runner.decode = decode
+    error = events[-1]["error"]
+    assert error["type"] == "server_error" and "simulated device fault" in error["message"]
+    # One error event ends the stream; the other choice's failure is not written after it.
+    assert sum("error" in e for e in events) == 1
+    # The same engines keep serving, pushed.
+    events, _ = asyncio.run(
+        stream_events(api, "/v1/chat/completions", {**body, "n": 1}, pushed=True)
+    )
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_failing_engine_step_ends_the_stream_with_an_error_event(api):

@@ -57,8 +57,10 @@ async def _until_done_or_gone(work: Awaitable[None], gone: Awaitable[Any]) -> No
 
 
 async def _send_stream(reply: StreamReply, send: Callable[[bytes], Awaitable[None]]) -> None:
+    """Pull the stream's events on the event loop and send them (ASGI)."""
+    chunks = reply.chunks()
     try:
-        async for piece in reply.chunks:
+        async for piece in chunks:
             await send(piece)
     except StreamEndedError:
         pass
@@ -71,7 +73,21 @@ async def _send_stream(reply: StreamReply, send: Callable[[bytes], Awaitable[Non
         with contextlib.suppress(Exception):  # the client may be gone as well
             await send(sse(ErrorBody(internal_error().detail())) + DONE)
     finally:
-        await reply.chunks.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()
+
+
+async def _push_stream(reply: StreamReply, write: Callable[[bytes], object]) -> None:
+    """Let the engine thread write the stream's events as they arrive (RSGI)."""
+    try:
+        await reply.push(write)
+    except StreamEndedError:
+        pass
+    except Exception as exc:
+        if _client_gone(exc):
+            return
+        log.exception("stream failed")
+        with contextlib.suppress(Exception):  # the client may be gone as well
+            write(sse(ErrorBody(internal_error().detail())) + DONE)
 
 
 def _client_gone(exc: Exception) -> bool:
@@ -140,8 +156,10 @@ class RsgiApp:
             self._reply(proto, reply)
             return
         try:
+            # Granian's stream send_bytes queues the bytes on a channel and returns an
+            # awaitable that is already done: it may be called from the engine thread.
             transport = proto.response_stream(200, SSE_HEADERS)
-            await _send_stream(reply, transport.send_bytes)
+            await _push_stream(reply, transport.send_bytes)
         finally:
             reply.cancel()  # a no-op once every choice finished
 

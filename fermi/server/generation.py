@@ -1,15 +1,23 @@
 """One HTTP request's engine requests (``n`` choices, several prompts), merged for asyncio.
 
-The engine calls its sink from the scheduler thread. The sink appends to a deque and wakes
-the event loop only when the consumer may be asleep, so a consumer that falls behind gets
-several deltas per wake-up instead of one loop callback per token.
+The engine calls its sink from the scheduler thread. Deltas reach the request in one of
+two ways:
+
+- pulled (``batches``): the sink appends to a deque and wakes the event loop only when the
+  consumer may be asleep, so a consumer that falls behind gets several deltas per wake-up;
+- pushed (``push``): the sink hands each delta to a callback on the engine thread itself,
+  and the loop wakes once, when the request is complete. A wake-up of the loop from another
+  thread costs far more than building and sending a token's event (perf/notes_serve.md),
+  so this is the streaming path wherever the transport can be written from any thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fermi.engine.scheduler import RequestHandle
 from fermi.engine.types import Delta, GenerationRequest
@@ -31,6 +39,12 @@ class Generation:
         self._items: deque[tuple[int, Delta]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._wake_pending = False
+        # Held by the sinks (several engine threads for n > 1 on several replicas) and by
+        # ``push`` while it switches over, so deltas are handed on one at a time, in order.
+        self._lock = threading.Lock()
+        self._deliver: Callable[[int, Delta], bool] | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._ended = False
         self.handles: list[RequestHandle] = []
         self.replicas: list[Replica] = []
         self.unfinished = len(requests)
@@ -58,13 +72,59 @@ class Generation:
         items, loop = self._items, self._loop
 
         def sink(delta: Delta) -> None:
-            items.append((index, delta))
-            # Checked after the append: if a wake-up is already queued it will see this item.
-            if not self._wake_pending:
-                self._wake_pending = True
-                loop.call_soon_threadsafe(self._wake)
+            with self._lock:
+                if self._deliver is not None:
+                    self._hand_on(index, delta)
+                    return
+                items.append((index, delta))
+                if not self._wake_pending:
+                    self._wake_pending = True
+                    loop.call_soon_threadsafe(self._wake)
 
         return sink
+
+    def _hand_on(self, index: int, delta: Delta) -> None:
+        """Pushed delivery of one delta (the lock is held): the callback says when the
+        stream is complete; then, or when it raised, the loop learns it once."""
+        if self._ended:
+            return
+        if delta.finish_reason is not None:
+            self.unfinished -= 1
+        assert self._deliver is not None and self._done is not None
+        error: BaseException | None = None
+        try:
+            complete = self._deliver(index, delta)
+        except Exception as exc:
+            complete, error = True, exc
+        if complete:
+            self._ended = True
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+                self._loop.call_soon_threadsafe(_settle, self._done, error)
+
+    async def push(
+        self,
+        opening: bytes,
+        write: Callable[[bytes], object],
+        deliver: Callable[[int, Delta], bool],
+    ) -> None:
+        """Write ``opening``, then hand every delta (those already queued first) to
+        ``deliver(index, delta)`` on the thread it arrives on; ``deliver`` returns True once
+        the stream is complete. Returns then; raises what ``deliver`` raised. Leaving early
+        (cancellation) stops the hand-over; the caller cancels the generation."""
+        self._done = self._loop.create_future()
+        with self._lock:
+            if opening:
+                write(opening)
+            self._deliver = deliver
+            while self._items and not self._ended:
+                self._hand_on(*self._items.popleft())
+        try:
+            await self._done
+        finally:
+            with self._lock:
+                # Dropping the callback drops ``write`` too: Granian ends the response
+                # body once its stream transport is freed.
+                self._ended, self._deliver = True, None
 
     def _wake(self) -> None:
         self._wake_pending = False
@@ -98,3 +158,12 @@ class Generation:
     def cancel(self) -> None:
         for handle in self.handles:
             handle.cancel()
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

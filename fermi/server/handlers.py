@@ -38,8 +38,6 @@ from fermi.server.protocol import (
     CHAT_DECODER,
     COMPLETION_DECODER,
     ENCODER,
-    ChatCompletionRequest,
-    CompletionRequest,
     ErrorBody,
     ModelCard,
     ModelList,
@@ -55,15 +53,6 @@ class Reply:
     body: bytes
     content_type: str = JSON
     headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass
-class StreamReply:
-    """An SSE body; ``chunks`` yields already framed ``data: ...`` events. ``cancel`` stops
-    the generation behind it, also when the stream never started (the client left first)."""
-
-    chunks: AsyncIterator[bytes]
-    cancel: Callable[[], None]
 
 
 def sse(obj: msgspec.Struct) -> bytes:
@@ -220,9 +209,14 @@ class Api:
         timing = _Timing(self.metrics, start)
         rid, created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            stream = self._chat_stream if is_chat else self._text_stream
-            chunks = stream(body, requests, generation, timing, rid, created)
-            return StreamReply(chunks, generation.cancel)
+            options = body.stream_options
+            include_usage = bool(options and options.include_usage)
+            n, name = len(requests), self.model_name
+            if is_chat:
+                chunker = ChatChunker(rid, created, name, n, bool(body.logprobs))
+            else:
+                chunker = TextChunker(rid, created, name, n, body.logprobs)
+            return StreamReply(self, generation, timing, chunker, requests, body.n, include_usage)
         choices = await self._collect(generation, timing, len(requests))
         prompt_tokens = timing.done(requests, body.n, choices)
         if is_chat:
@@ -245,78 +239,117 @@ class Api:
             self._release(generation)
         return choices
 
-    async def _chat_stream(
-        self,
-        body: ChatCompletionRequest,
-        requests: list[GenerationRequest],
-        generation: Generation,
-        timing: _Timing,
-        rid: str,
-        created: int,
-    ) -> AsyncIterator[bytes]:
-        chunker = ChatChunker(rid, created, self.model_name, len(requests), bool(body.logprobs))
-        choices = [ChoiceText() for _ in requests]
-        yield b"".join(sse(chunk) for chunk in chunker.first())
-        async for events in self._events(generation, timing, choices, chunker.delta):
-            yield events
-        prompt_tokens = timing.done(requests, body.n, choices)
-        if body.stream_options and body.stream_options.include_usage:
-            usage = usage_body(prompt_tokens, sum(c.tokens for c in choices))
-            yield sse(chunker.usage(usage))
-        yield DONE
-
-    async def _text_stream(
-        self,
-        body: CompletionRequest,
-        requests: list[GenerationRequest],
-        generation: Generation,
-        timing: _Timing,
-        rid: str,
-        created: int,
-    ) -> AsyncIterator[bytes]:
-        chunker = TextChunker(rid, created, self.model_name, len(requests), body.logprobs)
-        choices = [ChoiceText() for _ in requests]
-        async for events in self._events(generation, timing, choices, chunker.delta):
-            yield events
-        prompt_tokens = timing.done(requests, body.n, choices)
-        if body.stream_options and body.stream_options.include_usage:
-            usage = usage_body(prompt_tokens, sum(c.tokens for c in choices))
-            yield sse(chunker.usage(usage))
-        yield DONE
-
-    async def _events(
-        self,
-        generation: Generation,
-        timing: _Timing,
-        choices: list[ChoiceText],
-        to_chunk: Callable[[int, Delta], msgspec.Struct | None],
-    ) -> AsyncIterator[bytes]:
-        """SSE events of every delta that has arrived, joined into one write per wake-up."""
-        try:
-            async for batch in generation.batches():
-                timing.arrived()
-                events = []
-                for index, delta in batch:
-                    if delta.error:
-                        # The stream ends here; the client raises on the error event.
-                        events += (sse(ErrorBody(_engine_error(delta).detail())), DONE)
-                        yield b"".join(events)
-                        self.metrics.error(500)
-                        raise StreamEndedError
-                    choices[index].add(delta)
-                    chunk = to_chunk(index, delta)
-                    if chunk is not None:
-                        events.append(sse(chunk))
-                if events:
-                    yield b"".join(events)
-        finally:
-            self._release(generation)
-
     def _release(self, generation: Generation) -> None:
         """Cancel what is still generating (the client left, or the stream failed)."""
         if generation.unfinished:
             generation.cancel()
             self.metrics.aborted.inc()
+
+
+class StreamReply:
+    """The server-sent events of one streamed generation, built delta by delta.
+
+    Two ways to deliver them, with the same bytes: ``chunks()`` is pulled by the event loop
+    (one wake-up per batch of deltas; ASGI needs this), ``push(write)`` writes each delta's
+    events from the thread where the delta arrives, the engine's, so a streamed token costs
+    no event-loop wake-up at all (RSGI: Granian's stream ``send_bytes`` is a thread-safe,
+    non-blocking channel send). ``cancel`` stops the generation, also when the stream never
+    started (the client left first)."""
+
+    def __init__(
+        self,
+        api: Api,
+        generation: Generation,
+        timing: _Timing,
+        chunker: ChatChunker | TextChunker,
+        requests: list[GenerationRequest],
+        n: int,
+        include_usage: bool,
+    ) -> None:
+        self.api = api
+        self.generation = generation
+        self.timing = timing
+        self.chunker = chunker
+        self.requests = requests
+        self.n = n
+        self.include_usage = include_usage
+        self.choices = [ChoiceText() for _ in requests]
+        self.failed = False
+        self.cancel = generation.cancel
+
+    # -- the events -------------------------------------------------------------------
+
+    def opening(self) -> bytes:
+        """The chat stream's role chunks (one per choice); completions have none."""
+        if isinstance(self.chunker, ChatChunker):
+            return b"".join(sse(chunk) for chunk in self.chunker.first())
+        return b""
+
+    def feed(self, index: int, delta: Delta) -> bytes:
+        """The events of one delta; an engine error ends the stream with an error event."""
+        if delta.error:
+            # The stream ends here; the client raises on the error event.
+            self.failed = True
+            self.api.metrics.error(500)
+            return sse(ErrorBody(_engine_error(delta).detail())) + DONE
+        self.choices[index].add(delta)
+        chunk = self.chunker.delta(index, delta)
+        return b"" if chunk is None else sse(chunk)
+
+    def closing(self) -> bytes:
+        """After every choice finished: count the request, then the usage chunk and DONE."""
+        prompt_tokens = self.timing.done(self.requests, self.n, self.choices)
+        if not self.include_usage:
+            return DONE
+        usage = usage_body(prompt_tokens, sum(c.tokens for c in self.choices))
+        return sse(self.chunker.usage(usage)) + DONE
+
+    # -- delivery ---------------------------------------------------------------------
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Pulled: the events of every delta that arrived, one piece per wake-up. Ends with
+        :class:`StreamEndedError` after an error event."""
+        try:
+            if opening := self.opening():
+                yield opening
+            async for batch in self.generation.batches():
+                self.timing.arrived()
+                events = []
+                for index, delta in batch:
+                    events.append(self.feed(index, delta))
+                    if self.failed:
+                        break
+                if self.failed:
+                    yield b"".join(events)
+                    raise StreamEndedError
+                if piece := b"".join(events):
+                    yield piece
+            yield self.closing()
+        finally:
+            self.api._release(self.generation)
+
+    async def push(self, write: Callable[[bytes], object]) -> None:
+        """Pushed: call ``write(events)`` (thread-safe, non-blocking; its result is
+        ignored) from the engine thread as each delta arrives, and return once the stream
+        is complete. Raises :class:`StreamEndedError` after an error event, and whatever
+        building an event raised."""
+
+        def deliver(index: int, delta: Delta) -> bool:
+            self.timing.arrived()
+            events = self.feed(index, delta)
+            complete = self.failed or not self.generation.unfinished
+            if complete and not self.failed:
+                events += self.closing()
+            if events:
+                write(events)
+            return complete
+
+        try:
+            await self.generation.push(self.opening(), write, deliver)
+        finally:
+            self.api._release(self.generation)
+        if self.failed:
+            raise StreamEndedError
 
 
 class StreamEndedError(Exception):
