@@ -16,7 +16,7 @@ import pytest
 from fermi.engine.types import Delta, TokenLogprob, Usage
 from fermi.server.app import AsgiApp
 from fermi.server.build import resolve_thinking
-from fermi.server.chunks import ChatChunker, TextChunker
+from fermi.server.chunks import ChatChunker, TextChunker, sse
 from fermi.server.config import ServerConfig
 from fermi.server.handlers import Api, StreamEndedError
 from fermi.server.pool import PoolConfigError, load_pool, parse_devices, plan_devices
@@ -85,6 +85,37 @@ def test_text_chunks_keep_text_offsets_across_chunks():
     assert first["choices"][0]["logprobs"]["text_offset"] == [0]
     assert second["choices"][0]["logprobs"]["text_offset"] == [2]
     assert second["choices"][0]["logprobs"]["top_logprobs"] == [{"c": -2.0, "x": -3.0}]
+
+
+EVENT_DELTAS = [
+    Delta(text="plain", token_ids=[1]),
+    Delta(text='"quoted" back\\slash\nnew line \u2028 \u00e9 \U0001f600 \x01', token_ids=[2]),
+    Delta(reasoning='thinking "aloud"', token_ids=[3]),
+    Delta(text="both", reasoning="at once", token_ids=[4]),
+    Delta(token_ids=[5]),  # held back: nothing to send
+    Delta(text="with logprob", token_ids=[6], logprobs=[lp("with logprob", -0.25)]),
+    Delta(token_ids=[7], logprobs=[lp("<", -0.5)]),  # held back, its logprob pending
+    Delta(text="<b", token_ids=[8]),
+    Delta(text="end", token_ids=[9], finish_reason="length", usage=Usage(3, 9)),
+]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ChatChunker("chatcmpl-x", 7, "m", 2, False),
+        lambda: ChatChunker("chatcmpl-x", 7, "m", 2, True),
+        lambda: TextChunker("cmpl-x", 7, "m", 2, None),
+        lambda: TextChunker("cmpl-x", 7, "m", 2, 1),
+    ],
+)
+def test_event_bytes_equal_the_encoded_chunk_of_every_delta(make):
+    """``event`` splices common deltas into a template; its bytes must be the chunk's."""
+    reference, spliced = make(), make()
+    for index in (1, 0):
+        for delta in EVENT_DELTAS:
+            chunk = reference.delta(index, delta)
+            assert spliced.event(index, delta) == (b"" if chunk is None else sse(chunk))
 
 
 # -- thinking switches --------------------------------------------------------------------

@@ -2,12 +2,20 @@
 
 These classes hold the per-request state the mapping needs (role sent, logprobs not
 yet attached, text gathered so far) and nothing else, so they are tested without a server.
+
+A streamed token is usually text alone. Its event is then spliced into a template: the
+chunk encoded once per choice with a marker for the text, split at the marker, and joined
+with the JSON-encoded text (one C call). The bytes are those of the encoded chunk; the
+saving matters because this runs for every token on the engine thread, right after the
+model step, where caches are cold and each Python call costs ~10x its hot-loop time
+(perf/notes_serve.md).
 """
 
 from __future__ import annotations
 
 from fermi.engine.types import Delta, TokenLogprob
 from fermi.server.protocol import (
+    ENCODER,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -25,6 +33,24 @@ from fermi.server.protocol import (
 
 # JSON has no -inf; OpenAI reports impossible tokens with this floor.
 LOGPROB_FLOOR = -9999.0
+
+# Server-sent events: one ``data:`` line per chunk, a blank line after it.
+SSE_PREFIX, SSE_END = b"data: ", b"\n\n"
+_MARK = "\x00fermi-text\x00"
+_MARK_JSON = ENCODER.encode(_MARK)
+
+
+def sse(obj) -> bytes:
+    """One event: a JSON-encoded body framed as server-sent ``data:``."""
+    return SSE_PREFIX + ENCODER.encode(obj) + SSE_END
+
+
+def _template(obj) -> list[bytes]:
+    """``sse(obj)`` split where the marker text stands; ``ENCODER.encode(text).join(parts)``
+    then equals ``sse(obj)`` with the text in the marker's place(s)."""
+    parts = sse(obj).split(_MARK_JSON)
+    assert len(parts) > 1, "the template has no marker"
+    return parts
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -137,6 +163,7 @@ class ChatChunker:
         # Logprobs of tokens whose text is still held back (stop strings, tags) ride along
         # with the next chunk that is sent, so none are lost and none are duplicated.
         self.pending: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        self._cache: dict[int, tuple[list[bytes], list[bytes]]] = {}
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: UsageBody | None = None):
         return ChatCompletionChunk(
@@ -173,6 +200,30 @@ class ChatChunker:
     def usage(self, usage: UsageBody) -> ChatCompletionChunk:
         return self._chunk([], usage)
 
+    def event(self, index: int, delta: Delta) -> bytes:
+        """``sse(self.delta(index, delta))``, or b"" when there is nothing to send yet."""
+        plain = not (self.pending[index] or (self.want_logprobs and delta.logprobs))
+        if plain and delta.finish_reason is None:
+            text, reasoning = delta.text, delta.reasoning
+            if text and not reasoning:
+                return ENCODER.encode(text).join(self._templates(index)[0])
+            if reasoning and not text:
+                return ENCODER.encode(reasoning).join(self._templates(index)[1])
+        chunk = self.delta(index, delta)
+        return b"" if chunk is None else sse(chunk)
+
+    def _templates(self, index: int) -> tuple[list[bytes], list[bytes]]:
+        """(text alone, reasoning alone) templates of choice ``index``, built once."""
+        found = self._cache.get(index)
+        if found is None:
+            text = ChunkDelta(content=_MARK)
+            reasoning = ChunkDelta(reasoning_content=_MARK, reasoning=_MARK)
+            found = self._cache[index] = (
+                _template(self._chunk([ChatChunkChoice(index, text)])),
+                _template(self._chunk([ChatChunkChoice(index, reasoning)])),
+            )
+        return found
+
 
 class TextChunker:
     """Deltas of ``n`` choices -> streamed ``text_completion`` objects."""
@@ -182,6 +233,7 @@ class TextChunker:
         self.logprobs = logprobs
         self.pending: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self.offsets = [0] * n
+        self._cache: dict[int, list[bytes]] = {}
 
     def delta(self, index: int, delta: Delta) -> TextCompletion | None:
         pending = self.pending[index]
@@ -202,3 +254,22 @@ class TextChunker:
         return TextCompletion(
             id=self.rid, created=self.created, model=self.model, choices=[], usage=usage
         )
+
+    def event(self, index: int, delta: Delta) -> bytes:
+        """``sse(self.delta(index, delta))``, or b"" when there is nothing to send yet."""
+        plain = not (self.pending[index] or (self.logprobs is not None and delta.logprobs))
+        if plain and delta.text and delta.finish_reason is None:
+            return ENCODER.encode(delta.text).join(self._template(index))
+        chunk = self.delta(index, delta)
+        return b"" if chunk is None else sse(chunk)
+
+    def _template(self, index: int) -> list[bytes]:
+        found = self._cache.get(index)
+        if found is None:
+            choice = TextChoice(index, _MARK)
+            found = self._cache[index] = _template(
+                TextCompletion(
+                    id=self.rid, created=self.created, model=self.model, choices=[choice]
+                )
+            )
+        return found
