@@ -47,3 +47,26 @@ def test_rms_norm_fused_path_equals_formula():
     xb = x.bfloat16()
     expected = norm.weight.bfloat16() * h.bfloat16()
     torch.testing.assert_close(norm.bfloat16()(xb), expected)
+
+
+def test_half_weight_linear_answers_fp16_for_few_rows_and_float32_otherwise():
+    from torch import nn
+
+    from fermi.models.half_weights import HalfWeightLinear
+
+    torch.manual_seed(0)
+    plain = nn.Linear(64, 32, bias=False)
+    half = HalfWeightLinear(plain, [None])
+    one, many = torch.randn(1, 1, 64), torch.randn(1, 9, 64)
+    with torch.no_grad():
+        out_one, out_many = half(one), half(many)
+        assert out_one.dtype == torch.float16  # the fp16 kernel's output, uncast
+        assert out_many.dtype == torch.float32  # prefill: float32 product on an upcast weight
+        assert half(one.half()).dtype == torch.float16  # fp16 input taken as is
+        torch.testing.assert_close(out_one.float(), plain(one), rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(out_many, plain(many), rtol=2e-3, atol=2e-3)
+
+
+def test_rms_norm_of_fp16_input_with_float32_weight_is_float32():
+    norm = RMSNorm(64, 1e-6, unit_offset=True)
+    assert norm(torch.randn(1, 1, 64).half()).dtype == torch.float32

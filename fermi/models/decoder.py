@@ -71,7 +71,9 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and not self.unit_offset:
             # One fused kernel; in float32 it is the spelled-out formula below.
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
+        # A float32 weight keeps a lower-precision input's result in float32 (fp16-storage
+        # projections answer in fp16); same-dtype weights keep the input's dtype.
+        dtype = torch.promote_types(x.dtype, self.weight.dtype)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:  # Gemma computes the scale in float32 before casting back
@@ -94,15 +96,18 @@ class KVCache(nn.Module):
         self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None:
         """Write k/v [B, H, T, D] in place at (slots[b], :, positions[b, t])."""
-        # Advanced indices on dims 0 and 2 select a [B, T, H, D] view of the cache.
-        index = slots[:, None].expand_as(positions)
-        self.k[index, :, positions] = k.transpose(1, 2)
-        self.v[index, :, positions] = v.transpose(1, 2)
+        # On the [B, S, H, D] view of the cache, (slots[b], positions[b, t]) picks the
+        # [H, D] entry of each token: one index_put_ per buffer, no index expansion.
+        index = (slots[:, None], positions)
+        self.k.transpose(1, 2).index_put_(index, k.transpose(1, 2))
+        self.v.transpose(1, 2).index_put_(index, v.transpose(1, 2))
 
     def read(self, slots: torch.Tensor | None, batch: int, kv_len: int):
         """The first ``kv_len`` positions of the given slots (a view when ``slots`` is None,
         meaning rows 0..batch-1 are slots 0..batch-1)."""
         if slots is None:
+            if batch == self.k.shape[0]:
+                return self.k.narrow(2, 0, kv_len), self.v.narrow(2, 0, kv_len)
             return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
         return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
 
@@ -153,12 +158,12 @@ class Attention(nn.Module):
         # Heads stay on dim 2 ([B, T, heads, D], the projections' layout) until attention.
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         if self.fused:
-            qkv = self.qkv_proj(x).view(b, t, h + kv + kv, d)
+            qkv = _as_dtype(self.qkv_proj(x), x.dtype).view(b, t, h + kv + kv, d)
             q, k, v = qkv.split([h, kv, kv], dim=2)
         else:
-            q = self.q_proj(x).view(b, t, h, d)
-            k = self.k_proj(x).view(b, t, kv, d)
-            v = self.v_proj(x).view(b, t, kv, d)
+            q = _as_dtype(self.q_proj(x), x.dtype).view(b, t, h, d)
+            k = _as_dtype(self.k_proj(x), x.dtype).view(b, t, kv, d)
+            v = _as_dtype(self.v_proj(x), x.dtype).view(b, t, kv, d)
         if cfg.qk_norm:
             q, k = rotate(self.q_norm(q), cos, sin), rotate(self.k_norm(k), cos, sin)
         elif self.fused:  # q and k sit side by side: one rotation for both
@@ -235,6 +240,12 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act(gate) * up)
+
+
+def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``: a projection may answer in its weights' dtype (fp16 storage on
+    CPU); the rope and the KV cache work in the model's."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def concat_linears(parts: list[nn.Module]) -> nn.Module:

@@ -21,7 +21,12 @@ DIRECT_ROWS = 2
 
 
 class HalfWeightLinear(nn.Module):
-    """``nn.Linear`` with an fp16 weight, float32 inputs and outputs."""
+    """``nn.Linear`` with an fp16 weight and float32 arithmetic.
+
+    Takes float32 or fp16 inputs. Returns float32, except for products of few rows (the
+    fp16 kernel) without a bias, which return the kernel's fp16 output: callers promote it
+    (``x + out``) or convert it (``.float()``, ``.to(dtype)``) where they need float32.
+    """
 
     def __init__(self, linear: nn.Linear, scratch: list[torch.Tensor | None]) -> None:
         super().__init__()
@@ -48,8 +53,14 @@ class HalfWeightLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows <= DIRECT_ROWS:
-            out = F.linear(x.to(torch.float16), self.weight).float()
+            # The fp16 kernel's output stays fp16 (it is rounded to fp16 anyway): the next
+            # op promotes it (a residual add, a bias) or takes it as is (the MLP's product
+            # feeding down_proj), which saves a cast on either side of most products.
+            x16 = x if x.dtype == torch.float16 else x.to(torch.float16)
+            out = F.linear(x16, self.weight)
             return out if self.bias is None else out + self.bias
+        if x.dtype != torch.float32:
+            x = x.float()
         return F.linear(x, self._upcast(), self.bias)
 
     def _upcast(self) -> torch.Tensor:
