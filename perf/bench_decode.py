@@ -204,7 +204,7 @@ def our_decoder(cfg: dict, hf=None, dtype=None):
 
 
 def our_engine(
-    model, max_batch: int, max_seq_len: int, attention: str = "sdpa", scope: str = "layer"
+    model, max_batch: int, max_seq_len: int, attention: str | None = None, scope: str = "layer"
 ):
     from fermi.engine.api import Engine
     from fermi.loading import GenerationDefaults
@@ -521,7 +521,7 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--hf-prompts", type=int, nargs="*", default=None, help="[default: --prompts]")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--decode-attention", default="sdpa", choices=["flex", "math", "sdpa"])
+    p.add_argument("--decode-attention", default=None, choices=["split", "flex", "math", "sdpa"])
     p.add_argument("--compile-scope", default="layer", choices=["layer", "model"])
     p.add_argument("--fp32-check", action="store_true")
     p.add_argument("--context-test", default=None, help="model name for the 500-token test")

@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--model", default="Qwen3-0.6B")
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--max-batch", type=int, default=1)
-    p.add_argument("--decode-attention", default="sdpa", choices=["flex", "math", "sdpa"])
+    p.add_argument("--decode-attention", default=None, choices=["split", "flex", "math", "sdpa"])
     p.add_argument("--compile-scope", default="layer", choices=["layer", "model"])
     p.add_argument("--out", required=True)
     args = p.parse_args()

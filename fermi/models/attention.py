@@ -7,7 +7,9 @@ alternatives, both only worth it under ``torch.compile`` on CUDA:
 - ``flex``: FlexAttention, which lowers a short query to a split-KV ("flash decoding")
   Triton kernel and reads each KV head once for its whole group of query heads;
 - ``math``: the same arithmetic spelled as products and sums, which Inductor turns into
-  reductions parallel over every (head, key) pair.
+  reductions parallel over every (head, key) pair;
+- ``split``: our own Triton split-KV kernel (``fermi.models.split_decode``), the default on
+  CUDA: one program per range of keys of each (row, KV head), no mask tensor.
 
 Both take the causal/window mask and Gemma-style soft-capping as a score modification, so
 the attended length is simply the cache view's length.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-DECODE_KERNELS = ("sdpa", "flex", "math")
+DECODE_KERNELS = ("sdpa", "flex", "math", "split")
 
 
 def decode_attention(
@@ -36,6 +38,10 @@ def decode_attention(
         return _flex(q, keys, values, positions, window, scale, softcap)
     if kind == "math":
         return _math(q, keys, values, positions, window, scale, softcap)
+    if kind == "split":  # a Triton split-KV kernel (fermi.models.split_decode), CUDA only
+        from fermi.models.split_decode import split_decode_attention
+
+        return split_decode_attention(q, keys, values, positions, window, scale, softcap)
     raise ValueError(f"decode attention {kind!r} is not one of {', '.join(DECODE_KERNELS)}")
 
 

@@ -96,7 +96,15 @@ class KVCache(nn.Module):
         self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None:
         """Write k/v [B, H, T, D] in place at (slots[b], :, positions[b, t])."""
-        # On the [B, S, H, D] view of the cache, (slots[b], positions[b, t]) picks the
+        if torch.compiler.is_compiling():
+            # Compiled, an in-place write through a transposed view of the buffer becomes a
+            # copy of the whole cache (functionalization writes the view back): index the
+            # buffer itself, which Inductor fuses into one small scatter with the rope.
+            index = slots[:, None].expand_as(positions)
+            self.k[index, :, positions] = k.transpose(1, 2)
+            self.v[index, :, positions] = v.transpose(1, 2)
+            return
+        # Eager, on the [B, S, H, D] view of the cache, (slots[b], positions[b, t]) picks the
         # [H, D] entry of each token: one index_put_ per buffer, no index expansion.
         index = (slots[:, None], positions)
         self.k.transpose(1, 2).index_put_(index, k.transpose(1, 2))

@@ -138,7 +138,7 @@ class CudaGraphRunner:
         *,
         backend: str | None = "inductor",
         use_graphs: bool | None = None,
-        decode_attention: str = "sdpa",
+        decode_attention: str | None = None,
         warmup: bool = True,
         compile_cache: bool = True,
         compile_scope: str = "layer",
@@ -189,6 +189,10 @@ class CudaGraphRunner:
 
         self.backend = backend
         compiled_cuda = backend == "inductor" and self.device.type == "cuda"
+        if decode_attention is None:  # our split-KV kernel where Triton runs, else SDPA
+            from fermi.models import split_decode
+
+            decode_attention = "split" if split_decode.available() else "sdpa"
         self._set_decode_attention(decode_attention if compiled_cuda else "sdpa")
         self._forward: Callable = model.forward
         self.compile_scope = compile_scope
@@ -307,13 +311,15 @@ class CudaGraphRunner:
             )
             self.startup.cache_hit = cache.load()
         # The decode kernels are the newest parts of the stack: one that this torch cannot
-        # compile here gives way to the next (flex -> math -> sdpa).
+        # compile here gives way to the next (split -> sdpa, flex -> math -> sdpa).
         while True:
             try:
                 self._warm_all()
                 break
             except Exception as exc:
-                fallback = {"flex": "math", "math": "sdpa"}.get(self.decode_attention)
+                fallback = {"split": "sdpa", "flex": "math", "math": "sdpa"}.get(
+                    self.decode_attention
+                )
                 if fallback is None:
                     raise
                 note = f"{self.decode_attention} decode attention failed: {type(exc).__name__}"
@@ -321,6 +327,8 @@ class CudaGraphRunner:
                 self.startup.notes.append(f"{note}: {str(exc)[:500]}")
                 self._set_decode_attention(fallback)
                 self._graphs.clear()
+                if self.use_graphs:  # the old pool went with its graphs: captures need a new one
+                    self._pool = torch.cuda.graph_pool_handle()
         if cache is not None:
             cache.save()
         self.startup.seconds = time.perf_counter() - started

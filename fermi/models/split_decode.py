@@ -1,0 +1,185 @@
+"""Split-KV decode attention for CUDA: one Triton kernel, then a small combine.
+
+A one-token query gives an attention kernel little parallel work: at batch 1 the usual
+kernels run about one thread block per KV head, so a 2,000-key cache is read by eight
+multiprocessors. Here the keys of each (row, KV head) are cut into ``SPLITS`` ranges; one
+program per range computes its share (the softmax's running maximum, its sum of
+exponentials and the weighted sum of values) for the whole group of query heads that
+share the KV head, reading each key and value once. The ranges are then merged with
+their maxima rescaled, in plain torch ops that Inductor fuses.
+
+The mask is computed from the positions: key ``j`` of a row at position ``p`` is visible
+when ``j <= p`` (and ``j > p - window`` for a sliding window), so no mask tensor is built.
+Gemma-style soft-capping of the scores is applied before the mask.
+
+Registered with ``torch.library.triton_op`` so that ``torch.compile(fullgraph=True)`` traces
+it (with a symbolic cache length) and CUDA graphs capture it. Importing this module needs
+Triton; ``available()`` says whether it could.
+"""
+
+# ruff: noqa: N803, SIM108 (Triton style: pointer and constexpr arguments in capitals)
+from __future__ import annotations
+
+import torch
+
+SPLITS = 32  # key ranges per (row, KV head): 256 programs at batch 1 with 8 KV heads
+BLOCK_N = 64  # keys per inner iteration
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # CPU-only installs: the "split" decode kernel is not offered
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partials_kernel(
+        Q, K, V, POS, ACC, M, L,
+        sqb, sqh, sqd,
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        spb,
+        length, split_len, window, scale, softcap,
+        KV_HEADS: tl.constexpr,
+        G: tl.constexpr,
+        GP: tl.constexpr,
+        D: tl.constexpr,
+        DP: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SPLIT_COUNT: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // KV_HEADS
+        hk = pid % KV_HEADS
+        rows = tl.arange(0, GP)
+        dims = tl.arange(0, DP)
+        row_ok = rows < G
+        dim_ok = dims < D
+        q_ptr = Q + b * sqb + (hk * G + rows)[:, None] * sqh + dims[None, :] * sqd
+        q = tl.load(q_ptr, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        pos = tl.load(POS + b * spb)
+
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        start = split * split_len
+        stop = tl.minimum(start + split_len, length)
+        stop = tl.minimum(stop, pos + 1)  # keys past the row's position are never visible
+        for n0 in range(start, stop, BLOCK):
+            keys = n0 + tl.arange(0, BLOCK)
+            key_ok = keys < stop
+            k_ptr = K + b * skb + hk * skh + keys[:, None] * skn + dims[None, :] * skd
+            k = tl.load(k_ptr, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * scale
+            if HAS_SOFTCAP:  # cap * tanh(s / cap), with tanh(x) = 1 - 2 / (exp(2x) + 1)
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            visible = key_ok
+            if HAS_WINDOW:
+                visible = visible & (keys > pos - window)
+            # (compiled callers pass the scalars as float64: keep the loop state float32)
+            s = tl.where(visible[None, :], s.to(tl.float32), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v_ptr = V + b * svb + hk * svh + keys[:, None] * svn + dims[None, :] * svd
+            v = tl.load(v_ptr, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        # Partials [B * KV_HEADS, SPLIT_COUNT, G, D] and [.., G]; padded rows/dims dropped.
+        base = (pid * SPLIT_COUNT + split) * G
+        out_ok = row_ok[:, None] & dim_ok[None, :]
+        tl.store(ACC + (base + rows)[:, None] * D + dims[None, :], acc, mask=out_ok)
+        tl.store(M + base + rows, m_i, mask=row_ok)
+        tl.store(L + base + rows, l_i, mask=row_ok)
+
+    @triton_op("fermi::split_decode_partials", mutates_args={})
+    def split_decode_partials(
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        window: int,
+        scale: float,
+        softcap: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, h, _, d = q.shape
+        kv_heads, length = keys.shape[1], keys.shape[2]
+        g = h // kv_heads
+        acc = q.new_empty((b * kv_heads, SPLITS, g, d), dtype=torch.float32)
+        m = q.new_empty((b * kv_heads, SPLITS, g), dtype=torch.float32)
+        l_sum = q.new_empty((b * kv_heads, SPLITS, g), dtype=torch.float32)
+        dp = max(16, _pow2(d))
+        block = BLOCK_N if dp <= 128 else BLOCK_N // 2  # Gemma's 256-wide heads: less smem
+        per_split = (length + SPLITS - 1) // SPLITS
+        split_len = (per_split + block - 1) // block * block
+        wrap_triton(_partials_kernel)[(b * kv_heads, SPLITS)](
+            q, keys, values, positions, acc, m, l_sum,
+            q.stride(0), q.stride(1), q.stride(3),
+            keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
+            values.stride(0), values.stride(1), values.stride(2), values.stride(3),
+            positions.stride(0),
+            length, split_len, window, scale, softcap,
+            KV_HEADS=kv_heads,
+            G=g,
+            GP=max(16, _pow2(g)),
+            D=d,
+            DP=dp,
+            BLOCK=block,
+            SPLIT_COUNT=SPLITS,
+            HAS_WINDOW=window > 0,
+            HAS_SOFTCAP=softcap > 0.0,
+            IEEE=q.dtype == torch.float32,
+            num_stages=2,
+        )  # fmt: skip
+        return acc, m, l_sum
+
+
+def split_decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    window: int | None,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """q [B, H, 1, D] over keys/values [B, Hkv, L, D] at ``positions`` [B, 1] -> [B, H, 1, D]."""
+    if triton is None:
+        raise RuntimeError("the split decode kernel needs Triton (a CUDA build of torch)")
+    b, h, t, d = q.shape
+    if t != 1:
+        raise ValueError(f"split decode attention takes one query token per row, got {t}")
+    acc, m, l_sum = split_decode_partials(
+        q, keys, values, positions, window or 0, float(scale), float(softcap or 0.0)
+    )
+    top = m.amax(dim=1, keepdim=True)
+    top = torch.where(top == float("-inf"), 0.0, top)
+    w = torch.exp(m - top)  # ranges with no visible key have m = -inf: weight 0
+    out = (acc * w[..., None]).sum(1) / (l_sum * w).sum(1)[..., None]
+    return out.to(q.dtype).view(b, h, 1, d)
