@@ -1,18 +1,29 @@
 """Load generator for ``fermi serve``: what serving users compare, and the HTTP layer's cost.
 
     .venv/bin/python perf/bench_serve.py [--model FOLDER] [--interfaces rsgi,asgi]
+    .venv/bin/python perf/bench_serve.py --overhead-only --repeats 15   # the overhead alone
 
 For each Granian interface it starts a real ``fermi serve`` process and measures:
 - streaming chat at concurrency 1/8/32: TTFT, TPOT, inter-token latency (median, p99),
   output tokens/s and requests/s;
 - small-request throughput: ``GET /v1/models`` (HTTP only) and 1-token chat completions;
-- the server's overhead per streamed token: the same seeded generation through HTTP and
-  through the Python API (``Engine.astream``) in one run, alternating, medians compared.
+- the server's overhead per streamed token: the same seeded generation (256 tokens,
+  ignore_eos) through each server, through the Python API (``Engine.astream``, which wakes
+  its event loop once per token) and through the bare engine (a sink that only notes the
+  time: no consumer at all), in rounds whose order rotates. Per stream: wall time per token
+  (steady state: first content event to ``[DONE]`` over the tokens after the first; and
+  whole stream: request to ``[DONE]`` over all tokens) and CPU time per token of the process
+  that runs the engine, split into the engine thread, the event-loop thread and the rest
+  (Granian's Rust runtime), read exactly from /proc/PID/task/*/schedstat. The overhead is
+  the median over rounds of (server - baseline) within a round, against both baselines.
+  This client is a blocking socket that notes only the time and size of each ``recv``
+  while the stream runs (events are parsed afterwards), so on 2 shared cores it takes as
+  little CPU from the server as a client can.
 
 The default model is tests/tiny.py's random Qwen3 (tiny on purpose: the engine's own time per
-token is small, so the HTTP layer's share shows). The client is a minimal asyncio HTTP/1.1
-reader so that client cost stays small next to the server's. Results go to
-perf/results/serve.json.
+token is small, so the HTTP layer's share shows). The load-test client is a minimal asyncio
+HTTP/1.1 reader. Results go to perf/results/serve.json (``--out``); perf/notes_serve.md
+reads them.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import fermi  # noqa: E402
+import tests.serving as serving  # noqa: E402
 from tests.serving import running_server, thinking_checkpoint  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Tell me about the quick brown fox."}]
@@ -483,6 +495,16 @@ async def measure(ports: dict[str, int], engine, args: argparse.Namespace) -> di
     return {"streaming": streaming, "small_requests": small, "overhead": cost}
 
 
+@contextlib.contextmanager
+def _serving_from(tree: Path):
+    """Start ``fermi serve`` from another checkout (``python -m`` imports from its cwd)."""
+    saved, serving.REPO = serving.REPO, tree
+    try:
+        yield
+    finally:
+        serving.REPO = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="[default: tiny random Qwen3]")
@@ -503,6 +525,12 @@ def main() -> None:
     parser.add_argument(
         "--overhead-only", action="store_true", help="measure only the overhead per token"
     )
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        default=None,
+        help="also serve from this checkout (git archive COMMIT | tar -x -C DIR) as IFACE@baseline",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "perf/results/serve.json")
     args = parser.parse_args()
 
@@ -522,12 +550,17 @@ def main() -> None:
     interfaces = args.interfaces.split(",")
     with contextlib.ExitStack() as stack:
         ports = {}
-        for interface in interfaces:
-            serve_args = ["--interface", interface, "--device", args.device]
-            serve_args += ["--max-seq-len", str(SEQ_LEN), "--max-batch", str(MAX_BATCH)]
-            log = tmp / f"{interface}.log"
-            base = stack.enter_context(running_server(model, *serve_args, log=log))
-            ports[interface] = int(base.rsplit(":", 1)[1])
+        trees = [("", serving.REPO)]
+        if args.baseline_tree:
+            trees.append(("@baseline", args.baseline_tree.resolve()))
+        for suffix, tree in trees:
+            for interface in interfaces:
+                serve_args = ["--interface", interface, "--device", args.device]
+                serve_args += ["--max-seq-len", str(SEQ_LEN), "--max-batch", str(MAX_BATCH)]
+                log = tmp / f"{interface}{suffix}.log"
+                with _serving_from(tree):
+                    base = stack.enter_context(running_server(model, *serve_args, log=log))
+                ports[interface + suffix] = int(base.rsplit(":", 1)[1])
         results.update(asyncio.run(measure(ports, engine, args)))
     engine.close()
     print(json.dumps({k: v for k, v in results.items() if k != "streaming"}, indent=1))
