@@ -178,7 +178,7 @@ def agreement(a: list[int], b: list[int]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("perf/results/cpu_smollm2.json"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--hf-new-tokens", type=int, default=24)
     parser.add_argument("--dtypes", default="fp32,fp16")
@@ -230,11 +230,13 @@ def main() -> None:
 
     runs: dict[str, list[dict]] = {d: [] for d in dtypes}
     runs["transformers"] = []
+    result["load_average_per_repeat"] = []
     for _ in range(args.repeats):  # interleaved, so load changes hit every engine alike
         for d in dtypes:
             runs[d].append(run_ours(ours[d]["engine"], prompt_ids, args.new_tokens))
         if hf is not None:
             runs["transformers"].append(run_hf(hf, prompt_ids, args.hf_new_tokens))
+        result["load_average_per_repeat"].append(load_average()[0])
 
     summary = {}
     for name, rs in runs.items():

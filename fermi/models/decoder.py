@@ -114,8 +114,6 @@ class KVCache(nn.Module):
         """The first ``kv_len`` positions of the given slots (a view when ``slots`` is None,
         meaning rows 0..batch-1 are slots 0..batch-1)."""
         if slots is None:
-            if batch == self.k.shape[0]:
-                return self.k.narrow(2, 0, kv_len), self.v.narrow(2, 0, kv_len)
             return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
         return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
 
