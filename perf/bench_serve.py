@@ -474,13 +474,12 @@ async def measure(ports: dict[str, int], engine, args: argparse.Namespace) -> di
     if args.overhead_only:
         await api_stream(engine, 8, 0)  # warm-up
         return {"overhead": await overhead(ports, engine, args.overhead_tokens, args.repeats)}
-    streaming = {
-        name: [
-            await load_test(port, int(c), args.requests, args.max_tokens)
-            for c in args.concurrency.split(",")
-        ]
-        for name, port in ports.items()
-    }
+    # Each load level runs on every server in turn, so a drift of the machine's speed
+    # shows in every server's figures alike.
+    streaming: dict[str, list[dict]] = {name: [] for name in ports}
+    for c in args.concurrency.split(","):
+        for name, port in ports.items():
+            streaming[name].append(await load_test(port, int(c), args.requests, args.max_tokens))
     # Small requests: the interfaces take turns, so a busy spell hits both alike.
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in ports}
     for _ in range(args.rounds):

@@ -63,7 +63,8 @@ def error_reply(error: ApiError) -> Reply:
 class _Timing:
     """Latency metrics of one request. Time to first token is observed when it arrives;
     the gaps between later arrivals are noted and go into the histogram when the request
-    ends (``flush``): a histogram update per token costs ~10 us on the engine thread."""
+    ends (``flush``, on the event loop): a histogram update per token cost ~8 us on the
+    engine thread, where a pushed stream builds its events."""
 
     __slots__ = ("gaps", "last", "metrics", "start")
 
