@@ -70,3 +70,44 @@ def test_half_weight_linear_answers_fp16_for_few_rows_and_float32_otherwise():
 def test_rms_norm_of_fp16_input_with_float32_weight_is_float32():
     norm = RMSNorm(64, 1e-6, unit_offset=True)
     assert norm(torch.randn(1, 1, 64).half()).dtype == torch.float32
+
+
+def test_cpu_fp16_decode_step_stays_at_41_ops_a_layer():
+    """The eager CPU decode step (fp16 storage, fused projections) dispatches 41 aten ops a
+    layer, views included (perf/notes_cpu_smollm2.md: per-op cost bounds this step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fermi.models.decoder import Decoder
+    from fermi.models.half_weights import use_half_weights
+    from fermi.models.llama import llama_config
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops_per_step(layers: int) -> int:
+        cfg = llama_config(
+            {
+                "vocab_size": 128,
+                "hidden_size": 64,
+                "intermediate_size": 96,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "tie_word_embeddings": True,
+            }
+        )
+        model = use_half_weights(Decoder(cfg).eval()).fuse_projections()
+        model.setup_cache(max_batch=1, max_seq_len=32)
+        slots = torch.zeros(1, dtype=torch.long)
+        with torch.inference_mode():
+            model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], slots, kv_len=3)
+            Count.n = 0
+            with Count():
+                model(torch.tensor([[4]]), torch.tensor([[3]]), slots, 4, rows_are_slots=True)
+        return Count.n
+
+    assert ops_per_step(4) - ops_per_step(2) == 2 * 41
