@@ -156,3 +156,22 @@ def test_wrong_number_of_rope_factors_is_a_clear_load_error(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="long_factor must be a list of 8 numbers"):
         load_folder(folder, torch.device("cpu"), torch.float32)
+
+
+def test_padded_prefill_on_the_graph_runner_keeps_the_short_factors(tmp_path):
+    """The CUDA-graph runner pads a prefill chunk with a spare position past the cache
+    (here 128, past the switch at 32): the padding must not select the long factors for a
+    12-token prompt. Run on CPU with the runner's uncompiled, uncaptured path."""
+    from fermi.runners.torch_cuda import CudaGraphRunner
+    from fermi.runners.torch_eager import TorchRunner
+
+    folder = write(tmp_path, "longrope")
+    load = lambda: load_folder(folder, torch.device("cpu"), torch.float32).model  # noqa: E731
+    padded = CudaGraphRunner(
+        load(), 2, 128, prefill_chunk=32, backend=None, use_graphs=False, warmup=False
+    )
+    plain = TorchRunner(load(), 2, 128, prefill_chunk=32)
+    prompt = list(range(3, 15))
+    a, b = padded.prefill(0, prompt, 0), plain.prefill(0, prompt, 0)
+    assert padded.scratch > ORIGINAL
+    assert (a - b).abs().max().item() < TOL

@@ -406,7 +406,7 @@ class Decoder(nn.Module):
         x = self.model.embed_tokens(tokens)
         if cfg.embedding_scale != 1.0:
             x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
-        cos, sin = self._rope(positions, slots)
+        cos, sin = self._rope(positions, slots, last_index)
         read_slots = None if rows_are_slots else slots
         masks = self._masks(positions, kv_len)
         for layer in self.model.layers:
@@ -442,16 +442,20 @@ class Decoder(nn.Module):
         return masks
 
     def _rope(
-        self, positions: torch.Tensor, slots: torch.Tensor
+        self, positions: torch.Tensor, slots: torch.Tensor, last_index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, T, rotary_dim] for ``positions`` [B, T] of cache ``slots`` [B]."""
+        """cos/sin [B, T, rotary_dim] for ``positions`` [B, T] of cache ``slots`` [B];
+        ``last_index`` [B] marks each row's last real token when rows are padded."""
         if self.rope_switch is None:
             return self.rope_cos[positions], self.rope_sin[positions]
         # LongRoPE, as transformers' forward does it: a forward whose largest position
         # reaches the original training length uses the long factors for all its tokens;
         # so does a slot its runner marked long while re-encoding the slot's earlier tokens.
         # Chosen per row (a tensor select, no host sync): a sequence ignores its batch.
-        last = positions.amax(dim=-1, keepdim=True)
+        if last_index is None:
+            last = positions.amax(dim=-1, keepdim=True)
+        else:  # padding sits at a spare position past the cache: it must not choose the table
+            last = positions.gather(1, last_index.view(-1, 1))
         long = torch.logical_or(last >= self.rope_switch, self.rope_long[slots][:, None])
         variant = long.long().expand_as(positions)
         return self.rope_cos[variant, positions], self.rope_sin[variant, positions]
