@@ -150,6 +150,9 @@ def chat(
                 continue
             history.append({"role": "user", "content": text})
             try:
+                dropped = _fit_context(engine, history, thinking, max_tokens, bool(system))
+                if dropped:
+                    click.echo(f"(context full: dropped the {dropped} oldest messages)")
                 reply = _stream_reply(
                     engine, history, thinking, max_tokens, temperature, dim, reset
                 )
@@ -160,6 +163,26 @@ def chat(
             history.append({"role": "assistant", "content": reply})
     finally:
         engine.close()
+
+
+def _fit_context(engine, history: list[dict], thinking, max_tokens: int, kept: bool) -> int:
+    """Drop the oldest exchanges (never the system message, never the new question) until
+    the conversation leaves room for a reply of ``max_tokens`` (at most a quarter of the
+    context). Returns how many messages were dropped."""
+    limit = engine.max_seq_len
+    room = max(1, min(max_tokens, limit // 4))
+    first = 1 if kept else 0
+    dropped = 0
+    while len(history) - first > 1:
+        if len(engine.chat_prompt(history, thinking).token_ids) + room <= limit:
+            break
+        # The oldest user message with the replies that followed it.
+        end = first + 1
+        while end < len(history) - 1 and history[end]["role"] != "user":
+            end += 1
+        del history[first:end]
+        dropped += end - first
+    return dropped
 
 
 def _stream_reply(engine, history, thinking, max_tokens, temperature, dim, reset) -> str:

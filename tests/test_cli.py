@@ -107,3 +107,23 @@ def test_model_defaults_to_fermi_model_env_and_help_shows_defaults():
     assert res.returncode == 0
     assert "FERMI_MODEL" in res.stdout and "Qwen/Qwen3-1.7B" in res.stdout
     assert "--thinking" in res.stdout
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_fills(folder):
+    words = "the quick brown fox jumps over the lazy dog " * 3
+    turns = [f"{i} {words}" for i in range(6)]
+    script = "\n".join(turns) + "\n"
+    args = ["--model", str(folder), "--max-tokens", "8", "--temperature", "0"]
+    res = fermi("chat", *args, "--max-seq-len", "160", "--system", "be brief", stdin=script)
+    assert res.returncode == 0, res.stderr
+    assert "error" not in res.stderr
+    assert "(context full: dropped the" in res.stdout
+    body = re.sub(r"\(context full: dropped the \d+ oldest messages\)\n", "", res.stdout)
+    assert len(replies(body)) == len(turns)  # every question got its reply
+
+    # Alone, a question longer than the context is still a clear error, and the session goes on.
+    long = "word " * 400
+    res = fermi("chat", *args, "--max-seq-len", "160", stdin=f"{long}\nhi\n")
+    assert res.returncode == 0
+    assert "error:" in res.stderr and "context" in res.stderr
+    assert "[" in res.stdout.split("\n", 1)[1]  # the next turn answered
