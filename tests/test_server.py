@@ -316,13 +316,33 @@ def test_prompt_plus_max_tokens_over_the_context_is_400(client):
     assert info.value.body["code"] == "context_length_exceeded"
 
 
-def test_full_queue_is_429_with_retry_after_and_the_server_keeps_serving(base, client):
-    # Two slots plus two waiting places: the fifth of sixteen choices does not fit.
+def test_more_choices_than_the_server_can_ever_hold_is_400(base, client):
+    # Two slots plus two waiting places: sixteen choices could never be queued together.
     body = {"messages": HI, "max_tokens": 2, "n": 16}
-    status, headers, raw = http(base + "/v1/chat/completions", body, AUTH)
+    status, err = error_of(http(base + "/v1/chat/completions", body, AUTH))
+    assert status == 400 and err["param"] == "n" and "at most 4" in err["message"]
+    assert chat(client, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_full_queue_is_429_with_retry_after_and_the_server_keeps_serving(base, client):
+    # A long streamed request with n=4 holds both slots and both waiting places.
+    body = json.dumps(
+        {"messages": HI, "max_tokens": 900, "ignore_eos": True, "stream": True, "n": 4}
+    ).encode()
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        assert b"data:" in sock.recv(65536)  # streaming: its choices are admitted
+        status, headers, raw = http(
+            base + "/v1/chat/completions", {"messages": HI, "max_tokens": 2}, AUTH
+        )
     assert status == 429 and headers["retry-after"] == "1"
     assert json.loads(raw)["error"]["code"] == "engine_overloaded"
-    # The refused request's accepted choices were cancelled; their places free within a step.
+    # The dropped stream's choices are cancelled; their places free within a step.
     time.sleep(0.5)
     assert chat(client, max_tokens=2).usage.completion_tokens == 2
 

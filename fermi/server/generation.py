@@ -48,6 +48,16 @@ class Generation:
         self.handles: list[RequestHandle] = []
         self.replicas: list[Replica] = []
         self.unfinished = len(requests)
+        capacity = sum(
+            r.engine.scheduler.max_waiting + r.engine.capabilities.max_batch for r in pool.replicas
+        )
+        if len(requests) > capacity:  # could never be queued whole: not a transient overload
+            raise ApiError(
+                400,
+                f"this request asks for {len(requests)} completions (prompts x n); "
+                f"the server holds at most {capacity} at once",
+                param="n",
+            )
         try:
             for index, request in enumerate(requests):
                 replica = pool.pick()
