@@ -175,3 +175,33 @@ def test_padded_prefill_on_the_graph_runner_keeps_the_short_factors(tmp_path):
     a, b = padded.prefill(0, prompt, 0), plain.prefill(0, prompt, 0)
     assert padded.scratch > ORIGINAL
     assert (a - b).abs().max().item() < TOL
+
+
+def test_engine_on_the_graph_runner_equals_transformers_across_the_switch(tmp_path):
+    """LongRoPE wrapped around the CUDA-graph runner (run uncompiled on CPU): the scheduler
+    must hand every step its tokens (the wrapper records them for the re-encode), so it does
+    not use the runner's device-side token feedback here."""
+    from fermi.engine.api import Engine
+    from fermi.loading import GenerationDefaults
+    from fermi.runners.longrope import with_longrope
+    from fermi.runners.torch_cuda import CudaGraphRunner
+    from fermi.text.tokenizer import Tokenizer
+
+    folder = write(tmp_path, "longrope")
+    _, ref = load_pair(folder)
+    prompt = list(range(7, 19))  # 12 tokens: decoding crosses position 32
+    with torch.no_grad():
+        expected = ref.generate(
+            torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+    model = load_folder(folder, torch.device("cpu"), torch.float32).model
+    inner = CudaGraphRunner(model, 2, 128, prefill_chunk=16, backend=None, use_graphs=False)
+    runner = with_longrope(inner, model)
+    assert isinstance(runner, LongRopeRunner) and not runner.feeds_back
+    tok = Tokenizer.from_folder(folder)
+    with Engine(runner, tok, GenerationDefaults(), model_name="phi") as engine:
+        out = engine.generate(
+            prompt_token_ids=prompt, max_tokens=40, temperature=0, ignore_eos=True
+        )
+    assert out.token_ids == expected

@@ -59,6 +59,12 @@ class LongRopeRunner:
     def release(self, slot: int) -> None:
         self.inner.release(slot)
 
+    @property
+    def feeds_back(self) -> bool:
+        """Never: each decode step must name its tokens, which this wrapper records for a
+        later re-encode, so the scheduler reads every step before queuing the next."""
+        return False
+
     def __getattr__(self, name: str):
         # Anything else a front end or benchmark asks of the runner is the inner one's.
         return getattr(self.inner, name)
