@@ -4,6 +4,7 @@ official ``openai`` package and by raw HTTP, checked against the same model run 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -316,6 +317,24 @@ def test_prompt_plus_max_tokens_over_the_context_is_400(client):
     assert info.value.body["code"] == "context_length_exceeded"
 
 
+@contextlib.contextmanager
+def started_stream(base: str, body: dict):
+    """A streaming chat request on a raw socket, yielded once its first event arrived; the
+    socket closes (the client leaves) when the block ends."""
+    data = json.dumps(body).encode()
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + data)
+        seen = b""
+        while b"data: " not in seen:
+            seen += sock.recv(4096)
+        yield sock
+
+
 def test_more_choices_than_the_server_can_ever_hold_is_400(base, client):
     # Two slots plus two waiting places: sixteen choices could never be queued together.
     body = {"messages": HI, "max_tokens": 2, "n": 16}
@@ -326,17 +345,8 @@ def test_more_choices_than_the_server_can_ever_hold_is_400(base, client):
 
 def test_full_queue_is_429_with_retry_after_and_the_server_keeps_serving(base, client):
     # A long streamed request with n=4 holds both slots and both waiting places.
-    body = json.dumps(
-        {"messages": HI, "max_tokens": 900, "ignore_eos": True, "stream": True, "n": 4}
-    ).encode()
-    port = int(base.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        sock.sendall(head.encode() + body)
-        assert b"data:" in sock.recv(65536)  # streaming: its choices are admitted
+    body = {"messages": HI, "max_tokens": 900, "ignore_eos": True, "stream": True, "n": 4}
+    with started_stream(base, body):  # streaming: its choices are admitted
         status, headers, raw = http(
             base + "/v1/chat/completions", {"messages": HI, "max_tokens": 2}, AUTH
         )
@@ -353,19 +363,9 @@ def test_full_queue_is_429_with_retry_after_and_the_server_keeps_serving(base, c
 def test_client_disconnect_cancels_generation_and_frees_the_slot(base):
     text = http(base + "/metrics")[2].decode()
     before = metric(text, "fermi:requests_aborted_total")
-    body = json.dumps(
-        {"messages": HI, "max_tokens": 1000, "ignore_eos": True, "stream": True, "seed": 1}
-    ).encode()
-    port = int(base.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        sock.sendall(head.encode() + body)
-        seen = b""
-        while b"data: " not in seen:  # wait until the stream has started
-            seen += sock.recv(4096)
+    body = {"messages": HI, "max_tokens": 1000, "ignore_eos": True, "stream": True, "seed": 1}
+    with started_stream(base, body):
+        pass  # the client drops the connection mid-stream
     left = time.monotonic()
     while True:
         text = http(base + "/metrics")[2].decode()
