@@ -1,0 +1,199 @@
+"""The overlapped decode path of the scheduler (step n+1 queued with the ids step n sampled,
+before the host reads step n), against the eager engine as the reference.
+
+On CPU the CUDA-graph runner runs with ``backend=None, use_graphs=False``: it offers
+``feeds_back``, so the engine over it takes the overlapped path, with the same bucketing and
+in-graph token feedback as on the GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fermi.engine.api import Engine
+from fermi.loading import GenerationDefaults, load_folder
+from fermi.runners.torch_cuda import CudaGraphRunner
+from fermi.runners.torch_eager import TorchRunner
+from fermi.text.tokenizer import Tokenizer
+from tests.tiny import write_checkpoint
+
+SEQ = 300
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("overlap") / "qwen3", {}, seed=3)
+
+
+def model(folder):
+    return load_folder(folder, torch.device("cpu"), torch.float32).model
+
+
+def engine(folder, runner) -> Engine:
+    return Engine(runner, Tokenizer.from_folder(folder), GenerationDefaults(), model_name="tiny")
+
+
+def eager(folder, max_batch=4) -> Engine:
+    return engine(folder, TorchRunner(model(folder), max_batch, SEQ, prefill_chunk=32))
+
+
+def overlapped(folder, max_batch=4, **kw) -> Engine:
+    runner = CudaGraphRunner(
+        model(folder), max_batch, SEQ, 32, backend=None, use_graphs=False, warmup=False, **kw
+    )
+    fed = runner.decode_sample
+    runner.fed = 0
+
+    def counting(slots, token_ids, *args, **kw):  # counts the steps fed on the device
+        runner.fed += token_ids is None
+        return fed(slots, token_ids, *args, **kw)
+
+    runner.decode_sample = counting
+    eng = engine(folder, runner)
+    assert eng.scheduler._overlap
+    return eng
+
+
+def concurrently(eng: Engine, requests: list[dict]) -> list:
+    results: list = [None] * len(requests)
+
+    def run(i):
+        try:
+            results[i] = eng.generate(**requests[i])
+        except Exception as exc:  # reported by the assertion below
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def same(got, want) -> None:
+    assert not isinstance(got, Exception), got
+    assert got.token_ids == want.token_ids
+    assert got.finish_reason == want.finish_reason
+
+
+def test_max_batch_one_runs_queued_requests_one_after_another(folder):
+    """One slot: each request ends (length, stop) while a fed step is queued for it, and
+    the next request takes the slot that step still writes to."""
+    requests = [
+        {"prompt_token_ids": [5, 77, 120], "max_tokens": 12, "temperature": 0},
+        {"prompt_token_ids": [9, 8, 7, 6], "max_tokens": 1, "temperature": 0},
+        {"prompt_token_ids": [44, 45], "max_tokens": 2, "temperature": 0.8, "seed": 11},
+        {"prompt_token_ids": [3] * 9, "max_tokens": 15, "temperature": 0.9, "seed": 2},
+    ]
+    with eager(folder, 1) as ref:
+        want = [ref.generate(**r) for r in requests]
+        requests[3]["stop"] = [want[3].text[4:6]]
+        want[3] = ref.generate(**requests[3])
+    assert want[3].finish_reason == "stop"
+    with overlapped(folder, 1) as eng:
+        got = concurrently(eng, requests)
+        assert eng.runner.fed > 5
+    for g, w in zip(got, want, strict=True):
+        same(g, w)
+
+
+def test_short_requests_beside_long_ones_and_context_limit(folder):
+    """max_tokens 1 and 2 beside long requests; one request ends exactly at the context."""
+    long_prompt = [100 + i % 50 for i in range(SEQ - 6)]  # 6 positions left: ends by context
+    requests = [
+        {"prompt_token_ids": [5, 6], "max_tokens": 40, "temperature": 0},
+        {"prompt_token_ids": [7, 8, 9], "max_tokens": 1, "temperature": 0},
+        {"prompt_token_ids": [10, 11], "max_tokens": 2, "temperature": 0.7, "seed": 5},
+        {"prompt_token_ids": long_prompt, "max_tokens": 50, "temperature": 0},
+        {"prompt_token_ids": [12], "max_tokens": 3, "temperature": 0, "logprobs": 3},
+        {
+            "prompt_token_ids": [13, 14],
+            "max_tokens": 30,
+            "temperature": 1.0,
+            "seed": 9,
+            "frequency_penalty": 0.4,
+            "top_p": 0.9,
+        },
+    ]
+    with eager(folder) as ref:
+        want = [ref.generate(**r) for r in requests]
+    assert len(want[3].token_ids) == 6 and want[3].finish_reason == "length"
+    with overlapped(folder) as eng:
+        got = concurrently(eng, requests)
+        assert eng.runner.fed > 5
+    for g, w in zip(got, want, strict=True):
+        same(g, w)
+    lp = [(a.token_id, [t for t, _, _ in a.top]) for a in got[4].logprobs]
+    assert lp == [(a.token_id, [t for t, _, _ in a.top]) for a in want[4].logprobs]
+    values = [a.logprob for a in got[4].logprobs]
+    assert values == pytest.approx([a.logprob for a in want[4].logprobs], abs=1e-4)
+
+
+def test_cancel_mid_stream_while_others_run_and_a_new_request_takes_the_slot(folder):
+    """A stream closed between a step's launch and its read: the others are unaffected, and
+    a request admitted into the freed slot (while the cancelled row's step is queued) gets
+    what it gets alone."""
+    base = {"max_tokens": 30, "temperature": 0.8, "seed": 21, "ignore_eos": True}
+    others = [
+        {"prompt_token_ids": [20, 21, 22], **base},
+        {"prompt_token_ids": [30, 31], **base, "seed": 22},
+    ]
+    late = {"prompt_token_ids": [40, 41, 42, 43], **base, "seed": 23, "presence_penalty": 0.3}
+    with eager(folder) as ref:
+        want = [ref.generate(**r) for r in [*others, late]]
+    with overlapped(folder, 2) as eng:
+        stream = eng.stream(prompt_token_ids=[50, 51], max_tokens=200, temperature=0)
+        next(stream)
+        results: list = [None] * 3
+
+        def run(i, r):
+            results[i] = eng.generate(**r)
+
+        threads = [threading.Thread(target=run, args=(0, others[0]))]
+        threads[0].start()
+        for _ in range(5):
+            next(stream)
+        stream.close()  # cancels: the queued request for others[1] and late take its slot
+        threads += [
+            threading.Thread(target=run, args=(1, others[1])),
+            threading.Thread(target=run, args=(2, late)),
+        ]
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert eng.runner.fed > 5
+    for g, w in zip(results, want, strict=True):
+        same(g, w)
+
+
+def test_sessions_keep_a_cache_that_equals_a_fresh_run(folder):
+    """A session request ending by a stop string while a fed step for its slot is queued
+    (it wrote one token past what the session keeps): the session's next request reuses what
+    the cache holds and generates what a fresh run does."""
+    prompt = [5, 77, 120, 33, 400, 9, 18]
+    sampled = {"max_tokens": 20, "temperature": 0.7, "seed": 1, "ignore_eos": True}
+    with eager(folder) as ref, overlapped(folder, 2) as eng:
+        full = ref.generate(prompt_token_ids=prompt, **sampled)
+        sampled["stop"] = [full.text[6:9]]
+        want = ref.generate(prompt_token_ids=prompt, **sampled)
+        assert want.finish_reason == "stop" and 2 < len(want.token_ids) < 19
+        busy = eng.stream(prompt_token_ids=[60, 61], max_tokens=120, temperature=0)
+        next(busy)  # a long neighbour keeps the batch overlapped
+        fed = eng.runner.fed
+        request = eng.build_request(prompt_token_ids=prompt, **sampled)
+        first = eng.generate_request(replace(request, session="s"))
+        assert eng.runner.fed > fed
+        same(first, want)
+        follow = [*prompt, *first.token_ids, 300, 301]
+        greedy = {"prompt_token_ids": follow, "max_tokens": 10, "temperature": 0}
+        second = eng.generate_request(replace(eng.build_request(**greedy), session="s"))
+        assert second.usage.cached_tokens == len(prompt) + len(first.token_ids) - 1
+        same(second, ref.generate(**greedy))
+        list(busy)
+        eng.release_session("s")
