@@ -8,6 +8,7 @@ in-graph token feedback as on the GPU.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import replace
 
@@ -197,3 +198,65 @@ def test_sessions_keep_a_cache_that_equals_a_fresh_run(folder):
         same(second, ref.generate(**greedy))
         list(busy)
         eng.release_session("s")
+
+
+def decode_once(runner, slots, tokens, positions, twice: str):
+    """One decode_sample step's body on ``runner``'s filled inputs, run as a graph capture
+    runs it: ``twice="rehearse"`` is the capture's eager run then the replay,
+    ``twice="plain"`` the same two runs with nothing between them."""
+    b, kv = runner._fill_decode(slots, tokens, positions)
+    variant = (False, False, 2)  # not warmed up: on the GPU captured while serving
+    body = functools.partial(runner._decode_body, b, kv, variant)
+    with torch.inference_mode():
+        if twice == "rehearse":
+            runner._rehearse(body)
+        elif twice == "plain":
+            body()
+        out = body()
+    return [t[: len(slots)].clone() for t in out if t is not None]
+
+
+def test_a_graph_capture_leaves_the_decode_step_its_token_input(folder):
+    """A CUDA graph is captured behind one eager run of the step, and its first replay
+    repeats that step on the same input buffers. The decode step writes the ids it sampled
+    into its own token input (for the next step to continue from): without putting the
+    input back, the replay fed those ids in place of the step's tokens, so on the GPU the
+    first step of every shape captured while serving (penalties, logprobs, warmup=False)
+    sampled from the wrong token and left it in the cache."""
+    slots, positions = [0, 1, 2], [5, 9, 3]
+    runners = [
+        CudaGraphRunner(model(folder), 4, SEQ, 32, backend=None, use_graphs=False, warmup=False)
+        for _ in range(3)
+    ]
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 450, (p,), generator=g).tolist() for p in positions]
+    tokens = [int(t) for t in torch.randint(0, 450, (3,), generator=g)]
+    for runner in runners:
+        for slot, ids in zip(slots, prompts, strict=True):
+            runner.prefill(slot, ids, 0)
+    once = decode_once(runners[0], slots, tokens, positions, twice="")
+    assert once[0].tolist() != tokens  # the hazard: the step's output differs from its input
+    plain = decode_once(runners[1], slots, tokens, positions, twice="plain")
+    assert plain[0].tolist() != once[0].tolist()  # what the replay got before the fix
+    captured = decode_once(runners[2], slots, tokens, positions, twice="rehearse")
+    assert captured[0].tolist() == once[0].tolist()
+    for a, b in zip(captured, once, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_steps_captured_while_serving_on_the_gpu_equal_the_cpu(folder):
+    """On the GPU: logprobs and penalties are sampling variants that warm-up does not
+    capture, so their first step of each (batch, length) shape is captured mid-request."""
+    import fermi
+
+    prompt = [5, 77, 120, 33, 400, 9, 18] * 5
+    kw = {"prompt_token_ids": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    variants = [{"logprobs": 2}, {"repetition_penalty": 1.3}]
+    torch._dynamo.reset()
+    with fermi.load(folder, device="cuda", dtype="fp32", max_batch=2, max_seq_len=256) as gpu:
+        on_gpu = [gpu.generate(**kw, **v).token_ids for v in variants]
+    with fermi.load(folder, device="cpu", max_batch=2, max_seq_len=256) as cpu:
+        on_cpu = [cpu.generate(**kw, **v).token_ids for v in variants]
+    assert on_gpu == on_cpu

@@ -417,7 +417,7 @@ class CudaGraphRunner:
         with torch.inference_mode(), _no_duck_shapes(), torch.cuda.stream(stream):
             # An eager run first: compilation, autotuning and lazy library set-up must not
             # happen inside the capture. It computes the same step the replay repeats.
-            body()
+            self._rehearse(body)
             graph = torch.cuda.CUDAGraph()
             graph.capture_begin(pool=self._pool)
             try:
@@ -426,6 +426,14 @@ class CudaGraphRunner:
                 graph.capture_end()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return _Captured(graph, outputs)
+
+    def _rehearse(self, body: Callable[[], tuple]) -> None:
+        """Run ``body`` once outside a graph, leaving its inputs as the replay must find
+        them: a decode step writes the ids it sampled into its own token input, and a
+        replay after that would feed them in place of this step's tokens."""
+        tokens = self._io[0].clone()
+        body()
+        self._io[0].copy_(tokens)
 
     def _fill_decode(
         self, slots: list[int], token_ids: list[int] | None, positions: list[int]
