@@ -320,7 +320,9 @@ class Scheduler:
         flight, self._in_flight = self._in_flight, None
         seqs = list(self._decoding)
         following = None
-        if flight is not None and flight.seqs == seqs and self._can_continue(seqs):
+        same = flight is not None and len(flight.seqs) == len(seqs)
+        same = same and all(a is b for a, b in zip(flight.seqs, seqs, strict=False))
+        if same and self._can_continue(seqs):
             # Each row's fed token is the one step n sampled: one position past its last.
             following = self._launch(seqs, [s.position + 1 for s in seqs], feed=True)
         if flight is not None:
