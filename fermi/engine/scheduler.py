@@ -90,9 +90,7 @@ class _InFlight:
     """A decode step queued on the device whose tokens the host has not read yet."""
 
     seqs: list[_Sequence]
-    rows: torch.Tensor
-    out: SampleOutput  # device tensors, live rows in ``seqs`` order
-    host: SampleOutput  # the same, being copied into pinned host memory
+    host: SampleOutput  # the step's output, live rows in ``seqs`` order, in host memory
     ready: torch.cuda.Event | None  # recorded after the copies (None: not a CUDA device)
 
 
@@ -299,13 +297,12 @@ class Scheduler:
         args = (slots, [s.last_token for s in seqs], [s.position for s in seqs])
         fused = getattr(self.runner, "decode_sample", None)
         out = None
-        if fused is not None:  # the runner samples inside its decode step (CUDA graphs)
-            rows = torch.tensor(slots, dtype=torch.long, device=self.caps.device)
+        if fused is not None:  # the runner samples (and records) inside its decode step
             out = fused(*args, self.sampling, **self._sample_options(seqs))
         if out is None:
             self._sample_and_emit(seqs, self.runner.decode(*args))
         else:
-            self._emit_sampled(seqs, rows, out)
+            self._emit_host(seqs, out)  # .tolist() there is the one host sync per step
         self._decoding = [s for s in self._decoding if not s.handle.done.is_set()]
 
     def _decode_overlapped(self) -> None:
@@ -349,19 +346,16 @@ class Scheduler:
         slots = [s.slot for s in seqs]
         tokens = None if feed else [s.last_token for s in seqs]
         options = self._sample_options(seqs)
+        # The runner samples and records the tokens on the device; nothing here may wait
+        # for the GPU (a host read, or a copy from pageable memory), or the overlap is lost.
         out = self.runner.decode_sample(slots, tokens, positions, self.sampling, **options)
         cuda = out.tokens.device.type == "cuda"
-        # A plain torch.tensor(..., device="cuda") copies from pageable memory and waits for
-        # the GPU to finish everything queued, the step in flight included: pin it instead.
-        rows = torch.tensor(slots, dtype=torch.long, pin_memory=cuda)
-        rows = rows.to(out.tokens.device, non_blocking=True)
-        self.sampling.record(rows, out.tokens)  # queued before the next step samples
         host = SampleOutput(*(None if t is None else _to_host(t, cuda) for t in out))
         ready = None
         if cuda:  # on the stream of the runner's GPU, not this thread's current device
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(out.tokens.device))
-        return _InFlight(seqs, rows, out, host, ready)
+        return _InFlight(seqs, host, ready)
 
     def _collect(self, flight: _InFlight) -> None:
         """Emit the tokens of a queued step (waiting for it), skipping rows already ended."""
@@ -391,9 +385,6 @@ class Scheduler:
         all_greedy = all(s.request.params.is_greedy for s in seqs)
         options = self._sample_options(seqs)
         out = sample(logits, self.sampling, rows, **options, all_greedy=all_greedy)
-        self._emit_sampled(seqs, rows, out)
-
-    def _emit_sampled(self, seqs: list[_Sequence], rows: torch.Tensor, out: SampleOutput) -> None:
         self.sampling.record(rows, out.tokens)
         self._emit_host(seqs, out)  # .tolist() there is the one host sync per step
 

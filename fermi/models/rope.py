@@ -177,6 +177,8 @@ def apply_rope(
 
     ``rot`` (the rotary width) may be given as a Python int: under ``torch.jit.trace`` the
     default ``cos.shape[-1]`` becomes a traced integer op that coremltools cannot convert.
+    The Core ML wrapper's spelling of :func:`rotate`, which it cannot use: coremltools has
+    no converter for ``addcmul``.
     """
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
     rot = cos.shape[-1] if rot is None else rot

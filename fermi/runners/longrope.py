@@ -21,6 +21,10 @@ from fermi.runners.base import Runner
 class LongRopeRunner:
     """A runner that keeps every slot's cache encoded with the factors its length needs."""
 
+    # Never: each decode step must name its tokens, which this wrapper records for a later
+    # re-encode, so the scheduler reads every step before queuing the next.
+    feeds_back = False
+
     def __init__(self, inner: Runner, model: Decoder) -> None:
         if model.rope_switch is None:
             raise ValueError("LongRopeRunner needs a LongRoPE model with its cache set up")
@@ -58,12 +62,6 @@ class LongRopeRunner:
 
     def release(self, slot: int) -> None:
         self.inner.release(slot)
-
-    @property
-    def feeds_back(self) -> bool:
-        """Never: each decode step must name its tokens, which this wrapper records for a
-        later re-encode, so the scheduler reads every step before queuing the next."""
-        return False
 
     def __getattr__(self, name: str):
         # Anything else a front end or benchmark asks of the runner is the inner one's.

@@ -129,6 +129,8 @@ class CudaGraphRunner:
     padding logic runs, and is tested, on CPU.
     """
 
+    feeds_back = True  # ``decode_sample`` accepts ``token_ids=None`` (see there)
+
     def __init__(
         self,
         model: Decoder,
@@ -264,6 +266,9 @@ class CudaGraphRunner:
         Returns None when ``batch`` is not this runner's ``sampling`` (the graphs read those
         tensors by address); the caller then samples the logits of ``decode`` itself.
 
+        The sampled tokens are recorded in ``batch`` (penalty counts, noise steps), queued on
+        the device behind the step.
+
         ``token_ids=None`` feeds each slot the token the previous ``decode_sample`` sampled for
         it, without a host round trip (the slots must be the same as that call's): the step
         is queued behind the previous one while the host is still reading its tokens.
@@ -278,16 +283,13 @@ class CudaGraphRunner:
             body = functools.partial(self._decode_body, b, kv, variant)
             out = self._run(("decode", b, kv, variant), body)
             self._fed = list(slots)
-            live = self._io[2, : len(slots), 0]
-            return SampleOutput(*(None if t is None else t.index_select(0, live) for t in out))
+            live = self._io[2, : len(slots), 0]  # the slots, already on the device
+            out = SampleOutput(*(None if t is None else t.index_select(0, live) for t in out))
+            batch.record(live, out.tokens)
+            return out
 
     def release(self, slot: int) -> None:
         """Nothing to do: a slot's stale entries are masked until overwritten."""
-
-    @property
-    def feeds_back(self) -> bool:
-        """``decode_sample`` accepts ``token_ids=None`` (see there)."""
-        return True
 
     # -- warm-up ----------------------------------------------------------------------
 
