@@ -14,7 +14,7 @@ from fermi.gguf_reader import GGUFFile
 from fermi.loading import load_folder
 from fermi.text.tokenizer import Tokenizer
 from tests.gguf_files import dequantized, gguf_name, write_gguf
-from tests.tiny import write_checkpoint
+from tests.tiny import LLAMA3_ROPE, write_checkpoint
 
 CPU = torch.device("cpu")
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
@@ -81,17 +81,7 @@ def test_gguf_f32_round_trip_gives_the_safetensors_weights_and_logits(tmp_path, 
 
 
 def test_gguf_llama3_rope_stored_as_rope_freqs_matches_the_original(tmp_path):
-    rope = {
-        "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-    }
-    folder = write_checkpoint(tmp_path / "hf", {**LLAMA, **rope}, seed=8)
+    folder = write_checkpoint(tmp_path / "hf", {**LLAMA, **LLAMA3_ROPE}, seed=8)
     path = write_gguf(folder, tmp_path / "m.gguf", "llama")
     original = load_folder(folder, CPU, torch.float32)
     loaded = load_gguf(path, CPU, torch.float32)

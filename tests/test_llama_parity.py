@@ -7,7 +7,7 @@ import torch
 
 from fermi.loading import load_folder
 from tests.arch_parity import TOL, greedy_pair, load_pair, max_error_prefill_and_decode
-from tests.tiny import write_checkpoint
+from tests.tiny import LLAMA3_ROPE, write_checkpoint
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_theta": 10000.0}
 
@@ -18,16 +18,7 @@ CONFIGS = {
     "gqa_odd_head_dim": {"num_key_value_heads": 1, "head_dim": 24},
     "no_gqa": {"num_key_value_heads": 4},
     "biases": {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False},
-    "llama3_rope": {
-        "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-    },
+    "llama3_rope": LLAMA3_ROPE,
 }
 
 

@@ -6,6 +6,7 @@ SSE error event; an unexpected exception becomes a 500 without a traceback)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -274,7 +275,9 @@ def test_pushed_stream_equals_the_pulled_one_and_is_written_by_the_engine_thread
         assert [e["choices"][0]["delta"].get("role") for e in pushed[:2]] == ["assistant"] * 2
 
 
-def test_failing_engine_step_ends_a_pushed_stream_with_an_error_event(api):
+@contextlib.contextmanager
+def broken_decode_steps(api):
+    """Every replica's decode step raises a device fault inside the block."""
     runners = [r.engine.runner for r in api.pool.replicas]
     originals = [r.decode for r in runners]
 
@@ -283,12 +286,17 @@ def test_failing_engine_step_ends_a_pushed_stream_with_an_error_event(api):
 
     for runner in runners:
         runner.decode = broken
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 2}
     try:
-        events, _ = asyncio.run(stream_events(api, "/v1/chat/completions", body, pushed=True))
+        yield
     finally:
         for runner, decode in zip(runners, originals, strict=True):
             runner.decode = decode
+
+
+def test_failing_engine_step_ends_a_pushed_stream_with_an_error_event(api):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 2}
+    with broken_decode_steps(api):
+        events, _ = asyncio.run(stream_events(api, "/v1/chat/completions", body, pushed=True))
     error = events[-1]["error"]
     assert error["type"] == "server_error" and "simulated device fault" in error["message"]
     # One error event ends the stream; the other choice's failure is not written after it.
@@ -301,20 +309,9 @@ def test_failing_engine_step_ends_a_pushed_stream_with_an_error_event(api):
 
 
 def test_failing_engine_step_ends_the_stream_with_an_error_event(api):
-    runners = [r.engine.runner for r in api.pool.replicas]
-    originals = [r.decode for r in runners]
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("simulated device fault")
-
-    for runner in runners:
-        runner.decode = broken
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
-    try:
+    with broken_decode_steps(api):
         status, raw = asyncio.run(call_asgi(AsgiApp(api), "/v1/chat/completions", body))
-    finally:
-        for runner, decode in zip(runners, originals, strict=True):
-            runner.decode = decode
     events = raw.decode().strip().split("\n\n")
     assert status == 200 and events[-1] == "data: [DONE]"
     error = json.loads(events[-2].removeprefix("data: "))["error"]

@@ -50,6 +50,19 @@ def hf_model(config: dict, seed: int = 0):
     return model
 
 
+# Llama 3 rope scaling on a tiny context (its original length 32 sits inside test prompts).
+LLAMA3_ROPE = {
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+}
+
+
 def write_checkpoint(
     folder: Path, overrides: dict | None = None, seed: int = 0, template: str = "qwen3"
 ) -> Path:
