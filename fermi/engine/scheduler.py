@@ -139,7 +139,7 @@ class Scheduler:
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the engine is closed")
-            if self._pending >= self.max_waiting + self.caps.max_batch:
+            if self._pending >= self.capacity:
                 raise EngineOverloadedError(
                     f"the request queue is full ({self.max_waiting} waiting); try again later"
                 )
@@ -160,6 +160,11 @@ class Scheduler:
             self._stopped = True
             self._inbox.put(None)
         self._thread.join(timeout=30)
+
+    @property
+    def capacity(self) -> int:
+        """Requests it holds at once (running plus waiting); ``submit`` refuses beyond."""
+        return self.max_waiting + self.caps.max_batch
 
     @property
     def load(self) -> int:
