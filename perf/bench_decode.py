@@ -354,7 +354,13 @@ def fp32_logit_check(hf, cfg: dict, prompt: list[int], steps: int = 8) -> dict:
 def start_probe(name: str) -> None:
     """Print seconds from interpreter start to the first generated token, as JSON."""
     t0 = time.perf_counter()
+    import logging
+
     import torch
+
+    # The runner's warm-up milestones, timestamped, on stderr (kept by run_probe on error).
+    logging.basicConfig(format="%(relativeCreated)8.0f ms %(name)s %(message)s")
+    logging.getLogger("fermi").setLevel(logging.INFO)
 
     from fermi.models.shapes import config
 

@@ -101,6 +101,19 @@ def main() -> None:
         brief = {**entry, "kernels": entry["kernels"][:13]}
         print(json.dumps(brief), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
+    # The longest prefill chunk: milliseconds per replay and its kernels.
+    ids = prompt_ids(runner.chunk, cfg["vocab_size"], 2)
+    runner.prefill(0, ids, 0)
+    key = next(k for k in runner._graphs if k[:2] == ("prefill", runner.chunk))
+    graph = runner._graphs[key].graph
+    result["prefill_chunk"] = {
+        "tokens": runner.chunk,
+        "replay_ms": statistics.median(replay_ms(graph, 5) for _ in range(3)),
+        "kernels": top_kernels(graph, 20),
+    }
+    brief = {**result["prefill_chunk"], "kernels": result["prefill_chunk"]["kernels"][:16]}
+    print(json.dumps(brief), flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
     # The same runner under the engine (scheduler, overlapped steps, detokenizer).
     engine = Engine(runner, wordlevel_tokenizer(cfg["vocab_size"]), GenerationDefaults(), "diag")
     prompt = prompt_ids(128, cfg["vocab_size"], 128)

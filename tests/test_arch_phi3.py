@@ -116,7 +116,10 @@ def test_engine_greedy_equals_transformers_generate_across_the_switch(tmp_path, 
         expected = ref.generate(
             prompt, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0
         )[0, prompt_len:].tolist()
-    with fermi.load(folder, max_seq_len=128, max_batch=2, prefill_chunk=chunk) as engine:
+    # float32 on every device: on CUDA the default bf16 drifts from the float32 reference
+    # within 20 tokens of random weights, which says nothing about the switch.
+    kw = {"max_seq_len": 128, "max_batch": 2, "prefill_chunk": chunk, "dtype": "float32"}
+    with fermi.load(folder, **kw) as engine:
         assert isinstance(engine.runner, LongRopeRunner)
         out = engine.generate(
             prompt_token_ids=prompt[0].tolist(), max_tokens=64, temperature=0, ignore_eos=True

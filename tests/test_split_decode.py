@@ -41,7 +41,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("h", "hkv", "d", "length", "window", "softcap"), CASES)
 def test_split_kernel_equals_reference(h, hkv, d, length, window, softcap, dtype):
-    from fermi.models.split_decode import split_decode_attention
+    from fermi.models.split_decode import counters_for, split_decode_attention
 
     g = torch.Generator(device="cuda").manual_seed(length)
     cache = 4 + length  # a view of a longer cache, as the runner passes it
@@ -54,18 +54,23 @@ def test_split_kernel_equals_reference(h, hkv, d, length, window, softcap, dtype
     # position lies past it (the runner's scratch position)
     positions = torch.tensor([[0], [length // 2], [length - 1], [cache - 1]], device="cuda")
     scale = d**-0.5
-    got = split_decode_attention(q, keys, values, positions, window, scale, softcap)
+    counters = counters_for(5, hkv, "cuda")
     want = reference(q, keys, values, positions, window, scale, softcap)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
-    assert got.dtype == dtype and got.shape == q.shape
-    assert (got.float() - want).abs().max().item() < tol
+    for _ in range(3):  # the counters must be left at zero for the next call
+        got = split_decode_attention(q, keys, values, positions, window, scale, softcap, counters)
+        assert got.dtype == dtype and got.shape == q.shape
+        assert (got.float() - want).abs().max().item() < tol
+        assert not counters.any()
 
 
 def test_split_kernel_compiles_with_a_symbolic_length_and_captures():
-    from fermi.models.split_decode import split_decode_attention
+    from fermi.models.split_decode import counters_for, split_decode_attention
+
+    counters = counters_for(1, 4, "cuda")
 
     def attend(q, keys, values, positions):
-        return split_decode_attention(q, keys, values, positions, None, 0.125, None)
+        return split_decode_attention(q, keys, values, positions, None, 0.125, None, counters)
 
     compiled = torch.compile(attend, fullgraph=True, dynamic=True)
     cache = torch.randn(2, 2, 4, 600, 64, device="cuda", dtype=torch.bfloat16)
@@ -79,6 +84,8 @@ def test_split_kernel_compiles_with_a_symbolic_length_and_captures():
     with torch.cuda.graph(graph):
         out = compiled(q, keys, values, pos)
     q.copy_(torch.randn_like(q))
-    graph.replay()
+    for _ in range(3):
+        graph.replay()
     want = reference(q, keys, values, pos, None, 0.125, None)
     assert (out.float() - want).abs().max().item() < 2e-2
+    assert not counters.any()

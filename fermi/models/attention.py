@@ -32,8 +32,10 @@ def decode_attention(
     window: int | None,
     scale: float,
     softcap: float | None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, H, T, D] over keys/values [B, Hkv, L, D] at ``positions`` [B, T] -> [B, H, T, D]."""
+    """q [B, H, T, D] over keys/values [B, Hkv, L, D] at ``positions`` [B, T] -> [B, H, T, D].
+    ``counters``: the split kernel's (``KVCache.counters``)."""
     if kind == "flex":
         return _flex(q, keys, values, positions, window, scale, softcap)
     if kind == "math":
@@ -41,7 +43,9 @@ def decode_attention(
     if kind == "split":  # a Triton split-KV kernel (fermi.models.split_decode), CUDA only
         from fermi.models.split_decode import split_decode_attention
 
-        return split_decode_attention(q, keys, values, positions, window, scale, softcap)
+        if counters is None:
+            raise ValueError("split decode attention needs the cache's counters")
+        return split_decode_attention(q, keys, values, positions, window, scale, softcap, counters)
     raise ValueError(f"decode attention {kind!r} is not one of {', '.join(DECODE_KERNELS)}")
 
 

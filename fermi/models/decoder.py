@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fermi.models.attention import decode_attention
+from fermi.models.gemv import ACT_SILU_MUL, row_linear
 from fermi.models.rope import RopeConfig, longrope_switch, rope_tables, rotate
 
 
@@ -91,6 +92,9 @@ class KVCache(nn.Module):
         shape = (max_batch, kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Zeroed counters for the split decode kernel (fermi.models.split_decode).
+        counters = torch.zeros(max_batch * kv_heads, dtype=torch.int32, device=device)
+        self.register_buffer("counters", counters, persistent=False)
 
     def write(
         self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -161,21 +165,40 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        # Heads stay on dim 2 ([B, T, heads, D], the projections' layout) until attention.
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         if self.fused:
-            qkv = _as_dtype(self.qkv_proj(x), x.dtype).view(b, t, h + kv + kv, d)
-            q, k, v = qkv.split([h, kv, kv], dim=2)
+            qkv = _as_dtype(self.qkv_proj(x), x.dtype)
         else:
             q = _as_dtype(self.q_proj(x), x.dtype).view(b, t, h, d)
             k = _as_dtype(self.k_proj(x), x.dtype).view(b, t, kv, d)
             v = _as_dtype(self.v_proj(x), x.dtype).view(b, t, kv, d)
+            qkv = torch.cat([q, k, v], dim=2)
+        out = self.attend(qkv, cos, sin, positions, slots, read_slots, kv_len, masks)
+        return self.o_proj(out)
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        read_slots: torch.Tensor | None,
+        kv_len: int,
+        masks: dict[int | None, torch.Tensor],
+    ) -> torch.Tensor:
+        """Attention from the projected ``qkv`` [B, T, (H + 2 Hkv) * D] (q, then k, then v)
+        to the input of ``o_proj`` [B, T, H * D]; writes this step's keys and values."""
+        cfg = self.cfg
+        b, t = qkv.shape[:2]
+        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        # Heads stay on dim 2 ([B, T, heads, D], the projections' layout) until attention.
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        qkv = qkv.view(b, t, h + kv + kv, d)
+        q, k, v = qkv.split([h, kv, kv], dim=2)
         if cfg.qk_norm:
             q, k = rotate(self.q_norm(q), cos, sin), rotate(self.k_norm(k), cos, sin)
-        elif self.fused:  # q and k sit side by side: one rotation for both
+        else:  # q and k sit side by side: one rotation for both
             q, k = rotate(qkv[:, :, : h + kv], cos, sin).split([h, kv], dim=2)
-        else:
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         q = q.transpose(1, 2)
 
         assert self.cache is not None, "call Decoder.setup_cache() before forward()"
@@ -192,10 +215,11 @@ class Attention(nn.Module):
                 self.window,
                 cfg.attn_scale,
                 cfg.attn_logit_softcap,
+                self.cache.counters,
             )
         else:
             out = self._attend(q, keys, values, masks[self.window])
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
+        return out.transpose(1, 2).reshape(b, t, h * d)
 
     def _attend(self, q, keys, values, mask) -> torch.Tensor:
         """q [B, H, T, D] over keys/values [B, Hkv, L, D]; ``mask`` is the additive mask
@@ -302,10 +326,13 @@ class DecoderLayer(nn.Module):
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.row_kernels = False  # see Decoder.use_row_kernels
 
     def forward(
         self, x, cos, sin, positions, slots, read_slots, kv_len: int, masks
     ) -> torch.Tensor:
+        if self.row_kernels and x.shape[0] * x.shape[1] == 1:
+            return self._one_row(x, cos, sin, positions, slots, read_slots, kv_len, masks)
         h = self.self_attn(
             self.input_layernorm(x), cos, sin, positions, slots, read_slots, kv_len, masks
         )
@@ -315,6 +342,19 @@ class DecoderLayer(nn.Module):
         x = x + self.post_attention_layernorm(h)
         h = self.mlp(self.pre_feedforward_layernorm(x))
         return x + self.post_feedforward_layernorm(h)
+
+    def _one_row(self, x, cos, sin, positions, slots, read_slots, kv_len: int, masks):
+        """The same layer for a single token, in four fused products: the norms, the
+        residual adds and silu(gate) * up ride inside them (``fermi.models.gemv``)."""
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv_proj, o_proj = attn.qkv_proj, attn.o_proj
+        gate_up, down = mlp.gate_up_proj, mlp.down_proj
+        qkv = row_linear(x, qkv_proj.weight, qkv_proj.bias, norm_weight=norm1.weight, eps=norm1.eps)
+        h = attn.attend(qkv, cos, sin, positions, slots, read_slots, kv_len, masks)
+        x = row_linear(h, o_proj.weight, o_proj.bias, residual=x)
+        gu = row_linear(x, gate_up.weight, gate_up.bias, norm_weight=norm2.weight, eps=norm2.eps)
+        return row_linear(gu, down.weight, down.bias, act=ACT_SILU_MUL, residual=x)
 
 
 class Backbone(nn.Module):
@@ -337,6 +377,7 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_batch = 0
         self.max_seq_len = 0
+        self.row_kernels = False  # see use_row_kernels
         self.rope_switch: int | None = None  # LongRoPE: first position of the long factors
         # Each layer's attention window (None = global); setup_cache drops unbinding ones.
         self.windows: tuple[int | None, ...] = tuple(
@@ -352,6 +393,26 @@ class Decoder(nn.Module):
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
         return self
+
+    def use_row_kernels(self) -> bool:
+        """Run one-token forwards (batch-1 decode, and the last token's lm_head) through
+        the fused row products of ``fermi.models.gemv``, where the architecture fits them:
+        pre-norm layers with plain RMSNorm and SiLU, fused projections, ``nn.Linear``
+        weights. Returns whether it did. On CPU the products are their torch reference."""
+        cfg = self.cfg
+        if cfg.sandwich_norms or cfg.norm_unit_offset or cfg.hidden_act != "silu":
+            return False
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if not (attn.fused and mlp.fused):
+                return False
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if any(type(m) is not nn.Linear for m in (*linears, self.lm_head)):
+                return False
+        for layer in self.model.layers:
+            layer.row_kernels = True
+        self.row_kernels = True
+        return True
 
     def setup_cache(
         self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None
@@ -416,7 +477,12 @@ class Decoder(nn.Module):
             last_only = True
         elif last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.model.norm(x)).float()
+        if self.row_kernels and x.shape[0] == 1:  # one row: the final norm rides along
+            norm = self.model.norm
+            logits = row_linear(x, self.lm_head.weight, norm_weight=norm.weight, eps=norm.eps)
+            logits = logits.float()
+        else:
+            logits = self.lm_head(self.model.norm(x)).float()
         if cfg.final_logit_softcap is not None:
             cap = cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap

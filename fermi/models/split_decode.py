@@ -1,4 +1,4 @@
-"""Split-KV decode attention for CUDA: one Triton kernel, then a small combine.
+"""Split-KV decode attention for CUDA: one Triton kernel that splits the keys and merges.
 
 A one-token query gives an attention kernel little parallel work: at batch 1 the usual
 kernels run about one thread block per KV head, so a 2,000-key cache is read by eight
@@ -6,7 +6,8 @@ multiprocessors. Here the keys of each (row, KV head) are cut into ``SPLITS`` ra
 program per range computes its share (the softmax's running maximum, its sum of
 exponentials and the weighted sum of values) for the whole group of query heads that
 share the KV head, reading each key and value once. The ranges are then merged with
-their maxima rescaled, in plain torch ops that Inductor fuses.
+their maxima rescaled by the last program of each (row, KV head) to finish, found with an
+atomic counter, so one launch does the whole attention.
 
 The mask is computed from the positions: key ``j`` of a row at position ``p`` is visible
 when ``j <= p`` (and ``j > p - window`` for a sliding window), so no mask tensor is built.
@@ -45,7 +46,7 @@ if triton is not None:
 
     @triton.jit
     def _partials_kernel(
-        Q, K, V, POS, ACC, M, L,
+        Q, K, V, POS, ACC, M, L, COUNT, OUT,
         sqb, sqh, sqd,
         skb, skh, skn, skd,
         svb, svh, svn, svd,
@@ -58,6 +59,7 @@ if triton is not None:
         DP: tl.constexpr,
         BLOCK: tl.constexpr,
         SPLIT_COUNT: tl.constexpr,
+        CHUNK: tl.constexpr,
         HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         IEEE: tl.constexpr,
@@ -118,28 +120,57 @@ if triton is not None:
         tl.store(M + base + rows, m_i, mask=row_ok)
         tl.store(L + base + rows, l_i, mask=row_ok)
 
-    @triton_op("fermi::split_decode_partials", mutates_args={})
-    def split_decode_partials(
+        # The last range of this (row, KV head) to finish merges all of them: the counter's
+        # acquire/release orders every range's stores before the merge's loads, and the
+        # merging program sets the counter back to zero for the next call.
+        done = tl.atomic_add(COUNT + pid, 1, sem="acq_rel")
+        if done == SPLIT_COUNT - 1:
+            splits = tl.arange(0, SPLIT_COUNT)
+            first = pid * SPLIT_COUNT * G
+            for c0 in tl.static_range(0, G * D, CHUNK):  # CHUNK columns of the [G, D] output
+                cols = c0 + tl.arange(0, CHUNK)
+                col_ok = cols < G * D
+                group = cols // D
+                ok = col_ok[None, :] & (splits[:, None] < SPLIT_COUNT)
+                at = first + splits[:, None] * G + group[None, :]
+                m = tl.load(M + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                top = tl.max(m, 0)
+                top = tl.where(top == float("-inf"), 0.0, top)
+                w = tl.exp(m - top[None, :])  # a range with no visible key weighs 0
+                l_sum = tl.sum(tl.load(L + at, mask=ok, other=0.0, cache_modifier=".cg") * w, 0)
+                at = (first + splits[:, None] * G) * D + cols[None, :]
+                a = tl.load(ACC + at, mask=ok, other=0.0, cache_modifier=".cg")
+                out = tl.sum(a * w, 0) / l_sum
+                o_ptr = OUT + (b * KV_HEADS + hk) * G * D + cols
+                tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=col_ok)
+            tl.atomic_xchg(COUNT + pid, 0)
+
+    @triton_op("fermi::split_decode", mutates_args={})
+    def split_decode(
         q: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
+        counters: torch.Tensor,
         window: int,
         scale: float,
         softcap: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
+        # ``counters`` is read and written, but every call leaves it all zeros as it found
+        # it: nothing observable changes, so it is declared an input only.
         b, h, _, d = q.shape
         kv_heads, length = keys.shape[1], keys.shape[2]
         g = h // kv_heads
         acc = q.new_empty((b * kv_heads, SPLITS, g, d), dtype=torch.float32)
         m = q.new_empty((b * kv_heads, SPLITS, g), dtype=torch.float32)
         l_sum = q.new_empty((b * kv_heads, SPLITS, g), dtype=torch.float32)
+        out = q.new_empty((b, h, 1, d))
         dp = max(16, _pow2(d))
         block = BLOCK_N if dp <= 128 else BLOCK_N // 2  # Gemma's 256-wide heads: less smem
         per_split = (length + SPLITS - 1) // SPLITS
         split_len = (per_split + block - 1) // block * block
         wrap_triton(_partials_kernel)[(b * kv_heads, SPLITS)](
-            q, keys, values, positions, acc, m, l_sum,
+            q, keys, values, positions, acc, m, l_sum, counters, out,
             q.stride(0), q.stride(1), q.stride(3),
             keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
             values.stride(0), values.stride(1), values.stride(2), values.stride(3),
@@ -152,12 +183,18 @@ if triton is not None:
             DP=dp,
             BLOCK=block,
             SPLIT_COUNT=SPLITS,
+            CHUNK=min(256, _pow2(g * d)),
             HAS_WINDOW=window > 0,
             HAS_SOFTCAP=softcap > 0.0,
             IEEE=q.dtype == torch.float32,
             num_stages=2,
         )  # fmt: skip
-        return acc, m, l_sum
+        return out
+
+
+def counters_for(max_batch: int, kv_heads: int, device) -> torch.Tensor:
+    """The zeroed counters :func:`split_decode_attention` needs: one per (row, KV head)."""
+    return torch.zeros(max_batch * kv_heads, dtype=torch.int32, device=device)
 
 
 def split_decode_attention(
@@ -168,18 +205,20 @@ def split_decode_attention(
     window: int | None,
     scale: float,
     softcap: float | None,
+    counters: torch.Tensor,
 ) -> torch.Tensor:
-    """q [B, H, 1, D] over keys/values [B, Hkv, L, D] at ``positions`` [B, 1] -> [B, H, 1, D]."""
+    """q [B, H, 1, D] over keys/values [B, Hkv, L, D] at ``positions`` [B, 1] -> [B, H, 1, D].
+
+    ``counters`` (:func:`counters_for`, at least B x Hkv zeros) tells the last range of each
+    (row, KV head) to merge; one set serves every layer, as the calls run in order.
+    """
     if triton is None:
         raise RuntimeError("the split decode kernel needs Triton (a CUDA build of torch)")
-    b, h, t, d = q.shape
+    t = q.shape[2]
     if t != 1:
         raise ValueError(f"split decode attention takes one query token per row, got {t}")
-    acc, m, l_sum = split_decode_partials(
-        q, keys, values, positions, window or 0, float(scale), float(softcap or 0.0)
+    if counters.numel() < q.shape[0] * keys.shape[1]:
+        raise ValueError("split decode attention needs a counter per (row, KV head)")
+    return split_decode(
+        q, keys, values, positions, counters, window or 0, float(scale), float(softcap or 0.0)
     )
-    top = m.amax(dim=1, keepdim=True)
-    top = torch.where(top == float("-inf"), 0.0, top)
-    w = torch.exp(m - top)  # ranges with no visible key have m = -inf: weight 0
-    out = (acc * w[..., None]).sum(1) / (l_sum * w).sum(1)[..., None]
-    return out.to(q.dtype).view(b, h, 1, d)

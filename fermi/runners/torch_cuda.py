@@ -112,6 +112,7 @@ class StartupStats:
     graphs: int = 0
     cache_hit: bool = False
     decode_attention: str = "sdpa"
+    row_kernels: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -145,6 +146,7 @@ class CudaGraphRunner:
         compile_cache: bool = True,
         compile_scope: str = "layer",
         fuse_projections: bool = True,
+        row_kernels: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -196,9 +198,19 @@ class CudaGraphRunner:
 
             decode_attention = "split" if split_decode.available() else "sdpa"
         self._set_decode_attention(decode_attention if compiled_cuda else "sdpa")
+        if row_kernels is None:  # the fused one-row products where Triton runs
+            from fermi.models import gemv
+
+            row_kernels = compiled_cuda and gemv.available()
+        self.row_kernels = bool(row_kernels) and model.use_row_kernels()
         self._forward: Callable = model.forward
         self.compile_scope = compile_scope
         if backend is not None:
+            import torch._dynamo.config as dynamo_config
+
+            # Each model a process compiles (or runs with other kernels) is one more compile
+            # of the same layer code; Dynamo's default limit of 8 stops the ninth.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             options = {"fullgraph": True, "dynamic": True, "backend": backend}
             if compile_scope == "model":
                 self._forward = torch.compile(model.forward, **options)
@@ -210,7 +222,9 @@ class CudaGraphRunner:
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None
-        self.startup = StartupStats(decode_attention=self.decode_attention)
+        self.startup = StartupStats(
+            decode_attention=self.decode_attention, row_kernels=self.row_kernels
+        )
         if warmup:
             self.warmup(compile_cache=compile_cache and backend == "inductor")
 
@@ -309,6 +323,7 @@ class CudaGraphRunner:
                     chunk=self.chunk,
                     attention=self.decode_attention,
                     scope=self.compile_scope,
+                    row_kernels=self.row_kernels,
                 )
             )
             self.startup.cache_hit = cache.load()
@@ -322,12 +337,18 @@ class CudaGraphRunner:
                 fallback = {"split": "sdpa", "flex": "math", "math": "sdpa"}.get(
                     self.decode_attention
                 )
-                if fallback is None:
+                if self.row_kernels:  # the fused row products give way first
+                    note, fallback = "fused row products failed", "the unfused products"
+                elif fallback is None:
                     raise
-                note = f"{self.decode_attention} decode attention failed: {type(exc).__name__}"
-                log.warning("%s (%s); using %s", note, exc, fallback)
-                self.startup.notes.append(f"{note}: {str(exc)[:500]}")
-                self._set_decode_attention(fallback)
+                else:
+                    note = f"{self.decode_attention} decode attention failed"
+                log.warning("%s (%s: %s); using %s", note, type(exc).__name__, exc, fallback)
+                self.startup.notes.append(f"{note}: {type(exc).__name__}: {str(exc)[:500]}")
+                if self.row_kernels:
+                    self._set_row_kernels(False)
+                else:
+                    self._set_decode_attention(fallback)
                 self._graphs.clear()
                 if self.use_graphs:  # the old pool went with its graphs: captures need a new one
                     self._pool = torch.cuda.graph_pool_handle()
@@ -372,6 +393,12 @@ class CudaGraphRunner:
         self.decode_attention = kind
         for layer in self.model.model.layers:
             layer.self_attn.decode_kernel = kind
+
+    def _set_row_kernels(self, on: bool) -> None:
+        self.row_kernels = self.startup.row_kernels = on
+        self.model.row_kernels = on
+        for layer in self.model.model.layers:
+            layer.row_kernels = on
 
     def _prefill_body(self, t: int, kv: int) -> tuple[torch.Tensor]:
         c = self.chunk

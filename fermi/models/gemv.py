@@ -1,0 +1,196 @@
+"""One-row products for CUDA decode: a Triton GEMV with the layer's small ops folded in.
+
+At batch 1 a decode step is a chain of matrix-vector products, each reading a weight matrix
+once, with small kernels between them (RMSNorm, SiLU x up, the residual add, cuBLAS's
+split-K reduce). Each of those costs a launch of ~1.5 us for a few kilobytes of work. Here one
+program owns ``BLOCK_N`` output rows: it streams their weights once, ``BLOCK_K`` columns at a
+time, and computes its own copy of the input vector on the way in:
+
+- ``norm_weight``: the input is RMS-normalised first. The norm's scale is one number per
+  row, so each program sums the squares of the input as it streams it and divides its
+  sums at the end: one pass, no wait for the norm before the weights start streaming;
+- ``act=1``: the input is ``[gate | up]`` (2K values) and the product takes
+  ``silu(gate) * up``;
+- ``bias`` and ``residual`` are added to the result.
+
+silu(gate) * up is rounded to the activation dtype where the unfused torch ops round it;
+the normalised input is not rounded (the unfused RMSNorm rounds it once, before the
+product), so in bf16 the two differ by about one rounding of the input.
+
+Registered with ``torch.library.triton_op`` (traced by ``torch.compile``, captured in CUDA
+graphs). Importing this module needs Triton for the kernel; ``gemv_reference`` is the
+same computation in torch, for tests and for devices without Triton.
+"""
+
+# ruff: noqa: N803 (Triton style: pointer and constexpr arguments in capitals)
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # CPU-only installs
+    triton = None
+
+ACT_NONE, ACT_SILU_MUL = 0, 1
+
+
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+def launch_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight: four rows a program
+    (many programs in flight for every Qwen3 shape), columns in blocks that divide K; chosen
+    from a sweep on an H100 (perf/LOG.md)."""
+    if k % 1024 == 0:
+        return 4, 1024, 8, 1
+    if k >= 512:
+        return 4, 512, 4, 1
+    return 4, max(16, 1 << (k - 1).bit_length()), 4, 1
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(
+        X, W, Y, B, NW, R,
+        N, K, stride_w, eps,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr,
+        ACT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_RES: tl.constexpr,
+    ):  # fmt: skip
+        dt = Y.dtype.element_ty
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        cols0 = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + cols0
+            col_ok = cols < K
+            if ACT == 1:  # silu(gate) * up, each rounded as the torch ops round them
+                gate = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
+                up = tl.load(X + K + cols, mask=col_ok, other=0.0).to(tl.float32)
+                silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+                x = (silu * up).to(dt).to(tl.float32)
+            else:
+                x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if NORM:  # RMSNorm's scale is one number: applied to the sums at the end
+                squares += x * x
+                x = x * tl.load(NW + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(
+                W + rows[:, None] * stride_w + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, 1)
+        if NORM:
+            y = y / tl.sqrt(tl.sum(squares, 0) / K + eps)
+        if HAS_BIAS:
+            y += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if HAS_RES:  # the product is rounded before the residual add, as two ops would
+            y = y.to(dt).to(tl.float32) + tl.load(R + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(Y + rows, y.to(dt), mask=row_ok)
+
+    def launch(
+        x, weight, out, bias, norm_weight, residual, eps: float, act: int, config=None
+    ) -> None:
+        """Run the kernel into ``out``; ``config`` overrides :func:`launch_config`."""
+        n, k = weight.shape
+        block_n, block_k, warps, stages = config or launch_config(n, k)
+        wrap_triton(_gemv_kernel)[(triton.cdiv(n, block_n),)](
+            x, weight, out,
+            x if bias is None else bias,
+            x if norm_weight is None else norm_weight,
+            x if residual is None else residual,
+            n, k, weight.stride(0), eps,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            NORM=norm_weight is not None,
+            ACT=act,
+            HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None,
+            num_warps=warps,
+            num_stages=stages,
+        )  # fmt: skip
+
+    @triton_op("fermi::gemv", mutates_args={})
+    def _gemv_op(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        norm_weight: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        eps: float,
+        act: int,
+    ) -> torch.Tensor:
+        out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+        launch(x, weight, out, bias, norm_weight, residual, eps, act)
+        return out
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    act: int = ACT_NONE,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[residual +] linear(pre(x), weight, bias)`` for one row ``x`` [..., K] (or [..., 2K]
+    with ``act=ACT_SILU_MUL``), where ``pre`` is RMSNorm with ``norm_weight`` and/or
+    silu(gate) * up. Contiguous operands; returns [..., N] in ``x``'s dtype."""
+    if triton is None:
+        raise RuntimeError("the fused GEMV needs Triton (a CUDA build of torch)")
+    rows = x.numel() // x.shape[-1]
+    if rows != 1:
+        raise ValueError(f"gemv takes one row, got {rows}")
+    return _gemv_op(x, weight, bias, norm_weight, residual, float(eps), act)
+
+
+def row_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    act: int = ACT_NONE,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`gemv` on a CUDA device with Triton, else :func:`gemv_reference`."""
+    fn = gemv if x.is_cuda and triton is not None else gemv_reference
+    return fn(x, weight, bias, norm_weight=norm_weight, eps=eps, act=act, residual=residual)
+
+
+def gemv_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    act: int = ACT_NONE,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What :func:`gemv` computes, spelled with the unfused torch ops."""
+    if act == ACT_SILU_MUL:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    if norm_weight is not None:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        x = norm_weight * h.to(x.dtype)
+    y = F.linear(x, weight, bias)
+    return y if residual is None else residual + y

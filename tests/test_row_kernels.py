@@ -1,0 +1,120 @@
+"""Decoder.use_row_kernels(): one-token forwards through the fused row products.
+
+On CPU the products run as their torch reference (``gemv_reference``), which checks the
+layer's plumbing: the same logits as the unfused layer for every architecture that takes
+the path. On CUDA the Triton kernel is checked against the reference, and the compiled
+graph runner with the row products against the same runner without them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fermi.models import decoder as decoder_module
+from fermi.models import gemv as G
+from tests.test_fuse_projections import CONFIGS, random_decoder
+
+cuda = pytest.mark.skipif(not G.available(), reason="needs CUDA and Triton")
+
+
+def decode_logits(model, steps: int = 6) -> torch.Tensor:
+    """A 9-token prefill then ``steps`` one-row greedy decode steps in slot 1."""
+    model.setup_cache(max_batch=2, max_seq_len=64)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 9))
+    slot = torch.tensor([1])
+    out = []
+    with torch.inference_mode():
+        logits = model(prompt, torch.arange(9)[None], slot, kv_len=9)
+        for step in range(steps):
+            out.append(logits)
+            token = logits.argmax(-1, keepdim=True)
+            logits = model(token, torch.tensor([[9 + step]]), slot, kv_len=16)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama_bias", "phi3_window"])
+def test_row_products_give_the_unfused_logits(name):
+    plain = random_decoder(CONFIGS[name]()).fuse_projections()
+    rows = copy.deepcopy(plain)
+    assert rows.use_row_kernels()
+    assert (decode_logits(rows) - decode_logits(plain)).abs().max().item() < 1e-4
+
+
+def test_one_row_steps_take_the_fused_path_and_wider_ones_do_not(monkeypatch):
+    model = random_decoder(CONFIGS["qwen3"]()).fuse_projections()
+    assert model.use_row_kernels()
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(kw.get("act", 0))
+        return G.gemv_reference(*args, **kw)
+
+    monkeypatch.setattr(decoder_module, "row_linear", spy)
+    model.setup_cache(max_batch=2, max_seq_len=32)
+    with torch.inference_mode():
+        model(torch.tensor([[3, 4]]), torch.tensor([[0, 1]]), torch.tensor([0]), kv_len=2)
+        # A two-token prefill: only its last row's lm_head is a one-row product.
+        assert len(calls) == 1
+        calls.clear()
+        model(torch.tensor([[5]]), torch.tensor([[2]]), torch.tensor([0]), kv_len=3)
+    layers = model.cfg.num_hidden_layers
+    assert len(calls) == 4 * layers + 1
+    assert calls.count(G.ACT_SILU_MUL) == layers
+
+
+def test_architectures_the_products_cannot_express_keep_the_plain_layer():
+    gemma = random_decoder(CONFIGS["gemma2"]()).fuse_projections()
+    assert not gemma.use_row_kernels()  # sandwich norms, (1 + weight), GELU
+    unfused = random_decoder(CONFIGS["qwen3"]())
+    assert not unfused.use_row_kernels()  # needs fuse_projections() first
+    assert not any(layer.row_kernels for layer in unfused.model.layers)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(37, 100), (4096, 2560), (1000, 3072)])
+def test_triton_kernel_equals_the_reference(dtype, n, k):
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    kw = {"device": "cuda", "dtype": dtype, "generator": g}
+    w = torch.randn(n, k, **kw) * 0.05
+    x, x2 = torch.randn(1, k, **kw), torch.randn(1, 2 * k, **kw)
+    norm_w, bias, res = torch.rand(k, **kw) + 0.5, torch.randn(n, **kw), torch.randn(1, n, **kw)
+    cases = [
+        ({}, x),
+        ({"norm_weight": norm_w, "eps": 1e-5}, x),
+        ({"bias": bias, "norm_weight": norm_w}, x),
+        ({"residual": res}, x),
+        ({"act": G.ACT_SILU_MUL, "residual": res, "bias": bias}, x2),
+    ]
+    for extra, inp in cases:
+        got = G.gemv(inp, w, **extra).float()
+        want = G.gemv_reference(inp, w, **extra).float()
+        scale = want.abs().max().item()
+        # fp32: only the order of the sums differs; bf16: also one rounding of the output
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert (got - want).abs().max().item() <= tol * scale, extra
+
+
+@cuda
+def test_compiled_runner_with_row_products_equals_it_without(tmp_path):
+    from fermi.loading import load_folder
+    from fermi.runners.torch_cuda import CudaGraphRunner
+    from tests.tiny import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "qwen3", {}, seed=3)
+    device = torch.device("cuda")
+    results = []
+    for rows in (True, False):
+        model = load_folder(folder, device, torch.float32).model
+        runner = CudaGraphRunner(model, 2, 300, 32, row_kernels=rows, compile_cache=False)
+        assert runner.row_kernels is rows
+        logits = [runner.prefill(0, [5, 9, 14, 3, 7], 0)]
+        for step in range(8):
+            token = int(logits[-1].argmax())
+            logits.append(runner.decode([0], [token], [5 + step])[0])
+        results.append(torch.stack(logits))
+    assert (results[0] - results[1]).abs().max().item() < 1e-4
