@@ -66,6 +66,29 @@ def test_one_row_steps_take_the_fused_path_and_wider_ones_do_not(monkeypatch):
     assert calls.count(G.ACT_SILU_MUL) == layers
 
 
+def test_every_position_logits_of_one_row_keep_the_plain_final_norm():
+    """``last_only=False`` on a one-row batch keeps T rows for the lm_head: the one-row
+    product (which takes a single row, as the Triton kernel does) must not get them."""
+    plain = random_decoder(CONFIGS["llama_bias"]()).fuse_projections()
+    rows = copy.deepcopy(plain)
+    assert rows.use_row_kernels()
+    prompt, positions, slot = torch.tensor([[3, 4, 5]]), torch.arange(3)[None], torch.tensor([0])
+    got = []
+    for model in (rows, plain):
+        model.setup_cache(max_batch=1, max_seq_len=16)
+        with torch.inference_mode():
+            got.append(model(prompt, positions, slot, kv_len=3, last_only=False))
+    assert got[0].shape == (1, 3, plain.cfg.vocab_size)
+    assert (got[0] - got[1]).abs().max().item() < 1e-4
+
+
+def test_row_linear_takes_one_row_on_every_device():
+    w = torch.randn(8, 16)
+    assert G.row_linear(torch.randn(1, 1, 16), w).shape == (1, 1, 8)
+    with pytest.raises(ValueError, match="one row"):
+        G.row_linear(torch.randn(1, 2, 16), w)
+
+
 def test_architectures_the_products_cannot_express_keep_the_plain_layer():
     gemma = random_decoder(CONFIGS["gemma2"]()).fuse_projections()
     assert not gemma.use_row_kernels()  # sandwich norms, (1 + weight), GELU

@@ -477,7 +477,8 @@ class Decoder(nn.Module):
             last_only = True
         elif last_only:
             x = x[:, -1:]
-        if self.row_kernels and x.shape[0] == 1:  # one row: the final norm rides along
+        # One row (not one batch row of T positions): the final norm rides along.
+        if self.row_kernels and x.shape[0] * x.shape[1] == 1:
             norm = self.model.norm
             logits = row_linear(x, self.lm_head.weight, norm_weight=norm.weight, eps=norm.eps)
             logits = logits.float()

@@ -153,9 +153,7 @@ def gemv(
     silu(gate) * up. Contiguous operands; returns [..., N] in ``x``'s dtype."""
     if triton is None:
         raise RuntimeError("the fused GEMV needs Triton (a CUDA build of torch)")
-    rows = x.numel() // x.shape[-1]
-    if rows != 1:
-        raise ValueError(f"gemv takes one row, got {rows}")
+    _check_one_row(x)
     return _gemv_op(x, weight, bias, norm_weight, residual, float(eps), act)
 
 
@@ -169,9 +167,17 @@ def row_linear(
     act: int = ACT_NONE,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`gemv` on a CUDA device with Triton, else :func:`gemv_reference`."""
+    """:func:`gemv` on a CUDA device with Triton, else :func:`gemv_reference`; one row on
+    every device, so that a caller the kernel would refuse fails on CPU too."""
+    _check_one_row(x)
     fn = gemv if x.is_cuda and triton is not None else gemv_reference
     return fn(x, weight, bias, norm_weight=norm_weight, eps=eps, act=act, residual=residual)
+
+
+def _check_one_row(x: torch.Tensor) -> None:
+    rows = x.numel() // x.shape[-1]
+    if rows != 1:
+        raise ValueError(f"gemv takes one row, got {rows}")
 
 
 def gemv_reference(
