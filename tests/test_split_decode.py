@@ -1,14 +1,10 @@
-"""The Triton split-KV decode kernel against attention spelled out in float32 (GPU only)."""
+"""The Triton split-KV decode kernel against attention spelled out in float32 (GPU only), and
+the ordering of its merge in the PTX it compiles to (Triton only)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton"),
-]
 
 
 def reference(q, keys, values, positions, window, scale, softcap):
@@ -40,6 +36,8 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("h", "hkv", "d", "length", "window", "softcap"), CASES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
 def test_split_kernel_equals_reference(h, hkv, d, length, window, softcap, dtype):
     from fermi.models.split_decode import counters_for, split_decode_attention
 
@@ -64,6 +62,8 @@ def test_split_kernel_equals_reference(h, hkv, d, length, window, softcap, dtype
         assert not counters.any()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
 def test_split_kernel_compiles_with_a_symbolic_length_and_captures():
     from fermi.models.split_decode import counters_for, split_decode_attention
 
@@ -89,3 +89,38 @@ def test_split_kernel_compiles_with_a_symbolic_length_and_captures():
     want = reference(q, keys, values, pos, None, 0.125, None)
     assert (out.float() - want).abs().max().item() < 2e-2
     assert not counters.any()
+
+
+@pytest.mark.parametrize(("g", "d", "dtype"), [(2, 128, "bf16"), (1, 96, "bf16"), (4, 64, "fp32")])
+def test_every_threads_partials_are_ordered_before_the_counters_release(g, d, dtype):
+    """The merge reads what every thread of every range stored; the counter's release is
+    made by one thread and covers only what it has seen, so a CTA barrier must sit between
+    the partials' last global store and the atomic add. Compiled to PTX for sm_90 (needs
+    Triton, not a GPU)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fermi.models import split_decode as S
+
+    kernel = S._partials_kernel
+    dp = max(16, S._pow2(d))
+    consts = {
+        "KV_HEADS": 8, "G": g, "GP": max(16, S._pow2(g)), "D": d, "DP": dp,
+        "BLOCK": S.BLOCK_N, "SPLIT_COUNT": S.SPLITS, "CHUNK": min(256, S._pow2(g * d)),
+        "HAS_WINDOW": False, "HAS_SOFTCAP": False, "IEEE": dtype == "fp32",
+    }  # fmt: skip
+    ptrs = dict.fromkeys(("Q", "K", "V", "OUT"), f"*{dtype}")
+    ptrs |= {"POS": "*i64", "ACC": "*fp32", "M": "*fp32", "L": "*fp32", "COUNT": "*i32"}
+    signature = {
+        name: ptrs.get(name)
+        or ("constexpr" if name in consts else "fp32" if name in ("scale", "softcap") else "i32")
+        for name in kernel.arg_names
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=consts)
+    options = {"num_warps": 4, "num_stages": 2}
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    lines = ptx.splitlines()
+    add = next(i for i, line in enumerate(lines) if "atom.global" in line and ".add." in line)
+    last_store = max(i for i, line in enumerate(lines[:add]) if "st.global" in line)
+    assert any("bar.sync" in line or "barrier.sync" in line for line in lines[last_store:add])

@@ -122,7 +122,11 @@ if triton is not None:
 
         # The last range of this (row, KV head) to finish merges all of them: the counter's
         # acquire/release orders every range's stores before the merge's loads, and the
-        # merging program sets the counter back to zero for the next call.
+        # merging program sets the counter back to zero for the next call. The release is
+        # made by one thread and covers only the stores it has seen: the barrier makes it
+        # see every thread's (Triton 3.5 happens to place one here for its scratch memory
+        # anyway; this one does not depend on that, and compiles to the same PTX barrier).
+        tl.debug_barrier()
         done = tl.atomic_add(COUNT + pid, 1, sem="acq_rel")
         if done == SPLIT_COUNT - 1:
             splits = tl.arange(0, SPLIT_COUNT)
