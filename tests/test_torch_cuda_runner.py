@@ -20,6 +20,7 @@ from fermi.runners.torch_cuda import (
     chunk_buckets,
     kv_buckets,
     pick,
+    warmup_plans,
 )
 from fermi.runners.torch_eager import TorchRunner
 from tests.tiny import write_checkpoint
@@ -289,3 +290,51 @@ def test_overlapped_scheduling_equals_the_eager_engine(folder):
     assert [lp.token_id for lp in results[3].logprobs] == solo[3].token_ids
     for a, b in zip(results[3].logprobs, solo[3].logprobs, strict=True):
         assert abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_warmup_tries_each_attention_kernel_with_and_without_the_row_products():
+    assert warmup_plans(True, "split") == [
+        (True, "split"),
+        (False, "split"),
+        (True, "sdpa"),
+        (False, "sdpa"),
+    ]
+    assert warmup_plans(False, "flex") == [(False, "flex"), (False, "math"), (False, "sdpa")]
+    assert warmup_plans(True, "sdpa") == [(True, "sdpa"), (False, "sdpa")]
+
+
+def test_row_products_that_fail_at_warmup_give_way_to_the_plain_ones(folder, monkeypatch):
+    from fermi.models import decoder
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(decoder, "row_linear", fail)
+    runner = graph_runner(folder, row_kernels=True, warmup=True, compile_cache=False)
+    assert not runner.row_kernels and not runner.startup.row_kernels
+    assert not runner.model.row_kernels
+    assert not any(layer.row_kernels for layer in runner.model.model.layers)
+    assert len(runner.startup.notes) == 1
+    assert runner.startup.notes[0].startswith("fused row products with sdpa decode attention")
+    ref = TorchRunner(load(folder).model, max_batch=4, max_seq_len=300, prefill_chunk=32)
+    a, b = runner.prefill(0, [5, 6, 7], 0), ref.prefill(0, [5, 6, 7], 0)
+    assert (a - b).abs().max().item() < TOL
+    a, b = runner.decode([0], [int(b.argmax())], [3]), ref.decode([0], [int(b.argmax())], [3])
+    assert (a - b).abs().max().item() < TOL
+
+
+def test_row_kernels_false_turns_off_products_an_earlier_runner_turned_on(folder):
+    model = load(folder).model
+    first = CudaGraphRunner(model, 2, 300, 32, backend=None, use_graphs=False, warmup=False)
+    first_on = model.row_kernels
+    CudaGraphRunner(model, 2, 300, 32, backend=None, use_graphs=False, warmup=False)
+    assert not first.row_kernels and not first_on  # CPU: off unless asked for
+    on = CudaGraphRunner(
+        model, 2, 300, 32, backend=None, use_graphs=False, warmup=False, row_kernels=True
+    )
+    assert on.row_kernels and model.row_kernels
+    off = CudaGraphRunner(
+        model, 2, 300, 32, backend=None, use_graphs=False, warmup=False, row_kernels=False
+    )
+    assert not off.row_kernels and not model.row_kernels
+    assert not any(layer.row_kernels for layer in model.model.layers)

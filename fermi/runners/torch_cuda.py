@@ -89,6 +89,21 @@ def chunk_buckets(chunk: int, smallest: int = SMALLEST_CHUNK) -> list[int]:
     return [*sizes, chunk]
 
 
+ATTENTION_FALLBACK = {"split": "sdpa", "flex": "math", "math": "sdpa"}
+
+
+def warmup_plans(row_kernels: bool, attention: str) -> list[tuple[bool, str]]:
+    """The (row kernels, decode attention) set-ups a warm-up tries in turn: each decode
+    attention kernel down its fallback chain (split -> sdpa, flex -> math -> sdpa), with
+    the fused row products and then without, so that one failing part does not turn the
+    other off."""
+    chain = [attention]
+    while chain[-1] in ATTENTION_FALLBACK:
+        chain.append(ATTENTION_FALLBACK[chain[-1]])
+    rows = [True, False] if row_kernels else [False]
+    return [(r, a) for a in chain for r in rows]
+
+
 def pick(value: int, buckets: Sequence[int]) -> int:
     """The smallest bucket >= value (callers check that one exists)."""
     return buckets[bisect.bisect_left(buckets, value)]
@@ -202,7 +217,8 @@ class CudaGraphRunner:
             from fermi.models import gemv
 
             row_kernels = compiled_cuda and gemv.available()
-        self.row_kernels = bool(row_kernels) and model.use_row_kernels()
+        # Set both ways: the model may come from a runner that turned them on.
+        self._set_row_kernels(bool(row_kernels) and model.use_row_kernels())
         self._forward: Callable = model.forward
         self.compile_scope = compile_scope
         if backend is not None:
@@ -327,28 +343,22 @@ class CudaGraphRunner:
                 )
             )
             self.startup.cache_hit = cache.load()
-        # The decode kernels are the newest parts of the stack: one that this torch cannot
-        # compile here gives way to the next (split -> sdpa, flex -> math -> sdpa).
-        while True:
+        # The fused row products and the decode kernels are the newest parts of the stack:
+        # set-ups are tried in turn until one compiles (see warmup_plans).
+        plans = warmup_plans(self.row_kernels, self.decode_attention)
+        for i, (rows, attention) in enumerate(plans):
+            self._set_row_kernels(rows)
+            self._set_decode_attention(attention)
             try:
                 self._warm_all()
                 break
             except Exception as exc:
-                fallback = {"split": "sdpa", "flex": "math", "math": "sdpa"}.get(
-                    self.decode_attention
-                )
-                if self.row_kernels:  # the fused row products give way first
-                    note, fallback = "fused row products failed", "the unfused products"
-                elif fallback is None:
+                if i == len(plans) - 1:
                     raise
-                else:
-                    note = f"{self.decode_attention} decode attention failed"
-                log.warning("%s (%s: %s); using %s", note, type(exc).__name__, exc, fallback)
+                products = "fused row products" if rows else "plain products"
+                note = f"{products} with {attention} decode attention failed"
+                log.warning("%s (%s: %s); trying %s", note, type(exc).__name__, exc, plans[i + 1])
                 self.startup.notes.append(f"{note}: {type(exc).__name__}: {str(exc)[:500]}")
-                if self.row_kernels:
-                    self._set_row_kernels(False)
-                else:
-                    self._set_decode_attention(fallback)
                 self._graphs.clear()
                 if self.use_graphs:  # the old pool went with its graphs: captures need a new one
                     self._pool = torch.cuda.graph_pool_handle()
@@ -358,6 +368,7 @@ class CudaGraphRunner:
         self.startup.compiles = _compiled_frames() - frames
         self.startup.graphs = len(self._graphs)
         self.startup.decode_attention = self.decode_attention
+        self.startup.row_kernels = self.row_kernels
         return self.startup
 
     def _warm_all(self) -> None:
@@ -395,7 +406,7 @@ class CudaGraphRunner:
             layer.self_attn.decode_kernel = kind
 
     def _set_row_kernels(self, on: bool) -> None:
-        self.row_kernels = self.startup.row_kernels = on
+        self.row_kernels = on
         self.model.row_kernels = on
         for layer in self.model.model.layers:
             layer.row_kernels = on
