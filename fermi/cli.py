@@ -80,7 +80,10 @@ def model_options(func):
             help="Context length. [default: model's, capped at 4096]",
         ),
         click.option(
-            "--max-batch", type=int, default=None, help="Concurrent sequences. [default: 8]"
+            "--max-batch",
+            type=int,
+            default=None,
+            help="Concurrent sequences. [default: 8; 1 for chat and generate]",
         ),
         click.option(
             "--runner", default=None, help="Force a runner: torch-cpu, torch-cuda, onnx, coreml."
@@ -128,7 +131,8 @@ def chat(
     model, device, dtype, max_seq_len, max_batch, runner, thinking, max_tokens, temperature, system
 ):
     """Chat in the terminal. /reset clears the conversation, /exit (or Ctrl-D) quits."""
-    engine = load_engine(model, device, dtype, max_seq_len, max_batch, runner)
+    # One conversation: one cache slot (and on CUDA no batch > 1 graphs to capture).
+    engine = load_engine(model, device, dtype, max_seq_len, max_batch or 1, runner)
     color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
     dim, reset = ("\x1b[2m", "\x1b[0m") if color else ("", "")
     history: list[dict] = [{"role": "system", "content": system}] if system else []

@@ -127,3 +127,25 @@ def test_chat_drops_the_oldest_turns_when_the_context_fills(folder):
     assert res.returncode == 0
     assert "error:" in res.stderr and "context" in res.stderr
     assert "[" in res.stdout.split("\n", 1)[1]  # the next turn answered
+
+
+def test_chat_allocates_one_cache_slot_unless_told(folder, monkeypatch):
+    from click.testing import CliRunner
+
+    import fermi as api
+    from fermi import cli
+
+    seen = []
+    real = api.load
+
+    def load(*args, **kwargs):  # the real loader; only notes what it was asked for
+        engine = real(*args, **kwargs)
+        seen.append(engine.capabilities.max_batch)
+        return engine
+
+    monkeypatch.setattr(api, "load", load)
+    args = ["chat", "--model", str(folder), "--max-tokens", "2", "--temperature", "0"]
+    for extra, want in (([], 1), (["--max-batch", "3"], 3)):
+        res = CliRunner().invoke(cli.main, [*args, *extra], input="hi\n/exit\n")
+        assert res.exit_code == 0, res.output
+        assert seen[-1] == want
