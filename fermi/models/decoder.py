@@ -162,16 +162,11 @@ class Attention(nn.Module):
         kv_len: int,
         masks: dict[int | None, torch.Tensor],
     ) -> torch.Tensor:
-        cfg = self.cfg
-        b, t, _ = x.shape
-        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         if self.fused:
-            qkv = _as_dtype(self.qkv_proj(x), x.dtype)
+            qkv = self.qkv_proj(x)
         else:
-            q = _as_dtype(self.q_proj(x), x.dtype).view(b, t, h, d)
-            k = _as_dtype(self.k_proj(x), x.dtype).view(b, t, kv, d)
-            v = _as_dtype(self.v_proj(x), x.dtype).view(b, t, kv, d)
-            qkv = torch.cat([q, k, v], dim=2)
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = _as_dtype(qkv, x.dtype)
         out = self.attend(qkv, cos, sin, positions, slots, read_slots, kv_len, masks)
         return self.o_proj(out)
 
