@@ -67,11 +67,9 @@ async def _send_stream(reply: StreamReply, send: Callable[[bytes], Awaitable[Non
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        if _client_gone(exc):
-            return
-        log.exception("stream failed")
-        with contextlib.suppress(Exception):  # the client may be gone as well
-            await send(sse(ErrorBody(internal_error().detail())) + DONE)
+        if (event := _failure_event(exc)) is not None:
+            with contextlib.suppress(Exception):  # the client may be gone as well
+                await send(event)
     finally:
         await chunks.aclose()
 
@@ -83,11 +81,18 @@ async def _push_stream(reply: StreamReply, write: Callable[[bytes], object]) -> 
     except StreamEndedError:
         pass
     except Exception as exc:
-        if _client_gone(exc):
-            return
-        log.exception("stream failed")
-        with contextlib.suppress(Exception):  # the client may be gone as well
-            write(sse(ErrorBody(internal_error().detail())) + DONE)
+        if (event := _failure_event(exc)) is not None:
+            with contextlib.suppress(Exception):  # the client may be gone as well
+                write(event)
+
+
+def _failure_event(exc: Exception) -> bytes | None:
+    """The last events of a stream that failed part-way (logged), or None when the failure
+    is only the client having left."""
+    if _client_gone(exc):
+        return None
+    log.exception("stream failed")
+    return sse(ErrorBody(internal_error().detail())) + DONE
 
 
 def _client_gone(exc: Exception) -> bool:
