@@ -18,6 +18,8 @@ from tests.serving import http, metric, running_server, thinking_checkpoint
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HI = [{"role": "user", "content": "Hello, how are you?"}]
+# Unseeded sampling may draw an end-of-sequence token: tests that count tokens turn it off.
+NO_EOS = {"ignore_eos": True}
 SEQ_LEN = 1024
 
 
@@ -235,7 +237,13 @@ def test_completions_equal_the_engine_streamed_or_not(client, engine):
 
 
 def test_completions_take_token_id_prompts_and_lists_of_prompts(client):
-    out = client.completions.create(model="tiny", prompt=[[1, 2, 3], [4, 5]], max_tokens=3, n=2)
+    out = client.completions.create(
+        model="tiny",
+        prompt=[[1, 2, 3], [4, 5]],
+        max_tokens=3,
+        n=2,
+        extra_body=NO_EOS,
+    )
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens == 12
 
@@ -284,11 +292,13 @@ def test_out_of_range_sampling_values_are_400_and_leak_nothing(base, client, fie
     for _ in range(10):  # more than the batch: a leaked slot would stall the next request
         status, err = error_of(http(url, {"messages": HI, "max_tokens": 2, field: value}, AUTH))
         assert status == 400 and err["param"] == field
-    assert chat(client, max_tokens=2).usage.completion_tokens == 2
+    assert chat(client, max_tokens=2, extra_body=NO_EOS).usage.completion_tokens == 2
 
 
 def test_unknown_fields_are_ignored(client):
-    out = chat(client, max_tokens=2, extra_body={"some_future_field": {"x": 1}, "user": "u1"})
+    out = chat(
+        client, max_tokens=2, extra_body={"some_future_field": {"x": 1}, "user": "u1", **NO_EOS}
+    )
     assert out.usage.completion_tokens == 2
 
 
@@ -340,7 +350,7 @@ def test_more_choices_than_the_server_can_ever_hold_is_400(base, client):
     body = {"messages": HI, "max_tokens": 2, "n": 16}
     status, err = error_of(http(base + "/v1/chat/completions", body, AUTH))
     assert status == 400 and err["param"] == "n" and "at most 4" in err["message"]
-    assert chat(client, max_tokens=2).usage.completion_tokens == 2
+    assert chat(client, max_tokens=2, extra_body=NO_EOS).usage.completion_tokens == 2
 
 
 def test_full_queue_is_429_with_retry_after_and_the_server_keeps_serving(base, client):
@@ -354,7 +364,7 @@ def test_full_queue_is_429_with_retry_after_and_the_server_keeps_serving(base, c
     assert json.loads(raw)["error"]["code"] == "engine_overloaded"
     # The dropped stream's choices are cancelled; their places free within a step.
     time.sleep(0.5)
-    assert chat(client, max_tokens=2).usage.completion_tokens == 2
+    assert chat(client, max_tokens=2, extra_body=NO_EOS).usage.completion_tokens == 2
 
 
 # -- lifecycle --------------------------------------------------------------------------

@@ -312,7 +312,9 @@ def test_failing_engine_step_ends_a_pushed_stream_with_an_error_event(api):
     assert sum("error" in e for e in events) == 1
     # The same engines keep serving, pushed.
     events, _ = asyncio.run(
-        stream_events(api, "/v1/chat/completions", {**body, "n": 1}, pushed=True)
+        stream_events(
+            api, "/v1/chat/completions", {**body, "n": 1, "ignore_eos": True}, pushed=True
+        )
     )
     assert events[-1]["choices"][0]["finish_reason"] == "length"
 
@@ -327,7 +329,7 @@ def test_failing_engine_step_ends_the_stream_with_an_error_event(api):
     assert error["type"] == "server_error" and "simulated device fault" in error["message"]
     assert "Traceback" not in raw.decode()
     # The same engines keep serving.
-    body["stream"] = False
+    body.update(stream=False, ignore_eos=True)
     status, raw = asyncio.run(call_asgi(AsgiApp(api), "/v1/chat/completions", body))
     assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 5
 
