@@ -11,6 +11,7 @@ another request (least recently used session first), so idle sessions never bloc
 
 from __future__ import annotations
 
+import bisect
 import logging
 import queue
 import random
@@ -200,6 +201,8 @@ class Scheduler:
     def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
+        if self._in_flight is None:  # else the queued step reads the rows where they are
+            self._compact()
         if self._prefilling:
             seq = self._prefilling[0]
             try:
@@ -243,6 +246,52 @@ class Scheduler:
                 h.request.session == req.session for h in self._waiting
             ):
                 self._released.discard(req.session)
+
+    def _compact(self) -> None:
+        """Keep running sequences in the lowest slots, so a decode step spans as few rows as
+        run: a GPU runner's step covers slots 0..B-1 for the smallest batch bucket B that
+        holds the highest live slot, and the eager runner reads slots 0..B-1 as a view but
+        gathers scattered ones. A request alone in slot 3 (its neighbours finished, or a
+        kept session holds slot 0) would otherwise decode at bucket 4, without the one-row
+        kernels.
+
+        Between steps only (nothing in flight reads the rows), the highest running sequence
+        moves into the lowest slot that no running sequence holds: a free slot, or a kept
+        session's, which first moves into another free slot. Each move copies the
+        sequence's cached positions (about 0.1 MB per position for Qwen3-1.7B in bf16, so
+        about 0.1 ms per 1000 positions on an H100) and its sampling row.
+        """
+        move = getattr(self.runner, "move_slot", None)
+        if move is None:
+            return
+        running = [*self._prefilling, *self._decoding]
+        held = {s.slot for s in running}
+        kept_at = {k.slot: k for k in self._kept.values()}
+        for seq in sorted(running, key=lambda s: s.slot, reverse=True):
+            low = min(set(range(seq.slot)) - held, default=None)
+            if low is None:  # every slot below it runs
+                break
+            kept = kept_at.get(low)
+            if kept is not None:  # the session's cache goes to a free slot, if there is one
+                spare = [f for f in self._free if f != low]
+                if not spare:
+                    break
+                self._free.remove(spare[0])
+                move(low, spare[0], len(kept.tokens))
+                kept.slot = spare[0]
+                del kept_at[low]
+                kept_at[spare[0]] = kept
+            else:
+                self._free.remove(low)
+            move(seq.slot, low, _cached(seq))
+            self.sampling.move_row(seq.slot, low)
+            held.discard(seq.slot)
+            held.add(low)
+            self._free.append(seq.slot)
+            self._free.sort()
+            seq.slot = low
+        # Rows in slot order: the eager runner reads slots 0..B-1 as a view only in that order.
+        self._decoding.sort(key=lambda s: s.slot)
 
     def _take_slot(self, request: GenerationRequest) -> tuple[int, int]:
         """A slot for ``request`` and how many of its prompt tokens that slot already holds."""
@@ -291,7 +340,7 @@ class Scheduler:
         self._prefilling.popleft()
         self._sample_and_emit([seq], logits[None])
         if not seq.handle.done.is_set():
-            self._decoding.append(seq)
+            bisect.insort(self._decoding, seq, key=lambda s: s.slot)
 
     def _decode(self) -> None:
         if self._overlap:
@@ -334,6 +383,7 @@ class Scheduler:
             if self._decoding:  # else every row it continued has ended: nothing to read
                 self._in_flight = following
         elif self._decoding:
+            self._compact()  # the batch changed and nothing is in flight: rows may move
             seqs = list(self._decoding)
             self._in_flight = self._launch(seqs, [s.position for s in seqs], feed=False)
 
@@ -494,6 +544,11 @@ def _to_host(t: torch.Tensor, cuda: bool) -> torch.Tensor:
         return t.cpu()
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return host.copy_(t, non_blocking=True)
+
+
+def _cached(seq: _Sequence) -> int:
+    """Cache positions a running sequence holds (its next token to feed is not written)."""
+    return seq.position if seq.prefilled >= len(seq.request.prompt_ids) else seq.prefilled
 
 
 def _common_prefix(a: list[int], b: tuple[int, ...]) -> int:

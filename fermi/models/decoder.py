@@ -114,6 +114,11 @@ class KVCache(nn.Module):
         self.k.transpose(1, 2).index_put_(index, k.transpose(1, 2))
         self.v.transpose(1, 2).index_put_(index, v.transpose(1, 2))
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
     def read(self, slots: torch.Tensor | None, batch: int, kv_len: int):
         """The first ``kv_len`` positions of the given slots (a view when ``slots`` is None,
         meaning rows 0..batch-1 are slots 0..batch-1)."""
@@ -408,6 +413,15 @@ class Decoder(nn.Module):
             layer.row_kernels = True
         self.row_kernels = True
         return True
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Move a sequence's cache (its first ``length`` positions) and its per-slot rope
+        mark from slot ``src`` to slot ``dst``; ``src`` then holds nothing that is read."""
+        for layer in self.model.layers:
+            layer.self_attn.cache.move(src, dst, length)
+        marks = getattr(self, "rope_long", None)
+        if marks is not None:
+            marks[dst] = marks[src]
 
     def setup_cache(
         self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None

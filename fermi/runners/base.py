@@ -40,3 +40,9 @@ class Runner(Protocol):
     def release(self, slot: int) -> None:
         """The slot's sequence is finished; its cache may be reused."""
         ...
+
+
+# Optional: ``move_slot(src, dst, length)`` copies slot ``src``'s first ``length`` cache
+# positions (and any per-slot state the runner keeps) into slot ``dst``. A runner whose decode
+# step costs less over slots 0..B-1 than over scattered slots has it; the scheduler then moves
+# running sequences down into freed lower slots between steps (``Scheduler._compact``).

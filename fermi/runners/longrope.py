@@ -63,6 +63,13 @@ class LongRopeRunner:
     def release(self, slot: int) -> None:
         self.inner.release(slot)
 
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """The inner runner's move (the cache and the decoder's rope mark), plus this
+        wrapper's record of the slot's tokens and factors."""
+        self.inner.move_slot(src, dst, length)
+        self._tokens[dst] = self._tokens.pop(src, [])[:length]
+        self._long[dst] = self._long.pop(src, False)
+
     def __getattr__(self, name: str):
         # Anything else a front end or benchmark asks of the runner is the inner one's.
         return getattr(self.inner, name)

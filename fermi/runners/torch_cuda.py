@@ -321,6 +321,14 @@ class CudaGraphRunner:
     def release(self, slot: int) -> None:
         """Nothing to do: a slot's stale entries are masked until overwritten."""
 
+    @torch.inference_mode()
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Move a sequence's first ``length`` cached positions from ``src`` to ``dst``: two
+        copies per layer on the runner's stream, so they run after every step queued before
+        and before every step queued after (the scheduler moves rows between steps only)."""
+        with self._on_device():
+            self.model.move_slot(src, dst, length)
+
     # -- warm-up ----------------------------------------------------------------------
 
     def warmup(self, compile_cache: bool = True) -> StartupStats:

@@ -50,3 +50,8 @@ class TorchRunner:
 
     def release(self, slot: int) -> None:
         """Nothing to do: a slot's stale entries are masked until overwritten."""
+
+    @torch.inference_mode()
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Move a sequence's first ``length`` cached positions from ``src`` to ``dst``."""
+        self.model.move_slot(src, dst, length)
