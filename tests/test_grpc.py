@@ -67,7 +67,9 @@ def rpc_error(call) -> grpc.RpcError:
     return info.value
 
 
-def wait_until(predicate, timeout=5.0) -> bool:
+def wait_until(predicate, timeout=60.0) -> bool:
+    """Poll ``predicate``; the deadline is generous (a loaded machine is slow), and a
+    predicate that already holds costs nothing."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -213,7 +215,8 @@ def test_cancelled_stream_stops_generation_on_the_server(stub, engine):
     time.sleep(0.1)
     assert stats.generated_tokens - before == generated  # nothing runs any more
     assert 3 <= generated < 1000
-    assert stats.running == 0
+    # The step that dropped the request sets ``running`` as it ends, after ``load`` fell.
+    assert wait_until(lambda: stats.running == 0)
 
 
 def test_full_engine_queue_is_resource_exhausted_and_leaves_no_session(folder):
