@@ -107,8 +107,10 @@ def test_cancelled_session_request_keeps_what_its_cache_holds(engine):
 def test_releasing_a_session_whose_request_still_waits_keeps_no_cache(engine):
     import threading
 
+    # Two streams long enough to hold both slots until they are closed (closing cancels
+    # them), so the session's request still waits however late its thread gets to run.
     busy = [
-        engine.stream(prompt_token_ids=PROMPT, max_tokens=40, temperature=0, ignore_eos=True)
+        engine.stream(prompt_token_ids=PROMPT, max_tokens=240, temperature=0, ignore_eos=True)
         for _ in range(2)
     ]
     for stream in busy:  # both slots are taken once each stream has produced a token
@@ -120,7 +122,10 @@ def test_releasing_a_session_whose_request_still_waits_keeps_no_cache(engine):
         threading.Event().wait(0.005)
     engine.release_session("w")  # arrives while the request is queued behind the streams
     for stream in busy:
-        list(stream)
+        stream.close()
     waiter.join(timeout=60)
     assert result["out"].finish_reason == "length"
+    # The engine takes a release and a request in the order they came: once this one ran,
+    # the release was handled (even had the streams ended before the request was queued).
+    run(engine, [7, 8, 9], max_tokens=1)
     assert "w" not in engine.scheduler._kept
