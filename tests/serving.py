@@ -54,6 +54,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextmanager
+def reserved_port() -> Iterator[int]:
+    """A free loopback port that stays taken until the block ends, where the OS allows.
+
+    Granian listens with SO_REUSEPORT, so a second server given the same number (another
+    test run's ``free_port`` picking it in the moment between our close and our server's
+    bind) would join the port silently and answer a share of our requests. A socket bound
+    with SO_REUSEPORT, never listening, keeps other binds off the number while a server of
+    the same user can still listen on it.
+    """
+    if not hasattr(socket, "SO_REUSEPORT"):
+        yield free_port()
+        return
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
 def http(
     url: str,
     body: bytes | dict | None = None,
@@ -91,7 +110,21 @@ def metric(text: str, name: str, **labels: str) -> float:
 @contextmanager
 def running_server(model: Path, *args: str, log: Path) -> Iterator[str]:
     """Yield the base URL of a ``fermi serve`` process once ``/health`` answers 200."""
-    port = free_port()
+    with reserved_port() as port:
+        try:
+            with _serving(model, port, args, log) as base:
+                yield base
+        except _PortTakenError:  # a server that does not share ports: bind a released one
+            with _serving(model, free_port(), args, log) as base:
+                yield base
+
+
+class _PortTakenError(RuntimeError):
+    pass
+
+
+@contextmanager
+def _serving(model: Path, port: int, args: tuple[str, ...], log: Path) -> Iterator[str]:
     cmd = [sys.executable, "-m", "fermi.cli", "serve", "--model", str(model)]
     cmd += ["--port", str(port), "--log-level", "warning", *args]
     env = {**os.environ, "FERMI_OFFLINE": "1"}
@@ -103,7 +136,10 @@ def running_server(model: Path, *args: str, log: Path) -> Iterator[str]:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"fermi serve exited with {proc.returncode}:\n{log.read_text()}")
+                text = log.read_text()
+                if "Address already in use" in text:
+                    raise _PortTakenError(text)
+                raise RuntimeError(f"fermi serve exited with {proc.returncode}:\n{text}")
             try:
                 if http(base + "/health")[0] == 200:
                     break
