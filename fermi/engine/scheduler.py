@@ -271,20 +271,22 @@ class Scheduler:
             low = min(set(range(seq.slot)) - held, default=None)
             if low is None:  # every slot below it runs
                 break
+            # The free list changes only after each copy: a copy that raises (a device
+            # error) fails the batch, and every slot is still running, kept or free.
             kept = kept_at.get(low)
             if kept is not None:  # the session's cache goes to a free slot, if there is one
-                spare = [f for f in self._free if f != low]
-                if not spare:
+                spare = next((f for f in self._free if f != low), None)
+                if spare is None:
                     break
-                self._free.remove(spare[0])
-                move(low, spare[0], len(kept.tokens))
-                kept.slot = spare[0]
+                move(low, spare, len(kept.tokens))
+                self._free.remove(spare)
+                self._free.append(low)
+                kept.slot = spare
                 del kept_at[low]
-                kept_at[spare[0]] = kept
-            else:
-                self._free.remove(low)
+                kept_at[spare] = kept
             move(seq.slot, low, _cached(seq))
             self.sampling.move_row(seq.slot, low)
+            self._free.remove(low)
             held.discard(seq.slot)
             held.add(low)
             self._free.append(seq.slot)
