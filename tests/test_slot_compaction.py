@@ -4,14 +4,15 @@ moved (its cache, its sampling row, and on LongRoPE models its rope factors go w
 
 from __future__ import annotations
 
-import threading
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
 
 import fermi
+from fermi.errors import FermiError
 from fermi.runners.longrope import LongRopeRunner
+from tests.test_arch_gemma2 import write as write_gemma2
 from tests.test_arch_phi3 import write as write_phi3
 from tests.test_scheduler_overlap import eager, overlapped
 from tests.tiny import write_checkpoint
@@ -46,19 +47,35 @@ def request(engine, prompt, max_tokens, session=None, **sampling):
     return replace(built, session=session)
 
 
-def run_pair(engine, first, second) -> tuple:
-    """Submit ``first`` then ``second`` at once; both outputs."""
-    outputs: list = [None, None]
+@dataclass
+class Run:
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    cached_tokens: int = 0
 
-    def go(i, req):
-        outputs[i] = engine.generate_request(req)
 
-    threads = [threading.Thread(target=go, args=(i, r)) for i, r in enumerate((first, second))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return tuple(outputs)
+def hold_slot_0(engine):
+    """A stream decoding in slot 0 until it is closed (the engine must be idle)."""
+    holder = engine.stream(
+        prompt_token_ids=[3, 4, 5], max_tokens=200, temperature=0, ignore_eos=True
+    )
+    next(holder)
+    return holder
+
+
+def moved_run(engine, req, after: int = 1) -> Run:
+    """Run ``req`` in slot 1 beside a stream in slot 0 that is closed once ``req`` has
+    ``after`` tokens: from then on ``req`` runs in slot 0."""
+    holder = hold_slot_0(engine)
+    run = Run()
+    for delta in engine.stream_request(req):
+        run.token_ids += delta.token_ids
+        run.logprobs += [lp.logprob for lp in delta.logprobs or ()]
+        if delta.usage is not None:
+            run.cached_tokens = delta.usage.cached_tokens
+        if len(run.token_ids) >= after:
+            holder.close()
+    return run
 
 
 def moved_down(steps: list[list[int]]) -> bool:
@@ -69,22 +86,21 @@ def moved_down(steps: list[list[int]]) -> bool:
 
 @pytest.mark.parametrize("make", [eager, overlapped], ids=["eager", "overlapped"])
 def test_a_sequence_left_alone_in_slot_1_moves_to_slot_0_and_continues_unchanged(folder, make):
-    engine = make(folder)
-    try:
-        long = request(engine, [7, 8, 9, 10, 11], 40, **SAMPLED)
-        solo = engine.generate_request(long).token_ids
+    with make(folder) as engine:
+        long = replace(request(engine, [7, 8, 9, 10, 11], 40, **SAMPLED), logprobs=0)
+        solo = engine.generate_request(long)
         steps = record_decode_slots(engine)
-        short = request(engine, [3, 4, 5], 6, temperature=0)
-        _, together = run_pair(engine, short, long)
-        # The short request took slot 0 and the long one slot 1; once the short one ended,
-        # the long one decoded alone, in slot 0.
+        together = moved_run(engine, long, after=6)
+        # It decoded in slot 1 beside the stream in slot 0; once that stream ended, it
+        # decoded alone, in slot 0, with the same tokens (its cache, seed, step and penalty
+        # counts went with it).
         assert moved_down(steps), steps
         assert steps[-1] == [0]
-        assert together.token_ids == solo
+        assert together.token_ids == solo.token_ids
+        want = [lp.logprob for lp in solo.logprobs]
+        assert together.logprobs == pytest.approx(want, abs=1e-5)
         # Nothing leaked: every slot is free again, in order.
         assert engine.scheduler._free == list(range(4))
-    finally:
-        engine.close()
 
 
 def test_a_kept_session_yields_slot_0_and_its_next_turn_still_reuses_its_cache(folder):
@@ -126,10 +142,106 @@ def test_a_longrope_sequence_moved_after_the_switch_keeps_its_long_factors(tmp_p
         crossing = request(engine, torch.randint(0, 512, (30,)).tolist(), 40, temperature=0)
         solo = engine.generate_request(crossing).token_ids
         steps = record_decode_slots(engine)
-        # The short request (slot 0) ends after the other (slot 1) crossed 32 positions:
-        # its move to slot 0 must carry the long factors, or slot 0's short mark would apply.
-        short = request(engine, [1, 2, 3], 12, temperature=0)
-        _, together = run_pair(engine, short, crossing)
+        # The stream in slot 0 ends after the request in slot 1 crossed 32 positions: its
+        # move to slot 0 must carry the long factors, or slot 0's short mark would apply.
+        together = moved_run(engine, crossing, after=8)
         assert moved_down(steps), steps
         assert together.token_ids == solo
         assert bool(engine.runner.model.rope_long[0])
+
+
+def test_a_short_request_in_the_slot_a_long_sequence_left_runs_with_short_factors(tmp_path):
+    """A LongRoPE sequence past the switch moves from slot 1 to slot 0; slot 1 keeps the
+    decoder's long mark. A short request later admitted to slot 1 must still be encoded
+    with the short factors (the runner must not believe slot 1 is short while the decoder
+    marks it long)."""
+    folder = write_phi3(tmp_path, "longrope")  # switch at 32 positions
+    kw = {"max_seq_len": 128, "max_batch": 2, "prefill_chunk": 16, "dtype": "float32"}
+    with fermi.load(folder, **kw) as engine:
+        assert isinstance(engine.runner, LongRopeRunner)
+        torch.manual_seed(0)
+        crossing = request(engine, torch.randint(0, 512, (30,)).tolist(), 40, temperature=0)
+        probe = request(engine, [40, 41, 42, 43, 44], 10, temperature=0, logprobs=0)
+        probe_solo = engine.generate_request(probe)
+        steps = record_decode_slots(engine)
+        moved_run(engine, crossing, after=5)  # moves at 35 positions, with long factors
+        assert moved_down(steps), steps
+        assert bool(engine.runner.model.rope_long[1])  # slot 1's mark is left as it was
+        # Slot 0 is held, so the probe is admitted to slot 1 and stays there.
+        holder = hold_slot_0(engine)
+        steps.clear()
+        probed = engine.generate_request(probe)
+        holder.close()
+        assert [0, 1] in [sorted(s) for s in steps], steps
+        assert probed.token_ids == probe_solo.token_ids
+        got = [lp.logprob for lp in probed.logprobs]
+        want = [lp.logprob for lp in probe_solo.logprobs]
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_a_move_that_fails_fails_its_batch_once_and_loses_no_slot(tmp_path):
+    """A move that raises (a device error) fails the running batch, like any failed step;
+    afterwards every slot is free again and the next requests run. (A slot taken off the
+    free list before the copy ran would be lost: later compactions would look for it there
+    and fail every batch above it.)"""
+    folder = write_checkpoint(tmp_path / "qwen3", {}, seed=5)
+    with eager(folder, 2) as engine:
+        runner = engine.scheduler.runner
+        works = runner.move_slot
+        calls = []
+
+        def fails_once(src, dst, length):
+            calls.append((src, dst))
+            if len(calls) == 1:
+                raise RuntimeError("device copy failed")
+            works(src, dst, length)
+
+        runner.move_slot = fails_once
+        mover = request(engine, [7, 8, 9, 10], 60, temperature=0)
+        with pytest.raises(FermiError, match="device copy failed"):
+            moved_run(engine, mover)
+        assert calls == [(1, 0)]
+        assert sorted(engine.scheduler._free) == [0, 1]
+        # Both slots serve again, and the next move works.
+        assert len(moved_run(engine, mover).token_ids) == 60
+        assert calls == [(1, 0), (1, 0)]
+        assert sorted(engine.scheduler._free) == [0, 1]
+
+
+def test_a_sequence_moved_past_a_sliding_window_continues_unchanged(tmp_path):
+    """Gemma 2's local layers (window 8 here) keep the cache linear by position (the window
+    is a mask), so a moved prefix is the whole state: the moved sequence's logprobs equal
+    its solo run's."""
+    folder = write_gemma2(tmp_path, "gemma2")
+    kw = {"max_seq_len": 96, "max_batch": 2, "prefill_chunk": 16, "dtype": "float32"}
+    with fermi.load(folder, **kw) as engine:
+        torch.manual_seed(1)
+        long = request(engine, torch.randint(0, 512, (20,)).tolist(), 30, temperature=0)
+        long = replace(long, logprobs=0)
+        solo = engine.generate_request(long)
+        steps = record_decode_slots(engine)
+        together = moved_run(engine, long, after=8)  # moves at 28 positions
+        assert moved_down(steps), steps
+        assert together.token_ids == solo.token_ids
+        want = [lp.logprob for lp in solo.logprobs]
+        assert together.logprobs == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("make", [eager, overlapped], ids=["eager", "overlapped"])
+def test_a_session_request_that_moved_is_kept_where_it_went(tmp_path, make):
+    """A session's request moves from slot 1 to slot 0, then ends: the session keeps slot
+    0 (slot 1 is free, not lost nor kept twice), and its next turn reuses every cached
+    position and generates what a fresh run does."""
+    folder = write_checkpoint(tmp_path / "qwen3", {}, seed=5)
+    with make(folder, 2) as engine:
+        prompt = [5, 77, 120, 33, 400, 9]
+        steps = record_decode_slots(engine)
+        turn = moved_run(engine, request(engine, prompt, 20, session="s", temperature=0))
+        assert moved_down(steps), steps
+        scheduler = engine.scheduler
+        assert scheduler._kept["s"].slot == 0 and scheduler._free == [1]
+        follow = [*prompt, *turn.token_ids, 300, 301]
+        fresh = engine.generate_request(request(engine, follow, 8, temperature=0))
+        again = engine.generate_request(request(engine, follow, 8, session="s", temperature=0))
+        assert again.usage.cached_tokens == len(prompt) + len(turn.token_ids) - 1
+        assert again.token_ids == fresh.token_ids
