@@ -108,3 +108,19 @@ def test_engine_greedy_on_gpu_equals_cpu_and_bf16_runs(folder):
                 torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]
             )
             assert len(e.generate(**kw).token_ids) == 32
+
+
+def test_a_sequence_moved_to_slot_0_on_the_gpu_continues_unchanged(folder):
+    """Slot compaction with graphs: the move's copies queue on the stream the graphs replay
+    on, between steps; the moved request then runs the batch-1 graph."""
+    import fermi
+    from tests.test_slot_compaction import moved_down, moved_run, record_decode_slots, request
+
+    torch._dynamo.reset()
+    with fermi.load(folder, device="cuda", dtype="fp32", max_batch=2, max_seq_len=256) as gpu:
+        req = request(gpu, [7, 8, 9, 10, 11], 40, temperature=0.8, seed=4, presence_penalty=0.4)
+        solo = gpu.generate_request(req).token_ids
+        steps = record_decode_slots(gpu)
+        moved = moved_run(gpu, req, after=6)
+        assert moved_down(steps), steps
+        assert moved.token_ids == solo
