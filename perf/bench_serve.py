@@ -2,6 +2,7 @@
 
     .venv/bin/python perf/bench_serve.py [--model FOLDER] [--interfaces rsgi,asgi]
     .venv/bin/python perf/bench_serve.py --overhead-only --repeats 15   # the overhead alone
+    .venv/bin/python perf/bench_serve.py --api-only --repeats 25        # Python API vs engine
 
 For each Granian interface it starts a real ``fermi serve`` process and measures:
 - streaming chat at concurrency 1/8/32: TTFT, TPOT, inter-token latency (median, p99),
@@ -24,6 +25,13 @@ The default model is tests/tiny.py's random Qwen3 (tiny on purpose: the engine's
 token is small, so the HTTP layer's share shows). The load-test client is a minimal asyncio
 HTTP/1.1 reader. Results go to perf/results/serve.json (``--out``); perf/notes_serve.md
 reads them.
+
+``--api-only`` starts no server: it compares the Python API with the bare engine alone, in
+the same rotating rounds, together with ``api_per_token_wake``, a copy of the Python API's
+hand-off before perf/notes_serve.md section 5 (a thread-safe call and an ``asyncio.Queue``
+put per delta, ``astream`` over ``astream_request``), so the old and the new hand-off are
+compared within each round too. ``--api-streams N`` runs N such streams at once on the one
+event loop per path and round (per-token figures then over all N streams' tokens).
 """
 
 from __future__ import annotations
@@ -344,6 +352,43 @@ async def api_stream(engine, max_tokens: int, seed: int) -> dict:
     return {"start": start, "content": content, "end": time.perf_counter(), "tokens": tokens}
 
 
+async def per_token_wake_stream(engine, max_tokens: int, seed: int) -> dict:
+    """The same generation through a copy of the Python API's hand-off before notes section
+    5: every delta wakes the event loop (``call_soon_threadsafe`` + ``asyncio.Queue``),
+    and ``astream`` wraps ``astream_request`` (a within-round reference for ``--api-only``)."""
+
+    async def astream_request(request):
+        loop = asyncio.get_running_loop()
+        box: asyncio.Queue = asyncio.Queue()
+        handle = engine.submit(request, lambda d: loop.call_soon_threadsafe(box.put_nowait, d))
+        try:
+            while True:
+                delta = await box.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            handle.cancel()
+
+    async def astream(**kwargs):
+        request = engine.build_request(**kwargs)
+        async for delta in astream_request(request):
+            if delta.error:
+                raise RuntimeError(delta.error)
+            yield delta
+
+    content, tokens = [], 0
+    start = time.perf_counter()
+    async for delta in astream(
+        messages=MESSAGES, max_tokens=max_tokens, seed=seed, ignore_eos=True, thinking="off"
+    ):
+        if delta.text:
+            content.append(time.perf_counter())
+        if delta.usage:
+            tokens = delta.usage.completion_tokens
+    return {"start": start, "content": content, "end": time.perf_counter(), "tokens": tokens}
+
+
 async def engine_stream(engine, max_tokens: int, seed: int) -> dict:
     """The same generation with no consumer at all: the engine thread's sink only notes the
     time (what the engine costs by itself; no event loop is woken per token)."""
@@ -386,13 +431,36 @@ def _paired(runs: list[dict], bases: list[dict], suffix: str) -> dict:
 
 def _per_token(run: dict) -> tuple[float, float]:
     """(steady-state seconds per token: first content event to the end / the tokens after
-    the first, whole-stream seconds per token: request to the end / tokens)."""
+    each stream's first, whole-stream seconds per token: request to the end / tokens)."""
     first, end, tokens = run["content"][0], run["end"], run["tokens"]
-    return (end - first) / (tokens - 1), (end - run["start"]) / tokens
+    return (end - first) / (tokens - run.get("streams", 1)), (end - run["start"]) / tokens
+
+
+async def _together(stream, engine, max_tokens: int, seed: int, streams: int) -> dict:
+    """``streams`` copies of an in-process path at once on this loop (seeds differ), as one
+    run: from the first request to the last end, every content event, all the tokens."""
+    if streams == 1:
+        return await stream(engine, max_tokens, seed)
+    runs = await asyncio.gather(
+        *(stream(engine, max_tokens, seed * streams + i) for i in range(streams))
+    )
+    return {
+        "start": min(r["start"] for r in runs),
+        "content": sorted(t for r in runs for t in r["content"]),
+        "end": max(r["end"] for r in runs),
+        "tokens": sum(r["tokens"] for r in runs),
+        "streams": streams,
+    }
 
 
 async def overhead(
-    ports: dict[str, int], engine, max_tokens: int, repeats: int, verbose: bool = True
+    ports: dict[str, int],
+    engine,
+    max_tokens: int,
+    repeats: int,
+    verbose: bool = True,
+    reference: bool = False,
+    streams: int = 1,
 ) -> dict:
     """The same seeded stream through each server and through the Python API, in turns
     (the order rotates every round, so drift and busy spells hit every path alike).
@@ -400,26 +468,36 @@ async def overhead(
     Per path and round: wall time per token (steady state, first to last content event;
     and whole stream, request to ``[DONE]``) and the CPU time per token of the process that
     runs the engine, split by thread. The overhead of a server is the median over rounds of
-    (server - Python API) in the same round."""
+    (server - Python API) in the same round; the Python API's is (Python API - bare
+    engine). ``reference`` adds ``api_per_token_wake`` (the old hand-off); ``streams`` runs
+    that many streams of each in-process path at once."""
+    in_process = ["python_api", "engine_only"] + (["api_per_token_wake"] if reference else [])
     workers = {name: server_worker_pid(port) for name, port in ports.items()}
-    workers["python_api"] = workers["engine_only"] = os.getpid()
+    workers |= {name: os.getpid() for name in in_process}
     paths = list(workers)
     runs: dict[str, list[dict]] = {name: [] for name in paths}
     busy0, total0 = machine_jiffies()
     load_before = os.getloadavg()
     for rep in range(repeats):
-        for name in paths[rep % len(paths) :] + paths[: rep % len(paths)]:
+        # Rotate, and reverse the cycle every other pass, so that each path runs after each
+        # other path equally often (a fixed cycle always puts the same path first).
+        cycle = paths if (rep // len(paths)) % 2 == 0 else paths[::-1]
+        for name in cycle[rep % len(paths) :] + cycle[: rep % len(paths)]:
             pid = workers[name]
             before = thread_cpu_ns(pid)
-            if name == "python_api":
-                run = await api_stream(engine, max_tokens, rep)
-            elif name == "engine_only":
-                run = await engine_stream(engine, max_tokens, rep)
+            if name in in_process:
+                stream = {
+                    "python_api": api_stream,
+                    "engine_only": engine_stream,
+                    "api_per_token_wake": per_token_wake_stream,
+                }[name]
+                run = await _together(stream, engine, max_tokens, rep, streams)
             else:
                 run = raw_stream(ports[name], chat_body(max_tokens, rep, True))
             cpu = cpu_by_role(pid, before, thread_cpu_ns(pid))
             tpot, e2e = _per_token(run)
-            if run["tokens"] != max_tokens or len(run["content"]) < max_tokens // 2:
+            want = max_tokens * run.get("streams", 1)
+            if run["tokens"] != want or len(run["content"]) < want // 2:
                 raise RuntimeError(f"{name}: {run['tokens']} tokens, {len(run['content'])} events")
             runs[name].append({"tpot": tpot, "e2e": e2e, "cpu": cpu, "tokens": run["tokens"]})
             if verbose:
@@ -431,6 +509,7 @@ async def overhead(
     out: dict = {
         "max_tokens": max_tokens,
         "repeats": repeats,
+        "in_process_streams_at_once": streams,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "machine_busy_fraction": round((busy1 - busy0) / max(1, total1 - total0), 3),
@@ -450,7 +529,12 @@ async def overhead(
         entry["cpu_per_token_us"]["total"] = round(
             statistics.median(sum(r["cpu"].values()) / r["tokens"] for r in rs) * us, 1
         )
-        if name not in ("python_api", "engine_only"):
+        if name == "python_api":
+            entry |= _paired(rs, runs["engine_only"], "_vs_engine")
+        elif name == "api_per_token_wake":
+            entry |= _paired(rs, runs["engine_only"], "_vs_engine")
+            entry |= _paired(rs, runs["python_api"], "_vs_python_api")
+        elif name != "engine_only":
             for base in ("python_api", "engine_only"):
                 entry |= _paired(rs, runs[base], "" if base == "python_api" else "_vs_engine")
         out[name] = entry
@@ -469,6 +553,13 @@ def machine() -> dict:
 
 
 async def measure(ports: dict[str, int], engine, args: argparse.Namespace) -> dict:
+    if args.api_only:
+        await api_stream(engine, 8, 0)  # warm-up
+        await per_token_wake_stream(engine, 8, 0)
+        cost = await overhead(
+            {}, engine, args.overhead_tokens, args.repeats, reference=True, streams=args.api_streams
+        )
+        return {"overhead": cost}
     for port in ports.values():
         await load_test(port, 1, 4, 8)  # warm-up
     if args.overhead_only:
@@ -525,6 +616,17 @@ def main() -> None:
         "--overhead-only", action="store_true", help="measure only the overhead per token"
     )
     parser.add_argument(
+        "--api-only",
+        action="store_true",
+        help="start no server: the Python API (and its old hand-off) against the bare engine",
+    )
+    parser.add_argument(
+        "--api-streams",
+        type=int,
+        default=1,
+        help="with --api-only: streams at once on the one event loop, per path and round",
+    )
+    parser.add_argument(
         "--baseline-tree",
         type=Path,
         default=None,
@@ -546,7 +648,7 @@ def main() -> None:
         "machine": machine(),
         "command": " ".join(["perf/bench_serve.py", *sys.argv[1:]]),
     }
-    interfaces = args.interfaces.split(",")
+    interfaces = [] if args.api_only else args.interfaces.split(",")
     with contextlib.ExitStack() as stack:
         ports = {}
         trees = [("", serving.REPO)]

@@ -1,9 +1,20 @@
-"""The Python API: ``Engine.generate`` / ``stream`` / ``astream`` over one scheduler."""
+"""The Python API: ``Engine.generate`` / ``stream`` / ``astream`` over one scheduler.
+
+``astream`` hands deltas from the engine thread to the event loop without a wake-up per
+token: the engine thread appends each delta to its stream's buffer and wakes the loop only
+when that stream's consumer is waiting, and one wake-up (one thread-safe call) serves every
+stream of the loop that became ready before the loop ran it. A consumer that keeps up still
+costs one wake-up per engine step; one that falls behind takes the deltas that piled up
+without any (perf/notes_serve.md section 5).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
+import threading
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -251,27 +262,48 @@ class Engine:
         finally:
             handle.cancel()
 
-    async def astream(self, **kwargs) -> AsyncIterator[Delta]:
-        """``stream`` for asyncio code; cancelling the task cancels the request."""
-        request = self.build_request(**kwargs)
-        async for delta in self.astream_request(request):
-            if delta.error:
-                raise FermiError(delta.error)
-            yield delta
+    def astream(self, **kwargs) -> AsyncIterator[Delta]:
+        """``stream`` for asyncio code. Leaving the ``async for`` early (``break``, an
+        exception, a cancelled task) cancels the request once the iterator is closed: by the
+        event loop when it is released, or at once by ``aclose()``. Bad arguments raise on
+        the first iteration."""
+        return self._deltas(None, kwargs, raise_errors=True)
 
-    async def astream_request(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def astream_request(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Low level: deltas of a prepared request; a failure arrives as a final delta with
         ``error`` set (front ends turn it into their own error shape)."""
+        return self._deltas(request, None, raise_errors=False)
+
+    async def _deltas(
+        self, request: GenerationRequest | None, kwargs: dict | None, raise_errors: bool
+    ) -> AsyncIterator[Delta]:
+        if request is None:
+            request = self.build_request(**(kwargs or {}))
         loop = asyncio.get_running_loop()
-        box: asyncio.Queue[Delta] = asyncio.Queue()
-        handle = self.submit(request, lambda d: loop.call_soon_threadsafe(box.put_nowait, d))
+        waker = _waker_of(loop)
+        lock = waker.lock
+        box = _Box(waker)
+        handle = self.submit(request, box.put)
         try:
             while True:
-                delta = await box.get()
-                yield delta
-                if delta.finish_reason is not None:
-                    return
+                with lock:
+                    items = box.items
+                    if items:
+                        box.items = []
+                    else:
+                        waiter = box.waiter = loop.create_future()
+                if not items:
+                    await waiter
+                    continue
+                for delta in items:
+                    if raise_errors and delta.error:
+                        raise FermiError(delta.error)
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
         finally:
+            with lock:
+                box.closed, box.items, box.waiter = True, [], None
             handle.cancel()
 
     def generate(self, **kwargs) -> Completion:
@@ -322,6 +354,77 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _LoopWaker:
+    """Wakes futures of one event loop from other threads, one thread-safe call (one write
+    to the loop's self-pipe) for all the futures that became due before the loop ran it.
+
+    ``lock`` also guards the buffers of every ``_Box`` of this loop. The loop is held
+    weakly: ``_wakers`` maps it to its waker and must not keep it alive."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = weakref.ref(loop)
+        self.lock = threading.Lock()
+        self.due: list[asyncio.Future[None]] = []
+
+    def call(self) -> None:
+        """From any thread: have the loop run ``wake`` (the caller queued the first due)."""
+        loop = self.loop()
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self.wake)
+
+    def wake(self) -> None:
+        """On the loop: resolve every due future."""
+        with self.lock:
+            due, self.due = self.due, []
+        for future in due:
+            if not future.done():  # its task may have been cancelled meanwhile
+                future.set_result(None)
+
+
+_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = (
+    weakref.WeakKeyDictionary()
+)
+_wakers_lock = threading.Lock()
+
+
+def _waker_of(loop: asyncio.AbstractEventLoop) -> _LoopWaker:
+    with _wakers_lock:
+        waker = _wakers.get(loop)
+        if waker is None:
+            waker = _wakers[loop] = _LoopWaker(loop)
+        return waker
+
+
+class _Box:
+    """One async stream's deltas between the engine thread and its consumer."""
+
+    __slots__ = ("closed", "items", "waiter", "waker")
+
+    def __init__(self, waker: _LoopWaker) -> None:
+        self.waker = waker
+        self.items: list[Delta] = []
+        self.waiter: asyncio.Future[None] | None = None  # set while the consumer waits
+        self.closed = False
+
+    def put(self, delta: Delta) -> None:
+        """The sink, on the engine thread: buffer ``delta``; wake the loop only when the
+        consumer waits and no wake-up of this loop is on its way already."""
+        waker = self.waker
+        with waker.lock:
+            if self.closed:
+                return
+            self.items.append(delta)
+            waiter = self.waiter
+            if waiter is None:
+                return
+            self.waiter = None
+            waker.due.append(waiter)
+            if len(waker.due) > 1:
+                return
+        waker.call()
 
 
 def _check_types(**values) -> None:
