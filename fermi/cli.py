@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import socket
 import sys
 import time
 
@@ -92,6 +93,26 @@ def model_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def refuse_taken_port(host: str, port: int) -> None:
+    """Stop, before loading a model, when a server already listens on ``host:port``.
+
+    Granian listens with SO_REUSEPORT, so a second ``fermi serve`` on a taken port would not
+    fail to bind: it would join the port and silently answer a share of the first server's
+    connections. A connection that succeeds means someone listens there.
+    """
+    if port == 0:
+        return
+    probe = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    try:
+        with socket.create_connection((probe, port), timeout=2):
+            pass
+    except OSError:  # refused, unreachable or unresolvable: the bind itself will tell
+        return
+    raise click.ClickException(
+        f"port {port} on {host} is already in use by another server; choose another --port"
+    )
 
 
 def load_engine(model, device, dtype, max_seq_len, max_batch, runner):

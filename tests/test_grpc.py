@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 import time
 
 import grpc
@@ -14,7 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 import fermi
 from fermi.rpc.generated import fermi_pb2 as pb
 from fermi.rpc.generated import fermi_pb2_grpc as pb_grpc
-from fermi.rpc.server import ServerThread, assistant_message
+from fermi.rpc.server import GrpcServer, ServerThread, assistant_message
 from fermi.rpc.sessions import SessionConfig
 from tests.tiny import write_checkpoint
 
@@ -360,3 +363,30 @@ def test_session_settings_come_from_the_environment_unless_given(monkeypatch):
     monkeypatch.setenv("FERMI_SESSION_MAX", "many")
     with pytest.raises(ValueError, match="FERMI_SESSION_MAX must be an integer, not 'many'"):
         SessionConfig.from_env()
+
+
+def test_a_second_server_on_the_taken_port_fails_at_once(engine, folder):
+    first, chan = serve(engine)
+    try:
+        port = first.port
+        # The command stops before loading its model, with one line.
+        cmd = [sys.executable, "-m", "fermi.cli", "grpc", "--model", str(folder)]
+        done = subprocess.run([*cmd, "--port", str(port)], capture_output=True, text=True)
+        assert done.returncode == 1
+        assert f"port {port} on 127.0.0.1 is already in use" in done.stderr
+        assert "Traceback" not in done.stderr
+
+        # The server itself binds without SO_REUSEPORT: even past that check, a second
+        # server cannot join the port.
+        async def second_server() -> None:
+            server = GrpcServer(engine)
+            await server.start(f"127.0.0.1:{port}")
+            await server.stop(0)  # it bound: the test fails below, and nothing is left
+
+        with pytest.raises(OSError, match="cannot listen"):
+            asyncio.run(second_server())
+        health = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        chan.close()
+        first.stop()

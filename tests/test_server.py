@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import time
 
 import openai
@@ -424,3 +426,18 @@ def test_health_models_and_metrics_endpoints(base, client):
     ):
         assert metric(text, name, model_name="tiny") >= 0
     assert metric(text, "fermi:generation_tokens_total") >= 3
+
+
+def test_a_second_server_on_the_taken_port_stops_with_one_line_and_the_first_keeps_serving(
+    base, model_dir, client
+):
+    # Granian listens with SO_REUSEPORT: without the check, this process would join the
+    # port and answer a share of the first server's requests.
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    cmd = [sys.executable, "-m", "fermi.cli", "serve", "--model", str(model_dir)]
+    cmd += ["--host", host, "--port", port]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"port {port} on {host} is already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert chat(client, max_tokens=2, extra_body=NO_EOS).usage.completion_tokens == 2

@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from fermi.cli import load_engine, model_options
+from fermi.cli import load_engine, model_options, refuse_taken_port
 from fermi.rpc.sessions import DEFAULT_SESSION_MAX, SessionConfig
 
 
@@ -55,6 +55,7 @@ def grpc_command(
     from fermi.rpc.server import serve
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    refuse_taken_port(host, port)
     engine = load_engine(model, device, dtype, max_seq_len, max_batch, runner)
     try:
         serve(engine, f"{host}:{port}", SessionConfig(session_ttl_ms, session_max))

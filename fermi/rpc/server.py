@@ -146,7 +146,8 @@ class GrpcServer:
 
     async def start(self, address: str) -> int:
         """Bind ``address`` (``host:port``; port 0 picks one) and start; return the port."""
-        server = grpc.aio.server()
+        # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_FermiServicer_to_server(FermiService(self.engine, self.sessions), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)

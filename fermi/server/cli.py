@@ -7,7 +7,7 @@ import os
 
 import click
 
-from fermi.cli import model_options
+from fermi.cli import model_options, refuse_taken_port
 from fermi.server.config import ENV_VAR, ServerConfig
 
 INTERFACES = {
@@ -95,6 +95,7 @@ def serve_command(
 
     from fermi.server.pool import PoolConfigError, gpu_count, parse_devices, plan_devices
 
+    refuse_taken_port(host, port)
     try:
         listed = parse_devices(devices)
         needs_gpus = bool(listed) or (pool or 1) > 1
