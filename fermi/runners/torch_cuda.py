@@ -12,7 +12,8 @@ its positions (and of its token ids, unless they are fed back on the device: bel
 
 Buckets. Decode runs over rows 0..B-1 with B the smallest batch bucket (1, 2, 4, ...,
 ``max_batch``) that holds the highest live slot: the scheduler hands out the lowest free slots
-first, so the batch stays dense. The attended cache length is the smallest length bucket
+first and moves running sequences down into slots freed below them (``move_slot``), so the
+batch stays dense. The attended cache length is the smallest length bucket
 (256, 384, 512, 768, ... about 1.5x apart, up to the cache) that holds the longest live
 context, so attention cost follows the context rather than ``max_seq_len``. Prefill pads a
 chunk to a power-of-two length bucket.
