@@ -361,12 +361,14 @@ class _LoopWaker:
     to the loop's self-pipe) for all the futures that became due before the loop ran it.
 
     ``lock`` also guards the buffers of every ``_Box`` of this loop. The loop is held
-    weakly: ``_wakers`` maps it to its waker and must not keep it alive."""
+    weakly: ``_wakers`` maps it to its waker and must not keep it alive, so ``due`` holds
+    its futures weakly too (a future holds its loop, and a wake-up that never runs, because
+    the loop was closed first, would leave its future there for good)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = weakref.ref(loop)
         self.lock = threading.Lock()
-        self.due: list[asyncio.Future[None]] = []
+        self.due: list[weakref.ref[asyncio.Future[None]]] = []
 
     def call(self) -> None:
         """From any thread: have the loop run ``wake`` (the caller queued the first due)."""
@@ -379,8 +381,9 @@ class _LoopWaker:
         """On the loop: resolve every due future."""
         with self.lock:
             due, self.due = self.due, []
-        for future in due:
-            if not future.done():  # its task may have been cancelled meanwhile
+        for ref in due:
+            future = ref()
+            if future is not None and not future.done():  # its task may have been cancelled
                 future.set_result(None)
 
 
@@ -421,7 +424,7 @@ class _Box:
             if waiter is None:
                 return
             self.waiter = None
-            waker.due.append(waiter)
+            waker.due.append(weakref.ref(waiter))
             if len(waker.due) > 1:
                 return
         waker.call()
