@@ -96,19 +96,36 @@ def model_options(func):
 
 
 def refuse_taken_port(host: str, port: int) -> None:
-    """Stop, before loading a model, when a server already listens on ``host:port``.
+    """Stop, before loading a model, when the server could not listen on ``host:port``.
 
     Granian listens with SO_REUSEPORT, so a second ``fermi serve`` on a taken port would not
     fail to bind: it would join the port and silently answer a share of the first server's
-    connections. A connection that succeeds means someone listens there.
+    connections. A connection that succeeds means someone listens there. A host that does
+    not resolve, or is no address of this machine, stops the command too (its connection
+    could reach another machine's server, or wait for a reply that never comes).
     """
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]
+    try:
+        found = socket.getaddrinfo(name or "0.0.0.0", 0, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}: {exc.strerror or exc}") from None
+    error = None
+    for family, kind, proto, _, address in found:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.bind(address)  # port 0: only whether the address is this machine's
+            break
+        except OSError as exc:
+            error = exc
+    else:
+        raise click.ClickException(f"cannot listen on {host}: {error.strerror or error}")
     if port == 0:
         return
-    probe = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    probe = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(name, name)
     try:
         with socket.create_connection((probe, port), timeout=2):
             pass
-    except OSError:  # refused, unreachable or unresolvable: the bind itself will tell
+    except OSError:  # refused (or silent): nobody listens; the bind will tell otherwise
         return
     raise click.ClickException(
         f"port {port} on {host} is already in use by another server; choose another --port"

@@ -58,8 +58,15 @@ def grpc_command(
     refuse_taken_port(host, port)
     engine = load_engine(model, device, dtype, max_seq_len, max_batch, runner)
     try:
-        serve(engine, f"{host}:{port}", SessionConfig(session_ttl_ms, session_max))
+        serve(engine, grpc_address(host, port), SessionConfig(session_ttl_ms, session_max))
     except OSError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         engine.close()
+
+
+def grpc_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC reads it: an IPv6 address in brackets (``[::1]:50051``)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"

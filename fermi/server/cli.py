@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import multiprocessing
 import os
 
@@ -95,6 +96,13 @@ def serve_command(
 
     from fermi.server.pool import PoolConfigError, gpu_count, parse_devices, plan_devices
 
+    try:
+        ipaddress.ip_address(host)  # Granian takes an address only, not a name or [::1]
+    except ValueError:
+        raise click.BadParameter(
+            f"{host!r} is not an IP address (such as 127.0.0.1, 0.0.0.0, ::1 or ::)",
+            param_hint="'--host'",
+        ) from None
     refuse_taken_port(host, port)
     try:
         listed = parse_devices(devices)
