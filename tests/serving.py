@@ -137,7 +137,7 @@ def _serving(model: Path, port: int, args: tuple[str, ...], log: Path) -> Iterat
         while True:
             if proc.poll() is not None:
                 text = log.read_text()
-                if "Address already in use" in text:
+                if "already in use" in text.lower():  # the bind, or the taken-port check
                     raise _PortTakenError(text)
                 raise RuntimeError(f"fermi serve exited with {proc.returncode}:\n{text}")
             try:
