@@ -338,18 +338,25 @@ def raw_stream(port: int, body: dict) -> dict:
     return {"start": start, "content": content, "end": done, "tokens": usage}
 
 
-async def api_stream(engine, max_tokens: int, seed: int) -> dict:
-    """The same generation through the Python API (``Engine.astream``)."""
+async def timed_deltas(deltas) -> dict:
+    """Consume an async stream of deltas, noting when each text delta arrived."""
     content, tokens = [], 0
     start = time.perf_counter()
-    async for delta in engine.astream(
-        messages=MESSAGES, max_tokens=max_tokens, seed=seed, ignore_eos=True, thinking="off"
-    ):
+    async for delta in deltas:
         if delta.text:
             content.append(time.perf_counter())
         if delta.usage:
             tokens = delta.usage.completion_tokens
     return {"start": start, "content": content, "end": time.perf_counter(), "tokens": tokens}
+
+
+async def api_stream(engine, max_tokens: int, seed: int) -> dict:
+    """The same generation through the Python API (``Engine.astream``)."""
+    return await timed_deltas(
+        engine.astream(
+            messages=MESSAGES, max_tokens=max_tokens, seed=seed, ignore_eos=True, thinking="off"
+        )
+    )
 
 
 async def per_token_wake_stream(engine, max_tokens: int, seed: int) -> dict:
@@ -377,16 +384,11 @@ async def per_token_wake_stream(engine, max_tokens: int, seed: int) -> dict:
                 raise RuntimeError(delta.error)
             yield delta
 
-    content, tokens = [], 0
-    start = time.perf_counter()
-    async for delta in astream(
-        messages=MESSAGES, max_tokens=max_tokens, seed=seed, ignore_eos=True, thinking="off"
-    ):
-        if delta.text:
-            content.append(time.perf_counter())
-        if delta.usage:
-            tokens = delta.usage.completion_tokens
-    return {"start": start, "content": content, "end": time.perf_counter(), "tokens": tokens}
+    return await timed_deltas(
+        astream(
+            messages=MESSAGES, max_tokens=max_tokens, seed=seed, ignore_eos=True, thinking="off"
+        )
+    )
 
 
 async def engine_stream(engine, max_tokens: int, seed: int) -> dict:

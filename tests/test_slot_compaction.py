@@ -133,13 +133,24 @@ def test_a_kept_session_yields_slot_0_and_its_next_turn_still_reuses_its_cache(f
         engine.close()
 
 
-def test_a_longrope_sequence_moved_after_the_switch_keeps_its_long_factors(tmp_path):
-    folder = write_phi3(tmp_path, "longrope")  # switch at 32 positions
+def longrope_engine(tmp_path):
+    """A tiny Phi-3.5-style LongRoPE model whose factors switch at 32 positions."""
+    folder = write_phi3(tmp_path, "longrope")
     kw = {"max_seq_len": 128, "max_batch": 2, "prefill_chunk": 16, "dtype": "float32"}
-    with fermi.load(folder, **kw) as engine:
-        assert isinstance(engine.runner, LongRopeRunner)
-        torch.manual_seed(0)
-        crossing = request(engine, torch.randint(0, 512, (30,)).tolist(), 40, temperature=0)
+    engine = fermi.load(folder, **kw)
+    assert isinstance(engine.runner, LongRopeRunner)
+    return engine
+
+
+def crossing_request(engine):
+    """A 30-token prompt and 40 new tokens: the sequence crosses the switch early on."""
+    torch.manual_seed(0)
+    return request(engine, torch.randint(0, 512, (30,)).tolist(), 40, temperature=0)
+
+
+def test_a_longrope_sequence_moved_after_the_switch_keeps_its_long_factors(tmp_path):
+    with longrope_engine(tmp_path) as engine:
+        crossing = crossing_request(engine)
         solo = engine.generate_request(crossing).token_ids
         steps = record_decode_slots(engine)
         # The stream in slot 0 ends after the request in slot 1 crossed 32 positions: its
@@ -155,12 +166,8 @@ def test_a_short_request_in_the_slot_a_long_sequence_left_runs_with_short_factor
     decoder's long mark. A short request later admitted to slot 1 must still be encoded
     with the short factors (the runner must not believe slot 1 is short while the decoder
     marks it long)."""
-    folder = write_phi3(tmp_path, "longrope")  # switch at 32 positions
-    kw = {"max_seq_len": 128, "max_batch": 2, "prefill_chunk": 16, "dtype": "float32"}
-    with fermi.load(folder, **kw) as engine:
-        assert isinstance(engine.runner, LongRopeRunner)
-        torch.manual_seed(0)
-        crossing = request(engine, torch.randint(0, 512, (30,)).tolist(), 40, temperature=0)
+    with longrope_engine(tmp_path) as engine:
+        crossing = crossing_request(engine)
         probe = request(engine, [40, 41, 42, 43, 44], 10, temperature=0, logprobs=0)
         probe_solo = engine.generate_request(probe)
         steps = record_decode_slots(engine)

@@ -128,6 +128,9 @@ class Scheduler:
         # host reads step n's tokens: the host's per-token work overlaps the GPU's next step.
         self._overlap = bool(getattr(runner, "feeds_back", False))
         self._in_flight: _InFlight | None = None
+        # Set when a sequence is admitted or ends, or a slot is freed: only then can a running
+        # sequence come to sit above a slot it could move into (``_compact`` clears it).
+        self._may_compact = False
         self._lock = threading.Lock()
         self._pending = 0  # submitted but not yet finished, for back-pressure
         self._stopped = False
@@ -242,6 +245,7 @@ class Scheduler:
             if req.session is not None and req.session in self._released:
                 seq.keep = False
             self._prefilling.append(seq)
+            self._may_compact = True
             if req.session is not None and not any(
                 h.request.session == req.session for h in self._waiting
             ):
@@ -263,8 +267,9 @@ class Scheduler:
         bf16, so about 0.1 ms per 1000 positions on an H100) and its sampling row.
         """
         move = getattr(self.runner, "move_slot", None)
-        if move is None:
+        if move is None or not self._may_compact:
             return
+        self._may_compact = False
         running = [*self._prefilling, *self._decoding]
         n = len(running)
         holes = sorted(set(range(n)) - {s.slot for s in running})
@@ -484,6 +489,7 @@ class Scheduler:
         self._complete(seq, delta, reason)
 
     def _complete(self, seq: _Sequence, delta: Delta, reason: FinishReason) -> None:
+        self._may_compact = True  # a hole where it ran (free, or kept for its session)
         delta.finish_reason = reason
         delta.usage = Usage(len(seq.request.prompt_ids), seq.generated, seq.reused)
         if seq.request.session is not None and seq.keep and reason != "error":
@@ -493,6 +499,7 @@ class Scheduler:
         self._finish(seq.handle, delta)
 
     def _free_slot(self, slot: int) -> None:
+        self._may_compact = True
         self.runner.release(slot)
         self._free.append(slot)
         self._free.sort()  # lowest slots first keeps the decode batch dense
