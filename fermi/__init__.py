@@ -12,13 +12,13 @@ if TYPE_CHECKING:
     import torch
 
     from fermi.engine.api import Engine
-    from fermi.engine.sampling import SamplingParams
     from fermi.engine.types import Completion, Delta, Usage
+    from fermi.sampling import SamplingParams
 
 # Heavy modules (torch, the engine) load on first use, so `fermi --help` stays fast.
 _LAZY = {
     "Engine": "fermi.engine.api",
-    "SamplingParams": "fermi.engine.sampling",
+    "SamplingParams": "fermi.sampling",
     "Completion": "fermi.engine.types",
     "Delta": "fermi.engine.types",
     "Usage": "fermi.engine.types",
@@ -63,6 +63,8 @@ def load(
     max_batch: int | None = None,
     runner: str | None = None,
     prefill_chunk: int | None = None,
+    max_waiting: int = 1024,
+    prefix_reuse: bool = True,
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -70,6 +72,9 @@ def load(
     ``smollm2-135m`` (``fermi.aliases``), or ``FERMI_MODEL`` /
     Qwen/Qwen3-1.7B when omitted. ``dtype`` defaults to bf16 on CUDA and fp32 on CPU.
     ``max_seq_len`` defaults to the model's context capped at 4096; ``max_batch`` to 8.
+    ``max_waiting`` requests may queue for a slot beyond those; ``submit`` refuses more.
+    ``prefix_reuse=False`` frees a slot's cache when its request ends instead of keeping it
+    for a later prompt that starts the same way.
     """
     import torch
 
@@ -84,7 +89,14 @@ def load(
         from fermi.runners.artefact import load_artefact
 
         art = load_artefact(path, runner, max_batch, max_seq_len, prefill_chunk)
-        return Engine(art.runner, art.tokenizer, art.generation, _display_name(name, path))
+        return Engine(
+            art.runner,
+            art.tokenizer,
+            art.generation,
+            _display_name(name, path),
+            max_waiting=max_waiting,
+            prefix_reuse=prefix_reuse,
+        )
     dev = torch.device(device) if device is not None else default_device()
     if path.suffix == ".gguf":  # a llama.cpp file (the packaged aliases are GGUF too)
         from fermi.gguf import load_gguf
@@ -96,7 +108,14 @@ def load(
     if seq_len < 2:
         raise ValueError("max_seq_len must be at least 2")
     run = torch_runner(ckpt.model, runner, max_batch or 8, seq_len, prefill_chunk)
-    return Engine(run, ckpt.tokenizer, ckpt.generation, model_name=_display_name(name, path))
+    return Engine(
+        run,
+        ckpt.tokenizer,
+        ckpt.generation,
+        model_name=_display_name(name, path),
+        max_waiting=max_waiting,
+        prefix_reuse=prefix_reuse,
+    )
 
 
 def _display_name(name: str, path: Path) -> str:

@@ -132,7 +132,7 @@ def refuse_taken_port(host: str, port: int) -> None:
     )
 
 
-def load_engine(model, device, dtype, max_seq_len, max_batch, runner):
+def load_engine(model, device, dtype, max_seq_len, max_batch, runner, prefix_reuse=True):
     import fermi
 
     try:
@@ -143,6 +143,7 @@ def load_engine(model, device, dtype, max_seq_len, max_batch, runner):
             max_seq_len=max_seq_len,
             max_batch=max_batch,
             runner=runner,
+            prefix_reuse=prefix_reuse,
         )
     except (fermi.FermiError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -16,7 +16,7 @@ import pytest
 
 import fermi
 from fermi.errors import FermiError, RequestError
-from tests.tiny import write_checkpoint
+from tests.tiny import every_slot_back, write_checkpoint
 
 PROMPT = [5, 77, 120, 33, 400, 9, 18]
 DEADLINE_S = 10.0
@@ -66,15 +66,15 @@ def joined(deltas) -> tuple[str, str, list[int]]:
 
 
 def assert_idle(engine) -> None:
-    assert engine.scheduler.load == 0
-    assert sorted(engine.scheduler._free) == list(range(engine.max_batch))
+    assert engine.load == 0
+    assert every_slot_back(engine)
 
 
 async def wait_idle(engine) -> None:
     """Let the loop run (an abandoned generator is closed by a task) until no request is
     left in the engine."""
     deadline = time.monotonic() + DEADLINE_S
-    while engine.scheduler.load and time.monotonic() < deadline:
+    while engine.load and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert_idle(engine)
 
@@ -120,7 +120,7 @@ def test_a_consumer_that_falls_behind_takes_the_piled_up_deltas_without_wake_ups
         async for delta in engine.astream(**kwargs):
             if not deltas:
                 deadline = time.monotonic() + DEADLINE_S
-                while engine.scheduler.load and time.monotonic() < deadline:
+                while engine.load and time.monotonic() < deadline:
                     time.sleep(0.005)  # blocks the loop: nothing can be handed over
                 time.sleep(0.05)  # the final delta is sent just after the load drops
             deltas.append(delta)
@@ -144,7 +144,7 @@ def test_a_consumer_that_keeps_up_is_woken_at_most_once_per_delta(engine):
 
 def test_breaking_out_early_cancels_the_request_and_frees_its_slot(engine):
     async def main() -> tuple[int, list]:
-        before = engine.scheduler.stats.generated_tokens
+        before = engine.stats().generated_tokens
         seen = 0
         async for _ in engine.astream(
             prompt_token_ids=PROMPT, max_tokens=240, temperature=0, ignore_eos=True
@@ -153,7 +153,7 @@ def test_breaking_out_early_cancels_the_request_and_frees_its_slot(engine):
             if seen == 3:
                 break
         await wait_idle(engine)
-        generated = engine.scheduler.stats.generated_tokens - before
+        generated = engine.stats().generated_tokens - before
         after = await collect(
             engine.astream(prompt_token_ids=PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
         )
@@ -173,7 +173,7 @@ def test_breaking_out_early_cancels_the_request_and_frees_its_slot(engine):
 
 def test_cancelling_the_task_cancels_the_request(engine):
     async def main() -> int:
-        before = engine.scheduler.stats.generated_tokens
+        before = engine.stats().generated_tokens
         started = asyncio.Event()
 
         async def consume() -> None:
@@ -189,7 +189,7 @@ def test_cancelling_the_task_cancels_the_request(engine):
         with pytest.raises(asyncio.CancelledError):
             await task
         await wait_idle(engine)
-        return engine.scheduler.stats.generated_tokens - before
+        return engine.stats().generated_tokens - before
 
     assert asyncio.run(main()) < 120
     assert_idle(engine)
@@ -293,9 +293,9 @@ def test_event_loops_that_streamed_are_not_kept_alive(engine):
 def wait_unloaded(engine) -> None:
     """From outside any event loop: wait until no request is left in the engine."""
     deadline = time.monotonic() + DEADLINE_S
-    while engine.scheduler.load and time.monotonic() < deadline:
+    while engine.load and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.scheduler.load == 0
+    assert engine.load == 0
 
 
 def test_a_loop_closed_while_its_stream_waits_is_not_kept_alive(engine):

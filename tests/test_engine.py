@@ -10,7 +10,7 @@ import torch
 import fermi
 from fermi.engine.output import OutputStream
 from fermi.errors import RequestError
-from tests.tiny import write_checkpoint
+from tests.tiny import every_slot_back, write_checkpoint
 from tests.tiny_tokenizer import TINY_SPECIAL_IDS
 
 IM_END = TINY_SPECIAL_IDS["<|im_end|>"]
@@ -173,13 +173,12 @@ def test_closing_a_stream_cancels_and_frees_the_slot(engine):
         if i == 2:
             break
     stream.close()
-    scheduler = engine.scheduler
     for _ in range(200):
-        if scheduler.load == 0:
+        if engine.load == 0:
             break
         threading.Event().wait(0.01)
-    assert scheduler.load == 0
-    assert sorted(scheduler._free) == list(range(engine.max_batch))
+    assert engine.load == 0
+    assert every_slot_back(engine)
 
 
 def test_logprobs_are_returned_for_each_token(engine):
@@ -280,8 +279,8 @@ def test_a_request_that_fails_at_admission_fails_alone(engine):
     assert rest[-1].finish_reason == "length"
     solo = engine.generate(prompt_token_ids=PROMPT, max_tokens=60, temperature=0, ignore_eos=True)
     assert first.token_ids + [t for d in rest for t in d.token_ids] == solo.token_ids
-    assert engine.scheduler.load == 0
-    assert sorted(engine.scheduler._free) == list(range(engine.max_batch))
+    assert engine.load == 0
+    assert every_slot_back(engine)
 
 
 def test_a_vanishing_temperature_is_greedy(engine):

@@ -30,9 +30,9 @@ def run(engine, prompt, session=None, max_tokens=6):
 
 def prefilled(engine, fn):
     """Run ``fn`` and return (its result, prompt tokens the engine actually prefilled)."""
-    before = engine.scheduler.stats.prompt_tokens
+    before = engine.stats().prompt_tokens
     result = fn()
-    return result, engine.scheduler.stats.prompt_tokens - before
+    return result, engine.stats().prompt_tokens - before
 
 
 def test_next_request_of_a_session_prefills_only_new_tokens_and_matches_a_fresh_run(engine):
@@ -118,7 +118,7 @@ def test_releasing_a_session_whose_request_still_waits_keeps_no_cache(engine):
     result = {}
     waiter = threading.Thread(target=lambda: result.update(out=run(engine, PROMPT, session="w")))
     waiter.start()
-    while engine.scheduler.stats.waiting == 0 and not result:
+    while engine.stats().waiting == 0 and not result:
         threading.Event().wait(0.005)
     engine.release_session("w")  # arrives while the request is queued behind the streams
     for stream in busy:
@@ -128,4 +128,4 @@ def test_releasing_a_session_whose_request_still_waits_keeps_no_cache(engine):
     # The engine takes a release and a request in the order they came: once this one ran,
     # the release was handled (even had the streams ended before the request was queued).
     run(engine, [7, 8, 9], max_tokens=1)
-    assert "w" not in engine.scheduler._kept
+    assert "w" not in engine.stats().cached_slots.values()

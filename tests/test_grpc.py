@@ -126,10 +126,10 @@ def test_three_turn_chat_equals_the_whole_conversation_and_reuses_the_cache(stub
     for i, user in enumerate(turns):
         history.append({"role": "user", "content": user})
         prompt = engine.build_request(messages=history).prompt_ids
-        before = engine.scheduler.stats.prompt_tokens
+        before = engine.stats().prompt_tokens
         extra = {"system": history[0]["content"]} if i == 0 else {}
         session_id, text, last = chat(stub, user, session_id, **extra)
-        prefilled = engine.scheduler.stats.prompt_tokens - before
+        prefilled = engine.stats().prompt_tokens - before
         whole = engine.generate(messages=history, max_tokens=8, temperature=0)
         assert text == whole.text
         assert last.usage.prompt_tokens == len(prompt)
@@ -204,8 +204,7 @@ def test_sessions_beyond_the_limit_evict_the_least_recently_used(engine):
 
 
 def test_cancelled_stream_stops_generation_on_the_server(stub, engine):
-    stats = engine.scheduler.stats
-    before = stats.generated_tokens
+    before = engine.stats().generated_tokens
     request = pb.GenerateRequest(
         prompt="Hello", sampling=pb.SamplingParams(max_tokens=1000, ignore_eos=True)
     )
@@ -213,18 +212,18 @@ def test_cancelled_stream_stops_generation_on_the_server(stub, engine):
     for _ in range(3):
         next(call)
     call.cancel()
-    assert wait_until(lambda: engine.scheduler.load == 0)
-    generated = stats.generated_tokens - before
+    assert wait_until(lambda: engine.load == 0)
+    generated = engine.stats().generated_tokens - before
     time.sleep(0.1)
-    assert stats.generated_tokens - before == generated  # nothing runs any more
+    assert engine.stats().generated_tokens - before == generated  # nothing runs any more
     assert 3 <= generated < 1000
     # The step that dropped the request sets ``running`` as it ends, after ``load`` fell.
-    assert wait_until(lambda: stats.running == 0)
+    assert wait_until(lambda: engine.stats().running == 0)
 
 
 def test_full_engine_queue_is_resource_exhausted_and_leaves_no_session(folder):
-    with fermi.load(folder, max_batch=1, max_seq_len=1024) as small:
-        small.scheduler.max_waiting = 0  # one running request fills it
+    # max_waiting=0: one running request fills it
+    with fermi.load(folder, max_batch=1, max_seq_len=1024, max_waiting=0) as small:
         server, chan = serve(small)
         try:
             stub = pb_grpc.FermiStub(chan)
@@ -258,7 +257,7 @@ def test_second_turn_while_one_runs_is_a_failed_precondition(stub, engine):
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "turn in progress" in err.details()
     long_turn.cancel()
-    assert wait_until(lambda: engine.scheduler.load == 0)
+    assert wait_until(lambda: engine.load == 0)
     # A cancelled turn is dropped from the conversation; the session goes on.
     assert wait_until(lambda: _try_chat(stub, session_id))
 

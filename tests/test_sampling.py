@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from fermi.engine.sampling import (
+from fermi.sampling import (
     SampleOutput,
     SamplingBatch,
     SamplingParams,
@@ -523,7 +523,7 @@ def test_sample_and_record_are_sync_free_and_capture_in_a_cuda_graph():
 
 @pytest.mark.parametrize("vocab", [151936, 1000, 257, 256, 7])
 def test_chunked_argmax_equals_argmax_including_ties_and_infinities(vocab):
-    from fermi.engine.sampling import chunked_argmax
+    from fermi.sampling import chunked_argmax
 
     g = torch.Generator().manual_seed(vocab)
     x = torch.randn(5, vocab, generator=g)

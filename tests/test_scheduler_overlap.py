@@ -34,15 +34,17 @@ def model(folder):
     return load_folder(folder, torch.device("cpu"), torch.float32).model
 
 
-def engine(folder, runner) -> Engine:
-    return Engine(runner, Tokenizer.from_folder(folder), GenerationDefaults(), model_name="tiny")
+def engine(folder, runner, prefix_reuse: bool = True) -> Engine:
+    tokenizer = Tokenizer.from_folder(folder)
+    return Engine(runner, tokenizer, GenerationDefaults(), "tiny", prefix_reuse=prefix_reuse)
 
 
-def eager(folder, max_batch=4) -> Engine:
-    return engine(folder, TorchRunner(model(folder), max_batch, SEQ, prefill_chunk=32))
+def eager(folder, max_batch=4, prefix_reuse: bool = True) -> Engine:
+    runner = TorchRunner(model(folder), max_batch, SEQ, prefill_chunk=32)
+    return engine(folder, runner, prefix_reuse)
 
 
-def overlapped(folder, max_batch=4, **kw) -> Engine:
+def overlapped(folder, max_batch=4, prefix_reuse: bool = True, **kw) -> Engine:
     runner = CudaGraphRunner(
         model(folder), max_batch, SEQ, 32, backend=None, use_graphs=False, warmup=False, **kw
     )
@@ -54,8 +56,8 @@ def overlapped(folder, max_batch=4, **kw) -> Engine:
         return fed(slots, token_ids, *args, **kw)
 
     runner.decode_sample = counting
-    eng = engine(folder, runner)
-    assert eng.scheduler._overlap
+    eng = engine(folder, runner, prefix_reuse)
+    assert eng.runner.capabilities.overlaps
     return eng
 
 

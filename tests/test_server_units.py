@@ -365,9 +365,9 @@ def test_health_probe_generates_a_token_on_each_idle_replica(api):
     assert ok and lines == ["replica 0 (cpu): ok", "replica 1 (cpu): ok"]
     # Generated tokens are counted before their delta is delivered (a step's own counter
     # moves only after it, which raced with this read).
-    tokens = [r.engine.scheduler.stats.generated_tokens for r in api.pool.replicas]
+    tokens = [r.engine.stats().generated_tokens for r in api.pool.replicas]
     assert all(t > 0 for t in tokens)
     started = time.monotonic()
     assert asyncio.run(api.health.check())[0]  # cached: no new generation
-    assert [r.engine.scheduler.stats.generated_tokens for r in api.pool.replicas] == tokens
+    assert [r.engine.stats().generated_tokens for r in api.pool.replicas] == tokens
     assert time.monotonic() - started < 0.5

@@ -1,6 +1,9 @@
-"""Running sequences move down into freed lower cache slots (``Scheduler._compact``), so a
+"""Running sequences move down into freed lower cache slots (``SlotTable.compact``), so a
 decode step spans as few rows as run; a moved sequence continues exactly as if it had never
-moved (its cache, its sampling row, and on LongRoPE models its rope factors go with it)."""
+moved (its cache, its sampling row, and on LongRoPE models its rope factors go with it).
+
+Most engines here keep no finished request's cache (``prefix_reuse=False``), so that each
+test places its requests in the slots it means; the last tests move with reuse on."""
 
 from __future__ import annotations
 
@@ -26,17 +29,17 @@ def folder(tmp_path_factory):
 
 
 def record_decode_slots(engine) -> list[list[int]]:
-    """Note the slots of every decode step the scheduler asks its runner for."""
-    runner = engine.scheduler.runner
+    """Note the slots of every decode step the engine asks its runner for."""
+    runner = engine.runner
     steps: list[list[int]] = []
-    name = "decode_sample" if engine.scheduler._overlap else "decode"
-    inner = getattr(runner, name)
+    inner = runner.execute
 
-    def noting(slots, *args, **kwargs):
-        steps.append(list(slots))
-        return inner(slots, *args, **kwargs)
+    def noting(batch):
+        if batch.decode is not None:
+            steps.append(list(batch.decode.slots))
+        return inner(batch)
 
-    setattr(runner, name, noting)
+    runner.execute = noting
     return steps
 
 
@@ -86,7 +89,7 @@ def moved_down(steps: list[list[int]]) -> bool:
 
 @pytest.mark.parametrize("make", [eager, overlapped], ids=["eager", "overlapped"])
 def test_a_sequence_left_alone_in_slot_1_moves_to_slot_0_and_continues_unchanged(folder, make):
-    with make(folder) as engine:
+    with make(folder, prefix_reuse=False) as engine:
         long = replace(request(engine, [7, 8, 9, 10, 11], 40, **SAMPLED), logprobs=0)
         solo = engine.generate_request(long)
         steps = record_decode_slots(engine)
@@ -100,11 +103,11 @@ def test_a_sequence_left_alone_in_slot_1_moves_to_slot_0_and_continues_unchanged
         want = [lp.logprob for lp in solo.logprobs]
         assert together.logprobs == pytest.approx(want, abs=1e-5)
         # Nothing leaked: every slot is free again, in order.
-        assert engine.scheduler._free == list(range(4))
+        assert engine.stats().free_slots == tuple(range(4))
 
 
 def test_a_kept_session_yields_slot_0_and_its_next_turn_still_reuses_its_cache(folder):
-    engine = fermi.load(folder, max_batch=4, max_seq_len=256)
+    engine = fermi.load(folder, max_batch=4, max_seq_len=256, prefix_reuse=False)
     try:
         turn = [5, 77, 120, 33, 400, 9]
         fresh = engine.generate_request(request(engine, turn, 8, temperature=0)).token_ids
@@ -112,20 +115,19 @@ def test_a_kept_session_yields_slot_0_and_its_next_turn_still_reuses_its_cache(f
         other_solo = engine.generate_request(other).token_ids
 
         engine.generate_request(request(engine, turn[:4], 3, session="s", temperature=0))
-        scheduler = engine.scheduler
-        assert scheduler._kept["s"].slot == 0
+        assert engine.stats().cached_slots == {0: "s"}
         steps = record_decode_slots(engine)
         # Slot 0 holds the idle session: the new request is admitted to slot 1, and the
         # session's cache moves to a free slot so that the request decodes in slot 0.
         out = engine.generate_request(other)
         assert out.token_ids == other_solo
         assert steps and all(s == [0] for s in steps)
-        assert scheduler._kept["s"].slot == 2
+        assert engine.stats().cached_slots == {2: "s"}
         # The session's next turn finds its cache where it went, moves back down, and
         # prefills only past the shared prefix.
-        before = scheduler.stats.prompt_tokens
+        before = engine.stats().prompt_tokens
         again = engine.generate_request(request(engine, turn, 8, session="s", temperature=0))
-        assert scheduler.stats.prompt_tokens - before == len(turn) - 4
+        assert engine.stats().prompt_tokens - before == len(turn) - 4
         assert again.usage.cached_tokens == 4
         assert again.token_ids == fresh
         assert steps[-1] == [0]
@@ -137,7 +139,7 @@ def longrope_engine(tmp_path):
     """A tiny Phi-3.5-style LongRoPE model whose factors switch at 32 positions."""
     folder = write_phi3(tmp_path, "longrope")
     kw = {"max_seq_len": 128, "max_batch": 2, "prefill_chunk": 16, "dtype": "float32"}
-    engine = fermi.load(folder, **kw)
+    engine = fermi.load(folder, **kw, prefix_reuse=False)
     assert isinstance(engine.runner, LongRopeRunner)
     return engine
 
@@ -192,8 +194,8 @@ def test_a_move_that_fails_fails_its_batch_once_and_loses_no_slot(tmp_path):
     free list before the copy ran would be lost: later compactions would look for it there
     and fail every batch above it.)"""
     folder = write_checkpoint(tmp_path / "qwen3", {}, seed=5)
-    with eager(folder, 2) as engine:
-        runner = engine.scheduler.runner
+    with eager(folder, 2, prefix_reuse=False) as engine:
+        runner = engine.runner
         works = runner.move_slot
         calls = []
 
@@ -208,11 +210,11 @@ def test_a_move_that_fails_fails_its_batch_once_and_loses_no_slot(tmp_path):
         with pytest.raises(FermiError, match="device copy failed"):
             moved_run(engine, mover)
         assert calls == [(1, 0)]
-        assert sorted(engine.scheduler._free) == [0, 1]
+        assert engine.stats().free_slots == (0, 1)
         # Both slots serve again, and the next move works.
         assert len(moved_run(engine, mover).token_ids) == 60
         assert calls == [(1, 0), (1, 0)]
-        assert sorted(engine.scheduler._free) == [0, 1]
+        assert engine.stats().free_slots == (0, 1)
 
 
 def test_a_sequence_moved_past_a_sliding_window_continues_unchanged(tmp_path):
@@ -221,7 +223,7 @@ def test_a_sequence_moved_past_a_sliding_window_continues_unchanged(tmp_path):
     its solo run's."""
     folder = write_gemma2(tmp_path, "gemma2")
     kw = {"max_seq_len": 96, "max_batch": 2, "prefill_chunk": 16, "dtype": "float32"}
-    with fermi.load(folder, **kw) as engine:
+    with fermi.load(folder, **kw, prefix_reuse=False) as engine:
         torch.manual_seed(1)
         long = request(engine, torch.randint(0, 512, (20,)).tolist(), 30, temperature=0)
         long = replace(long, logprobs=0)
@@ -240,13 +242,15 @@ def test_a_session_request_that_moved_is_kept_where_it_went(tmp_path, make):
     0 (slot 1 is free, not lost nor kept twice), and its next turn reuses every cached
     position and generates what a fresh run does."""
     folder = write_checkpoint(tmp_path / "qwen3", {}, seed=5)
-    with make(folder, 2) as engine:
+    with make(folder, 2, prefix_reuse=False) as engine:
         prompt = [5, 77, 120, 33, 400, 9]
         steps = record_decode_slots(engine)
-        turn = moved_run(engine, request(engine, prompt, 20, session="s", temperature=0))
+        # after=2: its second token comes from a decode step beside the stream in slot 0
+        # (its first comes from its prefill, in a step that decodes slot 0 alone).
+        turn = moved_run(engine, request(engine, prompt, 20, session="s", temperature=0), 2)
         assert moved_down(steps), steps
-        scheduler = engine.scheduler
-        assert scheduler._kept["s"].slot == 0 and scheduler._free == [1]
+        assert engine.stats().cached_slots == {0: "s"}
+        assert engine.stats().free_slots == (1,)
         follow = [*prompt, *turn.token_ids, 300, 301]
         fresh = engine.generate_request(request(engine, follow, 8, temperature=0))
         again = engine.generate_request(request(engine, follow, 8, session="s", temperature=0))

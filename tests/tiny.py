@@ -126,3 +126,9 @@ def write_checkpoint_for(
     gen = {"eos_token_id": eos_ids, "do_sample": True}
     (folder / "generation_config.json").write_text(json.dumps(gen))
     return folder
+
+
+def every_slot_back(engine) -> bool:
+    """Whether every cache slot is free or keeps a finished request's cache (none runs)."""
+    stats = engine.stats()
+    return len(stats.free_slots) + len(stats.cached_slots) == engine.max_batch

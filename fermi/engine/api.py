@@ -18,8 +18,8 @@ import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
-from fermi.engine.sampling import SamplingParams
-from fermi.engine.scheduler import RequestHandle, Scheduler
+from fermi.engine.core import EngineCore, EngineStats
+from fermi.engine.scheduler import RequestHandle
 from fermi.engine.types import (
     Completion,
     Delta,
@@ -31,6 +31,7 @@ from fermi.engine.types import (
 from fermi.errors import FermiError, RequestError
 from fermi.loading import GenerationDefaults
 from fermi.runners.base import Runner
+from fermi.sampling import SamplingParams
 from fermi.text.tokenizer import Tokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -61,13 +62,28 @@ class Engine:
         generation: GenerationDefaults,
         model_name: str,
         max_waiting: int = 1024,
+        prefix_reuse: bool = True,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.generation = generation
         self.model_name = model_name
         self.capabilities = runner.capabilities
-        self.scheduler = Scheduler(runner, tokenizer, max_waiting=max_waiting)
+        self._core = EngineCore(runner, tokenizer, max_waiting, prefix_reuse)
+
+    def stats(self) -> EngineStats:
+        """Counters of the engine now (running, waiting, tokens, the last step's time)."""
+        return self._core.stats()
+
+    @property
+    def capacity(self) -> int:
+        """Requests held at once (running plus waiting); ``submit`` refuses beyond."""
+        return self._core.capacity
+
+    @property
+    def load(self) -> int:
+        """Requests submitted and not yet finished (used to pick the least loaded replica)."""
+        return self._core.load
 
     @property
     def max_seq_len(self) -> int:
@@ -241,7 +257,7 @@ class Engine:
     def submit(self, request: GenerationRequest, sink) -> RequestHandle:
         """Low level: queue a prepared request; ``sink(delta)`` is called from the engine
         thread for every delta. Front ends with their own event loop use this."""
-        return self.scheduler.submit(request, sink)
+        return self._core.submit(request, sink)
 
     def stream(self, **kwargs) -> Iterator[Delta]:
         """Yield deltas as they are generated. Closing the iterator cancels the request."""
@@ -344,10 +360,10 @@ class Engine:
 
     def release_session(self, session: str) -> None:
         """Drop the KV cache kept for requests with ``session`` set (see GenerationRequest)."""
-        self.scheduler.release_session(session)
+        self._core.release_session(session)
 
     def close(self) -> None:
-        self.scheduler.close()
+        self._core.close()
 
     def __enter__(self) -> Engine:
         return self

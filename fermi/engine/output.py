@@ -1,4 +1,5 @@
-"""Token ids -> text deltas for one sequence: detokenize, stop strings, reasoning split.
+"""Token ids -> text deltas for one sequence: detokenize, stop strings, reasoning split,
+and the text of its log-probabilities.
 
 Order matters: stop strings are matched on the model's raw text (so a stop string is
 found wherever it appears), and the reasoning split runs on what survives.
@@ -21,7 +22,20 @@ class OutputStream:
         self.splitter = (
             ReasoningSplitter(request.start_in_reasoning) if request.split_reasoning else None
         )
+        self.tokenizer = tokenizer
         self.token_ids: list[int] = []
+
+    def logprob(
+        self, token_id: int, logprob: float, top: list[tuple[int, float]]
+    ) -> TokenLogprob | None:
+        """The chosen token's log-probability and up to ``request.logprobs`` alternatives,
+        with their text; None when the request asked for none."""
+        k = self.request.logprobs
+        if k is None:
+            return None
+        decode = self.tokenizer.decode
+        alternatives = tuple((t, decode([t]), p) for t, p in top[:k])
+        return TokenLogprob(token_id, decode([token_id]), logprob, alternatives)
 
     def _split(self, text: str, final: bool) -> tuple[str, str]:
         if self.splitter is None:

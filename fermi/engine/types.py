@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fermi.engine.sampling import SamplingParams
+from fermi.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 Thinking = Literal["on", "off", "auto"]

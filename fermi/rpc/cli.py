@@ -33,6 +33,13 @@ from fermi.rpc.sessions import DEFAULT_SESSION_MAX, SessionConfig
     help="Most sessions kept; beyond it the least recently used one ends.",
 )
 @click.option(
+    "--prefix-reuse/--no-prefix-reuse",
+    default=True,
+    show_default=True,
+    help="Keep a finished request's KV cache so a later prompt sharing its start prefills "
+    "only the rest (sessions keep theirs either way).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -49,6 +56,7 @@ def grpc_command(
     port: int,
     session_ttl_ms: int,
     session_max: int,
+    prefix_reuse: bool,
     log_level: str,
 ) -> None:
     """Serve MODEL over gRPC (fermi.v1.Fermi, grpc.health.v1, reflection)."""
@@ -56,7 +64,7 @@ def grpc_command(
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     refuse_taken_port(host, port)
-    engine = load_engine(model, device, dtype, max_seq_len, max_batch, runner)
+    engine = load_engine(model, device, dtype, max_seq_len, max_batch, runner, prefix_reuse)
     try:
         serve(engine, grpc_address(host, port), SessionConfig(session_ttl_ms, session_max))
     except OSError as exc:

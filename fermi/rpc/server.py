@@ -12,7 +12,6 @@ import contextlib
 import logging
 import signal
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -22,6 +21,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from fermi.engine.api import Engine
+from fermi.engine.core import STALL_SECONDS
 from fermi.engine.types import Delta, GenerationRequest
 from fermi.errors import FermiError, RequestError
 from fermi.rpc import convert
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Fermi"].full_name
 # With work queued and no engine step for this long, health reports NOT_SERVING.
-STALL_SECONDS = 60.0
 _HOUSEKEEPING_SECONDS = 1.0
 
 
@@ -179,15 +178,11 @@ class GrpcServer:
 
     async def _housekeep(self) -> None:
         """End idle sessions; report NOT_SERVING while the engine makes no progress."""
-        scheduler = self.engine.scheduler
-        serving, steps, progress_at = True, scheduler.stats.steps, time.monotonic()
+        serving = True
         while True:
             await asyncio.sleep(_HOUSEKEEPING_SECONDS)
             self.sessions.expire()
-            now = time.monotonic()
-            if scheduler.load == 0 or scheduler.stats.steps != steps:
-                steps, progress_at = scheduler.stats.steps, now
-            stalled = now - progress_at > STALL_SECONDS
+            stalled = self.engine.stats().stalled()
             if stalled == serving:
                 serving = not stalled
                 status = health_pb2.HealthCheckResponse

@@ -1,17 +1,26 @@
-"""The runner interface: what the scheduler needs from a backend.
+"""The runner interface: everything the engine asks of a backend, and the step it runs.
 
-A runner owns ``max_batch`` KV-cache slots of ``max_seq_len`` positions. The scheduler
-prefills a prompt into a slot chunk by chunk, then calls one batched decode step for
-all running sequences. Logits come back as float32 tensors on the runner's device;
-sampling happens on that device too.
+A runner owns ``max_batch`` KV-cache slots of ``max_seq_len`` positions and one
+``SamplingBatch`` row per slot. The engine's scheduler describes each step as plain data
+(a :class:`Batch`: slot moves, requests admitted to slots, at most one prompt chunk to
+prefill, the rows to decode); ``Runner.execute`` runs it on the device, samples, and
+returns the token ids (:class:`StepOutput`). Nothing else crosses the seam.
+
+A backend writes ``prefill`` and ``decode`` (logits out); the base class turns those into
+``execute`` with sampling on the runner's device. A backend that can do better (sampling
+inside a CUDA graph, queuing a step before the previous one is read) overrides ``execute``
+and says so in its :class:`Capabilities`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+
+from fermi.sampling import SampleOutput, SamplingBatch, SamplingParams, sample
 
 
 @dataclass(frozen=True)
@@ -22,27 +31,217 @@ class Capabilities:
     vocab_size: int
     device: torch.device
     prefill_chunk: int  # longest prompt chunk one prefill call takes
+    # ``execute`` may return before the step ran, and a decode step may continue the previous
+    # one's rows with the ids it sampled on the device (``Decode.token_ids`` None).
+    overlaps: bool = False
+    # ``move_slot`` exists: the engine then keeps running sequences in the lowest slots,
+    # because a step over slots 0..B-1 costs less than one over scattered slots.
+    moves_slots: bool = False
+    # A slot's cache outlives its request, so a later prompt sharing a prefix with it
+    # prefills only the rest (automatic prefix reuse, and gRPC sessions).
+    keeps_cache: bool = True
 
 
-@runtime_checkable
-class Runner(Protocol):
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Which static variant of ``sample`` a set of rows needs (chosen on the host)."""
+
+    use_filters: bool = False
+    use_penalties: bool = False
+    want_logprobs: int = -1  # -1 none, 0 the chosen token's, k also the k most likely
+    all_greedy: bool = False
+
+
+class LogitsProcessor(Protocol):
+    """Changes one row's float32 logits [vocab] before it is sampled (in place or not)."""
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request taking ``slot``: its sampling row is set before anything else runs."""
+
+    slot: int
+    params: SamplingParams
+    prompt_ids: tuple[int, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class SlotMove:
+    """Copy slot ``src``'s first ``length`` cached positions and its sampling row to ``dst``."""
+
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Write ``token_ids`` into ``slot`` at positions ``start...``; when ``sample`` is set
+    (the prompt's last chunk) sample the request's first token from the last position."""
+
+    slot: int
+    token_ids: tuple[int, ...]
+    start: int
+    sample: bool
+    options: SamplingOptions = SamplingOptions()
+
+    @property
+    def slot_list(self) -> tuple[int]:
+        return (self.slot,)
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One token for each slot at its position. ``token_ids`` None: each slot is fed the
+    token the previous step sampled for it, still on the device (``Capabilities.overlaps``;
+    the slots must be that step's decode slots)."""
+
+    slots: tuple[int, ...]
+    token_ids: tuple[int, ...] | None
+    positions: tuple[int, ...]
+    options: SamplingOptions = SamplingOptions()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One engine step, in the order the runner applies it."""
+
+    moves: tuple[SlotMove, ...] = ()
+    admitted: tuple[Admission, ...] = ()
+    prefill: PrefillChunk | None = None
+    decode: Decode | None = None
+    # Per-slot logits processors for the rows sampled this step.
+    processors: dict[int, LogitsProcessor] = field(default_factory=dict)
+
+    @property
+    def runs(self) -> bool:
+        """Whether the step computes anything (moves and admissions alone do not)."""
+        return self.prefill is not None or self.decode is not None
+
+
+class StepOutput:
+    """The ids a step sampled, in host memory: ``prefill`` (one row, when the chunk sampled)
+    and ``decode`` (rows in ``Decode.slots`` order). A runner that overlaps may return it
+    before the device finished; ``wait()`` blocks until the host copies are complete."""
+
+    __slots__ = ("_wait", "decode", "prefill")
+
+    def __init__(
+        self,
+        prefill: SampleOutput | None = None,
+        decode: SampleOutput | None = None,
+        wait: Callable[[], None] | None = None,
+    ) -> None:
+        self.prefill = prefill
+        self.decode = decode
+        self._wait = wait
+
+    def wait(self) -> None:
+        if self._wait is not None:
+            self._wait()
+            self._wait = None
+
+
+class Runner:
+    """Base of every runner. Subclasses set ``capabilities`` and call ``super().__init__()``
+    (which makes the sampling rows), and implement ``prefill`` and ``decode``."""
+
     capabilities: Capabilities
+    sampling: SamplingBatch
 
-    def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
+    def __init__(self) -> None:
+        caps = self.capabilities
+        self.sampling = SamplingBatch(caps.max_batch, caps.vocab_size, caps.device)
+
+    # -- what a backend implements ------------------------------------------------------
+
+    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int) -> torch.Tensor:
         """Write ``token_ids`` into ``slot`` at positions ``start_pos...``; return the
         logits of the last token [vocab] (float32). At most ``prefill_chunk`` tokens."""
-        ...
+        raise NotImplementedError
 
-    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(
+        self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
+    ) -> torch.Tensor:
         """One token for each slot at its position; return logits [len(slots), vocab]."""
-        ...
+        raise NotImplementedError
 
     def release(self, slot: int) -> None:
-        """The slot's sequence is finished; its cache may be reused."""
-        ...
+        """The slot's cache is no longer needed (nothing to do for most backends: stale
+        entries are masked by position until overwritten)."""
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` cache positions (and any per-slot state the
+        runner keeps) into slot ``dst`` (``Capabilities.moves_slots``)."""
+        raise NotImplementedError(f"the {self.capabilities.name} runner cannot move slots")
+
+    # -- the step -----------------------------------------------------------------------
+
+    def execute(self, batch: Batch) -> StepOutput:
+        """Run one step: moves, admissions, the prefill chunk, the decode rows."""
+        self.apply_moves_and_admissions(batch)
+        prefill = None
+        chunk = batch.prefill
+        if chunk is not None:
+            logits = self.prefill(chunk.slot, chunk.token_ids, chunk.start)
+            if chunk.sample:
+                prefill = self.sample(logits[None], chunk.slot_list, chunk.options, batch)
+        decode = None
+        rows = batch.decode
+        if rows is not None:
+            if rows.token_ids is None:
+                raise ValueError(f"the {self.capabilities.name} runner needs each step's ids")
+            logits = self.decode(rows.slots, rows.token_ids, rows.positions)
+            decode = self.sample(logits, rows.slots, rows.options, batch)
+        return StepOutput(_on_host(prefill), _on_host(decode))
+
+    def apply_moves_and_admissions(self, batch: Batch) -> None:
+        for move in batch.moves:
+            self.move_slot(move.src, move.dst, move.length)
+            self.sampling.move_row(move.src, move.dst)
+        for new in batch.admitted:
+            self.sampling.set_row(new.slot, new.params, list(new.prompt_ids), new.seed)
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        slots: Sequence[int],
+        options: SamplingOptions,
+        batch: Batch,
+    ) -> SampleOutput:
+        """Sample rows ``slots`` of ``logits`` [B, vocab] with the runner's sampling rows and
+        record the tokens (on the device, without waiting for it)."""
+        logits = apply_processors(logits, slots, batch.processors)
+        rows = torch.tensor(slots, dtype=torch.long, device=logits.device)
+        out = sample(
+            logits,
+            self.sampling,
+            rows,
+            use_filters=options.use_filters,
+            use_penalties=options.use_penalties,
+            want_logprobs=options.want_logprobs,
+            all_greedy=options.all_greedy,
+        )
+        self.sampling.record(rows, out.tokens)
+        return out
 
 
-# Optional: ``move_slot(src, dst, length)`` copies slot ``src``'s first ``length`` cache
-# positions (and any per-slot state the runner keeps) into slot ``dst``. A runner whose decode
-# step costs less over slots 0..B-1 than over scattered slots has it; the scheduler then moves
-# running sequences down into freed lower slots between steps (``Scheduler._compact``).
+def _on_host(out: SampleOutput | None) -> SampleOutput | None:
+    return None if out is None else SampleOutput(*(None if t is None else t.cpu() for t in out))
+
+
+def apply_processors(
+    logits: torch.Tensor, slots: Sequence[int], processors: dict[int, LogitsProcessor]
+) -> torch.Tensor:
+    """``logits`` with each row's processor applied (the same tensor when none applies)."""
+    if not processors or not any(s in processors for s in slots):
+        return logits
+    logits = logits.float().clone()
+    for i, slot in enumerate(slots):
+        processor = processors.get(slot)
+        if processor is not None:
+            logits[i] = processor(logits[i])
+    return logits

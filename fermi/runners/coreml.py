@@ -16,7 +16,7 @@ import torch
 
 from fermi.errors import ModelLoadError
 from fermi.runners.artefact import Manifest
-from fermi.runners.base import Capabilities
+from fermi.runners.base import Capabilities, Runner
 
 
 def coreml_unavailable_reason() -> str | None:
@@ -39,7 +39,7 @@ def causal_mask(start: int, count: int) -> np.ndarray:
     return mask[None, None]
 
 
-class CoreMLRunner:
+class CoreMLRunner(Runner):
     def __init__(
         self,
         folder: Path,
@@ -72,7 +72,10 @@ class CoreMLRunner:
             vocab_size=manifest.vocab_size,
             device=torch.device("cpu"),
             prefill_chunk=prefill_chunk,
+            # Never run on a Mac by our tests yet: a reused slot's state is not relied on.
+            keeps_cache=False,
         )
+        super().__init__()
 
     def _step(self, slot: int, token_ids: list[int], start_pos: int) -> np.ndarray:
         inputs = {

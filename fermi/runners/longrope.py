@@ -12,61 +12,67 @@ The reverse (a slot reused for a shorter sequence) re-encodes short the same way
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+
 import torch
 
 from fermi.models.decoder import Decoder
-from fermi.runners.base import Runner
+from fermi.runners.base import Batch, Runner, StepOutput
 
 
-class LongRopeRunner:
+class LongRopeRunner(Runner):
     """A runner that keeps every slot's cache encoded with the factors its length needs."""
-
-    # Never: each decode step must name its tokens, which this wrapper records for a later
-    # re-encode, so the scheduler reads every step before queuing the next.
-    feeds_back = False
 
     def __init__(self, inner: Runner, model: Decoder) -> None:
         if model.rope_switch is None:
             raise ValueError("LongRopeRunner needs a LongRoPE model with its cache set up")
         self.inner = inner
         self.model = model
-        self.capabilities = inner.capabilities
+        # Never overlapping: each decode step must name its tokens, which this wrapper
+        # records for a later re-encode, so the engine reads every step before the next.
+        self.capabilities = replace(inner.capabilities, overlaps=False)
+        self.sampling = inner.sampling
         self.switch = model.rope_switch
         self._tokens: dict[int, list[int]] = {}  # slot -> token id at each cached position
         self._long: dict[int, bool] = {}  # slot -> which factors its cached keys carry
 
-    def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
+    def execute(self, batch: Batch) -> StepOutput:
+        # Moves first: a re-encode below writes to the slot a sequence moved to.
+        self.apply_moves_and_admissions(batch)
+        chunk = batch.prefill
+        if chunk is not None:
+            self._prepare(chunk.slot, chunk.start, chunk.start + len(chunk.token_ids))
+            self._record(chunk.slot, chunk.start, chunk.token_ids)
+        rows = batch.decode
+        if rows is not None:
+            if rows.token_ids is None:
+                raise ValueError("a LongRoPE step needs each step's ids")
+            for slot, token, pos in zip(rows.slots, rows.token_ids, rows.positions, strict=True):
+                self._prepare(slot, pos, pos + 1)
+                self._record(slot, pos, [token])
+        return self.inner.execute(replace(batch, moves=(), admitted=()))
+
+    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int) -> torch.Tensor:
         self._prepare(slot, start_pos, start_pos + len(token_ids))
         self._record(slot, start_pos, token_ids)
         return self.inner.prefill(slot, token_ids, start_pos)
 
-    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        self._before_decode(slots, token_ids, positions)
-        return self.inner.decode(slots, token_ids, positions)
-
-    def decode_sample(
-        self, slots: list[int], token_ids: list[int], positions: list[int], *args, **kw
-    ) -> object:
-        """The inner runner's fused decode+sample step (CUDA graphs), when it has one;
-        None otherwise, which tells the scheduler to call ``decode``."""
-        fused = getattr(self.inner, "decode_sample", None)
-        if fused is None:
-            return None
-        self._before_decode(slots, token_ids, positions)
-        return fused(slots, token_ids, positions, *args, **kw)
-
-    def _before_decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> None:
+    def decode(
+        self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
+    ) -> torch.Tensor:
         for slot, token, pos in zip(slots, token_ids, positions, strict=True):
             self._prepare(slot, pos, pos + 1)
             self._record(slot, pos, [token])
+        return self.inner.decode(slots, token_ids, positions)
 
     def release(self, slot: int) -> None:
         self.inner.release(slot)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """The inner runner's move (the cache and the decoder's rope mark), plus this
-        wrapper's record of the slot's tokens and factors. ``src`` keeps its factors entry:
-        the decoder's mark for ``src`` stays as it was, and the two must agree, or a short
+        wrapper's record of the slot's tokens and factors. ``src`` keeps its factors entry: the
+        decoder's mark for ``src`` stays as it was, and the two must agree, or a short
         sequence admitted to ``src`` later would run with a stale long mark."""
         self.inner.move_slot(src, dst, length)
         self._tokens[dst] = self._tokens.pop(src, [])[:length]
@@ -76,7 +82,7 @@ class LongRopeRunner:
         # Anything else a front end or benchmark asks of the runner is the inner one's.
         return getattr(self.inner, name)
 
-    def _record(self, slot: int, start: int, token_ids: list[int]) -> None:
+    def _record(self, slot: int, start: int, token_ids: Sequence[int]) -> None:
         tokens = self._tokens.setdefault(slot, [])
         del tokens[start:]
         tokens.extend(token_ids)

@@ -15,12 +15,12 @@ import torch
 
 from fermi.errors import ModelLoadError
 from fermi.runners.artefact import Manifest
-from fermi.runners.base import Capabilities
+from fermi.runners.base import Capabilities, Runner
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-class OnnxRunner:
+class OnnxRunner(Runner):
     def __init__(
         self,
         folder: Path,
@@ -62,6 +62,7 @@ class OnnxRunner:
             device=torch.device("cpu"),
             prefill_chunk=prefill_chunk,
         )
+        super().__init__()
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray, slots: list[int], length: int):
         """Run rows ``slots`` over their first ``length`` cache positions."""
@@ -94,6 +95,7 @@ class OnnxRunner:
         return torch.from_numpy(logits[0])
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        slots, positions = list(slots), list(positions)
         tokens = np.asarray(token_ids, dtype=np.int64)[:, None]
         pos = np.asarray(positions, dtype=np.int64)[:, None]
         logits, new_k, new_v = self._run(tokens, pos, slots, max(positions) + 1)

@@ -25,7 +25,7 @@ of a slot that is half-way through a chunked prefill. (It also keeps every atten
 shorter than the cache, so a read is never the whole buffer, which would compile apart.)
 
 Sampling runs inside the decode graph (``decode_sample``): the step returns token ids, and
-the scheduler reads back only those. It calls the same ``fermi.engine.sampling.sample`` as
+the scheduler reads back only those. It calls the same ``fermi.sampling.sample`` as
 every other runner, on this runner's ``sampling`` tensors, whose addresses never change. The
 graph also writes the sampled ids into its own token input, so the next step over the same
 slots can start before the host has read them (``decode_sample(slots, None, ...)``): the
@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fermi.engine.sampling import SampleOutput, SamplingBatch, sample
 from fermi.models.attention import DECODE_KERNELS
 from fermi.models.decoder import Decoder
-from fermi.runners.base import Capabilities
+from fermi.runners.base import Batch, Capabilities, Decode, Runner, StepOutput
 from fermi.runners.compile_cache import CompileCache, cache_key
+from fermi.sampling import SampleOutput, SamplingBatch, sample
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +138,14 @@ def _compiled_frames() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-class CudaGraphRunner:
-    """Runner protocol (``fermi.runners.base``) plus ``decode_sample`` for the scheduler.
+class CudaGraphRunner(Runner):
+    """The runner (``fermi.runners.base``) whose decode steps sample inside their graph and
+    are queued before the previous step is read (``Capabilities.overlaps``).
 
     ``backend`` is the ``torch.compile`` backend (None: run the model eagerly) and
     ``use_graphs`` defaults to True on CUDA. Both exist so that the same bucketing and
     padding logic runs, and is tested, on CPU.
     """
-
-    feeds_back = True  # ``decode_sample`` accepts ``token_ids=None`` (see there)
 
     def __init__(
         self,
@@ -196,8 +195,10 @@ class CudaGraphRunner:
             vocab_size=model.cfg.vocab_size,
             device=self.device,
             prefill_chunk=chunk,
+            overlaps=True,
+            moves_slots=True,
         )
-        self.sampling = SamplingBatch(max_batch, model.cfg.vocab_size, self.device)
+        super().__init__()  # the sampling rows: the graphs read them by address
 
         # Static inputs, filled in place before each replay. Decode: [tokens, positions,
         # live-row order] x max_batch. Prefill: chunk tokens, chunk positions, slot, last row.
@@ -318,6 +319,52 @@ class CudaGraphRunner:
             out = SampleOutput(*(None if t is None else t.index_select(0, live) for t in out))
             batch.record(live, out.tokens)
             return out
+
+    def execute(self, batch: Batch) -> StepOutput:
+        """The step queued on the device; returns before it ran. The sampled ids are copied
+        to pinned host memory behind it, and ``StepOutput.wait()`` waits for those copies.
+        Nothing here may wait for the GPU (a host read, or a copy from pageable memory), or
+        the engine could not queue the next step while this one runs."""
+        with self._on_device():
+            self.apply_moves_and_admissions(batch)
+            prefill = None
+            chunk = batch.prefill
+            if chunk is not None:
+                logits = self.prefill(chunk.slot, chunk.token_ids, chunk.start)
+                if chunk.sample:
+                    prefill = self.sample(logits[None], chunk.slot_list, chunk.options, batch)
+            rows = batch.decode
+            decode = None if rows is None else self._decode_step(rows, batch)
+            if prefill is None and decode is None:
+                return StepOutput()
+            copies = [_to_host(out, self._pinned) for out in (prefill, decode)]
+            if not self._pinned:
+                return StepOutput(*copies)
+            ready = torch.cuda.Event()  # on the stream of this runner's GPU
+            ready.record(torch.cuda.current_stream(self.device))
+            return StepOutput(*copies, wait=ready.synchronize)
+
+    def _decode_step(self, rows: Decode, batch: Batch) -> SampleOutput:
+        slots, positions = list(rows.slots), list(rows.positions)
+        tokens = None if rows.token_ids is None else list(rows.token_ids)
+        if any(s in batch.processors for s in slots):
+            # A processor runs in Python: the graph gives logits, sampled outside it.
+            if tokens is None:
+                raise ValueError("a step with logits processors needs each step's ids")
+            logits = self.decode(slots, tokens, positions)
+            return self.sample(logits, slots, rows.options, batch)
+        options = rows.options
+        out = self.decode_sample(
+            slots,
+            tokens,
+            positions,
+            self.sampling,
+            use_filters=options.use_filters,
+            use_penalties=options.use_penalties,
+            want_logprobs=options.want_logprobs,
+        )
+        assert out is not None  # the runner's own sampling rows
+        return out
 
     def release(self, slot: int) -> None:
         """Nothing to do: a slot's stale entries are masked until overwritten."""
@@ -532,6 +579,20 @@ class CudaGraphRunner:
         if self.device.type == "cuda":
             return torch.cuda.device(self.device)
         return contextlib.nullcontext()
+
+
+def _to_host(out: SampleOutput | None, pinned: bool) -> SampleOutput | None:
+    """A host copy of ``out``; from CUDA an asynchronous copy into pinned memory."""
+    if out is None:
+        return None
+    if not pinned:
+        return SampleOutput(*(None if t is None else t.cpu() for t in out))
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    return SampleOutput(*(None if t is None else copy(t) for t in out))
 
 
 def _no_duck_shapes() -> contextlib.AbstractContextManager:

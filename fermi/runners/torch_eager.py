@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from fermi.models.decoder import Decoder
-from fermi.runners.base import Capabilities
+from fermi.runners.base import Capabilities, Runner
 
 
-class TorchRunner:
+class TorchRunner(Runner):
     def __init__(
         self, model: Decoder, max_batch: int, max_seq_len: int, prefill_chunk: int = 512
     ) -> None:
@@ -25,11 +27,13 @@ class TorchRunner:
             vocab_size=model.cfg.vocab_size,
             device=device,
             prefill_chunk=prefill_chunk,
+            moves_slots=True,
         )
         self.device = device
+        super().__init__()
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
+    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int) -> torch.Tensor:
         n = len(token_ids)
         tokens = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         positions = torch.arange(start_pos, start_pos + n, device=self.device)[None]
@@ -37,7 +41,9 @@ class TorchRunner:
         return self.model(tokens, positions, slots, kv_len=start_pos + n)[0]
 
     @torch.inference_mode()
-    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(
+        self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
+    ) -> torch.Tensor:
         dev = self.device
         tokens = torch.tensor(token_ids, dtype=torch.long, device=dev)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
@@ -45,11 +51,8 @@ class TorchRunner:
         # Attention cost follows the longest live context, not max_seq_len. When rows are
         # slots 0..B-1 (the scheduler hands out the lowest free slots) the cache is read as
         # a view instead of gathered.
-        dense = slots == list(range(len(slots)))
+        dense = list(slots) == list(range(len(slots)))
         return self.model(tokens, pos, slot_t, kv_len=max(positions) + 1, rows_are_slots=dense)
-
-    def release(self, slot: int) -> None:
-        """Nothing to do: a slot's stale entries are masked until overwritten."""
 
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:

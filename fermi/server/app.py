@@ -272,10 +272,9 @@ def build_api(config: ServerConfig) -> Api:
         max_seq_len=config.max_seq_len,
         max_batch=config.max_batch,
         runner=config.runner,
+        max_waiting=config.max_waiting,
+        prefix_reuse=config.prefix_reuse,
     )
-    if config.max_waiting is not None:
-        for replica in pool.replicas:
-            replica.engine.scheduler.max_waiting = config.max_waiting
     return Api(pool, config)
 
 

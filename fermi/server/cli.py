@@ -58,6 +58,13 @@ INTERFACES = {
     help="Requests queued per replica beyond its batch before 429. [default: 1024]",
 )
 @click.option(
+    "--prefix-reuse/--no-prefix-reuse",
+    default=True,
+    show_default=True,
+    help="Keep a finished request's KV cache so a later prompt sharing its start prefills "
+    "only the rest.",
+)
+@click.option(
     "--interface",
     type=click.Choice(sorted(INTERFACES)),
     default="rsgi",
@@ -85,6 +92,7 @@ def serve_command(
     served_model_name: str | None,
     max_body_bytes: int,
     max_waiting: int | None,
+    prefix_reuse: bool,
     interface: str,
     log_level: str,
 ) -> None:
@@ -130,6 +138,7 @@ def serve_command(
         api_key=api_key or None,
         max_body_bytes=max_body_bytes,
         max_waiting=max_waiting,
+        prefix_reuse=prefix_reuse,
     )
     os.environ[ENV_VAR] = config.to_env()
     # A fresh interpreter per worker: the parent may have touched CUDA (counting GPUs),

@@ -48,7 +48,7 @@ class Generation:
         self.handles: list[RequestHandle] = []
         self.replicas: list[Replica] = []
         self.unfinished = len(requests)
-        capacity = sum(r.engine.scheduler.capacity for r in pool.replicas)
+        capacity = sum(r.engine.capacity for r in pool.replicas)
         if len(requests) > capacity:  # could never be queued whole: not a transient overload
             raise ApiError(
                 400,

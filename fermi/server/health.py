@@ -14,7 +14,6 @@ from fermi.server.pool import EnginePool, Replica
 
 CACHE_S = 2.0
 PROBE_TIMEOUT_S = 10.0
-STALL_S = 10.0  # a busy scheduler that has not finished a step for this long is wedged
 
 
 class HealthChecker:
@@ -48,10 +47,12 @@ class HealthChecker:
 
     async def _check(self, replica: Replica) -> str:
         name = f"replica {replica.index} ({replica.device})"
-        stats = replica.engine.scheduler.stats
+        stats = replica.engine.stats()
         if stats.running or stats.waiting:
-            age = time.monotonic() - stats.last_step_at
-            return f"{name}: ok" if age < STALL_S else f"{name}: no step for {age:.0f}s"
+            now = time.monotonic()
+            if stats.stalled(now):
+                return f"{name}: no step for {now - stats.last_step_at:.0f}s"
+            return f"{name}: ok"
         try:
             error = await asyncio.wait_for(_one_token(replica), PROBE_TIMEOUT_S)
         except asyncio.TimeoutError:

@@ -41,7 +41,7 @@ class _PoolCollector(Collector):
         )
         for r in self.pool.replicas:
             key = [self.model, str(r.index), r.device]
-            stats = r.engine.scheduler.stats
+            stats = r.engine.stats()
             running.add_metric(key, stats.running)
             waiting.add_metric(key, stats.waiting)
             load.add_metric(key, r.load)

@@ -30,7 +30,7 @@ class Replica:
 
     @property
     def load(self) -> int:
-        return self.engine.scheduler.load
+        return self.engine.load
 
 
 class EnginePool:
@@ -136,6 +136,8 @@ def load_pool(
     max_seq_len: int | None = None,
     max_batch: int | None = None,
     runner: str | None = None,
+    max_waiting: int | None = None,
+    prefix_reuse: bool = True,
 ) -> EnginePool:
     """Load one engine per entry of ``devices`` (see :func:`plan_devices`)."""
     import fermi
@@ -151,6 +153,8 @@ def load_pool(
                     max_seq_len=max_seq_len,
                     max_batch=max_batch,
                     runner=runner,
+                    prefix_reuse=prefix_reuse,
+                    **({} if max_waiting is None else {"max_waiting": max_waiting}),
                 )
             )
     except BaseException:

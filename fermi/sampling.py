@@ -107,6 +107,21 @@ def _as_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def check_row(
+    params: SamplingParams, prompt_ids: list[int] | torch.Tensor, seed: int, vocab_size: int
+) -> torch.Tensor:
+    """Raise if a row could not be set from these values; return the prompt ids as a tensor.
+    The engine calls it when it admits a request, so a malformed one fails alone."""
+    params.validate()
+    _as_int64(seed)  # a TypeError for anything but an int
+    ids = torch.as_tensor(prompt_ids, dtype=torch.int64)
+    # Checking a device tensor would sync, so only host ids are checked.
+    on_host = ids.device.type == "cpu" and ids.numel() > 0
+    if on_host and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"prompt_ids must lie in [0, {vocab_size})")
+    return ids
+
+
 class SamplingBatch:
     """Device tensors for ``max_batch`` rows, preallocated once and updated in place.
 
@@ -145,14 +160,9 @@ class SamplingBatch:
         ``seed`` is the seed actually used (the caller passes ``params.seed`` when set, else a
         random one); any Python int is accepted and wrapped to 64 bits.
         """
-        params.validate()
         if not 0 <= row < self.max_batch:
             raise IndexError(f"row {row} out of range for max_batch {self.max_batch}")
-        ids = torch.as_tensor(prompt_ids, dtype=torch.int64)
-        # Checking a device tensor would sync, so only host ids are checked.
-        on_host = ids.device.type == "cpu" and ids.numel() > 0
-        if on_host and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(f"prompt_ids must lie in [0, {self.vocab_size})")
+        ids = check_row(params, prompt_ids, seed, self.vocab_size)
         self.temperature[row] = params.temperature
         self.top_k[row] = params.top_k
         self.top_p[row] = params.top_p

@@ -1,0 +1,188 @@
+"""The engine thread: one step after another, ``schedule`` -> ``execute`` -> ``update``.
+
+Any thread submits requests (with back-pressure: a bounded queue); one background thread
+owns the scheduler and the runner. A runner that overlaps (``Capabilities.overlaps``)
+returns from ``execute`` before the step ran: the thread then reads the previous step
+while this one runs on the device, so the host's per-token work (detokenising, stop
+strings, delivery) hides behind the GPU. A failed step fails the requests that were
+running, never the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from fermi.engine.scheduler import RequestHandle, Scheduler, Sink
+from fermi.engine.types import GenerationRequest
+from fermi.errors import EngineOverloadedError, RequestError
+from fermi.runners.base import Batch, Runner, StepOutput
+from fermi.text.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# A busy engine that has not finished a step for this long is wedged (HTTP and gRPC health).
+STALL_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int  # requests in a slot
+    waiting: int  # requests queued for a slot
+    load: int  # submitted and not finished (running, waiting, or not yet seen)
+    capacity: int  # most requests held at once; ``submit`` refuses beyond
+    steps: int
+    prompt_tokens: int  # prompt tokens prefilled
+    cached_tokens: int  # prompt tokens reused from a kept cache instead
+    generated_tokens: int
+    last_step_at: float  # time.monotonic() of the last step read
+    free_slots: tuple[int, ...]  # slots holding nothing
+    cached_slots: dict[int, str | None]  # idle slots keeping a cache -> their session
+
+    def stalled(self, now: float | None = None) -> bool:
+        """Whether work is queued and no step finished for ``STALL_SECONDS``."""
+        now = time.monotonic() if now is None else now
+        return self.load > 0 and now - self.last_step_at > STALL_SECONDS
+
+
+@dataclass(frozen=True)
+class _Release:
+    session: str
+
+
+class EngineCore:
+    def __init__(
+        self,
+        runner: Runner,
+        tokenizer: Tokenizer,
+        max_waiting: int = 1024,
+        prefix_reuse: bool = True,
+    ) -> None:
+        self.runner = runner
+        self.caps = runner.capabilities
+        self.max_waiting = max_waiting
+        self.scheduler = Scheduler(self.caps, tokenizer, prefix_reuse, on_finish=self._finished)
+        self._inbox: queue.Queue[RequestHandle | _Release | None] = queue.Queue()
+        self._unread: tuple[Batch, StepOutput] | None = None  # a step queued, not read yet
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted but not yet finished, for back-pressure
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="fermi-engine", daemon=True)
+        self._thread.start()
+
+    # -- any thread -------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the engine is closed")
+            if self._pending >= self.capacity:
+                raise EngineOverloadedError(
+                    f"the request queue is full ({self.max_waiting} waiting); try again later"
+                )
+            if not request.prompt_ids:
+                raise RequestError("the prompt is empty", "prompt")
+            self._pending += 1
+            handle = RequestHandle(request, sink)
+            # Queued under the lock, so it cannot land behind close()'s stop marker.
+            self._inbox.put(handle)
+        return handle
+
+    def release_session(self, session: str) -> None:
+        """Drop the KV cache kept for ``session`` (no-op when none is kept)."""
+        self._inbox.put(_Release(session))
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def capacity(self) -> int:
+        return self.max_waiting + self.caps.max_batch
+
+    @property
+    def load(self) -> int:
+        return self._pending
+
+    def stats(self) -> EngineStats:
+        s, table = self.scheduler.stats, self.scheduler.slots
+        for _ in range(3):  # the engine thread may change the table while it is copied
+            try:
+                free, idle = tuple(table.free), {k: c.session for k, c in table.idle.items()}
+                break
+            except RuntimeError:
+                continue
+        else:
+            free, idle = (), {}
+        return EngineStats(
+            running=s.running,
+            waiting=s.waiting,
+            load=self._pending,
+            capacity=self.capacity,
+            steps=s.steps,
+            prompt_tokens=s.prompt_tokens,
+            cached_tokens=s.cached_tokens,
+            generated_tokens=s.generated_tokens,
+            last_step_at=s.last_step_at,
+            free_slots=free,
+            cached_slots=idle,
+        )
+
+    def _finished(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    # -- the engine thread ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            busy = scheduler.busy or self._unread is not None
+            try:
+                item = self._inbox.get(block=not busy)
+                if not busy:  # idle until now: the stall clock starts here, not at the last step
+                    scheduler.stats.last_step_at = time.monotonic()
+                while True:
+                    if item is None:
+                        self._unread = None
+                        scheduler.fail_all("the engine is closed")
+                        return
+                    if isinstance(item, _Release):
+                        scheduler.release_session(item.session)
+                    else:
+                        scheduler.add(item)
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                self.step()
+            except Exception as exc:  # a broken step fails its requests, not the engine
+                log.exception("engine step failed")
+                self._unread = None
+                scheduler.fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
+
+    def step(self) -> None:
+        """Schedule and queue one step; read the previous one (or, without overlap, this)."""
+        batch = self.scheduler.schedule()
+        if batch is None:  # the next step needs the ids of the one in flight
+            self._read()
+            batch = self.scheduler.schedule()
+            assert batch is not None
+        if not batch.runs:
+            self._read()
+            return
+        output = self.runner.execute(batch)
+        self._read()
+        self._unread = (batch, output)
+        if not self.caps.overlaps:
+            self._read()
+
+    def _read(self) -> None:
+        if self._unread is not None:
+            unread, self._unread = self._unread, None
+            self.scheduler.update(*unread)

@@ -1,0 +1,178 @@
+"""The runner's cache slots: which are free, which keep a finished request's cache, and
+the moves that keep running requests in the lowest slots.
+
+A slot a request ran in keeps its KV cache when the request ends (an *idle* slot): a later
+prompt that starts with the same tokens (a chat UI or an agent resending its history, a
+shared system prompt) is admitted there and prefills only the rest. A request naming a
+session keeps its cache for that session alone until the session is released. Idle slots
+never hold up work: when no slot is free, the least recently used idle slot is taken.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fermi.runners.base import SlotMove
+
+
+@dataclass
+class Cached:
+    """The token id at each position an idle slot's cache holds."""
+
+    tokens: list[int]
+    session: str | None = None
+
+
+class SlotTable:
+    def __init__(self, slots: int, reuse: bool) -> None:
+        self.reuse = reuse  # finished requests' caches are kept for any later prompt
+        self.free = list(range(slots))  # sorted: the lowest first keeps the batch dense
+        self.idle: OrderedDict[int, Cached] = OrderedDict()  # least recently used first
+        self.sessions: dict[str, int] = {}  # session -> its idle slot
+
+    @property
+    def available(self) -> bool:
+        return bool(self.free or self.idle)
+
+    def take(self, prompt: Sequence[int], session: str | None) -> tuple[int, int]:
+        """A slot for ``prompt`` and how many of its first tokens that slot's cache holds.
+
+        The session's own slot if it kept one; else the idle slot sharing the longest
+        prefix, when that reuses at least as many tokens as it throws away (or no slot is
+        free); else the lowest free slot; else the least recently used idle one. The
+        prompt's last token always runs again (its logits pick the first new token); cache
+        entries past the shared prefix are masked by position, then overwritten.
+        """
+        if session is not None and session in self.sessions:
+            slot = self.sessions.pop(session)
+            return slot, usable(self.idle.pop(slot).tokens, prompt)
+        best, shared = None, 0
+        if self.reuse:
+            for slot, cached in self.idle.items():
+                if cached.session is None:
+                    n = usable(cached.tokens, prompt)
+                    if n > shared:
+                        best, shared = slot, n
+        if best is not None and (not self.free or 2 * shared >= len(self.idle[best].tokens)):
+            del self.idle[best]
+            return best, shared
+        if self.free:
+            return self.free.pop(0), 0
+        slot, _ = self.idle.popitem(last=False)
+        self._forget(slot)
+        return slot, 0
+
+    def finish(self, slot: int, tokens: list[int], session: str | None) -> None:
+        """A request in ``slot`` ended with ``tokens`` in its cache: keep them for its
+        session, or for any later prompt, or free the slot."""
+        if session is not None:
+            older = self.sessions.pop(session, None)  # two overlapping requests of one session
+            if older is not None:
+                del self.idle[older]
+                bisect.insort(self.free, older)
+            self.sessions[session] = slot
+            self.idle[slot] = Cached(tokens, session)
+        elif self.reuse and tokens:
+            self.idle[slot] = Cached(tokens)
+        else:
+            bisect.insort(self.free, slot)
+
+    def release(self, slot: int) -> None:
+        """``slot``'s cache is worthless (its request failed): free it."""
+        bisect.insort(self.free, slot)
+
+    def release_session(self, session: str) -> None:
+        slot = self.sessions.pop(session, None)
+        if slot is not None:
+            del self.idle[slot]
+            bisect.insort(self.free, slot)
+
+    def drop_idle(self) -> None:
+        """Forget every kept cache (after a failed step, whose moves may not have run)."""
+        for slot in self.idle:
+            bisect.insort(self.free, slot)
+        self.idle.clear()
+        self.sessions.clear()
+
+    def compact(self, running: dict[int, int]) -> list[SlotMove]:
+        """Moves that put the n running sequences (``running``: slot -> cached positions)
+        into slots 0..n-1, and the table updated as if they ran.
+
+        A runner's step over slots 0..B-1 costs less than one over scattered slots: a GPU
+        runner's step covers the smallest batch bucket holding the highest live slot, and
+        the eager runner reads slots 0..B-1 as a view but gathers scattered ones. Each
+        running sequence at slot n or above moves into a hole below n, free holes first. An
+        idle cache in the hole moves once, to a free slot at n or above; with none free, an
+        anonymous cache is dropped (a wider step costs every step, a lost cache only a
+        possible reuse) and a session's stays where it is.
+        Each move copies the sequence's cached positions (about 0.1 MB per position for
+        Qwen3-1.7B in bf16) and its sampling row.
+        """
+        n = len(running)
+        holes = [h for h in range(n) if h not in running]
+        if not holes:
+            return []
+
+        def order(h: int) -> int:  # free holes first, then anonymous caches, then sessions'
+            cached = self.idle.get(h)
+            return 0 if cached is None else 1 if cached.session is None else 2
+
+        holes.sort(key=order)
+        movers = sorted(s for s in running if s >= n)
+        moves = []
+        for src, hole in zip(movers, holes, strict=True):
+            cached = self.idle.get(hole)
+            if cached is not None:
+                spare = next((f for f in self.free if f >= n), None)
+                if spare is not None:
+                    moves.append(SlotMove(hole, spare, len(cached.tokens)))
+                    self.free.remove(spare)
+                    self._rename(hole, spare)
+                elif cached.session is None:
+                    del self.idle[hole]
+                else:  # a session's cache is never dropped for speed
+                    break
+            else:
+                self.free.remove(hole)
+            moves.append(SlotMove(src, hole, running[src]))
+            bisect.insort(self.free, src)
+        return moves
+
+    def _rename(self, old: int, new: int) -> None:
+        """An idle cache moved from ``old`` to ``new``, keeping its place in the LRU order."""
+        entries = [(new if s == old else s, c) for s, c in self.idle.items()]
+        self.idle = OrderedDict(entries)
+        cached = self.idle[new]
+        if cached.session is not None:
+            self.sessions[cached.session] = new
+
+    def _forget(self, slot: int) -> None:
+        """An idle slot was taken over: its session (if any) no longer has a cache."""
+        for session, s in list(self.sessions.items()):
+            if s == slot:
+                del self.sessions[session]
+
+
+def usable(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """Prompt tokens a slot holding ``cached`` can skip: their common prefix, short of the
+    prompt's last token."""
+    return min(common_prefix(cached, prompt), len(prompt) - 1)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix, compared a block at a time (a slice
+    comparison runs in C, a Python loop per token would not)."""
+    n = min(len(a), len(b))
+    a, b = list(a[:n]), list(b[:n])
+    i, block = 0, 256
+    while i < n and a[i : i + block] == b[i : i + block]:
+        i += block
+    if i >= n:
+        return n
+    end = min(i + block, n)
+    while i < end and a[i] == b[i]:
+        i += 1
+    return i
