@@ -218,7 +218,7 @@ def test_engine_on_the_graph_runner_equals_transformers_across_the_switch(tmp_pa
     model = load_folder(folder, torch.device("cpu"), torch.float32).model
     inner = CudaGraphRunner(model, 2, 128, prefill_chunk=16, backend=None, use_graphs=False)
     runner = with_longrope(inner, model)
-    assert isinstance(runner, LongRopeRunner) and not runner.feeds_back
+    assert isinstance(runner, LongRopeRunner) and not runner.capabilities.overlaps
     tok = Tokenizer.from_folder(folder)
     with Engine(runner, tok, GenerationDefaults(), model_name="phi") as engine:
         out = engine.generate(

@@ -2,7 +2,7 @@
 before the host reads step n), against the eager engine as the reference.
 
 On CPU the CUDA-graph runner runs with ``backend=None, use_graphs=False``: it offers
-``feeds_back``, so the engine over it takes the overlapped path, with the same bucketing and
+``Capabilities.overlaps``, so the engine over it takes the overlapped path, with the same bucketing and
 in-graph token feedback as on the GPU.
 """
 

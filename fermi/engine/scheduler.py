@@ -35,6 +35,7 @@ from fermi.runners.base import (
     Decode,
     PrefillChunk,
     SamplingOptions,
+    SlotMove,
     StepOutput,
 )
 from fermi.sampling import SampleOutput, check_row
@@ -134,6 +135,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self._released: set[str] = set()  # sessions released while a request of theirs waited
         self._scheduled: deque[_Scheduled] = deque()  # handed out, output not read yet
+        self._moves: list[SlotMove] = []  # moves of idle caches that admissions made
         # Set when a sequence is admitted or ends: only then can a running sequence come to
         # sit above a slot it could move into.
         self._may_compact = False
@@ -163,7 +165,9 @@ class Scheduler:
         if self._scheduled and following is None:
             return None
         new = self._admit()
-        moves = self._compact() if not self._scheduled else []
+        moves, self._moves = self._moves, []
+        if not self._scheduled:
+            moves += self._compact()
         admitted = tuple(
             Admission(s.slot, s.request.params, s.request.prompt_ids, seed) for s, seed in new
         )
@@ -224,7 +228,8 @@ class Scheduler:
                 log.exception("admitting a request failed")
                 self._finish_unstarted(handle, "error", f"{type(exc).__name__}: {exc}")
                 continue
-            slot, reused = self.slots.take(req.prompt_ids, req.session)
+            slot, reused, moves = self.slots.take(req.prompt_ids, req.session)
+            self._moves.extend(moves)
             seq = Sequence(handle, slot, output, prefilled=reused, reused=reused)
             self.stats.cached_tokens += reused
             if req.session is not None and req.session in self._released:
@@ -238,7 +243,7 @@ class Scheduler:
                 self._released.discard(req.session)
         return admitted
 
-    def _compact(self) -> list:
+    def _compact(self) -> list[SlotMove]:
         if not self.caps.moves_slots or not self._may_compact:
             return []
         self._may_compact = False

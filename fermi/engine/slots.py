@@ -37,18 +37,22 @@ class SlotTable:
     def available(self) -> bool:
         return bool(self.free or self.idle)
 
-    def take(self, prompt: Sequence[int], session: str | None) -> tuple[int, int]:
-        """A slot for ``prompt`` and how many of its first tokens that slot's cache holds.
+    def take(self, prompt: Sequence[int], session: str | None) -> tuple[int, int, list[SlotMove]]:
+        """A slot for ``prompt``, how many of its first tokens that slot's cache holds, and
+        the moves to make before the request runs there.
 
         The session's own slot if it kept one; else the idle slot sharing the longest
         prefix, when that reuses at least as many tokens as it throws away (or no slot is
         free); else the lowest free slot; else the least recently used idle one. The
         prompt's last token always runs again (its logits pick the first new token); cache
         entries past the shared prefix are masked by position, then overwritten.
+
+        A request that reuses nothing goes to the lowest slot nothing runs in, so decode
+        steps stay dense: an idle cache there first moves to the slot picked above.
         """
         if session is not None and session in self.sessions:
             slot = self.sessions.pop(session)
-            return slot, usable(self.idle.pop(slot).tokens, prompt)
+            return slot, usable(self.idle.pop(slot).tokens, prompt), []
         best, shared = None, 0
         if self.reuse:
             for slot, cached in self.idle.items():
@@ -58,12 +62,17 @@ class SlotTable:
                         best, shared = slot, n
         if best is not None and (not self.free or 2 * shared >= len(self.idle[best].tokens)):
             del self.idle[best]
-            return best, shared
+            return best, shared, []
         if self.free:
-            return self.free.pop(0), 0
-        slot, _ = self.idle.popitem(last=False)
-        self._forget(slot)
-        return slot, 0
+            slot = self.free.pop(0)
+        else:
+            slot, _ = self.idle.popitem(last=False)
+            self._forget(slot)
+        lowest = min(self.idle, default=slot)
+        if lowest >= slot:
+            return slot, 0, []
+        self._rename(lowest, slot)
+        return lowest, 0, [SlotMove(lowest, slot, len(self.idle[slot].tokens))]
 
     def finish(self, slot: int, tokens: list[int], session: str | None) -> None:
         """A request in ``slot`` ended with ``tokens`` in its cache: keep them for its

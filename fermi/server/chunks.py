@@ -28,6 +28,7 @@ from fermi.server.protocol import (
     TextChoice,
     TextCompletion,
     TopLogprob,
+    PromptTokensDetails,
     UsageBody,
 )
 
@@ -92,14 +93,17 @@ def completion_logprobs(
     )
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> UsageBody:
-    return UsageBody(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+def usage_body(prompt_tokens: int, choices: list[ChoiceText], n: int) -> UsageBody:
+    """Each prompt counts once (its ``n`` choices share it): its first choice's cache hit."""
+    completion = sum(c.tokens for c in choices)
+    cached = PromptTokensDetails(sum(c.cached for c in choices[::n]))
+    return UsageBody(prompt_tokens, completion, prompt_tokens + completion, cached)
 
 
 class ChoiceText:
     """Everything one choice produced, for a non-streaming response."""
 
-    __slots__ = ("finish_reason", "logprobs", "reasoning", "text", "tokens")
+    __slots__ = ("cached", "finish_reason", "logprobs", "reasoning", "text", "tokens")
 
     def __init__(self) -> None:
         self.text: list[str] = []
@@ -107,6 +111,7 @@ class ChoiceText:
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
         self.tokens = 0
+        self.cached = 0
 
     def add(self, delta: Delta) -> None:
         if delta.text:
@@ -118,6 +123,7 @@ class ChoiceText:
         if delta.finish_reason is not None:
             self.finish_reason = finish_reason(delta.finish_reason)
             self.tokens = delta.usage.completion_tokens if delta.usage else 0
+            self.cached = delta.usage.cached_tokens if delta.usage else 0
 
 
 def chat_completion(
@@ -127,6 +133,7 @@ def chat_completion(
     choices: list[ChoiceText],
     prompt_tokens: int,
     want_logprobs: bool,
+    n: int = 1,
 ) -> ChatCompletion:
     out = []
     for i, c in enumerate(choices):
@@ -134,7 +141,7 @@ def chat_completion(
         message = AssistantMessage("assistant", "".join(c.text), reasoning, reasoning)
         lps = chat_logprobs(c.logprobs) if want_logprobs else None
         out.append(ChatChoice(i, message, lps, c.finish_reason))
-    usage = usage_body(prompt_tokens, sum(c.tokens for c in choices))
+    usage = usage_body(prompt_tokens, choices, n)
     return ChatCompletion(id=rid, created=created, model=model, choices=out, usage=usage)
 
 
@@ -145,12 +152,13 @@ def text_completion(
     choices: list[ChoiceText],
     prompt_tokens: int,
     logprobs: int | None,
+    n: int = 1,
 ) -> TextCompletion:
     out = []
     for i, c in enumerate(choices):
         lps = completion_logprobs(c.logprobs, 0, bool(logprobs)) if logprobs is not None else None
         out.append(TextChoice(i, "".join(c.text), lps, c.finish_reason))
-    usage = usage_body(prompt_tokens, sum(c.tokens for c in choices))
+    usage = usage_body(prompt_tokens, choices, n)
     return TextCompletion(id=rid, created=created, model=model, choices=out, usage=usage)
 
 

@@ -228,10 +228,10 @@ class Api:
         prompt_tokens = timing.done(requests, body.n, choices)
         if is_chat:
             args = (choices, prompt_tokens, bool(body.logprobs))
-            reply = chat_completion(rid, created, self.model_name, *args)
+            reply = chat_completion(rid, created, self.model_name, *args, n=body.n)
         else:
             args = (choices, prompt_tokens, body.logprobs)
-            reply = text_completion(rid, created, self.model_name, *args)
+            reply = text_completion(rid, created, self.model_name, *args, n=body.n)
         return Reply(200, ENCODER.encode(reply))
 
     async def _collect(self, generation: Generation, timing: _Timing, n: int) -> list[ChoiceText]:
@@ -310,7 +310,7 @@ class StreamReply:
         prompt_tokens = self.timing.done(self.requests, self.n, self.choices)
         if not self.include_usage:
             return DONE
-        usage = usage_body(prompt_tokens, sum(c.tokens for c in self.choices))
+        usage = usage_body(prompt_tokens, self.choices, self.n)
         return sse(self.chunker.usage(usage)) + DONE
 
     # -- delivery ---------------------------------------------------------------------
