@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -101,11 +101,13 @@ def _checked(name: str, kind: type, value: Any) -> Any:
             raise RequestError(f"{name} must be a number, not {value!r}", name, "invalid_type")
         return value if type(value) is float else float(value)
     stops = (value,) if isinstance(value, str) else value
-    if not isinstance(stops, Sequence) or not all(isinstance(s, str) for s in stops):
+    if isinstance(stops, Iterable) and not isinstance(stops, Mapping):
+        stops = tuple(stops)
+    if not isinstance(stops, tuple) or not all(isinstance(s, str) for s in stops):
         raise RequestError("stop must be a string or a list of strings", name, "invalid_type")
     if any(s == "" for s in stops):
         raise RequestError("stop strings must not be empty", name)
-    return tuple(stops)
+    return stops
 
 
 def _kind(hint: Any) -> type:
