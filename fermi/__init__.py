@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import torch
 
     from fermi.engine.api import Engine
+    from fermi.engine.requests import SamplingSettings
     from fermi.engine.types import Completion, Delta, Usage
     from fermi.sampling import SamplingParams
 
@@ -22,6 +23,7 @@ _LAZY = {
     "Completion": "fermi.engine.types",
     "Delta": "fermi.engine.types",
     "Usage": "fermi.engine.types",
+    "SamplingSettings": "fermi.engine.requests",
 }
 
 
@@ -42,6 +44,7 @@ __all__ = [
     "ModelLoadError",
     "RequestError",
     "SamplingParams",
+    "SamplingSettings",
     "Usage",
     "load",
 ]

@@ -1,5 +1,18 @@
 """Errors a user can act on, raised where the problem is detected."""
 
+from __future__ import annotations
+
+from typing import Literal
+
+# What kind of problem a RequestError is, in OpenAI's words: the HTTP and gRPC front ends
+# map these (and the error's ``param``) to their own shapes, never the message text.
+RequestErrorCode = Literal[
+    "invalid_value",  # out of range, unknown choice, malformed content
+    "invalid_type",  # a value of the wrong type (callers from JSON or gRPC)
+    "missing_required_parameter",  # no prompt of any kind
+    "context_length_exceeded",  # the prompt does not fit the engine's context
+]
+
 
 class FermiError(Exception):
     """Base class of the errors Fermi raises on purpose."""
@@ -12,12 +25,24 @@ class ModelLoadError(FermiError):
 class RequestError(FermiError, ValueError):
     """A generation request is invalid (bad parameter, prompt too long, ...).
 
-    ``param`` names the offending field where there is one.
+    ``param`` names the offending field where there is one; ``code`` says what is wrong
+    with it. ``hint`` is advice for callers of the Python API (and gRPC), shown in
+    parentheses after ``message``; front ends that cannot take it show ``message`` alone.
     """
 
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: RequestErrorCode = "invalid_value",
+        *,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(f"{message} ({hint})" if hint else message)
+        self.message = message
         self.param = param
+        self.code = code
+        self.hint = hint
 
 
 class EngineOverloadedError(FermiError):

@@ -3,7 +3,7 @@
 A decode step of one sequence in slot 0 reads its cache as a view; in slot 3 the eager runner
 gathers the slot's rows (on a GPU the CUDA-graph runner runs the batch-4 bucket instead). The
 scheduler therefore moves a running sequence into a freed lower slot between steps
-(``Scheduler._compact``). This times, on the runner directly, a decode step at a given context
+(``SlotTable.compact``). This times, on the runner directly, a decode step at a given context
 in slot 0 and in slot 3, and one ``move_slot`` of that context.
 
 Run from the repository root::

@@ -296,3 +296,17 @@ def test_truncate_without_max_tokens_leaves_room_to_answer(engine):
     out = engine.generate(prompt_token_ids=[1] * 300, truncate=True, temperature=0, ignore_eos=True)
     assert out.usage.prompt_tokens == 256 - 64
     assert len(out.token_ids) == 64
+
+
+def test_build_request_takes_settings_and_keywords_the_keywords_winning(engine):
+    from fermi.engine.requests import SamplingSettings
+
+    settings = SamplingSettings(temperature=0.5, top_k=7, max_tokens=3)
+    req = engine.build_request(prompt="a", settings=settings, temperature=0.0)
+    assert (req.params.temperature, req.params.top_k, req.max_tokens) == (0.0, 7, 3)
+    assert settings.temperature == 0.5  # the caller's settings are left as they were
+
+
+def test_an_unknown_keyword_of_build_request_is_a_type_error(engine):
+    with pytest.raises(TypeError, match="'temprature'"):
+        engine.build_request(prompt="a", temprature=0.5)

@@ -310,6 +310,35 @@ def test_bad_generate_requests_are_invalid_argument_naming_the_field(stub, reque
     assert detail in err.details()
 
 
+def test_a_prompt_over_the_context_is_invalid_argument_with_its_code_and_param(stub):
+    err = rpc_error(lambda: list(stub.Generate(pb.GenerateRequest(prompt="x " * 1100))))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().endswith("(pass truncate=True to keep the end of the prompt)")
+    metadata = dict(err.trailing_metadata())
+    assert metadata["fermi-error-code"] == "context_length_exceeded"
+    assert metadata["fermi-error-param"] == "prompt"
+    long_chat = pb.ChatRequest(message=pb.Message(content="x " * 1100), sampling=GREEDY)
+    err = rpc_error(lambda: list(stub.Chat(long_chat)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    metadata = dict(err.trailing_metadata())
+    assert (metadata["fermi-error-code"], metadata["fermi-error-param"]) == (
+        "context_length_exceeded",
+        "messages",
+    )
+
+
+def test_a_missing_input_or_an_out_of_range_value_names_its_code_in_the_metadata(stub):
+    err = rpc_error(lambda: list(stub.Generate(pb.GenerateRequest())))
+    assert dict(err.trailing_metadata())["fermi-error-code"] == "missing_required_parameter"
+    bad = pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(top_p=0))
+    err = rpc_error(lambda: list(stub.Generate(bad)))
+    metadata = dict(err.trailing_metadata())
+    assert (metadata["fermi-error-code"], metadata["fermi-error-param"]) == (
+        "invalid_value",
+        "top_p",
+    )
+
+
 def test_bad_chat_requests_are_invalid_argument_and_create_no_session(stub):
     err = rpc_error(lambda: list(stub.Chat(pb.ChatRequest(message=pb.Message(role="assistant")))))
     assert (err.code(), err.details()) == (

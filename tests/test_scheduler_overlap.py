@@ -2,8 +2,8 @@
 before the host reads step n), against the eager engine as the reference.
 
 On CPU the CUDA-graph runner runs with ``backend=None, use_graphs=False``: it offers
-``Capabilities.overlaps``, so the engine over it takes the overlapped path, with the same bucketing and
-in-graph token feedback as on the GPU.
+``Capabilities.overlaps``, so the engine over it takes the overlapped path, with the same
+bucketing and in-graph token feedback as on the GPU.
 """
 
 from __future__ import annotations

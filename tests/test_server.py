@@ -329,6 +329,30 @@ def test_prompt_plus_max_tokens_over_the_context_is_400(client):
     assert info.value.body["code"] == "context_length_exceeded"
 
 
+def test_a_prompt_over_the_context_is_context_length_exceeded_naming_the_prompt(base):
+    words = "The quick brown fox. " * 400
+    body = {"messages": [{"role": "user", "content": words}], "max_tokens": 1}
+    status, err = error_of(http(base + "/v1/chat/completions", body, AUTH))
+    assert status == 400 and err["type"] == "invalid_request_error"
+    assert (err["code"], err["param"]) == ("context_length_exceeded", "messages")
+    assert err["message"].endswith(f"this engine's context is {SEQ_LEN}")  # no Python hint
+    body = {"prompt": [5] * (SEQ_LEN + 10), "max_tokens": 1}
+    status, err = error_of(http(base + "/v1/completions", body, AUTH))
+    assert status == 400
+    assert (err["code"], err["param"]) == ("context_length_exceeded", "prompt")
+    assert (
+        err["message"]
+        == f"the prompt has {SEQ_LEN + 10} tokens; this engine's context is {SEQ_LEN}"
+    )
+
+
+def test_an_out_of_range_or_empty_setting_is_invalid_value_naming_it(base):
+    url = base + "/v1/chat/completions"
+    for field, value in [("top_p", 0), ("presence_penalty", 3), ("stop", ["ok", ""])]:
+        status, err = error_of(http(url, {"messages": HI, field: value}, AUTH))
+        assert status == 400 and (err["code"], err["param"]) == ("invalid_value", field)
+
+
 @contextlib.contextmanager
 def started_stream(base: str, body: dict):
     """A streaming chat request on a raw socket, yielded once its first event arrived; the

@@ -16,9 +16,10 @@ import queue
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 from fermi.engine.core import EngineCore, EngineStats
+from fermi.engine.requests import ChatPrompt, RequestBuilder, SamplingSettings
 from fermi.engine.scheduler import RequestHandle
 from fermi.engine.types import (
     Completion,
@@ -28,28 +29,10 @@ from fermi.engine.types import (
     TokenLogprob,
     Usage,
 )
-from fermi.errors import FermiError, RequestError
+from fermi.errors import FermiError
 from fermi.loading import GenerationDefaults
 from fermi.runners.base import Runner
-from fermi.sampling import SamplingParams
 from fermi.text.tokenizer import Tokenizer
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-# Qwen3's recommended sampling when thinking is off (its generation_config holds the
-# thinking-mode values); applied only when a request sets no sampling knob itself.
-# Temperatures below this are treated as greedy.
-MIN_TEMPERATURE = 1e-5
-
-NON_THINKING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
-
-
-@dataclass(frozen=True)
-class ChatPrompt:
-    token_ids: list[int]
-    text: str
-    start_in_reasoning: bool
-    thinking: Thinking
 
 
 class Engine:
@@ -66,9 +49,10 @@ class Engine:
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
-        self.generation = generation
         self.model_name = model_name
         self.capabilities = runner.capabilities
+        caps = self.capabilities
+        self.requests = RequestBuilder(tokenizer, generation, caps.vocab_size, caps.max_seq_len)
         self._core = EngineCore(runner, tokenizer, max_waiting, prefix_reuse)
 
     def stats(self) -> EngineStats:
@@ -95,31 +79,22 @@ class Engine:
 
     @property
     def supports_thinking(self) -> bool:
-        template = self.tokenizer.chat_template or ""
-        return THINK_OPEN in template or "enable_thinking" in template
+        return self.requests.supports_thinking
 
-    # -- prompts ----------------------------------------------------------------------
+    @property
+    def generation(self) -> GenerationDefaults:
+        """The model's generation defaults, under every request's own settings."""
+        return self.requests.generation
+
+    @generation.setter
+    def generation(self, value: GenerationDefaults) -> None:
+        self.requests.generation = value
+
+    # -- requests ---------------------------------------------------------------------
 
     def chat_prompt(self, messages: Sequence[dict], thinking: Thinking = "auto") -> ChatPrompt:
         """Render ``messages`` with the model's chat template for a thinking mode."""
-        if thinking not in ("on", "off", "auto"):
-            raise RequestError(f"thinking must be on, off or auto, not {thinking!r}", "thinking")
-        enable = {"on": True, "off": False, "auto": None}[thinking]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, enable_thinking=enable
-            )
-        except FermiError:
-            raise
-        except ValueError as exc:
-            raise RequestError(str(exc), "messages") from None
-        opened = text.rstrip().endswith(THINK_OPEN)
-        if thinking == "off" and opened:
-            # A template that always opens the think block (R1 distills): close it at once.
-            text = text + ("" if text.endswith("\n") else "\n") + THINK_CLOSE + "\n\n"
-            opened = False
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return ChatPrompt(ids, text, opened, thinking)
+        return self.requests.chat_prompt(messages, thinking)
 
     def build_request(
         self,
@@ -127,130 +102,28 @@ class Engine:
         messages: Sequence[dict] | None = None,
         prompt: str | None = None,
         prompt_token_ids: Sequence[int] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
         thinking: Thinking = "auto",
-        ignore_eos: bool = False,
-        logprobs: int | None = None,
         truncate: bool = False,
         skip_special_tokens: bool = True,
+        settings: SamplingSettings | None = None,
+        **values: Any,
     ) -> GenerationRequest:
-        """Validate and resolve a request; raises :class:`RequestError` naming the field."""
-        given = [x is not None for x in (messages, prompt, prompt_token_ids)]
-        if sum(given) != 1:
-            raise RequestError("pass exactly one of messages, prompt, prompt_token_ids", "messages")
-        if thinking not in ("on", "off", "auto"):
-            raise RequestError(f"thinking must be on, off or auto, not {thinking!r}", "thinking")
-        split, start_in_reasoning, mode = False, False, thinking
-        if messages is not None:
-            if not messages:
-                raise RequestError("messages must not be empty", "messages")
-            chat = self.chat_prompt(messages, thinking)
-            ids, split, start_in_reasoning = chat.token_ids, True, chat.start_in_reasoning
-        elif prompt is not None:
-            if not isinstance(prompt, str):
-                raise RequestError("prompt must be a string", "prompt")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        else:
-            ids = [int(t) for t in prompt_token_ids]  # type: ignore[union-attr]
-            vocab = self.capabilities.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(
-                    f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                    "prompt_token_ids",
-                )
-        if not ids:
-            raise RequestError("the prompt is empty", "prompt")
+        """Validate and resolve a request; raises :class:`RequestError` naming the field.
 
-        limit = self.max_seq_len
-        _check_types(max_tokens=max_tokens, seed=seed, logprobs=logprobs, stop=stop)
-        if max_tokens is not None and max_tokens < 1:
-            raise RequestError("max_tokens must be at least 1", "max_tokens")
-        if len(ids) >= limit:
-            if not truncate:
-                raise RequestError(
-                    f"the prompt has {len(ids)} tokens; this engine's context is {limit} "
-                    "(pass truncate=True to keep the end of the prompt)",
-                    "messages" if messages is not None else "prompt",
-                )
-            # Without max_tokens, leave a quarter of the context for the reply.
-            keep = max(1, limit - (max_tokens or max(1, limit // 4)))
-            ids = ids[-keep:]
-        budget = limit - len(ids)
-        max_tokens = budget if max_tokens is None else min(max_tokens, budget)
-
-        params = self._sampling(
-            mode if messages is not None else "auto",
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            seed=seed,
-        )
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if logprobs is not None and not 0 <= logprobs <= 20:
-            raise RequestError("top_logprobs must be between 0 and 20", "top_logprobs")
-        return GenerationRequest(
-            prompt_ids=tuple(ids),
-            params=params,
-            max_tokens=max_tokens,
-            stop=stops,
-            eos_token_ids=frozenset(self.generation.eos_token_ids),
-            ignore_eos=ignore_eos,
-            split_reasoning=split,
-            start_in_reasoning=start_in_reasoning,
-            logprobs=logprobs,
+        Give one of ``messages``, ``prompt`` or ``prompt_token_ids``. The sampling settings
+        (``max_tokens=``, ``temperature=``, ...: the fields of :class:`SamplingSettings`)
+        come as keyword arguments, as ``settings``, or both (the keywords win). ``truncate``
+        keeps the end of a prompt longer than the context instead of refusing it.
+        """
+        return self.requests.build(
+            messages=messages,
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids,
+            settings=(settings or SamplingSettings()).updated(values),
+            thinking=thinking,
+            truncate=truncate,
             skip_special_tokens=skip_special_tokens,
         )
-
-    def _sampling(self, mode: Thinking, **given) -> SamplingParams:
-        gen = self.generation
-        knobs = ("temperature", "top_p", "top_k", "min_p")
-        chosen = {k: given[k] for k in knobs if given[k] is not None}
-        if not chosen and mode == "off" and self.supports_thinking:
-            chosen = dict(NON_THINKING_DEFAULTS)
-        defaults = {
-            "temperature": gen.temperature if gen.temperature is not None else 1.0,
-            "top_p": gen.top_p if gen.top_p is not None else 1.0,
-            "top_k": gen.top_k if gen.top_k is not None else 0,
-            "min_p": gen.min_p if gen.min_p is not None else 0.0,
-        }
-        if gen.do_sample is False:
-            defaults["temperature"] = 0.0
-        values = {k: chosen.get(k, defaults[k]) for k in knobs}
-        rep = given["repetition_penalty"]
-        if rep is None:
-            rep = gen.repetition_penalty if gen.repetition_penalty is not None else 1.0
-        temperature = float(values["temperature"])
-        if 0.0 < temperature < MIN_TEMPERATURE:
-            temperature = 0.0  # dividing by it would overflow the logits: it is greedy anyway
-        params = SamplingParams(
-            temperature=temperature,
-            top_k=int(values["top_k"] or 0),
-            top_p=float(values["top_p"]),
-            min_p=float(values["min_p"]),
-            repetition_penalty=float(rep),
-            presence_penalty=float(given["presence_penalty"] or 0.0),
-            frequency_penalty=float(given["frequency_penalty"] or 0.0),
-            seed=given["seed"],
-        )
-        try:
-            params.validate()
-        except ValueError as exc:
-            raise RequestError(str(exc), _field_of(str(exc))) from None
-        return params
 
     # -- running ----------------------------------------------------------------------
 
@@ -444,30 +317,3 @@ class _Box:
             if len(waker.due) > 1:
                 return
         waker.call()
-
-
-def _check_types(**values) -> None:
-    """Types a caller from outside Python (JSON, gRPC) could get wrong."""
-    for name in ("max_tokens", "seed", "logprobs"):
-        value = values[name]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise RequestError(f"{name} must be an integer, not {value!r}", name)
-    stop = values["stop"]
-    if stop is not None and not isinstance(stop, str) and not all(isinstance(s, str) for s in stop):
-        raise RequestError("stop must be a string or a list of strings", "stop")
-
-
-def _field_of(message: str) -> str | None:
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "seed",
-    ):
-        if name in message:
-            return name
-    return None

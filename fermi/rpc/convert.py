@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
+from fermi.engine.requests import SamplingSettings
 from fermi.engine.types import Delta, Thinking
 from fermi.errors import EngineOverloadedError, FermiError, RequestError
 from fermi.rpc.generated import fermi_pb2 as pb
@@ -17,7 +18,6 @@ _THINKING: dict[int, Thinking] = {
     pb.THINKING_ON: "on",
     pb.THINKING_OFF: "off",
 }
-_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens")
 
 
 def thinking_mode(value: int) -> Thinking:
@@ -26,16 +26,16 @@ def thinking_mode(value: int) -> Thinking:
     return _THINKING[value]
 
 
-def sampling_kwargs(params: pb.SamplingParams) -> dict[str, Any]:
-    """``Engine.build_request`` keyword arguments; unset optional fields stay unset."""
-    kwargs: dict[str, Any] = {k: getattr(params, k) for k in _OPTIONAL if params.HasField(k)}
-    kwargs["presence_penalty"] = params.presence_penalty
-    kwargs["frequency_penalty"] = params.frequency_penalty
-    kwargs["stop"] = list(params.stop)
-    kwargs["ignore_eos"] = params.ignore_eos
-    if params.HasField("top_logprobs"):
-        kwargs["logprobs"] = params.top_logprobs
-    return kwargs
+def sampling_settings(params: pb.SamplingParams) -> SamplingSettings:
+    """The settings a message sets; unset optional fields stay unset (the model's defaults).
+
+    The message's fields are named as the settings, except ``top_logprobs``."""
+    given: dict[str, Any] = {field.name: value for field, value in params.ListFields()}
+    if "top_logprobs" in given:
+        given["logprobs"] = given.pop("top_logprobs")
+    if "stop" in given:
+        given["stop"] = list(given["stop"])
+    return SamplingSettings(**given)
 
 
 def message_dict(message: pb.Message, field: str) -> dict[str, str]:
@@ -46,8 +46,10 @@ def message_dict(message: pb.Message, field: str) -> dict[str, str]:
 
 def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
     """``Engine.build_request`` keyword arguments for a Generate call."""
-    kwargs = sampling_kwargs(request.sampling)
-    kwargs["truncate"] = request.truncate
+    kwargs: dict[str, Any] = {
+        "settings": sampling_settings(request.sampling),
+        "truncate": request.truncate,
+    }
     which = request.WhichOneof("input")
     if which == "prompt":
         kwargs["prompt"] = request.prompt
@@ -60,7 +62,11 @@ def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
         ]
         kwargs["thinking"] = thinking_mode(request.thinking)
     else:
-        raise RequestError("set one of prompt, prompt_token_ids or conversation", "input")
+        raise RequestError(
+            "set one of prompt, prompt_token_ids or conversation",
+            "input",
+            "missing_required_parameter",
+        )
     return kwargs
 
 
@@ -94,17 +100,34 @@ def response(delta: Delta, session_id: str = "") -> pb.GenerateResponse:
     return out
 
 
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and readable details for an error raised while serving a call."""
+class Status(NamedTuple):
+    """How a failed call ends: its status code, readable details and trailing metadata."""
+
+    code: grpc.StatusCode
+    details: str
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+# Trailing metadata keys of a refused request: RequestError's code and param, for clients
+# that act on the kind of error without reading its message.
+ERROR_CODE_KEY = "fermi-error-code"
+ERROR_PARAM_KEY = "fermi-error-param"
+
+
+def status_of(exc: BaseException) -> Status:
+    """The status for an error raised while serving a call."""
     if isinstance(exc, RequestError):
         detail = f"{exc.param}: {exc}" if exc.param else str(exc)
-        return grpc.StatusCode.INVALID_ARGUMENT, detail
+        metadata = ((ERROR_CODE_KEY, exc.code),)
+        if exc.param:
+            metadata += ((ERROR_PARAM_KEY, exc.param),)
+        return Status(grpc.StatusCode.INVALID_ARGUMENT, detail, metadata)
     if isinstance(exc, SessionNotFoundError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
+        return Status(grpc.StatusCode.NOT_FOUND, str(exc))
     if isinstance(exc, SessionBusyError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+        return Status(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, (EngineOverloadedError, SessionLimitError)):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, FermiError):
-        return grpc.StatusCode.INTERNAL, str(exc)
-    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+        return Status(grpc.StatusCode.INTERNAL, str(exc))
+    return Status(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -81,8 +81,10 @@ class FermiService(pb_grpc.FermiServicer):
         if role != "user":
             raise RequestError(f"message.role must be user, not {role!r}", "message.role")
         user = {"role": "user", "content": request.message.content}
-        kwargs = convert.sampling_kwargs(request.sampling)
-        kwargs["thinking"] = convert.thinking_mode(request.thinking)
+        kwargs = {
+            "settings": convert.sampling_settings(request.sampling),
+            "thinking": convert.thinking_mode(request.thinking),
+        }
         if request.session_id:
             if request.system:
                 raise RequestError("system can only be set on a session's first turn", "system")
@@ -127,10 +129,10 @@ def assistant_message(text: str, reasoning: str) -> dict[str, str]:
 
 
 async def _abort(context, exc: Exception) -> None:
-    code, details = convert.status_of(exc)
-    if code == grpc.StatusCode.INTERNAL:
+    status = convert.status_of(exc)
+    if status.code == grpc.StatusCode.INTERNAL:
         log.exception("gRPC call failed")
-    await context.abort(code, details)
+    await context.abort(status.code, status.details, status.metadata)
 
 
 class GrpcServer:

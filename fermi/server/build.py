@@ -6,6 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from fermi.engine.api import Engine
+from fermi.engine.requests import SamplingSettings
 from fermi.engine.types import GenerationRequest, Thinking
 from fermi.errors import RequestError
 from fermi.server.errors import ApiError
@@ -112,26 +113,9 @@ def _requests(
 ) -> list[GenerationRequest]:
     if not 1 <= body.n <= MAX_CHOICES:
         raise ApiError(400, f"n must be between 1 and {MAX_CHOICES}, got {body.n}", param="n")
-    stop = body.stop
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(s == "" for s in stops):
-        raise ApiError(400, "stop strings must not be empty", param="stop")
     try:
-        first = engine.build_request(
-            **prompt,
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty,
-            presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0,
-            seed=body.seed,
-            stop=stops,
-            ignore_eos=body.ignore_eos,
-            logprobs=logprobs,
-        )
+        settings = SamplingSettings.taken_from(body, max_tokens=max_tokens, logprobs=logprobs)
+        first = engine.build_request(**prompt, settings=settings)
     except RequestError as exc:
         raise _request_error(exc, prompt_field, max_tokens_field) from None
     if max_tokens is not None and first.max_tokens < max_tokens:
@@ -157,14 +141,11 @@ def _requests(
 
 
 def _request_error(exc: RequestError, prompt_field: str, max_tokens_field: str) -> ApiError:
-    message, param = str(exc), exc.param
-    if message.startswith("the prompt has"):
-        # Drop the Python API's hint (truncate=True); an HTTP client cannot pass it.
-        return ApiError(
-            400, message.split(" (")[0], param=prompt_field, code="context_length_exceeded"
-        )
+    """The engine's error under this endpoint's field names. The message goes without its
+    hint: the hint is for the Python API (e.g. truncate=True, which HTTP cannot pass)."""
+    param = exc.param
     if param == "max_tokens":
         param = max_tokens_field
     elif param in ("messages", "prompt", "prompt_token_ids"):
         param = prompt_field
-    return ApiError(400, message, param=param, code="invalid_value")
+    return ApiError(400, exc.message, param=param, code=exc.code)

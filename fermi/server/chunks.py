@@ -25,10 +25,10 @@ from fermi.server.protocol import (
     ChatTokenLogprob,
     ChunkDelta,
     CompletionLogprobs,
+    PromptTokensDetails,
     TextChoice,
     TextCompletion,
     TopLogprob,
-    PromptTokensDetails,
     UsageBody,
 )
 

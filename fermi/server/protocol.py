@@ -29,7 +29,8 @@ class StreamOptions(msgspec.Struct):
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):
-    """Fields both generation endpoints share."""
+    """Fields both generation endpoints share. The sampling settings are named as
+    ``SamplingSettings``' fields, which take them by name (``server/build.py``)."""
 
     model: str | None = None
     max_tokens: int | None = None

@@ -1,0 +1,301 @@
+"""Requests in: what a caller asks for, checked and resolved into a ``GenerationRequest``.
+
+``SamplingSettings`` declares, once, every setting a caller may give about how a reply is
+sampled and where it ends; the Python API, HTTP, gRPC and the CLI all hand one over.
+``RequestBuilder`` renders the prompt (chat template, thinking mode), fits it to the context,
+and resolves the settings against the model's generation defaults into the device-facing
+``SamplingParams``. Every problem is a ``RequestError`` carrying the field and a code, raised
+where it is found.
+"""
+
+from __future__ import annotations
+
+import numbers
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from fermi.engine.types import GenerationRequest, Thinking
+from fermi.errors import FermiError, RequestError
+from fermi.loading import GenerationDefaults
+from fermi.sampling import MAX_LOGPROBS, SamplingParams
+from fermi.text.tokenizer import Tokenizer
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+THINKING_MODES: tuple[Thinking, ...] = ("on", "off", "auto")
+# Temperatures below this are treated as greedy: dividing by them would overflow the logits.
+MIN_TEMPERATURE = 1e-5
+# Qwen3's recommended sampling when thinking is off (its generation_config holds the
+# thinking-mode values); applied only when a request sets none of these four itself.
+NON_THINKING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingSettings:
+    """How a reply is sampled and where it ends, as a caller asks for it.
+
+    ``None`` leaves a setting to the model: its ``generation_config.json``, else the neutral
+    value (``RequestBuilder.sampling`` says in which order). The fields named like
+    ``SamplingParams``' are sampling parameters, whose ranges ``SamplingParams.validate``
+    holds. Construction checks the types (callers from JSON or gRPC can get them wrong) and
+    normalises them: numbers to ``int`` / ``float``, ``stop`` to a tuple.
+    """
+
+    max_tokens: int | None = None  # at least 1; None: up to the end of the context
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None  # (0, 1]
+    top_k: int | None = None  # 0 = off
+    min_p: float | None = None  # [0, 1], relative to the most likely token
+    # HF semantics: divides the logits of prompt and generated tokens; (0, 100].
+    repetition_penalty: float | None = None
+    # OpenAI semantics, generated tokens only, [-2, 2]; None = 0.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None  # None: a random seed per request
+    stop: str | Sequence[str] | None = None  # strings that end the reply, never part of it
+    ignore_eos: bool = False  # keep generating past end-of-sequence
+    # None: no logprobs; 0: the chosen token's; k (up to 20): also the k most likely.
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, kind in _KINDS.items():
+            value = getattr(self, name)
+            normal = _checked(name, kind, value)
+            if normal is not value:
+                object.__setattr__(self, name, normal)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(_KINDS)
+
+    @classmethod
+    def taken_from(cls, source: object, **values: Any) -> SamplingSettings:
+        """The settings ``source`` (a request body) holds under their own names, with
+        ``values`` for those its wire format names or shapes differently."""
+        named = {n: getattr(source, n) for n in _KINDS if n not in values and hasattr(source, n)}
+        return cls(**named, **values)
+
+    def updated(self, values: Mapping[str, Any]) -> SamplingSettings:
+        """These settings with ``values`` (keyword arguments of ``Engine.build_request``)."""
+        unknown = [name for name in values if name not in _KINDS]
+        if unknown:
+            raise TypeError(f"build_request() got an unexpected keyword argument {unknown[0]!r}")
+        return replace(self, **values) if values else self
+
+
+def _checked(name: str, kind: type, value: Any) -> Any:
+    """``value`` of the setting ``name`` in its normal form; RequestError if mistyped."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise RequestError(f"{name} must be true or false, not {value!r}", name, "invalid_type")
+        return value
+    if value is None:
+        return None
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise RequestError(f"{name} must be an integer, not {value!r}", name, "invalid_type")
+        return value if type(value) is int else int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise RequestError(f"{name} must be a number, not {value!r}", name, "invalid_type")
+        return value if type(value) is float else float(value)
+    stops = (value,) if isinstance(value, str) else value
+    if isinstance(stops, Iterable) and not isinstance(stops, Mapping):
+        stops = tuple(stops)
+    if not isinstance(stops, tuple) or not all(isinstance(s, str) for s in stops):
+        raise RequestError("stop must be a string or a list of strings", name, "invalid_type")
+    if any(s == "" for s in stops):
+        raise RequestError("stop strings must not be empty", name)
+    return stops
+
+
+def _kind(hint: Any) -> type:
+    """The type a setting's annotation declares: int, float, bool, or Sequence (stop)."""
+    args = typing.get_args(hint) or (hint,)
+    return next(t for t in (bool, int, float) if t in args) if str not in args else Sequence
+
+
+_KINDS: dict[str, type] = {
+    f.name: _kind(typing.get_type_hints(SamplingSettings)[f.name]) for f in fields(SamplingSettings)
+}
+# The settings that are sampling parameters (the rest end the reply or shape the output).
+_SAMPLED = tuple(f.name for f in fields(SamplingParams))
+DEFAULT_SETTINGS = SamplingSettings()
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    token_ids: list[int]
+    text: str
+    start_in_reasoning: bool
+    thinking: Thinking
+
+
+class RequestBuilder:
+    """Builds the requests of one model: its tokenizer, generation defaults and limits."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        generation: GenerationDefaults,
+        vocab_size: int,
+        max_seq_len: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.generation = generation
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+
+    @property
+    def supports_thinking(self) -> bool:
+        template = self.tokenizer.chat_template or ""
+        return THINK_OPEN in template or "enable_thinking" in template
+
+    def chat_prompt(self, messages: Sequence[dict], thinking: Thinking = "auto") -> ChatPrompt:
+        """Render ``messages`` with the model's chat template for a thinking mode."""
+        _check_thinking(thinking)
+        enable = {"on": True, "off": False, "auto": None}[thinking]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, enable_thinking=enable
+            )
+        except FermiError:
+            raise
+        except ValueError as exc:
+            raise RequestError(str(exc), "messages") from None
+        opened = text.rstrip().endswith(THINK_OPEN)
+        if thinking == "off" and opened:
+            # A template that always opens the think block (R1 distills): close it at once.
+            text = text + ("" if text.endswith("\n") else "\n") + THINK_CLOSE + "\n\n"
+            opened = False
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ChatPrompt(ids, text, opened, thinking)
+
+    def build(
+        self,
+        *,
+        messages: Sequence[dict] | None = None,
+        prompt: str | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        settings: SamplingSettings = DEFAULT_SETTINGS,
+        thinking: Thinking = "auto",
+        truncate: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> GenerationRequest:
+        """Validate and resolve a request; raises :class:`RequestError` naming the field."""
+        given = sum(x is not None for x in (messages, prompt, prompt_token_ids))
+        if given != 1:
+            code = "missing_required_parameter" if given == 0 else "invalid_value"
+            raise RequestError(
+                "pass exactly one of messages, prompt, prompt_token_ids", "messages", code
+            )
+        _check_thinking(thinking)
+        split, start_in_reasoning = False, False
+        if messages is not None:
+            if not messages:
+                raise RequestError("messages must not be empty", "messages")
+            chat = self.chat_prompt(messages, thinking)
+            ids, split, start_in_reasoning = chat.token_ids, True, chat.start_in_reasoning
+        elif prompt is not None:
+            if not isinstance(prompt, str):
+                raise RequestError("prompt must be a string", "prompt", "invalid_type")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = self._token_ids(prompt_token_ids)
+        if not ids:
+            raise RequestError("the prompt is empty", "prompt")
+
+        max_tokens = settings.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            raise RequestError("max_tokens must be at least 1", "max_tokens")
+        limit = self.max_seq_len
+        if len(ids) >= limit:
+            if not truncate:
+                raise RequestError(
+                    f"the prompt has {len(ids)} tokens; this engine's context is {limit}",
+                    "messages" if messages is not None else "prompt",
+                    "context_length_exceeded",
+                    hint="pass truncate=True to keep the end of the prompt",
+                )
+            # Without max_tokens, leave a quarter of the context for the reply.
+            keep = max(1, limit - (max_tokens or max(1, limit // 4)))
+            ids = ids[-keep:]
+        budget = limit - len(ids)
+        max_tokens = budget if max_tokens is None else min(max_tokens, budget)
+
+        params = self.sampling(settings, thinking if messages is not None else "auto")
+        logprobs = settings.logprobs
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
+        return GenerationRequest(
+            prompt_ids=tuple(ids),
+            params=params,
+            max_tokens=max_tokens,
+            stop=settings.stop or (),
+            eos_token_ids=frozenset(self.generation.eos_token_ids),
+            ignore_eos=settings.ignore_eos,
+            split_reasoning=split,
+            start_in_reasoning=start_in_reasoning,
+            logprobs=logprobs,
+            skip_special_tokens=skip_special_tokens,
+        )
+
+    def sampling(self, settings: SamplingSettings, thinking: Thinking = "auto") -> SamplingParams:
+        """The sampling parameters of a request. Each one is the first of: the caller's
+        setting; Qwen3's non-thinking values, when thinking is off and the caller set none
+        of temperature, top_p, top_k and min_p; the model's generation_config (where
+        ``do_sample: false`` means greedy); ``SamplingParams``' neutral default."""
+        given = {n: v for n in _SAMPLED if (v := getattr(settings, n)) is not None}
+        chose_filters = NON_THINKING_DEFAULTS.keys() & given
+        if thinking == "off" and self.supports_thinking and not chose_filters:
+            given = {**NON_THINKING_DEFAULTS, **given}
+        values = {**self._model_defaults(), **given}
+        if 0.0 < values.get("temperature", 1.0) < MIN_TEMPERATURE:
+            values["temperature"] = 0.0
+        params = SamplingParams(**values)
+        try:
+            params.validate()
+        except ValueError as exc:
+            raise RequestError(str(exc), _invalid_field(params)) from None
+        return params
+
+    def _model_defaults(self) -> dict[str, Any]:
+        """The sampling parameters ``generation_config.json`` sets, as numbers."""
+        gen = self.generation
+        values = {n: v for n in _SAMPLED if (v := getattr(gen, n, None)) is not None}
+        if gen.do_sample is False:
+            values["temperature"] = 0.0
+        return {n: _KINDS[n](v) for n, v in values.items()}
+
+    def _token_ids(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        try:
+            ids = [int(t) for t in prompt_token_ids]
+        except (TypeError, ValueError):
+            raise RequestError(
+                "prompt_token_ids must be a list of integers", "prompt_token_ids", "invalid_type"
+            ) from None
+        vocab = self.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(
+                f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                "prompt_token_ids",
+            )
+        return ids
+
+
+def _check_thinking(thinking: object) -> None:
+    if thinking not in THINKING_MODES:
+        raise RequestError(f"thinking must be on, off or auto, not {thinking!r}", "thinking")
+
+
+def _invalid_field(params: SamplingParams) -> str | None:
+    """The field ``params.validate`` refused: the first one that fails on its own (the
+    others keep their neutral defaults), so the check's message is never parsed."""
+    for name in _SAMPLED:
+        try:
+            SamplingParams(**{name: getattr(params, name)}).validate()
+        except ValueError:
+            return name
+    return None

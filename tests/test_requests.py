@@ -1,0 +1,182 @@
+"""Request building without a model: the settings, their resolution against the model's
+defaults, and the code and field every refused request names."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fermi.engine.requests import RequestBuilder, SamplingSettings
+from fermi.errors import RequestError
+from fermi.loading import GenerationDefaults
+from fermi.rpc.convert import sampling_settings
+from fermi.rpc.generated import fermi_pb2 as pb
+from fermi.sampling import SamplingParams
+from fermi.server.protocol import SamplingFields
+from fermi.text.tokenizer import Tokenizer
+from tests.tiny import write_checkpoint
+from tests.tiny_tokenizer import TINY_VOCAB_SIZE
+
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = write_checkpoint(tmp_path_factory.mktemp("requests") / "qwen3", {})
+    return Tokenizer.from_folder(folder)
+
+
+def builder(tokenizer, **generation) -> RequestBuilder:
+    return RequestBuilder(tokenizer, GenerationDefaults(**generation), TINY_VOCAB_SIZE, CONTEXT)
+
+
+def refused(build, **kwargs) -> RequestError:
+    with pytest.raises(RequestError) as err:
+        build(**kwargs)
+    return err.value
+
+
+# -- the settings -----------------------------------------------------------------------
+
+
+def test_settings_normalise_numbers_and_stop():
+    settings = SamplingSettings(temperature=1, top_k=3, stop="END")
+    assert settings.temperature == 1.0 and type(settings.temperature) is float
+    assert settings.top_k == 3 and settings.stop == ("END",)
+    assert SamplingSettings(stop=["a", "b"]).stop == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("values", "param"),
+    [
+        ({"seed": "1"}, "seed"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"stop": [5]}, "stop"),
+        ({"ignore_eos": None}, "ignore_eos"),
+    ],
+)
+def test_a_wrongly_typed_setting_is_invalid_type_naming_it(values, param):
+    err = refused(SamplingSettings, **values)
+    assert (err.code, err.param) == ("invalid_type", param)
+
+
+def test_an_empty_stop_string_is_an_invalid_value():
+    err = refused(SamplingSettings, stop=["ok", ""])
+    assert (err.code, err.param) == ("invalid_value", "stop")
+
+
+def test_every_sampling_parameter_is_a_setting():
+    names = SamplingSettings.names()
+    assert {f.name for f in dataclasses.fields(SamplingParams)} <= set(names)
+
+
+def test_the_http_body_names_every_setting_it_passes_by_name():
+    # build.py passes max_tokens and logprobs itself: their wire names differ per endpoint.
+    by_name = set(SamplingSettings.names()) - {"max_tokens", "logprobs"}
+    assert by_name <= set(SamplingFields.__struct_fields__)
+
+
+def test_the_grpc_message_names_every_setting():
+    fields = {f.name for f in pb.SamplingParams.DESCRIPTOR.fields}
+    assert fields - {"top_logprobs"} | {"logprobs"} == set(SamplingSettings.names())
+
+
+def test_unset_grpc_fields_stay_unset_and_set_zeros_stay_set():
+    assert sampling_settings(pb.SamplingParams()) == SamplingSettings()
+    got = sampling_settings(pb.SamplingParams(temperature=0, top_logprobs=0, stop=["x"]))
+    assert got == SamplingSettings(temperature=0.0, logprobs=0, stop=("x",))
+
+
+# -- resolution against the model's defaults ---------------------------------------------
+
+
+def test_unset_settings_take_the_models_generation_config(tokenizer):
+    build = builder(tokenizer, temperature=0.6, top_k=20, repetition_penalty=1.1)
+    params = build.sampling(SamplingSettings(top_k=5))
+    assert (params.temperature, params.top_k, params.repetition_penalty) == (0.6, 5, 1.1)
+    assert (params.top_p, params.presence_penalty, params.seed) == (1.0, 0.0, None)
+
+
+def test_do_sample_false_makes_the_default_greedy(tokenizer):
+    build = builder(tokenizer, temperature=0.6, do_sample=False)
+    assert build.sampling(SamplingSettings()).temperature == 0.0
+    assert build.sampling(SamplingSettings(temperature=0.3)).temperature == 0.3
+
+
+def test_a_tiny_temperature_is_greedy(tokenizer):
+    assert builder(tokenizer).sampling(SamplingSettings(temperature=1e-9)).temperature == 0.0
+
+
+def test_an_out_of_range_model_default_is_refused_naming_its_field(tokenizer):
+    err = refused(builder(tokenizer, top_p=0.0).sampling, settings=SamplingSettings())
+    assert (err.code, err.param) == ("invalid_value", "top_p")
+
+
+@pytest.mark.parametrize(
+    ("values", "param"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+        # Two bad values: the first in SamplingParams' order is named.
+        ({"min_p": 2.0, "top_p": 0.0}, "top_p"),
+    ],
+)
+def test_an_out_of_range_sampling_value_is_invalid_value_naming_it(tokenizer, values, param):
+    err = refused(builder(tokenizer).sampling, settings=SamplingSettings(**values))
+    assert (err.code, err.param) == ("invalid_value", param)
+    assert str(err).startswith(f"{param} must be")
+
+
+# -- refused requests -------------------------------------------------------------------
+
+
+def test_a_prompt_over_the_context_is_context_length_exceeded_with_a_hint(tokenizer):
+    build = builder(tokenizer).build
+    err = refused(build, prompt_token_ids=[5] * CONTEXT)
+    assert (err.code, err.param) == ("context_length_exceeded", "prompt")
+    assert err.message == f"the prompt has {CONTEXT} tokens; this engine's context is {CONTEXT}"
+    assert str(err) == f"{err.message} (pass truncate=True to keep the end of the prompt)"
+    long_chat = [{"role": "user", "content": "word " * CONTEXT}]
+    err = refused(build, messages=long_chat)
+    assert (err.code, err.param) == ("context_length_exceeded", "messages")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "param"),
+    [
+        ({}, "missing_required_parameter", "messages"),
+        ({"prompt": "a", "prompt_token_ids": [1]}, "invalid_value", "messages"),
+        ({"prompt": 5}, "invalid_type", "prompt"),
+        ({"prompt_token_ids": ["x"]}, "invalid_type", "prompt_token_ids"),
+        ({"prompt_token_ids": [TINY_VOCAB_SIZE]}, "invalid_value", "prompt_token_ids"),
+        ({"prompt": "a", "thinking": "maybe"}, "invalid_value", "thinking"),
+        (
+            {"prompt": "a", "settings": SamplingSettings(max_tokens=0)},
+            "invalid_value",
+            "max_tokens",
+        ),
+        (
+            {"prompt": "a", "settings": SamplingSettings(logprobs=21)},
+            "invalid_value",
+            "top_logprobs",
+        ),
+    ],
+)
+def test_a_refused_request_names_its_code_and_field(tokenizer, kwargs, code, param):
+    err = refused(builder(tokenizer).build, **kwargs)
+    assert (err.code, err.param) == (code, param)
+
+
+def test_settings_resolve_into_the_request(tokenizer):
+    settings = SamplingSettings(max_tokens=5, seed=3, stop="x", ignore_eos=True, logprobs=2)
+    request = builder(tokenizer, eos_token_ids=(7,)).build(prompt="hi", settings=settings)
+    assert (request.max_tokens, request.params.seed, request.stop) == (5, 3, ("x",))
+    assert (request.ignore_eos, request.logprobs, request.eos_token_ids) == (True, 2, {7})
