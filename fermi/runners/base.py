@@ -169,10 +169,6 @@ class Runner:
         """One token for each slot at its position; return logits [len(slots), vocab]."""
         raise NotImplementedError
 
-    def release(self, slot: int) -> None:
-        """The slot's cache is no longer needed (nothing to do for most backends: stale
-        entries are masked by position until overwritten)."""
-
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy slot ``src``'s first ``length`` cache positions (and any per-slot state the
         runner keeps) into slot ``dst`` (``Capabilities.moves_slots``)."""

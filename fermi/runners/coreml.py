@@ -91,6 +91,3 @@ class CoreMLRunner(Runner):
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
         rows = [self._step(s, [t], p) for s, t, p in zip(slots, token_ids, positions, strict=True)]
         return torch.from_numpy(np.stack(rows))
-
-    def release(self, slot: int) -> None:
-        """Nothing to do: attention reads only positions the next sequence has written."""

@@ -66,9 +66,6 @@ class LongRopeRunner(Runner):
             self._record(slot, pos, [token])
         return self.inner.decode(slots, token_ids, positions)
 
-    def release(self, slot: int) -> None:
-        self.inner.release(slot)
-
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """The inner runner's move (the cache and the decoder's rope mark), plus this
         wrapper's record of the slot's tokens and factors. ``src`` keeps its factors entry: the

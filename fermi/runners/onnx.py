@@ -103,6 +103,3 @@ class OnnxRunner(Runner):
         self.keys[:, slots, :, positions] = new_k[:, :, :, 0].transpose(1, 0, 2, 3)
         self.values[:, slots, :, positions] = new_v[:, :, :, 0].transpose(1, 0, 2, 3)
         return torch.from_numpy(logits)
-
-    def release(self, slot: int) -> None:
-        """Nothing to do: a later sequence overwrites each position before reading it."""

@@ -366,9 +366,6 @@ class CudaGraphRunner(Runner):
         assert out is not None  # the runner's own sampling rows
         return out
 
-    def release(self, slot: int) -> None:
-        """Nothing to do: a slot's stale entries are masked until overwritten."""
-
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Move a sequence's first ``length`` cached positions from ``src`` to ``dst``: two
