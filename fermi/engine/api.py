@@ -18,7 +18,7 @@ import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from fermi.engine.core import EngineCore, EngineStats
+from fermi.engine.core import STALL_SECONDS, EngineCore, EngineStats
 from fermi.engine.requests import ChatPrompt, RequestBuilder, SamplingSettings
 from fermi.engine.scheduler import RequestHandle
 from fermi.engine.types import (
@@ -33,6 +33,8 @@ from fermi.errors import FermiError
 from fermi.loading import GenerationDefaults
 from fermi.runners.base import Runner
 from fermi.text.tokenizer import Tokenizer
+
+__all__ = ["STALL_SECONDS", "ChatPrompt", "Engine", "EngineStats", "RequestHandle"]
 
 
 class Engine:

@@ -20,8 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from fermi.engine.api import Engine
-from fermi.engine.core import STALL_SECONDS
+from fermi.engine.api import STALL_SECONDS, Engine
 from fermi.engine.types import Delta, GenerationRequest
 from fermi.errors import FermiError, RequestError
 from fermi.rpc import convert
