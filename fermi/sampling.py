@@ -187,6 +187,23 @@ class SamplingBatch:
         self.step.index_add_(0, rows, torch.ones_like(rows))
 
 
+class LogitBias:
+    """Adds a fixed bias to some tokens' logits of one row (OpenAI's ``logit_bias``): a
+    per-row logits processor (``fermi.runners.base.LogitsProcessor``)."""
+
+    def __init__(self, pairs: tuple[tuple[int, float], ...]) -> None:
+        self.pairs = pairs
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._tensors is None or self._tensors[0].device != logits.device:
+            ids = torch.tensor([t for t, _ in self.pairs], dtype=torch.long, device=logits.device)
+            bias = torch.tensor([b for _, b in self.pairs], dtype=torch.float32)
+            self._tensors = (ids, bias.to(logits.device))
+        ids, bias = self._tensors
+        return logits.index_add(0, ids, bias.to(logits.dtype))
+
+
 def apply_penalties(
     logits: torch.Tensor,
     prompt_mask: torch.Tensor,

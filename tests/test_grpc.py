@@ -98,6 +98,17 @@ def test_generate_streams_deltas_equal_to_engine_generate(stub, engine):
     assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
 
 
+def test_generate_applies_a_logit_bias_map(stub):
+    sampling = pb.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias={42: 100})
+    request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=sampling)
+    assert [t for r in stub.Generate(request) for t in r.token_ids] == [42] * 6
+    sampling = pb.SamplingParams(max_tokens=6, logit_bias={10**6: 1})
+    bad = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=sampling)
+    error = rpc_error(lambda: list(stub.Generate(bad)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("logit_bias:")
+
+
 def test_generate_from_token_ids_and_conversation_with_logprobs(stub, engine):
     ids = pb.GenerateRequest(
         prompt_token_ids=pb.TokenIds(ids=[5, 77, 120, 33]),

@@ -215,6 +215,20 @@ def test_chat_logprobs_have_openai_shape_and_the_engines_values(client, engine):
         assert tops == sorted(tops, reverse=True)
 
 
+def test_logit_bias_from_the_sdk_steers_every_token(client, engine):
+    tokens = engine.tokenizer.encode(" yes", add_special_tokens=False)
+    bias = {str(tokens[0]): 100}
+    out = chat(client, max_tokens=5, temperature=0, logit_bias=bias, extra_body=NO_EOS)
+    ref = engine.generate(
+        messages=HI, max_tokens=5, temperature=0, logit_bias=bias, ignore_eos=True
+    )
+    assert out.choices[0].message.content == ref.text
+    assert ref.token_ids == [tokens[0]] * 5
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, max_tokens=5, logit_bias={"not-a-token": 1})
+    assert err.value.body["param"] == "logit_bias"
+
+
 def test_completions_equal_the_engine_streamed_or_not(client, engine):
     ref = engine.generate(prompt="The capital of France", max_tokens=10, seed=4)
     out = client.completions.create(

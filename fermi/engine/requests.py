@@ -57,6 +57,9 @@ class SamplingSettings:
     ignore_eos: bool = False  # keep generating past end-of-sequence
     # None: no logprobs; 0: the chosen token's; k (up to 20): also the k most likely.
     logprobs: int | None = None
+    # Token id -> a number in [-100, 100] added to that token's logit before sampling
+    # (OpenAI's logit_bias; ids may come as strings, as JSON object keys do).
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self) -> None:
         for name, kind in _KINDS.items():
@@ -100,6 +103,8 @@ def _checked(name: str, kind: type, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise RequestError(f"{name} must be a number, not {value!r}", name, "invalid_type")
         return value if type(value) is float else float(value)
+    if kind is Mapping:
+        return _bias(name, value)
     stops = (value,) if isinstance(value, str) else value
     if isinstance(stops, Iterable) and not isinstance(stops, Mapping):
         stops = tuple(stops)
@@ -110,9 +115,31 @@ def _checked(name: str, kind: type, value: Any) -> Any:
     return stops
 
 
+def _bias(name: str, value: Any) -> tuple[tuple[int, float], ...]:
+    """A logit bias as sorted (token id, bias) pairs (which it also takes, as normalised)."""
+    if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        value = dict(value)
+    if not isinstance(value, Mapping):
+        raise RequestError(f"{name} must map token ids to numbers", name, "invalid_type")
+    pairs = {}
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise RequestError(f"{name} keys must be token ids, not {key!r}", name, "invalid_type")
+        if isinstance(bias, bool) or not isinstance(bias, numbers.Real):
+            raise RequestError(f"{name} values must be numbers, not {bias!r}", name, "invalid_type")
+        if not -100.0 <= bias <= 100.0:
+            raise RequestError(f"{name} values must be in [-100, 100], got {bias!r}", name)
+        pairs[int(token)] = float(bias)
+    return tuple(sorted(pairs.items()))
+
+
 def _kind(hint: Any) -> type:
-    """The type a setting's annotation declares: int, float, bool, or Sequence (stop)."""
+    """The type a setting's annotation declares: int, float, bool, Sequence (stop) or
+    Mapping (logit_bias)."""
     args = typing.get_args(hint) or (hint,)
+    if any(typing.get_origin(a) is Mapping for a in args):
+        return Mapping
     return next(t for t in (bool, int, float) if t in args) if str not in args else Sequence
 
 
@@ -239,7 +266,19 @@ class RequestBuilder:
             start_in_reasoning=start_in_reasoning,
             logprobs=logprobs,
             skip_special_tokens=skip_special_tokens,
+            logit_bias=self._logit_bias(settings),
         )
+
+    def _logit_bias(self, settings: SamplingSettings) -> tuple[tuple[int, float], ...]:
+        pairs = settings.logit_bias or ()
+        vocab = self.vocab_size
+        bad = [t for t, _ in pairs if not 0 <= t < vocab]  # type: ignore[union-attr]
+        if bad:
+            raise RequestError(
+                f"logit_bias names token id {bad[0]}, outside the vocabulary (0..{vocab - 1})",
+                "logit_bias",
+            )
+        return tuple(pairs)  # type: ignore[arg-type]
 
     def sampling(self, settings: SamplingSettings, thinking: Thinking = "auto") -> SamplingParams:
         """The sampling parameters of a request. Each one is the first of: the caller's

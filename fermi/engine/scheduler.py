@@ -38,7 +38,7 @@ from fermi.runners.base import (
     SlotMove,
     StepOutput,
 )
-from fermi.sampling import SampleOutput, check_row
+from fermi.sampling import LogitBias, SampleOutput, check_row
 from fermi.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class Sequence:
     last_token: int = -1
     generated: int = 0  # tokens read back
     in_flight: int = 0  # tokens sampled by a step not read yet (0 or 1)
+    bias: LogitBias | None = None  # the request's logit_bias, a per-row logits processor
 
     @property
     def request(self) -> GenerationRequest:
@@ -186,7 +187,12 @@ class Scheduler:
                 )
         for seq in decoding:
             seq.in_flight += 1
-        batch = Batch(tuple(moves), admitted, chunk, rows)
+        processors = {
+            s.slot: s.bias
+            for s in (*decoding, *([prefill] if prefill is not None else []))
+            if s.bias is not None
+        }
+        batch = Batch(tuple(moves), admitted, chunk, rows, processors)
         if batch.runs:  # (moves and admissions come with a prefill chunk)
             self._scheduled.append(_Scheduled(batch, prefill, decoding))
         self.stats.running = len(self.running)
@@ -207,6 +213,8 @@ class Scheduler:
             return None
         limit = self.caps.max_seq_len
         for s in decoding:
+            if s.bias is not None:  # sampled outside the device's step: ids come from the host
+                return None
             if s.done or s.generated + 1 >= s.request.max_tokens or s.position + 1 >= limit - 1:
                 return None
         positions = tuple(s.position + 1 for s in decoding)
@@ -231,6 +239,8 @@ class Scheduler:
             slot, reused, moves = self.slots.take(req.prompt_ids, req.session)
             self._moves.extend(moves)
             seq = Sequence(handle, slot, output, prefilled=reused, reused=reused)
+            if req.logit_bias:
+                seq.bias = LogitBias(req.logit_bias)
             self.stats.cached_tokens += reused
             if req.session is not None and req.session in self._released:
                 seq.keep = False

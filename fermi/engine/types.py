@@ -28,6 +28,8 @@ class GenerationRequest:
     # None: no logprobs; 0: the chosen token's; k: also the k most likely alternatives.
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # Keep the slot's KV cache under this key when the request ends; a later request with
     # the same key starts from the longest prefix it shares with that cache.
     # Engine.release_session(key) drops it; so does the scheduler when it needs the slot.

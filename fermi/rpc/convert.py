@@ -35,6 +35,8 @@ def sampling_settings(params: pb.SamplingParams) -> SamplingSettings:
         given["logprobs"] = given.pop("top_logprobs")
     if "stop" in given:
         given["stop"] = list(given["stop"])
+    if "logit_bias" in given:
+        given["logit_bias"] = dict(given["logit_bias"])
     return SamplingSettings(**given)
 
 

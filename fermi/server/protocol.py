@@ -49,6 +49,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     user: str | None = None
     # vLLM's extension: keep generating past end-of-sequence (load tests want fixed lengths).
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> [-100, 100]
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
