@@ -16,7 +16,8 @@ PROMPT = [5, 77, 120, 33, 400, 9, 18, 250, 61]
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     folder = write_checkpoint(tmp_path_factory.mktemp("sessions") / "qwen3", {})
-    eng = fermi.load(folder, max_batch=2, max_seq_len=256)
+    # Sessions alone keep caches here; tests/test_prefix_reuse.py covers reuse for all.
+    eng = fermi.load(folder, max_batch=2, max_seq_len=256, prefix_reuse=False)
     yield eng
     eng.close()
 

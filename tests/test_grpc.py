@@ -144,9 +144,9 @@ def test_three_turn_chat_equals_the_whole_conversation_and_reuses_the_cache(stub
         whole = engine.generate(messages=history, max_tokens=8, temperature=0)
         assert text == whole.text
         assert last.usage.prompt_tokens == len(prompt)
-        if previous_cache is None:
-            assert last.usage.cached_tokens == 0
-        else:
+        # A first turn may reuse what an earlier request left, as any request does (the
+        # prefill count below checks what it reports).
+        if previous_cache is not None:
             # What the cache held: the last prompt and every generated token but the last.
             shared = 0
             while shared < len(previous_cache) and prompt[shared] == previous_cache[shared]:

@@ -174,8 +174,10 @@ def test_impossible_placements_are_errors_that_say_why(pool, devices, device, gp
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     folder = thinking_checkpoint(tmp_path_factory.mktemp("units") / "tiny", max_positions=256)
-    pool = load_pool(str(folder), [None, None], max_seq_len=256, max_batch=4)
-    api = Api(pool, ServerConfig(model=str(folder)))
+    # Without prefix reuse, a request repeated to compare two delivery paths runs the same
+    # prefill both times (a reused prefix gives the same tokens, logprobs to float rounding).
+    pool = load_pool(str(folder), [None, None], max_seq_len=256, max_batch=4, prefix_reuse=False)
+    api = Api(pool, ServerConfig(model=str(folder), prefix_reuse=False))
     yield api
     api.close()
 

@@ -27,8 +27,9 @@ class Cached:
 
 
 class SlotTable:
-    def __init__(self, slots: int, reuse: bool) -> None:
+    def __init__(self, slots: int, reuse: bool, moves: bool = True) -> None:
         self.reuse = reuse  # finished requests' caches are kept for any later prompt
+        self.moves = moves  # the runner can move a slot's cache to another slot
         self.free = list(range(slots))  # sorted: the lowest first keeps the batch dense
         self.idle: OrderedDict[int, Cached] = OrderedDict()  # least recently used first
         self.sessions: dict[str, int] = {}  # session -> its idle slot
@@ -69,7 +70,7 @@ class SlotTable:
             slot, _ = self.idle.popitem(last=False)
             self._forget(slot)
         lowest = min(self.idle, default=slot)
-        if lowest >= slot:
+        if lowest >= slot or not self.moves:
             return slot, 0, []
         self._rename(lowest, slot)
         return lowest, 0, [SlotMove(lowest, slot, len(self.idle[slot].tokens))]
