@@ -1,9 +1,15 @@
 """One decoder-only transformer with a static KV cache, shared by every architecture.
 
 Module and parameter names follow the Hugging Face checkpoints (``model.layers.N.self_attn.
-q_proj``...), so most checkpoints load without renaming. Architecture adapters
+o_proj``...), so most checkpoints load without renaming; q/k/v and gate/up are each one
+fused product (``qkv_proj``, ``gate_up_proj``, Phi-3's names), which the loader builds from
+a checkpoint's separate matrices (:func:`projection_parts`). Architecture adapters
 (``fermi.models.<arch>``) only translate ``config.json`` into :class:`ModelConfig` and fix
 naming quirks of their checkpoints.
+
+A forward's per-step tensors travel as one :class:`~fermi.models.context.StepContext`;
+each layer's attention writes and reads the cache injected into it
+(:mod:`fermi.models.cache`).
 
 ``forward`` has no Python control flow on tensor values and no host syncs: the same code
 runs eagerly on CPU, compiles with ``fullgraph=True``, captures in CUDA graphs and exports.
