@@ -77,20 +77,19 @@ class StateCache(nn.Module):
     so the slice follows from the shapes and attention reads the first kv_len positions.
     """
 
-    def __init__(self, layer: int) -> None:
+    def __init__(self, layer: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.layer = layer
+        self.dtype = dtype  # the model's, which attention computes in; the state may differ
         # The wrapper's buffers, bound by CoreMLStep.forward so that the trace reads state.
         self.keys: torch.Tensor
         self.values: torch.Tensor
-        self.dtype = torch.float32  # the model's dtype, set by write
 
     def write(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> None:
         end = ctx.kv_len
         start = end - k.shape[2]
         self.keys[self.layer, :, :, start:end] = k.to(self.keys.dtype)
         self.values[self.layer, :, :, start:end] = v.to(self.values.dtype)
-        self.dtype = k.dtype
 
     def read(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self.keys[self.layer, :, :, : ctx.kv_len].to(self.dtype)
@@ -115,7 +114,8 @@ class CoreMLStep(nn.Module):
         shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=cache_dtype))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=cache_dtype))
-        self.caches = [StateCache(i) for i in range(cfg.num_hidden_layers)]
+        dtype = decoder.model.embed_tokens.weight.dtype
+        self.caches = [StateCache(i, dtype) for i in range(cfg.num_hidden_layers)]
         decoder.use_caches(self.caches)
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
