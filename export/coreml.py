@@ -49,6 +49,7 @@ def convert(
     """Convert the trace into a stateful ML Program (saved with ``.save(path)``)."""
     import coremltools as ct
 
+    _register_addcmul()
     query = ct.RangeDim(lower_bound=1, upper_bound=max_query, default=1, symbol="query")
     kv = ct.RangeDim(lower_bound=1, upper_bound=max_seq_len, default=1, symbol="kv")
     shape = tuple(step.k_cache.shape)
@@ -74,6 +75,29 @@ def convert(
             skip_model_load=True,  # loading needs macOS; the runner loads it there
         )
     return model
+
+
+def _register_addcmul() -> None:
+    """Give coremltools a converter for ``addcmul`` (x + value * t1 * t2), which it lacks
+    (9.0) and the decoder's rope uses (``fermi.models.rope.rotate``)."""
+    from coremltools.converters.mil import Builder
+    from coremltools.converters.mil.frontend.torch import register_torch_op
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    if _TORCH_OPS_REGISTRY.get_func("addcmul") is not None:
+        return
+
+    def addcmul(context, node):
+        x, t1, t2, value = _get_inputs(context, node, expected=4)
+        if value.val is None:
+            raise NotImplementedError("addcmul with a value computed in the graph")
+        product = Builder.mul(x=t1, y=t2)
+        if value.val != 1:
+            product = Builder.mul(x=product, y=float(value.val))
+        context.add(Builder.add(x=x, y=product, name=node.name))
+
+    register_torch_op(addcmul)
 
 
 def quantize(model, quantize: str):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch.overrides import TorchFunctionMode
 
 from fermi.errors import ModelLoadError
-from fermi.models.decoder import Decoder, ModelConfig
+from fermi.models.decoder import Decoder, ModelConfig, projection_parts
 from fermi.models.registry import Adapter, UnsupportedModelError, adapter_for
 from fermi.text.tokenizer import Tokenizer
 
@@ -159,33 +159,54 @@ def build_model(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         tensors.pop("lm_head.weight", None)
-    missing = [k for k in expected if k not in tensors]
+    # Each model tensor as the checkpoint names it: its parts, for a fused projection the
+    # checkpoint stores apart, so that every check below names a tensor of the files.
+    parts = {name: checkpoint_parts(name, ref, config, tensors) for name, ref in expected.items()}
+    wanted = {part: shape for name_parts in parts.values() for part, shape in name_parts}
+    missing = [k for k in wanted if k not in tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelLoadError(f"{source}: tensor {missing[0]!r} is missing{more}")
     unexpected = [
-        k for k in tensors if k not in expected and not k.endswith(adapter.ignored_suffixes)
+        k for k in tensors if k not in wanted and not k.endswith(adapter.ignored_suffixes)
     ]
     if unexpected:
         raise ModelLoadError(
             f"{source}: unexpected tensor {unexpected[0]!r} for {config.architecture} "
             "(does config.json match the weights?)"
         )
-    state = {}
-    for name, ref in expected.items():
-        tensor = tensors[name]
-        if tuple(tensor.shape) != tuple(ref.shape):
+    for name, shape in wanted.items():
+        if tuple(tensors[name].shape) != shape:
             raise ModelLoadError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"config.json implies {tuple(ref.shape)}"
+                f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                f"config.json implies {shape}"
             )
-        state[name] = tensor.to(device=device, dtype=dtype)
+    state = {}
+    for name, name_parts in parts.items():
+        loaded = [tensors[part].to(device=device, dtype=dtype) for part, _ in name_parts]
+        state[name] = loaded[0] if len(loaded) == 1 else torch.cat(loaded)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval().requires_grad_(False)
+
+
+def checkpoint_parts(
+    name: str, ref: torch.Tensor, config: ModelConfig, tensors: dict[str, torch.Tensor]
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The checkpoint tensors (name, shape) that make model tensor ``name``: itself, or,
+    for a fused projection (``projection_parts``) the checkpoint does not store fused
+    (Phi-3 does), its separate projections, whose rows are concatenated in this order."""
+    shape = tuple(ref.shape)
+    module, _, kind = name.rpartition(".")  # kind: "weight" or "bias"
+    if name not in tensors:
+        for fused, separate in projection_parts(config).items():
+            if module.endswith("." + fused):
+                prefix = module.removesuffix(fused)
+                return [(f"{prefix}{part}.{kind}", (rows, *shape[1:])) for part, rows in separate]
+    return [(name, shape)]
 
 
 class _SkipInit(TorchFunctionMode):

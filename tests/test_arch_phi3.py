@@ -79,19 +79,20 @@ def write(tmp_path, name):
     )
 
 
-def test_checkpoint_is_fused_and_loads_split(tmp_path):
+def test_checkpoint_is_fused_and_loads_as_it_is(tmp_path):
     from safetensors import safe_open
 
     folder = write(tmp_path, "longrope")
     with safe_open(folder / "model.safetensors", framework="pt") as f:
         names = set(f.keys())
         fused = f.get_tensor("model.layers.0.self_attn.qkv_proj.weight")
+        gate_up = f.get_tensor("model.layers.0.mlp.gate_up_proj.weight")
     assert "model.layers.0.mlp.gate_up_proj.weight" in names
     model = load_folder(folder, torch.device("cpu"), torch.float32).model
-    attn = model.model.layers[0].self_attn
-    assert attn.q_proj.weight.shape == (64, 64) and attn.k_proj.weight.shape == (32, 64)
-    split = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-    assert torch.equal(split, fused)
+    layer = model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.shape == (64 + 32 + 32, 64)
+    assert torch.equal(layer.self_attn.qkv_proj.weight, fused)
+    assert torch.equal(layer.mlp.gate_up_proj.weight, gate_up)
 
 
 # A 20-token prompt decoded 64 steps crosses position 32 mid-decode (short -> long);

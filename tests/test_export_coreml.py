@@ -144,7 +144,7 @@ def test_int4_quantizes_projections_and_embedding_per_block_but_not_rope_tables(
         if op.type == "constexpr_blockwise_shift_scale"
     ]
     assert any("embed_tokens" in name for name in quantized)
-    assert sum("q_proj" in name for name in quantized) == 2
+    assert sum("qkv_proj" in name for name in quantized) == 2  # one fused q/k/v a layer
     assert not any("rope" in name for name in quantized)
 
 

@@ -121,7 +121,7 @@ def test_int8_quantized_graph_is_smaller_and_tracks_the_engine(exported, tmp_pat
     import onnx
 
     ops = [node.op_type for node in onnx.load(tmp_path / "model.onnx").graph.node]
-    assert ops.count("MatMulInteger") == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert ops.count("MatMulInteger") == 2 * 4  # qkv, o, gate_up, down per layer
     assert (tmp_path / "model.onnx").stat().st_size < (art / "model.onnx").stat().st_size
     runner = OnnxRunner(tmp_path, manifest, 1, SEQ, manifest.prefill_chunk)
     prompt = sample_prompt(manifest.vocab_size, 12, seed=5)

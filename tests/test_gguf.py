@@ -242,7 +242,7 @@ def test_quantized_gguf_on_cpu_defaults_to_fp16_weights_with_fp32_compute(tmp_pa
     half = load_gguf(path, CPU).model
     full = load_gguf(path, CPU, "fp32").model
     linears = [m for m in half.modules() if isinstance(m, HalfWeightLinear)]
-    assert len(linears) == 2 * 7 + 1  # every projection of both layers, and the head
+    assert len(linears) == 2 * 4 + 1  # every (fused) projection of both layers, and the head
     assert {m.weight.dtype for m in linears} == {torch.float16}
     assert half.model.embed_tokens.weight.dtype == torch.float32
     tokens = prompt(full.cfg.vocab_size)

@@ -94,7 +94,7 @@ def test_smollm2_by_path_defaults_to_fp16_weights_and_still_answers():
     path = aliases.alias_path("smollm2-135m")
     with fermi.load(str(path), max_seq_len=128, max_batch=1) as eng:
         assert eng.model_name == path.name
-        # The CPU runner fuses gate/up into one product (Decoder.fuse_projections).
+        # gate/up are one product, fused when the weights load.
         assert eng.runner.model.model.layers[0].mlp.gate_up_proj.weight.dtype == torch.float16
         reply = eng.generate(
             messages=[{"role": "user", "content": "What is the capital of France?"}],

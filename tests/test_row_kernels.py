@@ -15,6 +15,7 @@ import torch
 
 from fermi.models import decoder as decoder_module
 from fermi.models import gemv as G
+from fermi.models.half_weights import use_half_weights
 from tests.test_fuse_projections import CONFIGS, random_decoder
 
 cuda = pytest.mark.skipif(not G.available(), reason="needs CUDA and Triton")
@@ -38,14 +39,14 @@ def decode_logits(model, steps: int = 6) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["qwen3", "llama_bias", "phi3_window"])
 def test_row_products_give_the_unfused_logits(name):
-    plain = random_decoder(CONFIGS[name]()).fuse_projections()
+    plain = random_decoder(CONFIGS[name]())
     rows = copy.deepcopy(plain)
     assert rows.use_row_kernels()
     assert (decode_logits(rows) - decode_logits(plain)).abs().max().item() < 1e-4
 
 
 def test_one_row_steps_take_the_fused_path_and_wider_ones_do_not(monkeypatch):
-    model = random_decoder(CONFIGS["qwen3"]()).fuse_projections()
+    model = random_decoder(CONFIGS["qwen3"]())
     assert model.use_row_kernels()
     calls = []
 
@@ -69,7 +70,7 @@ def test_one_row_steps_take_the_fused_path_and_wider_ones_do_not(monkeypatch):
 def test_every_position_logits_of_one_row_keep_the_plain_final_norm():
     """``last_only=False`` on a one-row batch keeps T rows for the lm_head: the one-row
     product (which takes a single row, as the Triton kernel does) must not get them."""
-    plain = random_decoder(CONFIGS["llama_bias"]()).fuse_projections()
+    plain = random_decoder(CONFIGS["llama_bias"]())
     rows = copy.deepcopy(plain)
     assert rows.use_row_kernels()
     prompt, positions, slot = torch.tensor([[3, 4, 5]]), torch.arange(3)[None], torch.tensor([0])
@@ -90,11 +91,11 @@ def test_row_linear_takes_one_row_on_every_device():
 
 
 def test_architectures_the_products_cannot_express_keep_the_plain_layer():
-    gemma = random_decoder(CONFIGS["gemma2"]()).fuse_projections()
+    gemma = random_decoder(CONFIGS["gemma2"]())
     assert not gemma.use_row_kernels()  # sandwich norms, (1 + weight), GELU
-    unfused = random_decoder(CONFIGS["qwen3"]())
-    assert not unfused.use_row_kernels()  # needs fuse_projections() first
-    assert not any(layer.row_kernels for layer in unfused.model.layers)
+    half = use_half_weights(random_decoder(CONFIGS["qwen3"]()))
+    assert not half.use_row_kernels()  # needs nn.Linear weights, not fp16 storage
+    assert not any(layer.row_kernels for layer in half.model.layers)
 
 
 @cuda

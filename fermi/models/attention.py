@@ -1,5 +1,8 @@
 """Attention for one-token decode steps, as kernels that spread a long cache over the GPU.
 
+The attention module itself is :class:`fermi.models.decoder.Attention`; it calls these
+for one-token steps when a runner picks one (``Attention.decode_kernel``).
+
 Plain SDPA kernels give a one-token query too little parallel work at batch 1 (about one
 thread block per KV head), so a long cache is read by a handful of multiprocessors. Two
 alternatives, both only worth it under ``torch.compile`` on CUDA:

@@ -1,9 +1,15 @@
 """One decoder-only transformer with a static KV cache, shared by every architecture.
 
 Module and parameter names follow the Hugging Face checkpoints (``model.layers.N.self_attn.
-q_proj``...), so most checkpoints load without renaming. Architecture adapters
+o_proj``...), so most checkpoints load without renaming; q/k/v and gate/up are each one
+fused product (``qkv_proj``, ``gate_up_proj``, Phi-3's names), which the loader builds from
+a checkpoint's separate matrices (:func:`projection_parts`). Architecture adapters
 (``fermi.models.<arch>``) only translate ``config.json`` into :class:`ModelConfig` and fix
 naming quirks of their checkpoints.
+
+A forward's per-step tensors travel as one :class:`~fermi.models.context.StepContext`;
+each layer's attention writes and reads the cache injected into it
+(:mod:`fermi.models.cache`).
 
 ``forward`` has no Python control flow on tensor values and no host syncs: the same code
 runs eagerly on CPU, compiles with ``fullgraph=True``, captures in CUDA graphs and exports.
@@ -12,6 +18,7 @@ runs eagerly on CPU, compiles with ``fullgraph=True``, captures in CUDA graphs a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fermi.models.attention import decode_attention
+from fermi.models.cache import Cache, KVCache
+from fermi.models.context import StepContext
 from fermi.models.gemv import ACT_SILU_MUL, row_linear
 from fermi.models.rope import RopeConfig, longrope_switch, rope_tables, rotate
 
@@ -82,117 +91,59 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-class KVCache(nn.Module):
-    """Two buffers [max_batch, kv_heads, max_seq_len, head_dim]; row ``s`` is cache slot ``s``."""
-
-    def __init__(
-        self, max_batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype, device
-    ) -> None:
-        super().__init__()
-        shape = (max_batch, kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        # Zeroed counters for the split decode kernel (fermi.models.split_decode).
-        counters = torch.zeros(max_batch * kv_heads, dtype=torch.int32, device=device)
-        self.register_buffer("counters", counters, persistent=False)
-
-    def write(
-        self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> None:
-        """Write k/v [B, H, T, D] in place at (slots[b], :, positions[b, t])."""
-        if torch.compiler.is_compiling():
-            # Compiled, an in-place write through a transposed view of the buffer becomes a
-            # copy of the whole cache (functionalization writes the view back): index the
-            # buffer itself, which Inductor fuses into one small scatter with the rope.
-            index = slots[:, None].expand_as(positions)
-            self.k[index, :, positions] = k.transpose(1, 2)
-            self.v[index, :, positions] = v.transpose(1, 2)
-            return
-        # Eager, on the [B, S, H, D] view of the cache, (slots[b], positions[b, t]) picks the
-        # [H, D] entry of each token: one index_put_ per buffer, no index expansion.
-        index = (slots[:, None], positions)
-        self.k.transpose(1, 2).index_put_(index, k.transpose(1, 2))
-        self.v.transpose(1, 2).index_put_(index, v.transpose(1, 2))
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
-        self.k[dst, :, :length] = self.k[src, :, :length]
-        self.v[dst, :, :length] = self.v[src, :, :length]
-
-    def read(self, slots: torch.Tensor | None, batch: int, kv_len: int):
-        """The first ``kv_len`` positions of the given slots (a view when ``slots`` is None,
-        meaning rows 0..batch-1 are slots 0..batch-1)."""
-        if slots is None:
-            return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
-        return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
+def projection_parts(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
+    """The decoder's fused projections and the separate ones most checkpoints store, in row
+    order: module suffix -> ((part suffix, rows), ...). The loader concatenates the parts
+    once (``fermi.loading.build_model``), so ``forward`` has one layout."""
+    h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    return {
+        "self_attn.qkv_proj": (
+            ("self_attn.q_proj", h * d),
+            ("self_attn.k_proj", kv * d),
+            ("self_attn.v_proj", kv * d),
+        ),
+        "mlp.gate_up_proj": (
+            ("mlp.gate_proj", cfg.intermediate_size),
+            ("mlp.up_proj", cfg.intermediate_size),
+        ),
+    }
 
 
 class Attention(nn.Module):
+    """The one attention: projections, q/k norms, rope, the cache write and read, GQA,
+    windows and soft-capping. The cache is injected (:mod:`fermi.models.cache`): the
+    engine's slot cache, or an export wrapper's."""
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.layer = layer
         h, d, kv = cfg.num_attention_heads, cfg.head_dim, cfg.num_key_value_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.attention_bias)
+        # Rows q, then k, then v (projection_parts).
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (h + 2 * kv) * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_proj_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.cache: KVCache | None = None
+        self.cache: Cache | None = None
         # The layer's sliding window; setup_cache drops one that cannot bind in the cache.
         self.window: int | None = cfg.window(layer)
-        # Kernel for one-token steps: "sdpa", or "flex"/"math" (see fermi.models.attention),
-        # which only pay off compiled on CUDA.
+        # Kernel for one-token steps: "sdpa", or "flex"/"math"/"split" (see
+        # fermi.models.attention), which only pay off compiled on CUDA with a KVCache.
         self.decode_kernel = "sdpa"
-        # After fuse_projections(): one qkv_proj instead of q_proj, k_proj and v_proj.
-        self.fused = False
 
-    def fuse_projections(self) -> None:
-        """Replace q/k/v_proj by one ``qkv_proj`` (rows q, then k, then v)."""
-        if not self.fused:
-            self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
-            del self.q_proj, self.k_proj, self.v_proj
-            self.fused = True
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        qkv = _as_dtype(self.qkv_proj(x), x.dtype)
+        return self.o_proj(self.attend(qkv, ctx))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        read_slots: torch.Tensor | None,
-        kv_len: int,
-        masks: dict[int | None, torch.Tensor],
-    ) -> torch.Tensor:
-        if self.fused:
-            qkv = self.qkv_proj(x)
-        else:
-            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv = _as_dtype(qkv, x.dtype)
-        out = self.attend(qkv, cos, sin, positions, slots, read_slots, kv_len, masks)
-        return self.o_proj(out)
-
-    def attend(
-        self,
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        read_slots: torch.Tensor | None,
-        kv_len: int,
-        masks: dict[int | None, torch.Tensor],
-    ) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Attention from the projected ``qkv`` [B, T, (H + 2 Hkv) * D] (q, then k, then v)
         to the input of ``o_proj`` [B, T, H * D]; writes this step's keys and values."""
         cfg = self.cfg
         b, t = qkv.shape[:2]
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # Heads stay on dim 2 ([B, T, heads, D], the projections' layout) until attention.
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        cos, sin = ctx.cos.unsqueeze(2), ctx.sin.unsqueeze(2)
         qkv = qkv.view(b, t, h + kv + kv, d)
         q, k, v = qkv.split([h, kv, kv], dim=2)
         if cfg.qk_norm:
@@ -202,8 +153,8 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)
 
         assert self.cache is not None, "call Decoder.setup_cache() before forward()"
-        self.cache.write(slots, positions, k.transpose(1, 2), v.transpose(1, 2))
-        keys, values = self.cache.read(read_slots, b, kv_len)
+        self.cache.write(k.transpose(1, 2), v.transpose(1, 2), ctx)
+        keys, values = self.cache.read(ctx)
 
         if t == 1 and self.decode_kernel != "sdpa":
             out = decode_attention(
@@ -211,30 +162,33 @@ class Attention(nn.Module):
                 q,
                 keys,
                 values,
-                positions,
+                ctx.positions,
                 self.window,
                 cfg.attn_scale,
                 cfg.attn_logit_softcap,
                 self.cache.counters,
             )
         else:
-            out = self._attend(q, keys, values, masks[self.window])
+            out = self._attend(q, keys, values, ctx.masks[self.window])
         return out.transpose(1, 2).reshape(b, t, h * d)
 
     def _attend(self, q, keys, values, mask) -> torch.Tensor:
         """q [B, H, T, D] over keys/values [B, Hkv, L, D]; ``mask`` is the additive mask
-        [B, 1, G*T, L] of :meth:`Decoder._masks` (its first T rows are the plain mask)."""
+        [B, 1, G*T, L] of :meth:`Decoder.masks` (its first T rows are the plain mask)."""
         cfg = self.cfg
-        b, h, t, d = q.shape
-        kv_heads = keys.shape[1]
+        b, t = q.shape[0], q.shape[2]
+        # Head counts from the config, Python ints even under torch.jit.trace (Core ML).
+        h, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         groups = h // kv_heads
         if cfg.attn_logit_softcap is None:
             # Fold each KV head's group of query heads into the query length: the same
             # attention as repeating K/V for every query head, without copying the cache.
             q = q.reshape(b, kv_heads, groups * t, d)
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=cfg.attn_scale
-            )
+            # SDPA's default scale is 1/sqrt(head_dim); another scale is folded into q, so
+            # that converters which map SDPA only without one (Core ML's fused op) keep it.
+            if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
+                q = q * math.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             return out.reshape(b, h, t, d)
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)
@@ -250,25 +204,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        # Rows gate, then up (projection_parts).
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = _activation(cfg.hidden_act)
-        # After fuse_projections(): one gate_up_proj instead of gate_proj and up_proj.
-        self.fused = False
-
-    def fuse_projections(self) -> None:
-        """Replace gate_proj and up_proj by one ``gate_up_proj`` (gate rows first)."""
-        if not self.fused:
-            self.gate_up_proj = concat_linears([self.gate_proj, self.up_proj])
-            del self.gate_proj, self.up_proj
-            self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -276,32 +218,6 @@ def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` in ``dtype``: a projection may answer in its weights' dtype (fp16 storage on
     CPU); the rope and the KV cache work in the model's."""
     return x if x.dtype == dtype else x.to(dtype)
-
-
-def concat_linears(parts: list[nn.Module]) -> nn.Module:
-    """One linear layer whose output is the outputs of ``parts`` (same input) side by side.
-
-    Handles ``nn.Linear`` and the CPU fp16-storage ``HalfWeightLinear``; the new weight is
-    one concatenated tensor on the parts' device and dtype (no random initialisation).
-    """
-    from fermi.models.half_weights import HalfWeightLinear
-
-    first = parts[0]
-    if all(type(p) is HalfWeightLinear for p in parts):
-        return HalfWeightLinear.concat(parts)
-    if not all(type(p) is nn.Linear for p in parts):
-        names = sorted({type(p).__name__ for p in parts})
-        raise TypeError(f"cannot fuse projections of type {', '.join(names)}")
-    has_bias = first.bias is not None
-    if any((p.bias is not None) != has_bias for p in parts):
-        raise ValueError("cannot fuse projections where only some have a bias")
-    weight = torch.cat([p.weight.detach() for p in parts])
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=first.weight.requires_grad)
-    if has_bias:
-        bias = torch.cat([p.bias.detach() for p in parts])
-        fused.bias = nn.Parameter(bias, requires_grad=first.bias.requires_grad)
-    return fused
 
 
 def _activation(name: str):
@@ -328,14 +244,10 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.row_kernels = False  # see Decoder.use_row_kernels
 
-    def forward(
-        self, x, cos, sin, positions, slots, read_slots, kv_len: int, masks
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if self.row_kernels and x.shape[0] * x.shape[1] == 1:
-            return self._one_row(x, cos, sin, positions, slots, read_slots, kv_len, masks)
-        h = self.self_attn(
-            self.input_layernorm(x), cos, sin, positions, slots, read_slots, kv_len, masks
-        )
+            return self._one_row(x, ctx)
+        h = self.self_attn(self.input_layernorm(x), ctx)
         if not self.sandwich:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -343,7 +255,7 @@ class DecoderLayer(nn.Module):
         h = self.mlp(self.pre_feedforward_layernorm(x))
         return x + self.post_feedforward_layernorm(h)
 
-    def _one_row(self, x, cos, sin, positions, slots, read_slots, kv_len: int, masks):
+    def _one_row(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """The same layer for a single token, in four fused products: the norms, the
         residual adds and silu(gate) * up ride inside them (``fermi.models.gemv``)."""
         attn, mlp = self.self_attn, self.mlp
@@ -351,7 +263,7 @@ class DecoderLayer(nn.Module):
         qkv_proj, o_proj = attn.qkv_proj, attn.o_proj
         gate_up, down = mlp.gate_up_proj, mlp.down_proj
         qkv = row_linear(x, qkv_proj.weight, qkv_proj.bias, norm_weight=norm1.weight, eps=norm1.eps)
-        h = attn.attend(qkv, cos, sin, positions, slots, read_slots, kv_len, masks)
+        h = attn.attend(qkv, ctx)
         x = row_linear(h, o_proj.weight, o_proj.bias, residual=x)
         gu = row_linear(x, gate_up.weight, gate_up.bias, norm_weight=norm2.weight, eps=norm2.eps)
         return row_linear(gu, down.weight, down.bias, act=ACT_SILU_MUL, residual=x)
@@ -384,28 +296,16 @@ class Decoder(nn.Module):
             cfg.window(i) for i in range(cfg.num_hidden_layers)
         )
 
-    def fuse_projections(self) -> Decoder:
-        """Fuse each layer's q/k/v projections into one ``qkv_proj`` and gate/up into one
-        ``gate_up_proj``: two fewer products per layer, the same outputs. Call after the
-        weights are loaded (checkpoints name the separate projections); works on any
-        device, for ``nn.Linear`` and fp16-storage layers alike. Returns the model."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse_projections()
-            layer.mlp.fuse_projections()
-        return self
-
     def use_row_kernels(self) -> bool:
         """Run one-token forwards (batch-1 decode, and the last token's lm_head) through
         the fused row products of ``fermi.models.gemv``, where the architecture fits them:
-        pre-norm layers with plain RMSNorm and SiLU, fused projections, ``nn.Linear``
-        weights. Returns whether it did. On CPU the products are their torch reference."""
+        pre-norm layers with plain RMSNorm and SiLU, ``nn.Linear`` weights. Returns whether
+        it did. On CPU the products are their torch reference."""
         cfg = self.cfg
         if cfg.sandwich_norms or cfg.norm_unit_offset or cfg.hidden_act != "silu":
             return False
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if not (attn.fused and mlp.fused):
-                return False
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if any(type(m) is not nn.Linear for m in (*linears, self.lm_head)):
                 return False
@@ -423,6 +323,12 @@ class Decoder(nn.Module):
         if marks is not None:
             marks[dst] = marks[src]
 
+    def use_caches(self, caches: Sequence[Cache]) -> None:
+        """Inject one cache per layer (``setup_cache`` injects the engine's slot caches;
+        the export wrappers inject theirs)."""
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            layer.self_attn.cache = cache
+
     def setup_cache(
         self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None
     ) -> None:
@@ -430,10 +336,9 @@ class Decoder(nn.Module):
         weight = self.model.embed_tokens.weight
         dtype = dtype or weight.dtype
         cfg = self.cfg
+        shape = (max_batch, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+        self.use_caches([KVCache(*shape, dtype, weight.device) for _ in self.model.layers])
         for i, layer in enumerate(self.model.layers):
-            layer.self_attn.cache = KVCache(
-                max_batch, cfg.num_key_value_heads, max_seq_len, cfg.head_dim, dtype, weight.device
-            )
             # A window as long as the cache masks nothing: skip the extra mask (Phi-3.5's
             # 262144, or Gemma 2's 4096 with a 4096-token cache).
             window = cfg.window(i)
@@ -472,15 +377,40 @@ class Decoder(nn.Module):
         ``last_index`` [B] (implies last_only) picks each row's last real token when the
         rows are padded to a fixed length.
         """
+        ctx = self.step_context(positions, slots, kv_len, rows_are_slots, last_index)
+        return self.step(tokens, ctx, last_only, last_index)
+
+    def step_context(
+        self,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        kv_len: int,
+        rows_are_slots: bool = False,
+        last_index: torch.Tensor | None = None,
+        causal_mask: torch.Tensor | None = None,
+    ) -> StepContext:
+        """The per-step tensors of :meth:`forward`'s arguments, built once for all layers.
+        ``causal_mask`` [B, 1, T, kv_len] (additive) replaces the one built from the
+        positions (the Core ML graph takes it as an input)."""
+        cos, sin = self._rope(positions, slots, last_index)
+        read_slots = None if rows_are_slots else slots
+        masks = self.masks(positions, kv_len, causal_mask)
+        return StepContext(positions, cos, sin, slots, read_slots, kv_len, masks)
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        ctx: StepContext,
+        last_only: bool = True,
+        last_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of ``tokens`` [B, T] for the step ``ctx`` describes (see :meth:`forward`)."""
         cfg = self.cfg
         x = self.model.embed_tokens(tokens)
         if cfg.embedding_scale != 1.0:
             x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
-        cos, sin = self._rope(positions, slots, last_index)
-        read_slots = None if rows_are_slots else slots
-        masks = self._masks(positions, kv_len)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, slots, read_slots, kv_len, masks)
+            x = layer(x, ctx)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]
             last_only = True
@@ -498,23 +428,32 @@ class Decoder(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits[:, -1] if last_only else logits
 
-    def _masks(self, positions: torch.Tensor, kv_len: int) -> dict[int | None, torch.Tensor]:
+    def masks(
+        self, positions: torch.Tensor, kv_len: int, causal_mask: torch.Tensor | None = None
+    ) -> dict[int | None, torch.Tensor]:
         """Additive masks [B, 1, G*T, kv_len] (0 or -inf, in the model's dtype), one per
         distinct layer window, built once per forward: key j is visible to a query at
         position p when j <= p (and inside the window). Rows are repeated for each of the
         G query heads that share a KV head (row g*T + t is query t), the layout of
-        attention's folded query; the first T rows are the plain mask."""
+        attention's folded query; the first T rows are the plain mask. A given
+        ``causal_mask`` [B, 1, T, kv_len] stands for the j <= p part."""
         cfg = self.cfg
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
         dtype = self.model.embed_tokens.weight.dtype
         query_pos = positions.repeat(1, groups)[:, None, :, None]  # [B, 1, G*T, 1]
         key_pos = torch.arange(kv_len, device=positions.device)
-        causal = key_pos <= query_pos
+        if causal_mask is None:
+            future = key_pos > query_pos
+            causal = torch.zeros(future.shape, dtype=dtype, device=positions.device)
+            causal = causal.masked_fill(future, float("-inf"))
+        else:
+            causal = causal_mask.to(dtype).repeat(1, 1, groups, 1)
         masks = {}
         for window in set(self.windows):
-            visible = causal if window is None else causal & (key_pos > query_pos - window)
-            zeros = torch.zeros(visible.shape, dtype=dtype, device=positions.device)
-            masks[window] = zeros.masked_fill(~visible, float("-inf"))
+            if window is None:
+                masks[window] = causal
+            else:
+                masks[window] = causal.masked_fill(key_pos <= query_pos - window, float("-inf"))
         return masks
 
     def _rope(

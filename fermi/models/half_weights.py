@@ -36,20 +36,6 @@ class HalfWeightLinear(nn.Module):
         # One float32 buffer for the whole model, grown to the largest weight upcast.
         self._scratch = scratch
 
-    @classmethod
-    def concat(cls, parts: list[HalfWeightLinear]) -> HalfWeightLinear:
-        """One layer whose output is the outputs of ``parts`` side by side."""
-        has_bias = parts[0].bias is not None
-        if any((p.bias is not None) != has_bias for p in parts):
-            raise ValueError("cannot fuse projections where only some have a bias")
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
-        bias = torch.cat([p.bias for p in parts]) if has_bias else None
-        fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        fused._scratch = parts[0]._scratch
-        return fused
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows <= DIRECT_ROWS:

@@ -1,8 +1,8 @@
 """Phi-3 (``Phi3ForCausalLM``): Phi-3 / Phi-3.5-mini.
 
-A Llama-shaped decoder whose checkpoints fuse the q/k/v projections (``qkv_proj``) and
-the gate/up projections (``gate_up_proj``); :func:`split_fused` cuts them apart so the
-shared decoder runs them as three and two matrices. Long contexts use LongRoPE, whose
+A Llama-shaped decoder whose checkpoints store the q/k/v projections (``qkv_proj``) and
+the gate/up projections (``gate_up_proj``) fused, as the shared decoder holds them: they
+load as they are. Long contexts use LongRoPE, whose
 short and long factor tables the decoder switches between (``Decoder._rope``).
 """
 
@@ -10,14 +10,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
-from fermi.errors import ModelLoadError
 from fermi.models.decoder import ModelConfig
 from fermi.models.registry import (
     Adapter,
     UnsupportedModelError,
-    Weights,
     register,
     shape_fields,
 )
@@ -63,33 +59,4 @@ def phi3_config(cfg: dict) -> ModelConfig:
     )
 
 
-def split_fused(weights: Weights, cfg: ModelConfig) -> Weights:
-    """``qkv_proj`` -> q/k/v_proj and ``gate_up_proj`` -> gate/up_proj (gate first)."""
-    q_rows = cfg.num_attention_heads * cfg.head_dim
-    kv_rows = cfg.num_key_value_heads * cfg.head_dim
-    out: Weights = {}
-    for name, tensor in weights.items():
-        if name.endswith("self_attn.qkv_proj.weight"):
-            prefix = name.removesuffix("qkv_proj.weight")
-            _expect_rows(name, tensor, q_rows + 2 * kv_rows)
-            q, k, v = torch.split(tensor, [q_rows, kv_rows, kv_rows], dim=0)
-            out.update({f"{prefix}q_proj.weight": q, f"{prefix}k_proj.weight": k})
-            out[f"{prefix}v_proj.weight"] = v
-        elif name.endswith("mlp.gate_up_proj.weight"):
-            prefix = name.removesuffix("gate_up_proj.weight")
-            _expect_rows(name, tensor, 2 * cfg.intermediate_size)
-            gate, up = torch.chunk(tensor, 2, dim=0)
-            out.update({f"{prefix}gate_proj.weight": gate, f"{prefix}up_proj.weight": up})
-        else:
-            out[name] = tensor
-    return out
-
-
-def _expect_rows(name: str, tensor: torch.Tensor, rows: int) -> None:
-    if tensor.ndim != 2 or tensor.shape[0] != rows:
-        raise ModelLoadError(
-            f"tensor {name!r} has shape {tuple(tensor.shape)}; config.json implies {rows} rows"
-        )
-
-
-ADAPTER = register(Adapter("Phi3ForCausalLM", phi3_config, sanitize=split_fused))
+ADAPTER = register(Adapter("Phi3ForCausalLM", phi3_config))

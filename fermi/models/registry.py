@@ -1,7 +1,7 @@
 """Architecture adapters: Hugging Face ``config.json`` -> :class:`ModelConfig`.
 
 Each adapter is a small function named after the architecture it reads. An adapter may
-also provide ``sanitize(weights)`` to fix a checkpoint's naming quirks (fused tensors,
+also provide ``sanitize(weights)`` to fix a checkpoint's naming quirks (renamed tensors,
 extra buffers) before the weights are matched against the module.
 """
 

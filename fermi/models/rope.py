@@ -168,22 +168,3 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     x_rot = x[..., :rot]
     out = torch.addcmul(x_rot * cos, x_rot.roll(rot // 2, -1), sin)
     return torch.cat((out, x[..., rot:]), dim=-1)
-
-
-def apply_rope(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int | None = None
-) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, D] by cos/signed sin [B, T, rotary_dim] (:func:`rope_tables`).
-
-    ``rot`` (the rotary width) may be given as a Python int: under ``torch.jit.trace`` the
-    default ``cos.shape[-1]`` becomes a traced integer op that coremltools cannot convert.
-    The Core ML wrapper's spelling of :func:`rotate`, which it cannot use: coremltools has
-    no converter for ``addcmul``.
-    """
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    rot = cos.shape[-1] if rot is None else rot
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    swapped = torch.cat((x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    out = x_rot * cos + swapped * sin
-    return out if rot == x.shape[-1] else torch.cat((out, x_pass), dim=-1)

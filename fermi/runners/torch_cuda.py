@@ -160,7 +160,6 @@ class CudaGraphRunner(Runner):
         warmup: bool = True,
         compile_cache: bool = True,
         compile_scope: str = "layer",
-        fuse_projections: bool = True,
         row_kernels: bool | None = None,
     ) -> None:
         if max_batch < 1:
@@ -172,8 +171,6 @@ class CudaGraphRunner(Runner):
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if compile_scope not in ("layer", "model"):
             raise ValueError(f"compile_scope must be 'layer' or 'model', got {compile_scope!r}")
-        if fuse_projections:  # one q/k/v and one gate/up product: fewer, larger kernels
-            model.fuse_projections()
         self.model = model
         weight = model.model.embed_tokens.weight
         self.device = weight.device

@@ -16,8 +16,6 @@ class TorchRunner(Runner):
     ) -> None:
         self.model = model
         device = model.model.embed_tokens.weight.device
-        # One q/k/v and one gate/up product per layer: fewer, larger ops for the same logits.
-        model.fuse_projections()
         model.setup_cache(max_batch, max_seq_len)
         name = "torch-cpu" if device.type == "cpu" else f"torch-{device.type}"
         self.capabilities = Capabilities(

@@ -1,0 +1,71 @@
+"""Where the KV cache lives and gets written.
+
+Attention takes its cache as an injected object with two methods, ``write`` (store this
+step's keys and values) and ``read`` (what the step's queries attend over). The engine
+injects :class:`KVCache`, a static buffer per layer indexed by slot; the export wrappers
+(``export/wrapper.py``) inject a cache window that is graph input and output (ONNX) or a
+slice of model state (Core ML), and run the same attention.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from fermi.models.context import StepContext
+
+
+class Cache(Protocol):
+    def write(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> None:
+        """Store this step's keys and values k/v [B, Hkv, T, D] at ``ctx.positions``."""
+
+    def read(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, Hkv, L, D] for the step's queries, L = ``ctx.kv_len``."""
+
+
+class KVCache(nn.Module):
+    """Two buffers [max_batch, kv_heads, max_seq_len, head_dim]; row ``s`` is cache slot ``s``."""
+
+    def __init__(
+        self, max_batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype, device
+    ) -> None:
+        super().__init__()
+        shape = (max_batch, kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Zeroed counters for the split decode kernel (fermi.models.split_decode).
+        counters = torch.zeros(max_batch * kv_heads, dtype=torch.int32, device=device)
+        self.register_buffer("counters", counters, persistent=False)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> None:
+        """Write k/v [B, H, T, D] in place at (ctx.slots[b], :, ctx.positions[b, t])."""
+        slots, positions = ctx.slots, ctx.positions
+        if torch.compiler.is_compiling():
+            # Compiled, an in-place write through a transposed view of the buffer becomes a
+            # copy of the whole cache (functionalization writes the view back): index the
+            # buffer itself, which Inductor fuses into one small scatter with the rope.
+            index = slots[:, None].expand_as(positions)
+            self.k[index, :, positions] = k.transpose(1, 2)
+            self.v[index, :, positions] = v.transpose(1, 2)
+            return
+        # Eager, on the [B, S, H, D] view of the cache, (slots[b], positions[b, t]) picks the
+        # [H, D] entry of each token: one index_put_ per buffer, no index expansion.
+        index = (slots[:, None], positions)
+        self.k.transpose(1, 2).index_put_(index, k.transpose(1, 2))
+        self.v.transpose(1, 2).index_put_(index, v.transpose(1, 2))
+
+    def read(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``ctx.kv_len`` positions of the rows' slots (a view of the buffers when
+        ``ctx.read_slots`` is None, meaning rows 0..B-1 are slots 0..B-1)."""
+        kv_len = ctx.kv_len
+        if ctx.read_slots is None:
+            batch = ctx.positions.shape[0]
+            return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
+        return self.k[ctx.read_slots, :, :kv_len], self.v[ctx.read_slots, :, :kv_len]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
