@@ -58,7 +58,8 @@ class Channel(Generic[T]):
             if self.closed:
                 return
             if self._deliver is not None:
-                self._hand_on(item)
+                if self._hand_on(item):
+                    self._waker.due(self._done)  # type: ignore[arg-type]
                 return
             self._items.append(item)
             waiter = self._waiter
@@ -67,16 +68,16 @@ class Channel(Generic[T]):
             self._waiter = None
         self._waker.due(waiter)
 
-    def _hand_on(self, item: T) -> None:
-        """Pushed delivery of one item (the lock is held): once ``deliver`` says the stream
-        is complete, or raises, the channel closes and the loop learns it, once."""
+    def _hand_on(self, item: T) -> bool:
+        """Pushed delivery of one item (the lock is held). Once ``deliver`` says the stream
+        is complete, or raises, the channel closes; returns whether it did."""
         try:
             complete = self._deliver(item)  # type: ignore[misc]
         except Exception as exc:
             complete, self._error = True, exc
         if complete:
             self.closed, self._deliver = True, None
-            self._waker.due(self._done)  # type: ignore[arg-type]
+        return complete
 
     # -- the consumer's side (the loop) -------------------------------------------------
 
@@ -104,28 +105,28 @@ class Channel(Generic[T]):
         (cancellation) closes it too, and drops ``deliver`` with what it holds."""
         loop = self._waker.loop()
         assert loop is not None  # we are running on it
-        self._done = done = loop.create_future()
+        done = loop.create_future()
+        with self._lock:
+            if self.closed:
+                return
+            items, self._items = self._items, []
+            self._deliver, self._done = deliver, done
+            del deliver  # held by the channel only, so that closing it drops it
+            complete = any(self._hand_on(item) for item in items)  # stops at the last one
         try:
-            with self._lock:
-                if self.closed:
-                    return
-                self._deliver = deliver
-                items, self._items = self._items, []
-                for item in items:
-                    if self._deliver is None:  # an earlier item completed the stream
-                        break
-                    self._hand_on(item)
-            await done
+            if not complete:
+                await done
         finally:
             self.close()
-        if self._error is not None:
-            raise self._error
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         """Stop the stream: drop what is buffered and whatever is put from now on."""
         with self._lock:
             self.closed = True
-            self._items, self._waiter, self._deliver = [], None, None
+            self._items, self._waiter, self._deliver, self._done = [], None, None, None
 
 
 class _LoopWaker:
