@@ -112,7 +112,8 @@ class Channel(Generic[T]):
             items, self._items = self._items, []
             self._deliver, self._done = deliver, done
             del deliver  # held by the channel only, so that closing it drops it
-            complete = any(self._hand_on(item) for item in items)  # stops at the last one
+            # any() stops at the item that completes the stream.
+            complete = any(self._hand_on(item) for item in items)
         try:
             if not complete:
                 await done
