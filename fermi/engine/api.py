@@ -1,23 +1,19 @@
 """The Python API: ``Engine.generate`` / ``stream`` / ``astream`` over one scheduler.
 
-``astream`` hands deltas from the engine thread to the event loop without a wake-up per
-token: the engine thread appends each delta to its stream's buffer and wakes the loop only
-when that stream's consumer is waiting, and one wake-up (one thread-safe call) serves every
-stream of the loop that became ready before the loop ran it. A consumer that keeps up still
-costs one wake-up per engine step; one that falls behind takes the deltas that piled up
-without any (perf/notes_serve.md section 5).
+``astream`` takes deltas from the engine thread through a pulled
+:class:`~fermi.engine.channel.Channel`: the loop is woken only when the stream's consumer
+waits, and one wake-up serves every stream of the loop that became ready before it ran. A
+consumer that keeps up still costs one wake-up per engine step; one that falls behind takes
+the deltas that piled up without any (perf/notes_serve.md section 5).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import queue
-import threading
-import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+from fermi.engine.channel import Channel
 from fermi.engine.core import STALL_SECONDS, EngineCore, EngineStats
 from fermi.engine.requests import ChatPrompt, RequestBuilder, SamplingSettings
 from fermi.engine.scheduler import RequestHandle
@@ -140,16 +136,10 @@ class Engine:
         return self.stream_request(request)
 
     def stream_request(self, request: GenerationRequest) -> Iterator[Delta]:
-        box: queue.Queue[Delta] = queue.Queue()
+        box: queue.SimpleQueue[Delta] = queue.SimpleQueue()
         handle = self.submit(request, box.put)
         try:
-            while True:
-                delta = box.get()
-                if delta.error:
-                    raise FermiError(delta.error)
-                yield delta
-                if delta.finish_reason is not None:
-                    return
+            yield from _until_final(box)
         finally:
             handle.cancel()
 
@@ -170,31 +160,18 @@ class Engine:
     ) -> AsyncIterator[Delta]:
         if request is None:
             request = self.build_request(**(kwargs or {}))
-        loop = asyncio.get_running_loop()
-        waker = _waker_of(loop)
-        lock = waker.lock
-        box = _Box(waker)
-        handle = self.submit(request, box.put)
+        channel: Channel[Delta] = Channel()
+        handle = self.submit(request, channel.put)
         try:
-            while True:
-                with lock:
-                    items = box.items
-                    if items:
-                        box.items = []
-                    else:
-                        waiter = box.waiter = loop.create_future()
-                if not items:
-                    await waiter
-                    continue
-                for delta in items:
+            async for batch in channel:
+                for delta in batch:
                     if raise_errors and delta.error:
                         raise FermiError(delta.error)
                     yield delta
                     if delta.finish_reason is not None:
                         return
         finally:
-            with lock:
-                box.closed, box.items, box.waiter = True, [], None
+            channel.close()
             handle.cancel()
 
     def generate(self, **kwargs) -> Completion:
@@ -205,20 +182,15 @@ class Engine:
     def generate_request(self, request: GenerationRequest) -> Completion:
         text, reasoning, ids = [], [], []
         logprobs: list[TokenLogprob] | None = [] if request.logprobs is not None else None
-        box: queue.Queue[Delta] = queue.Queue()
+        box: queue.SimpleQueue[Delta] = queue.SimpleQueue()
         handle = self.submit(request, box.put)
         try:
-            while True:
-                delta = box.get()
-                if delta.error:
-                    raise FermiError(delta.error)
+            for delta in _until_final(box):
                 text.append(delta.text)
                 reasoning.append(delta.reasoning)
                 ids.extend(delta.token_ids)
                 if logprobs is not None and delta.logprobs:
                     logprobs.extend(delta.logprobs)
-                if delta.finish_reason is not None:
-                    break
         finally:
             handle.cancel()
         first = handle.first_token_at or handle.finished_at or handle.submitted_at
@@ -247,75 +219,13 @@ class Engine:
         self.close()
 
 
-class _LoopWaker:
-    """Wakes futures of one event loop from other threads, one thread-safe call (one write
-    to the loop's self-pipe) for all the futures that became due before the loop ran it.
-
-    ``lock`` also guards the buffers of every ``_Box`` of this loop. The loop is held
-    weakly: ``_wakers`` maps it to its waker and must not keep it alive, so ``due`` holds
-    its futures weakly too (a future holds its loop, and a wake-up that never runs, because
-    the loop was closed first, would leave its future there for good)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = weakref.ref(loop)
-        self.lock = threading.Lock()
-        self.due: list[weakref.ref[asyncio.Future[None]]] = []
-
-    def call(self) -> None:
-        """From any thread: have the loop run ``wake`` (the caller queued the first due)."""
-        loop = self.loop()
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(self.wake)
-
-    def wake(self) -> None:
-        """On the loop: resolve every due future."""
-        with self.lock:
-            due, self.due = self.due, []
-        for ref in due:
-            future = ref()
-            if future is not None and not future.done():  # its task may have been cancelled
-                future.set_result(None)
-
-
-_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = (
-    weakref.WeakKeyDictionary()
-)
-_wakers_lock = threading.Lock()
-
-
-def _waker_of(loop: asyncio.AbstractEventLoop) -> _LoopWaker:
-    with _wakers_lock:
-        waker = _wakers.get(loop)
-        if waker is None:
-            waker = _wakers[loop] = _LoopWaker(loop)
-        return waker
-
-
-class _Box:
-    """One async stream's deltas between the engine thread and its consumer."""
-
-    __slots__ = ("closed", "items", "waiter", "waker")
-
-    def __init__(self, waker: _LoopWaker) -> None:
-        self.waker = waker
-        self.items: list[Delta] = []
-        self.waiter: asyncio.Future[None] | None = None  # set while the consumer waits
-        self.closed = False
-
-    def put(self, delta: Delta) -> None:
-        """The sink, on the engine thread: buffer ``delta``; wake the loop only when the
-        consumer waits and no wake-up of this loop is on its way already."""
-        waker = self.waker
-        with waker.lock:
-            if self.closed:
-                return
-            self.items.append(delta)
-            waiter = self.waiter
-            if waiter is None:
-                return
-            self.waiter = None
-            waker.due.append(weakref.ref(waiter))
-            if len(waker.due) > 1:
-                return
-        waker.call()
+def _until_final(box: queue.SimpleQueue[Delta]) -> Iterator[Delta]:
+    """The synchronous API's hand-off: the caller's thread blocks on the engine's deltas
+    (no event loop to wake), up to the final one; a failure raises."""
+    while True:
+        delta = box.get()
+        if delta.error:
+            raise FermiError(delta.error)
+        yield delta
+        if delta.finish_reason is not None:
+            return
