@@ -129,7 +129,8 @@ class Scheduler:
         self.caps = caps
         self.on_finish = on_finish  # called as each request ends, before its last delta
         self.tokenizer = tokenizer
-        self.slots = SlotTable(caps.max_batch, reuse=prefix_reuse and caps.keeps_cache)
+        reuse = prefix_reuse and caps.keeps_cache
+        self.slots = SlotTable(caps.max_batch, reuse, moves=caps.moves_slots)
         self.stats = SchedulerStats()
         self.waiting: deque[RequestHandle] = deque()
         self.running: list[Sequence] = []  # in admission order
