@@ -46,3 +46,30 @@ def test_a_slot_table_without_moves_places_a_request_beside_a_kept_cache():
     table = SlotTable(2, reuse=True, moves=False)
     table.finish(table.take([1, 2, 3], None)[0], [1, 2, 3], None)
     assert table.take([8, 9], None) == (1, 0, [])
+
+
+def test_a_session_name_used_again_keeps_its_cache_after_a_released_request_was_cancelled(folder):
+    """``release_session`` while a request of the session waits marks the session so that
+    the waiting request keeps no cache. When that request was cancelled before it ran, the
+    mark stayed for good: every later request of a session of that name kept no cache."""
+    runner = TorchRunner(model(folder), 1, SEQ, prefill_chunk=32)
+    with engine(folder, runner, prefix_reuse=False) as eng:
+        busy = eng.stream(prompt_token_ids=[60, 61], max_tokens=200, ignore_eos=True)
+        next(busy)  # holds the only slot
+        kw = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        waiting = eng.submit(
+            replace(eng.build_request(prompt_token_ids=[1, 2], **kw), session="s"), print
+        )
+        eng.release_session("s")
+        waiting.cancel()
+        busy.close()
+        assert waiting.done.wait(30)
+        prompt = [5, 6, 7, 8, 9]
+        first = eng.generate_request(
+            replace(eng.build_request(prompt_token_ids=prompt, **kw), session="s")
+        )
+        follow = [*prompt, *first.token_ids, 10]
+        second = eng.build_request(prompt_token_ids=follow, **kw)
+        out = eng.generate_request(replace(second, session="s"))
+        assert out.usage.cached_tokens == len(prompt) + len(first.token_ids) - 1
+        assert eng.load == 0
