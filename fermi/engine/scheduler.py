@@ -248,11 +248,15 @@ class Scheduler:
             self.running.append(seq)
             admitted.append((seq, seed))
             self._may_compact = True
-            if req.session is not None and not any(
-                h.request.session == req.session for h in self.waiting
-            ):
-                self._released.discard(req.session)
+            self._unmark_released(req.session)
         return admitted
+
+    def _unmark_released(self, session: str | None) -> None:
+        """A request of ``session`` left the queue: the release mark goes with the last."""
+        if session in self._released and not any(
+            h.request.session == session for h in self.waiting
+        ):
+            self._released.discard(session)
 
     def _compact(self) -> list[SlotMove]:
         if not self.caps.moves_slots or not self._may_compact:
@@ -366,6 +370,7 @@ class Scheduler:
         self, handle: RequestHandle, reason: FinishReason, error: str | None = None
     ) -> None:
         n = len(handle.request.prompt_ids)
+        self._unmark_released(handle.request.session)  # (it left the queue)
         self._finish(handle, Delta(finish_reason=reason, usage=Usage(n, 0), error=error))
 
     def _finish(self, handle: RequestHandle, delta: Delta) -> None:

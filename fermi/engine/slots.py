@@ -29,7 +29,7 @@ class Cached:
 class SlotTable:
     def __init__(self, slots: int, reuse: bool, moves: bool = True) -> None:
         self.reuse = reuse  # finished requests' caches are kept for any later prompt
-        self.moves = moves  # the runner can move a slot's cache to another slot
+        self.moves = moves  # the runner can move a slot's cache (Capabilities.moves_slots)
         self.free = list(range(slots))  # sorted: the lowest first keeps the batch dense
         self.idle: OrderedDict[int, Cached] = OrderedDict()  # least recently used first
         self.sessions: dict[str, int] = {}  # session -> its idle slot
@@ -49,7 +49,8 @@ class SlotTable:
         entries past the shared prefix are masked by position, then overwritten.
 
         A request that reuses nothing goes to the lowest slot nothing runs in, so decode
-        steps stay dense: an idle cache there first moves to the slot picked above.
+        steps stay dense: an idle cache there first moves to the slot picked above (when
+        the runner can move slots).
         """
         if session is not None and session in self.sessions:
             slot = self.sessions.pop(session)
@@ -70,7 +71,7 @@ class SlotTable:
             slot, _ = self.idle.popitem(last=False)
             self._forget(slot)
         lowest = min(self.idle, default=slot)
-        if lowest >= slot or not self.moves:
+        if not self.moves or lowest >= slot:
             return slot, 0, []
         self._rename(lowest, slot)
         return lowest, 0, [SlotMove(lowest, slot, len(self.idle[slot].tokens))]
