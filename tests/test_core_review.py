@@ -42,10 +42,11 @@ def test_a_runner_that_cannot_move_slots_gets_no_move_from_admission(folder):
         assert eng.stats().cached_slots.keys() == {0, 1}
 
 
-def test_a_slot_table_without_moves_places_a_request_beside_a_kept_cache():
+def test_a_slot_table_without_moves_never_copies_a_shared_prefix():
     table = SlotTable(2, reuse=True, moves=False)
-    table.finish(table.take([1, 2, 3], None)[0], [1, 2, 3], None)
-    assert table.take([8, 9], None) == (1, 0, [])
+    cached = list(range(100))
+    table.finish(table.take(cached, None)[0], cached, None)
+    assert table.take([*range(40), 500], None) == (1, 0, [])
 
 
 def test_a_session_name_used_again_keeps_its_cache_after_a_released_request_was_cancelled(folder):

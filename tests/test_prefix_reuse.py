@@ -201,14 +201,18 @@ def test_a_full_table_gives_up_its_least_recently_used_cache():
     assert list(table.idle) == [1] and table.idle[1].tokens == [1, 2, 3, 7]
 
 
-def test_a_free_slot_is_preferred_to_a_cache_that_would_lose_more_than_it_gives():
-    table = SlotTable(2, reuse=True)
-    slot, _, _ = table.take(list(range(100)), None)
-    table.finish(slot, list(range(100)), None)
-    # Sharing 10 of 100 cached tokens: not worth the other 90 while a slot is free. The new
-    # request runs in slot 0 all the same (a dense step), the cache moving to slot 1.
-    assert table.take([*range(10), 500], None) == (0, 0, [SlotMove(0, 1, 100)])
-    assert table.sessions == {} and list(table.idle) == [1]
+def test_a_cache_that_would_lose_more_than_it_gives_lends_its_prefix_by_copy():
+    table = SlotTable(3, reuse=True)
+    cached = list(range(100))
+    slot, _, _ = table.take(cached, None)
+    table.finish(slot, cached, None)
+    # Sharing 40 of 100 cached tokens: slot 0 keeps its cache for the conversation it holds
+    # and copies the 40 into a free slot, where the new prompt prefills only the rest.
+    assert table.take([*range(40), 500], None) == (1, 40, [SlotMove(0, 1, 40)])
+    assert list(table.idle) == [0]
+    # Below COPY_AT_LEAST shared tokens a prefill is cheaper than a copy.
+    assert table.take([*range(10), 501], None) == (2, 0, [])
     # With no free slot left, any shared prefix beats none.
-    table.finish(0, [7, 7], None)
-    assert table.take([*range(10), 501], None) == (1, 10, [])
+    table.finish(1, [*range(40), 500], None)
+    table.finish(2, [*range(10), 501], None)
+    assert table.take([*range(10), 502], None)[1:] == (10, [])

@@ -117,12 +117,12 @@ def test_a_kept_session_yields_slot_0_and_its_next_turn_still_reuses_its_cache(f
         engine.generate_request(request(engine, turn[:4], 3, session="s", temperature=0))
         assert engine.stats().cached_slots == {0: "s"}
         steps = record_decode_slots(engine)
-        # Slot 0 holds the idle session: its cache moves to a free slot (the lowest, 1) so
-        # that the new request decodes in slot 0.
+        # Slot 0 holds the idle session: the new request is admitted to slot 1, and the
+        # session's cache moves to a free slot so that the request decodes in slot 0.
         out = engine.generate_request(other)
         assert out.token_ids == other_solo
         assert steps and all(s == [0] for s in steps)
-        assert engine.stats().cached_slots == {1: "s"}
+        assert engine.stats().cached_slots == {2: "s"}
         # The session's next turn finds its cache where it went, moves back down, and
         # prefills only past the shared prefix.
         before = engine.stats().prompt_tokens

@@ -261,6 +261,8 @@ class Scheduler:
     def _compact(self) -> list[SlotMove]:
         if not self.caps.moves_slots or not self._may_compact:
             return []
+        if any(s.prefilled < len(s.request.prompt_ids) for s in self.running):
+            return []  # later: moves would stand between a prompt and its first token
         self._may_compact = False
         moves = self.slots.compact({s.slot: s.cached for s in self.running})
         by_slot = {s.slot: s for s in self.running}

@@ -26,10 +26,15 @@ class Cached:
     session: str | None = None
 
 
+# Fewer shared tokens than this are prefilled again rather than copied from another slot: a
+# copy is a fixed number of small device operations (two per layer).
+COPY_AT_LEAST = 32
+
+
 class SlotTable:
     def __init__(self, slots: int, reuse: bool, moves: bool = True) -> None:
         self.reuse = reuse  # finished requests' caches are kept for any later prompt
-        self.moves = moves  # the runner can move a slot's cache (Capabilities.moves_slots)
+        self.moves = moves  # the runner can copy a slot's cache (Capabilities.moves_slots)
         self.free = list(range(slots))  # sorted: the lowest first keeps the batch dense
         self.idle: OrderedDict[int, Cached] = OrderedDict()  # least recently used first
         self.sessions: dict[str, int] = {}  # session -> its idle slot
@@ -40,17 +45,18 @@ class SlotTable:
 
     def take(self, prompt: Sequence[int], session: str | None) -> tuple[int, int, list[SlotMove]]:
         """A slot for ``prompt``, how many of its first tokens that slot's cache holds, and
-        the moves to make before the request runs there.
+        the copies to make before the request runs there.
 
-        The session's own slot if it kept one; else the idle slot sharing the longest
-        prefix, when that reuses at least as many tokens as it throws away (or no slot is
-        free); else the lowest free slot; else the least recently used idle one. The
-        prompt's last token always runs again (its logits pick the first new token); cache
-        entries past the shared prefix are masked by position, then overwritten.
-
-        A request that reuses nothing goes to the lowest slot nothing runs in, so decode
-        steps stay dense: an idle cache there first moves to the slot picked above (when
-        the runner can move slots).
+        The session's own slot if it kept one. Else the idle slot sharing the longest
+        prefix, taken over when that reuses at least as many tokens as it throws away (or
+        no slot is free). Else the lowest free slot, into which a shared prefix of at least
+        ``COPY_AT_LEAST`` tokens is first copied from its idle slot (when the runner can
+        copy slots), which keeps its cache: a copy costs far less than prefilling those
+        tokens, and the other conversation's next turn still finds its whole history.
+        Else the least recently used idle slot (the lowest idle slot's cache moving there
+        when that one is lower). The prompt's last token always runs again
+        (its logits pick the first new token); cache entries past the shared prefix are
+        masked by position, then overwritten.
         """
         if session is not None and session in self.sessions:
             slot = self.sessions.pop(session)
@@ -67,9 +73,14 @@ class SlotTable:
             return best, shared, []
         if self.free:
             slot = self.free.pop(0)
-        else:
-            slot, _ = self.idle.popitem(last=False)
-            self._forget(slot)
+            if best is not None and self.moves and shared >= COPY_AT_LEAST:
+                self.idle.move_to_end(best)  # used: the most recently
+                return slot, shared, [SlotMove(best, slot, shared)]
+            return slot, 0, []
+        slot, _ = self.idle.popitem(last=False)
+        self._forget(slot)
+        # Every slot was taken: run in the lowest slot nothing runs in, so the step stays
+        # dense, its cache moving into the slot just given up.
         lowest = min(self.idle, default=slot)
         if not self.moves or lowest >= slot:
             return slot, 0, []
@@ -116,9 +127,8 @@ class SlotTable:
         runner's step covers the smallest batch bucket holding the highest live slot, and
         the eager runner reads slots 0..B-1 as a view but gathers scattered ones. Each
         running sequence at slot n or above moves into a hole below n, free holes first. An
-        idle cache in the hole moves once, to a free slot at n or above; with none free, an
-        anonymous cache is dropped (a wider step costs every step, a lost cache only a
-        possible reuse) and a session's stays where it is.
+        idle cache in the hole moves once, to a free slot at n or above; with none free it
+        stays, and so does the sequence.
         Each move copies the sequence's cached positions (about 0.1 MB per position for
         Qwen3-1.7B in bf16) and its sampling row.
         """
@@ -127,25 +137,18 @@ class SlotTable:
         if not holes:
             return []
 
-        def order(h: int) -> int:  # free holes first, then anonymous caches, then sessions'
-            cached = self.idle.get(h)
-            return 0 if cached is None else 1 if cached.session is None else 2
-
-        holes.sort(key=order)
+        holes.sort(key=lambda h: h in self.idle)  # free holes first
         movers = sorted(s for s in running if s >= n)
         moves = []
         for src, hole in zip(movers, holes, strict=True):
             cached = self.idle.get(hole)
             if cached is not None:
                 spare = next((f for f in self.free if f >= n), None)
-                if spare is not None:
-                    moves.append(SlotMove(hole, spare, len(cached.tokens)))
-                    self.free.remove(spare)
-                    self._rename(hole, spare)
-                elif cached.session is None:
-                    del self.idle[hole]
-                else:  # a session's cache is never dropped for speed
+                if spare is None:  # a kept cache is never dropped for speed
                     break
+                moves.append(SlotMove(hole, spare, len(cached.tokens)))
+                self.free.remove(spare)
+                self._rename(hole, spare)
             else:
                 self.free.remove(hole)
             moves.append(SlotMove(src, hole, running[src]))

@@ -316,7 +316,7 @@ class Decoder(nn.Module):
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Move a sequence's cache (its first ``length`` positions) and its per-slot rope
-        mark from slot ``src`` to slot ``dst``; ``src`` then holds nothing that is read."""
+        mark from slot ``src`` to slot ``dst``, leaving ``src`` as it was."""
         for layer in self.model.layers:
             layer.self_attn.cache.move(src, dst, length)
         marks = getattr(self, "rope_long", None)

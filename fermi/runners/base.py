@@ -70,7 +70,8 @@ class Admission:
 
 @dataclass(frozen=True)
 class SlotMove:
-    """Copy slot ``src``'s first ``length`` cached positions and its sampling row to ``dst``."""
+    """Copy slot ``src``'s first ``length`` cached positions and its sampling row to ``dst``
+    (``src`` is left as it was: the engine either keeps using it or frees it)."""
 
     src: int
     dst: int
@@ -171,7 +172,8 @@ class Runner:
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy slot ``src``'s first ``length`` cache positions (and any per-slot state the
-        runner keeps) into slot ``dst`` (``Capabilities.moves_slots``)."""
+        runner keeps) into slot ``dst``, leaving ``src`` as it was
+        (``Capabilities.moves_slots``)."""
         raise NotImplementedError(f"the {self.capabilities.name} runner cannot move slots")
 
     # -- the step -----------------------------------------------------------------------

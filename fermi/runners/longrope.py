@@ -68,11 +68,12 @@ class LongRopeRunner(Runner):
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """The inner runner's move (the cache and the decoder's rope mark), plus this
-        wrapper's record of the slot's tokens and factors. ``src`` keeps its factors entry: the
+        wrapper's record of the slot's tokens and factors. ``src`` keeps both (a copy: the
+        engine may keep using it). Its factors entry must stay in any case: the
         decoder's mark for ``src`` stays as it was, and the two must agree, or a short
         sequence admitted to ``src`` later would run with a stale long mark."""
         self.inner.move_slot(src, dst, length)
-        self._tokens[dst] = self._tokens.pop(src, [])[:length]
+        self._tokens[dst] = self._tokens.get(src, [])[:length]
         self._long[dst] = self._long.get(src, False)
 
     def __getattr__(self, name: str):
