@@ -208,11 +208,20 @@ def test_a_cache_that_would_lose_more_than_it_gives_lends_its_prefix_by_copy():
     table.finish(slot, cached, None)
     # Sharing 40 of 100 cached tokens: slot 0 keeps its cache for the conversation it holds
     # and copies the 40 into a free slot, where the new prompt prefills only the rest.
-    assert table.take([*range(40), 500], None) == (1, 40, [SlotMove(0, 1, 40)])
+    assert table.take([*range(40), 500, 501], None) == (1, 40, [SlotMove(0, 1, 40)])
     assert list(table.idle) == [0]
     # Below COPY_AT_LEAST shared tokens a prefill is cheaper than a copy.
-    assert table.take([*range(10), 501], None) == (2, 0, [])
+    assert table.take([*range(10), 501, 502], None) == (2, 0, [])
     # With no free slot left, any shared prefix beats none.
-    table.finish(1, [*range(40), 500], None)
-    table.finish(2, [*range(10), 501], None)
-    assert table.take([*range(10), 502], None)[1:] == (10, [])
+    table.finish(1, [*range(40), 500, 501], None)
+    table.finish(2, [*range(10), 501, 502], None)
+    assert table.take([*range(10), 503, 504], None)[1:] == (10, [])
+
+
+def test_a_prompt_held_whole_by_a_cache_takes_it_over():
+    """The same prompt again (a regenerated reply): nothing but its last token runs, even
+    though the cache's old reply is thrown away."""
+    table = SlotTable(2, reuse=True)
+    slot, _, _ = table.take([1, 2, 3], None)
+    table.finish(slot, [1, 2, 3, *range(10, 40)], None)
+    assert table.take([1, 2, 3], None) == (0, 2, [])

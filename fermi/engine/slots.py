@@ -48,15 +48,14 @@ class SlotTable:
         the copies to make before the request runs there.
 
         The session's own slot if it kept one. Else the idle slot sharing the longest
-        prefix, taken over when that reuses at least as many tokens as it throws away (or
-        no slot is free). Else the lowest free slot, into which a shared prefix of at least
-        ``COPY_AT_LEAST`` tokens is first copied from its idle slot (when the runner can
-        copy slots), which keeps its cache: a copy costs far less than prefilling those
-        tokens, and the other conversation's next turn still finds its whole history.
-        Else the least recently used idle slot (the lowest idle slot's cache moving there
-        when that one is lower). The prompt's last token always runs again
-        (its logits pick the first new token); cache entries past the shared prefix are
-        masked by position, then overwritten.
+        prefix, taken over when it holds the whole prompt, or reuses at least as many tokens
+        as it throws away, or no slot is free. Else the lowest free slot, into which a
+        shared prefix of at least ``COPY_AT_LEAST`` tokens is first copied from its idle
+        slot (when the runner can copy slots), which keeps its cache for the conversation it
+        holds. Else the least recently used idle slot (the lowest idle slot's cache moving
+        there when that one is lower). The prompt's last token always runs again (its
+        logits pick the first new token); cache entries past the shared prefix are masked by
+        position, then overwritten.
         """
         if session is not None and session in self.sessions:
             slot = self.sessions.pop(session)
@@ -68,7 +67,10 @@ class SlotTable:
                     n = usable(cached.tokens, prompt)
                     if n > shared:
                         best, shared = slot, n
-        if best is not None and (not self.free or 2 * shared >= len(self.idle[best].tokens)):
+        whole = shared == len(prompt) - 1  # e.g. the same prompt again (a regenerated reply)
+        if best is not None and (
+            whole or not self.free or 2 * shared >= len(self.idle[best].tokens)
+        ):
             del self.idle[best]
             return best, shared, []
         if self.free:

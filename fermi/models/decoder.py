@@ -317,8 +317,13 @@ class Decoder(nn.Module):
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Move a sequence's cache (its first ``length`` positions) and its per-slot rope
         mark from slot ``src`` to slot ``dst``, leaving ``src`` as it was."""
-        for layer in self.model.layers:
-            layer.self_attn.cache.move(src, dst, length)
+        caches = [layer.self_attn.cache for layer in self.model.layers]
+        if all(isinstance(c, KVCache) for c in caches):  # one call for every layer's copy
+            views = [(t[dst, :, :length], t[src, :, :length]) for c in caches for t in (c.k, c.v)]
+            torch._foreach_copy_([d for d, _ in views], [s for _, s in views])
+        else:
+            for cache in caches:
+                cache.move(src, dst, length)
         marks = getattr(self, "rope_long", None)
         if marks is not None:
             marks[dst] = marks[src]

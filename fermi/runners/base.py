@@ -197,9 +197,11 @@ class Runner:
         return StepOutput(_on_host(prefill), _on_host(decode))
 
     def apply_moves_and_admissions(self, batch: Batch) -> None:
+        admitted = {new.slot for new in batch.admitted}
         for move in batch.moves:
             self.move_slot(move.src, move.dst, move.length)
-            self.sampling.move_row(move.src, move.dst)
+            if move.dst not in admitted:  # (an admitted row is set afresh below)
+                self.sampling.move_row(move.src, move.dst)
         for new in batch.admitted:
             self.sampling.set_row(new.slot, new.params, list(new.prompt_ids), new.seed)
 
