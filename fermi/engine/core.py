@@ -111,14 +111,10 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         s, table = self.scheduler.stats, self.scheduler.slots
-        for _ in range(3):  # the engine thread may change the table while it is copied
-            try:
-                free, idle = tuple(table.free), {k: c.session for k, c in table.idle.items()}
-                break
-            except RuntimeError:
-                continue
-        else:
-            free, idle = (), {}
+        # Copied in one C-level pass each (list() of a dict's items runs no Python code, so
+        # the engine thread cannot change the table half-way under the GIL).
+        free = tuple(table.free)
+        idle = {slot: cached.session for slot, cached in list(table.idle.items())}
         return EngineStats(
             running=s.running,
             waiting=s.waiting,

@@ -393,6 +393,7 @@ class Scheduler:
         """A step failed: end every running request with ``message``. Kept caches go too
         (the failed step's slot moves may not have run)."""
         self._scheduled.clear()
+        self._moves.clear()
         for seq in self.running:
             if not seq.done:
                 self._complete(seq, Delta(error=message), "error")
