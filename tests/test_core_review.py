@@ -74,3 +74,23 @@ def test_a_session_name_used_again_keeps_its_cache_after_a_released_request_was_
         out = eng.generate_request(replace(second, session="s"))
         assert out.usage.cached_tokens == len(prompt) + len(first.token_ids) - 1
         assert eng.load == 0
+
+
+class Forgetful(TorchRunner):
+    """A runner whose slots do not keep their cache between requests, as Core ML's
+    (``Capabilities.keeps_cache`` False)."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.capabilities = replace(self.capabilities, keeps_cache=False)
+
+
+def test_a_runner_that_keeps_no_cache_gets_no_reuse_even_for_a_session(folder):
+    runner = Forgetful(model(folder), 2, SEQ, prefill_chunk=32)
+    with engine(folder, runner) as eng:
+        kw = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        first = replace(eng.build_request(prompt_token_ids=[5, 6, 7, 8], **kw), session="s")
+        eng.generate_request(first)
+        again = eng.generate_request(replace(first, prompt_ids=(5, 6, 7, 8, 9)))
+        assert again.usage.cached_tokens == 0
+        assert eng.stats().cached_slots == {}

@@ -356,7 +356,8 @@ class Scheduler:
         if reason == "error":
             self.slots.release(seq.slot)
         else:
-            session = seq.request.session if seq.keep else None
+            keep = seq.keep and self.caps.keeps_cache
+            session = seq.request.session if keep else None
             self.slots.finish(seq.slot, self._cached_tokens(seq), session)
         self._finish(seq.handle, delta)
 
