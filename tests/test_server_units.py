@@ -22,7 +22,7 @@ from fermi.server.config import ServerConfig
 from fermi.server.handlers import Api, StreamEndedError
 from fermi.server.pool import PoolConfigError, load_pool, parse_devices, plan_devices
 from fermi.server.protocol import ENCODER, ChatCompletionRequest
-from tests.serving import thinking_checkpoint
+from tests.serving import metric, thinking_checkpoint
 
 
 def as_json(obj) -> dict:
@@ -205,8 +205,8 @@ def test_least_loaded_replica_is_picked_and_ties_rotate(api):
         handle.cancel()
 
 
-async def call_asgi(app: AsgiApp, path: str, body: dict) -> tuple[int, bytes]:
-    raw = json.dumps(body).encode()
+async def call_asgi(app: AsgiApp, path: str, body: dict | bytes) -> tuple[int, bytes]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     sent = []
     incoming = [{"type": "http.request", "body": raw, "more_body": False}]
 
@@ -360,6 +360,51 @@ def test_unexpected_exception_is_a_500_without_traceback(api, monkeypatch):
     assert status == 500
     error = json.loads(raw)["error"]
     assert error["type"] == "server_error" and "internal detail" not in error["message"]
+
+
+def errors_counted(api: Api, status: int) -> float:
+    return metric(api.metrics.render().decode(), "fermi:http_errors_total", status=str(status))
+
+
+def test_an_unexpected_500_is_counted_in_http_errors(api, monkeypatch):
+    def explode(**kwargs):
+        raise KeyError("internal detail")
+
+    monkeypatch.setattr(api.pool.engine, "build_request", explode)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    status, _ = asyncio.run(call_asgi(AsgiApp(api), "/v1/chat/completions", body))
+    assert status == 500
+    before = errors_counted(api, 500)
+    asyncio.run(call_asgi(AsgiApp(api), "/v1/chat/completions", body))
+    assert errors_counted(api, 500) == before + 1
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_json_nested_deeper_than_the_decoder_goes_is_400(api, path):
+    nested = b'{"messages": [], "prompt": "x", "chat_template_kwargs": {"a": '
+    nested += b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    status, raw = asyncio.run(call_asgi(AsgiApp(api), path, nested))
+    assert status == 400
+    assert json.loads(raw)["error"] == {
+        "message": "the request body nests JSON arrays or objects too deeply",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_json",
+    }
+
+
+@pytest.mark.parametrize(
+    "template", ["{{ 'a' * 10000000000 }}", "{% for i in range(10**12) %}{% endfor %}"]
+)
+def test_a_runaway_chat_template_is_400_naming_the_messages(api, monkeypatch, template):
+    tokenizer = api.pool.engine.tokenizer
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    monkeypatch.setattr(tokenizer, "_compiled", None)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    status, raw = asyncio.run(call_asgi(AsgiApp(api), "/v1/chat/completions", body))
+    error = json.loads(raw)["error"]
+    assert (status, error["param"], error["code"]) == (400, "messages", "invalid_value")
+    assert error["message"].startswith("chat template error:")
 
 
 def test_health_probe_generates_a_token_on_each_idle_replica(api):

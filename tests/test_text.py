@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import tracemalloc
 from datetime import datetime
 from pathlib import Path
 
@@ -470,3 +471,41 @@ def test_stop_matcher_agrees_with_reference_for_random_chunkings() -> None:
         cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, max(0, len(text) - 1))))
         chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         assert _feed_all(StopStringMatcher(stops), chunks) == _reference_stop(text, stops)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ 'a' * 10000000000 }}",
+        "{{ [1] * 10000000000 }}",
+        "{% for i in range(10**12) %}{% endfor %}",
+        "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+        "{{ 'a'.ljust(10**10) }}",
+        "{% set width = 10**10 %}{{ 'a' | center(width) }}",
+        "{{ 2 ** 100000000 }}",
+        "{{ 10.0 ** 400 }}",
+        "{% set s = 'a' * 30000000 %}{% for i in range(3) %}{{ s }}{% endfor %}",
+    ],
+)
+def test_a_runaway_template_is_a_chat_template_error_without_allocating_gigabytes(
+    tiny_folder: Path, template: str
+) -> None:
+    tok = _with_template(tiny_folder, template)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError, match="chat template error") as err:
+            tok.apply_chat_template([{"role": "user", "content": "hi"}])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.value.param == "messages"
+    assert peak < 200 * 2**20  # the largest case builds its 30 MB string, then stops
+
+
+def test_templates_within_the_bounds_render_as_before(tiny_folder: Path) -> None:
+    template = (
+        "{{ '-' * 3 }}{{ 2 ** 10 }}{% for i in range(3) %}{{ i }}{% endfor %}"
+        "{{ 'a' | center(5) }}|{{ messages[0].content.ljust(4) }}|"
+    )
+    tok = _with_template(tiny_folder, template)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "---1024012  a  |hi  |"

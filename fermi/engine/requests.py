@@ -29,6 +29,9 @@ MIN_TEMPERATURE = 1e-5
 # Qwen3's recommended sampling when thinking is off (its generation_config holds the
 # thinking-mode values); applied only when a request sets none of these four itself.
 NON_THINKING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
+# The roles a chat message may have: OpenAI's. Any other text would reach the chat template,
+# and a role such as "user<|im_end|>..." would write its own turns into the prompt.
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +185,7 @@ class RequestBuilder:
     def chat_prompt(self, messages: Sequence[dict], thinking: Thinking = "auto") -> ChatPrompt:
         """Render ``messages`` with the model's chat template for a thinking mode."""
         _check_thinking(thinking)
+        check_roles(messages)
         enable = {"on": True, "off": False, "auto": None}[thinking]
         try:
             text = self.tokenizer.apply_chat_template(
@@ -322,6 +326,34 @@ class RequestBuilder:
                 "prompt_token_ids",
             )
         return ids
+
+
+def check_roles(messages: Sequence[Any], field: str = "messages") -> None:
+    """Refuse a message that is not a mapping with one of ``ROLES`` as its role; ``field``
+    is the messages' name on the caller's wire (gRPC: ``conversation.messages``)."""
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role not in ROLES:
+            raise RequestError(
+                f"role must be one of {', '.join(ROLES)}, not {role!r}", f"{field}[{i}].role"
+            )
+
+
+def check_room(request: GenerationRequest, asked: int | None, field: str = "max_tokens") -> None:
+    """Refuse a request whose prompt leaves less room than the ``asked`` tokens: the builder
+    clamps them to the context (the Python API's convenience); an HTTP or gRPC client
+    that asked for more than fits must know. ``field`` names the limit on the wire."""
+    if asked is None or request.max_tokens >= asked:
+        return
+    n = len(request.prompt_ids)
+    context = n + request.max_tokens
+    raise RequestError(
+        f"this model's context is {context} tokens; the prompt has {n} tokens "
+        f"and {field} asks for {asked} more ({n + asked} in all). "
+        f"Lower {field} to {context - n} or shorten the prompt.",
+        field,
+        "context_length_exceeded",
+    )
 
 
 def _check_thinking(thinking: object) -> None:

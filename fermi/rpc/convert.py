@@ -6,13 +6,12 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from fermi.engine.requests import SamplingSettings
+from fermi.engine.requests import SamplingSettings, check_roles
 from fermi.engine.types import Delta, Thinking
 from fermi.errors import EngineOverloadedError, FermiError, RequestError
 from fermi.rpc.generated import fermi_pb2 as pb
 from fermi.rpc.sessions import SessionBusyError, SessionLimitError, SessionNotFoundError
 
-ROLES = ("system", "user", "assistant", "tool")
 _THINKING: dict[int, Thinking] = {
     pb.THINKING_AUTO: "auto",
     pb.THINKING_ON: "on",
@@ -40,29 +39,24 @@ def sampling_settings(params: pb.SamplingParams) -> SamplingSettings:
     return SamplingSettings(**given)
 
 
-def message_dict(message: pb.Message, field: str) -> dict[str, str]:
-    if message.role not in ROLES:
-        raise RequestError(f"role must be one of {', '.join(ROLES)}, not {message.role!r}", field)
-    return {"role": message.role, "content": message.content}
-
-
 def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
     """``Engine.build_request`` keyword arguments for a Generate call."""
     kwargs: dict[str, Any] = {
         "settings": sampling_settings(request.sampling),
         "truncate": request.truncate,
     }
+    # Checked whatever the input, as HTTP checks every field it is sent.
+    thinking = thinking_mode(request.thinking)
     which = request.WhichOneof("input")
     if which == "prompt":
         kwargs["prompt"] = request.prompt
     elif which == "prompt_token_ids":
         kwargs["prompt_token_ids"] = list(request.prompt_token_ids.ids)
     elif which == "conversation":
-        kwargs["messages"] = [
-            message_dict(m, f"conversation.messages[{i}].role")
-            for i, m in enumerate(request.conversation.messages)
-        ]
-        kwargs["thinking"] = thinking_mode(request.thinking)
+        messages = [{"role": m.role, "content": m.content} for m in request.conversation.messages]
+        check_roles(messages, "conversation.messages")  # named as on this wire
+        kwargs["messages"] = messages
+        kwargs["thinking"] = thinking
     else:
         raise RequestError(
             "set one of prompt, prompt_token_ids or conversation",

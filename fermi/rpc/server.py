@@ -21,6 +21,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from fermi.engine.api import STALL_SECONDS, Engine
+from fermi.engine.requests import check_room
 from fermi.engine.types import Delta, GenerationRequest
 from fermi.errors import FermiError, RequestError
 from fermi.rpc import convert
@@ -42,7 +43,7 @@ class FermiService(pb_grpc.FermiServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator:  # noqa: N802
         try:
-            built = self.engine.build_request(**convert.generate_kwargs(request))
+            built = self._build(**convert.generate_kwargs(request))
             async for delta in self._run(built):
                 yield convert.response(delta)
         except Exception as exc:
@@ -92,12 +93,12 @@ class FermiService(pb_grpc.FermiServicer):
         else:
             history = [{"role": "system", "content": request.system}] if request.system else []
             # Validate before creating, so a bad first turn leaves no session behind.
-            built = self.engine.build_request(messages=[*history, user], **kwargs)
+            built = self._build(messages=[*history, user], **kwargs)
             session = self.sessions.begin_new(history)
         added, answered = None, False
         try:
             if built is None:
-                built = self.engine.build_request(messages=[*session.messages, user], **kwargs)
+                built = self._build(messages=[*session.messages, user], **kwargs)
             text, reasoning = [], []
             async for delta in self._run(replace(built, session=session.id)):
                 text.append(delta.text)
@@ -111,6 +112,12 @@ class FermiService(pb_grpc.FermiServicer):
             if not request.session_id and not answered:
                 # The client never learned this session's id (e.g. the queue was full).
                 self.sessions.discard(session.id)
+
+    def _build(self, **kwargs) -> GenerationRequest:
+        """The engine's request, refused (as HTTP refuses it) when max_tokens do not fit."""
+        built = self.engine.build_request(**kwargs)
+        check_room(built, kwargs["settings"].max_tokens)
+        return built
 
     async def _run(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         async for delta in self.engine.astream_request(request):

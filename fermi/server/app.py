@@ -67,7 +67,7 @@ async def _send_stream(reply: StreamReply, send: Callable[[bytes], Awaitable[Non
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        if (event := _failure_event(exc)) is not None:
+        if (event := _failure_event(reply, exc)) is not None:
             with contextlib.suppress(Exception):  # the client may be gone as well
                 await send(event)
     finally:
@@ -81,17 +81,18 @@ async def _push_stream(reply: StreamReply, write: Callable[[bytes], object]) -> 
     except StreamEndedError:
         pass
     except Exception as exc:
-        if (event := _failure_event(exc)) is not None:
+        if (event := _failure_event(reply, exc)) is not None:
             with contextlib.suppress(Exception):  # the client may be gone as well
                 write(event)
 
 
-def _failure_event(exc: Exception) -> bytes | None:
-    """The last events of a stream that failed part-way (logged), or None when the failure
-    is only the client having left."""
+def _failure_event(reply: StreamReply, exc: Exception) -> bytes | None:
+    """The last events of a stream that failed part-way (logged and counted as a 500), or
+    None when the failure is only the client having left."""
     if _client_gone(exc):
         return None
     log.exception("stream failed")
+    reply.api.metrics.error(500)
     return sse(ErrorBody(internal_error().detail())) + DONE
 
 
@@ -155,6 +156,7 @@ class RsgiApp:
             )
         except Exception:
             log.exception("request failed: %s %s", scope.method, scope.path)
+            self.api.metrics.error(500)
             self._reply(proto, error_reply(internal_error()))
             return
         if isinstance(reply, Reply):
@@ -232,6 +234,7 @@ class AsgiApp:
             reply = await self.api.handle(method, path, headers.get("authorization"), body)
         except Exception:
             log.exception("request failed: %s %s", method, path)
+            self.api.metrics.error(500)
             await self._reply(send, error_reply(internal_error()))
             return
         if isinstance(reply, Reply):

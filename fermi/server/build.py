@@ -6,13 +6,16 @@ from dataclasses import replace
 from typing import Any
 
 from fermi.engine.api import Engine
-from fermi.engine.requests import SamplingSettings
+from fermi.engine.requests import SamplingSettings, check_room
 from fermi.engine.types import GenerationRequest, Thinking
 from fermi.errors import RequestError
 from fermi.server.errors import ApiError
 from fermi.server.protocol import ChatCompletionRequest, CompletionRequest, Message, SamplingFields
 
 MAX_CHOICES = 16  # n per request; more would starve everyone else's slots
+# /v1/completions without max_tokens writes this many, as OpenAI's does; chat completions
+# without one run to the end of the context (OpenAI's chat default).
+COMPLETION_MAX_TOKENS = 16
 
 
 def resolve_thinking(body: ChatCompletionRequest) -> Thinking:
@@ -76,7 +79,14 @@ def completion_requests(engine: Engine, body: CompletionRequest) -> list[Generat
     for prompt in _prompts(body.prompt):
         key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
         out += _requests(
-            engine, body, {key: prompt}, body.max_tokens, "max_tokens", body.logprobs, "prompt"
+            engine,
+            body,
+            {key: prompt},
+            body.max_tokens,
+            "max_tokens",
+            body.logprobs,
+            "prompt",
+            default_max_tokens=COMPLETION_MAX_TOKENS,
         )
     return out
 
@@ -110,25 +120,19 @@ def _requests(
     max_tokens_field: str,
     logprobs: int | None,
     prompt_field: str,
+    default_max_tokens: int | None = None,
 ) -> list[GenerationRequest]:
+    """The requests of one prompt. Asked-for ``max_tokens`` that do not fit are refused; the
+    endpoint's default (when not asked) is clamped to the context."""
     if not 1 <= body.n <= MAX_CHOICES:
         raise ApiError(400, f"n must be between 1 and {MAX_CHOICES}, got {body.n}", param="n")
+    limit = default_max_tokens if max_tokens is None else max_tokens
     try:
-        settings = SamplingSettings.taken_from(body, max_tokens=max_tokens, logprobs=logprobs)
+        settings = SamplingSettings.taken_from(body, max_tokens=limit, logprobs=logprobs)
         first = engine.build_request(**prompt, settings=settings)
+        check_room(first, max_tokens, max_tokens_field)
     except RequestError as exc:
         raise _request_error(exc, prompt_field, max_tokens_field) from None
-    if max_tokens is not None and first.max_tokens < max_tokens:
-        # The engine clamps silently; an API client asked for more than fits and must know.
-        n = len(first.prompt_ids)
-        raise ApiError(
-            400,
-            f"this model's context is {engine.max_seq_len} tokens; the prompt has {n} tokens "
-            f"and {max_tokens_field} asks for {max_tokens} more ({n + max_tokens} in all). "
-            f"Lower {max_tokens_field} to {engine.max_seq_len - n} or shorten the prompt.",
-            param=max_tokens_field,
-            code="context_length_exceeded",
-        )
     if body.n == 1:
         return [first]
     # Seeded choices differ from each other yet reproduce: choice i draws with seed + i.

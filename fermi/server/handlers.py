@@ -210,6 +210,11 @@ class Api:
             body = decoder.decode(raw)
         except msgspec.DecodeError as exc:
             raise bad_body(exc) from None
+        except RecursionError:
+            # msgspec's own depth limit: arrays or objects nested thousands deep.
+            raise ApiError(
+                400, "the request body nests JSON arrays or objects too deeply", code="invalid_json"
+            ) from None
         self._check_model(body.model)
         requests = to_requests(self.pool.engine, body)
         generation = Generation(self.pool, requests, asyncio.get_running_loop())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -62,6 +65,77 @@ def _tojson(
     )
 
 
+# A chat template is a program from the model folder: these bound what one render may do,
+# so a runaway or hostile template is a ChatTemplateError instead of gigabytes allocated or
+# a loop without end. Real templates write a few KB and loop over the messages.
+MAX_TEMPLATE_OUTPUT = 32 * 1024 * 1024  # characters of prompt text (the body limit is 8 MB)
+MAX_TEMPLATE_RANGE = 100_000  # items of every range() in one render, summed
+_MAX_POWER_BITS = 4096  # an integer ** result larger than this is refused before computing
+
+
+def _too_big(what: str) -> jinja2.exceptions.SecurityError:
+    return jinja2.exceptions.SecurityError(f"{what} (the sandbox bounds chat templates)")
+
+
+def _check_size(value: Any) -> None:
+    """Refuse an integer argument past the output bound: a width, count or padding that
+    large (``'a'.ljust(10**10)``, ``x|center(10**10)``) would build a string that large."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TEMPLATE_OUTPUT:
+        raise _too_big(f"the number {value} is larger than {MAX_TEMPLATE_OUTPUT}")
+
+
+def _bounded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)  # keeps jinja's pass_context/pass_environment marks
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):
+            _check_size(value)
+        return function(*args, **kwargs)
+
+    return bounded
+
+
+class _RenderBudget:
+    """What one render may still spend on ``range()`` (a render's own ``range``)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_TEMPLATE_RANGE
+
+    def range(self, *args: int) -> range:
+        items = range(*args)
+        self.left -= len(items)
+        if self.left < 0:
+            raise _too_big(f"range() over more than {MAX_TEMPLATE_RANGE} items in one render")
+        return items
+
+
+class _TemplateSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, with sizes bounded: ``*`` and ``**`` are checked before
+    they compute, every call and filter refuses a size argument past the output bound."""
+
+    # Intercepted operators are also never folded at compile time.
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
+        if operator_ == "*":
+            for seq, times in ((left, right), (right, left)):
+                sized = isinstance(seq, (str, list, tuple)) and isinstance(times, int)
+                if sized and len(seq) * times > MAX_TEMPLATE_OUTPUT:
+                    raise _too_big(
+                        f"a sequence of {len(seq)} repeated {times} times is larger "
+                        f"than {MAX_TEMPLATE_OUTPUT}"
+                    )
+            return operator.mul(left, right)
+        integers = isinstance(left, int) and isinstance(right, int) and right > 0
+        if integers and abs(left).bit_length() * right > _MAX_POWER_BITS:
+            raise _too_big(f"{left} ** {right} is larger than {_MAX_POWER_BITS} bits")
+        return operator.pow(left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        for value in (*args, *kwargs.values()):
+            _check_size(value)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -70,15 +144,16 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _make_environment() -> ImmutableSandboxedEnvironment:
+def _make_environment() -> _TemplateSandbox:
     # Same whitespace settings and helpers that transformers gives templates, so a model's
     # published template renders byte-identically here.
-    env = ImmutableSandboxedEnvironment(
+    env = _TemplateSandbox(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[_GenerationTag, jinja2.ext.loopcontrols],
     )
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -125,6 +200,17 @@ def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             clean.setdefault("reasoning_content", reasoning)
         normalized.append(clean)
     return normalized
+
+
+def _render_bounded(template: jinja2.Template, context: dict[str, Any]) -> str:
+    """The template's output, refused once it passes MAX_TEMPLATE_OUTPUT characters."""
+    pieces, size = [], 0
+    for piece in template.generate(**context):
+        size += len(piece)
+        if size > MAX_TEMPLATE_OUTPUT:
+            raise _too_big(f"the rendered prompt is longer than {MAX_TEMPLATE_OUTPUT} characters")
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 class Tokenizer:
@@ -258,9 +344,11 @@ class Tokenizer:
         # thinking off only for an explicit false).
         if enable_thinking is not None:
             context["enable_thinking"] = enable_thinking
+        context["range"] = _RenderBudget().range
         try:
-            return template.render(**context)
-        except jinja2.TemplateError as exc:
+            return _render_bounded(template, context)
+        except (jinja2.TemplateError, OverflowError) as exc:
+            # OverflowError: float arithmetic past its range, e.g. 10.0 ** 400.
             raise ChatTemplateError(f"chat template error: {exc}") from exc
 
     def render_prompt_ids(
