@@ -384,7 +384,7 @@ def test_bad_chat_requests_are_invalid_argument_and_create_no_session(stub):
     assert err.details().startswith("thinking:")
 
 
-def test_a_chat_asking_more_tokens_than_fit_is_invalid_argument_and_creates_no_session(stub):
+def test_a_chat_asking_more_tokens_than_fit_is_invalid_argument(stub):
     sampling = pb.SamplingParams(max_tokens=10**9)
     err = rpc_error(
         lambda: list(stub.Chat(pb.ChatRequest(message=pb.Message(content="x"), sampling=sampling)))
