@@ -20,7 +20,7 @@ from fermi.errors import ModelLoadError
 from fermi.gguf_reader import GGUFFile, check_type
 from fermi.loading import Checkpoint, GenerationDefaults, build_model, parse_dtype
 from fermi.models.half_weights import use_half_weights
-from fermi.models.registry import UnsupportedModelError, adapter_for
+from fermi.models.registry import UnsupportedModelError, adapter_for, bounded_size
 from fermi.text.tokenizer import Tokenizer
 
 # GGUF architecture -> Hugging Face architecture, and whether llama.cpp's converter
@@ -140,22 +140,39 @@ def hf_config_from_gguf(gguf: GGUFFile, arch: str) -> dict[str, Any]:
             raise ModelLoadError(f"{gguf.path}: GGUF metadata has no {full!r}")
         return meta[full]
 
+    def size(field: str, key: str, default: int | None = None) -> int:
+        # Bounded as config.json's sizes are, before anything is built from them.
+        value = (meta.get(f"{arch}.{key}") or default) if default is not None else need(key)
+        try:
+            return bounded_size(field, value, str(gguf.path), f"{arch}.{key}")
+        except UnsupportedModelError as exc:
+            raise ModelLoadError(str(exc)) from None
+
+    def decimal(key: str, default: float | None = None) -> float:
+        value = meta.get(f"{arch}.{key}", default) if default is not None else need(key)
+        try:
+            return _decimal(value)
+        except (TypeError, ValueError):
+            message = f"{gguf.path}: {arch}.{key} must be a number, not {value!r}"
+            raise ModelLoadError(message) from None
+
     if "token_embd.weight" not in tensors:
         raise ModelLoadError(f"{gguf.path}: tensor 'token_embd.weight' is missing")
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
+    hidden = size("hidden_size", "embedding_length")
+    heads = size("num_attention_heads", "attention.head_count")
+    head_dim = size("head_dim", "attention.key_length", hidden // heads)
     cfg: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch][0]],
         "vocab_size": tensors["token_embd.weight"].shape[0],
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": size("intermediate_size", "feed_forward_length"),
+        "num_hidden_layers": size("num_hidden_layers", "block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv") or heads),
+        "num_key_value_heads": size("num_key_value_heads", "attention.head_count_kv", heads),
         "head_dim": head_dim,
-        "rms_norm_eps": _decimal(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _decimal(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(need("context_length")),
+        "rms_norm_eps": decimal("attention.layer_norm_rms_epsilon"),
+        "rope_theta": decimal("rope.freq_base", 10000.0),
+        "max_position_embeddings": size("max_position_embeddings", "context_length"),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "mlp_bias": "blk.0.ffn_gate.bias" in tensors,

@@ -24,6 +24,17 @@ from fermi.errors import ModelLoadError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+# ggml tensors have at most 4 dimensions (GGML_MAX_DIMS).
+MAX_DIMS = 4
+# llama.cpp never writes arrays of arrays; a few levels are allowed, not the thousands a
+# hostile file uses to exhaust the stack.
+MAX_ARRAY_DEPTH = 4
+# The fewest bytes a key/value pair (key length, value type, one byte) and a tensor entry
+# (name length, dimension count, type, offset) take: counts that need more bytes than the
+# file holds are refused before any loop runs over them.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8
+_INT64_MAX = (1 << 63) - 1
 
 # Plain float types map straight onto a torch dtype; no dequantization needed.
 _FLOAT_TYPES = {
@@ -104,6 +115,17 @@ class _Cursor:
         self.pos += struct.calcsize(fmt)
         return value
 
+    def count(self, fmt: str, each: int, what: str) -> int:
+        """A count of items that take at least ``each`` bytes: refused when the rest of the
+        file cannot hold them, so no loop runs over a hostile 2**64."""
+        value = self.scalar(fmt)
+        if value * each > len(self.buf) - self.pos:
+            raise ModelLoadError(
+                f"{self.path}: GGUF header is truncated or corrupt: {what} declares "
+                f"{value} items, more than the rest of the file can hold"
+            )
+        return value
+
     def string(self) -> str:
         length = self.scalar("<Q")
         end = self.pos + length
@@ -113,26 +135,31 @@ class _Cursor:
         self.pos = end
         return text
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, key: str) -> Any:
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
-            return self.array()
+            return self.array(key, depth=1)
         try:
             return self.scalar(_SCALAR_FORMATS[GGUFValueType(vtype)])
         except (ValueError, KeyError):
-            raise ModelLoadError(f"{self.path}: unknown GGUF value type {vtype}") from None
+            raise ModelLoadError(f"{self.path}: {key}: unknown GGUF value type {vtype}") from None
 
-    def array(self) -> list | np.ndarray:
-        etype, count = self.scalar("<I"), self.scalar("<Q")
+    def array(self, key: str, depth: int) -> list | np.ndarray:
+        if depth > MAX_ARRAY_DEPTH:
+            raise ModelLoadError(
+                f"{self.path}: {key}: arrays nested more than {MAX_ARRAY_DEPTH} deep"
+            )
+        etype = self.scalar("<I")
         if etype == GGUFValueType.STRING:
-            return [self.string() for _ in range(count)]
+            return [self.string() for _ in range(self.count("<Q", 8, key))]
         if etype == GGUFValueType.ARRAY:
-            return [self.array() for _ in range(count)]
+            return [self.array(key, depth + 1) for _ in range(self.count("<Q", 12, key))]
         try:
             dtype = np.dtype(_NUMPY_TYPES[GGUFValueType(etype)])
         except (ValueError, KeyError):
-            raise ModelLoadError(f"{self.path}: unknown GGUF array type {etype}") from None
+            raise ModelLoadError(f"{self.path}: {key}: unknown GGUF array type {etype}") from None
+        count = self.scalar("<Q")
         end = self.pos + dtype.itemsize * count
         if end > len(self.buf):
             raise ModelLoadError(f"{self.path}: GGUF header is truncated")
@@ -161,25 +188,70 @@ class GGUFFile:
         if version not in (2, 3):
             # A byte-swapped version number means a big-endian file.
             raise ModelLoadError(f"{self.path}: GGUF version {version} is not supported (2 or 3)")
-        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        n_tensors = cur.count("<Q", _MIN_TENSOR_BYTES, "the tensor count")
+        n_kv = cur.count("<Q", _MIN_KV_BYTES, "the metadata count")
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()
-            self.metadata[key] = cur.value(cur.scalar("<I"))
+            self.metadata[key] = cur.value(cur.scalar("<I"), key)
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            n_dims = cur.scalar("<I")
+            if n_dims > MAX_DIMS:
+                raise ModelLoadError(
+                    f"{self.path}: tensor {name!r} has {n_dims} dimensions (ggml allows {MAX_DIMS})"
+                )
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
             infos.append((name, tuple(reversed(dims)), cur.scalar("<I"), cur.scalar("<Q")))
-        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        align = self._alignment()
         data_start = -(-cur.pos // align) * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, shape, type_id, offset in infos:
-            nbytes = _nbytes(shape, type_id)
+            nbytes = self._nbytes(name, shape, type_id)
+            if offset % align:
+                raise ModelLoadError(
+                    f"{self.path}: tensor {name!r} has offset {offset}, not a multiple of "
+                    f"general.alignment ({align})"
+                )
             start = data_start + offset
+            # The bytes the shape declares must lie in the file: a header cannot make the
+            # loader allocate more than the file holds.
             if start + nbytes > len(self._buf):
-                raise ModelLoadError(f"{self.path}: tensor {name!r} runs past the end of the file")
+                raise ModelLoadError(
+                    f"{self.path}: tensor {name!r} of shape {shape} needs {nbytes} bytes "
+                    "and runs past the end of the file"
+                )
             self.tensors[name] = TensorInfo(name, shape, type_id, start, nbytes)
+
+    def _alignment(self) -> int:
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        # As llama.cpp: a positive power of two (it divides every tensor offset).
+        if (
+            isinstance(align, bool)
+            or not isinstance(align, int | np.integer)
+            or align <= 0
+            or align & (align - 1)
+        ):
+            raise ModelLoadError(
+                f"{self.path}: general.alignment must be a positive power of two, not {align!r}"
+            )
+        return int(align)
+
+    def _nbytes(self, name: str, shape: tuple[int, ...], type_id: int) -> int:
+        elements = prod(shape)
+        if elements > _INT64_MAX:
+            raise ModelLoadError(f"{self.path}: tensor {name!r} has too many elements {shape}")
+        try:
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+        except (ValueError, KeyError):
+            return 0  # unknown type: reported by check_type when the tensor is used
+        if shape and shape[-1] % block:
+            raise ModelLoadError(
+                f"{self.path}: tensor {name!r} has rows of {shape[-1]} values, not a multiple "
+                f"of its type's block of {block}"
+            )
+        return elements // block * size
 
     @property
     def quantized(self) -> bool:
@@ -219,14 +291,6 @@ def check_type(info: TensorInfo, path: Path) -> None:
             f"{path}: tensor {info.name!r} is stored as {info.type_name}, which is not "
             f"supported (supported: {', '.join(SUPPORTED_TYPES)})"
         )
-
-
-def _nbytes(shape: tuple[int, ...], type_id: int) -> int:
-    try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
-    except (ValueError, KeyError):
-        return 0  # unknown type: reported by check_type when the tensor is used
-    return prod(shape) // block * size
 
 
 # Q8_0, Q4_0 and Q4_1 are unpacked here with whole-array numpy ops: gguf.quants splits the

@@ -86,9 +86,12 @@ def load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Check
     hf_config = read_json(folder / "config.json")
     try:
         adapter = adapter_for(hf_config, str(folder / "config.json"))
-        config = adapter.to_config(hf_config)
     except UnsupportedModelError as exc:
         raise ModelLoadError(str(exc)) from None
+    try:
+        config = adapter.to_config(hf_config)
+    except UnsupportedModelError as exc:  # its message starts "config.json: <field> ..."
+        raise ModelLoadError(f"model folder {folder}: {exc}") from None
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.exists():
         raise ModelLoadError(f"model folder {folder} has no tokenizer.json")

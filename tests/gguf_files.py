@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf import quants as gguf_quants
+from gguf.gguf_writer import GGUFValue
 from safetensors.torch import load_file
 
 # Hugging Face name (after "model.layers.N.") -> GGUF name (after "blk.N.").
@@ -81,11 +83,14 @@ def write_gguf(
     weight_type: GGMLQuantizationType = GGMLQuantizationType.F32,
     pre: str = "gpt2",
     extra_tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType]] | None = None,
+    metadata: dict[str, tuple[object, GGUFValueType]] | None = None,
 ) -> Path:
     """Convert ``folder`` (config.json, model.safetensors, tokenizer.json) to ``out``.
 
     2-D weights are stored as ``weight_type``; 1-D tensors stay F32 as the converter keeps
-    them. ``extra_tensors`` adds raw tensors (bytes + type) for error tests.
+    them. ``extra_tensors`` adds raw tensors (bytes + type) and ``metadata`` sets keys
+    (value + type, over the converter's own) for error tests; the tensor data stays laid
+    out with the writer's default alignment whatever ``general.alignment`` says.
     """
     cfg = json.loads((folder / "config.json").read_text())
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -121,6 +126,8 @@ def write_gguf(
         _add(writer, gguf_name(name), data, weight_type if data.ndim == 2 else None)
     for name, (raw, qtype) in (extra_tensors or {}).items():
         writer.add_tensor(name, raw, raw_dtype=qtype)
+    for key, (value, vtype) in (metadata or {}).items():
+        writer.kv_data[0][key] = GGUFValue(value=value, type=vtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -169,3 +176,14 @@ def dequantized(data: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor
         return data.half().float()
     raw = gguf_quants.quantize(data.float().numpy(), qtype)
     return torch.from_numpy(gguf_quants.dequantize(raw, qtype))
+
+
+def raw_gguf(kv: bytes, n_kv: int, tensors: bytes = b"", n_tensors: int = 0) -> bytes:
+    """A GGUF v3 file from already packed key/value and tensor-info bytes (for headers the
+    writer refuses to produce, such as arrays nested thousands deep)."""
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kv + tensors
+
+
+def packed_string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("<Q", len(data)) + data

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
 import pytest
@@ -14,6 +16,7 @@ import fermi
 from export.build import ExportOptions, export_model
 from export.onnx import quantize_int8
 from export.verify import compare, sample_prompt
+from fermi.errors import ModelLoadError
 from fermi.loading import load_folder
 from fermi.runners.artefact import read_manifest, sha256_file
 from fermi.runners.onnx import OnnxRunner
@@ -130,3 +133,29 @@ def test_int8_quantized_graph_is_smaller_and_tracks_the_engine(exported, tmp_pat
     # tokens; the logits stay close (seen: 0.14 while the streams agreed).
     assert parity.first_divergence != 0
     assert parity.max_logit_diff < 0.3, parity.summary()
+
+
+def tampered_copy(art, tmp_path):
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    return copy
+
+
+def test_a_chat_template_the_manifest_does_not_list_is_refused(exported, tmp_path):
+    _, art, _, _ = exported
+    copy = tampered_copy(art, tmp_path)
+    (copy / "chat_template.jinja").write_text("PWNED {{ messages[0]['content'] }}")
+    with pytest.raises(ModelLoadError, match=r"has chat_template\.jinja, which manifest\.json"):
+        fermi.load(copy)
+
+
+@pytest.mark.parametrize("name", ["generation_config.json", "tokenizer_config.json"])
+def test_a_file_the_loader_reads_dropped_from_the_manifest_is_refused(exported, tmp_path, name):
+    _, art, _, _ = exported
+    copy = tampered_copy(art, tmp_path)
+    raw = json.loads((copy / "manifest.json").read_text())
+    del raw["files"][name]
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    (copy / name).write_text(json.dumps({"temperature": 9.0, "chat_template": "PWNED"}))
+    with pytest.raises(ModelLoadError, match=rf"has {re.escape(name)}, which manifest\.json"):
+        fermi.load(copy)

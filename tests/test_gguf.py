@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf import quants as gguf_quants
 
 from fermi.errors import ModelLoadError
@@ -13,7 +15,7 @@ from fermi.gguf import load_gguf
 from fermi.gguf_reader import GGUFFile
 from fermi.loading import load_folder
 from fermi.text.tokenizer import Tokenizer
-from tests.gguf_files import dequantized, gguf_name, write_gguf
+from tests.gguf_files import dequantized, gguf_name, packed_string, raw_gguf, write_gguf
 from tests.tiny import LLAMA3_ROPE, write_checkpoint
 
 CPU = torch.device("cpu")
@@ -266,3 +268,74 @@ def test_gguf_sentencepiece_tokenizer_is_refused_by_name(tmp_path, llama_folder)
     )
     with pytest.raises(ModelLoadError, match="tokenizer model 'sp_x' is not supported"):
         load_gguf(path, CPU, torch.float32)
+
+
+HUGE = 4294967295
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("layers", [1_000_000, HUGE])
+def test_gguf_absurd_block_count_fails_at_once_naming_the_field(tmp_path, llama_folder, layers):
+    path = write_gguf(
+        llama_folder,
+        tmp_path / "m.gguf",
+        "llama",
+        metadata={"llama.block_count": (layers, GGUFValueType.UINT32)},
+    )
+    with pytest.raises(ModelLoadError, match=rf"m\.gguf: llama\.block_count = {layers} is outside"):
+        load_gguf(path, CPU, torch.float32)
+
+
+@pytest.mark.parametrize("key", ["llama.embedding_length", "llama.context_length"])
+def test_gguf_absurd_size_is_refused_naming_the_file_and_field(tmp_path, llama_folder, key):
+    path = write_gguf(
+        llama_folder, tmp_path / "m.gguf", "llama", metadata={key: (HUGE, GGUFValueType.UINT32)}
+    )
+    with pytest.raises(ModelLoadError, match=rf"m\.gguf: {key} = {HUGE} is outside 1\.\."):
+        load_gguf(path, CPU, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "value", [(0, GGUFValueType.UINT32), ("abc", GGUFValueType.STRING), (48, GGUFValueType.UINT32)]
+)
+def test_gguf_alignment_that_is_not_a_power_of_two_is_a_load_error(tmp_path, llama_folder, value):
+    path = write_gguf(
+        llama_folder, tmp_path / "m.gguf", "llama", metadata={"general.alignment": value}
+    )
+    with pytest.raises(ModelLoadError, match=r"m\.gguf: general\.alignment must be a positive"):
+        GGUFFile(path)
+
+
+@pytest.mark.timeout(30)
+def test_gguf_arrays_nested_20000_deep_are_a_load_error_naming_the_key(tmp_path):
+    array = struct.pack("<I", GGUFValueType.ARRAY)
+    nested = array + (array + struct.pack("<Q", 1)) * 20_000
+    innermost = struct.pack("<IQ", GGUFValueType.UINT8, 0)
+    path = tmp_path / "deep.gguf"
+    path.write_bytes(raw_gguf(packed_string("general.deep") + nested + innermost, n_kv=1))
+    with pytest.raises(ModelLoadError, match=r"deep\.gguf: general\.deep: arrays nested more"):
+        GGUFFile(path)
+
+
+@pytest.mark.timeout(30)
+def test_gguf_counts_the_file_cannot_hold_are_refused_before_any_loop(tmp_path):
+    # 2**40 strings of at least 8 bytes each, in a file of a few dozen bytes.
+    kv = packed_string("tokenizer.ggml.tokens") + struct.pack(
+        "<IIQ", GGUFValueType.ARRAY, GGUFValueType.STRING, 1 << 40
+    )
+    path = tmp_path / "counts.gguf"
+    path.write_bytes(raw_gguf(kv, n_kv=1))
+    with pytest.raises(ModelLoadError, match=r"ggml\.tokens declares 1099511627776 items"):
+        GGUFFile(path)
+    path.write_bytes(raw_gguf(b"", n_kv=0, n_tensors=HUGE))
+    with pytest.raises(ModelLoadError, match=f"tensor count declares {HUGE} items"):
+        GGUFFile(path)
+
+
+def test_gguf_tensor_whose_shape_needs_more_bytes_than_the_file_is_refused(tmp_path):
+    dims = struct.pack("<IQQ", 2, 1 << 31, 1 << 31)  # 2**62 float32 values
+    info = packed_string("token_embd.weight") + dims + struct.pack("<IQ", Q.F32, 0)
+    path = tmp_path / "big.gguf"
+    path.write_bytes(raw_gguf(b"", n_kv=0, tensors=info, n_tensors=1) + bytes(64))
+    with pytest.raises(ModelLoadError, match=r"'token_embd\.weight' of shape .* needs 1844"):
+        GGUFFile(path)

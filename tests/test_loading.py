@@ -133,3 +133,42 @@ def test_nonexistent_local_path_is_reported(tmp_path):
 def test_bf16_load_casts_weights(original):
     ckpt = load_folder(original, CPU, torch.bfloat16)
     assert ckpt.model.lm_head.weight.dtype == torch.bfloat16
+
+
+HUGE = 4294967295
+
+
+def write_config(folder, **changes):
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("layers", [1_000_000, HUGE])
+def test_absurd_layer_count_in_config_fails_at_once_naming_the_field(folder, layers):
+    write_config(folder, num_hidden_layers=layers)
+    with pytest.raises(ModelLoadError, match=rf"config\.json: num_hidden_layers = {layers} is"):
+        load_folder(folder, CPU, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("hidden_size", HUGE), ("vocab_size", HUGE), ("num_attention_heads", -1)],
+)
+def test_absurd_size_in_config_is_refused_naming_the_folder_and_field(folder, field, value):
+    write_config(folder, **{field: value})
+    with pytest.raises(ModelLoadError, match=rf"{folder.name}: config\.json: {field} = {value} is"):
+        load_folder(folder, CPU, torch.float32)
+
+
+def test_size_that_is_not_an_integer_is_a_load_error(folder):
+    write_config(folder, hidden_size="64")
+    with pytest.raises(ModelLoadError, match="hidden_size must be an integer, not '64'"):
+        load_folder(folder, CPU, torch.float32)
+
+
+@pytest.mark.timeout(60)
+def test_max_position_embeddings_of_1e12_is_refused_even_with_a_short_max_seq_len(folder):
+    write_config(folder, max_position_embeddings=1e12)
+    with pytest.raises(ModelLoadError, match=r"max_position_embeddings = 1000000000000 is outside"):
+        fermi.load(str(folder), device="cpu", max_seq_len=256)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fermi.models.decoder import ModelConfig
@@ -64,6 +65,42 @@ def _import_adapters() -> None:
     from fermi.models import gemma2, llama, phi3, qwen2, qwen3  # noqa: F401
 
 
+# Bounds on the sizes a config (or GGUF header) declares, checked before anything is built
+# from them: a hostile file with num_hidden_layers = 4294967295 would otherwise loop for
+# minutes building modules, and a huge hidden_size overflows torch's storage arithmetic.
+# Each sits far above any released model (largest today: Llama 3.1 405B with 126 layers,
+# hidden 16384, intermediate 53248, 128 heads; Gemma 3's 262k vocabulary; Llama 4 Scout's
+# 10M-token context), so no real checkpoint is refused.
+SIZE_LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 65536,
+    "intermediate_size": 1 << 20,
+    "vocab_size": 1 << 22,  # 4M
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "max_position_embeddings": 1 << 24,  # 16M tokens
+}
+
+
+def bounded_size(field: str, value: object, source: str, name: str | None = None) -> int:
+    """``value`` as an int in 1..SIZE_LIMITS[field]; otherwise UnsupportedModelError naming
+    ``source`` and the field as the file spells it (``name``, default ``field``)."""
+    name = name or field
+    limit = SIZE_LIMITS[field]
+    # JSON writes some integers as floats (1e12); a bool or a string is never a size.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise UnsupportedModelError(f"{source}: {name} must be an integer, not {value!r}")
+    if not 1 <= value <= limit:
+        raise UnsupportedModelError(
+            f"{source}: {name} = {value} is outside 1..{limit} (no real model comes near "
+            "that bound; the file is corrupt or hostile)"
+        )
+    return int(value)
+
+
 def require(cfg: dict, key: str, source: str = "config.json"):
     """A config value that must be present, with an error that names it."""
     if key not in cfg:
@@ -87,24 +124,29 @@ def shape_fields(
     ``max_positions``, ``eps``, ``tied`` and ``head_dim`` are the family's defaults for
     keys a config may leave out; ``acts`` the activations the family supports.
     """
-    heads = int(require(cfg, "num_attention_heads"))
-    hidden = int(require(cfg, "hidden_size"))
+
+    def size(key: str, default: int | None = None) -> int:
+        value = (cfg.get(key) or default) if default is not None else require(cfg, key)
+        return bounded_size(key, value, "config.json")
+
+    heads = size("num_attention_heads")
+    hidden = size("hidden_size")
     act = cfg.get(act_key) or acts[0]
     if act not in acts:
         raise UnsupportedModelError(
             f"config.json: {family} with {act_key}={act!r} is not supported"
         )
     return {
-        "vocab_size": int(require(cfg, "vocab_size")),
+        "vocab_size": size("vocab_size"),
         "hidden_size": hidden,
-        "intermediate_size": int(require(cfg, "intermediate_size")),
-        "num_hidden_layers": int(require(cfg, "num_hidden_layers")),
+        "intermediate_size": size("intermediate_size"),
+        "num_hidden_layers": size("num_hidden_layers"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(cfg.get("num_key_value_heads") or heads),
-        "head_dim": int(cfg.get("head_dim") or head_dim or hidden // heads),
+        "num_key_value_heads": size("num_key_value_heads", heads),
+        "head_dim": size("head_dim", head_dim or hidden // heads),
         "rms_norm_eps": float(cfg.get("rms_norm_eps", eps)),
         "rope": RopeConfig.from_hf(cfg),
-        "max_position_embeddings": int(cfg.get("max_position_embeddings", max_positions)),
+        "max_position_embeddings": size("max_position_embeddings", max_positions),
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", tied)),
         "hidden_act": act,
     }

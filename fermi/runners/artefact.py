@@ -17,13 +17,30 @@ import msgspec
 from fermi.errors import ModelLoadError
 from fermi.loading import GenerationDefaults, read_generation_defaults, read_json
 from fermi.runners.base import Runner
-from fermi.text.tokenizer import Tokenizer
+from fermi.text.tokenizer import (
+    CONFIG_FILE,
+    TEMPLATE_FILE,
+    TEMPLATE_JSON_FILE,
+    TOKENIZER_FILE,
+    Tokenizer,
+)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 TARGETS = ("onnx", "coreml")
 # The runner names ``runner=`` accepts for each target.
 TARGET_RUNNERS = {"onnx": ("onnx",), "coreml": ("coreml",)}
+# Every file load_artefact reads besides the model: one present on disk must be listed
+# (and so checksummed) in the manifest, or a file dropped in after export would change the
+# model unchecked (a chat_template.jinja rewrites every prompt).
+LOADED_FILES = (
+    "config.json",
+    "generation_config.json",
+    TOKENIZER_FILE,
+    CONFIG_FILE,
+    TEMPLATE_JSON_FILE,
+    TEMPLATE_FILE,
+)
 
 
 class TensorSpec(msgspec.Struct, frozen=True):
@@ -125,6 +142,12 @@ def read_manifest(folder: Path, verify_checksums: bool = True) -> Manifest:
             raise ModelLoadError(
                 f"artefact file {file} does not match its sha256 in {MANIFEST_NAME} "
                 "(the file was changed or truncated; re-export or re-download it)"
+            )
+    for name in LOADED_FILES:
+        if name not in manifest.files and (folder / name).exists():
+            raise ModelLoadError(
+                f"artefact {folder} has {name}, which {MANIFEST_NAME} does not list: the "
+                "loader would read it unchecked (remove it, or re-export the model)"
             )
     return manifest
 
