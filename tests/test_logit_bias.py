@@ -47,12 +47,14 @@ def test_a_biased_request_beside_others_leaves_them_unchanged(folder):
         plain = {"prompt_token_ids": [9, 10, 11], "max_tokens": 30, "ignore_eos": True, "seed": 1}
         alone = engine.generate(**plain).token_ids
         biased = engine.stream(
-            prompt_token_ids=PROMPT, max_tokens=200, ignore_eos=True, logit_bias={"42": 100}
+            prompt_token_ids=PROMPT, max_tokens=280, ignore_eos=True, logit_bias={"42": 100}
         )
         first = next(biased)
         beside = engine.generate(**plain).token_ids
+        ran_beside = engine.stats().running == 1  # the biased stream had not ended
         biased.close()
         assert first.token_ids == [42]
+        assert ran_beside
         assert beside == alone
 
 

@@ -152,15 +152,30 @@ def test_kept_caches_never_delay_new_work(folder):
         engine.generate_request(request(engine, FIRST))
         engine.generate_request(request(engine, tokens(30, 5)))
         assert len(engine.stats().cached_slots) == 2
-        first = engine.stream(prompt_token_ids=tokens(20, 6), max_tokens=200, ignore_eos=True)
-        second = engine.stream(prompt_token_ids=tokens(20, 7), max_tokens=200, ignore_eos=True)
-        got = []
-        both = threading.Thread(target=lambda: got.extend([next(first), next(second)]))
-        both.start()
-        both.join(timeout=60)
-        assert len(got) == 2  # each had a token while the other still ran
-        first.close()
-        second.close()
+        events: list[tuple[str, str | None]] = []  # (stream, finish reason) in arrival order
+        second_started = threading.Event()
+
+        def sink(name):
+            def put(delta):
+                events.append((name, delta.finish_reason))
+                if name == "second":
+                    second_started.set()
+
+            return put
+
+        long = {"max_tokens": 250, "ignore_eos": True}
+        first = engine.submit(
+            engine.build_request(prompt_token_ids=tokens(20, 6), **long), sink("first")
+        )
+        second = engine.submit(
+            engine.build_request(prompt_token_ids=tokens(20, 7), **long), sink("second")
+        )
+        assert second_started.wait(60)
+        # The second had a token while the first still ran: it did not wait for a slot.
+        assert ("first", "length") not in events[: events.index(("second", None)) + 1]
+        first.cancel()
+        second.cancel()
+        assert first.done.wait(60) and second.done.wait(60)
         out = engine.generate_request(request(engine, [*tokens(20, 7), 9]))
         assert out.usage.cached_tokens == 20
 

@@ -169,8 +169,7 @@ class EngineCore:
             self._read()
             batch = self.scheduler.schedule()
             assert batch is not None
-        if not batch.runs:
-            self._read()
+        if not batch.runs:  # nothing runs, so nothing is in flight either
             return
         output = self.runner.execute(batch)
         self._read()

@@ -74,7 +74,6 @@ class Sequence:
     keep: bool = True  # False once the request's session was released while it ran
     last_token: int = -1
     generated: int = 0  # tokens read back
-    in_flight: int = 0  # tokens sampled by a step not read yet (0 or 1)
     bias: LogitBias | None = None  # the request's logit_bias, a per-row logits processor
 
     @property
@@ -137,7 +136,6 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self._released: set[str] = set()  # sessions released while a request of theirs waited
         self._scheduled: deque[_Scheduled] = deque()  # handed out, output not read yet
-        self._moves: list[SlotMove] = []  # moves of idle caches that admissions made
         # Set when a sequence is admitted or ends: only then can a running sequence come to
         # sit above a slot it could move into.
         self._may_compact = False
@@ -166,8 +164,7 @@ class Scheduler:
         following = self._following() if self._scheduled else None
         if self._scheduled and following is None:
             return None
-        new = self._admit()
-        moves, self._moves = self._moves, []
+        new, moves = self._admit()
         if not self._scheduled:
             moves += self._compact()
         admitted = tuple(
@@ -186,8 +183,6 @@ class Scheduler:
                     tuple(s.position for s in decoding),
                     _options(decoding),
                 )
-        for seq in decoding:
-            seq.in_flight += 1
         processors = {
             s.slot: s.bias
             for s in (*decoding, *([prefill] if prefill is not None else []))
@@ -221,8 +216,9 @@ class Scheduler:
         positions = tuple(s.position + 1 for s in decoding)
         return decoding, Decode(rows.slots, None, positions, rows.options)
 
-    def _admit(self) -> list[tuple[Sequence, int]]:
-        admitted = []
+    def _admit(self) -> tuple[list[tuple[Sequence, int]], list[SlotMove]]:
+        """The requests admitted (with their seeds) and the slot copies they need first."""
+        admitted, moves = [], []
         while self.waiting and self.slots.available:
             handle = self.waiting.popleft()
             if handle.cancelled.is_set():
@@ -237,8 +233,8 @@ class Scheduler:
                 log.exception("admitting a request failed")
                 self._finish_unstarted(handle, "error", f"{type(exc).__name__}: {exc}")
                 continue
-            slot, reused, moves = self.slots.take(req.prompt_ids, req.session)
-            self._moves.extend(moves)
+            slot, reused, copies = self.slots.take(req.prompt_ids, req.session)
+            moves.extend(copies)
             seq = Sequence(handle, slot, output, prefilled=reused, reused=reused)
             if req.logit_bias:
                 seq.bias = LogitBias(req.logit_bias)
@@ -249,7 +245,7 @@ class Scheduler:
             admitted.append((seq, seed))
             self._may_compact = True
             self._unmark_released(req.session)
-        return admitted
+        return admitted, moves
 
     def _unmark_released(self, session: str | None) -> None:
         """A request of ``session`` left the queue: the release mark goes with the last."""
@@ -284,8 +280,6 @@ class Scheduler:
         seq.prefilled += len(tokens)
         self.stats.prompt_tokens += len(tokens)
         last = seq.prefilled == len(prompt)
-        if last:
-            seq.in_flight += 1
         chunk = PrefillChunk(seq.slot, tokens, start, last, _options([seq]))
         return (seq if last else None), chunk
 
@@ -297,15 +291,10 @@ class Scheduler:
         assert scheduled.batch is batch, "steps are read in the order they were scheduled"
         output.wait()
         now = time.perf_counter()
-        if scheduled.prefill is not None:
-            scheduled.prefill.in_flight -= 1
-            if output.prefill is not None:
-                self._emit([scheduled.prefill], output.prefill, now)
-        if scheduled.decode:
-            for seq in scheduled.decode:
-                seq.in_flight -= 1
-            if output.decode is not None:
-                self._emit(scheduled.decode, output.decode, now)
+        if scheduled.prefill is not None and output.prefill is not None:
+            self._emit([scheduled.prefill], output.prefill, now)
+        if scheduled.decode and output.decode is not None:
+            self._emit(scheduled.decode, output.decode, now)
         self.running = [s for s in self.running if not s.done]
         self.stats.running = len(self.running)
         self.stats.waiting = len(self.waiting)
@@ -394,7 +383,6 @@ class Scheduler:
         """A step failed: end every running request with ``message``. Kept caches go too
         (the failed step's slot moves may not have run)."""
         self._scheduled.clear()
-        self._moves.clear()
         for seq in self.running:
             if not seq.done:
                 self._complete(seq, Delta(error=message), "error")

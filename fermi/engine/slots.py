@@ -79,8 +79,9 @@ class SlotTable:
                 self.idle.move_to_end(best)  # used: the most recently
                 return slot, shared, [SlotMove(best, slot, shared)]
             return slot, 0, []
-        slot, _ = self.idle.popitem(last=False)
-        self._forget(slot)
+        slot, evicted = self.idle.popitem(last=False)
+        if evicted.session is not None:  # that session no longer has a cache
+            del self.sessions[evicted.session]
         # Every slot was taken: run in the lowest slot nothing runs in, so the step stays
         # dense, its cache moving into the slot just given up.
         lowest = min(self.idle, default=slot)
@@ -164,12 +165,6 @@ class SlotTable:
         cached = self.idle[new]
         if cached.session is not None:
             self.sessions[cached.session] = new
-
-    def _forget(self, slot: int) -> None:
-        """An idle slot was taken over: its session (if any) no longer has a cache."""
-        for session, s in list(self.sessions.items()):
-            if s == slot:
-                del self.sessions[session]
 
 
 def usable(cached: Sequence[int], prompt: Sequence[int]) -> int:

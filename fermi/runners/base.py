@@ -89,10 +89,6 @@ class PrefillChunk:
     sample: bool
     options: SamplingOptions = SamplingOptions()
 
-    @property
-    def slot_list(self) -> tuple[int]:
-        return (self.slot,)
-
 
 @dataclass(frozen=True)
 class Decode:
@@ -181,12 +177,7 @@ class Runner:
     def execute(self, batch: Batch) -> StepOutput:
         """Run one step: moves, admissions, the prefill chunk, the decode rows."""
         self.apply_moves_and_admissions(batch)
-        prefill = None
-        chunk = batch.prefill
-        if chunk is not None:
-            logits = self.prefill(chunk.slot, chunk.token_ids, chunk.start)
-            if chunk.sample:
-                prefill = self.sample(logits[None], chunk.slot_list, chunk.options, batch)
+        prefill = self.prefill_step(batch)
         decode = None
         rows = batch.decode
         if rows is not None:
@@ -194,7 +185,18 @@ class Runner:
                 raise ValueError(f"the {self.capabilities.name} runner needs each step's ids")
             logits = self.decode(rows.slots, rows.token_ids, rows.positions)
             decode = self.sample(logits, rows.slots, rows.options, batch)
-        return StepOutput(_on_host(prefill), _on_host(decode))
+        return StepOutput(on_host(prefill), on_host(decode))
+
+    def prefill_step(self, batch: Batch) -> SampleOutput | None:
+        """Write the batch's prompt chunk; on the prompt's last chunk, sample its first
+        token (on the device, without waiting for it)."""
+        chunk = batch.prefill
+        if chunk is None:
+            return None
+        logits = self.prefill(chunk.slot, chunk.token_ids, chunk.start)
+        if not chunk.sample:
+            return None
+        return self.sample(logits[None], (chunk.slot,), chunk.options, batch)
 
     def apply_moves_and_admissions(self, batch: Batch) -> None:
         admitted = {new.slot for new in batch.admitted}
@@ -229,7 +231,8 @@ class Runner:
         return out
 
 
-def _on_host(out: SampleOutput | None) -> SampleOutput | None:
+def on_host(out: SampleOutput | None) -> SampleOutput | None:
+    """A host copy of ``out`` (synchronous)."""
     return None if out is None else SampleOutput(*(None if t is None else t.cpu() for t in out))
 
 

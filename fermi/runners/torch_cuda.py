@@ -46,7 +46,7 @@ import torch
 
 from fermi.models.attention import DECODE_KERNELS
 from fermi.models.decoder import Decoder
-from fermi.runners.base import Batch, Capabilities, Decode, Runner, StepOutput
+from fermi.runners.base import Batch, Capabilities, Decode, Runner, StepOutput, on_host
 from fermi.runners.compile_cache import CompileCache, cache_key
 from fermi.sampling import SampleOutput, SamplingBatch, sample
 
@@ -324,19 +324,14 @@ class CudaGraphRunner(Runner):
         the engine could not queue the next step while this one runs."""
         with self._on_device():
             self.apply_moves_and_admissions(batch)
-            prefill = None
-            chunk = batch.prefill
-            if chunk is not None:
-                logits = self.prefill(chunk.slot, chunk.token_ids, chunk.start)
-                if chunk.sample:
-                    prefill = self.sample(logits[None], chunk.slot_list, chunk.options, batch)
+            prefill = self.prefill_step(batch)
             rows = batch.decode
             decode = None if rows is None else self._decode_step(rows, batch)
+            if not self._pinned:  # not a CUDA device (tests run this runner on CPU)
+                return StepOutput(on_host(prefill), on_host(decode))
             if prefill is None and decode is None:
                 return StepOutput()
-            copies = [_to_host(out, self._pinned) for out in (prefill, decode)]
-            if not self._pinned:
-                return StepOutput(*copies)
+            copies = [_pinned_copy(out) for out in (prefill, decode)]
             ready = torch.cuda.Event()  # on the stream of this runner's GPU
             ready.record(torch.cuda.current_stream(self.device))
             return StepOutput(*copies, wait=ready.synchronize)
@@ -575,12 +570,10 @@ class CudaGraphRunner(Runner):
         return contextlib.nullcontext()
 
 
-def _to_host(out: SampleOutput | None, pinned: bool) -> SampleOutput | None:
-    """A host copy of ``out``; from CUDA an asynchronous copy into pinned memory."""
+def _pinned_copy(out: SampleOutput | None) -> SampleOutput | None:
+    """An asynchronous copy of ``out`` from CUDA into pinned host memory."""
     if out is None:
         return None
-    if not pinned:
-        return SampleOutput(*(None if t is None else t.cpu() for t in out))
 
     def copy(t: torch.Tensor) -> torch.Tensor:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
