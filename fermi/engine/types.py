@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fermi.grammar import Grammar
 from fermi.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -34,6 +35,9 @@ class GenerationRequest:
     # the same key starts from the longest prefix it shares with that cache.
     # Engine.release_session(key) drops it; so does the scheduler when it needs the slot.
     session: str | None = None
+    # The output must match this grammar (structured outputs, required tool calls): each
+    # token is sampled from the ones it allows, and the request ends when it is complete.
+    grammar: Grammar | None = None
 
 
 @dataclass(frozen=True)
