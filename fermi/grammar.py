@@ -17,6 +17,7 @@ which costs microseconds instead of the ~1 ms of a fresh build.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import torch
 from fermi.errors import RequestError
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "lark"]
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Bounds on what one request may ask the grammar compiler to do.
 MAX_GRAMMAR_CHARS = 256 * 1024
@@ -88,6 +91,53 @@ class Grammar:
             return cls(kind, body)
         raise RequestError(f"unknown grammar type {kind!r}", param)
 
+    @classmethod
+    def from_response_format(cls, value: Any, param: str = "response_format") -> Grammar | None:
+        """The grammar of OpenAI's ``response_format``: None for ``{"type": "text"}``, any
+        JSON object for ``json_object``, the schema of ``json_schema`` (``strict`` or not:
+        the output always follows the schema)."""
+        if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+            raise RequestError(
+                'response_format must be an object with a "type": "text", "json_object" '
+                'or "json_schema"',
+                param,
+            )
+        kind = value["type"]
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return cls.json_object()
+        if kind != "json_schema":
+            raise RequestError(
+                f"response_format type must be text, json_object or json_schema, not {kind!r}",
+                f"{param}.type",
+            )
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise RequestError(
+                'a json_schema response_format needs "json_schema": {"name": ..., "schema": ...}',
+                f"{param}.json_schema",
+            )
+        name = spec.get("name")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise RequestError(
+                "json_schema.name must be 1-64 letters, digits, underscores or dashes",
+                f"{param}.json_schema.name",
+            )
+        strict = spec.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise RequestError(
+                "json_schema.strict must be a boolean", f"{param}.json_schema.strict"
+            )
+        schema = spec.get("schema")
+        if schema is None:
+            return cls.json_object()
+        if not isinstance(schema, dict):
+            raise RequestError(
+                "json_schema.schema must be a JSON schema object", f"{param}.json_schema.schema"
+            )
+        return cls.json_schema(schema)
+
     def _llguidance_text(self) -> str:
         import llguidance
 
@@ -105,19 +155,15 @@ class Grammar:
 
 
 # Whitespace between JSON tokens, bounded: unbounded whitespace lets a weak model spend its
-# whole token budget on newlines. 24 characters still fit an indented line of deep JSON.
-JSON_WHITESPACE = r"[ \t\n]{0,24}"
+# whole token budget on newlines. One space, or one newline and an indent of up to 20, still
+# lets a model write the compact or the pretty-printed JSON it learned.
+JSON_WHITESPACE = r"(?:[ \t]|\n[ \t]{0,20})?"
 
 
 def bounded_whitespace(schema: dict[str, Any]) -> dict[str, Any]:
     if "x-guidance" in schema:  # the caller chose llguidance's JSON options
         return schema
     return {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
-
-
-def words(vocab_size: int) -> int:
-    """int32 words in one bitmask row."""
-    return (vocab_size + 31) // 32
 
 
 class Matcher:
@@ -131,7 +177,11 @@ class Matcher:
         self.finished = False  # the grammar is complete and cannot go on
 
     def fill(self, row: torch.Tensor) -> None:
-        """Write the bitmask of the tokens allowed next into ``row`` (int32 [words], CPU)."""
+        """Write the bitmask of the tokens allowed next into ``row`` (int32 [words], CPU).
+        A finished matcher allows everything (its row's token is never used)."""
+        if self.finished:
+            row.fill_(-1)
+            return
         import llguidance.torch
 
         llguidance.torch.fill_next_token_bitmask(self._m, row[None], 0)
@@ -161,7 +211,10 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Any, eos_ids: frozenset[int], vocab_size: int) -> None:
         self._backend = tokenizer.backend
-        self._eos = next(iter(sorted(eos_ids)), None)
+        # The end the grammar offers once the output is complete: the tokenizer's own eos
+        # when it is one of the model's, else the first of them.
+        main = tokenizer.eos_token_id
+        self._eos = main if main in eos_ids else next(iter(sorted(eos_ids)), None)
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size
         self._tok: Any = None
@@ -218,10 +271,3 @@ class GrammarCompiler:
 def _clean(message: object) -> str:
     text = str(message).strip()
     return text.splitlines()[0] if text else "rejected by the grammar compiler"
-
-
-def allowed(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """bool [rows, vocab_size] from int32 bitmask rows [rows, words] (on their device)."""
-    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
-    unpacked = (bits.unsqueeze(-1) >> shifts) & 1
-    return unpacked.view(bits.shape[0], -1)[:, :vocab_size].bool()

@@ -99,6 +99,18 @@ def _as_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def mask_words(vocab_size: int) -> int:
+    """int32 words in one row of a token bitmask."""
+    return (vocab_size + 31) // 32
+
+
+def unpack_bits(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [rows, vocab_size] from int32 bitmask rows [rows, words], on their device."""
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    unpacked = (bits.unsqueeze(-1) >> shifts) & 1
+    return unpacked.view(bits.shape[0], -1)[:, :vocab_size].bool()
+
+
 def check_row(
     params: SamplingParams, prompt_ids: list[int] | torch.Tensor, seed: int, vocab_size: int
 ) -> torch.Tensor:
@@ -142,6 +154,10 @@ class SamplingBatch:
         shape = (max_batch, vocab_size)
         self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
         self.counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        # The tokens each row may sample next, one bit per token (bit t of word t // 32): all
+        # set for a free row, rewritten before each step for a row under a grammar.
+        words = mask_words(vocab_size)
+        self.allowed = torch.full((max_batch, words), -1, dtype=torch.int32, device=self.device)
 
     def set_row(
         self, row: int, params: SamplingParams, prompt_ids: list[int] | torch.Tensor, seed: int
@@ -164,6 +180,7 @@ class SamplingBatch:
         self.seed[row] = _as_int64(seed)
         self.step[row] = 0
         self.counts[row].zero_()
+        self.allowed[row] = -1
         self.prompt_mask[row].zero_()
         self.prompt_mask[row, ids.to(self.device)] = True
 
@@ -173,6 +190,7 @@ class SamplingBatch:
         for t in (
             self.temperature, self.top_k, self.top_p, self.min_p, self.rep_penalty,
             self.presence, self.frequency, self.seed, self.step, self.prompt_mask, self.counts,
+            self.allowed,
         ):  # fmt: skip
             t[dst] = t[src]
 
@@ -316,6 +334,7 @@ def sample(
     use_penalties: bool,
     want_logprobs: int = 0,
     all_greedy: bool = False,
+    use_mask: bool = False,
 ) -> SampleOutput:
     """Pick one token per row of ``logits`` [B, V]; ``rows`` [B] int64 maps them to batch rows.
 
@@ -329,6 +348,9 @@ def sample(
     ``SamplingParams.uses_filters``); rows with neutral values come out the same either way.
     ``all_greedy`` (every row has temperature 0, known on the host) skips the noise: on a
     CPU, hashing noise for a whole vocabulary costs as much as a small model's lm_head.
+    ``use_mask``: rows may only sample the tokens their ``allowed`` bits permit (a grammar);
+    the others' logits become -inf first, so penalties, logprobs and the race see only the
+    allowed tokens. Rows with every bit set come out the same either way.
     ``want_logprobs``: -1 = none, 0 = the chosen token's, k in 1..20 = also the k most likely.
     Reported logprobs are from the distribution after penalties and temperature but before
     filtering (temperature 1 for greedy rows): the model's view of the token, not the sampler's.
@@ -338,6 +360,8 @@ def sample(
     if logits.shape[-1] != batch.vocab_size:
         raise ValueError(f"logits have {logits.shape[-1]} columns, batch has {batch.vocab_size}")
     x = logits.float()
+    if use_mask:
+        x = x.masked_fill(~unpack_bits(batch.allowed[rows], batch.vocab_size), float("-inf"))
     if use_penalties:
         x = apply_penalties(
             x,

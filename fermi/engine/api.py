@@ -26,6 +26,7 @@ from fermi.engine.types import (
     Usage,
 )
 from fermi.errors import FermiError
+from fermi.grammar import Grammar, GrammarCompiler
 from fermi.loading import GenerationDefaults
 from fermi.runners.base import Runner
 from fermi.text.tokenizer import Tokenizer
@@ -50,8 +51,12 @@ class Engine:
         self.model_name = model_name
         self.capabilities = runner.capabilities
         caps = self.capabilities
-        self.requests = RequestBuilder(tokenizer, generation, caps.vocab_size, caps.max_seq_len)
-        self._core = EngineCore(runner, tokenizer, max_waiting, prefix_reuse)
+        eos = frozenset(generation.eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer, eos, caps.vocab_size)
+        self.requests = RequestBuilder(
+            tokenizer, generation, caps.vocab_size, caps.max_seq_len, self.grammars
+        )
+        self._core = EngineCore(runner, tokenizer, max_waiting, prefix_reuse, self.grammars)
 
     def stats(self) -> EngineStats:
         """Counters of the engine now (running, waiting, tokens, the last step's time)."""
@@ -104,6 +109,8 @@ class Engine:
         truncate: bool = False,
         skip_special_tokens: bool = True,
         settings: SamplingSettings | None = None,
+        response_format: dict | None = None,
+        grammar: Grammar | dict | None = None,
         **values: Any,
     ) -> GenerationRequest:
         """Validate and resolve a request; raises :class:`RequestError` naming the field.
@@ -112,6 +119,8 @@ class Engine:
         (``max_tokens=``, ``temperature=``, ...: the fields of :class:`SamplingSettings`)
         come as keyword arguments, as ``settings``, or both (the keywords win). ``truncate``
         keeps the end of a prompt longer than the context instead of refusing it.
+        ``response_format`` (OpenAI's ``json_object`` / ``json_schema`` shapes) or
+        ``grammar`` constrain the output (see ``RequestBuilder.build``).
         """
         return self.requests.build(
             messages=messages,
@@ -121,6 +130,8 @@ class Engine:
             thinking=thinking,
             truncate=truncate,
             skip_special_tokens=skip_special_tokens,
+            grammar=grammar,
+            response_format=response_format,
         )
 
     # -- running ----------------------------------------------------------------------

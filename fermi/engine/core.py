@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fermi.engine.scheduler import RequestHandle, Scheduler, Sink
 from fermi.engine.types import GenerationRequest
 from fermi.errors import EngineOverloadedError, RequestError
+from fermi.grammar import GrammarCompiler
 from fermi.runners.base import Batch, Runner, StepOutput
 from fermi.text.tokenizer import Tokenizer
 
@@ -60,11 +61,14 @@ class EngineCore:
         tokenizer: Tokenizer,
         max_waiting: int = 1024,
         prefix_reuse: bool = True,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.runner = runner
         self.caps = runner.capabilities
         self.max_waiting = max_waiting
-        self.scheduler = Scheduler(self.caps, tokenizer, prefix_reuse, on_finish=self._finished)
+        self.scheduler = Scheduler(
+            self.caps, tokenizer, prefix_reuse, on_finish=self._finished, grammars=grammars
+        )
         self._inbox: queue.Queue[RequestHandle | _Release | None] = queue.Queue()
         self._unread: tuple[Batch, StepOutput] | None = None  # a step queued, not read yet
         self._lock = threading.Lock()
@@ -173,6 +177,7 @@ class EngineCore:
             return
         output = self.runner.execute(batch)
         self._read()
+        output.finish()  # (a step under grammar masks samples once the step before is read)
         self._unread = (batch, output)
         if not self.caps.overlaps:
             self._read()

@@ -18,6 +18,7 @@ from typing import Any
 
 from fermi.engine.types import GenerationRequest, Thinking
 from fermi.errors import FermiError, RequestError
+from fermi.grammar import Grammar, GrammarCompiler
 from fermi.loading import GenerationDefaults
 from fermi.sampling import MAX_LOGPROBS, SamplingParams
 from fermi.text.tokenizer import Tokenizer
@@ -171,11 +172,13 @@ class RequestBuilder:
         generation: GenerationDefaults,
         vocab_size: int,
         max_seq_len: int,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.generation = generation
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
+        self.grammars = grammars
 
     @property
     def supports_thinking(self) -> bool:
@@ -213,8 +216,15 @@ class RequestBuilder:
         thinking: Thinking = "auto",
         truncate: bool = False,
         skip_special_tokens: bool = True,
+        grammar: Grammar | dict | None = None,
+        response_format: dict | None = None,
     ) -> GenerationRequest:
-        """Validate and resolve a request; raises :class:`RequestError` naming the field."""
+        """Validate and resolve a request; raises :class:`RequestError` naming the field.
+
+        ``response_format`` (OpenAI's shapes) or ``grammar`` (a :class:`Grammar`, or
+        ``{"type": "json_schema"|"json_object"|"regex"|"lark", "value": ...}``) constrain
+        the output; the grammar is compiled here, so a schema it cannot enforce is refused
+        before the request is queued."""
         given = sum(x is not None for x in (messages, prompt, prompt_token_ids))
         if given != 1:
             code = "missing_required_parameter" if given == 0 else "invalid_value"
@@ -256,6 +266,7 @@ class RequestBuilder:
         max_tokens = budget if max_tokens is None else min(max_tokens, budget)
 
         params = self.sampling(settings, thinking if messages is not None else "auto")
+        constraint = self._grammar(grammar, response_format)
         logprobs = settings.logprobs
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise RequestError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
@@ -271,7 +282,32 @@ class RequestBuilder:
             logprobs=logprobs,
             skip_special_tokens=skip_special_tokens,
             logit_bias=self._logit_bias(settings),
+            grammar=constraint,
+            reasoning_may_open=(
+                constraint is not None
+                and split
+                and not start_in_reasoning
+                and thinking != "off"
+                and self.supports_thinking
+            ),
         )
+
+    def _grammar(self, grammar: Grammar | dict | None, response_format: Any) -> Grammar | None:
+        if grammar is not None and response_format is not None:
+            raise RequestError("give grammar or response_format, not both", "response_format")
+        param = "grammar" if grammar is not None else "response_format"
+        if grammar is not None:
+            constraint = Grammar.parse(grammar)
+        elif response_format is not None:
+            constraint = Grammar.from_response_format(response_format)
+        else:
+            return None
+        if constraint is None:
+            return None
+        if self.grammars is None:
+            raise RequestError("this engine cannot constrain its output", param)
+        self.grammars.check(constraint, param)
+        return constraint
 
     def _logit_bias(self, settings: SamplingSettings) -> tuple[tuple[int, float], ...]:
         pairs = settings.logit_bias or ()

@@ -25,9 +25,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from fermi.engine.output import OutputStream
 from fermi.engine.slots import SlotTable
 from fermi.engine.types import Delta, FinishReason, GenerationRequest, Usage
+from fermi.grammar import GrammarCompiler, Matcher
 from fermi.runners.base import (
     Admission,
     Batch,
@@ -75,6 +78,7 @@ class Sequence:
     last_token: int = -1
     generated: int = 0  # tokens read back
     bias: LogitBias | None = None  # the request's logit_bias, a per-row logits processor
+    matcher: Matcher | None = None  # where the output stands in the request's grammar
 
     @property
     def request(self) -> GenerationRequest:
@@ -83,6 +87,16 @@ class Sequence:
     @property
     def done(self) -> bool:
         return self.handle.done.is_set()
+
+    @property
+    def masked(self) -> bool:
+        """Whether the sequence samples under its grammar's masks (until it completes)."""
+        return self.matcher is not None and not self.matcher.finished
+
+    def under_grammar(self) -> bool:
+        """Whether the next token is the grammar's: reasoning is not constrained."""
+        splitter = self.output.splitter
+        return self.masked and not (splitter is not None and splitter.in_reasoning)
 
     @property
     def position(self) -> int:
@@ -125,8 +139,12 @@ class Scheduler:
         tokenizer: Tokenizer,
         prefix_reuse: bool = True,
         on_finish: Callable[[], None] = lambda: None,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.caps = caps
+        self.grammars = grammars
+        # A single-token think opener may start a constrained reply (reasoning_may_open).
+        self.think_open = tokenizer.token_to_id("<think>")
         self.on_finish = on_finish  # called as each request ends, before its last delta
         self.tokenizer = tokenizer
         reuse = prefix_reuse and caps.keeps_cache
@@ -183,12 +201,11 @@ class Scheduler:
                     tuple(s.position for s in decoding),
                     _options(decoding),
                 )
-        processors = {
-            s.slot: s.bias
-            for s in (*decoding, *([prefill] if prefill is not None else []))
-            if s.bias is not None
-        }
-        batch = Batch(tuple(moves), admitted, chunk, rows, processors)
+        sampled = [*decoding, *([prefill] if prefill is not None else [])]
+        processors = {s.slot: s.bias for s in sampled if s.bias is not None}
+        masked = [s for s in sampled if s.masked]
+        masks = _Masks(self, masked) if masked else None
+        batch = Batch(tuple(moves), admitted, chunk, rows, processors, masks)
         if batch.runs:  # (moves and admissions come with a prefill chunk)
             self._scheduled.append(_Scheduled(batch, prefill, decoding))
         self.stats.running = len(self.running)
@@ -229,6 +246,11 @@ class Scheduler:
                 seed = req.params.seed if req.params.seed is not None else random.getrandbits(62)
                 check_row(req.params, list(req.prompt_ids), seed, self.caps.vocab_size)
                 output = OutputStream(self.tokenizer, req)
+                matcher = None
+                if req.grammar is not None:
+                    if self.grammars is None:
+                        raise ValueError("this engine was built without grammar support")
+                    matcher = self.grammars.matcher(req.grammar)
             except Exception as exc:
                 log.exception("admitting a request failed")
                 self._finish_unstarted(handle, "error", f"{type(exc).__name__}: {exc}")
@@ -238,6 +260,7 @@ class Scheduler:
             seq = Sequence(handle, slot, output, prefilled=reused, reused=reused)
             if req.logit_bias:
                 seq.bias = LogitBias(req.logit_bias)
+            seq.matcher = matcher
             self.stats.cached_tokens += reused
             if req.session is not None and req.session in self._released:
                 seq.keep = False
@@ -318,10 +341,19 @@ class Scheduler:
     def _advance(self, seq: Sequence, token: int, lp, now: float) -> None:
         if seq.handle.first_token_at is None:
             seq.handle.first_token_at = now
+        if seq.under_grammar() and not self._opens_reasoning(seq, token):
+            assert seq.matcher is not None
+            if not seq.matcher.advance(token):
+                error = seq.matcher.error or f"token {token} is outside the grammar"
+                log.error("a constrained row sampled a token its grammar rejects: %s", error)
+                self._complete(seq, Delta(error=f"grammar: {error}"), "error")
+                return
         seq.generated += 1
         seq.last_token = token
         self.stats.generated_tokens += 1
         delta, reason = seq.output.push(token, lp)
+        if reason is None and seq.matcher is not None and seq.matcher.finished:
+            reason = "stop"  # the grammar is complete
         if reason is None:
             if seq.generated >= seq.request.max_tokens:
                 reason = "length"
@@ -335,6 +367,26 @@ class Scheduler:
         delta.text += final.text
         delta.reasoning += final.reasoning
         self._complete(seq, delta, reason)
+
+    def _opens_reasoning(self, seq: Sequence, token: int) -> bool:
+        return (
+            seq.generated == 0
+            and seq.request.reasoning_may_open
+            and token == self.think_open
+            and self.think_open is not None
+        )
+
+    def fill_mask(self, seq: Sequence, row: torch.Tensor) -> None:
+        """The tokens ``seq`` may sample next, as a bitmask row (see ``TokenMasks``)."""
+        if not seq.under_grammar() or seq.done:
+            row.fill_(-1)  # reasoning, or a row whose token will be dropped
+            return
+        assert seq.matcher is not None
+        seq.matcher.fill(row)
+        think = self.think_open
+        if seq.generated == 0 and seq.request.reasoning_may_open and think is not None:
+            word = int(row[think // 32]) | (1 << (think % 32))
+            row[think // 32] = word - (1 << 32) if word >= 1 << 31 else word
 
     # -- endings ----------------------------------------------------------------------
 
@@ -396,6 +448,22 @@ class Scheduler:
             self._finish_unstarted(self.waiting.popleft(), "error", message)
 
 
+class _Masks:
+    """A step's grammar masks (``fermi.runners.base.TokenMasks``), computed when the runner
+    asks: after the step before was read when this step continues it."""
+
+    __slots__ = ("_scheduler", "_seqs", "slots")
+
+    def __init__(self, scheduler: Scheduler, seqs: list[Sequence]) -> None:
+        self._scheduler = scheduler
+        self._seqs = seqs
+        self.slots = tuple(s.slot for s in seqs)
+
+    def fill(self, bits: torch.Tensor) -> None:
+        for i, seq in enumerate(self._seqs):
+            self._scheduler.fill_mask(seq, bits[i])
+
+
 def _options(seqs: list[Sequence]) -> SamplingOptions:
     params = [s.request.params for s in seqs]
     want = max((s.request.logprobs for s in seqs if s.request.logprobs is not None), default=-1)
@@ -404,6 +472,7 @@ def _options(seqs: list[Sequence]) -> SamplingOptions:
         use_penalties=any(p.uses_penalties for p in params),
         want_logprobs=want,
         all_greedy=all(p.is_greedy for p in params),
+        use_mask=any(s.masked for s in seqs),
     )
 
 

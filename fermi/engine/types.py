@@ -37,7 +37,11 @@ class GenerationRequest:
     session: str | None = None
     # The output must match this grammar (structured outputs, required tool calls): each
     # token is sampled from the ones it allows, and the request ends when it is complete.
+    # Reasoning is not constrained: with ``reasoning_may_open`` (a chat request on a
+    # thinking model, thinking not off) the first token may also open a think block, and
+    # the grammar applies from the end of the reasoning.
     grammar: Grammar | None = None
+    reasoning_may_open: bool = False
 
 
 @dataclass(frozen=True)

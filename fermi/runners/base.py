@@ -50,12 +50,26 @@ class SamplingOptions:
     use_penalties: bool = False
     want_logprobs: int = -1  # -1 none, 0 the chosen token's, k also the k most likely
     all_greedy: bool = False
+    use_mask: bool = False  # some row samples under a grammar (``Batch.masks``)
 
 
 class LogitsProcessor(Protocol):
     """Changes one row's float32 logits [vocab] before it is sampled (in place or not)."""
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
+class TokenMasks(Protocol):
+    """The grammar masks of a step's constrained rows, computed when the runner asks: as
+    late as it can, so that the host's mask work overlaps the device's forward pass, and,
+    when the step continues the one in flight, after that step's tokens were read."""
+
+    slots: tuple[int, ...]  # the constrained rows sampled this step
+
+    def fill(self, bits: torch.Tensor) -> None:
+        """Write row i's bitmask (int32 [words], bit t = token t allowed) into ``bits[i]``
+        for ``slots[i]``. ``bits`` is on the host."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,8 @@ class Batch:
     decode: Decode | None = None
     # Per-slot logits processors for the rows sampled this step.
     processors: dict[int, LogitsProcessor] = field(default_factory=dict)
+    # Grammar masks of the rows sampled under one (their options have ``use_mask``).
+    masks: TokenMasks | None = None
 
     @property
     def runs(self) -> bool:
@@ -122,21 +138,35 @@ class Batch:
 class StepOutput:
     """The ids a step sampled, in host memory: ``prefill`` (one row, when the chunk sampled)
     and ``decode`` (rows in ``Decode.slots`` order). A runner that overlaps may return it
-    before the device finished; ``wait()`` blocks until the host copies are complete."""
+    before the device finished; ``wait()`` blocks until the host copies are complete.
 
-    __slots__ = ("_wait", "decode", "prefill")
+    A step under grammar masks may also return before it sampled (``pending``): the engine
+    calls ``finish()`` once it has read the step before, so that the masks see its tokens;
+    ``finish()`` queues the sampling and sets ``prefill``/``decode``."""
+
+    __slots__ = ("_pending", "_wait", "decode", "prefill")
 
     def __init__(
         self,
         prefill: SampleOutput | None = None,
         decode: SampleOutput | None = None,
         wait: Callable[[], None] | None = None,
+        pending: Callable[[], StepOutput] | None = None,
     ) -> None:
         self.prefill = prefill
         self.decode = decode
         self._wait = wait
+        self._pending = pending
+
+    def finish(self) -> None:
+        """Queue the rest of the step (its sampling) if it waited for the host."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            rest = pending()
+            self.prefill, self.decode, self._wait = rest.prefill, rest.decode, rest._wait
 
     def wait(self) -> None:
+        self.finish()
         if self._wait is not None:
             self._wait()
             self._wait = None
@@ -177,26 +207,54 @@ class Runner:
     def execute(self, batch: Batch) -> StepOutput:
         """Run one step: moves, admissions, the prefill chunk, the decode rows."""
         self.apply_moves_and_admissions(batch)
-        prefill = self.prefill_step(batch)
-        decode = None
+        prefill_logits = self.prefill_logits(batch)
+        decode_logits = None
         rows = batch.decode
         if rows is not None:
             if rows.token_ids is None:
                 raise ValueError(f"the {self.capabilities.name} runner needs each step's ids")
-            logits = self.decode(rows.slots, rows.token_ids, rows.positions)
-            decode = self.sample(logits, rows.slots, rows.options, batch)
+            decode_logits = self.decode(rows.slots, rows.token_ids, rows.positions)
+        self.load_masks(batch)
+        prefill = self.sample_prefill(prefill_logits, batch)
+        decode = None
+        if rows is not None:
+            decode = self.sample(decode_logits, rows.slots, rows.options, batch)
         return StepOutput(on_host(prefill), on_host(decode))
 
-    def prefill_step(self, batch: Batch) -> SampleOutput | None:
-        """Write the batch's prompt chunk; on the prompt's last chunk, sample its first
-        token (on the device, without waiting for it)."""
+    def prefill_logits(self, batch: Batch) -> torch.Tensor | None:
+        """Write the batch's prompt chunk; the logits of its last token when the chunk is
+        the prompt's last (its first token is sampled from them), else None."""
         chunk = batch.prefill
         if chunk is None:
             return None
         logits = self.prefill(chunk.slot, chunk.token_ids, chunk.start)
-        if not chunk.sample:
+        return logits if chunk.sample else None
+
+    def sample_prefill(self, logits: torch.Tensor | None, batch: Batch) -> SampleOutput | None:
+        """Sample a prompt's first token from ``prefill_logits``' result (on the device,
+        without waiting for it)."""
+        chunk = batch.prefill
+        if logits is None or chunk is None:
             return None
         return self.sample(logits[None], (chunk.slot,), chunk.options, batch)
+
+    def load_masks(self, batch: Batch) -> None:
+        """Have the scheduler compute the step's grammar masks and copy them into the
+        sampling rows (asynchronously from pinned memory on a GPU)."""
+        masks = batch.masks
+        if masks is None or not masks.slots:
+            return
+        allowed = self.sampling.allowed
+        pinned = allowed.device.type == "cuda"
+        bits = torch.empty(
+            (len(masks.slots), allowed.shape[1]), dtype=torch.int32, pin_memory=pinned
+        )
+        masks.fill(bits)
+        rows = torch.tensor(masks.slots, dtype=torch.long, pin_memory=pinned)
+        device = allowed.device
+        allowed.index_copy_(
+            0, rows.to(device, non_blocking=True), bits.to(device, non_blocking=True)
+        )
 
     def apply_moves_and_admissions(self, batch: Batch) -> None:
         admitted = {new.slot for new in batch.admitted}
@@ -226,6 +284,7 @@ class Runner:
             use_penalties=options.use_penalties,
             want_logprobs=options.want_logprobs,
             all_greedy=options.all_greedy,
+            use_mask=options.use_mask,
         )
         self.sampling.record(rows, out.tokens)
         return out

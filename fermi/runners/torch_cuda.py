@@ -60,7 +60,7 @@ DEFAULT_CHUNK = 2048
 # top-k/top-p/min-p. Penalties and logprobs still run inside the graph, uncompiled.
 WARM_VARIANTS = ((False, False, -1), (True, False, -1))
 
-Variant = tuple[bool, bool, int]
+Variant = tuple  # (filters, penalties, logprobs[, mask]): a static variant of ``sample``
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -202,6 +202,8 @@ class CudaGraphRunner(Runner):
         long = {"dtype": torch.long, "device": self.device}
         self._io = torch.zeros(3, max_batch, 1, **long)
         self._rows = torch.arange(max_batch, **long)
+        # A masked decode step's logits, between its forward graph and its sampling graph.
+        self._logits = torch.zeros(max_batch, model.cfg.vocab_size, device=self.device)
         self._pio = torch.zeros(2 * chunk + 2, **long)
         self._pinned = self.device.type == "cuda"
 
@@ -321,20 +323,44 @@ class CudaGraphRunner(Runner):
         """The step queued on the device; returns before it ran. The sampled ids are copied
         to pinned host memory behind it, and ``StepOutput.wait()`` waits for those copies.
         Nothing here may wait for the GPU (a host read, or a copy from pageable memory), or
-        the engine could not queue the next step while this one runs."""
+        the engine could not queue the next step while this one runs.
+
+        A step with grammar masks runs its forward pass and its sampling as two graphs: the
+        masks are computed on the host while the forward pass runs. When the step continues
+        the one in flight, the masks need that step's tokens, so the sampling is left
+        pending (``StepOutput.finish``) until the engine has read them."""
         with self._on_device():
             self.apply_moves_and_admissions(batch)
-            prefill = self.prefill_step(batch)
             rows = batch.decode
-            decode = None if rows is None else self._decode_step(rows, batch)
-            if not self._pinned:  # not a CUDA device (tests run this runner on CPU)
-                return StepOutput(on_host(prefill), on_host(decode))
-            if prefill is None and decode is None:
-                return StepOutput()
-            copies = [_pinned_copy(out) for out in (prefill, decode)]
-            ready = torch.cuda.Event()  # on the stream of this runner's GPU
-            ready.record(torch.cuda.current_stream(self.device))
-            return StepOutput(*copies, wait=ready.synchronize)
+            if batch.masks is None:
+                prefill = self.sample_prefill(self.prefill_logits(batch), batch)
+                decode = None if rows is None else self._decode_step(rows, batch)
+                return self._step_output(prefill, decode)
+            prefill_logits = self.prefill_logits(batch)
+            width = None if rows is None else self._decode_logits(rows)
+
+        def sample_rest() -> StepOutput:
+            with self._on_device():
+                self.load_masks(batch)
+                prefill = self.sample_prefill(prefill_logits, batch)
+                decode = None
+                if rows is not None and width is not None:
+                    decode = self._sample_logits(rows, width, batch)
+                return self._step_output(prefill, decode)
+
+        if rows is not None and rows.token_ids is None:
+            return StepOutput(pending=sample_rest)
+        return sample_rest()
+
+    def _step_output(self, prefill: SampleOutput | None, decode: SampleOutput | None) -> StepOutput:
+        if not self._pinned:  # not a CUDA device (tests run this runner on CPU)
+            return StepOutput(on_host(prefill), on_host(decode))
+        if prefill is None and decode is None:
+            return StepOutput()
+        copies = [_pinned_copy(out) for out in (prefill, decode)]
+        ready = torch.cuda.Event()  # on the stream of this runner's GPU
+        ready.record(torch.cuda.current_stream(self.device))
+        return StepOutput(*copies, wait=ready.synchronize)
 
     def _decode_step(self, rows: Decode, batch: Batch) -> SampleOutput:
         slots, positions = list(rows.slots), list(rows.positions)
@@ -356,6 +382,39 @@ class CudaGraphRunner(Runner):
             want_logprobs=options.want_logprobs,
         )
         assert out is not None  # the runner's own sampling rows
+        return out
+
+    def _decode_logits(self, rows: Decode) -> int:
+        """The forward half of a masked decode step: its logits land in ``_logits`` (one
+        row per slot, up to the batch bucket, which it returns)."""
+        slots = list(rows.slots)
+        if rows.token_ids is None and slots != self._fed:
+            raise ValueError("token_ids=None continues the previous decode step's slots only")
+        tokens = None if rows.token_ids is None else list(rows.token_ids)
+        b, kv = self._fill_decode(slots, tokens, list(rows.positions))
+        (logits,) = self._run(
+            ("decode", b, kv, None), functools.partial(self._decode_body, b, kv, None)
+        )
+        self._logits[:b].copy_(logits)
+        return b
+
+    def _sample_logits(self, rows: Decode, b: int, batch: Batch) -> SampleOutput:
+        """The sampling half of a masked decode step, over ``_logits``: a graph of its own,
+        or eagerly when a row has a logits processor."""
+        slots = list(rows.slots)
+        live = self._io[2, : len(slots), 0]  # the slots, already on the device
+        options = rows.options
+        if any(s in batch.processors for s in slots):
+            out = self.sample(self._logits.index_select(0, live), slots, options, batch)
+            self._io[0, :, 0].index_copy_(0, live, out.tokens)
+        else:
+            variant = (options.use_filters, options.use_penalties, options.want_logprobs, True)
+            out = self._run(
+                ("sample", b, variant), functools.partial(self._sample_body, b, variant)
+            )
+            out = SampleOutput(*(None if t is None else t.index_select(0, live) for t in out))
+            self.sampling.record(live, out.tokens)
+        self._fed = slots
         return out
 
     @torch.inference_mode()
@@ -473,12 +532,22 @@ class CudaGraphRunner(Runner):
         self._io[0, :b, 0].copy_(out.tokens)  # the next step's input, if it continues these rows
         return tuple(out)
 
+    def _sample_body(self, b: int, variant: Variant) -> tuple:
+        out = self._sampler(variant)(self._logits[:b], self.sampling, self._rows[:b])
+        self._io[0, :b, 0].copy_(out.tokens)  # the next step's input, as in _decode_body
+        return tuple(out)
+
     def _sampler(self, variant: Variant) -> Callable:
         fn = self._samplers.get(variant)
         if fn is None:
-            filters, penalties, logprobs = variant
+            filters, penalties, logprobs = variant[:3]
+            masked = len(variant) > 3 and variant[3]
             fn = functools.partial(
-                sample, use_filters=filters, use_penalties=penalties, want_logprobs=logprobs
+                sample,
+                use_filters=filters,
+                use_penalties=penalties,
+                want_logprobs=logprobs,
+                use_mask=masked,
             )
             if self.backend is not None and variant in WARM_VARIANTS:
                 fn = torch.compile(fn, fullgraph=True, dynamic=True, backend=self.backend)

@@ -1,0 +1,212 @@
+"""Constrained decoding in the engine's step (``fermi.grammar``): a random-weight model is
+the hardest case, since only the grammar's masks can make its output valid."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import pytest
+
+from fermi.errors import RequestError
+from fermi.grammar import Grammar
+from tests.test_scheduler_overlap import eager, overlapped
+from tests.tiny import write_checkpoint
+from tests.tiny_tokenizer import TINY_SPECIAL_IDS
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 8}, "zip": {"type": "integer"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+        "member": {"type": "boolean"},
+    },
+    "required": ["name", "age", "tags", "address"],
+    "additionalProperties": False,
+}
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+CHAT = [{"role": "user", "content": "Describe someone."}]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("grammar") / "qwen3", {}, seed=4)
+
+
+def _json_request(seed: int, **extra) -> dict:
+    return {
+        "messages": CHAT,
+        "thinking": "off",
+        "response_format": RESPONSE_FORMAT,
+        "max_tokens": 400,
+        "temperature": 1.0,
+        "seed": seed,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("make", [eager, overlapped], ids=["eager", "overlapped"])
+def test_fifty_seeded_samples_follow_the_schema(folder, make):
+    with make(folder) as engine, ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda s: engine.generate(**_json_request(s)), range(50)))
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), SCHEMA)
+    assert len({o.text for o in outs}) > 40  # sampled, not one forced answer
+
+
+def test_the_overlapped_runner_queues_masked_steps_before_reading_the_last(folder):
+    """Steps under a grammar still continue the step in flight: their sampling waits for
+    that step's tokens, their forward pass does not."""
+    with overlapped(folder) as engine:
+        runner, continued = engine.runner, []
+        forward = runner._decode_logits
+
+        def counting(rows):
+            continued.append(rows.token_ids is None)
+            return forward(rows)
+
+        runner._decode_logits = counting
+        out = engine.generate(**_json_request(7))
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+    assert sum(continued) > len(continued) // 2
+
+
+@pytest.mark.parametrize("make", [eager, overlapped], ids=["eager", "overlapped"])
+def test_regex_and_lark_grammars_match_in_full(folder, make):
+    pattern = r"[a-z]{3}-[0-9]{2,4}( ok)?"
+    lark = 'start: "yes" | "no" | "maybe " NUM\nNUM: /[0-9]{1,3}/'
+    with make(folder) as engine:
+        for seed in range(10):
+            out = engine.generate(
+                prompt="Answer:", grammar=Grammar.regex(pattern), max_tokens=40, seed=seed,
+                temperature=1.0,
+            )  # fmt: skip
+            assert re.fullmatch(pattern, out.text), out.text
+            assert out.finish_reason == "stop"
+            out = engine.generate(
+                prompt="Answer:", grammar={"type": "lark", "value": lark}, max_tokens=40,
+                seed=seed, temperature=1.0,
+            )  # fmt: skip
+            assert re.fullmatch(r"yes|no|maybe [0-9]{1,3}", out.text), out.text
+
+
+@pytest.mark.parametrize("make", [eager, overlapped], ids=["eager", "overlapped"])
+def test_a_constrained_row_beside_a_free_one_gives_what_each_gives_alone(folder, make):
+    free = {"prompt_token_ids": [9, 10, 11], "max_tokens": 40, "ignore_eos": True, "seed": 1}
+    with make(folder) as engine:
+        free_alone = engine.generate(**free).token_ids
+        json_alone = engine.generate(**_json_request(3)).token_ids
+        stream = engine.stream(**_json_request(3))
+        first = next(stream)
+        free_beside = engine.generate(**free).token_ids
+        ran_beside = engine.stats().running == 1  # the constrained stream had not ended
+        json_beside = first.token_ids + [t for d in stream for t in d.token_ids]
+    assert ran_beside
+    assert free_beside == free_alone
+    assert json_beside == json_alone
+
+
+@pytest.mark.parametrize("make", [eager, overlapped], ids=["eager", "overlapped"])
+def test_streamed_and_whole_results_are_equal(folder, make):
+    with make(folder) as engine:
+        whole = engine.generate(**_json_request(11))
+        deltas = list(engine.stream(**_json_request(11)))
+    assert "".join(d.text for d in deltas) == whole.text
+    assert [t for d in deltas for t in d.token_ids] == whole.token_ids
+    assert deltas[-1].finish_reason == whole.finish_reason == "stop"
+
+
+def test_reasoning_is_free_and_the_answer_follows_the_schema(folder):
+    """With thinking on, the first token may open a think block; the grammar applies after
+    it closes. The bias makes a random model think, then close; the mask still wins over
+    the bias once the answer starts."""
+    think, close = TINY_SPECIAL_IDS["<think>"], TINY_SPECIAL_IDS["</think>"]
+    with eager(folder) as engine:
+        request = engine.build_request(
+            **{**_json_request(5), "thinking": "on"},
+            logit_bias={str(think): 100, str(close): 100},
+        )
+        assert request.reasoning_may_open
+        out = engine.generate_request(request)
+    assert out.token_ids[0] == think
+    assert close in out.token_ids
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+def test_thinking_off_keeps_the_grammar_from_the_first_token(folder):
+    with eager(folder) as engine:
+        assert not engine.build_request(**_json_request(5)).reasoning_may_open
+        plain = engine.build_request(messages=CHAT, thinking="on")
+        assert plain.grammar is None and not plain.reasoning_may_open
+
+
+@pytest.mark.parametrize(
+    ("response_format", "param", "words"),
+    [
+        ("json", "response_format", "type"),
+        ({"type": "xml"}, "response_format.type", "xml"),
+        ({"type": "json_schema"}, "response_format.json_schema", "json_schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}},
+            "response_format.json_schema.name",
+            "name",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+            "response_format.json_schema.schema",
+            "schema",
+        ),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "not": {"const": "a"}}},
+            },
+            "response_format",
+            "not",
+        ),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"$ref": "#/definitions/missing"}},
+            },
+            "response_format",
+            "missing",
+        ),
+    ],
+)
+def test_bad_or_unsupported_formats_are_refused_naming_the_problem(
+    folder, response_format, param, words
+):
+    with eager(folder) as engine:
+        with pytest.raises(RequestError) as info:
+            engine.build_request(messages=CHAT, response_format=response_format)
+    assert info.value.param == param
+    assert words in info.value.message
+
+
+def test_grammar_and_response_format_together_are_refused(folder):
+    with eager(folder) as engine:
+        with pytest.raises(RequestError, match="not both"):
+            engine.build_request(
+                messages=CHAT, response_format={"type": "json_object"},
+                grammar=Grammar.regex("a+"),
+            )  # fmt: skip
+        with pytest.raises(RequestError) as info:
+            engine.build_request(prompt="x", grammar={"type": "regex", "value": ""})
+        assert info.value.param == "grammar"
+
+
+def test_text_response_format_means_no_constraint(folder):
+    with eager(folder) as engine:
+        request = engine.build_request(messages=CHAT, response_format={"type": "text"})
+    assert request.grammar is None
