@@ -187,9 +187,8 @@ def test_thinking_off_keeps_the_grammar_from_the_first_token(folder):
 def test_bad_or_unsupported_formats_are_refused_naming_the_problem(
     folder, response_format, param, words
 ):
-    with eager(folder) as engine:
-        with pytest.raises(RequestError) as info:
-            engine.build_request(messages=CHAT, response_format=response_format)
+    with eager(folder) as engine, pytest.raises(RequestError) as info:
+        engine.build_request(messages=CHAT, response_format=response_format)
     assert info.value.param == param
     assert words in info.value.message
 
