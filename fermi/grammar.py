@@ -218,6 +218,7 @@ class GrammarCompiler:
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size
         self._tok: Any = None
+        self._executor: Any = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[Grammar, Any] = OrderedDict()
 
@@ -239,6 +240,23 @@ class GrammarCompiler:
     def matcher(self, grammar: Grammar) -> Matcher:
         """A fresh matcher at the start of ``grammar``."""
         return Matcher(self._prototype(grammar, "grammar").deep_copy(), self.eos_ids)
+
+    def fill(self, rows: list[tuple[Matcher, int]], bits: torch.Tensor) -> None:
+        """Fill ``bits[i]`` for each (matcher, i): several rows at once on llguidance's
+        thread pool, which computes masks without holding the GIL."""
+        if len(rows) == 1:
+            matcher, i = rows[0]
+            matcher.fill(bits[i])
+            return
+        if not rows:
+            return
+        import llguidance
+        import llguidance.torch
+
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        pairs = [(m._m, i) for m, i in rows]
+        llguidance.torch.fill_next_token_bitmask_par(self._executor, pairs, bits)
 
     def _prototype(self, grammar: Grammar, param: str) -> Any:
         with self._lock:

@@ -376,17 +376,25 @@ class Scheduler:
             and self.think_open is not None
         )
 
-    def fill_mask(self, seq: Sequence, row: torch.Tensor) -> None:
-        """The tokens ``seq`` may sample next, as a bitmask row (see ``TokenMasks``)."""
-        if not seq.under_grammar() or seq.done:
-            row.fill_(-1)  # reasoning, or a row whose token will be dropped
-            return
-        assert seq.matcher is not None
-        seq.matcher.fill(row)
+    def fill_masks(self, seqs: list[Sequence], bits: torch.Tensor) -> None:
+        """The tokens each of ``seqs`` may sample next, as bitmask rows (``TokenMasks``)."""
+        under: list[tuple[Matcher, int]] = []
+        for i, seq in enumerate(seqs):
+            if seq.under_grammar() and not seq.done:
+                assert seq.matcher is not None
+                under.append((seq.matcher, i))
+            else:
+                bits[i].fill_(-1)  # reasoning, or a row whose token will be dropped
+        assert self.grammars is not None  # (a grammar's sequence was admitted)
+        self.grammars.fill(under, bits)
         think = self.think_open
-        if seq.generated == 0 and seq.request.reasoning_may_open and think is not None:
-            word = int(row[think // 32]) | (1 << (think % 32))
-            row[think // 32] = word - (1 << 32) if word >= 1 << 31 else word
+        if think is None:
+            return
+        for _, i in under:
+            seq = seqs[i]
+            if seq.generated == 0 and seq.request.reasoning_may_open:
+                word = int(bits[i, think // 32]) | (1 << (think % 32))
+                bits[i, think // 32] = word - (1 << 32) if word >= 1 << 31 else word
 
     # -- endings ----------------------------------------------------------------------
 
@@ -460,8 +468,7 @@ class _Masks:
         self.slots = tuple(s.slot for s in seqs)
 
     def fill(self, bits: torch.Tensor) -> None:
-        for i, seq in enumerate(self._seqs):
-            self._scheduler.fill_mask(seq, bits[i])
+        self._scheduler.fill_masks(self._seqs, bits)
 
 
 def _options(seqs: list[Sequence]) -> SamplingOptions:
