@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
 import sys
 import time
@@ -474,3 +476,41 @@ def test_a_second_server_on_the_taken_port_fails_at_once(engine, folder):
     finally:
         chan.close()
         first.stop()
+
+
+def test_a_grammar_constrains_generate_and_chat_replies(stub):
+    """Random weights: only the grammar makes these replies match."""
+    pattern = r"[a-z]{2,5}-[0-9]{1,3}"
+    sampling = pb.SamplingParams(max_tokens=30, temperature=1.0, seed=4)
+    for grammar in (pb.Grammar(regex=pattern), pb.Grammar(lark=f"start: /{pattern}/")):
+        request = pb.GenerateRequest(prompt="Hi", sampling=sampling, grammar=grammar)
+        responses = list(stub.Generate(request))
+        text = "".join(r.text for r in responses)
+        assert re.fullmatch(pattern, text), text
+        assert responses[-1].finish_reason == "stop"
+    schema = json.dumps(
+        {
+            "type": "object",
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+            "required": ["n"],
+            "additionalProperties": False,
+        }
+    )
+    _, text, last = chat(
+        stub, "A number?", sampling=sampling, thinking=pb.THINKING_OFF,
+        grammar=pb.Grammar(json_schema=schema),
+    )  # fmt: skip
+    assert isinstance(json.loads(text)["n"], int)
+    assert last.finish_reason == "stop"
+
+
+def test_a_grammar_the_engine_cannot_enforce_is_invalid_argument_naming_it(stub):
+    schema = '{"type": "string", "not": {"const": "a"}}'
+    request = pb.GenerateRequest(
+        prompt="Hi", sampling=GREEDY, grammar=pb.Grammar(json_schema=schema)
+    )
+    error = rpc_error(lambda: list(stub.Generate(request)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not" in error.details() and "grammar" in error.details()
+    empty = pb.GenerateRequest(prompt="Hi", sampling=GREEDY, grammar=pb.Grammar())
+    assert rpc_error(lambda: list(stub.Generate(empty))).code() == grpc.StatusCode.INVALID_ARGUMENT

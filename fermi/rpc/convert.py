@@ -39,11 +39,25 @@ def sampling_settings(params: pb.SamplingParams) -> SamplingSettings:
     return SamplingSettings(**given)
 
 
+def grammar(request: pb.GenerateRequest | pb.ChatRequest) -> dict[str, Any]:
+    """The ``grammar=`` keyword argument of a request that sets one (else none)."""
+    if not request.HasField("grammar"):
+        return {}
+    kind = request.grammar.WhichOneof("kind")
+    if kind is None:
+        raise RequestError("set one of json_schema, json_object, regex or lark", "grammar")
+    value = getattr(request.grammar, kind)
+    if kind == "json_object" and not value:
+        raise RequestError("json_object must be true when it is the grammar", "grammar")
+    return {"grammar": {"type": kind, "value": value}}
+
+
 def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
     """``Engine.build_request`` keyword arguments for a Generate call."""
     kwargs: dict[str, Any] = {
         "settings": sampling_settings(request.sampling),
         "truncate": request.truncate,
+        **grammar(request),
     }
     # Checked whatever the input, as HTTP checks every field it is sent.
     thinking = thinking_mode(request.thinking)

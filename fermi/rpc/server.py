@@ -84,6 +84,7 @@ class FermiService(pb_grpc.FermiServicer):
         kwargs = {
             "settings": convert.sampling_settings(request.sampling),
             "thinking": convert.thinking_mode(request.thinking),
+            **convert.grammar(request),
         }
         if request.session_id:
             if request.system:

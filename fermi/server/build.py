@@ -66,6 +66,8 @@ def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[Generatio
         max_tokens = body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     kwargs = dict(messages=chat_messages(body.messages), thinking=resolve_thinking(body))
+    if body.response_format is not None:
+        kwargs["response_format"] = body.response_format
     return _requests(engine, body, kwargs, max_tokens, field, logprobs, "messages")
 
 

@@ -62,6 +62,9 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     think: bool | None = None  # Ollama
+    # OpenAI's structured outputs, checked by the engine (fermi.grammar) so that a wrong
+    # shape gets our own message and param.
+    response_format: Any = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
