@@ -18,9 +18,22 @@ from typing import Any
 
 from fermi.engine.types import GenerationRequest, Thinking
 from fermi.errors import FermiError, RequestError
+from fermi.grammar import Grammar
 from fermi.loading import GenerationDefaults
 from fermi.sampling import MAX_LOGPROBS, SamplingParams
 from fermi.text.tokenizer import Tokenizer
+from fermi.text.tools import (
+    HERMES_CLOSE,
+    HERMES_OPEN,
+    Tool,
+    ToolChoice,
+    ToolFormat,
+    call_grammar,
+    check_tools_supported,
+    parse_tool_choice,
+    parse_tools,
+    tool_format,
+)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINKING_MODES: tuple[Thinking, ...] = ("on", "off", "auto")
@@ -176,20 +189,36 @@ class RequestBuilder:
         self.generation = generation
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
+        self._tool_format: tuple[str | None, ToolFormat | None] = ("", None)
 
     @property
     def supports_thinking(self) -> bool:
         template = self.tokenizer.chat_template or ""
         return THINK_OPEN in template or "enable_thinking" in template
 
-    def chat_prompt(self, messages: Sequence[dict], thinking: Thinking = "auto") -> ChatPrompt:
-        """Render ``messages`` with the model's chat template for a thinking mode."""
+    @property
+    def tool_format(self) -> ToolFormat | None:
+        """The tool-call syntax the chat template teaches; None: no tool support."""
+        template = self.tokenizer.chat_template
+        if self._tool_format[0] != template:
+            self._tool_format = (template, tool_format(template))
+        return self._tool_format[1]
+
+    def chat_prompt(
+        self,
+        messages: Sequence[dict],
+        thinking: Thinking = "auto",
+        tools: Sequence[dict | Tool] | None = None,
+    ) -> ChatPrompt:
+        """Render ``messages`` (and ``tools``, OpenAI's shape) with the model's chat template
+        for a thinking mode."""
         _check_thinking(thinking)
         check_roles(messages)
         enable = {"on": True, "off": False, "auto": None}[thinking]
+        listed = [t.as_openai() for t in parse_tools(list(tools))] if tools else None
         try:
             text = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, enable_thinking=enable
+                list(messages), add_generation_prompt=True, enable_thinking=enable, tools=listed
             )
         except FermiError:
             raise
@@ -213,6 +242,10 @@ class RequestBuilder:
         thinking: Thinking = "auto",
         truncate: bool = False,
         skip_special_tokens: bool = True,
+        tools: Sequence[dict | Tool] | None = None,
+        tool_choice: str | dict | ToolChoice | None = None,
+        parallel_tool_calls: bool | None = None,
+        grammar: Grammar | dict | None = None,
     ) -> GenerationRequest:
         """Validate and resolve a request; raises :class:`RequestError` naming the field."""
         given = sum(x is not None for x in (messages, prompt, prompt_token_ids))
@@ -222,12 +255,32 @@ class RequestBuilder:
                 "pass exactly one of messages, prompt, prompt_token_ids", "messages", code
             )
         _check_thinking(thinking)
+        constraint = Grammar.parse(grammar) if grammar is not None else None
+        listed = parse_tools(list(tools) if tools is not None else None)
+        choice = parse_tool_choice(tool_choice, listed)
+        if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
+            raise RequestError(
+                "parallel_tool_calls must be true or false", "parallel_tool_calls", "invalid_type"
+            )
+        parallel = parallel_tool_calls is not False
+        fmt = self.tool_format if listed and choice.mode != "none" else None
+        check_tools_supported(self.tool_format, listed, choice)
+        if listed and messages is None:
+            raise RequestError("tools need a chat request (messages)", "tools")
         split, start_in_reasoning = False, False
         if messages is not None:
             if not messages:
                 raise RequestError("messages must not be empty", "messages")
-            chat = self.chat_prompt(messages, thinking)
+            chat = self.chat_prompt(messages, thinking, listed)
             ids, split, start_in_reasoning = chat.token_ids, True, chat.start_in_reasoning
+            if fmt is not None and choice.mode in ("required", "named"):
+                if constraint is not None:
+                    raise RequestError(
+                        f"tool_choice {choice.mode} constrains the output itself; "
+                        "it cannot be combined with a grammar or response_format",
+                        "tool_choice",
+                    )
+                constraint = self._call_grammar(fmt, listed, choice, parallel, chat)
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise RequestError("prompt must be a string", "prompt", "invalid_type")
@@ -271,7 +324,30 @@ class RequestBuilder:
             logprobs=logprobs,
             skip_special_tokens=skip_special_tokens,
             logit_bias=self._logit_bias(settings),
+            grammar=constraint,
+            tool_format=fmt,
+            parallel_tool_calls=parallel,
         )
+
+    def _call_grammar(
+        self,
+        fmt: ToolFormat,
+        tools: tuple[Tool, ...],
+        choice: ToolChoice,
+        parallel: bool,
+        chat: ChatPrompt,
+    ) -> Grammar:
+        """The grammar of a required or named call; a think block may come first where the
+        model may think (the prompt opened one, or it may open one itself)."""
+        if chat.start_in_reasoning:
+            reasoning = "open"
+        elif self.supports_thinking and chat.thinking != "off":
+            reasoning = "optional"
+        else:
+            reasoning = "none"
+        added = {t.content for t in self.tokenizer.backend.get_added_tokens_decoder().values()}
+        tokens = frozenset({HERMES_OPEN, HERMES_CLOSE, THINK_OPEN, THINK_CLOSE} & added)
+        return call_grammar(fmt, tools, choice, parallel, reasoning, tokens)
 
     def _logit_bias(self, settings: SamplingSettings) -> tuple[tuple[int, float], ...]:
         pairs = settings.logit_bias or ()
