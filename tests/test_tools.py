@@ -477,3 +477,46 @@ def test_required_tool_calls_over_http_streamed_equal_the_whole_reply(client, gr
                     rebuilt[piece.index][1] += piece.function.arguments
     assert [tuple(rebuilt[i]) for i in sorted(rebuilt)] == calls
     assert reasons[-1] == "tool_calls"
+
+
+# -- gRPC --------------------------------------------------------------------------------
+
+
+def test_grpc_requests_carry_tools_and_replies_carry_tool_call_deltas():
+    from fermi.engine.types import Delta
+    from fermi.rpc.convert import generate_kwargs, response
+    from fermi.rpc.generated import fermi_pb2 as pb
+    from fermi.text.tools import ToolCallDelta
+
+    call = pb.ToolCall(id="call_1", name="add", arguments='{"a": 1}')
+    request = pb.GenerateRequest(
+        conversation=pb.Conversation(
+            messages=[
+                pb.Message(role="user", content="hi"),
+                pb.Message(role="assistant", tool_calls=[call]),
+                pb.Message(role="tool", content="2", tool_call_id="call_1"),
+            ]
+        ),
+        tools=[json.dumps(ADD)],
+        tool_choice="add",
+        parallel_tool_calls=False,
+    )
+    kwargs = generate_kwargs(request)
+    assert kwargs["tools"] == [ADD] and kwargs["parallel_tool_calls"] is False
+    assert kwargs["tool_choice"] == {"type": "function", "function": {"name": "add"}}
+    assert kwargs["messages"][1]["tool_calls"][0]["function"] == {
+        "name": "add",
+        "arguments": '{"a": 1}',
+    }
+    assert kwargs["messages"][2]["tool_call_id"] == "call_1"
+    with pytest.raises(RequestError) as info:
+        generate_kwargs(pb.GenerateRequest(conversation=request.conversation, tools=["{"]))
+    assert info.value.param == "tools[0]"
+
+    pieces = [ToolCallDelta(0, "call_x", "add", ""), ToolCallDelta(0, arguments='{"a": 1}')]
+    out = response(Delta(tool_calls=pieces, finish_reason="tool_calls"))
+    assert out.finish_reason == "tool_calls"
+    assert [(t.index, t.id, t.name, t.arguments) for t in out.tool_calls] == [
+        (0, "call_x", "add", ""),
+        (0, "", "", '{"a": 1}'),
+    ]
