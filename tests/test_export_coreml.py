@@ -20,6 +20,7 @@ from fermi.runners.torch_eager import TorchRunner  # noqa: E402
 from tests.arch_templates import GEMMA2  # noqa: E402
 from tests.test_arch_gemma2 import GEMMA2_BASE  # noqa: E402
 from tests.tiny import write_checkpoint, write_checkpoint_for  # noqa: E402
+from tests.tiny_tokenizer import TINY_VOCAB_SIZE  # noqa: E402
 
 SEQ, CHUNK = 64, 16
 needs_coreml = pytest.mark.skipif(
@@ -114,7 +115,7 @@ def test_package_is_an_ios18_ml_program_with_the_manifest_io_and_fp16_states(exp
     by_name = {t.name: t for t in manifest.inputs + manifest.outputs + manifest.states}
     assert by_name["input_ids"].shape == [1, f"1..{CHUNK}"]
     assert by_name["causal_mask"].shape == [1, 1, f"1..{CHUNK}", f"1..{SEQ}"]
-    assert by_name["logits"].shape == [1, 453] and by_name["logits"].dtype == "float32"
+    assert by_name["logits"].shape == [1, TINY_VOCAB_SIZE] and by_name["logits"].dtype == "float32"
     for name in ("k_cache", "v_cache"):
         assert by_name[name].shape == [2, 1, 2, SEQ, 16]
         assert by_name[name].dtype == "float16"

@@ -16,13 +16,16 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 TRAINED_VOCAB_SIZE = 448
 
 # Added tokens in id order, with Qwen3's special flags: the ChatML markers are special
-# (dropped by skip_special_tokens) while the think tags are ordinary added tokens.
+# (dropped by skip_special_tokens) while the think and tool-call tags are ordinary added
+# tokens.
 ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|endoftext|>", True),
     ("<|im_start|>", True),
     ("<|im_end|>", True),
     ("<think>", False),
     ("</think>", False),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
 )
 TINY_VOCAB_SIZE = TRAINED_VOCAB_SIZE + len(ADDED_TOKENS)
 # Ids are fixed because the added tokens come right after the trained vocab.
@@ -81,6 +84,57 @@ def _chat_template() -> str:
     )
 
 
+def _tools_chat_template() -> str:
+    """The ChatML template with Qwen3's tool rendering, written for these tests: the tools
+    listed in a system block inside <tools></tools>, the assistant's calls as <tool_call>
+    blocks, tool results as <tool_response> blocks in a user turn."""
+    return (
+        "{%- if tools -%}\n"
+        "    {{- '<|im_start|>system\\n' -}}\n"
+        "    {%- if messages[0].role == 'system' -%}"
+        "{{- messages[0].content + '\\n\\n' -}}{%- endif -%}\n"
+        "    {{- '# Tools\\n\\nYou may call one or more functions. Their signatures are "
+        "within <tools></tools>:\\n<tools>' -}}\n"
+        "    {%- for tool in tools -%}{{- '\\n' + tool | tojson -}}{%- endfor -%}\n"
+        "    {{- '\\n</tools>\\n\\nFor each call, answer with a JSON object of the "
+        "function name and arguments within <tool_call></tool_call>:\\n<tool_call>\\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\\n'
+        "</tool_call><|im_end|>\\n' -}}\n"
+        "{%- elif messages[0].role == 'system' -%}\n"
+        "    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' -}}\n"
+        "{%- endif -%}\n"
+        "{%- for message in messages -%}\n"
+        "    {%- set content = message.content if message.content is string else '' -%}\n"
+        "    {%- if message.role == 'system' and loop.first -%}\n"
+        "    {%- elif message.role == 'assistant' -%}\n"
+        "        {{- '<|im_start|>assistant\\n' + content -}}\n"
+        "        {%- for call in message.tool_calls or [] -%}\n"
+        "            {%- if content or not loop.first -%}{{- '\\n' -}}{%- endif -%}\n"
+        "            {%- set args = call.function.arguments -%}\n"
+        '            {{- \'<tool_call>\\n{"name": "\' + call.function.name'
+        ' + \'", "arguments": \' -}}\n'
+        "            {{- (args if args is string else args | tojson) + '}\\n</tool_call>' -}}\n"
+        "        {%- endfor -%}\n"
+        "        {{- '<|im_end|>\\n' -}}\n"
+        "    {%- elif message.role == 'tool' -%}\n"
+        "        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}"
+        "{{- '<|im_start|>user' -}}{%- endif -%}\n"
+        "        {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' -}}\n"
+        "        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}"
+        "{{- '<|im_end|>\\n' -}}{%- endif -%}\n"
+        "    {%- else -%}\n"
+        "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' -}}\n"
+        "    {%- endif -%}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}\n"
+        "    {{- '<|im_start|>assistant\\n' -}}\n"
+        "    {%- if enable_thinking is defined and enable_thinking is false -%}\n"
+        "        {{- '<think>\\n\\n</think>\\n\\n' -}}\n"
+        "    {%- endif -%}\n"
+        "{%- endif -%}\n"
+    )
+
+
 @functools.cache
 def _tokenizer_json() -> str:
     tok = Tokenizer(models.BPE())
@@ -111,9 +165,10 @@ def build_tiny_tokenizer() -> Tokenizer:
 def write_tiny_tokenizer(folder: Path, template: str = "qwen3") -> None:
     """Write tokenizer.json and tokenizer_config.json into `folder`.
 
-    template="qwen3" includes the Qwen3-like chat template; "plain" has no chat template.
+    template="qwen3" includes the Qwen3-like chat template; "qwen3_tools" the same with
+    Qwen3's tool rendering; "plain" has no chat template.
     """
-    if template not in ("qwen3", "plain"):
+    if template not in ("qwen3", "qwen3_tools", "plain"):
         raise ValueError(f"unknown tiny tokenizer template {template!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,6 +184,8 @@ def write_tiny_tokenizer(folder: Path, template: str = "qwen3") -> None:
     }
     if template == "qwen3":
         config["chat_template"] = _chat_template()
+    elif template == "qwen3_tools":
+        config["chat_template"] = _tools_chat_template()
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 

@@ -30,6 +30,7 @@ from fermi.grammar import Grammar, GrammarCompiler
 from fermi.loading import GenerationDefaults
 from fermi.runners.base import Runner
 from fermi.text.tokenizer import Tokenizer
+from fermi.text.tools import Tool, ToolCall, ToolChoice, merge_calls
 
 __all__ = ["STALL_SECONDS", "ChatPrompt", "Engine", "EngineStats", "RequestHandle"]
 
@@ -95,9 +96,15 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------
 
-    def chat_prompt(self, messages: Sequence[dict], thinking: Thinking = "auto") -> ChatPrompt:
-        """Render ``messages`` with the model's chat template for a thinking mode."""
-        return self.requests.chat_prompt(messages, thinking)
+    def chat_prompt(
+        self,
+        messages: Sequence[dict],
+        thinking: Thinking = "auto",
+        tools: Sequence[dict | Tool] | None = None,
+    ) -> ChatPrompt:
+        """Render ``messages`` (and ``tools``, OpenAI's shape) with the model's chat template
+        for a thinking mode."""
+        return self.requests.chat_prompt(messages, thinking, tools)
 
     def build_request(
         self,
@@ -109,8 +116,11 @@ class Engine:
         truncate: bool = False,
         skip_special_tokens: bool = True,
         settings: SamplingSettings | None = None,
-        response_format: dict | None = None,
+        tools: Sequence[dict | Tool] | None = None,
+        tool_choice: str | dict | ToolChoice | None = None,
+        parallel_tool_calls: bool | None = None,
         grammar: Grammar | dict | None = None,
+        response_format: dict | None = None,
         **values: Any,
     ) -> GenerationRequest:
         """Validate and resolve a request; raises :class:`RequestError` naming the field.
@@ -119,8 +129,10 @@ class Engine:
         (``max_tokens=``, ``temperature=``, ...: the fields of :class:`SamplingSettings`)
         come as keyword arguments, as ``settings``, or both (the keywords win). ``truncate``
         keeps the end of a prompt longer than the context instead of refusing it.
-        ``response_format`` (OpenAI's ``json_object`` / ``json_schema`` shapes) or
-        ``grammar`` constrain the output (see ``RequestBuilder.build``).
+        ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are OpenAI's (chat only):
+        the reply's calls arrive as ``tool_calls``; ``required`` or a named function makes
+        the model call one. ``response_format`` (OpenAI's ``json_object`` / ``json_schema``
+        shapes) or ``grammar`` constrain the output (see :mod:`fermi.grammar`).
         """
         return self.requests.build(
             messages=messages,
@@ -130,6 +142,9 @@ class Engine:
             thinking=thinking,
             truncate=truncate,
             skip_special_tokens=skip_special_tokens,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
             grammar=grammar,
             response_format=response_format,
         )
@@ -192,6 +207,7 @@ class Engine:
 
     def generate_request(self, request: GenerationRequest) -> Completion:
         text, reasoning, ids = [], [], []
+        calls: list[ToolCall] = []
         logprobs: list[TokenLogprob] | None = [] if request.logprobs is not None else None
         box: queue.SimpleQueue[Delta] = queue.SimpleQueue()
         handle = self.submit(request, box.put)
@@ -200,6 +216,8 @@ class Engine:
                 text.append(delta.text)
                 reasoning.append(delta.reasoning)
                 ids.extend(delta.token_ids)
+                if delta.tool_calls:
+                    calls = merge_calls(calls, delta.tool_calls)
                 if logprobs is not None and delta.logprobs:
                     logprobs.extend(delta.logprobs)
         finally:
@@ -214,6 +232,7 @@ class Engine:
             logprobs=logprobs,
             time_to_first_token=first - handle.submitted_at,
             decode_time=(handle.finished_at or first) - first,
+            tool_calls=calls,
         )
 
     def release_session(self, session: str) -> None:

@@ -22,6 +22,18 @@ from fermi.grammar import Grammar, GrammarCompiler
 from fermi.loading import GenerationDefaults
 from fermi.sampling import MAX_LOGPROBS, SamplingParams
 from fermi.text.tokenizer import Tokenizer
+from fermi.text.tools import (
+    HERMES_CLOSE,
+    HERMES_OPEN,
+    Tool,
+    ToolChoice,
+    ToolFormat,
+    call_grammar,
+    check_tools_supported,
+    parse_tool_choice,
+    parse_tools,
+    tool_format,
+)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINKING_MODES: tuple[Thinking, ...] = ("on", "off", "auto")
@@ -179,20 +191,36 @@ class RequestBuilder:
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.grammars = grammars
+        self._tool_format: tuple[str | None, ToolFormat | None] = ("", None)
 
     @property
     def supports_thinking(self) -> bool:
         template = self.tokenizer.chat_template or ""
         return THINK_OPEN in template or "enable_thinking" in template
 
-    def chat_prompt(self, messages: Sequence[dict], thinking: Thinking = "auto") -> ChatPrompt:
-        """Render ``messages`` with the model's chat template for a thinking mode."""
+    @property
+    def tool_format(self) -> ToolFormat | None:
+        """The tool-call syntax the chat template teaches; None: no tool support."""
+        template = self.tokenizer.chat_template
+        if self._tool_format[0] != template:
+            self._tool_format = (template, tool_format(template))
+        return self._tool_format[1]
+
+    def chat_prompt(
+        self,
+        messages: Sequence[dict],
+        thinking: Thinking = "auto",
+        tools: Sequence[dict | Tool] | None = None,
+    ) -> ChatPrompt:
+        """Render ``messages`` (and ``tools``, OpenAI's shape) with the model's chat template
+        for a thinking mode."""
         _check_thinking(thinking)
         check_roles(messages)
         enable = {"on": True, "off": False, "auto": None}[thinking]
+        listed = [t.as_openai() for t in parse_tools(list(tools))] if tools else None
         try:
             text = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, enable_thinking=enable
+                list(messages), add_generation_prompt=True, enable_thinking=enable, tools=listed
             )
         except FermiError:
             raise
@@ -216,6 +244,9 @@ class RequestBuilder:
         thinking: Thinking = "auto",
         truncate: bool = False,
         skip_special_tokens: bool = True,
+        tools: Sequence[dict | Tool] | None = None,
+        tool_choice: str | dict | ToolChoice | None = None,
+        parallel_tool_calls: bool | None = None,
         grammar: Grammar | dict | None = None,
         response_format: dict | None = None,
     ) -> GenerationRequest:
@@ -224,7 +255,8 @@ class RequestBuilder:
         ``response_format`` (OpenAI's shapes) or ``grammar`` (a :class:`Grammar`, or
         ``{"type": "json_schema"|"json_object"|"regex"|"lark", "value": ...}``) constrain
         the output; the grammar is compiled here, so a schema it cannot enforce is refused
-        before the request is queued."""
+        before the request is queued. A ``required`` or named ``tool_choice`` constrains it
+        to calls of the tools."""
         given = sum(x is not None for x in (messages, prompt, prompt_token_ids))
         if given != 1:
             code = "missing_required_parameter" if given == 0 else "invalid_value"
@@ -232,12 +264,33 @@ class RequestBuilder:
                 "pass exactly one of messages, prompt, prompt_token_ids", "messages", code
             )
         _check_thinking(thinking)
+        constraint = self._grammar(grammar, response_format)
+        listed = parse_tools(list(tools) if tools is not None else None)
+        choice = parse_tool_choice(tool_choice, listed)
+        if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
+            raise RequestError(
+                "parallel_tool_calls must be true or false", "parallel_tool_calls", "invalid_type"
+            )
+        parallel = parallel_tool_calls is not False
+        fmt = self.tool_format if listed and choice.mode != "none" else None
+        check_tools_supported(self.tool_format, listed, choice)
+        if listed and messages is None:
+            raise RequestError("tools need a chat request (messages)", "tools")
         split, start_in_reasoning = False, False
         if messages is not None:
             if not messages:
                 raise RequestError("messages must not be empty", "messages")
-            chat = self.chat_prompt(messages, thinking)
+            chat = self.chat_prompt(messages, thinking, listed)
             ids, split, start_in_reasoning = chat.token_ids, True, chat.start_in_reasoning
+            if fmt is not None and choice.mode in ("required", "named"):
+                if constraint is not None:
+                    raise RequestError(
+                        f"tool_choice {choice.mode} constrains the output itself; "
+                        "it cannot be combined with a grammar or response_format",
+                        "tool_choice",
+                    )
+                constraint = self._call_grammar(fmt, listed, choice, parallel)
+                self._check(constraint, "tools")
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise RequestError("prompt must be a string", "prompt", "invalid_type")
@@ -266,7 +319,6 @@ class RequestBuilder:
         max_tokens = budget if max_tokens is None else min(max_tokens, budget)
 
         params = self.sampling(settings, thinking if messages is not None else "auto")
-        constraint = self._grammar(grammar, response_format)
         logprobs = settings.logprobs
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise RequestError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
@@ -290,24 +342,37 @@ class RequestBuilder:
                 and thinking != "off"
                 and self.supports_thinking
             ),
+            tool_format=fmt,
+            parallel_tool_calls=parallel,
         )
 
     def _grammar(self, grammar: Grammar | dict | None, response_format: Any) -> Grammar | None:
         if grammar is not None and response_format is not None:
             raise RequestError("give grammar or response_format, not both", "response_format")
-        param = "grammar" if grammar is not None else "response_format"
         if grammar is not None:
-            constraint = Grammar.parse(grammar)
+            constraint, param = Grammar.parse(grammar), "grammar"
         elif response_format is not None:
             constraint = Grammar.from_response_format(response_format)
+            param = "response_format"
         else:
             return None
-        if constraint is None:
-            return None
+        if constraint is not None:
+            self._check(constraint, param)
+        return constraint
+
+    def _check(self, grammar: Grammar, param: str) -> None:
         if self.grammars is None:
             raise RequestError("this engine cannot constrain its output", param)
-        self.grammars.check(constraint, param)
-        return constraint
+        self.grammars.check(grammar, param)
+
+    def _call_grammar(
+        self, fmt: ToolFormat, tools: tuple[Tool, ...], choice: ToolChoice, parallel: bool
+    ) -> Grammar:
+        """The grammar of a required or named call. It holds no think block: the engine
+        leaves reasoning unconstrained and applies the grammar from its end."""
+        added = {t.content for t in self.tokenizer.backend.get_added_tokens_decoder().values()}
+        tokens = frozenset({HERMES_OPEN, HERMES_CLOSE, THINK_OPEN, THINK_CLOSE} & added)
+        return call_grammar(fmt, tools, choice, parallel, "none", tokens)
 
     def _logit_bias(self, settings: SamplingSettings) -> tuple[tuple[int, float], ...]:
         pairs = settings.logit_bias or ()

@@ -366,7 +366,10 @@ class Scheduler:
         final = seq.output.finish(reason)
         delta.text += final.text
         delta.reasoning += final.reasoning
-        self._complete(seq, delta, reason)
+        if final.tool_calls:
+            delta.tool_calls = [*(delta.tool_calls or []), *final.tool_calls]
+        # (a reply that called tools ends with tool_calls rather than stop)
+        self._complete(seq, delta, final.finish_reason or reason)
 
     def _opens_reasoning(self, seq: Sequence, token: int) -> bool:
         return (

@@ -7,8 +7,10 @@ from typing import Literal
 
 from fermi.grammar import Grammar
 from fermi.sampling import SamplingParams
+from fermi.text.tools import ToolCall, ToolCallDelta, ToolFormat
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+# tool_calls: the reply ended (eos, a stop string, its grammar complete) after calling tools.
+FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
 Thinking = Literal["on", "off", "auto"]
 
 
@@ -42,6 +44,10 @@ class GenerationRequest:
     # the grammar applies from the end of the reasoning.
     grammar: Grammar | None = None
     reasoning_may_open: bool = False
+    # Parse tool calls in this syntax out of the answer (set when the request has tools and
+    # tool_choice is not "none"); without parallel calls, only the first call is kept.
+    tool_format: ToolFormat | None = None
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,9 @@ class Delta:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None
+    # Tool calls as they stream: a call's first piece has its id and name, the following
+    # ones fragments of its arguments' JSON text.
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 @dataclass
@@ -88,3 +97,4 @@ class Completion:
     # Seconds from submission to the first token, and from the first token to the last.
     time_to_first_token: float = 0.0
     decode_time: float = 0.0
+    tool_calls: list[ToolCall] = field(default_factory=list)

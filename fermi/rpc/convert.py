@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 
 import grpc
@@ -67,16 +68,46 @@ def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
     elif which == "prompt_token_ids":
         kwargs["prompt_token_ids"] = list(request.prompt_token_ids.ids)
     elif which == "conversation":
-        messages = [{"role": m.role, "content": m.content} for m in request.conversation.messages]
+        messages = [_message(m) for m in request.conversation.messages]
         check_roles(messages, "conversation.messages")  # named as on this wire
         kwargs["messages"] = messages
         kwargs["thinking"] = thinking
+        kwargs.update(_tool_kwargs(request))
     else:
         raise RequestError(
             "set one of prompt, prompt_token_ids or conversation",
             "input",
             "missing_required_parameter",
         )
+    return kwargs
+
+
+def _message(m: pb.Message) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    return message
+
+
+def _tool_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
+    """tools (JSON texts), tool_choice (a mode or a function's name), parallel_tool_calls."""
+    tools = []
+    for i, text in enumerate(request.tools):
+        try:
+            tools.append(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise RequestError(f"a tool must be JSON: {exc}", f"tools[{i}]") from None
+    choice: Any = request.tool_choice or None
+    if choice not in (None, "none", "auto", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    kwargs: dict[str, Any] = {"tools": tools or None, "tool_choice": choice}
+    if request.HasField("parallel_tool_calls"):
+        kwargs["parallel_tool_calls"] = request.parallel_tool_calls
     return kwargs
 
 
@@ -95,6 +126,12 @@ def response(delta: Delta, session_id: str = "") -> pb.GenerateResponse:
                 token=lp.token,
                 logprob=lp.logprob,
                 top=[pb.TopLogprob(token_id=t, token=s, logprob=p) for t, s, p in lp.top],
+            )
+        )
+    for call in delta.tool_calls or ():
+        out.tool_calls.append(
+            pb.ToolCallDelta(
+                index=call.index, id=call.id or "", name=call.name or "", arguments=call.arguments
             )
         )
     if delta.usage is not None:

@@ -53,6 +53,17 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name is not None:
             item["name"] = message.name
+        if message.tool_calls:
+            item["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": call.type,
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+                for call in message.tool_calls
+            ]
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
         out.append(item)
     return out
 
@@ -65,7 +76,13 @@ def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[Generatio
     if max_tokens is None:
         max_tokens = body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    kwargs = dict(messages=chat_messages(body.messages), thinking=resolve_thinking(body))
+    kwargs = dict(
+        messages=chat_messages(body.messages),
+        thinking=resolve_thinking(body),
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
+    )
     if body.response_format is not None:
         kwargs["response_format"] = body.response_format
     return _requests(engine, body, kwargs, max_tokens, field, logprobs, "messages")

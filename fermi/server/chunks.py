@@ -24,13 +24,18 @@ from fermi.server.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     ChunkDelta,
+    ChunkFunction,
+    ChunkToolCall,
     CompletionLogprobs,
+    FunctionCall,
     PromptTokensDetails,
     TextChoice,
     TextCompletion,
+    ToolCallBody,
     TopLogprob,
     UsageBody,
 )
+from fermi.text.tools import ToolCall, ToolCallDelta, merge_calls
 
 # JSON has no -inf; OpenAI reports impossible tokens with this floor.
 LOGPROB_FLOOR = -9999.0
@@ -55,10 +60,26 @@ def _template(obj) -> list[bytes]:
 
 
 def finish_reason(reason: str | None) -> str | None:
-    """OpenAI knows stop and length; a cancelled request ended early, which reads as stop."""
+    """OpenAI knows stop, length and tool_calls; a cancelled request ended early, which
+    reads as stop."""
     if reason is None:
         return None
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "tool_calls") else "stop"
+
+
+def tool_call_bodies(calls: list[ToolCall]) -> list[ToolCallBody] | None:
+    if not calls:
+        return None
+    return [ToolCallBody(id=c.id, function=FunctionCall(c.name, c.arguments)) for c in calls]
+
+
+def chunk_tool_calls(deltas: list[ToolCallDelta]) -> list[ChunkToolCall]:
+    return [
+        ChunkToolCall(d.index, d.id, "function", ChunkFunction(d.name, d.arguments))
+        if d.id is not None
+        else ChunkToolCall(d.index, function=ChunkFunction(arguments=d.arguments))
+        for d in deltas
+    ]
 
 
 def _lp(value: float) -> float:
@@ -103,9 +124,10 @@ def usage_body(prompt_tokens: int, choices: list[ChoiceText], n: int) -> UsageBo
 class ChoiceText:
     """Everything one choice produced, for a non-streaming response."""
 
-    __slots__ = ("cached", "finish_reason", "logprobs", "reasoning", "text", "tokens")
+    __slots__ = ("cached", "calls", "finish_reason", "logprobs", "reasoning", "text", "tokens")
 
     def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
         self.text: list[str] = []
         self.reasoning: list[str] = []
         self.logprobs: list[TokenLogprob] = []
@@ -120,6 +142,8 @@ class ChoiceText:
             self.reasoning.append(delta.reasoning)
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
+        if delta.tool_calls:
+            self.calls = merge_calls(self.calls, delta.tool_calls)
         if delta.finish_reason is not None:
             self.finish_reason = finish_reason(delta.finish_reason)
             self.tokens = delta.usage.completion_tokens if delta.usage else 0
@@ -138,7 +162,11 @@ def chat_completion(
     out = []
     for i, c in enumerate(choices):
         reasoning = "".join(c.reasoning) or None
-        message = AssistantMessage("assistant", "".join(c.text), reasoning, reasoning)
+        text = "".join(c.text)
+        # OpenAI's content is null in a reply that only calls tools.
+        content = None if c.calls and not text else text
+        calls = tool_call_bodies(c.calls)
+        message = AssistantMessage("assistant", content, reasoning, reasoning, calls)
         lps = chat_logprobs(c.logprobs) if want_logprobs else None
         out.append(ChatChoice(i, message, lps, c.finish_reason))
     usage = usage_body(prompt_tokens, choices, n)
@@ -192,12 +220,13 @@ class ChatChunker:
         if self.want_logprobs and delta.logprobs:
             pending.extend(delta.logprobs)
         reason = finish_reason(delta.finish_reason)
-        if not (delta.text or delta.reasoning or reason):
+        if not (delta.text or delta.reasoning or reason or delta.tool_calls):
             return None
         body = ChunkDelta(
             content=delta.text or None,
             reasoning_content=delta.reasoning or None,
             reasoning=delta.reasoning or None,
+            tool_calls=chunk_tool_calls(delta.tool_calls) if delta.tool_calls else None,
         )
         lps = None
         if pending:
@@ -211,7 +240,7 @@ class ChatChunker:
     def event(self, index: int, delta: Delta) -> bytes:
         """``sse(self.delta(index, delta))``, or b"" when there is nothing to send yet."""
         plain = not (self.pending[index] or (self.want_logprobs and delta.logprobs))
-        if plain and delta.finish_reason is None:
+        if plain and delta.finish_reason is None and not delta.tool_calls:
             text, reasoning = delta.text, delta.reasoning
             if text and not reasoning:
                 return ENCODER.encode(text).join(self._templates(index)[0])

@@ -18,10 +18,25 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallBody(msgspec.Struct, kw_only=True):
+    """A tool call, in an assistant message sent back (and in a reply)."""
+
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class Message(msgspec.Struct):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class StreamOptions(msgspec.Struct):
@@ -65,6 +80,10 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     # OpenAI's structured outputs, checked by the engine (fermi.grammar) so that a wrong
     # shape gets our own message and param.
     response_format: Any = None
+    # Checked by the engine (fermi.text.tools), which names the field that is wrong.
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -119,6 +138,7 @@ class AssistantMessage(msgspec.Struct):
     # reasoning_content is vLLM's original name, reasoning its newer one: clients read either.
     reasoning_content: str | None = None
     reasoning: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
 
 
 class ChatChoice(msgspec.Struct):
@@ -137,6 +157,21 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     usage: UsageBody
 
 
+class ChunkFunction(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChunkToolCall(msgspec.Struct, omit_defaults=True):
+    """A streamed piece of a call: the first has id, type and name (and arguments ""),
+    the following ones a fragment of the arguments."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: ChunkFunction | None = None
+
+
 class ChunkDelta(msgspec.Struct, omit_defaults=True):
     """A streamed delta carries only the fields that changed."""
 
@@ -144,6 +179,7 @@ class ChunkDelta(msgspec.Struct, omit_defaults=True):
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
+    tool_calls: list[ChunkToolCall] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):

@@ -190,7 +190,9 @@ def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Keys set to None are dropped: OpenAI clients send `content: null` next to tool calls,
     and templates handle a missing key but would render the literal "None". Reasoning sent
-    under another name is also exposed as reasoning_content.
+    under another name is also exposed as reasoning_content. Content given as a list of
+    text parts is joined. A tool call's `function.arguments` (OpenAI's JSON string) becomes
+    the object it encodes, as transformers' templates expect (they write it with `tojson`).
     """
     normalized = []
     for message in messages:
@@ -198,8 +200,27 @@ def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         reasoning = next((clean[key] for key in _REASONING_KEYS if key in clean), None)
         if reasoning is not None:
             clean.setdefault("reasoning_content", reasoning)
+        content = clean.get("content")
+        if isinstance(content, list):
+            clean["content"] = "".join(
+                part.get("text") or "" for part in content if isinstance(part, dict)
+            )
+        calls = clean.get("tool_calls")
+        if isinstance(calls, list):
+            clean["tool_calls"] = [_template_call(call) for call in calls]
         normalized.append(clean)
     return normalized
+
+
+def _template_call(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _render_bounded(template: jinja2.Template, context: dict[str, Any]) -> str:

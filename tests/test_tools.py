@@ -1,0 +1,515 @@
+"""Tool calling: OpenAI's tools checked, the model's calls parsed (streamed exactly as in one
+piece), the required-call grammar always giving valid calls, tool turns rendered by the
+template, and the whole thing through the engine and a real server with the openai SDK."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import openai
+import pytest
+import torch
+
+import fermi
+from fermi.errors import RequestError
+from fermi.grammar import Grammar, GrammarCompiler
+from fermi.sampling import mask_words, unpack_bits
+from fermi.text.tokenizer import Tokenizer
+from fermi.text.tools import (
+    ToolCallParser,
+    ToolChoice,
+    call_grammar,
+    parse_tool_calls,
+    parse_tool_choice,
+    parse_tools,
+    tool_format,
+)
+from tests.serving import running_server
+from tests.tiny import write_checkpoint
+from tests.tiny_tokenizer import write_tiny_tokenizer
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 6},
+                "unit": {"enum": ["c", "f"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "a": {"type": "integer", "minimum": 0, "maximum": 99},
+                "b": {"type": "boolean"},
+            },
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [WEATHER, ADD]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+TAGS = frozenset({"<tool_call>", "</tool_call>", "<think>", "</think>"})
+
+HERMES_TEXT = (
+    "Let me check.\n<tool_call>\n"
+    '{"name": "get_weather", "arguments": {"city": "Paris \\"x\\" }", "n": [1, {"a": 2}]}}\n'
+    "</tool_call>\n<tool_call>\n"
+    '{"arguments": {"a": 1.5e3, "b": true}, "name": "add"}\n</tool_call>'
+)
+LLAMA_TEXT = (
+    '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "c"}}; '
+    '{"name": "add", "parameters": {"a": 1, "b": false}}'
+)
+
+
+def calls_of(calls) -> list[tuple[str, str]]:
+    return [(c.name, c.arguments) for c in calls]
+
+
+def streamed(text: str, fmt, rng: random.Random, max_calls=None):
+    """Content and calls of ``text`` fed in random pieces; the calls rebuilt from events."""
+    parser = ToolCallParser(fmt, max_calls)
+    cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(0, min(len(text), 12))))
+    content, events, start = [], [], 0
+    for cut in [*cuts, len(text)]:
+        piece, got = parser.feed(text[start:cut])
+        content.append(piece)
+        events += got
+        start = cut
+    piece, got = parser.finish()
+    content.append(piece)
+    events += got
+    rebuilt: dict[int, list[str]] = {}
+    for e in events:
+        if e.id is not None:
+            assert e.id.startswith("call_") and len(e.id) == 29 and e.arguments == ""
+            rebuilt[e.index] = [e.name, ""]
+        else:
+            rebuilt[e.index][1] += e.arguments
+    return "".join(content), [tuple(rebuilt[i]) for i in sorted(rebuilt)]
+
+
+# -- parsing ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "content", "calls"),
+    [
+        (
+            "hermes",
+            HERMES_TEXT,
+            "Let me check.",
+            [
+                ("get_weather", '{"city": "Paris \\"x\\" }", "n": [1, {"a": 2}]}'),
+                ("add", '{"a": 1.5e3, "b": true}'),
+            ],
+        ),
+        (
+            "llama3_json",
+            LLAMA_TEXT,
+            "",
+            [("get_weather", '{"city": "Oslo", "unit": "c"}'), ("add", '{"a": 1, "b": false}')],
+        ),
+        ("hermes", "No call <tool_ca here, <b>", "No call <tool_ca here, <b>", []),
+        ("llama3_json", "It is sunny.", "It is sunny.", []),
+    ],
+)
+def test_streamed_calls_equal_the_whole_parse_at_any_split(fmt, text, content, calls):
+    whole_content, whole_calls = parse_tool_calls(text, fmt)
+    assert (whole_content, calls_of(whole_calls)) == (content, calls)
+    for seed in range(100):
+        assert streamed(text, fmt, random.Random(seed)) == (content, calls), seed
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text"),
+    [
+        ("hermes", "<tool_call>\nnot json\n</tool_call> after"),
+        ("hermes", '<tool_call>{"foo": 1}</tool_call>'),
+        ("hermes", '<tool_call>{"name": "f"}</tool_call>'),
+        ("hermes", '<tool_call>{"name": 3, "arguments": {}}</tool_call>'),
+        ("hermes", '<tool_call>{"name": "f", "arguments": "{}"}</tool_call>'),
+        ("llama3_json", '{"name": "f", "parameters": [1]}'),
+        ("llama3_json", "{not json at all"),
+    ],
+)
+def test_malformed_calls_stay_content_streamed_or_not(fmt, text):
+    content, calls = parse_tool_calls(text, fmt)
+    assert (content, calls) == (text, [])
+    for seed in range(30):
+        assert streamed(text, fmt, random.Random(seed)) == (text, []), seed
+
+
+def test_a_committed_call_cut_short_keeps_what_was_written():
+    text = '<tool_call>\n{"name": "add", "arguments": {"a": 4'
+    assert calls_of(parse_tool_calls(text, "hermes")[1]) == [("add", '{"a": 4')]
+
+
+def test_without_parallel_calls_only_the_first_call_is_kept():
+    content, calls = parse_tool_calls(HERMES_TEXT, "hermes", max_calls=1)
+    assert content == "Let me check." and [c.name for c in calls] == ["get_weather"]
+    for seed in range(20):
+        assert [c[0] for c in streamed(HERMES_TEXT, "hermes", random.Random(seed), 1)[1]] == [
+            "get_weather"
+        ]
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tools", "param"),
+    [
+        ({"type": "function"}, "tools"),
+        ([{"type": "retrieval"}], "tools[0].type"),
+        ([{"type": "function"}], "tools[0].function"),
+        ([{"type": "function", "function": {"name": "bad name"}}], "tools[0].function.name"),
+        ([{"type": "function", "function": {"name": "x" * 65}}], "tools[0].function.name"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": "{}"}}],
+            "tools[0].function.parameters",
+        ),
+        ([WEATHER, WEATHER], "tools[1].function.name"),
+    ],
+)
+def test_wrong_tool_shapes_are_refused_naming_the_field(tools, param):
+    with pytest.raises(RequestError) as info:
+        parse_tools(tools)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("choice", "message"),
+    [
+        ("sometimes", "tool_choice must be"),
+        ({"type": "function", "function": {"name": "nope"}}, "'nope'"),
+        ({"type": "function"}, "named tool_choice"),
+    ],
+)
+def test_a_wrong_tool_choice_is_refused_naming_it(choice, message):
+    with pytest.raises(RequestError, match=message) as info:
+        parse_tool_choice(choice, parse_tools(TOOLS))
+    assert info.value.param == "tool_choice"
+
+
+def test_tool_choice_defaults_to_auto_with_tools_and_none_without():
+    assert parse_tool_choice(None, parse_tools(TOOLS)) == ToolChoice("auto")
+    assert parse_tool_choice(None, ()) == ToolChoice("none")
+
+
+def test_the_call_format_is_read_from_the_chat_template(tmp_path):
+    for template, expected in (("qwen3_tools", "hermes"), ("qwen3", None)):
+        write_tiny_tokenizer(tmp_path / template, template=template)
+        assert tool_format(Tokenizer.from_folder(tmp_path / template).chat_template) == expected
+    llama = "{% if tools %}{{ tools | tojson }}{% endif %}<|python_tag|>{{ messages }}"
+    assert tool_format(llama) == "llama3_json"
+
+
+# -- the grammar of required calls -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tools-tok")
+    write_tiny_tokenizer(folder, template="qwen3_tools")
+    return Tokenizer.from_folder(folder)
+
+
+def random_walk(compiler: GrammarCompiler, grammar: Grammar, seed: int) -> list[int]:
+    """Tokens chosen at random among those the grammar allows, up to its end."""
+    rng = random.Random(seed)
+    matcher = compiler.matcher(grammar)
+    row = torch.zeros(mask_words(compiler.vocab_size), dtype=torch.int32)
+    out: list[int] = []
+    for _ in range(2000):
+        matcher.fill(row)
+        allowed = unpack_bits(row[None], compiler.vocab_size)[0]
+        token = rng.choice(allowed.nonzero().flatten().tolist())
+        assert matcher.advance(token)
+        if matcher.finished or token in compiler.eos_ids:
+            return out
+        out.append(token)
+    raise AssertionError("the grammar never ended")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "choice", "parallel"),
+    [
+        ("hermes", ToolChoice("required"), True),
+        ("hermes", ToolChoice("named", "add"), True),
+        ("llama3_json", ToolChoice("required"), False),
+    ],
+)
+def test_every_random_walk_through_the_call_grammar_is_a_valid_call(
+    tokenizer, fmt, choice, parallel
+):
+    eos = frozenset({tokenizer.token_to_id("<|im_end|>")})
+    compiler = GrammarCompiler(tokenizer, eos, tokenizer.vocab_size)
+    grammar = call_grammar(fmt, parse_tools(TOOLS), choice, parallel, tag_tokens=TAGS)
+    compiler.check(grammar)
+    counts = set()
+    for seed in range(50):
+        text = tokenizer.decode(random_walk(compiler, grammar, seed))
+        content, calls = parse_tool_calls(text, fmt)
+        assert calls and content == "", text
+        for call in calls:
+            if choice.mode == "named":
+                assert call.name == "add"
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+        counts.add(len(calls))
+        if not parallel or choice.mode == "named":
+            assert len(calls) == 1
+    if parallel and choice.mode == "required":
+        assert max(counts) > 1  # several calls do happen
+
+
+def test_the_call_grammar_lets_a_think_block_come_first(tokenizer):
+    eos = frozenset({tokenizer.token_to_id("<|im_end|>")})
+    compiler = GrammarCompiler(tokenizer, eos, tokenizer.vocab_size)
+    tools = parse_tools([ADD])
+    for reasoning, text in (
+        ("optional", "<think>\nhmm\n</think>\n\n"),
+        ("open", "hmm</think>\n"),
+        ("optional", ""),
+    ):
+        grammar = call_grammar("hermes", tools, ToolChoice("required"), False, reasoning, TAGS)
+        matcher = compiler.matcher(grammar)
+        call = '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": true}}\n</tool_call>'
+        for token in tokenizer.encode(text + call):
+            assert matcher.advance(token), (reasoning, text)
+        assert matcher.finished
+
+
+# -- the chat template -------------------------------------------------------------------
+
+
+def test_a_tool_round_trip_renders_the_calls_and_the_results(tokenizer):
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "3 C"}]},
+    ]
+    text = tokenizer.apply_chat_template(messages, tools=TOOLS)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Oslo"}}\n</tool_call><|im_end|>\n'
+    ) in text
+    assert "<|im_start|>user\n<tool_response>\n3 C\n</tool_response><|im_end|>\n" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+# -- the engine ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("tools") / "tiny", template="qwen3_tools")
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    with fermi.load(model_dir, max_seq_len=1024, max_batch=2) as eng:
+        yield eng
+
+
+HI = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+def test_an_answer_with_a_call_streams_tool_call_deltas_and_ends_with_tool_calls(engine):
+    from fermi.engine.output import OutputStream
+
+    request = engine.build_request(messages=HI, tools=TOOLS, thinking="off")
+    assert request.tool_format == "hermes" and request.grammar is None
+    output = OutputStream(engine.tokenizer, request)
+    text = 'Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": true}}\n</tool_call>'
+    content, pieces = [], []
+    for token in engine.tokenizer.encode(text):
+        delta, reason = output.push(token)
+        assert reason is None
+        content.append(delta.text)
+        pieces += delta.tool_calls or []
+    delta, reason = output.push(next(iter(request.eos_token_ids)))
+    final = output.finish(reason)
+    assert reason == "tool_calls" and final.finish_reason == "tool_calls"
+    assert "".join(content) + final.text == "Sure."
+    assert pieces[0].name == "add" and pieces[0].id.startswith("call_")
+    assert "".join(p.arguments for p in pieces) == '{"a": 1, "b": true}'
+
+
+def test_required_and_named_choices_carry_the_call_grammar_and_none_parses_nothing(engine):
+    required = engine.build_request(messages=HI, tools=TOOLS, tool_choice="required")
+    assert required.grammar.kind == "lark" and "get_weather" in required.grammar.source
+    named = engine.build_request(
+        messages=HI, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}}
+    )
+    assert "get_weather" not in named.grammar.source
+    none = engine.build_request(messages=HI, tools=TOOLS, tool_choice="none")
+    assert none.grammar is None and none.tool_format is None
+    assert "<tools>" in engine.tokenizer.decode(list(none.prompt_ids))
+
+
+def test_tools_for_a_template_without_tool_support_are_refused(tmp_path):
+    folder = write_checkpoint(tmp_path / "plain-chat", template="qwen3")
+    with fermi.load(folder, max_seq_len=256, max_batch=1) as eng:
+        with pytest.raises(RequestError, match="does not support tools") as info:
+            eng.build_request(messages=HI, tools=TOOLS)
+        assert info.value.param == "tools"
+        eng.build_request(messages=HI, tools=TOOLS, tool_choice="none")  # not a call
+
+
+def test_a_required_call_is_made_by_a_random_model(engine):
+    for seed in range(10):
+        done = engine.generate(
+            messages=HI, tools=TOOLS, tool_choice="required", thinking="off", seed=seed
+        )
+        assert done.finish_reason == "tool_calls" and done.tool_calls, seed
+        for call in done.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+
+
+# -- HTTP, with the openai SDK -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("tools-log") / "serve.log"
+    args = ["--max-seq-len", "1024", "--max-batch", "2"]
+    with running_server(model_dir, *args, log=log) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+
+def test_wrong_tools_over_http_are_400_naming_the_field(client):
+    bad = [{"type": "function", "function": {"name": "no spaces"}}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=HI, tools=bad)
+    assert info.value.body["param"] == "tools[0].function.name"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="tiny",
+            messages=HI,
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "missing"}},
+        )
+    assert info.value.body["param"] == "tool_choice" and "missing" in info.value.message
+
+
+def test_a_conversation_round_trip_over_http_is_accepted(client):
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'},
+    }
+    messages = [
+        *HI,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3 C"},
+    ]
+    done = client.chat.completions.create(
+        model="tiny", messages=messages, tools=TOOLS, max_tokens=4, seed=1
+    )
+    # The prompt holds the call and the result: longer than the question alone.
+    alone = client.chat.completions.create(
+        model="tiny", messages=HI, tools=TOOLS, max_tokens=4, seed=1
+    )
+    assert done.usage.prompt_tokens > alone.usage.prompt_tokens + 20
+
+
+def test_required_tool_calls_over_http_streamed_equal_the_whole_reply(client):
+    args = dict(
+        model="tiny",
+        messages=HI,
+        tools=TOOLS,
+        tool_choice="required",
+        seed=7,
+        extra_body={"thinking": "off"},
+    )
+    whole = client.chat.completions.create(**args)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    for name, arguments in calls:
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+    assert all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls)
+
+    rebuilt: dict[int, list[str]] = {}
+    reasons = []
+    for chunk in client.chat.completions.create(**args, stream=True):
+        for c in chunk.choices:
+            reasons.append(c.finish_reason)
+            for piece in c.delta.tool_calls or []:
+                if piece.id is not None:
+                    assert piece.type == "function" and piece.function.arguments == ""
+                    rebuilt[piece.index] = [piece.function.name, ""]
+                else:
+                    rebuilt[piece.index][1] += piece.function.arguments
+    assert [tuple(rebuilt[i]) for i in sorted(rebuilt)] == calls
+    assert reasons[-1] == "tool_calls"
+
+
+# -- gRPC --------------------------------------------------------------------------------
+
+
+def test_grpc_requests_carry_tools_and_replies_carry_tool_call_deltas():
+    from fermi.engine.types import Delta
+    from fermi.rpc.convert import generate_kwargs, response
+    from fermi.rpc.generated import fermi_pb2 as pb
+    from fermi.text.tools import ToolCallDelta
+
+    call = pb.ToolCall(id="call_1", name="add", arguments='{"a": 1}')
+    request = pb.GenerateRequest(
+        conversation=pb.Conversation(
+            messages=[
+                pb.Message(role="user", content="hi"),
+                pb.Message(role="assistant", tool_calls=[call]),
+                pb.Message(role="tool", content="2", tool_call_id="call_1"),
+            ]
+        ),
+        tools=[json.dumps(ADD)],
+        tool_choice="add",
+        parallel_tool_calls=False,
+    )
+    kwargs = generate_kwargs(request)
+    assert kwargs["tools"] == [ADD] and kwargs["parallel_tool_calls"] is False
+    assert kwargs["tool_choice"] == {"type": "function", "function": {"name": "add"}}
+    assert kwargs["messages"][1]["tool_calls"][0]["function"] == {
+        "name": "add",
+        "arguments": '{"a": 1}',
+    }
+    assert kwargs["messages"][2]["tool_call_id"] == "call_1"
+    with pytest.raises(RequestError) as info:
+        generate_kwargs(pb.GenerateRequest(conversation=request.conversation, tools=["{"]))
+    assert info.value.param == "tools[0]"
+
+    pieces = [ToolCallDelta(0, "call_x", "add", ""), ToolCallDelta(0, arguments='{"a": 1}')]
+    out = response(Delta(tool_calls=pieces, finish_reason="tool_calls"))
+    assert out.finish_reason == "tool_calls"
+    assert [(t.index, t.id, t.name, t.arguments) for t in out.tool_calls] == [
+        (0, "call_x", "add", ""),
+        (0, "", "", '{"a": 1}'),
+    ]
