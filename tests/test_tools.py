@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
@@ -383,14 +384,29 @@ def test_tools_for_a_template_without_tool_support_are_refused(tmp_path):
         eng.build_request(messages=HI, tools=TOOLS, tool_choice="none")  # not a call
 
 
-def test_a_required_call_is_made_by_a_random_model(engine):
-    for seed in range(10):
+def test_required_and_named_calls_by_a_random_model_are_valid_calls(engine):
+    """Only the grammar makes a random model's reply a call: 50 seeded samples, each one
+    call of a given function with arguments valid against its schema."""
+    choices = ["required", {"type": "function", "function": {"name": "add"}}]
+
+    def ask(seed: int):
+        choice = choices[seed % 2]
         done = engine.generate(
-            messages=HI, tools=TOOLS, tool_choice="required", thinking="off", seed=seed
-        )
-        assert done.finish_reason == "tool_calls" and done.tool_calls, seed
-        for call in done.tool_calls:
-            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+            messages=HI, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False,
+            thinking="off", seed=seed, temperature=1.0,
+        )  # fmt: skip
+        return choice, done
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(ask, range(50)))
+    for choice, done in results:
+        assert done.finish_reason == "tool_calls", done.text
+        assert len(done.tool_calls) == 1
+        call = done.tool_calls[0]
+        if choice != "required":
+            assert call.name == "add"
+        jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    assert {d.tool_calls[0].name for c, d in results if c == "required"} == set(SCHEMAS)
 
 
 # -- HTTP, with the openai SDK -----------------------------------------------------------
