@@ -218,20 +218,28 @@ class GrammarCompiler:
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size
         self._tok: Any = None
+        self._tok_lock = threading.Lock()
         self._executor: Any = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[Grammar, Any] = OrderedDict()
 
-    def _tokenizer(self) -> Any:
-        if self._tok is None:
-            import llguidance
+    def prepare_in_background(self) -> None:
+        """Build llguidance's view of the tokenizer on a daemon thread (0.3 s for a 49k
+        vocabulary, seconds for 152k), so the first constrained request does not wait."""
+        threading.Thread(target=self._tokenizer, name="fermi-grammar-init", daemon=True).start()
 
-            # The model may have more logits than the tokenizer has ids (padded embeddings):
-            # the mask covers every logit, and ids past the tokenizer are never allowed.
-            self._tok = llguidance.LLTokenizer(
-                self._backend.to_str(), n_vocab=self.vocab_size, eos_token=self._eos
-            )
-        return self._tok
+    def _tokenizer(self) -> Any:
+        with self._tok_lock:  # one build; callers that come during it wait for it
+            if self._tok is None:
+                import llguidance
+
+                # The model may have more logits than the tokenizer has ids (padded
+                # embeddings): the mask covers every logit; ids past the tokenizer are
+                # never allowed.
+                self._tok = llguidance.LLTokenizer(
+                    self._backend.to_str(), n_vocab=self.vocab_size, eos_token=self._eos
+                )
+            return self._tok
 
     def check(self, grammar: Grammar, param: str = "grammar") -> None:
         """Compile ``grammar`` (or find it compiled); a RequestError naming what is wrong."""

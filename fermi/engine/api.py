@@ -54,6 +54,7 @@ class Engine:
         caps = self.capabilities
         eos = frozenset(generation.eos_token_ids)
         self.grammars = GrammarCompiler(tokenizer, eos, caps.vocab_size)
+        self.grammars.prepare_in_background()
         self.requests = RequestBuilder(
             tokenizer, generation, caps.vocab_size, caps.max_seq_len, self.grammars
         )
