@@ -318,6 +318,14 @@ def _try_chat(stub, session_id) -> bool:
             pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(stop=[""])),
             "stop: stop strings must not be empty",
         ),
+        (
+            pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(stop=["a"] * 17)),
+            "stop: stop takes at most 16 strings, not 17",
+        ),
+        (
+            pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(stop=["a" * 257])),
+            "stop: stop strings are at most 256 characters long, not 257",
+        ),
         (pb.GenerateRequest(prompt="x", thinking=99), "thinking: thinking must be"),
         (
             pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(max_tokens=10**9)),

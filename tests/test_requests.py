@@ -14,6 +14,7 @@ from fermi.rpc.convert import sampling_settings
 from fermi.rpc.generated import fermi_pb2 as pb
 from fermi.sampling import SamplingParams
 from fermi.server.protocol import SamplingFields
+from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
 from fermi.text.tokenizer import Tokenizer
 from tests.tiny import write_checkpoint
 from tests.tiny_tokenizer import TINY_VOCAB_SIZE
@@ -66,6 +67,30 @@ def test_a_wrongly_typed_setting_is_invalid_type_naming_it(values, param):
 def test_an_empty_stop_string_is_an_invalid_value():
     err = refused(SamplingSettings, stop=["ok", ""])
     assert (err.code, err.param) == ("invalid_value", "stop")
+
+
+@pytest.mark.parametrize(
+    ("stop", "message"),
+    [
+        (
+            [f"s{i}" for i in range(MAX_STOPS + 1)],
+            f"stop takes at most {MAX_STOPS} strings, not 17",
+        ),
+        (
+            ["ok", "x" * (MAX_STOP_CHARS + 1)],
+            "stop strings are at most 256 characters long, not 257",
+        ),
+        ("x" * (MAX_STOP_CHARS + 1), "stop strings are at most 256 characters long, not 257"),
+    ],
+)
+def test_too_many_or_too_long_stop_strings_are_refused_naming_stop(stop, message):
+    err = refused(SamplingSettings, stop=stop)
+    assert (err.code, err.param, err.message) == ("invalid_value", "stop", message)
+
+
+def test_stop_strings_at_the_bounds_are_accepted():
+    stops = ["x" * MAX_STOP_CHARS] * MAX_STOPS
+    assert SamplingSettings(stop=stops).stop == tuple(stops)
 
 
 def test_every_sampling_parameter_is_a_setting():

@@ -20,6 +20,7 @@ from fermi.engine.types import GenerationRequest, Thinking
 from fermi.errors import FermiError, RequestError
 from fermi.loading import GenerationDefaults
 from fermi.sampling import MAX_LOGPROBS, SamplingParams
+from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
 from fermi.text.tokenizer import Tokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -56,7 +57,8 @@ class SamplingSettings:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = None  # None: a random seed per request
-    stop: str | Sequence[str] | None = None  # strings that end the reply, never part of it
+    # Strings that end the reply, never part of it: at most MAX_STOPS of MAX_STOP_CHARS each.
+    stop: str | Sequence[str] | None = None
     ignore_eos: bool = False  # keep generating past end-of-sequence
     # None: no logprobs; 0: the chosen token's; k (up to 20): also the k most likely.
     logprobs: int | None = None
@@ -111,10 +113,17 @@ def _checked(name: str, kind: type, value: Any) -> Any:
     stops = (value,) if isinstance(value, str) else value
     if isinstance(stops, Iterable) and not isinstance(stops, Mapping):
         stops = tuple(stops)
+    if isinstance(stops, tuple) and len(stops) > MAX_STOPS:
+        raise RequestError(f"stop takes at most {MAX_STOPS} strings, not {len(stops)}", name)
     if not isinstance(stops, tuple) or not all(isinstance(s, str) for s in stops):
         raise RequestError("stop must be a string or a list of strings", name, "invalid_type")
     if any(s == "" for s in stops):
         raise RequestError("stop strings must not be empty", name)
+    longest = max(stops, key=len, default="")
+    if len(longest) > MAX_STOP_CHARS:
+        raise RequestError(
+            f"stop strings are at most {MAX_STOP_CHARS} characters long, not {len(longest)}", name
+        )
     return stops
 
 

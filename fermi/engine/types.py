@@ -7,6 +7,7 @@ from typing import Literal
 
 from fermi.grammar import Grammar
 from fermi.sampling import SamplingParams
+from fermi.text.stops import StopStrings
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 Thinking = Literal["on", "off", "auto"]
@@ -38,6 +39,13 @@ class GenerationRequest:
     # The output must match this grammar (structured outputs, required tool calls): each
     # token is sampled from the ones it allows, and the request ends when it is complete.
     grammar: Grammar | None = None
+    # ``stop`` as one automaton, built with the request (off the engine thread) and shared
+    # by its copies (the n choices of one prompt); built from ``stop`` when not given.
+    stop_strings: StopStrings | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stop_strings is None or self.stop_strings.given != self.stop:
+            object.__setattr__(self, "stop_strings", StopStrings(self.stop))
 
 
 @dataclass(frozen=True)
