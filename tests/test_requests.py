@@ -175,6 +175,42 @@ def test_a_prompt_over_the_context_is_context_length_exceeded_with_a_hint(tokeni
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"prompt": "x" * 100_000}, "prompt"),
+        ({"messages": [{"role": "user", "content": "x" * 100_000}]}, "messages"),
+    ],
+)
+def test_a_text_too_long_for_the_context_is_refused_without_tokenising_it(
+    tokenizer, monkeypatch, kwargs, param
+):
+    build = builder(tokenizer)
+    assert build.max_prompt_chars == CONTEXT * tokenizer.max_token_chars * 4 < 100_000
+    monkeypatch.setattr(tokenizer, "encode", None)  # tokenising would raise TypeError
+    err = refused(build.build, **kwargs)
+    assert (err.code, err.param) == ("context_length_exceeded", param)
+    # The chat prompt's characters are the rendered template's, a few more than the message.
+    assert err.message.startswith("the prompt has 100")
+    assert err.message.endswith(
+        f"characters, more than this engine's context of {CONTEXT} tokens can hold"
+    )
+
+
+def test_truncate_takes_the_end_of_a_text_longer_than_the_character_bound(tokenizer):
+    request = builder(tokenizer).build(prompt="x" * 100_000, truncate=True)
+    assert len(request.prompt_ids) == CONTEXT - CONTEXT // 4
+
+
+def test_a_token_id_list_longer_than_the_context_is_refused_before_reading_it(tokenizer):
+    class Unreadable(list):
+        def __iter__(self):
+            raise AssertionError("the ids were read")
+
+    err = refused(builder(tokenizer).build, prompt_token_ids=Unreadable([1] * 2_000_000))
+    assert (err.code, err.param) == ("context_length_exceeded", "prompt")
+
+
+@pytest.mark.parametrize(
     ("kwargs", "code", "param"),
     [
         ({}, "missing_required_parameter", "messages"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import threading
+import time
 import tracemalloc
 from dataclasses import replace
 from datetime import datetime
@@ -395,6 +397,29 @@ def test_reasoning_waits_for_possible_open_tag_at_start() -> None:
     assert splitter.feed("\n<th") == ("", "")
     assert splitter.feed("ink>\nidea") == ("idea", "")
     assert splitter.in_reasoning
+
+
+def test_a_long_text_tokenises_as_a_short_one_and_lets_other_threads_run(tiny_folder: Path) -> None:
+    tok = Tokenizer.from_folder(tiny_folder)
+    text = "The quick brown fox. Grüße 你好 " * 40_000  # 1.2 M characters
+    assert tok.encode(text[:70_000]) == tok.backend.encode(text[:70_000]).ids
+    woke, done = [0], threading.Event()
+
+    def other() -> None:
+        while not done.is_set():
+            woke[0] += 1
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        woke[0] = 0
+        tok.encode(text)
+    finally:
+        done.set()
+        thread.join()
+    # Holding the GIL throughout, encode let the other thread run a handful of times.
+    assert woke[0] >= 50, woke[0]
 
 
 # --- stop strings ------------------------------------------------------------------------

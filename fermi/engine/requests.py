@@ -10,9 +10,10 @@ where it is found.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -191,8 +192,21 @@ class RequestBuilder:
         template = self.tokenizer.chat_template or ""
         return THINK_OPEN in template or "enable_thinking" in template
 
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """Characters past which no prompt fits the context, however it tokenises: a token
+        covers at most the longest vocabulary entry's characters (a byte-level entry has
+        one per byte, at least as many as the text's characters), times 4 for normalisers
+        that compose characters (NFC makes one of up to four)."""
+        return self.max_seq_len * self.tokenizer.max_token_chars * 4
+
     def chat_prompt(self, messages: Sequence[dict], thinking: Thinking = "auto") -> ChatPrompt:
         """Render ``messages`` with the model's chat template for a thinking mode."""
+        return self._chat_prompt(messages, thinking, bounded=False)
+
+    def _chat_prompt(
+        self, messages: Sequence[dict], thinking: Thinking, bounded: bool
+    ) -> ChatPrompt:
         _check_thinking(thinking)
         check_roles(messages)
         enable = {"on": True, "off": False, "auto": None}[thinking]
@@ -209,8 +223,22 @@ class RequestBuilder:
             # A template that always opens the think block (R1 distills): close it at once.
             text = text + ("" if text.endswith("\n") else "\n") + THINK_CLOSE + "\n\n"
             opened = False
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self._encode(text, False, "messages" if bounded else None)
         return ChatPrompt(ids, text, opened, thinking)
+
+    def _encode(self, text: str, add_special_tokens: bool, bounded: str | None) -> list[int]:
+        """``text``'s token ids; with ``bounded`` (the prompt's field), a text too long for
+        any tokenisation of it to fit the context is refused before tokenising it (seconds
+        of CPU for megabytes of text)."""
+        if bounded is not None and len(text) > self.max_prompt_chars:
+            raise RequestError(
+                f"the prompt has {len(text)} characters, more than this engine's context of "
+                f"{self.max_seq_len} tokens can hold",
+                bounded,
+                "context_length_exceeded",
+                hint="pass truncate=True to keep the end of the prompt",
+            )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def build(
         self,
@@ -235,13 +263,16 @@ class RequestBuilder:
         if messages is not None:
             if not messages:
                 raise RequestError("messages must not be empty", "messages")
-            chat = self.chat_prompt(messages, thinking)
+            chat = self._chat_prompt(messages, thinking, bounded=not truncate)
             ids, split, start_in_reasoning = chat.token_ids, True, chat.start_in_reasoning
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise RequestError("prompt must be a string", "prompt", "invalid_type")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            ids = self._encode(prompt, True, None if truncate else "prompt")
         else:
+            sized = isinstance(prompt_token_ids, Sized)
+            if sized and not truncate and len(prompt_token_ids) >= self.max_seq_len:
+                raise _over_context(len(prompt_token_ids), self.max_seq_len, "prompt")
             ids = self._token_ids(prompt_token_ids)
         if not ids:
             raise RequestError("the prompt is empty", "prompt")
@@ -252,11 +283,8 @@ class RequestBuilder:
         limit = self.max_seq_len
         if len(ids) >= limit:
             if not truncate:
-                raise RequestError(
-                    f"the prompt has {len(ids)} tokens; this engine's context is {limit}",
-                    "messages" if messages is not None else "prompt",
-                    "context_length_exceeded",
-                    hint="pass truncate=True to keep the end of the prompt",
+                raise _over_context(
+                    len(ids), limit, "messages" if messages is not None else "prompt"
                 )
             # Without max_tokens, leave a quarter of the context for the reply.
             keep = max(1, limit - (max_tokens or max(1, limit // 4)))
@@ -362,6 +390,15 @@ def check_room(request: GenerationRequest, asked: int | None, field: str = "max_
         f"Lower {field} to {context - n} or shorten the prompt.",
         field,
         "context_length_exceeded",
+    )
+
+
+def _over_context(tokens: int, limit: int, field: str) -> RequestError:
+    return RequestError(
+        f"the prompt has {tokens} tokens; this engine's context is {limit}",
+        field,
+        "context_length_exceeded",
+        hint="pass truncate=True to keep the end of the prompt",
     )
 
 
