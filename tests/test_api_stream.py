@@ -141,7 +141,8 @@ def test_a_consumer_that_keeps_up_is_woken_at_most_once_per_delta(engine):
     kwargs = {"prompt_token_ids": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
     deltas, wakes = run_counting(collect(engine.astream(**kwargs)))
     assert joined(deltas)[2] == engine.generate(**kwargs).token_ids
-    assert 1 <= wakes <= len(deltas)
+    # Plus one: the request is built in a worker thread, whose result wakes the loop.
+    assert 1 <= wakes <= len(deltas) + 1
 
 
 def test_breaking_out_early_cancels_the_request_and_frees_its_slot(engine):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -320,6 +322,14 @@ def _try_chat(stub, session_id) -> bool:
             pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(stop=[""])),
             "stop: stop strings must not be empty",
         ),
+        (
+            pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(stop=["a"] * 17)),
+            "stop: stop takes at most 16 strings, not 17",
+        ),
+        (
+            pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(stop=["a" * 257])),
+            "stop: stop strings are at most 256 characters long, not 257",
+        ),
         (pb.GenerateRequest(prompt="x", thinking=99), "thinking: thinking must be"),
         (
             pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(max_tokens=10**9)),
@@ -411,6 +421,44 @@ def test_a_runaway_chat_template_is_invalid_argument(stub, engine, monkeypatch, 
     err = rpc_error(lambda: list(stub.Generate(request)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith("messages: chat template error:")
+
+
+@pytest.mark.parametrize(
+    "slow_call",
+    [
+        lambda stub: list(stub.Generate(pb.GenerateRequest(prompt="SLOW", sampling=GREEDY))),
+        lambda stub: list(stub.Chat(pb.ChatRequest(message=pb.Message(content="SLOW")))),
+    ],
+    ids=["Generate", "Chat"],
+)
+def test_a_slow_request_build_leaves_health_and_other_calls_answering(
+    stub, channel, engine, monkeypatch, slow_call
+):
+    """Templating and tokenising run off the event loop: while one call's request takes
+    3 s to build (megabytes of prompt), health and another call are answered."""
+    encode, building = engine.tokenizer.encode, threading.Event()
+
+    def slow_encode(text, *args, **kwargs):
+        if "SLOW" in text:
+            building.set()
+            time.sleep(3)  # lets go of the GIL, as long texts' tokenising does
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "encode", slow_encode)
+    health = health_pb2_grpc.HealthStub(channel)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(slow_call, stub)
+        assert building.wait(30)
+        started = time.monotonic()
+        status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        other = list(stub.Generate(pb.GenerateRequest(prompt="hello", sampling=GREEDY)))
+        waited = time.monotonic() - started
+        still_building = not slow.done()
+        assert slow.result(timeout=60)[-1].finish_reason
+    assert other[-1].usage.completion_tokens > 0
+    # On the loop, the build held both back for its 3 s.
+    assert waited < 2.0 and still_building
 
 
 def test_list_models_describes_the_served_model(stub, engine):

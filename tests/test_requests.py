@@ -14,6 +14,7 @@ from fermi.rpc.convert import sampling_settings
 from fermi.rpc.generated import fermi_pb2 as pb
 from fermi.sampling import SamplingParams
 from fermi.server.protocol import SamplingFields
+from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
 from fermi.text.tokenizer import Tokenizer
 from tests.tiny import write_checkpoint
 from tests.tiny_tokenizer import TINY_VOCAB_SIZE
@@ -66,6 +67,30 @@ def test_a_wrongly_typed_setting_is_invalid_type_naming_it(values, param):
 def test_an_empty_stop_string_is_an_invalid_value():
     err = refused(SamplingSettings, stop=["ok", ""])
     assert (err.code, err.param) == ("invalid_value", "stop")
+
+
+@pytest.mark.parametrize(
+    ("stop", "message"),
+    [
+        (
+            [f"s{i}" for i in range(MAX_STOPS + 1)],
+            f"stop takes at most {MAX_STOPS} strings, not 17",
+        ),
+        (
+            ["ok", "x" * (MAX_STOP_CHARS + 1)],
+            "stop strings are at most 256 characters long, not 257",
+        ),
+        ("x" * (MAX_STOP_CHARS + 1), "stop strings are at most 256 characters long, not 257"),
+    ],
+)
+def test_too_many_or_too_long_stop_strings_are_refused_naming_stop(stop, message):
+    err = refused(SamplingSettings, stop=stop)
+    assert (err.code, err.param, err.message) == ("invalid_value", "stop", message)
+
+
+def test_stop_strings_at_the_bounds_are_accepted():
+    stops = ["x" * MAX_STOP_CHARS] * MAX_STOPS
+    assert SamplingSettings(stop=stops).stop == tuple(stops)
 
 
 def test_every_sampling_parameter_is_a_setting():
@@ -147,6 +172,42 @@ def test_a_prompt_over_the_context_is_context_length_exceeded_with_a_hint(tokeni
     long_chat = [{"role": "user", "content": "word " * CONTEXT}]
     err = refused(build, messages=long_chat)
     assert (err.code, err.param) == ("context_length_exceeded", "messages")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"prompt": "x" * 100_000}, "prompt"),
+        ({"messages": [{"role": "user", "content": "x" * 100_000}]}, "messages"),
+    ],
+)
+def test_a_text_too_long_for_the_context_is_refused_without_tokenising_it(
+    tokenizer, monkeypatch, kwargs, param
+):
+    build = builder(tokenizer)
+    assert build.max_prompt_chars == CONTEXT * tokenizer.max_token_chars * 4 < 100_000
+    monkeypatch.setattr(tokenizer, "encode", None)  # tokenising would raise TypeError
+    err = refused(build.build, **kwargs)
+    assert (err.code, err.param) == ("context_length_exceeded", param)
+    # The chat prompt's characters are the rendered template's, a few more than the message.
+    assert err.message.startswith("the prompt has 100")
+    assert err.message.endswith(
+        f"characters, more than this engine's context of {CONTEXT} tokens can hold"
+    )
+
+
+def test_truncate_takes_the_end_of_a_text_longer_than_the_character_bound(tokenizer):
+    request = builder(tokenizer).build(prompt="x" * 100_000, truncate=True)
+    assert len(request.prompt_ids) == CONTEXT - CONTEXT // 4
+
+
+def test_a_token_id_list_longer_than_the_context_is_refused_before_reading_it(tokenizer):
+    class Unreadable(list):
+        def __iter__(self):
+            raise AssertionError("the ids were read")
+
+    err = refused(builder(tokenizer).build, prompt_token_ids=Unreadable([1] * 2_000_000))
+    assert (err.code, err.param) == ("context_length_exceeded", "prompt")
 
 
 @pytest.mark.parametrize(

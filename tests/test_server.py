@@ -398,6 +398,24 @@ def test_an_out_of_range_or_empty_setting_is_invalid_value_naming_it(base):
         assert status == 400 and (err["code"], err["param"]) == ("invalid_value", field)
 
 
+def test_too_many_or_too_long_stop_strings_are_400_naming_stop(base, client):
+    url = base + "/v1/chat/completions"
+    for stop, message in [
+        (["x"] * 17, "stop takes at most 16 strings, not 17"),
+        ("x" * 257, "stop strings are at most 256 characters long, not 257"),
+    ]:
+        status, err = error_of(http(url, {"messages": HI, "stop": stop}, AUTH))
+        assert status == 400
+        assert (err["param"], err["code"], err["message"]) == ("stop", "invalid_value", message)
+    status, err = error_of(
+        http(base + "/v1/completions", {"prompt": "x", "stop": ["x"] * 17}, AUTH)
+    )
+    assert (status, err["param"]) == (400, "stop")
+    # Sixteen stop strings of 256 characters are within the bounds.
+    out = chat(client, max_tokens=2, stop=["\x00" * 256] * 16, extra_body=NO_EOS)
+    assert out.usage.completion_tokens == 2
+
+
 @contextlib.contextmanager
 def started_stream(base: str, body: dict):
     """A streaming chat request on a raw socket, yielded once its first event arrived; the

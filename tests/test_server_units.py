@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import threading
 import time
@@ -418,3 +419,109 @@ def test_health_probe_generates_a_token_on_each_idle_replica(api):
     assert asyncio.run(api.health.check())[0]  # cached: no new generation
     assert [r.engine.stats().generated_tokens for r in api.pool.replicas] == tokens
     assert time.monotonic() - started < 0.5
+
+
+# -- hostile request bodies (issue 18, item 2) ---------------------------------------------
+
+BIG = 6_600_000  # characters: the 6.6 MB chat message that froze /health for 12.5 s
+HOSTILE = {
+    "400k one-token prompts": (
+        "/v1/completions",
+        {"prompt": [[1]] * 400_000, "max_tokens": 1},
+        ("prompt", None),
+    ),
+    "6.6 MB chat message": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "The quick brown fox. " * (BIG // 21)}]},
+        ("messages", "context_length_exceeded"),
+    ),
+    "6.6 MB prompt": (
+        "/v1/completions",
+        {"prompt": "x" * BIG, "max_tokens": 1},
+        ("prompt", "context_length_exceeded"),
+    ),
+    "2M token ids": (
+        "/v1/completions",
+        {"prompt": [1] * 2_000_000, "max_tokens": 1},
+        ("prompt", "context_length_exceeded"),
+    ),
+}
+
+
+async def probe_while(api: Api, work: asyncio.Future) -> float:
+    """The longest time between two /health answers while ``work`` runs: how long the
+    event loop was kept from serving anything else. (The first probe, which generates a
+    token on each replica, ran before ``work`` started: its answer is cached for 2 s.)"""
+    longest, last = 0.0, time.perf_counter()
+    while not work.done():
+        assert (await api.handle("GET", "/health", None, b"")).status == 200
+        await asyncio.sleep(0.01)
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    return longest
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_health_answers_while_a_hostile_request_is_refused(api, kind):
+    path, body, (param, code) = HOSTILE[kind]
+    raw = json.dumps(body).encode()
+
+    async def run():
+        await api.handle("GET", "/health", None, b"")
+        hostile = asyncio.ensure_future(api.handle("POST", path, None, raw))
+        longest = await probe_while(api, hostile)
+        return longest, hostile.result()
+
+    longest, reply = asyncio.run(run())
+    # Before: 6.8 s for the chat message, 8.6 s for the prompt (tokenised on the loop), the
+    # prompts were all built before their 400. Now cheap checks refuse them first, in
+    # 0.01-0.12 s; 2 s leaves room for a slow machine.
+    assert longest < 2.0, f"/health waited {longest:.1f} s"
+    error = json.loads(reply.body)["error"]
+    assert (reply.status, error["param"], error["code"]) == (400, param, code)
+
+
+def test_a_slow_request_build_runs_beside_a_streaming_request(api, monkeypatch):
+    """Building a request that passes every limit yet takes long (megabytes for a model
+    with a long context) happens off the event loop: another request's stream keeps
+    coming, and /health keeps answering."""
+    wait_until_idle(api.pool)
+    tokenizer = api.pool.engine.tokenizer
+    encode = tokenizer.encode
+    building = threading.Event()
+
+    def slow_encode(text, *args, **kwargs):
+        if "SLOW" in text:  # stands for seconds of tokenising (the sleep lets go of the GIL
+            building.set()  # as encode_batch does)
+            time.sleep(3)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", slow_encode)
+    normal = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60}
+    normal.update(ignore_eos=True, stream=True, thinking="off")
+    slow = {"messages": [{"role": "user", "content": "SLOW"}], "max_tokens": 2}
+
+    async def run():
+        await api.handle("GET", "/health", None, b"")
+        reply = await api.handle("POST", "/v1/chat/completions", None, json.dumps(normal).encode())
+        arrivals, hostile = [], None
+        async for _ in reply.chunks():
+            arrivals.append(time.perf_counter())
+            if hostile is None:
+                raw = json.dumps(slow).encode()
+                hostile = asyncio.ensure_future(
+                    api.handle("POST", "/v1/chat/completions", None, raw)
+                )
+                while not building.is_set():  # the slow build has started
+                    await asyncio.sleep(0.001)
+                started = time.perf_counter()
+        longest = await probe_while(api, hostile)
+        return arrivals, started, longest, await hostile
+
+    arrivals, started, longest, reply = asyncio.run(run())
+    assert reply.status == 200
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    # Blocking the loop would hold every chunk back for the 3 s of the build.
+    assert max(gaps) < 2.0, f"the stream stalled {max(gaps):.1f} s"
+    assert arrivals[-1] - started < 2.5  # the normal stream ended while the slow one built
+    assert longest < 2.0

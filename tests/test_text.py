@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import threading
+import time
 import tracemalloc
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import tokenizers
 
+from fermi.engine.types import GenerationRequest
 from fermi.errors import RequestError
+from fermi.sampling import SamplingParams
 from fermi.text.detokenize import IncrementalDetokenizer
 from fermi.text.reasoning import ReasoningSplitter, split_reasoning
-from fermi.text.stops import StopStringMatcher
+from fermi.text.stops import StopStringMatcher, StopStrings
 from fermi.text.tokenizer import ChatTemplateError, Tokenizer
 from tests.tiny_tokenizer import TINY_SPECIAL_IDS, TINY_VOCAB_SIZE, write_tiny_tokenizer
 
@@ -394,6 +399,29 @@ def test_reasoning_waits_for_possible_open_tag_at_start() -> None:
     assert splitter.in_reasoning
 
 
+def test_a_long_text_tokenises_as_a_short_one_and_lets_other_threads_run(tiny_folder: Path) -> None:
+    tok = Tokenizer.from_folder(tiny_folder)
+    text = "The quick brown fox. Grüße 你好 " * 40_000  # 1.2 M characters
+    assert tok.encode(text[:70_000]) == tok.backend.encode(text[:70_000]).ids
+    woke, done = [0], threading.Event()
+
+    def other() -> None:
+        while not done.is_set():
+            woke[0] += 1
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        woke[0] = 0
+        tok.encode(text)
+    finally:
+        done.set()
+        thread.join()
+    # Holding the GIL throughout, encode let the other thread run a handful of times.
+    assert woke[0] >= 50, woke[0]
+
+
 # --- stop strings ------------------------------------------------------------------------
 
 
@@ -471,6 +499,65 @@ def test_stop_matcher_agrees_with_reference_for_random_chunkings() -> None:
         cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, max(0, len(text) - 1))))
         chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         assert _feed_all(StopStringMatcher(stops), chunks) == _reference_stop(text, stops)
+
+
+def test_stop_matcher_agrees_with_reference_for_many_overlapping_stops() -> None:
+    rng = random.Random(11)
+    for _ in range(200):
+        text = "".join(rng.choice("abc ") for _ in range(rng.randint(0, 40)))
+        stops = [
+            "".join(rng.choice("abc ") for _ in range(rng.randint(1, 6)))
+            for _ in range(rng.randint(1, 16))
+        ]
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, max(0, len(text) - 1))))
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        matcher = StopStringMatcher(StopStrings(stops))
+        assert _feed_all(matcher, chunks) == _reference_stop(text, stops), (text, stops)
+
+
+def _state_reads(stops: list[str], text: str) -> tuple[int, int]:
+    """(automaton states read, most text held back) to match ``text`` fed 3 characters a
+    token: the work of matching, counted rather than timed."""
+    automaton = StopStrings(stops)
+    reads = [0]
+
+    class Counted(list):
+        def __getitem__(self, index):
+            reads[0] += 1
+            return list.__getitem__(self, index)
+
+    automaton.goto, automaton.fail = Counted(automaton.goto), Counted(automaton.fail)
+    matcher, fed, emitted, held = StopStringMatcher(automaton), 0, 0, 0
+    for i in range(0, len(text), 3):
+        out, stopped = matcher.feed(text[i : i + 3])
+        assert not stopped
+        fed, emitted = fed + len(text[i : i + 3]), emitted + len(out)
+        held = max(held, fed - emitted)
+    return reads[0], held
+
+
+def test_stop_matching_work_per_character_does_not_grow_with_the_number_of_stops() -> None:
+    rng = random.Random(3)
+    text = "".join(rng.choice("ab") for _ in range(3000))
+    # Stop strings that share long prefixes with the text and never complete in it.
+    many = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 12))) + "!" for _ in range(5000)]
+    one_reads, _ = _state_reads(["ab!"], text)
+    many_reads, held = _state_reads(many, text)
+    # One goto read per character plus at most one failure link per character, amortised:
+    # the same bound for one stop string and for 5000 (a scan per stop would read 5000x).
+    assert one_reads <= 3 * len(text)
+    assert many_reads <= 3 * len(text)
+    assert held <= 12  # never more than the longest stop string's prefix is held back
+
+
+def test_a_requests_copies_share_one_stop_automaton() -> None:
+    params = SamplingParams()
+    request = GenerationRequest(prompt_ids=(1,), params=params, max_tokens=4, stop=("a", "b"))
+    assert request.stop_strings.strings == ("a", "b")
+    copy = replace(request, params=replace(params, seed=5))
+    assert copy.stop_strings is request.stop_strings
+    changed = replace(request, stop=("c",))
+    assert changed.stop_strings.strings == ("c",)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ the deltas that piled up without any (perf/notes_serve.md section 5).
 
 from __future__ import annotations
 
+import asyncio
 import queue
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -185,8 +186,8 @@ class Engine:
     async def _deltas(
         self, request: GenerationRequest | None, kwargs: dict | None, raise_errors: bool
     ) -> AsyncIterator[Delta]:
-        if request is None:
-            request = self.build_request(**(kwargs or {}))
+        if request is None:  # templating and tokenising off the event loop
+            request = await asyncio.to_thread(self.build_request, **(kwargs or {}))
         channel: Channel[Delta] = Channel()
         handle = self.submit(request, channel.put)
         try:

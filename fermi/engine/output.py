@@ -20,7 +20,7 @@ class OutputStream:
     def __init__(self, tokenizer: Tokenizer, request: GenerationRequest) -> None:
         self.request = request
         self.detok = IncrementalDetokenizer(tokenizer, request.skip_special_tokens)
-        self.stops = StopStringMatcher(list(request.stop))
+        self.stops = StopStringMatcher(request.stop_strings or request.stop)
         self.splitter = (
             ReasoningSplitter(request.start_in_reasoning) if request.split_reasoning else None
         )

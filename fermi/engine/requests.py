@@ -10,9 +10,10 @@ where it is found.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from fermi.errors import FermiError, RequestError
 from fermi.grammar import Grammar, GrammarCompiler
 from fermi.loading import GenerationDefaults
 from fermi.sampling import MAX_LOGPROBS, SamplingParams
+from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
 from fermi.text.tokenizer import Tokenizer
 from fermi.text.tools import (
     HERMES_CLOSE,
@@ -69,7 +71,8 @@ class SamplingSettings:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = None  # None: a random seed per request
-    stop: str | Sequence[str] | None = None  # strings that end the reply, never part of it
+    # Strings that end the reply, never part of it: at most MAX_STOPS of MAX_STOP_CHARS each.
+    stop: str | Sequence[str] | None = None
     ignore_eos: bool = False  # keep generating past end-of-sequence
     # None: no logprobs; 0: the chosen token's; k (up to 20): also the k most likely.
     logprobs: int | None = None
@@ -124,10 +127,17 @@ def _checked(name: str, kind: type, value: Any) -> Any:
     stops = (value,) if isinstance(value, str) else value
     if isinstance(stops, Iterable) and not isinstance(stops, Mapping):
         stops = tuple(stops)
+    if isinstance(stops, tuple) and len(stops) > MAX_STOPS:
+        raise RequestError(f"stop takes at most {MAX_STOPS} strings, not {len(stops)}", name)
     if not isinstance(stops, tuple) or not all(isinstance(s, str) for s in stops):
         raise RequestError("stop must be a string or a list of strings", name, "invalid_type")
     if any(s == "" for s in stops):
         raise RequestError("stop strings must not be empty", name)
+    longest = max(stops, key=len, default="")
+    if len(longest) > MAX_STOP_CHARS:
+        raise RequestError(
+            f"stop strings are at most {MAX_STOP_CHARS} characters long, not {len(longest)}", name
+        )
     return stops
 
 
@@ -206,6 +216,14 @@ class RequestBuilder:
             self._tool_format = (template, tool_format(template))
         return self._tool_format[1]
 
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """Characters past which no prompt fits the context, however it tokenises: a token
+        covers at most the longest vocabulary entry's characters (a byte-level entry has
+        one per byte, at least as many as the text's characters), times 4 for normalisers
+        that compose characters (NFC makes one of up to four)."""
+        return self.max_seq_len * self.tokenizer.max_token_chars * 4
+
     def chat_prompt(
         self,
         messages: Sequence[dict],
@@ -214,6 +232,15 @@ class RequestBuilder:
     ) -> ChatPrompt:
         """Render ``messages`` (and ``tools``, OpenAI's shape) with the model's chat template
         for a thinking mode."""
+        return self._chat_prompt(messages, thinking, tools, bounded=False)
+
+    def _chat_prompt(
+        self,
+        messages: Sequence[dict],
+        thinking: Thinking,
+        tools: Sequence[dict | Tool] | None,
+        bounded: bool,
+    ) -> ChatPrompt:
         _check_thinking(thinking)
         check_roles(messages)
         enable = {"on": True, "off": False, "auto": None}[thinking]
@@ -231,8 +258,22 @@ class RequestBuilder:
             # A template that always opens the think block (R1 distills): close it at once.
             text = text + ("" if text.endswith("\n") else "\n") + THINK_CLOSE + "\n\n"
             opened = False
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self._encode(text, False, "messages" if bounded else None)
         return ChatPrompt(ids, text, opened, thinking)
+
+    def _encode(self, text: str, add_special_tokens: bool, bounded: str | None) -> list[int]:
+        """``text``'s token ids; with ``bounded`` (the prompt's field), a text too long for
+        any tokenisation of it to fit the context is refused before tokenising it (seconds
+        of CPU for megabytes of text)."""
+        if bounded is not None and len(text) > self.max_prompt_chars:
+            raise RequestError(
+                f"the prompt has {len(text)} characters, more than this engine's context of "
+                f"{self.max_seq_len} tokens can hold",
+                bounded,
+                "context_length_exceeded",
+                hint="pass truncate=True to keep the end of the prompt",
+            )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def build(
         self,
@@ -280,7 +321,7 @@ class RequestBuilder:
         if messages is not None:
             if not messages:
                 raise RequestError("messages must not be empty", "messages")
-            chat = self.chat_prompt(messages, thinking, listed)
+            chat = self._chat_prompt(messages, thinking, listed, bounded=not truncate)
             ids, split, start_in_reasoning = chat.token_ids, True, chat.start_in_reasoning
             if fmt is not None and choice.mode in ("required", "named"):
                 if constraint is not None:
@@ -294,8 +335,11 @@ class RequestBuilder:
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise RequestError("prompt must be a string", "prompt", "invalid_type")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            ids = self._encode(prompt, True, None if truncate else "prompt")
         else:
+            sized = isinstance(prompt_token_ids, Sized)
+            if sized and not truncate and len(prompt_token_ids) >= self.max_seq_len:
+                raise _over_context(len(prompt_token_ids), self.max_seq_len, "prompt")
             ids = self._token_ids(prompt_token_ids)
         if not ids:
             raise RequestError("the prompt is empty", "prompt")
@@ -306,11 +350,8 @@ class RequestBuilder:
         limit = self.max_seq_len
         if len(ids) >= limit:
             if not truncate:
-                raise RequestError(
-                    f"the prompt has {len(ids)} tokens; this engine's context is {limit}",
-                    "messages" if messages is not None else "prompt",
-                    "context_length_exceeded",
-                    hint="pass truncate=True to keep the end of the prompt",
+                raise _over_context(
+                    len(ids), limit, "messages" if messages is not None else "prompt"
                 )
             # Without max_tokens, leave a quarter of the context for the reply.
             keep = max(1, limit - (max_tokens or max(1, limit // 4)))
@@ -454,6 +495,15 @@ def check_room(request: GenerationRequest, asked: int | None, field: str = "max_
         f"Lower {field} to {context - n} or shorten the prompt.",
         field,
         "context_length_exceeded",
+    )
+
+
+def _over_context(tokens: int, limit: int, field: str) -> RequestError:
+    return RequestError(
+        f"the prompt has {tokens} tokens; this engine's context is {limit}",
+        field,
+        "context_length_exceeded",
+        hint="pass truncate=True to keep the end of the prompt",
     )
 
 

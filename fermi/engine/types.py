@@ -7,6 +7,7 @@ from typing import Literal
 
 from fermi.grammar import Grammar
 from fermi.sampling import SamplingParams
+from fermi.text.stops import StopStrings
 from fermi.text.tools import ToolCall, ToolCallDelta, ToolFormat
 
 # tool_calls: the reply ended (eos, a stop string, its grammar complete) after calling tools.
@@ -48,6 +49,13 @@ class GenerationRequest:
     # tool_choice is not "none"); without parallel calls, only the first call is kept.
     tool_format: ToolFormat | None = None
     parallel_tool_calls: bool = True
+    # ``stop`` as one automaton, built with the request (off the engine thread) and shared
+    # by its copies (the n choices of one prompt); built from ``stop`` when not given.
+    stop_strings: StopStrings | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stop_strings is None or self.stop_strings.given != self.stop:
+            object.__setattr__(self, "stop_strings", StopStrings(self.stop))
 
 
 @dataclass(frozen=True)

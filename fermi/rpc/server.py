@@ -43,7 +43,7 @@ class FermiService(pb_grpc.FermiServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator:  # noqa: N802
         try:
-            built = self._build(**convert.generate_kwargs(request))
+            built = await self._build(**convert.generate_kwargs(request))
             async for delta in self._run(built):
                 yield convert.response(delta)
         except Exception as exc:
@@ -94,12 +94,12 @@ class FermiService(pb_grpc.FermiServicer):
         else:
             history = [{"role": "system", "content": request.system}] if request.system else []
             # Validate before creating, so a bad first turn leaves no session behind.
-            built = self._build(messages=[*history, user], **kwargs)
+            built = await self._build(messages=[*history, user], **kwargs)
             session = self.sessions.begin_new(history)
         added, answered = None, False
         try:
             if built is None:
-                built = self._build(messages=[*session.messages, user], **kwargs)
+                built = await self._build(messages=[*session.messages, user], **kwargs)
             text, reasoning = [], []
             async for delta in self._run(replace(built, session=session.id)):
                 text.append(delta.text)
@@ -114,9 +114,10 @@ class FermiService(pb_grpc.FermiServicer):
                 # The client never learned this session's id (e.g. the queue was full).
                 self.sessions.discard(session.id)
 
-    def _build(self, **kwargs) -> GenerationRequest:
-        """The engine's request, refused (as HTTP refuses it) when max_tokens do not fit."""
-        built = self.engine.build_request(**kwargs)
+    async def _build(self, **kwargs) -> GenerationRequest:
+        """The engine's request, refused (as HTTP refuses it) when max_tokens do not fit;
+        built in a worker thread (templating and tokenising megabytes take seconds)."""
+        built = await asyncio.to_thread(self.engine.build_request, **kwargs)
         check_room(built, kwargs["settings"].max_tokens)
         return built
 

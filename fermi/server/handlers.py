@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import msgspec
 
 from fermi.engine.types import Delta, GenerationRequest
-from fermi.server.build import chat_requests, completion_requests
+from fermi.server.build import chat_requests, completion_requests, gc_paused
 from fermi.server.chunks import (
     ChatChunker,
     ChoiceText,
@@ -207,7 +207,8 @@ class Api:
         stream or with the whole response."""
         start = time.perf_counter()
         try:
-            body = decoder.decode(raw)
+            with gc_paused():
+                body = decoder.decode(raw)
         except msgspec.DecodeError as exc:
             raise bad_body(exc) from None
         except RecursionError:
@@ -216,7 +217,9 @@ class Api:
                 400, "the request body nests JSON arrays or objects too deeply", code="invalid_json"
             ) from None
         self._check_model(body.model)
-        requests = to_requests(self.pool.engine, body)
+        # Templating and tokenising take up to seconds for megabytes of prompt: in a worker
+        # thread, so the loop keeps answering (/health, other streams) meanwhile.
+        requests = await asyncio.to_thread(to_requests, self.pool.engine, body)
         generation = Generation(self.pool, requests, asyncio.get_running_loop())
         timing = _Timing(self.metrics, start)
         rid, created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
