@@ -529,3 +529,18 @@ def test_grpc_requests_carry_tools_and_replies_carry_tool_call_deltas():
         (0, "call_x", "add", ""),
         (0, "", "", '{"a": 1}'),
     ]
+
+
+def test_reading_a_template_for_its_tool_syntax_computes_none_of_it():
+    """The template comes from the model's folder: reading which variables it uses must not
+    run it (a plain jinja2 environment folds constants such as ``'a' * 10**9`` then)."""
+    import tracemalloc
+
+    template = "{{ 'a' * 1000000000 }}{% for t in tools %}<tool_call>{% endfor %}"
+    tracemalloc.start()
+    try:
+        assert tool_format(template) == "hermes"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20

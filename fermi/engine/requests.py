@@ -314,7 +314,8 @@ class RequestBuilder:
             )
         parallel = parallel_tool_calls is not False
         fmt = self.tool_format if listed and choice.mode != "none" else None
-        check_tools_supported(self.tool_format, listed, choice)
+        if listed:
+            check_tools_supported(self.tool_format, listed, choice)
         if listed and messages is None:
             raise RequestError("tools need a chat request (messages)", "tools")
         split, start_in_reasoning = False, False

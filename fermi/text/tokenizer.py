@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -159,6 +160,17 @@ def _make_environment() -> _TemplateSandbox:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
+
+
+def template_variables(template: str) -> set[str] | None:
+    """The variables a chat template reads from its context (None: it does not parse).
+    Parsed by the sandbox, which never folds ``*`` or ``**`` at compile time: a plain
+    environment would compute ``{{ 'a' * 10**10 }}`` while reading the template."""
+    try:
+        ast = _make_environment().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return None
+    return jinja2.meta.find_undeclared_variables(ast)
 
 
 def _token_content(value: Any) -> str | None:

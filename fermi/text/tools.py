@@ -30,11 +30,9 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import jinja2
-import jinja2.meta
-
 from fermi.errors import RequestError
 from fermi.grammar import Grammar, bounded_whitespace
+from fermi.text.tokenizer import template_variables
 
 ToolFormat = Literal["hermes", "llama3_json"]
 ToolChoiceMode = Literal["none", "auto", "required", "named"]
@@ -177,11 +175,8 @@ def tool_format(template: str | None) -> ToolFormat | None:
     """The call syntax a chat template teaches, or None when it renders no tools."""
     if not template:
         return None
-    try:
-        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
-    except jinja2.TemplateSyntaxError:
-        return None
-    if "tools" not in jinja2.meta.find_undeclared_variables(ast):
+    variables = template_variables(template)
+    if variables is None or "tools" not in variables:
         return None
     if HERMES_OPEN in template:
         return "hermes"
