@@ -35,6 +35,7 @@ import jinja2.meta
 
 from fermi.errors import RequestError
 from fermi.grammar import Grammar, bounded_whitespace
+from fermi.text.tokenizer import template_environment
 
 ToolFormat = Literal["hermes", "llama3_json"]
 ToolChoiceMode = Literal["none", "auto", "required", "named"]
@@ -177,8 +178,10 @@ def tool_format(template: str | None) -> ToolFormat | None:
     """The call syntax a chat template teaches, or None when it renders no tools."""
     if not template:
         return None
+    # The sandbox the template renders in: finding its variables compiles it, and a plain
+    # environment would fold constants (``'a' * 10**10``) while compiling.
     try:
-        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        ast = template_environment().parse(template)
     except jinja2.TemplateSyntaxError:
         return None
     if "tools" not in jinja2.meta.find_undeclared_variables(ast):
