@@ -110,3 +110,62 @@ GEMMA2 = Family(
     },
     eos_tokens=("<eos>", "<end_of_turn>"),
 )
+
+# Llama 3.1 with JSON tool calling: the tools go into the first user turn with the
+# instruction to answer {"name": ..., "parameters": ...}; an assistant's call is written
+# back in that shape, a tool's result is an ipython turn.
+LLAMA31_TOOLS_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- set messages = messages | list -%}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + messages[0]['content'] + "
+    "'<|eot_id|>' }}{%- set messages = messages[1:] %}{%- endif %}"
+    "{%- if tools %}"
+    "{%- set first = messages[0]['content'] %}{%- set messages = messages[1:] %}"
+    "{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' }}"
+    "{{- 'Given the following functions, please respond with a JSON for a function call '"
+    " + 'with its proper arguments that best answers the given prompt.\\n\\n' }}"
+    '{{- \'Respond in the format {"name": function name, "parameters": dictionary of \''
+    " + 'argument name and its value}. Do not use variables.\\n\\n' }}"
+    "{%- for t in tools %}{{- t | tojson(indent=4) }}{{- '\\n\\n' }}{%- endfor %}"
+    "{{- first + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' and message.tool_calls %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- for call in message.tool_calls %}"
+    "{%- if not loop.first %}{{- '; ' }}{%- endif %}"
+    "{%- set args = call.function.arguments %}"
+    '{{- \'{"name": "\' + call.function.name + \'", "parameters": \' }}'
+    "{{- (args if args is string else args | tojson) + '}' }}"
+    "{%- endfor %}{{- '<|eot_id|>' }}"
+    "{%- elif message['role'] in ('tool', 'ipython') %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message['content'] + "
+    "'<|eot_id|>' }}"
+    "{%- else %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] + '<|eot_id|>' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+LLAMA31 = Family(
+    added_tokens=(
+        ("<|begin_of_text|>", True),
+        ("<|end_of_text|>", True),
+        ("<|start_header_id|>", True),
+        ("<|end_header_id|>", True),
+        ("<|eom_id|>", True),
+        ("<|eot_id|>", True),
+        ("<|python_tag|>", True),
+    ),
+    tokenizer_config={
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "add_bos_token": False,
+        "chat_template": LLAMA31_TOOLS_TEMPLATE,
+    },
+    # Llama 3.1's generation_config stops on end_of_text, eom_id and eot_id.
+    eos_tokens=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+)

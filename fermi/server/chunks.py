@@ -144,6 +144,11 @@ class ChoiceText:
             self.logprobs.extend(delta.logprobs)
         if delta.tool_calls:
             self.calls = merge_calls(self.calls, delta.tool_calls)
+        self.end(delta)
+
+    def end(self, delta: Delta) -> None:
+        """Record how the choice ended, if ``delta`` is its last. A stream records only
+        this: the last delta's call pieces may continue calls begun in earlier deltas."""
         if delta.finish_reason is not None:
             self.finish_reason = finish_reason(delta.finish_reason)
             self.tokens = delta.usage.completion_tokens if delta.usage else 0

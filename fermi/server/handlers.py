@@ -309,8 +309,7 @@ class StreamReply:
             self.failed = True
             self.api.metrics.error(500)
             return sse(ErrorBody(_engine_error(delta).detail())) + DONE
-        if delta.finish_reason is not None:  # a stream needs only how each choice ended
-            self.choices[index].add(delta)
+        self.choices[index].end(delta)  # a stream needs only how each choice ended
         return self.chunker.event(index, delta)
 
     def closing(self) -> bytes:

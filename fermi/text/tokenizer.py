@@ -147,7 +147,8 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _make_environment() -> _TemplateSandbox:
+def template_environment() -> _TemplateSandbox:
+    """The bounded sandbox chat templates are compiled and rendered in."""
     # Same whitespace settings and helpers that transformers gives templates, so a model's
     # published template renders byte-identically here.
     env = _TemplateSandbox(
@@ -167,7 +168,7 @@ def template_variables(template: str) -> set[str] | None:
     Parsed by the sandbox, which never folds ``*`` or ``**`` at compile time: a plain
     environment would compute ``{{ 'a' * 10**10 }}`` while reading the template."""
     try:
-        ast = _make_environment().parse(template)
+        ast = template_environment().parse(template)
     except jinja2.TemplateSyntaxError:
         return None
     return jinja2.meta.find_undeclared_variables(ast)
@@ -354,7 +355,7 @@ class Tokenizer:
                     "or a model whose tokenizer_config.json defines chat_template"
                 )
             try:
-                self._compiled = _make_environment().from_string(self.chat_template)
+                self._compiled = template_environment().from_string(self.chat_template)
             except jinja2.TemplateSyntaxError as exc:
                 raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
         return self._compiled
