@@ -121,13 +121,22 @@ def load_gguf(
     if half_storage:
         use_half_weights(model)
     eos = [
-        int(meta[key])
+        _token_id(meta, key, config.vocab_size, path)
         for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
         if key in meta
     ]
     sampling = alias.sampling if alias is not None else {}
     generation = GenerationDefaults(eos_token_ids=tuple(dict.fromkeys(eos)), **sampling)
     return Checkpoint(path, model, config, hf_config, tokenizer, generation, extra={"gguf": arch})
+
+
+def _token_id(meta: dict[str, Any], key: str, vocab_size: int, path: Path) -> int:
+    value = int(meta[key])  # an integer: the reader checks the types of the keys it knows
+    if not 0 <= value < vocab_size:
+        raise ModelLoadError(
+            f"{path}: {key} = {value} is outside the vocabulary (0..{vocab_size - 1})"
+        )
+    return value
 
 
 def hf_config_from_gguf(gguf: GGUFFile, arch: str) -> dict[str, Any]:
@@ -282,6 +291,11 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str) -> Tokenizer:
     tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type")
+    if types is not None and len(types) != len(tokens):
+        raise ModelLoadError(
+            f"{source}: tokenizer.ggml.token_type has {len(types)} entries, "
+            f"tokenizer.ggml.tokens {len(tokens)}"
+        )
     if types is not None:
         special = [
             AddedToken(tokens[i], special=True, normalized=False)

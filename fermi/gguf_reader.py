@@ -85,6 +85,74 @@ _NUMPY_TYPES = {
 }
 
 
+# The type the format gives each key the loader reads (arch-specific keys by the part after
+# "{arch}."): a hostile file that stores a list as general.architecture or a string as a
+# token id is refused here, naming the key, instead of failing somewhere in the loader.
+_STR, _INT, _NUMBER, _BOOL, _STR_LIST, _INT_ARRAY = (
+    "a string",
+    "an integer",
+    "a number",
+    "a boolean",
+    "an array of strings",
+    "an array of integers",
+)
+KEY_TYPES = {
+    "general.architecture": _STR,
+    "general.name": _STR,
+    "tokenizer.ggml.model": _STR,
+    "tokenizer.ggml.pre": _STR,
+    "tokenizer.chat_template": _STR,
+    "tokenizer.ggml.tokens": _STR_LIST,
+    "tokenizer.ggml.merges": _STR_LIST,
+    "tokenizer.ggml.token_type": _INT_ARRAY,
+    "tokenizer.ggml.add_bos_token": _BOOL,
+    "tokenizer.ggml.add_eos_token": _BOOL,
+    **{
+        f"tokenizer.ggml.{name}_token_id": _INT
+        for name in ("bos", "eos", "eot", "padding", "unknown", "seperator")
+    },
+}
+ARCH_KEY_TYPES = {
+    **dict.fromkeys(
+        (
+            "block_count",
+            "context_length",
+            "embedding_length",
+            "feed_forward_length",
+            "vocab_size",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "attention.key_length",
+            "attention.value_length",
+            "attention.sliding_window",
+            "rope.dimension_count",
+            "rope.scaling.original_context_length",
+        ),
+        _INT,
+    ),
+    "attention.layer_norm_rms_epsilon": _NUMBER,
+    "rope.freq_base": _NUMBER,
+    "rope.scaling.factor": _NUMBER,
+    "rope.scaling.type": _STR,
+}
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _BOOL:
+        return isinstance(value, bool | np.bool_)
+    if kind == _INT:
+        return isinstance(value, int | np.integer) and not isinstance(value, bool)
+    if kind == _NUMBER:
+        return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+            value, bool
+        )
+    if kind == _STR_LIST:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -194,6 +262,7 @@ class GGUFFile:
         for _ in range(n_kv):
             key = cur.string()
             self.metadata[key] = cur.value(cur.scalar("<I"), key)
+        self._check_types()
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
@@ -203,6 +272,8 @@ class GGUFFile:
                     f"{self.path}: tensor {name!r} has {n_dims} dimensions (ggml allows {MAX_DIMS})"
                 )
             dims = [cur.scalar("<Q") for _ in range(n_dims)]
+            if 0 in dims:
+                raise ModelLoadError(f"{self.path}: tensor {name!r} has a dimension of 0 {dims}")
             infos.append((name, tuple(reversed(dims)), cur.scalar("<I"), cur.scalar("<Q")))
         align = self._alignment()
         data_start = -(-cur.pos // align) * align
@@ -223,6 +294,13 @@ class GGUFFile:
                     "and runs past the end of the file"
                 )
             self.tensors[name] = TensorInfo(name, shape, type_id, start, nbytes)
+
+    def _check_types(self) -> None:
+        for key, value in self.metadata.items():
+            kind = KEY_TYPES.get(key) or ARCH_KEY_TYPES.get(key.partition(".")[2])
+            if kind is not None and not _has_type(value, kind):
+                shown = repr(value) if len(repr(value)) < 80 else type(value).__name__
+                raise ModelLoadError(f"{self.path}: {key} must be {kind}, not {shown}")
 
     def _alignment(self) -> int:
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 
 import numpy as np
@@ -338,4 +339,31 @@ def test_gguf_tensor_whose_shape_needs_more_bytes_than_the_file_is_refused(tmp_p
     path = tmp_path / "big.gguf"
     path.write_bytes(raw_gguf(b"", n_kv=0, tensors=info, n_tensors=1) + bytes(64))
     with pytest.raises(ModelLoadError, match=r"'token_embd\.weight' of shape .* needs 1844"):
+        GGUFFile(path)
+
+
+# Found by tests/test_fuzz_gguf.py: each raised TypeError, ValueError or IndexError before.
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("general.architecture", (["llama"], GGUFValueType.ARRAY), "must be a string, not"),
+        ("tokenizer.ggml.eos_token_id", ("2", GGUFValueType.STRING), "must be an integer"),
+        ("llama.rope.scaling.factor", ("x", GGUFValueType.STRING), "must be a number"),
+        ("tokenizer.ggml.eos_token_id", (10**6, GGUFValueType.UINT32), "outside the vocabulary"),
+        ("tokenizer.ggml.token_type", ([1, 1], GGUFValueType.ARRAY), " has 2 entries"),
+    ],
+)
+def test_gguf_metadata_of_the_wrong_type_or_range_is_a_load_error_naming_the_key(
+    tmp_path, llama_folder, key, value, message
+):
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", metadata={key: value})
+    with pytest.raises(ModelLoadError, match=rf"m\.gguf: {re.escape(key)}.*{message}"):
+        load_gguf(path, CPU, torch.float32)
+
+
+def test_gguf_tensor_with_a_zero_dimension_is_a_load_error(tmp_path):
+    info = packed_string("token_embd.weight") + struct.pack("<IQQIQ", 2, 0, 8, 0, 0)
+    path = tmp_path / "zero.gguf"
+    path.write_bytes(raw_gguf(b"", n_kv=0, tensors=info, n_tensors=1) + bytes(64))
+    with pytest.raises(ModelLoadError, match=r"zero\.gguf: tensor 'token_embd\.weight' has a dim"):
         GGUFFile(path)

@@ -363,6 +363,27 @@ def test_body_over_the_limit_is_413(base):
     assert status == 413 and "65536" in err["message"]
 
 
+@pytest.mark.parametrize("interface", ["rsgi", "asgi"])
+def test_an_18_mb_body_gets_its_413_in_openais_shape_not_a_broken_pipe(
+    model_dir, tmp_path, interface
+):
+    # Before: the server answered as soon as it saw Content-Length and closed the
+    # connection; urllib, still uploading, got BrokenPipeError and never saw the 413.
+    body = {"messages": [{"role": "user", "content": "x" * 18_000_000}]}
+    args = ["--interface", interface, "--max-seq-len", "64"]
+    with running_server(model_dir, *args, log=tmp_path / "serve.log") as url:
+        for _ in range(2):  # and the next one too: the connection was not left half-read
+            status, err = error_of(http(url + "/v1/chat/completions", body))
+            assert status == 413
+            assert (err["type"], err["param"], err["code"]) == (
+                "invalid_request_error",
+                None,
+                "request_too_large",
+            )
+            assert err["message"] == "the request body is larger than 8388608 bytes"
+        assert http(url + "/health")[0] == 200
+
+
 def test_prompt_plus_max_tokens_over_the_context_is_400(client):
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, max_completion_tokens=SEQ_LEN)

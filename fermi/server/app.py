@@ -32,6 +32,13 @@ SSE_HEADERS = [
 ]
 
 
+# A body over the limit is read and dropped, up to this many bytes, before the 413 goes
+# out: most clients (urllib, requests, httpx) read no answer until they have sent the whole
+# body, so a server that answers and closes mid-upload leaves them a broken pipe instead of
+# the 413 (nginx's lingering close does the same). Past this, the connection is dropped.
+DRAIN_BYTES = 64 * 1024 * 1024
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
 
@@ -133,16 +140,21 @@ class RsgiApp:
 
     async def _body(self, scope: Any, proto: Any) -> bytes:
         length = scope.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > self.limit:
-                raise _too_large(self.limit)
+        if length is not None and length.isdigit() and int(length) <= self.limit:
             return await proto()
+        # Over the limit (or of unknown length): read in chunks, and past the limit read on
+        # and drop, up to DRAIN_BYTES (see there). Granian's body iterator starts only once.
+        too_large = length is not None
         chunks, size = [], 0
         async for chunk in proto:
             size += len(chunk)
-            if size > self.limit:
-                raise _too_large(self.limit)
-            chunks.append(chunk)
+            too_large = too_large or size > self.limit
+            if not too_large:
+                chunks.append(chunk)
+            elif size > DRAIN_BYTES:
+                break
+        if too_large:
+            raise _too_large(self.limit)
         return b"".join(chunks)
 
     @staticmethod
@@ -209,17 +221,21 @@ class AsgiApp:
 
     async def _body(self, headers: dict[str, str], receive: Callable) -> bytes:
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            raise _too_large(self.limit)
+        too_large = length is not None and (not length.isdigit() or int(length) > self.limit)
         chunks, size = [], 0
         while True:
             message = await receive()
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                raise _too_large(self.limit)
-            chunks.append(chunk)
+            if size > self.limit or too_large:
+                too_large = True  # read on and drop, up to DRAIN_BYTES (see there)
+                if size > DRAIN_BYTES:
+                    raise _too_large(self.limit)
+            else:
+                chunks.append(chunk)
             if not message.get("more_body"):
+                if too_large:
+                    raise _too_large(self.limit)
                 return b"".join(chunks)
 
     @staticmethod

@@ -34,6 +34,7 @@ from fermi.server.generation import Generation
 from fermi.server.health import HealthChecker
 from fermi.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fermi.server.metrics import ServerMetrics
+from fermi.server.openapi import OPENAPI_JSON
 from fermi.server.pool import EnginePool
 from fermi.server.protocol import (
     CHAT_DECODER,
@@ -118,6 +119,7 @@ class Api:
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.healthcheck,
             ("GET", "/metrics"): self.metrics_text,
+            ("GET", "/openapi.json"): self.openapi,
         }
         self._paths = {path for _, path in self._routes}
 
@@ -191,6 +193,9 @@ class Api:
 
     async def metrics_text(self, body: bytes) -> Reply:
         return Reply(200, self.metrics.render(), METRICS_CONTENT_TYPE)
+
+    async def openapi(self, body: bytes) -> Reply:
+        return Reply(200, OPENAPI_JSON)
 
     # -- generation -------------------------------------------------------------------
 

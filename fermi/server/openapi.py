@@ -1,0 +1,240 @@
+"""The OpenAPI 3.1 description the server serves at ``GET /openapi.json``.
+
+Written out by hand so that it says what the endpoints accept on the wire (a field that
+takes a string or a list says so), and kept to ``protocol.py`` by a test: every field of
+the request Structs appears here, with the same required fields. Clients and fuzzers
+(``tests/test_fuzz_http.py``) read it; the server does not validate against it (msgspec
+does, from the Structs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from fermi.engine.requests import ROLES
+from fermi.sampling import MAX_TEMPERATURE
+from fermi.server.build import MAX_CHOICES, MAX_PROMPTS
+from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_STRING = {"type": "string"}
+_INT = {"type": "integer"}
+_NUMBER = {"type": "number"}
+_BOOL = {"type": "boolean"}
+_OBJECT = {"type": "object"}
+_REF = "#/components/schemas/"
+
+_SAMPLING_FIELDS: dict[str, Any] = {
+    "model": _nullable(_STRING),
+    "max_tokens": _nullable({**_INT, "minimum": 1}),
+    "temperature": _nullable({**_NUMBER, "minimum": 0, "maximum": MAX_TEMPERATURE}),
+    "top_p": _nullable({**_NUMBER, "exclusiveMinimum": 0, "maximum": 1}),
+    "top_k": _nullable({**_INT, "minimum": 0, "exclusiveMaximum": 2**31, "description": "0 = off"}),
+    "min_p": _nullable({**_NUMBER, "minimum": 0, "maximum": 1}),
+    "presence_penalty": _nullable({**_NUMBER, "minimum": -2, "maximum": 2}),
+    "frequency_penalty": _nullable({**_NUMBER, "minimum": -2, "maximum": 2}),
+    "repetition_penalty": _nullable({**_NUMBER, "exclusiveMinimum": 0, "maximum": 100}),
+    "seed": _nullable(_INT),
+    "stop": {
+        "anyOf": [
+            {**_STRING, "minLength": 1, "maxLength": MAX_STOP_CHARS},
+            {
+                "type": "array",
+                "items": {**_STRING, "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                "maxItems": MAX_STOPS,
+            },
+            {"type": "null"},
+        ]
+    },
+    "n": {**_INT, "minimum": 1, "maximum": MAX_CHOICES, "default": 1},
+    "stream": {**_BOOL, "default": False},
+    "stream_options": _nullable({"$ref": _REF + "StreamOptions"}),
+    "user": _nullable(_STRING),
+    "ignore_eos": {**_BOOL, "default": False},
+    "logit_bias": _nullable(
+        {
+            **_OBJECT,
+            "description": "token id (as a key) -> bias in [-100, 100]",
+            "additionalProperties": {**_NUMBER, "minimum": -100, "maximum": 100},
+        }
+    ),
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "ContentPart": {
+        **_OBJECT,
+        "required": ["type"],
+        "properties": {"type": _STRING, "text": _nullable(_STRING)},
+    },
+    "FunctionCall": {
+        **_OBJECT,
+        "required": ["name", "arguments"],
+        "properties": {"name": _STRING, "arguments": {**_STRING, "description": "JSON text"}},
+    },
+    "ToolCallBody": {
+        **_OBJECT,
+        "required": ["id", "function"],
+        "properties": {
+            "id": _STRING,
+            "type": {**_STRING, "default": "function"},
+            "function": {"$ref": _REF + "FunctionCall"},
+        },
+    },
+    "Message": {
+        **_OBJECT,
+        "required": ["role"],
+        "properties": {
+            "role": {"enum": list(ROLES)},
+            "content": {
+                "anyOf": [
+                    _STRING,
+                    {"type": "array", "items": {"$ref": _REF + "ContentPart"}},
+                    {"type": "null"},
+                ]
+            },
+            "name": _nullable(_STRING),
+            "tool_calls": _nullable({"type": "array", "items": {"$ref": _REF + "ToolCallBody"}}),
+            "tool_call_id": _nullable(_STRING),
+        },
+    },
+    "StreamOptions": {
+        **_OBJECT,
+        "properties": {"include_usage": {**_BOOL, "default": False}},
+    },
+    "ChatCompletionRequest": {
+        **_OBJECT,
+        "required": ["messages"],
+        "properties": {
+            **_SAMPLING_FIELDS,
+            "messages": {"type": "array", "items": {"$ref": _REF + "Message"}, "minItems": 1},
+            "max_completion_tokens": _nullable({**_INT, "minimum": 1}),
+            "logprobs": _nullable(_BOOL),
+            "top_logprobs": _nullable({**_INT, "minimum": 0, "maximum": 20}),
+            "thinking": _nullable({"enum": ["on", "off", "auto"]}),
+            "chat_template_kwargs": _nullable(_OBJECT),
+            "reasoning_effort": _nullable(_STRING),
+            "think": _nullable(_BOOL),
+            "response_format": {
+                "description": "OpenAI's structured outputs: text, json_object, json_schema"
+            },
+            "tools": _nullable({"type": "array", "items": _OBJECT}),
+            "tool_choice": {"anyOf": [_STRING, _OBJECT, {"type": "null"}]},
+            "parallel_tool_calls": _nullable(_BOOL),
+        },
+    },
+    "CompletionRequest": {
+        **_OBJECT,
+        "required": ["prompt"],
+        "properties": {
+            **_SAMPLING_FIELDS,
+            "prompt": {
+                "anyOf": [
+                    _STRING,
+                    {"type": "array", "items": _STRING, "maxItems": MAX_PROMPTS},
+                    {"type": "array", "items": {**_INT, "minimum": 0}},
+                    {
+                        "type": "array",
+                        "items": {"type": "array", "items": {**_INT, "minimum": 0}},
+                        "maxItems": MAX_PROMPTS,
+                    },
+                ]
+            },
+            "logprobs": _nullable({**_INT, "minimum": 0, "maximum": 20}),
+            "echo": {**_BOOL, "default": False},
+            "suffix": _nullable(_STRING),
+        },
+    },
+    "Error": {
+        **_OBJECT,
+        "required": ["error"],
+        "properties": {
+            "error": {
+                **_OBJECT,
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": _STRING,
+                    "type": _STRING,
+                    "param": _nullable(_STRING),
+                    "code": _nullable(_STRING),
+                },
+            }
+        },
+    },
+}
+
+
+def _json_body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": _REF + name}}}}
+
+
+# Needed when the server runs with --api-key; /health, /metrics and this description never.
+_BEARER = [{"bearer": []}]
+
+_ERROR = {
+    "description": "OpenAI's error shape",
+    "content": {"application/json": {"schema": {"$ref": _REF + "Error"}}},
+}
+
+
+def _generation(summary: str, body: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "security": _BEARER,
+            "requestBody": _json_body(body),
+            "responses": {
+                "200": {
+                    "description": "the whole response, or server-sent events when stream is true",
+                    "content": {"application/json": {}, "text/event-stream": {}},
+                },
+                **{status: _ERROR for status in ("400", "401", "404", "413", "429", "503")},
+            },
+        }
+    }
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "Fermi Infer", "version": "1"},
+    "paths": {
+        "/v1/chat/completions": _generation("Chat completion", "ChatCompletionRequest"),
+        "/v1/completions": _generation("Text completion", "CompletionRequest"),
+        "/v1/models": {
+            "get": {
+                "summary": "The served model",
+                "security": _BEARER,
+                "responses": {"200": {"description": "a model list"}, "401": _ERROR},
+            }
+        },
+        "/health": {
+            "get": {
+                "summary": "200 while every engine steps, 503 otherwise",
+                "responses": {"200": {"description": "healthy"}, "503": {"description": "stalled"}},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {"200": {"description": "the Prometheus text format"}},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This description",
+                "responses": {"200": {"description": "OpenAPI 3.1"}},
+            }
+        },
+    },
+    "components": {
+        "schemas": _SCHEMAS,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+    },
+}
+
+OPENAPI_JSON: bytes = msgspec.json.encode(OPENAPI)
