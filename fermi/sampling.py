@@ -111,6 +111,12 @@ def unpack_bits(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return unpacked.view(bits.shape[0], -1)[:, :vocab_size].bool()
 
 
+def mask_logits(logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``logits`` [B, V] with the tokens whose bit is clear in ``bits`` [B, words] at -inf."""
+    allowed = unpack_bits(bits, logits.shape[-1])
+    return logits.float().masked_fill(~allowed, float("-inf"))
+
+
 def check_row(
     params: SamplingParams, prompt_ids: list[int] | torch.Tensor, seed: int, vocab_size: int
 ) -> torch.Tensor:
@@ -361,7 +367,7 @@ def sample(
         raise ValueError(f"logits have {logits.shape[-1]} columns, batch has {batch.vocab_size}")
     x = logits.float()
     if use_mask:
-        x = x.masked_fill(~unpack_bits(batch.allowed[rows], batch.vocab_size), float("-inf"))
+        x = mask_logits(x, batch.allowed[rows])
     if use_penalties:
         x = apply_penalties(
             x,

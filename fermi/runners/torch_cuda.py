@@ -48,7 +48,7 @@ from fermi.models.attention import DECODE_KERNELS
 from fermi.models.decoder import Decoder
 from fermi.runners.base import Batch, Capabilities, Decode, Runner, StepOutput, on_host
 from fermi.runners.compile_cache import CompileCache, cache_key
-from fermi.sampling import SampleOutput, SamplingBatch, sample
+from fermi.sampling import SampleOutput, SamplingBatch, mask_logits, sample
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ DEFAULT_CHUNK = 2048
 # top-k/top-p/min-p. Penalties and logprobs still run inside the graph, uncompiled.
 WARM_VARIANTS = ((False, False, -1), (True, False, -1))
 
-Variant = tuple  # (filters, penalties, logprobs[, mask]): a static variant of ``sample``
+Variant = tuple  # (filters, penalties, logprobs[, mask]): a static variant of a step
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -533,21 +533,19 @@ class CudaGraphRunner(Runner):
         return tuple(out)
 
     def _sample_body(self, b: int, variant: Variant) -> tuple:
-        out = self._sampler(variant)(self._logits[:b], self.sampling, self._rows[:b])
+        # The mask is applied by a few eager kernels in this graph, and the rest is the same
+        # compiled sampler as the unmasked variant's: no compile on a first masked step.
+        logits = mask_logits(self._logits[:b], self.sampling.allowed[:b])
+        out = self._sampler(variant[:3])(logits, self.sampling, self._rows[:b])
         self._io[0, :b, 0].copy_(out.tokens)  # the next step's input, as in _decode_body
         return tuple(out)
 
     def _sampler(self, variant: Variant) -> Callable:
         fn = self._samplers.get(variant)
         if fn is None:
-            filters, penalties, logprobs = variant[:3]
-            masked = len(variant) > 3 and variant[3]
+            filters, penalties, logprobs = variant
             fn = functools.partial(
-                sample,
-                use_filters=filters,
-                use_penalties=penalties,
-                want_logprobs=logprobs,
-                use_mask=masked,
+                sample, use_filters=filters, use_penalties=penalties, want_logprobs=logprobs
             )
             if self.backend is not None and variant in WARM_VARIANTS:
                 fn = torch.compile(fn, fullgraph=True, dynamic=True, backend=self.backend)
