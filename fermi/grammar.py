@@ -219,7 +219,6 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._tok: Any = None
         self._tok_lock = threading.Lock()
-        self._executor: Any = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[Grammar, Any] = OrderedDict()
 
@@ -250,21 +249,12 @@ class GrammarCompiler:
         return Matcher(self._prototype(grammar, "grammar").deep_copy(), self.eos_ids)
 
     def fill(self, rows: list[tuple[Matcher, int]], bits: torch.Tensor) -> None:
-        """Fill ``bits[i]`` for each (matcher, i): several rows at once on llguidance's
-        thread pool, which computes masks without holding the GIL."""
-        if len(rows) == 1:
-            matcher, i = rows[0]
+        """Fill ``bits[i]`` for each (matcher, i), one after another: for 8 rows of Qwen's
+        vocabulary that took 73 µs on this project's 2-core CPU, and 342 µs through
+        llguidance's thread pool (``fill_next_token_bitmask_par``), whose hand-offs cost
+        more than the masks."""
+        for matcher, i in rows:
             matcher.fill(bits[i])
-            return
-        if not rows:
-            return
-        import llguidance
-        import llguidance.torch
-
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor()
-        pairs = [(m._m, i) for m, i in rows]
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, pairs, bits)
 
     def _prototype(self, grammar: Grammar, param: str) -> Any:
         with self._lock:

@@ -84,7 +84,59 @@ def synthetic_bpe(vocab_size: int, seed: int = 0):
     return Tokenizer(tok, chat_template=None, bos_token=None, eos_token="<|im_end|>")
 
 
-def gpu_engine(shape: str, max_batch: int, max_seq_len: int):
+def tiktoken_bpe(path: str, vocab_size: int):
+    """A byte-level BPE tokenizer from a tiktoken rank file (base64 token, rank per line),
+    e.g. Qwen's ``qwen.tiktoken`` (151,643 ids, the regular vocabulary Qwen2 and Qwen3 share):
+    the merges are the splits of each token into two tokens of lower rank."""
+    import base64
+
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from fermi.text.tokenizer import Tokenizer
+
+    ranks: dict[bytes, int] = {}
+    for line in Path(path).read_text().splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    to_char = {b: c for b, c in zip(range(256), _byte_chars(), strict=True)}
+
+    def text(token: bytes) -> str:
+        return "".join(to_char[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in ranks.items():
+        splits = [
+            (max(ranks[token[:i]], ranks[token[i:]]), i)
+            for i in range(1, len(token))
+            if token[:i] in ranks and token[i:] in ranks
+        ]
+        if splits:
+            i = min(splits)[1]
+            merges.append((rank, text(token[:i]), text(token[i:])))
+    merges.sort()
+    tok = tokenizers.Tokenizer(models.BPE(vocab, [(a, b) for _, a, b in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([tokenizers.AddedToken("<|im_end|>", special=True)])
+    return Tokenizer(tok, chat_template=None, bos_token=None, eos_token="<|im_end|>")
+
+
+def _byte_chars() -> list[str]:
+    """The printable stand-in of each byte in byte-level BPE vocabularies (GPT-2's table)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def gpu_engine(shape: str, max_batch: int, max_seq_len: int, tiktoken: str | None):
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -100,10 +152,15 @@ def gpu_engine(shape: str, max_batch: int, max_seq_len: int):
     started = time.perf_counter()
     runner = CudaGraphRunner(model, max_batch, max_seq_len, prefill_chunk=512)
     warm = time.perf_counter() - started
-    tok = synthetic_bpe(cfg["vocab_size"])
+    if tiktoken:
+        tok = tiktoken_bpe(tiktoken, cfg["vocab_size"])
+    else:
+        tok = synthetic_bpe(cfg["vocab_size"])
     eos = tok.eos_token_id
     engine = Engine(runner, tok, GenerationDefaults(eos_token_ids=(eos,)), model_name=shape)
-    return engine, {"shape": shape, "warmup_s": warm, "gpu": torch.cuda.get_device_name()}
+    vocabulary = f"tiktoken file {Path(tiktoken).name}" if tiktoken else "synthetic byte-level BPE"
+    about = {"shape": shape, "warmup_s": warm, "gpu": torch.cuda.get_device_name()}
+    return engine, {**about, "vocabulary": vocabulary, "tokenizer_ids": tok.vocab_size}
 
 
 def cpu_engine(model: str, max_batch: int, max_seq_len: int):
@@ -154,6 +211,7 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--shape", default="Qwen3-1.7B", help="model shapes on the GPU")
     p.add_argument("--model", default="smollm2-135m", help="model on the CPU")
+    p.add_argument("--tiktoken", default=None, help="GPU: a tiktoken rank file as vocabulary")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=3)
@@ -164,7 +222,7 @@ def main() -> None:
 
     max_batch, max_seq_len = max(args.batches), 1024
     if args.device == "cuda":
-        engine, about = gpu_engine(args.shape, max_batch, max_seq_len)
+        engine, about = gpu_engine(args.shape, max_batch, max_seq_len, args.tiktoken)
     else:
         engine, about = cpu_engine(args.model, max_batch, max_seq_len)
     result = {
