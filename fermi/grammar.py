@@ -177,14 +177,13 @@ class Matcher:
         self.finished = False  # the grammar is complete and cannot go on
 
     def fill(self, row: torch.Tensor) -> None:
-        """Write the bitmask of the tokens allowed next into ``row`` (int32 [words], CPU).
-        A finished matcher allows everything (its row's token is never used)."""
+        """Write the bitmask of the tokens allowed next into ``row`` (int32 [words], CPU,
+        contiguous). A finished matcher allows everything (its row's token is never used)."""
         if self.finished:
             row.fill_(-1)
             return
-        import llguidance.torch
-
-        llguidance.torch.fill_next_token_bitmask(self._m, row[None], 0)
+        # llguidance writes the mask straight into the row's memory (without the GIL).
+        self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
 
     def advance(self, token: int) -> bool:
         """Take the sampled ``token``; False when the grammar rejects it (the mask allowed it,
