@@ -182,7 +182,6 @@ class Runner:
     def __init__(self) -> None:
         caps = self.capabilities
         self.sampling = SamplingBatch(caps.max_batch, caps.vocab_size, caps.device)
-        self._mask_staging: torch.Tensor | None = None  # pinned rows for grammar masks
 
     # -- what a backend implements ------------------------------------------------------
 
@@ -246,25 +245,16 @@ class Runner:
         if masks is None or not masks.slots:
             return
         allowed = self.sampling.allowed
-        n = len(masks.slots)
-        if allowed.device.type != "cuda":
-            bits = torch.empty((n, allowed.shape[1]), dtype=torch.int32)
-            masks.fill(bits)
-            allowed[list(masks.slots)] = bits
-            return
-        # Pinned staging rows, reused: a step's masks are written only after the step
-        # before was read, and so after its copy ran.
-        staging = self._mask_staging
-        if staging is None:
-            staging = self._mask_staging = torch.empty(
-                (allowed.shape[0] + 1, allowed.shape[1]), dtype=torch.int32, pin_memory=True
-            )
-        bits = staging[:n]
+        pinned = allowed.device.type == "cuda"
+        bits = torch.empty(
+            (len(masks.slots), allowed.shape[1]), dtype=torch.int32, pin_memory=pinned
+        )
         masks.fill(bits)
-        # The row indices travel in the row after the masks: one copy for both.
-        staging[n, :n] = torch.tensor(masks.slots, dtype=torch.int32)
-        on_device = staging[: n + 1].to(allowed.device, non_blocking=True)
-        allowed.index_copy_(0, on_device[n, :n].long(), on_device[:n])
+        rows = torch.tensor(masks.slots, dtype=torch.long, pin_memory=pinned)
+        device = allowed.device
+        allowed.index_copy_(
+            0, rows.to(device, non_blocking=True), bits.to(device, non_blocking=True)
+        )
 
     def apply_moves_and_admissions(self, batch: Batch) -> None:
         admitted = {new.slot for new in batch.admitted}
