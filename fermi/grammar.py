@@ -182,6 +182,8 @@ class Matcher:
         if self.finished:
             row.fill_(-1)
             return
+        if row.dtype != torch.int32 or row.device.type != "cpu" or not row.is_contiguous():
+            raise ValueError("a mask row is a contiguous int32 tensor in host memory")
         # llguidance writes the mask straight into the row's memory (without the GIL).
         self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
 
