@@ -161,3 +161,21 @@ def test_a_malformed_response_format_is_a_400_with_its_param(client):
             response_format={"type": "json_schema", "json_schema": {"schema": {}}},
         )
     assert info.value.body["param"] == "response_format.json_schema.name"
+
+
+def test_completions_take_response_format_too(client):
+    reply = client.completions.create(
+        model="smollm2-135m",
+        prompt="The capital of France as JSON:",
+        max_tokens=160,
+        temperature=0,
+        extra_body={
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "city", "schema": CITY},
+            }
+        },
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.text), CITY)

@@ -117,10 +117,13 @@ def completion_requests(engine: Engine, body: CompletionRequest) -> list[Generat
     out = []
     for prompt in _prompts(body.prompt):
         key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+        given: dict[str, Any] = {key: prompt}
+        if body.response_format is not None:
+            given["response_format"] = body.response_format
         out += _requests(
             engine,
             body,
-            {key: prompt},
+            given,
             body.max_tokens,
             "max_tokens",
             body.logprobs,

@@ -148,6 +148,10 @@ _SCHEMAS: dict[str, Any] = {
             "logprobs": _nullable({**_INT, "minimum": 0, "maximum": 20}),
             "echo": {**_BOOL, "default": False},
             "suffix": _nullable(_STRING),
+            "response_format": {
+                "description": "as on chat completions (text, json_object, json_schema), "
+                "as vLLM accepts it here"
+            },
         },
     },
     "Error": {

@@ -92,6 +92,8 @@ class CompletionRequest(SamplingFields, kw_only=True):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    # Structured outputs on raw prompts (vLLM accepts it here too; OpenAI has no such field).
+    response_format: Any = None
 
 
 # -- responses ------------------------------------------------------------------------
