@@ -17,6 +17,7 @@ from export.build import ExportOptions, export_model
 from export.onnx import quantize_int8
 from export.verify import compare, sample_prompt
 from fermi.errors import ModelLoadError
+from fermi.grammar import Grammar
 from fermi.loading import load_folder
 from fermi.runners.artefact import read_manifest, sha256_file
 from fermi.runners.onnx import OnnxRunner
@@ -159,3 +160,18 @@ def test_a_file_the_loader_reads_dropped_from_the_manifest_is_refused(exported, 
     (copy / name).write_text(json.dumps({"temperature": 9.0, "chat_template": "PWNED"}))
     with pytest.raises(ModelLoadError, match=rf"has {re.escape(name)}, which manifest\.json"):
         fermi.load(copy)
+
+
+def test_a_grammar_constrains_the_onnx_runner_as_it_does_torch(exported):
+    """Masks are applied in the base runner's sampling, so an artefact's runner follows a
+    grammar too, token for token as the torch engine does."""
+    source, art, _, _ = exported
+    pattern = r"[a-z]{2,6}-[0-9]{1,4}"
+    request = {"prompt": "Hi", "grammar": Grammar.regex(pattern), "max_tokens": 20, "seed": 3}
+    with fermi.load(art) as onnx_engine:
+        onnx = onnx_engine.generate(temperature=1.0, **request)
+    with fermi.load(source, max_seq_len=SEQ, runner="torch-cpu") as torch_engine:
+        ref = torch_engine.generate(temperature=1.0, **request)
+    assert re.fullmatch(pattern, onnx.text), onnx.text
+    assert onnx.finish_reason == "stop"
+    assert onnx.token_ids == ref.token_ids
