@@ -562,3 +562,73 @@ def test_a_grammar_the_engine_cannot_enforce_is_invalid_argument_naming_it(stub)
     assert "not" in error.details() and "grammar" in error.details()
     empty = pb.GenerateRequest(prompt="Hi", sampling=GREEDY, grammar=pb.Grammar())
     assert rpc_error(lambda: list(stub.Generate(empty))).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tools_stub(tmp_path_factory):
+    folder = write_checkpoint(
+        tmp_path_factory.mktemp("grpc-tools") / "tiny",
+        {"max_position_embeddings": 4096},
+        template="qwen3_tools",
+    )
+    with fermi.load(folder, max_batch=2, max_seq_len=2048) as eng:
+        server, chan = serve(eng)
+        try:
+            yield pb_grpc.FermiStub(chan), server
+        finally:
+            chan.close()
+            server.stop()
+
+
+def test_a_chat_session_calls_a_tool_and_takes_its_result(tools_stub):
+    """Random weights: the required call comes from the grammar; the session keeps the
+    call and its result, and the next turn renders both."""
+    stub, server = tools_stub
+    sampling = pb.SamplingParams(max_tokens=600, temperature=1.0, seed=2)
+    tools = [json.dumps(WEATHER_TOOL)]
+    session_id, _, last = chat(
+        stub, "Weather in Oslo?", sampling=sampling, thinking=pb.THINKING_OFF,
+        tools=tools, tool_choice="required", parallel_tool_calls=False,
+    )  # fmt: skip
+    assert last.finish_reason == "tool_calls"
+    session = server.server.sessions._sessions[session_id]
+    call = session.messages[-1]["tool_calls"][0]
+    assert call["function"]["name"] == "get_weather"
+    json.loads(call["function"]["arguments"])
+    result = pb.Message(tool_call_id=call["id"], content="3 C")
+    turn = pb.ChatRequest(
+        session_id=session_id, tool_results=[result], sampling=GREEDY,
+        thinking=pb.THINKING_OFF, tools=tools,
+    )  # fmt: skip
+    after = list(stub.Chat(turn))[-1]
+    assert after.finish_reason in ("stop", "length", "tool_calls")
+    kept = server.server.sessions._sessions[session_id].messages
+    assert kept[-2] == {"role": "tool", "content": "3 C", "tool_call_id": call["id"]}
+
+
+def test_tool_results_must_name_their_call_and_come_alone(tools_stub):
+    stub, _ = tools_stub
+    bad = pb.ChatRequest(tool_results=[pb.Message(content="3 C")], sampling=GREEDY)
+    error = rpc_error(lambda: list(stub.Chat(bad)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool_results[0]" in error.details()
+    both = pb.ChatRequest(
+        message=pb.Message(content="hi"),
+        tool_results=[pb.Message(tool_call_id="c", content="3 C")],
+        sampling=GREEDY,
+    )
+    assert rpc_error(lambda: list(stub.Chat(both))).code() == grpc.StatusCode.INVALID_ARGUMENT

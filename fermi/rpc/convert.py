@@ -72,7 +72,7 @@ def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
         check_roles(messages, "conversation.messages")  # named as on this wire
         kwargs["messages"] = messages
         kwargs["thinking"] = thinking
-        kwargs.update(_tool_kwargs(request))
+        kwargs.update(tool_kwargs(request))
     else:
         raise RequestError(
             "set one of prompt, prompt_token_ids or conversation",
@@ -80,6 +80,27 @@ def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
             "missing_required_parameter",
         )
     return kwargs
+
+
+def chat_turn(request: pb.ChatRequest) -> list[dict[str, Any]]:
+    """The messages a Chat call adds before the reply: the user's message, or the results
+    of the calls the session's last reply made."""
+    if request.tool_results:
+        if request.HasField("message"):
+            raise RequestError("send message or tool_results, not both", "tool_results")
+        results = []
+        for i, m in enumerate(request.tool_results):
+            if (m.role or "tool") != "tool" or not m.tool_call_id:
+                raise RequestError(
+                    "a tool result has role tool (or none) and the tool_call_id it answers",
+                    f"tool_results[{i}]",
+                )
+            results.append({"role": "tool", "content": m.content, "tool_call_id": m.tool_call_id})
+        return results
+    role = request.message.role or "user"
+    if role != "user":
+        raise RequestError(f"message.role must be user, not {role!r}", "message.role")
+    return [{"role": "user", "content": request.message.content}]
 
 
 def _message(m: pb.Message) -> dict[str, Any]:
@@ -94,7 +115,7 @@ def _message(m: pb.Message) -> dict[str, Any]:
     return message
 
 
-def _tool_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
+def tool_kwargs(request: pb.GenerateRequest | pb.ChatRequest) -> dict[str, Any]:
     """tools (JSON texts), tool_choice (a mode or a function's name), parallel_tool_calls."""
     tools = []
     for i, text in enumerate(request.tools):

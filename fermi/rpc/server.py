@@ -14,6 +14,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +29,7 @@ from fermi.rpc import convert
 from fermi.rpc.generated import fermi_pb2 as pb
 from fermi.rpc.generated import fermi_pb2_grpc as pb_grpc
 from fermi.rpc.sessions import SessionConfig, SessionStore
+from fermi.text.tools import ToolCall, merge_calls
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +79,12 @@ class FermiService(pb_grpc.FermiServicer):
         return pb.ListModelsResponse(models=[model])
 
     async def _chat(self, request: pb.ChatRequest) -> AsyncIterator[pb.GenerateResponse]:
-        role = request.message.role or "user"
-        if role != "user":
-            raise RequestError(f"message.role must be user, not {role!r}", "message.role")
-        user = {"role": "user", "content": request.message.content}
+        turn = convert.chat_turn(request)
         kwargs = {
             "settings": convert.sampling_settings(request.sampling),
             "thinking": convert.thinking_mode(request.thinking),
             **convert.grammar(request),
+            **convert.tool_kwargs(request),
         }
         if request.session_id:
             if request.system:
@@ -94,18 +94,20 @@ class FermiService(pb_grpc.FermiServicer):
         else:
             history = [{"role": "system", "content": request.system}] if request.system else []
             # Validate before creating, so a bad first turn leaves no session behind.
-            built = await self._build(messages=[*history, user], **kwargs)
+            built = await self._build(messages=[*history, *turn], **kwargs)
             session = self.sessions.begin_new(history)
         added, answered = None, False
         try:
             if built is None:
-                built = await self._build(messages=[*session.messages, user], **kwargs)
-            text, reasoning = [], []
+                built = await self._build(messages=[*session.messages, *turn], **kwargs)
+            text, reasoning, calls = [], [], []
             async for delta in self._run(replace(built, session=session.id)):
                 text.append(delta.text)
                 reasoning.append(delta.reasoning)
-                if delta.finish_reason in ("stop", "length"):
-                    added = [user, assistant_message("".join(text), "".join(reasoning))]
+                calls = merge_calls(calls, delta.tool_calls or [])
+                if delta.finish_reason in ("stop", "length", "tool_calls"):
+                    reply = assistant_message("".join(text), "".join(reasoning), calls)
+                    added = [*turn, reply]
                 yield convert.response(delta, session.id)
                 answered = True
         finally:
@@ -128,11 +130,19 @@ class FermiService(pb_grpc.FermiServicer):
             yield delta
 
 
-def assistant_message(text: str, reasoning: str) -> dict[str, str]:
-    """How a finished turn is kept in a session's conversation."""
-    message = {"role": "assistant", "content": text}
+def assistant_message(
+    text: str, reasoning: str, calls: list[ToolCall] | None = None
+) -> dict[str, Any]:
+    """How a finished turn is kept in a session's conversation (with its tool calls, in
+    OpenAI's shape, which chat templates render)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
     if reasoning:
         message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in calls
+        ]
     return message
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66\x65rmi/v1/fermi.proto\x12\x08\x66\x65rmi.v1\"\x82\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\x0c \x01(\rH\x07\x88\x01\x01\x12;\n\nlogit_bias\x18\r \x03(\x0b\x32\'.fermi.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0f\n\r_top_logprobs\"f\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12&\n\ntool_calls\x18\x03 \x03(\x0b\x32\x12.fermi.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"3\n\x0c\x43onversation\x12#\n\x08messages\x18\x01 \x03(\x0b\x32\x11.fermi.v1.Message\"\xf2\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x12.fermi.v1.TokenIdsH\x00\x12.\n\x0c\x63onversation\x18\x03 \x01(\x0b\x32\x16.fermi.v1.ConversationH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.fermi.v1.SamplingParams\x12$\n\x08thinking\x18\x05 \x01(\x0e\x32\x12.fermi.v1.Thinking\x12\x10\n\x08truncate\x18\x06 \x01(\x08\x12\"\n\x07grammar\x18\x07 \x01(\x0b\x32\x11.fermi.v1.Grammar\x12\r\n\x05tools\x18\n \x03(\t\x12\x13\n\x0btool_choice\x18\x0b \x01(\t\x12 \n\x13parallel_tool_calls\x18\x0c \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x16\n\x14_parallel_tool_calls\"`\n\x07Grammar\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\xcb\x01\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x07message\x18\x02 \x01(\x0b\x32\x11.fermi.v1.Message\x12\x0e\n\x06system\x18\x03 \x01(\t\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.fermi.v1.SamplingParams\x12$\n\x08thinking\x18\x05 \x01(\x0e\x32\x12.fermi.v1.Thinking\x12\"\n\x07grammar\x18\x06 \x01(\x0b\x32\x11.fermi.v1.Grammar\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"c\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12!\n\x03top\x18\x04 \x03(\x0b\x32\x14.fermi.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xe8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\treasoning\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12(\n\x08logprobs\x18\x04 \x03(\x0b\x32\x16.fermi.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.fermi.v1.Usage\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12+\n\ntool_calls\x18\x08 \x03(\x0b\x32\x17.fermi.v1.ToolCallDelta\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x13\n\x11ListModelsRequest\"f\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x11\n\tmax_batch\x18\x03 \x01(\r\x12\x0e\n\x06runner\x18\x04 \x01(\t\x12\x19\n\x11supports_thinking\x18\x05 \x01(\x08\"5\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.fermi.v1.Model*@\n\x08Thinking\x12\x11\n\rTHINKING_AUTO\x10\x00\x12\x0f\n\x0bTHINKING_ON\x10\x01\x12\x10\n\x0cTHINKING_OFF\x10\x02\x32\xa1\x02\n\x05\x46\x65rmi\x12\x43\n\x08Generate\x12\x19.fermi.v1.GenerateRequest\x1a\x1a.fermi.v1.GenerateResponse0\x01\x12;\n\x04\x43hat\x12\x15.fermi.v1.ChatRequest\x1a\x1a.fermi.v1.GenerateResponse0\x01\x12M\n\x0c\x43loseSession\x12\x1d.fermi.v1.CloseSessionRequest\x1a\x1e.fermi.v1.CloseSessionResponse\x12G\n\nListModels\x12\x1b.fermi.v1.ListModelsRequest\x1a\x1c.fermi.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66\x65rmi/v1/fermi.proto\x12\x08\x66\x65rmi.v1\"\x82\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\x0c \x01(\rH\x07\x88\x01\x01\x12;\n\nlogit_bias\x18\r \x03(\x0b\x32\'.fermi.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0f\n\r_top_logprobs\"f\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12&\n\ntool_calls\x18\x03 \x03(\x0b\x32\x12.fermi.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"3\n\x0c\x43onversation\x12#\n\x08messages\x18\x01 \x03(\x0b\x32\x11.fermi.v1.Message\"\xf2\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x12.fermi.v1.TokenIdsH\x00\x12.\n\x0c\x63onversation\x18\x03 \x01(\x0b\x32\x16.fermi.v1.ConversationH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.fermi.v1.SamplingParams\x12$\n\x08thinking\x18\x05 \x01(\x0e\x32\x12.fermi.v1.Thinking\x12\x10\n\x08truncate\x18\x06 \x01(\x08\x12\"\n\x07grammar\x18\x07 \x01(\x0b\x32\x11.fermi.v1.Grammar\x12\r\n\x05tools\x18\n \x03(\t\x12\x13\n\x0btool_choice\x18\x0b \x01(\t\x12 \n\x13parallel_tool_calls\x18\x0c \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x16\n\x14_parallel_tool_calls\"`\n\x07Grammar\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\xd2\x02\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x07message\x18\x02 \x01(\x0b\x32\x11.fermi.v1.Message\x12\x0e\n\x06system\x18\x03 \x01(\t\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.fermi.v1.SamplingParams\x12$\n\x08thinking\x18\x05 \x01(\x0e\x32\x12.fermi.v1.Thinking\x12\"\n\x07grammar\x18\x06 \x01(\x0b\x32\x11.fermi.v1.Grammar\x12\r\n\x05tools\x18\x07 \x03(\t\x12\x13\n\x0btool_choice\x18\x08 \x01(\t\x12 \n\x13parallel_tool_calls\x18\t \x01(\x08H\x00\x88\x01\x01\x12\'\n\x0ctool_results\x18\n \x03(\x0b\x32\x11.fermi.v1.MessageB\x16\n\x14_parallel_tool_calls\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"c\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12!\n\x03top\x18\x04 \x03(\x0b\x32\x14.fermi.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xe8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\treasoning\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12(\n\x08logprobs\x18\x04 \x03(\x0b\x32\x16.fermi.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.fermi.v1.Usage\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12+\n\ntool_calls\x18\x08 \x03(\x0b\x32\x17.fermi.v1.ToolCallDelta\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x13\n\x11ListModelsRequest\"f\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x11\n\tmax_batch\x18\x03 \x01(\r\x12\x0e\n\x06runner\x18\x04 \x01(\t\x12\x19\n\x11supports_thinking\x18\x05 \x01(\x08\"5\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.fermi.v1.Model*@\n\x08Thinking\x12\x11\n\rTHINKING_AUTO\x10\x00\x12\x0f\n\x0bTHINKING_ON\x10\x01\x12\x10\n\x0cTHINKING_OFF\x10\x02\x32\xa1\x02\n\x05\x46\x65rmi\x12\x43\n\x08Generate\x12\x19.fermi.v1.GenerateRequest\x1a\x1a.fermi.v1.GenerateResponse0\x01\x12;\n\x04\x43hat\x12\x15.fermi.v1.ChatRequest\x1a\x1a.fermi.v1.GenerateResponse0\x01\x12M\n\x0c\x43loseSession\x12\x1d.fermi.v1.CloseSessionRequest\x1a\x1e.fermi.v1.CloseSessionResponse\x12G\n\nListModels\x12\x1b.fermi.v1.ListModelsRequest\x1a\x1c.fermi.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_THINKING']._serialized_start=2295
-  _globals['_THINKING']._serialized_end=2359
+  _globals['_THINKING']._serialized_start=2430
+  _globals['_THINKING']._serialized_end=2494
   _globals['_SAMPLINGPARAMS']._serialized_start=35
   _globals['_SAMPLINGPARAMS']._serialized_end=549
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=391
@@ -54,25 +54,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRAMMAR']._serialized_start=1240
   _globals['_GRAMMAR']._serialized_end=1336
   _globals['_CHATREQUEST']._serialized_start=1339
-  _globals['_CHATREQUEST']._serialized_end=1542
-  _globals['_TOPLOGPROB']._serialized_start=1544
-  _globals['_TOPLOGPROB']._serialized_end=1606
-  _globals['_TOKENLOGPROB']._serialized_start=1608
-  _globals['_TOKENLOGPROB']._serialized_end=1707
-  _globals['_USAGE']._serialized_start=1709
-  _globals['_USAGE']._serialized_end=1811
-  _globals['_GENERATERESPONSE']._serialized_start=1814
-  _globals['_GENERATERESPONSE']._serialized_end=2046
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=2048
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2089
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2091
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2113
-  _globals['_LISTMODELSREQUEST']._serialized_start=2115
-  _globals['_LISTMODELSREQUEST']._serialized_end=2134
-  _globals['_MODEL']._serialized_start=2136
-  _globals['_MODEL']._serialized_end=2238
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2240
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2293
-  _globals['_FERMI']._serialized_start=2362
-  _globals['_FERMI']._serialized_end=2651
+  _globals['_CHATREQUEST']._serialized_end=1677
+  _globals['_TOPLOGPROB']._serialized_start=1679
+  _globals['_TOPLOGPROB']._serialized_end=1741
+  _globals['_TOKENLOGPROB']._serialized_start=1743
+  _globals['_TOKENLOGPROB']._serialized_end=1842
+  _globals['_USAGE']._serialized_start=1844
+  _globals['_USAGE']._serialized_end=1946
+  _globals['_GENERATERESPONSE']._serialized_start=1949
+  _globals['_GENERATERESPONSE']._serialized_end=2181
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2183
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2224
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2226
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2248
+  _globals['_LISTMODELSREQUEST']._serialized_start=2250
+  _globals['_LISTMODELSREQUEST']._serialized_end=2269
+  _globals['_MODEL']._serialized_start=2271
+  _globals['_MODEL']._serialized_end=2373
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2375
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2428
+  _globals['_FERMI']._serialized_start=2497
+  _globals['_FERMI']._serialized_end=2786
 # @@protoc_insertion_point(module_scope)
