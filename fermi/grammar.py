@@ -201,7 +201,8 @@ class Matcher:
 
     @property
     def error(self) -> str | None:
-        return self._m.get_error() if self._m.is_error() else None
+        """llguidance's reason, its first line only (the rest dumps the grammar's state)."""
+        return _clean(self._m.get_error()) if self._m.is_error() else None
 
 
 class GrammarCompiler:
@@ -276,6 +277,15 @@ class GrammarCompiler:
         except (ValueError, RuntimeError) as exc:
             raise RequestError(f"unsupported {grammar.kind}: {_clean(exc)}", param) from None
         matcher = llguidance.LLMatcher(self._tokenizer(), text, log_level=0)
+        if matcher.is_error():
+            raise RequestError(f"unsupported {grammar.kind}: {_clean(matcher.get_error())}", param)
+        # The first mask here, on the caller's thread, not in the engine's step: llguidance
+        # builds its lexer lazily (a second ago for some small regexes), and a grammar
+        # that cannot produce anything shows itself only then.
+        first = torch.empty(1, (self.vocab_size + 31) // 32, dtype=torch.int32)
+        Matcher(matcher, self.eos_ids).fill(first[0])
+        if matcher.is_stopped() and not matcher.is_accepting():
+            raise RequestError(f"the {grammar.kind} grammar matches no output at all", param)
         if matcher.is_error():
             raise RequestError(f"unsupported {grammar.kind}: {_clean(matcher.get_error())}", param)
         with self._lock:

@@ -209,3 +209,16 @@ def test_text_response_format_means_no_constraint(folder):
     with eager(folder) as engine:
         request = engine.build_request(messages=CHAT, response_format={"type": "text"})
     assert request.grammar is None
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [Grammar.json_schema({"$ref": "#"}), Grammar.regex(r"[^\x00-\U0010FFFF]")],
+    ids=["self-reference", "empty-class"],
+)
+def test_a_grammar_that_matches_nothing_is_refused_not_an_empty_stop(folder, grammar):
+    """Such a grammar compiles; before this check the request ended at once with no output
+    and finish_reason stop, which JSON mode and parse() then fail on."""
+    with eager(folder) as engine, pytest.raises(RequestError, match="matches no output") as info:
+        engine.build_request(prompt="x", grammar=grammar)
+    assert info.value.param == "grammar"
