@@ -252,9 +252,9 @@ class GrammarCompiler:
 
     def fill(self, rows: list[tuple[Matcher, int]], bits: torch.Tensor) -> None:
         """Fill ``bits[i]`` for each (matcher, i), one after another: for 8 rows of Qwen's
-        vocabulary that took 73 µs on this project's 2-core CPU, and 342 µs through
+        vocabulary that took 60 µs on this project's 2-core CPU, and 268 µs through
         llguidance's thread pool (``fill_next_token_bitmask_par``), whose hand-offs cost
-        more than the masks."""
+        more than the masks (``perf/results/cpu_grammar_host.json``)."""
         for matcher, i in rows:
             matcher.fill(bits[i])
 
@@ -280,7 +280,7 @@ class GrammarCompiler:
         if matcher.is_error():
             raise RequestError(f"unsupported {grammar.kind}: {_clean(matcher.get_error())}", param)
         # The first mask here, on the caller's thread, not in the engine's step: llguidance
-        # builds its lexer lazily (a second ago for some small regexes), and a grammar
+        # builds its lexer lazily (about a second for some short regexes), and a grammar
         # that cannot produce anything shows itself only then.
         first = torch.empty(1, (self.vocab_size + 31) // 32, dtype=torch.int32)
         Matcher(matcher, self.eos_ids).fill(first[0])

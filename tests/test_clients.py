@@ -24,42 +24,9 @@ from pydantic import BaseModel, Field
 import fermi
 from tests.arch_templates import LLAMA31
 from tests.serving import running_server
+from tests.test_tools import SCHEMAS, TOOLS
 from tests.tiny import write_checkpoint, write_checkpoint_for
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 6},
-                "unit": {"enum": ["c", "f"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add a number.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "a": {"type": "integer", "minimum": 0, "maximum": 99},
-                "b": {"type": "boolean"},
-            },
-            "required": ["a", "b"],
-            "additionalProperties": False,
-        },
-    },
-}
-TOOLS = [WEATHER, ADD]
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 QUESTION = "What is the weather in Oslo?"
 # A random model spends many tokens on the whitespace JSON allows; thinking off keeps an
 # unbounded think block out of the call grammar.

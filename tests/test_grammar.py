@@ -64,18 +64,24 @@ def test_fifty_seeded_samples_follow_the_schema(folder, make):
     assert len({o.text for o in outs}) > 40  # sampled, not one forced answer
 
 
+def count_continued(runner) -> list[bool]:
+    """Wrap the runner's masked forward pass; the list records, per masked decode step,
+    whether it continued the step in flight (its ids fed back on the device)."""
+    continued, forward = [], runner._decode_logits
+
+    def counting(rows):
+        continued.append(rows.token_ids is None)
+        return forward(rows)
+
+    runner._decode_logits = counting
+    return continued
+
+
 def test_the_overlapped_runner_queues_masked_steps_before_reading_the_last(folder):
     """Steps under a grammar still continue the step in flight: their sampling waits for
     that step's tokens, their forward pass does not."""
     with overlapped(folder) as engine:
-        runner, continued = engine.runner, []
-        forward = runner._decode_logits
-
-        def counting(rows):
-            continued.append(rows.token_ids is None)
-            return forward(rows)
-
-        runner._decode_logits = counting
+        continued = count_continued(engine.runner)
         out = engine.generate(**_json_request(7))
     jsonschema.validate(json.loads(out.text), SCHEMA)
     assert sum(continued) > len(continued) // 2

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fermi.loading import load_folder
-from tests.test_grammar import SCHEMA, _json_request
+from tests.test_grammar import SCHEMA, _json_request, count_continued
 from tests.test_scheduler_overlap import engine as make_engine
 from tests.tiny import write_checkpoint
 
@@ -39,14 +39,9 @@ def engine(folder):
 
 
 def test_fifty_seeded_samples_follow_the_schema_in_graphs(engine):
-    runner, continued = engine.runner, []
+    runner = engine.runner
     forward = runner._decode_logits
-
-    def counting(rows):
-        continued.append(rows.token_ids is None)
-        return forward(rows)
-
-    runner._decode_logits = counting
+    continued = count_continued(runner)
     try:
         with ThreadPoolExecutor(6) as pool:
             outs = list(pool.map(lambda s: engine.generate(**_json_request(s)), range(50)))

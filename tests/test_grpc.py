@@ -23,6 +23,7 @@ from fermi.rpc.generated import fermi_pb2 as pb
 from fermi.rpc.generated import fermi_pb2_grpc as pb_grpc
 from fermi.rpc.server import GrpcServer, ServerThread, assistant_message
 from fermi.rpc.sessions import SessionConfig
+from tests.test_tools import WEATHER
 from tests.tiny import write_checkpoint
 
 GREEDY = pb.SamplingParams(max_tokens=8, temperature=0)
@@ -564,21 +565,6 @@ def test_a_grammar_the_engine_cannot_enforce_is_invalid_argument_naming_it(stub)
     assert rpc_error(lambda: list(stub.Generate(empty))).code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 12}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-
-
 @pytest.fixture(scope="module")
 def tools_stub(tmp_path_factory):
     folder = write_checkpoint(
@@ -600,7 +586,7 @@ def test_a_chat_session_calls_a_tool_and_takes_its_result(tools_stub):
     call and its result, and the next turn renders both."""
     stub, server = tools_stub
     sampling = pb.SamplingParams(max_tokens=600, temperature=1.0, seed=2)
-    tools = [json.dumps(WEATHER_TOOL)]
+    tools = [json.dumps(WEATHER)]
     session_id, _, last = chat(
         stub, "Weather in Oslo?", sampling=sampling, thinking=pb.THINKING_OFF,
         tools=tools, tool_choice="required", parallel_tool_calls=False,

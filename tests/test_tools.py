@@ -51,6 +51,7 @@ ADD = {
     "type": "function",
     "function": {
         "name": "add",
+        "description": "Add a number.",
         "parameters": {
             "type": "object",
             "properties": {
