@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fermi.engine.output import OutputStream
+from fermi.engine.requests import THINK_OPEN
 from fermi.engine.slots import SlotTable
 from fermi.engine.types import Delta, FinishReason, GenerationRequest, Usage
 from fermi.grammar import GrammarCompiler, Matcher
@@ -144,7 +145,7 @@ class Scheduler:
         self.caps = caps
         self.grammars = grammars
         # A single-token think opener may start a constrained reply (reasoning_may_open).
-        self.think_open = tokenizer.token_to_id("<think>")
+        self.think_open = tokenizer.token_to_id(THINK_OPEN)
         self.on_finish = on_finish  # called as each request ends, before its last delta
         self.tokenizer = tokenizer
         reuse = prefix_reuse and caps.keeps_cache
