@@ -228,7 +228,7 @@ async def call_asgi(app: AsgiApp, path: str, body: dict | bytes) -> tuple[int, b
 async def stream_events(api: Api, path: str, body: dict, pushed: bool) -> tuple[list, set]:
     """The events of a streamed reply, delivered one way or the other, and the threads
     that wrote them (pulled: the event loop's)."""
-    reply = await api.handle("POST", path, None, json.dumps({**body, "stream": True}).encode())
+    reply = await api.handle("POST", path, {}, json.dumps({**body, "stream": True}).encode())
     pieces, threads = [], set()
 
     def write(data: bytes) -> None:
@@ -454,7 +454,7 @@ async def probe_while(api: Api, work: asyncio.Future) -> float:
     token on each replica, ran before ``work`` started: its answer is cached for 2 s.)"""
     longest, last = 0.0, time.perf_counter()
     while not work.done():
-        assert (await api.handle("GET", "/health", None, b"")).status == 200
+        assert (await api.handle("GET", "/health", {}, b"")).status == 200
         await asyncio.sleep(0.01)
         now = time.perf_counter()
         longest, last = max(longest, now - last), now
@@ -467,8 +467,8 @@ def test_health_answers_while_a_hostile_request_is_refused(api, kind):
     raw = json.dumps(body).encode()
 
     async def run():
-        await api.handle("GET", "/health", None, b"")
-        hostile = asyncio.ensure_future(api.handle("POST", path, None, raw))
+        await api.handle("GET", "/health", {}, b"")
+        hostile = asyncio.ensure_future(api.handle("POST", path, {}, raw))
         longest = await probe_while(api, hostile)
         return longest, hostile.result()
 
@@ -502,16 +502,14 @@ def test_a_slow_request_build_runs_beside_a_streaming_request(api, monkeypatch):
     slow = {"messages": [{"role": "user", "content": "SLOW"}], "max_tokens": 2}
 
     async def run():
-        await api.handle("GET", "/health", None, b"")
-        reply = await api.handle("POST", "/v1/chat/completions", None, json.dumps(normal).encode())
+        await api.handle("GET", "/health", {}, b"")
+        reply = await api.handle("POST", "/v1/chat/completions", {}, json.dumps(normal).encode())
         arrivals, hostile = [], None
         async for _ in reply.chunks():
             arrivals.append(time.perf_counter())
             if hostile is None:
                 raw = json.dumps(slow).encode()
-                hostile = asyncio.ensure_future(
-                    api.handle("POST", "/v1/chat/completions", None, raw)
-                )
+                hostile = asyncio.ensure_future(api.handle("POST", "/v1/chat/completions", {}, raw))
                 while not building.is_set():  # the slow build has started
                     await asyncio.sleep(0.001)
                 started = time.perf_counter()

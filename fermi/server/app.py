@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,6 +42,13 @@ DRAIN_BYTES = 64 * 1024 * 1024
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+def _with_headers(reply: Reply, api: Api, headers: Any) -> Reply:
+    """A reply made outside ``Api.handle`` (body too large, an unexpected failure) with the
+    headers ``handle`` gives every reply: a browser reads no error without its CORS
+    headers."""
+    return dataclasses.replace(reply, headers=reply.headers + api.reply_headers(headers))
 
 
 def _reply_headers(reply: Reply) -> list[tuple[str, str]]:
@@ -127,13 +135,13 @@ class RsgiApp:
             body = await self._body(scope, proto)
         except ApiError as exc:
             self.api.metrics.error(exc.status)
-            self._reply(proto, error_reply(exc))
+            self._reply(proto, _with_headers(error_reply(exc), self.api, scope.headers))
             return
         except Exception as exc:
             if _client_gone(exc):  # the client left while sending its body
                 return
             raise
-        if scope.method == "GET":
+        if scope.method in ("GET", "HEAD", "OPTIONS"):
             await self._respond(scope, proto, body)
         else:
             await _until_done_or_gone(self._respond(scope, proto, body), proto.client_disconnect())
@@ -163,13 +171,13 @@ class RsgiApp:
 
     async def _respond(self, scope: Any, proto: Any, body: bytes) -> None:
         try:
-            reply = await self.api.handle(
-                scope.method, scope.path, scope.headers.get("authorization"), body
-            )
+            reply = await self.api.handle(scope.method, scope.path, scope.headers, body)
         except Exception:
             log.exception("request failed: %s %s", scope.method, scope.path)
             self.api.metrics.error(500)
-            self._reply(proto, error_reply(internal_error()))
+            self._reply(
+                proto, _with_headers(error_reply(internal_error()), self.api, scope.headers)
+            )
             return
         if isinstance(reply, Reply):
             self._reply(proto, reply)
@@ -177,7 +185,7 @@ class RsgiApp:
         try:
             # Granian's stream send_bytes queues the bytes on a channel and returns an
             # awaitable that is already done: it may be called from the engine thread.
-            transport = proto.response_stream(200, SSE_HEADERS)
+            transport = proto.response_stream(200, [*SSE_HEADERS, *reply.headers])
             await _push_stream(reply, transport.send_bytes)
         finally:
             reply.cancel()  # a no-op once every choice finished
@@ -201,10 +209,10 @@ class AsgiApp:
             body = await self._body(headers, receive)
         except ApiError as exc:
             self.api.metrics.error(exc.status)
-            await self._reply(send, error_reply(exc))
+            await self._reply(send, _with_headers(error_reply(exc), self.api, headers))
             return
         work = self._respond(scope, headers, body, send)
-        if scope["method"] == "GET":
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await work
         else:
             await _until_done_or_gone(work, _disconnected(receive))
@@ -247,11 +255,11 @@ class AsgiApp:
     async def _respond(self, scope: dict, headers: dict[str, str], body: bytes, send) -> None:
         method, path = scope["method"], scope["path"]
         try:
-            reply = await self.api.handle(method, path, headers.get("authorization"), body)
+            reply = await self.api.handle(method, path, headers, body)
         except Exception:
             log.exception("request failed: %s %s", method, path)
             self.api.metrics.error(500)
-            await self._reply(send, error_reply(internal_error()))
+            await self._reply(send, _with_headers(error_reply(internal_error()), self.api, headers))
             return
         if isinstance(reply, Reply):
             await self._reply(send, reply)
@@ -259,7 +267,7 @@ class AsgiApp:
         start = {
             "type": "http.response.start",
             "status": 200,
-            "headers": [(k.encode(), v.encode()) for k, v in SSE_HEADERS],
+            "headers": [(k.encode(), v.encode()) for k, v in (*SSE_HEADERS, *reply.headers)],
         }
 
         async def piece(data: bytes) -> None:

@@ -163,6 +163,7 @@ def chat_completion(
     prompt_tokens: int,
     want_logprobs: bool,
     n: int = 1,
+    fingerprint: str | None = None,
 ) -> ChatCompletion:
     out = []
     for i, c in enumerate(choices):
@@ -175,7 +176,14 @@ def chat_completion(
         lps = chat_logprobs(c.logprobs) if want_logprobs else None
         out.append(ChatChoice(i, message, lps, c.finish_reason))
     usage = usage_body(prompt_tokens, choices, n)
-    return ChatCompletion(id=rid, created=created, model=model, choices=out, usage=usage)
+    return ChatCompletion(
+        id=rid,
+        created=created,
+        model=model,
+        system_fingerprint=fingerprint,
+        choices=out,
+        usage=usage,
+    )
 
 
 def text_completion(
@@ -186,20 +194,37 @@ def text_completion(
     prompt_tokens: int,
     logprobs: int | None,
     n: int = 1,
+    fingerprint: str | None = None,
 ) -> TextCompletion:
     out = []
     for i, c in enumerate(choices):
         lps = completion_logprobs(c.logprobs, 0, bool(logprobs)) if logprobs is not None else None
         out.append(TextChoice(i, "".join(c.text), lps, c.finish_reason))
     usage = usage_body(prompt_tokens, choices, n)
-    return TextCompletion(id=rid, created=created, model=model, choices=out, usage=usage)
+    return TextCompletion(
+        id=rid,
+        created=created,
+        model=model,
+        system_fingerprint=fingerprint,
+        choices=out,
+        usage=usage,
+    )
 
 
 class ChatChunker:
     """Deltas of ``n`` choices -> ``chat.completion.chunk``s with one id and created."""
 
-    def __init__(self, rid: str, created: int, model: str, n: int, want_logprobs: bool) -> None:
+    def __init__(
+        self,
+        rid: str,
+        created: int,
+        model: str,
+        n: int,
+        want_logprobs: bool,
+        fingerprint: str | None = None,
+    ) -> None:
         self.rid, self.created, self.model = rid, created, model
+        self.fingerprint = fingerprint
         self.want_logprobs = want_logprobs
         # Logprobs of tokens whose text is still held back (stop strings, tags) ride along
         # with the next chunk that is sent, so none are lost and none are duplicated.
@@ -208,7 +233,12 @@ class ChatChunker:
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: UsageBody | None = None):
         return ChatCompletionChunk(
-            id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage
+            id=self.rid,
+            created=self.created,
+            model=self.model,
+            system_fingerprint=self.fingerprint,
+            choices=choices,
+            usage=usage,
         )
 
     def first(self) -> list[ChatCompletionChunk]:
@@ -270,8 +300,17 @@ class ChatChunker:
 class TextChunker:
     """Deltas of ``n`` choices -> streamed ``text_completion`` objects."""
 
-    def __init__(self, rid: str, created: int, model: str, n: int, logprobs: int | None) -> None:
+    def __init__(
+        self,
+        rid: str,
+        created: int,
+        model: str,
+        n: int,
+        logprobs: int | None,
+        fingerprint: str | None = None,
+    ) -> None:
         self.rid, self.created, self.model = rid, created, model
+        self.fingerprint = fingerprint
         self.logprobs = logprobs
         self.pending: list[list[TokenLogprob]] = [[] for _ in range(n)]
         self.offsets = [0] * n
@@ -289,12 +328,19 @@ class TextChunker:
             lps = completion_logprobs(pending, self.offsets[index], bool(self.logprobs))
             self.offsets[index] += sum(len(t.token) for t in pending)
             self.pending[index] = []
-        choice = TextChoice(index, delta.text, lps, reason)
-        return TextCompletion(id=self.rid, created=self.created, model=self.model, choices=[choice])
+        return self._completion([TextChoice(index, delta.text, lps, reason)])
 
     def usage(self, usage: UsageBody) -> TextCompletion:
+        return self._completion([], usage)
+
+    def _completion(self, choices: list[TextChoice], usage: UsageBody | None = None):
         return TextCompletion(
-            id=self.rid, created=self.created, model=self.model, choices=[], usage=usage
+            id=self.rid,
+            created=self.created,
+            model=self.model,
+            system_fingerprint=self.fingerprint,
+            choices=choices,
+            usage=usage,
         )
 
     def event(self, index: int, delta: Delta) -> bytes:
@@ -309,9 +355,5 @@ class TextChunker:
         found = self._cache.get(index)
         if found is None:
             choice = TextChoice(index, _MARK)
-            found = self._cache[index] = _template(
-                TextCompletion(
-                    id=self.rid, created=self.created, model=self.model, choices=[choice]
-                )
-            )
+            found = self._cache[index] = _template(self._completion([choice]))
         return found

@@ -5,16 +5,33 @@ from __future__ import annotations
 import ipaddress
 import multiprocessing
 import os
+import re
 
 import click
 
 from fermi.cli import model_options, refuse_taken_port
 from fermi.server.config import ENV_VAR, ServerConfig
 
+# scheme://host[:port]: what a browser sends as Origin.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:]+(:[0-9]{1,5})?")
+
 INTERFACES = {
     "rsgi": "fermi.server.app:create_rsgi_app",
     "asgi": "fermi.server.app:create_asgi_app",
 }
+
+
+def parse_origins(text: str | None) -> list[str]:
+    """``--cors-origins``: '*' or full origins (scheme://host[:port], no path)."""
+    origins = [o.strip().rstrip("/") for o in (text or "").split(",") if o.strip()]
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise click.BadParameter(
+                f"{origin!r} is not an origin such as https://chat.example.com or "
+                "http://localhost:3000 (scheme, host and port only), nor '*'",
+                param_hint="'--cors-origins'",
+            )
+    return origins
 
 
 @click.command("serve")
@@ -26,7 +43,15 @@ INTERFACES = {
     envvar="FERMI_API_KEY",
     show_envvar=True,
     default=None,
-    help="Require 'Authorization: Bearer KEY' on /v1/*. [default: no key]",
+    help="Require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on /v1/*. [default: no key]",
+)
+@click.option(
+    "--cors-origins",
+    envvar="FERMI_CORS_ORIGINS",
+    show_envvar=True,
+    default=None,
+    help="Origins whose web pages may call the API, comma-separated "
+    "(e.g. http://localhost:5173), or '*' for any. [default: none]",
 )
 @click.option(
     "--pool",
@@ -87,6 +112,7 @@ def serve_command(
     host: str,
     port: int,
     api_key: str | None,
+    cors_origins: str | None,
     pool: int | None,
     devices: str | None,
     served_model_name: str | None,
@@ -136,6 +162,7 @@ def serve_command(
         runner=runner,
         served_model_name=served_model_name,
         api_key=api_key or None,
+        cors_origins=parse_origins(cors_origins),
         max_body_bytes=max_body_bytes,
         max_waiting=max_waiting,
         prefix_reuse=prefix_reuse,

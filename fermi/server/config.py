@@ -25,6 +25,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     max_body_bytes: int = 8 * 1024 * 1024
     max_waiting: int | None = None  # queued requests per replica before 429
     prefix_reuse: bool = True  # keep finished requests' caches for later prompts
+    cors_origins: list[str] = msgspec.field(default_factory=list)  # "*" allows any
 
     def to_env(self) -> str:
         return msgspec.json.encode(self).decode()

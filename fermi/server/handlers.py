@@ -9,14 +9,19 @@ turn anything else into a 500 without a traceback.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import hmac
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 
+from fermi import __version__
 from fermi.engine.types import Delta, GenerationRequest
 from fermi.server.build import chat_requests, completion_requests, gc_paused
 from fermi.server.chunks import (
@@ -29,6 +34,7 @@ from fermi.server.chunks import (
     usage_body,
 )
 from fermi.server.config import ServerConfig
+from fermi.server.cors import CorsPolicy
 from fermi.server.errors import ApiError, bad_body
 from fermi.server.generation import Generation
 from fermi.server.health import HealthChecker
@@ -47,6 +53,16 @@ from fermi.server.protocol import (
 
 JSON = "application/json"
 DONE = b"data: [DONE]\n\n"
+# A client's x-request-id is echoed when it is a plain token of sane length; otherwise (or
+# when none is sent) the server makes one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+class Headers(Protocol):
+    """A request's headers, looked up by lower-case name (Granian's RSGI headers, or the
+    dict the ASGI adapter builds)."""
+
+    def get(self, name: str, default: str | None = None) -> str | None: ...
 
 
 @dataclass
@@ -113,6 +129,11 @@ class Api:
         self.metrics = ServerMetrics(pool, self.model_name)
         self.health = HealthChecker(pool)
         self._api_key = config.api_key.encode() if config.api_key else None
+        self.cors = CorsPolicy(config.cors_origins)
+        runner = engine.capabilities.name
+        digest = hashlib.sha256(f"{engine.model_name}|{runner}".encode()).hexdigest()[:8]
+        # Which model, runner and Fermi version answered: changes when any of them does.
+        self.fingerprint = f"fermi-{__version__}-{runner}-{digest}"
         self._routes: dict[tuple[str, str], Callable[[bytes], Awaitable[Reply | StreamReply]]] = {
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/completions"): self.completions,
@@ -129,11 +150,35 @@ class Api:
     # -- dispatch ---------------------------------------------------------------------
 
     async def handle(
-        self, method: str, path: str, authorization: str | None, body: bytes
+        self, method: str, path: str, headers: Headers, body: bytes
+    ) -> Reply | StreamReply:
+        """Answer one request. Every reply carries ``x-request-id`` and, for an allowed
+        origin, the CORS headers."""
+        extra = self.reply_headers(headers)
+        if method == "OPTIONS":
+            return self._options(path, headers, extra)
+        reply = await self._dispatch(method, path, headers, body)
+        if isinstance(reply, StreamReply):
+            reply.headers = extra
+            return reply
+        return dataclasses.replace(reply, headers=reply.headers + extra)
+
+    def reply_headers(self, headers: Headers) -> tuple[tuple[str, str], ...]:
+        """``x-request-id`` (the client's, echoed, or a new one) and the CORS headers."""
+        given = headers.get("x-request-id")
+        rid = given if given and _REQUEST_ID.fullmatch(given) else f"req_{uuid.uuid4().hex}"
+        return (("x-request-id", rid), *self.cors.headers(headers.get("origin")))
+
+    async def _dispatch(
+        self, method: str, path: str, headers: Headers, body: bytes
     ) -> Reply | StreamReply:
         try:
             if path.startswith("/v1/"):
-                self._authorize(authorization)
+                self._authorize(headers)
+            if method == "HEAD":  # a GET without its body (load balancers probe /health so)
+                reply = await self._dispatch("GET", path, headers, body)
+                assert isinstance(reply, Reply)  # no GET route streams
+                return dataclasses.replace(reply, body=b"")
             route = self._routes.get((method, path))
             if route is None:
                 return self._no_route(method, path)
@@ -142,14 +187,47 @@ class Api:
             self.metrics.error(exc.status)
             return error_reply(exc)
 
-    def _authorize(self, authorization: str | None) -> None:
+    def _options(self, path: str, headers: Headers, extra: tuple) -> Reply:
+        """A CORS preflight (answered before authentication: browsers send no credentials
+        with it), or a plain OPTIONS naming the methods a path takes."""
+        known = path in self._paths or path.startswith("/v1/models/")
+        origin = headers.get("origin")
+        if origin is not None and headers.get("access-control-request-method") is not None:
+            if not self.cors.allows(origin):
+                error = ApiError(
+                    403,
+                    f"cross-origin requests from {origin!r} are not allowed; start the server "
+                    "with --cors-origins to allow them",
+                    code="cors_origin_not_allowed",
+                )
+                self.metrics.error(403)
+                return dataclasses.replace(error_reply(error), headers=extra)
+            rid = extra[:1]  # the CORS headers of a preflight are its own
+            asked = headers.get("access-control-request-headers")
+            return Reply(204, b"", headers=rid + self.cors.preflight(origin, asked))
+        if not known:
+            error = ApiError(404, f"no such endpoint: OPTIONS {path}", code="not_found")
+            self.metrics.error(404)
+            return dataclasses.replace(error_reply(error), headers=extra)
+        methods = sorted({m for m, p in self._routes if p == path} | {"OPTIONS"})
+        if "GET" in methods:
+            methods.append("HEAD")
+        return Reply(204, b"", headers=(("allow", ", ".join(methods)), *extra))
+
+    def _authorize(self, headers: Headers) -> None:
         if self._api_key is None:
             return
-        given = (authorization or "").encode()
-        if not hmac.compare_digest(given, b"Bearer " + self._api_key):
+        # Either OpenAI's "Authorization: Bearer <key>" (the scheme in any case) or
+        # Anthropic's "x-api-key: <key>".
+        scheme, _, token = (headers.get("authorization") or "").strip().partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else ""
+        if not given:
+            given = headers.get("x-api-key") or ""
+        if not hmac.compare_digest(given.encode(), self._api_key):
             raise ApiError(
                 401,
-                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+                "(or 'x-api-key: <key>')",
                 code="invalid_api_key",
             )
 
@@ -232,19 +310,20 @@ class Api:
             options = body.stream_options
             include_usage = bool(options and options.include_usage)
             n, name = len(requests), self.model_name
+            fp = self.fingerprint
             if is_chat:
-                chunker = ChatChunker(rid, created, name, n, bool(body.logprobs))
+                chunker = ChatChunker(rid, created, name, n, bool(body.logprobs), fp)
             else:
-                chunker = TextChunker(rid, created, name, n, body.logprobs)
+                chunker = TextChunker(rid, created, name, n, body.logprobs, fp)
             return StreamReply(self, generation, timing, chunker, requests, body.n, include_usage)
         choices = await self._collect(generation, timing, len(requests))
         prompt_tokens = timing.done(requests, body.n, choices)
         if is_chat:
             args = (choices, prompt_tokens, bool(body.logprobs))
-            reply = chat_completion(rid, created, self.model_name, *args, n=body.n)
+            reply = chat_completion(rid, created, self.model_name, *args, body.n, self.fingerprint)
         else:
             args = (choices, prompt_tokens, body.logprobs)
-            reply = text_completion(rid, created, self.model_name, *args, n=body.n)
+            reply = text_completion(rid, created, self.model_name, *args, body.n, self.fingerprint)
         return Reply(200, ENCODER.encode(reply))
 
     async def _collect(self, generation: Generation, timing: _Timing, n: int) -> list[ChoiceText]:
@@ -298,6 +377,7 @@ class StreamReply:
         self.choices = [ChoiceText() for _ in requests]
         self.failed = False
         self.cancel = generation.cancel
+        self.headers: tuple[tuple[str, str], ...] = ()  # set by Api.handle
 
     # -- the events -------------------------------------------------------------------
 

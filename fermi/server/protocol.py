@@ -155,6 +155,7 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     object: str = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: UsageBody
 
@@ -196,6 +197,7 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
     object: str = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: UsageBody | None = None
 
@@ -212,6 +214,7 @@ class TextCompletion(msgspec.Struct, kw_only=True):
     object: str = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[TextChoice]
     usage: UsageBody | None = None
 
