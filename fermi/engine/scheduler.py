@@ -381,24 +381,25 @@ class Scheduler:
         )
 
     def fill_masks(self, seqs: list[Sequence], bits: torch.Tensor) -> None:
-        """The tokens each of ``seqs`` may sample next, as bitmask rows (``TokenMasks``)."""
+        """The tokens each of ``seqs`` may sample next, as bitmask rows ``bits[slot]``
+        (``TokenMasks``)."""
         under: list[tuple[Matcher, int]] = []
-        for i, seq in enumerate(seqs):
+        for seq in seqs:
             if seq.under_grammar() and not seq.done:
                 assert seq.matcher is not None
-                under.append((seq.matcher, i))
+                under.append((seq.matcher, seq.slot))
             else:
-                bits[i].fill_(-1)  # reasoning, or a row whose token will be dropped
+                bits[seq.slot].fill_(-1)  # reasoning, or a row whose token will be dropped
         assert self.grammars is not None  # (a grammar's sequence was admitted)
         self.grammars.fill(under, bits)
         think = self.think_open
         if think is None:
             return
-        for _, i in under:
-            seq = seqs[i]
-            if seq.generated == 0 and seq.request.reasoning_may_open:
-                word = int(bits[i, think // 32]) | (1 << (think % 32))
-                bits[i, think // 32] = word - (1 << 32) if word >= 1 << 31 else word
+        for seq in seqs:
+            if seq.generated == 0 and seq.request.reasoning_may_open and not seq.done:
+                row = bits[seq.slot]
+                word = int(row[think // 32]) | (1 << (think % 32))
+                row[think // 32] = word - (1 << 32) if word >= 1 << 31 else word
 
     # -- endings ----------------------------------------------------------------------
 
