@@ -172,3 +172,84 @@ def test_max_position_embeddings_of_1e12_is_refused_even_with_a_short_max_seq_le
     write_config(folder, max_position_embeddings=1e12)
     with pytest.raises(ModelLoadError, match=r"max_position_embeddings = 1000000000000 is outside"):
         fermi.load(str(folder), device="cpu", max_seq_len=256)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"use_sliding_window": True, "sliding_window": HUGE}, r"sliding_window = \d+ is outside"),
+        ({"use_sliding_window": True, "sliding_window": -4}, r"sliding_window = -4 is outside"),
+        ({"use_sliding_window": True, "sliding_window": "wide"}, "sliding_window must be an int"),
+        (
+            {"use_sliding_window": True, "sliding_window": 8, "layer_types": ["full_attention"]},
+            r"layer_types has 1 entries for \d+ layers",
+        ),
+        (
+            {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": "all"}
+            | {"layer_types": None},
+            "max_window_layers must be a non-negative integer",
+        ),
+        ({"rope_theta": 0}, r"rope_theta = 0\.0 must be positive"),
+        ({"rope_theta": float("nan")}, "rope_theta must be a finite number"),
+        ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling of type linear has no factor"),
+        (
+            {"rope_scaling": {"rope_type": "linear", "factor": -2.0}},
+            r"rope_scaling\.factor = -2\.0 must be positive",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0}},
+            "low_freq_factor .4.0. must be below high_freq_factor",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 0}},
+            r"rope_scaling\.beta_fast = 0 must be positive",
+        ),
+        (
+            {"rope_scaling": {"type": "dynamic-ish", "factor": 2.0}},
+            "rope_type 'dynamic-ish' is not supported",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}
+            | {"rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 0}},
+            "rope_scaling of type yarn has no factor",
+        ),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "yarn",
+                    "factor": 2.0,
+                    "original_max_position_embeddings": HUGE,
+                }
+            },
+            r"original_max_position_embeddings = \d+ is outside",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "linear", "factor": 0, "rope_theta": 1e6}},
+            r"rope_parameters\.factor = 0 must be positive",
+        ),
+        ({"rope_scaling": "fast"}, "rope_scaling must be an object"),
+        ({"partial_rotary_factor": 1.5}, r"partial_rotary_factor = 1\.5 is outside"),
+        ({"rope_theta": "big"}, "unreadable rope settings"),
+    ],
+    ids=lambda v: json.dumps(v)[:60] if isinstance(v, dict) else None,
+)
+def test_hostile_window_and_rope_values_are_refused_naming_the_key(folder, changes, message):
+    # The tiny checkpoint's config is transformers 5's (rope_parameters); without it the
+    # older keys (rope_theta, rope_scaling) are read.
+    write_config(folder, **{"rope_parameters": None, **changes})
+    with pytest.raises(ModelLoadError, match=message):
+        load_folder(folder, CPU, torch.float32)
+
+
+def test_a_real_window_and_rope_scaling_still_load(folder):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
+    scaling |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    write_config(
+        folder,
+        use_sliding_window=True,
+        sliding_window=16,
+        rope_parameters=None,
+        rope_scaling=scaling,
+    )
+    with fermi.load(str(folder), device="cpu", max_seq_len=64) as engine:
+        assert engine.generate(prompt="hi", max_tokens=2, ignore_eos=True).usage

@@ -10,7 +10,14 @@ head size, and sliding-window layers alternating with global ones.
 from __future__ import annotations
 
 from fermi.models.decoder import ModelConfig
-from fermi.models.registry import Adapter, UnsupportedModelError, register, shape_fields
+from fermi.models.registry import (
+    Adapter,
+    UnsupportedModelError,
+    layer_types,
+    register,
+    shape_fields,
+    sliding_window,
+)
 
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 
@@ -18,17 +25,13 @@ GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 def gemma2_windows(cfg: dict, layers: int) -> tuple[int | None, ...]:
     """The window of each layer: ``layer_types`` when given, else layers 0, 2, 4, ...
     slide and the odd ones attend globally (transformers' default)."""
-    window = cfg.get("sliding_window", 4096)
+    window = sliding_window(cfg, 4096)
     if not window:
         return ()
-    types = cfg.get("layer_types") or [
+    types = layer_types(cfg, layers) or [
         "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
     ]
-    if len(types) != layers:
-        raise UnsupportedModelError(
-            f"config.json: layer_types has {len(types)} entries for {layers} layers"
-        )
-    return tuple(int(window) if t == "sliding_attention" else None for t in types)
+    return tuple(window if t == "sliding_attention" else None for t in types)
 
 
 def gemma2_config(cfg: dict) -> ModelConfig:

@@ -16,6 +16,7 @@ from fermi.models.registry import (
     UnsupportedModelError,
     register,
     shape_fields,
+    sliding_window,
 )
 from fermi.models.rope import RopeConfig
 
@@ -50,12 +51,12 @@ def phi3_rope(cfg: dict, head_dim: int) -> RopeConfig:
 
 def phi3_config(cfg: dict) -> ModelConfig:
     fields = shape_fields(cfg, "Phi-3", max_positions=4096, eps=1e-5)
-    window = cfg.get("sliding_window")
+    window = sliding_window(cfg)
     return ModelConfig(
         architecture="Phi3ForCausalLM",
         **{**fields, "rope": phi3_rope(cfg, fields["head_dim"])},
         # transformers gives every Phi-3 layer the same window when one is set.
-        sliding_windows=(int(window),) * fields["num_hidden_layers"] if window else (),
+        sliding_windows=(window,) * fields["num_hidden_layers"] if window else (),
     )
 
 

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from fermi.models.decoder import ModelConfig
-from fermi.models.registry import Adapter, register, shape_fields
+from fermi.models.registry import (
+    Adapter,
+    UnsupportedModelError,
+    bounded_size,
+    layer_types,
+    register,
+    shape_fields,
+    sliding_window,
+)
 
 
 def sliding_windows(cfg: dict) -> tuple[int | None, ...]:
@@ -12,14 +20,18 @@ def sliding_windows(cfg: dict) -> tuple[int | None, ...]:
     As transformers reads Qwen2/Qwen3 configs: without ``use_sliding_window`` there is no
     window at all, even where ``layer_types`` names sliding layers.
     """
-    layers = int(cfg["num_hidden_layers"])
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    layers = bounded_size("num_hidden_layers", cfg.get("num_hidden_layers"), "config.json")
+    window = sliding_window(cfg) if cfg.get("use_sliding_window") else None
     if not window:
         return ()
-    types = cfg.get("layer_types")
+    types = layer_types(cfg, layers)
     if types:
         return tuple(window if t == "sliding_attention" else None for t in types)
-    start = int(cfg.get("max_window_layers", 28))
+    start = cfg.get("max_window_layers", 28)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise UnsupportedModelError(
+            f"config.json: max_window_layers must be a non-negative integer, not {start!r}"
+        )
     return tuple(window if i >= start else None for i in range(layers))
 
 

@@ -7,6 +7,7 @@ extra buffers) before the weights are matched against the module.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from fermi.models.decoder import ModelConfig
-from fermi.models.rope import RopeConfig
+from fermi.models.rope import SUPPORTED_ROPE_TYPES, RopeConfig
 
 
 class UnsupportedModelError(ValueError):
@@ -80,6 +81,8 @@ SIZE_LIMITS = {
     "num_key_value_heads": 1024,
     "head_dim": 4096,
     "max_position_embeddings": 1 << 24,  # 16M tokens
+    "sliding_window": 1 << 24,
+    "original_max_position_embeddings": 1 << 24,
 }
 
 
@@ -99,6 +102,92 @@ def bounded_size(field: str, value: object, source: str, name: str | None = None
             "that bound; the file is corrupt or hostile)"
         )
     return int(value)
+
+
+def sliding_window(cfg: dict, default: int | None = None) -> int | None:
+    """``sliding_window`` in 1..SIZE_LIMITS (None or 0: no window)."""
+    value = cfg.get("sliding_window", default)
+    if value is None or value == 0:
+        return None
+    return bounded_size("sliding_window", value, "config.json")
+
+
+def layer_types(cfg: dict, layers: int) -> list[str] | None:
+    """``layer_types``: one attention kind per layer, or None when the config has none."""
+    types = cfg.get("layer_types")
+    if not types:
+        return None
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise UnsupportedModelError("config.json: layer_types must be a list of strings")
+    if len(types) != layers:
+        raise UnsupportedModelError(
+            f"config.json: layer_types has {len(types)} entries for {layers} layers"
+        )
+    return types
+
+
+def _positive_number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UnsupportedModelError(f"config.json: {name} must be a finite number, not {value!r}")
+    if value <= 0:
+        raise UnsupportedModelError(f"config.json: {name} = {value} must be positive")
+    return float(value)
+
+
+def checked_rope(cfg: dict) -> RopeConfig:
+    """The rope settings of ``cfg``, refused with the key named when a value could not come
+    from a real checkpoint (a zero or negative factor or base, a NaN, an unknown type)."""
+    key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    scaling = cfg.get(key)
+    if scaling is not None and not isinstance(scaling, dict):
+        raise UnsupportedModelError(f"config.json: {key} must be an object, not {scaling!r}")
+    try:
+        rope = RopeConfig.from_hf(cfg)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedModelError(f"config.json: unreadable rope settings ({exc})") from None
+    _positive_number(rope.theta, "rope_theta")
+    if rope.rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"config.json: {key}.rope_type {rope.rope_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    fraction = rope.partial_rotary_factor
+    if not 0 < _positive_number(fraction, "partial_rotary_factor") <= 1:
+        raise UnsupportedModelError(
+            f"config.json: partial_rotary_factor = {fraction} is outside (0, 1]"
+        )
+    p = rope.params
+    if rope.rope_type in ("linear", "llama3", "yarn"):
+        if "factor" not in p:
+            raise UnsupportedModelError(
+                f"config.json: {key} of type {rope.rope_type} has no factor"
+            )
+        _positive_number(p["factor"], f"{key}.factor")
+    elif p.get("factor") is not None:
+        _positive_number(p["factor"], f"{key}.factor")
+    for name in (
+        "low_freq_factor",
+        "high_freq_factor",
+        "beta_fast",
+        "beta_slow",
+        "attention_factor",
+    ):
+        if p.get(name) is not None:
+            _positive_number(p[name], f"{key}.{name}")
+    low, high = p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
+    if rope.rope_type == "llama3" and not low < high:
+        raise UnsupportedModelError(
+            f"config.json: {key}.low_freq_factor ({low}) must be below high_freq_factor ({high})"
+        )
+    if p.get("original_max_position_embeddings") is not None:
+        original = p["original_max_position_embeddings"]
+        bounded_size(
+            "original_max_position_embeddings",
+            original,
+            "config.json",
+            f"{key}.original_max_position_embeddings",
+        )
+    return rope
 
 
 def require(cfg: dict, key: str, source: str = "config.json"):
@@ -145,7 +234,7 @@ def shape_fields(
         "num_key_value_heads": size("num_key_value_heads", heads),
         "head_dim": size("head_dim", head_dim or hidden // heads),
         "rms_norm_eps": float(cfg.get("rms_norm_eps", eps)),
-        "rope": RopeConfig.from_hf(cfg),
+        "rope": checked_rope(cfg),
         "max_position_embeddings": size("max_position_embeddings", max_positions),
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", tied)),
         "hidden_act": act,
