@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -253,3 +254,30 @@ def test_a_real_window_and_rope_scaling_still_load(folder):
     )
     with fermi.load(str(folder), device="cpu", max_seq_len=64) as engine:
         assert engine.generate(prompt="hi", max_tokens=2, ignore_eos=True).usage
+
+
+def test_a_kv_cache_larger_than_free_memory_is_refused_before_it_is_allocated(
+    original, monkeypatch
+):
+    import fermi.runners.select as select
+
+    ckpt = load_folder(original, CPU, torch.float32)
+    cfg = ckpt.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    # What the machine has free, as the check reads it, and a cache 4 KiB over it.
+    monkeypatch.setattr(select, "free_memory", lambda device: per_token * 8 * 256 - 4096)
+    with pytest.raises(
+        ModelLoadError, match=r"KV cache needs .* GiB .*max_batch 8 x max_seq_len 256"
+    ):
+        fermi.load(str(original), device="cpu", max_batch=8, max_seq_len=256)
+    with fermi.load(str(original), device="cpu", max_batch=7, max_seq_len=256) as engine:
+        assert engine.max_batch == 7  # just under it: loads
+
+
+def test_free_memory_on_this_cpu_is_read():
+    from fermi.runners.select import free_memory
+
+    free = free_memory("cpu")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert free is not None and 0 < free <= total
+    assert free_memory("meta") is None
