@@ -12,6 +12,7 @@ import pytest
 
 from fermi.errors import RequestError
 from fermi.grammar import Grammar
+from fermi.loading import GenerationDefaults
 from tests.test_scheduler_overlap import eager, overlapped
 from tests.tiny import write_checkpoint
 from tests.tiny_tokenizer import TINY_SPECIAL_IDS
@@ -146,6 +147,25 @@ def test_reasoning_is_free_and_the_answer_follows_the_schema(folder):
         out = engine.generate_request(request)
     assert out.token_ids[0] == think
     assert close in out.token_ids
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+@pytest.mark.parametrize("make", [eager, overlapped], ids=["eager", "overlapped"])
+def test_a_reply_cannot_end_in_its_reasoning_before_the_grammar_ran(folder, make):
+    """An end of sequence inside the think block would end the reply with no constrained
+    output at all (an empty answer finishing 'stop'): under a grammar it is masked there.
+    The bias makes a random model want to end right after opening the block."""
+    think, close = TINY_SPECIAL_IDS["<think>"], TINY_SPECIAL_IDS["</think>"]
+    ends = GenerationDefaults(eos_token_ids=(TINY_SPECIAL_IDS["<|im_end|>"],))
+    with make(folder, generation=ends) as engine:
+        # First token: the grammar forbids ending and closing, so the block opens. In it:
+        # ending if it may, else closing.
+        bias = {str(think): 80, str(close): 90}
+        bias |= {str(eos): 100 for eos in engine.generation.eos_token_ids}
+        request = engine.build_request(**{**_json_request(7), "thinking": "on"}, logit_bias=bias)
+        out = engine.generate_request(request)
+    assert out.token_ids[:2] == [think, close]
+    assert out.finish_reason == "stop"
     jsonschema.validate(json.loads(out.text), SCHEMA)
 
 

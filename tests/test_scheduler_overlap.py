@@ -34,17 +34,20 @@ def model(folder):
     return load_folder(folder, torch.device("cpu"), torch.float32).model
 
 
-def engine(folder, runner, prefix_reuse: bool = True) -> Engine:
+def engine(folder, runner, prefix_reuse: bool = True, generation=None) -> Engine:
+    """An engine over ``runner``; without ``generation``, one with no end-of-sequence ids
+    (a random model then writes to max_tokens)."""
     tokenizer = Tokenizer.from_folder(folder)
-    return Engine(runner, tokenizer, GenerationDefaults(), "tiny", prefix_reuse=prefix_reuse)
+    generation = generation or GenerationDefaults()
+    return Engine(runner, tokenizer, generation, "tiny", prefix_reuse=prefix_reuse)
 
 
-def eager(folder, max_batch=4, prefix_reuse: bool = True) -> Engine:
+def eager(folder, max_batch=4, prefix_reuse: bool = True, generation=None) -> Engine:
     runner = TorchRunner(model(folder), max_batch, SEQ, prefill_chunk=32)
-    return engine(folder, runner, prefix_reuse)
+    return engine(folder, runner, prefix_reuse, generation)
 
 
-def overlapped(folder, max_batch=4, prefix_reuse: bool = True, **kw) -> Engine:
+def overlapped(folder, max_batch=4, prefix_reuse: bool = True, generation=None, **kw) -> Engine:
     runner = CudaGraphRunner(
         model(folder), max_batch, SEQ, 32, backend=None, use_graphs=False, warmup=False, **kw
     )
@@ -56,7 +59,7 @@ def overlapped(folder, max_batch=4, prefix_reuse: bool = True, **kw) -> Engine:
         return fed(slots, token_ids, *args, **kw)
 
     runner.decode_sample = counting
-    eng = engine(folder, runner, prefix_reuse)
+    eng = engine(folder, runner, prefix_reuse, generation)
     assert eng.runner.capabilities.overlaps
     return eng
 

@@ -382,14 +382,19 @@ class Scheduler:
 
     def fill_masks(self, seqs: list[Sequence], bits: torch.Tensor) -> None:
         """The tokens each of ``seqs`` may sample next, as bitmask rows ``bits[slot]``
-        (``TokenMasks``)."""
+        (``TokenMasks``). A row in its reasoning is free except that it may not end there:
+        the reply would end without the grammar's output."""
         under: list[tuple[Matcher, int]] = []
         for seq in seqs:
             if seq.under_grammar() and not seq.done:
                 assert seq.matcher is not None
                 under.append((seq.matcher, seq.slot))
-            else:
-                bits[seq.slot].fill_(-1)  # reasoning, or a row whose token will be dropped
+                continue
+            row = bits[seq.slot]
+            row.fill_(-1)  # reasoning, or a row whose token will be dropped
+            if seq.masked and not seq.done:
+                for eos in self.grammars.eos_ids if self.grammars else ():
+                    _set_bit(row, eos, False)
         assert self.grammars is not None  # (a grammar's sequence was admitted)
         self.grammars.fill(under, bits)
         think = self.think_open
@@ -397,9 +402,7 @@ class Scheduler:
             return
         for seq in seqs:
             if seq.generated == 0 and seq.request.reasoning_may_open and not seq.done:
-                row = bits[seq.slot]
-                word = int(row[think // 32]) | (1 << (think % 32))
-                row[think // 32] = word - (1 << 32) if word >= 1 << 31 else word
+                _set_bit(bits[seq.slot], think, True)
 
     # -- endings ----------------------------------------------------------------------
 
@@ -474,6 +477,14 @@ class _Masks:
 
     def fill(self, bits: torch.Tensor) -> None:
         self._scheduler.fill_masks(self._seqs, bits)
+
+
+def _set_bit(row: torch.Tensor, token: int, on: bool) -> None:
+    """Allow (``on``) or forbid ``token`` in a bitmask row of int32 words."""
+    word = int(row[token // 32])
+    bit = 1 << (token % 32)
+    word = word | bit if on else word & ~bit
+    row[token // 32] = word - (1 << 32) if word >= 1 << 31 else word
 
 
 def _options(seqs: list[Sequence]) -> SamplingOptions:
