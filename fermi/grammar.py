@@ -242,13 +242,17 @@ class GrammarCompiler:
                 )
             return self._tok
 
-    def check(self, grammar: Grammar, param: str = "grammar") -> None:
-        """Compile ``grammar`` (or find it compiled); a RequestError naming what is wrong."""
-        self._prototype(grammar, param)
+    def check(self, grammar: Grammar, param: str = "grammar") -> Any:
+        """Compile ``grammar`` (or find it compiled); a RequestError naming what is wrong.
+        Returns the compiled grammar, for ``matcher``."""
+        return self._prototype(grammar, param)
 
-    def matcher(self, grammar: Grammar) -> Matcher:
-        """A fresh matcher at the start of ``grammar``."""
-        return Matcher(self._prototype(grammar, "grammar").deep_copy(), self.eos_ids)
+    def matcher(self, grammar: Grammar, compiled: Any = None) -> Matcher:
+        """A fresh matcher at the start of ``grammar``: a copy of ``compiled`` (what
+        ``check`` returned, on the request's thread) when given, so that the engine thread
+        never compiles, even after the grammar left the cache."""
+        prototype = compiled if compiled is not None else self._prototype(grammar, "grammar")
+        return Matcher(prototype.deep_copy(), self.eos_ids)
 
     def fill(self, rows: list[tuple[Matcher, int]], bits: torch.Tensor) -> None:
         """Fill ``bits[i]`` for each (matcher, i), one after another: for 8 rows of Qwen's

@@ -248,3 +248,19 @@ def test_a_grammar_that_matches_nothing_is_refused_not_an_empty_stop(folder, gra
     with eager(folder) as engine, pytest.raises(RequestError, match="matches no output") as info:
         engine.build_request(prompt="x", grammar=grammar)
     assert info.value.param == "grammar"
+
+
+def test_the_engine_thread_copies_the_grammar_the_request_compiled(folder, monkeypatch):
+    """A request carries its compiled grammar: when 64 other grammars pushed it out of the
+    cache before it was admitted, the engine's thread still does not compile it again."""
+    with eager(folder) as engine:
+        request = engine.build_request(**_json_request(3))
+        assert request.compiled_grammar is not None
+        engine.grammars._cache.clear()  # as if evicted
+
+        def compile_again(*args):
+            raise AssertionError("compiled on the engine thread")
+
+        monkeypatch.setattr(engine.grammars, "_prototype", compile_again)
+        out = engine.generate_request(request)
+    jsonschema.validate(json.loads(out.text), SCHEMA)

@@ -377,6 +377,8 @@ class RequestBuilder:
             skip_special_tokens=skip_special_tokens,
             logit_bias=self._logit_bias(settings),
             grammar=constraint,
+            # (a cache hit: the constraint was compiled above)
+            compiled_grammar=self._check(constraint, "grammar") if constraint else None,
             reasoning_may_open=(
                 constraint is not None
                 and split
@@ -402,10 +404,10 @@ class RequestBuilder:
             self._check(constraint, param)
         return constraint
 
-    def _check(self, grammar: Grammar, param: str) -> None:
+    def _check(self, grammar: Grammar, param: str) -> Any:
         if self.grammars is None:
             raise RequestError("this engine cannot constrain its output", param)
-        self.grammars.check(grammar, param)
+        return self.grammars.check(grammar, param)
 
     def _call_grammar(
         self, fmt: ToolFormat, tools: tuple[Tool, ...], choice: ToolChoice, parallel: bool

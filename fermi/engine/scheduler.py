@@ -251,7 +251,7 @@ class Scheduler:
                 if req.grammar is not None:
                     if self.grammars is None:
                         raise ValueError("this engine was built without grammar support")
-                    matcher = self.grammars.matcher(req.grammar)
+                    matcher = self.grammars.matcher(req.grammar, req.compiled_grammar)
             except Exception as exc:
                 log.exception("admitting a request failed")
                 self._finish_unstarted(handle, "error", f"{type(exc).__name__}: {exc}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fermi.grammar import Grammar
 from fermi.sampling import SamplingParams
@@ -44,6 +44,9 @@ class GenerationRequest:
     # thinking model, thinking not off) the first token may also open a think block, and
     # the grammar applies from the end of the reasoning.
     grammar: Grammar | None = None
+    # The grammar as the engine that built the request compiled it (opaque): its matcher is
+    # a copy, so the engine's thread never compiles. Without it, the engine compiles.
+    compiled_grammar: Any = field(default=None, compare=False, repr=False)
     reasoning_may_open: bool = False
     # Parse tool calls in this syntax out of the answer (set when the request has tools and
     # tool_choice is not "none"); without parallel calls, only the first call is kept.
