@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import msgspec
 
 from fermi.engine.types import Delta, GenerationRequest
-from fermi.server.build import chat_requests, completion_requests, gc_paused
+from fermi.server.build import chat_requests, completion_requests, decode_body, gc_paused
 from fermi.server.chunks import (
     ChatChunker,
     ChoiceText,
@@ -29,6 +29,7 @@ from fermi.server.chunks import (
     usage_body,
 )
 from fermi.server.config import ServerConfig
+from fermi.server.embeddings import embeddings_reply
 from fermi.server.errors import ApiError, bad_body
 from fermi.server.generation import Generation
 from fermi.server.health import HealthChecker
@@ -39,6 +40,7 @@ from fermi.server.pool import EnginePool
 from fermi.server.protocol import (
     CHAT_DECODER,
     COMPLETION_DECODER,
+    EMBEDDING_DECODER,
     ENCODER,
     ErrorBody,
     ModelCard,
@@ -116,6 +118,7 @@ class Api:
         self._routes: dict[tuple[str, str], Callable[[bytes], Awaitable[Reply | StreamReply]]] = {
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/completions"): self.completions,
+            ("POST", "/v1/embeddings"): self.embeddings,
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.healthcheck,
             ("GET", "/metrics"): self.metrics_text,
@@ -204,6 +207,14 @@ class Api:
 
     async def completions(self, raw: bytes) -> Reply | StreamReply:
         return await self._generate(raw, COMPLETION_DECODER, completion_requests, "cmpl")
+
+    async def embeddings(self, raw: bytes) -> Reply:
+        body = decode_body(EMBEDDING_DECODER, raw)
+        self._check_model(body.model)
+        engine = self.pool.pick().engine
+        reply, tokens = await embeddings_reply(engine, body, self.model_name)
+        self.metrics.prompt_tokens.inc(tokens)
+        return Reply(200, reply)
 
     async def _generate(
         self, raw: bytes, decoder, to_requests, id_prefix: str, is_chat: bool = False
