@@ -15,10 +15,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import msgspec
-
 from fermi.engine.types import Delta, GenerationRequest
-from fermi.server.build import chat_requests, completion_requests, decode_body, gc_paused
+from fermi.server.build import chat_requests, completion_requests, decode_body
 from fermi.server.chunks import (
     ChatChunker,
     ChoiceText,
@@ -30,7 +28,7 @@ from fermi.server.chunks import (
 )
 from fermi.server.config import ServerConfig
 from fermi.server.embeddings import embeddings_reply
-from fermi.server.errors import ApiError, bad_body
+from fermi.server.errors import ApiError
 from fermi.server.generation import Generation
 from fermi.server.health import HealthChecker
 from fermi.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -222,16 +220,7 @@ class Api:
         """Decode a chat or completions body, submit its engine requests, and answer with a
         stream or with the whole response."""
         start = time.perf_counter()
-        try:
-            with gc_paused():
-                body = decoder.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise bad_body(exc) from None
-        except RecursionError:
-            # msgspec's own depth limit: arrays or objects nested thousands deep.
-            raise ApiError(
-                400, "the request body nests JSON arrays or objects too deeply", code="invalid_json"
-            ) from None
+        body = decode_body(decoder, raw)
         self._check_model(body.model)
         # Templating and tokenising take up to seconds for megabytes of prompt: in a worker
         # thread, so the loop keeps answering (/health, other streams) meanwhile.
