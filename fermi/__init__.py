@@ -77,7 +77,8 @@ def load(
     ``max_seq_len`` defaults to the model's context capped at 4096; ``max_batch`` to 8.
     ``max_waiting`` requests may queue for a slot beyond those; ``submit`` refuses more.
     ``prefix_reuse=False`` frees a slot's cache when its request ends instead of keeping it
-    for a later prompt that starts the same way.
+    for a later prompt that starts the same way. An embedding checkpoint (Qwen3-Embedding)
+    loads as one: ``Engine.embed`` serves it.
     """
     import torch
 
@@ -118,6 +119,7 @@ def load(
         model_name=_display_name(name, path),
         max_waiting=max_waiting,
         prefix_reuse=prefix_reuse,
+        embedding=ckpt.embedding,
     )
 
 

@@ -4,12 +4,17 @@ A folder holds ``config.json``, ``model.safetensors`` (or a sharded
 ``model.safetensors.index.json``), ``tokenizer.json``, and optionally
 ``tokenizer_config.json`` and ``generation_config.json``. Every problem is reported with
 the file or tensor it concerns.
+
+An embedding checkpoint (Qwen3-Embedding) is the same decoder without its use for text:
+sentence-transformers' ``modules.json`` and ``1_Pooling/config.json`` beside it say how a
+vector is pooled, and its weights are the bare backbone (``embed_tokens.weight``, not
+``model.embed_tokens.weight``; no ``lm_head``). :func:`embedding_spec` reads that.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +40,18 @@ class GenerationDefaults:
     do_sample: bool | None = None
 
 
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """An embedding checkpoint: its vector is the final hidden state at the input's last
+    token, L2-normalised (the only pooling loaded; see :func:`embedding_spec`)."""
+
+    hidden_size: int  # the vector's length, and the most ``dimensions`` may keep
+    source: str  # what made the folder an embedding checkpoint, for messages
+    # Whether it has an lm_head of its own (stored, or tied to the embeddings by its
+    # config) and so can generate text too.
+    generates: bool
+
+
 @dataclass
 class Checkpoint:
     """Everything loaded from one model folder."""
@@ -46,6 +63,7 @@ class Checkpoint:
     tokenizer: Tokenizer
     generation: GenerationDefaults
     extra: dict = field(default_factory=dict)
+    embedding: EmbeddingSpec | None = None  # set for an embedding checkpoint
 
 
 def read_json(path: Path) -> dict:
@@ -96,10 +114,79 @@ def load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Check
     if not tokenizer_file.exists():
         raise ModelLoadError(f"model folder {folder} has no tokenizer.json")
     tokenizer = Tokenizer.from_folder(folder)
-    weights = read_safetensors(folder)
+    weights, bare = backbone_prefixed(read_safetensors(folder))
+    embedding = embedding_spec(folder, config, bare, has_head="lm_head.weight" in weights)
+    if embedding is not None and not embedding.generates:
+        # The decoder keeps its one shape: the embedding matrix stands in for the missing
+        # lm_head. Its logits mean nothing, and the engine refuses to generate with it.
+        config = replace(config, tie_word_embeddings=True)
     model = build_model(config, adapter, weights, device, dtype, source=str(folder))
     generation = read_generation_defaults(folder, hf_config, tokenizer)
-    return Checkpoint(folder, model, config, hf_config, tokenizer, generation)
+    return Checkpoint(folder, model, config, hf_config, tokenizer, generation, embedding=embedding)
+
+
+def backbone_prefixed(
+    located: dict[str, tuple[Path, str]],
+) -> tuple[dict[str, tuple[Path, str]], bool]:
+    """The tensors under the decoder's names, and whether the checkpoint stores the bare
+    backbone (a transformers ``Qwen3Model``, as Qwen3-Embedding does: ``layers.0...``
+    where a causal LM has ``model.layers.0...``), whose names then get the prefix."""
+    if "embed_tokens.weight" not in located or "model.embed_tokens.weight" in located:
+        return located, False
+    named = {k if k.startswith("lm_head.") else f"model.{k}": v for k, v in located.items()}
+    return named, True
+
+
+POOLING_MODULE = "sentence_transformers.models.Pooling"
+
+
+def embedding_spec(
+    folder: Path, config: ModelConfig, bare: bool, has_head: bool
+) -> EmbeddingSpec | None:
+    """Whether ``folder`` is an embedding checkpoint, and which.
+
+    sentence-transformers' files decide when present: ``modules.json`` names the pooling
+    module's folder, whose ``config.json`` must pool the last token
+    (``pooling_mode_lasttoken``, Qwen3-Embedding's); any other pooling is refused rather
+    than loaded as a chat model. Without them, bare backbone weights with no ``lm_head``
+    (``backbone_prefixed``) are one too: that is what an embedding checkpoint stores.
+    """
+    generates = has_head or config.tie_word_embeddings
+    modules_path = folder / "modules.json"
+    if not modules_path.is_file():
+        if bare and not has_head:
+            source = "its weights are a bare backbone without an lm_head"
+            return EmbeddingSpec(config.hidden_size, source, generates)
+        return None
+    try:
+        modules = json.loads(modules_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{modules_path} is not valid JSON: {exc}") from None
+    if not isinstance(modules, list):
+        raise ModelLoadError(f"{modules_path} is not a list of modules")
+    pooling = [m for m in modules if isinstance(m, dict) and m.get("type") == POOLING_MODULE]
+    if not pooling:
+        return None
+    pooling_path = folder / str(pooling[0].get("path", "")) / "config.json"
+    pooling_config = read_json(pooling_path)
+    modes = sorted(
+        key.removeprefix("pooling_mode_")
+        for key, value in pooling_config.items()
+        if key.startswith("pooling_mode_") and value is True
+    )
+    if modes != ["lasttoken"]:
+        raise ModelLoadError(
+            f"{pooling_path}: pooling {' + '.join(modes) or 'none'} is not supported; "
+            "Fermi pools the last token (pooling_mode_lasttoken, as Qwen3-Embedding does)"
+        )
+    dimension = pooling_config.get("word_embedding_dimension", config.hidden_size)
+    if dimension != config.hidden_size:
+        raise ModelLoadError(
+            f"{pooling_path}: word_embedding_dimension {dimension} is not the model's "
+            f"hidden_size {config.hidden_size}"
+        )
+    relative = pooling_path.relative_to(folder)
+    return EmbeddingSpec(config.hidden_size, f"{relative} pools the last token", generates)
 
 
 def read_safetensors(folder: Path) -> dict[str, tuple[Path, str]]:
@@ -131,14 +218,16 @@ def read_safetensors(folder: Path) -> dict[str, tuple[Path, str]]:
 
 
 def materialize(located: dict[str, tuple[Path, str]]) -> dict[str, torch.Tensor]:
+    """Read every tensor, under the name it is located by (``backbone_prefixed`` may have
+    renamed it from the name in its file)."""
     out: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for path, key in located.values():
-        by_file.setdefault(path, []).append(key)
-    for path, keys in by_file.items():
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (path, key) in located.items():
+        by_file.setdefault(path, []).append((name, key))
+    for path, names in by_file.items():
         with safe_open(path, framework="pt") as f:
-            for key in keys:
-                out[key] = f.get_tensor(key)
+            for name, key in names:
+                out[name] = f.get_tensor(key)
     return out
 
 

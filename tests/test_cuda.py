@@ -124,3 +124,44 @@ def test_a_sequence_moved_to_slot_0_on_the_gpu_continues_unchanged(folder):
         moved = moved_run(gpu, req, after=6)
         assert moved_down(steps), steps
         assert moved.token_ids == solo
+
+
+def test_embeddings_on_the_gpu_equal_the_cpu_and_leave_generation_alone(tmp_path_factory):
+    """An embedding checkpoint on the CUDA runner: its eager last-token states equal the
+    CPU's; embedding while a greedy generation decodes through the graphs changes none of
+    its tokens and compiles nothing."""
+    import threading
+
+    from torch._dynamo.utils import counters
+
+    import fermi
+    from tests.tiny import write_embedding_checkpoint
+
+    folder = write_embedding_checkpoint(tmp_path_factory.mktemp("cuda-embed") / "emb", seed=2)
+    texts = ["hello world", "a", "The quick brown fox jumps over the lazy dog. " * 8]
+    ids = [[(7 * i + j) % 400 for j in range(n)] for i, n in enumerate((1, 2, 17, 200))]
+    kw = {"prompt_token_ids": [5, 77, 120, 33] * 6, "max_tokens": 64, "temperature": 0}
+    kw["ignore_eos"] = True
+    with fermi.load(folder, device="cpu", max_batch=2, max_seq_len=256) as cpu:
+        want_texts, want_ids = cpu.embed(texts), cpu.embed(ids)
+        want_tokens = cpu.generate(**kw).token_ids
+    torch._dynamo.reset()
+    with fermi.load(folder, device="cuda", dtype="fp32", max_batch=2, max_seq_len=256) as gpu:
+        assert gpu.capabilities.name == "torch-cuda" and gpu.capabilities.embeds
+        assert gpu.generate(**kw).token_ids == want_tokens
+        before = dict(counters["stats"])
+        got = {}
+        thread = threading.Thread(target=lambda: got.update(tokens=gpu.generate(**kw).token_ids))
+        thread.start()
+        vectors = [(gpu.embed(texts), gpu.embed(ids, dimensions=32)) for _ in range(5)]
+        thread.join(timeout=120)
+        assert got["tokens"] == want_tokens
+        assert dict(counters["stats"]) == before
+    short = torch.nn.functional.normalize(want_ids[:, :32], dim=-1)
+    for a, b in vectors:
+        assert (a - want_texts).abs().max().item() < TOL
+        assert (b - short).abs().max().item() < TOL
+    torch._dynamo.reset()
+    with fermi.load(folder, device="cuda", dtype="bf16", max_batch=2, max_seq_len=256) as bf16:
+        cosine = (bf16.embed(texts) * want_texts).sum(dim=-1)
+        assert cosine.min().item() > 0.99

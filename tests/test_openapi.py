@@ -6,11 +6,13 @@ import msgspec
 import pytest
 
 from fermi.server.openapi import OPENAPI, OPENAPI_JSON
-from fermi.server.protocol import ChatCompletionRequest, CompletionRequest
+from fermi.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 SCHEMAS = OPENAPI["components"]["schemas"]
 # What msgspec itself accepts, component by component (every Struct a request body holds).
-STRUCT_SCHEMAS = msgspec.json.schema_components((ChatCompletionRequest, CompletionRequest))[1]
+STRUCT_SCHEMAS = msgspec.json.schema_components(
+    (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+)[1]
 
 
 def json_types(schema: dict, components: dict) -> set[str]:
@@ -43,6 +45,7 @@ def test_the_bounds_in_the_description_are_the_servers():
     assert (stop_list["maxItems"], stop_list["items"]["maxLength"]) == (16, 256)
     assert chat["n"]["maximum"] == 16
     assert SCHEMAS["CompletionRequest"]["properties"]["prompt"]["anyOf"][1]["maxItems"] == 64
+    assert SCHEMAS["EmbeddingRequest"]["properties"]["input"]["anyOf"][1]["maxItems"] == 2048
     roles = SCHEMAS["Message"]["properties"]["role"]["enum"]
     assert roles == ["system", "developer", "user", "assistant", "tool"]
 
@@ -52,6 +55,7 @@ def test_the_served_bytes_are_the_description():
     assert set(OPENAPI["paths"]) == {
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/embeddings",
         "/v1/models",
         "/health",
         "/metrics",

@@ -303,6 +303,14 @@ def error_of(status_body):
     return status, json.loads(body)["error"]
 
 
+def test_embeddings_from_a_chat_model_are_400_naming_the_reason(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="tiny", input="Hello")
+    error = err.value.body
+    assert (error["type"], error["param"]) == ("invalid_request_error", "model")
+    assert "is not an embedding checkpoint" in error["message"]
+
+
 def test_missing_or_wrong_api_key_is_401(base, client):
     url = base + "/v1/chat/completions"
     status, err = error_of(http(url, {"messages": HI}))

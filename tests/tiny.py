@@ -132,3 +132,101 @@ def every_slot_back(engine) -> bool:
     """Whether every cache slot is free or keeps a finished request's cache (none runs)."""
     stats = engine.stats()
     return len(stats.free_slots) + len(stats.cached_slots) == engine.max_batch
+
+
+# Qwen3-Embedding's sentence-transformers files: the pooling module pools the last token.
+EMBEDDING_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {
+        "idx": 2,
+        "name": "2",
+        "path": "2_Normalize",
+        "type": "sentence_transformers.models.Normalize",
+    },
+]
+QUERY_PROMPT = (
+    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+)
+
+
+def write_embedding_checkpoint(
+    folder: Path,
+    overrides: dict | None = None,
+    seed: int = 0,
+    *,
+    sentence_transformers: bool = True,
+) -> Path:
+    """A tiny random checkpoint laid out as Qwen3-Embedding's: config.json naming
+    Qwen3ForCausalLM over the bare ``Qwen3Model`` weights (``layers.0...``, no
+    ``model.`` prefix, no ``lm_head``), a tokenizer whose post-processor appends
+    ``<|endoftext|>`` to every text, and (``sentence_transformers``) modules.json and
+    1_Pooling/config.json with last-token pooling. ``tie_word_embeddings`` defaults to
+    true, as in Qwen3-Embedding-0.6B; false is the 4B/8B layout, which has no head."""
+    import transformers
+    from tokenizers import Tokenizer, processors
+
+    config = {**QWEN3_BASE, **(overrides or {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(folder, template="plain")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos = "<|endoftext|>"
+    eos_id = tok.token_to_id(eos)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, eos_id)]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    tok_config_path = folder / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_path.read_text())
+    tok_config["padding_side"] = "left"
+    tok_config_path.write_text(json.dumps(tok_config, indent=2))
+
+    config["eos_token_id"] = eos_id
+    hf_cfg = transformers.Qwen3Config(
+        **{k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    )
+    torch.manual_seed(seed)
+    model = transformers.Qwen3Model(hf_cfg).eval()
+    with torch.no_grad():  # as hf_model: perturbed norms are tested too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    written = json.loads((folder / "config.json").read_text())
+    written["architectures"] = ["Qwen3ForCausalLM"]  # as the real checkpoint says
+    (folder / "config.json").write_text(json.dumps(written, indent=2))
+    if sentence_transformers:
+        (folder / "modules.json").write_text(json.dumps(EMBEDDING_MODULES, indent=2))
+        pooling = {
+            "word_embedding_dimension": config["hidden_size"],
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": False,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": True,
+            "include_prompt": True,
+        }
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+        st_config = {
+            "prompts": {"query": QUERY_PROMPT, "document": ""},
+            "similarity_fn_name": "cosine",
+        }
+        (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
+    return folder
+
+
+def hf_embeddings(folder: Path, texts: list[str]) -> torch.Tensor:
+    """transformers' reference: AutoModel's final hidden state at each text's last token
+    (the appended <|endoftext|>), L2-normalised, float32; each text run alone."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    rows = []
+    with torch.no_grad():
+        for text in texts:
+            batch = tok([text], return_tensors="pt")
+            rows.append(model(**batch).last_hidden_state[0, -1])
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)

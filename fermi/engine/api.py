@@ -1,4 +1,5 @@
-"""The Python API: ``Engine.generate`` / ``stream`` / ``astream`` over one scheduler.
+"""The Python API: ``Engine.generate`` / ``stream`` / ``astream`` over one scheduler, and
+``Engine.embed`` / ``aembed`` for embedding checkpoints.
 
 ``astream`` takes deltas from the engine thread through a pulled
 :class:`~fermi.engine.channel.Channel`: the loop is woken only when the stream's consumer
@@ -12,10 +13,14 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any
+
+import torch
 
 from fermi.engine.channel import Channel
 from fermi.engine.core import STALL_SECONDS, EngineCore, EngineStats
+from fermi.engine.embeddings import EmbeddingInput, EmbeddingJob, check_dimensions, token_lists
 from fermi.engine.requests import ChatPrompt, RequestBuilder, SamplingSettings
 from fermi.engine.scheduler import RequestHandle
 from fermi.engine.types import (
@@ -26,9 +31,9 @@ from fermi.engine.types import (
     TokenLogprob,
     Usage,
 )
-from fermi.errors import FermiError
+from fermi.errors import FermiError, RequestError
 from fermi.grammar import Grammar, GrammarCompiler
-from fermi.loading import GenerationDefaults
+from fermi.loading import EmbeddingSpec, GenerationDefaults
 from fermi.runners.base import Runner
 from fermi.text.tokenizer import Tokenizer
 from fermi.text.tools import Tool, ToolCall, ToolChoice, merge_calls
@@ -47,10 +52,13 @@ class Engine:
         model_name: str,
         max_waiting: int = 1024,
         prefix_reuse: bool = True,
+        embedding: EmbeddingSpec | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.model_name = model_name
+        # Set for an embedding checkpoint (fermi.loading.embedding_spec): embed() serves it.
+        self.embedding = embedding
         self.capabilities = runner.capabilities
         caps = self.capabilities
         eos = frozenset(generation.eos_token_ids)
@@ -82,6 +90,12 @@ class Engine:
     @property
     def max_batch(self) -> int:
         return self.capabilities.max_batch
+
+    @property
+    def generates(self) -> bool:
+        """Whether the model can generate text: every model but an embedding checkpoint
+        without an lm_head of its own (Qwen3-Embedding-8B's is not tied)."""
+        return self.embedding is None or self.embedding.generates
 
     @property
     def supports_thinking(self) -> bool:
@@ -136,6 +150,12 @@ class Engine:
         the model call one. ``response_format`` (OpenAI's ``json_object`` / ``json_schema``
         shapes) or ``grammar`` constrain the output (see :mod:`fermi.grammar`).
         """
+        if not self.generates:
+            raise RequestError(
+                f"{self.model_name} is an embedding checkpoint without an lm_head: it cannot "
+                "generate text; ask it for embeddings (Engine.embed, POST /v1/embeddings)",
+                "model",
+            )
         return self.requests.build(
             messages=messages,
             prompt=prompt,
@@ -236,6 +256,61 @@ class Engine:
             decode_time=(handle.finished_at or first) - first,
             tool_calls=calls,
         )
+
+    # -- embeddings -------------------------------------------------------------------
+
+    def embed(self, input: EmbeddingInput, dimensions: int | None = None) -> torch.Tensor:
+        """The embedding of each input: a float32 tensor [inputs, dimensions] on the CPU,
+        each row L2-normalised (so a dot product is the cosine similarity).
+
+        ``input`` is a string, a list of strings, a list of token ids, or a list of such
+        lists (OpenAI's forms; one string or one id list still gives one row). Texts are
+        tokenised with the tokenizer's special tokens (Qwen3-Embedding's appends
+        ``<|endoftext|>``); token ids are taken as given. ``dimensions`` keeps the first
+        entries and normalises again (Matryoshka). Runs beside generation, batched.
+        Raises :class:`RequestError` for a model that is not an embedding checkpoint, a
+        runner that cannot embed (ONNX, Core ML), or a bad input (empty, over 2048 items,
+        longer than the context)."""
+        return self.submit_embedding(self.embedding_ids(input), dimensions).result()
+
+    async def aembed(self, input: EmbeddingInput, dimensions: int | None = None) -> torch.Tensor:
+        """``embed`` for asyncio code: tokenising runs in a worker thread."""
+        ids = await asyncio.to_thread(self.embedding_ids, input)
+        return await asyncio.wrap_future(self.submit_embedding(ids, dimensions))
+
+    def embedding_ids(self, input: EmbeddingInput) -> list[list[int]]:
+        """The token ids ``embed`` runs for ``input``, checked (see ``embed``)."""
+        self._check_embeds()
+        return token_lists(input, self.requests)
+
+    def submit_embedding(
+        self, token_ids: list[list[int]], dimensions: int | None = None
+    ) -> Future[torch.Tensor]:
+        """Low level: queue ``embedding_ids``' result; the future gets ``embed``'s tensor.
+        Cancelling the future drops the batches not yet run."""
+        self._check_embeds()
+        assert self.embedding is not None
+        size = check_dimensions(dimensions, self.embedding.hidden_size)
+        job = EmbeddingJob(token_ids, size, self.capabilities.prefill_chunk)
+        self._core.submit_embedding(job)
+        return job.future
+
+    def _check_embeds(self) -> None:
+        name = self.capabilities.name
+        if not self.capabilities.embeds:
+            raise RequestError(
+                f"the {name} runner cannot compute embeddings; load the checkpoint folder "
+                "with the torch-cpu or torch-cuda runner",
+                "model",
+            )
+        if self.embedding is None:
+            raise RequestError(
+                f"{self.model_name} is not an embedding checkpoint: its folder has no "
+                "sentence-transformers pooling config (modules.json, 1_Pooling/config.json) "
+                "and its weights have an lm_head; serve an embedding model such as "
+                "Qwen/Qwen3-Embedding-0.6B",
+                "model",
+            )
 
     def release_session(self, session: str) -> None:
         """Drop the KV cache kept for requests with ``session`` set (see GenerationRequest)."""

@@ -6,6 +6,9 @@ returns from ``execute`` before the step ran: the thread then reads the previous
 while this one runs on the device, so the host's per-token work (detokenising, stop
 strings, delivery) hides behind the GPU. A failed step fails the requests that were
 running, never the engine.
+
+Embedding requests (:class:`~fermi.engine.embeddings.EmbeddingJob`) run on the same thread,
+one batch before each step, so they never race a step for the runner.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
+from fermi.engine.embeddings import EmbeddingJob
 from fermi.engine.scheduler import RequestHandle, Scheduler, Sink
 from fermi.engine.types import GenerationRequest
 from fermi.errors import EngineOverloadedError, RequestError
@@ -69,7 +74,8 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.caps, tokenizer, prefix_reuse, on_finish=self._finished, grammars=grammars
         )
-        self._inbox: queue.Queue[RequestHandle | _Release | None] = queue.Queue()
+        self._inbox: queue.Queue[RequestHandle | EmbeddingJob | _Release | None] = queue.Queue()
+        self._embeddings: deque[EmbeddingJob] = deque()  # taking turns, a batch each
         self._unread: tuple[Batch, StepOutput] | None = None  # a step queued, not read yet
         self._lock = threading.Lock()
         self._pending = 0  # submitted but not yet finished, for back-pressure
@@ -80,6 +86,17 @@ class EngineCore:
     # -- any thread -------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
+        if not request.prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        handle = RequestHandle(request, sink)
+        self._queue(handle)
+        return handle
+
+    def submit_embedding(self, job: EmbeddingJob) -> None:
+        """Queue an embedding job; its future gets the vectors (or the failure)."""
+        self._queue(job)
+
+    def _queue(self, item: RequestHandle | EmbeddingJob) -> None:
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the engine is closed")
@@ -87,13 +104,9 @@ class EngineCore:
                 raise EngineOverloadedError(
                     f"the request queue is full ({self.max_waiting} waiting); try again later"
                 )
-            if not request.prompt_ids:
-                raise RequestError("the prompt is empty", "prompt")
             self._pending += 1
-            handle = RequestHandle(request, sink)
             # Queued under the lock, so it cannot land behind close()'s stop marker.
-            self._inbox.put(handle)
-        return handle
+            self._inbox.put(item)
 
     def release_session(self, session: str) -> None:
         """Drop the KV cache kept for ``session`` (no-op when none is kept)."""
@@ -142,7 +155,7 @@ class EngineCore:
     def _loop(self) -> None:
         scheduler = self.scheduler
         while True:
-            busy = scheduler.busy or self._unread is not None
+            busy = scheduler.busy or self._unread is not None or bool(self._embeddings)
             try:
                 item = self._inbox.get(block=not busy)
                 if not busy:  # idle until now: the stall clock starts here, not at the last step
@@ -151,20 +164,42 @@ class EngineCore:
                     if item is None:
                         self._unread = None
                         scheduler.fail_all("the engine is closed")
+                        for job in self._embeddings:
+                            job.fail("the engine is closed")
                         return
                     if isinstance(item, _Release):
                         scheduler.release_session(item.session)
+                    elif isinstance(item, EmbeddingJob):
+                        self._embeddings.append(item)
                     else:
                         scheduler.add(item)
                     item = self._inbox.get_nowait()
             except queue.Empty:
                 pass
+            if self._embeddings:
+                self._embed_batch()
             try:
                 self.step()
             except Exception as exc:  # a broken step fails its requests, not the engine
                 log.exception("engine step failed")
                 self._unread = None
                 scheduler.fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
+
+    def _embed_batch(self) -> None:
+        """Run one batch of the first embedding job, which then goes to the back of the
+        line: a small request is not held behind a large one. A failure fails the job."""
+        job = self._embeddings.popleft()
+        try:
+            over = job.run_batch(self.runner)
+        except Exception as exc:
+            log.exception("embedding batch failed")
+            job.fail(f"embedding failed: {type(exc).__name__}: {exc}")
+            over = True
+        self.scheduler.stats.last_step_at = time.monotonic()  # progress, for health
+        if over:
+            self._finished()
+        else:
+            self._embeddings.append(job)
 
     def step(self) -> None:
         """Schedule and queue one step; read the previous one (or, without overlap, this)."""

@@ -69,3 +69,20 @@ class KVCache(nn.Module):
         """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
         self.k[dst, :, :length] = self.k[src, :, :length]
         self.v[dst, :, :length] = self.v[src, :, :length]
+
+
+class StepCache(nn.Module):
+    """The keys and values of one forward alone, dropped after it: attention over a whole
+    input at once (positions 0..T-1, ``kv_len`` = T) without a slot of the engine's cache,
+    which embedding inputs (``Decoder.last_token_states``) must leave as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> None:
+        self.kv = (k, v)
+
+    def read(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.kv is not None, "write() comes first"
+        return self.kv

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fermi.models.attention import decode_attention
-from fermi.models.cache import Cache, KVCache
+from fermi.models.cache import Cache, KVCache, StepCache
 from fermi.models.context import StepContext
 from fermi.models.gemv import ACT_SILU_MUL, row_linear
 from fermi.models.rope import RopeConfig, longrope_switch, rope_tables, rotate
@@ -411,9 +411,7 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """Logits of ``tokens`` [B, T] for the step ``ctx`` describes (see :meth:`forward`)."""
         cfg = self.cfg
-        x = self.model.embed_tokens(tokens)
-        if cfg.embedding_scale != 1.0:
-            x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
+        x = self._embed(tokens)
         for layer in self.model.layers:
             x = layer(x, ctx)
         if last_index is not None:
@@ -432,6 +430,49 @@ class Decoder(nn.Module):
             cap = cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits[:, -1] if last_only else logits
+
+    def last_token_states(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The final norm's output at the last token of each input, float32 [N, hidden]:
+        what an embedding model pools (the input of ``lm_head``).
+
+        The inputs run as one batch, right-padded: under the causal mask no real token sees
+        the padding after it. Attention reads this forward's own keys (:class:`StepCache`,
+        injected for the call), so no slot of the cache is written. Layers are called by
+        their ``forward``: a runner's compiled layers (``Module.compile``) are not entered,
+        so their compiled code and its guards stay as they were.
+        """
+        if self.rope_switch is not None:
+            raise ValueError("a LongRoPE model's last-token states are not supported")
+        lengths = [len(ids) for ids in token_ids]
+        if not lengths or min(lengths) < 1:
+            raise ValueError("every input needs at least one token")
+        # At least two positions: a one-token forward may take the one-row products or a
+        # decode attention kernel, which are written for the slot cache.
+        width = max(2, *lengths)
+        if width > self.max_seq_len:
+            raise ValueError(f"an input of {width} tokens exceeds max_seq_len {self.max_seq_len}")
+        device = self.model.embed_tokens.weight.device
+        padded = [[*ids, *([0] * (width - len(ids)))] for ids in token_ids]
+        tokens = torch.tensor(padded, dtype=torch.long, device=device)
+        rows = torch.arange(len(padded), device=device)
+        positions = torch.arange(width, device=device).expand(len(padded), width)
+        kept = [layer.self_attn.cache for layer in self.model.layers]
+        self.use_caches([StepCache() for _ in self.model.layers])
+        try:
+            ctx = self.step_context(positions, rows, width, rows_are_slots=True)
+            x = self._embed(tokens)
+            for layer in self.model.layers:
+                x = layer.forward(x, ctx)
+        finally:
+            self.use_caches(kept)
+        last = torch.tensor(lengths, device=device) - 1
+        return self.model.norm.forward(x[rows, last]).float()
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(tokens)
+        if self.cfg.embedding_scale != 1.0:
+            x = x * torch.tensor(self.cfg.embedding_scale, dtype=x.dtype)
+        return x
 
     def masks(
         self, positions: torch.Tensor, kv_len: int, causal_mask: torch.Tensor | None = None

@@ -7,7 +7,8 @@ prefill, the rows to decode); ``Runner.execute`` runs it on the device, samples,
 returns the token ids (:class:`StepOutput`). Nothing else crosses the seam.
 
 A backend writes ``prefill`` and ``decode`` (logits out); the base class turns those into
-``execute`` with sampling on the runner's device. A backend that can do better (sampling
+``execute`` with sampling on the runner's device. A backend that can also return hidden
+states for embedding checkpoints writes ``embed``. A backend that can do better (sampling
 inside a CUDA graph, queuing a step before the previous one is read) overrides ``execute``
 and says so in its :class:`Capabilities`.
 """
@@ -20,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from fermi.errors import FermiError
 from fermi.sampling import SampleOutput, SamplingBatch, SamplingParams, sample
 
 
@@ -40,6 +42,8 @@ class Capabilities:
     # A slot's cache outlives its request, so a later prompt sharing a prefix with it
     # prefills only the rest (automatic prefix reuse, and gRPC sessions).
     keeps_cache: bool = True
+    # ``embed`` exists: the final hidden states of whole inputs, for embedding checkpoints.
+    embeds: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,13 @@ class Runner:
         runner keeps) into slot ``dst``, leaving ``src`` as it was
         (``Capabilities.moves_slots``)."""
         raise NotImplementedError(f"the {self.capabilities.name} runner cannot move slots")
+
+    def embed(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The final hidden state (after the final norm, before ``lm_head``) at the last
+        token of each input, float32 [len(token_ids), hidden], on the runner's device
+        (``Capabilities.embeds``). Writes no cache slot: the engine calls it between steps,
+        beside running sequences. Each input fits ``max_seq_len``."""
+        raise FermiError(f"the {self.capabilities.name} runner cannot compute embeddings")
 
     # -- the step -----------------------------------------------------------------------
 

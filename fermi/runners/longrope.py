@@ -31,7 +31,8 @@ class LongRopeRunner(Runner):
         self.model = model
         # Never overlapping: each decode step must name its tokens, which this wrapper
         # records for a later re-encode, so the engine reads every step before the next.
-        self.capabilities = replace(inner.capabilities, overlaps=False)
+        # No embeddings: a LongRoPE forward's factors depend on the slot (Decoder.rope_long).
+        self.capabilities = replace(inner.capabilities, overlaps=False, embeds=False)
         self.sampling = inner.sampling
         self.switch = model.rope_switch
         self._tokens: dict[int, list[int]] = {}  # slot -> token id at each cached position

@@ -194,6 +194,7 @@ class CudaGraphRunner(Runner):
             prefill_chunk=chunk,
             overlaps=True,
             moves_slots=True,
+            embeds=True,
         )
         super().__init__()  # the sampling rows: the graphs read them by address
 
@@ -318,6 +319,17 @@ class CudaGraphRunner(Runner):
             out = SampleOutput(*(None if t is None else t.index_select(0, live) for t in out))
             batch.record(live, out.tokens)
             return out
+
+    def embed(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Eager, outside every graph and compiled layer (``Decoder.last_token_states``):
+        embedding inputs come in any number and length, and the forward writes no cache
+        slot, so the graphs, their inputs and the running sequences are untouched. Queued
+        on the stream behind the step in flight."""
+        for ids in token_ids:  # (an id outside the vocabulary would be a device-side assert)
+            if ids:
+                self._check_tokens(list(ids))
+        with self._on_device(), torch.inference_mode():
+            return self.model.last_token_states(token_ids)
 
     def execute(self, batch: Batch) -> StepOutput:
         """The step queued on the device; returns before it ran. The sampled ids are copied

@@ -26,6 +26,7 @@ class TorchRunner(Runner):
             device=device,
             prefill_chunk=prefill_chunk,
             moves_slots=True,
+            embeds=True,
         )
         self.device = device
         super().__init__()
@@ -51,6 +52,10 @@ class TorchRunner(Runner):
         # a view instead of gathered.
         dense = list(slots) == list(range(len(slots)))
         return self.model(tokens, pos, slot_t, kv_len=max(positions) + 1, rows_are_slots=dense)
+
+    @torch.inference_mode()
+    def embed(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        return self.model.last_token_states(token_ids)
 
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:

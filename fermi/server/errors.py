@@ -54,6 +54,25 @@ def bad_body(exc: msgspec.DecodeError) -> ApiError:
     return ApiError(400, f"the request body is not valid JSON: {text}", code="invalid_json")
 
 
+RETRY_AFTER_S = "1"
+
+
+def overloaded(exc: Exception) -> ApiError:
+    """The engine's queue is full (``EngineOverloadedError``): try again shortly."""
+    return ApiError(
+        429,
+        str(exc),
+        type="rate_limit_error",
+        code="engine_overloaded",
+        headers=(("retry-after", RETRY_AFTER_S),),
+    )
+
+
+def closed(exc: Exception) -> ApiError:
+    """The engine is closed: the server is shutting down."""
+    return ApiError(503, str(exc), type="server_error", headers=(("retry-after", RETRY_AFTER_S),))
+
+
 def internal_error() -> ApiError:
     # The details go to the server log only: a client never sees a traceback.
     return ApiError(500, "internal server error; see the server log", type="server_error")

@@ -15,10 +15,8 @@ from fermi.engine.api import RequestHandle
 from fermi.engine.channel import Channel
 from fermi.engine.types import Delta, GenerationRequest
 from fermi.errors import EngineOverloadedError
-from fermi.server.errors import ApiError
+from fermi.server.errors import ApiError, closed, overloaded
 from fermi.server.pool import EnginePool, Replica
-
-RETRY_AFTER_S = "1"
 
 
 class Generation:
@@ -47,18 +45,10 @@ class Generation:
                 self.handles.append(replica.engine.submit(request, self._sink_for(index)))
         except EngineOverloadedError as exc:
             self.cancel()
-            raise ApiError(
-                429,
-                str(exc),
-                type="rate_limit_error",
-                code="engine_overloaded",
-                headers=(("retry-after", RETRY_AFTER_S),),
-            ) from None
+            raise overloaded(exc) from None
         except RuntimeError as exc:  # the engine is closed (server shutting down)
             self.cancel()
-            raise ApiError(
-                503, str(exc), type="server_error", headers=(("retry-after", RETRY_AFTER_S),)
-            ) from None
+            raise closed(exc) from None
 
     def _sink_for(self, index: int) -> Callable[[Delta], None]:
         put = self._channel.put

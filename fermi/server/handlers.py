@@ -19,11 +19,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import msgspec
-
 from fermi import __version__
 from fermi.engine.types import Delta, GenerationRequest
-from fermi.server.build import chat_requests, completion_requests, gc_paused
+from fermi.server.build import chat_requests, completion_requests, decode_body
 from fermi.server.chunks import (
     ChatChunker,
     ChoiceText,
@@ -35,7 +33,8 @@ from fermi.server.chunks import (
 )
 from fermi.server.config import ServerConfig
 from fermi.server.cors import CorsPolicy
-from fermi.server.errors import ApiError, bad_body
+from fermi.server.embeddings import embeddings_reply
+from fermi.server.errors import ApiError
 from fermi.server.generation import Generation
 from fermi.server.health import HealthChecker
 from fermi.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -45,6 +44,7 @@ from fermi.server.pool import EnginePool
 from fermi.server.protocol import (
     CHAT_DECODER,
     COMPLETION_DECODER,
+    EMBEDDING_DECODER,
     ENCODER,
     ErrorBody,
     ModelCard,
@@ -56,24 +56,6 @@ DONE = b"data: [DONE]\n\n"
 # A client's x-request-id is echoed when it is a plain token of sane length; otherwise (or
 # when none is sent) the server makes one.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-
-
-def decode_body(decoder: msgspec.json.Decoder, raw: bytes):
-    """A request body decoded by ``decoder`` (a msgspec Decoder of the endpoint's Struct);
-    a body that is not JSON of that shape, or nests too deeply, is an ApiError 400.
-
-    On the event loop: a multi-megabyte hostile body decodes (or fails) within tens of ms
-    here, and a worker thread measured no shorter /health gaps (msgspec keeps the GIL)."""
-    try:
-        with gc_paused():
-            return decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise bad_body(exc) from None
-    except RecursionError:
-        # msgspec's own depth limit: arrays or objects nested thousands deep.
-        raise ApiError(
-            400, "the request body nests JSON arrays or objects too deeply", code="invalid_json"
-        ) from None
 
 
 class Headers(Protocol):
@@ -155,6 +137,7 @@ class Api:
         self._routes: dict[tuple[str, str], Callable[[bytes], Awaitable[Reply | StreamReply]]] = {
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/completions"): self.completions,
+            ("POST", "/v1/embeddings"): self.embeddings,
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.healthcheck,
             ("GET", "/metrics"): self.metrics_text,
@@ -300,6 +283,14 @@ class Api:
 
     async def completions(self, raw: bytes) -> Reply | StreamReply:
         return await self._generate(raw, COMPLETION_DECODER, completion_requests, "cmpl")
+
+    async def embeddings(self, raw: bytes) -> Reply:
+        body = decode_body(EMBEDDING_DECODER, raw)
+        self._check_model(body.model)
+        engine = self.pool.pick().engine
+        reply, tokens = await embeddings_reply(engine, body, self.model_name)
+        self.metrics.prompt_tokens.inc(tokens)
+        return Reply(200, reply)
 
     async def _generate(
         self, raw: bytes, decoder, to_requests, id_prefix: str, is_chat: bool = False

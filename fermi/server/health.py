@@ -1,8 +1,9 @@
 """``/health``: healthy only when every replica really generates.
 
 A busy replica proves itself by finishing decode steps; an idle one is asked for one
-greedy token. Results are cached briefly so a tight probe loop costs the engine nothing,
-and concurrent probes share one check.
+greedy token (an embedding checkpoint that cannot generate, for one embedding). Results
+are cached briefly so a tight probe loop costs the engine nothing, and concurrent probes
+share one check.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class HealthChecker:
 async def _one_token(replica: Replica) -> str | None:
     """Generate one greedy token; the error text if the engine reported one."""
     engine = replica.engine
+    if not engine.generates:
+        await engine.aembed([0])  # raises what the engine reports
+        return None
     request = engine.build_request(prompt_token_ids=[0], max_tokens=1, temperature=0.0)
     async for delta in engine.astream_request(request):
         if delta.error:

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from fermi.engine.embeddings import MAX_INPUTS
 from fermi.engine.requests import ROLES
 from fermi.sampling import MAX_TEMPERATURE
 from fermi.server.build import MAX_CHOICES, MAX_PROMPTS
@@ -154,6 +155,41 @@ _SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "EmbeddingRequest": {
+        **_OBJECT,
+        "required": ["input"],
+        "properties": {
+            "input": {
+                "anyOf": [
+                    {**_STRING, "minLength": 1},
+                    {
+                        "type": "array",
+                        "items": {**_STRING, "minLength": 1},
+                        "minItems": 1,
+                        "maxItems": MAX_INPUTS,
+                    },
+                    {"type": "array", "items": {**_INT, "minimum": 0}, "minItems": 1},
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "array",
+                            "items": {**_INT, "minimum": 0},
+                            "minItems": 1,
+                        },
+                        "minItems": 1,
+                        "maxItems": MAX_INPUTS,
+                    },
+                ],
+                "description": "each input at most the model's context in tokens",
+            },
+            "model": _nullable(_STRING),
+            "dimensions": _nullable(
+                {**_INT, "minimum": 1, "description": "at most the model's hidden size"}
+            ),
+            "encoding_format": {"enum": ["float", "base64"], "default": "float"},
+            "user": _nullable(_STRING),
+        },
+    },
     "Error": {
         **_OBJECT,
         "required": ["error"],
@@ -209,6 +245,20 @@ OPENAPI: dict[str, Any] = {
     "paths": {
         "/v1/chat/completions": _generation("Chat completion", "ChatCompletionRequest"),
         "/v1/completions": _generation("Text completion", "CompletionRequest"),
+        "/v1/embeddings": {
+            "post": {
+                "summary": "Embeddings (embedding checkpoints only)",
+                "security": _BEARER,
+                "requestBody": _json_body("EmbeddingRequest"),
+                "responses": {
+                    "200": {
+                        "description": "OpenAI's embedding list",
+                        "content": {"application/json": {}},
+                    },
+                    **{status: _ERROR for status in ("400", "401", "404", "413", "429", "503")},
+                },
+            }
+        },
         "/v1/models": {
             "get": {
                 "summary": "The served model",

@@ -96,6 +96,16 @@ class CompletionRequest(SamplingFields, kw_only=True):
     response_format: Any = None
 
 
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    # A string, a list of strings, a list of token ids, or a list of token-id lists.
+    input: str | list[Any]
+    model: str | None = None
+    dimensions: int | None = None
+    # base64: each vector's little-endian float32 bytes, as OpenAI's (its SDK's default).
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
 # -- responses ------------------------------------------------------------------------
 
 
@@ -232,6 +242,24 @@ class ModelList(msgspec.Struct, kw_only=True):
     data: list[ModelCard]
 
 
+class Embedding(msgspec.Struct, kw_only=True):
+    object: str = "embedding"
+    index: int
+    embedding: list[float] | str  # a base64 string with encoding_format base64
+
+
+class EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ErrorDetail(msgspec.Struct):
     message: str
     type: str
@@ -246,3 +274,4 @@ class ErrorBody(msgspec.Struct):
 ENCODER = msgspec.json.Encoder()
 CHAT_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
 COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
+EMBEDDING_DECODER = msgspec.json.Decoder(EmbeddingRequest)
