@@ -1,7 +1,7 @@
 """Fuzz the HTTP API of a real ``fermi serve``: bodies drawn from the server's own
 ``/openapi.json``, valid ones and ones with random types, random nesting and random bytes
 in any field. No answer may be a 5xx (nor a stream's error event), every 4xx has OpenAI's
-error shape, and the server stays healthy.
+error shape (Anthropic's on ``/v1/messages*``), and the server stays healthy.
 
 Strategies are built here from the description's schemas (the handful of JSON Schema
 keywords it uses) rather than with hypothesis-jsonschema, which only draws valid instances:
@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fermi.server.anthropic_protocol import speaks_anthropic
 from tests.serving import http, running_server, thinking_checkpoint
 
 # A short context bounds every generation the fuzzer asks for (max_tokens included).
@@ -59,9 +60,11 @@ def openapi(base) -> dict:
     description = json.loads(body)
     # Valid bodies name the served model, or none, more often than a random string would.
     served = json.loads(http(base + "/v1/models")[2])["data"][0]["id"]
+    schemas = description["components"]["schemas"]
     for name in ("ChatCompletionRequest", "CompletionRequest"):
-        model = description["components"]["schemas"][name]["properties"]["model"]
-        model["anyOf"].insert(0, {"enum": [served]})
+        schemas[name]["properties"]["model"]["anyOf"].insert(0, {"enum": [served]})
+    for name in ("MessagesRequest", "CountTokensRequest"):  # (a required string there)
+        schemas[name]["properties"]["model"] = {"anyOf": [{"enum": [served]}, {"type": "string"}]}
     return description
 
 
@@ -151,6 +154,9 @@ def requests(openapi: dict) -> st.SearchStrategy[tuple[str, str, bytes | None]]:
 
 
 def check_reply(method: str, path: str, status: int, headers: dict, body: bytes) -> None:
+    if speaks_anthropic(path):
+        check_anthropic_reply(status, headers, body)
+        return
     assert status < 500, (status, body[:500])
     content_type = headers.get("content-type", "")
     if status >= 400:
@@ -164,6 +170,32 @@ def check_reply(method: str, path: str, status: int, headers: dict, body: bytes)
         for event in events[:-1]:
             assert "error" not in json.loads(event.removeprefix("data: ")), event
     elif path != "/metrics":
+        json.loads(body)
+
+
+def check_anthropic_reply(status: int, headers: dict, body: bytes) -> None:
+    """Anthropic's shapes: its error body, its named events (529: the engine was full)."""
+    assert status < 500 or status == 529, (status, body[:500])
+    if status >= 400:
+        reply = json.loads(body)
+        assert reply["type"] == "error" and set(reply["error"]) == {"type", "message"}
+        assert isinstance(reply["error"]["message"], str) and reply["error"]["message"]
+        kinds = (
+            "invalid_request_error",
+            "not_found_error",
+            "request_too_large",
+            "overloaded_error",
+        )
+        assert reply["error"]["type"] in kinds, reply
+    elif headers.get("content-type", "").startswith("text/event-stream"):
+        events = body.decode().strip().split("\n\n")
+        assert events[0].startswith("event: message_start\n")
+        assert events[-1].startswith("event: message_stop\n")
+        for event in events:
+            name, data = event.split("\n")
+            assert name.removeprefix("event: ") == json.loads(data.removeprefix("data: "))["type"]
+            assert name != "event: error", event
+    else:
         json.loads(body)
 
 

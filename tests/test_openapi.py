@@ -5,14 +5,20 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from fermi.server.anthropic_protocol import CountTokensRequest, MessagesRequest
 from fermi.server.openapi import OPENAPI, OPENAPI_JSON
 from fermi.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 SCHEMAS = OPENAPI["components"]["schemas"]
 # What msgspec itself accepts, component by component (every Struct a request body holds).
-STRUCT_SCHEMAS = msgspec.json.schema_components(
-    (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
-)[1]
+REQUESTS = (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    MessagesRequest,
+    CountTokensRequest,
+)
+STRUCT_SCHEMAS = msgspec.json.schema_components(REQUESTS)[1]
 
 
 def json_types(schema: dict, components: dict) -> set[str]:
@@ -56,6 +62,8 @@ def test_the_served_bytes_are_the_description():
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
         "/v1/models",
         "/health",
         "/metrics",

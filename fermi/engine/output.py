@@ -96,5 +96,9 @@ class OutputStream:
         reasoning, content = self._split(tail, final=True)
         text, calls = self._calls(content, final=True)
         return Delta(
-            text=text, reasoning=reasoning, finish_reason=self._ending(reason), tool_calls=calls
+            text=text,
+            reasoning=reasoning,
+            finish_reason=self._ending(reason),
+            tool_calls=calls,
+            stop_string=self.stops.matched,
         )

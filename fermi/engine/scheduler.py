@@ -367,6 +367,7 @@ class Scheduler:
         final = seq.output.finish(reason)
         delta.text += final.text
         delta.reasoning += final.reasoning
+        delta.stop_string = final.stop_string
         if final.tool_calls:
             delta.tool_calls = [*(delta.tool_calls or []), *final.tool_calls]
         # (a reply that called tools ends with tool_calls rather than stop)

@@ -95,6 +95,8 @@ class Delta:
     # Tool calls as they stream: a call's first piece has its id and name, the following
     # ones fragments of its arguments' JSON text.
     tool_calls: list[ToolCallDelta] | None = None
+    # On the last delta: the stop string that ended the reply (None: another reason).
+    stop_string: str | None = None
 
 
 @dataclass

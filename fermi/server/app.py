@@ -21,8 +21,7 @@ from typing import Any
 from fermi.errors import FermiError
 from fermi.server.config import ServerConfig
 from fermi.server.errors import ApiError, internal_error
-from fermi.server.handlers import DONE, Api, Reply, StreamEndedError, StreamReply, error_reply, sse
-from fermi.server.protocol import ErrorBody
+from fermi.server.handlers import Api, Reply, StreamEndedError, StreamReply, error_reply
 
 log = logging.getLogger("fermi.server")
 
@@ -108,7 +107,7 @@ def _failure_event(reply: StreamReply, exc: Exception) -> bytes | None:
         return None
     log.exception("stream failed")
     reply.api.metrics.error(500)
-    return sse(ErrorBody(internal_error().detail())) + DONE
+    return reply.failed_event(internal_error())
 
 
 def _client_gone(exc: Exception) -> bool:
@@ -135,7 +134,8 @@ class RsgiApp:
             body = await self._body(scope, proto)
         except ApiError as exc:
             self.api.metrics.error(exc.status)
-            self._reply(proto, _with_headers(error_reply(exc), self.api, scope.headers))
+            reply = error_reply(exc, scope.path)
+            self._reply(proto, _with_headers(reply, self.api, scope.headers))
             return
         except Exception as exc:
             if _client_gone(exc):  # the client left while sending its body
@@ -176,7 +176,8 @@ class RsgiApp:
             log.exception("request failed: %s %s", scope.method, scope.path)
             self.api.metrics.error(500)
             self._reply(
-                proto, _with_headers(error_reply(internal_error()), self.api, scope.headers)
+                proto,
+                _with_headers(error_reply(internal_error(), scope.path), self.api, scope.headers),
             )
             return
         if isinstance(reply, Reply):
@@ -209,7 +210,8 @@ class AsgiApp:
             body = await self._body(headers, receive)
         except ApiError as exc:
             self.api.metrics.error(exc.status)
-            await self._reply(send, _with_headers(error_reply(exc), self.api, headers))
+            reply = error_reply(exc, scope["path"])
+            await self._reply(send, _with_headers(reply, self.api, headers))
             return
         work = self._respond(scope, headers, body, send)
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -259,7 +261,8 @@ class AsgiApp:
         except Exception:
             log.exception("request failed: %s %s", method, path)
             self.api.metrics.error(500)
-            await self._reply(send, _with_headers(error_reply(internal_error()), self.api, headers))
+            error = error_reply(internal_error(), path)
+            await self._reply(send, _with_headers(error, self.api, headers))
             return
         if isinstance(reply, Reply):
             await self._reply(send, reply)

@@ -124,7 +124,16 @@ def usage_body(prompt_tokens: int, choices: list[ChoiceText], n: int) -> UsageBo
 class ChoiceText:
     """Everything one choice produced, for a non-streaming response."""
 
-    __slots__ = ("cached", "calls", "finish_reason", "logprobs", "reasoning", "text", "tokens")
+    __slots__ = (
+        "cached",
+        "calls",
+        "finish_reason",
+        "logprobs",
+        "reasoning",
+        "stop_string",
+        "text",
+        "tokens",
+    )
 
     def __init__(self) -> None:
         self.calls: list[ToolCall] = []
@@ -132,6 +141,7 @@ class ChoiceText:
         self.reasoning: list[str] = []
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
+        self.stop_string: str | None = None  # the stop string that ended it, if one did
         self.tokens = 0
         self.cached = 0
 
@@ -151,6 +161,7 @@ class ChoiceText:
         this: the last delta's call pieces may continue calls begun in earlier deltas."""
         if delta.finish_reason is not None:
             self.finish_reason = finish_reason(delta.finish_reason)
+            self.stop_string = delta.stop_string
             self.tokens = delta.usage.completion_tokens if delta.usage else 0
             self.cached = delta.usage.cached_tokens if delta.usage else 0
 

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from fermi import __version__
 from fermi.engine.types import Delta, GenerationRequest
+from fermi.server.anthropic_protocol import error_body, error_status, speaks_anthropic
 from fermi.server.build import chat_requests, completion_requests, decode_body
 from fermi.server.chunks import (
     ChatChunker,
@@ -73,7 +74,11 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def error_reply(error: ApiError) -> Reply:
+def error_reply(error: ApiError, path: str = "") -> Reply:
+    """The error in the shape of the API that ``path`` belongs to: Anthropic's on
+    ``/v1/messages*``, OpenAI's elsewhere."""
+    if speaks_anthropic(path):
+        return Reply(error_status(error), error_body(error), headers=error.headers)
     return Reply(error.status, error.body(), headers=error.headers)
 
 
@@ -134,10 +139,15 @@ class Api:
         digest = hashlib.sha256(f"{engine.model_name}|{runner}".encode()).hexdigest()[:8]
         # Which model, runner and Fermi version answered: changes when any of them does.
         self.fingerprint = f"fermi-{__version__}-{runner}-{digest}"
+        from fermi.server.anthropic import Messages  # (which imports this module)
+
+        messages = Messages(self)
         self._routes: dict[tuple[str, str], Callable[[bytes], Awaitable[Reply | StreamReply]]] = {
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/embeddings"): self.embeddings,
+            ("POST", "/v1/messages"): messages.create,
+            ("POST", "/v1/messages/count_tokens"): messages.count_tokens,
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.healthcheck,
             ("GET", "/metrics"): self.metrics_text,
@@ -186,7 +196,7 @@ class Api:
             return await route(body)
         except ApiError as exc:
             self.metrics.error(exc.status)
-            return error_reply(exc)
+            return error_reply(exc, path)
 
     def _options(self, path: str, headers: Headers, extra: tuple) -> Reply:
         """A CORS preflight (answered before authentication: browsers send no credentials
@@ -240,7 +250,7 @@ class Api:
         else:
             error = ApiError(404, f"no such endpoint: {method} {path}", code="not_found")
         self.metrics.error(error.status)
-        return error_reply(error)
+        return error_reply(error, path)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
@@ -393,9 +403,13 @@ class StreamReply:
             # The stream ends here; the client raises on the error event.
             self.failed = True
             self.api.metrics.error(500)
-            return sse(ErrorBody(_engine_error(delta).detail())) + DONE
+            return self.failed_event(_engine_error(delta))
         self.choices[index].end(delta)  # a stream needs only how each choice ended
         return self.chunker.event(index, delta)
+
+    def failed_event(self, error: ApiError) -> bytes:
+        """The last events of a stream that fails with ``error``."""
+        return sse(ErrorBody(error.detail())) + DONE
 
     def closing(self) -> bytes:
         """After every choice finished: count the request, then the usage chunk and DONE."""

@@ -209,6 +209,133 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+# Anthropic's Messages API (fermi/server/anthropic_protocol.py).
+_BLOCKS = {"type": "array", "items": {"$ref": _REF + "AnthropicBlock"}}
+_ANTHROPIC_PROMPT: dict[str, Any] = {
+    "model": _STRING,
+    "messages": {"type": "array", "items": {"$ref": _REF + "AnthropicMessage"}, "minItems": 1},
+    "system": {"anyOf": [_STRING, _BLOCKS, {"type": "null"}]},
+    "tools": _nullable({"type": "array", "items": {"$ref": _REF + "AnthropicTool"}}),
+    "tool_choice": _nullable({"$ref": _REF + "AnthropicToolChoice"}),
+    "thinking": _nullable({"$ref": _REF + "AnthropicThinking"}),
+    "output_config": _nullable({"$ref": _REF + "AnthropicOutputConfig"}),
+}
+_SCHEMAS |= {
+    "AnthropicBlock": {
+        **_OBJECT,
+        "description": "a content block; the fields it takes depend on its type",
+        "required": ["type"],
+        "properties": {
+            "type": {
+                **_STRING,
+                "description": "text, tool_use, tool_result, thinking or redacted_thinking "
+                "(image, document and other types are refused)",
+            },
+            "text": _nullable(_STRING),
+            "id": _nullable(_STRING),
+            "name": _nullable(_STRING),
+            "input": {"description": "tool_use: the call's arguments, an object"},
+            "tool_use_id": _nullable(_STRING),
+            "content": {"anyOf": [_STRING, _BLOCKS, {"type": "null"}]},
+            "is_error": {**_BOOL, "default": False},
+            "thinking": _nullable(_STRING),
+            "signature": _nullable(_STRING),
+        },
+    },
+    "AnthropicMessage": {
+        **_OBJECT,
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"enum": ["user", "assistant"]},
+            "content": {"anyOf": [_STRING, _BLOCKS]},
+        },
+    },
+    "AnthropicTool": {
+        **_OBJECT,
+        "description": "a client tool (server tools, with other types, are refused)",
+        "properties": {
+            "name": _nullable(_STRING),
+            "type": _nullable({"enum": ["custom"]}),
+            "description": _nullable(_STRING),
+            "input_schema": _nullable(_OBJECT),
+        },
+    },
+    "AnthropicToolChoice": {
+        **_OBJECT,
+        "required": ["type"],
+        "properties": {
+            "type": {"enum": ["auto", "any", "tool", "none"]},
+            "name": _nullable(_STRING),
+            "disable_parallel_tool_use": _nullable(_BOOL),
+        },
+    },
+    "AnthropicThinking": {
+        **_OBJECT,
+        "required": ["type"],
+        "properties": {
+            "type": {"enum": ["enabled", "disabled", "adaptive"]},
+            "budget_tokens": _nullable({**_INT, "description": "accepted, not enforced"}),
+            "display": _nullable(_STRING),
+        },
+    },
+    "AnthropicOutputFormat": {
+        **_OBJECT,
+        "required": ["type"],
+        "properties": {"type": {"enum": ["json_schema"]}, "schema": _nullable(_OBJECT)},
+    },
+    "AnthropicOutputConfig": {
+        **_OBJECT,
+        "properties": {
+            "format": _nullable({"$ref": _REF + "AnthropicOutputFormat"}),
+            "effort": _nullable(_STRING),
+        },
+    },
+    "CountTokensRequest": {
+        **_OBJECT,
+        "required": ["model", "messages"],
+        "properties": _ANTHROPIC_PROMPT,
+    },
+    "MessagesRequest": {
+        **_OBJECT,
+        "required": ["model", "messages", "max_tokens"],
+        "properties": {
+            **_ANTHROPIC_PROMPT,
+            "max_tokens": {
+                **_INT,
+                "minimum": 0,
+                "description": "0: prefill the prompt for later prefix reuse, reply nothing",
+            },
+            "stop_sequences": _nullable(
+                {
+                    "type": "array",
+                    "items": {**_STRING, "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                    "maxItems": MAX_STOPS,
+                }
+            ),
+            "temperature": _SAMPLING_FIELDS["temperature"],
+            "top_p": _SAMPLING_FIELDS["top_p"],
+            "top_k": _SAMPLING_FIELDS["top_k"],
+            "stream": {**_BOOL, "default": False},
+            "metadata": _nullable(_OBJECT),
+            "seed": _nullable(_INT),
+            "ignore_eos": {**_BOOL, "default": False},
+        },
+    },
+    "AnthropicError": {
+        **_OBJECT,
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"enum": ["error"]},
+            "error": {
+                **_OBJECT,
+                "required": ["type", "message"],
+                "properties": {"type": _STRING, "message": _STRING},
+            },
+        },
+    },
+}
+
+
 def _json_body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": _REF + name}}}}
 
@@ -239,6 +366,30 @@ def _generation(summary: str, body: str) -> dict[str, Any]:
     }
 
 
+_ANTHROPIC_ERROR = {
+    "description": "Anthropic's error shape",
+    "content": {"application/json": {"schema": {"$ref": _REF + "AnthropicError"}}},
+}
+
+
+def _anthropic(summary: str, body: str, reply: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            # Anthropic's x-api-key, or a Bearer token.
+            "security": [{"apiKey": []}, *_BEARER],
+            "requestBody": _json_body(body),
+            "responses": {
+                "200": {"description": reply, "content": {"application/json": {}}},
+                **{
+                    status: _ANTHROPIC_ERROR
+                    for status in ("400", "401", "404", "413", "500", "503", "529")
+                },
+            },
+        }
+    }
+
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "Fermi Infer", "version": "1"},
@@ -259,6 +410,14 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/messages": _anthropic(
+            "Anthropic Messages",
+            "MessagesRequest",
+            "a message, or Anthropic's server-sent events when stream is true",
+        ),
+        "/v1/messages/count_tokens": _anthropic(
+            "The prompt's tokens, as /v1/messages renders it", "CountTokensRequest", "input_tokens"
+        ),
         "/v1/models": {
             "get": {
                 "summary": "The served model",
@@ -287,7 +446,10 @@ OPENAPI: dict[str, Any] = {
     },
     "components": {
         "schemas": _SCHEMAS,
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+        },
     },
 }
 
