@@ -7,10 +7,13 @@ import pytest
 
 from fermi.server.openapi import OPENAPI, OPENAPI_JSON
 from fermi.server.protocol import ChatCompletionRequest, CompletionRequest
+from fermi.server.responses_protocol import ResponsesRequest
 
 SCHEMAS = OPENAPI["components"]["schemas"]
 # What msgspec itself accepts, component by component (every Struct a request body holds).
-STRUCT_SCHEMAS = msgspec.json.schema_components((ChatCompletionRequest, CompletionRequest))[1]
+STRUCT_SCHEMAS = msgspec.json.schema_components(
+    (ChatCompletionRequest, CompletionRequest, ResponsesRequest)
+)[1]
 
 
 def json_types(schema: dict, components: dict) -> set[str]:
@@ -52,6 +55,7 @@ def test_the_served_bytes_are_the_description():
     assert set(OPENAPI["paths"]) == {
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/responses",
         "/v1/models",
         "/health",
         "/metrics",

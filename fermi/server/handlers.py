@@ -117,6 +117,21 @@ class _Timing:
         return prompt_tokens
 
 
+def decode_body(decoder: msgspec.json.Decoder, raw: bytes):
+    """A request body decoded (and validated) by ``decoder``; ApiError 400 naming the field
+    when it is not JSON or not of the endpoint's shape."""
+    try:
+        with gc_paused():
+            return decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise bad_body(exc) from None
+    except RecursionError:
+        # msgspec's own depth limit: arrays or objects nested thousands deep.
+        raise ApiError(
+            400, "the request body nests JSON arrays or objects too deeply", code="invalid_json"
+        ) from None
+
+
 class Api:
     def __init__(self, pool: EnginePool, config: ServerConfig) -> None:
         self.pool = pool
@@ -137,6 +152,7 @@ class Api:
         self._routes: dict[tuple[str, str], Callable[[bytes], Awaitable[Reply | StreamReply]]] = {
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/completions"): self.completions,
+            ("POST", "/v1/responses"): self.responses,
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.healthcheck,
             ("GET", "/metrics"): self.metrics_text,
@@ -234,6 +250,12 @@ class Api:
     def _no_route(self, method: str, path: str) -> Reply:
         if path.startswith("/v1/models/"):
             return self._model_card(path.removeprefix("/v1/models/"))
+        if path.startswith("/v1/responses/"):
+            from fermi.server.responses import not_stored  # imports this module
+
+            error = not_stored(method, path)
+            self.metrics.error(error.status)
+            return error_reply(error)
         if path in self._paths:
             error = ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
         else:
@@ -283,22 +305,18 @@ class Api:
     async def completions(self, raw: bytes) -> Reply | StreamReply:
         return await self._generate(raw, COMPLETION_DECODER, completion_requests, "cmpl")
 
+    async def responses(self, raw: bytes) -> Reply | StreamReply:
+        from fermi.server.responses import create_response  # imports this module
+
+        return await create_response(self, raw)
+
     async def _generate(
         self, raw: bytes, decoder, to_requests, id_prefix: str, is_chat: bool = False
     ) -> Reply | StreamReply:
         """Decode a chat or completions body, submit its engine requests, and answer with a
         stream or with the whole response."""
         start = time.perf_counter()
-        try:
-            with gc_paused():
-                body = decoder.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise bad_body(exc) from None
-        except RecursionError:
-            # msgspec's own depth limit: arrays or objects nested thousands deep.
-            raise ApiError(
-                400, "the request body nests JSON arrays or objects too deeply", code="invalid_json"
-            ) from None
+        body = decode_body(decoder, raw)
         self._check_model(body.model)
         # Templating and tokenising take up to seconds for megabytes of prompt: in a worker
         # thread, so the loop keeps answering (/health, other streams) meanwhile.
