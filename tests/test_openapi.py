@@ -56,6 +56,7 @@ def test_the_served_bytes_are_the_description():
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/responses",
+        "/v1/responses/input_tokens",
         "/v1/models",
         "/health",
         "/metrics",

@@ -500,6 +500,18 @@ def test_a_named_call_streams_argument_deltas_that_rebuild_it(client):
     assert events[-1].response.output[0].arguments == call.arguments
 
 
+def test_input_tokens_counts_the_prompt_a_response_would_have(client):
+    args = dict(model="tiny", input=QUESTION, instructions="Be brief.", tools=FLAT_TOOLS)
+    counted = client.responses.input_tokens.count(**args)
+    assert counted.object == "response.input_tokens"
+    done = client.responses.create(
+        **args, reasoning=OFF, max_output_tokens=1, extra_body={"ignore_eos": True}
+    )
+    # Thinking off adds the closed think block to the prompt, so it counts more.
+    alone = client.responses.input_tokens.count(**args, reasoning=OFF)
+    assert alone.input_tokens == done.usage.input_tokens > counted.input_tokens > 100
+
+
 def test_log_probabilities_are_returned_when_included(client):
     done = client.responses.create(
         model="tiny",
@@ -559,6 +571,22 @@ def test_langchain_bound_tools_give_a_valid_call_streamed_or_not(url, choice):
     for chunk in bound.stream(QUESTION):
         merged = chunk if merged is None else merged + chunk
     assert [(c["name"], c["args"]) for c in merged.tool_calls] == [(call["name"], call["args"])]
+
+
+def test_langchain_tool_round_trip_is_rendered_and_answered(url):
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    bound = chat_model(url, BUDGET).bind_tools(TOOLS, tool_choice="required")
+    first = bound.invoke([HumanMessage(QUESTION)])
+    (call,) = first.tool_calls[:1]
+    conversation = [HumanMessage(QUESTION), first, ToolMessage(RESULT, tool_call_id=call["id"])]
+    short = chat_model(url, 6, ignore_eos=True).bind_tools(TOOLS)
+    answer = short.invoke(conversation)
+    alone = short.invoke([HumanMessage(QUESTION)])
+    assert answer.text and answer.usage_metadata["output_tokens"] == 6
+    # LangChain sent the call back as a function_call item and the result as its output.
+    grown = answer.usage_metadata["input_tokens"] - alone.usage_metadata["input_tokens"]
+    assert grown > 30, grown
 
 
 # -- refusals, in OpenAI's error shape --------------------------------------------------------
@@ -648,6 +676,19 @@ def test_truncation_auto_keeps_the_end_of_an_over_long_input(client):
         model="tiny", input=long_input, truncation="auto", max_output_tokens=4, reasoning=OFF
     )
     assert done.truncation == "auto" and done.usage.input_tokens <= 2048 - 4
+
+
+def test_the_asgi_interface_streams_the_same_events(tools_dir, tmp_path):
+    args = ["--max-seq-len", "2048", "--interface", "asgi"]
+    with running_server(tools_dir, *args, log=tmp_path / "serve.log") as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        request = dict(model="tiny", input=QUESTION, max_output_tokens=10, reasoning=OFF)
+        request["extra_body"] = {"seed": 1, "ignore_eos": True}
+        whole = client.responses.create(**request)
+        events = list(client.responses.create(**request, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.output_text == whole.output_text != ""
 
 
 # -- reasoning, with a thinking model ---------------------------------------------------------

@@ -153,6 +153,7 @@ class Api:
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/responses"): self.responses,
+            ("POST", "/v1/responses/input_tokens"): self.responses_input_tokens,
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.healthcheck,
             ("GET", "/metrics"): self.metrics_text,
@@ -309,6 +310,11 @@ class Api:
         from fermi.server.responses import create_response  # imports this module
 
         return await create_response(self, raw)
+
+    async def responses_input_tokens(self, raw: bytes) -> Reply:
+        from fermi.server.responses import count_input_tokens  # imports this module
+
+        return await count_input_tokens(self, raw)
 
     async def _generate(
         self, raw: bytes, decoder, to_requests, id_prefix: str, is_chat: bool = False

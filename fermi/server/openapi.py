@@ -324,6 +324,19 @@ OPENAPI: dict[str, Any] = {
         "/v1/responses": _generation(
             "Response (OpenAI's Responses API, stateless)", "ResponsesRequest"
         ),
+        "/v1/responses/input_tokens": {
+            "post": {
+                "summary": "The input tokens a response with this body would have",
+                "security": _BEARER,
+                "requestBody": _json_body("ResponsesRequest"),
+                "responses": {
+                    "200": {
+                        "description": '{"object": "response.input_tokens", "input_tokens": N}'
+                    },
+                    **{status: _ERROR for status in ("400", "401", "404", "413")},
+                },
+            }
+        },
         "/v1/models": {
             "get": {
                 "summary": "The served model",

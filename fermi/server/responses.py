@@ -45,6 +45,7 @@ from fermi.server.responses_protocol import (
     FunctionCallArgumentsDone,
     FunctionCallItem,
     IncompleteDetails,
+    InputTokens,
     InputTokensDetails,
     MessageItem,
     OutputItem,
@@ -425,6 +426,15 @@ def not_stored(method: str, path: str) -> ApiError:
         "nothing is kept)",
         code="not_found",
     )
+
+
+async def count_input_tokens(api: Api, raw: bytes) -> Reply:
+    """Answer ``POST /v1/responses/input_tokens``: the prompt tokens a ``create`` with this
+    body would have, as rendered (instructions, tools and all)."""
+    body: ResponsesRequest = decode_body(RESPONSES_DECODER, raw)
+    api._check_model(body.model)
+    request = await asyncio.to_thread(response_request, api.pool.engine, body)
+    return Reply(200, ENCODER.encode(InputTokens(len(request.prompt_ids))))
 
 
 async def create_response(api: Api, raw: bytes) -> Reply | StreamReply:

@@ -217,6 +217,13 @@ class ResponseBody(msgspec.Struct, kw_only=True):
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class InputTokens(msgspec.Struct):
+    """The answer of ``POST /v1/responses/input_tokens``."""
+
+    input_tokens: int
+    object: str = "response.input_tokens"
+
+
 # -- streamed events ----------------------------------------------------------------------
 
 
