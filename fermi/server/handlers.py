@@ -50,6 +50,7 @@ from fermi.server.protocol import (
     ModelCard,
     ModelList,
 )
+from fermi.server.responses_build import not_stored
 
 JSON = "application/json"
 DONE = b"data: [DONE]\n\n"
@@ -252,8 +253,6 @@ class Api:
         if path.startswith("/v1/models/"):
             return self._model_card(path.removeprefix("/v1/models/"))
         if path.startswith("/v1/responses/"):
-            from fermi.server.responses import not_stored  # imports this module
-
             error = not_stored(method, path)
             self.metrics.error(error.status)
             return error_reply(error)

@@ -24,7 +24,6 @@ import msgspec
 
 from fermi.engine.types import Delta, GenerationRequest, TokenLogprob
 from fermi.server.chunks import ChoiceText, chat_logprobs
-from fermi.server.errors import ApiError
 from fermi.server.generation import Generation
 from fermi.server.handlers import (
     Api,
@@ -415,17 +414,6 @@ class ResponsesStreamReply(StreamReply):
     def closing(self) -> bytes:
         prompt_tokens = self.timing.done(self.requests, 1, self.choices)
         return self.writer.closing(self.choices[0], prompt_tokens)
-
-
-def not_stored(method: str, path: str) -> ApiError:
-    """The answer to retrieving, cancelling or deleting a response: none is kept."""
-    return ApiError(
-        404,
-        f"{method} {path}: this server does not store responses, so none can be retrieved, "
-        "cancelled or deleted (POST /v1/responses answers statelessly; store is accepted and "
-        "nothing is kept)",
-        code="not_found",
-    )
 
 
 async def count_input_tokens(api: Api, raw: bytes) -> Reply:

@@ -55,6 +55,17 @@ NOT_STORED = (
 )
 
 
+def not_stored(method: str, path: str) -> ApiError:
+    """The answer to retrieving, cancelling or deleting a response: none is kept."""
+    return ApiError(
+        404,
+        f"{method} {path}: this server does not store responses, so none can be retrieved, "
+        "cancelled or deleted (POST /v1/responses answers statelessly; store is accepted and "
+        "nothing is kept)",
+        code="not_found",
+    )
+
+
 def response_request(engine: Engine, body: ResponsesRequest) -> GenerationRequest:
     """The engine request of a Responses body; ApiError naming the field that is wrong."""
     _refuse_unsupported(body)
