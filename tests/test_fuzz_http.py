@@ -61,7 +61,7 @@ def openapi(base) -> dict:
     # Valid bodies name the served model, or none, more often than a random string would.
     served = json.loads(http(base + "/v1/models")[2])["data"][0]["id"]
     schemas = description["components"]["schemas"]
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
+    for name in ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest"):
         schemas[name]["properties"]["model"]["anyOf"].insert(0, {"enum": [served]})
     for name in ("MessagesRequest", "CountTokensRequest"):  # (a required string there)
         schemas[name]["properties"]["model"] = {"anyOf": [{"enum": [served]}, {"type": "string"}]}
@@ -164,6 +164,15 @@ def check_reply(method: str, path: str, status: int, headers: dict, body: bytes)
         assert set(error) == {"message", "type", "param", "code"}
         assert isinstance(error["message"], str) and error["message"]
         assert error["type"] in ("invalid_request_error", "rate_limit_error")
+    elif content_type.startswith("text/event-stream") and path == "/v1/responses":
+        # Named events, numbered in order, ending with the whole response; no [DONE].
+        events = [event.split("\n") for event in body.decode().strip().split("\n\n")]
+        kinds = [name.removeprefix("event: ") for name, _ in events]
+        datas = [json.loads(data.removeprefix("data: ")) for _, data in events]
+        assert [d["type"] for d in datas] == kinds
+        assert [d["sequence_number"] for d in datas] == list(range(len(datas)))
+        assert kinds[0] == "response.created"
+        assert kinds[-1] in ("response.completed", "response.incomplete"), kinds[-1]
     elif content_type.startswith("text/event-stream"):
         events = body.decode().strip().split("\n\n")
         assert events[-1] == "data: [DONE]"

@@ -8,6 +8,7 @@ import pytest
 from fermi.server.anthropic_protocol import CountTokensRequest, MessagesRequest
 from fermi.server.openapi import OPENAPI, OPENAPI_JSON
 from fermi.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from fermi.server.responses_protocol import ResponsesRequest
 
 SCHEMAS = OPENAPI["components"]["schemas"]
 # What msgspec itself accepts, component by component (every Struct a request body holds).
@@ -17,6 +18,7 @@ REQUESTS = (
     EmbeddingRequest,
     MessagesRequest,
     CountTokensRequest,
+    ResponsesRequest,
 )
 STRUCT_SCHEMAS = msgspec.json.schema_components(REQUESTS)[1]
 
@@ -64,6 +66,8 @@ def test_the_served_bytes_are_the_description():
         "/v1/embeddings",
         "/v1/messages",
         "/v1/messages/count_tokens",
+        "/v1/responses",
+        "/v1/responses/input_tokens",
         "/v1/models",
         "/health",
         "/metrics",

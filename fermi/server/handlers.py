@@ -51,6 +51,7 @@ from fermi.server.protocol import (
     ModelCard,
     ModelList,
 )
+from fermi.server.responses_build import not_stored
 
 JSON = "application/json"
 DONE = b"data: [DONE]\n\n"
@@ -148,6 +149,8 @@ class Api:
             ("POST", "/v1/embeddings"): self.embeddings,
             ("POST", "/v1/messages"): messages.create,
             ("POST", "/v1/messages/count_tokens"): messages.count_tokens,
+            ("POST", "/v1/responses"): self.responses,
+            ("POST", "/v1/responses/input_tokens"): self.responses_input_tokens,
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.healthcheck,
             ("GET", "/metrics"): self.metrics_text,
@@ -245,6 +248,10 @@ class Api:
     def _no_route(self, method: str, path: str) -> Reply:
         if path.startswith("/v1/models/"):
             return self._model_card(path.removeprefix("/v1/models/"))
+        if path.startswith("/v1/responses/"):
+            error = not_stored(method, path)
+            self.metrics.error(error.status)
+            return error_reply(error)
         if path in self._paths:
             error = ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
         else:
@@ -301,6 +308,16 @@ class Api:
         reply, tokens = await embeddings_reply(engine, body, self.model_name)
         self.metrics.prompt_tokens.inc(tokens)
         return Reply(200, reply)
+
+    async def responses(self, raw: bytes) -> Reply | StreamReply:
+        from fermi.server.responses import create_response  # imports this module
+
+        return await create_response(self, raw)
+
+    async def responses_input_tokens(self, raw: bytes) -> Reply:
+        from fermi.server.responses import count_input_tokens  # imports this module
+
+        return await count_input_tokens(self, raw)
 
     async def _generate(
         self, raw: bytes, decoder, to_requests, id_prefix: str, is_chat: bool = False

@@ -17,6 +17,7 @@ from fermi.engine.embeddings import MAX_INPUTS
 from fermi.engine.requests import ROLES
 from fermi.sampling import MAX_TEMPERATURE
 from fermi.server.build import MAX_CHOICES, MAX_PROMPTS
+from fermi.server.responses_build import INCLUDABLE
 from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
 
 
@@ -65,6 +66,116 @@ _SAMPLING_FIELDS: dict[str, Any] = {
             "additionalProperties": {**_NUMBER, "minimum": -100, "maximum": 100},
         }
     ),
+}
+
+_TEXT_PARTS = {"type": "array", "items": {"$ref": _REF + "ResponsesContentPart"}}
+_REFUSED = "refused when given: this server does not store responses"
+
+# POST /v1/responses (fermi/server/responses_protocol.py).
+_RESPONSES_SCHEMAS: dict[str, Any] = {
+    "ResponsesContentPart": {
+        **_OBJECT,
+        "required": ["type"],
+        "properties": {
+            "type": {**_STRING, "description": "input_text, output_text or refusal"},
+            "text": _nullable(_STRING),
+            "refusal": _nullable(_STRING),
+        },
+    },
+    "ResponsesInputItem": {
+        **_OBJECT,
+        "description": "message (type may be left out), function_call, function_call_output "
+        "or reasoning (ignored)",
+        "properties": {
+            "type": _nullable(_STRING),
+            "role": _nullable({"enum": ["user", "assistant", "system", "developer"]}),
+            "content": {"anyOf": [_STRING, _TEXT_PARTS, {"type": "null"}]},
+            "call_id": _nullable(_STRING),
+            "name": _nullable(_STRING),
+            "arguments": _nullable({**_STRING, "description": "JSON text"}),
+            "output": {"anyOf": [_STRING, _TEXT_PARTS, {"type": "null"}]},
+            "id": _nullable(_STRING),
+            "status": _nullable(_STRING),
+        },
+    },
+    "ResponsesReasoning": {
+        **_OBJECT,
+        "properties": {
+            "effort": _nullable(
+                {"enum": ["none", "minimal", "low", "medium", "high", "xhigh", "max"]}
+            ),
+            "summary": _nullable(_STRING),
+            "generate_summary": _nullable(_STRING),
+        },
+    },
+    "ResponsesText": {
+        **_OBJECT,
+        "properties": {
+            "format": _nullable(
+                {**_OBJECT, "description": "text, json_object or json_schema (name, schema)"}
+            ),
+            "verbosity": _nullable({"enum": ["medium"]}),
+        },
+    },
+    "ResponsesRequest": {
+        **_OBJECT,
+        "properties": {
+            "model": _nullable(_STRING),
+            "input": {
+                "anyOf": [
+                    _STRING,
+                    {"type": "array", "items": {"$ref": _REF + "ResponsesInputItem"}},
+                    {"type": "null"},
+                ],
+                "description": "required",
+            },
+            "instructions": _nullable(_STRING),
+            "tools": _nullable(
+                {
+                    "type": "array",
+                    "items": {**_OBJECT, "description": "function tools only"},
+                }
+            ),
+            "tool_choice": {"anyOf": [_STRING, _OBJECT, {"type": "null"}]},
+            "parallel_tool_calls": _nullable(_BOOL),
+            "text": _nullable({"$ref": _REF + "ResponsesText"}),
+            "reasoning": _nullable({"$ref": _REF + "ResponsesReasoning"}),
+            "max_output_tokens": _nullable({**_INT, "minimum": 1}),
+            "max_tool_calls": _nullable(_INT),
+            "temperature": _SAMPLING_FIELDS["temperature"],
+            "top_p": _SAMPLING_FIELDS["top_p"],
+            "top_logprobs": _nullable({**_INT, "minimum": 0, "maximum": 20}),
+            "include": _nullable({"type": "array", "items": {"enum": list(INCLUDABLE)}}),
+            "stream": {**_BOOL, "default": False},
+            "stream_options": _nullable(_OBJECT),
+            "store": _nullable({**_BOOL, "description": "accepted; nothing is kept"}),
+            "metadata": _nullable({**_OBJECT, "additionalProperties": _STRING}),
+            "user": _nullable(_STRING),
+            "safety_identifier": _nullable(_STRING),
+            "prompt_cache_key": _nullable(_STRING),
+            "truncation": _nullable({"enum": ["auto", "disabled"]}),
+            "service_tier": _nullable(_STRING),
+            "previous_response_id": _nullable({**_STRING, "description": _REFUSED}),
+            "conversation": {"description": _REFUSED},
+            "background": _nullable({**_BOOL, "description": "true is refused"}),
+            "prompt": {"description": "refused when given (OpenAI-hosted prompt templates)"},
+            "context_management": {"description": "refused when given"},
+            **{
+                name: _SAMPLING_FIELDS[name]
+                for name in (
+                    "top_k",
+                    "min_p",
+                    "presence_penalty",
+                    "frequency_penalty",
+                    "repetition_penalty",
+                    "seed",
+                    "stop",
+                    "ignore_eos",
+                    "logit_bias",
+                )
+            },
+        },
+    },
 }
 
 _SCHEMAS: dict[str, Any] = {
@@ -190,6 +301,7 @@ _SCHEMAS: dict[str, Any] = {
             "user": _nullable(_STRING),
         },
     },
+    **_RESPONSES_SCHEMAS,
     "Error": {
         **_OBJECT,
         "required": ["error"],
@@ -418,6 +530,22 @@ OPENAPI: dict[str, Any] = {
         "/v1/messages/count_tokens": _anthropic(
             "The prompt's tokens, as /v1/messages renders it", "CountTokensRequest", "input_tokens"
         ),
+        "/v1/responses": _generation(
+            "Response (OpenAI's Responses API, stateless)", "ResponsesRequest"
+        ),
+        "/v1/responses/input_tokens": {
+            "post": {
+                "summary": "The input tokens a response with this body would have",
+                "security": _BEARER,
+                "requestBody": _json_body("ResponsesRequest"),
+                "responses": {
+                    "200": {
+                        "description": '{"object": "response.input_tokens", "input_tokens": N}'
+                    },
+                    **{status: _ERROR for status in ("400", "401", "404", "413")},
+                },
+            }
+        },
         "/v1/models": {
             "get": {
                 "summary": "The served model",
