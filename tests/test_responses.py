@@ -226,6 +226,27 @@ def test_an_engine_failure_ends_the_stream_with_response_failed():
     assert failed.response.output[0].content[0].text == "Hel"
 
 
+def test_an_unexpected_failure_mid_stream_also_ends_with_response_failed():
+    """The server adapter's catch-all (a bug while streaming) asks the reply for its last
+    events: a Responses stream ends in its own shape, not chat's error + [DONE]."""
+    from fermi.server.app import _failure_event
+    from fermi.server.errors import internal_error
+
+    errors = []
+    api = SimpleNamespace(metrics=SimpleNamespace(error=errors.append))
+    generation = SimpleNamespace(cancel=lambda: None, unfinished=1)
+    reply = ResponsesStreamReply(
+        api, generation, SimpleNamespace(), ResponseWriter(head(), True), [None]
+    )
+    raw = reply.opening() + reply.feed(0, Delta(text="Hel", token_ids=[1]))
+    raw += _failure_event(reply, RuntimeError("a bug"))
+    assert errors == [500] and b"[DONE]" not in raw
+    name, data = sse_events(raw)[-1]
+    failed = EVENT_TYPES[name].model_validate(data)
+    assert failed.type == "response.failed"
+    assert failed.response.error.message == internal_error().message
+
+
 # -- input items as chat messages (no server) ----------------------------------------------
 
 

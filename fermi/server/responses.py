@@ -25,6 +25,7 @@ import msgspec
 from fermi.engine.types import Delta, GenerationRequest, TokenLogprob
 from fermi.server.build import decode_body
 from fermi.server.chunks import ChoiceText, chat_logprobs
+from fermi.server.errors import ApiError
 from fermi.server.generation import Generation
 from fermi.server.handlers import (
     Api,
@@ -414,6 +415,11 @@ class ResponsesStreamReply(StreamReply):
     def closing(self) -> bytes:
         prompt_tokens = self.timing.done(self.requests, 1, self.choices)
         return self.writer.closing(self.choices[0], prompt_tokens)
+
+    def failed_event(self, error: ApiError) -> bytes:
+        """An unexpected failure after the stream started (the server adapter's catch-all)
+        ends it as an engine failure does: ``response.failed``."""
+        return self.writer.failed(error.message)
 
 
 async def count_input_tokens(api: Api, raw: bytes) -> Reply:
