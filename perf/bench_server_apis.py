@@ -1,7 +1,7 @@
 """Per-token server overhead of each streaming API against chat completions, in one run.
 
     .venv/bin/python perf/bench_server_apis.py [--repeats 15] [--tokens 256]
-        [--endpoints chat,responses] [--out perf/results/cpu_server_apis.json]
+        [--endpoints chat,responses,messages] [--out perf/results/cpu_server_apis.json]
 
 Two measurements, per endpoint in ``ENDPOINTS`` (a dict of endpoint -> path, request builder
 and event parser; a new API is one entry there):
@@ -161,10 +161,42 @@ def _responses_reply() -> StreamReply:
     return ResponsesStreamReply(*_stubs(), ResponseWriter(head, stream=True), REQUESTS)
 
 
+def _messages_body(tokens: int, seed: int) -> dict:
+    # No "thinking" field: off, as on Anthropic's API (chat's "thinking": "off").
+    return {
+        "model": "tiny",  # required here: the served id (the checkpoint's folder name)
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": tokens,
+        "seed": seed,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+
+def _messages_parse(event: bytes) -> str | int | None:
+    data = _data(event)
+    if data is None:
+        return None
+    kind = data["type"]
+    if kind == "content_block_delta" and data["delta"]["type"] == "text_delta":
+        return "content" if data["delta"]["text"] else None
+    if kind == "message_delta":
+        return data["usage"]["output_tokens"]
+    return None
+
+
+def _messages_reply() -> StreamReply:
+    from fermi.server.anthropic import MessageChunker, MessageStream
+
+    chunker = MessageChunker("msg_" + "0" * 32, "tiny", 16)
+    return MessageStream(*_stubs(), chunker, REQUESTS[0], 1 << 20)
+
+
 # chat first: every other endpoint is compared with it.
 ENDPOINTS: dict[str, Endpoint] = {
     "chat": Endpoint("/v1/chat/completions", _chat_body, _chat_parse, _chat_reply),
     "responses": Endpoint("/v1/responses", _responses_body, _responses_parse, _responses_reply),
+    "messages": Endpoint("/v1/messages", _messages_body, _messages_parse, _messages_reply),
 }
 
 
