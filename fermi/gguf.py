@@ -7,6 +7,7 @@ and the tokenizer is rebuilt with ``tokenizers`` from ``tokenizer.ggml.*``.
 
 from __future__ import annotations
 
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from fermi import memory
 from fermi.aliases import alias_for_file
 from fermi.errors import ModelLoadError
 from fermi.gguf_reader import GGUFFile, check_type
-from fermi.loading import Checkpoint, GenerationDefaults, build_model, parse_dtype
+from fermi.loading import DTYPE_ADVICE, Checkpoint, GenerationDefaults, build_model, parse_dtype
 from fermi.models.half_weights import use_half_weights
 from fermi.models.registry import UnsupportedModelError, adapter_for, bounded_size
 from fermi.text.tokenizer import Tokenizer
@@ -116,6 +118,9 @@ def load_gguf(
         raise ModelLoadError(f"{path}: {exc}") from None
     tokenizer = tokenizer_from_gguf(meta, str(path))  # before the weights: fail fast
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    # Dequantizing allocates every weight at torch_dtype first (a Q4 file grows ~4x in fp16).
+    need = sum(prod(info.shape) for info in gguf.tensors.values()) * torch_dtype.itemsize
+    memory.require_free(need, "cpu", f"{path}: dequantizing its weights", DTYPE_ADVICE)
     weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype)
     model = build_model(config, adapter, weights, device, torch_dtype, source=str(path))
     if half_storage:

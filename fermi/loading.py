@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from math import prod
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch.overrides import TorchFunctionMode
 
+from fermi import memory
 from fermi.errors import ModelLoadError
 from fermi.models.decoder import Decoder, ModelConfig, projection_parts
 from fermi.models.registry import Adapter, UnsupportedModelError, adapter_for
@@ -273,6 +275,10 @@ def build_model(
                 f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                 f"config.json implies {shape}"
             )
+    # The weights as the model holds them (on the device, in dtype): refused before any is
+    # copied when they cannot fit.
+    need = sum(prod(shape) for shape in wanted.values()) * dtype.itemsize
+    memory.require_free(need, device, f"{source}: its weights in {dtype}", DTYPE_ADVICE)
     state = {}
     for name, name_parts in parts.items():
         loaded = [tensors[part].to(device=device, dtype=dtype) for part, _ in name_parts]
@@ -283,6 +289,9 @@ def build_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval().requires_grad_(False)
+
+
+DTYPE_ADVICE = "choose a smaller dtype (bf16 or fp16) or a smaller model"
 
 
 def checkpoint_parts(

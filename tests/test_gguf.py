@@ -118,6 +118,23 @@ def test_gguf_loads_into_the_requested_dtype(tmp_path, llama_folder):
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
 
 
+def test_weights_that_would_not_fit_once_dequantized_are_refused_first(
+    tmp_path, llama_folder, monkeypatch
+):
+    import fermi.memory
+
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=Q.Q8_0)
+    read: list[str] = []
+    monkeypatch.setattr(fermi.gguf, "read_weights", lambda *a: read.append("read") or {})
+    monkeypatch.setattr(fermi.memory, "free_memory", lambda device: 1 << 10)
+    with pytest.raises(
+        ModelLoadError,
+        match=r"m\.gguf: dequantizing its weights needs .* KiB and cpu has 1.0 KiB free",
+    ):
+        load_gguf(path, CPU, "fp32")
+    assert not read  # refused before any weight was dequantized
+
+
 def random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int) -> np.ndarray:
     """Random quantized bytes with every float16 scale field set to a finite value."""
     block, size = GGML_QUANT_SIZES[qtype]

@@ -259,23 +259,37 @@ def test_a_real_window_and_rope_scaling_still_load(folder):
 def test_a_kv_cache_larger_than_free_memory_is_refused_before_it_is_allocated(
     original, monkeypatch
 ):
-    import fermi.runners.select as select
+    import fermi.memory
 
     ckpt = load_folder(original, CPU, torch.float32)
     cfg = ckpt.config
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
     # What the machine has free, as the check reads it, and a cache 4 KiB over it.
-    monkeypatch.setattr(select, "free_memory", lambda device: per_token * 8 * 256 - 4096)
+    cache = per_token * 8 * 256
+    # Each load asks twice: for its weights (they fit), then for the cache (4 KiB short).
+    answers = iter([1 << 40, cache - 4096, 1 << 40, cache - 4096])
+    monkeypatch.setattr(fermi.memory, "free_memory", lambda device: next(answers))
     with pytest.raises(
-        ModelLoadError, match=r"KV cache needs .* GiB .*max_batch 8 x max_seq_len 256"
+        ModelLoadError, match=r"KV cache \(max_batch 8 x max_seq_len 256 x .* per token\) needs"
     ):
         fermi.load(str(original), device="cpu", max_batch=8, max_seq_len=256)
     with fermi.load(str(original), device="cpu", max_batch=7, max_seq_len=256) as engine:
         assert engine.max_batch == 7  # just under it: loads
+    assert next(answers, None) is None  # both loads asked for both
+
+
+def test_weights_larger_than_free_memory_are_refused_before_they_are_copied(original, monkeypatch):
+    import fermi.memory
+
+    monkeypatch.setattr(fermi.memory, "free_memory", lambda device: 1 << 10)
+    with pytest.raises(
+        ModelLoadError, match=r"its weights in torch.float32 needs .* and cpu has 1.0 KiB free"
+    ):
+        load_folder(original, CPU, torch.float32)
 
 
 def test_free_memory_on_this_cpu_is_read():
-    from fermi.runners.select import free_memory
+    from fermi.memory import free_memory
 
     free = free_memory("cpu")
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fermi.errors import ModelLoadError
+from fermi import memory
 from fermi.models.decoder import Decoder
 from fermi.runners.base import Runner
 from fermi.runners.longrope import with_longrope
@@ -42,9 +42,6 @@ def torch_runner(
     return with_longrope(runner, model)
 
 
-GIB = 1 << 30
-
-
 def check_cache_fits(model: Decoder, max_batch: int, max_seq_len: int, device) -> None:
     """Refuse, before allocating it, a KV cache larger than the memory the device has
     free: on a CPU, a cache the kernel lets torch reserve but cannot back gets the process
@@ -53,46 +50,8 @@ def check_cache_fits(model: Decoder, max_batch: int, max_seq_len: int, device) -
     itemsize = model.model.embed_tokens.weight.element_size()
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
     need = per_token * max_batch * max_seq_len
-    free = free_memory(device)
-    if free is None or need <= free:
-        return
-    raise ModelLoadError(
-        f"the KV cache needs {need / GIB:.1f} GiB (max_batch {max_batch} x max_seq_len "
-        f"{max_seq_len} x {per_token // 1024} KiB per token) and {device} has "
-        f"{free / GIB:.1f} GiB free: lower max_seq_len or max_batch"
+    what = (
+        f"the KV cache (max_batch {max_batch} x max_seq_len {max_seq_len} x "
+        f"{memory.size(per_token)} per token)"
     )
-
-
-def free_memory(device) -> int | None:
-    """Bytes free for new tensors on ``device``: the GPU's free memory, or on a CPU the
-    kernel's MemAvailable bounded by the cgroup's limit (containers); None if unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return torch.cuda.mem_get_info(device)[0] + cached
-    if device.type != "cpu":
-        return None
-    free = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit != "max":
-            with open("/sys/fs/cgroup/memory.current") as f:
-                used = int(f.read().strip())
-            with open("/sys/fs/cgroup/memory.stat") as f:
-                stat = dict(line.split() for line in f if line.count(" ") == 1)
-            # Page cache (the memory-mapped weights among it) is counted as used, but the
-            # kernel gives it back under pressure.
-            used -= int(stat.get("file", 0))
-            room = max(int(limit) - used, 0)
-            free = room if free is None else min(free, room)
-    except (OSError, ValueError):
-        pass
-    return free
+    memory.require_free(need, device, what, "lower max_seq_len or max_batch")

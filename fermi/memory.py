@@ -1,0 +1,62 @@
+"""How much memory a device has free, checked before large allocations (a model's weights,
+its KV cache), so that a setting too large for the machine is a clear error instead of
+an out-of-memory kill."""
+
+from __future__ import annotations
+
+import torch
+
+from fermi.errors import ModelLoadError
+
+GIB = 1 << 30
+
+
+def size(n: int) -> str:
+    """``n`` bytes for a person: 512 B, 3.0 KiB, 1.5 GiB."""
+    for unit, scale in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def free_memory(device) -> int | None:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or on a CPU the
+    kernel's MemAvailable bounded by the cgroup's limit (containers); None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                used = int(f.read().strip())
+            with open("/sys/fs/cgroup/memory.stat") as f:
+                stat = dict(line.split() for line in f if line.count(" ") == 1)
+            # Page cache (the memory-mapped weights among it) is counted as used, but the
+            # kernel gives it back under pressure.
+            used -= int(stat.get("file", 0))
+            room = max(int(limit) - used, 0)
+            free = room if free is None else min(free, room)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def require_free(need: int, device, what: str, advice: str) -> None:
+    """Raise ModelLoadError when ``need`` bytes (``what``) exceed ``device``'s free memory."""
+    free = free_memory(device)
+    if free is None or need <= free:
+        return
+    raise ModelLoadError(f"{what} needs {size(need)} and {device} has {size(free)} free: {advice}")
