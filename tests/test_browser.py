@@ -293,3 +293,11 @@ def test_the_browser_refuses_the_same_fetch_without_cors_origins(browser_page, c
     body = {**CHAT, "stream": True}
     got = browser_page.evaluate(STREAM_JS, [closed_base + "/v1/chat/completions", KEY, body])
     assert got == {"error": "TypeError: Failed to fetch"}
+
+
+def test_a_refused_preflight_on_the_anthropic_api_speaks_its_shape(base):
+    status, _, body = _preflight(base + "/v1/messages", "https://evil.example")
+    error = json.loads(body)
+    assert status == 403 and error["type"] == "error"
+    assert error["error"]["type"] == "permission_error"
+    assert "add it to --cors-origins" in error["error"]["message"]

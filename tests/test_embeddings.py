@@ -342,6 +342,13 @@ def test_openai_sdk_embeddings_equal_the_reference_base64_and_float(client, engi
     assert close(torch.tensor([short.data[0].embedding]), expected)
 
 
+def test_a_null_encoding_format_means_float(base, reference):
+    status, _, body = http(base + "/v1/embeddings", {"input": TEXTS[:2], "encoding_format": None})
+    assert status == 200
+    rows = [d["embedding"] for d in json.loads(body)["data"]]
+    assert close(torch.tensor(rows), reference[:2])
+
+
 def test_raw_base64_is_little_endian_float32(base, reference):
     status, _, body = http(
         base + "/v1/embeddings", {"input": TEXTS[:2], "encoding_format": "base64"}

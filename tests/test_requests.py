@@ -259,6 +259,18 @@ def test_every_openai_role_is_accepted(tokenizer):
         assert build(messages=[{"role": role, "content": "hi"}]).prompt_ids
 
 
+def test_a_developer_message_is_rendered_as_the_system_message(tokenizer):
+    """OpenAI's developer role is its system role; chat templates know only "system"."""
+    build = builder(tokenizer).build
+    as_developer = build(messages=[{"role": "developer", "content": "Be brief."}, HI_USER])
+    as_system = build(messages=[{"role": "system", "content": "Be brief."}, HI_USER])
+    assert as_developer.prompt_ids == as_system.prompt_ids
+    assert "developer" not in tokenizer.decode(list(as_developer.prompt_ids))
+
+
+HI_USER = {"role": "user", "content": "hi"}
+
+
 def test_check_room_refuses_max_tokens_the_builder_clamped(tokenizer):
     request = builder(tokenizer).build(prompt="hello", settings=SamplingSettings(max_tokens=10**9))
     with pytest.raises(RequestError) as err:

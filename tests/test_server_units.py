@@ -523,3 +523,23 @@ def test_a_slow_request_build_runs_beside_a_streaming_request(api, monkeypatch):
     assert max(gaps) < 2.0, f"the stream stalled {max(gaps):.1f} s"
     assert arrivals[-1] - started < 2.5  # the normal stream ended while the slow one built
     assert longest < 2.0
+
+
+def test_an_error_counts_in_metrics_with_the_status_sent(api, monkeypatch):
+    """Anthropic's API answers a full queue with 529, not 429: the counter says 529."""
+    from fermi.server.errors import ApiError
+
+    async def full(raw):
+        raise ApiError(429, "the engine is full", type="rate_limit_error", code="engine_overloaded")
+
+    def count() -> float:
+        try:
+            return metric(api.metrics.render().decode(), "fermi:http_errors_total", status="529")
+        except KeyError:  # none counted yet
+            return 0.0
+
+    monkeypatch.setitem(api._routes, ("POST", "/v1/messages"), full)
+    before = count()
+    reply = asyncio.run(api.handle("POST", "/v1/messages", {}, b"{}"))
+    assert reply.status == 529
+    assert count() == before + 1

@@ -245,9 +245,14 @@ class RequestBuilder:
         check_roles(messages)
         enable = {"on": True, "off": False, "auto": None}[thinking]
         listed = [t.as_openai() for t in parse_tools(list(tools))] if tools else None
+        # OpenAI's "developer" is the system role of its newer models: templates know only
+        # "system" (Qwen3's drops any other role; others render a role the model never saw).
+        messages = [
+            {**m, "role": "system"} if m.get("role") == "developer" else m for m in messages
+        ]
         try:
             text = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, enable_thinking=enable, tools=listed
+                messages, add_generation_prompt=True, enable_thinking=enable, tools=listed
             )
         except FermiError:
             raise

@@ -133,8 +133,8 @@ class RsgiApp:
         try:
             body = await self._body(scope, proto)
         except ApiError as exc:
-            self.api.metrics.error(exc.status)
             reply = error_reply(exc, scope.path)
+            self.api.metrics.error(reply.status)
             self._reply(proto, _with_headers(reply, self.api, scope.headers))
             return
         except Exception as exc:
@@ -209,8 +209,8 @@ class AsgiApp:
         try:
             body = await self._body(headers, receive)
         except ApiError as exc:
-            self.api.metrics.error(exc.status)
             reply = error_reply(exc, scope["path"])
+            self.api.metrics.error(reply.status)
             await self._reply(send, _with_headers(reply, self.api, headers))
             return
         work = self._respond(scope, headers, body, send)

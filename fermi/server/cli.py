@@ -122,8 +122,8 @@ def serve_command(
     interface: str,
     log_level: str,
 ) -> None:
-    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and
-    /metrics."""
+    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/responses,
+    /v1/embeddings, /v1/models), Anthropic's /v1/messages, /health and /metrics."""
     from granian.constants import Interfaces
     from granian.log import LogLevels
     from granian.server import Server

@@ -45,7 +45,7 @@ async def embeddings_reply(engine: Engine, body: EmbeddingRequest, model: str) -
     return reply, tokens
 
 
-def encode(vectors: torch.Tensor, encoding_format: str, model: str, tokens: int) -> bytes:
+def encode(vectors: torch.Tensor, encoding_format: str | None, model: str, tokens: int) -> bytes:
     if encoding_format == "base64":
         rows = vectors.numpy().astype("<f4", copy=False)
         data = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]

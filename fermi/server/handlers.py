@@ -198,8 +198,9 @@ class Api:
                 return self._no_route(method, path)
             return await route(body)
         except ApiError as exc:
-            self.metrics.error(exc.status)
-            return error_reply(exc, path)
+            reply = error_reply(exc, path)
+            self.metrics.error(reply.status)  # as sent (Anthropic's 529 for a full queue)
+            return reply
 
     def _options(self, path: str, headers: Headers, extra: tuple) -> Reply:
         """A CORS preflight (answered before authentication: browsers send no credentials
@@ -208,21 +209,25 @@ class Api:
         origin = headers.get("origin")
         if origin is not None and headers.get("access-control-request-method") is not None:
             if not self.cors.allows(origin):
+                how = (
+                    "add it to --cors-origins"
+                    if self.cors.enabled
+                    else "start the server with --cors-origins to allow it"
+                )
                 error = ApiError(
                     403,
-                    f"cross-origin requests from {origin!r} are not allowed; start the server "
-                    "with --cors-origins to allow them",
+                    f"cross-origin requests from {origin!r} are not allowed; {how}",
                     code="cors_origin_not_allowed",
                 )
                 self.metrics.error(403)
-                return dataclasses.replace(error_reply(error), headers=extra)
+                return dataclasses.replace(error_reply(error, path), headers=extra)
             rid = extra[:1]  # the CORS headers of a preflight are its own
             asked = headers.get("access-control-request-headers")
             return Reply(204, b"", headers=rid + self.cors.preflight(origin, asked))
         if not known:
             error = ApiError(404, f"no such endpoint: OPTIONS {path}", code="not_found")
             self.metrics.error(404)
-            return dataclasses.replace(error_reply(error), headers=extra)
+            return dataclasses.replace(error_reply(error, path), headers=extra)
         methods = sorted({m for m, p in self._routes if p == path} | {"OPTIONS"})
         if "GET" in methods:
             methods.append("HEAD")

@@ -297,7 +297,7 @@ _SCHEMAS: dict[str, Any] = {
             "dimensions": _nullable(
                 {**_INT, "minimum": 1, "description": "at most the model's hidden size"}
             ),
-            "encoding_format": {"enum": ["float", "base64"], "default": "float"},
+            "encoding_format": _nullable({"enum": ["float", "base64"], "default": "float"}),
             "user": _nullable(_STRING),
         },
     },

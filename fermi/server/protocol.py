@@ -102,7 +102,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
     dimensions: int | None = None
     # base64: each vector's little-endian float32 bytes, as OpenAI's (its SDK's default).
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = None  # None: float
     user: str | None = None
 
 
