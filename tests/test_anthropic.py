@@ -428,6 +428,8 @@ def test_x_api_key_and_bearer_are_accepted_and_a_wrong_key_is_an_authentication_
         wrong.messages.count_tokens(model="tiny-think", messages=QUESTION)
 
 
+# A tool result answering no tool_use of an earlier message.
+ORPHAN_RESULT = {"type": "tool_result", "tool_use_id": "toolu_nowhere", "content": "42"}
 IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA"}}
 
 
@@ -448,6 +450,11 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
         ({"tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
         ({"thinking": {"type": "enabled"}}, "budget_tokens"),
         ({"messages": [{"role": "user", "content": "x " * 5000}]}, "context"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [ORPHAN_RESULT]}]},
+            "messages[0].content[0].tool_use_id",
+        ),
     ],
 )
 def test_a_bad_request_is_a_400_in_anthropics_shape_naming_what_is_wrong(client, change, named):

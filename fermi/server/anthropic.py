@@ -116,9 +116,11 @@ def _texts(content: str | list[AnthropicBlock] | None, param: str, where: str) -
     return _JOIN.join(texts)
 
 
-def _user_turn(blocks: list[AnthropicBlock], param: str) -> list[dict[str, Any]]:
+def _user_turn(blocks: list[AnthropicBlock], param: str, calls: set[str]) -> list[dict[str, Any]]:
     """A user turn: its tool results as ``tool`` turns (Anthropic puts them first), then
-    its text, if any."""
+    its text, if any. ``calls``: the ids of the tool_use blocks before it."""
+    if not blocks:
+        raise _bad("a message's content must not be empty", param)
     turns: list[dict[str, Any]] = []
     texts = []
     for j, block in enumerate(blocks):
@@ -127,6 +129,11 @@ def _user_turn(blocks: list[AnthropicBlock], param: str) -> list[dict[str, Any]]
             texts.append(_need(block.text, str, f"{at}.text", "a text block"))
         elif block.type == "tool_result":
             call = _need(block.tool_use_id, str, f"{at}.tool_use_id", "a tool_result block")
+            if call not in calls:
+                raise _bad(
+                    f"tool_use_id {call!r} answers no tool_use block of an earlier message",
+                    f"{at}.tool_use_id",
+                )
             result = _texts(block.content, f"{at}.content", "in a tool_result")
             if block.is_error:
                 result = f"Error: {result}"
@@ -166,6 +173,7 @@ def _assistant_turn(blocks: list[AnthropicBlock], param: str) -> dict[str, Any]:
 def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
     """The system prompt and the messages as chat templates take them."""
     out: list[dict[str, Any]] = []
+    calls: set[str] = set()  # the tool_use ids so far, which a tool_result must answer
     system = _texts(body.system, "system", "in system")
     if system:
         out.append({"role": "system", "content": system})
@@ -176,9 +184,11 @@ def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
         if isinstance(message.content, str):
             out.append({"role": message.role, "content": message.content})
         elif message.role == "user":
-            out += _user_turn(message.content, f"{param}.content")
+            out += _user_turn(message.content, f"{param}.content", calls)
         else:
-            out.append(_assistant_turn(message.content, f"{param}.content"))
+            turn = _assistant_turn(message.content, f"{param}.content")
+            calls.update(call["id"] for call in turn.get("tool_calls", ()))
+            out.append(turn)
     if body.messages and body.messages[-1].role == "assistant":
         raise _bad(
             "the last message must be the user's: continuing an assistant message "
