@@ -146,6 +146,7 @@ class Scheduler:
         self.grammars = grammars
         # A single-token think opener may start a constrained reply (reasoning_may_open).
         self.think_open = tokenizer.token_to_id(THINK_OPEN)
+        self._reasoning_mask: torch.Tensor | None = None  # see _reasoning_row
         self.on_finish = on_finish  # called as each request ends, before its last delta
         self.tokenizer = tokenizer
         reuse = prefix_reuse and caps.keeps_cache
@@ -391,11 +392,10 @@ class Scheduler:
                 assert seq.matcher is not None
                 under.append((seq.matcher, seq.slot))
                 continue
-            row = bits[seq.slot]
-            row.fill_(-1)  # reasoning, or a row whose token will be dropped
             if seq.masked and not seq.done:
-                for eos in self.grammars.eos_ids if self.grammars else ():
-                    _set_bit(row, eos, False)
+                bits[seq.slot].copy_(self._reasoning_row(bits.shape[1]))
+            else:
+                bits[seq.slot].fill_(-1)  # a row whose token will be dropped
         assert self.grammars is not None  # (a grammar's sequence was admitted)
         self.grammars.fill(under, bits)
         think = self.think_open
@@ -404,6 +404,17 @@ class Scheduler:
         for seq in seqs:
             if seq.generated == 0 and seq.request.reasoning_may_open and not seq.done:
                 _set_bit(bits[seq.slot], think, True)
+
+    def _reasoning_row(self, words: int) -> torch.Tensor:
+        """The mask of a row reasoning before its grammar: every token but end-of-sequence
+        (built once)."""
+        row = self._reasoning_mask
+        if row is None or row.numel() != words:
+            row = torch.full((words,), -1, dtype=torch.int32)
+            for eos in self.grammars.eos_ids if self.grammars else ():
+                _set_bit(row, eos, False)
+            self._reasoning_mask = row
+        return row
 
     # -- endings ----------------------------------------------------------------------
 

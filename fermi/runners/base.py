@@ -274,6 +274,7 @@ class Runner:
             self._mask_mirror = mirror
         if self._mask_copied is not None:
             self._mask_copied.synchronize()  # the last copy out of the mirror is done
+            # (an event not yet recorded, or long complete, returns at once)
         slots = set(masks.slots)
         for stale in self._mask_rows - slots:  # constrained before, not now
             mirror[stale].fill_(-1)
@@ -282,7 +283,8 @@ class Runner:
         high = max(slots) + 1
         allowed[:high].copy_(mirror[:high], non_blocking=True)
         if allowed.device.type == "cuda":
-            self._mask_copied = torch.cuda.Event()
+            if self._mask_copied is None:  # one event, recorded again at every copy
+                self._mask_copied = torch.cuda.Event()
             self._mask_copied.record(torch.cuda.current_stream(allowed.device))
 
     def apply_moves_and_admissions(self, batch: Batch) -> None:
