@@ -21,6 +21,7 @@ from typing import Protocol
 
 from fermi import __version__
 from fermi.engine.types import Delta, GenerationRequest
+from fermi.heap import off_loop
 from fermi.server.anthropic_protocol import error_body, error_status, speaks_anthropic
 from fermi.server.build import chat_requests, completion_requests, decode_body
 from fermi.server.chunks import (
@@ -334,7 +335,7 @@ class Api:
         self._check_model(body.model)
         # Templating and tokenising take up to seconds for megabytes of prompt: in a worker
         # thread, so the loop keeps answering (/health, other streams) meanwhile.
-        requests = await asyncio.to_thread(to_requests, self.pool.engine, body)
+        requests = await off_loop(to_requests, self.pool.engine, body)
         generation = Generation(self.pool, requests, asyncio.get_running_loop())
         timing = _Timing(self.metrics, start)
         rid, created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
