@@ -617,3 +617,28 @@ def test_an_error_counts_in_metrics_with_the_status_sent(api, monkeypatch):
     reply = asyncio.run(api.handle("POST", "/v1/messages", {}, b"{}"))
     assert reply.status == 529
     assert count() == before + 1
+
+
+def test_a_grammar_past_its_limits_is_a_400_whole_or_streamed(api, monkeypatch):
+    import fermi.grammar
+
+    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", 2000)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "thinking": "off",
+        "max_tokens": 60,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+    }
+    reply = asyncio.run(api.handle("POST", "/v1/chat/completions", {}, json.dumps(body).encode()))
+    error = json.loads(reply.body)["error"]
+    assert (reply.status, error["code"]) == (400, "grammar_too_complex"), error
+    assert "more work for one token" in error["message"]
+
+    async def streamed():
+        raw = json.dumps({**body, "stream": True}).encode()
+        reply = await api.handle("POST", "/v1/chat/completions", {}, raw)
+        return b"".join([chunk async for chunk in reply.chunks()])
+
+    events = asyncio.run(streamed()).decode()
+    assert '"code":"grammar_too_complex"' in events.replace(" ", "")

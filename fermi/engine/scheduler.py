@@ -347,6 +347,14 @@ class Scheduler:
             assert seq.matcher is not None
             if not seq.matcher.advance(token):
                 error = seq.matcher.error or f"token {token} is outside the grammar"
+                if seq.matcher.over_limits:
+                    message = (
+                        f"the grammar needed more work for one token than a request may "
+                        f"take ({error}); a simpler schema or grammar avoids this"
+                    )
+                    log.warning("a constrained reply stopped at its grammar's limits: %s", error)
+                    self._complete(seq, Delta(error=message, error_code="grammar_limit"), "error")
+                    return
                 log.error("a constrained row sampled a token its grammar rejects: %s", error)
                 self._complete(seq, Delta(error=f"grammar: {error}"), "error")
                 return

@@ -92,6 +92,9 @@ class Delta:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None
+    # What kind of error, where a front end answers it otherwise than as the server's fault:
+    # "grammar_limit" (the request's grammar cost more than fermi.grammar.LIMITS allow).
+    error_code: str | None = None
     # Tool calls as they stream: a call's first piece has its id and name, the following
     # ones fragments of its arguments' JSON text.
     tool_calls: list[ToolCallDelta] | None = None

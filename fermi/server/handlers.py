@@ -425,8 +425,9 @@ class StreamReply:
         if delta.error:
             # The stream ends here; the client raises on the error event.
             self.failed = True
-            self.api.metrics.error(500)
-            return self.failed_event(_engine_error(delta))
+            error = _engine_error(delta)
+            self.api.metrics.error(error.status)
+            return self.failed_event(error)
         self.choices[index].end(delta)  # a stream needs only how each choice ended
         return self.chunker.event(index, delta)
 
@@ -495,6 +496,8 @@ class StreamEndedError(Exception):
 
 
 def _engine_error(delta: Delta) -> ApiError:
+    if delta.error_code == "grammar_limit":  # the request's grammar, not the server
+        return ApiError(400, delta.error or "", code="grammar_too_complex")
     return ApiError(500, f"generation failed: {delta.error}", type="server_error")
 
 
