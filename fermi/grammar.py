@@ -207,7 +207,6 @@ class Matcher:
             self.finished = True
             return True
         if not self._m.consume_token(token):
-            self._rejected = True
             return False
         if self._m.is_stopped():
             self.finished = True
@@ -220,11 +219,11 @@ class Matcher:
 
     @property
     def over_limits(self) -> bool:
-        """The matcher stopped because a step cost more than :data:`LIMITS` allow (its
-        mask then allowed nothing but the end), not because a token broke the grammar."""
-        return self._m.is_error() and not self._rejected
-
-    _rejected = False  # consume_token refused a token the mask allowed
+        """The matcher stopped because a step (a mask, or taking a token) cost more than
+        :data:`LIMITS` allow, not because a token broke the grammar: llguidance puts both
+        in one error state, and says of the latter that the token "doesn't satisfy the
+        grammar"."""
+        return self._m.is_error() and "doesn't satisfy the grammar" not in self._m.get_error()
 
 
 class GrammarCompiler:
