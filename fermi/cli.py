@@ -16,6 +16,7 @@ import time
 import click
 
 from fermi import DEFAULT_MODEL
+from fermi.errors import RequestError
 
 # name -> "module:attribute" of a click command, imported on first use.
 LAZY_COMMANDS = {
@@ -175,6 +176,13 @@ def chat(
     color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
     dim, reset = ("\x1b[2m", "\x1b[0m") if color else ("", "")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
+    try:  # a thinking mode the model's template cannot honour is refused before the chat
+        engine.chat_prompt([*history, {"role": "user", "content": "Hello"}], thinking)
+    except RequestError as exc:
+        engine.close()
+        if exc.param != "thinking":
+            raise
+        raise click.BadParameter(exc.message, param_hint="--thinking") from None
     click.echo(f"fermi chat · {engine.model_name} · {engine.capabilities.name} · /reset /exit")
     try:
         while True:
