@@ -66,14 +66,17 @@ def model_options(func):
             help="Hugging Face id, checkpoint folder, .gguf file, export folder or alias.",
         ),
         click.option(
-            "--device", default=None, help="cuda, cuda:1, cpu. [default: cuda if available]"
+            "--device",
+            default=None,
+            help="cuda, cuda:1, mps, cpu. [default: cuda if available, else mps on Apple "
+            "silicon, else cpu]",
         ),
         click.option(
             "--dtype",
             type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
             default="auto",
             show_default=True,
-            help="auto = bf16 on CUDA, fp32 on CPU.",
+            help="auto = bf16 on CUDA, fp16 on mps, fp32 on CPU.",
         ),
         click.option(
             "--max-seq-len",

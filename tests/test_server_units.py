@@ -160,7 +160,7 @@ def test_devices_are_parsed_and_placed_one_replica_each():
         (3, [], None, 2, "--pool 3 needs 3 GPUs"),
         (2, [], "cuda:1", 2, "name one device per replica"),
         (None, ["cuda:2"], None, 2, "device cuda:2 does not exist"),
-        (None, ["tpu"], None, 2, "is not cpu or cuda:N"),
+        (None, ["tpu"], None, 2, "is not cpu, mps or cuda:N"),
         (0, [], None, 0, "at least 1"),
     ],
 )
