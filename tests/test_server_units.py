@@ -130,6 +130,8 @@ def test_event_bytes_equal_the_encoded_chunk_of_every_delta(make):
         ({"thinking": "on"}, "on"),
         ({"chat_template_kwargs": {"enable_thinking": False}}, "off"),
         ({"chat_template_kwargs": {"enable_thinking": True}}, "on"),
+        ({"chat_template_kwargs": {"thinking": True}}, "on"),  # Granite 3.3's switch
+        ({"chat_template_kwargs": {"thinking": False}}, "off"),
         ({"reasoning_effort": "none"}, "off"),
         ({"reasoning_effort": "high"}, "auto"),
         ({"think": False}, "off"),
