@@ -85,18 +85,6 @@ class ThinkingConvention:
     def can_think(self) -> bool:
         return self.switch is not None or self.opens or self.unprompted
 
-    @property
-    def describe(self) -> str:
-        """The convention in a few words (for errors and logs)."""
-        if self.opens:
-            return "its template opens <think> itself"
-        if self.switch is not None:
-            flags = " and /think, /no_think in the system message" if self.system_flags else ""
-            return f"its template's `{self.switch}` switch{flags}"
-        if self.unprompted:
-            return "the model opens <think> itself"
-        return "no thinking"
-
     def prompt(
         self, render: Render, messages: Sequence[Mapping[str, Any]], thinking: Thinking, model: str
     ) -> ThinkingPrompt:
@@ -160,7 +148,7 @@ def _generation_prompt_opens(tokenizer: Tokenizer) -> bool:
     """Whether the template's generation prompt opens <think> (rendered for a probe)."""
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}])
-    except ValueError:  # a template that refuses the probe: judged by its text alone
+    except (ValueError, TypeError):  # a template that refuses the probe: judged by its text
         return False
     return _prompt_end(text) == "open"
 
