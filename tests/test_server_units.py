@@ -130,6 +130,8 @@ def test_event_bytes_equal_the_encoded_chunk_of_every_delta(make):
         ({"thinking": "on"}, "on"),
         ({"chat_template_kwargs": {"enable_thinking": False}}, "off"),
         ({"chat_template_kwargs": {"enable_thinking": True}}, "on"),
+        ({"chat_template_kwargs": {"thinking": True}}, "on"),  # Granite 3.3's switch
+        ({"chat_template_kwargs": {"thinking": False}}, "off"),
         ({"reasoning_effort": "none"}, "off"),
         ({"reasoning_effort": "high"}, "auto"),
         ({"think": False}, "off"),
@@ -160,7 +162,7 @@ def test_devices_are_parsed_and_placed_one_replica_each():
         (3, [], None, 2, "--pool 3 needs 3 GPUs"),
         (2, [], "cuda:1", 2, "name one device per replica"),
         (None, ["cuda:2"], None, 2, "device cuda:2 does not exist"),
-        (None, ["tpu"], None, 2, "is not cpu or cuda:N"),
+        (None, ["tpu"], None, 2, "is not cpu, mps or cuda:N"),
         (0, [], None, 0, "at least 1"),
     ],
 )

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import torch
 
 from fermi.engine.output import OutputStream
-from fermi.engine.requests import THINK_OPEN
 from fermi.engine.slots import SlotTable
 from fermi.engine.types import Delta, FinishReason, GenerationRequest, Usage
 from fermi.grammar import GrammarCompiler, Matcher
@@ -43,6 +42,7 @@ from fermi.runners.base import (
     StepOutput,
 )
 from fermi.sampling import LogitBias, SampleOutput, check_row
+from fermi.text.thinking import THINK_OPEN
 from fermi.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from fermi.errors import RequestError
 from fermi.heap import gc_paused
 from fermi.server.errors import ApiError, bad_body
 from fermi.server.protocol import ChatCompletionRequest, CompletionRequest, Message, SamplingFields
+from fermi.text.thinking import SWITCHES
 
 MAX_CHOICES = 16  # n per request; more would starve everyone else's slots
 # Prompts per completions request, checked before any is built: 400,000 one-token prompts
@@ -99,9 +100,12 @@ def resolve_thinking(body: ChatCompletionRequest) -> Thinking:
     if body.thinking is not None:
         return body.thinking
     kwargs = body.chat_template_kwargs or {}
-    enable = kwargs.get("enable_thinking")
-    if isinstance(enable, bool):
-        return "on" if enable else "off"
+    # enable_thinking (Qwen3, SmolLM3) or thinking (Granite 3.3): clients send the switch of
+    # the model they know; either means the same mode here, whatever the model's switch.
+    for switch in SWITCHES:
+        enable = kwargs.get(switch)
+        if isinstance(enable, bool):
+            return "on" if enable else "off"
     if body.think is not None:
         return "on" if body.think else "off"
     if body.reasoning_effort is not None and body.reasoning_effort.lower() == "none":
