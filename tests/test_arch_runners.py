@@ -20,7 +20,7 @@ TOL = 1e-4
 SOURCES = {
     "gemma3": (lambda p: test_arch_gemma3.write(p, "gemma3"), False),  # sandwich norms, GELU
     "smollm3": (lambda p: test_arch_smollm3.write(p, "sliding"), True),
-    "granite": (lambda p: test_arch_granite.write(p, "granite"), False),  # residual_multiplier
+    "granite": (lambda p: test_arch_granite.write(p, "untied_biases"), False),  # residual mult.
     "phi4_mini": (test_arch_phi4_mini.write, True),
 }
 
