@@ -10,7 +10,7 @@ import torch
 from fermi.errors import ModelLoadError
 from fermi.loading import load_folder
 from fermi.models.decoder import GLOBAL_ROPE, LOCAL_ROPE
-from fermi.models.gemma3 import gemma3_config
+from fermi.models.gemma3 import gemma3_conditional_config, gemma3_config
 from fermi.models.shapes import SHAPES
 from tests.arch_parity import TOL, greedy_pair, load_pair, max_error_prefill_and_decode
 from tests.tiny import write_checkpoint_for
@@ -138,3 +138,87 @@ def test_unsupported_gemma3_settings_are_clear_load_errors(tmp_path, key, value,
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=message):
         load_folder(folder, torch.device("cpu"), torch.float32)
+
+
+# Gemma 3 4B / 12B / 27B are published as Gemma3ForConditionalGeneration: a text model
+# under language_model.* beside a SigLIP vision tower. A tiny one: 3 text layers (both
+# rope tables and the window), a one-layer vision tower that must be left unread.
+CONDITIONAL = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "model_type": "gemma3",
+    "vocab_size": 512,  # for the test writer; the model reads text_config's
+    "text_config": {
+        **{k: v for k, v in GEMMA3_BASE.items() if k not in ("architectures", "model_type")},
+        "num_hidden_layers": 3,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 16,
+    },
+    "mm_tokens_per_image": 4,
+    "image_token_index": 511,
+    "boi_token_index": 509,
+    "eoi_token_index": 510,
+    "initializer_range": 0.1,
+}
+
+
+def test_conditional_generation_checkpoint_loads_its_text_model(tmp_path):
+    from safetensors import safe_open
+
+    folder = write_checkpoint_for(tmp_path / "conditional", CONDITIONAL, seed=4)
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        stored = set(f.keys())
+    assert any(name.startswith("vision_tower.") for name in stored)
+    assert any(name.startswith("language_model.model.") for name in stored)
+    model, ref = load_pair(folder)
+    assert type(ref).__name__ == "Gemma3ForConditionalGeneration"
+    assert model.cfg.architecture == "Gemma3ForConditionalGeneration"
+    assert [layer.self_attn.window for layer in model.model.layers] == [WINDOW, WINDOW, None]
+    assert max_error_prefill_and_decode(model, ref, prompt_len=40) < TOL
+
+
+def test_conditional_vision_tensors_are_never_read(tmp_path, monkeypatch):
+    import fermi.loading
+
+    folder = write_checkpoint_for(tmp_path / "conditional", CONDITIONAL, seed=4)
+    read = []
+    real = fermi.loading.materialize
+
+    def spy(located):
+        read.extend(key for _, key in located.values())
+        return real(located)
+
+    monkeypatch.setattr(fermi.loading, "materialize", spy)
+    load_folder(folder, torch.device("cpu"), torch.float32)
+    assert read and all(key.startswith("language_model.") for key in read)
+
+
+def test_real_gemma3_4b_text_config_fills_transformers_defaults():
+    # google/gemma-3-4b-it's text_config names only what differs from Gemma3TextConfig.
+    sparse = {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "text_config": {
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+        },
+    }
+    cfg = gemma3_conditional_config(sparse)
+    assert (cfg.vocab_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (262208, 8, 4)
+    assert cfg.head_dim == 256 and cfg.tie_word_embeddings
+    assert cfg.sliding_windows == ((1024,) * 5 + (None,)) * 5 + (1024,) * 4
+    assert cfg.rope.rope_type == "linear" and cfg.rope.params["factor"] == 8.0
+    assert cfg.local_rope.rope_type == "default" and cfg.local_rope.theta == 10_000.0
+    import transformers
+
+    ref = transformers.Gemma3TextConfig(**sparse["text_config"])
+    assert (ref.vocab_size, ref.num_attention_heads, ref.num_key_value_heads) == (262208, 8, 4)

@@ -1,4 +1,7 @@
-"""Gemma 3 (``Gemma3ForCausalLM``, text only): Gemma 3 270M / 1B, and the text model of 4B+.
+"""Gemma 3 (``Gemma3ForCausalLM``): Gemma 3 270M / 1B; and the text model of 4B / 12B / 27B,
+whose checkpoints are ``Gemma3ForConditionalGeneration`` (its ``text_config`` and
+``language_model.*`` weights load; the vision tower is left unread, so images are not
+supported).
 
 Gemma 2's layer (embeddings × sqrt(hidden), RMSNorm × (1 + weight), sandwich norms, GeGLU,
 ``query_pre_attn_scalar``) with four changes, each a :class:`ModelConfig` field:
@@ -13,6 +16,8 @@ Gemma 2's layer (embeddings × sqrt(hidden), RMSNorm × (1 + weight), sandwich n
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from fermi.models.decoder import GLOBAL_ROPE, LOCAL_ROPE, ModelConfig
 from fermi.models.gemma2 import GELU_TANH
@@ -29,8 +34,17 @@ from fermi.models.registry import (
 from fermi.models.rope import RopeConfig
 
 SLIDING, FULL = "sliding_attention", "full_attention"
-# transformers' Gemma3TextConfig defaults for keys a config leaves out.
+# transformers' Gemma3TextConfig defaults for keys a config leaves out (the 4B+ checkpoints'
+# text_config names only what differs from them).
 GLOBAL_THETA, LOCAL_THETA, PATTERN = 1_000_000.0, 10_000.0, 6
+TEXT_DEFAULTS = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+}
 
 
 def gemma3_layer_types(cfg: dict, layers: int) -> list[str]:
@@ -94,6 +108,7 @@ def _without_rope(cfg: dict) -> dict:
 
 
 def gemma3_config(cfg: dict) -> ModelConfig:
+    cfg = {**TEXT_DEFAULTS, **cfg}
     global_rope, local_rope = gemma3_ropes(cfg)
     fields = shape_fields(
         {**_without_rope(cfg), "rope_theta": global_rope.theta},
@@ -139,4 +154,35 @@ def gemma3_config(cfg: dict) -> ModelConfig:
     )
 
 
+def gemma3_conditional_config(cfg: dict) -> ModelConfig:
+    """The text model of a ``Gemma3ForConditionalGeneration`` config: its ``text_config``,
+    with the top level's ``tie_word_embeddings`` (transformers ties at the top)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise UnsupportedModelError(
+            "config.json: Gemma3ForConditionalGeneration without a text_config object"
+        )
+    tied = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+    text_cfg = gemma3_config({**text, "tie_word_embeddings": tied})
+    return replace(text_cfg, architecture="Gemma3ForConditionalGeneration")
+
+
+def text_model_name(name: str) -> str | None:
+    """A ``Gemma3ForConditionalGeneration`` tensor name -> the decoder's (None: the vision
+    tower and projector, never read). Hub checkpoints name the text model
+    ``language_model.model.*``; transformers 5 holds it as ``model.language_model.*``."""
+    for prefix in ("language_model.model.", "model.language_model."):
+        if name.startswith(prefix):
+            return "model." + name.removeprefix(prefix)
+    if name in ("language_model.lm_head.weight", "lm_head.weight"):
+        return "lm_head.weight"
+    vision = ("vision_tower.", "multi_modal_projector.")
+    if name.startswith(vision) or name.removeprefix("model.").startswith(vision):
+        return None
+    return name  # anything else is reported as an unexpected tensor
+
+
 ADAPTER = register(Adapter("Gemma3ForCausalLM", gemma3_config))
+CONDITIONAL_ADAPTER = register(
+    Adapter("Gemma3ForConditionalGeneration", gemma3_conditional_config, rename=text_model_name)
+)

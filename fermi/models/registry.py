@@ -1,8 +1,10 @@
 """Architecture adapters: Hugging Face ``config.json`` -> :class:`ModelConfig`.
 
 Each adapter is a small function named after the architecture it reads. An adapter may
-also provide ``sanitize(weights)`` to fix a checkpoint's naming quirks (renamed tensors,
-extra buffers) before the weights are matched against the module.
+also provide ``rename(name)`` to map a checkpoint's tensor names onto the decoder's before
+any tensor is read (None leaves a tensor unread: a vision tower beside the text model), and
+``sanitize(weights)`` to fix a checkpoint's naming quirks (renamed tensors, extra buffers)
+before the weights are matched against the module.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Adapter:
     architecture: str
     to_config: Callable[[dict], ModelConfig]
     sanitize: Callable[[Weights, ModelConfig], Weights] | None = None
+    rename: Callable[[str], str | None] | None = None
     # Tensors a checkpoint may carry that the model does not use.
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
