@@ -350,7 +350,7 @@ def _longrope_factors(gguf: GGUFFile, arch: str, rotary: int) -> dict[str, Any]:
     return scaling
 
 
-def our_name(gguf_name: str, arch: str = "llama") -> str | None:
+def our_name(gguf_name: str, arch: str) -> str | None:
     """Our parameter name for a GGUF tensor name (None for tensors we do not load)."""
     stem, _, kind = gguf_name.rpartition(".")
     if stem.startswith("blk."):

@@ -59,7 +59,7 @@ ARCHITECTURES = {
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
-    return {arch: write(root, name) for arch, (write, name) in SOURCES.items()}
+    return {arch: write(root / arch, name) for arch, (write, name) in SOURCES.items()}
 
 
 def torch_runner(folder) -> TorchRunner:
