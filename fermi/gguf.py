@@ -227,11 +227,11 @@ def hf_config_from_gguf(gguf: GGUFFile, arch: str) -> dict[str, Any]:
 
 
 def _gemma3_settings(gguf: GGUFFile, arch: str, cfg: dict, decimal) -> dict[str, Any]:
-    """What llama.cpp's Gemma 3 reads or fixes: every 6th layer global (the rest sliding
-    over ``attention.sliding_window`` tokens, when it is set), a local rope base of
-    10 000 (``rope.freq_base_swa`` where a file has one), attention scaled by
-    1/sqrt(head_dim) except for the 62-layer 27B (1/sqrt(hidden / heads)), GELU, and an
-    optional final-logit cap."""
+    """What llama.cpp's Gemma 3 reads or fixes: every 6th layer global and the rest sliding
+    over ``attention.sliding_window`` tokens (without a window every layer is global), a
+    local rope base of 10 000 (``rope.freq_base_swa`` where a file has one), attention
+    scaled by 1/sqrt(head_dim) except for the 62-layer 27B (1/sqrt(hidden / heads)), GELU,
+    and an optional final-logit cap."""
     meta = gguf.metadata
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     window = meta.get(f"{arch}.attention.sliding_window") or None
@@ -239,7 +239,7 @@ def _gemma3_settings(gguf: GGUFFile, arch: str, cfg: dict, decimal) -> dict[str,
     out = {
         "hidden_activation": "gelu_pytorch_tanh",
         "sliding_window": int(window) if window else None,
-        "sliding_window_pattern": GEMMA3_PATTERN,
+        "sliding_window_pattern": GEMMA3_PATTERN if window else 1,
         "rope_local_base_freq": decimal("rope.freq_base_swa", GEMMA3_LOCAL_BASE),
         "query_pre_attn_scalar": scalar,
         "attn_logit_softcapping": None,

@@ -82,6 +82,14 @@ def test_gemma3_gguf_reads_the_layer_pattern_and_both_rope_bases(tmp_path):
     assert cfg.final_logit_softcap == 2.0 and cfg.attn_scale == 0.25
 
 
+def test_gemma3_gguf_without_a_window_has_only_global_layers(tmp_path):
+    # As llama.cpp reads it: no sliding window, no sliding layers, one rope base.
+    no_window = {"gemma3.attention.sliding_window": (0, GGUFValueType.UINT32)}
+    _, path = write(tmp_path, "gemma3", no_window)
+    cfg = load_gguf(path, CPU, torch.float32).config
+    assert cfg.sliding_windows == () and cfg.layer_ropes == (GLOBAL_ROPE,) * 7
+
+
 def test_smollm3_gguf_skips_rope_on_every_fourth_layer(tmp_path):
     _, path = write(tmp_path, "smollm3")
     assert load_gguf(path, CPU, torch.float32).config.layer_ropes == (GLOBAL_ROPE,) * 3 + (None,)
