@@ -128,7 +128,11 @@ def load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Check
     if not tokenizer_file.exists():
         raise ModelLoadError(f"model folder {folder} has no tokenizer.json")
     tokenizer = Tokenizer.from_folder(folder)
-    weights, bare = backbone_prefixed(read_safetensors(folder))
+    located = read_safetensors(folder)
+    if adapter.rename is not None:  # before any tensor is read: unread ones cost nothing
+        renamed = ((adapter.rename(name), where) for name, where in located.items())
+        located = {name: where for name, where in renamed if name is not None}
+    weights, bare = backbone_prefixed(located)
     embedding = embedding_spec(folder, config, bare, has_head="lm_head.weight" in weights)
     if embedding is not None and not embedding.generates:
         # The decoder keeps its one shape: the embedding matrix stands in for the missing
