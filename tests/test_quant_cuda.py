@@ -59,7 +59,7 @@ def test_fused_int8_and_int4_row_kernels_equal_the_reference(dtype, n, k):
 @pytest.mark.parametrize("rows", [1, 2, 8, 16, 17, 300])
 def test_quantized_linear_on_cuda_equals_the_reference_for_every_row_count(dtype, rows):
     """16 rows and fewer: the few-row kernel; more: dequantize + cuBLAS."""
-    w, q8, q4 = weights(2048, 2560)
+    _, q8, q4 = weights(2048, 2560)
     g = torch.Generator(device="cuda").manual_seed(rows)
     x = torch.randn(rows, 2560, device="cuda", dtype=dtype, generator=g)
     bias = torch.randn(2048, device="cuda", dtype=dtype, generator=g)
@@ -71,7 +71,7 @@ def test_quantized_linear_on_cuda_equals_the_reference_for_every_row_count(dtype
 
 
 def test_cuda_and_cpu_layers_of_one_weight_agree():
-    w, q8, q4 = weights(512, 1024)
+    _, q8, q4 = weights(512, 1024)
     x = torch.randn(4, 1024)
     for q in (q8, q4):
         cpu = Q.QuantLinear(q.to("cpu"), None, "cpu", torch.float32)(x)
