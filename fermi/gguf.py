@@ -130,8 +130,15 @@ def load_gguf(
         raise ModelLoadError(f"{path}: {exc}") from None
     tokenizer = tokenizer_from_gguf(meta, str(path))  # before the weights: fail fast
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    # Under int4 (groups of 32) the layers' 4-bit blocks keep their codes (no float copy).
     keep = quantize is not None and quantize.scheme == "int4" and quantize.group == 32
-    weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype, keep_int4=keep)
+    kept = {n: gguf.int4_codes(n) for n in gguf.tensors if keep and _is_matrix(n)}
+    # Dequantizing allocates every other weight at torch_dtype first (a Q4 file grows ~4x
+    # in fp16).
+    need = sum(prod(i.shape) for n, i in gguf.tensors.items() if kept.get(n) is None)
+    need *= torch_dtype.itemsize
+    memory.require_free(need, "cpu", f"{path}: dequantizing its weights", DTYPE_ADVICE)
+    weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype, kept)
     model = build_model(config, adapter, weights, device, torch_dtype, str(path), quantize)
     if half_storage:
         use_half_weights(model)  # the linear layers left in float (none when quantized)
@@ -282,17 +289,12 @@ def read_weights(
     heads: int,
     kv_heads: int,
     dtype: torch.dtype,
-    keep_int4: bool = False,
+    kept: dict[str, QuantizedWeight | None] | None = None,
 ) -> dict[str, torch.Tensor | QuantizedWeight]:
-    """Every tensor under our name, dequantized to ``dtype``; with ``keep_int4`` the layers'
-    4-bit block matrices come as :class:`QuantizedWeight` with their codes as stored."""
+    """Every tensor under our name, dequantized to ``dtype``, except those ``kept`` (GGUF
+    name -> codes as stored, ``GGUFFile.int4_codes``), which come as they are."""
     permuted = ARCHITECTURES[arch][1]
-    kept = {n: gguf.int4_codes(n) for n in gguf.tensors if keep_int4 and _is_matrix(n)}
-    # Dequantizing allocates every other weight at dtype first (a Q4 file grows ~4x in fp16).
-    need = sum(prod(i.shape) for n, i in gguf.tensors.items() if kept.get(n) is None)
-    memory.require_free(
-        need * dtype.itemsize, "cpu", f"{gguf.path}: dequantizing its weights", DTYPE_ADVICE
-    )
+    kept = kept or {}
     weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     for name in gguf.tensors:
         ours = our_name(name)

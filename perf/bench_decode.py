@@ -17,6 +17,13 @@ the correctness checks compare like with like. Per model and prompt length it me
 Run on the GPU machine from the repository root::
 
     PYTHONPATH=$PWD python3 perf/bench_decode.py --models Qwen3-0.6B --out perf/results/x.json
+
+Weight-only quantization (``fermi.models.quant``): ``--quantize none int8 int4`` measures each
+scheme in turn in the same process, on the same random weights (transformers and the fp32
+check run for ``none`` only); ``--group-size`` sets int4's group::
+
+    PYTHONPATH=$PWD python3 perf/bench_decode.py --models Qwen3-1.7B Qwen3-8B --skip-hf \
+        --prompts 128 --batches 1 --quantize none int8 int4 --out $OUT/quant.json
     python3 perf/bench_decode.py --report perf/results/*.json   # table for perf/README.md
 """
 
@@ -426,27 +433,46 @@ def run_probe(name: str, cache: Path) -> dict:
 # -- main ------------------------------------------------------------------------------
 
 
-def bench_model(name: str, args, bandwidth: float, entry: dict, save) -> None:
+def bench_model(
+    name: str, args, bandwidth: float, entry: dict, save, quantize: str | None = None
+) -> None:
     """Fill ``entry`` measurement by measurement, calling ``save()`` after each."""
     import torch
 
+    from fermi.models.quant import QuantSpec, quantize_decoder
     from fermi.models.shapes import config
 
     cfg = config(name)
     vocab = cfg["vocab_size"]
     wbytes = weight_bytes_per_token(cfg)
-    roof = bandwidth / wbytes
-    entry.update({"model": name, "weight_bytes_per_token": wbytes, "roofline_tok_s": roof})
     qwen3 = name in QWEN3
+    label = f"{name} {quantize}" if quantize else name
 
     def log(msg: str) -> None:
-        print(f"[{name}] {msg}", flush=True)
+        print(f"[{label}] {msg}", flush=True)
         save()
 
     torch.cuda.empty_cache()
     torch._dynamo.reset()  # each model compiles afresh; keeps Dynamo's per-code caches small
-    hf = hf_model(cfg) if qwen3 and not args.skip_hf else None
+    hf = hf_model(cfg) if qwen3 and not args.skip_hf and quantize is None else None
     model = our_decoder(cfg, hf)
+    if quantize is not None:
+        report = quantize_decoder(model, QuantSpec(quantize, args.group_size))
+        # The quantized linear layers instead of their bf16 bytes; the norms and one
+        # embedding row (weight_bytes_per_token's other terms) stay as they were.
+        h = cfg["hidden_size"]
+        wbytes = 2 * (4 * h * cfg["num_hidden_layers"] + 2 * h) + report.nbytes
+        entry["quantization"] = report.summary()
+        log(report.summary())
+    roof = bandwidth / wbytes
+    entry.update(
+        {
+            "model": name,
+            "quantize": quantize,
+            "weight_bytes_per_token": wbytes,
+            "roofline_tok_s": roof,
+        }
+    )
     max_batch = max(args.batches) if qwen3 else 1
     started = time.perf_counter()
     engine, runner = our_engine(
@@ -538,6 +564,14 @@ def main() -> None:
     p.add_argument("--decode-attention", default=None, choices=["split", "flex", "math", "sdpa"])
     p.add_argument("--compile-scope", default="layer", choices=["layer", "model"])
     p.add_argument("--fp32-check", action="store_true")
+    p.add_argument(
+        "--quantize",
+        nargs="*",
+        default=["none"],
+        choices=["none", "int8", "int4"],
+        help="weight-only schemes to measure in turn (none = bf16)",
+    )
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
     p.add_argument("--context-test", default=None, help="model name for the 500-token test")
     p.add_argument("--start-test", nargs="*", default=[], help="models for cold/warm start")
     p.add_argument("--start-probe", default=None, help=argparse.SUPPRESS)
@@ -579,16 +613,19 @@ def main() -> None:
     print(f"read bandwidth {result['read_bandwidth_gb_s']:.0f} GB/s", flush=True)
     names = list(args.models) + (list(EXTRA) if args.extra else [])
     for name in names:
-        entry: dict = {"model": name}
-        result["models"].append(entry)
-        try:
-            bench_model(name, args, result["read_bandwidth_gb_s"] * 1e9, entry, save)
-        except Exception as exc:  # one failing shape must not lose the others' numbers
-            import traceback
+        for scheme in args.quantize:
+            quantize = None if scheme == "none" else scheme
+            entry: dict = {"model": name, "quantize": quantize}
+            result["models"].append(entry)
+            try:
+                bandwidth = result["read_bandwidth_gb_s"] * 1e9
+                bench_model(name, args, bandwidth, entry, save, quantize)
+            except Exception as exc:  # one failing shape must not lose the others' numbers
+                import traceback
 
-            traceback.print_exc()
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-        save()
+                traceback.print_exc()
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+            save()
     if args.context_test:
         result["context_test"] = context_test(args.context_test, 500)
         print(f"context test: {result['context_test']}", flush=True)
@@ -617,11 +654,26 @@ def report(results: list[dict]) -> str:
         "tok/s | ours / HF static | ours TTFT ms | HF static TTFT ms | ours peak GiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    extras = []
+    extras, quantized = [], []
     for res in results:
+        plain = {
+            m["model"]: m["ours_b1_p128"]["decode_tok_s"]
+            for m in res["models"]
+            if not m.get("quantize") and "ours_b1_p128" in m
+        }
         for m in res["models"]:
             if "error" in m:
                 lines.append(f"| {m['model']} | error: {m['error'][:80]} |")
+                continue
+            if m.get("quantize"):
+                b1 = m.get("ours_b1_p128")
+                if b1:
+                    base = plain.get(m["model"])
+                    quantized.append(
+                        f"| {m['model']} | {m['quantize']} | {b1['decode_tok_s']:.0f} | "
+                        f"{_fmt(base)} | {_fmt(base and b1['decode_tok_s'] / base, '.2f')} | "
+                        f"{100 * b1['roofline_share']:.0f}% |"
+                    )
                 continue
             for key in sorted(k for k in m if k.startswith("ours_b1_p")):
                 plen = key.removeprefix("ours_b1_p")
@@ -650,6 +702,12 @@ def report(results: list[dict]) -> str:
             "\n\n| model | batch | aggregate tok/s (prompt 128) | vs batch 1 |\n|---|---|---|---|\n"
         )
         out += "\n".join(extras)
+    if quantized:
+        out += (
+            "\n\n| model | weights | tok/s (batch 1, prompt 128) | bf16 tok/s (same run) | "
+            "vs bf16 | roofline share |\n|---|---|---|---|---|---|\n"
+        )
+        out += "\n".join(quantized)
     return out
 
 

@@ -304,3 +304,15 @@ def test_triton_kernels_under_the_interpreter_match_their_references():
     assert len(results) >= 45
     for case, (error, tolerance) in results.items():
         assert error <= tolerance, case
+
+
+def test_quantizing_a_built_decoder_equals_quantizing_while_loading(folder):
+    """``quantize_decoder`` (what the GPU benchmark uses on random weights) builds the same
+    layers as the loader; a second pass is refused."""
+    plain = load_folder(folder, CPU, torch.float32).model
+    loaded = load_folder(folder, CPU, torch.float32, Q.QuantSpec("int4")).model
+    report = Q.quantize_decoder(plain, Q.QuantSpec("int4"))
+    assert plain.quantization is report and report.nbytes == loaded.quantization.nbytes
+    assert torch.equal(prompt_logits(plain), prompt_logits(loaded))
+    with pytest.raises(ValueError, match=r"qkv_proj is a QuantLinear, not a float nn\.Linear"):
+        Q.quantize_decoder(plain, Q.QuantSpec("int8"))

@@ -411,3 +411,23 @@ def device_precision(weight: QuantizedWeight, device: torch.device | str) -> Qua
         zeros = (weight.mins + 8.0 * weight.scales).to(torch.bfloat16).float()
         return QuantizedWeight(weight.codes, scales, zeros - 8.0 * scales)
     return QuantizedWeight(weight.codes, weight.scales.half().float(), weight.mins.half().float())
+
+
+def quantize_decoder(model: nn.Module, spec: QuantSpec) -> QuantReport:
+    """Quantize, in place, the linear layers ``spec`` names in a float ``Decoder`` already
+    built (benchmarks build random ones; the loaders quantize while they load, through
+    ``fermi.loading.build_model``). Sets and returns ``model.quantization``."""
+    embed = model.model.embed_tokens.weight
+    report = QuantReport(spec, [], {}, 0)
+    for name, scheme in spec.targets(model.cfg.num_hidden_layers).items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{name} is a {type(linear).__name__}, not a float nn.Linear")
+        layer, error = build_linear(
+            [linear.weight.detach()], scheme, spec, linear.bias, embed.device, embed.dtype
+        )
+        model.set_submodule(name, layer)
+        report.errors[name] = error or 0.0
+        report.nbytes += layer.nbytes
+    model.quantization = report
+    return report
