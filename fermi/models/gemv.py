@@ -13,6 +13,11 @@ time, and computes its own copy of the input vector on the way in:
   ``silu(gate) * up``;
 - ``bias`` and ``residual`` are added to the result.
 
+The weights may be float, int8 with one scale per row (``scale``: the sums are scaled at the
+end), or int4 in groups (``gemv_int4``: the codes of ``fermi.models.quant``, two to a byte,
+with a scale and a minimum per group; each group's sum is ``scale * sum(q * x) + min *
+sum(x)``, so no float weight is formed).
+
 silu(gate) * up is rounded to the activation dtype where the unfused torch ops round it;
 the normalised input is not rounded (the unfused RMSNorm rounds it once, before the
 product), so in bf16 the two differ by about one rounding of the input.
