@@ -2,9 +2,10 @@
 
 Loads the packaged Q4_1 GGUF once per scheme (fp16 weight storage, today's default;
 int8; int4 with the file's codes kept) and, in interleaved rounds (every scheme once per
-round), measures greedy decode tok/s of one request (first token to last) and the aggregate
-of 4 concurrent requests (tokens after every request had its first, over that window).
-128-token prompts, 64 new tokens, end of sequence ignored. Medians and ranges over rounds.
+round), measures greedy decode tok/s of one request (first token to last), its time to
+first token (the prefill), and the aggregate of 4 concurrent requests (tokens after every
+request had its first, over that window). 128-token prompts, 64 new tokens, end of
+sequence ignored. Medians and ranges over rounds.
 
     python perf/bench_cpu_quant.py --threads 2 --out perf/results/cpu_quant_decode.json
 """
@@ -34,10 +35,11 @@ def prompt(engine, seed: int, n: int = 128) -> list[int]:
     return torch.randint(100, engine.capabilities.vocab_size - 100, (n,), generator=g).tolist()
 
 
-def one(engine, new_tokens: int, seed: int) -> float:
+def one(engine, new_tokens: int, seed: int) -> tuple[float, float]:
+    """(decode tok/s, time to first token in ms) of one request."""
     kw = {"max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
     out = engine.generate(prompt_token_ids=prompt(engine, seed), **kw)
-    return (len(out.token_ids) - 1) / out.decode_time
+    return (len(out.token_ids) - 1) / out.decode_time, 1e3 * out.time_to_first_token
 
 
 def concurrent(engine, streams: int, new_tokens: int, seed: int) -> float:
@@ -77,14 +79,18 @@ def main() -> None:
         name: fermi.load("smollm2-135m", quantize=q, max_batch=args.streams, max_seq_len=512)
         for name, q in SCHEMES.items()
     }
-    rates: dict[str, dict[str, list[float]]] = {n: {"b1": [], "b4": []} for n in engines}
+    rates: dict[str, dict[str, list[float]]] = {
+        n: {"b1": [], "b4": [], "ttft": []} for n in engines
+    }
     for engine in engines.values():  # warm-up
         one(engine, 8, 0)
         concurrent(engine, args.streams, 8, 0)
     load_before = os.getloadavg()
     for r in range(args.rounds):
         for name, engine in engines.items():
-            rates[name]["b1"].append(one(engine, args.new_tokens, 10 + r))
+            rate, ttft = one(engine, args.new_tokens, 10 + r)
+            rates[name]["b1"].append(rate)
+            rates[name]["ttft"].append(ttft)
             rates[name]["b4"].append(concurrent(engine, args.streams, args.new_tokens, 100 + r))
         print(f"round {r}: " + ", ".join(f"{n} {v['b1'][-1]:.1f}" for n, v in rates.items()))
     result = {
@@ -108,6 +114,7 @@ def main() -> None:
             "batch_1_range": [round(min(b1), 1), round(max(b1), 1)],
             f"batch_{args.streams}_aggregate_median": round(statistics.median(b4), 1),
             f"batch_{args.streams}_range": [round(min(b4), 1), round(max(b4), 1)],
+            "ttft_ms_median (128-token prompt)": round(statistics.median(rates[name]["ttft"]), 1),
             "quantization": None if report is None else report.summary(),
         }
         print(name, result["decode_tok_s"][name], flush=True)
