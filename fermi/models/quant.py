@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fermi.models import gemv, quant_mm
 from fermi.models.gemv import ACT_NONE, ACT_SILU_MUL
 
 SCHEMES = ("int8", "int4")
@@ -247,11 +248,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu:
             return self._cpu(x)
-        if x.is_cuda:
-            from fermi.models import quant_mm
-
-            if quant_mm.available():
-                return quant_mm.quant_linear(x, self.codes, self.scales, self.mins, self.bias)
+        if x.is_cuda and quant_mm.triton is not None:
+            return quant_mm.quant_linear(x, self.codes, self.scales, self.mins, self.bias)
         w = self.weight_as_stored().dequantize(x.dtype)
         return F.linear(x, w, self.bias)
 
@@ -278,10 +276,8 @@ class QuantLinear(nn.Module):
     ) -> torch.Tensor:
         """The fused one-row product of ``fermi.models.gemv`` with this layer's weights:
         the Triton kernel on CUDA, the same steps in torch elsewhere."""
-        from fermi.models import gemv
-
         gemv._check_one_row(x)
-        if x.is_cuda and gemv.available():
+        if x.is_cuda and gemv.triton is not None:
             fused = {"norm_weight": norm_weight, "eps": eps, "act": act, "residual": residual}
             if self.scheme == "int8":
                 return gemv.gemv(x, self.codes, self.bias, scale=self.scales, **fused)
