@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from fermi.models import gemv as G
 from fermi.models import quant as Q
-from fermi.models import quant_mm as QM
 
 pytestmark = [
     pytest.mark.gpu,
@@ -89,8 +88,9 @@ def test_quant_linear_is_traced_as_one_opaque_op_without_recompiles():
     for rows in (1, 4, 16, 17, 64):
         x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
         assert rel(compiled(x), layer(x)) < 1e-2
-    assert int(counters["stats"]["unique_graphs"]) - before <= 2  # static first, then dynamic
-    assert QM.FEW_ROWS == 16
+    # One row compiles apart (Dynamo specialises sizes 0 and 1), then one dynamic graph
+    # serves 4..64 rows across the few-row/cuBLAS switch.
+    assert int(counters["stats"]["unique_graphs"]) - before <= 2
 
 
 @pytest.mark.parametrize("scheme", Q.SCHEMES)
