@@ -293,6 +293,14 @@ def build_model(
                 f"config.json implies {shape}"
             )
     targets = quantize.targets(config.num_hidden_layers) if quantize is not None else {}
+    for module, scheme in targets.items():  # refused before anything is read or quantized
+        ref = expected.get(f"{module}.weight")
+        k = config.hidden_size if ref is None else ref.shape[1]
+        if scheme == "int4" and k % quantize.group:  # type: ignore[union-attr]
+            raise ValueError(
+                f"{source}: cannot quantize {module} to int4: its input size {k} is no "
+                f"multiple of the group size {quantize.group}"  # type: ignore[union-attr]
+            )
     # The weights as the model holds them (on the device, in dtype or quantized): refused
     # before any is copied when they cannot fit.
     need = sum(prod(shape) for shape in wanted.values()) * dtype.itemsize

@@ -316,3 +316,20 @@ def test_quantizing_a_built_decoder_equals_quantizing_while_loading(folder):
     assert torch.equal(prompt_logits(plain), prompt_logits(loaded))
     with pytest.raises(ValueError, match=r"qkv_proj is a QuantLinear, not a float nn\.Linear"):
         Q.quantize_decoder(plain, Q.QuantSpec("int8"))
+
+
+@pytest.mark.parametrize("scheme", Q.SCHEMES)
+def test_projection_biases_survive_quantization(tmp_path, scheme):
+    folder = write_checkpoint(tmp_path / "bias", {"attention_bias": True}, seed=9)
+    plain = load_folder(folder, CPU, torch.float32).model
+    model = load_folder(folder, CPU, torch.float32, Q.QuantSpec(scheme)).model
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert torch.equal(qkv.bias, plain.model.layers[0].self_attn.qkv_proj.bias)
+    assert rel(prompt_logits(model), prompt_logits(plain)) < (0.05 if scheme == "int8" else 0.3)
+
+
+def test_int4_on_a_width_that_is_no_multiple_of_the_group_is_refused_naming_the_layer(tmp_path):
+    folder = write_checkpoint(tmp_path / "odd", {"hidden_size": 48, "head_dim": 12}, seed=1)
+    with pytest.raises(ValueError, match=r"cannot quantize model\.layers\.0\.self_attn\.qkv_proj"):
+        load_folder(folder, CPU, torch.float32, Q.QuantSpec("int4"))
+    assert load_folder(folder, CPU, torch.float32, Q.QuantSpec("int8")).model.quantization
