@@ -24,6 +24,7 @@ from fermi.loading import load_folder
 from fermi.models import gemv as G
 from fermi.models import quant as Q
 from tests.gguf_files import write_gguf
+from tests.serving import NEEDS_SMOLLM2
 from tests.test_gguf import Q as GT
 from tests.test_gguf import random_blocks
 from tests.tiny import write_checkpoint
@@ -333,3 +334,20 @@ def test_int4_on_a_width_that_is_no_multiple_of_the_group_is_refused_naming_the_
     with pytest.raises(ValueError, match=r"cannot quantize model\.layers\.0\.self_attn\.qkv_proj"):
         load_folder(folder, CPU, torch.float32, Q.QuantSpec("int4"))
     assert load_folder(folder, CPU, torch.float32, Q.QuantSpec("int8")).model.quantization
+
+
+@NEEDS_SMOLLM2
+@pytest.mark.parametrize("scheme", Q.SCHEMES)
+def test_smollm2_quantized_keeps_its_q4_1_codes_under_int4_and_answers_paris(scheme):
+    with fermi.load("smollm2-135m", quantize=scheme, max_seq_len=256, max_batch=1) as engine:
+        report = engine.runner.model.quantization
+        if scheme == "int4":  # every layer's Q4_1 codes; the head from the Q8_0 embeddings
+            assert len(report.kept) == 120 and list(report.errors) == ["lm_head"]
+        else:
+            assert not report.kept and len(report.errors) == 121
+        out = engine.generate(
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=16,
+            temperature=0,
+        )
+    assert "Paris" in out.text
