@@ -292,25 +292,22 @@ def build_model(
                 f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                 f"config.json implies {shape}"
             )
-    targets = quantize.targets(config.num_hidden_layers) if quantize is not None else {}
-    for module, scheme in targets.items():  # refused before anything is read or quantized
-        ref = expected.get(f"{module}.weight")
-        k = config.hidden_size if ref is None else ref.shape[1]
-        if scheme == "int4" and k % quantize.group:  # type: ignore[union-attr]
-            raise ValueError(
-                f"{source}: cannot quantize {module} to int4: its input size {k} is no "
-                f"multiple of the group size {quantize.group}"  # type: ignore[union-attr]
-            )
     # The weights as the model holds them (on the device, in dtype or quantized): refused
     # before any is copied when they cannot fit.
     need = sum(prod(shape) for shape in wanted.values()) * dtype.itemsize
-    for module, scheme in targets.items():  # a quantized weight replaces its float bytes
-        n, k = config.vocab_size, config.hidden_size  # the lm_head's, maybe tied
-        float_weight = expected.get(f"{module}.weight")
-        if float_weight is not None:
-            n, k = float_weight.shape
-            need -= n * k * dtype.itemsize
-        need += quantize.nbytes(scheme, n, k)  # type: ignore[union-attr]
+    targets: dict[str, str] = {}
+    if quantize is not None:
+        targets = quantize.targets(config.num_hidden_layers)
+        for module, scheme in targets.items():
+            ref = expected.get(f"{module}.weight")  # None for a tied lm_head
+            n, k = (config.vocab_size, config.hidden_size) if ref is None else ref.shape
+            if scheme == "int4" and k % quantize.group:
+                raise ValueError(
+                    f"{source}: cannot quantize {module} to int4: its input size {k} is no "
+                    f"multiple of the group size {quantize.group}"
+                )
+            # The quantized weight replaces its float bytes (a tied head adds its own).
+            need += quantize.nbytes(scheme, n, k) - (0 if ref is None else n * k * dtype.itemsize)
     memory.require_free(need, device, f"{source}: its weights in {dtype}", DTYPE_ADVICE)
     state = {}
     quantized: dict[str, list] = {}
@@ -327,7 +324,7 @@ def build_model(
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     report = QuantReport(quantize, [], {}, 0) if quantize is not None else None
     for module, module_parts in quantized.items():
-        assert quantize is not None and report is not None
+        assert quantize is not None and report is not None  # targets are empty without
         bias = state.pop(f"{module}.bias", None)
         layer, error = build_linear(module_parts, targets[module], quantize, bias, device, dtype)
         model.set_submodule(module, layer)

@@ -8,10 +8,12 @@ stay in the model's dtype; only the stored weights change.
 - **int4**: groups of ``INT4_GROUP`` = 32 consecutive values along the input dimension, each
   with a scale and a minimum (``w = q * scale + min``, q in 0..15). Why 32: llama.cpp's 4-bit
   formats (Q4_0, Q4_1, Q4_K) use groups of 32, so their codes load unchanged
-  (``fermi.gguf``); SmolLM2's hidden size 576 is no multiple of 128 (nor of torch's CPU
-  kernel's other group sizes but 32 and 64); and smaller groups lose least
-  (perf/results/cpu_quant_quality.json). The cost is 5 bits a weight instead of 4.25 with
-  groups of 128.
+  (``fermi.gguf``), while re-quantizing them into coarser groups costs a lot (SmolLM2's Q4_1
+  values in groups of 64: perplexity 31.5 -> 47.0, perf/results/cpu_quant_quality.json);
+  SmolLM2's hidden size 576 is no multiple of 128; and the finest groups of the range lose
+  least. The cost: 5 bits a weight instead of 4.25 with groups of 128, and on this CPU
+  torch's kernel ran groups of 64 faster (perf/results/cpu_quant_kernels.json).
+  ``QuantSpec(group=64)`` or ``128`` takes the others.
 
 :class:`QuantizedWeight` is the stored form, the same on every device: int8 codes [N, K], or
 int4 codes packed two to a byte [N, K/2] in llama.cpp's order (in each group, byte j holds
@@ -162,7 +164,7 @@ def quantize(weight: torch.Tensor, scheme: str, group: int = INT4_GROUP) -> Quan
         return quantize_int8(weight)
     if scheme == "int4":
         return quantize_int4(weight, group)
-    raise ValueError(check_scheme(scheme))
+    raise ValueError(f"quantization scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
 
 
 def relative_error(q: QuantizedWeight, reference: torch.Tensor) -> float:
