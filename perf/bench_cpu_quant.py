@@ -5,7 +5,9 @@ int8; int4 with the file's codes kept) and, in interleaved rounds (every scheme 
 round), measures greedy decode tok/s of one request (first token to last), its time to
 first token (the prefill), and the aggregate of 4 concurrent requests (tokens after every
 request had its first, over that window). 128-token prompts, 64 new tokens, end of
-sequence ignored. Medians and ranges over rounds.
+sequence ignored. Medians and ranges over rounds. Then, steadier under a shared machine's
+noise, the decode step alone (``Decoder.forward``, 1 and 4 rows at position 130, each
+scheme in turn, 30 rounds): minimum and median.
 
     python perf/bench_cpu_quant.py --threads 2 --out perf/results/cpu_quant_decode.json
 """
@@ -66,6 +68,33 @@ def concurrent(engine, streams: int, new_tokens: int, seed: int) -> float:
     return produced / (last - first)
 
 
+@torch.inference_mode()
+def step_times(rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Milliseconds of one decode step (1 and 4 rows) per scheme, interleaved."""
+    from fermi.aliases import alias_path
+    from fermi.gguf import load_gguf
+    from fermi.models.quant import QuantSpec
+
+    path = alias_path("smollm2-135m")
+    assert path is not None
+    models = {
+        name: load_gguf(path, torch.device("cpu"), None, QuantSpec.parse(q)).model
+        for name, q in SCHEMES.items()
+    }
+    times: dict[str, dict[str, list[float]]] = {n: {"1": [], "4": []} for n in models}
+    for model in models.values():
+        model.setup_cache(4, 256)
+    for _ in range(rounds):
+        for name, model in models.items():
+            for rows in (1, 4):
+                tokens = torch.full((rows, 1), 5)
+                positions = torch.full((rows, 1), 130)
+                started = time.perf_counter()
+                model(tokens, positions, torch.arange(rows), 131, rows_are_slots=True)
+                times[name][str(rows)].append(1e3 * (time.perf_counter() - started))
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -106,6 +135,15 @@ def main() -> None:
         f"batch {args.streams} = {args.streams} concurrent requests",
         "decode_tok_s": {},
     }
+    steps = step_times(30)
+    result["decode_step_ms"] = {
+        name: {
+            f"{rows} rows": {"min": round(min(v), 1), "median": round(statistics.median(v), 1)}
+            for rows, v in by_rows.items()
+        }
+        for name, by_rows in steps.items()
+    }
+    print(result["decode_step_ms"], flush=True)
     for name, engine in engines.items():
         report = engine.runner.model.quantization
         b1, b4 = rates[name]["b1"], rates[name]["b4"]

@@ -65,7 +65,9 @@ def test_quantized_linear_on_cuda_equals_the_reference_for_every_row_count(dtype
     for q in (q8, q4):
         layer = Q.QuantLinear(q, bias, "cuda", dtype)
         want = F.linear(x.float(), Q.device_precision(q, "cuda").dequantize(), bias.float())
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        # fp32: cuBLAS may run TF32 where a test enabled it; 16-bit: the dequantized
+        # weights and the output are rounded.
+        tol = 2e-3 if dtype == torch.float32 else 2e-2
         assert rel(layer(x), want) <= tol, q.scheme
 
 
