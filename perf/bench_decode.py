@@ -335,6 +335,34 @@ def ours_raw_context(model, max_seq_len: int, context: int, steps: int = 64) -> 
     return statistics.median(rates[1:])
 
 
+def prompt_logits(model, prompt: list[int]):
+    """float32 logits at every position of ``prompt`` (one eager forward, slot 0)."""
+    import torch
+
+    model.setup_cache(1, len(prompt) + 1)
+    ids = torch.tensor([prompt], device="cuda")
+    pos = torch.arange(len(prompt), device="cuda")[None]
+    slot = torch.zeros(1, dtype=torch.long, device="cuda")
+    with torch.inference_mode():
+        return model(ids, pos, slot, kv_len=len(prompt), last_only=False)[0].float()
+
+
+def compare_logits(got, want) -> dict:
+    """How far quantized logits are from the bf16 model's on the same random weights:
+    largest difference over the largest logit, top-1 agreement, mean KL(want || got)."""
+    import torch.nn.functional as F
+
+    kl = F.kl_div(
+        F.log_softmax(got, -1), F.log_softmax(want, -1), log_target=True, reduction="none"
+    )
+    return {
+        "max_abs_diff_over_max_logit": float((got - want).abs().max() / want.abs().max()),
+        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).float().mean()),
+        "mean_kl": float(kl.sum(-1).mean()),
+        "positions": got.shape[0],
+    }
+
+
 def fp32_logit_check(hf, cfg: dict, prompt: list[int], steps: int = 8) -> dict:
     """Max |logit difference| between our decoder and transformers, both in float32."""
     import torch
@@ -457,7 +485,11 @@ def bench_model(
     hf = hf_model(cfg) if qwen3 and not args.skip_hf and quantize is None else None
     model = our_decoder(cfg, hf)
     if quantize is not None:
+        probe = prompt_ids(64, vocab, 11)
+        before = prompt_logits(model, probe)
         report = quantize_decoder(model, QuantSpec(quantize, args.group_size))
+        entry["logits_vs_bf16"] = compare_logits(prompt_logits(model, probe), before)
+        log(f"logits vs bf16: {entry['logits_vs_bf16']}")
         # The quantized linear layers instead of their bf16 bytes; the norms and one
         # embedding row (weight_bytes_per_token's other terms) stay as they were.
         h = cfg["hidden_size"]
