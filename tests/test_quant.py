@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -351,3 +352,17 @@ def test_smollm2_quantized_keeps_its_q4_1_codes_under_int4_and_answers_paris(sch
             temperature=0,
         )
     assert "Paris" in out.text
+
+
+def test_serve_config_carries_quantize_to_every_replica(folder):
+    """``fermi serve --quantize`` travels to the worker in ServerConfig's JSON."""
+    from fermi.server.app import build_api
+    from fermi.server.config import ServerConfig
+
+    config = ServerConfig(model=str(folder), quantize="int8", max_seq_len=64, max_batch=1)
+    api = build_api(msgspec.json.decode(config.to_env(), type=ServerConfig))
+    try:
+        model = api.pool.replicas[0].engine.runner.model
+        assert model.quantization.spec == Q.QuantSpec("int8")
+    finally:
+        api.close()
