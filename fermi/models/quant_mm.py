@@ -19,11 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
+from fermi.models.gemv import triton  # None where Triton is absent or not wanted (see there)
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
 
 FEW_ROWS = 16
 
