@@ -75,6 +75,7 @@ def load(
     prefill_chunk: int | None = None,
     max_waiting: int = 1024,
     prefix_reuse: bool = True,
+    quantize: str | None = None,
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -88,17 +89,29 @@ def load(
     ``prefix_reuse=False`` frees a slot's cache when its request ends instead of keeping it
     for a later prompt that starts the same way. An embedding checkpoint (Qwen3-Embedding)
     loads as one: ``Engine.embed`` serves it.
+
+    ``quantize="int8"`` or ``"int4"`` stores the decoder layers' linear weights in 8 bits
+    (one scale per output row) or 4 bits (groups of 32 with a scale and a minimum), and the
+    lm_head in int8; activations keep ``dtype`` (``fermi.models.quant``). A GGUF file's 4-bit
+    blocks (Q4_0, Q4_1, Q4_K) load as int4 with their codes as stored.
     """
     import torch
 
     from fermi.engine.api import Engine
     from fermi.hub import resolve
     from fermi.loading import load_folder, parse_dtype
+    from fermi.models.quant import QuantSpec
     from fermi.runners.select import default_device, torch_runner
 
+    spec = QuantSpec.parse(quantize)  # a bad value is refused before anything loads
     name = str(model) if model is not None else default_model()
     path = resolve(name)
     if (path / "manifest.json").is_file():  # a `fermi export` artefact: its runner decides
+        if spec is not None:
+            raise ValueError(
+                f"quantize={quantize!r} applies to checkpoints run by torch; {path} is an "
+                "exported artefact whose weights were fixed when it was built"
+            )
         from fermi.runners.artefact import load_artefact
 
         art = load_artefact(path, runner, max_batch, max_seq_len, prefill_chunk)
@@ -114,9 +127,9 @@ def load(
     if path.suffix == ".gguf":  # a llama.cpp file (the packaged aliases are GGUF too)
         from fermi.gguf import load_gguf
 
-        ckpt = load_gguf(path, dev, dtype)
+        ckpt = load_gguf(path, dev, dtype, spec)
     else:
-        ckpt = load_folder(path, dev, parse_dtype(dtype, dev))
+        ckpt = load_folder(path, dev, parse_dtype(dtype, dev), spec)
     seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 4096)
     if seq_len < 2:
         raise ValueError("max_seq_len must be at least 2")

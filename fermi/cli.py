@@ -93,6 +93,13 @@ def model_options(func):
         click.option(
             "--runner", default=None, help="Force a runner: torch-cpu, torch-cuda, onnx, coreml."
         ),
+        click.option(
+            "--quantize",
+            type=click.Choice(["int8", "int4"]),
+            default=None,
+            help="Weight-only quantization of the linear layers (int4: groups of 32). "
+            "[default: the checkpoint's precision]",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -136,7 +143,9 @@ def refuse_taken_port(host: str, port: int) -> None:
     )
 
 
-def load_engine(model, device, dtype, max_seq_len, max_batch, runner, prefix_reuse=True):
+def load_engine(
+    model, device, dtype, max_seq_len, max_batch, runner, prefix_reuse=True, quantize=None
+):
     import fermi
 
     try:
@@ -148,6 +157,7 @@ def load_engine(model, device, dtype, max_seq_len, max_batch, runner, prefix_reu
             max_batch=max_batch,
             runner=runner,
             prefix_reuse=prefix_reuse,
+            quantize=quantize,
         )
     except (fermi.FermiError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -171,11 +181,23 @@ THINKING = click.Choice(["on", "off", "auto"])
 @click.option("--temperature", type=float, default=None, help="[default: the model's]")
 @click.option("--system", default=None, help="A system message that starts the conversation.")
 def chat(
-    model, device, dtype, max_seq_len, max_batch, runner, thinking, max_tokens, temperature, system
+    model,
+    device,
+    dtype,
+    max_seq_len,
+    max_batch,
+    runner,
+    quantize,
+    thinking,
+    max_tokens,
+    temperature,
+    system,
 ):
     """Chat in the terminal. /reset clears the conversation, /exit (or Ctrl-D) quits."""
     # One conversation: one cache slot (and on CUDA no batch > 1 graphs to capture).
-    engine = load_engine(model, device, dtype, max_seq_len, max_batch or 1, runner)
+    engine = load_engine(
+        model, device, dtype, max_seq_len, max_batch or 1, runner, quantize=quantize
+    )
     color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
     dim, reset = ("\x1b[2m", "\x1b[0m") if color else ("", "")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -291,6 +313,7 @@ def generate(
     max_seq_len,
     max_batch,
     runner,
+    quantize,
     prompt,
     as_chat,
     thinking,
@@ -302,7 +325,9 @@ def generate(
     stop,
 ):
     """Generate one reply to PROMPT and print it as it streams."""
-    engine = load_engine(model, device, dtype, max_seq_len, max_batch or 1, runner)
+    engine = load_engine(
+        model, device, dtype, max_seq_len, max_batch or 1, runner, quantize=quantize
+    )
     source = {"messages": [{"role": "user", "content": prompt}]} if as_chat else {"prompt": prompt}
     try:
         shown_reasoning = False

@@ -7,6 +7,7 @@ and the tokenizer is rebuilt with ``tokenizers`` from ``tokenizer.ggml.*``.
 
 from __future__ import annotations
 
+import logging
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,11 @@ from fermi.errors import ModelLoadError
 from fermi.gguf_reader import GGUFFile, check_type
 from fermi.loading import DTYPE_ADVICE, Checkpoint, GenerationDefaults, build_model, parse_dtype
 from fermi.models.half_weights import use_half_weights
+from fermi.models.quant import QuantizedWeight, QuantSpec
 from fermi.models.registry import UnsupportedModelError, adapter_for, bounded_size
 from fermi.text.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 # GGUF architecture -> Hugging Face architecture, and whether llama.cpp's converter
 # permuted the q/k rows. It does so only for archs it runs with interleaved ("normal")
@@ -103,7 +107,10 @@ _IGNORE_MERGES = ("llama-bpe", "llama3", "llama-v3", "falcon3", "smaug-bpe")
 
 
 def load_gguf(
-    path: Path, device: torch.device, dtype: str | torch.dtype | None = None
+    path: Path,
+    device: torch.device,
+    dtype: str | torch.dtype | None = None,
+    quantize: QuantSpec | None = None,
 ) -> Checkpoint:
     """Load ``path`` (a .gguf file) with its weights in ``dtype`` on ``device``.
 
@@ -112,6 +119,11 @@ def load_gguf(
     for quantized files: their weights carry at most 8 bits, so fp16 loses nothing of
     them, and decoding reads half the bytes of float32. A file an alias names
     (``fermi.aliases``) takes that alias's sampling defaults and CPU dtype.
+
+    ``quantize`` (:mod:`fermi.models.quant`): with int4, the layers' Q4_0/Q4_1/Q4_K blocks
+    load with their codes as stored; every other weight (and every weight under int8, whose
+    scales are per row where Q8_0's are per 32 values) is quantized once from the file's
+    values, and the error that adds is logged (``model.quantization`` has it per layer).
     """
     path = Path(path)
     gguf = GGUFFile(path)
@@ -142,13 +154,26 @@ def load_gguf(
         raise ModelLoadError(f"{path}: {exc}") from None
     tokenizer = tokenizer_from_gguf(meta, str(path))  # before the weights: fail fast
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    # Dequantizing allocates every weight at torch_dtype first (a Q4 file grows ~4x in fp16).
-    need = sum(prod(info.shape) for info in gguf.tensors.values()) * torch_dtype.itemsize
+    # Under int4 (groups of 32) the layers' 4-bit blocks keep their codes (no float copy).
+    keep = quantize is not None and quantize.scheme == "int4" and quantize.group == 32
+    kept = {n: gguf.int4_codes(n) for n in gguf.tensors if keep and _is_matrix(n)}
+    # Dequantizing allocates every other weight at torch_dtype first (a Q4 file grows ~4x
+    # in fp16).
+    need = sum(prod(i.shape) for n, i in gguf.tensors.items() if kept.get(n) is None)
+    need *= torch_dtype.itemsize
     memory.require_free(need, "cpu", f"{path}: dequantizing its weights", DTYPE_ADVICE)
-    weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype)
-    model = build_model(config, adapter, weights, device, torch_dtype, source=str(path))
+    weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype, kept)
+    model = build_model(config, adapter, weights, device, torch_dtype, str(path), quantize)
     if half_storage:
-        use_half_weights(model)
+        use_half_weights(model)  # the linear layers left in float (none when quantized)
+    if model.quantization is not None:
+        report = model.quantization
+        head = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"
+        matrices = [n for n in gguf.tensors if _is_matrix(n) or n == head]
+        stored = sorted({gguf.tensors[n].type_name for n in matrices})
+        message = f"{path} (weights stored as {', '.join(stored)}): {report.summary()}"
+        # Re-quantizing a quantized file adds error the file did not have: say so.
+        (log.warning if report.errors else log.info)(message)
     eos = [
         _token_id(meta, key, config.vocab_size, path)
         for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
@@ -369,28 +394,50 @@ def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, dim // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
 
+def _is_matrix(name: str) -> bool:
+    """Whether a GGUF tensor is a layer's projection matrix (what quantization replaces)."""
+    ours = our_name(name) if name.startswith("blk.") else None
+    return ours is not None and ours.endswith("_proj.weight")
+
+
 def read_weights(
-    gguf: GGUFFile, arch: str, heads: int, kv_heads: int, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
+    gguf: GGUFFile,
+    arch: str,
+    heads: int,
+    kv_heads: int,
+    dtype: torch.dtype,
+    kept: dict[str, QuantizedWeight | None] | None = None,
+) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Every tensor under our name, dequantized to ``dtype``, except those ``kept`` (GGUF
+    name -> codes as stored, ``GGUFFile.int4_codes``), which come as they are."""
     permuted = ARCHITECTURES[arch][1]
-    weights: dict[str, torch.Tensor] = {}
+    kept = kept or {}
+    weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     for name in gguf.tensors:
         ours = our_name(name, arch)
         if ours is None:
             if name in ROPE_TENSORS:
                 continue
             raise ModelLoadError(f"{gguf.path}: unexpected tensor {name!r} for GGUF arch {arch}")
-        tensor = gguf.tensor(name, dtype)
+        tensor = kept.get(name) or gguf.tensor(name, dtype)
         if permuted and ".attn_q." in name:
-            tensor = unpermute_rows(tensor, heads)
+            tensor = _unpermute(tensor, heads)
         elif permuted and ".attn_k." in name:
-            tensor = unpermute_rows(tensor, kv_heads)
+            tensor = _unpermute(tensor, kv_heads)
         if arch in _NORM_SHIFTED and name.endswith("norm.weight"):
             # Back to the checkpoint's w (the decoder's Gemma RMSNorm scales by 1 + w); in
             # float32, as the norms are stored, whatever dtype the weights load in.
             tensor = (gguf.tensor(name, torch.float32) - 1.0).to(dtype)
         weights[ours] = tensor
     return weights
+
+
+def _unpermute(
+    tensor: torch.Tensor | QuantizedWeight, heads: int
+) -> torch.Tensor | QuantizedWeight:
+    if isinstance(tensor, QuantizedWeight):  # rows move with their codes, scales and mins
+        return tensor.map_rows(lambda t: unpermute_rows(t, heads))
+    return unpermute_rows(tensor, heads)
 
 
 def tokenizer_from_gguf(meta: dict[str, Any], source: str) -> Tokenizer:

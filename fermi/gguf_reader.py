@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf import quants as gguf_quants
 
 from fermi.errors import ModelLoadError
+from fermi.models.quant import QuantizedWeight
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -353,6 +354,24 @@ class GGUFFile:
         info = self.tensors[name]
         return np.frombuffer(self._buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def int4_codes(self, name: str) -> QuantizedWeight | None:
+        """A 4-bit block tensor (Q4_0, Q4_1, Q4_K) as int4 with groups of 32, its codes as
+        stored (no float round trip); None for any other type. Its scales and minimums
+        are the block's, as float32 (Q4_K's are d * scale and -dmin * min of each 32)."""
+        info = self.tensors[name]
+        check_type(info, self.path)
+        qtype = GGMLQuantizationType(info.type_id)
+        if qtype not in _INT4_BLOCKS or len(info.shape) != 2:
+            return None
+        n, k = info.shape
+        blocks = self.raw(name).reshape(-1, GGML_QUANT_SIZES[qtype][1])
+        codes, scales, mins = _INT4_BLOCKS[qtype](blocks)
+        return QuantizedWeight(
+            torch.from_numpy(codes.reshape(n, k // 2)),
+            torch.from_numpy(scales.reshape(n, k // 32)),
+            torch.from_numpy(mins.reshape(n, k // 32)),
+        )
+
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The tensor in torch order, dequantized and cast to ``dtype``."""
         info = self.tensors[name]
@@ -425,4 +444,45 @@ _FAST_DEQUANT = {
     GGMLQuantizationType.Q8_0: _q8_0,
     GGMLQuantizationType.Q4_0: _q4_0,
     GGMLQuantizationType.Q4_1: _q4_1,
+}
+
+
+# The 4-bit block formats as int4 groups of 32: (codes [blocks, 16 bytes per group],
+# scales, mins) with w = q * scale + min; Q4_0 and Q4_1 store their nibbles in the order
+# fermi.models.quant packs them (byte j: value j low, value j + 16 high).
+
+
+def _q4_0_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scales = _half(blocks, 0)[:, 0]
+    return blocks[:, 2:].copy(), scales, -8.0 * scales
+
+
+def _q4_1_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return blocks[:, 4:].copy(), _half(blocks, 0)[:, 0], _half(blocks, 2)[:, 0]
+
+
+def _q4_k_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K: 256 values a block, d and dmin (fp16), 12 bytes of 6-bit sub-scales and
+    sub-minimums for its eight groups of 32, then 128 bytes where each run of 32 bytes holds
+    two groups (low nibbles the first, high nibbles the second), regrouped here."""
+    d, dmin = _half(blocks, 0), _half(blocks, 2)
+    packed = blocks[:, 4:16].astype(np.uint8)
+    sc = np.empty((blocks.shape[0], 8), dtype=np.uint8)
+    mn = np.empty_like(sc)
+    sc[:, :4] = packed[:, 0:4] & 63
+    mn[:, :4] = packed[:, 4:8] & 63
+    sc[:, 4:] = (packed[:, 8:12] & 0x0F) | ((packed[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (packed[:, 8:12] >> 4) | ((packed[:, 4:8] >> 6) << 4)
+    qs = blocks[:, 16:].reshape(-1, 4, 32)
+    values = np.stack((qs & 0x0F, qs >> 4), axis=2).reshape(-1, 8, 2, 16)  # [b, group, half, j]
+    codes = values[:, :, 0] | (values[:, :, 1] << 4)
+    scales = (d * sc.astype(np.float32)).reshape(-1)
+    mins = (-dmin * mn.astype(np.float32)).reshape(-1)
+    return codes.reshape(-1, 16), scales, mins
+
+
+_INT4_BLOCKS = {
+    GGMLQuantizationType.Q4_0: _q4_0_codes,
+    GGMLQuantizationType.Q4_1: _q4_1_codes,
+    GGMLQuantizationType.Q4_K: _q4_k_codes,
 }

@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from fermi import memory
 from fermi.errors import ModelLoadError
 from fermi.models.decoder import Decoder, ModelConfig, projection_parts
+from fermi.models.quant import QuantizedWeight, QuantReport, QuantSpec, build_linear
 from fermi.models.registry import Adapter, UnsupportedModelError, adapter_for
 from fermi.text.tokenizer import Tokenizer
 
@@ -111,8 +112,11 @@ def _named_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
-def load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Checkpoint:
-    """Load a Hugging Face style checkpoint folder."""
+def load_folder(
+    folder: Path, device: torch.device, dtype: torch.dtype, quantize: QuantSpec | None = None
+) -> Checkpoint:
+    """Load a Hugging Face style checkpoint folder; ``quantize`` quantizes its linear layers
+    (:mod:`fermi.models.quant`)."""
     if not folder.is_dir():
         raise ModelLoadError(f"{folder} is not a model folder")
     hf_config = read_json(folder / "config.json")
@@ -138,7 +142,7 @@ def load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Check
         # The decoder keeps its one shape: the embedding matrix stands in for the missing
         # lm_head. Its logits mean nothing, and the engine refuses to generate with it.
         config = replace(config, tie_word_embeddings=True)
-    model = build_model(config, adapter, weights, device, dtype, source=str(folder))
+    model = build_model(config, adapter, weights, device, dtype, str(folder), quantize)
     generation = read_generation_defaults(folder, hf_config, tokenizer)
     return Checkpoint(folder, model, config, hf_config, tokenizer, generation, embedding=embedding)
 
@@ -249,16 +253,29 @@ def materialize(located: dict[str, tuple[Path, str]]) -> dict[str, torch.Tensor]
     return out
 
 
+Weights = dict[str, tuple[Path, str]] | dict[str, torch.Tensor | QuantizedWeight]
+
+
 def build_model(
     config: ModelConfig,
     adapter: Adapter,
-    weights: dict[str, tuple[Path, str]] | dict[str, torch.Tensor],
+    weights: Weights,
     device: torch.device,
     dtype: torch.dtype,
     source: str,
+    quantize: QuantSpec | None = None,
 ) -> Decoder:
-    """Create the decoder without initialising it, then assign the checkpoint's tensors."""
-    tensors = {k: (v if isinstance(v, torch.Tensor) else None) for k, v in weights.items()}
+    """Create the decoder without initialising it, then assign the checkpoint's tensors.
+
+    With ``quantize``, the linear layers it names become ``QuantLinear``s: a part already
+    quantized in the target scheme (a :class:`QuantizedWeight`, as ``fermi.gguf`` reads
+    llama.cpp's 4-bit blocks) keeps its codes; the others are quantized from their float
+    values. ``model.quantization`` reports which and at what error.
+    """
+    tensors = {
+        k: (v if isinstance(v, torch.Tensor | QuantizedWeight) else None)
+        for k, v in weights.items()
+    }
     if any(v is None for v in tensors.values()):
         tensors = materialize(weights)  # type: ignore[arg-type]
     if adapter.sanitize is not None:
@@ -291,20 +308,56 @@ def build_model(
                 f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                 f"config.json implies {shape}"
             )
-    # The weights as the model holds them (on the device, in dtype): refused before any is
-    # copied when they cannot fit.
+    # The weights as the model holds them (on the device, in dtype or quantized): refused
+    # before any is copied when they cannot fit.
     need = sum(prod(shape) for shape in wanted.values()) * dtype.itemsize
+    targets: dict[str, str] = {}
+    if quantize is not None:
+        targets = quantize.targets(config.num_hidden_layers)
+        for module, scheme in targets.items():
+            ref = expected.get(f"{module}.weight")  # None for a tied lm_head
+            n, k = (config.vocab_size, config.hidden_size) if ref is None else ref.shape
+            if scheme == "int4" and k % quantize.group:
+                raise ValueError(
+                    f"{source}: cannot quantize {module} to int4: its input size {k} is no "
+                    f"multiple of the group size {quantize.group}"
+                )
+            # The quantized weight replaces its float bytes (a tied head adds its own).
+            need += quantize.nbytes(scheme, n, k) - (0 if ref is None else n * k * dtype.itemsize)
     memory.require_free(need, device, f"{source}: its weights in {dtype}", DTYPE_ADVICE)
     state = {}
+    quantized: dict[str, list] = {}
     for name, name_parts in parts.items():
-        loaded = [tensors[part].to(device=device, dtype=dtype) for part, _ in name_parts]
+        module, _, kind = name.rpartition(".")
+        if kind == "weight" and module in targets:
+            quantized[module] = [tensors[part] for part, _ in name_parts]
+            continue
+        loaded = [_float(tensors[part]).to(device=device, dtype=dtype) for part, _ in name_parts]
         state[name] = loaded[0] if len(loaded) == 1 else torch.cat(loaded)
-    if config.tie_word_embeddings:
+    if "lm_head" in targets and config.tie_word_embeddings:
+        quantized["lm_head"] = [state["model.embed_tokens.weight"]]
+    elif config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    report = QuantReport(quantize, [], {}, 0) if quantize is not None else None
+    for module, module_parts in quantized.items():
+        assert quantize is not None and report is not None  # targets are empty without
+        bias = state.pop(f"{module}.bias", None)
+        layer, error = build_linear(module_parts, targets[module], quantize, bias, device, dtype)
+        model.set_submodule(module, layer)
+        report.nbytes += layer.nbytes
+        if error is None:
+            report.kept.append(module)
+        else:
+            report.errors[module] = error
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and "lm_head" not in targets:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.quantization = report
     return model.eval().requires_grad_(False)
+
+
+def _float(tensor: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    return tensor.dequantize() if isinstance(tensor, QuantizedWeight) else tensor
 
 
 DTYPE_ADVICE = "choose a smaller dtype (bf16 or fp16) or a smaller model"

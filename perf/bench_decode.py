@@ -24,6 +24,13 @@ Run on the GPU machine from the repository root::
     PYTHONPATH=$PWD python3 perf/bench_decode.py --models Qwen3-0.6B --out perf/results/x.json
     PYTHONPATH=$PWD python3 perf/bench_decode.py --models Gemma-3-1b-it --prompts 128 2048 \
         --batches 1 --max-seq-len 2560 --out perf/results/h200_gemma3_1b.json
+
+Weight-only quantization (``fermi.models.quant``): ``--quantize none int8 int4`` measures each
+scheme in turn in the same process, on the same random weights (transformers and the fp32
+check run for ``none`` only); ``--group-size`` sets int4's group::
+
+    PYTHONPATH=$PWD python3 perf/bench_decode.py --models Qwen3-1.7B Qwen3-8B --skip-hf \
+        --prompts 128 --batches 1 --quantize none int8 int4 --out $OUT/quant.json
     python3 perf/bench_decode.py --report perf/results/*.json   # table for perf/README.md
 """
 
@@ -344,6 +351,34 @@ def ours_raw_context(model, max_seq_len: int, context: int, steps: int = 64) -> 
     return statistics.median(rates[1:])
 
 
+def prompt_logits(model, prompt: list[int]):
+    """float32 logits at every position of ``prompt`` (one eager forward, slot 0)."""
+    import torch
+
+    model.setup_cache(1, len(prompt) + 1)
+    ids = torch.tensor([prompt], device="cuda")
+    pos = torch.arange(len(prompt), device="cuda")[None]
+    slot = torch.zeros(1, dtype=torch.long, device="cuda")
+    with torch.inference_mode():
+        return model(ids, pos, slot, kv_len=len(prompt), last_only=False)[0].float()
+
+
+def compare_logits(got, want) -> dict:
+    """How far quantized logits are from the bf16 model's on the same random weights:
+    largest difference over the largest logit, top-1 agreement, mean KL(want || got)."""
+    import torch.nn.functional as F
+
+    kl = F.kl_div(
+        F.log_softmax(got, -1), F.log_softmax(want, -1), log_target=True, reduction="none"
+    )
+    return {
+        "max_abs_diff_over_max_logit": float((got - want).abs().max() / want.abs().max()),
+        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).float().mean()),
+        "mean_kl": float(kl.sum(-1).mean()),
+        "positions": got.shape[0],
+    }
+
+
 def fp32_logit_check(hf, cfg: dict, prompt: list[int], steps: int = 8) -> dict:
     """Max |logit difference| between our decoder and transformers, both in float32."""
     import torch
@@ -442,27 +477,50 @@ def run_probe(name: str, cache: Path) -> dict:
 # -- main ------------------------------------------------------------------------------
 
 
-def bench_model(name: str, args, bandwidth: float, entry: dict, save) -> None:
+def bench_model(
+    name: str, args, bandwidth: float, entry: dict, save, quantize: str | None = None
+) -> None:
     """Fill ``entry`` measurement by measurement, calling ``save()`` after each."""
     import torch
 
+    from fermi.models.quant import QuantSpec, quantize_decoder
     from fermi.models.shapes import config
 
     cfg = config(name)
     vocab = cfg["vocab_size"]
     wbytes = weight_bytes_per_token(cfg)
-    roof = bandwidth / wbytes
-    entry.update({"model": name, "weight_bytes_per_token": wbytes, "roofline_tok_s": roof})
     qwen3 = name in QWEN3 or args.compare_all  # transformers comparisons, batched rows
+    label = f"{name} {quantize}" if quantize else name
 
     def log(msg: str) -> None:
-        print(f"[{name}] {msg}", flush=True)
+        print(f"[{label}] {msg}", flush=True)
         save()
 
     torch.cuda.empty_cache()
     torch._dynamo.reset()  # each model compiles afresh; keeps Dynamo's per-code caches small
-    hf = hf_model(cfg) if qwen3 and not args.skip_hf else None
+    hf = hf_model(cfg) if qwen3 and not args.skip_hf and quantize is None else None
     model = our_decoder(cfg, hf)
+    if quantize is not None:
+        probe = prompt_ids(64, vocab, 11)
+        before = prompt_logits(model, probe)
+        report = quantize_decoder(model, QuantSpec(quantize, args.group_size))
+        entry["logits_vs_bf16"] = compare_logits(prompt_logits(model, probe), before)
+        log(f"logits vs bf16: {entry['logits_vs_bf16']}")
+        # The quantized linear layers instead of their bf16 bytes; the norms and one
+        # embedding row (weight_bytes_per_token's other terms) stay as they were.
+        h = cfg["hidden_size"]
+        wbytes = 2 * (4 * h * cfg["num_hidden_layers"] + 2 * h) + report.nbytes
+        entry["quantization"] = report.summary()
+        log(report.summary())
+    roof = bandwidth / wbytes
+    entry.update(
+        {
+            "model": name,
+            "quantize": quantize,
+            "weight_bytes_per_token": wbytes,
+            "roofline_tok_s": roof,
+        }
+    )
     max_batch = max(args.batches) if qwen3 else 1
     started = time.perf_counter()
     engine, runner = our_engine(
@@ -559,6 +617,14 @@ def main() -> None:
     p.add_argument("--decode-attention", default=None, choices=["split", "flex", "math", "sdpa"])
     p.add_argument("--compile-scope", default="layer", choices=["layer", "model"])
     p.add_argument("--fp32-check", action="store_true")
+    p.add_argument(
+        "--quantize",
+        nargs="*",
+        default=["none"],
+        choices=["none", "int8", "int4"],
+        help="weight-only schemes to measure in turn (none = bf16)",
+    )
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
     p.add_argument("--context-test", default=None, help="model name for the 500-token test")
     p.add_argument("--start-test", nargs="*", default=[], help="models for cold/warm start")
     p.add_argument("--start-probe", default=None, help=argparse.SUPPRESS)
@@ -600,16 +666,19 @@ def main() -> None:
     print(f"read bandwidth {result['read_bandwidth_gb_s']:.0f} GB/s", flush=True)
     names = list(args.models) + (list(EXTRA) if args.extra else [])
     for name in names:
-        entry: dict = {"model": name}
-        result["models"].append(entry)
-        try:
-            bench_model(name, args, result["read_bandwidth_gb_s"] * 1e9, entry, save)
-        except Exception as exc:  # one failing shape must not lose the others' numbers
-            import traceback
+        for scheme in args.quantize:
+            quantize = None if scheme == "none" else scheme
+            entry: dict = {"model": name, "quantize": quantize}
+            result["models"].append(entry)
+            try:
+                bandwidth = result["read_bandwidth_gb_s"] * 1e9
+                bench_model(name, args, bandwidth, entry, save, quantize)
+            except Exception as exc:  # one failing shape must not lose the others' numbers
+                import traceback
 
-            traceback.print_exc()
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-        save()
+                traceback.print_exc()
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+            save()
     if args.context_test:
         result["context_test"] = context_test(args.context_test, 500)
         print(f"context test: {result['context_test']}", flush=True)
@@ -639,11 +708,26 @@ def report(results: list[dict]) -> str:
         "| recompiles after warm-up |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    extras = []
+    extras, quantized = [], []
     for res in results:
+        plain = {
+            m["model"]: m["ours_b1_p128"]["decode_tok_s"]
+            for m in res["models"]
+            if not m.get("quantize") and "ours_b1_p128" in m
+        }
         for m in res["models"]:
             if "error" in m:
                 lines.append(f"| {m['model']} | error: {m['error'][:80]} |")
+                continue
+            if m.get("quantize"):
+                b1 = m.get("ours_b1_p128")
+                if b1:
+                    base = plain.get(m["model"])
+                    quantized.append(
+                        f"| {m['model']} | {m['quantize']} | {b1['decode_tok_s']:.0f} | "
+                        f"{_fmt(base)} | {_fmt(base and b1['decode_tok_s'] / base, '.2f')} | "
+                        f"{100 * b1['roofline_share']:.0f}% |"
+                    )
                 continue
             for key in sorted(k for k in m if k.startswith("ours_b1_p")):
                 plen = key.removeprefix("ours_b1_p")
@@ -672,6 +756,12 @@ def report(results: list[dict]) -> str:
             "\n\n| model | batch | aggregate tok/s (prompt 128) | vs batch 1 |\n|---|---|---|---|\n"
         )
         out += "\n".join(extras)
+    if quantized:
+        out += (
+            "\n\n| model | weights | tok/s (batch 1, prompt 128) | bf16 tok/s (same run) | "
+            "vs bf16 | roofline share |\n|---|---|---|---|---|---|\n"
+        )
+        out += "\n".join(quantized)
     return out
 
 

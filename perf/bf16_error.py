@@ -48,7 +48,9 @@ def reference_and_hf(hf, prompt: list[int], steps: int):
             past = out.past_key_values
         return fed, torch.stack(rows)
 
-    with torch.inference_mode():
+    # no_grad, not inference_mode: the converted parameters are loaded into our decoder
+    # afterwards, which inference tensors refuse.
+    with torch.no_grad():
         hf.float()
         fed, ref = run(hf, None)
         hf.to(torch.bfloat16)
@@ -56,14 +58,14 @@ def reference_and_hf(hf, prompt: list[int], steps: int):
     return fed, ref, theirs
 
 
-def ours(cfg: dict, hf, prompt: list[int], fed: list[int], max_seq_len: int):
+def ours(cfg: dict, hf, prompt: list[int], fed: list[int], max_seq_len: int, attention: str | None):
     import torch
     from bench_decode import our_decoder
 
     from fermi.runners.torch_cuda import CudaGraphRunner
 
     model = our_decoder(cfg, hf)  # bf16, transformers' tensors
-    runner = CudaGraphRunner(model, 1, max_seq_len, prefill_chunk=2048)
+    runner = CudaGraphRunner(model, 1, max_seq_len, prefill_chunk=2048, decode_attention=attention)
     with torch.inference_mode():
         rows = [runner.prefill(0, prompt, 0).float().clone()]
         for step, token in enumerate(fed):
@@ -85,6 +87,8 @@ def errors(ref, got) -> dict:
         "top1_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
         "mean_kl": kl.mean().item(),
         "positions": ref.shape[0],
+        # per position: the prompt's last, then each decode step
+        "max_abs_by_position": [round(v, 4) for v in diff.max(-1).values.tolist()],
     }
 
 
@@ -93,6 +97,8 @@ def main() -> None:
     p.add_argument("--models", nargs="*", default=["Qwen3-1.7B", "Qwen3-8B"])
     p.add_argument("--prompts", type=int, nargs="*", default=[128, 2048])
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--max-seq-len", type=int, default=None, help="[default: prompt + steps + 16]")
+    p.add_argument("--decode-attention", default=None, choices=["split", "flex", "math", "sdpa"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -116,11 +122,14 @@ def main() -> None:
             prompt = prompt_ids(plen, cfg["vocab_size"], plen)
             fed, ref, theirs = reference_and_hf(hf, prompt, args.steps)
             torch._dynamo.reset()
-            mine = ours(cfg, hf, prompt, fed, plen + args.steps + 16)
+            max_len = args.max_seq_len or plen + args.steps + 16
+            mine = ours(cfg, hf, prompt, fed, max_len, args.decode_attention)
             row = {
                 "model": name,
                 "prompt": plen,
                 "steps": args.steps,
+                "max_seq_len": max_len,
+                "decode_attention": args.decode_attention or "default",
                 "ours_bf16_vs_fp32": errors(ref, mine),
                 "transformers_bf16_vs_fp32": errors(ref, theirs),
             }

@@ -29,6 +29,7 @@ from fermi.models.attention import decode_attention
 from fermi.models.cache import Cache, KVCache, StepCache
 from fermi.models.context import StepContext
 from fermi.models.gemv import ACT_SILU_MUL, row_linear
+from fermi.models.quant import QuantLinear, QuantReport
 from fermi.models.rope import RopeConfig, longrope_switch, rope_tables, rotate
 
 # The rope tables a layer may use (ModelConfig.layer_ropes), and the prefix of the decoder
@@ -308,11 +309,22 @@ class DecoderLayer(nn.Module):
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv_proj, o_proj = attn.qkv_proj, attn.o_proj
         gate_up, down = mlp.gate_up_proj, mlp.down_proj
-        qkv = row_linear(x, qkv_proj.weight, qkv_proj.bias, norm_weight=norm1.weight, eps=norm1.eps)
+        qkv = _row(qkv_proj, x, norm_weight=norm1.weight, eps=norm1.eps)
         h = attn.attend(qkv, ctx)
-        x = row_linear(h, o_proj.weight, o_proj.bias, residual=x)
-        gu = row_linear(x, gate_up.weight, gate_up.bias, norm_weight=norm2.weight, eps=norm2.eps)
-        return row_linear(gu, down.weight, down.bias, act=ACT_SILU_MUL, residual=x)
+        x = _row(o_proj, h, residual=x)
+        gu = _row(gate_up, x, norm_weight=norm2.weight, eps=norm2.eps)
+        return _row(down, gu, act=ACT_SILU_MUL, residual=x)
+
+
+def _row(linear: nn.Module, x: torch.Tensor, **fused) -> torch.Tensor:
+    """The fused one-row product (``fermi.models.gemv``) of a plain or quantized linear."""
+    if isinstance(linear, QuantLinear):
+        return linear.row(x, **fused)
+    return row_linear(x, linear.weight, linear.bias, **fused)
+
+
+def _row_capable(linear: nn.Module) -> bool:
+    return type(linear) is nn.Linear or isinstance(linear, QuantLinear)
 
 
 class Backbone(nn.Module):
@@ -336,6 +348,8 @@ class Decoder(nn.Module):
         self.max_batch = 0
         self.max_seq_len = 0
         self.row_kernels = False  # see use_row_kernels
+        # Set by the loader when it quantized linear layers (fermi.models.quant).
+        self.quantization: QuantReport | None = None
         self.rope_switch: int | None = None  # LongRoPE: first position of the long factors
         self.ropes: tuple[str, ...] = ()  # the rope tables the layers use; setup_cache sets
         # Each layer's attention window (None = global); setup_cache drops unbinding ones.
@@ -346,10 +360,10 @@ class Decoder(nn.Module):
     def use_row_kernels(self) -> bool:
         """Run one-token forwards (batch-1 decode, and the last token's lm_head) through
         the fused row products of ``fermi.models.gemv``, where the architecture fits them:
-        pre-norm layers with plain RMSNorm and SiLU, ``nn.Linear`` weights, and a residual
-        add without a scale (the products add the residual unscaled: Granite's
-        ``residual_multiplier`` keeps the unfused layer). Returns whether it did. On CPU
-        the products are their torch reference."""
+        pre-norm layers with plain RMSNorm and SiLU, ``nn.Linear`` or int8/int4
+        (``QuantLinear``) weights, and a residual add without a scale (the products add
+        the residual unscaled: Granite's ``residual_multiplier`` keeps the unfused layer).
+        Returns whether it did. On CPU the products are their torch reference."""
         cfg = self.cfg
         if cfg.sandwich_norms or cfg.norm_unit_offset or cfg.hidden_act != "silu":
             return False
@@ -358,7 +372,7 @@ class Decoder(nn.Module):
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if any(type(m) is not nn.Linear for m in (*linears, self.lm_head)):
+            if not all(_row_capable(m) for m in (*linears, self.lm_head)):
                 return False
         for layer in self.model.layers:
             layer.row_kernels = True
@@ -478,8 +492,7 @@ class Decoder(nn.Module):
         # One row (not one batch row of T positions): the final norm rides along.
         if self.row_kernels and x.shape[0] * x.shape[1] == 1:
             norm = self.model.norm
-            logits = row_linear(x, self.lm_head.weight, norm_weight=norm.weight, eps=norm.eps)
-            logits = logits.float()
+            logits = _row(self.lm_head, x, norm_weight=norm.weight, eps=norm.eps).float()
         else:
             logits = self.lm_head(self.model.norm(x)).float()
         if cfg.logits_scaling != 1.0:

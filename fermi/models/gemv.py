@@ -13,6 +13,11 @@ time, and computes its own copy of the input vector on the way in:
   ``silu(gate) * up``;
 - ``bias`` and ``residual`` are added to the result.
 
+The weights may be float, int8 with one scale per row (``scale``: the sums are scaled at the
+end), or int4 in groups (``gemv_int4``: the codes of ``fermi.models.quant``, two to a byte,
+with a scale and a minimum per group; each group's sum is ``scale * sum(q * x) + min *
+sum(x)``, so no float weight is formed).
+
 silu(gate) * up is rounded to the activation dtype where the unfused torch ops round it;
 the normalised input is not rounded (the unfused RMSNorm rounds it once, before the
 product), so in bf16 the two differ by about one rounding of the input.
@@ -25,14 +30,22 @@ same computation in torch, for tests and for devices without Triton.
 # ruff: noqa: N803 (Triton style: pointer and constexpr arguments in capitals)
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # CPU-only installs
+# Triton serves CUDA only: a process without CUDA skips its import (~0.15-0.2 s of a CPU
+# start), unless the kernels are to run under Triton's interpreter (TRITON_INTERPRET=1, as
+# tests/test_quant.py runs them on CPU).
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import triton
+        import triton.language as tl
+        from torch.library import triton_op, wrap_triton
+    except ImportError:  # CPU-only installs
+        triton = None
+else:
     triton = None
 
 ACT_NONE, ACT_SILU_MUL = 0, 1
@@ -42,10 +55,13 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-def launch_config(n: int, k: int) -> tuple[int, int, int, int]:
+def launch_config(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight: four rows a program
     (many programs in flight for every Qwen3 shape), columns in blocks that divide K; chosen
-    from a sweep on an H100 (perf/LOG.md)."""
+    from a sweep on an H100 (perf/LOG.md) for 2-byte weights. One-byte (int8) weights take
+    twice the columns where K allows, for the same bytes per load (not yet swept)."""
+    if itemsize == 1 and k % 2048 == 0:
+        return 4, 2048, 8, 1
     if k % 1024 == 0:
         return 4, 1024, 8, 1
     if k >= 512:
@@ -53,11 +69,55 @@ def launch_config(n: int, k: int) -> tuple[int, int, int, int]:
     return 4, max(16, 1 << (k - 1).bit_length()), 4, 1
 
 
+def launch_config_int4(n: int, k: int, group: int) -> tuple[int, int, int, int]:
+    """The int4 kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages): BLOCK_K values (half
+    as many bytes) a step, a power of two and a multiple of ``group``; not yet swept."""
+    for block_k in (2048, 1024, 512):
+        if k % block_k == 0:
+            return 4, block_k, 8 if block_k >= 1024 else 4, 1
+    return 4, max(group, min(512, 1 << (k - 1).bit_length())), 4, 1
+
+
 if triton is not None:
 
     @triton.jit
+    def _row_input(X, NW, cols, col_ok, K, NORM: tl.constexpr, ACT: tl.constexpr):
+        """The input at ``cols`` as the product takes it (silu(gate) * up with ``ACT``, times
+        the norm weight with ``NORM``) and the squares of the values before the norm."""
+        dt = X.dtype.element_ty
+        if ACT == 1:  # silu(gate) * up, each rounded as the torch ops round them
+            gate = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
+            up = tl.load(X + K + cols, mask=col_ok, other=0.0).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+            x = (silu * up).to(dt).to(tl.float32)
+        else:
+            x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
+        squares = x * x
+        if NORM:  # RMSNorm's scale is one number: applied to the sums at the end
+            x = x * tl.load(NW + cols, mask=col_ok, other=0.0).to(tl.float32)
+        return x, squares
+
+    @triton.jit
+    def _row_output(
+        y, squares, rows, row_ok, Y, B, R, S, K, eps,
+        NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
+    ):  # fmt: skip
+        """Finish the sums ``y`` of ``rows``: the per-row weight scale, the norm, the bias and
+        the residual; store them."""
+        dt = Y.dtype.element_ty
+        if HAS_SCALE:  # int8 weights: one scale per output row
+            y = y * tl.load(S + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if NORM:
+            y = y / tl.sqrt(squares / K + eps)
+        if HAS_BIAS:
+            y += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if HAS_RES:  # the product is rounded before the residual add, as two ops would
+            y = y.to(dt).to(tl.float32) + tl.load(R + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(Y + rows, y.to(dt), mask=row_ok)
+
+    @triton.jit
     def _gemv_kernel(
-        X, W, Y, B, NW, R,
+        X, W, Y, B, NW, R, S,
         N, K, stride_w, eps,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -65,8 +125,8 @@ if triton is not None:
         ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
     ):  # fmt: skip
-        dt = Y.dtype.element_ty
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -76,43 +136,110 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + cols0
             col_ok = cols < K
-            if ACT == 1:  # silu(gate) * up, each rounded as the torch ops round them
-                gate = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
-                up = tl.load(X + K + cols, mask=col_ok, other=0.0).to(tl.float32)
-                silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-                x = (silu * up).to(dt).to(tl.float32)
-            else:
-                x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
-            if NORM:  # RMSNorm's scale is one number: applied to the sums at the end
-                squares += x * x
-                x = x * tl.load(NW + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x, sq = _row_input(X, NW, cols, col_ok, K, NORM, ACT)
+            squares += sq
             w = tl.load(
                 W + rows[:, None] * stride_w + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
             acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, 1)
-        if NORM:
-            y = y / tl.sqrt(tl.sum(squares, 0) / K + eps)
-        if HAS_BIAS:
-            y += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if HAS_RES:  # the product is rounded before the residual add, as two ops would
-            y = y.to(dt).to(tl.float32) + tl.load(R + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(Y + rows, y.to(dt), mask=row_ok)
+        _row_output(
+            tl.sum(acc, 1), tl.sum(squares, 0), rows, row_ok, Y, B, R, S, K, eps,
+            NORM, HAS_BIAS, HAS_RES, HAS_SCALE,
+        )  # fmt: skip
+
+    @triton.jit
+    def _gemv_int4_kernel(
+        X, C, SC, MN, Y, B, NW, R,
+        N, K, stride_c, stride_s, eps,
+        GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr,
+        ACT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_RES: tl.constexpr,
+    ):  # fmt: skip
+        # Codes in fermi.models.quant's layout: in each group of GROUP values, byte j holds
+        # value j in its low nibble and value j + GROUP/2 in its high one; w = q * scale + min.
+        # Per group: scale * sum(q * x) + min * sum(x), so the weights are never formed.
+        HALF: tl.constexpr = GROUP // 2
+        GROUPS: tl.constexpr = BLOCK_K // GROUP
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        byte = tl.arange(0, BLOCK_K // 2)
+        lo_cols0 = (byte // HALF) * GROUP + byte % HALF
+        acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+        squares = tl.zeros([BLOCK_K // 2], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            lo_cols = k0 + lo_cols0
+            col_ok = lo_cols < K  # K is a multiple of GROUP: a group is in or out whole
+            x_lo, sq_lo = _row_input(X, NW, lo_cols, col_ok, K, NORM, ACT)
+            x_hi, sq_hi = _row_input(X, NW, lo_cols + HALF, col_ok, K, NORM, ACT)
+            squares += sq_lo + sq_hi
+            codes = tl.load(
+                C + rows[:, None] * stride_c + (k0 // 2 + byte)[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0,
+            )
+            lo = (codes & 0xF).to(tl.float32)
+            hi = (codes >> 4).to(tl.float32)
+            dots = lo * x_lo[None, :] + hi * x_hi[None, :]
+            dots = tl.sum(tl.reshape(dots, (BLOCK_N, GROUPS, HALF)), 2)
+            sums = tl.sum(tl.reshape(x_lo + x_hi, (GROUPS, HALF)), 1)
+            groups = k0 // GROUP + tl.arange(0, GROUPS)
+            at = rows[:, None] * stride_s + groups[None, :]
+            ok = row_ok[:, None] & (groups < K // GROUP)[None, :]
+            scale = tl.load(SC + at, mask=ok, other=0.0).to(tl.float32)
+            low = tl.load(MN + at, mask=ok, other=0.0).to(tl.float32)
+            acc += dots * scale + low * sums[None, :]
+        _row_output(
+            tl.sum(acc, 1), tl.sum(squares, 0), rows, row_ok, Y, B, R, R, K, eps,
+            NORM, HAS_BIAS, HAS_RES, False,
+        )  # fmt: skip
 
     def launch(
-        x, weight, out, bias, norm_weight, residual, eps: float, act: int, config=None
+        x, weight, out, bias, norm_weight, residual, eps: float, act: int, config=None, scale=None
     ) -> None:
-        """Run the kernel into ``out``; ``config`` overrides :func:`launch_config`."""
+        """Run the kernel into ``out``; ``config`` overrides :func:`launch_config`. An int8
+        ``weight`` takes its per-row ``scale``."""
         n, k = weight.shape
-        block_n, block_k, warps, stages = config or launch_config(n, k)
+        block_n, block_k, warps, stages = config or launch_config(n, k, weight.element_size())
         wrap_triton(_gemv_kernel)[(triton.cdiv(n, block_n),)](
             x, weight, out,
             x if bias is None else bias,
             x if norm_weight is None else norm_weight,
             x if residual is None else residual,
+            x if scale is None else scale,
             n, k, weight.stride(0), eps,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            NORM=norm_weight is not None,
+            ACT=act,
+            HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None,
+            HAS_SCALE=scale is not None,
+            num_warps=warps,
+            num_stages=stages,
+        )  # fmt: skip
+
+    def launch_int4(
+        x, codes, scales, mins, out, bias, norm_weight, residual, eps: float, act: int,
+        config=None,
+    ) -> None:  # fmt: skip
+        """The int4 kernel into ``out``; ``config`` overrides :func:`launch_config_int4`."""
+        n, k = codes.shape[0], 2 * codes.shape[1]
+        group = k // scales.shape[1]
+        block_n, block_k, warps, stages = config or launch_config_int4(n, k, group)
+        wrap_triton(_gemv_int4_kernel)[(triton.cdiv(n, block_n),)](
+            x, codes, scales, mins, out,
+            x if bias is None else bias,
+            x if norm_weight is None else norm_weight,
+            x if residual is None else residual,
+            n, k, codes.stride(0), scales.stride(0), eps,
+            GROUP=group,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             NORM=norm_weight is not None,
@@ -132,9 +259,26 @@ if triton is not None:
         residual: torch.Tensor | None,
         eps: float,
         act: int,
+        scale: torch.Tensor | None,
     ) -> torch.Tensor:
         out = x.new_empty((*x.shape[:-1], weight.shape[0]))
-        launch(x, weight, out, bias, norm_weight, residual, eps, act)
+        launch(x, weight, out, bias, norm_weight, residual, eps, act, scale=scale)
+        return out
+
+    @triton_op("fermi::gemv_int4", mutates_args={})
+    def _gemv_int4_op(
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor,
+        bias: torch.Tensor | None,
+        norm_weight: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        eps: float,
+        act: int,
+    ) -> torch.Tensor:
+        out = x.new_empty((*x.shape[:-1], codes.shape[0]))
+        launch_int4(x, codes, scales, mins, out, bias, norm_weight, residual, eps, act)
         return out
 
 
@@ -147,14 +291,36 @@ def gemv(
     eps: float = 1e-6,
     act: int = ACT_NONE,
     residual: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[residual +] linear(pre(x), weight, bias)`` for one row ``x`` [..., K] (or [..., 2K]
     with ``act=ACT_SILU_MUL``), where ``pre`` is RMSNorm with ``norm_weight`` and/or
-    silu(gate) * up. Contiguous operands; returns [..., N] in ``x``'s dtype."""
+    silu(gate) * up. An int8 ``weight`` [N, K] stands for ``weight * scale[:, None]``.
+    Contiguous operands; returns [..., N] in ``x``'s dtype."""
     if triton is None:
         raise RuntimeError("the fused GEMV needs Triton (a CUDA build of torch)")
     _check_one_row(x)
-    return _gemv_op(x, weight, bias, norm_weight, residual, float(eps), act)
+    return _gemv_op(x, weight, bias, norm_weight, residual, float(eps), act, scale)
+
+
+def gemv_int4(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    act: int = ACT_NONE,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`gemv` with group-wise int4 weights: ``codes`` [N, K/2] (uint8, the layout of
+    ``fermi.models.quant.pack_int4``), ``scales`` and ``mins`` [N, K/group]."""
+    if triton is None:
+        raise RuntimeError("the fused GEMV needs Triton (a CUDA build of torch)")
+    _check_one_row(x)
+    return _gemv_int4_op(x, codes, scales, mins, bias, norm_weight, residual, float(eps), act)
 
 
 def row_linear(

@@ -52,6 +52,7 @@ def grpc_command(
     max_seq_len: int | None,
     max_batch: int | None,
     runner: str | None,
+    quantize: str | None,
     host: str,
     port: int,
     session_ttl_ms: int,
@@ -65,7 +66,9 @@ def grpc_command(
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     refuse_taken_port(host, port)
-    engine = load_engine(model, device, dtype, max_seq_len, max_batch, runner, prefix_reuse)
+    engine = load_engine(
+        model, device, dtype, max_seq_len, max_batch, runner, prefix_reuse, quantize
+    )
     settle()  # what loading left is never collected again (fermi.heap)
     try:
         serve(engine, grpc_address(host, port), SessionConfig(session_ttl_ms, session_max))

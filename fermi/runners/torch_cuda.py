@@ -132,6 +132,11 @@ class StartupStats:
     notes: list[str] = field(default_factory=list)
 
 
+def quantization_label(model: Decoder) -> str | None:
+    """What the loader quantized (it changes the compiled code), or None."""
+    return None if model.quantization is None else model.quantization.spec.label
+
+
 def _compiled_frames() -> int:
     from torch._dynamo.utils import counters
 
@@ -456,6 +461,7 @@ class CudaGraphRunner(Runner):
                     attention=self.decode_attention,
                     scope=self.compile_scope,
                     row_kernels=self.row_kernels,
+                    quantization=quantization_label(self.model),
                 )
             )
             self.startup.cache_hit = cache.load()

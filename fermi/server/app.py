@@ -303,6 +303,7 @@ def build_api(config: ServerConfig) -> Api:
         max_seq_len=config.max_seq_len,
         max_batch=config.max_batch,
         runner=config.runner,
+        quantize=config.quantize,
         max_waiting=config.max_waiting,
         prefix_reuse=config.prefix_reuse,
     )

@@ -20,6 +20,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     max_seq_len: int | None = None
     max_batch: int | None = None
     runner: str | None = None
+    quantize: str | None = None  # "int8" or "int4": weight-only quantization
     served_model_name: str | None = None
     api_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024

@@ -136,6 +136,7 @@ def load_pool(
     max_seq_len: int | None = None,
     max_batch: int | None = None,
     runner: str | None = None,
+    quantize: str | None = None,
     max_waiting: int | None = None,
     prefix_reuse: bool = True,
 ) -> EnginePool:
@@ -153,6 +154,7 @@ def load_pool(
                     max_seq_len=max_seq_len,
                     max_batch=max_batch,
                     runner=runner,
+                    quantize=quantize,
                     prefix_reuse=prefix_reuse,
                     **({} if max_waiting is None else {"max_waiting": max_waiting}),
                 )

@@ -1,0 +1,431 @@
+"""Weight-only int8 and int4 linear layers.
+
+A decode step reads every weight once, so its speed follows the bytes of the weights:
+int8 halves those of bf16/fp16, int4 (with its scales) takes about a third. Activations
+stay in the model's dtype; only the stored weights change.
+
+- **int8**: one scale per output row (symmetric, ``w = q * scale``, q in -127..127).
+- **int4**: groups of ``INT4_GROUP`` = 32 consecutive values along the input dimension, each
+  with a scale and a minimum (``w = q * scale + min``, q in 0..15). Why 32: llama.cpp's 4-bit
+  formats (Q4_0, Q4_1, Q4_K) use groups of 32, so their codes load unchanged
+  (``fermi.gguf``), while re-quantizing them into coarser groups costs a lot (SmolLM2's Q4_1
+  values in groups of 64: perplexity 31.5 -> 47.0, perf/results/cpu_quant_quality.json);
+  SmolLM2's hidden size 576 is no multiple of 128; and the finest groups of the range lose
+  least. The cost: 5 bits a weight instead of 4.25 with groups of 128, and on this CPU
+  torch's kernel ran groups of 64 faster (perf/results/cpu_quant_kernels.json).
+  ``QuantSpec(group=64)`` or ``128`` takes the others.
+
+:class:`QuantizedWeight` is the stored form, the same on every device: int8 codes [N, K], or
+int4 codes packed two to a byte [N, K/2] in llama.cpp's order (in each group, byte j holds
+value j in its low nibble and value j + 16 in its high one), with float32 scales (and
+minimums). :class:`QuantLinear` turns it into what its device's kernel reads:
+
+- CPU: torch's packed-weight kernels (``aten._weight_int8pack_mm``,
+  ``aten._weight_int4pack_mm_for_cpu``). They are fast only with bf16 activations (float32
+  takes a scalar path ~10-30x slower, perf/results/cpu_quant_kernels.json), so the input is
+  cast to bf16 and the output back to the input's dtype.
+- CUDA: the fused one-row Triton kernels of ``fermi.models.gemv`` for batch-1 decode, the
+  few-row kernel of ``fermi.models.quant_mm`` up to 16 rows, and dequantize +
+  matmul (cuBLAS) above that (prefill).
+- elsewhere: dequantize + matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fermi.models import gemv, quant_mm
+from fermi.models.gemv import ACT_NONE, ACT_SILU_MUL
+
+SCHEMES = ("int8", "int4")
+INT4_GROUP = 32
+INT4_GROUPS = (32, 64, 128)  # the group sizes the kernels take (torch's CPU kernel: 32..256)
+
+
+def check_scheme(scheme: str | None) -> str | None:
+    """``scheme`` when it is None or one of :data:`SCHEMES`, else a ValueError naming them."""
+    if scheme is not None and scheme not in SCHEMES:
+        raise ValueError(
+            f"quantize={scheme!r} is not supported; choose one of {', '.join(SCHEMES)} "
+            "(or leave it unset for the checkpoint's own precision)"
+        )
+    return scheme
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized [N, K] weight in its stored form (see the module's docstring)."""
+
+    codes: torch.Tensor  # int8 [N, K], or uint8 [N, K/2] for int4
+    scales: torch.Tensor  # float32: [N] for int8, [N, K/group] for int4
+    mins: torch.Tensor | None = None  # int4: float32 [N, K/group]
+
+    @property
+    def scheme(self) -> str:
+        return "int8" if self.codes.dtype == torch.int8 else "int4"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.codes.shape
+        return (n, k if self.scheme == "int8" else 2 * k)
+
+    @property
+    def group_size(self) -> int:
+        return self.shape[1] if self.scheme == "int8" else self.shape[1] // self.scales.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.codes, self.scales, self.mins)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.scheme == "int8":
+            return (self.codes.float() * self.scales.float()[:, None]).to(dtype)
+        assert self.mins is not None
+        n, k = self.shape
+        g = self.group_size
+        q = unpack_int4(self.codes, g).float().view(n, k // g, g)
+        w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
+        return w.view(n, k).to(dtype)
+
+    def map_rows(self, fn) -> QuantizedWeight:
+        """The weight with ``fn`` (a reordering of rows, such as llama.cpp's q/k permutation
+        undone) applied to the rows of its codes, scales and minimums alike."""
+        mins = None if self.mins is None else fn(self.mins)
+        return QuantizedWeight(fn(self.codes), fn(self.scales), mins)
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        mins = None if self.mins is None else self.mins.to(device)
+        return QuantizedWeight(self.codes.to(device), self.scales.to(device), mins)
+
+    @staticmethod
+    def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """The weights stacked by rows (a fused projection from its parts)."""
+        if len(parts) == 1:
+            return parts[0]
+        kinds = {(p.scheme, p.shape[1], p.group_size) for p in parts}
+        if len(kinds) != 1:
+            raise ValueError(f"cannot stack quantized weights of different kinds: {kinds}")
+        mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
+        return QuantizedWeight(
+            torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins
+        )
+
+
+def pack_int4(q: torch.Tensor, group: int) -> torch.Tensor:
+    """Codes 0..15 [N, K] -> [N, K/2] uint8: in each group, value j in the low nibble of
+    byte j and value j + group/2 in its high nibble (llama.cpp's Q4_0/Q4_1 order)."""
+    n, k = q.shape
+    q = q.to(torch.uint8).view(n, k // group, 2, group // 2)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(codes: torch.Tensor, group: int) -> torch.Tensor:
+    """The inverse of :func:`pack_int4`: [N, K/2] uint8 -> codes 0..15 [N, K] (uint8)."""
+    n, half = codes.shape
+    c = codes.view(n, half * 2 // group, group // 2)
+    return torch.stack((c & 0xF, c >> 4), dim=2).reshape(n, 2 * half)
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    """Symmetric int8, one scale per output row: the row's largest magnitude maps to 127."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return QuantizedWeight(codes, scales)
+
+
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> QuantizedWeight:
+    """Asymmetric int4 per group of ``group`` values along K: the group's minimum maps to
+    code 0 and its maximum to 15 (llama.cpp's Q4_1 rule). Scales and minimums are rounded to
+    fp16 first (as Q4_1 stores them, and the CUDA kernels read them), and the codes chosen
+    for the rounded values."""
+    n, k = weight.shape
+    if group not in INT4_GROUPS:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {group}")
+    if k % group:
+        raise ValueError(f"int4 with groups of {group} needs K divisible by {group}, got {k}")
+    w = weight.float().view(n, k // group, group)
+    low, high = w.amin(dim=2), w.amax(dim=2)
+    scales = ((high - low) / 15.0).half().float()
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    mins = low.half().float()
+    q = torch.round((w - mins[..., None]) / scales[..., None]).clamp(0, 15)
+    return QuantizedWeight(pack_int4(q.view(n, k), group), scales, mins)
+
+
+def quantize(weight: torch.Tensor, scheme: str, group: int = INT4_GROUP) -> QuantizedWeight:
+    if scheme == "int8":
+        return quantize_int8(weight)
+    if scheme == "int4":
+        return quantize_int4(weight, group)
+    raise ValueError(f"quantization scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+
+
+def relative_error(q: QuantizedWeight, reference: torch.Tensor) -> float:
+    """||dequantize(q) - reference|| / ||reference|| (Frobenius): what quantizing cost."""
+    ref = reference.float()
+    diff = q.dequantize(torch.float32).to(ref.device) - ref
+    return float(diff.norm() / ref.norm().clamp_min(1e-30))
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with a :class:`QuantizedWeight`, held in the form its device's kernel
+    reads (see the module's docstring). Returns the input's dtype."""
+
+    def __init__(
+        self,
+        weight: QuantizedWeight,
+        bias: torch.Tensor | None,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        device = torch.device(device)
+        self.scheme = weight.scheme
+        self.out_features, self.in_features = weight.shape
+        self.group_size = weight.group_size
+        self.register_buffer("bias", None if bias is None else bias.to(device, dtype), False)
+        self.cpu = device.type == "cpu"
+        w = weight.to(device)
+        if self.cpu and self.scheme == "int8":
+            self.register_buffer("codes", w.codes.contiguous(), False)
+            # torch's kernel takes the scales in the activations' dtype (bf16).
+            self.register_buffer("scales", w.scales.to(torch.bfloat16), False)
+            self.register_buffer("mins", None, False)
+        elif self.cpu:  # torch's tile-packed int4 with (scale, zero) pairs, q - 8 centred
+            assert w.mins is not None
+            q = unpack_int4(w.codes, self.group_size).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            zeros = w.mins + 8.0 * w.scales
+            pairs = torch.stack((w.scales.t(), zeros.t()), dim=-1).contiguous()
+            self.register_buffer("codes", packed, False)
+            self.register_buffer("scales", pairs.to(torch.bfloat16), False)
+            self.register_buffer("mins", None, False)
+        else:
+            # int4 scales and minimums in fp16: 4 bytes for every 16 bytes of codes.
+            scale_dtype = torch.float32 if self.scheme == "int8" else torch.float16
+            self.register_buffer("codes", w.codes.contiguous(), False)
+            self.register_buffer("scales", w.scales.to(scale_dtype).contiguous(), False)
+            mins = None if w.mins is None else w.mins.to(torch.float16).contiguous()
+            self.register_buffer("mins", mins, False)
+
+    def extra_repr(self) -> str:
+        group = f", group={self.group_size}" if self.scheme == "int4" else ""
+        return f"{self.in_features} -> {self.out_features}, {self.scheme}{group}"
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.codes, self.scales, self.mins)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def weight_as_stored(self) -> QuantizedWeight:
+        """The :class:`QuantizedWeight` this layer computes with, in the stored form (CPU's
+        packing undone): the reference the kernels are tested against."""
+        if not self.cpu:
+            mins = None if self.mins is None else self.mins.float()
+            return QuantizedWeight(self.codes, self.scales.float(), mins)
+        if self.scheme == "int8":
+            return QuantizedWeight(self.codes, self.scales.float())
+        n, k, g = self.out_features, self.in_features, self.group_size
+        eye = torch.eye(k, dtype=torch.bfloat16)
+        # The packed layout is torch's own: read the codes back through the kernel itself,
+        # with unit scales and zeros at 8 (so it returns q).
+        unit = torch.zeros(k // g, n, 2, dtype=torch.bfloat16)
+        unit[..., 0], unit[..., 1] = 1.0, 8.0
+        q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.codes, g, unit)
+        q = q.t().round().to(torch.uint8)
+        scales = self.scales[..., 0].t().float()
+        mins = self.scales[..., 1].t().float() - 8.0 * scales
+        return QuantizedWeight(pack_int4(q, g), scales.contiguous(), mins.contiguous())
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight_as_stored().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu:
+            return self._cpu(x)
+        if x.is_cuda and quant_mm.triton is not None:
+            return quant_mm.quant_linear(x, self.codes, self.scales, self.mins, self.bias)
+        w = self.weight_as_stored().dequantize(x.dtype)
+        return F.linear(x, w, self.bias)
+
+    def _cpu(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.scheme == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.codes, self.group_size, self.scales
+            )
+        y = y.view(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def row(
+        self,
+        x: torch.Tensor,
+        *,
+        norm_weight: torch.Tensor | None = None,
+        eps: float = 1e-6,
+        act: int = ACT_NONE,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The fused one-row product of ``fermi.models.gemv`` with this layer's weights:
+        the Triton kernel on CUDA, the same steps in torch elsewhere."""
+        gemv._check_one_row(x)
+        if x.is_cuda and gemv.triton is not None:
+            fused = {"norm_weight": norm_weight, "eps": eps, "act": act, "residual": residual}
+            if self.scheme == "int8":
+                return gemv.gemv(x, self.codes, self.bias, scale=self.scales, **fused)
+            return gemv.gemv_int4(x, self.codes, self.scales, self.mins, self.bias, **fused)
+        if act == ACT_SILU_MUL:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        if norm_weight is not None:
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+            x = norm_weight * h.to(x.dtype)
+        y = self(x)
+        return y if residual is None else residual + y
+
+
+# The lm_head is quantized to int8 under both schemes: it is about a fifth of the bytes
+# a small model reads per token (SmolLM2-135M 21%, Qwen3-1.7B 18%), and int4 there costs
+# more quality than in the layers (perf/results/cpu_quant_quality.json). Embeddings stay in
+# float: a step gathers one row of them, so quantizing them would save memory, not time.
+HEAD_SCHEME = "int8"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize: the decoder layers' projections in ``scheme`` (int4 in groups of
+    ``group``) and the ``lm_head`` in ``head`` (None keeps it in float)."""
+
+    scheme: str
+    group: int = INT4_GROUP
+    head: str | None = HEAD_SCHEME
+
+    @staticmethod
+    def parse(value: str | QuantSpec | None) -> QuantSpec | None:
+        if value is None or isinstance(value, QuantSpec):
+            return value
+        return QuantSpec(str(check_scheme(value)))
+
+    def targets(self, num_layers: int) -> dict[str, str]:
+        """Module name -> scheme for every linear layer this spec quantizes."""
+        out = {
+            f"model.layers.{i}.{name}": self.scheme
+            for i in range(num_layers)
+            for name in (
+                "self_attn.qkv_proj",
+                "self_attn.o_proj",
+                "mlp.gate_up_proj",
+                "mlp.down_proj",
+            )
+        }
+        if self.head is not None:
+            out["lm_head"] = self.head
+        return out
+
+    @property
+    def label(self) -> str:
+        group = f"-g{self.group}" if self.scheme == "int4" else ""
+        head = f", lm_head {self.head or 'float'}"
+        return f"{self.scheme}{group}{head}"
+
+    def nbytes(self, scheme: str, n: int, k: int) -> int:
+        """Bytes a quantized [n, k] weight takes (codes and scales)."""
+        if scheme == "int8":
+            return n * k + 4 * n
+        return n * k // 2 + 4 * n * k // self.group
+
+
+@dataclass
+class QuantReport:
+    """What loading quantized: the layers whose stored codes were kept as they are, and the
+    relative error (:func:`relative_error`) of every layer quantized from float values."""
+
+    spec: QuantSpec
+    kept: list[str]
+    errors: dict[str, float]
+    nbytes: int
+
+    def summary(self) -> str:
+        parts = [f"quantized {len(self.kept) + len(self.errors)} linear layers ({self.spec.label})"]
+        if self.kept:
+            parts.append(f"{len(self.kept)} kept their stored codes")
+        if self.errors:
+            worst = max(self.errors, key=self.errors.__getitem__)
+            mean = sum(self.errors.values()) / len(self.errors)
+            parts.append(
+                f"{len(self.errors)} quantized from float values: relative error mean "
+                f"{100 * mean:.2f}%, max {100 * self.errors[worst]:.2f}% ({worst})"
+            )
+        return "; ".join(parts)
+
+
+def build_linear(
+    parts: list[torch.Tensor | QuantizedWeight],
+    scheme: str,
+    spec: QuantSpec,
+    bias: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[QuantLinear, float | None]:
+    """A :class:`QuantLinear` of the rows of ``parts`` stacked; the relative error of the
+    quantization, or None when every part came already quantized in ``scheme`` (kept)."""
+    kept = all(isinstance(p, QuantizedWeight) and p.scheme == scheme for p in parts)
+    if kept and scheme == "int4":
+        kept = all(p.group_size == spec.group for p in parts)  # type: ignore[union-attr]
+    if kept:
+        weight = QuantizedWeight.cat(parts)  # type: ignore[arg-type]
+        return QuantLinear(weight, bias, device, dtype), None
+    floats = [
+        p.dequantize(torch.float32).to(device) if isinstance(p, QuantizedWeight) else p.to(device)
+        for p in parts
+    ]
+    full = floats[0] if len(floats) == 1 else torch.cat(floats)
+    weight = quantize(full, scheme, spec.group)
+    layer = QuantLinear(weight, bias, device, dtype)
+    return layer, relative_error(device_precision(weight, device), full)
+
+
+def device_precision(weight: QuantizedWeight, device: torch.device | str) -> QuantizedWeight:
+    """``weight`` with its scales (and minimums) rounded as :class:`QuantLinear` holds them
+    on ``device``: what its kernels compute with."""
+    cpu = torch.device(device).type == "cpu"
+    if weight.scheme == "int8":
+        scales = weight.scales.to(torch.bfloat16).float() if cpu else weight.scales.float()
+        return QuantizedWeight(weight.codes, scales)
+    assert weight.mins is not None
+    if cpu:  # torch's kernel: (q - 8) * scale + zero, both in bf16
+        scales = weight.scales.to(torch.bfloat16).float()
+        zeros = (weight.mins + 8.0 * weight.scales).to(torch.bfloat16).float()
+        return QuantizedWeight(weight.codes, scales, zeros - 8.0 * scales)
+    return QuantizedWeight(weight.codes, weight.scales.half().float(), weight.mins.half().float())
+
+
+def quantize_decoder(model: nn.Module, spec: QuantSpec) -> QuantReport:
+    """Quantize, in place, the linear layers ``spec`` names in a float ``Decoder`` already
+    built (benchmarks build random ones; the loaders quantize while they load, through
+    ``fermi.loading.build_model``). Sets and returns ``model.quantization``."""
+    embed = model.model.embed_tokens.weight
+    report = QuantReport(spec, [], {}, 0)
+    for name, scheme in spec.targets(model.cfg.num_hidden_layers).items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{name} is a {type(linear).__name__}, not a float nn.Linear")
+        layer, error = build_linear(
+            [linear.weight.detach()], scheme, spec, linear.bias, embed.device, embed.dtype
+        )
+        model.set_submodule(name, layer)
+        report.errors[name] = error or 0.0
+        report.nbytes += layer.nbytes
+    model.quantization = report
+    return report

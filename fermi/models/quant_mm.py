@@ -1,0 +1,193 @@
+"""Products with int8/int4 weights on CUDA for more than one row (``QuantLinear.forward``).
+
+Up to ``FEW_ROWS`` rows (decode of a small batch, or a one-row product the fused kernels of
+``fermi.models.gemv`` do not take) one Triton kernel streams the quantized weights once,
+dequantizes each tile in registers and multiplies it with ``tl.dot`` (the rows padded to 16,
+the smallest tile ``tl.dot`` takes: the product is bound by the weights' bytes, not by the
+multiply). Above that (prefill) the weight is dequantized into a scratch matrix of the
+activations' dtype and multiplied by cuBLAS: compute-bound, where a second read of the
+weight costs little.
+
+The op is opaque to ``torch.compile`` (``torch.library.custom_op``): it picks its path from
+the actual row count at run time, so the choice adds no guard and no recompile, and CUDA
+graphs capture whichever path a shape takes. Importing this module needs Triton.
+"""
+
+# ruff: noqa: N803 (Triton style: pointer and constexpr arguments in capitals)
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fermi.models.gemv import triton  # None where Triton is absent or not wanted (see there)
+
+if triton is not None:
+    import triton.language as tl
+
+FEW_ROWS = 16
+
+
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _few_rows_kernel(
+        X, C, SC, MN, B, Y,
+        M, N, K, stride_x, stride_c, stride_s, stride_y,
+        INT4: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        dt = X.dtype.element_ty
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_ok = outs < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if INT4:
+            HALF: tl.constexpr = GROUP // 2
+            byte = tl.arange(0, BLOCK_K // 2)
+            lo_cols0 = (byte // HALF) * GROUP + byte % HALF
+            for k0 in range(0, K, BLOCK_K):
+                lo_cols = k0 + lo_cols0
+                col_ok = lo_cols < K
+                wmask = out_ok[:, None] & col_ok[None, :]
+                codes = tl.load(
+                    C + outs[:, None] * stride_c + (k0 // 2 + byte)[None, :], mask=wmask, other=0
+                )
+                at = outs[:, None] * stride_s + (lo_cols // GROUP)[None, :]
+                scale = tl.load(SC + at, mask=wmask, other=0.0).to(tl.float32)
+                low = tl.load(MN + at, mask=wmask, other=0.0).to(tl.float32)
+                w_lo = ((codes & 0xF).to(tl.float32) * scale + low).to(dt)
+                w_hi = ((codes >> 4).to(tl.float32) * scale + low).to(dt)
+                xmask = row_ok[:, None] & col_ok[None, :]
+                xs = X + rows[:, None] * stride_x + lo_cols[None, :]
+                x_lo = tl.load(xs, mask=xmask, other=0.0)
+                x_hi = tl.load(xs + HALF, mask=xmask, other=0.0)
+                if IEEE:
+                    acc += tl.dot(x_lo, tl.trans(w_lo), input_precision="ieee")
+                    acc += tl.dot(x_hi, tl.trans(w_hi), input_precision="ieee")
+                else:
+                    acc += tl.dot(x_lo, tl.trans(w_lo))
+                    acc += tl.dot(x_hi, tl.trans(w_hi))
+        else:
+            cols0 = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + cols0
+                col_ok = cols < K
+                w = tl.load(
+                    C + outs[:, None] * stride_c + cols[None, :],
+                    mask=out_ok[:, None] & col_ok[None, :],
+                    other=0,
+                ).to(dt)  # -127..127: exact in bf16 and fp16
+                x = tl.load(
+                    X + rows[:, None] * stride_x + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0,
+                )
+                if IEEE:
+                    acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(w))
+            acc *= tl.load(SC + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(B + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            Y + rows[:, None] * stride_y + outs[None, :],
+            acc.to(dt),
+            mask=row_ok[:, None] & out_ok[None, :],
+        )
+
+    def launch_few_rows(x2, codes, scales, mins, bias, out, config=None) -> None:
+        """The few-row kernel: ``x2`` [M, K] into ``out`` [M, N]; ``config`` is
+        (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+        m, k = x2.shape
+        n = codes.shape[0]
+        int4 = mins is not None
+        group = k // scales.shape[1] if int4 else k
+        block_n, block_k, warps, stages = config or few_rows_config(n, k, int4, group)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, 16))
+        _few_rows_kernel[grid](
+            x2, codes, scales,
+            scales if mins is None else mins,
+            x2 if bias is None else bias,
+            out,
+            m, n, k, x2.stride(0), codes.stride(0), scales.stride(0), out.stride(0),
+            INT4=int4,
+            GROUP=group if int4 else 32,
+            BLOCK_M=16,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            HAS_BIAS=bias is not None,
+            IEEE=x2.dtype == torch.float32,
+            num_warps=warps,
+            num_stages=stages,
+        )  # fmt: skip
+
+
+def few_rows_config(n: int, k: int, int4: bool, group: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): 32 outputs a program (enough programs for
+    every Qwen3 shape), 256 columns a step; not yet swept on a GPU."""
+    block_k = 256 if k >= 256 else max(32, 1 << (k - 1).bit_length())
+    if int4:
+        block_k = max(block_k, group)
+    return 32, block_k, 4, 2
+
+
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The [N, K] weight in ``dtype``, from the CUDA layout of ``QuantLinear``."""
+    if mins is None:
+        return (codes.to(torch.float32) * scales.float()[:, None]).to(dtype)
+    n, half = codes.shape
+    groups = scales.shape[1]
+    c = codes.view(n, groups, half // groups)
+    q = torch.cat((c & 0xF, c >> 4), dim=2).to(torch.float32)
+    w = q * scales.float()[..., None] + mins.float()[..., None]
+    return w.view(n, 2 * half).to(dtype)
+
+
+@torch.library.custom_op("fermi::quant_linear", mutates_args=())
+def _quant_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    n = codes.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] <= FEW_ROWS and triton is not None and x.is_cuda:
+        x2 = x2.contiguous()
+        out = x2.new_empty((x2.shape[0], n))
+        launch_few_rows(x2, codes, scales, mins, bias, out)
+    else:
+        out = F.linear(x2, dequantize(codes, scales, mins, x.dtype), bias)
+    return out.view(*x.shape[:-1], n)
+
+
+@_quant_linear.register_fake
+def _(x, codes, scales, mins, bias):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+def quant_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` with W the int8 (``mins`` None: per-row ``scales``) or int4 weight
+    in ``QuantLinear``'s CUDA layout; returns ``x``'s dtype."""
+    return _quant_linear(x, codes, scales, mins, bias)

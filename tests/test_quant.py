@@ -1,0 +1,368 @@
+"""Weight-only int8/int4 quantization (fermi.models.quant) on CPU: the stored form, the
+layers against a float reference on fresh random inputs, the loader, GGUF's 4-bit blocks
+kept as they are, the engine and the CLI flag."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGUFWriter
+
+import fermi
+from fermi.gguf import load_gguf
+from fermi.gguf_reader import GGUFFile
+from fermi.loading import load_folder
+from fermi.models import gemv as G
+from fermi.models import quant as Q
+from tests.gguf_files import write_gguf
+from tests.serving import NEEDS_SMOLLM2
+from tests.test_gguf import Q as GT
+from tests.test_gguf import random_blocks
+from tests.tiny import write_checkpoint
+
+CPU = torch.device("cpu")
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("quant") / "qwen3", {}, seed=6)
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
+
+
+def test_int4_packing_round_trips_in_llama_cpp_nibble_order():
+    q = torch.randint(0, 16, (3, 64), generator=torch.Generator().manual_seed(0))
+    codes = Q.pack_int4(q, 32)
+    assert codes.shape == (3, 32) and codes.dtype == torch.uint8
+    # Byte j of a group: value j low, value j + 16 high.
+    assert int(codes[1, 5]) == int(q[1, 5]) | (int(q[1, 21]) << 4)
+    assert int(codes[2, 16 + 3]) == int(q[2, 32 + 3]) | (int(q[2, 32 + 19]) << 4)
+    assert torch.equal(Q.unpack_int4(codes, 32), q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_error_is_at_most_half_a_step_of_its_group(group):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(group)) * 0.05
+    q = Q.quantize_int4(w, group)
+    assert q.shape == (48, 256) and q.group_size == group and q.scheme == "int4"
+    err = (q.dequantize() - w).abs().view(48, 256 // group, group)
+    step = q.scales[..., None]
+    # Half a step, plus the fp16 rounding of the minimum (codes are chosen after it).
+    assert bool((err <= step / 2 + 1e-3 * w.abs().max()).all())
+
+
+def test_int8_error_is_at_most_half_a_step_of_its_row():
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(1))
+    q = Q.quantize_int8(w)
+    assert q.codes.dtype == torch.int8 and q.scales.shape == (40,)
+    assert int(q.codes.abs().max()) == 127
+    assert bool(((q.dequantize() - w).abs() <= q.scales[:, None] / 2 + 1e-6).all())
+
+
+def test_a_row_of_zeros_quantizes_to_zeros():
+    w = torch.zeros(2, 64)
+    w[1] = torch.linspace(-1, 1, 64)
+    for scheme in Q.SCHEMES:
+        q = Q.quantize(w, scheme)
+        assert torch.equal(q.dequantize()[0], torch.zeros(64))
+        assert torch.isfinite(q.dequantize()).all()
+
+
+@pytest.mark.parametrize("scheme", Q.SCHEMES)
+@pytest.mark.parametrize("rows", [1, 4, 37])
+def test_quantized_linear_on_cpu_matches_a_float_reference_on_fresh_inputs(scheme, rows):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 128, generator=g) * 0.05
+    bias = torch.randn(96, generator=g)
+    q = Q.quantize(w, scheme)
+    layer = Q.QuantLinear(q, bias, CPU, torch.float32)
+    x = torch.randn(rows, 3, 128, generator=g)  # any leading shape
+    y = layer(x)
+    assert y.shape == (rows, 3, 96) and y.dtype == torch.float32
+    # Against the float product with the weights the layer holds: bf16 activations cost
+    # about 2^-8 relative.
+    assert rel(y, F.linear(x, layer.dequantized(), bias)) < 1e-2
+    # Against the original float weights: also the quantization error.
+    assert rel(y, F.linear(x, w, bias)) < (3e-2 if scheme == "int8" else 1.5e-1)
+
+
+@pytest.mark.parametrize("scheme", Q.SCHEMES)
+def test_cpu_layout_holds_the_stored_codes_with_bf16_scales(scheme):
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(2))
+    q = Q.quantize(w, scheme)
+    stored = Q.QuantLinear(q, None, CPU, torch.float32).weight_as_stored()
+    assert torch.equal(stored.codes, q.codes)
+    expected = Q.device_precision(q, CPU)
+    assert torch.allclose(stored.dequantize(), expected.dequantize(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", Q.SCHEMES)
+def test_fused_row_reference_equals_the_unfused_ops(scheme):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 64, generator=g) * 0.1
+    layer = Q.QuantLinear(Q.quantize(w, scheme), None, CPU, torch.float32)
+    norm_w, res = torch.rand(64, generator=g) + 0.5, torch.randn(1, 32, generator=g)
+    x, x2 = torch.randn(1, 64, generator=g), torch.randn(1, 128, generator=g)
+    got = layer.row(x, norm_weight=norm_w, eps=1e-5, residual=res)
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w
+    assert torch.allclose(got, res + layer(h), atol=1e-6)
+    got = layer.row(x2, act=G.ACT_SILU_MUL)
+    gate, up = x2.chunk(2, dim=-1)
+    assert torch.allclose(got, layer(F.silu(gate) * up), atol=1e-6)
+    with pytest.raises(ValueError, match="one row"):
+        layer.row(torch.randn(2, 64))
+
+
+def test_bad_scheme_and_group_are_refused_with_the_choices():
+    with pytest.raises(
+        ValueError, match=r"quantize='int3' is not supported; choose one of int8, int4"
+    ):
+        Q.check_scheme("int3")
+    with pytest.raises(ValueError, match="group size must be one of"):
+        Q.quantize_int4(torch.randn(4, 96), 48)
+    with pytest.raises(ValueError, match="K divisible by 64"):
+        Q.quantize_int4(torch.randn(4, 96), 64)
+
+
+def decode_logits(model, steps: int = 5) -> torch.Tensor:
+    model.setup_cache(max_batch=1, max_seq_len=64)
+    prompt = torch.randint(
+        0, model.cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(4)
+    )
+    out = []
+    with torch.inference_mode():
+        logits = model(prompt, torch.arange(7)[None], torch.tensor([0]), kv_len=7)
+        for step in range(steps):
+            out.append(logits)
+            token = logits.argmax(-1, keepdim=True)
+            logits = model(token, torch.tensor([[7 + step]]), torch.tensor([0]), kv_len=8 + step)
+    return torch.cat(out)
+
+
+def prompt_logits(model) -> torch.Tensor:
+    """Logits at every position of a 12-token prompt (no greedy path to diverge)."""
+    model.setup_cache(max_batch=1, max_seq_len=64)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 12), generator=g)
+    with torch.inference_mode():
+        return model(prompt, torch.arange(12)[None], torch.tensor([0]), 12, last_only=False)
+
+
+@pytest.mark.parametrize("scheme", Q.SCHEMES)
+def test_loaded_quantized_model_is_close_to_the_float_one_and_reports_its_error(folder, scheme):
+    plain = load_folder(folder, CPU, torch.float32).model
+    model = load_folder(folder, CPU, torch.float32, Q.QuantSpec(scheme)).model
+    layers = plain.cfg.num_hidden_layers
+    quantized = [m for m in model.modules() if isinstance(m, Q.QuantLinear)]
+    assert len(quantized) == 4 * layers + 1  # the four projections of each layer, lm_head
+    assert model.lm_head.scheme == "int8" and model.model.layers[0].mlp.down_proj.scheme == scheme
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # embeddings stay float
+    report = model.quantization
+    assert report is not None and not report.kept and len(report.errors) == 4 * layers + 1
+    assert 0 < max(report.errors.values()) < (0.01 if scheme == "int8" else 0.15)
+    want, got = prompt_logits(plain), prompt_logits(model)
+    assert rel(got, want) < (0.05 if scheme == "int8" else 0.3)
+
+
+@pytest.mark.parametrize("scheme", Q.SCHEMES)
+def test_row_products_of_a_quantized_model_give_its_unfused_logits(folder, scheme):
+    model = load_folder(folder, CPU, torch.float32, Q.QuantSpec(scheme)).model
+    rows = copy.deepcopy(model)
+    assert rows.use_row_kernels()
+    assert (decode_logits(rows) - decode_logits(model)).abs().max().item() < 1e-4
+
+
+def test_engine_generates_with_quantize_and_refuses_a_bad_value_before_loading(folder):
+    with fermi.load(folder, quantize="int4", max_batch=2, max_seq_len=64) as engine:
+        out = engine.generate(prompt="hello", max_tokens=5, temperature=0, ignore_eos=True)
+        assert len(out.token_ids) == 5
+        assert engine.runner.model.quantization.spec == Q.QuantSpec("int4")
+    with pytest.raises(ValueError, match="quantize='int3' is not supported"):
+        fermi.load(folder / "no-such-folder", quantize="int3")
+
+
+def test_cli_quantize_flag_is_passed_on_and_bad_values_are_refused(folder):
+    env = {**os.environ, "NO_COLOR": "1"}
+    base = [sys.executable, "-m", "fermi.cli", "generate", "--model", str(folder), "hi"]
+    args = ["--max-tokens", "3", "--temperature", "0", "--raw"]
+    bad = subprocess.run([*base, "--quantize", "int3"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "'int3' is not one of 'int8', 'int4'" in bad.stderr
+    from click.testing import CliRunner
+
+    from fermi import cli
+
+    seen = []
+    real = fermi.load
+
+    def load(*a, **kw):
+        seen.append(kw.get("quantize"))
+        return real(*a, **kw)
+
+    pytest.MonkeyPatch().setattr(fermi, "load", load)
+    try:
+        res = CliRunner().invoke(cli.main, [*base[3:], *args, "--quantize", "int8"])
+    finally:
+        pytest.MonkeyPatch().undo()
+    assert res.exit_code == 0, res.output
+    assert seen == ["int8"]
+
+
+# -- GGUF --------------------------------------------------------------------------------
+
+
+def one_tensor_gguf(path: Path, raw: np.ndarray, qtype) -> GGUFFile:
+    writer = GGUFWriter(path, "llama")
+    writer.add_tensor("w", raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GGUFFile(path)
+
+
+@pytest.mark.parametrize("qtype", [GT.Q4_0, GT.Q4_1, GT.Q4_K])
+def test_gguf_4bit_codes_kept_equal_the_dequantized_tensor(tmp_path, qtype):
+    gguf = one_tensor_gguf(tmp_path / "q.gguf", random_blocks(qtype, 6, 512), qtype)
+    kept = gguf.int4_codes("w")
+    assert kept is not None and kept.shape == (6, 512) and kept.group_size == 32
+    assert torch.allclose(kept.dequantize(), gguf.tensor("w", torch.float32), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", [GT.Q8_0, GT.Q6_K])
+def test_gguf_blocks_that_do_not_map_to_int4_are_not_kept(tmp_path, qtype):
+    gguf = one_tensor_gguf(tmp_path / "q.gguf", random_blocks(qtype, 2, 256), qtype)
+    assert gguf.int4_codes("w") is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("qtype", [GT.Q4_0, GT.Q4_1])
+def test_gguf_kept_int4_model_equals_its_dequantized_weights(tmp_path, arch, qtype):
+    """Loading a Q4 file with quantize="int4" keeps every layer's codes (llama's q/k rows
+    unpermuted with them): its layers hold exactly the file's dequantized weights."""
+    overrides = LLAMA if arch == "llama" else {}
+    hf = write_checkpoint(tmp_path / "hf", overrides, seed=7)
+    path = write_gguf(hf, tmp_path / "m.gguf", arch, qtype)
+    float_model = load_gguf(path, CPU, "fp32").model
+    kept = load_gguf(path, CPU, "fp32", Q.QuantSpec("int4")).model
+    report = kept.quantization
+    layers = float_model.cfg.num_hidden_layers
+    assert len(report.kept) == 4 * layers and list(report.errors) == ["lm_head"]
+    gguf = GGUFFile(path)
+    for i in range(layers):
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj"):
+            want = float_model.get_submodule(f"model.layers.{i}.{name}").weight
+            got = kept.get_submodule(f"model.layers.{i}.{name}")
+            # The CPU kernel's scales are bf16: only their rounding separates the two.
+            assert rel(got.dequantized(), want) < 1e-2
+        for ours, theirs in (("self_attn.o_proj", "attn_output"), ("mlp.down_proj", "ffn_down")):
+            stored = kept.get_submodule(f"model.layers.{i}.{ours}").weight_as_stored()
+            assert torch.equal(stored.codes, gguf.int4_codes(f"blk.{i}.{theirs}.weight").codes)
+    assert rel(prompt_logits(kept), prompt_logits(float_model)) < 0.1
+
+
+def test_gguf_int8_requantizes_and_logs_the_error(tmp_path, caplog):
+    hf = write_checkpoint(tmp_path / "hf", {}, seed=8)
+    path = write_gguf(hf, tmp_path / "m.gguf", "qwen3", GT.Q8_0)
+    with caplog.at_level("WARNING", logger="fermi.gguf"):
+        model = load_gguf(path, CPU, None, Q.QuantSpec("int8")).model
+    assert not model.quantization.kept
+    assert "weights stored as Q8_0" in caplog.text and "relative error mean" in caplog.text
+    assert max(model.quantization.errors.values()) < 0.01
+
+
+# -- the Triton kernels, run by Triton's interpreter on CPU --------------------------------
+
+INTERPRETED = Path(__file__).with_name("quant_kernels_interpreted.py")
+
+
+def test_triton_kernels_under_the_interpreter_match_their_references():
+    """The one-row kernels (bf16 weights, int8, int4; each fusion) and the few-row kernel,
+    run on CPU tensors by Triton's interpreter in a fresh process (the variable must be
+    set before the kernels are defined). bf16 ``tl.dot`` is wrong under the interpreter
+    (bit patterns taken for integers), so the few-row kernel is checked in fp32 and fp16
+    here and in bf16 on the GPU (tests/test_quant_cuda.py)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(INTERPRETED.parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(INTERPRETED)], capture_output=True, text=True, env=env, timeout=240
+    )
+    if proc.returncode == 3:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) >= 45
+    for case, (error, tolerance) in results.items():
+        assert error <= tolerance, case
+
+
+def test_quantizing_a_built_decoder_equals_quantizing_while_loading(folder):
+    """``quantize_decoder`` (what the GPU benchmark uses on random weights) builds the same
+    layers as the loader; a second pass is refused."""
+    plain = load_folder(folder, CPU, torch.float32).model
+    loaded = load_folder(folder, CPU, torch.float32, Q.QuantSpec("int4")).model
+    report = Q.quantize_decoder(plain, Q.QuantSpec("int4"))
+    assert plain.quantization is report and report.nbytes == loaded.quantization.nbytes
+    assert torch.equal(prompt_logits(plain), prompt_logits(loaded))
+    with pytest.raises(ValueError, match=r"qkv_proj is a QuantLinear, not a float nn\.Linear"):
+        Q.quantize_decoder(plain, Q.QuantSpec("int8"))
+
+
+@pytest.mark.parametrize("scheme", Q.SCHEMES)
+def test_projection_biases_survive_quantization(tmp_path, scheme):
+    folder = write_checkpoint(tmp_path / "bias", {"attention_bias": True}, seed=9)
+    plain = load_folder(folder, CPU, torch.float32).model
+    model = load_folder(folder, CPU, torch.float32, Q.QuantSpec(scheme)).model
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert torch.equal(qkv.bias, plain.model.layers[0].self_attn.qkv_proj.bias)
+    assert rel(prompt_logits(model), prompt_logits(plain)) < (0.05 if scheme == "int8" else 0.3)
+
+
+def test_int4_on_a_width_that_is_no_multiple_of_the_group_is_refused_naming_the_layer(tmp_path):
+    folder = write_checkpoint(tmp_path / "odd", {"hidden_size": 48, "head_dim": 12}, seed=1)
+    with pytest.raises(ValueError, match=r"cannot quantize model\.layers\.0\.self_attn\.qkv_proj"):
+        load_folder(folder, CPU, torch.float32, Q.QuantSpec("int4"))
+    assert load_folder(folder, CPU, torch.float32, Q.QuantSpec("int8")).model.quantization
+
+
+@NEEDS_SMOLLM2
+@pytest.mark.parametrize("scheme", Q.SCHEMES)
+def test_smollm2_quantized_keeps_its_q4_1_codes_under_int4_and_answers_paris(scheme):
+    with fermi.load("smollm2-135m", quantize=scheme, max_seq_len=256, max_batch=1) as engine:
+        report = engine.runner.model.quantization
+        if scheme == "int4":  # every layer's Q4_1 codes; the head from the Q8_0 embeddings
+            assert len(report.kept) == 120 and list(report.errors) == ["lm_head"]
+        else:
+            assert not report.kept and len(report.errors) == 121
+        out = engine.generate(
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=16,
+            temperature=0,
+        )
+    assert "Paris" in out.text
+
+
+def test_serve_config_carries_quantize_to_every_replica(folder):
+    """``fermi serve --quantize`` travels to the worker in ServerConfig's JSON."""
+    from fermi.server.app import build_api
+    from fermi.server.config import ServerConfig
+
+    config = ServerConfig(model=str(folder), quantize="int8", max_seq_len=64, max_batch=1)
+    api = build_api(msgspec.json.decode(config.to_env(), type=ServerConfig))
+    try:
+        model = api.pool.replicas[0].engine.runner.model
+        assert model.quantization.spec == Q.QuantSpec("int8")
+    finally:
+        api.close()
