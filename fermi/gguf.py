@@ -156,7 +156,7 @@ def load_gguf(
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     # Under int4 (groups of 32) the layers' 4-bit blocks keep their codes (no float copy).
     keep = quantize is not None and quantize.scheme == "int4" and quantize.group == 32
-    kept = {n: gguf.int4_codes(n) for n in gguf.tensors if keep and _is_matrix(n)}
+    kept = {n: gguf.int4_codes(n) for n in gguf.tensors if keep and _is_matrix(n, arch)}
     # Dequantizing allocates every other weight at torch_dtype first (a Q4 file grows ~4x
     # in fp16).
     need = sum(prod(i.shape) for n, i in gguf.tensors.items() if kept.get(n) is None)
@@ -169,7 +169,7 @@ def load_gguf(
     if model.quantization is not None:
         report = model.quantization
         head = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"
-        matrices = [n for n in gguf.tensors if _is_matrix(n) or n == head]
+        matrices = [n for n in gguf.tensors if _is_matrix(n, arch) or n == head]
         stored = sorted({gguf.tensors[n].type_name for n in matrices})
         message = f"{path} (weights stored as {', '.join(stored)}): {report.summary()}"
         # Re-quantizing a quantized file adds error the file did not have: say so.
@@ -394,9 +394,9 @@ def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, dim // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
 
-def _is_matrix(name: str) -> bool:
+def _is_matrix(name: str, arch: str) -> bool:
     """Whether a GGUF tensor is a layer's projection matrix (what quantization replaces)."""
-    ours = our_name(name) if name.startswith("blk.") else None
+    ours = our_name(name, arch) if name.startswith("blk.") else None
     return ours is not None and ours.endswith("_proj.weight")
 
 
