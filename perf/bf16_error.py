@@ -32,7 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def reference_and_hf(hf, prompt: list[int], steps: int):
+def exact_buffers(hf) -> dict:
+    """transformers' float32 buffers (the rotary inverse frequencies), as initialised."""
+    return {name: buf.clone() for name, buf in hf.named_buffers() if buf.is_floating_point()}
+
+
+def restore(hf, saved: dict) -> None:
+    """Put the float32 buffers back after a dtype change: ``Module.to(torch.bfloat16)``
+    casts them too, and rotary angles from bf16-rounded inverse frequencies are off by
+    radians at position 2,000 (the first run of this script compared against such a
+    reference; ``from_pretrained(dtype=bfloat16)`` keeps them in float32)."""
+    for name, value in saved.items():
+        owner, _, leaf = name.rpartition(".")
+        hf.get_submodule(owner)._buffers[leaf] = value.clone()
+
+
+def reference_and_hf(hf, prompt: list[int], steps: int, saved: dict):
     """(tokens fed after the prompt, float32 logits [steps + 1, V], transformers-bf16 logits)."""
     import torch
 
@@ -52,8 +67,10 @@ def reference_and_hf(hf, prompt: list[int], steps: int):
     # afterwards, which inference tensors refuse.
     with torch.no_grad():
         hf.float()
+        restore(hf, saved)
         fed, ref = run(hf, None)
         hf.to(torch.bfloat16)
+        restore(hf, saved)
         _, theirs = run(hf, fed)
     return fed, ref, theirs
 
@@ -118,9 +135,10 @@ def main() -> None:
     for name in args.models:
         cfg = config(name)
         hf = hf_model(cfg)
+        saved = exact_buffers(hf)
         for plen in args.prompts:
             prompt = prompt_ids(plen, cfg["vocab_size"], plen)
-            fed, ref, theirs = reference_and_hf(hf, prompt, args.steps)
+            fed, ref, theirs = reference_and_hf(hf, prompt, args.steps, saved)
             torch._dynamo.reset()
             max_len = args.max_seq_len or plen + args.steps + 16
             mine = ours(cfg, hf, prompt, fed, max_len, args.decode_attention)
