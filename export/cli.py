@@ -16,7 +16,7 @@ from export.build import DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
     envvar="FERMI_MODEL",
     required=True,
     show_envvar=True,
-    help="Hugging Face id, checkpoint folder or alias to export.",
+    help="Hugging Face id, checkpoint folder, .gguf file or alias to export.",
 )
 @click.option("--target", type=click.Choice(TARGETS), required=True, help="Artefact format.")
 @click.option(
@@ -63,7 +63,8 @@ from export.build import DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
     "--verify/--no-verify",
     default=True,
     show_default=True,
-    help="Compare the exported model with the torch engine (greedy tokens and logits).",
+    help="Check the exported model against its source on fixed prompts (greedy tokens, "
+    "logits); the figures go into the manifest.",
 )
 def export_command(
     model: str,
@@ -77,7 +78,7 @@ def export_command(
     verify: bool,
 ) -> None:
     """Export a model to an ONNX or a stateful Core ML artefact folder."""
-    from export.build import export_model
+    from export.build import Bar, export_model
     from fermi.errors import FermiError
 
     options = ExportOptions(
@@ -92,7 +93,7 @@ def export_command(
         verify=verify,
     )
     try:
-        manifest = export_model(options, progress=click.echo)
+        manifest = export_model(options, progress=Bar())
     except (FermiError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(

@@ -15,12 +15,20 @@ import numpy as np
 import torch
 
 from export.wrapper import CoreMLStep
+from fermi.loading import Checkpoint
 from fermi.models.decoder import Decoder
 from fermi.runners.artefact import TensorSpec
 from fermi.runners.base import Capabilities
 from fermi.runners.coreml import causal_mask
 
 STATE_NAMES = ("k_cache", "v_cache")
+# The compute units the package is converted for (the manifest records them).
+COMPUTE_UNITS = "ALL"
+# What the export's numerics check runs for a package (Core ML cannot run off macOS).
+CHECKED = (
+    "the package's weights and rope tables, read back and dequantized, in the torch "
+    "decoder with an fp16 cache (float32 arithmetic)"
+)
 
 
 def build_step(decoder: Decoder, max_seq_len: int) -> CoreMLStep:
@@ -198,3 +206,55 @@ class StepRunner:
 
     def release(self, slot: int) -> None:
         """Nothing to do: positions are overwritten before they are read."""
+
+
+def package_constants(package: Path) -> dict[str, np.ndarray]:
+    """Every constant tensor of a saved package by its MIL name, quantized ones
+    dequantized as Core ML will (``constexpr_*`` ops), read on any platform."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as load_program
+
+    model = ct.models.MLModel(str(package), skip_model_load=True)
+    spec = model.get_spec()
+    program = load_program(spec, spec.specificationVersion, model.weights_dir)
+    found: dict[str, np.ndarray] = {}
+    for function in program.functions.values():
+        for op in function.operations:
+            if op.op_type.startswith("constexpr_"):
+                found[op.name] = np.asarray(op.materialized_val_inference())
+            elif op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray):
+                found[op.name] = op.outputs[0].val
+    return found
+
+
+def package_runner(package: Path, source: Checkpoint) -> StepRunner:
+    """The source's decoder carrying the package's weights (as shipped: fp16, or int8 /
+    int4 dequantized) in the wrapper that was traced, with an fp16 cache: what the package
+    computes, except that the arithmetic is float32 here (fp16 on the device)."""
+    constants = package_constants(package)
+    spec = load_spec(package)
+    state = next(iter(spec.description.state)).type.stateType.arrayType
+    seq_len = int(state.shape[3])
+    query = next(f for f in spec.description.input if f.name == "input_ids")
+    chunk = max(r.upperBound for r in query.type.multiArrayType.shapeRange.sizeRanges)
+    step = build_step(source.model, seq_len)
+    tensors = dict(step.named_parameters()) | {
+        name: t for name, t in step.named_buffers() if name not in STATE_NAMES
+    }
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            stem = name.replace(".", "_")
+            value = next(
+                (constants[k] for k in (f"{stem}_to_fp16_quantized", f"{stem}_to_fp16", stem)
+                 if k in constants),
+                None,
+            )  # fmt: skip
+            if value is None:
+                if tensor.dim() >= 2:  # every matrix is in the package under its name
+                    raise RuntimeError(f"{package}: no constant for {name} ({stem}*)")
+                continue  # a vector the converter folded into another constant
+            if tuple(value.shape) != tuple(tensor.shape):
+                shape = tuple(tensor.shape)
+                raise RuntimeError(f"{package}: {stem} has shape {value.shape}, {name} {shape}")
+            tensor.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+    return StepRunner(step, source.config.vocab_size, seq_len, int(chunk))

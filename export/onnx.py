@@ -1,14 +1,23 @@
-"""ONNX export: one graph for prefill and decode, the KV cache window as input/output.
+"""ONNX export: one graph for prefill and decode, in the layout the ecosystem runs.
 
-Graph: input_ids [batch, query] int64, position_ids [batch, query] int64,
-past_keys / past_values [layers, batch, kv_heads, past, head_dim] ->
-logits [batch, vocab] float32 (each row's last token), new_keys / new_values
-[layers, batch, kv_heads, query, head_dim]. ``past`` covers positions 0..P-1 with every
-position of this step < P; the runner keeps the cache and stores the new entries.
+Inputs (onnxruntime-genai's names, as Hugging Face exports use them):
+  input_ids [batch_size, sequence_length] int64, attention_mask [batch_size,
+  total_sequence_length] int64, position_ids [batch_size, sequence_length] int64,
+  past_key_values.N.key / .value [batch_size, kv_heads, past_sequence_length, head_dim].
+Outputs:
+  logits [batch_size, 1, vocab] float32 (each row's last token),
+  present.N.key / .value [batch_size, kv_heads, present_sequence_length, head_dim].
+
+Each layer's attention is onnxruntime's GroupQueryAttention (:mod:`export.gqa`): the cache
+grows by concatenation (past of P positions -> present of P + T) or, when the caller binds
+past and present to one buffer of ``max_seq_len`` positions (onnxruntime-genai's
+``past_present_share_buffer``, Fermi's runner), is written in place. ``README.md`` in the
+artefact folder spells out the contract (``export/onnx_contract.py``).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import warnings
@@ -20,46 +29,69 @@ from export.wrapper import OnnxStep
 from fermi.models.decoder import Decoder
 from fermi.runners.artefact import TensorSpec
 
-# onnxruntime 1.2x implements opset 18 throughout; newer opsets add nothing this graph uses.
+# onnxruntime implements opset 18 throughout; newer opsets add nothing this graph uses.
 OPSET = 18
-INPUT_NAMES = ["input_ids", "position_ids", "past_keys", "past_values"]
-OUTPUT_NAMES = ["logits", "new_keys", "new_values"]
+MODEL_FILE = "model.onnx"
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
 
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
 def export_onnx(decoder: Decoder, path: Path, max_seq_len: int) -> None:
-    """Trace ``decoder`` (with torch.export) into ``path``; weights may go to a
-    ``<name>.data`` file beside it."""
+    """Trace ``decoder`` (with torch.export) into ``path``; weights larger than 1 GiB go to
+    a ``<name>.data`` file beside it."""
+    from onnxscript import ir
+
+    from export.gqa import translation_table
+
     cfg = decoder.cfg
-    decoder.setup_cache(1, max_seq_len)  # the rope tables; the wrapper replaces the cache
+    decoder.setup_cache(1, max_seq_len)  # the rope tables and windows; the graph has no cache
     dtype = decoder.model.embed_tokens.weight.dtype
-    step = OnnxStep(decoder).eval()
-    # Example sizes are distinct and > 1 so that no axis gets specialised to a constant.
-    batch, query, past = 2, 3, 7
     layers, kv, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    # Example sizes are distinct and > 1 so that no axis gets specialised to a constant.
+    batch, query, past, total = 2, 3, 7, 10
+    tokens = torch.zeros(batch, query, dtype=torch.long)
     example = (
-        torch.zeros(batch, query, dtype=torch.long),
-        torch.arange(past - query, past).expand(batch, query).contiguous(),
-        torch.zeros(layers, batch, kv, past, dim, dtype=dtype),
-        torch.zeros(layers, batch, kv, past, dim, dtype=dtype),
+        tokens,
+        torch.ones(batch, total, dtype=torch.long),
+        torch.arange(total - query, total).expand(batch, query).contiguous(),
+        *(torch.zeros(batch, kv, past, dim, dtype=dtype) for _ in range(2 * layers)),
     )
-    b, q, p = torch.export.Dim("batch"), torch.export.Dim("query"), torch.export.Dim("past")
-    dynamic = ({0: b, 1: q}, {0: b, 1: q}, {1: b, 3: p}, {1: b, 3: p})
+    b, q = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
+    m, p = torch.export.Dim("total_sequence_length"), torch.export.Dim("past_sequence_length")
+    # The caches arrive as OnnxStep.forward's *past: one entry of the shapes' structure.
+    dynamic = ({0: b, 1: q}, {0: b, 1: m}, {0: b, 1: q}, tuple({0: b, 2: p} for _ in example[3:]))
     # The exporter logs a warning per torchvision op it cannot register; none is used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            step,
+            OnnxStep(decoder).eval(),
             example,
             dynamo=True,
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names(layers)],
+            output_names=["logits", *present_names(layers)],
             dynamic_shapes=dynamic,
+            custom_translation_table=translation_table(),
             opset_version=OPSET,
             verbose=False,
         )
+    # Outputs get the names the README uses (the exporter invents some for sizes it
+    # cannot relate to an input's).
+    for value in program.model.graph.outputs:
+        if value.name == "logits":
+            value.shape = ir.Shape(["batch_size", 1, cfg.vocab_size])
+        else:
+            value.shape = ir.Shape(["batch_size", kv, "present_sequence_length", dim])
     program.save(str(path), external_data=_needs_external_data(decoder))
+    del program
+    gc.collect()  # the program holds a copy of every weight
 
 
 def _needs_external_data(decoder: Decoder) -> bool:

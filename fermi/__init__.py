@@ -92,7 +92,15 @@ def load(
     if (path / "manifest.json").is_file():  # a `fermi export` artefact: its runner decides
         from fermi.runners.artefact import load_artefact
 
-        art = load_artefact(path, runner, max_batch, max_seq_len, prefill_chunk)
+        art = load_artefact(
+            path,
+            runner,
+            max_batch,
+            max_seq_len,
+            prefill_chunk,
+            None if device is None else str(device),
+            dtype,
+        )
         return Engine(
             art.runner,
             art.tokenizer,

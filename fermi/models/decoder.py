@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fermi.models.attention import decode_attention
-from fermi.models.cache import Cache, KVCache, StepCache
+from fermi.models.cache import AttendingCache, Cache, KVCache, StepCache
 from fermi.models.context import StepContext
 from fermi.models.gemv import ACT_SILU_MUL, row_linear
 from fermi.models.rope import RopeConfig, longrope_switch, rope_tables, rotate
@@ -125,7 +125,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.cache: Cache | None = None
+        self.cache: Cache | AttendingCache | None = None
         # The layer's sliding window; setup_cache drops one that cannot bind in the cache.
         self.window: int | None = cfg.window(layer)
         # Kernel for one-token steps: "sdpa", or "flex"/"math"/"split" (see
@@ -150,9 +150,11 @@ class Attention(nn.Module):
             q, k = rotate(self.q_norm(q), cos, sin), rotate(self.k_norm(k), cos, sin)
         else:  # q and k sit side by side: one rotation for both
             q, k = rotate(qkv[:, :, : h + kv], cos, sin).split([h, kv], dim=2)
+        assert self.cache is not None, "call Decoder.setup_cache() before forward()"
+        if isinstance(self.cache, AttendingCache):  # the ONNX export's fused operator
+            return self.cache.attend(q, k, v, ctx)
         q = q.transpose(1, 2)
 
-        assert self.cache is not None, "call Decoder.setup_cache() before forward()"
         self.cache.write(k.transpose(1, 2), v.transpose(1, 2), ctx)
         keys, values = self.cache.read(ctx)
 
@@ -328,7 +330,7 @@ class Decoder(nn.Module):
         if marks is not None:
             marks[dst] = marks[src]
 
-    def use_caches(self, caches: Sequence[Cache]) -> None:
+    def use_caches(self, caches: Sequence[Cache | AttendingCache]) -> None:
         """Inject one cache per layer (``setup_cache`` injects the engine's slot caches;
         the export wrappers inject theirs)."""
         for layer, cache in zip(self.model.layers, caches, strict=True):
