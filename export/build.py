@@ -34,6 +34,10 @@ TARGETS = ("onnx", "coreml")
 QUANTIZE = {"onnx": ("none", "int8"), "coreml": ("none", "int8", "int4")}
 DEFAULT_DTYPE = {"onnx": "fp32", "coreml": "fp16"}
 DEFAULT_CHUNK = {"onnx": 512, "coreml": 128}
+# Cache slots a loaded artefact allocates unless asked: one on Apple, where every slot is a
+# whole Core ML state (all layers x max_seq_len: 235 MB at Qwen3-0.6B, 2048 tokens, fp16)
+# and a batched step is one predict per slot anyway.
+DEFAULT_BATCH = {"onnx": 4, "coreml": 1}
 # Tokenizer, template and config files an artefact carries (those the source has).
 SIDE_FILES = (
     "config.json",
@@ -67,13 +71,16 @@ class ExportOptions:
     out: Path
     dtype: str | None = None  # fp32 | fp16; None = the target's default
     max_seq_len: int | None = None  # None = the model's context, capped at 2048
-    max_batch: int = 4
+    max_batch: int | None = None  # None = the target's default (DEFAULT_BATCH)
     quantize: str = "none"
     prefill_chunk: int | None = None
     verify: bool = True
 
     def resolved_dtype(self) -> str:
         return self.dtype or DEFAULT_DTYPE[self.target]
+
+    def resolved_batch(self) -> int:
+        return self.max_batch or DEFAULT_BATCH[self.target]
 
 
 def check_options(options: ExportOptions) -> None:
@@ -89,7 +96,7 @@ def check_options(options: ExportOptions) -> None:
         )
     if options.max_seq_len is not None and options.max_seq_len < 2:
         raise ExportError("max_seq_len must be at least 2")
-    if options.max_batch < 1:
+    if options.max_batch is not None and options.max_batch < 1:
         raise ExportError("max_batch must be at least 1")
     if options.prefill_chunk is not None and options.prefill_chunk < 1:
         raise ExportError("prefill_chunk must be at least 1")
@@ -301,7 +308,7 @@ def _draft(
         dtype=options.resolved_dtype(),
         quantize=options.quantize,
         max_seq_len=seq_len,
-        max_batch=options.max_batch,
+        max_batch=options.resolved_batch(),
         prefill_chunk=chunk,
         vocab_size=cfg.vocab_size,
         cache=CacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cache_dtype),

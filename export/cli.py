@@ -40,9 +40,9 @@ from export.build import DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
 @click.option(
     "--max-batch",
     type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Cache slots the runner allocates by default (fermi.load can change it).",
+    default=None,
+    help="Cache slots the runner allocates by default (fermi.load can change it). "
+    "[default: 4 onnx; 1 coreml, where each slot is a whole Core ML state]",
 )
 @click.option(
     "--quantize",
@@ -72,7 +72,7 @@ def export_command(
     out: Path,
     dtype: str | None,
     max_seq_len: int | None,
-    max_batch: int,
+    max_batch: int | None,
     quantize: str,
     prefill_chunk: int | None,
     verify: bool,

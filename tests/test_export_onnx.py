@@ -317,3 +317,32 @@ def test_a_failed_export_leaves_the_earlier_one_untouched(exported, tmp_path):
         )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(tmp_path.glob(".art.staging-*"))
+
+
+def test_an_artefact_on_the_hub_downloads_every_file_its_manifest_lists(
+    exported, tmp_path, monkeypatch
+):
+    """By Hub id: the first download (checkpoint patterns) brings manifest.json, the
+    second exactly the files it lists: model.onnx and README.md match no checkpoint
+    pattern."""
+    import fnmatch
+
+    import huggingface_hub
+
+    art = exported[1]
+    asked: list[list[str]] = []
+
+    def snapshot_download(repo_id, allow_patterns, local_files_only=False):
+        assert repo_id == "someone/tiny-onnx"
+        asked.append(list(allow_patterns))
+        folder = tmp_path / "cache"
+        folder.mkdir(exist_ok=True)
+        for file in art.iterdir():
+            if any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):
+                shutil.copy(file, folder / file.name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with fermi.load("someone/tiny-onnx") as engine:
+        assert engine.capabilities.name == "onnx"
+    assert "model.onnx" not in asked[0] and {"model.onnx", "README.md"} <= set(asked[1])
