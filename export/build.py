@@ -394,6 +394,16 @@ def _onnx(checkpoint, options, staging, report, seq_len, chunk, traces) -> Manif
     return draft
 
 
+def gguf_blocks(model: str, cfg) -> dict:
+    """A GGUF source's quantized blocks that a Core ML package can keep (none for others)."""
+    path = resolve(model)
+    if path.suffix != ".gguf":
+        return {}
+    from export.gguf_blocks import model_blocks
+
+    return model_blocks(path, cfg)
+
+
 def _exact(numerics: Numerics) -> bool:
     return (
         all(n == numerics.steps for n in numerics.greedy_equal)
@@ -423,8 +433,14 @@ def _coreml(checkpoint, options, staging, report, seq_len, chunk, traces) -> Man
         checkpoint.model = None
         gc.collect()
     if options.quantize != "none":
+        kept = gguf_blocks(options.model, checkpoint.config)
         with report.stage(f"quantize weights ({options.quantize})"), quiet():
-            model = coreml.quantize(model, options.quantize)
+            model = coreml.quantize(model, options.quantize, kept)
+        if kept:
+            report.note(
+                f"{len(kept)} weights keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are "
+                "(not quantized a second time)"
+            )
     package = staging / "model.mlpackage"
     with quiet():
         model.save(str(package))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.gguf_blocks import Blocks
 from export.wrapper import CoreMLStep
 from fermi.loading import Checkpoint
 from fermi.models.decoder import Decoder
@@ -108,11 +109,13 @@ def _register_addcmul() -> None:
     register_torch_op(addcmul)
 
 
-def quantize(model, quantize: str):
+def quantize(model, quantize: str, kept: dict[str, Blocks] | None = None):
     """Weight-only quantisation of every large weight (linear layers and the embedding,
     which tied checkpoints share with the output layer) except the rope tables: int4 per
-    block of 32, or int8 per output channel."""
+    block of 32, or int8 per output channel. ``kept`` (a GGUF source's blocks, by our
+    weight name) are stored as they are instead (:mod:`export.gguf_blocks`)."""
     import coremltools.optimize.coreml as cto
+    from coremltools.models.utils import _apply_graph_pass
 
     if quantize == "int4":
         # Per-block int4 (block 32), as in Apple's Llama 3.1 Core ML guide.
@@ -123,12 +126,55 @@ def quantize(model, quantize: str):
         op = cto.OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int8", granularity="per_channel"
         )
+    kept_consts = {_const_name(name): blocks for name, blocks in (kept or {}).items()}
     # cos/sin tables are exact values gathered by position; 4 bits would blur every angle.
-    keep = {name: None for name in _const_names(model.get_spec()) if "rope_" in name}
-    config = cto.OptimizationConfig(global_config=op, op_name_configs=keep)
+    skip = [n for n in _const_names(model.get_spec()) if "rope_" in n or n in kept_consts]
+    config = cto.OptimizationConfig(global_config=op, op_name_configs=dict.fromkeys(skip))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cto.linear_quantize_weights(model, config)
+        model = cto.linear_quantize_weights(model, config)
+        if kept_consts:
+            model = _apply_graph_pass(model, _keep_blocks(kept_consts), skip_model_load=True)
+    return model
+
+
+def _const_name(weight: str) -> str:
+    """The MIL const the converter makes of our decoder's weight ``weight`` (fp16)."""
+    return "decoder_" + weight.replace(".", "_") + "_to_fp16"
+
+
+def _keep_blocks(blocks: dict[str, Blocks]):
+    """A MIL graph pass: each named fp16 const becomes a ``constexpr_blockwise_shift_scale``
+    of the given blocks (run after the converter's own quantisation, which would otherwise
+    take the blocks' scales for weights and quantize them too)."""
+    from coremltools.converters.mil import Builder
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+
+    def replace(function, op, kept: Blocks) -> None:
+        if tuple(op.outputs[0].shape) != kept.codes.shape:
+            raise RuntimeError(f"{op.name}: shape {op.outputs[0].shape}, GGUF {kept.codes.shape}")
+        data = kept.codes.astype(types.np_uint4_dtype if kept.bits == 4 else np.int8)
+        with function:
+            var = Builder.constexpr_blockwise_shift_scale(
+                data=data,
+                scale=kept.scale,
+                offset=kept.offset,
+                before_op=op,
+                name=op.name + "_gguf_blocks",
+            )
+        block = op.enclosing_block
+        block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=var)
+        block.remove_ops([op])
+
+    class KeepBlocks(AbstractGraphPass):
+        def apply(self, prog) -> None:
+            for function in prog.functions.values():
+                for op in list(function.operations):
+                    if op.op_type == "const" and op.name in blocks:
+                        replace(function, op, blocks[op.name])
+
+    return KeepBlocks()
 
 
 def _const_names(spec) -> list[str]:
@@ -244,11 +290,8 @@ def package_runner(package: Path, source: Checkpoint) -> StepRunner:
     with torch.no_grad():
         for name, tensor in tensors.items():
             stem = name.replace(".", "_")
-            value = next(
-                (constants[k] for k in (f"{stem}_to_fp16_quantized", f"{stem}_to_fp16", stem)
-                 if k in constants),
-                None,
-            )  # fmt: skip
+            names = (f"{stem}_to_fp16_quantized", f"{stem}_to_fp16_gguf_blocks", f"{stem}_to_fp16")
+            value = next((constants[k] for k in (*names, stem) if k in constants), None)
             if value is None:
                 if tensor.dim() >= 2:  # every matrix is in the package under its name
                     raise RuntimeError(f"{package}: no constant for {name} ({stem}*)")

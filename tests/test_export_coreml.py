@@ -240,3 +240,34 @@ def test_predict_with_separate_states_keeps_slots_apart(exported, source):
     assert (alone - again).abs().max() < 1e-3
     parity = compare(engine_runner(source), runner, prompt, 16)
     assert parity.max_logit_diff < 5e-2, parity.summary()
+
+
+def test_a_gguf_sources_q4_1_blocks_are_kept_not_quantized_again(source, tmp_path):
+    """int4 from a Q4_1 file: the package stores the file's own blocks (codes, scales,
+    offsets), so it computes the source's weights up to fp16 rounding, where quantizing
+    the dequantized weights again would move them by up to half a step."""
+    from gguf import GGMLQuantizationType
+
+    from fermi.gguf import load_gguf
+    from tests.gguf_files import write_gguf
+
+    gguf = write_gguf(source, tmp_path / "q4_1.gguf", "qwen3", GGMLQuantizationType.Q4_1)
+    lines: list[str] = []
+    options = ExportOptions(
+        model=str(gguf),
+        target="coreml",
+        out=tmp_path / "art",
+        max_seq_len=SEQ,
+        prefill_chunk=CHUNK,
+        quantize="int4",
+    )
+    manifest = export_model(options, progress=lines.append)
+    assert any("9 weights keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks" in line for line in lines)
+    read = coreml.package_constants(tmp_path / "art" / manifest.model_file)
+    shipped = read["decoder_model_layers_1_mlp_gate_up_proj_weight_to_fp16_gguf_blocks"]
+    weight = load_gguf(gguf, torch.device("cpu"), "fp32").model.model.layers[1].mlp
+    weight = weight.gate_up_proj.weight.numpy()
+    assert np.abs(shipped.astype(np.float32) - weight).max() <= np.abs(weight).max() * 2**-9
+    # Seen: every greedy token equal on all six prompts (top-1 100%), where the same
+    # weights quantized again to int4 agreed on 75% of the steps.
+    assert manifest.numerics.top1_agreement > 0.97
