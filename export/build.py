@@ -31,7 +31,7 @@ from fermi.loading import Checkpoint, load_folder
 from fermi.runners.artefact import MANIFEST_NAME, CacheSpec, Manifest, Numerics, TensorSpec
 
 TARGETS = ("onnx", "coreml")
-QUANTIZE = {"onnx": ("none", "int8"), "coreml": ("none", "int8", "int4")}
+QUANTIZE = {"onnx": ("none", "int8", "int4"), "coreml": ("none", "int8", "int4")}
 DEFAULT_DTYPE = {"onnx": "fp32", "coreml": "fp16"}
 DEFAULT_CHUNK = {"onnx": 512, "coreml": 128}
 # Cache slots a loaded artefact allocates unless asked: one on Apple, where every slot is a
@@ -57,6 +57,7 @@ VERIFY_STEPS = 16
 # prompts. README "Export to device" gives the measured figures behind it.
 AGREEMENT_FLOOR = 0.90
 SOURCE_STAGE = "run the source on the check's prompts"
+KEPT_NOTE = "weights keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are (not quantized again)"
 CHECK_STAGE = "check the export against the source"
 
 
@@ -349,15 +350,22 @@ def _onnx(checkpoint, options, staging, report, seq_len, chunk, traces) -> Manif
     from fermi.runners.onnx import OnnxRunner
 
     cfg = checkpoint.config
+    kept = {}
+    if options.quantize != "none":  # a GGUF source's blocks, found by the weights' bytes
+        for name, blocks in gguf_blocks(options.model, cfg).items():
+            kept[onnx_export.weight_key(checkpoint.model.get_parameter(name))] = blocks
     raw = staging / ".raw" / onnx_export.MODEL_FILE
     raw.parent.mkdir()
     with report.stage(f"convert to onnx (opset {onnx_export.OPSET}, torch.export)"), quiet():
         onnx_export.export_onnx(checkpoint.model, raw, seq_len)
     checkpoint.model = None  # the graph holds the weights now
     gc.collect()
-    if options.quantize == "int8":
-        with report.stage("quantize weights (int8)"), quiet():
-            onnx_export.quantize_int8(raw, staging / onnx_export.MODEL_FILE)
+    if options.quantize != "none":
+        bits = 8 if options.quantize == "int8" else 4
+        with report.stage(f"quantize weights ({options.quantize})"), quiet():
+            count = onnx_export.quantize(raw, staging / onnx_export.MODEL_FILE, bits, kept)
+        if count:
+            report.note(f"{count} {KEPT_NOTE}")
     else:
         onnx_export.move_model(raw, staging, onnx_export.MODEL_FILE)
     shutil.rmtree(raw.parent)
@@ -437,10 +445,7 @@ def _coreml(checkpoint, options, staging, report, seq_len, chunk, traces) -> Man
         with report.stage(f"quantize weights ({options.quantize})"), quiet():
             model = coreml.quantize(model, options.quantize, kept)
         if kept:
-            report.note(
-                f"{len(kept)} weights keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are "
-                "(not quantized a second time)"
-            )
+            report.note(f"{len(kept)} {KEPT_NOTE}")
     package = staging / "model.mlpackage"
     with quiet():
         model.save(str(package))

@@ -49,8 +49,8 @@ from export.build import DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
     type=click.Choice(sorted({q for qs in QUANTIZE.values() for q in qs})),
     default="none",
     show_default=True,
-    help="Weight quantisation: int8 (onnx: dynamic; coreml: per channel), int4 (coreml: "
-    "per block of 32).",
+    help="Weight-only quantisation: int8 (onnx: blocks of 32; coreml: per channel) or int4 "
+    "(blocks of 32). A GGUF source's Q4_0/Q4_1/Q8_0 blocks are kept as they are.",
 )
 @click.option(
     "--prefill-chunk",

@@ -159,7 +159,7 @@ def _keep_blocks(blocks: dict[str, Blocks]):
             var = Builder.constexpr_blockwise_shift_scale(
                 data=data,
                 scale=kept.scale,
-                offset=kept.offset,
+                offset=None if kept.offset is None else kept.offset.astype(np.float16),
                 before_op=op,
                 name=op.name + "_gguf_blocks",
             )

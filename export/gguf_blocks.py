@@ -3,12 +3,12 @@ dequantized weights a second time.
 
 Q4_0, Q4_1 and Q8_0 store blocks of 32 weights along a row: 4- or 8-bit codes and a
 float16 scale d (Q4_1 also a float16 minimum m): w = d * (q - 8) (Q4_0), d * q + m (Q4_1),
-d * q (Q8_0). Core ML's ``constexpr_blockwise_shift_scale`` computes scale * (data -
-offset) per block, with a float16 offset allowed, so each of them is one such op: the
-codes as data, d as scale, and offset 8, -m / d or none. The offset -m / d is rounded to
-float16: an error below 2^-11 of |m|, far under a quantization step. The K-quants
-(Q4_K, Q6_K, ...: 256-weight super-blocks with 6-bit sub-scales) have no such form and are
-quantized again from their dequantized values.
+d * q (Q8_0). That is scale * (codes - offset) per block with offset 8, -m / d or 0: the
+form of Core ML's ``constexpr_blockwise_shift_scale`` (a float16 offset, so -m / d is
+rounded: an error below 2^-11 of |m|, far under a quantization step) and of onnxruntime's
+MatMulNBits (a float zero point, exact). The K-quants (Q4_K, Q6_K, ...: 256-weight
+super-blocks with 6-bit sub-scales) have no such form and are quantized again from their
+dequantized values.
 
 Our decoder fuses q/k/v and gate/up (``projection_parts``); the fused weight keeps blocks
 only when every part is kept at the same width. Llama GGUF files store q/k rows permuted;
@@ -42,12 +42,12 @@ class Blocks:
 
     codes: np.ndarray  # [rows, cols] uint8 (4-bit: 0..15) or int8 (8-bit)
     scale: np.ndarray  # [rows, cols / 32] float16
-    offset: np.ndarray | None  # [rows, cols / 32] float16, or None (Q8_0)
+    offset: np.ndarray | None  # [rows, cols / 32] float32, or None (Q8_0)
     bits: int
 
     def dequantized(self) -> np.ndarray:
         scale = np.repeat(self.scale.astype(np.float32), BLOCK, axis=1)
-        offset = 0.0 if self.offset is None else np.repeat(self.offset.astype(np.float32), BLOCK, 1)
+        offset = 0.0 if self.offset is None else np.repeat(self.offset, BLOCK, axis=1)
         return scale * (self.codes.astype(np.float32) - offset)
 
 
@@ -70,13 +70,13 @@ def _read(gguf: GGUFFile, name: str) -> Blocks | None:
     # Byte j of a block holds weight j in its low nibble and weight j + 16 in its high one.
     codes = np.concatenate([packed & 0x0F, packed >> 4], axis=1).reshape(rows, cols)
     if qtype == GGMLQuantizationType.Q4_0:
-        offset = np.full_like(d, 8.0)
+        offset = np.full(d.shape, 8.0, dtype=np.float32)
     else:
         m = blocks[:, 2:4].copy().view(np.float16).reshape(rows, cols // BLOCK)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = -m.astype(np.float32) / d.astype(np.float32)
-        offset = np.where(d == 0, 0.0, ratio).astype(np.float16)  # d = 0: every weight is 0
-    return Blocks(codes, d, offset, 4)
+        offset = np.where(d == 0, np.float32(0), ratio)  # d = 0: every weight is 0
+    return Blocks(codes, d, offset.astype(np.float32), 4)
 
 
 def _rows(blocks: Blocks, heads: int) -> Blocks:

@@ -91,7 +91,11 @@ def readme(cfg: ModelConfig, source: str, cache_dtype: str, max_seq_len: int, qu
         cfg.vocab_size,
     )
     numpy_dtype = dtype = "float16" if cache_dtype == "float16" else "float32"
-    weights = "int8 (dynamic) MatMul weights" if quantize == "int8" else f"{numpy_dtype} weights"
+    weights = (
+        f"{quantize} linear weights (onnxruntime's MatMulNBits, blocks of 32)"
+        if quantize != "none"
+        else f"{numpy_dtype} weights"
+    )
     return f"""# {cfg.architecture} (ONNX, exported by Fermi Infer from `{source}`)
 
 `model.onnx`: one graph for prompt and generation steps, {weights}, contexts up to

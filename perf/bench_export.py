@@ -30,6 +30,7 @@ TARGETS = {
     "smollm2-135m": [
         ("onnx", "fp32", "none"),
         ("onnx", "fp32", "int8"),
+        ("onnx", "fp32", "int4"),
         ("coreml", "fp16", "none"),
         ("coreml", "fp16", "int8"),
         ("coreml", "fp16", "int4"),

@@ -263,6 +263,7 @@ def test_a_gguf_sources_q4_1_blocks_are_kept_not_quantized_again(source, tmp_pat
     )
     manifest = export_model(options, progress=lines.append)
     assert any("9 weights keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks" in line for line in lines)
+
     read = coreml.package_constants(tmp_path / "art" / manifest.model_file)
     shipped = read["decoder_model_layers_1_mlp_gate_up_proj_weight_to_fp16_gguf_blocks"]
     weight = load_gguf(gguf, torch.device("cpu"), "fp32").model.model.layers[1].mlp

@@ -131,7 +131,7 @@ def test_coreml_artefact_off_macos_says_where_it_runs(tmp_path):
     ("changes", "message"),
     [
         ({"target": "tflite"}, "target 'tflite'"),
-        ({"target": "onnx", "quantize": "int4"}, "int4 is not available for onnx"),
+        ({"target": "onnx", "quantize": "int2"}, "int2 is not available for onnx"),
         ({"target": "coreml", "dtype": "bf16"}, "dtype 'bf16'"),
         ({"target": "onnx", "max_seq_len": 1}, "max_seq_len must be at least 2"),
     ],
