@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fermi.errors import FermiError, ModelLoadError, RequestError
+
+# On a Mac, an op torch's MPS backend lacks runs on the CPU instead of raising. torch reads
+# this once, when it is first imported: a program that imports torch before fermi sets it
+# itself (README, "Apple silicon").
+if sys.platform == "darwin" and "torch" not in sys.modules:
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 if TYPE_CHECKING:
     import torch
@@ -73,7 +80,9 @@ def load(
 
     ``model`` is a Hugging Face id, a checkpoint folder, a ``.gguf`` file, an alias such as
     ``smollm2-135m`` (``fermi.aliases``), or ``FERMI_MODEL`` /
-    Qwen/Qwen3-1.7B when omitted. ``dtype`` defaults to bf16 on CUDA and fp32 on CPU.
+    Qwen/Qwen3-1.7B when omitted. ``device`` defaults to CUDA when there is a GPU, else to
+    Apple silicon's GPU (``mps``), else to the CPU; ``dtype`` to bf16 on CUDA, fp16 on
+    ``mps`` and fp32 on CPU.
     ``max_seq_len`` defaults to the model's context capped at 4096; ``max_batch`` to 8.
     ``max_waiting`` requests may queue for a slot beyond those; ``submit`` refuses more.
     ``prefix_reuse=False`` frees a slot's cache when its request ends instead of keeping it

@@ -16,6 +16,7 @@ import time
 import click
 
 from fermi import DEFAULT_MODEL
+from fermi.errors import RequestError
 
 # name -> "module:attribute" of a click command, imported on first use.
 LAZY_COMMANDS = {
@@ -65,14 +66,17 @@ def model_options(func):
             help="Hugging Face id, checkpoint folder, .gguf file, export folder or alias.",
         ),
         click.option(
-            "--device", default=None, help="cuda, cuda:1, cpu. [default: cuda if available]"
+            "--device",
+            default=None,
+            help="cuda, cuda:1, mps, cpu. [default: cuda if available, else mps on Apple "
+            "silicon, else cpu]",
         ),
         click.option(
             "--dtype",
             type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
             default="auto",
             show_default=True,
-            help="auto = bf16 on CUDA, fp32 on CPU.",
+            help="auto = bf16 on CUDA, fp16 on mps, fp32 on CPU.",
         ),
         click.option(
             "--max-seq-len",
@@ -175,6 +179,13 @@ def chat(
     color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
     dim, reset = ("\x1b[2m", "\x1b[0m") if color else ("", "")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
+    try:  # a thinking mode the model's template cannot honour is refused before the chat
+        engine.chat_prompt([*history, {"role": "user", "content": "Hello"}], thinking)
+    except RequestError as exc:
+        engine.close()
+        if exc.param != "thinking":
+            raise
+        raise click.BadParameter(exc.message, param_hint="--thinking") from None
     click.echo(f"fermi chat · {engine.model_name} · {engine.capabilities.name} · /reset /exit")
     try:
         while True:

@@ -27,11 +27,15 @@ from fermi.text.tokenizer import Tokenizer
 
 # GGUF architecture -> Hugging Face architecture, and whether llama.cpp's converter
 # permuted the q/k rows. It does so only for archs it runs with interleaved ("normal")
-# rope, to turn Hugging Face's rotate-half layout into pairs; Qwen archs use NeoX rope
-# in llama.cpp and are written unchanged.
+# rope, to turn Hugging Face's rotate-half layout into pairs (Llama and its derivatives);
+# Qwen, Gemma and Phi-3 use NeoX rope in llama.cpp and are written unchanged.
 ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "llama": ("LlamaForCausalLM", True),
     "qwen3": ("Qwen3ForCausalLM", False),
+    "gemma3": ("Gemma3ForCausalLM", False),
+    "smollm3": ("SmolLM3ForCausalLM", True),
+    "granite": ("GraniteForCausalLM", True),
+    "phi3": ("Phi3ForCausalLM", False),
 }
 
 # GGUF tensor name (after "blk.N.") -> ours (after "model.layers.N.").
@@ -48,6 +52,18 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Where an architecture's layer names differ from the table above.
+_ARCH_LAYER_NAMES = {
+    # Gemma's norm after attention, and its pair around the feed-forward.
+    "gemma3": {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    # Phi-3 keeps q/k/v fused, and gate/up fused under ffn_up (2 x feed_forward_length
+    # rows): the decoder's own layout.
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+}
 _TOP_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -55,6 +71,14 @@ _TOP_NAMES = {
 }
 # llama.cpp stores Llama 3.x rope scaling as per-frequency divisors in this tensor.
 ROPE_FREQS = "rope_freqs.weight"
+# ... and Phi-3's LongRoPE factors in these two.
+ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT = "rope_factors_long.weight", "rope_factors_short.weight"
+ROPE_TENSORS = (ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT)
+# Gemma's converter stores every RMSNorm weight w as 1 + w (llama.cpp multiplies by it).
+_NORM_SHIFTED = ("gemma3",)
+# llama.cpp's fixed settings for these architectures, which their GGUF files do not carry.
+GEMMA3_LOCAL_BASE, GEMMA3_PATTERN = 10000.0, 6
+SMOLLM3_NO_ROPE_INTERVAL = 4
 
 # Token types in tokenizer.ggml.token_type (llama.cpp's llama_token_type).
 CONTROL, USER_DEFINED = 3, 4
@@ -192,13 +216,83 @@ def hf_config_from_gguf(gguf: GGUFFile, arch: str) -> dict[str, Any]:
         "mlp_bias": "blk.0.ffn_gate.bias" in tensors,
         "hidden_act": "silu",
     }
-    rotary = meta.get(f"{arch}.rope.dimension_count")
-    if rotary and int(rotary) != head_dim:
-        cfg["partial_rotary_factor"] = int(rotary) / head_dim
-    scaling = rope_scaling(gguf, arch, cfg["max_position_embeddings"])
+    rotary = int(meta.get(f"{arch}.rope.dimension_count") or head_dim)
+    if rotary != head_dim:
+        cfg["partial_rotary_factor"] = rotary / head_dim
+    scaling = rope_scaling(gguf, arch, cfg["max_position_embeddings"], rotary)
     if scaling:
         cfg["rope_scaling"] = scaling
+    cfg.update(_ARCH_SETTINGS.get(arch, lambda *_: {})(gguf, arch, cfg, decimal))
     return cfg
+
+
+def _gemma3_settings(gguf: GGUFFile, arch: str, cfg: dict, decimal) -> dict[str, Any]:
+    """What llama.cpp's Gemma 3 reads or fixes: every 6th layer global and the rest sliding
+    over ``attention.sliding_window`` tokens (without a window every layer is global), a
+    local rope base of 10 000 (``rope.freq_base_swa`` where a file has one), attention
+    scaled by 1/sqrt(head_dim) except for the 62-layer 27B (1/sqrt(hidden / heads)), GELU,
+    and an optional final-logit cap."""
+    meta = gguf.metadata
+    layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    window = meta.get(f"{arch}.attention.sliding_window") or None
+    scalar = cfg["hidden_size"] // heads if layers == 62 else cfg["head_dim"]
+    out = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": int(window) if window else None,
+        "sliding_window_pattern": GEMMA3_PATTERN if window else 1,
+        "rope_local_base_freq": decimal("rope.freq_base_swa", GEMMA3_LOCAL_BASE),
+        "query_pre_attn_scalar": scalar,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+    }
+    if f"{arch}.final_logit_softcapping" in meta:
+        out["final_logit_softcapping"] = decimal("final_logit_softcapping")
+    return out
+
+
+def _smollm3_settings(gguf: GGUFFile, arch: str, cfg: dict, decimal) -> dict[str, Any]:
+    # llama.cpp skips rope on every 4th layer of any SmolLM3 file.
+    return {"no_rope_layer_interval": SMOLLM3_NO_ROPE_INTERVAL}
+
+
+def _granite_settings(gguf: GGUFFile, arch: str, cfg: dict, decimal) -> dict[str, Any]:
+    """Granite's multipliers as llama.cpp reads them: ``logit_scale`` is required; an absent
+    (or zero) embedding or residual scale is 1, an absent attention scale 1/sqrt(head_dim)."""
+    meta = gguf.metadata
+    if not meta.get(f"{arch}.rope.scaling.finetuned", True):
+        raise ModelLoadError(
+            f"{gguf.path}: {arch}.rope.scaling.finetuned = false (a Granite without rope) "
+            "is not supported"
+        )
+
+    def scale(key: str, default: float) -> float:
+        return decimal(key) if meta.get(f"{arch}.{key}") else default
+
+    return {
+        "logits_scaling": decimal("logit_scale"),
+        "embedding_multiplier": scale("embedding_scale", 1.0),
+        "residual_multiplier": scale("residual_scale", 1.0),
+        "attention_multiplier": scale("attention.scale", cfg["head_dim"] ** -0.5),
+    }
+
+
+def _phi3_settings(gguf: GGUFFile, arch: str, cfg: dict, decimal) -> dict[str, Any]:
+    """Phi-3's window (0: none, Phi-4-mini's) and LongRoPE's training length."""
+    meta = gguf.metadata
+    window = meta.get(f"{arch}.attention.sliding_window") or None
+    out: dict[str, Any] = {"sliding_window": int(window) if window else None}
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if original is not None:
+        out["original_max_position_embeddings"] = int(original)
+    return out
+
+
+_ARCH_SETTINGS = {
+    "gemma3": _gemma3_settings,
+    "smollm3": _smollm3_settings,
+    "granite": _granite_settings,
+    "phi3": _phi3_settings,
+}
 
 
 def _decimal(value: float) -> float:
@@ -207,8 +301,11 @@ def _decimal(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def rope_scaling(gguf: GGUFFile, arch: str, context: int) -> dict[str, Any] | None:
+def rope_scaling(gguf: GGUFFile, arch: str, context: int, rotary: int) -> dict[str, Any] | None:
+    """Rope scaling in ``config.json``'s spelling; ``rotary``: the rotated features a head."""
     meta = gguf.metadata
+    if ROPE_FACTORS_LONG in gguf.tensors or ROPE_FACTORS_SHORT in gguf.tensors:
+        return _longrope_factors(gguf, arch, rotary)
     if ROPE_FREQS in gguf.tensors:
         # Per-frequency divisors of the inverse frequencies: exactly what longrope's factor
         # list does, with no attention scaling (Llama 3 rope baked in by llama.cpp).
@@ -233,12 +330,32 @@ def rope_scaling(gguf: GGUFFile, arch: str, context: int) -> dict[str, Any] | No
     raise ModelLoadError(f"{gguf.path}: rope scaling type {kind!r} is not supported")
 
 
-def our_name(gguf_name: str) -> str | None:
+def _longrope_factors(gguf: GGUFFile, arch: str, rotary: int) -> dict[str, Any]:
+    """Phi-3's LongRoPE, stored by llama.cpp's converter as two factor tensors (one factor
+    per rotated pair) and the attention factor it computed (``rope.scaling.attn_factor``)."""
+    scaling: dict[str, Any] = {"rope_type": "longrope"}
+    for kind, name in (("long", ROPE_FACTORS_LONG), ("short", ROPE_FACTORS_SHORT)):
+        if name not in gguf.tensors:
+            raise ModelLoadError(f"{gguf.path}: tensor {name!r} is missing (LongRoPE)")
+        shape = gguf.tensors[name].shape
+        if shape != (rotary // 2,):
+            raise ModelLoadError(
+                f"{gguf.path}: tensor {name!r} has shape {shape}, "
+                f"{arch}.rope.dimension_count {rotary} implies ({rotary // 2},)"
+            )
+        scaling[f"{kind}_factor"] = gguf.tensor(name, torch.float32).tolist()
+    attn_factor = gguf.metadata.get(f"{arch}.rope.scaling.attn_factor")
+    if attn_factor is not None:
+        scaling["attention_factor"] = _decimal(attn_factor)
+    return scaling
+
+
+def our_name(gguf_name: str, arch: str) -> str | None:
     """Our parameter name for a GGUF tensor name (None for tensors we do not load)."""
     stem, _, kind = gguf_name.rpartition(".")
     if stem.startswith("blk."):
         _, layer, part = stem.split(".", 2)
-        mapped = _LAYER_NAMES.get(part)
+        mapped = _ARCH_LAYER_NAMES.get(arch, {}).get(part) or _LAYER_NAMES.get(part)
         return f"model.layers.{layer}.{mapped}.{kind}" if mapped else None
     mapped = _TOP_NAMES.get(stem)
     return f"{mapped}.{kind}" if mapped else None
@@ -258,9 +375,9 @@ def read_weights(
     permuted = ARCHITECTURES[arch][1]
     weights: dict[str, torch.Tensor] = {}
     for name in gguf.tensors:
-        ours = our_name(name)
+        ours = our_name(name, arch)
         if ours is None:
-            if name == ROPE_FREQS:
+            if name in ROPE_TENSORS:
                 continue
             raise ModelLoadError(f"{gguf.path}: unexpected tensor {name!r} for GGUF arch {arch}")
         tensor = gguf.tensor(name, dtype)
@@ -268,6 +385,10 @@ def read_weights(
             tensor = unpermute_rows(tensor, heads)
         elif permuted and ".attn_k." in name:
             tensor = unpermute_rows(tensor, kv_heads)
+        if arch in _NORM_SHIFTED and name.endswith("norm.weight"):
+            # Back to the checkpoint's w (the decoder's Gemma RMSNorm scales by 1 + w); in
+            # float32, as the norms are stored, whatever dtype the weights load in.
+            tensor = (gguf.tensor(name, torch.float32) - 1.0).to(dtype)
         weights[ours] = tensor
     return weights
 

@@ -130,9 +130,21 @@ ARCH_KEY_TYPES = {
         ),
         _INT,
     ),
-    "attention.layer_norm_rms_epsilon": _NUMBER,
-    "rope.freq_base": _NUMBER,
-    "rope.scaling.factor": _NUMBER,
+    **dict.fromkeys(
+        (
+            "attention.layer_norm_rms_epsilon",
+            "attention.scale",
+            "rope.freq_base",
+            "rope.freq_base_swa",
+            "rope.scaling.factor",
+            "rope.scaling.attn_factor",
+            "logit_scale",
+            "embedding_scale",
+            "residual_scale",
+            "final_logit_softcapping",
+        ),
+        _NUMBER,
+    ),
     "rope.scaling.type": _STR,
 }
 

@@ -35,6 +35,17 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_GRAMMAR_CHARS = 256 * 1024
 # Distinct compiled grammars kept (an agent sends the same tools with every request).
 CACHE_SIZE = 64
+# llguidance's limits on the work one grammar may cost (``llguidance.LLParserLimits``;
+# its rates are its own figures). Its defaults allow a lexer of 250,000 states (1-2 kB
+# each: up to ~500 MB for one request) and 200,000 fuel a mask (~14 ms of one core, on
+# the engine thread, for every row of every step); a request may cost at most a fifth of
+# either here. A grammar past them at compile time is a 400; past them mid-generation, the
+# reply ends with an error naming the limit, never with a clean stop on cut-off output.
+LIMITS = {
+    "step_lexer_fuel": 40_000,  # ~3 ms a mask
+    "max_lexer_states": 50_000,  # <= ~100 MB
+    "verbose_errors": False,  # errors say what, without dumping the grammar's state
+}
 
 
 @dataclass(frozen=True)
@@ -190,6 +201,8 @@ class Matcher:
     def advance(self, token: int) -> bool:
         """Take the sampled ``token``; False when the grammar rejects it (the mask allowed it,
         so that is a bug). Sets ``finished`` when the output is complete."""
+        if self._m.is_error():  # e.g. a step past the grammar's limits (LIMITS)
+            return False
         if token in self.eos_ids and self._m.is_accepting():
             self.finished = True
             return True
@@ -203,6 +216,14 @@ class Matcher:
     def error(self) -> str | None:
         """llguidance's reason, its first line only (the rest dumps the grammar's state)."""
         return _clean(self._m.get_error()) if self._m.is_error() else None
+
+    @property
+    def over_limits(self) -> bool:
+        """The matcher stopped because a step (a mask, or taking a token) cost more than
+        :data:`LIMITS` allow, not because a token broke the grammar: llguidance puts both
+        in one error state, and says of the latter that the token "doesn't satisfy the
+        grammar"."""
+        return self._m.is_error() and "doesn't satisfy the grammar" not in self._m.get_error()
 
 
 class GrammarCompiler:
@@ -289,7 +310,8 @@ class GrammarCompiler:
             text = grammar._llguidance_text()
         except (ValueError, RuntimeError) as exc:
             raise RequestError(f"unsupported {grammar.kind}: {_clean(exc)}", param) from None
-        matcher = llguidance.LLMatcher(self._tokenizer(), text, log_level=0)
+        limits = llguidance.LLParserLimits(**LIMITS)
+        matcher = llguidance.LLMatcher(self._tokenizer(), text, log_level=0, limits=limits)
         if matcher.is_error():
             raise RequestError(f"unsupported {grammar.kind}: {_clean(matcher.get_error())}", param)
         # The first mask here, on the caller's thread, not in the engine's step: llguidance

@@ -78,14 +78,26 @@ def read_json(path: Path) -> dict:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bf16 on CUDA; fp16 on Apple's MPS (bf16 there needs macOS 14); fp32 on a CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.float16 if device.type == "mps" else torch.float32
 
 
 def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if name is None or name == "auto":
         return default_dtype(device)
-    if isinstance(name, torch.dtype):
-        return name
+    dtype = name if isinstance(name, torch.dtype) else _named_dtype(name)
+    if dtype == torch.bfloat16 and device.type == "mps" and not _mps_has_bf16():
+        raise ValueError("bf16 on Apple's GPU (mps) needs macOS 14 or later: use fp16 there")
+    return dtype
+
+
+def _mps_has_bf16() -> bool:
+    return torch.backends.mps.is_macos_or_newer(14, 0)
+
+
+def _named_dtype(name: str) -> torch.dtype:
     table = {
         "fp32": torch.float32,
         "float32": torch.float32,
@@ -116,7 +128,11 @@ def load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Check
     if not tokenizer_file.exists():
         raise ModelLoadError(f"model folder {folder} has no tokenizer.json")
     tokenizer = Tokenizer.from_folder(folder)
-    weights, bare = backbone_prefixed(read_safetensors(folder))
+    located = read_safetensors(folder)
+    if adapter.rename is not None:  # before any tensor is read: unread ones cost nothing
+        renamed = ((adapter.rename(name), where) for name, where in located.items())
+        located = {name: where for name, where in renamed if name is not None}
+    weights, bare = backbone_prefixed(located)
     embedding = embedding_spec(folder, config, bare, has_head="lm_head.weight" in weights)
     if embedding is not None and not embedding.generates:
         # The decoder keeps its one shape: the embedding matrix stands in for the missing

@@ -20,12 +20,17 @@ def size(n: int) -> str:
 
 
 def free_memory(device) -> int | None:
-    """Bytes free for new tensors on ``device``: the GPU's free memory, or on a CPU the
-    kernel's MemAvailable bounded by the cgroup's limit (containers); None if unknown."""
+    """Bytes free for new tensors on ``device``: the GPU's free memory (on Apple's GPU what
+    Metal recommends, less what is allocated), or on a CPU the kernel's MemAvailable bounded
+    by the cgroup's limit (containers); None if unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return torch.cuda.mem_get_info(device)[0] + cached
+    if device.type == "mps":
+        # Apple's unified memory: what Metal recommends one process keeps, less what its
+        # driver holds already (past that, macOS swaps instead of failing).
+        return max(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory(), 0)
     if device.type != "cpu":
         return None
     free = None

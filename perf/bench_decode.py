@@ -14,9 +14,16 @@ the correctness checks compare like with like. Per model and prompt length it me
   fresh process, warm start to the first token;
 - greedy agreement with transformers over the first 32 tokens (bf16), and fp32 logits.
 
+Every shape in ``fermi.models.shapes`` can be named: Qwen3 0.6B-8B get the transformers
+comparisons and batched rows; the others (``EXTRA``, among them issue 19's Gemma-3-1b-it,
+SmolLM3-3B, Phi-4-mini-instruct, Granite-3.3-2b-instruct, Llama-3.2-1B-Instruct) are ours
+at batch 1 unless ``--compare-all``. Every row records Dynamo's compiles after warm-up.
+
 Run on the GPU machine from the repository root::
 
     PYTHONPATH=$PWD python3 perf/bench_decode.py --models Qwen3-0.6B --out perf/results/x.json
+    PYTHONPATH=$PWD python3 perf/bench_decode.py --models Gemma-3-1b-it --prompts 128 2048 \
+        --batches 1 --max-seq-len 2560 --out perf/results/h200_gemma3_1b.json
     python3 perf/bench_decode.py --report perf/results/*.json   # table for perf/README.md
 """
 
@@ -36,7 +43,16 @@ import time
 from pathlib import Path
 
 QWEN3 = ("Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B")
-EXTRA = ("DeepSeek-R1-Distill-Qwen-1.5B", "Phi-3.5-mini-instruct", "Gemma-2-2b-it")
+# The small models of issue 19 (Gemma 3's sliding/global layers with two rope tables,
+# SmolLM3's NoPE layers, Phi-4-mini's partial rotary + LongRoPE, Granite's multipliers).
+RECENT = (
+    "Gemma-3-1b-it",
+    "SmolLM3-3B",
+    "Phi-4-mini-instruct",
+    "Granite-3.3-2b-instruct",
+    "Llama-3.2-1B-Instruct",
+)
+EXTRA = ("DeepSeek-R1-Distill-Qwen-1.5B", "Phi-3.5-mini-instruct", "Gemma-2-2b-it", *RECENT)
 
 
 # -- measurement helpers ---------------------------------------------------------------
@@ -437,7 +453,7 @@ def bench_model(name: str, args, bandwidth: float, entry: dict, save) -> None:
     wbytes = weight_bytes_per_token(cfg)
     roof = bandwidth / wbytes
     entry.update({"model": name, "weight_bytes_per_token": wbytes, "roofline_tok_s": roof})
-    qwen3 = name in QWEN3
+    qwen3 = name in QWEN3 or args.compare_all  # transformers comparisons, batched rows
 
     def log(msg: str) -> None:
         print(f"[{name}] {msg}", flush=True)
@@ -527,6 +543,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="*", default=list(QWEN3))
     p.add_argument("--extra", action="store_true", help="also the non-Qwen3 shapes, ours only")
+    p.add_argument(
+        "--compare-all",
+        action="store_true",
+        help="transformers comparisons and batched rows for every model, not only Qwen3",
+    )
     p.add_argument("--prompts", type=int, nargs="*", default=[128, 2048])
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--hf-eager-tokens", type=int, default=64)
@@ -614,8 +635,9 @@ def report(results: list[dict]) -> str:
     """Markdown tables: batch-1 decode, TTFT, batches, memory, correctness."""
     lines = [
         "| model | prompt | ours tok/s | roofline share | HF eager tok/s | HF static+compile "
-        "tok/s | ours / HF static | ours TTFT ms | HF static TTFT ms | ours peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "tok/s | ours / HF static | ours TTFT ms | HF static TTFT ms | ours peak GiB "
+        "| recompiles after warm-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     extras = []
     for res in results:
@@ -634,7 +656,7 @@ def report(results: list[dict]) -> str:
                     f"{_fmt(eager and eager['decode_tok_s'])} | "
                     f"{_fmt(static and static['decode_tok_s'])} | {_fmt(ratio, '.2f')} | "
                     f"{ours['ttft_ms']:.1f} | {_fmt(static and static['ttft_ms'], '.1f')} | "
-                    f"{ours['peak_gib']:.1f} |"
+                    f"{ours['peak_gib']:.1f} | {_fmt(m.get('recompiles_after_warmup'), 'd')} |"
                 )
             batched = [m[k] for k in m if k.startswith("ours_b") and not k.startswith("ours_b1_")]
             b1 = m.get("ours_b1_p128")

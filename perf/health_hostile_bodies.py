@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
@@ -33,9 +35,9 @@ def bodies() -> dict[str, tuple[str, bytes]]:
         chat,
         b'{"messages":[{"role":"user","content":"' + escapes + b'"}],"max_tokens":1}',
     )
-    out["250k small messages"] = (
-        chat,
-        b'{"messages":[' + b",".join([message] * 250_000) + b'],"max_tokens":1}',
+    out["250k small Anthropic messages"] = (
+        "/v1/messages",
+        b'{"model":"MODEL","max_tokens":1,"messages":[' + b",".join([message] * 250_000) + b"]}",
     )
     return out
 
@@ -44,8 +46,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tries", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--only", default=None, help="run the bodies whose name contains this")
     args = p.parse_args()
 
+    from fermi.heap import settle
     from fermi.server.config import ServerConfig
     from fermi.server.handlers import Api
     from fermi.server.pool import load_pool
@@ -55,9 +59,13 @@ def main() -> None:
     folder = thinking_checkpoint(Path(tempfile.mkdtemp()) / "tiny", max_positions=256)
     pool = load_pool(str(folder), [None, None], max_seq_len=256, max_batch=4, prefix_reuse=False)
     api = Api(pool, ServerConfig(model=str(folder), prefix_reuse=False))
+    settle()  # as fermi serve does once its model is loaded
     rows = []
     try:
         for kind, (path, raw) in bodies().items():
+            raw = raw.replace(b'"MODEL"', msgspec.json.encode(api.model_name))
+            if args.only and args.only not in kind:
+                continue
 
             async def once(path=path, raw=raw):
                 await api.handle("GET", "/health", {}, b"")

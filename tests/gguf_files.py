@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType
 from gguf import quants as gguf_quants
 from gguf.gguf_writer import GGUFValue
 from safetensors.torch import load_file
@@ -34,6 +34,17 @@ LAYER_TENSORS = {
     "mlp.down_proj": "ffn_down",
 }
 TOP_TENSORS = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+# Where an architecture's converter names a layer tensor otherwise.
+ARCH_LAYER_TENSORS = {
+    "gemma3": {
+        "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm",
+        "post_feedforward_layernorm": "post_ffw_norm",
+    },
+    "phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+}
+# Converters that permute q/k rows (LlamaModel and its subclasses).
+PERMUTED = ("llama", "smollm3", "granite")
 
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 
@@ -48,11 +59,12 @@ def converter_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
     stem, _, kind = hf_name.rpartition(".")
     if stem.startswith("model.layers."):
         _, _, layer, part = stem.split(".", 3)
-        return f"blk.{layer}.{LAYER_TENSORS[part]}.{kind}"
+        names = {**LAYER_TENSORS, **ARCH_LAYER_TENSORS.get(arch, {})}
+        return f"blk.{layer}.{names[part]}.{kind}"
     return f"{TOP_TENSORS[stem]}.{kind}"
 
 
@@ -104,13 +116,17 @@ def write_gguf(
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     rope = cfg.get("rope_parameters") or {}
+    if arch == "gemma3":  # one rope per layer type; the file holds the global one's base
+        rope = rope["full_attention"]
     writer.add_rope_freq_base(float(rope.get("rope_theta") or cfg.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    partial = cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
+    writer.add_rope_dimension_count(int(partial * cfg["hidden_size"]) // heads)
     writer.add_vocab_size(cfg["vocab_size"])
     _add_tokenizer(writer, folder, pre)
+    _add_arch_metadata(writer, arch, cfg, rope)
 
     tensors = load_file(folder / "model.safetensors")
     if cfg.get("tie_word_embeddings"):
@@ -119,11 +135,13 @@ def write_gguf(
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg, head_dim))
     for name, tensor in tensors.items():
         data = tensor.float().numpy()
-        if arch == "llama" and name.endswith("q_proj.weight"):
+        if arch in PERMUTED and name.endswith("q_proj.weight"):
             data = converter_permute(data, heads)
-        elif arch == "llama" and name.endswith("k_proj.weight"):
+        elif arch in PERMUTED and name.endswith("k_proj.weight"):
             data = converter_permute(data, kv_heads)
-        _add(writer, gguf_name(name), data, weight_type if data.ndim == 2 else None)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            data = data + 1.0  # Gemma's converter stores 1 + w
+        _add(writer, gguf_name(name, arch), data, weight_type if data.ndim == 2 else None)
     for name, (raw, qtype) in (extra_tensors or {}).items():
         writer.add_tensor(name, raw, raw_dtype=qtype)
     for key, (value, vtype) in (metadata or {}).items():
@@ -133,6 +151,33 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def _add_arch_metadata(writer: GGUFWriter, arch: str, cfg: dict, rope: dict) -> None:
+    """The keys (and Phi-3's factor tensors) each architecture's converter adds."""
+    if arch == "gemma3":
+        if cfg.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        writer.add_sliding_window(cfg["sliding_window"])
+        if rope.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["factor"])
+    elif arch == "granite":
+        writer.add_attention_scale(cfg["attention_multiplier"])
+        writer.add_embedding_scale(cfg["embedding_multiplier"])
+        writer.add_residual_scale(cfg["residual_multiplier"])
+        writer.add_logit_scale(cfg["logits_scaling"])
+    elif arch == "phi3":
+        original = rope["original_max_position_embeddings"]
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_sliding_window(cfg.get("sliding_window") or 0)
+        if rope.get("long_factor"):
+            scale = cfg["max_position_embeddings"] / original
+            attn = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+            writer.add_rope_scaling_attn_factors(attn)
+            for kind in ("long", "short"):
+                factors = np.array(rope[f"{kind}_factor"], dtype=np.float32)
+                writer.add_tensor(f"rope_factors_{kind}.weight", factors)
 
 
 def _add(writer: GGUFWriter, name: str, data: np.ndarray, qtype) -> None:

@@ -454,6 +454,10 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
             {"messages": [{"role": "user", "content": [ORPHAN_RESULT]}]},
             "messages[0].content[0].tool_use_id",
         ),
+        # Counted before any item is decoded: the malformed last item is never reached.
+        ({"messages": [*QUESTION] * 2049 + [{"role": 5}]}, "2050 messages cannot fit"),
+        ({"tools": [*ANTHROPIC_TOOLS] * 129 + [{"name": 5}]}, "at most 128 tools"),
+        ({"messages": [*QUESTION, {"role": 5}]}, "messages[1].role"),
     ],
 )
 def test_a_bad_request_is_a_400_in_anthropics_shape_naming_what_is_wrong(client, change, named):

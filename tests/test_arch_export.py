@@ -1,5 +1,6 @@
-"""Qwen2, Phi-3 (LongRoPE) and Gemma 2 export to ONNX and convert to Core ML, and the
-exported graphs reproduce the torch engine past Gemma's window and Phi-3's rope switch."""
+"""Qwen2, Phi-3 (LongRoPE), Gemma 2, Gemma 3, SmolLM3 and Granite export to ONNX and
+convert to Core ML, and the exported graphs reproduce the torch engine past the Gemmas'
+and SmolLM3's windows and Phi-3's rope switch."""
 
 from __future__ import annotations
 
@@ -14,7 +15,23 @@ from export.verify import compare, sample_prompt
 from fermi.loading import load_folder
 from fermi.runners.onnx import OnnxRunner
 from fermi.runners.torch_eager import TorchRunner
-from tests import test_arch_gemma2, test_arch_phi3, test_arch_qwen2
+from tests import (
+    test_arch_gemma2,
+    test_arch_gemma3,
+    test_arch_granite,
+    test_arch_phi3,
+    test_arch_qwen2,
+    test_arch_smollm3,
+)
+from tests.tiny import write_checkpoint_for
+
+
+def write_gemma3_short(root, _name=None):
+    """Gemma 3 with three layers (sliding, sliding, global): both rope tables and the window,
+    at half the export time of the parity tests' six layers."""
+    config = {**test_arch_gemma3.GEMMA3_BASE, "num_hidden_layers": 3}
+    return write_checkpoint_for(root / "gemma3", config, seed=3)
+
 
 SEQ = 64
 # 20 prompt tokens + 40 steps: past Gemma's 8-token window and Phi-3's switch at 32.
@@ -23,19 +40,26 @@ SOURCES = {
     "qwen2": (test_arch_qwen2.write, "sliding"),
     "phi3": (test_arch_phi3.write, "longrope"),
     "gemma2": (test_arch_gemma2.write, "gemma2"),
+    "gemma3": (write_gemma3_short, None),
+    "smollm3": (test_arch_smollm3.write, "sliding"),  # NoPE layers, window 8 on them
+    "granite": (test_arch_granite.write, "untied_biases"),  # the four multipliers
 }
+
 
 ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+    "granite": "GraniteForCausalLM",
 }
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
-    return {arch: write(root, name) for arch, (write, name) in SOURCES.items()}
+    return {arch: write(root / arch, name) for arch, (write, name) in SOURCES.items()}
 
 
 def torch_runner(folder) -> TorchRunner:

@@ -19,6 +19,11 @@ PARAMS_B = {
     "DeepSeek-R1-Distill-Qwen-1.5B": 1.78,
     "Phi-3.5-mini-instruct": 3.82,
     "Gemma-2-2b-it": 2.61,
+    "Gemma-3-1b-it": 1.00,
+    "SmolLM3-3B": 3.08,
+    "Phi-4-mini-instruct": 3.84,
+    "Granite-3.3-2b-instruct": 2.53,
+    "Llama-3.2-1B-Instruct": 1.24,
 }
 
 

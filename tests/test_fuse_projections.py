@@ -11,11 +11,14 @@ from fermi.errors import ModelLoadError
 from fermi.loading import build_model
 from fermi.models.decoder import Decoder, projection_parts
 from fermi.models.gemma2 import gemma2_config
+from fermi.models.gemma3 import gemma3_config
+from fermi.models.granite import granite_config
 from fermi.models.half_weights import HalfWeightLinear, use_half_weights
 from fermi.models.llama import llama_config
 from fermi.models.phi3 import phi3_config
 from fermi.models.qwen3 import qwen3_config
 from fermi.models.registry import Adapter
+from fermi.models.smollm3 import smollm3_config
 
 SHAPE = {
     "vocab_size": 256,
@@ -34,6 +37,20 @@ CONFIGS = {
     "phi3_window": lambda: phi3_config({**SHAPE, "sliding_window": 8}),
     "gemma2": lambda: gemma2_config(
         {**SHAPE, "sliding_window": 8, "hidden_activation": "gelu_pytorch_tanh"}
+    ),
+    # Sliding and global layers with their own rope bases, q/k norm x (1 + weight).
+    "gemma3": lambda: gemma3_config(
+        {**SHAPE, "sliding_window": 8, "sliding_window_pattern": 2, "rope_local_base_freq": 100}
+    ),
+    "smollm3_nope": lambda: smollm3_config({**SHAPE, "no_rope_layers": [1, 0]}),
+    "granite": lambda: granite_config(
+        {
+            **SHAPE,
+            "embedding_multiplier": 12.0,
+            "attention_multiplier": 0.1,
+            "residual_multiplier": 0.22,
+            "logits_scaling": 8.0,
+        }
     ),
 }
 

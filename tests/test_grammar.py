@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import pytest
 
-from fermi.errors import RequestError
+from fermi.errors import FermiError, RequestError
 from fermi.grammar import Grammar
 from fermi.loading import GenerationDefaults
 from tests.test_scheduler_overlap import eager, overlapped
@@ -264,3 +264,30 @@ def test_the_engine_thread_copies_the_grammar_the_request_compiled(folder, monke
         monkeypatch.setattr(engine.grammars, "_prototype", compile_again)
         out = engine.generate_request(request)
     jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+def test_a_grammar_past_its_limits_mid_reply_ends_in_an_error_not_a_clean_stop(folder, monkeypatch):
+    """With too little fuel a step, llguidance's mask allows only the end: the reply used to
+    stop there, cut-off JSON with finish_reason "stop"."""
+    import fermi.grammar
+
+    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", 2000)
+    with eager(folder) as engine:
+        with pytest.raises(FermiError, match="more work for one token than a request may take"):
+            engine.generate(**_json_request(1))
+        # The engine goes on serving, and an unconstrained request is untouched.
+        assert engine.generate(messages=CHAT, max_tokens=3, thinking="off").finish_reason
+
+
+def test_a_token_outside_the_grammar_is_not_taken_for_its_limits(folder):
+    import torch
+
+    with eager(folder) as engine:
+        matcher = engine.grammars.matcher(Grammar.regex("abc"))
+        row = torch.zeros((engine.grammars.vocab_size + 31) // 32, dtype=torch.int32)
+        matcher.fill(row)
+        refused = next(
+            i for i in range(engine.grammars.vocab_size) if not row[i // 32] >> i % 32 & 1
+        )
+        assert not matcher.advance(refused)
+        assert matcher.error and not matcher.over_limits

@@ -54,3 +54,34 @@ def test_llama_with_unsupported_activation_is_a_clear_error(tmp_path):
     folder = write_checkpoint(tmp_path / "gelu", {**LLAMA, "hidden_act": "relu2"})
     with pytest.raises(ModelLoadError, match="hidden_act='relu2'"):
         load_folder(folder, torch.device("cpu"), torch.float32)
+
+
+# Llama 3.2 1B / 3B: tied embeddings, llama3 rope (factor 32, original context 8192 -> 32
+# here), GQA 4:1 with head_dim 64 (16 here, hidden 128 / 8 heads).
+LLAMA_3_2 = {
+    **LLAMA,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+}
+
+
+def test_llama_3_2_shape_logits_and_64_greedy_tokens_match_transformers(tmp_path):
+    model, ref = load_pair(write_checkpoint(tmp_path / "llama32", LLAMA_3_2, seed=32))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    # 40 + 64 positions: far past the original context of 32.
+    assert max_error_prefill_and_decode(model, ref, prompt_len=40, steps=64) < TOL
+    tokens, expected = greedy_pair(model, ref, prompt_len=12)
+    assert tokens == expected and len(set(tokens)) > 1

@@ -5,10 +5,20 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from fermi.server.anthropic_protocol import CountTokensRequest, MessagesRequest
+from fermi.server.anthropic_protocol import (
+    AnthropicMessage,
+    AnthropicTool,
+    CountTokensRequest,
+    MessagesRequest,
+)
 from fermi.server.openapi import OPENAPI, OPENAPI_JSON
-from fermi.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from fermi.server.responses_protocol import ResponsesRequest
+from fermi.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    Message,
+)
+from fermi.server.responses_protocol import ResponsesInputItem, ResponsesRequest
 
 SCHEMAS = OPENAPI["components"]["schemas"]
 # What msgspec itself accepts, component by component (every Struct a request body holds).
@@ -19,6 +29,11 @@ REQUESTS = (
     MessagesRequest,
     CountTokensRequest,
     ResponsesRequest,
+    # The items of the lists the first decode keeps raw (decoded one by one in the worker).
+    Message,
+    AnthropicMessage,
+    AnthropicTool,
+    ResponsesInputItem,
 )
 STRUCT_SCHEMAS = msgspec.json.schema_components(REQUESTS)[1]
 

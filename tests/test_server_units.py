@@ -130,6 +130,8 @@ def test_event_bytes_equal_the_encoded_chunk_of_every_delta(make):
         ({"thinking": "on"}, "on"),
         ({"chat_template_kwargs": {"enable_thinking": False}}, "off"),
         ({"chat_template_kwargs": {"enable_thinking": True}}, "on"),
+        ({"chat_template_kwargs": {"thinking": True}}, "on"),  # Granite 3.3's switch
+        ({"chat_template_kwargs": {"thinking": False}}, "off"),
         ({"reasoning_effort": "none"}, "off"),
         ({"reasoning_effort": "high"}, "auto"),
         ({"think": False}, "off"),
@@ -160,7 +162,7 @@ def test_devices_are_parsed_and_placed_one_replica_each():
         (3, [], None, 2, "--pool 3 needs 3 GPUs"),
         (2, [], "cuda:1", 2, "name one device per replica"),
         (None, ["cuda:2"], None, 2, "device cuda:2 does not exist"),
-        (None, ["tpu"], None, 2, "is not cpu or cuda:N"),
+        (None, ["tpu"], None, 2, "is not cpu, mps or cuda:N"),
         (0, [], None, 0, "at least 1"),
     ],
 )
@@ -445,6 +447,23 @@ HOSTILE = {
         {"prompt": [1] * 2_000_000, "max_tokens": 1},
         ("prompt", "context_length_exceeded"),
     ),
+    # 7.5 MB: decoded as Message structs on the event loop, then rendered, these held
+    # /health 245 ms (quiet 2-core machine); the count is now refused before any is decoded.
+    "250k small chat messages": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}] * 250_000, "max_tokens": 1},
+        ("messages", "context_length_exceeded"),
+    ),
+    "250k small Responses items": (
+        "/v1/responses",
+        {"input": [{"role": "user", "content": "a"}] * 250_000},
+        ("messages", "context_length_exceeded"),
+    ),
+    "150k small tools": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}] * 150_000},
+        ("tools", None),
+    ),
 }
 
 
@@ -479,6 +498,63 @@ def test_health_answers_while_a_hostile_request_is_refused(api, kind):
     assert longest < 2.0, f"/health waited {longest:.1f} s"
     error = json.loads(reply.body)["error"]
     assert (reply.status, error["param"], error["code"]) == (400, param, code)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "said"),
+    [
+        # One malformed item at the end of a list too long: the count is refused, before
+        # any item is decoded (the context holds 256 tokens).
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "a"}] * 300 + [{"role": 5}]},
+            "messages",
+            "301 messages cannot fit in this engine's context of 256 tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user"}], "tools": [{"type": "function"}] * 129 + [5]},
+            "tools",
+            "tools takes at most 128 tools, not 130",
+        ),
+        (
+            "/v1/responses",
+            {"input": [{"role": "user", "content": "a"}] * 300 + [5]},
+            "messages",
+            "301 messages cannot fit",
+        ),
+        # Within the limits, an item decoded on its own is named from the body's root.
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "a"}, {"role": 5}]},
+            "messages[1].role",
+            "Expected `str`, got `int` - at `$.messages[1].role`",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
+            "messages[0].content[0].text",
+            "got `int` - at `$.messages[0].content[0].text`",
+        ),
+        (
+            "/v1/responses",
+            {"input": [{"role": "user", "content": "a"}, []]},
+            "input[1]",
+            "Expected `object`, got `array` - at `$.input[1]`",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user"}], "response_format": {"type": 5}},
+            "response_format",
+            "response_format must be an object with a",
+        ),
+    ],
+)
+def test_list_items_are_counted_first_and_named_from_the_root(api, path, body, param, said):
+    reply = asyncio.run(api.handle("POST", path, {}, json.dumps(body).encode()))
+    error = json.loads(reply.body)["error"]
+    assert (reply.status, error["param"]) == (400, param), error
+    assert said in error["message"]
 
 
 def test_a_slow_request_build_runs_beside_a_streaming_request(api, monkeypatch):
@@ -543,3 +619,32 @@ def test_an_error_counts_in_metrics_with_the_status_sent(api, monkeypatch):
     reply = asyncio.run(api.handle("POST", "/v1/messages", {}, b"{}"))
     assert reply.status == 529
     assert count() == before + 1
+
+
+def test_a_grammar_past_its_limits_is_a_400_whole_or_streamed(api, monkeypatch):
+    import fermi.grammar
+    from tests.test_grammar import SCHEMA
+
+    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", 2000)
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "thinking": "off",
+        "max_tokens": 200,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
+    }
+    reply = asyncio.run(api.handle("POST", "/v1/chat/completions", {}, json.dumps(body).encode()))
+    error = json.loads(reply.body).get("error")
+    assert (reply.status, error and error["code"]) == (400, "grammar_too_complex"), reply.body
+    assert "more work for one token" in error["message"]
+
+    async def streamed():
+        raw = json.dumps({**body, "stream": True}).encode()
+        reply = await api.handle("POST", "/v1/chat/completions", {}, raw)
+        got = []
+        with pytest.raises(StreamEndedError):  # after the error event
+            async for chunk in reply.chunks():
+                got.append(chunk)
+        return b"".join(got)
+
+    events = asyncio.run(streamed()).decode()
+    assert '"code":"grammar_too_complex"' in events.replace(" ", "")

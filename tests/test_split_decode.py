@@ -24,21 +24,24 @@ def reference(q, keys, values, positions, window, scale, softcap):
 
 
 CASES = [
-    # heads, kv heads, head dim, cache length, window, softcap
-    (16, 8, 128, 384, None, None),  # Qwen3-1.7B
-    (32, 8, 128, 2560, None, None),  # Qwen3-8B, long
-    (9, 3, 64, 300, None, None),  # SmolLM2: groups of 3, a length off the block size
-    (32, 32, 96, 777, None, None),  # Phi-3.5: head dim 96, no grouping
-    (8, 4, 256, 1000, 64, 50.0),  # Gemma 2: window and soft-capping
-    (2, 1, 16, 5, None, None),  # tiny
+    # heads, kv heads, head dim, cache length, window, softcap, scale (None: 1/sqrt(head dim))
+    (16, 8, 128, 384, None, None, None),  # Qwen3-1.7B
+    (32, 8, 128, 2560, None, None, None),  # Qwen3-8B, long
+    (9, 3, 64, 300, None, None, None),  # SmolLM2: groups of 3, a length off the block size
+    (32, 32, 96, 777, None, None, None),  # Phi-3.5: head dim 96, no grouping
+    (8, 4, 256, 1000, 64, 50.0, None),  # Gemma 2: window and soft-capping
+    (4, 1, 256, 1000, 512, None, 1 / 16),  # Gemma 3 1B: one KV head, window 512
+    (32, 8, 64, 300, None, None, 0.015625),  # Granite 3.3 2B: attention_multiplier
+    (24, 8, 128, 600, None, None, None),  # Phi-4-mini: groups of 3
+    (2, 1, 16, 5, None, None, None),  # tiny
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("h", "hkv", "d", "length", "window", "softcap"), CASES)
+@pytest.mark.parametrize(("h", "hkv", "d", "length", "window", "softcap", "scale"), CASES)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
-def test_split_kernel_equals_reference(h, hkv, d, length, window, softcap, dtype):
+def test_split_kernel_equals_reference(h, hkv, d, length, window, softcap, scale, dtype):
     from fermi.models.split_decode import counters_for, split_decode_attention
 
     g = torch.Generator(device="cuda").manual_seed(length)
@@ -51,7 +54,7 @@ def test_split_kernel_equals_reference(h, hkv, d, length, window, softcap, dtype
     # rows at the start, middle and end of the attended length, and a padding row whose
     # position lies past it (the runner's scratch position)
     positions = torch.tensor([[0], [length // 2], [length - 1], [cache - 1]], device="cuda")
-    scale = d**-0.5
+    scale = scale or d**-0.5
     counters = counters_for(5, hkv, "cuda")
     want = reference(q, keys, values, positions, window, scale, softcap)
     tol = 2e-5 if dtype == torch.float32 else 2e-2

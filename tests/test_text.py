@@ -356,8 +356,10 @@ REASONING_CASES = [
 ]
 
 
-def _split_streamed(text: str, start: bool, cuts: list[int]) -> tuple[str, str]:
-    splitter = ReasoningSplitter(start)
+def _split_streamed(
+    text: str, start: bool, cuts: list[int], answer_tags: tuple[str, str] | None = None
+) -> tuple[str, str]:
+    splitter = ReasoningSplitter(start, answer_tags=answer_tags)
     reasoning, content = [], []
     for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
         r, c = splitter.feed(text[a:b])
@@ -381,6 +383,39 @@ def test_reasoning_streamed_in_any_chunking_equals_one_shot(
     for _ in range(30):
         cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, max(0, len(text) - 1))))
         assert _split_streamed(text, start, cuts) == (reasoning, content)
+
+
+# Granite 3.3 asked to think: <think>...</think><response>...</response>.
+# (output, start_in_reasoning, expected reasoning, expected content)
+ANSWER_CASES = [
+    ("<think>plan</think><response>Paris</response>", False, "plan", "Paris"),
+    ("<think>plan</think>\n<response>\nParis\n</response>\n", False, "plan", "\nParis\n"),
+    ("<response>Paris</response>", False, "", "Paris"),
+    ("plan</think><response>Paris</response>", True, "plan", "Paris"),
+    ("<think>a</think>Paris</response>", False, "a", "Paris</response>"),
+    ("<think>a</think><response>x</response> more", False, "a", "x</response> more"),
+    ("<think>a</think><response>x</response></response>", False, "a", "x</response>"),
+    ("<think>a</think><respo", False, "a", "<respo"),
+    ("<think>a</think><response>x</resp", False, "a", "x</resp"),
+    ("Paris <response>", False, "", "Paris <response>"),
+]
+GRANITE_TAGS = ("<response>", "</response>")
+
+
+@pytest.mark.parametrize(("text", "start", "reasoning", "content"), ANSWER_CASES)
+def test_an_answer_wrapped_in_response_tags_loses_them_in_any_chunking(
+    text: str, start: bool, reasoning: str, content: str
+) -> None:
+    assert split_reasoning(text, start, GRANITE_TAGS) == (reasoning, content)
+    rng = random.Random(text)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, len(text) - 1)))
+        assert _split_streamed(text, start, cuts, GRANITE_TAGS) == (reasoning, content)
+
+
+def test_without_answer_tags_a_response_tag_is_content() -> None:
+    text = "<think>a</think><response>x</response>"
+    assert split_reasoning(text, False) == ("a", "<response>x</response>")
 
 
 def test_reasoning_holds_back_split_close_tag() -> None:

@@ -129,6 +129,27 @@ def streamed(text: str, fmt, rng: random.Random, max_calls=None):
         ),
         ("hermes", "No call <tool_ca here, <b>", "No call <tool_ca here, <b>", []),
         ("llama3_json", "It is sunny.", "It is sunny.", []),
+        # Text on both sides of a call stays apart: by what the model wrote after the call,
+        # or a line break where it wrote nothing (it was joined into "checking.Done").
+        (
+            "hermes",
+            'I am checking.\n<tool_call>{"name": "f", "arguments": {}}</tool_call>\n\nDone.',
+            "I am checking.\n\nDone.",
+            [("f", "{}")],
+        ),
+        (
+            "hermes",
+            'I am checking.<tool_call>{"name": "f", "arguments": {}}</tool_call>Done.',
+            "I am checking.\nDone.",
+            [("f", "{}")],
+        ),
+        # Calls after calls, or a call first: no separator at all.
+        (
+            "hermes",
+            '<tool_call>{"name": "f", "arguments": {}}</tool_call>\nDone.',
+            "Done.",
+            [("f", "{}")],
+        ),
     ],
 )
 def test_streamed_calls_equal_the_whole_parse_at_any_split(fmt, text, content, calls):

@@ -65,7 +65,7 @@ class Engine:
         self.grammars = GrammarCompiler(tokenizer, eos, caps.vocab_size)
         self.grammars.prepare_in_background()
         self.requests = RequestBuilder(
-            tokenizer, generation, caps.vocab_size, caps.max_seq_len, self.grammars
+            tokenizer, generation, caps.vocab_size, caps.max_seq_len, self.grammars, model_name
         )
         self._core = EngineCore(runner, tokenizer, max_waiting, prefix_reuse, self.grammars)
 

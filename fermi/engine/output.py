@@ -22,7 +22,9 @@ class OutputStream:
         self.detok = IncrementalDetokenizer(tokenizer, request.skip_special_tokens)
         self.stops = StopStringMatcher(request.stop_strings or request.stop)
         self.splitter = (
-            ReasoningSplitter(request.start_in_reasoning) if request.split_reasoning else None
+            ReasoningSplitter(request.start_in_reasoning, answer_tags=request.answer_tags)
+            if request.split_reasoning
+            else None
         )
         self.tools = (
             ToolCallParser(request.tool_format, None if request.parallel_tool_calls else 1)

@@ -23,6 +23,7 @@ from fermi.grammar import Grammar, GrammarCompiler
 from fermi.loading import GenerationDefaults
 from fermi.sampling import MAX_LOGPROBS, SamplingParams
 from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
+from fermi.text.thinking import THINK_CLOSE, THINK_OPEN, ThinkingConvention
 from fermi.text.tokenizer import Tokenizer
 from fermi.text.tools import (
     HERMES_CLOSE,
@@ -37,12 +38,12 @@ from fermi.text.tools import (
     tool_format,
 )
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINKING_MODES: tuple[Thinking, ...] = ("on", "off", "auto")
 # Temperatures below this are treated as greedy: dividing by them would overflow the logits.
 MIN_TEMPERATURE = 1e-5
 # Qwen3's recommended sampling when thinking is off (its generation_config holds the
-# thinking-mode values); applied only when a request sets none of these four itself.
+# thinking-mode values); applied to templates with Qwen3's switch (``enable_thinking``, no
+# system-prompt flags) when a request sets none of these four itself.
 NON_THINKING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
 # The roles a chat message may have: OpenAI's. Any other text would reach the chat template,
 # and a role such as "user<|im_end|>..." would write its own turns into the prompt.
@@ -181,8 +182,9 @@ DEFAULT_SETTINGS = SamplingSettings()
 class ChatPrompt:
     token_ids: list[int]
     text: str
-    start_in_reasoning: bool
+    start_in_reasoning: bool  # the prompt opened <think>: the output starts in the reasoning
     thinking: Thinking
+    may_open: bool = False  # the model may open a <think> block at the start of its output
 
 
 class RequestBuilder:
@@ -195,18 +197,28 @@ class RequestBuilder:
         vocab_size: int,
         max_seq_len: int,
         grammars: GrammarCompiler | None = None,
+        model_name: str = "this model",
     ) -> None:
         self.tokenizer = tokenizer
+        self.model_name = model_name
         self.generation = generation
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.grammars = grammars
         self._tool_format: tuple[str | None, ToolFormat | None] = ("", None)
+        self._thinking: tuple[str | None, ThinkingConvention | None] = ("", None)
+
+    @property
+    def thinking(self) -> ThinkingConvention:
+        """How the chat template switches thinking (read once per template)."""
+        template = self.tokenizer.chat_template
+        if self._thinking[0] != template or self._thinking[1] is None:
+            self._thinking = (template, ThinkingConvention.of(self.tokenizer))
+        return self._thinking[1]
 
     @property
     def supports_thinking(self) -> bool:
-        template = self.tokenizer.chat_template or ""
-        return THINK_OPEN in template or "enable_thinking" in template
+        return self.thinking.can_think
 
     @property
     def tool_format(self) -> ToolFormat | None:
@@ -243,28 +255,27 @@ class RequestBuilder:
     ) -> ChatPrompt:
         _check_thinking(thinking)
         check_roles(messages)
-        enable = {"on": True, "off": False, "auto": None}[thinking]
         listed = [t.as_openai() for t in parse_tools(list(tools))] if tools else None
         # OpenAI's "developer" is the system role of its newer models: templates know only
         # "system" (Qwen3's drops any other role; others render a role the model never saw).
         messages = [
             {**m, "role": "system"} if m.get("role") == "developer" else m for m in messages
         ]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, enable_thinking=enable, tools=listed
-            )
-        except FermiError:
-            raise
-        except ValueError as exc:
-            raise RequestError(str(exc), "messages") from None
-        opened = text.rstrip().endswith(THINK_OPEN)
-        if thinking == "off" and opened:
-            # A template that always opens the think block (R1 distills): close it at once.
-            text = text + ("" if text.endswith("\n") else "\n") + THINK_CLOSE + "\n\n"
-            opened = False
+
+        def render(messages: Sequence[Mapping[str, Any]], variables: dict[str, Any]) -> str:
+            try:
+                return self.tokenizer.apply_chat_template(
+                    list(messages), add_generation_prompt=True, tools=listed, **variables
+                )
+            except FermiError:
+                raise
+            except ValueError as exc:
+                raise RequestError(str(exc), "messages") from None
+
+        rendered = self.thinking.prompt(render, messages, thinking, self.model_name)
+        text = rendered.text
         ids = self._encode(text, False, "messages" if bounded else None)
-        return ChatPrompt(ids, text, opened, thinking)
+        return ChatPrompt(ids, text, rendered.start_in_reasoning, thinking, rendered.may_open)
 
     def _encode(self, text: str, add_special_tokens: bool, bounded: str | None) -> list[int]:
         """``text``'s token ids; with ``bounded`` (the prompt's field), a text too long for
@@ -323,12 +334,13 @@ class RequestBuilder:
             check_tools_supported(self.tool_format, listed, choice)
         if listed and messages is None:
             raise RequestError("tools need a chat request (messages)", "tools")
-        split, start_in_reasoning = False, False
+        split, start_in_reasoning, may_open = False, False, False
         if messages is not None:
             if not messages:
                 raise RequestError("messages must not be empty", "messages")
             chat = self._chat_prompt(messages, thinking, listed, bounded=not truncate)
             ids, split, start_in_reasoning = chat.token_ids, True, chat.start_in_reasoning
+            may_open = chat.may_open
             if fmt is not None and choice.mode in ("required", "named"):
                 if constraint is not None:
                     raise RequestError(
@@ -378,19 +390,14 @@ class RequestBuilder:
             ignore_eos=settings.ignore_eos,
             split_reasoning=split,
             start_in_reasoning=start_in_reasoning,
+            answer_tags=self.thinking.answer_tags if split else None,
             logprobs=logprobs,
             skip_special_tokens=skip_special_tokens,
             logit_bias=self._logit_bias(settings),
             grammar=constraint,
             # (a cache hit: the constraint was compiled above)
             compiled_grammar=self._check(constraint, "grammar") if constraint else None,
-            reasoning_may_open=(
-                constraint is not None
-                and split
-                and not start_in_reasoning
-                and thinking != "off"
-                and self.supports_thinking
-            ),
+            reasoning_may_open=constraint is not None and may_open,
             tool_format=fmt,
             parallel_tool_calls=parallel,
         )
@@ -436,12 +443,14 @@ class RequestBuilder:
 
     def sampling(self, settings: SamplingSettings, thinking: Thinking = "auto") -> SamplingParams:
         """The sampling parameters of a request. Each one is the first of: the caller's
-        setting; Qwen3's non-thinking values, when thinking is off and the caller set none
-        of temperature, top_p, top_k and min_p; the model's generation_config (where
-        ``do_sample: false`` means greedy); ``SamplingParams``' neutral default."""
+        setting; Qwen3's non-thinking values, when thinking is off on a template with
+        Qwen3's switch and the caller set none of temperature, top_p, top_k and min_p; the
+        model's generation_config (where ``do_sample: false`` means greedy);
+        ``SamplingParams``' neutral default."""
         given = {n: v for n in _SAMPLED if (v := getattr(settings, n)) is not None}
         chose_filters = NON_THINKING_DEFAULTS.keys() & given
-        if thinking == "off" and self.supports_thinking and not chose_filters:
+        qwen3_switch = self.thinking.switch == "enable_thinking" and not self.thinking.system_flags
+        if thinking == "off" and qwen3_switch and not chose_filters:
             given = {**NON_THINKING_DEFAULTS, **given}
         values = {**self._model_defaults(), **given}
         if 0.0 < values.get("temperature", 1.0) < MIN_TEMPERATURE:

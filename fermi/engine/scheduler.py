@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import torch
 
 from fermi.engine.output import OutputStream
-from fermi.engine.requests import THINK_OPEN
 from fermi.engine.slots import SlotTable
 from fermi.engine.types import Delta, FinishReason, GenerationRequest, Usage
 from fermi.grammar import GrammarCompiler, Matcher
@@ -43,6 +42,7 @@ from fermi.runners.base import (
     StepOutput,
 )
 from fermi.sampling import LogitBias, SampleOutput, check_row
+from fermi.text.thinking import THINK_OPEN
 from fermi.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -347,6 +347,14 @@ class Scheduler:
             assert seq.matcher is not None
             if not seq.matcher.advance(token):
                 error = seq.matcher.error or f"token {token} is outside the grammar"
+                if seq.matcher.over_limits:
+                    message = (
+                        f"the grammar needed more work for one token than a request may "
+                        f"take ({error}); a simpler schema or grammar avoids this"
+                    )
+                    log.warning("a constrained reply stopped at its grammar's limits: %s", error)
+                    self._complete(seq, Delta(error=message, error_code="grammar_limit"), "error")
+                    return
                 log.error("a constrained row sampled a token its grammar rejects: %s", error)
                 self._complete(seq, Delta(error=f"grammar: {error}"), "error")
                 return

@@ -8,11 +8,11 @@ from typing import Any, Literal
 from fermi.grammar import Grammar
 from fermi.sampling import SamplingParams
 from fermi.text.stops import StopStrings
+from fermi.text.thinking import Thinking as Thinking  # (re-exported: the mode type)
 from fermi.text.tools import ToolCall, ToolCallDelta, ToolFormat
 
 # tool_calls: the reply ended (eos, a stop string, its grammar complete) after calling tools.
 FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
-Thinking = Literal["on", "off", "auto"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class GenerationRequest:
     # itself already opened the think block.
     split_reasoning: bool = False
     start_in_reasoning: bool = False
+    # Tags the answer comes wrapped in after the reasoning, dropped from it (Granite 3.3's
+    # <response>, </response>); None: the answer is bare.
+    answer_tags: tuple[str, str] | None = None
     # None: no logprobs; 0: the chosen token's; k: also the k most likely alternatives.
     logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -92,6 +95,9 @@ class Delta:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None
+    # What kind of error, where a front end answers it otherwise than as the server's fault:
+    # "grammar_limit" (the request's grammar cost more than fermi.grammar.LIMITS allow).
+    error_code: str | None = None
     # Tool calls as they stream: a call's first piece has its id and name, the following
     # ones fragments of its arguments' JSON text.
     tool_calls: list[ToolCallDelta] | None = None

@@ -17,8 +17,9 @@ class StepContext:
     """
 
     positions: torch.Tensor  # [B, T] position of each token
-    cos: torch.Tensor  # [B, T, rotary_dim] rope table rows at the positions
-    sin: torch.Tensor  # the same rows of the signed sin table (fermi.models.rope)
+    # Per rope table the layers use (ModelConfig.layer_ropes): its cos and signed sin rows
+    # (fermi.models.rope) at the positions, each [B, T, rotary_dim].
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
     slots: torch.Tensor  # [B] the cache slot each row writes
     read_slots: torch.Tensor | None  # the slots read; None when row i is slot i (a view)
     kv_len: int  # attended cache length: every position is < kv_len

@@ -31,6 +31,11 @@ from fermi.models.context import StepContext
 from fermi.models.gemv import ACT_SILU_MUL, row_linear
 from fermi.models.rope import RopeConfig, longrope_switch, rope_tables, rotate
 
+# The rope tables a layer may use (ModelConfig.layer_ropes), and the prefix of the decoder
+# buffers that hold each one's cos/sin (``rope_cos``, ``rope_local_cos``, ...).
+GLOBAL_ROPE, LOCAL_ROPE = "global", "local"
+ROPE_BUFFERS = {GLOBAL_ROPE: "rope", LOCAL_ROPE: "rope_local"}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -60,14 +65,46 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
+    # Per layer: the rope table that rotates its q and k, GLOBAL_ROPE (``rope``) or
+    # LOCAL_ROPE (``local_rope``: Gemma 3's sliding layers have their own base), or None
+    # for no rotation at all (SmolLM3's NoPE layers). Empty: every layer GLOBAL_ROPE.
+    layer_ropes: tuple[str | None, ...] = ()
+    local_rope: RopeConfig | None = None
+    # Granite's multipliers: the attention scale itself (replacing 1/sqrt(head_dim)), a
+    # scale on each block's output before its residual add, and a divisor of the logits.
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
 
     @property
     def attn_scale(self) -> float:
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
         base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
         return 1.0 / math.sqrt(base)
 
+    @property
+    def query_scale(self) -> float | None:
+        """The factor folded into q so that attention's default 1/sqrt(head_dim) scale
+        gives :attr:`attn_scale`; None when no factor is needed."""
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier * math.sqrt(self.head_dim)
+        if self.query_pre_attn_scalar not in (None, self.head_dim):
+            return math.sqrt(self.head_dim / self.query_pre_attn_scalar)
+        return None
+
     def window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows else None
+
+    def rope_of(self, layer: int) -> str | None:
+        """The rope table of ``layer`` (see ``layer_ropes``)."""
+        return self.layer_ropes[layer] if self.layer_ropes else GLOBAL_ROPE
+
+    def rope_config(self, table: str) -> RopeConfig:
+        if table == LOCAL_ROPE:
+            assert self.local_rope is not None, "a LOCAL_ROPE layer needs local_rope"
+            return self.local_rope
+        return self.rope
 
 
 class RMSNorm(nn.Module):
@@ -122,9 +159,10 @@ class Attention(nn.Module):
         # Rows q, then k, then v (projection_parts).
         self.qkv_proj = nn.Linear(cfg.hidden_size, (h + 2 * kv) * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_proj_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        if cfg.qk_norm:  # Gemma 3's scale by (1 + weight), as its other norms do
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_unit_offset)
+        self.rope = cfg.rope_of(layer)  # which table of the step's rope rotates q/k, or none
         self.cache: Cache | AttendingCache | None = None
         # The layer's sliding window; setup_cache drops one that cannot bind in the cache.
         self.window: int | None = cfg.window(layer)
@@ -143,13 +181,16 @@ class Attention(nn.Module):
         b, t = qkv.shape[:2]
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # Heads stay on dim 2 ([B, T, heads, D], the projections' layout) until attention.
-        cos, sin = ctx.cos.unsqueeze(2), ctx.sin.unsqueeze(2)
         qkv = qkv.view(b, t, h + kv + kv, d)
         q, k, v = qkv.split([h, kv, kv], dim=2)
         if cfg.qk_norm:
-            q, k = rotate(self.q_norm(q), cos, sin), rotate(self.k_norm(k), cos, sin)
-        else:  # q and k sit side by side: one rotation for both
-            q, k = rotate(qkv[:, :, : h + kv], cos, sin).split([h, kv], dim=2)
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            cos, sin = (table.unsqueeze(2) for table in ctx.rope[self.rope])
+            if cfg.qk_norm:
+                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            else:  # q and k sit side by side: one rotation for both
+                q, k = rotate(qkv[:, :, : h + kv], cos, sin).split([h, kv], dim=2)
         assert self.cache is not None, "call Decoder.setup_cache() before forward()"
         if isinstance(self.cache, AttendingCache):  # the ONNX export's fused operator
             return self.cache.attend(q, k, v, ctx)
@@ -188,8 +229,8 @@ class Attention(nn.Module):
             q = q.reshape(b, kv_heads, groups * t, d)
             # SDPA's default scale is 1/sqrt(head_dim); another scale is folded into q, so
             # that converters which map SDPA only without one (Core ML's fused op) keep it.
-            if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
-                q = q * math.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar)
+            if cfg.query_scale is not None:
+                q = q * cfg.query_scale
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             return out.reshape(b, h, t, d)
         if groups > 1:
@@ -241,6 +282,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.sandwich = cfg.sandwich_norms
+        self.residual_multiplier = cfg.residual_multiplier
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
@@ -251,11 +293,15 @@ class DecoderLayer(nn.Module):
             return self._one_row(x, ctx)
         h = self.self_attn(self.input_layernorm(x), ctx)
         if not self.sandwich:
-            x = x + h
-            return x + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.post_attention_layernorm(h)
+            x = x + self._scaled(h)
+            return x + self._scaled(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self._scaled(self.post_attention_layernorm(h))
         h = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(h)
+        return x + self._scaled(self.post_feedforward_layernorm(h))
+
+    def _scaled(self, h: torch.Tensor) -> torch.Tensor:
+        """A block's output as it joins the residual stream (Granite scales it)."""
+        return h if self.residual_multiplier == 1.0 else h * self.residual_multiplier
 
     def _one_row(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """The same layer for a single token, in four fused products: the norms, the
@@ -293,6 +339,7 @@ class Decoder(nn.Module):
         self.max_seq_len = 0
         self.row_kernels = False  # see use_row_kernels
         self.rope_switch: int | None = None  # LongRoPE: first position of the long factors
+        self.ropes: tuple[str, ...] = ()  # the rope tables the layers use; setup_cache sets
         # Each layer's attention window (None = global); setup_cache drops unbinding ones.
         self.windows: tuple[int | None, ...] = tuple(
             cfg.window(i) for i in range(cfg.num_hidden_layers)
@@ -301,10 +348,14 @@ class Decoder(nn.Module):
     def use_row_kernels(self) -> bool:
         """Run one-token forwards (batch-1 decode, and the last token's lm_head) through
         the fused row products of ``fermi.models.gemv``, where the architecture fits them:
-        pre-norm layers with plain RMSNorm and SiLU, ``nn.Linear`` weights. Returns whether
-        it did. On CPU the products are their torch reference."""
+        pre-norm layers with plain RMSNorm and SiLU, ``nn.Linear`` weights, and a residual
+        add without a scale (the products add the residual unscaled: Granite's
+        ``residual_multiplier`` keeps the unfused layer). Returns whether it did. On CPU
+        the products are their torch reference."""
         cfg = self.cfg
         if cfg.sandwich_norms or cfg.norm_unit_offset or cfg.hidden_act != "silu":
+            return False
+        if cfg.residual_multiplier != 1.0:
             return False
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -351,18 +402,23 @@ class Decoder(nn.Module):
             window = cfg.window(i)
             layer.self_attn.window = window if window is not None and window < max_seq_len else None
         self.windows = tuple(layer.self_attn.window for layer in self.model.layers)
-        self.rope_switch = longrope_switch(cfg.rope)
-        if self.rope_switch is None:
-            cos, sin = rope_tables(cfg.rope, cfg.head_dim, max_seq_len)
-        else:  # LongRoPE keeps a short- and a long-factor table; _rope picks one per row
-            short = rope_tables(cfg.rope, cfg.head_dim, max_seq_len)
-            long = rope_tables(cfg.rope, cfg.head_dim, max_seq_len, seq_len=self.rope_switch + 1)
-            cos, sin = torch.stack((short[0], long[0])), torch.stack((short[1], long[1]))
-            # Slots a runner marked long (fermi.runners.longrope); host-set between steps.
-            marks = torch.zeros(max_batch, dtype=torch.bool, device=weight.device)
-            self.register_buffer("rope_long", marks, persistent=False)
-        self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
+        used = {cfg.rope_of(i) for i in range(cfg.num_hidden_layers)} - {None}
+        self.ropes = tuple(sorted(used))
+        self.rope_switch = longrope_switch(cfg.rope) if GLOBAL_ROPE in used else None
+        for table in self.ropes:
+            rope = cfg.rope_config(table)
+            if table != GLOBAL_ROPE or self.rope_switch is None:
+                cos, sin = rope_tables(rope, cfg.head_dim, max_seq_len)
+            else:  # LongRoPE keeps a short- and a long-factor table; _rope picks one per row
+                short = rope_tables(rope, cfg.head_dim, max_seq_len)
+                long = rope_tables(rope, cfg.head_dim, max_seq_len, seq_len=self.rope_switch + 1)
+                cos, sin = torch.stack((short[0], long[0])), torch.stack((short[1], long[1]))
+                # Slots a runner marked long (fermi.runners.longrope); host-set between steps.
+                marks = torch.zeros(max_batch, dtype=torch.bool, device=weight.device)
+                self.register_buffer("rope_long", marks, persistent=False)
+            prefix = ROPE_BUFFERS[table]
+            self.register_buffer(f"{prefix}_cos", cos.to(weight.device), persistent=False)
+            self.register_buffer(f"{prefix}_sin", sin.to(weight.device), persistent=False)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     def forward(
@@ -399,10 +455,10 @@ class Decoder(nn.Module):
         """The per-step tensors of :meth:`forward`'s arguments, built once for all layers.
         ``causal_mask`` [B, 1, T, kv_len] (additive) replaces the one built from the
         positions (the Core ML graph takes it as an input)."""
-        cos, sin = self._rope(positions, slots, last_index)
+        rope = self._rope(positions, slots, last_index)
         read_slots = None if rows_are_slots else slots
         masks = self.masks(positions, kv_len, causal_mask)
-        return StepContext(positions, cos, sin, slots, read_slots, kv_len, masks)
+        return StepContext(positions, rope, slots, read_slots, kv_len, masks)
 
     def step(
         self,
@@ -428,6 +484,8 @@ class Decoder(nn.Module):
             logits = logits.float()
         else:
             logits = self.lm_head(self.model.norm(x)).float()
+        if cfg.logits_scaling != 1.0:
+            logits = logits / cfg.logits_scaling
         if cfg.final_logit_softcap is not None:
             cap = cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
@@ -506,11 +564,23 @@ class Decoder(nn.Module):
 
     def _rope(
         self, positions: torch.Tensor, slots: torch.Tensor, last_index: torch.Tensor | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin [B, T, rotary_dim] of each rope table the layers use, for ``positions``
+        [B, T] of cache ``slots`` [B]; ``last_index`` [B] marks each row's last real token
+        when rows are padded."""
+        tables = {}
+        for table in self.ropes:
+            if table == GLOBAL_ROPE and self.rope_switch is not None:
+                tables[table] = self._longrope(positions, slots, last_index)
+            else:
+                prefix = ROPE_BUFFERS[table]
+                cos, sin = getattr(self, f"{prefix}_cos"), getattr(self, f"{prefix}_sin")
+                tables[table] = cos[positions], sin[positions]
+        return tables
+
+    def _longrope(
+        self, positions: torch.Tensor, slots: torch.Tensor, last_index: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, T, rotary_dim] for ``positions`` [B, T] of cache ``slots`` [B];
-        ``last_index`` [B] marks each row's last real token when rows are padded."""
-        if self.rope_switch is None:
-            return self.rope_cos[positions], self.rope_sin[positions]
         # LongRoPE, as transformers' forward does it: a forward whose largest position
         # reaches the original training length uses the long factors for all its tokens;
         # so does a slot its runner marked long while re-encoding the slot's earlier tokens.

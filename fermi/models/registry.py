@@ -1,8 +1,10 @@
 """Architecture adapters: Hugging Face ``config.json`` -> :class:`ModelConfig`.
 
 Each adapter is a small function named after the architecture it reads. An adapter may
-also provide ``sanitize(weights)`` to fix a checkpoint's naming quirks (renamed tensors,
-extra buffers) before the weights are matched against the module.
+also provide ``rename(name)`` to map a checkpoint's tensor names onto the decoder's before
+any tensor is read (None leaves a tensor unread: a vision tower beside the text model), and
+``sanitize(weights)`` to fix a checkpoint's naming quirks (renamed tensors, extra buffers)
+before the weights are matched against the module.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Adapter:
     architecture: str
     to_config: Callable[[dict], ModelConfig]
     sanitize: Callable[[Weights, ModelConfig], Weights] | None = None
+    rename: Callable[[str], str | None] | None = None
     # Tensors a checkpoint may carry that the model does not use.
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
@@ -63,7 +66,7 @@ def adapter_for(hf_config: dict, source: str = "config.json") -> Adapter:
 def _import_adapters() -> None:
     # Adapters register themselves on import; importing here keeps the registry the one
     # place that knows which modules exist.
-    from fermi.models import gemma2, llama, phi3, qwen2, qwen3  # noqa: F401
+    from fermi.models import gemma2, gemma3, granite, llama, phi3, qwen2, qwen3, smollm3  # noqa: F401
 
 
 # Bounds on the sizes a config (or GGUF header) declares, checked before anything is built
@@ -126,7 +129,7 @@ def layer_types(cfg: dict, layers: int) -> list[str] | None:
     return types
 
 
-def _positive_number(value: object, name: str) -> float:
+def positive_number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise UnsupportedModelError(f"config.json: {name} must be a finite number, not {value!r}")
     if value <= 0:
@@ -145,14 +148,14 @@ def checked_rope(cfg: dict) -> RopeConfig:
         rope = RopeConfig.from_hf(cfg)
     except (TypeError, ValueError) as exc:
         raise UnsupportedModelError(f"config.json: unreadable rope settings ({exc})") from None
-    _positive_number(rope.theta, "rope_theta")
+    positive_number(rope.theta, "rope_theta")
     if rope.rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"config.json: {key}.rope_type {rope.rope_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
     fraction = rope.partial_rotary_factor
-    if not 0 < _positive_number(fraction, "partial_rotary_factor") <= 1:
+    if not 0 < positive_number(fraction, "partial_rotary_factor") <= 1:
         raise UnsupportedModelError(
             f"config.json: partial_rotary_factor = {fraction} is outside (0, 1]"
         )
@@ -162,9 +165,9 @@ def checked_rope(cfg: dict) -> RopeConfig:
             raise UnsupportedModelError(
                 f"config.json: {key} of type {rope.rope_type} has no factor"
             )
-        _positive_number(p["factor"], f"{key}.factor")
+        positive_number(p["factor"], f"{key}.factor")
     elif p.get("factor") is not None:
-        _positive_number(p["factor"], f"{key}.factor")
+        positive_number(p["factor"], f"{key}.factor")
     for name in (
         "low_freq_factor",
         "high_freq_factor",
@@ -173,7 +176,7 @@ def checked_rope(cfg: dict) -> RopeConfig:
         "attention_factor",
     ):
         if p.get(name) is not None:
-            _positive_number(p[name], f"{key}.{name}")
+            positive_number(p[name], f"{key}.{name}")
     low, high = p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
     if rope.rope_type == "llama3" and not low < high:
         raise UnsupportedModelError(

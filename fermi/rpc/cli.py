@@ -60,11 +60,13 @@ def grpc_command(
     log_level: str,
 ) -> None:
     """Serve MODEL over gRPC (fermi.v1.Fermi, grpc.health.v1, reflection)."""
+    from fermi.heap import settle
     from fermi.rpc.server import serve
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     refuse_taken_port(host, port)
     engine = load_engine(model, device, dtype, max_seq_len, max_batch, runner, prefix_reuse)
+    settle()  # what loading left is never collected again (fermi.heap)
     try:
         serve(engine, grpc_address(host, port), SessionConfig(session_ttl_ms, session_max))
     except OSError as exc:

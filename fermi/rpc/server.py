@@ -25,6 +25,7 @@ from fermi.engine.api import STALL_SECONDS, Engine
 from fermi.engine.requests import check_room
 from fermi.engine.types import Delta, GenerationRequest
 from fermi.errors import FermiError, RequestError
+from fermi.heap import off_loop
 from fermi.rpc import convert
 from fermi.rpc.generated import fermi_pb2 as pb
 from fermi.rpc.generated import fermi_pb2_grpc as pb_grpc
@@ -119,7 +120,7 @@ class FermiService(pb_grpc.FermiServicer):
     async def _build(self, **kwargs) -> GenerationRequest:
         """The engine's request, refused (as HTTP refuses it) when max_tokens do not fit;
         built in a worker thread (templating and tokenising megabytes take seconds)."""
-        built = await asyncio.to_thread(self.engine.build_request, **kwargs)
+        built = await off_loop(lambda: self.engine.build_request(**kwargs))
         check_room(built, kwargs["settings"].max_tokens)
         return built
 

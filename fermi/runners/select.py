@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from fermi import memory
@@ -13,7 +15,18 @@ TORCH_RUNNERS = ("torch", "torch-cpu", "torch-cuda", "torch-eager")
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The device a model loads on when none is asked for: an NVIDIA GPU (CUDA) when there
+    is one, else the GPU of Apple silicon (torch's MPS backend), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if apple_silicon() and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def apple_silicon() -> bool:
+    """A Mac with an Apple M-series chip (MPS also runs on Intel Macs' GPUs, untested)."""
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
 def torch_runner(

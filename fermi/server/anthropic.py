@@ -33,10 +33,13 @@ from fermi.engine.requests import SamplingSettings
 from fermi.engine.types import Delta, GenerationRequest, Thinking
 from fermi.errors import RequestError
 from fermi.grammar import Grammar
+from fermi.heap import off_loop
 from fermi.server.anthropic_protocol import (
     COUNT_TOKENS_DECODER,
     ENCODER,
+    MESSAGE_DECODER,
     MESSAGES_DECODER,
+    TOOL_DECODER,
     AnthropicBlock,
     ContentBlock,
     ContentBlockDelta,
@@ -61,7 +64,7 @@ from fermi.server.anthropic_protocol import (
     error_event,
     sse,
 )
-from fermi.server.build import decode_body
+from fermi.server.build import check_counts, decode_body, decode_items
 from fermi.server.chunks import ChoiceText
 from fermi.server.errors import ApiError
 from fermi.server.generation import Generation
@@ -177,7 +180,8 @@ def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
     system = _texts(body.system, "system", "in system")
     if system:
         out.append({"role": "system", "content": system})
-    for i, message in enumerate(body.messages):
+    messages = decode_items(body.messages, MESSAGE_DECODER, "messages")
+    for i, message in enumerate(messages):
         param = f"messages[{i}]"
         if message.role not in ("user", "assistant"):
             raise _bad(f"role must be user or assistant, not {message.role!r}", f"{param}.role")
@@ -189,11 +193,11 @@ def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
             turn = _assistant_turn(message.content, f"{param}.content")
             calls.update(call["id"] for call in turn.get("tool_calls", ()))
             out.append(turn)
-    if body.messages and body.messages[-1].role == "assistant":
+    if messages and messages[-1].role == "assistant":
         raise _bad(
             "the last message must be the user's: continuing an assistant message "
             "(prefill) is not supported",
-            f"messages[{len(body.messages) - 1}].role",
+            f"messages[{len(messages) - 1}].role",
         )
     return out
 
@@ -203,7 +207,7 @@ def _tools(body: CountTokensRequest) -> list[dict[str, Any]] | None:
     if body.tools is None:
         return None
     out = []
-    for i, tool in enumerate(body.tools):
+    for i, tool in enumerate(decode_items(body.tools, TOOL_DECODER, "tools")):
         if tool.type not in (None, "custom"):
             raise _bad(
                 f"tools of type {tool.type!r} (server tools) are not supported; "
@@ -271,8 +275,9 @@ def _grammar(body: CountTokensRequest) -> Grammar | None:
     return Grammar.json_schema(schema)
 
 
-def _prompt(body: CountTokensRequest) -> dict[str, Any]:
+def _prompt(engine: Engine, body: CountTokensRequest) -> dict[str, Any]:
     """The keyword arguments of ``Engine.build_request`` that make the prompt."""
+    check_counts(engine, body.messages, body.tools)
     choice, parallel = _tool_choice(body)
     forced = choice == "required" or isinstance(choice, dict)
     return {
@@ -307,14 +312,14 @@ def messages_request(engine: Engine, body: MessagesRequest) -> GenerationRequest
         # max_tokens 0 (a cache warm-up) prefills the prompt and samples one token.
         limit = body.max_tokens or 1
         settings = SamplingSettings.taken_from(body, stop=body.stop_sequences, max_tokens=limit)
-        return engine.build_request(**_prompt(body), settings=settings)
+        return engine.build_request(**_prompt(engine, body), settings=settings)
     except RequestError as exc:
         raise _request_error(exc) from None
 
 
 def count_tokens(engine: Engine, body: CountTokensRequest) -> int:
     """The prompt's tokens as ``/v1/messages`` renders it (system, messages, tools)."""
-    prompt = _prompt(body)
+    prompt = _prompt(engine, body)
     try:
         rendered = engine.chat_prompt(prompt["messages"], prompt["thinking"], prompt["tools"])
     except RequestError as exc:
@@ -508,7 +513,7 @@ class Messages:
         body = decode_body(MESSAGES_DECODER, raw)
         api._check_model(body.model)
         # Templating and tokenising in a worker thread, as for chat completions.
-        request = await asyncio.to_thread(messages_request, api.pool.engine, body)
+        request = await off_loop(messages_request, api.pool.engine, body)
         generation = Generation(api.pool, [request], asyncio.get_running_loop())
         timing = _Timing(api.metrics, start)
         rid, model = f"msg_{uuid.uuid4().hex}", api.model_name
@@ -547,5 +552,5 @@ class Messages:
     async def count_tokens(self, raw: bytes) -> Reply:
         body = decode_body(COUNT_TOKENS_DECODER, raw)
         self.api._check_model(body.model)
-        tokens = await asyncio.to_thread(count_tokens, self.api.pool.engine, body)
+        tokens = await off_loop(count_tokens, self.api.pool.engine, body)
         return Reply(200, ENCODER.encode(TokenCount(tokens)))

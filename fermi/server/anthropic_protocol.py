@@ -74,9 +74,11 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
     """``POST /v1/messages/count_tokens``: what renders the prompt."""
 
     model: str
-    messages: list[AnthropicMessage]
+    # Raw JSON, decoded item by item in the worker thread, as chat completions' lists are
+    # (``fermi.server.protocol.ChatCompletionRequest``).
+    messages: list[msgspec.Raw]  # each an AnthropicMessage
     system: str | list[AnthropicBlock] | None = None
-    tools: list[AnthropicTool] | None = None
+    tools: list[msgspec.Raw] | None = None  # each an AnthropicTool
     tool_choice: AnthropicToolChoice | None = None
     thinking: AnthropicThinking | None = None
     output_config: AnthropicOutputConfig | None = None
@@ -204,6 +206,8 @@ class ErrorResponse(msgspec.Struct, tag="error"):
 ENCODER = msgspec.json.Encoder()
 MESSAGES_DECODER = msgspec.json.Decoder(MessagesRequest)
 COUNT_TOKENS_DECODER = msgspec.json.Decoder(CountTokensRequest)
+MESSAGE_DECODER = msgspec.json.Decoder(AnthropicMessage)  # one item of messages
+TOOL_DECODER = msgspec.json.Decoder(AnthropicTool)  # one item of tools
 
 
 def sse(event: msgspec.Struct) -> bytes:

@@ -293,6 +293,7 @@ async def _disconnected(receive: Callable) -> None:
 
 
 def build_api(config: ServerConfig) -> Api:
+    from fermi.heap import settle
     from fermi.server.pool import load_pool
 
     pool = load_pool(
@@ -305,7 +306,9 @@ def build_api(config: ServerConfig) -> Api:
         max_waiting=config.max_waiting,
         prefix_reuse=config.prefix_reuse,
     )
-    return Api(pool, config)
+    api = Api(pool, config)
+    settle()  # what loading left is never collected again (fermi.heap)
+    return api
 
 
 def _configure_logging() -> None:

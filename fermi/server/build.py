@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -14,30 +11,21 @@ from fermi.engine.api import Engine
 from fermi.engine.requests import SamplingSettings, check_room
 from fermi.engine.types import GenerationRequest, Thinking
 from fermi.errors import RequestError
+from fermi.heap import gc_paused
 from fermi.server.errors import ApiError, bad_body
 from fermi.server.protocol import ChatCompletionRequest, CompletionRequest, Message, SamplingFields
+from fermi.text.thinking import SWITCHES
 
 MAX_CHOICES = 16  # n per request; more would starve everyone else's slots
 # Prompts per completions request, checked before any is built: 400,000 one-token prompts
 # (2 MB of JSON) took 21 s to build, only to be refused as more than the server holds.
 MAX_PROMPTS = 64
+# Tools per request, as OpenAI's API allows. Checked before any tool is decoded: 150,000
+# small tools took ~1 s to decode and check, and freeing them held the GIL in one go.
+MAX_TOOLS = 128
 # /v1/completions without max_tokens writes this many, as OpenAI's does; chat completions
 # without one run to the end of the context (OpenAI's chat default).
 COMPLETION_MAX_TOKENS = 16
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Hold the garbage collector off while a body is decoded: a body of 400,000 small
-    JSON arrays became as many lists, whose allocations set off full collections over the
-    whole heap (0.75 s with a model loaded, 0.05 s without them)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def decode_body(decoder: msgspec.json.Decoder, raw: bytes) -> Any:
@@ -58,14 +46,66 @@ def decode_body(decoder: msgspec.json.Decoder, raw: bytes) -> Any:
         ) from None
 
 
+_ANY = msgspec.json.Decoder()
+MESSAGE_DECODER = msgspec.json.Decoder(Message)
+
+
+def check_counts(engine: Engine, messages: list, tools: list | None) -> None:
+    """Refuse lists that cannot be right before decoding any item: more tools than
+    :data:`MAX_TOOLS`, or more messages than the context has tokens (every chat template
+    renders a message as one token at least: its role's marker)."""
+    if tools is not None and len(tools) > MAX_TOOLS:
+        raise ApiError(
+            400, f"tools takes at most {MAX_TOOLS} tools, not {len(tools)}", param="tools"
+        )
+    if len(messages) > engine.max_seq_len:
+        raise ApiError(
+            400,
+            f"{len(messages)} messages cannot fit in this engine's context of "
+            f"{engine.max_seq_len} tokens (a message takes one token at least)",
+            param="messages",
+            code="context_length_exceeded",
+        )
+
+
+def decode_items(items: list[msgspec.Raw], decoder: msgspec.json.Decoder, field: str) -> list:
+    """The items of a list the first decode kept raw (``protocol.py``), decoded one by one
+    in the worker thread; a 400 naming the item's field, as a whole-body decode would."""
+    out = []
+    for i, raw in enumerate(items):
+        out.append(_decode(decoder, raw, f"{field}[{i}]"))
+    return out
+
+
+def decode_raw(raw: msgspec.Raw, field: str) -> Any:
+    """A field the first decode kept raw, as Python values; None when absent or null."""
+    if not raw or bytes(raw) == b"null":
+        return None
+    return _decode(_ANY, raw, field)
+
+
+def _decode(decoder: msgspec.json.Decoder, raw: msgspec.Raw, at: str) -> Any:
+    try:
+        return decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise bad_body(exc, at) from None
+    except RecursionError:
+        raise ApiError(
+            400, "the request body nests JSON arrays or objects too deeply", code="invalid_json"
+        ) from None
+
+
 def resolve_thinking(body: ChatCompletionRequest) -> Thinking:
     """The product's switch first, then the conventions other servers' clients send."""
     if body.thinking is not None:
         return body.thinking
     kwargs = body.chat_template_kwargs or {}
-    enable = kwargs.get("enable_thinking")
-    if isinstance(enable, bool):
-        return "on" if enable else "off"
+    # enable_thinking (Qwen3, SmolLM3) or thinking (Granite 3.3): clients send the switch of
+    # the model they know; either means the same mode here, whatever the model's switch.
+    for switch in SWITCHES:
+        enable = kwargs.get(switch)
+        if isinstance(enable, bool):
+            return "on" if enable else "off"
     if body.think is not None:
         return "on" if body.think else "off"
     if body.reasoning_effort is not None and body.reasoning_effort.lower() == "none":
@@ -73,10 +113,10 @@ def resolve_thinking(body: ChatCompletionRequest) -> Thinking:
     return "auto"
 
 
-def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
+def chat_messages(raw: list[msgspec.Raw]) -> list[dict[str, Any]]:
     """Messages as the chat template wants them; content parts joined into one string."""
     out = []
-    for i, message in enumerate(messages):
+    for i, message in enumerate(decode_items(raw, MESSAGE_DECODER, "messages")):
         content = message.content
         if isinstance(content, list):
             texts = []
@@ -109,6 +149,7 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
 
 
 def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[GenerationRequest]:
+    check_counts(engine, body.messages, body.tools)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -119,12 +160,13 @@ def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[Generatio
     kwargs = dict(
         messages=chat_messages(body.messages),
         thinking=resolve_thinking(body),
-        tools=body.tools,
+        tools=None if body.tools is None else decode_items(body.tools, _ANY, "tools"),
         tool_choice=body.tool_choice,
         parallel_tool_calls=body.parallel_tool_calls,
     )
-    if body.response_format is not None:
-        kwargs["response_format"] = body.response_format
+    response_format = decode_raw(body.response_format, "response_format")
+    if response_format is not None:
+        kwargs["response_format"] = response_format
     return _requests(engine, body, kwargs, max_tokens, field, logprobs, "messages")
 
 
@@ -135,11 +177,12 @@ def completion_requests(engine: Engine, body: CompletionRequest) -> list[Generat
     if body.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix")
     out = []
+    response_format = decode_raw(body.response_format, "response_format")
     for prompt in _prompts(body.prompt):
         key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
         given: dict[str, Any] = {key: prompt}
-        if body.response_format is not None:
-            given["response_format"] = body.response_format
+        if response_format is not None:
+            given["response_format"] = response_format
         out += _requests(
             engine,
             body,

@@ -41,9 +41,13 @@ class ApiError(Exception):
         return ENCODER.encode(ErrorBody(self.detail()))
 
 
-def bad_body(exc: msgspec.DecodeError) -> ApiError:
-    """A body that is not JSON, or JSON of the wrong shape: 400 naming the field."""
+def bad_body(exc: msgspec.DecodeError, at: str | None = None) -> ApiError:
+    """A body that is not JSON, or JSON of the wrong shape: 400 naming the field. ``at``
+    is where the decoded text sat in the body (``messages[3]`` for a message decoded on
+    its own), so the field is named from the body's root."""
     text = str(exc)
+    if at is not None:
+        text = _within(text, at)
     match = _PATH.search(text)
     param = match.group(1) if match else ""
     missing = _MISSING.search(text)
@@ -52,6 +56,16 @@ def bad_body(exc: msgspec.DecodeError) -> ApiError:
     if isinstance(exc, msgspec.ValidationError):
         return ApiError(400, text, param=param or None, code="invalid_value")
     return ApiError(400, f"the request body is not valid JSON: {text}", code="invalid_json")
+
+
+def _within(text: str, at: str) -> str:
+    """msgspec's message for a value decoded on its own, with its path from the body's root."""
+    match = _PATH.search(text)
+    if match is None:
+        return f"{text} - at `$.{at}`"
+    inner = match.group(1)
+    path = at + ("." + inner if inner and not inner.startswith("[") else inner)
+    return text[: match.start()] + f" - at `$.{path}`"
 
 
 RETRY_AFTER_S = "1"

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from fermi import __version__
 from fermi.engine.types import Delta, GenerationRequest
+from fermi.heap import off_loop
 from fermi.server.anthropic_protocol import error_body, error_status, speaks_anthropic
 from fermi.server.build import chat_requests, completion_requests, decode_body
 from fermi.server.chunks import (
@@ -334,7 +335,7 @@ class Api:
         self._check_model(body.model)
         # Templating and tokenising take up to seconds for megabytes of prompt: in a worker
         # thread, so the loop keeps answering (/health, other streams) meanwhile.
-        requests = await asyncio.to_thread(to_requests, self.pool.engine, body)
+        requests = await off_loop(to_requests, self.pool.engine, body)
         generation = Generation(self.pool, requests, asyncio.get_running_loop())
         timing = _Timing(self.metrics, start)
         rid, created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
@@ -424,8 +425,9 @@ class StreamReply:
         if delta.error:
             # The stream ends here; the client raises on the error event.
             self.failed = True
-            self.api.metrics.error(500)
-            return self.failed_event(_engine_error(delta))
+            error = _engine_error(delta)
+            self.api.metrics.error(error.status)
+            return self.failed_event(error)
         self.choices[index].end(delta)  # a stream needs only how each choice ended
         return self.chunker.event(index, delta)
 
@@ -494,6 +496,8 @@ class StreamEndedError(Exception):
 
 
 def _engine_error(delta: Delta) -> ApiError:
+    if delta.error_code == "grammar_limit":  # the request's grammar, not the server
+        return ApiError(400, delta.error or "", code="grammar_too_complex")
     return ApiError(500, f"generation failed: {delta.error}", type="server_error")
 
 

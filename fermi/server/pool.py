@@ -109,13 +109,13 @@ def plan_devices(
 
 
 def _check_device(name: str, gpu_count: int) -> None:
-    if name == "cpu":
+    if name in ("cpu", "mps"):
         return
     if not name.startswith("cuda"):
-        raise PoolConfigError(f"device {name!r} is not cpu or cuda:N")
+        raise PoolConfigError(f"device {name!r} is not cpu, mps or cuda:N")
     index = name.partition(":")[2] or "0"
     if not index.isdigit():
-        raise PoolConfigError(f"device {name!r} is not cpu or cuda:N")
+        raise PoolConfigError(f"device {name!r} is not cpu, mps or cuda:N")
     if int(index) >= gpu_count:
         raise PoolConfigError(
             f"device {name} does not exist: this host has {gpu_count} CUDA device(s)"

@@ -68,7 +68,11 @@ class SamplingFields(msgspec.Struct, kw_only=True):
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
-    messages: list[Message]
+    # The fields a hostile body can make huge (250,000 small messages, 150,000 tools) stay
+    # raw JSON in the first decode, which runs on the event loop: scanning them is several
+    # times cheaper than building them, and they are decoded item by item in the worker
+    # thread that builds the engine requests (``fermi.server.build.decode_items``).
+    messages: list[msgspec.Raw]  # each a Message
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -78,10 +82,10 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     reasoning_effort: str | None = None
     think: bool | None = None  # Ollama
     # OpenAI's structured outputs, checked by the engine (fermi.grammar) so that a wrong
-    # shape gets our own message and param.
-    response_format: Any = None
+    # shape gets our own message and param. Raw: any JSON, decoded in the worker.
+    response_format: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
     # Checked by the engine (fermi.text.tools), which names the field that is wrong.
-    tools: list[Any] | None = None
+    tools: list[msgspec.Raw] | None = None  # each any JSON
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
@@ -93,7 +97,7 @@ class CompletionRequest(SamplingFields, kw_only=True):
     echo: bool = False
     suffix: str | None = None
     # Structured outputs on raw prompts (vLLM accepts it here too; OpenAI has no such field).
-    response_format: Any = None
+    response_format: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)  # any JSON
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):

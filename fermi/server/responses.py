@@ -23,6 +23,7 @@ import uuid
 import msgspec
 
 from fermi.engine.types import Delta, GenerationRequest, TokenLogprob
+from fermi.heap import off_loop
 from fermi.server.build import decode_body
 from fermi.server.chunks import ChoiceText, chat_logprobs
 from fermi.server.errors import ApiError
@@ -427,7 +428,7 @@ async def count_input_tokens(api: Api, raw: bytes) -> Reply:
     body would have, as rendered (instructions, tools and all)."""
     body: ResponsesRequest = decode_body(RESPONSES_DECODER, raw)
     api._check_model(body.model)
-    request = await asyncio.to_thread(response_request, api.pool.engine, body)
+    request = await off_loop(response_request, api.pool.engine, body)
     return Reply(200, ENCODER.encode(InputTokens(len(request.prompt_ids))))
 
 
@@ -437,7 +438,7 @@ async def create_response(api: Api, raw: bytes) -> Reply | StreamReply:
     body: ResponsesRequest = decode_body(RESPONSES_DECODER, raw)
     api._check_model(body.model)
     # Templating and tokenising in a worker thread, as for chat (handlers.Api._generate).
-    request = await asyncio.to_thread(response_request, api.pool.engine, body)
+    request = await off_loop(response_request, api.pool.engine, body)
     requests = [request]
     generation = Generation(api.pool, requests, asyncio.get_running_loop())
     timing = _Timing(api.metrics, start)

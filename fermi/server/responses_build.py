@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from fermi.engine.api import Engine
 from fermi.engine.requests import SamplingSettings, check_room
 from fermi.engine.types import GenerationRequest, Thinking
 from fermi.errors import RequestError
 from fermi.sampling import MAX_LOGPROBS
+from fermi.server.build import check_counts, decode_items
 from fermi.server.errors import ApiError
 from fermi.server.responses_protocol import (
     ResponsesContentPart,
@@ -31,6 +34,8 @@ from fermi.server.responses_protocol import (
     ResponsesRequest,
 )
 
+_INPUT_ITEM = msgspec.json.Decoder(ResponsesInputItem)  # one item of input
+_TOOL = msgspec.json.Decoder(dict[str, Any])  # one item of tools
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
 # reasoning.effort -> thinking; absent (null) leaves the model's default ("auto").
@@ -68,6 +73,7 @@ def not_stored(method: str, path: str) -> ApiError:
 
 def response_request(engine: Engine, body: ResponsesRequest) -> GenerationRequest:
     """The engine request of a Responses body; ApiError naming the field that is wrong."""
+    check_counts(engine, body.input if isinstance(body.input, list) else [], body.tools)
     _refuse_unsupported(body)
     thinking = _thinking(body)
     kwargs: dict[str, Any] = dict(
@@ -181,7 +187,7 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     if not body.input:
         raise ApiError(400, "input must not be empty", param="input")
     names: dict[str, str] = {}  # call_id -> the function's name, for the outputs
-    for i, item in enumerate(body.input):
+    for i, item in enumerate(decode_items(body.input, _INPUT_ITEM, "input")):
         where = f"input[{i}]"
         kind = item.type or ("message" if item.role is not None else None)
         if kind == "message":
@@ -286,13 +292,13 @@ def _call_output(item: ResponsesInputItem, where: str, names: dict[str, str]) ->
 # -- tools and formats --------------------------------------------------------------------
 
 
-def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+def chat_tools(tools: list[msgspec.Raw] | None) -> list[dict[str, Any]] | None:
     """Flat function tools (``{"type": "function", "name", "description", "parameters",
     "strict"}``) in the chat shape; a tool of any other type is refused, naming its type."""
     if tools is None:
         return None
     out = []
-    for i, tool in enumerate(tools):
+    for i, tool in enumerate(decode_items(tools, _TOOL, "tools")):
         kind = tool.get("type")
         if kind != "function":
             raise ApiError(

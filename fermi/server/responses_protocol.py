@@ -58,10 +58,12 @@ class ResponsesText(msgspec.Struct):
 
 class ResponsesRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
-    input: str | list[ResponsesInputItem] | None = None
+    # The lists as raw JSON, decoded item by item in the worker thread, as chat
+    # completions' are (``fermi.server.protocol.ChatCompletionRequest``).
+    input: str | list[msgspec.Raw] | None = None  # each a ResponsesInputItem
     instructions: str | None = None
     # Function tools in the Responses API's flat shape; any other type is refused by name.
-    tools: list[dict[str, Any]] | None = None
+    tools: list[msgspec.Raw] | None = None  # each an object
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     text: ResponsesText | None = None
@@ -208,7 +210,8 @@ class ResponseBody(msgspec.Struct, kw_only=True):
     temperature: float | None = None
     text: TextEcho
     tool_choice: str | dict[str, Any] = "auto"
-    tools: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    # The request's tools, echoed as they came (raw JSON items).
+    tools: list[msgspec.Raw] = msgspec.field(default_factory=list)
     top_logprobs: int = 0
     top_p: float | None = None
     truncation: str = "disabled"

@@ -31,20 +31,30 @@ class ReasoningSplitter:
     very start of the output (after whitespace); otherwise all output is content. With
     start_in_reasoning=True the prompt already opened the block, so output is reasoning
     until the closing tag (a redundant opening tag at the start is swallowed).
+
+    ``answer_tags`` (Granite 3.3's ``<response>``, ``</response>``): an answer that opens
+    with the first tag, after the reasoning or at the start, loses it, and the second tag
+    too when it ends the output.
     """
 
     def __init__(
-        self, start_in_reasoning: bool, open_tag: str = "<think>", close_tag: str = "</think>"
+        self,
+        start_in_reasoning: bool,
+        open_tag: str = "<think>",
+        close_tag: str = "</think>",
+        answer_tags: tuple[str, str] | None = None,
     ) -> None:
-        if not open_tag or not close_tag:
+        if not open_tag or not close_tag or (answer_tags and not all(answer_tags)):
             raise ValueError("reasoning tags must be non-empty")
         self.start_in_reasoning = start_in_reasoning
         self.open_tag = open_tag
         self.close_tag = close_tag
+        self.answer_tags = answer_tags
         self._state = _State.START
         self._buf = ""
         # Set right after an opening tag: whitespace there is formatting, not reasoning.
         self._strip_leading = False
+        self._in_answer = False  # inside an answer the first answer tag opened
 
     @property
     def in_reasoning(self) -> bool:
@@ -70,7 +80,13 @@ class ReasoningSplitter:
                     self._buf = stripped[len(self.open_tag) :]
                     self._enter_reasoning()
                     continue
-                if not stripped or self.open_tag.startswith(stripped):
+                answer = self.answer_tags[0] if self.answer_tags else None
+                if answer and not self.start_in_reasoning and stripped.startswith(answer):
+                    self._buf = stripped[len(answer) :]
+                    self._in_answer, self._state = True, _State.CONTENT
+                    continue
+                tags = (self.open_tag,) if self.start_in_reasoning else (self.open_tag, answer)
+                if not stripped or any(t and t.startswith(stripped) for t in tags):
                     return "", ""  # still could become an opening tag
                 if self.start_in_reasoning:
                     self._enter_reasoning()
@@ -99,13 +115,30 @@ class ReasoningSplitter:
                 self._buf = self._buf.lstrip()
                 if not self._buf:
                     break
+                if self.answer_tags:
+                    answer = self.answer_tags[0]
+                    if self._buf.startswith(answer):
+                        self._buf, self._in_answer = self._buf[len(answer) :], True
+                    elif answer.startswith(self._buf):
+                        break  # still could become the answer's opening tag
                 self._state = _State.CONTENT
                 continue
 
-            content.append(self._buf)
-            self._buf = ""
+            keep = self._answer_end_held() if self._in_answer else 0
+            content.append(self._buf[: len(self._buf) - keep])
+            self._buf = self._buf[len(self._buf) - keep :]
             break
         return "".join(reasoning), "".join(content)
+
+    def _answer_end_held(self) -> int:
+        """Characters at the end of the buffer that may be the answer's closing tag at the
+        end of the output: the tag (and whitespace after it), or the start of it."""
+        assert self.answer_tags is not None
+        close = self.answer_tags[1]
+        tail = self._buf.rstrip()
+        if tail.endswith(close):
+            return len(self._buf) - len(tail) + len(close)
+        return _held_prefix_len(self._buf, close)
 
     def flush(self) -> tuple[str, str]:
         """End of stream: release held-back text where it belongs."""
@@ -117,12 +150,16 @@ class ReasoningSplitter:
         if self._state is _State.REASONING:
             # A truncated reasoning block stays reasoning, partial closing tag included.
             return held, ""
+        if self._in_answer and self.answer_tags and held.rstrip() == self.answer_tags[1]:
+            return "", ""  # the answer's closing tag ended the output
         return "", held
 
 
-def split_reasoning(text: str, start_in_reasoning: bool) -> tuple[str, str]:
+def split_reasoning(
+    text: str, start_in_reasoning: bool, answer_tags: tuple[str, str] | None = None
+) -> tuple[str, str]:
     """One-shot split of a complete output into (reasoning, content)."""
-    splitter = ReasoningSplitter(start_in_reasoning)
+    splitter = ReasoningSplitter(start_in_reasoning, answer_tags=answer_tags)
     reasoning, content = splitter.feed(text)
     tail_reasoning, tail_content = splitter.flush()
     return reasoning + tail_reasoning, content + tail_content

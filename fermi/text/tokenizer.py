@@ -227,14 +227,34 @@ def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return normalized
 
 
+class _CallArguments(dict):
+    """A tool call's arguments as the object the client's JSON text encodes, which is what
+    templates that write them with ``tojson`` expect. Templates that concatenate them as
+    text instead (DeepSeek's ``... + tool['function']['arguments'] + ...``) get the client's
+    text back, as they would have from transformers given the string."""
+
+    def __init__(self, parsed: dict, text: str) -> None:
+        super().__init__(parsed)
+        self.text = text
+
+    def __add__(self, other: Any) -> Any:
+        return self.text + other if isinstance(other, str) else NotImplemented
+
+    def __radd__(self, other: Any) -> Any:
+        return other + self.text if isinstance(other, str) else NotImplemented
+
+
 def _template_call(call: Any) -> Any:
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
         return call
+    text = function["arguments"]
     try:
-        arguments = json.loads(function["arguments"])
+        arguments = json.loads(text)
     except json.JSONDecodeError:
         return call
+    if isinstance(arguments, dict):
+        arguments = _CallArguments(arguments, text)
     return {**call, "function": {**function, "arguments": arguments}}
 
 

@@ -462,6 +462,8 @@ class ToolCallParser:
         # llama3_json: calls only at the very start; "start", "calls", "between", "content".
         self._state = "start" if fmt == "llama3_json" else "content"
         self._after_call = False  # hermes: the closing tag (and whitespace) may follow
+        self._gap = ""  # hermes: the whitespace read after a call
+        self._wrote = False  # some content was returned
 
     @property
     def _args_keys(self) -> tuple[str, ...]:
@@ -474,7 +476,7 @@ class ToolCallParser:
         content: list[str] = []
         events: list[ToolCallDelta] = []
         self._run(content, events, final=False)
-        return "".join(content), self._keep(events)
+        return self._content(content), self._keep(events)
 
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
         content: list[str] = []
@@ -492,7 +494,17 @@ class ToolCallParser:
             content.append(held)
         elif not self._after_call:
             content.append(held.rstrip(_WS))
-        return "".join(content), self._keep(events)
+        return self._content(content), self._keep(events)
+
+    def _content(self, parts: list[str]) -> str:
+        text = "".join(parts)
+        self._wrote = self._wrote or bool(text)
+        return text
+
+    def _skip_space(self) -> None:
+        rest = self._buf.lstrip(_WS)
+        self._gap += self._buf[: len(self._buf) - len(rest)]
+        self._buf = rest
 
     def _opener(self) -> str:
         return HERMES_OPEN if self.fmt == "hermes" else ""
@@ -558,14 +570,20 @@ class ToolCallParser:
                 self._after_call = self._count > count
                 continue
             if self._after_call:
-                self._buf = self._buf.lstrip(_WS)
+                self._skip_space()
                 if self._buf.startswith(HERMES_CLOSE):
-                    self._buf = self._buf[len(HERMES_CLOSE) :].lstrip(_WS)
-                elif HERMES_CLOSE.startswith(self._buf) and not final:
+                    self._buf = self._buf[len(HERMES_CLOSE) :]
+                    self._skip_space()
+                elif not final and HERMES_CLOSE.startswith(self._buf):
                     return  # empty, or a part of the closing tag
-                if not self._buf:
-                    return
+                if not self._buf or (not final and HERMES_OPEN.startswith(self._buf)):
+                    return  # nothing yet, or perhaps another call's opening
                 self._after_call = False
+                if not self._buf.startswith(HERMES_OPEN) and (self._wrote or any(content)):
+                    # Text resumes after a call, with text before it: keep the two apart,
+                    # as the model did (or with a line break where it wrote nothing).
+                    content.append(self._gap or "\n")
+                self._gap = ""
             at = self._buf.find(HERMES_OPEN)
             if at >= 0:
                 content.append(self._buf[:at].rstrip(_WS))
