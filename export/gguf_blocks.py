@@ -108,7 +108,7 @@ def model_blocks(path: Path, cfg: ModelConfig) -> dict[str, Blocks]:
     permuted = ARCHITECTURES.get(arch, ("", False))[1]
     found: dict[str, Blocks] = {}
     for name in gguf.tensors:
-        ours = our_name(name)
+        ours = our_name(name, arch)
         blocks = _read(gguf, name) if ours is not None else None
         if blocks is None:
             continue

@@ -114,26 +114,34 @@ def quantize(source: Path, target: Path, bits: int, kept: dict[bytes, Blocks]) -
     tensor) kept SmolLM2's greedy choice on 72% of the check's steps; weight-only int8
     on 97% (perf/results/export_cpu.json)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
 
+    nbits = _nbits_module()
     model = onnx.load(str(source))
     count = _keep_blocks(model, kept) if kept else 0
-    # The quantizer logs a line per graph node at INFO.
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     symmetric = bits == 8
-    config = DefaultWeightOnlyQuantConfig(
+    config = nbits.DefaultWeightOnlyQuantConfig(
         block_size=BLOCK, is_symmetric=symmetric, bits=bits, op_types_to_quantize=("MatMul",)
     )
-    quantizer = MatMulNBitsQuantizer(
+    quantizer = nbits.MatMulNBitsQuantizer(
         model, bits=bits, block_size=BLOCK, is_symmetric=symmetric, algo_config=config
     )
     quantizer.process()
     external = _size(source) > 1 << 30
     quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
     return count
+
+
+def _nbits_module():
+    """onnxruntime's MatMulNBits quantizer module, imported without the INFO-level root
+    logging its import switches on for the whole process (and its per-node lines)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.WARNING)
+    return matmul_nbits_quantizer
 
 
 def weight_key(weight: torch.Tensor) -> bytes:
