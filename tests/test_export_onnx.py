@@ -28,6 +28,7 @@ from fermi.loading import load_folder
 from fermi.runners.artefact import read_manifest, sha256_file
 from fermi.runners.onnx import OnnxRunner
 from fermi.runners.torch_eager import TorchRunner
+from tests.serving import NEEDS_SMOLLM2
 from tests.tiny import write_checkpoint
 
 SEQ = 128
@@ -369,3 +370,23 @@ def test_int4_from_a_q4_1_gguf_keeps_its_blocks_exactly(exported, tmp_path):
     assert ops.count("MatMulNBits") == 8 and "MatMul" in ops  # the tied head stays float
     assert manifest.numerics.greedy_equal == [16] * 6
     assert manifest.numerics.max_logit_diff < 1e-3, manifest.numerics.summary()
+
+
+@NEEDS_SMOLLM2
+@pytest.mark.slow  # about 2 minutes on 2 cores: torch.export of 30 layers
+def test_the_smollm2_alias_exports_and_reproduces_its_source(tmp_path):
+    """The offline model by its alias (a Q4_1 GGUF file): the export's own check runs the
+    six text prompts through onnxruntime and the dequantized source."""
+    options = ExportOptions(model="smollm2-135m", target="onnx", out=tmp_path / "art")
+    manifest = export_model(options, progress=lambda _: None)
+    assert manifest.architecture == "LlamaForCausalLM" and manifest.source == "smollm2-135m"
+    assert manifest.numerics.greedy_equal == [16] * 6
+    assert manifest.numerics.max_logit_diff < 1e-3
+    # The chat template and tokenizer the export wrote from the file's metadata serve a
+    # chat as the file does.
+    chat = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12}
+    with fermi.load(tmp_path / "art") as engine:
+        ours = engine.generate(**chat, temperature=0)
+    with fermi.load("smollm2-135m", dtype="fp32", runner="torch-cpu", max_batch=1) as engine:
+        theirs = engine.generate(**chat, temperature=0)
+    assert ours.token_ids == theirs.token_ids and ours.text == theirs.text

@@ -47,7 +47,7 @@ class CoreMLRunner(Runner):
         max_batch: int,
         max_seq_len: int,
         prefill_chunk: int,
-        compute_units: str = "ALL",
+        compute_units: str | None = None,
     ) -> None:
         reason = coreml_unavailable_reason()
         if reason is not None:
@@ -60,7 +60,9 @@ class CoreMLRunner(Runner):
         path = folder / manifest.model_file
         try:
             self.model = ct.models.MLModel(
-                str(path), compute_units=getattr(ct.ComputeUnit, compute_units)
+                # The units it was converted for, unless asked otherwise.
+                str(path),
+                compute_units=getattr(ct.ComputeUnit, compute_units or manifest.compute_units or "ALL"),
             )
         except Exception as exc:  # Core ML raises its own exception types
             raise ModelLoadError(f"Core ML cannot load {path}: {exc}") from None
