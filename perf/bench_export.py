@@ -2,9 +2,11 @@
 artefact size, with the export's own numerics check (its figures are the source-vs-export
 agreement the manifest records).
 
-Models: SmolLM2-135M-Instruct through the ``smollm2-135m`` alias (the Q4_1 GGUF file, so
-the weights are dequantized first), and a random-weight checkpoint of Qwen3-0.6B's shape
-(``fermi.models.shapes``; its agreement figures mean little, random logits are near-tied).
+Models: SmolLM2-135M-Instruct through the ``smollm2-135m`` alias (the Q4_1 GGUF file: its
+blocks are kept by int8/int4), the same weights written out as a float checkpoint folder
+(so int8/int4 quantize them again, as they would a float model's), and a random-weight
+checkpoint of Qwen3-0.6B's shape (``fermi.models.shapes``; its agreement figures mean
+little, random logits are near-tied).
 Each export runs in a process of its own, so its peak resident memory is its own (the
 export's, including the check, which loads the source once more and the exported model).
 
@@ -32,6 +34,14 @@ TARGETS = {
         ("onnx", "fp32", "int8"),
         ("onnx", "fp32", "int4"),
         ("coreml", "fp16", "none"),
+        ("coreml", "fp16", "int8"),
+        ("coreml", "fp16", "int4"),
+    ],
+    # SmolLM2's weights as a float checkpoint: quantizing them again is what int8 / int4
+    # cost from float weights (the GGUF file's own blocks are kept instead, above).
+    "smollm2-135m-float": [
+        ("onnx", "fp32", "int8"),
+        ("onnx", "fp32", "int4"),
         ("coreml", "fp16", "int8"),
         ("coreml", "fp16", "int4"),
     ],
@@ -82,6 +92,30 @@ def qwen3_shape(folder: Path) -> Path:
     return write_checkpoint_for(folder, cfg, seed=0)
 
 
+def smollm2_float(folder: Path) -> Path:
+    """The alias's dequantized weights as a checkpoint folder our loader reads."""
+    import torch
+    from safetensors.torch import save_file
+
+    from export.build import load_any, write_side_files
+
+    checkpoint = load_any("smollm2-135m", torch.float32)
+    folder.mkdir(parents=True)
+    write_side_files(checkpoint, folder)
+    state = {k: v.contiguous() for k, v in checkpoint.model.state_dict().items()}
+    state.pop("lm_head.weight", None)  # tied to the embedding (config.json says so)
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
+def source_for(name: str, tmp: Path) -> str:
+    if name == "smollm2-135m":
+        return name
+    if name == "smollm2-135m-float":
+        return str(smollm2_float(tmp / name))
+    return str(qwen3_shape(tmp / name))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -102,7 +136,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            source = name if name == "smollm2-135m" else str(qwen3_shape(Path(tmp) / name))
+            source = source_for(name, Path(tmp))
             for target, dtype, quantize in TARGETS[name]:
                 out = Path(tmp) / f"{name}-{target}-{quantize}"
                 began = time.perf_counter()
