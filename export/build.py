@@ -328,18 +328,21 @@ def _lengths(checkpoint: Checkpoint, options: ExportOptions) -> tuple[int, int]:
 
 
 def _reference_traces(options: ExportOptions, checkpoint: Checkpoint, seq_len: int):
-    """The source's greedy continuations of the check's prompts, from a fresh fp32 copy of
-    it (freed before the exported model is loaded)."""
+    """The source's greedy continuations of the check's prompts, in float32: on the loaded
+    checkpoint itself when it is float32 (the export reuses it: ``setup_cache`` replaces
+    the runner's cache), else on a fresh copy freed before the export goes on."""
     from export.verify import PROMPTS, reference
     from fermi.runners.torch_eager import TorchRunner
 
-    source = load_any(options.model, torch.float32)
+    model = checkpoint.model
+    if model.model.embed_tokens.weight.dtype != torch.float32:
+        model = load_any(options.model, torch.float32).model
     prompts = [checkpoint.tokenizer.encode(p) for p in PROMPTS]
     longest = max(map(len, prompts))
     steps = max(1, min(VERIFY_STEPS, seq_len - longest))
-    runner = TorchRunner(source.model, 1, seq_len, prefill_chunk=seq_len)
+    runner = TorchRunner(model, 1, seq_len, prefill_chunk=seq_len)
     traces = reference(runner, prompts, steps)
-    del runner, source
+    del runner, model
     gc.collect()
     return traces
 

@@ -9,8 +9,10 @@ median step time. Then onnxruntime with and without spin-waiting, as the engine 
 (Engine.generate, sampling in torch between steps), interleaved too.
 
     fermi export --model smollm2-135m --target onnx --out /tmp/smol/onnx
+    fermi export --model smollm2-135m --target onnx --out /tmp/smol/onnx-int4 --quantize int4
     PYTHONPATH=$PWD nice -n 10 .venv/bin/python perf/bench_onnx_decode.py \\
-        --artefact /tmp/smol/onnx --out perf/results/cpu_onnx_decode.json
+        --artefact /tmp/smol/onnx --also /tmp/smol/onnx-int4 \\
+        --out perf/results/cpu_onnx_decode.json
 """
 
 from __future__ import annotations
@@ -58,7 +60,12 @@ def engine_rate(engine, tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artefact", type=Path, required=True, help="ONNX export of the model")
+    parser.add_argument(
+        "--artefact", type=Path, required=True, help="ONNX export of the model (its spin test)"
+    )
+    parser.add_argument(
+        "--also", type=Path, nargs="*", default=[], help="more ONNX exports to time (int8, int4)"
+    )
     parser.add_argument("--model", default="smollm2-135m", help="the artefact's source")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
@@ -73,7 +80,7 @@ def main() -> None:
 
     import fermi
     from fermi.engine.api import Engine
-    from fermi.runners.artefact import load_artefact
+    from fermi.runners.artefact import load_artefact, read_manifest
     from fermi.runners.onnx import OnnxRunner
 
     seq = max(CONTEXTS) + STEPS + 1
@@ -86,7 +93,14 @@ def main() -> None:
         args.model, runner="torch-cpu", dtype="fp32", max_batch=1, max_seq_len=seq
     )
     runners = {
-        "onnx fp32 (onnxruntime CPU, cache in place)": onnx,
+        f"onnx {manifest.dtype} {manifest.quantize} (onnxruntime CPU, cache in place)": onnx,
+        **{
+            f"onnx {m.dtype} {m.quantize} (onnxruntime CPU, cache in place)": OnnxRunner(
+                folder, m, 1, seq, m.prefill_chunk, threads=args.threads
+            )
+            for folder in args.also
+            for m in [read_manifest(folder)]
+        },
         "torch-cpu, fermi.load default (fp16 weights, fp32 math)": torch_default.runner,
         "torch-cpu fp32": torch_fp32.runner,
     }
