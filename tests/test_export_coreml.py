@@ -272,3 +272,21 @@ def test_a_gguf_sources_q4_1_blocks_are_kept_not_quantized_again(source, tmp_pat
     # Seen: every greedy token equal on all six prompts (top-1 100%), where the same
     # weights quantized again to int4 agreed on 75% of the steps.
     assert manifest.numerics.top1_agreement > 0.97
+
+
+def test_the_cli_shows_one_bar_and_none_of_the_converters_output(source, tmp_path):
+    """coremltools prints a progress bar per conversion pass and torch.onnx its steps: the
+    export holds them back and shows its own single bar over the stages."""
+    from click.testing import CliRunner
+
+    from fermi.cli import main
+
+    args = ["export", "--model", str(source), "--target", "coreml", "--quantize", "int8"]
+    args += ["--out", str(tmp_path / "art"), "--max-seq-len", str(SEQ), "--no-verify"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    everything = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert "Running MIL" not in everything and "Converting PyTorch" not in everything
+    assert "compression pass" not in everything
+    assert "4/4" in everything  # the bar's last state: load, convert, quantize, write
+    assert "exported Qwen3ForCausalLM to" in result.stdout
