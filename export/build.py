@@ -1,26 +1,43 @@
-"""``fermi export``: checkpoint in, artefact folder out, one named stage at a time."""
+"""``fermi export``: checkpoint in, artefact folder out, one named stage at a time.
+
+The source is anything ``fermi.load`` accepts (a checkpoint folder, a Hugging Face id, a
+``.gguf`` file, an alias). The artefact is built in a staging folder beside ``--out`` and
+replaces it only when complete: a failed export leaves an earlier one as it was, and a
+re-export keeps nothing of the last one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
+import json
+import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import torch
 
+from export.verify import agreement
 from fermi.errors import FermiError
 from fermi.hub import resolve
 from fermi.loading import Checkpoint, load_folder
-from fermi.runners.artefact import MANIFEST_NAME, CacheSpec, Manifest, TensorSpec
+from fermi.runners.artefact import MANIFEST_NAME, CacheSpec, Manifest, Numerics, TensorSpec
 
 TARGETS = ("onnx", "coreml")
-QUANTIZE = {"onnx": ("none", "int8"), "coreml": ("none", "int8", "int4")}
+QUANTIZE = {"onnx": ("none", "int8", "int4"), "coreml": ("none", "int8", "int4")}
 DEFAULT_DTYPE = {"onnx": "fp32", "coreml": "fp16"}
 DEFAULT_CHUNK = {"onnx": 512, "coreml": 128}
+# Cache slots a loaded artefact allocates unless asked: one on Apple, where every slot is a
+# whole Core ML state (all layers x max_seq_len: 235 MB at Qwen3-0.6B, 2048 tokens, fp16)
+# and a batched step is one predict per slot anyway.
+DEFAULT_BATCH = {"onnx": 4, "coreml": 1}
 # Tokenizer, template and config files an artefact carries (those the source has).
 SIDE_FILES = (
     "config.json",
@@ -33,9 +50,15 @@ SIDE_FILES = (
 )
 # The exported fp32 ONNX graph must reproduce the engine this closely (issue 4).
 ONNX_FP32_TOLERANCE = 1e-3
-VERIFY_PROMPT, VERIFY_STEPS = 8, 16
-
-Progress = Callable[[str], None]
+VERIFY_STEPS = 16
+# A quantized export is reported loudly when fewer of its steps than this pick the
+# source's token, on the same text (teacher-forced top-1 agreement over the check's
+# prompts): below it, greedy output leaves the source's within a few tokens on most
+# prompts. README "Export to device" gives the measured figures behind it.
+AGREEMENT_FLOOR = 0.90
+SOURCE_STAGE = "run the source on the check's prompts"
+KEPT_NOTE = "weights keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are (not quantized again)"
+CHECK_STAGE = "check the export against the source"
 
 
 class ExportError(FermiError):
@@ -49,13 +72,16 @@ class ExportOptions:
     out: Path
     dtype: str | None = None  # fp32 | fp16; None = the target's default
     max_seq_len: int | None = None  # None = the model's context, capped at 2048
-    max_batch: int = 4
+    max_batch: int | None = None  # None = the target's default (DEFAULT_BATCH)
     quantize: str = "none"
     prefill_chunk: int | None = None
     verify: bool = True
 
     def resolved_dtype(self) -> str:
         return self.dtype or DEFAULT_DTYPE[self.target]
+
+    def resolved_batch(self) -> int:
+        return self.max_batch or DEFAULT_BATCH[self.target]
 
 
 def check_options(options: ExportOptions) -> None:
@@ -71,7 +97,7 @@ def check_options(options: ExportOptions) -> None:
         )
     if options.max_seq_len is not None and options.max_seq_len < 2:
         raise ExportError("max_seq_len must be at least 2")
-    if options.max_batch < 1:
+    if options.max_batch is not None and options.max_batch < 1:
         raise ExportError("max_batch must be at least 1")
     if options.prefill_chunk is not None and options.prefill_chunk < 1:
         raise ExportError("prefill_chunk must be at least 1")
@@ -84,61 +110,184 @@ def check_options(options: ExportOptions) -> None:
         )
 
 
-class Stages:
-    """Prints "[i/n] what ..." before a stage and its time after."""
+class Progress:
+    """Export progress as lines: "[i/n] stage ...", its time, and notes (logs, tests)."""
 
-    def __init__(self, names: list[str], progress: Progress) -> None:
-        self.names, self.progress, self.done = names, progress, 0
+    def __init__(self, write: Callable[[str], None] = print) -> None:
+        self.write = write
+        self.names: list[str] = []
+        self.done = 0
 
-    @contextmanager
+    def start(self, names: list[str]) -> None:
+        self.names, self.done = names, 0
+
+    @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         self.done += 1
-        self.progress(f"[{self.done}/{len(self.names)}] {name} ...")
-        start = time.perf_counter()
+        self.write(f"[{self.done}/{len(self.names)}] {name} ...")
+        began = time.perf_counter()
         yield
-        self.progress(f"      done in {time.perf_counter() - start:.1f}s")
+        self.write(f"      done in {time.perf_counter() - began:.1f}s")
+
+    def note(self, text: str) -> None:
+        self.write(f"      {text}")
+
+    def close(self) -> None:
+        """Nothing to finish for lines."""
 
 
-def export_model(options: ExportOptions, progress: Progress = print) -> Manifest:
+class Bar(Progress):
+    """Export progress as one bar over the stages (the CLI); notes print above it."""
+
+    def start(self, names: list[str]) -> None:
+        from tqdm import tqdm
+
+        super().start(names)
+        self.bar = tqdm(total=len(names), unit="stage", file=sys.stderr, leave=True)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.bar.set_description(name)
+        yield
+        self.bar.update(1)
+
+    def note(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Hold back what converters print (coremltools' progress bars, torch.onnx's steps):
+    the export shows one bar of its own. On a failure the held text is shown."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue()[-4000:])
+        raise
+
+
+def export_model(
+    options: ExportOptions, progress: Progress | Callable[[str], None] = print
+) -> Manifest:
     """Build the artefact folder ``options.out`` and return its manifest."""
     check_options(options)
+    report = progress if isinstance(progress, Progress) else Progress(progress)
     target = options.target
-    names = ["load checkpoint", f"convert to {target}"]
+    names = ["load checkpoint"]
+    if options.verify:
+        names.append(SOURCE_STAGE)
+    names.append(f"convert to {target}")
     if options.quantize != "none":
         names.append(f"quantize weights ({options.quantize})")
     if options.verify:
-        names.append("verify against the torch engine")
-    names += ["copy tokenizer and config files", "write manifest"]
-    stages = Stages(names, progress)
+        names.append(CHECK_STAGE)
+    names += ["write tokenizer, config and manifest"]
+    report.start(names)
+    out = options.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    try:
+        with report.stage(names[0]):
+            checkpoint = load_source(options)
+        check_source(checkpoint, options)
+        seq_len, chunk = _lengths(checkpoint, options)
+        traces = None
+        if options.verify:
+            with report.stage(SOURCE_STAGE):
+                traces = _reference_traces(options, checkpoint, seq_len)
+        builder = _onnx if target == "onnx" else _coreml
+        draft = builder(checkpoint, options, staging, report, seq_len, chunk, traces)
+        with report.stage(names[-1]):
+            write_side_files(checkpoint, staging)
+            from export.manifest import finalize
 
-    with stages.stage(names[0]):
-        source = resolve(options.model)
-        dtype = torch.float16 if options.resolved_dtype() == "fp16" else torch.float32
-        # Core ML computes in fp16 itself; trace in fp32 so the converter sees full weights.
-        load_dtype = torch.float32 if target == "coreml" else dtype
-        checkpoint = load_folder(source, torch.device("cpu"), load_dtype)
-    cfg = checkpoint.config
-    seq_len = options.max_seq_len or min(cfg.max_position_embeddings, 2048)
-    chunk = min(options.prefill_chunk or DEFAULT_CHUNK[target], seq_len)
-    options.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=options.out, prefix=".staging-") as tmp:
-        staging = Path(tmp)
-        if target == "onnx":
-            draft = _onnx(checkpoint, options, seq_len, chunk, staging, stages, progress)
-        else:
-            draft = _coreml(checkpoint, options, seq_len, chunk, staging, stages, progress)
-
-    with stages.stage("copy tokenizer and config files"):
-        for name in SIDE_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, options.out / name)
-    with stages.stage("write manifest"):
-        from export.manifest import finalize
-
-        manifest = finalize(draft, options.out)
-        total = sum((options.out / f).stat().st_size for f in manifest.files)
-        progress(f"      {options.out}: {len(manifest.files)} files, {total / 1e6:.1f} MB")
+            manifest = finalize(draft, staging)
+        _replace(out, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        report.close()
+        raise
+    total = sum((out / f).stat().st_size for f in manifest.files)
+    report.note(f"{options.out}: {len(manifest.files)} files, {total / 1e6:.1f} MB")
+    report.close()
     return manifest
+
+
+def _replace(out: Path, staging: Path) -> None:
+    """Put the finished staging folder at ``out`` (an earlier export there goes away)."""
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+
+
+def load_source(options: ExportOptions) -> Checkpoint:
+    """The source checkpoint on the CPU in the export's dtype (Core ML traces fp32; it
+    computes in fp16 itself)."""
+    fp16 = options.resolved_dtype() == "fp16" and options.target == "onnx"
+    dtype = torch.float16 if fp16 else torch.float32
+    return load_any(options.model, dtype)
+
+
+def load_any(model: str, dtype: torch.dtype) -> Checkpoint:
+    """Whatever ``fermi.load`` accepts, as plain ``nn.Linear`` modules in ``dtype``."""
+    path = resolve(model)
+    if path.suffix == ".gguf":
+        from fermi.gguf import load_gguf
+
+        # fp32 first: asked for fp16, load_gguf keeps fp16 storage with fp32 arithmetic
+        # (its CPU speed path), which is not a graph to export.
+        checkpoint = load_gguf(path, torch.device("cpu"), "fp32")
+        checkpoint.model.to(dtype)
+        return checkpoint
+    if not path.is_dir():
+        raise ExportError(f"{model}: {path} is neither a checkpoint folder nor a .gguf file")
+    return load_folder(path, torch.device("cpu"), dtype)
+
+
+def check_source(checkpoint: Checkpoint, options: ExportOptions) -> None:
+    """What the target cannot take, refused before any work."""
+    head_dim = checkpoint.config.head_dim
+    if options.target == "onnx" and head_dim % 8:
+        raise ExportError(
+            f"head_dim {head_dim} is not a multiple of 8, which onnxruntime's "
+            "GroupQueryAttention (the graph's attention) needs"
+        )
+
+
+def write_side_files(checkpoint: Checkpoint, folder: Path) -> None:
+    """The tokenizer, template and config files the artefact loads with: copied from a
+    checkpoint folder, written from what a GGUF file holds."""
+    source = checkpoint.folder
+    if source.is_dir():
+        for name in SIDE_FILES:
+            if (source / name).is_file():  # (a symlink into a Hub cache's blobs is copied)
+                shutil.copyfile(source / name, folder / name)
+        return
+    tokenizer = checkpoint.tokenizer
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
+    config = {
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "add_bos_token": tokenizer.add_bos,
+        "chat_template": tokenizer.chat_template,
+    }
+    _write_json(folder / "tokenizer_config.json", config)
+    _write_json(folder / "config.json", checkpoint.hf_config)
+    generation = checkpoint.generation
+    gen = {"eos_token_id": list(generation.eos_token_ids)}
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        if getattr(generation, key) is not None:
+            gen[key] = getattr(generation, key)
+    _write_json(folder / "generation_config.json", gen)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
 def _draft(
@@ -160,7 +309,7 @@ def _draft(
         dtype=options.resolved_dtype(),
         quantize=options.quantize,
         max_seq_len=seq_len,
-        max_batch=options.max_batch,
+        max_batch=options.resolved_batch(),
         prefill_chunk=chunk,
         vocab_size=cfg.vocab_size,
         cache=CacheSpec(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cache_dtype),
@@ -172,81 +321,148 @@ def _draft(
     )
 
 
-def _reference(options: ExportOptions, seq_len: int):
-    """A fresh fp32 torch runner on the source checkpoint (the export mutated its copy)."""
+def _lengths(checkpoint: Checkpoint, options: ExportOptions) -> tuple[int, int]:
+    seq_len = options.max_seq_len or min(checkpoint.config.max_position_embeddings, 2048)
+    chunk = min(options.prefill_chunk or DEFAULT_CHUNK[options.target], seq_len)
+    return seq_len, chunk
+
+
+def _reference_traces(options: ExportOptions, checkpoint: Checkpoint, seq_len: int):
+    """The source's greedy continuations of the check's prompts, in float32: on the loaded
+    checkpoint itself when it is float32 (the export reuses it: ``setup_cache`` replaces
+    the runner's cache), else on a fresh copy freed before the export goes on."""
+    from export.verify import PROMPTS, reference
     from fermi.runners.torch_eager import TorchRunner
 
-    checkpoint = load_folder(resolve(options.model), torch.device("cpu"), torch.float32)
-    return TorchRunner(checkpoint.model, 1, seq_len, prefill_chunk=seq_len)
+    model = checkpoint.model
+    if model.model.embed_tokens.weight.dtype != torch.float32:
+        model = load_any(options.model, torch.float32).model
+    prompts = [checkpoint.tokenizer.encode(p) for p in PROMPTS]
+    longest = max(map(len, prompts))
+    steps = max(1, min(VERIFY_STEPS, seq_len - longest))
+    runner = TorchRunner(model, 1, seq_len, prefill_chunk=seq_len)
+    traces = reference(runner, prompts, steps)
+    del runner, model
+    gc.collect()
+    return traces
 
 
-def _onnx(checkpoint, options, seq_len, chunk, staging, stages, progress) -> Manifest:
+def _onnx(checkpoint, options, staging, report, seq_len, chunk, traces) -> Manifest:
     from export import onnx as onnx_export
+    from export import onnx_contract
     from fermi.runners.onnx import OnnxRunner
 
-    raw = staging / "model.onnx"
-    with stages.stage(f"convert to onnx (opset {onnx_export.OPSET}, torch.export)"):
+    cfg = checkpoint.config
+    kept = {}
+    if options.quantize != "none":  # a GGUF source's blocks, found by the weights' bytes
+        for name, blocks in gguf_blocks(options.model, cfg).items():
+            kept[onnx_export.weight_key(checkpoint.model.get_parameter(name))] = blocks
+    raw = staging / ".raw" / onnx_export.MODEL_FILE
+    raw.parent.mkdir()
+    with report.stage(f"convert to onnx (opset {onnx_export.OPSET}, torch.export)"), quiet():
         onnx_export.export_onnx(checkpoint.model, raw, seq_len)
-    del checkpoint.model  # the verifier loads its own reference
-    if options.quantize == "int8":
-        with stages.stage("quantize weights (int8)"):
-            onnx_export.quantize_int8(raw, options.out / "model.onnx")
+    checkpoint.model = None  # the graph holds the weights now
+    gc.collect()
+    if options.quantize != "none":
+        bits = 8 if options.quantize == "int8" else 4
+        with report.stage(f"quantize weights ({options.quantize})"), quiet():
+            count = onnx_export.quantize(raw, staging / onnx_export.MODEL_FILE, bits, kept)
+        if count:
+            report.note(f"{count} {KEPT_NOTE}")
     else:
-        onnx_export.move_model(raw, options.out, "model.onnx")
-    inputs, outputs = onnx_export.io_specs(options.out / "model.onnx")
+        onnx_export.move_model(raw, staging, onnx_export.MODEL_FILE)
+    shutil.rmtree(raw.parent)
+    inputs, outputs = onnx_export.io_specs(staging / onnx_export.MODEL_FILE)
     cache_dtype = "float16" if options.resolved_dtype() == "fp16" else "float32"
-    draft = _draft(
-        checkpoint, options, "model.onnx", seq_len, chunk, cache_dtype, (inputs, outputs, [])
+    tok = checkpoint.tokenizer
+    config = onnx_contract.genai_config(
+        cfg, checkpoint.generation, tok.bos_token_id, seq_len, onnx_export.MODEL_FILE
     )
-    if options.verify:
-        with stages.stage("verify against the torch engine"):
-            runner = OnnxRunner(options.out, draft, 1, seq_len, chunk)
-            parity = _verify(options, seq_len, runner)
-            progress(f"      onnxruntime vs torch: {parity.summary()}")
+    text = onnx_contract.readme(cfg, options.model, cache_dtype, seq_len, options.quantize)
+    onnx_contract.write(staging, config, text)
+    draft = _draft(
+        checkpoint,
+        options,
+        onnx_export.MODEL_FILE,
+        seq_len,
+        chunk,
+        cache_dtype,
+        (inputs, outputs, []),
+    )
+    if traces is not None:
+        with report.stage(CHECK_STAGE):
+            runner = OnnxRunner(staging, draft, 1, seq_len, chunk)
+            numerics = agreement(traces, runner, "onnxruntime (CPU)")
+            del runner
+            report.note(f"onnxruntime vs the source: {numerics.summary()}")
             strict = options.resolved_dtype() == "fp32" and options.quantize == "none"
-            if strict and not (parity.tokens_equal and parity.max_logit_diff < ONNX_FP32_TOLERANCE):
+            if strict and not _exact(numerics):
                 raise ExportError(
-                    f"the exported ONNX graph does not reproduce the engine ({parity.summary()})"
+                    f"the exported ONNX graph does not reproduce the engine ({numerics.summary()})"
                 )
+            _warn_if_far(numerics, options, report)
+        draft = msgspec.structs.replace(draft, numerics=numerics)
     return draft
 
 
-def _coreml(checkpoint, options, seq_len, chunk, staging, stages, progress) -> Manifest:
-    from export import coreml
+def gguf_blocks(model: str, cfg) -> dict:
+    """A GGUF source's quantized blocks that a Core ML package can keep (none for others)."""
+    path = resolve(model)
+    if path.suffix != ".gguf":
+        return {}
+    from export.gguf_blocks import model_blocks
 
-    fp16 = options.resolved_dtype() == "fp16"
-    with stages.stage("convert to coreml (torch.jit.trace, iOS18 ML Program)"):
-        step = coreml.build_step(checkpoint.model, seq_len)
-        traced = coreml.trace(step)
-        model = coreml.convert(traced, step, seq_len, chunk, fp16)
-    if options.quantize != "none":
-        with stages.stage(f"quantize weights ({options.quantize})"):
-            model = coreml.quantize(model, options.quantize)
-    package = options.out / "model.mlpackage"
-    if package.exists():
-        shutil.rmtree(package)
-    model.save(str(package))
-    if options.verify:
-        with stages.stage("verify against the torch engine"):
-            # Core ML cannot run here; check the traced module the converter was given.
-            runner = coreml.StepRunner(traced, checkpoint.config.vocab_size, seq_len, chunk)
-            parity = _verify(options, seq_len, runner)
-            progress(f"      traced module (fp16 cache) vs torch: {parity.summary()}")
-    return _draft(
-        checkpoint,
-        options,
-        "model.mlpackage",
-        seq_len,
-        chunk,
-        "float16",
-        coreml.io_specs(package),
+    return model_blocks(path, cfg)
+
+
+def _exact(numerics: Numerics) -> bool:
+    return (
+        all(n == numerics.steps for n in numerics.greedy_equal)
+        and numerics.max_logit_diff < ONNX_FP32_TOLERANCE
     )
 
 
-def _verify(options: ExportOptions, seq_len: int, runner):
-    from export.verify import compare, sample_prompt
+def _warn_if_far(numerics: Numerics, options: ExportOptions, report: Progress) -> None:
+    if numerics.top1_agreement < AGREEMENT_FLOOR:
+        report.note(
+            f"WARNING: the {options.quantize if options.quantize != 'none' else options.target} "
+            f"export follows its source on only {100 * numerics.top1_agreement:.1f}% of "
+            f"steps (floor {100 * AGREEMENT_FLOOR:.0f}%): its output will differ from the "
+            "source's within a few tokens; export without --quantize, or with a milder one"
+        )
 
-    reference = _reference(options, seq_len)
-    steps = min(VERIFY_STEPS, seq_len - VERIFY_PROMPT)
-    prompt = sample_prompt(reference.capabilities.vocab_size, VERIFY_PROMPT)
-    return compare(reference, runner, prompt, steps)
+
+def _coreml(checkpoint, options, staging, report, seq_len, chunk, traces) -> Manifest:
+    from export import coreml
+
+    fp16 = options.resolved_dtype() == "fp16"
+    with report.stage("convert to coreml (torch.jit.trace, iOS18 ML Program)"), quiet():
+        step = coreml.build_step(checkpoint.model, seq_len)
+        traced = coreml.trace(step)
+        model = coreml.convert(traced, step, seq_len, chunk, fp16)
+        del traced, step
+        checkpoint.model = None
+        gc.collect()
+    if options.quantize != "none":
+        kept = gguf_blocks(options.model, checkpoint.config)
+        with report.stage(f"quantize weights ({options.quantize})"), quiet():
+            model = coreml.quantize(model, options.quantize, kept)
+        if kept:
+            report.note(f"{len(kept)} {KEPT_NOTE}")
+    package = staging / "model.mlpackage"
+    with quiet():
+        model.save(str(package))
+    del model
+    gc.collect()
+    numerics = None
+    if traces is not None:
+        with report.stage(CHECK_STAGE), quiet():
+            runner = coreml.package_runner(package, load_any(options.model, torch.float32))
+            numerics = agreement(traces, runner, coreml.CHECKED)
+            del runner
+        report.note(f"Core ML package weights vs the source: {numerics.summary()}")
+        _warn_if_far(numerics, options, report)
+    draft = _draft(
+        checkpoint, options, "model.mlpackage", seq_len, chunk, "float16", coreml.io_specs(package)
+    )
+    return msgspec.structs.replace(draft, numerics=numerics, compute_units=coreml.COMPUTE_UNITS)

@@ -16,7 +16,7 @@ from export.build import DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
     envvar="FERMI_MODEL",
     required=True,
     show_envvar=True,
-    help="Hugging Face id, checkpoint folder or alias to export.",
+    help="Hugging Face id, checkpoint folder, .gguf file or alias to export.",
 )
 @click.option("--target", type=click.Choice(TARGETS), required=True, help="Artefact format.")
 @click.option(
@@ -40,17 +40,17 @@ from export.build import DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
 @click.option(
     "--max-batch",
     type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Cache slots the runner allocates by default (fermi.load can change it).",
+    default=None,
+    help="Cache slots the runner allocates by default (fermi.load can change it). "
+    "[default: 4 onnx; 1 coreml, where each slot is a whole Core ML state]",
 )
 @click.option(
     "--quantize",
     type=click.Choice(sorted({q for qs in QUANTIZE.values() for q in qs})),
     default="none",
     show_default=True,
-    help="Weight quantisation: int8 (onnx: dynamic; coreml: per channel), int4 (coreml: "
-    "per block of 32).",
+    help="Weight-only quantisation: int8 (onnx: blocks of 32; coreml: per channel) or int4 "
+    "(blocks of 32). A GGUF source's Q4_0/Q4_1/Q8_0 blocks are kept as they are.",
 )
 @click.option(
     "--prefill-chunk",
@@ -63,7 +63,8 @@ from export.build import DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
     "--verify/--no-verify",
     default=True,
     show_default=True,
-    help="Compare the exported model with the torch engine (greedy tokens and logits).",
+    help="Check the exported model against its source on fixed prompts (greedy tokens, "
+    "logits); the figures go into the manifest.",
 )
 def export_command(
     model: str,
@@ -71,13 +72,13 @@ def export_command(
     out: Path,
     dtype: str | None,
     max_seq_len: int | None,
-    max_batch: int,
+    max_batch: int | None,
     quantize: str,
     prefill_chunk: int | None,
     verify: bool,
 ) -> None:
     """Export a model to an ONNX or a stateful Core ML artefact folder."""
-    from export.build import export_model
+    from export.build import Bar, export_model
     from fermi.errors import FermiError
 
     options = ExportOptions(
@@ -92,7 +93,7 @@ def export_command(
         verify=verify,
     )
     try:
-        manifest = export_model(options, progress=click.echo)
+        manifest = export_model(options, progress=Bar())
     except (FermiError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(

@@ -14,13 +14,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.gguf_blocks import Blocks
 from export.wrapper import CoreMLStep
+from fermi.loading import Checkpoint
 from fermi.models.decoder import Decoder
 from fermi.runners.artefact import TensorSpec
 from fermi.runners.base import Capabilities
 from fermi.runners.coreml import causal_mask
 
 STATE_NAMES = ("k_cache", "v_cache")
+# The compute units the package is converted for (the manifest records them).
+COMPUTE_UNITS = "ALL"
+# What the export's numerics check runs for a package (Core ML cannot run off macOS).
+CHECKED = (
+    "the package's weights and rope tables, read back and dequantized, in the torch "
+    "decoder with an fp16 cache (float32 arithmetic)"
+)
 
 
 def build_step(decoder: Decoder, max_seq_len: int) -> CoreMLStep:
@@ -100,11 +109,13 @@ def _register_addcmul() -> None:
     register_torch_op(addcmul)
 
 
-def quantize(model, quantize: str):
+def quantize(model, quantize: str, kept: dict[str, Blocks] | None = None):
     """Weight-only quantisation of every large weight (linear layers and the embedding,
     which tied checkpoints share with the output layer) except the rope tables: int4 per
-    block of 32, or int8 per output channel."""
+    block of 32, or int8 per output channel. ``kept`` (a GGUF source's blocks, by our
+    weight name) are stored as they are instead (:mod:`export.gguf_blocks`)."""
     import coremltools.optimize.coreml as cto
+    from coremltools.models.utils import _apply_graph_pass
 
     if quantize == "int4":
         # Per-block int4 (block 32), as in Apple's Llama 3.1 Core ML guide.
@@ -115,12 +126,55 @@ def quantize(model, quantize: str):
         op = cto.OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int8", granularity="per_channel"
         )
+    kept_consts = {_const_name(name): blocks for name, blocks in (kept or {}).items()}
     # cos/sin tables are exact values gathered by position; 4 bits would blur every angle.
-    keep = {name: None for name in _const_names(model.get_spec()) if "rope_" in name}
-    config = cto.OptimizationConfig(global_config=op, op_name_configs=keep)
+    skip = [n for n in _const_names(model.get_spec()) if "rope_" in n or n in kept_consts]
+    config = cto.OptimizationConfig(global_config=op, op_name_configs=dict.fromkeys(skip))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cto.linear_quantize_weights(model, config)
+        model = cto.linear_quantize_weights(model, config)
+        if kept_consts:
+            model = _apply_graph_pass(model, _keep_blocks(kept_consts), skip_model_load=True)
+    return model
+
+
+def _const_name(weight: str) -> str:
+    """The MIL const the converter makes of our decoder's weight ``weight`` (fp16)."""
+    return "decoder_" + weight.replace(".", "_") + "_to_fp16"
+
+
+def _keep_blocks(blocks: dict[str, Blocks]):
+    """A MIL graph pass: each named fp16 const becomes a ``constexpr_blockwise_shift_scale``
+    of the given blocks (run after the converter's own quantisation, which would otherwise
+    take the blocks' scales for weights and quantize them too)."""
+    from coremltools.converters.mil import Builder
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+
+    def replace(function, op, kept: Blocks) -> None:
+        if tuple(op.outputs[0].shape) != kept.codes.shape:
+            raise RuntimeError(f"{op.name}: shape {op.outputs[0].shape}, GGUF {kept.codes.shape}")
+        data = kept.codes.astype(types.np_uint4_dtype if kept.bits == 4 else np.int8)
+        with function:
+            var = Builder.constexpr_blockwise_shift_scale(
+                data=data,
+                scale=kept.scale,
+                offset=None if kept.offset is None else kept.offset.astype(np.float16),
+                before_op=op,
+                name=op.name + "_gguf_blocks",
+            )
+        block = op.enclosing_block
+        block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=var)
+        block.remove_ops([op])
+
+    class KeepBlocks(AbstractGraphPass):
+        def apply(self, prog) -> None:
+            for function in prog.functions.values():
+                for op in list(function.operations):
+                    if op.op_type == "const" and op.name in blocks:
+                        replace(function, op, blocks[op.name])
+
+    return KeepBlocks()
 
 
 def _const_names(spec) -> list[str]:
@@ -198,3 +252,52 @@ class StepRunner:
 
     def release(self, slot: int) -> None:
         """Nothing to do: positions are overwritten before they are read."""
+
+
+def package_constants(package: Path) -> dict[str, np.ndarray]:
+    """Every constant tensor of a saved package by its MIL name, quantized ones
+    dequantized as Core ML will (``constexpr_*`` ops), read on any platform."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as load_program
+
+    model = ct.models.MLModel(str(package), skip_model_load=True)
+    spec = model.get_spec()
+    program = load_program(spec, spec.specificationVersion, model.weights_dir)
+    found: dict[str, np.ndarray] = {}
+    for function in program.functions.values():
+        for op in function.operations:
+            if op.op_type.startswith("constexpr_"):
+                found[op.name] = np.asarray(op.materialized_val_inference())
+            elif op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray):
+                found[op.name] = op.outputs[0].val
+    return found
+
+
+def package_runner(package: Path, source: Checkpoint) -> StepRunner:
+    """The source's decoder carrying the package's weights (as shipped: fp16, or int8 /
+    int4 dequantized) in the wrapper that was traced, with an fp16 cache: what the package
+    computes, except that the arithmetic is float32 here (fp16 on the device)."""
+    constants = package_constants(package)
+    spec = load_spec(package)
+    state = next(iter(spec.description.state)).type.stateType.arrayType
+    seq_len = int(state.shape[3])
+    query = next(f for f in spec.description.input if f.name == "input_ids")
+    chunk = max(r.upperBound for r in query.type.multiArrayType.shapeRange.sizeRanges)
+    step = build_step(source.model, seq_len)
+    tensors = dict(step.named_parameters()) | {
+        name: t for name, t in step.named_buffers() if name not in STATE_NAMES
+    }
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            stem = name.replace(".", "_")
+            names = (f"{stem}_to_fp16_quantized", f"{stem}_to_fp16_gguf_blocks", f"{stem}_to_fp16")
+            value = next((constants[k] for k in (*names, stem) if k in constants), None)
+            if value is None:
+                if tensor.dim() >= 2:  # every matrix is in the package under its name
+                    raise RuntimeError(f"{package}: no constant for {name} ({stem}*)")
+                continue  # a vector the converter folded into another constant
+            if tuple(value.shape) != tuple(tensor.shape):
+                shape = tuple(tensor.shape)
+                raise RuntimeError(f"{package}: {stem} has shape {value.shape}, {name} {shape}")
+            tensor.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+    return StepRunner(step, source.config.vocab_size, seq_len, int(chunk))

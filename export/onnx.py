@@ -1,65 +1,100 @@
-"""ONNX export: one graph for prefill and decode, the KV cache window as input/output.
+"""ONNX export: one graph for prefill and decode, in the layout the ecosystem runs.
 
-Graph: input_ids [batch, query] int64, position_ids [batch, query] int64,
-past_keys / past_values [layers, batch, kv_heads, past, head_dim] ->
-logits [batch, vocab] float32 (each row's last token), new_keys / new_values
-[layers, batch, kv_heads, query, head_dim]. ``past`` covers positions 0..P-1 with every
-position of this step < P; the runner keeps the cache and stores the new entries.
+Inputs (onnxruntime-genai's names, as Hugging Face exports use them):
+  input_ids [batch_size, sequence_length] int64, attention_mask [batch_size,
+  total_sequence_length] int64, position_ids [batch_size, sequence_length] int64,
+  past_key_values.N.key / .value [batch_size, kv_heads, past_sequence_length, head_dim].
+Outputs:
+  logits [batch_size, 1, vocab] float32 (each row's last token),
+  present.N.key / .value [batch_size, kv_heads, present_sequence_length, head_dim].
+
+Each layer's attention is onnxruntime's GroupQueryAttention (:mod:`export.gqa`): the cache
+grows by concatenation (past of P positions -> present of P + T) or, when the caller binds
+past and present to one buffer of ``max_seq_len`` positions (onnxruntime-genai's
+``past_present_share_buffer``, Fermi's runner), is written in place. ``README.md`` in the
+artefact folder spells out the contract (``export/onnx_contract.py``).
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import logging
 import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from export.gguf_blocks import BLOCK, Blocks
 from export.wrapper import OnnxStep
 from fermi.models.decoder import Decoder
 from fermi.runners.artefact import TensorSpec
 
-# onnxruntime 1.2x implements opset 18 throughout; newer opsets add nothing this graph uses.
+# onnxruntime implements opset 18 throughout; newer opsets add nothing this graph uses.
 OPSET = 18
-INPUT_NAMES = ["input_ids", "position_ids", "past_keys", "past_values"]
-OUTPUT_NAMES = ["logits", "new_keys", "new_values"]
+MODEL_FILE = "model.onnx"
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
 
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
 def export_onnx(decoder: Decoder, path: Path, max_seq_len: int) -> None:
-    """Trace ``decoder`` (with torch.export) into ``path``; weights may go to a
-    ``<name>.data`` file beside it."""
+    """Trace ``decoder`` (with torch.export) into ``path``; weights larger than 1 GiB go to
+    a ``<name>.data`` file beside it."""
+    from onnxscript import ir
+
+    from export.gqa import translation_table
+
     cfg = decoder.cfg
-    decoder.setup_cache(1, max_seq_len)  # the rope tables; the wrapper replaces the cache
+    decoder.setup_cache(1, max_seq_len)  # the rope tables and windows; the graph has no cache
     dtype = decoder.model.embed_tokens.weight.dtype
-    step = OnnxStep(decoder).eval()
-    # Example sizes are distinct and > 1 so that no axis gets specialised to a constant.
-    batch, query, past = 2, 3, 7
     layers, kv, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    # Example sizes are distinct and > 1 so that no axis gets specialised to a constant.
+    batch, query, past, total = 2, 3, 7, 10
+    tokens = torch.zeros(batch, query, dtype=torch.long)
     example = (
-        torch.zeros(batch, query, dtype=torch.long),
-        torch.arange(past - query, past).expand(batch, query).contiguous(),
-        torch.zeros(layers, batch, kv, past, dim, dtype=dtype),
-        torch.zeros(layers, batch, kv, past, dim, dtype=dtype),
+        tokens,
+        torch.ones(batch, total, dtype=torch.long),
+        torch.arange(total - query, total).expand(batch, query).contiguous(),
+        *(torch.zeros(batch, kv, past, dim, dtype=dtype) for _ in range(2 * layers)),
     )
-    b, q, p = torch.export.Dim("batch"), torch.export.Dim("query"), torch.export.Dim("past")
-    dynamic = ({0: b, 1: q}, {0: b, 1: q}, {1: b, 3: p}, {1: b, 3: p})
+    b, q = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
+    m, p = torch.export.Dim("total_sequence_length"), torch.export.Dim("past_sequence_length")
+    # The caches arrive as OnnxStep.forward's *past: one entry of the shapes' structure.
+    dynamic = ({0: b, 1: q}, {0: b, 1: m}, {0: b, 1: q}, tuple({0: b, 2: p} for _ in example[3:]))
     # The exporter logs a warning per torchvision op it cannot register; none is used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            step,
+            OnnxStep(decoder).eval(),
             example,
             dynamo=True,
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names(layers)],
+            output_names=["logits", *present_names(layers)],
             dynamic_shapes=dynamic,
+            custom_translation_table=translation_table(),
             opset_version=OPSET,
             verbose=False,
         )
+    # Outputs get the names the README uses (the exporter invents some for sizes it
+    # cannot relate to an input's).
+    for value in program.model.graph.outputs:
+        if value.name == "logits":
+            value.shape = ir.Shape(["batch_size", 1, cfg.vocab_size])
+        else:
+            value.shape = ir.Shape(["batch_size", kv, "present_sequence_length", dim])
     program.save(str(path), external_data=_needs_external_data(decoder))
+    del program
+    gc.collect()  # the program holds a copy of every weight
 
 
 def _needs_external_data(decoder: Decoder) -> bool:
@@ -68,11 +103,115 @@ def _needs_external_data(decoder: Decoder) -> bool:
     return size > 1 << 30
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    """Dynamic int8 quantisation of the MatMul weights (activations quantised at run time)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize(source: Path, target: Path, bits: int, kept: dict[bytes, Blocks]) -> int:
+    """Weight-only quantisation of the linear layers: onnxruntime's MatMulNBits, ``bits``
+    per weight in blocks of 32 along the input (8: symmetric; 4: a zero point per block),
+    float32 arithmetic. A weight in ``kept`` (a GGUF file's blocks, keyed by
+    :func:`weight_key` of the weight as the graph stores it) becomes a MatMulNBits of
+    those blocks as they are, at their own width. Returns how many weights kept blocks.
 
-    quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    Dynamic quantisation (MatMulInteger, which also rounds the activations to 8 bits per
+    tensor) kept SmolLM2's greedy choice on 72% of the check's steps; weight-only int8
+    on 97% (perf/results/export_cpu.json)."""
+    import onnx
+
+    nbits = _nbits_module()
+    model = onnx.load(str(source))
+    count = _keep_blocks(model, kept) if kept else 0
+    symmetric = bits == 8
+    config = nbits.DefaultWeightOnlyQuantConfig(
+        block_size=BLOCK, is_symmetric=symmetric, bits=bits, op_types_to_quantize=("MatMul",)
+    )
+    quantizer = nbits.MatMulNBitsQuantizer(
+        model, bits=bits, block_size=BLOCK, is_symmetric=symmetric, algo_config=config
+    )
+    quantizer.process()
+    external = _size(source) > 1 << 30
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
+    return count
+
+
+def _nbits_module():
+    """onnxruntime's MatMulNBits quantizer module, imported without the INFO-level root
+    logging its import switches on for the whole process (and its per-node lines)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.WARNING)
+    return matmul_nbits_quantizer
+
+
+def weight_key(weight: torch.Tensor) -> bytes:
+    """What identifies a linear weight [out, in] in the graph: the digest of its bytes as
+    the exported MatMul stores it ([in, out], contiguous)."""
+    return hashlib.sha1(weight.detach().T.contiguous().numpy().tobytes()).digest()
+
+
+def _keep_blocks(model, kept: dict[bytes, Blocks]) -> int:
+    """Replace each MatMul whose weight is in ``kept`` by a MatMulNBits of its blocks."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    nodes, dropped, count = [], set(), 0
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        array = numpy_helper.to_array(weight) if weight is not None else None
+        blocks = kept.get(hashlib.sha1(array.tobytes()).digest()) if array is not None else None
+        if blocks is None:
+            nodes.append(node)
+            continue
+        rows, cols = blocks.codes.shape  # [out, in] = N, K
+        codes = blocks.codes.astype(np.int16) + (128 if blocks.bits == 8 else 0)
+        codes = codes.astype(np.uint8)
+        if blocks.bits == 4:  # two codes a byte, the even one in the low nibble
+            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        dtype = array.dtype
+        offset = np.full(blocks.scale.shape, 128.0) if blocks.offset is None else blocks.offset
+        stem = node.input[1]
+        tensors = [
+            numpy_helper.from_array(codes.reshape(rows, cols // BLOCK, -1), f"{stem}_blocks"),
+            numpy_helper.from_array(blocks.scale.astype(dtype), f"{stem}_scales"),
+            numpy_helper.from_array(offset.astype(dtype), f"{stem}_zero_points"),
+        ]
+        graph.initializer.extend(tensors)
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], *(t.name for t in tensors)],
+                list(node.output),
+                name=node.name,
+                domain="com.microsoft",
+                K=cols,
+                N=rows,
+                bits=blocks.bits,
+                block_size=BLOCK,
+            )
+        )
+        if users[stem] == 1:
+            dropped.add(stem)
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    remaining = [init for init in graph.initializer if init.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(remaining)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return count
+
+
+def _size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def move_model(source: Path, target_dir: Path, name: str) -> None:

@@ -1,12 +1,32 @@
-"""Parity checks between an exported model and the torch engine, through the Runner API."""
+"""Numerics of an exported model against its source, through the Runner API.
+
+The source's greedy continuation of each prompt is recorded once (:func:`reference`); the
+exported side is then fed those same tokens (teacher forcing), so each step compares the
+two on the same text. The first step whose most likely token differs is where free-running
+greedy decoding would leave the source's tokens: the leading tokens before it are equal
+in both. The reference is taken and dropped before the exported model is loaded, so the
+two never sit in memory together.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from fermi.runners.artefact import Numerics
 from fermi.runners.base import Runner
+
+# Plain-text prompts for checking a real model (random ids give a random model's near-ties).
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+    "The three primary colours are",
+    "To make a cup of tea, first",
+)
 
 
 @dataclass(frozen=True)
@@ -21,30 +41,76 @@ class Parity:
         return f"{self.tokens} greedy tokens {same}; max |logit diff| {self.max_logit_diff:.2e}"
 
 
+@dataclass(frozen=True)
+class Trace:
+    """The source's greedy continuation of one prompt and its logits at each step."""
+
+    prompt: list[int]
+    tokens: list[int]
+    logits: list[torch.Tensor]  # [vocab] float32, before each token
+
+
+def _prefill(runner: Runner, prompt: Sequence[int], slot: int = 0) -> torch.Tensor:
+    chunk = runner.capabilities.prefill_chunk
+    for start in range(0, len(prompt), chunk):
+        logits = runner.prefill(slot, list(prompt[start : start + chunk]), start)
+    return logits.float().cpu()
+
+
 def greedy(runner: Runner, prompt: list[int], steps: int, slot: int = 0):
     """Prefill ``prompt`` (in chunks the runner accepts) and decode ``steps`` greedy tokens;
     return (tokens, logits of every step)."""
-    chunk = runner.capabilities.prefill_chunk
-    for start in range(0, len(prompt), chunk):
-        logits = runner.prefill(slot, prompt[start : start + chunk], start)
+    trace = [_prefill(runner, prompt, slot)]
     tokens: list[int] = []
-    trace = [logits.float()]
     for _ in range(steps):
         tokens.append(int(trace[-1].argmax()))
         if len(tokens) == steps:
             break
         pos = len(prompt) + len(tokens) - 1
-        trace.append(runner.decode([slot], [tokens[-1]], [pos])[0].float())
+        trace.append(runner.decode([slot], [tokens[-1]], [pos])[0].float().cpu())
     return tokens, trace
 
 
-def compare(reference: Runner, candidate: Runner, prompt: list[int], steps: int) -> Parity:
+def reference(runner: Runner, prompts: Sequence[list[int]], steps: int) -> list[Trace]:
+    return [Trace(p, *greedy(runner, p, steps)) for p in prompts]
+
+
+def follow(candidate: Runner, trace: Trace) -> list[torch.Tensor]:
+    """The candidate's logits along the source's tokens (teacher forcing)."""
+    logits = [_prefill(candidate, trace.prompt)]
+    for i, token in enumerate(trace.tokens[:-1]):
+        pos = len(trace.prompt) + i
+        logits.append(candidate.decode([0], [token], [pos])[0].float().cpu())
+    return logits
+
+
+def agreement(traces: Sequence[Trace], candidate: Runner, checked: str) -> Numerics:
+    equal, hits, diffs = [], 0, []
+    for trace in traces:
+        got = follow(candidate, trace)
+        same = [int(g.argmax()) == t for g, t in zip(got, trace.tokens, strict=True)]
+        equal.append(same.index(False) if False in same else len(same))
+        hits += sum(same)
+        diffs += [float((a - b).abs().max()) for a, b in zip(got, trace.logits, strict=True)]
+    steps = len(traces[0].tokens)
+    return Numerics(
+        checked=checked,
+        prompts=len(traces),
+        steps=steps,
+        greedy_equal=equal,
+        top1_agreement=hits / (steps * len(traces)),
+        max_logit_diff=max(diffs),
+        mean_logit_diff=sum(diffs) / len(diffs),
+    )
+
+
+def compare(reference_runner: Runner, candidate: Runner, prompt: list[int], steps: int) -> Parity:
     """Greedy-decode the same prompt on both runners and compare tokens and logits.
 
     Logits are compared while the token streams agree (after a divergence the two
     sides condition on different text, so their logits no longer mean the same thing).
     """
-    ref_tokens, ref_logits = greedy(reference, prompt, steps)
+    ref_tokens, ref_logits = greedy(reference_runner, prompt, steps)
     got_tokens, got_logits = greedy(candidate, prompt, steps)
     first = next(
         (i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens, strict=True)) if a != b), None

@@ -1,10 +1,10 @@
 """Export wrappers: the engine's :class:`Decoder` with a cache that graph I/O can carry.
 
-The wrappers hold the same ``Decoder`` modules and weights the engine runs, attention
-included; they only inject another cache (``Decoder.use_caches``). For ONNX the cache
-window arrives as an input and the new entries leave as outputs (the runner keeps the
-cache). For Core ML the cache is two registered buffers that the converter turns into
-model state.
+The wrappers hold the same ``Decoder`` modules and weights the engine runs; they only
+inject another cache (``Decoder.use_caches``). For ONNX the per-layer caches are graph
+inputs and outputs, and each layer's cache write and attention is one fused onnxruntime
+operator (:class:`FusedAttention`). For Core ML the cache is two registered buffers that
+the converter turns into model state, and attention is the engine's own.
 """
 
 from __future__ import annotations
@@ -12,61 +12,81 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from export.gqa import group_query_attention
+from fermi.models.cache import AttendingCache
 from fermi.models.context import StepContext
 from fermi.models.decoder import Decoder
 
 
-class WindowCache(nn.Module):
-    """The ONNX cache: reads and writes a window given as graph input.
+class FusedAttention(AttendingCache):
+    """The ONNX cache and attention of one layer: one ``group_query_attention`` call (see
+    :mod:`export.onnx`), which becomes onnxruntime's GroupQueryAttention node. The node
+    writes this step's keys/values into the layer's present cache (in place when the caller
+    binds past and present to one buffer) and attends over each row's live length."""
 
-    The window holds ``kv_len`` positions of each row's cache; the decoder writes this
-    step's keys/values into a copy of it (so attention sees them) and the wrapper returns
-    just those new entries for the runner to store.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(
+        self,
+        decoder: Decoder,
+        layer: int,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> None:
         super().__init__()
-        self.keys, self.values = keys, values
-        self.new_keys = self.new_values = keys
+        cfg = decoder.cfg
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_logit_softcap or 0.0
+        window = decoder.windows[layer]
+        # The node's local_window_size is the window as the engine counts it, W keys up to
+        # the query's own (W - 1 or W + 1 part from the engine: tests/test_arch_export.py).
+        # -1: no window.
+        self.local_window = -1 if window is None else window
+        self.past_key, self.past_value, self.attention_mask = past_key, past_value, attention_mask
+        self.present_key = self.present_value = past_key
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> None:
-        self.new_keys, self.new_values = k, v
-        positions = ctx.positions
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        rows = rows.expand_as(positions)
-        # Functional update (a copy of the window): graph inputs are never written in place.
-        self.keys, self.values = self.keys.clone(), self.values.clone()
-        self.keys[rows, :, positions] = k.transpose(1, 2)
-        self.values[rows, :, positions] = v.transpose(1, 2)
-
-    def read(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys, self.values
+    def attend(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+        b, t = q.shape[:2]
+        out, self.present_key, self.present_value = group_query_attention(
+            q.reshape(b, t, -1),
+            k.reshape(b, t, -1),
+            v.reshape(b, t, -1),
+            self.past_key,
+            self.past_value,
+            self.attention_mask,
+            self.heads,
+            self.kv_heads,
+            self.scale,
+            self.softcap,
+            self.local_window,
+        )
+        return out
 
 
 class OnnxStep(nn.Module):
-    """tokens [B,T], positions [B,T], past_keys/past_values [L,B,KV,P,D] ->
-    logits [B,V] of each row's last token, new_keys/new_values [L,B,KV,T,D].
-
-    Row ``b`` of the window must hold the cache of positions 0..P-1 of its sequence, and
-    every position in ``positions`` must be < P (entries at those positions are ignored:
-    this step's keys replace them).
-    """
+    """The ONNX graph's forward, in the layout onnxruntime-genai and Hugging Face exports
+    use (``export/onnx.py`` documents it): input_ids, attention_mask, position_ids
+    [B, T] and past_key_values.N.key/value [B, Hkv, P, D] -> logits [B, 1, V] of each row's
+    last token, present.N.key/value."""
 
     def __init__(self, decoder: Decoder) -> None:
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, tokens, positions, past_keys, past_values):
-        caches = [WindowCache(past_keys[i], past_values[i]) for i in range(len(past_keys))]
-        self.decoder.use_caches(caches)
-        batch = tokens.shape[0]
-        slots = torch.arange(batch, device=tokens.device)
-        logits = self.decoder(
-            tokens, positions, slots, kv_len=past_keys.shape[3], rows_are_slots=True
-        )
-        new_keys = torch.stack([c.new_keys for c in caches])
-        new_values = torch.stack([c.new_values for c in caches])
-        return logits, new_keys, new_values
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        decoder = self.decoder
+        layers = decoder.cfg.num_hidden_layers
+        caches = [
+            FusedAttention(decoder, i, past[2 * i], past[2 * i + 1], attention_mask)
+            for i in range(layers)
+        ]
+        decoder.use_caches(caches)
+        # Slot 0 for every row: the only per-slot state is LongRoPE's mark, which the graph
+        # leaves unset (a forward picks its table from its own positions).
+        slots = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        ctx = decoder.step_context(position_ids, slots, input_ids.shape[1], rows_are_slots=True)
+        logits = decoder.step(input_ids, ctx)[:, None]
+        presents = [t for c in caches for t in (c.present_key, c.present_value)]
+        return (logits, *presents)
 
 
 class StateCache(nn.Module):

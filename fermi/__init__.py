@@ -114,7 +114,15 @@ def load(
             )
         from fermi.runners.artefact import load_artefact
 
-        art = load_artefact(path, runner, max_batch, max_seq_len, prefill_chunk)
+        art = load_artefact(
+            path,
+            runner,
+            max_batch,
+            max_seq_len,
+            prefill_chunk,
+            None if device is None else str(device),
+            dtype,
+        )
         return Engine(
             art.runner,
             art.tokenizer,

@@ -244,11 +244,20 @@ class GrammarCompiler:
         self._tok_lock = threading.Lock()
         self._lock = threading.Lock()
         self._cache: OrderedDict[Grammar, Any] = OrderedDict()
+        self._preparing: threading.Thread | None = None
 
     def prepare_in_background(self) -> None:
         """Build llguidance's view of the tokenizer on a daemon thread (0.3 s for a 49k
         vocabulary, seconds for 152k), so the first constrained request does not wait."""
-        threading.Thread(target=self._tokenizer, name="fermi-grammar-init", daemon=True).start()
+        thread = threading.Thread(target=self._tokenizer, name="fermi-grammar-init", daemon=True)
+        thread.start()
+        self._preparing = thread
+
+    def wait_prepared(self) -> None:
+        """Wait for ``prepare_in_background``'s thread (the engine's close does, so that no
+        thread of the engine is left running when the interpreter exits)."""
+        if self._preparing is not None:
+            self._preparing.join()
 
     def _tokenizer(self) -> Any:
         with self._tok_lock:  # one build; callers that come during it wait for it

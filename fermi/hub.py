@@ -7,8 +7,12 @@ from pathlib import Path
 
 from fermi.errors import ModelLoadError
 
-# Files a checkpoint folder may need; weights are fetched by pattern.
+# Files a checkpoint folder may need; weights are fetched by pattern. A `fermi export`
+# artefact (its manifest.json comes with "*.json") then gets exactly the files its manifest
+# lists (model.onnx, model.onnx.data, model.mlpackage/..., README.md): patterns such as
+# "*.onnx" would also pull the many ONNX variants some checkpoint repos carry.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+MANIFEST = "manifest.json"
 
 
 def offline() -> bool:
@@ -34,14 +38,33 @@ def resolve(model: str | os.PathLike) -> Path:
 
 
 def _snapshot(repo_id: str) -> Path:
+    folder = _download(repo_id, HUB_PATTERNS)
+    if (folder / MANIFEST).is_file():  # an exported artefact: the files its manifest lists
+        folder = _download(repo_id, _listed_files(folder / MANIFEST))
+    return folder
+
+
+def _listed_files(manifest: Path) -> list[str]:
+    import json
+
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8")).get("files")
+    except (json.JSONDecodeError, AttributeError):
+        files = None
+    if not isinstance(files, dict):  # fermi.load reports the broken manifest itself
+        return [MANIFEST]
+    return [MANIFEST, *files]
+
+
+def _download(repo_id: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
         if offline():
-            folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True)
+            folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
         else:
-            folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+            folder = snapshot_download(repo_id, allow_patterns=patterns)
     except LocalEntryNotFoundError as exc:
         if offline():
             raise ModelLoadError(

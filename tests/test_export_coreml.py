@@ -3,6 +3,7 @@ predict-with-state test that runs on macOS 15+."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,6 +130,68 @@ def test_program_reads_and_writes_the_cache_state_and_uses_fused_attention(expor
     assert "scaled_dot_product_attention" in ops
 
 
+def test_manifest_records_compute_units_one_slot_and_the_package_weights_check(exported):
+    _, manifest = exported
+    assert manifest.compute_units == "ALL"
+    assert manifest.max_batch == 1  # every slot is a whole Core ML state
+    numerics = manifest.numerics
+    assert numerics is not None and "read back" in numerics.checked
+    assert numerics.prompts == 6 and numerics.steps == 16
+    assert numerics.max_logit_diff < 5e-2  # fp16 weights and cache
+
+
+@pytest.fixture(scope="module")
+def quantized(source):
+    """int8 and int4 exports with their progress lines."""
+    found = {}
+    for kind in ("int8", "int4"):
+        lines: list[str] = []
+        options = ExportOptions(
+            model=str(source),
+            target="coreml",
+            out=source.parent / kind,
+            max_seq_len=SEQ,
+            prefill_chunk=CHUNK,
+            quantize=kind,
+        )
+        found[kind] = (export_model(options, progress=lines.append), lines)
+    return found
+
+
+def test_the_check_runs_the_packages_dequantized_weights_not_the_sources(quantized, source):
+    """The weights the check loads are the package's: int8 per channel, each one within
+    half a step (plus fp16 rounding) of the source's, and not equal to it."""
+    manifest, _ = quantized["int8"]
+    package = source.parent / "int8" / manifest.model_file
+    read = coreml.package_constants(package)
+    shipped = read["decoder_model_layers_0_self_attn_qkv_proj_weight_to_fp16_quantized"]
+    original = load_folder(source, torch.device("cpu"), torch.float32).model
+    weight = original.model.layers[0].self_attn.qkv_proj.weight.numpy()
+    step = np.abs(weight).max(axis=1, keepdims=True) / 127
+    error = np.abs(shipped.astype(np.float32) - weight)
+    assert (error <= step / 2 + np.abs(weight) * 2**-10 + 1e-6).all()
+    assert error.max() > 1e-4
+    runner = coreml.package_runner(package, load_folder(source, torch.device("cpu"), torch.float32))
+    loaded = runner.step.decoder.model.layers[0].self_attn.qkv_proj.weight
+    assert np.array_equal(loaded.numpy(), shipped.astype(np.float32))
+
+
+def test_quantized_exports_report_their_measured_agreement(exported, quantized):
+    fp16 = exported[1].numerics
+    int8, int4 = (quantized[k][0].numerics for k in ("int8", "int4"))
+    assert fp16.mean_logit_diff < int8.mean_logit_diff < int4.mean_logit_diff
+    for kind in ("int8", "int4"):
+        manifest, lines = quantized[kind]
+        assert manifest.quantize == kind
+        checked = "Core ML package weights vs the source"
+        assert any(line.strip().startswith(checked) for line in lines)
+    # The tiny random model's near-tied logits make int4 pick another token on about a
+    # quarter of the steps (seen: 77%): reported loudly.
+    assert int4.top1_agreement < 0.9
+    warning = "WARNING: the int4 export follows its source"
+    assert any(warning in line for line in quantized["int4"][1])
+
+
 def test_int4_quantizes_projections_and_embedding_per_block_but_not_rope_tables(exported, tmp_path):
     out, manifest = exported
     model = ct.models.MLModel(str(out / manifest.model_file), skip_model_load=True)
@@ -177,3 +240,53 @@ def test_predict_with_separate_states_keeps_slots_apart(exported, source):
     assert (alone - again).abs().max() < 1e-3
     parity = compare(engine_runner(source), runner, prompt, 16)
     assert parity.max_logit_diff < 5e-2, parity.summary()
+
+
+def test_a_gguf_sources_q4_1_blocks_are_kept_not_quantized_again(source, tmp_path):
+    """int4 from a Q4_1 file: the package stores the file's own blocks (codes, scales,
+    offsets), so it computes the source's weights up to fp16 rounding, where quantizing
+    the dequantized weights again would move them by up to half a step."""
+    from gguf import GGMLQuantizationType
+
+    from fermi.gguf import load_gguf
+    from tests.gguf_files import write_gguf
+
+    gguf = write_gguf(source, tmp_path / "q4_1.gguf", "qwen3", GGMLQuantizationType.Q4_1)
+    lines: list[str] = []
+    options = ExportOptions(
+        model=str(gguf),
+        target="coreml",
+        out=tmp_path / "art",
+        max_seq_len=SEQ,
+        prefill_chunk=CHUNK,
+        quantize="int4",
+    )
+    manifest = export_model(options, progress=lines.append)
+    assert any("9 weights keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks" in line for line in lines)
+
+    read = coreml.package_constants(tmp_path / "art" / manifest.model_file)
+    shipped = read["decoder_model_layers_1_mlp_gate_up_proj_weight_to_fp16_gguf_blocks"]
+    weight = load_gguf(gguf, torch.device("cpu"), "fp32").model.model.layers[1].mlp
+    weight = weight.gate_up_proj.weight.numpy()
+    assert np.abs(shipped.astype(np.float32) - weight).max() <= np.abs(weight).max() * 2**-9
+    # Seen: every greedy token equal on all six prompts (top-1 100%), where the same
+    # weights quantized again to int4 agreed on 75% of the steps.
+    assert manifest.numerics.top1_agreement > 0.97
+
+
+def test_the_cli_shows_one_bar_and_none_of_the_converters_output(source, tmp_path):
+    """coremltools prints a progress bar per conversion pass and torch.onnx its steps: the
+    export holds them back and shows its own single bar over the stages."""
+    from click.testing import CliRunner
+
+    from fermi.cli import main
+
+    args = ["export", "--model", str(source), "--target", "coreml", "--quantize", "int8"]
+    args += ["--out", str(tmp_path / "art"), "--max-seq-len", str(SEQ), "--no-verify"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    everything = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert "Running MIL" not in everything and "Converting PyTorch" not in everything
+    assert "compression pass" not in everything
+    assert "4/4" in everything  # the bar's last state: load, convert, quantize, write
+    assert "exported Qwen3ForCausalLM to" in result.stdout

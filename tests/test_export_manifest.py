@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -11,7 +12,14 @@ import fermi
 from export.build import ExportError, ExportOptions, check_options
 from export.manifest import finalize
 from fermi.errors import ModelLoadError
-from fermi.runners.artefact import CacheSpec, Manifest, TensorSpec, load_artefact, read_manifest
+from fermi.runners.artefact import (
+    FORMAT_VERSION,
+    CacheSpec,
+    Manifest,
+    TensorSpec,
+    load_artefact,
+    read_manifest,
+)
 from tests.tiny import write_checkpoint
 
 
@@ -77,12 +85,13 @@ def test_changed_file_is_a_checksum_mismatch(tmp_path):
         fermi.load(tmp_path)
 
 
-def test_a_listed_file_outside_the_folder_is_refused(tmp_path):
+@pytest.mark.parametrize("name", ["../secret", "/tmp/secret"])
+def test_a_listed_file_outside_the_folder_is_refused(tmp_path, name):
     art = tmp_path / "art"
     written = fake_artefact(art)
     (tmp_path / "secret").write_text("x")
-    rewrite(art, files={**written.files, "../secret": "0" * 64})
-    with pytest.raises(ModelLoadError, match=r"'\.\./secret' lies outside"):
+    rewrite(art, files={**written.files, name: "0" * 64})
+    with pytest.raises(ModelLoadError, match=rf"'{re.escape(name)}' lies outside"):
         fermi.load(art)
 
 
@@ -91,7 +100,7 @@ def test_manifest_that_is_not_json_or_lacks_fields_is_a_load_error(tmp_path):
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(ModelLoadError, match="not valid JSON"):
         read_manifest(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION}))
     with pytest.raises(ModelLoadError, match="missing required field"):
         read_manifest(tmp_path)
 
@@ -122,7 +131,7 @@ def test_coreml_artefact_off_macos_says_where_it_runs(tmp_path):
     ("changes", "message"),
     [
         ({"target": "tflite"}, "target 'tflite'"),
-        ({"target": "onnx", "quantize": "int4"}, "int4 is not available for onnx"),
+        ({"target": "onnx", "quantize": "int2"}, "int2 is not available for onnx"),
         ({"target": "coreml", "dtype": "bf16"}, "dtype 'bf16'"),
         ({"target": "onnx", "max_seq_len": 1}, "max_seq_len must be at least 2"),
     ],

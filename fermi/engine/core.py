@@ -13,10 +13,12 @@ one batch before each step, so they never race a step for the runner.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -59,6 +61,22 @@ class _Release:
     session: str
 
 
+# Engine cores whose thread may still run: closed when the interpreter exits.
+_open_cores: weakref.WeakSet[EngineCore] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_cores() -> None:
+    """Stop every engine thread before the interpreter finalizes (a script need not call
+    ``Engine.close()``). A daemon thread still running then is ended by ``pthread_exit``
+    the next time it takes the GIL; when that is inside torch's C++ (the thread freeing a
+    step's tensors just after it delivered the last token), the unwind through a noexcept
+    frame aborts the process: "terminate called without an active exception", rc 134
+    (1 run in 7 of a load-generate-exit script, tests/test_clean_exit.py)."""
+    for core in list(_open_cores):
+        core.close()
+
+
 class EngineCore:
     def __init__(
         self,
@@ -80,8 +98,10 @@ class EngineCore:
         self._lock = threading.Lock()
         self._pending = 0  # submitted but not yet finished, for back-pressure
         self._stopped = False
+        self._grammars = grammars
         self._thread = threading.Thread(target=self._loop, name="fermi-engine", daemon=True)
         self._thread.start()
+        _open_cores.add(self)
 
     # -- any thread -------------------------------------------------------------------
 
@@ -113,10 +133,16 @@ class EngineCore:
         self._inbox.put(_Release(session))
 
     def close(self) -> None:
+        """Stop the engine thread (failing what is still queued) and wait for it; also
+        wait for the grammar compiler's background start, so that nothing of the engine
+        runs after this returns."""
         with self._lock:
             self._stopped = True
             self._inbox.put(None)
         self._thread.join(timeout=30)
+        if self._grammars is not None:
+            self._grammars.wait_prepared()
+        _open_cores.discard(self)
 
     @property
     def capacity(self) -> int:

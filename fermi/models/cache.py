@@ -2,9 +2,11 @@
 
 Attention takes its cache as an injected object with two methods, ``write`` (store this
 step's keys and values) and ``read`` (what the step's queries attend over). The engine
-injects :class:`KVCache`, a static buffer per layer indexed by slot; the export wrappers
-(``export/wrapper.py``) inject a cache window that is graph input and output (ONNX) or a
-slice of model state (Core ML), and run the same attention.
+injects :class:`KVCache`, a static buffer per layer indexed by slot; the Core ML export
+wrapper (``export/wrapper.py``) injects a slice of model state and runs the same attention.
+The ONNX export injects an :class:`AttendingCache`, which takes the attention itself: its
+cache write and attention are one onnxruntime operator (GroupQueryAttention), the node
+the ecosystem's runtimes update their caches in place with.
 """
 
 from __future__ import annotations
@@ -23,6 +25,17 @@ class Cache(Protocol):
 
     def read(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, Hkv, L, D] for the step's queries, L = ``ctx.kv_len``."""
+
+
+class AttendingCache(nn.Module):
+    """A cache that also computes attention (an exporter's fused operator): attention hands
+    it the step's rotated queries q [B, T, H, D] and keys/values [B, T, Hkv, D] and takes
+    its output [B, T, H * D] instead of writing, reading and attending itself."""
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext
+    ) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class KVCache(nn.Module):

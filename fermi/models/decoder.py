@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fermi.models.attention import decode_attention
-from fermi.models.cache import Cache, KVCache, StepCache
+from fermi.models.cache import AttendingCache, Cache, KVCache, StepCache
 from fermi.models.context import StepContext
 from fermi.models.gemv import ACT_SILU_MUL, row_linear
 from fermi.models.quant import QuantLinear, QuantReport
@@ -164,7 +164,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_unit_offset)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_unit_offset)
         self.rope = cfg.rope_of(layer)  # which table of the step's rope rotates q/k, or none
-        self.cache: Cache | None = None
+        self.cache: Cache | AttendingCache | None = None
         # The layer's sliding window; setup_cache drops one that cannot bind in the cache.
         self.window: int | None = cfg.window(layer)
         # Kernel for one-token steps: "sdpa", or "flex"/"math"/"split" (see
@@ -192,9 +192,11 @@ class Attention(nn.Module):
                 q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             else:  # q and k sit side by side: one rotation for both
                 q, k = rotate(qkv[:, :, : h + kv], cos, sin).split([h, kv], dim=2)
+        assert self.cache is not None, "call Decoder.setup_cache() before forward()"
+        if isinstance(self.cache, AttendingCache):  # the ONNX export's fused operator
+            return self.cache.attend(q, k, v, ctx)
         q = q.transpose(1, 2)
 
-        assert self.cache is not None, "call Decoder.setup_cache() before forward()"
         self.cache.write(k.transpose(1, 2), v.transpose(1, 2), ctx)
         keys, values = self.cache.read(ctx)
 
@@ -393,7 +395,7 @@ class Decoder(nn.Module):
         if marks is not None:
             marks[dst] = marks[src]
 
-    def use_caches(self, caches: Sequence[Cache]) -> None:
+    def use_caches(self, caches: Sequence[Cache | AttendingCache]) -> None:
         """Inject one cache per layer (``setup_cache`` injects the engine's slot caches;
         the export wrappers inject theirs)."""
         for layer, cache in zip(self.model.layers, caches, strict=True):

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+import torch
 
 from fermi.errors import ModelLoadError
-from fermi.loading import GenerationDefaults, read_generation_defaults, read_json
+from fermi.loading import GenerationDefaults, parse_dtype, read_generation_defaults, read_json
 from fermi.runners.base import Runner
 from fermi.text.tokenizer import (
     CONFIG_FILE,
@@ -26,7 +27,9 @@ from fermi.text.tokenizer import (
 )
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+# 2: the ONNX graph takes per-layer past_key_values.N.key/value (GroupQueryAttention);
+# Core ML packages record their compute units and checked numerics.
+FORMAT_VERSION = 2
 TARGETS = ("onnx", "coreml")
 # The runner names ``runner=`` accepts for each target.
 TARGET_RUNNERS = {"onnx": ("onnx",), "coreml": ("coreml",)}
@@ -58,6 +61,29 @@ class CacheSpec(msgspec.Struct, frozen=True):
     dtype: str  # "float32" or "float16"
 
 
+class Numerics(msgspec.Struct, frozen=True):
+    """How closely the exported model follows its source on ``fermi export``'s fixed
+    prompts: the source's greedy tokens are fed to both (teacher forcing), so every step
+    compares the two on the same text."""
+
+    checked: str  # what computed the exported side ("onnxruntime", "package weights ...")
+    prompts: int
+    steps: int  # greedy tokens per prompt
+    greedy_equal: list[int]  # per prompt: leading greedy tokens equal to the source's
+    top1_agreement: float  # share of steps whose most likely token is the source's
+    max_logit_diff: float
+    mean_logit_diff: float  # mean over steps of the step's max |logit diff|
+
+    def summary(self) -> str:
+        equal = sum(n == self.steps for n in self.greedy_equal)
+        return (
+            f"{equal}/{self.prompts} prompts keep all {self.steps} greedy tokens (leading "
+            f"tokens equal: {', '.join(map(str, self.greedy_equal))}); top-1 agreement "
+            f"{100 * self.top1_agreement:.1f}%; max |logit diff| {self.max_logit_diff:.2e}, "
+            f"mean {self.mean_logit_diff:.2e}"
+        )
+
+
 class Manifest(msgspec.Struct, frozen=True):
     format_version: int
     target: str
@@ -77,6 +103,9 @@ class Manifest(msgspec.Struct, frozen=True):
     tools: dict[str, str]
     files: dict[str, str]  # relative path -> sha256 (every file except the manifest)
     created: str = ""
+    # Core ML: the compute units the package was converted for (ALL, CPU_AND_NE, ...).
+    compute_units: str = ""
+    numerics: Numerics | None = None  # the export's check against its source
 
 
 @dataclass
@@ -131,10 +160,12 @@ def read_manifest(folder: Path, verify_checksums: bool = True) -> Manifest:
     model_file = manifest.model_file  # a file (.onnx) or a folder (.mlpackage)
     if not any(f == model_file or f.startswith(model_file + "/") for f in manifest.files):
         raise ModelLoadError(f"{path}: model_file {manifest.model_file!r} is not in 'files'")
-    root = folder.resolve()
     for name, expected in manifest.files.items():
         file = folder / name
-        if not file.resolve().is_relative_to(root):
+        # Judged by the name, not where a symlink points: a Hugging Face cache snapshot
+        # links every file to its blob store. The checksum below vouches for the content.
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts:
             raise ModelLoadError(f"{path}: file {name!r} lies outside the artefact folder")
         if not file.is_file():
             raise ModelLoadError(f"artefact {folder} is missing {name} (listed in {MANIFEST_NAME})")
@@ -143,7 +174,7 @@ def read_manifest(folder: Path, verify_checksums: bool = True) -> Manifest:
                 f"artefact file {file} does not match its sha256 in {MANIFEST_NAME} "
                 "(the file was changed or truncated; re-export or re-download it)"
             )
-    for name in LOADED_FILES:
+    for name in LOADED_FILES:  # (each one the manifest lists was checked above)
         if name not in manifest.files and (folder / name).exists():
             raise ModelLoadError(
                 f"artefact {folder} has {name}, which {MANIFEST_NAME} does not list: the "
@@ -158,9 +189,24 @@ def load_artefact(
     max_batch: int | None = None,
     max_seq_len: int | None = None,
     prefill_chunk: int | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Artefact:
-    """Check the manifest and build the runner it names (``runner`` overrides)."""
+    """Check the manifest and build the runner it names (``runner`` overrides). ``device``
+    picks onnxruntime's execution provider (cpu, the default, or cuda); a Core ML package
+    takes none. ``dtype`` was fixed at export: another one is refused."""
     manifest = read_manifest(folder)
+    exported = torch.float16 if manifest.dtype == "fp16" else torch.float32
+    if dtype not in (None, "auto") and parse_dtype(dtype, torch.device("cpu")) != exported:
+        raise ModelLoadError(
+            f"artefact {folder} was exported in {manifest.dtype}; it cannot run in {dtype} "
+            "(export again with --dtype, or load the source checkpoint)"
+        )
+    if manifest.target == "coreml" and device is not None:
+        raise ModelLoadError(
+            f"artefact {folder} is a Core ML package: Core ML picks its compute units "
+            f"({manifest.compute_units or 'ALL'}) itself, so device {device!r} cannot apply"
+        )
     allowed = TARGET_RUNNERS[manifest.target]
     name = runner or allowed[0]
     if name not in allowed:
@@ -181,7 +227,7 @@ def load_artefact(
     if manifest.target == "onnx":
         from fermi.runners.onnx import OnnxRunner
 
-        built: Runner = OnnxRunner(folder, manifest, batch, seq_len, chunk)
+        built: Runner = OnnxRunner(folder, manifest, batch, seq_len, chunk, device or "cpu")
     else:
         from fermi.runners.coreml import CoreMLRunner
 

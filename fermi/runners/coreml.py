@@ -47,7 +47,7 @@ class CoreMLRunner(Runner):
         max_batch: int,
         max_seq_len: int,
         prefill_chunk: int,
-        compute_units: str = "ALL",
+        compute_units: str | None = None,
     ) -> None:
         reason = coreml_unavailable_reason()
         if reason is not None:
@@ -58,10 +58,10 @@ class CoreMLRunner(Runner):
         import coremltools as ct
 
         path = folder / manifest.model_file
+        # The units it was converted for, unless asked otherwise.
+        units = compute_units or manifest.compute_units or "ALL"
         try:
-            self.model = ct.models.MLModel(
-                str(path), compute_units=getattr(ct.ComputeUnit, compute_units)
-            )
+            self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, units))
         except Exception as exc:  # Core ML raises its own exception types
             raise ModelLoadError(f"Core ML cannot load {path}: {exc}") from None
         self.states = [self.model.make_state() for _ in range(max_batch)]

@@ -1,13 +1,22 @@
-"""Run an ONNX artefact with onnxruntime (CPU by default).
+"""Run an ONNX artefact with onnxruntime (CPU, or CUDA where onnxruntime has it).
 
-The graph takes each row's cache window (positions 0..P-1) as input and returns this
-step's keys/values; this runner owns the cache (numpy, one row per slot) and stores the
-new entries itself. A step therefore copies the live window in and only the new entries
-out: its cost follows the live context, not ``max_seq_len``.
+The graph (``export/onnx.py``) takes each layer's cache as ``past_key_values.N.key/value``
+and returns ``present.N.key/value``; its attention (onnxruntime's GroupQueryAttention)
+writes the step's entries into the present cache. This runner keeps one buffer per layer
+and kind, [max_batch, kv_heads, max_seq_len, head_dim] (torch tensors on the runner's
+device), and binds it as both past and present (IO binding): the node then writes the new
+entries in place and attends over each row's live length, so a step costs what its new
+tokens and their attention cost, not a copy of the cache (onnxruntime-genai's
+``past_present_share_buffer``).
+
+A step runs rows that are consecutive slots, whose buffers rows are one contiguous block;
+a decode over scattered slots runs once per run of consecutive slots. The runner moves
+slots (``moves_slots``), so the engine keeps running sequences in the lowest slots.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +26,43 @@ from fermi.errors import ModelLoadError
 from fermi.runners.artefact import Manifest
 from fermi.runners.base import Capabilities, Runner
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+_DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def session_options(threads: int | None = None, spinning: bool = False):
+    """onnxruntime session options for a process that runs torch too: ``threads`` intra-op
+    threads (None: onnxruntime's default, one per physical core), and no spin-waiting
+    between ops unless ``spinning`` (spinning threads keep the cores busy while torch
+    samples; perf/bench_export.py measures both)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
+def providers_for(device: torch.device, folder: Path) -> list[str]:
+    """onnxruntime's execution providers for ``device``; a device onnxruntime cannot use
+    here is an error, never a silent fall back to the CPU."""
+    import onnxruntime as ort
+
+    if device.type not in PROVIDERS:
+        raise ModelLoadError(
+            f"{folder} is an ONNX artefact: device {str(device)!r} is not one onnxruntime "
+            f"runs it on here (choose {' or '.join(PROVIDERS)})"
+        )
+    wanted = PROVIDERS[device.type]
+    if wanted not in ort.get_available_providers():
+        raise ModelLoadError(
+            f"{folder} is an ONNX artefact and device {device.type!r} was asked for, but this "
+            f"onnxruntime has no {wanted} (it has {', '.join(ort.get_available_providers())}); "
+            "install onnxruntime-gpu for CUDA, or run on the CPU"
+        )
+    return [wanted] if device.type == "cpu" else [wanted, PROVIDERS["cpu"]]
 
 
 class OnnxRunner(Runner):
@@ -28,8 +73,9 @@ class OnnxRunner(Runner):
         max_batch: int,
         max_seq_len: int,
         prefill_chunk: int,
-        providers: list[str] | None = None,
+        device: str | torch.device = "cpu",
         threads: int | None = None,
+        spinning: bool = False,
     ) -> None:
         try:
             import onnxruntime as ort
@@ -38,68 +84,109 @@ class OnnxRunner(Runner):
                 f"{folder} is an ONNX artefact; running it needs onnxruntime "
                 "(pip install onnxruntime)"
             ) from None
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:  # onnxruntime's default is one thread per physical core
-            options.intra_op_num_threads = threads
+        device = torch.device(device)
+        providers = providers_for(device, folder)
+        if device.type == "cuda" and manifest.cache.dtype != "float16":
+            raise ModelLoadError(
+                f"{folder} was exported in {manifest.dtype}; onnxruntime's CUDA attention "
+                "(GroupQueryAttention) takes fp16: export with --dtype fp16 to run on CUDA"
+            )
+        if device.type == "cuda":
+            index = device.index or 0
+            providers = [(providers[0], {"device_id": index}), providers[1]]
         path = folder / manifest.model_file
         try:
             self.session = ort.InferenceSession(
-                str(path), options, providers=providers or ["CPUExecutionProvider"]
+                str(path), session_options(threads, spinning), providers=providers
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from None
+        used = self.session.get_providers()[0]
+        if used != PROVIDERS[device.type]:  # onnxruntime falls back silently; we do not
+            raise ModelLoadError(
+                f"onnxruntime could not start {PROVIDERS[device.type]} for {path} (it chose "
+                f"{used}); check the CUDA and cuDNN libraries onnxruntime-gpu needs"
+            )
         cache = manifest.cache
-        dtype = _NUMPY_DTYPES[cache.dtype]
-        shape = (cache.layers, max_batch, cache.kv_heads, max_seq_len, cache.head_dim)
-        self.keys = np.zeros(shape, dtype=dtype)
-        self.values = np.zeros(shape, dtype=dtype)
+        torch_dtype, self._np_dtype = _DTYPES[cache.dtype]
+        shape = (max_batch, cache.kv_heads, max_seq_len, cache.head_dim)
+        self._kinds = [
+            (f"past_key_values.{i}.{kind}", f"present.{i}.{kind}")
+            for i in range(cache.layers)
+            for kind in ("key", "value")
+        ]
+        self.buffers = [torch.zeros(shape, dtype=torch_dtype, device=device) for _ in self._kinds]
+        self._device = device
+        self._where = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
+        self._bindings: dict[tuple[int, int], object] = {}
         self.capabilities = Capabilities(
             name="onnx",
             max_batch=max_batch,
             max_seq_len=max_seq_len,
             vocab_size=manifest.vocab_size,
-            device=torch.device("cpu"),
+            device=device,
             prefill_chunk=prefill_chunk,
+            moves_slots=True,
         )
         super().__init__()
 
-    def _run(self, tokens: np.ndarray, positions: np.ndarray, slots: list[int], length: int):
-        """Run rows ``slots`` over their first ``length`` cache positions."""
-        if len(slots) == 1:  # a slice: one copy instead of a gather plus a copy
-            s = slots[0]
-            past_k = self.keys[:, s : s + 1, :, :length]
-            past_v = self.values[:, s : s + 1, :, :length]
-        else:
-            past_k = self.keys[:, slots, :, :length]
-            past_v = self.values[:, slots, :, :length]
-        logits, new_k, new_v = self.session.run(
-            None,
-            {
-                "input_ids": tokens,
-                "position_ids": positions,
-                "past_keys": np.ascontiguousarray(past_k),
-                "past_values": np.ascontiguousarray(past_v),
-            },
-        )
-        return logits, new_k, new_v
+    def _binding(self, first: int, rows: int):
+        """An IO binding with past and present of every layer bound to buffer rows
+        ``first .. first + rows - 1`` (made once per block of rows)."""
+        binding = self._bindings.get((first, rows))
+        if binding is None:
+            binding = self.session.io_binding()
+            kind, index = self._where
+            for (past, present), buffer in zip(self._kinds, self.buffers, strict=True):
+                block = buffer[first : first + rows]
+                shape = list(block.shape)
+                binding.bind_input(past, kind, index, self._np_dtype, shape, block.data_ptr())
+                binding.bind_output(present, kind, index, self._np_dtype, shape, block.data_ptr())
+            self._bindings[(first, rows)] = binding
+        return binding
 
-    def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
-        n = len(token_ids)
-        end = start_pos + n
+    def _run(self, first: int, tokens: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """Run rows ``first ..`` (one per row of ``tokens`` [rows, T], at ``positions``
+        [rows, T]); return the logits of each row's last token [rows, vocab]."""
+        rows = tokens.shape[0]
+        binding = self._binding(first, rows)
+        lengths = positions[:, -1] + 1
+        mask = (np.arange(int(lengths.max()))[None] < lengths[:, None]).astype(np.int64)
+        binding.bind_cpu_input("input_ids", tokens)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", positions)
+        logits = torch.empty(rows, 1, self.capabilities.vocab_size, device=self._device)
+        kind, index = self._where
+        shape = list(logits.shape)
+        binding.bind_output("logits", kind, index, np.float32, shape, logits.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return logits[:, 0]
+
+    def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int) -> torch.Tensor:
         tokens = np.asarray([token_ids], dtype=np.int64)
-        positions = np.arange(start_pos, end, dtype=np.int64)[None]
-        logits, new_k, new_v = self._run(tokens, positions, [slot], end)
-        self.keys[:, slot, :, start_pos:end] = new_k[:, 0]
-        self.values[:, slot, :, start_pos:end] = new_v[:, 0]
-        return torch.from_numpy(logits[0])
+        positions = np.arange(start_pos, start_pos + len(token_ids), dtype=np.int64)[None]
+        return self._run(slot, tokens, positions)[0]
 
-    def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        slots, positions = list(slots), list(positions)
-        tokens = np.asarray(token_ids, dtype=np.int64)[:, None]
-        pos = np.asarray(positions, dtype=np.int64)[:, None]
-        logits, new_k, new_v = self._run(tokens, pos, slots, max(positions) + 1)
-        # Advanced indices on axes 1 and 3 put the batch axis first: [B, L, KV, D].
-        self.keys[:, slots, :, positions] = new_k[:, :, :, 0].transpose(1, 0, 2, 3)
-        self.values[:, slots, :, positions] = new_v[:, :, :, 0].transpose(1, 0, 2, 3)
-        return torch.from_numpy(logits)
+    def decode(
+        self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
+    ) -> torch.Tensor:
+        if list(slots) == list(range(slots[0], slots[0] + len(slots))):  # the usual step
+            tokens = np.asarray(token_ids, dtype=np.int64)[:, None]
+            pos = np.asarray(positions, dtype=np.int64)[:, None]
+            return self._run(slots[0], tokens, pos)
+        order = sorted(range(len(slots)), key=lambda row: slots[row])
+        out = torch.empty(len(slots), self.capabilities.vocab_size, device=self._device)
+        start = 0
+        for end in range(1, len(order) + 1):  # one run per block of consecutive slots
+            if end < len(order) and slots[order[end]] == slots[order[end - 1]] + 1:
+                continue
+            rows = order[start:end]
+            tokens = np.asarray([[token_ids[r]] for r in rows], dtype=np.int64)
+            pos = np.asarray([[positions[r]] for r in rows], dtype=np.int64)
+            out[rows] = self._run(slots[rows[0]], tokens, pos)
+            start = end
+        return out
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        for buffer in self.buffers:
+            buffer[dst, :, :length] = buffer[src, :, :length]
