@@ -11,6 +11,7 @@ RequestErrorCode = Literal[
     "invalid_type",  # a value of the wrong type (callers from JSON or gRPC)
     "missing_required_parameter",  # no prompt of any kind
     "context_length_exceeded",  # the prompt does not fit the engine's context
+    "grammar_too_complex",  # a grammar needed more work per token than a request may take
 ]
 
 

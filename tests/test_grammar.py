@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import pytest
 
-from fermi.errors import FermiError, RequestError
+from fermi.errors import RequestError
 from fermi.grammar import Grammar
 from fermi.loading import GenerationDefaults
 from tests.test_scheduler_overlap import eager, overlapped
@@ -273,8 +273,12 @@ def test_a_grammar_past_its_limits_mid_reply_ends_in_an_error_not_a_clean_stop(f
 
     monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", 2000)
     with eager(folder) as engine:
-        with pytest.raises(FermiError, match="more work for one token than a request may take"):
+        with pytest.raises(
+            RequestError, match="more work for one token than a request may take"
+        ) as info:
             engine.generate(**_json_request(1))
+        # The request's fault, as a bad parameter is (HTTP 400, gRPC INVALID_ARGUMENT).
+        assert (info.value.code, info.value.param) == ("grammar_too_complex", "response_format")
         # The engine goes on serving, and an unconstrained request is untouched.
         assert engine.generate(messages=CHAT, max_tokens=3, thinking="off").finish_reason
 

@@ -565,6 +565,21 @@ def test_a_grammar_the_engine_cannot_enforce_is_invalid_argument_naming_it(stub)
     assert rpc_error(lambda: list(stub.Generate(empty))).code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_grammar_past_its_limits_is_invalid_argument(stub, monkeypatch):
+    """The request's grammar cost too much per token: its fault, not the server's."""
+    import fermi.grammar
+    from tests.test_grammar import SCHEMA
+
+    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", 2000)
+    sampling = pb.SamplingParams(max_tokens=200, temperature=1.0, seed=1)
+    grammar = pb.Grammar(json_schema=json.dumps(SCHEMA))
+    request = pb.GenerateRequest(prompt="Hi", sampling=sampling, grammar=grammar)
+    error = rpc_error(lambda: list(stub.Generate(request)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "more work for one token" in error.details()
+    assert ("fermi-error-code", "grammar_too_complex") in error.trailing_metadata()
+
+
 @pytest.fixture(scope="module")
 def tools_stub(tmp_path_factory):
     folder = write_checkpoint(

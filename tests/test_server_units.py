@@ -648,3 +648,36 @@ def test_a_grammar_past_its_limits_is_a_400_whole_or_streamed(api, monkeypatch):
 
     events = asyncio.run(streamed()).decode()
     assert '"code":"grammar_too_complex"' in events.replace(" ", "")
+
+
+def test_a_grammar_past_its_limits_fails_a_response_as_the_requests_fault(api, monkeypatch):
+    import fermi.grammar
+    from tests.test_grammar import SCHEMA
+
+    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", 2000)
+    fmt = {"type": "json_schema", "name": "p", "schema": SCHEMA}
+    body = {"input": "hi", "max_output_tokens": 200, "text": {"format": fmt}}
+    body["reasoning"] = {"effort": "none"}  # the grammar from the first token
+    reply = asyncio.run(api.handle("POST", "/v1/responses", {}, json.dumps(body).encode()))
+    error = json.loads(reply.body).get("error")
+    assert (reply.status, error and error["code"]) == (400, "grammar_too_complex"), reply.body
+
+    async def streamed():
+        raw = json.dumps({**body, "stream": True}).encode()
+        reply = await api.handle("POST", "/v1/responses", {}, raw)
+        got = []
+        with pytest.raises(StreamEndedError):  # after the failed event
+            async for chunk in reply.chunks():
+                got.append(chunk)
+        return got
+
+    events = [
+        json.loads(line[6:])
+        for line in b"".join(asyncio.run(streamed())).decode().splitlines()
+        if line.startswith("data: ")
+    ]
+    failed = events[-1]
+    assert failed["type"] == "response.failed", failed
+    # The API's own codes: "invalid_prompt" is the request's fault, the message names ours.
+    assert failed["response"]["error"]["code"] == "invalid_prompt"
+    assert failed["response"]["error"]["message"].startswith("grammar_too_complex: ")

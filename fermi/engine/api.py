@@ -31,7 +31,7 @@ from fermi.engine.types import (
     TokenLogprob,
     Usage,
 )
-from fermi.errors import FermiError, RequestError
+from fermi.errors import RequestError
 from fermi.grammar import Grammar, GrammarCompiler
 from fermi.loading import EmbeddingSpec, GenerationDefaults
 from fermi.runners.base import Runner
@@ -214,7 +214,7 @@ class Engine:
             async for batch in channel:
                 for delta in batch:
                     if raise_errors and delta.error:
-                        raise FermiError(delta.error)
+                        raise delta.exception()
                     yield delta
                     if delta.finish_reason is not None:
                         return
@@ -332,7 +332,7 @@ def _until_final(box: queue.SimpleQueue[Delta]) -> Iterator[Delta]:
     while True:
         delta = box.get()
         if delta.error:
-            raise FermiError(delta.error)
+            raise delta.exception()
         yield delta
         if delta.finish_reason is not None:
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fermi.errors import FermiError, RequestError
 from fermi.grammar import Grammar
 from fermi.sampling import SamplingParams
 from fermi.text.stops import StopStrings
@@ -103,6 +104,14 @@ class Delta:
     tool_calls: list[ToolCallDelta] | None = None
     # On the last delta: the stop string that ended the reply (None: another reason).
     stop_string: str | None = None
+
+    def exception(self) -> FermiError:
+        """What a caller gets for an error delta: a grammar past its limits is the
+        request's fault (a ``RequestError``, which HTTP answers 400 and gRPC
+        INVALID_ARGUMENT); anything else is the engine's (a ``FermiError``)."""
+        if self.error_code == "grammar_limit":
+            return RequestError(self.error or "", "response_format", "grammar_too_complex")
+        return FermiError(f"generation failed: {self.error}")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from fermi.engine.api import STALL_SECONDS, Engine
 from fermi.engine.requests import check_room
 from fermi.engine.types import Delta, GenerationRequest
-from fermi.errors import FermiError, RequestError
+from fermi.errors import RequestError
 from fermi.heap import off_loop
 from fermi.rpc import convert
 from fermi.rpc.generated import fermi_pb2 as pb
@@ -127,7 +127,7 @@ class FermiService(pb_grpc.FermiServicer):
     async def _run(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         async for delta in self.engine.astream_request(request):
             if delta.error:
-                raise FermiError(f"generation failed: {delta.error}")
+                raise delta.exception()
             yield delta
 
 

@@ -200,14 +200,14 @@ class ResponseWriter:
         self.finish(choice, prompt_tokens)
         return self._take()
 
-    def failed(self, message: str) -> bytes:
+    def failed(self, message: str, code: str = "server_error") -> bytes:
         """The stream's last event after the engine failed: ``response.failed``."""
         if self.open is not None:
             self.open.status = "incomplete"
         response = msgspec.structs.replace(
             self.head,
             status="failed",
-            error=ResponseErrorBody("server_error", message),
+            error=ResponseErrorBody(code, message),
             output=[item.output() for item in self.items],
         )
         self._emit(ResponseFailed(response=response))
@@ -408,6 +408,10 @@ class ResponsesStreamReply(StreamReply):
     def feed(self, index: int, delta: Delta) -> bytes:
         if delta.error:
             self.failed = True
+            if delta.error_code == "grammar_limit":  # the request's grammar: its fault
+                self.api.metrics.error(400)
+                # The API's codes have none for grammars; "invalid_prompt" is the request's.
+                return self.writer.failed(f"grammar_too_complex: {delta.error}", "invalid_prompt")
             self.api.metrics.error(500)
             return self.writer.failed(f"generation failed: {delta.error}")
         self.choices[index].end(delta)
