@@ -222,3 +222,26 @@ def test_graph_runner_padded_first_chunk_equals_the_masked_runner(length):
     causal = graph_runner("qwen3", True).prefill(0, ids, 0)
     masked = graph_runner("qwen3", False).prefill(0, ids, 0)
     assert (causal - masked).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2"])
+def test_graph_runner_warms_the_prefill_graphs_every_first_chunk_uses(arch):
+    """Warm-up runs a causal and a masked prefill per chunk bucket (masked only where no
+    layer can go causal), and a first chunk of any length reuses its bucket's causal key."""
+    model = model_of(config(arch))
+    runner = CudaGraphRunner(model, 2, 128, 32, backend=None, use_graphs=False, warmup=False)
+    keys = []
+    run = runner._run
+    runner._run = lambda key, body: keys.append(key) or run(key, body)
+    runner.warmup(compile_cache=False)
+    causal = arch == "qwen3"
+    paths = (False, True) if causal else (False,)
+    warmed = {k for k in keys if k[0] == "prefill"}
+    buckets = runner.chunk_sizes
+    assert warmed == {("prefill", t, runner.kv_sizes[0], c) for t in buckets for c in paths}
+    keys.clear()
+    for n in (1, 9, 17, 32):
+        runner.prefill(0, list(range(1, n + 1)), 0)
+    runner.prefill(0, [1, 2, 3], 32)  # after cached context: masked
+    assert keys[:4] == [("prefill", t, runner.kv_sizes[0], causal) for t in (16, 16, 32, 32)]
+    assert keys[4] == ("prefill", 16, runner.kv_sizes[0], False)

@@ -469,6 +469,9 @@ class CudaGraphRunner(Runner):
                     scope=self.compile_scope,
                     row_kernels=self.row_kernels,
                     quantization=quantization_label(self.model),
+                    # A bundle from before the causal prefill variant lacks its compile,
+                    # and a loaded bundle is never rewritten: keep the two apart.
+                    causal_prefill=self.model.prefill_is_causal(0),
                 )
             )
             self.startup.cache_hit = cache.load()
