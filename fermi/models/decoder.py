@@ -229,8 +229,9 @@ class Attention(nn.Module):
         """q [B, H, T, D] over this step's own keys/values [B, Hkv, T, D], query t seeing
         keys 0..t: right when the step's tokens are positions 0..T-1 (``StepContext.causal``).
         No mask is built or read and the query heads keep their own axis (``enable_gqa``
-        shares each KV head with its group), so on CUDA SDPA takes the flash kernel, which
-        skips the key blocks above the diagonal: half the products of a masked prefill."""
+        shares each KV head with its group), so on CUDA SDPA can take the flash kernel (or
+        cuDNN's, where torch ranks it first), which skips the key blocks above the diagonal:
+        half the products of a masked prefill."""
         cfg = self.cfg
         grouped = cfg.num_attention_heads != cfg.num_key_value_heads
         return F.scaled_dot_product_attention(
