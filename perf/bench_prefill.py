@@ -165,7 +165,10 @@ def bench_model(name: str, args) -> dict:
     entry["compiles_while_timed"] = int(counters["stats"]["unique_graphs"]) - frames
     t = pick(args.prompt, runner.chunk_sizes)
     entry["mask"] = mask_bytes(model, t, pick(args.prompt, runner.kv_sizes))
-    entry["kernels"] = {p: kernels(runner, prompt, p) for p in PATHS}
+    try:  # the profile is a diagnosis: its failure must not lose the timings above
+        entry["kernels"] = {p: kernels(runner, prompt, p) for p in PATHS}
+    except Exception as exc:
+        entry["kernels"] = {"error": f"{type(exc).__name__}: {exc}"}
     use_path(model, "causal")
     for key in ("runner_prefill", "engine_ttft"):
         c, m = (entry[key][p]["median_ms"] for p in PATHS)
