@@ -23,12 +23,14 @@ def load_pair(folder: Path, max_seq_len: int = 256):
 
 
 def forward(model: Decoder, tokens: torch.Tensor, start: int, last_only: bool = False):
-    """Run ``tokens`` [1, T] in slot 0 at positions start.. ."""
+    """Run ``tokens`` [1, T] in slot 0 at positions start.. (causal from position 0, as
+    the runners' prefill is)."""
     t = tokens.shape[1]
     positions = torch.arange(start, start + t)[None]
     slots = torch.zeros(1, dtype=torch.long)
+    causal = model.prefill_is_causal(start)
     with torch.inference_mode():
-        return model(tokens, positions, slots, kv_len=start + t, last_only=last_only)
+        return model(tokens, positions, slots, start + t, last_only=last_only, causal=causal)
 
 
 def max_error_prefill_and_decode(

@@ -165,3 +165,45 @@ def test_embeddings_on_the_gpu_equal_the_cpu_and_leave_generation_alone(tmp_path
     with fermi.load(folder, device="cuda", dtype="bf16", max_batch=2, max_seq_len=256) as bf16:
         cosine = (bf16.embed(texts) * want_texts).sum(dim=-1)
         assert cosine.min().item() > 0.99
+
+
+def causal_reference(q, k, v, scale: float) -> torch.Tensor:
+    """Attention of q [B, H, T, D] over k/v [B, Hkv, T, D], query t seeing keys 0..t, in
+    float32, spelled out."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (x.float().repeat_interleave(groups, dim=1) for x in (k, v))
+    scores = (q.float() @ k.transpose(-1, -2)) * scale
+    t = q.shape[2]
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize("kv_heads", [16, 8, 4])
+def test_causal_prefill_attention_runs_on_the_flash_kernel_in_bf16(kv_heads):
+    """The causal prefill path's inputs, laid out as ``Attention.attend`` makes them (views
+    of one q/k/v product, heads on dim 2), are taken by the flash kernel alone: forced to
+    flash, SDPA would raise "No available kernel" otherwise. Against float32 math."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fermi.models.decoder import Attention, ModelConfig
+
+    cfg = ModelConfig(
+        architecture="qwen3",
+        vocab_size=64,
+        hidden_size=2048,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        num_key_value_heads=kv_heads,
+        head_dim=128,
+    )
+    attn = Attention(cfg, 0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, 300, 16 + 2 * kv_heads, 128)
+    qkv = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = (x.transpose(1, 2) for x in qkv.split([16, kv_heads, kv_heads], dim=2))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = attn._attend_causal(q, k, v)
+    want = causal_reference(q, k, v, cfg.attn_scale)
+    # bf16 output (half an ulp: 0.2%) and flash's bf16 probabilities: a few ulps at most
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=1e-2)

@@ -32,8 +32,9 @@ def fwd(model, tokens, start, slot=0, last_only=False):
     b, t = tokens.shape
     pos = torch.arange(start, start + t)[None].expand(b, t)
     slots = torch.full((b,), slot) if b == 1 else torch.arange(b)
+    causal = model.prefill_is_causal(start)  # as the runners' prefill
     with torch.inference_mode():
-        return model(tokens, pos, slots, kv_len=start + t, last_only=last_only)
+        return model(tokens, pos, slots, start + t, last_only=last_only, causal=causal)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -195,9 +195,11 @@ class Attention(nn.Module):
         assert self.cache is not None, "call Decoder.setup_cache() before forward()"
         if isinstance(self.cache, AttendingCache):  # the ONNX export's fused operator
             return self.cache.attend(q, k, v, ctx)
-        q = q.transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-        self.cache.write(k.transpose(1, 2), v.transpose(1, 2), ctx)
+        self.cache.write(k, v, ctx)
+        if ctx.causal and not self.needs_mask:
+            return self._attend_causal(q, k, v).transpose(1, 2).reshape(b, t, h * d)
         keys, values = self.cache.read(ctx)
 
         if t == 1 and self.decode_kernel != "sdpa":
@@ -215,6 +217,26 @@ class Attention(nn.Module):
         else:
             out = self._attend(q, keys, values, ctx.masks[self.window])
         return out.transpose(1, 2).reshape(b, t, h * d)
+
+    @property
+    def needs_mask(self) -> bool:
+        """Whether this layer attends through a mask even when a step's tokens start its
+        sequences (``StepContext.causal``): a window, or soft-capping (which spells
+        attention out)."""
+        return self.window is not None or self.cfg.attn_logit_softcap is not None
+
+    def _attend_causal(self, q, k, v) -> torch.Tensor:
+        """q [B, H, T, D] over this step's own keys/values [B, Hkv, T, D], query t seeing
+        keys 0..t: right when the step's tokens are positions 0..T-1 (``StepContext.causal``).
+        No mask is built or read and the query heads keep their own axis (``enable_gqa``
+        shares each KV head with its group), so on CUDA SDPA can take the flash kernel (or
+        cuDNN's, where torch ranks it first), which skips the key blocks above the diagonal:
+        half the products of a masked prefill."""
+        cfg = self.cfg
+        grouped = cfg.num_attention_heads != cfg.num_key_value_heads
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=cfg.attn_scale, enable_gqa=grouped
+        )
 
     def _attend(self, q, keys, values, mask) -> torch.Tensor:
         """q [B, H, T, D] over keys/values [B, Hkv, L, D]; ``mask`` is the additive mask
@@ -350,6 +372,8 @@ class Decoder(nn.Module):
         self.max_batch = 0
         self.max_seq_len = 0
         self.row_kernels = False  # see use_row_kernels
+        # Off: every prefill takes the masked path (see prefill_is_causal), for A/B timing.
+        self.causal_prefill = True
         # Set by the loader when it quantized linear layers (fermi.models.quant).
         self.quantization: QuantReport | None = None
         self.rope_switch: int | None = None  # LongRoPE: first position of the long factors
@@ -380,6 +404,16 @@ class Decoder(nn.Module):
             layer.row_kernels = True
         self.row_kernels = True
         return True
+
+    def prefill_is_causal(self, start_pos: int) -> bool:
+        """Whether a runner's prefill chunk at ``start_pos`` runs as a causal step
+        (``forward(causal=True)``, :class:`StepContext`): it starts its sequence, and some
+        layer attends without a mask (``Attention.needs_mask``; in Gemma 2, whose layers all
+        soft-cap, none does, and a causal step would only be a second compile of the same
+        arithmetic). ``causal_prefill`` off forces the masked path."""
+        if start_pos != 0 or not self.causal_prefill:
+            return False
+        return any(not layer.self_attn.needs_mask for layer in self.model.layers)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Move a sequence's cache (its first ``length`` positions) and its per-slot rope
@@ -444,6 +478,7 @@ class Decoder(nn.Module):
         rows_are_slots: bool = False,
         last_only: bool = True,
         last_index: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         """Run ``tokens`` [B, T] at ``positions`` [B, T] for cache ``slots`` [B].
 
@@ -452,9 +487,11 @@ class Decoder(nn.Module):
         slot i, which lets attention read the cache as a view. Returns float32 logits for
         the last position of each row [B, V], or for every position [B, T, V].
         ``last_index`` [B] (implies last_only) picks each row's last real token when the
-        rows are padded to a fixed length.
+        rows are padded to a fixed length. ``causal`` says every row's real tokens are
+        positions 0..n-1 of its sequence, padding (if any) after them: attention then needs
+        no mask and reads no cache (see :class:`StepContext`).
         """
-        ctx = self.step_context(positions, slots, kv_len, rows_are_slots, last_index)
+        ctx = self.step_context(positions, slots, kv_len, rows_are_slots, last_index, causal=causal)
         return self.step(tokens, ctx, last_only, last_index)
 
     def step_context(
@@ -465,14 +502,15 @@ class Decoder(nn.Module):
         rows_are_slots: bool = False,
         last_index: torch.Tensor | None = None,
         causal_mask: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> StepContext:
         """The per-step tensors of :meth:`forward`'s arguments, built once for all layers.
         ``causal_mask`` [B, 1, T, kv_len] (additive) replaces the one built from the
         positions (the Core ML graph takes it as an input)."""
         rope = self._rope(positions, slots, last_index)
         read_slots = None if rows_are_slots else slots
-        masks = self.masks(positions, kv_len, causal_mask)
-        return StepContext(positions, rope, slots, read_slots, kv_len, masks)
+        masks = self.masks(positions, kv_len, causal_mask, causal)
+        return StepContext(positions, rope, slots, read_slots, kv_len, masks, causal)
 
     def step(
         self,
@@ -532,7 +570,7 @@ class Decoder(nn.Module):
         kept = [layer.self_attn.cache for layer in self.model.layers]
         self.use_caches([StepCache() for _ in self.model.layers])
         try:
-            ctx = self.step_context(positions, rows, width, rows_are_slots=True)
+            ctx = self.step_context(positions, rows, width, rows_are_slots=True, causal=True)
             x = self._embed(tokens)
             for layer in self.model.layers:
                 x = layer.forward(x, ctx)
@@ -548,15 +586,26 @@ class Decoder(nn.Module):
         return x
 
     def masks(
-        self, positions: torch.Tensor, kv_len: int, causal_mask: torch.Tensor | None = None
+        self,
+        positions: torch.Tensor,
+        kv_len: int,
+        causal_mask: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> dict[int | None, torch.Tensor]:
         """Additive masks [B, 1, G*T, kv_len] (0 or -inf, in the model's dtype), one per
         distinct layer window, built once per forward: key j is visible to a query at
         position p when j <= p (and inside the window). Rows are repeated for each of the
         G query heads that share a KV head (row g*T + t is query t), the layout of
         attention's folded query; the first T rows are the plain mask. A given
-        ``causal_mask`` [B, 1, T, kv_len] stands for the j <= p part."""
+        ``causal_mask`` [B, 1, T, kv_len] stands for the j <= p part. A ``causal`` step
+        (:class:`StepContext`) builds masks only for the layers that still need one
+        (``Attention.needs_mask``): none at all for a model without windows or soft-caps."""
         cfg = self.cfg
+        windows = set(self.windows)
+        if causal and cfg.attn_logit_softcap is None:
+            windows.discard(None)
+        if not windows:
+            return {}
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
         dtype = self.model.embed_tokens.weight.dtype
         query_pos = positions.repeat(1, groups)[:, None, :, None]  # [B, 1, G*T, 1]
@@ -568,7 +617,7 @@ class Decoder(nn.Module):
         else:
             causal = causal_mask.to(dtype).repeat(1, 1, groups, 1)
         masks = {}
-        for window in set(self.windows):
+        for window in windows:
             if window is None:
                 masks[window] = causal
             else:

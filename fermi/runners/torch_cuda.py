@@ -3,12 +3,14 @@
 Compilation. Each decoder layer is compiled with ``fullgraph=True`` and dynamic shapes
 ("regional" compilation): the layers share one compiled program, so the cost of a compile is
 one layer's, not the whole model's, and one program serves every batch size, chunk length and
-attended cache length (three compiles in all: the one-row decode step, the wider decode step,
-and prefill). The glue between layers (embedding, rope tables, masks, lm_head) runs as plain
-kernels. ``compile_scope="model"`` compiles ``Decoder.forward`` whole instead (minutes for a
-28-layer model, a few fused kernels fewer). Each shape the runner uses is then captured once as
-a CUDA graph and replayed; a step costs one graph launch and one small host-to-device copy of
-its positions (and of its token ids, unless they are fed back on the device: below).
+attended cache length (four compiles in all: the one-row decode step, the wider decode step,
+and prefill twice: causal for chunks that start a sequence, masked for chunks after cached
+context, see ``Decoder.prefill_is_causal``). The glue between layers (embedding, rope
+tables, masks, lm_head) runs as plain kernels. ``compile_scope="model"`` compiles
+``Decoder.forward`` whole instead (minutes for a 28-layer model, a few fused kernels fewer).
+Each shape the runner uses is then captured once as a CUDA graph and replayed; a step costs
+one graph launch and one small host-to-device copy of its positions (and of its token ids,
+unless they are fed back on the device: below).
 
 Buckets. Decode runs over rows 0..B-1 with B the smallest batch bucket (1, 2, 4, ...,
 ``max_batch``) that holds the highest live slot: the scheduler hands out the lowest free slots
@@ -264,7 +266,11 @@ class CudaGraphRunner(Runner):
         self._check_slots([slot])
         self._check_tokens(token_ids)
         t = pick(n, self.chunk_sizes)
-        kv = pick(start_pos + n, self.kv_sizes)
+        causal = self.model.prefill_is_causal(start_pos)
+        # A causal chunk reads the cache only in windowed layers, whose masks hide any
+        # column past its tokens: the chunk bucket's own length serves every such chunk,
+        # so each chunk bucket has one causal graph, the one warm-up captured.
+        kv = pick(t if causal else start_pos + n, self.kv_sizes)
         pad = self.chunk - n
         values = [
             *token_ids,
@@ -276,7 +282,8 @@ class CudaGraphRunner(Runner):
         ]
         with self._on_device():
             self._pio.copy_(self._host(values, self._pio.shape), non_blocking=True)
-            (logits,) = self._run(("prefill", t, kv), functools.partial(self._prefill_body, t, kv))
+            body = functools.partial(self._prefill_body, t, kv, causal)
+            (logits,) = self._run(("prefill", t, kv, causal), body)
             return logits[0].clone()  # the graph's output buffer is reused by the next replay
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
@@ -462,6 +469,9 @@ class CudaGraphRunner(Runner):
                     scope=self.compile_scope,
                     row_kernels=self.row_kernels,
                     quantization=quantization_label(self.model),
+                    # A bundle from before the causal prefill variant lacks its compile,
+                    # and a loaded bundle is never rewritten: keep the two apart.
+                    causal_prefill=self.model.prefill_is_causal(0),
                 )
             )
             self.startup.cache_hit = cache.load()
@@ -496,12 +506,18 @@ class CudaGraphRunner(Runner):
     def _warm_all(self) -> None:
         started = time.perf_counter()
         with self._on_device():
+            # Chunks that start a sequence (causal, where the model has such layers) and
+            # chunks after cached context (masked): two compiles of the layer, one graph each
+            # per chunk bucket.
+            variants = sorted({self.model.prefill_is_causal(0), False})
             for t in self.chunk_sizes:
                 values = [0] * t + [0] * (self.chunk - t)
                 values += [self.scratch] * self.chunk + [0, t - 1]
                 self._pio.copy_(self._host(values, self._pio.shape))
                 kv = pick(t, self.kv_sizes)
-                self._run(("prefill", t, kv), functools.partial(self._prefill_body, t, kv))
+                for causal in variants:
+                    body = functools.partial(self._prefill_body, t, kv, causal)
+                    self._run(("prefill", t, kv, causal), body)
             self.startup.prefill_s = time.perf_counter() - started
             log.info("prefill buckets ready in %.1f s", self.startup.prefill_s)
             idle = [0] * self.max_batch
@@ -533,13 +549,15 @@ class CudaGraphRunner(Runner):
         for layer in self.model.model.layers:
             layer.row_kernels = on
 
-    def _prefill_body(self, t: int, kv: int) -> tuple[torch.Tensor]:
+    def _prefill_body(self, t: int, kv: int, causal: bool) -> tuple[torch.Tensor]:
         c = self.chunk
         tokens = self._pio[:t].view(1, t)
         positions = self._pio[c : c + t].view(1, t)
         slot = self._pio[2 * c : 2 * c + 1]
         last = self._pio[2 * c + 1 : 2 * c + 2]
-        return (self._forward(tokens, positions, slot, kv, last_index=last),)
+        # Causal: the padding after the n real tokens sits past them in the chunk, so no
+        # real query sees a padded key.
+        return (self._forward(tokens, positions, slot, kv, last_index=last, causal=causal),)
 
     def _decode_body(self, b: int, kv: int, variant: Variant | None) -> tuple:
         rows = self._rows[:b]

@@ -37,7 +37,8 @@ class TorchRunner(Runner):
         tokens = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         positions = torch.arange(start_pos, start_pos + n, device=self.device)[None]
         slots = torch.tensor([slot], dtype=torch.long, device=self.device)
-        return self.model(tokens, positions, slots, kv_len=start_pos + n)[0]
+        causal = self.model.prefill_is_causal(start_pos)
+        return self.model(tokens, positions, slots, kv_len=start_pos + n, causal=causal)[0]
 
     @torch.inference_mode()
     def decode(
