@@ -17,6 +17,7 @@ which costs microseconds instead of the ~1 ms of a fresh build.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -26,6 +27,8 @@ from typing import Any, Literal
 import torch
 
 from fermi.errors import RequestError
+
+log = logging.getLogger(__name__)
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "lark"]
 
@@ -241,6 +244,7 @@ class GrammarCompiler:
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size
         self._tok: Any = None
+        self._tok_error: str | None = None  # why llguidance cannot read the tokenizer
         self._tok_lock = threading.Lock()
         self._lock = threading.Lock()
         self._cache: OrderedDict[Grammar, Any] = OrderedDict()
@@ -249,7 +253,7 @@ class GrammarCompiler:
     def prepare_in_background(self) -> None:
         """Build llguidance's view of the tokenizer on a daemon thread (0.3 s for a 49k
         vocabulary, seconds for 152k), so the first constrained request does not wait."""
-        thread = threading.Thread(target=self._tokenizer, name="fermi-grammar-init", daemon=True)
+        thread = threading.Thread(target=self._prepare, name="fermi-grammar-init", daemon=True)
         thread.start()
         self._preparing = thread
 
@@ -259,17 +263,31 @@ class GrammarCompiler:
         if self._preparing is not None:
             self._preparing.join()
 
-    def _tokenizer(self) -> Any:
+    def _prepare(self) -> None:
+        try:
+            self._tokenizer()
+        except RequestError as exc:  # said once here; every constrained request is refused
+            log.warning("%s", exc)
+
+    def _tokenizer(self, param: str = "grammar") -> Any:
         with self._tok_lock:  # one build; callers that come during it wait for it
-            if self._tok is None:
+            if self._tok is None and self._tok_error is None:
                 import llguidance
 
                 # The model may have more logits than the tokenizer has ids (padded
                 # embeddings): the mask covers every logit; ids past the tokenizer are
                 # never allowed.
-                self._tok = llguidance.LLTokenizer(
-                    self._backend.to_str(), n_vocab=self.vocab_size, eos_token=self._eos
-                )
+                try:
+                    self._tok = llguidance.LLTokenizer(
+                        self._backend.to_str(), n_vocab=self.vocab_size, eos_token=self._eos
+                    )
+                except (ValueError, RuntimeError) as exc:
+                    self._tok_error = (
+                        f"structured outputs and tools need a grammar over this model's "
+                        f"tokenizer, which llguidance cannot read ({_clean(exc)})"
+                    )
+            if self._tok_error is not None:
+                raise RequestError(self._tok_error, param)
             return self._tok
 
     def check(self, grammar: Grammar, param: str = "grammar") -> Any:
@@ -311,7 +329,7 @@ class GrammarCompiler:
         except (ValueError, RuntimeError) as exc:
             raise RequestError(f"unsupported {grammar.kind}: {_clean(exc)}", param) from None
         limits = llguidance.LLParserLimits(**LIMITS)
-        matcher = llguidance.LLMatcher(self._tokenizer(), text, log_level=0, limits=limits)
+        matcher = llguidance.LLMatcher(self._tokenizer(param), text, log_level=0, limits=limits)
         if matcher.is_error():
             raise RequestError(f"unsupported {grammar.kind}: {_clean(matcher.get_error())}", param)
         # The first mask here, on the caller's thread, not in the engine's step: llguidance

@@ -295,3 +295,23 @@ def test_a_token_outside_the_grammar_is_not_taken_for_its_limits(folder):
         )
         assert not matcher.advance(refused)
         assert matcher.error and not matcher.over_limits
+
+
+def test_a_tokenizer_llguidance_cannot_read_refuses_constrained_requests_clearly(folder, tmp_path):
+    """Before: the engine's background thread died with a traceback, and each constrained
+    request then failed with llguidance's ValueError (a 500 on the server)."""
+    import shutil
+
+    broken = tmp_path / "no-decoder"
+    shutil.copytree(folder, broken)
+    spec = json.loads((broken / "tokenizer.json").read_text())
+    spec["decoder"] = None  # llguidance cannot tell how ids become text
+    (broken / "tokenizer.json").write_text(json.dumps(spec))
+    with eager(broken) as engine:
+        engine.grammars.wait_prepared()
+        for _ in range(2):  # refused every time, not only the first
+            with pytest.raises(RequestError, match="llguidance cannot read") as info:
+                engine.generate(**_json_request(1))
+            assert info.value.param == "response_format"
+        # Unconstrained requests are untouched.
+        assert engine.generate(messages=CHAT, max_tokens=3, thinking="off").finish_reason
