@@ -18,6 +18,9 @@ shared by all layers (torch's fp16 matrix-matrix path is ~10x slower than fp32).
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +31,24 @@ DIRECT_ROWS = 2
 
 def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+# Compiled code cannot take the pack (a TorchScript object) as an input: Dynamo refuses it.
+# It takes a one-element tensor naming the layer instead (a buffer, so one compiled layer
+# serves every layer), and this operator finds the pack by that number.
+_PACKED: weakref.WeakValueDictionary[int, HalfWeightLinear] = weakref.WeakValueDictionary()
+_NUMBERS = itertools.count()
+
+
+@torch.library.custom_op("fermi::packed_fp16_linear", mutates_args=())
+def packed_fp16_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The product of float32 ``x`` and the packed weight of the layer ``handle`` names."""
+    return torch.ops.quantized.linear_dynamic_fp16(x, _PACKED[int(handle)]._pack)
+
+
+@packed_fp16_linear.register_fake
+def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 class HalfWeightLinear(nn.Module):
@@ -51,6 +72,10 @@ class HalfWeightLinear(nn.Module):
             # The pack holds the fp16 weight (and the bias) in FBGEMM's blocked layout;
             # rounding through .half() first makes it the same values as the unpacked path.
             self._pack = torch.ops.quantized.linear_prepack_fp16(weight.half().float(), bias)
+            self.out_features = weight.shape[0]
+            number = next(_NUMBERS)
+            _PACKED[number] = self
+            self.register_buffer("_handle", torch.tensor([number]), persistent=False)
             return
         self._weight = nn.Parameter(weight.half(), requires_grad=False)
         self._bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -73,6 +98,8 @@ class HalfWeightLinear(nn.Module):
         if self.packed:
             if x.dtype != torch.float32:
                 x = x.float()
+            if torch.compiler.is_compiling():
+                return packed_fp16_linear(x, self._handle, self.out_features)
             return torch.ops.quantized.linear_dynamic_fp16(x, self._pack)
         rows = x.numel() // x.shape[-1]
         if rows <= DIRECT_ROWS:
