@@ -165,7 +165,13 @@ def main() -> None:
         )
         one(engines[runner], 8, 0)
         concurrent(engines[runner], args.streams, 8, 0)
-        print(f"{runner}: loaded and warmed in {time.perf_counter() - started:.1f} s", flush=True)
+        startup = getattr(engines[runner].runner, "startup", None)
+        result.setdefault("load_s", {})[runner] = {
+            "load_and_warm_s": round(time.perf_counter() - started, 1),
+            "compile_warmup_s": None if startup is None else round(startup.seconds, 1),
+            "compile_cache_hit": None if startup is None else startup.cache_hit,
+        }
+        print(runner, result["load_s"][runner], flush=True)
     rates = {n: {"b1": [], "b4": []} for n in engines}
     for r in range(args.rounds):
         for name, engine in engines.items():

@@ -72,7 +72,7 @@ class HalfWeightLinear(nn.Module):
             # The pack holds the fp16 weight (and the bias) in FBGEMM's blocked layout;
             # rounding through .half() first makes it the same values as the unpacked path.
             self._pack = torch.ops.quantized.linear_prepack_fp16(weight.half().float(), bias)
-            self.out_features = weight.shape[0]
+            self.out_features, self.in_features = weight.shape
             number = next(_NUMBERS)
             _PACKED[number] = self
             self.register_buffer("_handle", torch.tensor([number]), persistent=False)

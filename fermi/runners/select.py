@@ -42,6 +42,8 @@ def torch_runner(
     if name not in (None, *TORCH_RUNNERS):
         raise ValueError(f"runner {name!r} is not one of {', '.join(TORCH_RUNNERS)}")
     check_cache_fits(model, max_batch, max_seq_len, device)
+    if device.type == "cpu":  # the float copies the loader made of the weights are gone
+        memory.release_free_heap()
     if device.type == "cuda" and name in (None, "torch", "torch-cuda"):
         try:
             from fermi.runners.torch_cuda import CudaGraphRunner
