@@ -9,8 +9,8 @@ import torch
 from fermi.engine.api import Engine
 from fermi.loading import load_folder
 from fermi.models.half_weights import use_half_weights
+from fermi.runners.select import torch_runner
 from fermi.runners.torch_cpu_compiled import CompiledCpuRunner
-from fermi.runners.torch_eager import TorchRunner
 from tests.tiny import write_checkpoint
 
 pytestmark = pytest.mark.slow  # Inductor's C++ compiles: ~1-3 minutes on 2 cores
@@ -37,12 +37,19 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engines(folder):
+def compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("compile_cache")
+
+
+@pytest.fixture(scope="module")
+def engines(folder, compile_cache):
     made = []
-    for runner_type in (CompiledCpuRunner, TorchRunner):
+    for name in ("torch-compile", "torch-cpu"):
         ckpt = loaded(folder)
-        kw = {"compile_cache": False} if runner_type is CompiledCpuRunner else {}
-        runner = runner_type(ckpt.model, MAX_BATCH, MAX_SEQ, CHUNK, **kw)
+        # By name, as fermi.load(runner=...) and --runner pick it (fermi.runners.select).
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FERMI_COMPILE_CACHE", str(compile_cache))
+            runner = torch_runner(ckpt.model, name, MAX_BATCH, MAX_SEQ, CHUNK)
         # No prefix reuse: every request prefills from scratch, so the logits test may
         # write the runners' slots directly.
         made.append(Engine(runner, ckpt.tokenizer, ckpt.generation, "tiny", prefix_reuse=False))
@@ -51,13 +58,17 @@ def engines(folder):
         engine.close()
 
 
-def test_compiled_cpu_runner_names_itself_and_compiles_each_step_kind_once(engines):
+def test_compiled_cpu_runner_names_itself_and_compiles_each_step_kind_once(engines, compile_cache):
     compiled = engines[0].runner
+    assert isinstance(compiled, CompiledCpuRunner)
     assert compiled.capabilities.name == "torch-compile"
+    assert engines[1].runner.capabilities.name == "torch-cpu"
     # Prefill, the one-row decode step, the wider one, two samplers; dynamic shapes cover the
     # rest of the buckets (a recompile per bucket would show here).
     assert compiled.startup.compiles <= 10
     assert not compiled.startup.notes
+    # The artefacts went to disk for the next start (one bundle for this model and shape).
+    assert not compiled.startup.cache_hit and len(list(compile_cache.glob("*.bin"))) == 1
 
 
 def test_compiled_cpu_logits_equal_eager_within_float32_reordering(engines):
