@@ -77,7 +77,11 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     resident, every page at once). For a KV cache sized for ``max_batch`` x ``max_seq_len``
     of which a chat uses a corner."""
     numel = math.prod(shape)
-    buffer = mmap.mmap(-1, max(numel * dtype.itemsize, 1))
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no anonymous private mappings
+        return torch.zeros(shape, dtype=dtype)
+    # Private, not Python's default shared mapping: a forked child gets its own copy on
+    # write instead of writing into the parent's cache.
+    buffer = mmap.mmap(-1, max(numel * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE)
     # frombuffer keeps the mapping alive for as long as the tensor (or a view of it) lives.
     return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
 

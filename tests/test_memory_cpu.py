@@ -41,3 +41,16 @@ def test_cpu_kv_cache_is_resident_only_where_written():
     cache.v[0, :, :64] = 1.0
     assert rss() - before < 16 * MIB
     assert cache.k[0, 0, 63, 0].item() == 1.0 and cache.k[1].abs().sum().item() == 0.0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_writes_its_own_copy_of_the_lazy_cache():
+    import os
+
+    t = memory.lazy_zeros((4, 1024), torch.float32)
+    pid = os.fork()
+    if pid == 0:  # the child writes and leaves at once
+        t.fill_(7.0)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert not t.any()
