@@ -14,6 +14,13 @@ from fermi.errors import FermiError, ModelLoadError, RequestError
 # itself (README, "Apple silicon").
 if sys.platform == "darwin" and "torch" not in sys.modules:
     os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+# OpenMP's threads spin at each barrier by default: on a CPU shared with other work (a
+# laptop's browser, a server's tokenizer threads) a spinning thread waits on a core someone
+# else holds. SmolLM2's decode step with 2 threads on the 2-core test machine under load:
+# median 500 ms spinning against 27 ms passive; on a quiet machine passive costs ~3 ms a
+# step (perf/LOG.md). Read once, when torch is first imported (README, "CPU performance").
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
     import torch

@@ -91,7 +91,9 @@ def model_options(func):
             help="Concurrent sequences. [default: 8; 1 for chat and generate]",
         ),
         click.option(
-            "--runner", default=None, help="Force a runner: torch-cpu, torch-cuda, onnx, coreml."
+            "--runner",
+            default=None,
+            help="Force a runner: torch-cpu, torch-compile, torch-cuda, onnx, coreml.",
         ),
         click.option(
             "--quantize",

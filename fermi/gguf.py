@@ -164,6 +164,10 @@ def load_gguf(
     memory.require_free(need, "cpu", f"{path}: dequantizing its weights", DTYPE_ADVICE)
     weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype, kept)
     model = build_model(config, adapter, weights, device, torch_dtype, str(path), quantize)
+    # The float tensors the model did not take (q/k/v and gate/up were fused into new ones)
+    # go now, and each layer's float weight goes as use_half_weights packs it: the load's
+    # peak holds one float copy of the weights, not two.
+    del weights
     if half_storage:
         use_half_weights(model)  # the linear layers left in float (none when quantized)
     if model.quantization is not None:

@@ -4,6 +4,10 @@ an out-of-memory kill."""
 
 from __future__ import annotations
 
+import ctypes
+import math
+import mmap
+
 import torch
 
 from fermi.errors import ModelLoadError
@@ -65,3 +69,29 @@ def require_free(need: int, device, what: str, advice: str) -> None:
     if free is None or need <= free:
         return
     raise ModelLoadError(f"{what} needs {size(need)} and {device} has {size(free)} free: {advice}")
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose pages cost memory only once written: an anonymous mapping,
+    which the kernel backs with zero pages on first touch (``torch.zeros`` writes, so makes
+    resident, every page at once). For a KV cache sized for ``max_batch`` x ``max_seq_len``
+    of which a chat uses a corner."""
+    numel = math.prod(shape)
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no anonymous private mappings
+        return torch.zeros(shape, dtype=dtype)
+    # Private, not Python's default shared mapping: a forked child gets its own copy on
+    # write instead of writing into the parent's cache.
+    buffer = mmap.mmap(-1, max(numel * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE)
+    # frombuffer keeps the mapping alive for as long as the tensor (or a view of it) lives.
+    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``): loading
+    frees hundreds of MB of float copies of the weights, which glibc otherwise keeps
+    resident for later allocations. Nothing where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

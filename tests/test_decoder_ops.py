@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fermi.models.decoder import RMSNorm
+from fermi.models.half_weights import fbgemm_available
 from fermi.models.rope import RopeConfig, rope_tables, rotate
 
 
@@ -47,14 +48,14 @@ def test_rms_norm_fused_path_equals_formula():
     torch.testing.assert_close(norm.bfloat16()(xb), expected)
 
 
-def test_half_weight_linear_answers_fp16_for_few_rows_and_float32_otherwise():
+def test_unpacked_half_weight_linear_answers_fp16_for_few_rows_and_float32_otherwise():
     from torch import nn
 
     from fermi.models.half_weights import HalfWeightLinear
 
     torch.manual_seed(0)
     plain = nn.Linear(64, 32, bias=False)
-    half = HalfWeightLinear(plain, [None])
+    half = HalfWeightLinear(plain, [None], packed=False)
     one, many = torch.randn(1, 1, 64), torch.randn(1, 9, 64)
     with torch.no_grad():
         out_one, out_many = half(one), half(many)
@@ -65,14 +66,47 @@ def test_half_weight_linear_answers_fp16_for_few_rows_and_float32_otherwise():
         torch.testing.assert_close(out_many, plain(many), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.skipif(not fbgemm_available(), reason="FBGEMM (x86) packs the fp16 weights")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 17, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_half_weight_linear_is_the_float_product_of_the_fp16_weight(rows, bias):
+    """Every row count (batched decode, prefill) runs one float32 product of the fp16-rounded
+    weight, answers float32, and leaves the stored weight as it was (no per-step copy)."""
+    from torch import nn
+
+    from fermi.models.half_weights import HalfWeightLinear
+
+    torch.manual_seed(rows)
+    plain = nn.Linear(96, 80, bias=bias)
+    half = HalfWeightLinear(plain, [None])
+    assert half.packed and half.weight.dtype == torch.float16
+    torch.testing.assert_close(half.weight, plain.weight.detach().half(), rtol=0, atol=0)
+    for _ in range(2):  # fresh inputs each time, 3-D as the decoder passes them
+        x = torch.randn(1, rows, 96)
+        with torch.inference_mode():
+            got = half(x)
+        ref = x.double() @ plain.weight.detach().half().double().T
+        if bias:
+            ref = ref + plain.bias.detach().double()
+        assert got.dtype == torch.float32 and got.shape == (1, rows, 80)
+        # float32 accumulation over 96 products of values ~1: error ~1e-6 of the result.
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        with torch.inference_mode():
+            assert torch.equal(half(x.half()), half(x.half().float()))  # fp16 input converted
+
+
 def test_rms_norm_of_fp16_input_with_float32_weight_is_float32():
     norm = RMSNorm(64, 1e-6, unit_offset=True)
     assert norm(torch.randn(1, 1, 64).half()).dtype == torch.float32
 
 
+OPS_PACKED = 37
+
+
 def test_cpu_fp16_decode_step_stays_at_41_ops_a_layer():
     """The eager CPU decode step (fp16 storage, fused projections) dispatches 41 aten ops a
-    layer, views included (perf/notes_cpu_smollm2.md: per-op cost bounds this step)."""
+    layer with unpacked fp16 weights, OPS_PACKED with FBGEMM's packed ones, views included
+    (perf/notes_cpu_smollm2.md: per-op cost bounds this step)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fermi.models.decoder import Decoder
@@ -86,7 +120,7 @@ def test_cpu_fp16_decode_step_stays_at_41_ops_a_layer():
             Count.n += 1
             return func(*args, **(kwargs or {}))
 
-    def ops_per_step(layers: int) -> int:
+    def ops_per_step(layers: int, packed: bool) -> int:
         cfg = llama_config(
             {
                 "vocab_size": 128,
@@ -98,7 +132,7 @@ def test_cpu_fp16_decode_step_stays_at_41_ops_a_layer():
                 "tie_word_embeddings": True,
             }
         )
-        model = use_half_weights(Decoder(cfg).eval())
+        model = use_half_weights(Decoder(cfg).eval(), packed)
         model.setup_cache(max_batch=1, max_seq_len=32)
         slots = torch.zeros(1, dtype=torch.long)
         with torch.inference_mode():
@@ -108,4 +142,6 @@ def test_cpu_fp16_decode_step_stays_at_41_ops_a_layer():
                 model(torch.tensor([[4]]), torch.tensor([[3]]), slots, 4, rows_are_slots=True)
         return Count.n
 
-    assert ops_per_step(4) - ops_per_step(2) == 2 * 41
+    assert ops_per_step(4, False) - ops_per_step(2, False) == 2 * 41
+    if fbgemm_available():  # FBGEMM's products answer float32: the 4 casts go
+        assert ops_per_step(4, True) - ops_per_step(2, True) == 2 * OPS_PACKED

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from fermi import memory
 from fermi.models.context import StepContext
 
 
@@ -46,8 +47,12 @@ class KVCache(nn.Module):
     ) -> None:
         super().__init__()
         shape = (max_batch, kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for name in ("k", "v"):
+            if torch.device(device).type == "cpu":  # resident only where written
+                buffer = memory.lazy_zeros(shape, dtype)
+            else:
+                buffer = torch.zeros(shape, dtype=dtype, device=device)
+            self.register_buffer(name, buffer, persistent=False)
         # Zeroed counters for the split decode kernel (fermi.models.split_decode).
         counters = torch.zeros(max_batch * kv_heads, dtype=torch.int32, device=device)
         self.register_buffer("counters", counters, persistent=False)

@@ -1,64 +1,134 @@
 """Half-precision weight storage for float32 inference on CPU.
 
 Decoding one token reads every weight once, so on CPU it is bound by memory bandwidth:
-fp16 weights halve the bytes. Measured on a 2-core AVX2 machine without native fp16 or
-bf16 arithmetic (see perf/notes_cpu_smollm2.md): torch's fp16 matrix-vector kernel
-(fp16 weights converted on the fly, fp32 accumulation) is ~1.6x faster than fp32 at one
-row, equal at four, while its fp16 matrix-matrix path is ~10x slower than fp32 at 64 rows,
-and bf16 matrix-vector is ~80x slower than fp32. So activations and the KV cache stay
-float32; products with few rows use the fp16 weights directly, larger ones (prefill) first
-upcast the weight into a float32 scratch buffer shared by all layers.
+fp16 weights halve the bytes. Activations and the KV cache stay float32.
+
+On x86 the weights are packed once, at load, for FBGEMM's fp16 matrix product
+(``quantized.linear_prepack_fp16``: fp16 weights converted in registers, float32
+activations and accumulation). Measured on SmolLM2-135M's shapes (perf/LOG.md,
+``perf/micro_cpu_batched.py``), one thread, a step's 121 products: 10 ms at 1 row, 20 ms at
+4 and 8, 135 ms at 64, against 16 / 72 / 187 / 1582 ms for torch's plain fp16 product and
+43 / 72 / 78 / 410 ms for float32 weights. So one kernel serves every row count: no weight
+is copied or up-cast in any step, and batched decode costs little more than one row.
+
+Without FBGEMM (ARM) the weights stay an fp16 tensor: products of few rows use torch's fp16
+matrix-vector kernel, larger ones first upcast the weight into a float32 scratch buffer
+shared by all layers (torch's fp16 matrix-matrix path is ~10x slower than fp32).
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Up to this many rows (tokens x batch) the fp16 matrix-vector path wins.
+# Without FBGEMM, up to this many rows (tokens x batch) the fp16 matrix-vector path wins.
 DIRECT_ROWS = 2
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+# Compiled code cannot take the pack (a TorchScript object) as an input: Dynamo refuses it.
+# It takes a one-element tensor naming the layer instead (a buffer, so one compiled layer
+# serves every layer), and this operator finds the pack by that number.
+_PACKED: weakref.WeakValueDictionary[int, HalfWeightLinear] = weakref.WeakValueDictionary()
+_NUMBERS = itertools.count()
+
+
+@torch.library.custom_op("fermi::packed_fp16_linear", mutates_args=())
+def packed_fp16_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The product of float32 ``x`` and the packed weight of the layer ``handle`` names."""
+    return torch.ops.quantized.linear_dynamic_fp16(x, _PACKED[int(handle)]._pack)
+
+
+@packed_fp16_linear.register_fake
+def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 class HalfWeightLinear(nn.Module):
     """``nn.Linear`` with an fp16 weight and float32 arithmetic.
 
-    Takes float32 or fp16 inputs. Returns float32, except for products of few rows (the
-    fp16 kernel) without a bias, which return the kernel's fp16 output: callers promote it
+    Packed for FBGEMM (x86): takes float32 inputs (others are converted) and returns float32
+    at every row count. Unpacked (without FBGEMM): returns float32, except for products of
+    few rows without a bias, which return the fp16 kernel's output; callers promote it
     (``x + out``) or convert it (``.float()``, ``.to(dtype)``) where they need float32.
+    ``weight`` (fp16) and ``bias`` (float32) read the stored values in either case.
     """
 
-    def __init__(self, linear: nn.Linear, scratch: list[torch.Tensor | None]) -> None:
+    def __init__(
+        self, linear: nn.Linear, scratch: list[torch.Tensor | None], packed: bool | None = None
+    ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().half(), requires_grad=False)
-        bias = linear.bias
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
+        self.packed = fbgemm_available() if packed is None else packed
+        weight = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        if self.packed:
+            # The pack holds the fp16 weight (and the bias) in FBGEMM's blocked layout;
+            # rounding through .half() first makes it the same values as the unpacked path.
+            self._pack = torch.ops.quantized.linear_prepack_fp16(weight.half().float(), bias)
+            self.out_features, self.in_features = weight.shape
+            number = next(_NUMBERS)
+            _PACKED[number] = self
+            self.register_buffer("_handle", torch.tensor([number]), persistent=False)
+            return
+        self._weight = nn.Parameter(weight.half(), requires_grad=False)
+        self._bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         # One float32 buffer for the whole model, grown to the largest weight upcast.
         self._scratch = scratch
 
+    @property
+    def weight(self) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.quantized.linear_unpack_fp16(self._pack)[0].half()
+        return self._weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if self.packed:
+            return torch.ops.quantized.linear_unpack_fp16(self._pack)[1]
+        return self._bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            if x.dtype != torch.float32:
+                x = x.float()
+            if torch.compiler.is_compiling():
+                return packed_fp16_linear(x, self._handle, self.out_features)
+            return torch.ops.quantized.linear_dynamic_fp16(x, self._pack)
         rows = x.numel() // x.shape[-1]
         if rows <= DIRECT_ROWS:
             # The fp16 kernel's output stays fp16 (it is rounded to fp16 anyway): the next
             # op promotes it (a residual add, a bias) or takes it as is (the MLP's product
             # feeding down_proj), which saves a cast on either side of most products.
             x16 = x if x.dtype == torch.float16 else x.to(torch.float16)
-            out = F.linear(x16, self.weight)
-            return out if self.bias is None else out + self.bias
+            out = F.linear(x16, self._weight)
+            return out if self._bias is None else out + self._bias
         if x.dtype != torch.float32:
             x = x.float()
-        return F.linear(x, self._upcast(), self.bias)
+        return F.linear(x, self._upcast(), self._bias)
 
     def _upcast(self) -> torch.Tensor:
         buf = self._scratch[0]
-        if buf is None or buf.numel() < self.weight.numel():
-            buf = torch.empty(self.weight.numel(), dtype=torch.float32)
+        weight = self._weight
+        if buf is None or buf.numel() < weight.numel():
+            buf = torch.empty(weight.numel(), dtype=torch.float32)
             self._scratch[0] = buf
-        return buf[: self.weight.numel()].view(self.weight.shape).copy_(self.weight)
+        return buf[: weight.numel()].view(weight.shape).copy_(weight)
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.shape
+        return f"in_features={inp}, out_features={out}, packed={self.packed}"
 
 
-def use_half_weights(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` of a float32 CPU model by a :class:`HalfWeightLinear`.
+def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:
+    """Replace every ``nn.Linear`` of a float32 CPU model by a :class:`HalfWeightLinear`
+    (``packed``: FBGEMM's layout; None: where FBGEMM is available).
 
     A tied ``lm_head`` gets its own fp16 copy: the float32 embedding is only gathered from
     (one row per token), while the head is read whole every step.
@@ -67,5 +137,5 @@ def use_half_weights(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, HalfWeightLinear(child, scratch))
+                setattr(parent, name, HalfWeightLinear(child, scratch, packed))
     return model

@@ -11,7 +11,7 @@ from fermi.models.decoder import Decoder
 from fermi.runners.base import Runner
 from fermi.runners.longrope import with_longrope
 
-TORCH_RUNNERS = ("torch", "torch-cpu", "torch-cuda", "torch-eager")
+TORCH_RUNNERS = ("torch", "torch-cpu", "torch-cuda", "torch-eager", "torch-compile")
 
 
 def default_device() -> torch.device:
@@ -36,11 +36,14 @@ def torch_runner(
     max_seq_len: int,
     prefill_chunk: int | None,
 ) -> Runner:
-    """The eager runner anywhere; the compiled CUDA runner when on a CUDA device."""
+    """The eager runner anywhere; the compiled CUDA runner when on a CUDA device; the
+    compiled CPU runner when asked for (``torch-compile``)."""
     device = model.model.embed_tokens.weight.device
     if name not in (None, *TORCH_RUNNERS):
         raise ValueError(f"runner {name!r} is not one of {', '.join(TORCH_RUNNERS)}")
     check_cache_fits(model, max_batch, max_seq_len, device)
+    if device.type == "cpu":  # the float copies the loader made of the weights are gone
+        memory.release_free_heap()
     if device.type == "cuda" and name in (None, "torch", "torch-cuda"):
         try:
             from fermi.runners.torch_cuda import CudaGraphRunner
@@ -49,6 +52,11 @@ def torch_runner(
         if CudaGraphRunner is not None:
             runner = CudaGraphRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk)
             return with_longrope(runner, model)
+    if name == "torch-compile":
+        from fermi.runners.torch_cpu_compiled import CompiledCpuRunner
+
+        compiled = CompiledCpuRunner(model, max_batch, max_seq_len, prefill_chunk)
+        return with_longrope(compiled, model)
     from fermi.runners.torch_eager import TorchRunner
 
     runner = TorchRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk or 512)

@@ -135,8 +135,15 @@ class StartupStats:
 
 
 def quantization_label(model: Decoder) -> str | None:
-    """What the loader quantized (it changes the compiled code), or None."""
-    return None if model.quantization is None else model.quantization.spec.label
+    """What the loader quantized or stored in fp16 on CPU (it changes the compiled code), or
+    None."""
+    if model.quantization is not None:
+        return model.quantization.spec.label
+    from fermi.models.half_weights import HalfWeightLinear
+
+    if any(isinstance(m, HalfWeightLinear) for m in model.modules()):
+        return "fp16-storage"
+    return None
 
 
 def _compiled_frames() -> int:

@@ -1,0 +1,94 @@
+"""SmolLM2-135M's eager decode step on CPU by intra-op thread count and OpenMP wait policy.
+
+Each policy (``OMP_WAIT_POLICY`` unset, i.e. active spinning, and ``PASSIVE``) needs its own
+process: OpenMP reads it once, when torch loads it. Processes alternate (``--rounds`` of
+each); inside one, thread counts alternate step by step (``torch.set_num_threads``). The
+step is ``Decoder.forward`` (fp16 storage, packed) at 1 and 4 rows, position 130.
+
+    .venv/bin/python perf/threads_cpu.py --out perf/results/cpu_threads.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from fermi.aliases import alias_path
+from fermi.gguf import load_gguf
+model = load_gguf(alias_path("smollm2-135m"), torch.device("cpu"), None).model
+model.setup_cache(4, 256)
+counts = [int(c) for c in sys.argv[2].split(",")]
+times = {f"{t} threads, {r} rows": [] for t in counts for r in (1, 4)}
+with torch.inference_mode():
+    for _ in range(int(sys.argv[3])):
+        for t in counts:
+            torch.set_num_threads(t)
+            for r in (1, 4):
+                tokens, positions = torch.full((r, 1), 5), torch.full((r, 1), 130)
+                started = time.perf_counter()
+                model(tokens, positions, torch.arange(r), 131, rows_are_slots=True)
+                times[f"{t} threads, {r} rows"].append(1e3 * (time.perf_counter() - started))
+print(json.dumps(times))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--threads", default=f"1,{os.cpu_count()}")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    merged: dict[str, dict[str, list[float]]] = {}
+    load = [os.getloadavg()]
+    for _ in range(args.rounds):
+        for policy in ("ACTIVE (unset)", "PASSIVE"):
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            if policy == "PASSIVE":
+                env["OMP_WAIT_POLICY"] = "PASSIVE"
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, str(ROOT), args.threads, str(args.steps)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
+            )
+            times = json.loads(out.stdout.strip().splitlines()[-1])
+            for key, values in times.items():
+                merged.setdefault(policy, {}).setdefault(key, []).extend(values[1:])
+            load.append(os.getloadavg())
+    result = {
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "note": "shared machine; load averages after each process below",
+        "load_averages": load,
+        "step_ms": {
+            policy: {
+                key: {
+                    "min": round(min(v), 1),
+                    "median": round(statistics.median(v), 1),
+                    "p90": round(statistics.quantiles(v, n=10)[-1], 1),
+                }
+                for key, v in by_key.items()
+            }
+            for policy, by_key in merged.items()
+        },
+    }
+    print(json.dumps(result["step_ms"], indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
