@@ -425,6 +425,36 @@ def test_an_artefact_on_the_hub_downloads_every_file_its_manifest_lists(
     assert "model.onnx" not in asked[0] and {"model.onnx", "README.md"} <= set(asked[1])
 
 
+def test_a_hub_id_whose_snapshot_is_symlinks_exports_with_real_files(
+    exported, tmp_path, monkeypatch
+):
+    """By Hub id, from a cache snapshot that links every file into a blob store (how
+    huggingface_hub stores one): the artefact gets the files' contents, not links."""
+    import huggingface_hub
+
+    source = exported[0]
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for file in source.iterdir():
+        blob = blobs / sha256_file(file)
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(blob)
+
+    def snapshot_download(repo_id, allow_patterns, local_files_only=False):
+        assert repo_id == "someone/tiny-qwen3"
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    out = tmp_path / "art"
+    options = ExportOptions(model="someone/tiny-qwen3", target="onnx", out=out, max_seq_len=SEQ)
+    manifest = export_model(options, progress=lambda _: None)
+    assert manifest.source == "someone/tiny-qwen3" and manifest.numerics.greedy_equal == [16] * 6
+    for name in ("tokenizer.json", "config.json", "model.onnx"):
+        assert (out / name).is_file() and not (out / name).is_symlink()
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+
+
 def test_int4_from_a_q4_1_gguf_keeps_its_blocks_exactly(exported, tmp_path):
     """MatMulNBits with the file's own codes, scales and (float) zero points -m/d: the
     graph computes the GGUF weights, so the int4 export reproduces the source as the fp32
