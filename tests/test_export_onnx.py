@@ -28,7 +28,7 @@ from fermi.loading import load_folder
 from fermi.runners.artefact import read_manifest, sha256_file
 from fermi.runners.onnx import OnnxRunner
 from fermi.runners.torch_eager import TorchRunner
-from tests.serving import NEEDS_SMOLLM2
+from tests.serving import NEEDS_SMOLLM2, REPO
 from tests.tiny import write_checkpoint
 
 SEQ = 128
@@ -161,6 +161,62 @@ def test_the_readme_example_runs_with_plain_onnxruntime_and_matches_torch(export
     assert ids == expected
 
 
+def test_the_project_readmes_onnxruntime_example_runs_on_the_folder_and_matches_torch(exported):
+    """README.md's "Export to device" loop, which reads the cache shapes from the session,
+    run as written on the exported folder."""
+    source, art, _, _ = exported
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Export to device") :]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    example = next(b for b in blocks if "ort.InferenceSession" in b)
+    assert 'folder = "qwen3-onnx"' in example
+    example = example.replace('folder = "qwen3-onnx"', f"folder = {str(art)!r}")
+    example = example.replace(
+        "print(tokenizer.decode(", "print(tokens[len(prompt):])\nprint(tokenizer.decode("
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", example], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    ids = ast.literal_eval(res.stdout.splitlines()[0])
+    tokenizer = load_folder(source, torch.device("cpu"), torch.float32).tokenizer
+    expected, _ = greedy(torch_runner(source), tokenizer.encode("The capital of France is"), 16)
+    assert ids == expected
+
+
+def test_the_project_readmes_onnxruntime_genai_example_runs_on_the_folder(exported):
+    pytest.importorskip("onnxruntime_genai")
+    source, art, _, _ = exported
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Export to device") :]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    example = next(b for b in blocks if "import onnxruntime_genai" in b)
+    assert 'og.Model("qwen3-onnx")' in example
+    example = example.replace('"qwen3-onnx"', repr(str(art)))
+    example += "print([int(t) for t in generator.get_sequence(0)])\n"
+    res = subprocess.run(
+        [sys.executable, "-c", example], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    sequence = ast.literal_eval(res.stdout.strip().splitlines()[-1])
+    tokenizer = load_folder(source, torch.device("cpu"), torch.float32).tokenizer
+    prompt = tokenizer.encode("The capital of France is")
+    assert sequence[: len(prompt)] == prompt
+    generated = sequence[len(prompt) :]
+    expected, _ = greedy(torch_runner(source), prompt, len(generated))
+    assert len(generated) > 8 and generated == expected
+
+
+def test_onnxruntime_does_not_spin_between_ops_unless_asked(exported):
+    """Spinning intra-op threads keep the cores busy while torch samples between steps."""
+    _, art, manifest, _ = exported
+    key = "session.intra_op.allow_spinning"
+    quiet = OnnxRunner(art, manifest, 1, SEQ, manifest.prefill_chunk)
+    spinning = OnnxRunner(art, manifest, 1, SEQ, manifest.prefill_chunk, spinning=True)
+    assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
+    assert spinning.session.get_session_options().get_session_config_entry(key) == "1"
+
+
 def test_manifest_records_shapes_and_the_sha256_of_every_file(exported):
     _, art, manifest, _ = exported
     on_disk = {p.name for p in art.iterdir() if p.is_file()} - {"manifest.json"}
@@ -220,6 +276,26 @@ def test_int8_quantized_graph_is_smaller_and_tracks_the_engine(exported, tmp_pat
     # 0.098 on the random tiny model, whose near-tied logits part easily).
     assert parity.first_divergence is None or parity.first_divergence > 2, parity.summary()
     assert parity.max_logit_diff < 0.3, parity.summary()
+
+
+def test_an_fp16_export_runs_on_the_cpu_provider_close_to_the_engine(exported, tmp_path):
+    """fp16 weights and cache (what the CUDA provider needs) run on the CPU too: the
+    export's own check runs it there, and so does Fermi's runner."""
+    source = exported[0]
+    options = ExportOptions(
+        model=str(source), target="onnx", out=tmp_path / "fp16", dtype="fp16", max_seq_len=SEQ
+    )
+    manifest = export_model(options, progress=lambda _: None)
+    pasts = [t for t in manifest.inputs if t.name.startswith("past_key_values.")]
+    assert manifest.cache.dtype == "float16" and {t.dtype for t in pasts} == {"float16"}
+    assert next(t for t in manifest.outputs if t.name == "logits").dtype == "float32"
+    runner = OnnxRunner(tmp_path / "fp16", manifest, 1, SEQ, manifest.prefill_chunk)
+    prompt = sample_prompt(manifest.vocab_size, 12, seed=5)
+    parity = compare(torch_runner(source), runner, prompt, steps=16)
+    # fp16 rounding of weights, cache and arithmetic against the fp32 engine (seen: 16
+    # greedy tokens identical, logits within 5.1e-3).
+    assert parity.first_divergence is None or parity.first_divergence > 4, parity.summary()
+    assert parity.max_logit_diff < 5e-2, parity.summary()
 
 
 def tampered_copy(art, tmp_path):
@@ -347,6 +423,36 @@ def test_an_artefact_on_the_hub_downloads_every_file_its_manifest_lists(
     with fermi.load("someone/tiny-onnx") as engine:
         assert engine.capabilities.name == "onnx"
     assert "model.onnx" not in asked[0] and {"model.onnx", "README.md"} <= set(asked[1])
+
+
+def test_a_hub_id_whose_snapshot_is_symlinks_exports_with_real_files(
+    exported, tmp_path, monkeypatch
+):
+    """By Hub id, from a cache snapshot that links every file into a blob store (how
+    huggingface_hub stores one): the artefact gets the files' contents, not links."""
+    import huggingface_hub
+
+    source = exported[0]
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for file in source.iterdir():
+        blob = blobs / sha256_file(file)
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(blob)
+
+    def snapshot_download(repo_id, allow_patterns, local_files_only=False):
+        assert repo_id == "someone/tiny-qwen3"
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    out = tmp_path / "art"
+    options = ExportOptions(model="someone/tiny-qwen3", target="onnx", out=out, max_seq_len=SEQ)
+    manifest = export_model(options, progress=lambda _: None)
+    assert manifest.source == "someone/tiny-qwen3" and manifest.numerics.greedy_equal == [16] * 6
+    for name in ("tokenizer.json", "config.json", "model.onnx"):
+        assert (out / name).is_file() and not (out / name).is_symlink()
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
 
 
 def test_int4_from_a_q4_1_gguf_keeps_its_blocks_exactly(exported, tmp_path):

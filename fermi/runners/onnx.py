@@ -34,7 +34,7 @@ def session_options(threads: int | None = None, spinning: bool = False):
     """onnxruntime session options for a process that runs torch too: ``threads`` intra-op
     threads (None: onnxruntime's default, one per physical core), and no spin-waiting
     between ops unless ``spinning`` (spinning threads keep the cores busy while torch
-    samples; perf/bench_export.py measures both)."""
+    samples; perf/bench_onnx_decode.py measures both)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
