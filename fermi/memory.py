@@ -77,7 +77,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     resident, every page at once). For a KV cache sized for ``max_batch`` x ``max_seq_len``
     of which a chat uses a corner."""
     numel = math.prod(shape)
-    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no anonymous private mappings
+    if not hasattr(mmap, "MAP_PRIVATE") or numel == 0:  # Windows: no anonymous private mappings
         return torch.zeros(shape, dtype=dtype)
     # Private, not Python's default shared mapping: a forked child gets its own copy on
     # write instead of writing into the parent's cache.

@@ -245,3 +245,22 @@ def test_graph_runner_warms_the_prefill_graphs_every_first_chunk_uses(arch):
     runner.prefill(0, [1, 2, 3], 32)  # after cached context: masked
     assert keys[:4] == [("prefill", t, runner.kv_sizes[0], causal) for t in (16, 16, 32, 32)]
     assert keys[4] == ("prefill", 16, runner.kv_sizes[0], False)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_a_non_finite_padding_row_never_reaches_the_real_rows(arch):
+    """A padded chunk's padding rows are among a causal step's keys: masked, but 0 x NaN is
+    NaN, so a padding row holding a NaN (a windowed layer's padded query that saw no key
+    gives one on some CUDA kernels) spoiled every real row before its keys and values were
+    zeroed. The padding id's embedding set to inf stands for any such row."""
+    logits = {}
+    for causal in (False, True):
+        torch.manual_seed(0)
+        model = model_of(config(arch))
+        model.causal_prefill = causal
+        with torch.no_grad():
+            model.model.embed_tokens.weight[0] = float("inf")  # the id padding rows carry
+        runner = CudaGraphRunner(model, 2, 128, 16, backend=None, use_graphs=False, warmup=False)
+        logits[causal] = runner.prefill(0, [5, 6, 7, 8, 9], 0)  # padded to 16 with id 0
+    assert torch.isfinite(logits[True]).all()
+    torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-5)

@@ -54,3 +54,38 @@ def test_a_forked_child_writes_its_own_copy_of_the_lazy_cache():
         os._exit(0)
     os.waitpid(pid, 0)
     assert not t.any()
+
+
+def test_a_zero_size_lazy_cache_is_allowed_as_torch_zeros_allows_it():
+    assert memory.lazy_zeros((0, 4), torch.float32).shape == (0, 4)
+
+
+def test_fp16_storage_frees_each_float_weight_as_it_goes():
+    """The load's peak must not hold a float and an fp16 copy of every weight: converting
+    a layer's products happens while the layers converted before no longer hold their
+    float weights (a list of every module kept them all alive before)."""
+    import gc
+    import weakref
+
+    from torch import nn
+
+    from fermi.models import half_weights
+    from tests.test_causal_prefill import config, model_of
+
+    model = model_of(config("qwen3"))
+    refs = [weakref.ref(m) for m in model.modules() if isinstance(m, nn.Linear)]
+    alive_at_each = []
+    build = half_weights.HalfWeightLinear.__init__
+
+    def counting(self, linear, *args, **kwargs):
+        gc.collect()
+        alive_at_each.append(sum(r() is not None for r in refs))
+        build(self, linear, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(half_weights.HalfWeightLinear, "__init__", counting)
+        half_weights.use_half_weights(model, packed=False)
+    # Two products a parent at most (attention: qkv, o; MLP: gate_up, down) are alive while
+    # their parent converts; the rest went as their parents finished.
+    assert len(alive_at_each) == len(refs)
+    assert alive_at_each[-1] <= 2, alive_at_each

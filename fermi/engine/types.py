@@ -110,7 +110,8 @@ class Delta:
         request's fault (a ``RequestError``, which HTTP answers 400 and gRPC
         INVALID_ARGUMENT); anything else is the engine's (a ``FermiError``)."""
         if self.error_code == "grammar_limit":
-            return RequestError(self.error or "", "response_format", "grammar_too_complex")
+            # No param: the grammar came from response_format, tools or grammar=.
+            return RequestError(self.error or "", None, "grammar_too_complex")
         return FermiError(f"generation failed: {self.error}")
 
 

@@ -199,6 +199,13 @@ class Attention(nn.Module):
 
         self.cache.write(k, v, ctx)
         if ctx.causal and not self.needs_mask:
+            # A graph runner pads a chunk to its bucket with rows at the scratch position,
+            # past kv_len, and here they are among the keys: masked, but a masked weight of 0
+            # times a NaN value (a padded row can hold one, e.g. after a windowed layer where
+            # it saw no key) is NaN. Their keys and values are zeroed, so no padding value
+            # reaches a real row whatever it holds.
+            real = (ctx.positions < ctx.kv_len)[:, None, :, None]
+            k, v = torch.where(real, k, 0), torch.where(real, v, 0)
             return self._attend_causal(q, k, v).transpose(1, 2).reshape(b, t, h * d)
         keys, values = self.cache.read(ctx)
 

@@ -134,7 +134,10 @@ def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:
     (one row per token), while the head is read whole every step.
     """
     scratch: list[torch.Tensor | None] = [None]
-    for parent in list(model.modules()):
+    # The parents only: a list that held the nn.Linear modules too would keep every float
+    # weight alive until the end, so the load's peak would hold a float and an fp16 copy.
+    parents = [m for m in model.modules() if not isinstance(m, nn.Linear)]
+    for parent in parents:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, HalfWeightLinear(child, scratch, packed))
