@@ -281,7 +281,9 @@ class GrammarCompiler:
                     self._tok = llguidance.LLTokenizer(
                         self._backend.to_str(), n_vocab=self.vocab_size, eos_token=self._eos
                     )
-                except (ValueError, RuntimeError) as exc:
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:  # also a Rust panic (pyo3's PanicException)
                     self._tok_error = (
                         f"structured outputs and tools need a grammar over this model's "
                         f"tokenizer, which llguidance cannot read ({_clean(exc)})"

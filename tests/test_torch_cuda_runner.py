@@ -338,3 +338,18 @@ def test_row_kernels_false_turns_off_products_an_earlier_runner_turned_on(folder
     )
     assert not off.row_kernels and not model.row_kernels
     assert not any(layer.row_kernels for layer in model.model.layers)
+
+
+def test_the_compile_key_tells_the_fp16_weight_layouts_apart():
+    """FBGEMM's packs (x86) and plain fp16 weights compile to different code: one key for
+    both would make a shared compile cache start cold on one of them every time."""
+    from fermi.models.half_weights import fbgemm_available, use_half_weights
+    from fermi.runners.torch_cuda import quantization_label
+    from tests.test_causal_prefill import config, model_of
+
+    assert quantization_label(model_of(config("qwen3"))) is None
+    plain = use_half_weights(model_of(config("qwen3")), packed=False)
+    assert quantization_label(plain) == "fp16-storage"
+    if fbgemm_available():
+        packed = use_half_weights(model_of(config("qwen3")), packed=True)
+        assert quantization_label(packed) == "fp16-packed"

@@ -141,8 +141,9 @@ def quantization_label(model: Decoder) -> str | None:
         return model.quantization.spec.label
     from fermi.models.half_weights import HalfWeightLinear
 
-    if any(isinstance(m, HalfWeightLinear) for m in model.modules()):
-        return "fp16-storage"
+    half = [m for m in model.modules() if isinstance(m, HalfWeightLinear)]
+    if half:  # FBGEMM's packs (x86) and plain fp16 weights compile to different code
+        return "fp16-packed" if any(m.packed for m in half) else "fp16-storage"
     return None
 
 
