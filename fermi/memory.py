@@ -81,7 +81,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype)
     # Private, not Python's default shared mapping: a forked child gets its own copy on
     # write instead of writing into the parent's cache.
-    buffer = mmap.mmap(-1, max(numel * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE)
+    buffer = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE)
     # frombuffer keeps the mapping alive for as long as the tensor (or a view of it) lives.
     return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
 

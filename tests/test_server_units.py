@@ -621,6 +621,21 @@ def test_an_error_counts_in_metrics_with_the_status_sent(api, monkeypatch):
     assert count() == before + 1
 
 
+def streamed_until_it_fails(api, path: str, body: dict) -> bytes:
+    """A streamed request's bytes up to the end a failure gives it (the adapter then closes
+    the stream quietly: ``StreamEndedError``)."""
+
+    async def run() -> bytes:
+        reply = await api.handle("POST", path, {}, json.dumps({**body, "stream": True}).encode())
+        got = []
+        with pytest.raises(StreamEndedError):  # after the error (or failed) event
+            async for chunk in reply.chunks():
+                got.append(chunk)
+        return b"".join(got)
+
+    return asyncio.run(run())
+
+
 def test_a_grammar_past_its_limits_is_a_400_whole_or_streamed(api, monkeypatch):
     import fermi.grammar
     from tests.test_grammar import SCHEMA
@@ -637,16 +652,7 @@ def test_a_grammar_past_its_limits_is_a_400_whole_or_streamed(api, monkeypatch):
     assert (reply.status, error and error["code"]) == (400, "grammar_too_complex"), reply.body
     assert "more work for one token" in error["message"]
 
-    async def streamed():
-        raw = json.dumps({**body, "stream": True}).encode()
-        reply = await api.handle("POST", "/v1/chat/completions", {}, raw)
-        got = []
-        with pytest.raises(StreamEndedError):  # after the error event
-            async for chunk in reply.chunks():
-                got.append(chunk)
-        return b"".join(got)
-
-    events = asyncio.run(streamed()).decode()
+    events = streamed_until_it_fails(api, "/v1/chat/completions", body).decode()
     assert '"code":"grammar_too_complex"' in events.replace(" ", "")
 
 
@@ -662,18 +668,9 @@ def test_a_grammar_past_its_limits_fails_a_response_as_the_requests_fault(api, m
     error = json.loads(reply.body).get("error")
     assert (reply.status, error and error["code"]) == (400, "grammar_too_complex"), reply.body
 
-    async def streamed():
-        raw = json.dumps({**body, "stream": True}).encode()
-        reply = await api.handle("POST", "/v1/responses", {}, raw)
-        got = []
-        with pytest.raises(StreamEndedError):  # after the failed event
-            async for chunk in reply.chunks():
-                got.append(chunk)
-        return got
-
     events = [
         json.loads(line[6:])
-        for line in b"".join(asyncio.run(streamed())).decode().splitlines()
+        for line in streamed_until_it_fails(api, "/v1/responses", body).decode().splitlines()
         if line.startswith("data: ")
     ]
     failed = events[-1]

@@ -68,11 +68,11 @@ class HalfWeightLinear(nn.Module):
         self.packed = fbgemm_available() if packed is None else packed
         weight = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach().float()
+        self.out_features, self.in_features = weight.shape
         if self.packed:
             # The pack holds the fp16 weight (and the bias) in FBGEMM's blocked layout;
             # rounding through .half() first makes it the same values as the unpacked path.
             self._pack = torch.ops.quantized.linear_prepack_fp16(weight.half().float(), bias)
-            self.out_features, self.in_features = weight.shape
             number = next(_NUMBERS)
             _PACKED[number] = self
             self.register_buffer("_handle", torch.tensor([number]), persistent=False)
@@ -122,8 +122,8 @@ class HalfWeightLinear(nn.Module):
         return buf[: weight.numel()].view(weight.shape).copy_(weight)
 
     def extra_repr(self) -> str:
-        out, inp = self.weight.shape
-        return f"in_features={inp}, out_features={out}, packed={self.packed}"
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, packed={self.packed}"
 
 
 def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:

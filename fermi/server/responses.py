@@ -406,14 +406,8 @@ class ResponsesStreamReply(StreamReply):
         return self.writer.opening()
 
     def feed(self, index: int, delta: Delta) -> bytes:
-        if delta.error:
-            self.failed = True
-            if delta.error_code == "grammar_limit":  # the request's grammar: its fault
-                self.api.metrics.error(400)
-                # The API's codes have none for grammars; "invalid_prompt" is the request's.
-                return self.writer.failed(f"grammar_too_complex: {delta.error}", "invalid_prompt")
-            self.api.metrics.error(500)
-            return self.writer.failed(f"generation failed: {delta.error}")
+        if delta.error:  # counted and ended as every stream's, through failed_event
+            return super().feed(index, delta)
         self.choices[index].end(delta)
         return self.writer.event(delta)
 
@@ -422,8 +416,13 @@ class ResponsesStreamReply(StreamReply):
         return self.writer.closing(self.choices[0], prompt_tokens)
 
     def failed_event(self, error: ApiError) -> bytes:
-        """An unexpected failure after the stream started (the server adapter's catch-all)
-        ends it as an engine failure does: ``response.failed``."""
+        """A failure after the stream started (the engine's, or the server adapter's
+        catch-all) ends it with ``response.failed``. The API's error codes have none for
+        a request's own fault such as a grammar past its limits: that is
+        ``invalid_prompt``, with our code leading the message."""
+        if error.status < 500:
+            message = f"{error.code}: {error.message}" if error.code else error.message
+            return self.writer.failed(message, "invalid_prompt")
         return self.writer.failed(error.message)
 
 
