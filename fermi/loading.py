@@ -264,8 +264,13 @@ def build_model(
     dtype: torch.dtype,
     source: str,
     quantize: QuantSpec | None = None,
+    linear_dtype: torch.dtype | None = None,
 ) -> Decoder:
     """Create the decoder without initialising it, then assign the checkpoint's tensors.
+
+    ``linear_dtype``: the linear layers' weights (``*_proj.weight``, an untied
+    ``lm_head.weight``) in this dtype instead of ``dtype``; for a CPU load whose
+    ``use_half_weights`` stores them in fp16 next, they never exist in float32.
 
     With ``quantize``, the linear layers it names become ``QuantLinear``s: a part already
     quantized in the target scheme (a :class:`QuantizedWeight`, as ``fermi.gguf`` reads
@@ -332,7 +337,10 @@ def build_model(
         if kind == "weight" and module in targets:
             quantized[module] = [tensors[part] for part, _ in name_parts]
             continue
-        loaded = [_float(tensors[part]).to(device=device, dtype=dtype) for part, _ in name_parts]
+        to = dtype
+        if linear_dtype is not None and (name.endswith("_proj.weight") or name == "lm_head.weight"):
+            to = linear_dtype
+        loaded = [_float(tensors[part]).to(device=device, dtype=to) for part, _ in name_parts]
         state[name] = loaded[0] if len(loaded) == 1 else torch.cat(loaded)
     if "lm_head" in targets and config.tie_word_embeddings:
         quantized["lm_head"] = [state["model.embed_tokens.weight"]]

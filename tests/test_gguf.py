@@ -271,6 +271,48 @@ def test_quantized_gguf_on_cpu_defaults_to_fp16_weights_with_fp32_compute(tmp_pa
     assert ((got - ref).norm() / ref.norm()).item() < 1e-3
 
 
+@pytest.mark.parametrize("weight_type", [Q.Q8_0, Q.Q4_1])
+def test_fp16_storage_reads_matrices_as_fp16_and_packs_the_same_values(
+    tmp_path, llama_folder, weight_type
+):
+    """The CPU's fp16 storage reads a GGUF's projection matrices straight to fp16 and packs
+    them on several threads (perf/LOG.md run 32); the packs hold exactly what packing the
+    float32 model one layer at a time gives."""
+    from fermi import gguf as gguf_module
+    from fermi.models.half_weights import HalfWeightLinear, use_half_weights
+
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=weight_type)
+    seen: dict[str, torch.dtype] = {}
+    read = gguf_module.read_weights
+
+    def spy(*args, **kwargs):
+        weights = read(*args, **kwargs)
+        seen.update({k: v.dtype for k, v in weights.items()})
+        return weights
+
+    gguf_module.read_weights = spy
+    try:
+        half = load_gguf(path, CPU).model
+    finally:
+        gguf_module.read_weights = read
+    assert {d for k, d in seen.items() if k.endswith("_proj.weight")} == {torch.float16}
+    assert {d for k, d in seen.items() if k.endswith("norm.weight")} == {torch.float32}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference: float32 weights, packed one after another
+    try:
+        ref = use_half_weights(load_gguf(path, CPU, "fp32").model)
+    finally:
+        torch.set_num_threads(threads)
+    ours = {n: m for n, m in half.named_modules() if isinstance(m, HalfWeightLinear)}
+    theirs = {n: m for n, m in ref.named_modules() if isinstance(m, HalfWeightLinear)}
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 4 + 1
+    for name, layer in ours.items():
+        assert torch.equal(layer.weight, theirs[name].weight), name
+    tokens = prompt(half.cfg.vocab_size)
+    assert torch.equal(logits(half, tokens), logits(ref, tokens))
+
+
 def test_float_gguf_on_cpu_defaults_to_float32(tmp_path, llama_folder):
     path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=Q.F16)
     model = load_gguf(path, CPU).model

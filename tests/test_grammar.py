@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
@@ -314,4 +315,33 @@ def test_a_tokenizer_llguidance_cannot_read_refuses_constrained_requests_clearly
                 engine.generate(**_json_request(1))
             assert info.value.param == "response_format"
         # Unconstrained requests are untouched.
+        assert engine.generate(messages=CHAT, max_tokens=3, thinking="off").finish_reason
+
+
+def test_the_grammar_view_of_the_tokenizer_waits_for_an_idle_engine(folder, monkeypatch):
+    """llguidance's view of the tokenizer is built on a background thread once the engine
+    has idled, not at load: built at load, it held the GIL through the first request of
+    `fermi chat` (perf/LOG.md run 32). A constrained request before then builds it itself."""
+    import fermi.engine.core as core
+
+    monkeypatch.setattr(core, "IDLE_WORK_AFTER_S", 3600.0)
+    with eager(folder) as engine:
+        assert engine.grammars._preparing is None  # not started at load
+        out = engine.generate(messages=CHAT, max_tokens=3, thinking="off")
+        assert out.finish_reason
+        assert engine.grammars._preparing is None  # nor by a request that needs no grammar
+        # A constrained request before the idle start builds the view on its own thread.
+        assert engine.generate(**_json_request(2)).finish_reason
+        assert engine.grammars._tok is not None
+
+    monkeypatch.setattr(core, "IDLE_WORK_AFTER_S", 0.05)
+    with eager(folder) as engine:
+        for _ in range(200):  # an idle engine starts it within IDLE_WORK_AFTER_S
+            if engine.grammars._preparing is not None:
+                break
+            time.sleep(0.05)
+        assert engine.grammars._preparing is not None
+        engine.grammars.wait_prepared()
+        assert engine.grammars._tok is not None
+        # Requests still run after the idle work started.
         assert engine.generate(messages=CHAT, max_tokens=3, thinking="off").finish_reason

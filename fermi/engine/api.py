@@ -62,8 +62,7 @@ class Engine:
         self.capabilities = runner.capabilities
         caps = self.capabilities
         eos = frozenset(generation.eos_token_ids)
-        self.grammars = GrammarCompiler(tokenizer, eos, caps.vocab_size)
-        self.grammars.prepare_in_background()
+        self.grammars = GrammarCompiler(tokenizer, eos, caps.vocab_size)  # (prepared when idle)
         self.requests = RequestBuilder(
             tokenizer, generation, caps.vocab_size, caps.max_seq_len, self.grammars, model_name
         )

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,17 +65,20 @@ class HalfWeightLinear(nn.Module):
     """
 
     def __init__(
-        self, linear: nn.Linear, scratch: list[torch.Tensor | None], packed: bool | None = None
+        self,
+        linear: nn.Linear,
+        scratch: list[torch.Tensor | None],
+        packed: bool | None = None,
+        pack: Any = None,
     ) -> None:
+        """``pack``: ``prepack(linear)``, when the caller made it (on another thread)."""
         super().__init__()
         self.packed = fbgemm_available() if packed is None else packed
         weight = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.out_features, self.in_features = weight.shape
         if self.packed:
-            # The pack holds the fp16 weight (and the bias) in FBGEMM's blocked layout;
-            # rounding through .half() first makes it the same values as the unpacked path.
-            self._pack = torch.ops.quantized.linear_prepack_fp16(weight.half().float(), bias)
+            self._pack = prepack(linear) if pack is None else pack
             number = next(_NUMBERS)
             _PACKED[number] = self
             self.register_buffer("_handle", torch.tensor([number]), persistent=False)
@@ -126,19 +132,55 @@ class HalfWeightLinear(nn.Module):
         return f"{sizes}, packed={self.packed}"
 
 
+def prepack(linear: nn.Linear) -> Any:
+    """FBGEMM's pack of ``linear``: its weight rounded to fp16 (and its bias in float32) in
+    FBGEMM's blocked layout. Rounding through ``.half()`` first makes it the same values as
+    the unpacked path. The operator releases the GIL: packs can be made on several threads."""
+    weight = linear.weight.detach()
+    bias = None if linear.bias is None else linear.bias.detach().float()
+    return torch.ops.quantized.linear_prepack_fp16(weight.half().float(), bias)
+
+
 def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:
-    """Replace every ``nn.Linear`` of a float32 CPU model by a :class:`HalfWeightLinear`
-    (``packed``: FBGEMM's layout; None: where FBGEMM is available).
+    """Replace every ``nn.Linear`` of a CPU model (float32, or with its linear weights
+    already in fp16) by a :class:`HalfWeightLinear` (``packed``: FBGEMM's layout; None:
+    where FBGEMM is available).
 
     A tied ``lm_head`` gets its own fp16 copy: the float32 embedding is only gathered from
     (one row per token), while the head is read whole every step.
+
+    FBGEMM's packing converts one value at a time (SmolLM2-135M's 122 products: ~0.65 s on
+    one core of this project's CPU), so packs are made on ``torch.get_num_threads()``
+    threads, at most two each in flight (``perf/LOG.md`` run 32).
     """
     scratch: list[torch.Tensor | None] = [None]
-    # The parents only: a list that held the nn.Linear modules too would keep every float
-    # weight alive until the end, so the load's peak would hold a float and an fp16 copy.
-    parents = [m for m in model.modules() if not isinstance(m, nn.Linear)]
-    for parent in parents:
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, HalfWeightLinear(child, scratch, packed))
+    packed = fbgemm_available() if packed is None else packed
+    # Parents and names only: a list that held the nn.Linear modules would keep every float
+    # weight alive until the end; each goes as its layer is replaced.
+    slots = [
+        (parent, name)
+        for parent in model.modules()
+        if not isinstance(parent, nn.Linear)
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+    workers = torch.get_num_threads() if packed else 1
+    if workers <= 1 or len(slots) < 2:
+        for parent, name in slots:
+            setattr(parent, name, HalfWeightLinear(getattr(parent, name), scratch, packed))
+        return model
+    with ThreadPoolExecutor(workers, thread_name_prefix="fermi-prepack") as pool:
+        flight: deque[tuple[nn.Module, str, Future[Any]]] = deque()
+
+        def land() -> None:
+            parent, name, future = flight.popleft()
+            layer = HalfWeightLinear(getattr(parent, name), scratch, packed, future.result())
+            setattr(parent, name, layer)
+
+        for parent, name in slots:
+            flight.append((parent, name, pool.submit(prepack, getattr(parent, name))))
+            if len(flight) >= 2 * workers:
+                land()
+        while flight:
+            land()
     return model
