@@ -76,6 +76,9 @@ class ExportOptions:
     quantize: str = "none"
     prefill_chunk: int | None = None
     verify: bool = True
+    # Core ML: the compute units to convert for (export.coreml.COMPUTE_UNITS); None = ALL.
+    # CPU_AND_NE gets the enumerated, fixed shapes the Neural Engine runs.
+    compute_units: str | None = None
 
     def resolved_dtype(self) -> str:
         return self.dtype or DEFAULT_DTYPE[self.target]
@@ -101,6 +104,17 @@ def check_options(options: ExportOptions) -> None:
         raise ExportError("max_batch must be at least 1")
     if options.prefill_chunk is not None and options.prefill_chunk < 1:
         raise ExportError("prefill_chunk must be at least 1")
+    if options.compute_units is not None:
+        if options.target != "coreml":
+            raise ExportError(
+                f"--compute-units applies to Core ML packages, not {options.target} "
+                "(onnxruntime picks its execution provider from --device at load)"
+            )
+        units = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")
+        if options.compute_units not in units:
+            raise ExportError(
+                f"--compute-units {options.compute_units!r} is not one of {', '.join(units)}"
+            )
     out = options.out
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
@@ -436,10 +450,13 @@ def _coreml(checkpoint, options, staging, report, seq_len, chunk, traces) -> Man
     from export import coreml
 
     fp16 = options.resolved_dtype() == "fp16"
-    with report.stage("convert to coreml (torch.jit.trace, iOS18 ML Program)"), quiet():
-        step = coreml.build_step(checkpoint.model, seq_len)
+    units = options.compute_units or "ALL"
+    enumerated = units in coreml.ENUMERATED_UNITS
+    shapes = "enumerated shapes" if enumerated else "range shapes"
+    with report.stage(f"convert to coreml (torch.jit.trace, iOS18 ML Program, {shapes})"), quiet():
+        step = coreml.build_step(checkpoint.model, seq_len, enumerated)
         traced = coreml.trace(step)
-        model = coreml.convert(traced, step, seq_len, chunk, fp16)
+        model = coreml.convert(traced, step, seq_len, chunk, fp16, units)
         del traced, step
         checkpoint.model = None
         gc.collect()
@@ -465,4 +482,5 @@ def _coreml(checkpoint, options, staging, report, seq_len, chunk, traces) -> Man
     draft = _draft(
         checkpoint, options, "model.mlpackage", seq_len, chunk, "float16", coreml.io_specs(package)
     )
-    return msgspec.structs.replace(draft, numerics=numerics, compute_units=coreml.COMPUTE_UNITS)
+    sizes = coreml.query_sizes(chunk) if enumerated else []
+    return msgspec.structs.replace(draft, numerics=numerics, compute_units=units, query_sizes=sizes)

@@ -60,6 +60,14 @@ from export.build import DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
     f"{DEFAULT_CHUNK['coreml']} coreml]",
 )
 @click.option(
+    "--compute-units",
+    type=click.Choice(["ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY"]),
+    default=None,
+    help="Core ML: the compute units to convert for. CPU_AND_NE gives fixed (enumerated) "
+    "shapes the Neural Engine runs, attending over the whole cache each step; the others "
+    "give range shapes that attend over the live context. [default: ALL]",
+)
+@click.option(
     "--verify/--no-verify",
     default=True,
     show_default=True,
@@ -75,6 +83,7 @@ def export_command(
     max_batch: int | None,
     quantize: str,
     prefill_chunk: int | None,
+    compute_units: str | None,
     verify: bool,
 ) -> None:
     """Export a model to an ONNX or a stateful Core ML artefact folder."""
@@ -91,6 +100,7 @@ def export_command(
         quantize=quantize,
         prefill_chunk=prefill_chunk,
         verify=verify,
+        compute_units=compute_units,
     )
     try:
         manifest = export_model(options, progress=Bar())

@@ -1,7 +1,16 @@
 """Core ML export: a stateful ML Program (.mlpackage) for macOS 15 / iOS 18.
 
-Inputs: input_ids [1, query] int32 and causal_mask [1, 1, query, kv] float16 (additive);
-output: logits [1, vocab] float32; states: k_cache / v_cache [layers, 1, kv_heads,
+Two shapes of package, by the compute units it is built for:
+
+- ``ALL`` / ``CPU_AND_GPU`` / ``CPU_ONLY`` (range shapes): inputs input_ids [1, query]
+  int32 and causal_mask [1, 1, query, kv] float16 (additive), both range-flexible;
+  attention reads the kv live positions only.
+- ``CPU_AND_NE`` (enumerated shapes, for the Neural Engine, which runs a range-flexible
+  input only at its default shape): inputs input_ids [1, query] int32 with query one of
+  ``query_sizes(chunk)`` (1, 2, 4, ... up to the prefill chunk) and position [1] int32;
+  attention reads the whole cache, masked inside the model.
+
+Both: output logits [1, vocab] float32; states k_cache / v_cache [layers, 1, kv_heads,
 max_seq_len, head_dim] float16. Traced with ``torch.jit.trace`` (coremltools 9 converts a
 torch 2.13 trace; its torch.export path is beta).
 """
@@ -15,16 +24,18 @@ import numpy as np
 import torch
 
 from export.gguf_blocks import Blocks
-from export.wrapper import CoreMLStep
+from export.wrapper import CoreMLPositionStep, CoreMLStep
 from fermi.loading import Checkpoint
 from fermi.models.decoder import Decoder
 from fermi.runners.artefact import TensorSpec
 from fermi.runners.base import Capabilities
-from fermi.runners.coreml import causal_mask
+from fermi.runners.coreml import causal_mask, split_query
 
 STATE_NAMES = ("k_cache", "v_cache")
-# The compute units the package is converted for (the manifest records them).
-COMPUTE_UNITS = "ALL"
+# The compute units a package can be converted for (the manifest records which); the
+# default leaves the choice to Core ML. CPU_AND_NE gets the enumerated shapes.
+COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")
+ENUMERATED_UNITS = ("CPU_AND_NE",)
 # What the export's numerics check runs for a package (Core ML cannot run off macOS).
 CHECKED = (
     "the package's weights and rope tables, read back and dequantized, in the torch "
@@ -32,13 +43,27 @@ CHECKED = (
 )
 
 
-def build_step(decoder: Decoder, max_seq_len: int) -> CoreMLStep:
-    """The wrapper that gets traced: the decoder's weights, fp16 cache buffers."""
-    return CoreMLStep(decoder, max_seq_len, torch.float16).eval()
+def query_sizes(chunk: int) -> list[int]:
+    """The enumerated query lengths of a Neural Engine package: the powers of two below
+    ``chunk``, and ``chunk``. Any prompt chunk is a sum of at most log2(chunk) + 1 of them
+    (taken largest first), and a decode step is size 1."""
+    sizes = [1 << i for i in range(chunk.bit_length()) if 1 << i < chunk]
+    return [*sizes, chunk]
+
+
+def build_step(decoder: Decoder, max_seq_len: int, enumerated: bool = False) -> CoreMLStep:
+    """The wrapper that gets traced: the decoder's weights, fp16 cache buffers; with
+    ``enumerated``, the fixed-shape one (position input, whole cache read)."""
+    kind = CoreMLPositionStep if enumerated else CoreMLStep
+    return kind(decoder, max_seq_len, torch.float16).eval()
 
 
 def trace(step: CoreMLStep) -> torch.jit.ScriptModule:
-    example = (torch.zeros(1, 3, dtype=torch.int32), torch.from_numpy(causal_mask(4, 3)))
+    ids = torch.zeros(1, 3, dtype=torch.int32)
+    if isinstance(step, CoreMLPositionStep):
+        example: tuple[torch.Tensor, ...] = (ids, torch.tensor([4], dtype=torch.int32))
+    else:
+        example = (ids, torch.from_numpy(causal_mask(4, 3)))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about shape arithmetic (intended)
         traced = torch.jit.trace(step, example)
@@ -54,13 +79,27 @@ def convert(
     max_seq_len: int,
     max_query: int,
     compute_fp16: bool,
+    compute_units: str = "ALL",
 ):
-    """Convert the trace into a stateful ML Program (saved with ``.save(path)``)."""
+    """Convert the trace into a stateful ML Program (saved with ``.save(path)``), with
+    range shapes, or the enumerated ones for a :class:`CoreMLPositionStep`."""
     import coremltools as ct
 
     _register_addcmul()
-    query = ct.RangeDim(lower_bound=1, upper_bound=max_query, default=1, symbol="query")
-    kv = ct.RangeDim(lower_bound=1, upper_bound=max_seq_len, default=1, symbol="kv")
+    if isinstance(step, CoreMLPositionStep):
+        sizes = [[1, n] for n in query_sizes(max_query)]
+        enumerated = ct.EnumeratedShapes(shapes=sizes, default=[1, 1])
+        inputs = [
+            ct.TensorType(name="input_ids", shape=enumerated, dtype=np.int32),
+            ct.TensorType(name="position", shape=(1,), dtype=np.int32),
+        ]
+    else:
+        query = ct.RangeDim(lower_bound=1, upper_bound=max_query, default=1, symbol="query")
+        kv = ct.RangeDim(lower_bound=1, upper_bound=max_seq_len, default=1, symbol="kv")
+        inputs = [
+            ct.TensorType(name="input_ids", shape=(1, query), dtype=np.int32),
+            ct.TensorType(name="causal_mask", shape=(1, 1, query, kv), dtype=np.float16),
+        ]
     shape = tuple(step.k_cache.shape)
     states = [
         ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=name)
@@ -71,15 +110,12 @@ def convert(
         warnings.simplefilter("ignore")
         model = ct.convert(
             traced,
-            inputs=[
-                ct.TensorType(name="input_ids", shape=(1, query), dtype=np.int32),
-                ct.TensorType(name="causal_mask", shape=(1, 1, query, kv), dtype=np.float16),
-            ],
+            inputs=inputs,
             outputs=[ct.TensorType(name="logits", dtype=np.float32)],
             states=states,
             minimum_deployment_target=ct.target.iOS18,
             compute_precision=precision,
-            compute_units=ct.ComputeUnit.ALL,
+            compute_units=getattr(ct.ComputeUnit, compute_units),
             convert_to="mlprogram",
             skip_model_load=True,  # loading needs macOS; the runner loads it there
         )
@@ -215,10 +251,16 @@ def _feature(feature, state: bool = False) -> TensorSpec:
     array = feature.type.stateType.arrayType if state else feature.type.multiArrayType
     shape: list[int | str] = list(array.shape)
     ranges = array.shapeRange.sizeRanges
+    enumerated = [list(s.shape) for s in array.enumeratedShapes.shapes]
     if ranges:  # flexible axes: name them by their range, e.g. "1..64"
         shape = [
             f"{r.lowerBound}..{r.upperBound}" if r.lowerBound != r.upperBound else r.lowerBound
             for r in ranges
+        ]
+    elif enumerated:  # enumerated axes: their sizes, e.g. "1|2|4|8|16"
+        shape = [
+            "|".join(map(str, sorted(set(axis)))) if len(set(axis)) > 1 else axis[0]
+            for axis in zip(*enumerated, strict=True)
         ]
     from coremltools.proto.FeatureTypes_pb2 import ArrayFeatureType
 
@@ -233,17 +275,35 @@ class StepRunner:
     what the engine computes.
     """
 
-    def __init__(self, step: torch.nn.Module, vocab_size: int, max_seq_len: int, chunk: int):
+    def __init__(
+        self,
+        step: torch.nn.Module,
+        vocab_size: int,
+        max_seq_len: int,
+        chunk: int,
+        sizes: list[int] | None = None,
+    ):
+        """``sizes``: the enumerated query lengths of a position step (None: range
+        shapes, a causal mask per call)."""
         self.step = step
+        self.sizes = sizes
         self.capabilities = Capabilities(
             "coreml-trace", 1, max_seq_len, vocab_size, torch.device("cpu"), chunk
         )
 
     @torch.no_grad()
     def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
-        ids = torch.tensor([token_ids], dtype=torch.int32)
-        mask = torch.from_numpy(causal_mask(start_pos, len(token_ids)))
-        return self.step(ids, mask)[0].float()
+        if self.sizes is None:
+            ids = torch.tensor([token_ids], dtype=torch.int32)
+            mask = torch.from_numpy(causal_mask(start_pos, len(token_ids)))
+            return self.step(ids, mask)[0].float()
+        done = 0
+        for size in split_query(len(token_ids), self.sizes):
+            ids = torch.tensor([token_ids[done : done + size]], dtype=torch.int32)
+            position = torch.tensor([start_pos + done], dtype=torch.int32)
+            logits = self.step(ids, position)
+            done += size
+        return logits[0].float()
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
         return torch.stack(
@@ -281,9 +341,10 @@ def package_runner(package: Path, source: Checkpoint) -> StepRunner:
     spec = load_spec(package)
     state = next(iter(spec.description.state)).type.stateType.arrayType
     seq_len = int(state.shape[3])
-    query = next(f for f in spec.description.input if f.name == "input_ids")
-    chunk = max(r.upperBound for r in query.type.multiArrayType.shapeRange.sizeRanges)
-    step = build_step(source.model, seq_len)
+    query = next(f for f in spec.description.input if f.name == "input_ids").type.multiArrayType
+    sizes = sorted({int(s.shape[1]) for s in query.enumeratedShapes.shapes}) or None
+    chunk = max(sizes) if sizes else max(r.upperBound for r in query.shapeRange.sizeRanges)
+    step = build_step(source.model, seq_len, enumerated=sizes is not None)
     tensors = dict(step.named_parameters()) | {
         name: t for name, t in step.named_buffers() if name not in STATE_NAMES
     }
@@ -300,4 +361,4 @@ def package_runner(package: Path, source: Checkpoint) -> StepRunner:
                 shape = tuple(tensor.shape)
                 raise RuntimeError(f"{package}: {stem} has shape {value.shape}, {name} {shape}")
             tensor.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
-    return StepRunner(step, source.config.vocab_size, seq_len, int(chunk))
+    return StepRunner(step, source.config.vocab_size, seq_len, int(chunk), sizes)

@@ -148,3 +148,49 @@ class CoreMLStep(nn.Module):
             positions, slots, end, rows_are_slots=True, causal_mask=causal_mask
         )
         return self.decoder.step(input_ids, ctx)
+
+
+class PositionStateCache(StateCache):
+    """The Core ML cache of the fixed-shape (Neural Engine) package: the step's T tokens
+    are written from ``start`` (a 0-dim tensor the step sets: the ``position`` input), and
+    attention reads the whole cache, masked (see :class:`CoreMLPositionStep`)."""
+
+    def __init__(self, layer: int, dtype: torch.dtype) -> None:
+        super().__init__(layer, dtype)
+        self.start: torch.Tensor
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> None:
+        start, t = self.start, k.shape[2]
+        # A slice with a traced start: coremltools turns it into slice_update + write_state.
+        self.keys[self.layer, :, :, start : start + t] = k.to(self.keys.dtype)
+        self.values[self.layer, :, :, start : start + t] = v.to(self.values.dtype)
+
+
+class CoreMLPositionStep(CoreMLStep):
+    """input_ids [1,T] (int32, T one of the package's enumerated sizes), position [1]
+    (int32: the position of the first of the T tokens) -> logits [1,V] of the last token.
+
+    Every input has a fixed shape but the enumerated T, so each size can be compiled for
+    the Neural Engine (which runs a range-flexible input only at its default shape). The
+    price: attention reads all ``max_seq_len`` cache positions every step, masked by
+    position inside the model, where :class:`CoreMLStep` reads only the live ones.
+    """
+
+    def __init__(self, decoder: Decoder, max_seq_len: int, cache_dtype: torch.dtype) -> None:
+        super().__init__(decoder, max_seq_len, cache_dtype)
+        dtype = decoder.model.embed_tokens.weight.dtype
+        self.caches = [PositionStateCache(i, dtype) for i in range(decoder.cfg.num_hidden_layers)]
+        decoder.use_caches(self.caches)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, input_ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        positions = position.long() + torch.arange(t, device=input_ids.device)
+        for cache in self.caches:
+            cache.keys, cache.values, cache.start = self.k_cache, self.v_cache, positions[0]
+        slots = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+        # No mask given: the decoder masks key j > position from the positions themselves.
+        ctx = self.decoder.step_context(
+            positions[None], slots, self.max_seq_len, rows_are_slots=True
+        )
+        return self.decoder.step(input_ids, ctx)

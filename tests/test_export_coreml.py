@@ -11,12 +11,12 @@ ct = pytest.importorskip("coremltools")
 
 import fermi  # noqa: E402
 from export import coreml  # noqa: E402
-from export.build import ExportOptions, export_model  # noqa: E402
+from export.build import ExportError, ExportOptions, export_model  # noqa: E402
 from export.verify import compare, sample_prompt  # noqa: E402
-from export.wrapper import CoreMLStep  # noqa: E402
+from export.wrapper import CoreMLPositionStep, CoreMLStep  # noqa: E402
 from fermi.loading import load_folder  # noqa: E402
 from fermi.runners.artefact import read_manifest  # noqa: E402
-from fermi.runners.coreml import coreml_unavailable_reason  # noqa: E402
+from fermi.runners.coreml import coreml_unavailable_reason, split_query  # noqa: E402
 from fermi.runners.torch_eager import TorchRunner  # noqa: E402
 from tests.arch_templates import GEMMA2  # noqa: E402
 from tests.test_arch_gemma2 import GEMMA2_BASE  # noqa: E402
@@ -138,6 +138,83 @@ def test_manifest_records_compute_units_one_slot_and_the_package_weights_check(e
     assert numerics is not None and "read back" in numerics.checked
     assert numerics.prompts == 6 and numerics.steps == 16
     assert numerics.max_logit_diff < 5e-2  # fp16 weights and cache
+
+
+def position_runner(folder, cache_dtype, traced=False):
+    decoder = load_folder(folder, torch.device("cpu"), torch.float32).model
+    step = CoreMLPositionStep(decoder, SEQ, cache_dtype).eval()
+    module = coreml.trace(step) if traced else step
+    sizes = coreml.query_sizes(CHUNK)
+    return coreml.StepRunner(module, decoder.cfg.vocab_size, SEQ, CHUNK, sizes)
+
+
+def test_query_sizes_cover_every_chunk_length_largest_first():
+    assert coreml.query_sizes(16) == [1, 2, 4, 8, 16]
+    assert coreml.query_sizes(12) == [1, 2, 4, 8, 12]
+    assert coreml.query_sizes(1) == [1]
+    sizes = coreml.query_sizes(16)
+    for n in range(1, 17):
+        parts = split_query(n, sizes)
+        assert sum(parts) == n and parts == sorted(parts, reverse=True)
+        assert len(parts) <= 5
+    assert split_query(100, coreml.query_sizes(64)) == [64, 32, 4]
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_query(3, [2])
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_neural_engine_step_with_fp32_cache_equals_the_engine(source, traced):
+    """The fixed-shape step (position input, the whole cache read under a mask built
+    inside) computes what the engine computes; a 20-token prompt goes in as 16 + 4."""
+    prompt = sample_prompt(453, 20, seed=1)
+    parity = compare(
+        engine_runner(source), position_runner(source, torch.float32, traced), prompt, 32
+    )
+    assert parity.tokens_equal and parity.max_logit_diff < 1e-4, parity.summary()
+
+
+@pytest.fixture(scope="module")
+def neural_engine(source):
+    out = source.parent / "art-ne"
+    options = ExportOptions(
+        model=str(source),
+        target="coreml",
+        out=out,
+        max_seq_len=SEQ,
+        prefill_chunk=CHUNK,
+        compute_units="CPU_AND_NE",
+    )
+    return out, export_model(options, progress=lambda line: None)
+
+
+def test_neural_engine_package_has_enumerated_query_sizes_and_a_position_input(neural_engine):
+    out, manifest = neural_engine
+    assert read_manifest(out) == manifest
+    spec = coreml.load_spec(out / manifest.model_file)
+    inputs = {f.name: f.type.multiArrayType for f in spec.description.input}
+    assert set(inputs) == {"input_ids", "position"}  # no mask: no range-flexible input
+    shapes = [list(s.shape) for s in inputs["input_ids"].enumeratedShapes.shapes]
+    assert shapes == [[1, n] for n in (1, 2, 4, 8, 16)]
+    assert not inputs["input_ids"].shapeRange.sizeRanges
+    assert list(inputs["position"].shape) == [1]
+    assert manifest.compute_units == "CPU_AND_NE" and manifest.query_sizes == [1, 2, 4, 8, 16]
+    by_name = {t.name: t for t in manifest.inputs}
+    assert by_name["input_ids"].shape == [1, "1|2|4|8|16"]
+    assert by_name["position"].shape == [1] and by_name["position"].dtype == "int32"
+    ops = coreml.program_ops(spec)
+    assert {"read_state", "slice_update", "write_state", "scaled_dot_product_attention"} <= ops
+    # The export's check ran the package's weights through the enumerated step.
+    numerics = manifest.numerics
+    assert numerics is not None and numerics.max_logit_diff < 5e-2
+    assert all(n == numerics.steps for n in numerics.greedy_equal)
+
+
+def test_compute_units_are_refused_for_onnx(source, tmp_path):
+    options = ExportOptions(
+        model=str(source), target="onnx", out=tmp_path / "o", compute_units="CPU_AND_NE"
+    )
+    with pytest.raises(ExportError, match="--compute-units applies to Core ML"):
+        export_model(options, progress=lambda line: None)
 
 
 @pytest.fixture(scope="module")

@@ -619,8 +619,8 @@ class Decoder(nn.Module):
         key_pos = torch.arange(kv_len, device=positions.device)
         if causal_mask is None:
             future = key_pos > query_pos
-            causal = torch.zeros(future.shape, dtype=dtype, device=positions.device)
-            causal = causal.masked_fill(future, float("-inf"))
+            # (zeros_like: a shape read back from a tensor does not convert to Core ML)
+            causal = torch.zeros_like(future, dtype=dtype).masked_fill(future, float("-inf"))
         else:
             causal = causal_mask.to(dtype).repeat(1, 1, groups, 1)
         masks = {}

@@ -105,6 +105,9 @@ class Manifest(msgspec.Struct, frozen=True):
     created: str = ""
     # Core ML: the compute units the package was converted for (ALL, CPU_AND_NE, ...).
     compute_units: str = ""
+    # Core ML for the Neural Engine: the enumerated query lengths (input_ids [1, n]) with
+    # a position input; empty for range shapes (input_ids and causal_mask flexible).
+    query_sizes: list[int] = []
     numerics: Numerics | None = None  # the export's check against its source
 
 

@@ -1,8 +1,11 @@
 """Run a stateful Core ML artefact (macOS 15+ / iOS 18+ only).
 
 The package is a batch-1 model whose KV cache is Core ML state; this runner makes one
-state per slot, so a batched decode step is one ``predict`` per running slot. The
-attended length is the causal mask's width, so a step costs what the live context costs.
+state per slot, so a batched decode step is one ``predict`` per running slot. A package
+with range shapes takes a causal mask whose width is the attended length, so a step costs
+what the live context costs; a Neural Engine package (``Manifest.query_sizes``) takes the
+first position instead and only its enumerated query lengths, so a prompt chunk goes in
+as a run of them (largest first).
 """
 
 from __future__ import annotations
@@ -28,6 +31,19 @@ def coreml_unavailable_reason() -> str | None:
     if major < 15:
         return f"stateful Core ML models need macOS 15+ (this is macOS {release or 'unknown'})"
     return None
+
+
+def split_query(count: int, sizes: list[int]) -> list[int]:
+    """``count`` tokens as a run of the enumerated ``sizes`` (largest first; sizes hold 1),
+    e.g. 100 tokens of [1, 2, 4, ..., 64] -> [64, 32, 4]."""
+    parts, left = [], count
+    for size in sorted(sizes, reverse=True):
+        while left >= size:
+            parts.append(size)
+            left -= size
+    if left:
+        raise ValueError(f"{count} tokens cannot be split into sizes {sizes}")
+    return parts
 
 
 def causal_mask(start: int, count: int) -> np.ndarray:
@@ -65,6 +81,7 @@ class CoreMLRunner(Runner):
         except Exception as exc:  # Core ML raises its own exception types
             raise ModelLoadError(f"Core ML cannot load {path}: {exc}") from None
         self.states = [self.model.make_state() for _ in range(max_batch)]
+        self.sizes = list(manifest.query_sizes)
         self.capabilities = Capabilities(
             name="coreml",
             max_batch=max_batch,
@@ -78,11 +95,21 @@ class CoreMLRunner(Runner):
         super().__init__()
 
     def _step(self, slot: int, token_ids: list[int], start_pos: int) -> np.ndarray:
-        inputs = {
-            "input_ids": np.asarray([token_ids], dtype=np.int32),
-            "causal_mask": causal_mask(start_pos, len(token_ids)),
-        }
-        out = self.model.predict(inputs, state=self.states[slot])
+        if not self.sizes:
+            inputs = {
+                "input_ids": np.asarray([token_ids], dtype=np.int32),
+                "causal_mask": causal_mask(start_pos, len(token_ids)),
+            }
+            out = self.model.predict(inputs, state=self.states[slot])
+            return np.asarray(out["logits"], dtype=np.float32)[0]
+        done = 0
+        for size in split_query(len(token_ids), self.sizes):
+            inputs = {
+                "input_ids": np.asarray([token_ids[done : done + size]], dtype=np.int32),
+                "position": np.asarray([start_pos + done], dtype=np.int32),
+            }
+            out = self.model.predict(inputs, state=self.states[slot])
+            done += size
         return np.asarray(out["logits"], dtype=np.float32)[0]
 
     def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
