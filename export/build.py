@@ -38,6 +38,11 @@ DEFAULT_CHUNK = {"onnx": 512, "coreml": 128}
 # whole Core ML state (all layers x max_seq_len: 235 MB at Qwen3-0.6B, 2048 tokens, fp16)
 # and a batched step is one predict per slot anyway.
 DEFAULT_BATCH = {"onnx": 4, "coreml": 1}
+# Core ML compute units a package can be converted for (the manifest records which); ALL
+# leaves the choice to Core ML. ENUMERATED_UNITS get the fixed, enumerated shapes the Neural
+# Engine runs (export/coreml.py).
+COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")
+ENUMERATED_UNITS = ("CPU_AND_NE",)
 # Tokenizer, template and config files an artefact carries (those the source has).
 SIDE_FILES = (
     "config.json",
@@ -110,11 +115,22 @@ def check_options(options: ExportOptions) -> None:
                 f"--compute-units applies to Core ML packages, not {options.target} "
                 "(onnxruntime picks its execution provider from --device at load)"
             )
-        units = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")
-        if options.compute_units not in units:
+        if options.compute_units not in COMPUTE_UNITS:
             raise ExportError(
-                f"--compute-units {options.compute_units!r} is not one of {', '.join(units)}"
+                f"--compute-units {options.compute_units!r} is not one of "
+                f"{', '.join(COMPUTE_UNITS)}"
             )
+        if options.compute_units in ENUMERATED_UNITS:
+            if options.prefill_chunk is not None and options.prefill_chunk < 2:
+                raise ExportError(
+                    f"--compute-units {options.compute_units} needs --prefill-chunk 2 or more "
+                    "(its query lengths are enumerated shapes, and Core ML takes at least two)"
+                )
+            if options.max_seq_len is not None and options.max_seq_len < 3:
+                raise ExportError(
+                    f"--compute-units {options.compute_units} needs --max-seq-len 3 or more "
+                    "(the prefill chunk, at least 2, must leave room for a token)"
+                )
     out = options.out
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
@@ -451,7 +467,14 @@ def _coreml(checkpoint, options, staging, report, seq_len, chunk, traces) -> Man
 
     fp16 = options.resolved_dtype() == "fp16"
     units = options.compute_units or "ALL"
-    enumerated = units in coreml.ENUMERATED_UNITS
+    enumerated = units in ENUMERATED_UNITS
+    if enumerated and chunk < 2:  # (a context of 2 leaves a chunk of 1)
+        raise ExportError(f"--compute-units {units} needs a prefill chunk of 2 or more")
+    if enumerated and not fp16:
+        report.note(
+            f"WARNING: --compute-units {units} with --dtype fp32: the Neural Engine computes "
+            "in fp16 only, so Core ML will run this package on the CPU"
+        )
     shapes = "enumerated shapes" if enumerated else "range shapes"
     with report.stage(f"convert to coreml (torch.jit.trace, iOS18 ML Program, {shapes})"), quiet():
         step = coreml.build_step(checkpoint.model, seq_len, enumerated)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from export.build import DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
+from export.build import COMPUTE_UNITS, DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
 
 
 @click.command("export")
@@ -61,7 +61,7 @@ from export.build import DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
 )
 @click.option(
     "--compute-units",
-    type=click.Choice(["ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY"]),
+    type=click.Choice(COMPUTE_UNITS),
     default=None,
     help="Core ML: the compute units to convert for. CPU_AND_NE gives fixed (enumerated) "
     "shapes the Neural Engine runs, attending over the whole cache each step; the others "

@@ -32,10 +32,6 @@ from fermi.runners.base import Capabilities
 from fermi.runners.coreml import causal_mask, split_query
 
 STATE_NAMES = ("k_cache", "v_cache")
-# The compute units a package can be converted for (the manifest records which); the
-# default leaves the choice to Core ML. CPU_AND_NE gets the enumerated shapes.
-COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")
-ENUMERATED_UNITS = ("CPU_AND_NE",)
 # What the export's numerics check runs for a package (Core ML cannot run off macOS).
 CHECKED = (
     "the package's weights and rope tables, read back and dequantized, in the torch "
@@ -293,7 +289,7 @@ class StepRunner:
 
     @torch.no_grad()
     def prefill(self, slot: int, token_ids: list[int], start_pos: int) -> torch.Tensor:
-        if self.sizes is None:
+        if not self.sizes:
             ids = torch.tensor([token_ids], dtype=torch.int32)
             mask = torch.from_numpy(causal_mask(start_pos, len(token_ids)))
             return self.step(ids, mask)[0].float()

@@ -157,15 +157,20 @@ def load_gguf(
     # Under int4 (groups of 32) the layers' 4-bit blocks keep their codes (no float copy).
     keep = quantize is not None and quantize.scheme == "int4" and quantize.group == 32
     kept = {n: gguf.int4_codes(n) for n in gguf.tensors if keep and _is_matrix(n, arch)}
-    # Dequantizing allocates every other weight at torch_dtype first (a Q4 file grows ~4x
-    # in fp16).
-    need = sum(prod(i.shape) for n, i in gguf.tensors.items() if kept.get(n) is None)
-    need *= torch_dtype.itemsize
-    memory.require_free(need, "cpu", f"{path}: dequantizing its weights", DTYPE_ADVICE)
     # With fp16 storage on CPU (and no quantization) the matrices are read as fp16 and the
     # model takes them so: use_half_weights packs them from there, and no float32 copy of
-    # them is ever made (perf/LOG.md run 32: 0.5 GB less touched memory at SmolLM2's load).
+    # them is ever made (perf/LOG.md run 32).
     matrices = torch.float16 if half_storage and quantize is None else None
+
+    def itemsize(name: str) -> int:
+        head = name == "output.weight"
+        if matrices is not None and (_is_matrix(name, arch) or head):
+            return matrices.itemsize
+        return torch_dtype.itemsize
+
+    # Dequantizing allocates every other weight first (a Q4 file grows ~4x in fp16).
+    need = sum(prod(i.shape) * itemsize(n) for n, i in gguf.tensors.items() if kept.get(n) is None)
+    memory.require_free(need, "cpu", f"{path}: dequantizing its weights", DTYPE_ADVICE)
     weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype, kept, matrices)
     model = build_model(
         config, adapter, weights, device, torch_dtype, str(path), quantize, matrices

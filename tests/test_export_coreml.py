@@ -11,7 +11,7 @@ ct = pytest.importorskip("coremltools")
 
 import fermi  # noqa: E402
 from export import coreml  # noqa: E402
-from export.build import ExportError, ExportOptions, export_model  # noqa: E402
+from export.build import ExportOptions, export_model  # noqa: E402
 from export.verify import compare, sample_prompt  # noqa: E402
 from export.wrapper import CoreMLPositionStep, CoreMLStep  # noqa: E402
 from fermi.loading import load_folder  # noqa: E402
@@ -158,15 +158,16 @@ def test_query_sizes_cover_every_chunk_length_largest_first():
         assert sum(parts) == n and parts == sorted(parts, reverse=True)
         assert len(parts) <= 5
     assert split_query(100, coreml.query_sizes(64)) == [64, 32, 4]
-    with pytest.raises(ValueError, match="cannot be split"):
+    with pytest.raises(ValueError, match="include 1"):
         split_query(3, [2])
 
 
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
 def test_neural_engine_step_with_fp32_cache_equals_the_engine(source, traced):
     """The fixed-shape step (position input, the whole cache read under a mask built
-    inside) computes what the engine computes; a 20-token prompt goes in as 16 + 4."""
-    prompt = sample_prompt(453, 20, seed=1)
+    inside) computes what the engine computes; a 23-token prompt goes in as a chunk of 16,
+    then 7 = 4 + 2 + 1 in three calls."""
+    prompt = sample_prompt(453, 23, seed=1)
     parity = compare(
         engine_runner(source), position_runner(source, torch.float32, traced), prompt, 32
     )
@@ -209,12 +210,49 @@ def test_neural_engine_package_has_enumerated_query_sizes_and_a_position_input(n
     assert all(n == numerics.steps for n in numerics.greedy_equal)
 
 
-def test_compute_units_are_refused_for_onnx(source, tmp_path):
-    options = ExportOptions(
-        model=str(source), target="onnx", out=tmp_path / "o", compute_units="CPU_AND_NE"
-    )
-    with pytest.raises(ExportError, match="--compute-units applies to Core ML"):
-        export_model(options, progress=lambda line: None)
+def test_coreml_runner_feeds_a_neural_engine_package_by_position(source):
+    """CoreMLRunner's own feeding (it runs on macOS only), driven here by the traced
+    fixed-shape step standing in for the package's predict: a 7-token chunk goes in as
+    4 + 2 + 1 at positions 16, 20, 22, and every call's logits equal the engine's."""
+    from fermi.runners.coreml import CoreMLRunner
+
+    decoder = load_folder(source, torch.device("cpu"), torch.float32).model
+    traced = coreml.trace(CoreMLPositionStep(decoder, SEQ, torch.float32).eval())
+    calls = []
+
+    class Package:  # MLModel.predict over the traced step, with the call's inputs recorded
+        def predict(self, inputs, state):
+            ids, position = inputs["input_ids"], inputs["position"]
+            assert ids.dtype == np.int32 and position.dtype == np.int32 and position.shape == (1,)
+            calls.append((ids.shape[1], int(position[0])))
+            with torch.no_grad():
+                logits = traced(torch.from_numpy(ids), torch.from_numpy(position))
+            return {"logits": logits.numpy()}
+
+    runner = object.__new__(CoreMLRunner)  # (its constructor loads a package: macOS only)
+    runner.model, runner.states, runner.sizes = Package(), [None], coreml.query_sizes(CHUNK)
+    engine = engine_runner(source)
+    prompt = sample_prompt(453, 23, seed=5)
+    with torch.no_grad():
+        for start, end in ((0, 16), (16, 23)):
+            want = engine.prefill(0, prompt[start:end], start)
+            got = runner.prefill(0, prompt[start:end], start)
+            assert (got - want).abs().max() < 1e-4
+        want = engine.decode([0], [7], [23])
+        got = runner.decode([0], [7], [23])
+    assert (got - want).abs().max() < 1e-4
+    assert calls == [(16, 0), (4, 16), (2, 20), (1, 22), (1, 23)]
+
+
+def test_a_manifests_query_sizes_are_checked():
+    from fermi.runners.coreml import check_query_sizes
+
+    check_query_sizes([1, 2, 4, 8, 16], 16)
+    for bad in ([], [2, 4], [0, 1], [-1, 1]):
+        with pytest.raises(ValueError, match="include 1"):
+            check_query_sizes(bad)
+    with pytest.raises(ValueError, match="past the prefill chunk"):
+        check_query_sizes([1, 32], 16)
 
 
 @pytest.fixture(scope="module")

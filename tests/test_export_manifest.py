@@ -146,3 +146,26 @@ def test_export_refuses_a_non_empty_folder_that_is_not_an_artefact(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(ExportError, match="not empty"):
         check_options(ExportOptions(model="m", target="onnx", out=tmp_path))
+
+
+def test_compute_units_apply_to_core_ml_only_and_need_two_query_sizes(tmp_path):
+    source = write_checkpoint(tmp_path / "ckpt", seed=4)
+    onnx = ExportOptions(
+        model=str(source), target="onnx", out=tmp_path / "o", compute_units="CPU_AND_NE"
+    )
+    with pytest.raises(ExportError, match="--compute-units applies to Core ML"):
+        check_options(onnx)
+    unknown = ExportOptions(
+        model=str(source), target="coreml", out=tmp_path / "c", compute_units="GPU"
+    )
+    with pytest.raises(ExportError, match="is not one of ALL"):
+        check_options(unknown)
+    one = ExportOptions(
+        model=str(source),
+        target="coreml",
+        out=tmp_path / "c",
+        compute_units="CPU_AND_NE",
+        prefill_chunk=1,
+    )
+    with pytest.raises(ExportError, match="needs --prefill-chunk 2 or more"):
+        check_options(one)

@@ -283,22 +283,35 @@ def test_fp16_storage_reads_matrices_as_fp16_and_packs_the_same_values(
 
     path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=weight_type)
     seen: dict[str, torch.dtype] = {}
-    read = gguf_module.read_weights
+    packed: dict[str, torch.dtype] = {}
+    read, pack = gguf_module.read_weights, gguf_module.use_half_weights
 
-    def spy(*args, **kwargs):
+    def spy_read(*args, **kwargs):
         weights = read(*args, **kwargs)
         seen.update({k: v.dtype for k, v in weights.items()})
         return weights
 
-    gguf_module.read_weights = spy
+    def spy_pack(model, *args, **kwargs):  # what the model holds when packing starts
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        packed.update({n: m.weight.dtype for n, m in linears.items()})
+        return pack(model, *args, **kwargs)
+
+    threads = torch.get_num_threads()
+    gguf_module.read_weights, gguf_module.use_half_weights = spy_read, spy_pack
+    torch.set_num_threads(2)  # packs made on two threads
     try:
         half = load_gguf(path, CPU).model
     finally:
-        gguf_module.read_weights = read
+        gguf_module.read_weights, gguf_module.use_half_weights = read, pack
+        torch.set_num_threads(threads)
     assert {d for k, d in seen.items() if k.endswith("_proj.weight")} == {torch.float16}
     assert {d for k, d in seen.items() if k.endswith("norm.weight")} == {torch.float32}
+    # The layers' projections reach the packing in fp16; this file ties its head to the
+    # embedding, which stays float32 (tokens are gathered from it) and is packed from there.
+    head = packed.pop("lm_head")
+    assert len(packed) == 2 * 4 and set(packed.values()) == {torch.float16}, packed
+    assert head == half.model.embed_tokens.weight.dtype == torch.float32
 
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference: float32 weights, packed one after another
     try:
         ref = use_half_weights(load_gguf(path, CPU, "fp32").model)

@@ -228,7 +228,10 @@ class EngineCore:
                 return self._inbox.get(timeout=IDLE_WORK_AFTER_S)
             except queue.Empty:
                 self._idle_work_done = True
-                self._grammars.prepare_in_background()
+                try:
+                    self._grammars.prepare_in_background()
+                except Exception:  # (a thread that cannot start): requests build it
+                    log.exception("could not start the grammar compiler's background build")
         return self._inbox.get()
 
     def _embed_batch(self) -> None:

@@ -30,6 +30,8 @@ from torch import nn
 
 # Without FBGEMM, up to this many rows (tokens x batch) the fp16 matrix-vector path wins.
 DIRECT_ROWS = 2
+# At most this many threads pack weights at load (see use_half_weights).
+PACK_THREADS = 4
 
 
 def fbgemm_available() -> bool:
@@ -150,8 +152,9 @@ def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:
     (one row per token), while the head is read whole every step.
 
     FBGEMM's packing converts one value at a time (SmolLM2-135M's 122 products: ~0.65 s on
-    one core of this project's CPU), so packs are made on ``torch.get_num_threads()``
-    threads, at most two each in flight (``perf/LOG.md`` run 32).
+    one core of this project's CPU), so packs are made on up to ``PACK_THREADS`` of torch's
+    threads, one layer each in flight (``perf/LOG.md`` run 32): each holds a float32 copy
+    of its weight while it packs, so the load's peak grows with the threads, not the model.
     """
     scratch: list[torch.Tensor | None] = [None]
     packed = fbgemm_available() if packed is None else packed
@@ -164,7 +167,7 @@ def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:
         for name, child in parent.named_children()
         if isinstance(child, nn.Linear)
     ]
-    workers = torch.get_num_threads() if packed else 1
+    workers = min(torch.get_num_threads(), PACK_THREADS) if packed else 1
     if workers <= 1 or len(slots) < 2:
         for parent, name in slots:
             setattr(parent, name, HalfWeightLinear(getattr(parent, name), scratch, packed))
@@ -179,7 +182,7 @@ def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:
 
         for parent, name in slots:
             flight.append((parent, name, pool.submit(prepack, getattr(parent, name))))
-            if len(flight) >= 2 * workers:
+            if len(flight) >= workers:
                 land()
         while flight:
             land()

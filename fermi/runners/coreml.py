@@ -36,14 +36,22 @@ def coreml_unavailable_reason() -> str | None:
 def split_query(count: int, sizes: list[int]) -> list[int]:
     """``count`` tokens as a run of the enumerated ``sizes`` (largest first; sizes hold 1),
     e.g. 100 tokens of [1, 2, 4, ..., 64] -> [64, 32, 4]."""
+    check_query_sizes(sizes)
     parts, left = [], count
     for size in sorted(sizes, reverse=True):
         while left >= size:
             parts.append(size)
             left -= size
-    if left:
-        raise ValueError(f"{count} tokens cannot be split into sizes {sizes}")
     return parts
+
+
+def check_query_sizes(sizes: list[int], chunk: int | None = None) -> None:
+    """ValueError unless ``sizes`` are positive, hold 1 (so any count splits into them)
+    and, with ``chunk``, none is above it."""
+    if not sizes or 1 not in sizes or any(not isinstance(n, int) or n < 1 for n in sizes):
+        raise ValueError(f"query sizes {sizes} must be positive whole numbers and include 1")
+    if chunk is not None and max(sizes) > chunk:
+        raise ValueError(f"query sizes {sizes} go past the prefill chunk {chunk}")
 
 
 def causal_mask(start: int, count: int) -> np.ndarray:
@@ -80,8 +88,13 @@ class CoreMLRunner(Runner):
             self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, units))
         except Exception as exc:  # Core ML raises its own exception types
             raise ModelLoadError(f"Core ML cannot load {path}: {exc}") from None
-        self.states = [self.model.make_state() for _ in range(max_batch)]
         self.sizes = list(manifest.query_sizes)
+        if self.sizes:
+            try:
+                check_query_sizes(self.sizes, manifest.prefill_chunk)
+            except ValueError as exc:
+                raise ModelLoadError(f"{folder}: manifest.json query_sizes: {exc}") from None
+        self.states = [self.model.make_state() for _ in range(max_batch)]
         self.capabilities = Capabilities(
             name="coreml",
             max_batch=max_batch,
