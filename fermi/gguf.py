@@ -163,8 +163,7 @@ def load_gguf(
     matrices = torch.float16 if half_storage and quantize is None else None
 
     def itemsize(name: str) -> int:
-        head = name == "output.weight"
-        if matrices is not None and (_is_matrix(name, arch) or head):
+        if matrices is not None and _is_linear_weight(name, arch):
             return matrices.itemsize
         return torch_dtype.itemsize
 
@@ -415,6 +414,12 @@ def _is_matrix(name: str, arch: str) -> bool:
     return ours is not None and ours.endswith("_proj.weight")
 
 
+def _is_linear_weight(name: str, arch: str) -> bool:
+    """Whether a GGUF tensor becomes a linear layer's weight: a projection, or an untied
+    output head."""
+    return _is_matrix(name, arch) or name == "output.weight"
+
+
 def read_weights(
     gguf: GGUFFile,
     arch: str,
@@ -438,7 +443,7 @@ def read_weights(
                 continue
             raise ModelLoadError(f"{gguf.path}: unexpected tensor {name!r} for GGUF arch {arch}")
         to = dtype
-        if matrix_dtype is not None and (_is_matrix(name, arch) or ours == "lm_head.weight"):
+        if matrix_dtype is not None and _is_linear_weight(name, arch):
             to = matrix_dtype
         tensor = kept.get(name) or gguf.tensor(name, to)
         if permuted and ".attn_q." in name:

@@ -24,13 +24,14 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+
+from bench_cpu_quant import concurrent  # (the same prompts: seeded, 100..vocab-100)
 
 import fermi
 from fermi.aliases import alias_path
@@ -49,30 +50,6 @@ def one(engine, new_tokens: int, seed: int) -> float:
     kw = {"max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
     out = engine.generate(prompt_token_ids=prompt(engine.capabilities.vocab_size, seed), **kw)
     return (len(out.token_ids) - 1) / out.decode_time
-
-
-def concurrent(engine, streams: int, new_tokens: int, seed: int) -> float:
-    outs: list = [None] * streams
-    kw = {"max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
-    vocab = engine.capabilities.vocab_size
-
-    def run(i: int) -> None:
-        started = time.perf_counter()
-        out = engine.generate(prompt_token_ids=prompt(vocab, seed + i), **kw)
-        first = started + out.time_to_first_token
-        outs[i] = (first, first + out.decode_time)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    first = max(o[0] for o in outs)
-    last = max(o[1] for o in outs)
-    produced = sum(
-        (new_tokens - 1) * (1 - min(max((first - a) / (b - a), 0.0), 1.0)) for a, b in outs
-    )
-    return produced / (last - first)
 
 
 @torch.inference_mode()

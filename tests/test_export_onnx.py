@@ -151,60 +151,64 @@ def test_the_readme_example_runs_with_plain_onnxruntime_and_matches_torch(export
     source, art, _, _ = exported
     example = readme_example((art / "README.md").read_text())
     assert len(example.strip().splitlines()) <= 25
-    res = subprocess.run(
-        [sys.executable, "-c", example], cwd=art, capture_output=True, text=True, timeout=120
-    )
-    assert res.returncode == 0, res.stderr
-    ids = ast.literal_eval(res.stdout.splitlines()[0])
-    tokenizer = load_folder(source, torch.device("cpu"), torch.float32).tokenizer
-    expected, _ = greedy(torch_runner(source), tokenizer.encode("The capital of France is"), 16)
-    assert ids == expected
+    ids = ast.literal_eval(_run(example, cwd=art).splitlines()[0])
+    assert ids == _capital_of_france(source, 16)
 
 
 def test_the_project_readmes_onnxruntime_example_runs_on_the_folder_and_matches_torch(exported):
     """README.md's "Export to device" loop, which reads the cache shapes from the session,
     run as written on the exported folder."""
     source, art, _, _ = exported
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Export to device") :]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    example = next(b for b in blocks if "ort.InferenceSession" in b)
+    example = _project_readme_example("ort.InferenceSession")
     assert 'folder = "qwen3-onnx"' in example
     example = example.replace('folder = "qwen3-onnx"', f"folder = {str(art)!r}")
     example = example.replace(
         "print(tokenizer.decode(", "print(tokens[len(prompt):])\nprint(tokenizer.decode("
     )
-    res = subprocess.run(
-        [sys.executable, "-c", example], capture_output=True, text=True, timeout=120
-    )
-    assert res.returncode == 0, res.stderr
-    ids = ast.literal_eval(res.stdout.splitlines()[0])
-    tokenizer = load_folder(source, torch.device("cpu"), torch.float32).tokenizer
-    expected, _ = greedy(torch_runner(source), tokenizer.encode("The capital of France is"), 16)
-    assert ids == expected
+    ids = ast.literal_eval(_run(example).splitlines()[0])
+    assert ids == _capital_of_france(source, 16)
 
 
 def test_the_project_readmes_onnxruntime_genai_example_runs_on_the_folder(exported):
     pytest.importorskip("onnxruntime_genai")
     source, art, _, _ = exported
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Export to device") :]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    example = next(b for b in blocks if "import onnxruntime_genai" in b)
+    example = _project_readme_example("import onnxruntime_genai")
     assert 'og.Model("qwen3-onnx")' in example
     example = example.replace('"qwen3-onnx"', repr(str(art)))
     example += "print([int(t) for t in generator.get_sequence(0)])\n"
-    res = subprocess.run(
-        [sys.executable, "-c", example], capture_output=True, text=True, timeout=120
-    )
-    assert res.returncode == 0, res.stderr
-    sequence = ast.literal_eval(res.stdout.strip().splitlines()[-1])
+    sequence = ast.literal_eval(_run(example).strip().splitlines()[-1])
     tokenizer = load_folder(source, torch.device("cpu"), torch.float32).tokenizer
-    prompt = tokenizer.encode("The capital of France is")
+    prompt = tokenizer.encode(CAPITAL)
     assert sequence[: len(prompt)] == prompt
     generated = sequence[len(prompt) :]
-    expected, _ = greedy(torch_runner(source), prompt, len(generated))
-    assert len(generated) > 8 and generated == expected
+    assert len(generated) > 8 and generated == _capital_of_france(source, len(generated))
+
+
+CAPITAL = "The capital of France is"
+
+
+def _run(example: str, cwd=None) -> str:
+    """Run a README example in a fresh interpreter; its stdout."""
+    res = subprocess.run(
+        [sys.executable, "-c", example], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def _project_readme_example(marker: str) -> str:
+    """The Python block of README.md's "Export to device" that contains ``marker``."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Export to device") :]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    return next(b for b in blocks if marker in b)
+
+
+def _capital_of_france(source, steps: int) -> list[int]:
+    """The torch engine's greedy continuation of the README examples' prompt."""
+    tokenizer = load_folder(source, torch.device("cpu"), torch.float32).tokenizer
+    expected, _ = greedy(torch_runner(source), tokenizer.encode(CAPITAL), steps)
+    return expected
 
 
 def test_onnxruntime_does_not_spin_between_ops_unless_asked(exported):
