@@ -37,6 +37,14 @@ SCHEMA = {
 }
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
 CHAT = [{"role": "user", "content": "Describe someone."}]
+# Past the limits whatever the model samples: over the tiny tokenizer, this grammar's first
+# mask costs llguidance under 10 units of lexer fuel (only `"` may start it) and its second
+# about 600, so with 100 a step every reply fails at its second token. (A path-dependent
+# trigger, such as SCHEMA with a budget its masks reach only on some paths, passed on one
+# machine and not on another.) No other test uses this grammar: the compiled grammar is
+# cached with the limits it was built under.
+OVER_LIMITS_FUEL = 100
+OVER_LIMITS_SCHEMA = {"type": "string", "maxLength": 300}
 
 
 @pytest.fixture(scope="module")
@@ -272,12 +280,16 @@ def test_a_grammar_past_its_limits_mid_reply_ends_in_an_error_not_a_clean_stop(f
     stop there, cut-off JSON with finish_reason "stop"."""
     import fermi.grammar
 
-    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", 2000)
+    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", OVER_LIMITS_FUEL)
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "s", "schema": OVER_LIMITS_SCHEMA},
+    }
     with eager(folder) as engine:
         with pytest.raises(
             RequestError, match="more work for one token than a request may take"
         ) as info:
-            engine.generate(**_json_request(1))
+            engine.generate(**_json_request(1, response_format=response_format))
         # The request's fault, as a bad parameter is (HTTP 400, gRPC INVALID_ARGUMENT).
         assert (info.value.code, info.value.param) == ("grammar_too_complex", None)
         # The engine goes on serving, and an unconstrained request is untouched.

@@ -568,11 +568,11 @@ def test_a_grammar_the_engine_cannot_enforce_is_invalid_argument_naming_it(stub)
 def test_a_grammar_past_its_limits_is_invalid_argument(stub, monkeypatch):
     """The request's grammar cost too much per token: its fault, not the server's."""
     import fermi.grammar
-    from tests.test_grammar import SCHEMA
+    from tests.test_grammar import OVER_LIMITS_FUEL, OVER_LIMITS_SCHEMA
 
-    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", 2000)
+    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", OVER_LIMITS_FUEL)
     sampling = pb.SamplingParams(max_tokens=200, temperature=1.0, seed=1)
-    grammar = pb.Grammar(json_schema=json.dumps(SCHEMA))
+    grammar = pb.Grammar(json_schema=json.dumps(OVER_LIMITS_SCHEMA))
     request = pb.GenerateRequest(prompt="Hi", sampling=sampling, grammar=grammar)
     error = rpc_error(lambda: list(stub.Generate(request)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()

@@ -638,14 +638,17 @@ def streamed_until_it_fails(api, path: str, body: dict) -> bytes:
 
 def test_a_grammar_past_its_limits_is_a_400_whole_or_streamed(api, monkeypatch):
     import fermi.grammar
-    from tests.test_grammar import SCHEMA
+    from tests.test_grammar import OVER_LIMITS_FUEL, OVER_LIMITS_SCHEMA
 
-    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", 2000)
+    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", OVER_LIMITS_FUEL)
     body = {
         "messages": [{"role": "user", "content": "hi"}],
         "thinking": "off",
         "max_tokens": 200,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "p", "schema": OVER_LIMITS_SCHEMA},
+        },
     }
     reply = asyncio.run(api.handle("POST", "/v1/chat/completions", {}, json.dumps(body).encode()))
     error = json.loads(reply.body).get("error")
@@ -658,10 +661,10 @@ def test_a_grammar_past_its_limits_is_a_400_whole_or_streamed(api, monkeypatch):
 
 def test_a_grammar_past_its_limits_fails_a_response_as_the_requests_fault(api, monkeypatch):
     import fermi.grammar
-    from tests.test_grammar import SCHEMA
+    from tests.test_grammar import OVER_LIMITS_FUEL, OVER_LIMITS_SCHEMA
 
-    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", 2000)
-    fmt = {"type": "json_schema", "name": "p", "schema": SCHEMA}
+    monkeypatch.setitem(fermi.grammar.LIMITS, "step_lexer_fuel", OVER_LIMITS_FUEL)
+    fmt = {"type": "json_schema", "name": "p", "schema": OVER_LIMITS_SCHEMA}
     body = {"input": "hi", "max_output_tokens": 200, "text": {"format": fmt}}
     body["reasoning"] = {"effort": "none"}  # the grammar from the first token
     reply = asyncio.run(api.handle("POST", "/v1/responses", {}, json.dumps(body).encode()))
