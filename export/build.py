@@ -365,7 +365,7 @@ def _reference_traces(options: ExportOptions, checkpoint: Checkpoint, seq_len: i
     from fermi.runners.torch_eager import TorchRunner
 
     model = checkpoint.model
-    if model.model.embed_tokens.weight.dtype != torch.float32:
+    if model.dtype != torch.float32:
         model = load_any(options.model, torch.float32).model
     prompts = [checkpoint.tokenizer.encode(p) for p in PROMPTS]
     longest = max(map(len, prompts))

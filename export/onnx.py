@@ -55,7 +55,7 @@ def export_onnx(decoder: Decoder, path: Path, max_seq_len: int) -> None:
 
     cfg = decoder.cfg
     decoder.setup_cache(1, max_seq_len)  # the rope tables and windows; the graph has no cache
-    dtype = decoder.model.embed_tokens.weight.dtype
+    dtype = decoder.dtype
     layers, kv, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     # Example sizes are distinct and > 1 so that no axis gets specialised to a constant.
     batch, query, past, total = 2, 3, 7, 10

@@ -134,7 +134,7 @@ class CoreMLStep(nn.Module):
         shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=cache_dtype))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=cache_dtype))
-        dtype = decoder.model.embed_tokens.weight.dtype
+        dtype = decoder.dtype
         self.caches = [StateCache(i, dtype) for i in range(cfg.num_hidden_layers)]
         decoder.use_caches(self.caches)
 
@@ -178,7 +178,7 @@ class CoreMLPositionStep(CoreMLStep):
 
     def __init__(self, decoder: Decoder, max_seq_len: int, cache_dtype: torch.dtype) -> None:
         super().__init__(decoder, max_seq_len, cache_dtype)
-        dtype = decoder.model.embed_tokens.weight.dtype
+        dtype = decoder.dtype
         self.caches = [PositionStateCache(i, dtype) for i in range(decoder.cfg.num_hidden_layers)]
         decoder.use_caches(self.caches)
         self.max_seq_len = max_seq_len

@@ -71,7 +71,7 @@ def main() -> None:
     engine.close()
 
     cfg = runner.model.cfg
-    itemsize = runner.model.model.embed_tokens.weight.element_size()
+    itemsize = runner.model.dtype.itemsize
     per_position = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
     result = {
         "command": " ".join(sys.argv),

@@ -264,7 +264,12 @@ def test_quantized_gguf_on_cpu_defaults_to_fp16_weights_with_fp32_compute(tmp_pa
     linears = [m for m in half.modules() if isinstance(m, HalfWeightLinear)]
     assert len(linears) == 2 * 4 + 1  # every (fused) projection of both layers, and the head
     assert {m.weight.dtype for m in linears} == {torch.float16}
-    assert half.model.embed_tokens.weight.dtype == torch.float32
+    # The embedding table is stored in fp16 as well; its rows come out in float32.
+    assert half.model.embed_tokens.weight.dtype == torch.float16
+    assert full.model.embed_tokens.weight.dtype == torch.float32
+    assert half.dtype == torch.float32  # activations and the KV cache: the norms' dtype
+    half.setup_cache(1, 32)
+    assert half.model.layers[0].self_attn.cache.k.dtype == torch.float32
     tokens = prompt(full.cfg.vocab_size)
     ref, got = logits(full, tokens), logits(half, tokens)  # prefill (upcast) + decode (fp16)
     assert got.dtype == torch.float32
@@ -279,7 +284,7 @@ def test_fp16_storage_reads_matrices_as_fp16_and_packs_the_same_values(
     them on several threads (perf/LOG.md run 32); the packs hold exactly what packing the
     float32 model one layer at a time gives."""
     from fermi import gguf as gguf_module
-    from fermi.models.half_weights import HalfWeightLinear, use_half_weights
+    from fermi.models.half_weights import HalfWeightLinear, use_half_embedding, use_half_weights
 
     path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=weight_type)
     seen: dict[str, torch.dtype] = {}
@@ -307,14 +312,15 @@ def test_fp16_storage_reads_matrices_as_fp16_and_packs_the_same_values(
     assert {d for k, d in seen.items() if k.endswith("_proj.weight")} == {torch.float16}
     assert {d for k, d in seen.items() if k.endswith("norm.weight")} == {torch.float32}
     # The layers' projections reach the packing in fp16; this file ties its head to the
-    # embedding, which stays float32 (tokens are gathered from it) and is packed from there.
+    # embedding, read in float32 and packed from there; the table is then stored in fp16.
     head = packed.pop("lm_head")
     assert len(packed) == 2 * 4 and set(packed.values()) == {torch.float16}, packed
-    assert head == half.model.embed_tokens.weight.dtype == torch.float32
+    assert head == torch.float32 and half.model.embed_tokens.weight.dtype == torch.float16
 
     torch.set_num_threads(1)  # the reference: float32 weights, packed one after another
     try:
         ref = use_half_weights(load_gguf(path, CPU, "fp32").model)
+        use_half_embedding(ref)
     finally:
         torch.set_num_threads(threads)
     ours = {n: m for n, m in half.named_modules() if isinstance(m, HalfWeightLinear)}
@@ -324,6 +330,19 @@ def test_fp16_storage_reads_matrices_as_fp16_and_packs_the_same_values(
         assert torch.equal(layer.weight, theirs[name].weight), name
     tokens = prompt(half.cfg.vocab_size)
     assert torch.equal(logits(half, tokens), logits(ref, tokens))
+
+
+def test_a_head_tied_to_a_float_table_keeps_the_one_table(tmp_path, llama_folder):
+    """Halving the table is for models whose head has weights of its own: a head still tied
+    to it reads it whole every step, and would lose its float32 weights."""
+    from fermi.models.half_weights import use_half_embedding
+
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=Q.Q8_0)
+    full = load_gguf(path, CPU, "fp32").model
+    assert full.lm_head.weight is full.model.embed_tokens.weight
+    use_half_embedding(full)
+    assert full.lm_head.weight is full.model.embed_tokens.weight
+    assert full.lm_head.weight.dtype == torch.float32
 
 
 def test_float_gguf_on_cpu_defaults_to_float32(tmp_path, llama_folder):

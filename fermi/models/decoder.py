@@ -390,6 +390,17 @@ class Decoder(nn.Module):
             cfg.window(i) for i in range(cfg.num_hidden_layers)
         )
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype, and the KV cache's by default: the final norm's weight's.
+        Weights stored smaller than that on CPU (fp16 products and embedding table, int8 and
+        int4 layers) leave the norms in it."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
     def use_row_kernels(self) -> bool:
         """Run one-token forwards (batch-1 decode, and the last token's lm_head) through
         the fused row products of ``fermi.models.gemv``, where the architecture fits them:
@@ -446,11 +457,10 @@ class Decoder(nn.Module):
         self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None
     ) -> None:
         """Allocate the KV cache and the rope tables on the model's device."""
-        weight = self.model.embed_tokens.weight
-        dtype = dtype or weight.dtype
+        dtype = dtype or self.dtype
         cfg = self.cfg
         shape = (max_batch, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
-        self.use_caches([KVCache(*shape, dtype, weight.device) for _ in self.model.layers])
+        self.use_caches([KVCache(*shape, dtype, self.device) for _ in self.model.layers])
         for i, layer in enumerate(self.model.layers):
             # A window as long as the cache masks nothing: skip the extra mask (Phi-3.5's
             # 262144, or Gemma 2's 4096 with a 4096-token cache).
@@ -469,11 +479,11 @@ class Decoder(nn.Module):
                 long = rope_tables(rope, cfg.head_dim, max_seq_len, seq_len=self.rope_switch + 1)
                 cos, sin = torch.stack((short[0], long[0])), torch.stack((short[1], long[1]))
                 # Slots a runner marked long (fermi.runners.longrope); host-set between steps.
-                marks = torch.zeros(max_batch, dtype=torch.bool, device=weight.device)
+                marks = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
                 self.register_buffer("rope_long", marks, persistent=False)
             prefix = ROPE_BUFFERS[table]
-            self.register_buffer(f"{prefix}_cos", cos.to(weight.device), persistent=False)
-            self.register_buffer(f"{prefix}_sin", sin.to(weight.device), persistent=False)
+            self.register_buffer(f"{prefix}_cos", cos.to(self.device), persistent=False)
+            self.register_buffer(f"{prefix}_sin", sin.to(self.device), persistent=False)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     def forward(
@@ -569,7 +579,7 @@ class Decoder(nn.Module):
         width = max(2, *lengths)
         if width > self.max_seq_len:
             raise ValueError(f"an input of {width} tokens exceeds max_seq_len {self.max_seq_len}")
-        device = self.model.embed_tokens.weight.device
+        device = self.device
         padded = [[*ids, *([0] * (width - len(ids)))] for ids in token_ids]
         tokens = torch.tensor(padded, dtype=torch.long, device=device)
         rows = torch.arange(len(padded), device=device)
@@ -614,7 +624,7 @@ class Decoder(nn.Module):
         if not windows:
             return {}
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype = self.dtype
         query_pos = positions.repeat(1, groups)[:, None, :, None]  # [B, 1, G*T, 1]
         key_pos = torch.arange(kv_len, device=positions.device)
         if causal_mask is None:

@@ -415,17 +415,20 @@ def quantize_decoder(model: nn.Module, spec: QuantSpec) -> QuantReport:
     """Quantize, in place, the linear layers ``spec`` names in a float ``Decoder`` already
     built (benchmarks build random ones; the loaders quantize while they load, through
     ``fermi.loading.build_model``). Sets and returns ``model.quantization``."""
-    embed = model.model.embed_tokens.weight
     report = QuantReport(spec, [], {}, 0)
     for name, scheme in spec.targets(model.cfg.num_hidden_layers).items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{name} is a {type(linear).__name__}, not a float nn.Linear")
         layer, error = build_linear(
-            [linear.weight.detach()], scheme, spec, linear.bias, embed.device, embed.dtype
+            [linear.weight.detach()], scheme, spec, linear.bias, model.device, model.dtype
         )
         model.set_submodule(name, layer)
         report.errors[name] = error or 0.0
         report.nbytes += layer.nbytes
+    if model.device.type == "cpu":  # as the loaders store it (fermi.models.half_weights)
+        from fermi.models.half_weights import use_half_embedding
+
+        use_half_embedding(model)
     model.quantization = report
     return report

@@ -38,7 +38,7 @@ def torch_runner(
 ) -> Runner:
     """The eager runner anywhere; the compiled CUDA runner when on a CUDA device; the
     compiled CPU runner when asked for (``torch-compile``)."""
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     if name not in (None, *TORCH_RUNNERS):
         raise ValueError(f"runner {name!r} is not one of {', '.join(TORCH_RUNNERS)}")
     check_cache_fits(model, max_batch, max_seq_len, device)
@@ -68,7 +68,7 @@ def check_cache_fits(model: Decoder, max_batch: int, max_seq_len: int, device) -
     free: on a CPU, a cache the kernel lets torch reserve but cannot back gets the process
     killed when it is first written, with no message."""
     cfg = model.cfg
-    itemsize = model.model.embed_tokens.weight.element_size()
+    itemsize = model.dtype.itemsize
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
     need = per_token * max_batch * max_seq_len
     what = (

@@ -33,7 +33,7 @@ class CompiledCpuRunner(CudaGraphRunner):
         warmup: bool = True,
         compile_cache: bool = True,
     ) -> None:
-        device = model.model.embed_tokens.weight.device
+        device = model.device
         if device.type != "cpu":
             raise ValueError(
                 f"runner {NAME!r} compiles for the CPU; the model is on {device} "

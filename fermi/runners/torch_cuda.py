@@ -187,8 +187,7 @@ class CudaGraphRunner(Runner):
         if compile_scope not in ("layer", "model"):
             raise ValueError(f"compile_scope must be 'layer' or 'model', got {compile_scope!r}")
         self.model = model
-        weight = model.model.embed_tokens.weight
-        self.device = weight.device
+        self.device = model.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -468,7 +467,7 @@ class CudaGraphRunner(Runner):
             cache = CompileCache(
                 cache_key(
                     self.model.cfg,
-                    self.model.model.embed_tokens.weight.dtype,
+                    self.model.dtype,
                     self.device,
                     max_batch=self.max_batch,
                     cache_len=self.cache_len,

@@ -15,7 +15,7 @@ class TorchRunner(Runner):
         self, model: Decoder, max_batch: int, max_seq_len: int, prefill_chunk: int = 512
     ) -> None:
         self.model = model
-        device = model.model.embed_tokens.weight.device
+        device = model.device
         model.setup_cache(max_batch, max_seq_len)
         name = "torch-cpu" if device.type == "cpu" else f"torch-{device.type}"
         self.capabilities = Capabilities(
