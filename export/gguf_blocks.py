@@ -44,9 +44,14 @@ class Blocks:
     scale: np.ndarray  # [rows, cols / 32] float16
     offset: np.ndarray | None  # [rows, cols / 32] float32, or None (Q8_0)
     bits: int
+    # Q4_1's m as stored (float16 values in float32): w = d * q + m. Where d = 0 every
+    # weight of the block is m, which the offset form cannot say (its offset is 0 there).
+    minimum: np.ndarray | None = None
 
     def dequantized(self) -> np.ndarray:
         scale = np.repeat(self.scale.astype(np.float32), BLOCK, axis=1)
+        if self.minimum is not None:
+            return scale * self.codes.astype(np.float32) + np.repeat(self.minimum, BLOCK, axis=1)
         offset = 0.0 if self.offset is None else np.repeat(self.offset, BLOCK, axis=1)
         return scale * (self.codes.astype(np.float32) - offset)
 
@@ -70,13 +75,12 @@ def _read(gguf: GGUFFile, name: str) -> Blocks | None:
     # Byte j of a block holds weight j in its low nibble and weight j + 16 in its high one.
     codes = np.concatenate([packed & 0x0F, packed >> 4], axis=1).reshape(rows, cols)
     if qtype == GGMLQuantizationType.Q4_0:
-        offset = np.full(d.shape, 8.0, dtype=np.float32)
-    else:
-        m = blocks[:, 2:4].copy().view(np.float16).reshape(rows, cols // BLOCK)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = -m.astype(np.float32) / d.astype(np.float32)
-        offset = np.where(d == 0, np.float32(0), ratio)  # d = 0: every weight is 0
-    return Blocks(codes, d, offset.astype(np.float32), 4)
+        return Blocks(codes, d, np.full(d.shape, 8.0, dtype=np.float32), 4)
+    m = blocks[:, 2:4].copy().view(np.float16).reshape(rows, cols // BLOCK).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = -m / d.astype(np.float32)
+    offset = np.where(d == 0, np.float32(0), ratio)  # (see Blocks.minimum)
+    return Blocks(codes, d, offset.astype(np.float32), 4, m)
 
 
 def _rows(blocks: Blocks, heads: int) -> Blocks:
@@ -85,18 +89,25 @@ def _rows(blocks: Blocks, heads: int) -> Blocks:
     def move(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else unpermute_rows(torch.from_numpy(a), heads).numpy()
 
-    return Blocks(move(blocks.codes), move(blocks.scale), move(blocks.offset), blocks.bits)
+    moved = (move(blocks.codes), move(blocks.scale), move(blocks.offset))
+    return Blocks(*moved, blocks.bits, move(blocks.minimum))
 
 
 def _cat(parts: list[Blocks]) -> Blocks | None:
     if len({p.bits for p in parts}) != 1 or len({p.offset is None for p in parts}) != 1:
         return None
     offsets = None if parts[0].offset is None else np.concatenate([p.offset for p in parts])
+    minimum = None
+    if any(p.minimum is not None for p in parts):  # Q4_1 beside Q4_0, whose m is -8d
+        minimum = np.concatenate(
+            [-8.0 * p.scale.astype(np.float32) if p.minimum is None else p.minimum for p in parts]
+        )
     return Blocks(
         np.concatenate([p.codes for p in parts]),
         np.concatenate([p.scale for p in parts]),
         offsets,
         parts[0].bits,
+        minimum,
     )
 
 

@@ -116,13 +116,18 @@ def quantize(source: Path, target: Path, bits: int, kept: dict[bytes, Blocks]) -
 
     nbits = _nbits_module()
     model = onnx.load(str(source))
-    count = _keep_blocks(model, kept) if kept else 0
+    count, exclude = _keep_blocks(model, kept) if kept else (0, [])
     symmetric = bits == 8
     config = nbits.DefaultWeightOnlyQuantConfig(
         block_size=BLOCK, is_symmetric=symmetric, bits=bits, op_types_to_quantize=("MatMul",)
     )
     quantizer = nbits.MatMulNBitsQuantizer(
-        model, bits=bits, block_size=BLOCK, is_symmetric=symmetric, algo_config=config
+        model,
+        bits=bits,
+        block_size=BLOCK,
+        is_symmetric=symmetric,
+        algo_config=config,
+        nodes_to_exclude=exclude,  # the kept Q4_1 blocks' float sums (see _keep_blocks)
     )
     quantizer.process()
     external = _size(source) > 1 << 30
@@ -149,24 +154,43 @@ def weight_key(weight: torch.Tensor) -> bytes:
     return hashlib.sha1(weight.detach().T.contiguous().numpy().tobytes()).digest()
 
 
-def _keep_blocks(model, kept: dict[bytes, Blocks]) -> int:
-    """Replace each MatMul whose weight is in ``kept`` by a MatMulNBits of its blocks."""
+def _keep_blocks(model, kept: dict[bytes, Blocks]) -> tuple[int, list[str]]:
+    """Replace each MatMul whose weight is in ``kept`` by a MatMulNBits of its blocks;
+    returns how many, and the names of the float MatMuls added (not to be quantized).
+
+    onnxruntime's fast MatMulNBits kernels take integer zero points only; with float zero
+    points it dequantizes every weight at every call (SmolLM2-135M from its Q4_1 file:
+    85-123 ms a decode step, against 13-17 ms for the same layers quantized by
+    onnxruntime, ``perf/LOG.md`` run 34). So each block keeps its codes and scale, and:
+
+    - Q4_0 (d * (q - 8)) and Q8_0 (d * q, codes shifted to q + 128) are MatMulNBits'
+      default zero point (8, 128): no zero point input at all, exactly;
+    - Q4_1 (d * q + m) is d * (q - 8) plus (m + 8d) per block: the product of the blocks'
+      sums of x with those numbers, one small float MatMul ([K/32, N]: a quarter of the
+      codes' bytes) added to the node's output. Exact but for float32 rounding.
+    """
     import onnx
     from onnx import helper, numpy_helper
 
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in [*graph.value_info, *graph.input]
+        if v.type.tensor_type.HasField("shape")
+    }
     users: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             users[name] = users.get(name, 0) + 1
-    nodes, dropped, count = [], set(), 0
+    nodes, dropped, count, added = [], set(), 0, []
     for node in graph.node:
         weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
         array = numpy_helper.to_array(weight) if weight is not None else None
         blocks = kept.get(hashlib.sha1(array.tobytes()).digest()) if array is not None else None
-        if blocks is None:
-            nodes.append(node)
+        x, rank = node.input[0], ranks.get(node.input[0])
+        if blocks is None or (_has_minimum(blocks) and rank is None):
+            nodes.append(node)  # (a Q4_1 weight whose input's rank the graph does not say)
             continue
         rows, cols = blocks.codes.shape  # [out, in] = N, K
         codes = blocks.codes.astype(np.int16) + (128 if blocks.bits == 8 else 0)
@@ -174,19 +198,51 @@ def _keep_blocks(model, kept: dict[bytes, Blocks]) -> int:
         if blocks.bits == 4:  # two codes a byte, the even one in the low nibble
             codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
         dtype = array.dtype
-        offset = np.full(blocks.scale.shape, 128.0) if blocks.offset is None else blocks.offset
         stem = node.input[1]
+        scale = blocks.scale.astype(np.float32)
         tensors = [
             numpy_helper.from_array(codes.reshape(rows, cols // BLOCK, -1), f"{stem}_blocks"),
-            numpy_helper.from_array(blocks.scale.astype(dtype), f"{stem}_scales"),
-            numpy_helper.from_array(offset.astype(dtype), f"{stem}_zero_points"),
+            numpy_helper.from_array(scale.astype(dtype), f"{stem}_scales"),
         ]
         graph.initializer.extend(tensors)
+        out = list(node.output)
+        minimum = _has_minimum(blocks)
+        if minimum:
+            assert blocks.minimum is not None and rank is not None
+            out = [f"{node.output[0]}_codes"]
+            extra = blocks.minimum + 8.0 * scale  # d * q + m = d * (q - 8) + (m + 8d)
+            shape = np.array([0] * (rank - 1) + [cols // BLOCK, BLOCK], dtype=np.int64)
+            consts = [
+                numpy_helper.from_array(extra.T.astype(dtype).copy(), f"{stem}_block_offsets"),
+                numpy_helper.from_array(shape, f"{stem}_block_shape"),
+                numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{stem}_last_axis"),
+            ]
+            graph.initializer.extend(consts)
+            name = node.name or stem
+            added.append(f"{name}_offsets")
+            nodes += [
+                helper.make_node(
+                    "Reshape", [x, consts[1].name], [f"{stem}_x_blocks"], name=f"{name}_blocks"
+                ),
+                helper.make_node(
+                    "ReduceSum",
+                    [f"{stem}_x_blocks", consts[2].name],
+                    [f"{stem}_x_sums"],
+                    name=f"{name}_sums",
+                    keepdims=0,
+                ),
+                helper.make_node(
+                    "MatMul",
+                    [f"{stem}_x_sums", consts[0].name],
+                    [f"{stem}_offsets_out"],
+                    name=f"{name}_offsets",
+                ),
+            ]
         nodes.append(
             helper.make_node(
                 "MatMulNBits",
-                [node.input[0], *(t.name for t in tensors)],
-                list(node.output),
+                [x, *(t.name for t in tensors)],
+                out,
                 name=node.name,
                 domain="com.microsoft",
                 K=cols,
@@ -195,6 +251,15 @@ def _keep_blocks(model, kept: dict[bytes, Blocks]) -> int:
                 block_size=BLOCK,
             )
         )
+        if minimum:
+            nodes.append(
+                helper.make_node(
+                    "Add",
+                    [out[0], f"{stem}_offsets_out"],
+                    list(node.output),
+                    name=f"{node.name or stem}_add_offsets",
+                )
+            )
         if users[stem] == 1:
             dropped.add(stem)
         count += 1
@@ -205,7 +270,12 @@ def _keep_blocks(model, kept: dict[bytes, Blocks]) -> int:
     graph.initializer.extend(remaining)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return count
+    return count, added
+
+
+def _has_minimum(blocks: Blocks) -> bool:
+    """Whether ``blocks`` are Q4_1's (Q4_0's offset is MatMulNBits' default 8)."""
+    return blocks.minimum is not None
 
 
 def _size(path: Path) -> int:

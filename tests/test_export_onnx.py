@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -459,27 +460,54 @@ def test_a_hub_id_whose_snapshot_is_symlinks_exports_with_real_files(
     assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
 
 
-def test_int4_from_a_q4_1_gguf_keeps_its_blocks_exactly(exported, tmp_path):
-    """MatMulNBits with the file's own codes, scales and (float) zero points -m/d: the
-    graph computes the GGUF weights, so the int4 export reproduces the source as the fp32
-    one does (quantizing the dequantized weights again moved them by up to half a step)."""
+@pytest.mark.parametrize(
+    ("weight_type", "quantize"), [("Q4_1", "int4"), ("Q4_0", "int4"), ("Q8_0", "int8")]
+)
+def test_a_gguf_sources_blocks_are_kept_exactly_in_the_fast_form(
+    exported, tmp_path, weight_type, quantize
+):
+    """MatMulNBits with the file's own codes and scales: the graph computes the GGUF
+    weights, so the quantized export reproduces the source as the fp32 one does (quantizing
+    the dequantized weights again moved them by up to half a step). No node has a float
+    zero point: onnxruntime's fast kernels take none (with them, SmolLM2's Q4_1 file
+    decoded 7x slower, perf/LOG.md run 34). Q4_1's minimum is a float product of the
+    blocks' sums beside each node."""
     from gguf import GGMLQuantizationType
 
     from tests.gguf_files import write_gguf
 
-    gguf = write_gguf(exported[0], tmp_path / "q4_1.gguf", "qwen3", GGMLQuantizationType.Q4_1)
+    path = tmp_path / f"{weight_type}.gguf"
+    gguf = write_gguf(exported[0], path, "qwen3", GGMLQuantizationType[weight_type])
     lines: list[str] = []
     options = ExportOptions(
-        model=str(gguf), target="onnx", out=tmp_path / "art", max_seq_len=SEQ, quantize="int4"
+        model=str(gguf), target="onnx", out=tmp_path / "art", max_seq_len=SEQ, quantize=quantize
     )
     manifest = export_model(options, progress=lines.append)
     assert any("8 weights keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks" in line for line in lines)
     import onnx
 
-    ops = [n.op_type for n in onnx.load(tmp_path / "art" / "model.onnx").graph.node]
-    assert ops.count("MatMulNBits") == 8 and "MatMul" in ops  # the tied head stays float
+    graph = onnx.load(tmp_path / "art" / "model.onnx").graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 8 and all(len(n.input) == 3 for n in nbits)  # no zero points
+    floats = [n for n in graph.node if n.op_type == "MatMul"]
+    # The tied head stays float; Q4_1 adds one small product per kept weight.
+    assert len(floats) == 1 + (8 if weight_type == "Q4_1" else 0)
     assert manifest.numerics.greedy_equal == [16] * 6
     assert manifest.numerics.max_logit_diff < 1e-3, manifest.numerics.summary()
+
+
+def test_a_q4_1_block_whose_scale_is_zero_is_its_minimum():
+    """Every weight of a Q4_1 block with d = 0 is m (llama.cpp writes such blocks for 32
+    equal weights); the offset form -m / d cannot say it, the kept minimum does."""
+    from export.gguf_blocks import Blocks
+
+    codes = np.zeros((1, 64), dtype=np.uint8)
+    codes[0, 32:] = 3
+    scale = np.array([[0.0, 0.5]], dtype=np.float16)
+    minimum = np.array([[0.25, -1.0]], dtype=np.float32)
+    blocks = Blocks(codes, scale, np.array([[0.0, 2.0]], dtype=np.float32), 4, minimum)
+    want = np.array([0.25] * 32 + [0.5] * 32, dtype=np.float32)
+    assert np.array_equal(blocks.dequantized()[0], want)
 
 
 @NEEDS_SMOLLM2
