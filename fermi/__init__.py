@@ -17,9 +17,13 @@ if sys.platform == "darwin" and "torch" not in sys.modules:
 # OpenMP's threads spin at each barrier by default: on a CPU shared with other work (a
 # laptop's browser, a server's tokenizer threads) a spinning thread waits on a core someone
 # else holds. SmolLM2's decode step with 2 threads on the 2-core test machine under load:
-# median 500 ms spinning against 27 ms passive; on a quiet machine passive costs ~3 ms a
-# step (perf/LOG.md). Read once, when torch is first imported (README, "CPU performance").
-if "torch" not in sys.modules:
+# median 500 ms spinning against 27 ms passive (perf/LOG.md run 24). Passive threads cost a
+# wake-up at every parallel op instead, so the CPU runner also leaves a core to the rest
+# of the process (fermi.runners.select.use_default_cpu_threads, run 37). Read once, when
+# torch is first imported (README, "CPU performance"): a program that imports torch first
+# keeps torch's own defaults for both.
+TORCH_FIRST = "torch" in sys.modules
+if not TORCH_FIRST:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:

@@ -1,11 +1,16 @@
 """SmolLM2-135M's eager decode step on CPU by intra-op thread count and OpenMP wait policy.
 
-Each policy (``OMP_WAIT_POLICY`` unset, i.e. active spinning, and ``PASSIVE``) needs its own
-process: OpenMP reads it once, when torch loads it. Processes alternate (``--rounds`` of
-each); inside one, thread counts alternate step by step (``torch.set_num_threads``). The
-step is ``Decoder.forward`` (fp16 storage, packed) at 1 and 4 rows, position 130.
+Each policy needs its own process: OpenMP reads it once, when torch loads it. Policies
+(``--policies``): ``unset`` (libgomp's default: spin a while at a barrier, then sleep),
+``PASSIVE``, ``ACTIVE`` (spin until released), ``spin:N`` (unset, with ``GOMP_SPINCOUNT``
+N). Processes alternate (``--rounds`` of each); inside one, thread counts alternate step by
+step (``torch.set_num_threads``). The step is ``Decoder.forward`` (fp16 storage, packed) at
+1 and 4 rows, position 130. ``--neighbour`` runs a busy loop in another process meanwhile
+(a core that other work holds, as on a laptop or beside a server's other threads).
 
     .venv/bin/python perf/threads_cpu.py --out perf/results/cpu_threads.json
+    .venv/bin/python perf/threads_cpu.py --policies unset PASSIVE spin:10000 --neighbour \
+        --out perf/results/cpu_threads_neighbour.json
 """
 
 from __future__ import annotations
@@ -48,30 +53,28 @@ def main() -> None:
     p.add_argument("--threads", default=f"1,{os.cpu_count()}")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--policies", nargs="+", default=["unset", "PASSIVE"])
+    p.add_argument("--neighbour", action="store_true", help="a busy loop in another process")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     merged: dict[str, dict[str, list[float]]] = {}
     load = [os.getloadavg()]
-    for _ in range(args.rounds):
-        for policy in ("ACTIVE (unset)", "PASSIVE"):
-            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-            if policy == "PASSIVE":
-                env["OMP_WAIT_POLICY"] = "PASSIVE"
-            out = subprocess.run(
-                [sys.executable, "-c", CHILD, str(ROOT), args.threads, str(args.steps)],
-                capture_output=True,
-                text=True,
-                check=True,
-                env=env,
-            )
-            times = json.loads(out.stdout.strip().splitlines()[-1])
-            for key, values in times.items():
-                merged.setdefault(policy, {}).setdefault(key, []).extend(values[1:])
-            load.append(os.getloadavg())
+    neighbour = None
+    if args.neighbour:
+        neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for _ in range(args.rounds):
+            for policy in args.policies:
+                run_policy(policy, args, merged)
+                load.append(os.getloadavg())
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
     result = {
         "command": " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "note": "shared machine; load averages after each process below",
+        "neighbour": "a Python busy loop in another process" if args.neighbour else None,
         "load_averages": load,
         "step_ms": {
             policy: {
@@ -88,6 +91,26 @@ def main() -> None:
     print(json.dumps(result["step_ms"], indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def run_policy(policy: str, args: argparse.Namespace, merged: dict) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if policy in ("PASSIVE", "ACTIVE"):
+        env["OMP_WAIT_POLICY"] = policy
+    elif policy.startswith("spin:"):
+        env["GOMP_SPINCOUNT"] = policy.split(":", 1)[1]
+    elif policy != "unset":
+        raise SystemExit(f"unknown policy {policy!r}")
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(ROOT), args.threads, str(args.steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    times = json.loads(out.stdout.strip().splitlines()[-1])
+    for key, values in times.items():
+        merged.setdefault(policy, {}).setdefault(key, []).extend(values[1:])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -44,6 +45,7 @@ def torch_runner(
     check_cache_fits(model, max_batch, max_seq_len, device)
     if device.type == "cpu":  # the float copies the loader made of the weights are gone
         memory.release_free_heap()
+        use_default_cpu_threads()
     if device.type == "cuda" and name in (None, "torch", "torch-cuda"):
         try:
             from fermi.runners.torch_cuda import CudaGraphRunner
@@ -61,6 +63,27 @@ def torch_runner(
 
     runner = TorchRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk or 512)
     return with_longrope(runner, model)
+
+
+_threads_set = False
+
+
+def use_default_cpu_threads() -> None:
+    """Run torch's CPU ops on one thread fewer than its default (at least one), once per
+    process, unless ``OMP_NUM_THREADS`` is set or torch was imported before fermi.
+
+    The engine's step thread is not alone in the process (the caller's or the server's
+    threads, sampling, tokenizing), and with ``OMP_WAIT_POLICY=PASSIVE`` (fermi's default)
+    every parallel op wakes its threads. On the 2-core test machine (perf/LOG.md run 37)
+    SmolLM2-135M's decode step took 27-32 ms on 2 threads and 19-25 on one, with or without
+    a busy neighbour process; a 256-token prefill 492 ms against 416-439."""
+    global _threads_set
+    import fermi
+
+    if _threads_set or fermi.TORCH_FIRST or "OMP_NUM_THREADS" in os.environ:
+        return
+    _threads_set = True
+    torch.set_num_threads(max(1, torch.get_num_threads() - 1))
 
 
 def check_cache_fits(model: Decoder, max_batch: int, max_seq_len: int, device) -> None:
