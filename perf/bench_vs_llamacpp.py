@@ -54,10 +54,14 @@ CALLER_OMP_WAIT = os.environ.get("OMP_WAIT_POLICY")
 
 
 def child_fermi(path: str, quantize: str | None, threads: int, new_tokens: int) -> dict:
-    import torch
-
-    torch.set_num_threads(threads)
+    """``threads`` 0: fermi's own defaults (imported before torch: passive OpenMP threads,
+    one fewer than torch's count); else torch first (torch's defaults: spinning) at that
+    many threads."""
     start = time.perf_counter()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     import fermi
 
     engine = fermi.load(path, device="cpu", max_batch=1, max_seq_len=2048, quantize=quantize)
@@ -123,7 +127,8 @@ def child_llama(path: str, threads: int, new_tokens: int) -> dict:
 def spawn(system: str, args) -> dict:
     python = args.llama_python if system == "llama.cpp" else sys.executable
     command = [python, str(HERE), "--child", system, "--file", str(args.file)]
-    command += ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+    threads = args.threads if system == "llama.cpp" or args.fermi_threads is None else 0
+    command += ["--threads", str(threads), "--new-tokens", str(args.new_tokens)]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent)}
     env.pop("OMP_WAIT_POLICY", None)  # each system's own default, unless the caller set one
     if CALLER_OMP_WAIT is not None:
@@ -148,6 +153,13 @@ def main() -> None:
     parser.add_argument("--file", type=Path, default=None, help="GGUF (default: smollm2-135m's)")
     parser.add_argument("--llama-python", default="/tmp/llamacpp-venv/bin/python")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--fermi-threads",
+        choices=["default"],
+        default=None,
+        help="Fermi as `import fermi` sets it up (its thread count and OpenMP policy) "
+        "instead of torch first at --threads",
+    )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--systems", nargs="*", default=list(SYSTEMS))
@@ -184,7 +196,15 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cores": os.cpu_count()},
         "file": str(args.file),
         "threads": args.threads,
-        "omp_wait_policy": CALLER_OMP_WAIT or "each system's default (Fermi: PASSIVE)",
+        "fermi_threads": "fermi's defaults (fermi imported first)"
+        if args.fermi_threads
+        else f"torch imported first, {args.threads} threads",
+        "omp_wait_policy": CALLER_OMP_WAIT
+        or (
+            "each system's default (Fermi: PASSIVE)"
+            if args.fermi_threads
+            else "each system's default (torch first: libgomp's spinning)"
+        ),
         "new_tokens": args.new_tokens,
         "load_average_1min": {"min": min(loads), "max": max(loads)},
         "systems": {
