@@ -146,7 +146,15 @@ def refuse_taken_port(host: str, port: int) -> None:
 
 
 def load_engine(
-    model, device, dtype, max_seq_len, max_batch, runner, prefix_reuse=True, quantize=None
+    model,
+    device,
+    dtype,
+    max_seq_len,
+    max_batch,
+    runner,
+    prefix_reuse=True,
+    quantize=None,
+    warm_grammars=True,
 ):
     import fermi
 
@@ -160,6 +168,7 @@ def load_engine(
             runner=runner,
             prefix_reuse=prefix_reuse,
             quantize=quantize,
+            warm_grammars=warm_grammars,
         )
     except (fermi.FermiError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -197,8 +206,15 @@ def chat(
 ):
     """Chat in the terminal. /reset clears the conversation, /exit (or Ctrl-D) quits."""
     # One conversation: one cache slot (and on CUDA no batch > 1 graphs to capture).
-    engine = load_engine(
-        model, device, dtype, max_seq_len, max_batch or 1, runner, quantize=quantize
+    engine = load_engine(  # (never constrained: no grammar view held in memory)
+        model,
+        device,
+        dtype,
+        max_seq_len,
+        max_batch or 1,
+        runner,
+        quantize=quantize,
+        warm_grammars=False,
     )
     color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
     dim, reset = ("\x1b[2m", "\x1b[0m") if color else ("", "")
@@ -327,8 +343,15 @@ def generate(
     stop,
 ):
     """Generate one reply to PROMPT and print it as it streams."""
-    engine = load_engine(
-        model, device, dtype, max_seq_len, max_batch or 1, runner, quantize=quantize
+    engine = load_engine(  # (never constrained: no grammar view held in memory)
+        model,
+        device,
+        dtype,
+        max_seq_len,
+        max_batch or 1,
+        runner,
+        quantize=quantize,
+        warm_grammars=False,
     )
     source = {"messages": [{"role": "user", "content": prompt}]} if as_chat else {"prompt": prompt}
     try:

@@ -357,3 +357,21 @@ def test_the_grammar_view_of_the_tokenizer_waits_for_an_idle_engine(folder, monk
         assert engine.grammars._tok is not None
         # Requests still run after the idle work started.
         assert engine.generate(messages=CHAT, max_tokens=3, thinking="off").finish_reason
+
+
+def test_an_engine_told_not_to_warm_grammars_builds_the_view_at_the_first_constrained_request(
+    folder, monkeypatch
+):
+    """``warm_grammars=False`` (the CLI's chat and generate, which never constrain): the
+    view (~56 MB for SmolLM2-135M) is not built when the engine idles; a constrained
+    request still gets it."""
+    import fermi
+    import fermi.engine.core as core
+
+    monkeypatch.setattr(core, "IDLE_WORK_AFTER_S", 0.05)
+    with fermi.load(folder, device="cpu", max_batch=1, max_seq_len=512, warm_grammars=False) as e:
+        time.sleep(0.5)  # ten times the idle delay
+        assert e.grammars._preparing is None and e.grammars._tok is None
+        out = e.generate(**_json_request(3))
+        jsonschema.validate(json.loads(out.text), SCHEMA)
+        assert e.grammars._tok is not None

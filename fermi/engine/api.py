@@ -53,6 +53,7 @@ class Engine:
         max_waiting: int = 1024,
         prefix_reuse: bool = True,
         embedding: EmbeddingSpec | None = None,
+        warm_grammars: bool = True,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -66,7 +67,9 @@ class Engine:
         self.requests = RequestBuilder(
             tokenizer, generation, caps.vocab_size, caps.max_seq_len, self.grammars, model_name
         )
-        self._core = EngineCore(runner, tokenizer, max_waiting, prefix_reuse, self.grammars)
+        self._core = EngineCore(
+            runner, tokenizer, max_waiting, prefix_reuse, self.grammars, warm_grammars
+        )
 
     def stats(self) -> EngineStats:
         """Counters of the engine now (running, waiting, tokens, the last step's time)."""

@@ -87,6 +87,7 @@ class EngineCore:
         max_waiting: int = 1024,
         prefix_reuse: bool = True,
         grammars: GrammarCompiler | None = None,
+        warm_grammars: bool = True,
     ) -> None:
         self.runner = runner
         self.caps = runner.capabilities
@@ -101,7 +102,7 @@ class EngineCore:
         self._pending = 0  # submitted but not yet finished, for back-pressure
         self._stopped = False
         self._grammars = grammars
-        self._idle_work_done = False  # see _next_item
+        self._idle_work_done = not warm_grammars  # see _next_item
         self._thread = threading.Thread(target=self._loop, name="fermi-engine", daemon=True)
         self._thread.start()
         _open_cores.add(self)
