@@ -32,11 +32,13 @@ sys.path.insert(0, sys.argv[1])
 from fermi.aliases import alias_path
 from fermi.gguf import load_gguf
 model = load_gguf(alias_path("smollm2-135m"), torch.device("cpu"), None).model
-model.setup_cache(4, 256)
+prefill = int(sys.argv[4])
+model.setup_cache(4, max(256, prefill + 1))
 counts = [int(c) for c in sys.argv[2].split(",")]
 times = {f"{t} threads, {r} rows": [] for t in counts for r in (1, 4)}
+times.update({f"{t} threads, prefill {prefill}": [] for t in counts if prefill})
 with torch.inference_mode():
-    for _ in range(int(sys.argv[3])):
+    for step in range(int(sys.argv[3])):
         for t in counts:
             torch.set_num_threads(t)
             for r in (1, 4):
@@ -44,6 +46,13 @@ with torch.inference_mode():
                 started = time.perf_counter()
                 model(tokens, positions, torch.arange(r), 131, rows_are_slots=True)
                 times[f"{t} threads, {r} rows"].append(1e3 * (time.perf_counter() - started))
+            if prefill and step % 5 == 0:  # (a prefill is ~20 decode steps)
+                tokens = torch.arange(100, 100 + prefill)[None]
+                started = time.perf_counter()
+                model(tokens, torch.arange(prefill)[None], torch.tensor([0]), prefill)
+                times[f"{t} threads, prefill {prefill}"].append(
+                    1e3 * (time.perf_counter() - started)
+                )
 print(json.dumps(times))
 """
 
@@ -54,6 +63,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--policies", nargs="+", default=["unset", "PASSIVE"])
+    p.add_argument("--prefill", type=int, default=0, help="also time a prefill of N tokens")
     p.add_argument("--neighbour", action="store_true", help="a busy loop in another process")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -81,7 +91,7 @@ def main() -> None:
                 key: {
                     "min": round(min(v), 1),
                     "median": round(statistics.median(v), 1),
-                    "p90": round(statistics.quantiles(v, n=10)[-1], 1),
+                    "p90": round(statistics.quantiles(v, n=10)[-1] if len(v) > 1 else v[0], 1),
                 }
                 for key, v in by_key.items()
             }
@@ -102,7 +112,7 @@ def run_policy(policy: str, args: argparse.Namespace, merged: dict) -> None:
     elif policy != "unset":
         raise SystemExit(f"unknown policy {policy!r}")
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(ROOT), args.threads, str(args.steps)],
+        [sys.executable, "-c", CHILD, str(ROOT), args.threads, str(args.steps), str(args.prefill)],
         capture_output=True,
         text=True,
         check=True,

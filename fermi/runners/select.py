@@ -45,7 +45,7 @@ def torch_runner(
     check_cache_fits(model, max_batch, max_seq_len, device)
     if device.type == "cpu":  # the float copies the loader made of the weights are gone
         memory.release_free_heap()
-        use_default_cpu_threads()
+        threads = use_default_cpu_threads()
     if device.type == "cuda" and name in (None, "torch", "torch-cuda"):
         try:
             from fermi.runners.torch_cuda import CudaGraphRunner
@@ -62,28 +62,37 @@ def torch_runner(
     from fermi.runners.torch_eager import TorchRunner
 
     runner = TorchRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk or 512)
+    if device.type == "cpu":
+        runner.threads = threads
     return with_longrope(runner, model)
 
 
-_threads_set = False
+_cpu_threads: tuple[int, int] | None = None
+_cpu_threads_decided = False
 
 
-def use_default_cpu_threads() -> None:
-    """Run torch's CPU ops on one thread fewer than its default (at least one), once per
-    process, unless ``OMP_NUM_THREADS`` is set or torch was imported before fermi.
+def use_default_cpu_threads() -> tuple[int, int] | None:
+    """The CPU's thread counts for prompt work and for decode steps, when fermi decides
+    them (imported before torch, ``OMP_NUM_THREADS`` unset): torch's default (one a core)
+    and one fewer (at least one). Sets torch's count to the decode one, once per process;
+    the eager CPU runner switches to the prompt count around prefills (TorchRunner.threads).
+    None when the caller decides.
 
-    The engine's step thread is not alone in the process (the caller's or the server's
-    threads, sampling, tokenizing), and with ``OMP_WAIT_POLICY=PASSIVE`` (fermi's default)
-    every parallel op wakes its threads. On the 2-core test machine (perf/LOG.md run 37)
-    SmolLM2-135M's decode step took 27-32 ms on 2 threads and 19-25 on one, with or without
-    a busy neighbour process; a 256-token prefill 492 ms against 416-439."""
-    global _threads_set
+    With ``OMP_WAIT_POLICY=PASSIVE`` (fermi's default) every parallel op wakes its threads,
+    and a decode step is ~1,100 small ops: on the 2-core test machine (perf/LOG.md runs
+    37-38) SmolLM2-135M's decode step took 20.6-32.3 ms on 2 threads and 16.5-21.9 on one,
+    quiet or beside a busy process, while a 256-token prefill, a few large products, took
+    241 ms on 2 threads against 343 on one (390 against 360 beside the busy process)."""
+    global _cpu_threads, _cpu_threads_decided
     import fermi
 
-    if _threads_set or fermi.TORCH_FIRST or "OMP_NUM_THREADS" in os.environ:
-        return
-    _threads_set = True
-    torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+    if not _cpu_threads_decided:
+        _cpu_threads_decided = True
+        if not fermi.TORCH_FIRST and "OMP_NUM_THREADS" not in os.environ:
+            cores = torch.get_num_threads()
+            _cpu_threads = (cores, max(1, cores - 1))
+            torch.set_num_threads(_cpu_threads[1])
+    return _cpu_threads
 
 
 def check_cache_fits(model: Decoder, max_batch: int, max_seq_len: int, device) -> None:

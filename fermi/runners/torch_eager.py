@@ -29,10 +29,20 @@ class TorchRunner(Runner):
             embeds=True,
         )
         self.device = device
+        # (prompt work, decode steps): torch's CPU thread counts for each, when fermi
+        # decides them (fermi.runners.select.use_default_cpu_threads); None leaves them be.
+        self.threads: tuple[int, int] | None = None
         super().__init__()
+
+    def _use_threads(self, prompt: bool) -> None:
+        if self.threads is not None:
+            n = self.threads[0 if prompt else 1]
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
 
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: Sequence[int], start_pos: int) -> torch.Tensor:
+        self._use_threads(prompt=True)
         n = len(token_ids)
         tokens = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         positions = torch.arange(start_pos, start_pos + n, device=self.device)[None]
@@ -44,6 +54,7 @@ class TorchRunner(Runner):
     def decode(
         self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int]
     ) -> torch.Tensor:
+        self._use_threads(prompt=False)
         dev = self.device
         tokens = torch.tensor(token_ids, dtype=torch.long, device=dev)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
@@ -56,6 +67,7 @@ class TorchRunner(Runner):
 
     @torch.inference_mode()
     def embed(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        self._use_threads(prompt=True)
         return self.model.last_token_states(token_ids)
 
     @torch.inference_mode()
