@@ -66,7 +66,8 @@ def start(server: str, file: Path, port: int, args) -> subprocess.Popen:
         command += ["--port", str(port)]
         if server == "fermi-int4":
             command += ["--quantize", "int4"]
-        env["OMP_NUM_THREADS"] = str(args.threads)
+        if args.fermi_threads is None:  # else fermi's own defaults (README "Threads")
+            env["OMP_NUM_THREADS"] = str(args.threads)
     # The log goes to a file: a pipe nobody reads fills up (llama.cpp logs every request)
     # and blocks the server.
     log = open(LOGS / f"{server}.log", "wb")  # noqa: SIM115 (closed with the process)
@@ -151,6 +152,12 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--fermi-threads",
+        choices=["default"],
+        default=None,
+        help="`fermi serve` with its own thread defaults instead of OMP_NUM_THREADS=--threads",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--out", type=Path, default=None)
