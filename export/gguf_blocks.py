@@ -76,11 +76,24 @@ def _read(gguf: GGUFFile, name: str) -> Blocks | None:
     codes = np.concatenate([packed & 0x0F, packed >> 4], axis=1).reshape(rows, cols)
     if qtype == GGMLQuantizationType.Q4_0:
         return Blocks(codes, d, np.full(d.shape, 8.0, dtype=np.float32), 4)
-    m = blocks[:, 2:4].copy().view(np.float16).reshape(rows, cols // BLOCK).astype(np.float32)
+    m = blocks[:, 2:4].copy().view(np.float16).reshape(rows, cols // BLOCK)
+    return q4_1_blocks(codes, d, m)
+
+
+def q4_1_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> Blocks:
+    """Q4_1's codes [rows, cols], scales d and minima m [rows, cols / 32] (float16) as
+    :class:`Blocks`: offset -m / d. A block with d = 0 (llama.cpp writes one for 32 equal
+    weights, every code 0) is all m, which -m / d cannot say: it becomes scale m, offset
+    -1 (m * (0 + 1) = m, exactly in float16). With other codes it keeps offset 0, and only
+    ``minimum`` says what it holds."""
+    zero = d == 0
+    flat = zero & ~(codes.reshape(*d.shape, BLOCK) != 0).any(axis=-1)
+    scale = np.where(flat, m, d).astype(np.float16)
+    minimum = m.astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = -m / d.astype(np.float32)
-    offset = np.where(d == 0, np.float32(0), ratio)  # (see Blocks.minimum)
-    return Blocks(codes, d, offset.astype(np.float32), 4, m)
+        ratio = -minimum / d.astype(np.float32)
+    offset = np.where(flat, np.float32(-1), np.where(zero, np.float32(0), ratio))
+    return Blocks(codes, scale, offset.astype(np.float32), 4, minimum)
 
 
 def _rows(blocks: Blocks, heads: int) -> Blocks:

@@ -497,17 +497,28 @@ def test_a_gguf_sources_blocks_are_kept_exactly_in_the_fast_form(
 
 
 def test_a_q4_1_block_whose_scale_is_zero_is_its_minimum():
-    """Every weight of a Q4_1 block with d = 0 is m (llama.cpp writes such blocks for 32
-    equal weights); the offset form -m / d cannot say it, the kept minimum does."""
-    from export.gguf_blocks import Blocks
+    """Every weight of a Q4_1 block with d = 0 is m (llama.cpp writes such blocks, codes 0,
+    for 32 equal weights); the offset form -m / d cannot say it. Each form a target reads
+    gives m: the dequantized values (the check's reference), scale * (codes - offset)
+    (Core ML's), scale * (codes - 8) + minimum + 8 * scale (ONNX's)."""
+    from export.gguf_blocks import q4_1_blocks
 
-    codes = np.zeros((1, 64), dtype=np.uint8)
-    codes[0, 32:] = 3
-    scale = np.array([[0.0, 0.5]], dtype=np.float16)
-    minimum = np.array([[0.25, -1.0]], dtype=np.float32)
-    blocks = Blocks(codes, scale, np.array([[0.0, 2.0]], dtype=np.float32), 4, minimum)
-    want = np.array([0.25] * 32 + [0.5] * 32, dtype=np.float32)
+    codes = np.zeros((1, 96), dtype=np.uint8)
+    codes[0, 32:64] = 3
+    codes[0, 64:] = 5
+    d = np.array([[0.0, 0.5, 0.0]], dtype=np.float16)
+    m = np.array([[0.25, -1.0, 2.0]], dtype=np.float16)
+    blocks = q4_1_blocks(codes, d, m)
+    # (the third block, d = 0 with codes that are not 0, is not what llama.cpp writes;
+    # only its minimum says what it holds)
+    want = np.array([0.25] * 32 + [0.5] * 32 + [2.0] * 32, dtype=np.float32)
     assert np.array_equal(blocks.dequantized()[0], want)
+    scale = np.repeat(blocks.scale.astype(np.float32), 32, axis=1)[0]
+    offset = np.repeat(blocks.offset, 32, axis=1)[0]
+    minimum = np.repeat(blocks.minimum, 32, axis=1)[0]
+    shift = scale * (codes[0] - offset)
+    assert np.array_equal(shift[:64], want[:64])
+    assert np.array_equal(scale * (codes[0] - 8.0) + minimum + 8.0 * scale, want)
 
 
 @NEEDS_SMOLLM2
