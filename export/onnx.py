@@ -189,7 +189,7 @@ def _keep_blocks(model, kept: dict[bytes, Blocks]) -> tuple[int, list[str]]:
         array = numpy_helper.to_array(weight) if weight is not None else None
         blocks = kept.get(hashlib.sha1(array.tobytes()).digest()) if array is not None else None
         x, rank = node.input[0], ranks.get(node.input[0])
-        if blocks is None or (_has_minimum(blocks) and rank is None):
+        if blocks is None or (blocks.minimum is not None and rank is None):
             nodes.append(node)  # (a Q4_1 weight whose input's rank the graph does not say)
             continue
         rows, cols = blocks.codes.shape  # [out, in] = N, K
@@ -206,7 +206,7 @@ def _keep_blocks(model, kept: dict[bytes, Blocks]) -> tuple[int, list[str]]:
         ]
         graph.initializer.extend(tensors)
         out = list(node.output)
-        minimum = _has_minimum(blocks)
+        minimum = blocks.minimum is not None  # Q4_1 (Q4_0 sits at the default 8)
         if minimum:
             assert blocks.minimum is not None and rank is not None
             out = [f"{node.output[0]}_codes"]
@@ -271,11 +271,6 @@ def _keep_blocks(model, kept: dict[bytes, Blocks]) -> tuple[int, list[str]]:
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return count, added
-
-
-def _has_minimum(blocks: Blocks) -> bool:
-    """Whether ``blocks`` are Q4_1's (Q4_0's offset is MatMulNBits' default 8)."""
-    return blocks.minimum is not None
 
 
 def _size(path: Path) -> int:

@@ -174,6 +174,21 @@ def load_engine(
         raise click.ClickException(str(exc)) from exc
 
 
+def load_terminal_engine(model, device, dtype, max_seq_len, max_batch, runner, quantize):
+    """The engine of ``chat`` and ``generate``: one slot unless asked (and on CUDA no batch
+    > 1 graphs to capture), and no grammar view held in memory (they never constrain)."""
+    return load_engine(
+        model,
+        device,
+        dtype,
+        max_seq_len,
+        max_batch or 1,
+        runner,
+        quantize=quantize,
+        warm_grammars=False,
+    )
+
+
 @click.group(cls=FermiGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fermi-infer")
 def main() -> None:
@@ -205,17 +220,7 @@ def chat(
     system,
 ):
     """Chat in the terminal. /reset clears the conversation, /exit (or Ctrl-D) quits."""
-    # One conversation: one cache slot (and on CUDA no batch > 1 graphs to capture).
-    engine = load_engine(  # (never constrained: no grammar view held in memory)
-        model,
-        device,
-        dtype,
-        max_seq_len,
-        max_batch or 1,
-        runner,
-        quantize=quantize,
-        warm_grammars=False,
-    )
+    engine = load_terminal_engine(model, device, dtype, max_seq_len, max_batch, runner, quantize)
     color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
     dim, reset = ("\x1b[2m", "\x1b[0m") if color else ("", "")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -343,16 +348,7 @@ def generate(
     stop,
 ):
     """Generate one reply to PROMPT and print it as it streams."""
-    engine = load_engine(  # (never constrained: no grammar view held in memory)
-        model,
-        device,
-        dtype,
-        max_seq_len,
-        max_batch or 1,
-        runner,
-        quantize=quantize,
-        warm_grammars=False,
-    )
+    engine = load_terminal_engine(model, device, dtype, max_seq_len, max_batch, runner, quantize)
     source = {"messages": [{"role": "user", "content": prompt}]} if as_chat else {"prompt": prompt}
     try:
         shown_reasoning = False

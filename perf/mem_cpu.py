@@ -1,11 +1,12 @@
 """Resident memory of the CPU engine (SmolLM2-135M), each stage in a fresh process.
 
 Stages: ``import torch`` alone; ``import fermi`` + ``fermi.load("smollm2-135m", device="cpu")``
-(default max_batch 8 and max_seq_len, and max_batch 1); then one 128-token prompt with 64 new
-tokens. For each: RSS after the stage and the process's peak (VmHWM). Beside them, what the
-model needs: its weights as stored (``state`` below: parameters, buffers and the FBGEMM packs)
-and the KV cache as allocated (the full max_batch x max_seq_len) and as a 192-token sequence
-uses it.
+(default max_batch 8 and max_seq_len, and max_batch 1, also with ``warm_grammars=False``);
+then one 128-token prompt with 64 new tokens; then 1.5 s idle (an engine that warms its
+grammars builds llguidance's view of the tokenizer then). For each: RSS after the stage and
+the process's peak (VmHWM). Beside them, what the model needs: its weights as stored
+(``state`` below: parameters, buffers and the FBGEMM packs) and the KV cache as allocated
+(the full max_batch x max_seq_len) and as a 192-token sequence uses it.
 
     .venv/bin/python perf/mem_cpu.py --out perf/results/cpu_memory.json
 """
@@ -38,8 +39,11 @@ if stage != "torch":
     sys.path.insert(0, sys.argv[2])
     import fermi
     from fermi.models.half_weights import HalfWeightLinear
-    max_batch = int(stage)
-    engine = fermi.load("smollm2-135m", device="cpu", max_batch=max_batch)
+    max_batch, _, mode = stage.partition(":")
+    warm = mode != "no-warm"
+    engine = fermi.load(
+        "smollm2-135m", device="cpu", max_batch=int(max_batch), warm_grammars=warm
+    )
     result["loaded"] = status()
     model = engine.runner.model
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
@@ -64,6 +68,11 @@ if stage != "torch":
     ids = torch.randint(100, 40000, (128,), generator=g).tolist()
     engine.generate(prompt_token_ids=ids, max_tokens=64, temperature=0, ignore_eos=True)
     result["after 128 + 64 tokens"] = status()
+    import time
+    time.sleep(1.5)  # idle past IDLE_WORK_AFTER_S: a warming engine builds the grammar view
+    engine.grammars.wait_prepared()
+    result["idle 1.5 s later"] = status()
+    result["grammar view built"] = engine.grammars._tok is not None
     engine.close()
 print(json.dumps(result))
 """
@@ -89,7 +98,12 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "label": args.label,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "stages_mb": {"torch": run("torch"), "max_batch 8": run("8"), "max_batch 1": run("1")},
+        "stages_mb": {
+            "torch": run("torch"),
+            "max_batch 8": run("8"),
+            "max_batch 1": run("1"),
+            "max_batch 1, warm_grammars=False": run("1:no-warm"),
+        },
     }
     print(json.dumps(result, indent=1))
     if args.out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
@@ -45,7 +46,7 @@ def torch_runner(
     check_cache_fits(model, max_batch, max_seq_len, device)
     if device.type == "cpu":  # the float copies the loader made of the weights are gone
         memory.release_free_heap()
-        threads = use_default_cpu_threads()
+        use_default_cpu_threads()
     if device.type == "cuda" and name in (None, "torch", "torch-cuda"):
         try:
             from fermi.runners.torch_cuda import CudaGraphRunner
@@ -63,14 +64,11 @@ def torch_runner(
 
     runner = TorchRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk or 512)
     if device.type == "cpu":
-        runner.threads = threads
+        runner.threads = use_default_cpu_threads()
     return with_longrope(runner, model)
 
 
-_cpu_threads: tuple[int, int] | None = None
-_cpu_threads_decided = False
-
-
+@functools.cache  # decided once per process
 def use_default_cpu_threads() -> tuple[int, int] | None:
     """The CPU's thread counts for prompt work and for decode steps, when fermi decides
     them (imported before torch, ``OMP_NUM_THREADS`` unset): torch's default (one a core)
@@ -83,16 +81,13 @@ def use_default_cpu_threads() -> tuple[int, int] | None:
     37-38) SmolLM2-135M's decode step took 20.6-32.3 ms on 2 threads and 16.5-21.9 on one,
     quiet or beside a busy process, while a 256-token prefill, a few large products, took
     241 ms on 2 threads against 343 on one (390 against 360 beside the busy process)."""
-    global _cpu_threads, _cpu_threads_decided
     import fermi
 
-    if not _cpu_threads_decided:
-        _cpu_threads_decided = True
-        if not fermi.TORCH_FIRST and "OMP_NUM_THREADS" not in os.environ:
-            cores = torch.get_num_threads()
-            _cpu_threads = (cores, max(1, cores - 1))
-            torch.set_num_threads(_cpu_threads[1])
-    return _cpu_threads
+    if fermi.TORCH_FIRST or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = torch.get_num_threads()
+    torch.set_num_threads(max(1, cores - 1))
+    return cores, max(1, cores - 1)
 
 
 def check_cache_fits(model: Decoder, max_batch: int, max_seq_len: int, device) -> None:
