@@ -375,3 +375,19 @@ def test_an_engine_told_not_to_warm_grammars_builds_the_view_at_the_first_constr
         out = e.generate(**_json_request(3))
         jsonschema.validate(json.loads(out.text), SCHEMA)
         assert e.grammars._tok is not None
+
+
+def test_json_whitespace_between_tokens_is_bounded(folder):
+    """The bound is llguidance's ``whitespace_pattern``, which llguidance before 1.8
+    ignores (1.6 and 1.7 took 50 spaces in a row here, and a random model then spent its
+    whole budget on whitespace): hence pyproject's floor."""
+    with eager(folder) as engine:
+        tokenizer = engine.tokenizer
+        for grammar in (Grammar.json_object(), Grammar.json_schema(SCHEMA)):
+            matcher = engine.grammars.matcher(grammar)
+            assert all(matcher.advance(t) for t in tokenizer.encode("{"))
+            space = tokenizer.encode(" ")
+            taken = 0
+            while taken < 50 and all(matcher.advance(t) for t in space):
+                taken += 1
+            assert taken == 1, f"{grammar.kind}: {taken} spaces in a row"
