@@ -17,6 +17,7 @@ artefact folder spells out the contract (``export/onnx_contract.py``).
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import logging
@@ -35,7 +36,8 @@ from fermi.runners.artefact import TensorSpec
 # onnxruntime implements opset 18 throughout; newer opsets add nothing this graph uses.
 OPSET = 18
 MODEL_FILE = "model.onnx"
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+# onnx.TensorProto's element types the graph's inputs and outputs use.
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64"}
 
 
 def past_names(layers: int) -> list[str]:
@@ -48,23 +50,34 @@ def present_names(layers: int) -> list[str]:
 
 def export_onnx(decoder: Decoder, path: Path, max_seq_len: int) -> None:
     """Trace ``decoder`` (with torch.export) into ``path``; weights larger than 1 GiB go to
-    a ``<name>.data`` file beside it."""
+    a ``<name>.data`` file beside it.
+
+    The decoder is used up: its tensors move to the meta device for the trace, which then
+    makes no copy of a weight (the exporter's own capture held 1.7-3.9 GB beside Qwen3-0.6B's
+    2.4 GB, ``perf/LOG.md`` run 41); the file is written from the tensors as they were."""
     from onnxscript import ir
 
     from export.gqa import translation_table
 
     cfg = decoder.cfg
-    decoder.setup_cache(1, max_seq_len)  # the rope tables and windows; the graph has no cache
+    decoder.setup_cache(1, 1)  # the rope tables and windows; the graph has no cache
+    decoder.setup_cache(1, max_seq_len)  # (the first call frees the old cache)
+    tensors = {
+        f"decoder.{name}": t.detach()
+        for group in (decoder.named_parameters, decoder.named_buffers)
+        for name, t in group(remove_duplicate=False)
+    }
+    decoder.to("meta")
     dtype = decoder.dtype
     layers, kv, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     # Example sizes are distinct and > 1 so that no axis gets specialised to a constant.
     batch, query, past, total = 2, 3, 7, 10
-    tokens = torch.zeros(batch, query, dtype=torch.long)
+    meta = torch.device("meta")
     example = (
-        tokens,
-        torch.ones(batch, total, dtype=torch.long),
-        torch.arange(total - query, total).expand(batch, query).contiguous(),
-        *(torch.zeros(batch, kv, past, dim, dtype=dtype) for _ in range(2 * layers)),
+        torch.zeros(batch, query, dtype=torch.long, device=meta),
+        torch.ones(batch, total, dtype=torch.long, device=meta),
+        torch.arange(total - query, total, device=meta).expand(batch, query).contiguous(),
+        *(torch.zeros(batch, kv, past, dim, dtype=dtype, device=meta) for _ in range(2 * layers)),
     )
     b, q = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
     m, p = torch.export.Dim("total_sequence_length"), torch.export.Dim("past_sequence_length")
@@ -83,8 +96,12 @@ def export_onnx(decoder: Decoder, path: Path, max_seq_len: int) -> None:
             dynamic_shapes=dynamic,
             custom_translation_table=translation_table(),
             opset_version=OPSET,
+            optimize=False,  # (below, once the weights' transposes are lazy)
             verbose=False,
         )
+        attach_weights(program.model.graph, tensors)
+        fold_weight_transposes(program.model.graph)
+        program.optimize()
     # Outputs get the names the README uses (the exporter invents some for sizes it
     # cannot relate to an input's).
     for value in program.model.graph.outputs:
@@ -93,8 +110,83 @@ def export_onnx(decoder: Decoder, path: Path, max_seq_len: int) -> None:
         else:
             value.shape = ir.Shape(["batch_size", kv, "present_sequence_length", dim])
     program.save(str(path), external_data=_needs_external_data(decoder))
-    del program
-    gc.collect()  # the program holds a copy of every weight
+    # onnxscript's rewrite rules (module-level objects) keep the last graph they matched,
+    # and with it every weight: the graph lets go of them here.
+    for value in program.model.graph.initializers.values():
+        value.const_value = None
+    del program, tensors
+    gc.collect()
+
+
+def attach_weights(graph, tensors: dict[str, torch.Tensor]) -> None:
+    """Give the initializers traced on the meta device the model's tensors (no copy). One
+    tensor under two names (a tied lm_head, which the meta trace cannot tell from the
+    embedding table) becomes one initializer."""
+    from onnxscript import ir
+
+    first: dict[tuple, ir.Value] = {}
+    for name, value in list(graph.initializers.items()):
+        if value.const_value is None or value.const_value.raw.device.type != "meta":
+            continue
+        tensor = tensors[name]
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if key in first:
+            value.replace_all_uses_with(first[key])
+            graph.initializers.pop(name)
+            continue
+        first[key] = value
+        value.const_value = ir.Tensor(tensor.numpy(), name=name)
+
+
+def fold_weight_transposes(graph) -> int:
+    """Give each product's weight the layout the graph reads ([in, out]) without making
+    it in memory: a Transpose of a 2-D initializer becomes an initializer whose value is
+    computed from the model's tensor when the file is written, one weight at a time.
+
+    The exporter's optimizer would fold those Transposes into new arrays, all held until
+    the program is freed: a second copy of every linear weight (2.4 GB of a Qwen3-0.6B
+    export's 8.1 GB peak, ``perf/LOG.md`` run 41). Returns how many it folded."""
+    from onnxscript import ir
+
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        source = node.inputs[0]
+        perm = node.attributes.get("perm")
+        tensor = source.const_value if source is not None and source.is_initializer() else None
+        if tensor is None or len(tensor.shape) != 2 or perm is None:
+            continue
+        if list(perm.as_ints()) != [1, 0]:
+            continue
+        if len(source.uses()) > 1:
+            continue  # (a tied table: the file keeps one copy, onnxruntime transposes it)
+        rows, cols = tensor.shape
+        name = f"{source.name}.transposed"
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape([cols, rows]),
+            type=ir.TensorType(tensor.dtype),
+            const_value=ir.LazyTensor(
+                functools.partial(_transposed, tensor, name),
+                dtype=tensor.dtype,
+                shape=ir.Shape([cols, rows]),
+                name=name,
+            ),
+        )
+        graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        source.const_value = None  # (the lazy value holds the tensor)
+        count += 1
+    return count
+
+
+def _transposed(tensor, name: str):
+    from onnxscript import ir
+
+    return ir.Tensor(np.ascontiguousarray(tensor.numpy().T), name=name)
 
 
 def _needs_external_data(decoder: Decoder) -> bool:
@@ -288,13 +380,15 @@ def move_model(source: Path, target_dir: Path, name: str) -> None:
 
 
 def io_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The graph's inputs and outputs as onnxruntime reports them."""
-    import onnxruntime as ort
+    """The graph's inputs and outputs as the file declares them (read without its weights:
+    an onnxruntime session here cost a Qwen3-0.6B export 2.8 GB for two lists)."""
+    import onnx
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(path), load_external_data=False).graph
 
-    def spec(arg) -> TensorSpec:
-        shape = [d if isinstance(d, int) else str(d) for d in arg.shape]
-        return TensorSpec(arg.name, shape, _ORT_DTYPES.get(arg.type, arg.type))
+    def spec(value) -> TensorSpec:
+        kind = value.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in kind.shape.dim]
+        return TensorSpec(value.name, shape, _ONNX_DTYPES.get(kind.elem_type, str(kind.elem_type)))
 
-    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
+    return [spec(v) for v in graph.input], [spec(v) for v in graph.output]

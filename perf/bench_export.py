@@ -120,6 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument(
+        "--targets", nargs="+", default=["onnx", "coreml"], choices=["onnx", "coreml"]
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
 
@@ -138,6 +141,8 @@ def main() -> None:
         for name in args.models:
             source = source_for(name, Path(tmp))
             for target, dtype, quantize in TARGETS[name]:
+                if target not in args.targets:
+                    continue
                 out = Path(tmp) / f"{name}-{target}-{quantize}"
                 began = time.perf_counter()
                 res = subprocess.run(

@@ -222,6 +222,32 @@ def test_onnxruntime_does_not_spin_between_ops_unless_asked(exported):
     assert spinning.session.get_session_options().get_session_config_entry(key) == "1"
 
 
+def test_each_weight_is_stored_once_in_the_layout_its_product_reads(exported):
+    """The graph is traced on the meta device and its weights written from the model's
+    tensors (export/onnx.py): every product reads an initializer [in, out] (no Transpose
+    of a weight at run time but the tied table's, which the embedding also gathers from),
+    and the file holds as many weight values as the model has, the tied table once."""
+    import onnx
+    from onnx import numpy_helper
+
+    source, art, _, _ = exported
+    graph = onnx.load(str(art / "model.onnx")).graph
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    model = load_folder(source, torch.device("cpu"), torch.float32).model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    matmuls = [node for node in graph.node if node.op_type == "MatMul"]
+    assert len(matmuls) == len(linears)
+    for node in matmuls:
+        weight = node.input[1]
+        if weight not in values:  # the tied head: a Transpose of the embedding table
+            transpose = producers[weight]
+            assert transpose.op_type == "Transpose" and transpose.input[0] in values
+    # (weights keep the model's names; the rope tables are the exporter's constants)
+    stored = sum(v.size for name, v in values.items() if name.startswith("decoder."))
+    assert stored == sum(p.numel() for p in model.parameters())  # (each tied tensor once)
+
+
 def test_manifest_records_shapes_and_the_sha256_of_every_file(exported):
     _, art, manifest, _ = exported
     on_disk = {p.name for p in art.iterdir() if p.is_file()} - {"manifest.json"}
