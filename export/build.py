@@ -28,6 +28,7 @@ from export.verify import agreement
 from fermi.errors import FermiError
 from fermi.hub import resolve
 from fermi.loading import Checkpoint, load_folder
+from fermi.memory import release_free_heap
 from fermi.runners.artefact import MANIFEST_NAME, CacheSpec, Manifest, Numerics, TensorSpec
 
 TARGETS = ("onnx", "coreml")
@@ -376,18 +377,9 @@ def _reference_traces(options: ExportOptions, checkpoint: Checkpoint, seq_len: i
     runner = TorchRunner(model, 1, length, prefill_chunk=length)
     traces = reference(runner, prompts, steps)
     del runner, model
-    release_memory()
-    return traces
-
-
-def release_memory() -> None:
-    """Collect, then hand the C heap's free pages back to the system (glibc keeps them
-    otherwise, and the next stage's peak would stack on them)."""
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_free_heap()
+    return traces
 
 
 def _onnx(checkpoint, options, staging, report, seq_len, chunk, traces) -> Manifest:
@@ -404,8 +396,9 @@ def _onnx(checkpoint, options, staging, report, seq_len, chunk, traces) -> Manif
     raw.parent.mkdir()
     with report.stage(f"convert to onnx (opset {onnx_export.OPSET}, torch.export)"), quiet():
         onnx_export.export_onnx(checkpoint.model, raw, seq_len)
-    checkpoint.model = None  # the graph holds the weights now
-    release_memory()
+    checkpoint.model = None
+    gc.collect()
+    release_free_heap()  # (the next stage's peak would stack on glibc's kept pages)
     if options.quantize != "none":
         bits = 8 if options.quantize == "int8" else 4
         with report.stage(f"quantize weights ({options.quantize})"), quiet():

@@ -60,12 +60,15 @@ def export_onnx(decoder: Decoder, path: Path, max_seq_len: int) -> None:
     from export.gqa import translation_table
 
     cfg = decoder.cfg
-    decoder.setup_cache(1, 1)  # the rope tables and windows; the graph has no cache
-    decoder.setup_cache(1, max_seq_len)  # (the first call frees the old cache)
+    decoder.setup_cache(1, max_seq_len)  # the rope tables and windows; the graph has no cache
+    # The weights and the decoder's own tables; not the KV cache, which the graph replaces
+    # with its inputs and which goes with the move to meta.
     tensors = {
         f"decoder.{name}": t.detach()
-        for group in (decoder.named_parameters, decoder.named_buffers)
-        for name, t in group(remove_duplicate=False)
+        for name, t in (
+            *decoder.named_parameters(remove_duplicate=False),
+            *decoder.named_buffers(recurse=False),
+        )
     }
     decoder.to("meta")
     dtype = decoder.dtype
@@ -138,17 +141,15 @@ def attach_weights(graph, tensors: dict[str, torch.Tensor]) -> None:
         value.const_value = ir.Tensor(tensor.numpy(), name=name)
 
 
-def fold_weight_transposes(graph) -> int:
+def fold_weight_transposes(graph) -> None:
     """Give each product's weight the layout the graph reads ([in, out]) without making
     it in memory: a Transpose of a 2-D initializer becomes an initializer whose value is
     computed from the model's tensor when the file is written, one weight at a time.
 
-    The exporter's optimizer would fold those Transposes into new arrays, all held until
-    the program is freed: a second copy of every linear weight (2.4 GB of a Qwen3-0.6B
-    export's 8.1 GB peak, ``perf/LOG.md`` run 41). Returns how many it folded."""
+    The exporter's optimizer would fold those Transposes into new arrays, held beside the
+    originals until the program is freed: a second copy of every linear weight."""
     from onnxscript import ir
 
-    count = 0
     for node in list(graph):
         if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
             continue
@@ -179,8 +180,6 @@ def fold_weight_transposes(graph) -> int:
         graph.remove(node, safe=True)
         graph.initializers.pop(source.name)
         source.const_value = None  # (the lazy value holds the tensor)
-        count += 1
-    return count
 
 
 def _transposed(tensor, name: str):
