@@ -88,6 +88,7 @@ def load(
     prefix_reuse: bool = True,
     quantize: str | None = None,
     warm_grammars: bool = True,
+    warmup: str | None = None,
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -112,6 +113,11 @@ def load(
     grammar does not wait for it (0.3 s for a 49k vocabulary, seconds for 152k); it holds
     ~56 MB for SmolLM2-135M. ``False`` (the CLI's ``chat`` and ``generate``, which never
     constrain) builds it at the first such request instead.
+
+    ``warmup`` is what a compiled runner (``torch-cuda``, ``torch-compile``) compiles and
+    captures before ``load`` returns: ``"first"`` (the default, or ``FERMI_WARMUP``) what a
+    first request needs, the rest while the engine idles or when a step first needs it;
+    ``"full"`` every shape, so that no step ever waits for a compile.
     """
     import torch
 
@@ -160,7 +166,8 @@ def load(
     seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 4096)
     if seq_len < 2:
         raise ValueError("max_seq_len must be at least 2")
-    run = torch_runner(ckpt.model, runner, max_batch or 8, seq_len, prefill_chunk)
+    warm = warmup or os.environ.get("FERMI_WARMUP") or "first"
+    run = torch_runner(ckpt.model, runner, max_batch or 8, seq_len, prefill_chunk, warm)
     return Engine(
         run,
         ckpt.tokenizer,

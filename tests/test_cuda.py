@@ -89,6 +89,59 @@ def test_nothing_recompiles_after_warmup(runner):
     assert dict(counters["stats"]) == before
 
 
+def test_first_warmup_serves_the_tokens_of_a_full_one_and_finishes_while_idle(folder):
+    """``warmup="first"`` (``fermi.load``'s default): the first requests run before most
+    graphs exist (captured as met, or by the engine while idle) and get the tokens a
+    runner warmed in full gives; once the idle warm-up is done every shape has its graph
+    and nothing compiles any more."""
+    import time
+
+    from torch._dynamo.utils import counters
+
+    import fermi
+
+    prompt = [5, 77, 120, 33, 400, 9, 18] * 5
+    kw = {"prompt_token_ids": prompt, "max_tokens": 40, "ignore_eos": True}
+    load = {"device": "cuda", "dtype": "fp32", "max_batch": 2, "max_seq_len": 512}
+
+    def requests(engine):
+        greedy = engine.generate(temperature=0, **kw).token_ids
+        seeded = engine.generate(temperature=0.8, top_p=0.9, seed=3, **kw).token_ids
+        return greedy, seeded
+
+    torch._dynamo.reset()
+    with fermi.load(folder, warmup="full", **load) as engine:
+        full = engine.runner.startup
+        reference = requests(engine)
+    torch._dynamo.reset()
+    with fermi.load(folder, **load) as engine:
+        runner = engine.runner
+        first = runner.startup
+        assert first.deferred > 0 and first.graphs < full.graphs
+        assert first.compiles < full.compiles
+        served = requests(engine)
+        deadline = time.monotonic() + 300
+        while runner.startup.complete_s is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert runner.startup.complete_s is not None, "the idle warm-up did not finish"
+        assert runner.startup.graphs == full.graphs
+        again = requests(engine)
+        before = dict(counters["stats"])
+        for slots in ([0], [0, 1]):
+            for where in (3, 300, 500):
+                runner.decode_sample(
+                    slots,
+                    [5] * len(slots),
+                    [where] * len(slots),
+                    runner.sampling,
+                    use_filters=where == 300,
+                    use_penalties=False,
+                    want_logprobs=-1,
+                )
+        assert dict(counters["stats"]) == before
+    assert served == again == reference
+
+
 def test_engine_greedy_on_gpu_equals_cpu_and_bf16_runs(folder):
     import fermi
 
@@ -146,7 +199,9 @@ def test_embeddings_on_the_gpu_equal_the_cpu_and_leave_generation_alone(tmp_path
         want_texts, want_ids = cpu.embed(texts), cpu.embed(ids)
         want_tokens = cpu.generate(**kw).token_ids
     torch._dynamo.reset()
-    with fermi.load(folder, device="cuda", dtype="fp32", max_batch=2, max_seq_len=256) as gpu:
+    load = {"device": "cuda", "dtype": "fp32", "max_batch": 2, "max_seq_len": 256}
+    # warmup="full": no idle warm-up compiles beside the embeddings this test counts
+    with fermi.load(folder, warmup="full", **load) as gpu:
         assert gpu.capabilities.name == "torch-cuda" and gpu.capabilities.embeds
         assert gpu.generate(**kw).token_ids == want_tokens
         before = dict(counters["stats"])

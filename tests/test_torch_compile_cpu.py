@@ -49,7 +49,7 @@ def engines(folder, compile_cache):
         # By name, as fermi.load(runner=...) and --runner pick it (fermi.runners.select).
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("FERMI_COMPILE_CACHE", str(compile_cache))
-            runner = torch_runner(ckpt.model, name, MAX_BATCH, MAX_SEQ, CHUNK)
+            runner = torch_runner(ckpt.model, name, MAX_BATCH, MAX_SEQ, CHUNK, "full")
         # No prefix reuse: every request prefills from scratch, so the logits test may
         # write the runners' slots directly.
         made.append(Engine(runner, ckpt.tokenizer, ckpt.generation, "tiny", prefix_reuse=False))

@@ -167,7 +167,106 @@ def test_no_recompiles_after_warmup_for_any_prompt_or_batch(folder):
     torch._dynamo.reset()
     runner = graph_runner(folder, backend="eager", max_seq_len=700)
     assert runner.startup.compiles >= 3
+    assert runner.startup.deferred == 0 and runner.startup.complete_s is not None
+    assert not runner.warm_more()
     before = dict(counters["stats"])
+    every_shape(runner)
+    assert dict(counters["stats"]) == before
+
+
+def test_first_warmup_compiles_a_first_requests_shapes_and_idle_time_the_rest(folder):
+    """``warmup="first"``: fewer compiles before the first request; ``warm_more`` one unit
+    at a time until every shape a full warm-up covers has run; then nothing compiles."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    full = graph_runner(folder, backend="eager", max_seq_len=700).startup.compiles
+    torch._dynamo.reset()
+    runner = graph_runner(folder, backend="eager", max_seq_len=700, warmup="first")
+    jobs = runner.warm_jobs()
+    assert runner.startup.compiles < full
+    assert runner.startup.deferred == len(jobs) - len(runner.first_jobs()) > 0
+    assert runner.startup.complete_s is None
+    units = 1
+    while runner.warm_more():
+        units += 1
+    assert units == runner.startup.deferred
+    assert runner.startup.complete_s is not None and not runner.warm_more()
+    assert runner._warmed == set(jobs)
+    before = dict(counters["stats"])
+    every_shape(runner)
+    assert dict(counters["stats"]) == before
+
+
+def test_a_step_before_the_idle_warmup_compiles_its_own_shape(folder):
+    """A wider batch before idle time compiled it: the step compiles it itself, and the
+    idle warm-up then skips what that step already ran."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    runner = graph_runner(folder, backend="eager", max_seq_len=700, warmup="first")
+    before = int(counters["stats"]["unique_graphs"])
+    out = runner.decode_sample(
+        [0, 1],
+        [1, 2],
+        [3, 3],
+        runner.sampling,
+        use_filters=False,
+        use_penalties=False,
+        want_logprobs=-1,
+    )
+    assert out.tokens.shape == (2,)
+    assert int(counters["stats"]["unique_graphs"]) > before
+    while runner.warm_more():
+        pass
+    assert runner.startup.complete_s is not None
+
+
+def test_engine_finishes_the_warmup_while_idle_without_changing_a_token(folder):
+    """The engine runs ``warm_more`` between requests. The warm-up's steps write only the
+    scratch position: a later request reusing the cache an earlier one kept, greedy and
+    seeded, gets the same tokens as on a runner warmed in full."""
+    import time
+
+    from fermi.loading import GenerationDefaults
+    from fermi.text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(folder)
+    prompt = [5, 77, 120, 33, 400, 9, 18] * 6
+    kw = {"prompt_token_ids": prompt, "max_tokens": 24, "ignore_eos": True}
+
+    def both(engine):
+        greedy = engine.generate(temperature=0, **kw).token_ids
+        seeded = engine.generate(temperature=0.9, top_k=30, seed=7, **kw).token_ids
+        return greedy, seeded
+
+    with Engine(graph_runner(folder), tok, GenerationDefaults(), model_name="t") as engine:
+        reference = both(engine)
+    runner = graph_runner(folder, warmup="first")
+    assert runner.startup.deferred > 0
+    with Engine(runner, tok, GenerationDefaults(), model_name="t") as engine:
+        before = both(engine)  # served before the idle warm-up, or during it
+        deadline = time.monotonic() + 120
+        while runner.startup.complete_s is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runner.startup.complete_s is not None, "the engine never finished the warm-up"
+        assert runner._warmed == set(runner.warm_jobs())
+        after = both(engine)  # the kept cache of the same prompt, reused
+        assert engine.stats().cached_tokens > 0
+    assert before == after == reference
+
+
+def test_a_warmup_that_is_no_scope_is_refused(folder):
+    import fermi
+
+    with pytest.raises(ValueError, match="warmup must be one of first, full"):
+        graph_runner(folder, warmup="later")
+    with pytest.raises(ValueError, match="warmup must be one of first, full"):
+        fermi.load(folder, device="cpu", warmup="later")
+
+
+def every_shape(runner) -> None:
+    """Prompts, batches and contexts across every bucket of a max_seq_len-700 runner."""
     vocab = runner.capabilities.vocab_size
     for slot, n in enumerate((1, 31, 32, 3)):
         runner.prefill(slot, [(slot * 13 + i) % vocab for i in range(n)], 0)
@@ -183,7 +282,6 @@ def test_no_recompiles_after_warmup_for_any_prompt_or_batch(folder):
                 use_penalties=False,
                 want_logprobs=-1,
             )
-    assert dict(counters["stats"]) == before
 
 
 @pytest.mark.parametrize("kind", ["math", "flex"])

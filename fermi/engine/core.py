@@ -103,6 +103,7 @@ class EngineCore:
         self._stopped = False
         self._grammars = grammars
         self._idle_work_done = not warm_grammars  # see _next_item
+        self._runner_warming = True  # the runner may have warm-up left for idle time
         self._thread = threading.Thread(target=self._loop, name="fermi-engine", daemon=True)
         self._thread.start()
         _open_cores.add(self)
@@ -217,23 +218,47 @@ class EngineCore:
 
     def _next_item(self, busy: bool) -> RequestHandle | EmbeddingJob | _Release | None:
         """The next item of the inbox: at once when busy (``queue.Empty`` if none), else
-        waiting for it. The first time the engine has been idle ``IDLE_WORK_AFTER_S``, it
-        starts the grammar compiler's view of the tokenizer on a background thread: started
-        at load, it held the GIL for 0.25 s of the first request's 0.35 s on a 2-core CPU
-        (``fermi generate`` with SmolLM2-135M), and a request that needs it first builds
-        it itself."""
+        waiting for it. Work that can wait starts once the engine has been idle
+        ``IDLE_WORK_AFTER_S``, each time it goes idle (a script's first request, sent as
+        soon as the model is loaded, and a client's next request, sent as soon as the last
+        one ended, come first):
+
+        - the grammar compiler's view of the tokenizer, on a background thread: started at
+          load, it held the GIL for 0.25 s of the first request's 0.35 s on a 2-core CPU
+          (``fermi generate`` with SmolLM2-135M), and a request that needs it first builds
+          it itself;
+        - the runner's warm-up left for idle time (``Runner.warm_more``), one unit after
+          another while the inbox stays empty: a request that arrives meanwhile waits for
+          that unit only (a graph capture, tens of ms, or a compile, seconds; on the H200
+          a request sent right after the last one ended waited 3.9 s for a compile before
+          the idle wait was asked of every idle spell, ``perf/LOG.md`` run 43)."""
         if busy:
             return self._inbox.get(block=False)
-        if self._grammars is not None and not self._idle_work_done:
+        grammars = self._grammars is not None and not self._idle_work_done
+        if grammars or self._runner_warming:
             try:
                 return self._inbox.get(timeout=IDLE_WORK_AFTER_S)
             except queue.Empty:
-                self._idle_work_done = True
-                try:
-                    self._grammars.prepare_in_background()
-                except Exception:  # (a thread that cannot start): requests build it
-                    log.exception("could not start the grammar compiler's background build")
+                pass
+        if grammars:
+            self._idle_work_done = True
+            try:
+                self._grammars.prepare_in_background()
+            except Exception:  # (a thread that cannot start): requests build it
+                log.exception("could not start the grammar compiler's background build")
+        while self._runner_warming:  # one unit at a time, as long as nothing comes in
+            try:
+                return self._inbox.get(block=False)
+            except queue.Empty:
+                self._runner_warming = self._warm_runner()
         return self._inbox.get()
+
+    def _warm_runner(self) -> bool:
+        try:
+            return self.runner.warm_more()
+        except Exception:  # the steps that need the shapes compile them themselves
+            log.exception("the runner's idle warm-up failed")
+            return False
 
     def _embed_batch(self) -> None:
         """Run one batch of the first embedding job, which then goes to the back of the

@@ -177,6 +177,18 @@ class StepOutput:
             self._wait = None
 
 
+WARMUP_SCOPES = ("first", "full")
+
+
+def warmup_scope(warmup: bool | str) -> str | None:
+    """A compiled runner's ``warmup`` argument as a scope: True is "full", False None."""
+    if warmup is True or warmup is False:
+        return "full" if warmup else None
+    if warmup not in WARMUP_SCOPES:
+        raise ValueError(f"warmup must be one of {', '.join(WARMUP_SCOPES)}, got {warmup!r}")
+    return warmup
+
+
 class Runner:
     """Base of every runner. Subclasses set ``capabilities`` and call ``super().__init__()``
     (which makes the sampling rows), and implement ``prefill`` and ``decode``."""
@@ -217,6 +229,12 @@ class Runner:
         (``Capabilities.embeds``). Writes no cache slot: the engine calls it between steps,
         beside running sequences. Each input fits ``max_seq_len``."""
         raise FermiError(f"the {self.capabilities.name} runner cannot compute embeddings")
+
+    def warm_more(self) -> bool:
+        """Do one unit of warm-up left for idle time (a compile, a graph capture); True
+        while more is left. The engine calls it between requests, never while a step is in
+        flight. Runners that warm up in full when made have none."""
+        return False
 
     # -- the step -----------------------------------------------------------------------
 

@@ -55,33 +55,44 @@ def cache_key(model_config: object, dtype: torch.dtype, device: torch.device, **
 
 
 class CompileCache:
-    """The artefact bundle for one key: ``load()`` before compiling, ``save()`` after."""
+    """The artefact bundle for one key: ``load()`` before compiling, ``save()`` after.
+
+    A warm-up that leaves shapes to idle time (``warmup="first"``) saves a partial bundle
+    once the first request can run (``save(complete=False)``) and the whole one when the
+    idle warm-up is done; a later start loads the whole one when there is one. A loaded
+    bundle is not rewritten, except a partial one by a whole one."""
 
     def __init__(self, key: str, root: Path | None = None) -> None:
         self.path = (root or cache_root()) / f"{key}.bin"
-        self.loaded = False
+        self.partial = self.path.with_suffix(".part.bin")
+        self.loaded: Path | None = None
 
     def load(self) -> bool:
-        if not self.path.exists():
-            return False
-        try:
-            torch.compiler.load_cache_artifacts(self.path.read_bytes())
-        except Exception as exc:  # a stale or truncated bundle only costs a cold compile
-            log.warning("ignoring compile cache %s: %s", self.path, exc)
-            return False
-        self.loaded = True
-        return True
+        for path in (self.path, self.partial):
+            if not path.exists():
+                continue
+            try:
+                torch.compiler.load_cache_artifacts(path.read_bytes())
+            except Exception as exc:  # a stale or truncated bundle only costs a cold compile
+                log.warning("ignoring compile cache %s: %s", path, exc)
+                continue
+            self.loaded = path
+            return True
+        return False
 
-    def save(self) -> None:
-        if self.loaded:
+    def save(self, complete: bool = True) -> None:
+        if self.loaded == self.path or (self.loaded is not None and not complete):
             return
+        target = self.path if complete else self.partial
         try:
             saved = torch.compiler.save_cache_artifacts()
             if saved is None:
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
             tmp.write_bytes(saved[0])
-            tmp.replace(self.path)  # atomic: a concurrent start never reads half a file
+            tmp.replace(target)  # atomic: a concurrent start never reads half a file
+            if complete:
+                self.partial.unlink(missing_ok=True)
         except OSError as exc:
-            log.warning("could not write compile cache %s: %s", self.path, exc)
+            log.warning("could not write compile cache %s: %s", target, exc)

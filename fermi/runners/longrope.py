@@ -77,6 +77,9 @@ class LongRopeRunner(Runner):
         self._tokens[dst] = self._tokens.get(src, [])[:length]
         self._long[dst] = self._long.get(src, False)
 
+    def warm_more(self) -> bool:
+        return self.inner.warm_more()
+
     def __getattr__(self, name: str):
         # Anything else a front end or benchmark asks of the runner is the inner one's.
         return getattr(self.inner, name)

@@ -10,7 +10,7 @@ import torch
 
 from fermi import memory
 from fermi.models.decoder import Decoder
-from fermi.runners.base import Runner
+from fermi.runners.base import Runner, warmup_scope
 from fermi.runners.longrope import with_longrope
 
 TORCH_RUNNERS = ("torch", "torch-cpu", "torch-cuda", "torch-eager", "torch-compile")
@@ -37,9 +37,13 @@ def torch_runner(
     max_batch: int,
     max_seq_len: int,
     prefill_chunk: int | None,
+    warmup: str = "first",
 ) -> Runner:
     """The eager runner anywhere; the compiled CUDA runner when on a CUDA device; the
-    compiled CPU runner when asked for (``torch-compile``)."""
+    compiled CPU runner when asked for (``torch-compile``). ``warmup`` is the compiled
+    runners' warm-up before the first request: "first" (what a first request needs; the
+    rest while the engine idles) or "full" (every shape)."""
+    warmup_scope(warmup)  # a bad value is refused before the cache is allocated
     device = model.device
     if name not in (None, *TORCH_RUNNERS):
         raise ValueError(f"runner {name!r} is not one of {', '.join(TORCH_RUNNERS)}")
@@ -53,12 +57,14 @@ def torch_runner(
         except ImportError:
             CudaGraphRunner = None
         if CudaGraphRunner is not None:
-            runner = CudaGraphRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk)
+            runner = CudaGraphRunner(
+                model, max_batch, max_seq_len, prefill_chunk=prefill_chunk, warmup=warmup
+            )
             return with_longrope(runner, model)
     if name == "torch-compile":
         from fermi.runners.torch_cpu_compiled import CompiledCpuRunner
 
-        compiled = CompiledCpuRunner(model, max_batch, max_seq_len, prefill_chunk)
+        compiled = CompiledCpuRunner(model, max_batch, max_seq_len, prefill_chunk, warmup=warmup)
         return with_longrope(compiled, model)
     from fermi.runners.torch_eager import TorchRunner
 

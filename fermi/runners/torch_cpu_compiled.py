@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from fermi.models.decoder import Decoder
+from fermi.runners.base import warmup_scope
 from fermi.runners.torch_cuda import CudaGraphRunner
 
 NAME = "torch-compile"
@@ -30,7 +31,7 @@ class CompiledCpuRunner(CudaGraphRunner):
         max_seq_len: int,
         prefill_chunk: int | None = None,
         *,
-        warmup: bool = True,
+        warmup: bool | str = True,
         compile_cache: bool = True,
     ) -> None:
         device = model.device
@@ -49,5 +50,6 @@ class CompiledCpuRunner(CudaGraphRunner):
             warmup=False,
         )
         self.capabilities = dataclasses.replace(self.capabilities, name=NAME)
-        if warmup:
-            self.warmup(compile_cache=compile_cache)
+        scope = warmup_scope(warmup)
+        if scope is not None:
+            self.warmup(compile_cache=compile_cache, scope=scope)

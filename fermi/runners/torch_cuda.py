@@ -48,7 +48,15 @@ import torch
 
 from fermi.models.attention import DECODE_KERNELS
 from fermi.models.decoder import Decoder
-from fermi.runners.base import Batch, Capabilities, Decode, Runner, StepOutput, on_host
+from fermi.runners.base import (
+    Batch,
+    Capabilities,
+    Decode,
+    Runner,
+    StepOutput,
+    on_host,
+    warmup_scope,
+)
 from fermi.runners.compile_cache import CompileCache, cache_key
 from fermi.sampling import SampleOutput, SamplingBatch, mask_logits, sample
 
@@ -124,10 +132,11 @@ class _Captured:
 
 @dataclass
 class StartupStats:
-    seconds: float = 0.0
-    prefill_s: float = 0.0  # of which: compiling and capturing the prefill buckets
-    compiles: int = 0  # frames Dynamo compiled during warm-up
-    graphs: int = 0
+    seconds: float = 0.0  # warm-up before the first request can run
+    compiles: int = 0  # frames Dynamo compiled in that time
+    graphs: int = 0  # graphs captured (all of them, once complete_s is set)
+    deferred: int = 0  # shapes left to idle time (``warmup="first"``)
+    complete_s: float | None = None  # when the whole warm-up was done, from its start
     cache_hit: bool = False
     decode_attention: str = "sdpa"
     row_kernels: bool = False
@@ -172,7 +181,7 @@ class CudaGraphRunner(Runner):
         backend: str | None = "inductor",
         use_graphs: bool | None = None,
         decode_attention: str | None = None,
-        warmup: bool = True,
+        warmup: bool | str = True,
         compile_cache: bool = True,
         compile_scope: str = "layer",
         row_kernels: bool | None = None,
@@ -186,6 +195,7 @@ class CudaGraphRunner(Runner):
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if compile_scope not in ("layer", "model"):
             raise ValueError(f"compile_scope must be 'layer' or 'model', got {compile_scope!r}")
+        scope = warmup_scope(warmup)
         self.model = model
         self.device = model.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
@@ -252,13 +262,17 @@ class CudaGraphRunner(Runner):
         self._fed: list[int] | None = None  # slots whose sampled ids sit in the token input
         self._samplers: dict[Variant, Callable] = {}
         self._graphs: dict[tuple, _Captured] = {}
+        self._deferred: list[tuple] = []  # warm-up left for idle time (warm_more)
+        self._warmed: set[tuple] = set()  # shapes the warm-up ran
+        self._started = time.perf_counter()
+        self._cache: CompileCache | None = None  # saved once the whole warm-up is done
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None
         self.startup = StartupStats(
             decode_attention=self.decode_attention, row_kernels=self.row_kernels
         )
-        if warmup:
-            self.warmup(compile_cache=compile_cache and backend == "inductor")
+        if scope is not None:
+            self.warmup(compile_cache=compile_cache and backend == "inductor", scope=scope)
 
     # -- protocol ---------------------------------------------------------------------
 
@@ -458,13 +472,20 @@ class CudaGraphRunner(Runner):
 
     # -- warm-up ----------------------------------------------------------------------
 
-    def warmup(self, compile_cache: bool = True) -> StartupStats:
-        """Compile and capture every prefill chunk bucket and every decode (batch, length)
-        bucket for the common sampling variants. Writes only to the scratch position."""
+    def warmup(self, compile_cache: bool = True, scope: str = "full") -> StartupStats:
+        """Compile and capture ahead of the first request. ``scope="full"``: every prefill
+        chunk bucket and every decode (batch, length) bucket for the common sampling
+        variants. ``scope="first"``: what a first request needs (the causal prefill and the
+        one-row decode step, both sampling variants, at the smallest buckets); the rest is
+        left to ``warm_more`` (the engine calls it while idle), and a step that meets a
+        shape before then compiles or captures it itself. Either way each shape runs the
+        same compiled code, so the tokens do not depend on when it was captured. Writes only
+        to the scratch position."""
         started, frames = time.perf_counter(), _compiled_frames()
-        cache = None
+        self._started = started
+        self._cache = None
         if compile_cache:
-            cache = CompileCache(
+            self._cache = CompileCache(
                 cache_key(
                     self.model.cfg,
                     self.model.dtype,
@@ -481,7 +502,9 @@ class CudaGraphRunner(Runner):
                     causal_prefill=self.model.prefill_is_causal(0),
                 )
             )
-            self.startup.cache_hit = cache.load()
+            self.startup.cache_hit = self._cache.load()
+        jobs = self.warm_jobs()
+        first = jobs if scope == "full" else self.first_jobs()
         # The fused row products and the decode kernels are the newest parts of the stack:
         # set-ups are tried in turn until one compiles (see warmup_plans).
         plans = warmup_plans(self.row_kernels, self.decode_attention)
@@ -489,7 +512,7 @@ class CudaGraphRunner(Runner):
             self._set_row_kernels(rows)
             self._set_decode_attention(attention)
             try:
-                self._warm_all()
+                self._warm(first)
                 break
             except Exception as exc:
                 if i == len(plans) - 1:
@@ -499,45 +522,119 @@ class CudaGraphRunner(Runner):
                 log.warning("%s (%s: %s); trying %s", note, type(exc).__name__, exc, plans[i + 1])
                 self.startup.notes.append(f"{note}: {type(exc).__name__}: {str(exc)[:500]}")
                 self._graphs.clear()
+                self._warmed.clear()
                 if self.use_graphs:  # the old pool went with its graphs: captures need a new one
                     self._pool = torch.cuda.graph_pool_handle()
-        if cache is not None:
-            cache.save()
+        self._deferred = [key for key in self.deferred_order(jobs) if key not in self._warmed]
         self.startup.seconds = time.perf_counter() - started
         self.startup.compiles = _compiled_frames() - frames
         self.startup.graphs = len(self._graphs)
+        self.startup.deferred = len(self._deferred)
         self.startup.decode_attention = self.decode_attention
         self.startup.row_kernels = self.row_kernels
+        if not self._deferred:
+            self._warm_done()
+        else:
+            if self._cache is not None:  # for a process that ends before idle time is over
+                self._cache.save(complete=False)
+            log.info(
+                "ready for a first request in %.1f s; %d graphs left for idle time",
+                self.startup.seconds,
+                len(self._deferred),
+            )
         return self.startup
 
-    def _warm_all(self) -> None:
-        started = time.perf_counter()
+    def warm_jobs(self) -> list[tuple]:
+        """Every shape a full warm-up captures, as ``_run`` keys: the prefill chunk buckets
+        (causal for chunks that start a sequence, where the model has such layers, and
+        masked for chunks after cached context: two compiles of the layer), then the decode
+        buckets for the common sampling variants."""
+        variants = sorted({self.model.prefill_is_causal(0), False})
+        jobs: list[tuple] = [
+            ("prefill", t, pick(t, self.kv_sizes), causal)
+            for t in self.chunk_sizes
+            for causal in variants
+        ]
+        jobs += [
+            ("decode", b, kv, variant)
+            for b in self.batch_sizes
+            for kv in self.kv_sizes
+            for variant in WARM_VARIANTS
+        ]
+        return jobs
+
+    def first_jobs(self) -> list[tuple]:
+        """The shapes of a first short request, then the compiles still missing (the
+        masked prefill, the wider decode step), so that idle time does those first."""
+        t, kv = self.chunk_sizes[0], self.kv_sizes[0]
+        first = [("prefill", t, pick(t, self.kv_sizes), self.model.prefill_is_causal(0))]
+        first += [("decode", 1, kv, variant) for variant in WARM_VARIANTS]
+        return first
+
+    def deferred_order(self, jobs: list[tuple]) -> list[tuple]:
+        """Idle warm-up order: the shapes that compile something first (the masked
+        prefill, the wider decode step), then the one-row decode as a context grows, then
+        the rest in ``warm_jobs`` order."""
+        t = self.chunk_sizes[0]
+        wide = self.batch_sizes[1] if len(self.batch_sizes) > 1 else None
+        head = [("prefill", t, pick(t, self.kv_sizes), False)]
+        if wide is not None:
+            head += [("decode", wide, self.kv_sizes[0], variant) for variant in WARM_VARIANTS]
+        head += [key for key in jobs if key[0] == "decode" and key[1] == 1]
+        ordered = [key for key in head if key in jobs]
+        return ordered + [key for key in jobs if key not in ordered]
+
+    def warm_more(self) -> bool:
+        """Compile or capture one shape the warm-up left for idle time (the engine calls
+        this between requests, never while a step is in flight); True while more is left.
+        A shape that fails here is logged and left to the step that needs it."""
+        while self._deferred:
+            key = self._deferred.pop(0)
+            if key in self._graphs or key in self._warmed:  # a step needed it first
+                continue
+            try:
+                self._warm([key])
+            except Exception as exc:
+                log.warning("warm-up of %s failed: %s: %s", key, type(exc).__name__, exc)
+                self.startup.notes.append(f"{key}: {type(exc).__name__}: {str(exc)[:500]}")
+            finally:
+                self._fed = None  # the token input now holds the warm-up's ids
+            break
+        if not self._deferred:
+            self._warm_done()
+        return bool(self._deferred)
+
+    def _warm_done(self) -> None:
+        if self.startup.complete_s is not None:
+            return
+        self.startup.complete_s = time.perf_counter() - self._started
+        self.startup.graphs = len(self._graphs)
+        if self._cache is not None:
+            self._cache.save()
+        if self.startup.deferred:
+            log.info(
+                "warm-up complete %.1f s after it began: %d graphs",
+                self.startup.complete_s,
+                len(self._graphs),
+            )
+
+    def _warm(self, keys: list[tuple]) -> None:
+        """Compile (on a shape's first run) and capture each key's step over idle inputs:
+        padding tokens at the scratch position."""
         with self._on_device():
-            # Chunks that start a sequence (causal, where the model has such layers) and
-            # chunks after cached context (masked): two compiles of the layer, one graph each
-            # per chunk bucket.
-            variants = sorted({self.model.prefill_is_causal(0), False})
-            for t in self.chunk_sizes:
-                values = [0] * t + [0] * (self.chunk - t)
-                values += [self.scratch] * self.chunk + [0, t - 1]
-                self._pio.copy_(self._host(values, self._pio.shape))
-                kv = pick(t, self.kv_sizes)
-                for causal in variants:
-                    body = functools.partial(self._prefill_body, t, kv, causal)
-                    self._run(("prefill", t, kv, causal), body)
-            self.startup.prefill_s = time.perf_counter() - started
-            log.info("prefill buckets ready in %.1f s", self.startup.prefill_s)
-            idle = [0] * self.max_batch
-            values = [*idle, *([self.scratch] * self.max_batch), *idle]
-            self._io.copy_(self._host(values, self._io.shape))
-            for b in self.batch_sizes:
-                log.info(
-                    "decode batch %d: %.1f s since warm-up began", b, time.perf_counter() - started
-                )
-                for kv in self.kv_sizes:
-                    for variant in WARM_VARIANTS:
-                        body = functools.partial(self._decode_body, b, kv, variant)
-                        self._run(("decode", b, kv, variant), body)
+            for key in keys:
+                if key[0] == "prefill":
+                    _, t, kv, causal = key
+                    values = [0] * self.chunk + [self.scratch] * self.chunk + [0, t - 1]
+                    self._pio.copy_(self._host(values, self._pio.shape))
+                    self._run(key, functools.partial(self._prefill_body, t, kv, causal))
+                else:
+                    _, b, kv, variant = key
+                    idle = [0] * self.max_batch
+                    values = [*idle, *([self.scratch] * self.max_batch), *idle]
+                    self._io.copy_(self._host(values, self._io.shape))
+                    self._run(key, functools.partial(self._decode_body, b, kv, variant))
+                self._warmed.add(key)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
 
@@ -587,9 +684,18 @@ class CudaGraphRunner(Runner):
         fn = self._samplers.get(variant)
         if fn is None:
             filters, penalties, logprobs = variant
-            fn = functools.partial(
-                sample, use_filters=filters, use_penalties=penalties, want_logprobs=logprobs
-            )
+
+            def fn(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor):
+                # (a function, not a partial: Dynamo's saved frames need a qualified name)
+                return sample(
+                    logits,
+                    batch,
+                    rows,
+                    use_filters=filters,
+                    use_penalties=penalties,
+                    want_logprobs=logprobs,
+                )
+
             if self.backend is not None and variant in WARM_VARIANTS:
                 fn = torch.compile(fn, fullgraph=True, dynamic=True, backend=self.backend)
             self._samplers[variant] = fn
