@@ -88,7 +88,7 @@ def load(
     prefix_reuse: bool = True,
     quantize: str | None = None,
     warm_grammars: bool = True,
-    warmup: str | None = None,
+    warmup: str | bool | None = None,
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -115,9 +115,12 @@ def load(
     constrain) builds it at the first such request instead.
 
     ``warmup`` is what a compiled runner (``torch-cuda``, ``torch-compile``) compiles and
-    captures before ``load`` returns: ``"first"`` (the default, or ``FERMI_WARMUP``) what a
-    first request needs, the rest while the engine idles or when a step first needs it;
-    ``"full"`` every shape, so that no step ever waits for a compile.
+    captures before ``load`` returns: ``"full"`` (the default, or ``FERMI_WARMUP``) every
+    shape, so that no step ever waits for a compile; ``"first"`` what a first request
+    needs, the rest on the engine's thread while it idles (or when a step first needs
+    it). The command line's engines take ``"first"``. In a process of your own, take it
+    only when nothing else uses the GPU meanwhile: a CUDA graph captured on the engine's
+    thread forbids other threads' allocations while it is captured. ``False``: no warm-up.
     """
     import torch
 
@@ -166,7 +169,7 @@ def load(
     seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 4096)
     if seq_len < 2:
         raise ValueError("max_seq_len must be at least 2")
-    warm = warmup or os.environ.get("FERMI_WARMUP") or "first"
+    warm = warmup if warmup is not None else os.environ.get("FERMI_WARMUP") or "full"
     run = torch_runner(ckpt.model, runner, max_batch or 8, seq_len, prefill_chunk, warm)
     return Engine(
         run,

@@ -145,6 +145,15 @@ def refuse_taken_port(host: str, port: int) -> None:
     )
 
 
+def command_line_warmup(engines: int = 1) -> str:
+    """The command line's warm-up (``fermi.load``'s ``warmup``): ``FERMI_WARMUP`` if set,
+    else "first" for a process that runs one engine: its first request need not wait for
+    every graph, and nothing else in the process uses the GPU. Several engines in one
+    process (``serve --pool``) warm up in full before serving, so that no engine captures
+    a graph while another one runs."""
+    return os.environ.get("FERMI_WARMUP") or ("first" if engines == 1 else "full")
+
+
 def load_engine(
     model,
     device,
@@ -169,6 +178,7 @@ def load_engine(
             prefix_reuse=prefix_reuse,
             quantize=quantize,
             warm_grammars=warm_grammars,
+            warmup=command_line_warmup(),
         )
     except (fermi.FermiError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -90,7 +90,7 @@ def test_nothing_recompiles_after_warmup(runner):
 
 
 def test_first_warmup_serves_the_tokens_of_a_full_one_and_finishes_while_idle(folder):
-    """``warmup="first"`` (``fermi.load``'s default): the first requests run before most
+    """``warmup="first"`` (the command line's default): the first requests run before most
     graphs exist (captured as met, or by the engine while idle) and get the tokens a
     runner warmed in full gives; once the idle warm-up is done every shape has its graph
     and nothing compiles any more."""
@@ -114,7 +114,7 @@ def test_first_warmup_serves_the_tokens_of_a_full_one_and_finishes_while_idle(fo
         full = engine.runner.startup
         reference = requests(engine)
     torch._dynamo.reset()
-    with fermi.load(folder, **load) as engine:
+    with fermi.load(folder, warmup="first", **load) as engine:
         runner = engine.runner
         first = runner.startup
         assert first.deferred > 0 and first.graphs < full.graphs

@@ -217,8 +217,10 @@ def test_a_step_before_the_idle_warmup_compiles_its_own_shape(folder):
     )
     assert out.tokens.shape == (2,)
     assert int(counters["stats"]["unique_graphs"]) > before
+    units = 1
     while runner.warm_more():
-        pass
+        units += 1
+    assert units == runner.startup.deferred - 1  # the step's own shape was skipped
     assert runner.startup.complete_s is not None
 
 
@@ -246,14 +248,51 @@ def test_engine_finishes_the_warmup_while_idle_without_changing_a_token(folder):
     assert runner.startup.deferred > 0
     with Engine(runner, tok, GenerationDefaults(), model_name="t") as engine:
         before = both(engine)  # served before the idle warm-up, or during it
+        reused = engine.stats().cached_tokens
         deadline = time.monotonic() + 120
         while runner.startup.complete_s is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert runner.startup.complete_s is not None, "the engine never finished the warm-up"
         assert runner._warmed == set(runner.warm_jobs())
         after = both(engine)  # the kept cache of the same prompt, reused
-        assert engine.stats().cached_tokens > 0
+        assert engine.stats().cached_tokens > reused
     assert before == after == reference
+
+
+def test_a_deferred_shape_that_fails_moves_the_runner_to_the_next_kernel_setup(folder, monkeypatch):
+    """As at load: a failure in the idle warm-up (here the wider decode step's first run)
+    gives way to the next (row kernels, decode attention) set-up, and every shape is
+    warmed again under it."""
+    runner = graph_runner(folder, warmup="first", row_kernels=True, compile_cache=False)
+    assert runner.row_kernels and runner.startup.deferred > 0
+    decode_body = runner._decode_body
+
+    def fails_wide(b, kv, variant):
+        if b > 1 and runner.row_kernels:
+            raise RuntimeError("no kernel for this batch")
+        return decode_body(b, kv, variant)
+
+    monkeypatch.setattr(runner, "_decode_body", fails_wide)
+    while runner.warm_more():
+        pass
+    assert not runner.row_kernels and not runner.startup.row_kernels
+    assert runner.startup.notes[0].startswith("fused row products with sdpa decode attention")
+    assert runner._warmed >= set(runner.warm_jobs())
+    ref = TorchRunner(load(folder).model, max_batch=4, max_seq_len=300, prefill_chunk=32)
+    a, b = runner.prefill(0, [5, 6, 7], 0), ref.prefill(0, [5, 6, 7], 0)
+    assert (a - b).abs().max().item() < TOL
+    a = runner.decode([0, 1], [int(b.argmax())] * 2, [3, 3])[0]
+    b = ref.decode([0, 1], [int(b.argmax())] * 2, [3, 3])[0]
+    assert (a - b).abs().max().item() < TOL
+
+
+def test_the_command_line_warms_one_engine_first_and_a_pool_in_full(monkeypatch):
+    from fermi.cli import command_line_warmup
+
+    monkeypatch.delenv("FERMI_WARMUP", raising=False)
+    assert command_line_warmup() == "first" and command_line_warmup(2) == "full"
+    monkeypatch.setenv("FERMI_WARMUP", "full")
+    assert command_line_warmup() == "full"
 
 
 def test_a_warmup_that_is_no_scope_is_refused(folder):

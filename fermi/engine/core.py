@@ -259,6 +259,9 @@ class EngineCore:
         except Exception:  # the steps that need the shapes compile them themselves
             log.exception("the runner's idle warm-up failed")
             return False
+        finally:
+            # Progress, for health: a request that came in during a compile is not stalled.
+            self.scheduler.stats.last_step_at = time.monotonic()
 
     def _embed_batch(self) -> None:
         """Run one batch of the first embedding job, which then goes to the back of the

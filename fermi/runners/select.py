@@ -37,12 +37,12 @@ def torch_runner(
     max_batch: int,
     max_seq_len: int,
     prefill_chunk: int | None,
-    warmup: str = "first",
+    warmup: str | bool = "full",
 ) -> Runner:
     """The eager runner anywhere; the compiled CUDA runner when on a CUDA device; the
     compiled CPU runner when asked for (``torch-compile``). ``warmup`` is the compiled
-    runners' warm-up before the first request: "first" (what a first request needs; the
-    rest while the engine idles) or "full" (every shape)."""
+    runners' warm-up before the first request: "full" (every shape), "first" (what a
+    first request needs; the rest while the engine idles) or False (none)."""
     warmup_scope(warmup)  # a bad value is refused before the cache is allocated
     device = model.device
     if name not in (None, *TORCH_RUNNERS):

@@ -265,6 +265,8 @@ class CudaGraphRunner(Runner):
         self._deferred: list[tuple] = []  # warm-up left for idle time (warm_more)
         self._warmed: set[tuple] = set()  # shapes the warm-up ran
         self._started = time.perf_counter()
+        self._plans: list[tuple[bool, str]] = []  # kernel set-ups to try (warmup_plans)
+        self._plan = 0  # the one in use
         self._cache: CompileCache | None = None  # saved once the whole warm-up is done
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None
@@ -507,24 +509,18 @@ class CudaGraphRunner(Runner):
         first = jobs if scope == "full" else self.first_jobs()
         # The fused row products and the decode kernels are the newest parts of the stack:
         # set-ups are tried in turn until one compiles (see warmup_plans).
-        plans = warmup_plans(self.row_kernels, self.decode_attention)
-        for i, (rows, attention) in enumerate(plans):
+        self._plans = warmup_plans(self.row_kernels, self.decode_attention)
+        self._plan = 0
+        while True:
+            rows, attention = self._plans[self._plan]
             self._set_row_kernels(rows)
             self._set_decode_attention(attention)
             try:
                 self._warm(first)
                 break
             except Exception as exc:
-                if i == len(plans) - 1:
+                if not self._next_plan(exc):
                     raise
-                products = "fused row products" if rows else "plain products"
-                note = f"{products} with {attention} decode attention failed"
-                log.warning("%s (%s: %s); trying %s", note, type(exc).__name__, exc, plans[i + 1])
-                self.startup.notes.append(f"{note}: {type(exc).__name__}: {str(exc)[:500]}")
-                self._graphs.clear()
-                self._warmed.clear()
-                if self.use_graphs:  # the old pool went with its graphs: captures need a new one
-                    self._pool = torch.cuda.graph_pool_handle()
         self._deferred = [key for key in self.deferred_order(jobs) if key not in self._warmed]
         self.startup.seconds = time.perf_counter() - started
         self.startup.compiles = _compiled_frames() - frames
@@ -564,8 +560,9 @@ class CudaGraphRunner(Runner):
         return jobs
 
     def first_jobs(self) -> list[tuple]:
-        """The shapes of a first short request, then the compiles still missing (the
-        masked prefill, the wider decode step), so that idle time does those first."""
+        """The shapes of a first short request: the smallest prefill chunk (causal where
+        the model has such layers) and the one-row decode step at the smallest length,
+        both sampling variants."""
         t, kv = self.chunk_sizes[0], self.kv_sizes[0]
         first = [("prefill", t, pick(t, self.kv_sizes), self.model.prefill_is_causal(0))]
         first += [("decode", 1, kv, variant) for variant in WARM_VARIANTS]
@@ -587,7 +584,9 @@ class CudaGraphRunner(Runner):
     def warm_more(self) -> bool:
         """Compile or capture one shape the warm-up left for idle time (the engine calls
         this between requests, never while a step is in flight); True while more is left.
-        A shape that fails here is logged and left to the step that needs it."""
+        A shape that fails here moves the runner to the next kernel set-up, as a failure
+        at load does (``warmup_plans``): every shape is then warmed again, in idle time or
+        by the steps that meet it. With no set-up left, the shape is left to its steps."""
         while self._deferred:
             key = self._deferred.pop(0)
             if key in self._graphs or key in self._warmed:  # a step needed it first
@@ -595,8 +594,11 @@ class CudaGraphRunner(Runner):
             try:
                 self._warm([key])
             except Exception as exc:
-                log.warning("warm-up of %s failed: %s: %s", key, type(exc).__name__, exc)
-                self.startup.notes.append(f"{key}: {type(exc).__name__}: {str(exc)[:500]}")
+                if self._next_plan(exc):
+                    self._deferred = self.deferred_order(self.warm_jobs())
+                else:
+                    log.warning("warm-up of %s failed: %s: %s", key, type(exc).__name__, exc)
+                    self.startup.notes.append(f"{key}: {type(exc).__name__}: {str(exc)[:500]}")
             finally:
                 self._fed = None  # the token input now holds the warm-up's ids
             break
@@ -604,13 +606,34 @@ class CudaGraphRunner(Runner):
             self._warm_done()
         return bool(self._deferred)
 
+    def _next_plan(self, exc: Exception) -> bool:
+        """Move to the next (row kernels, decode attention) set-up after ``exc``, dropping
+        every graph; False when none is left."""
+        rows, attention = self._plans[self._plan]
+        if self._plan + 1 >= len(self._plans):
+            return False
+        self._plan += 1
+        products = "fused row products" if rows else "plain products"
+        note = f"{products} with {attention} decode attention failed"
+        nxt = self._plans[self._plan]
+        log.warning("%s (%s: %s); trying %s", note, type(exc).__name__, exc, nxt)
+        self.startup.notes.append(f"{note}: {type(exc).__name__}: {str(exc)[:500]}")
+        self._set_row_kernels(nxt[0])
+        self._set_decode_attention(nxt[1])
+        self.startup.row_kernels, self.startup.decode_attention = nxt
+        self._graphs.clear()
+        self._warmed.clear()
+        if self.use_graphs:  # the old pool went with its graphs: captures need a new one
+            self._pool = torch.cuda.graph_pool_handle()
+        return True
+
     def _warm_done(self) -> None:
         if self.startup.complete_s is not None:
             return
-        self.startup.complete_s = time.perf_counter() - self._started
         self.startup.graphs = len(self._graphs)
         if self._cache is not None:
             self._cache.save()
+        self.startup.complete_s = time.perf_counter() - self._started  # last: callers poll it
         if self.startup.deferred:
             log.info(
                 "warm-up complete %.1f s after it began: %d graphs",
@@ -634,7 +657,6 @@ class CudaGraphRunner(Runner):
                     values = [*idle, *([self.scratch] * self.max_batch), *idle]
                     self._io.copy_(self._host(values, self._io.shape))
                     self._run(key, functools.partial(self._decode_body, b, kv, variant))
-                self._warmed.add(key)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
 
@@ -702,6 +724,7 @@ class CudaGraphRunner(Runner):
         return fn
 
     def _run(self, key: tuple, body: Callable[[], tuple]) -> tuple:
+        self._warmed.add(key)  # (a shape a step met needs no idle warm-up)
         if not self.use_graphs:
             with torch.inference_mode(), _no_duck_shapes():
                 return body()

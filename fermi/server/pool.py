@@ -142,7 +142,9 @@ def load_pool(
 ) -> EnginePool:
     """Load one engine per entry of ``devices`` (see :func:`plan_devices`)."""
     import fermi
+    from fermi.cli import command_line_warmup
 
+    warmup = command_line_warmup(len(devices))
     engines = []
     try:
         for device in devices:
@@ -156,6 +158,7 @@ def load_pool(
                     runner=runner,
                     quantize=quantize,
                     prefix_reuse=prefix_reuse,
+                    warmup=warmup,
                     **({} if max_waiting is None else {"max_waiting": max_waiting}),
                 )
             )
