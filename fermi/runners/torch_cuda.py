@@ -586,7 +586,8 @@ class CudaGraphRunner(Runner):
         this between requests, never while a step is in flight); True while more is left.
         A shape that fails here moves the runner to the next kernel set-up, as a failure
         at load does (``warmup_plans``): every shape is then warmed again, in idle time or
-        by the steps that meet it. With no set-up left, the shape is left to its steps."""
+        by the steps that meet it. With no set-up left, or when the device ran out of
+        memory, the shape is left to its steps."""
         while self._deferred:
             key = self._deferred.pop(0)
             if key in self._graphs or key in self._warmed:  # a step needed it first
@@ -594,7 +595,9 @@ class CudaGraphRunner(Runner):
             try:
                 self._warm([key])
             except Exception as exc:
-                if self._next_plan(exc):
+                # (running out of memory says nothing of the kernels: no change of set-up)
+                oom = isinstance(exc, torch.OutOfMemoryError)
+                if not oom and self._next_plan(exc):
                     self._deferred = self.deferred_order(self.warm_jobs())
                 else:
                     log.warning("warm-up of %s failed: %s: %s", key, type(exc).__name__, exc)
@@ -631,9 +634,11 @@ class CudaGraphRunner(Runner):
         if self.startup.complete_s is not None:
             return
         self.startup.graphs = len(self._graphs)
-        if self._cache is not None:
-            self._cache.save()
-        self.startup.complete_s = time.perf_counter() - self._started  # last: callers poll it
+        try:
+            if self._cache is not None:
+                self._cache.save()
+        finally:
+            self.startup.complete_s = time.perf_counter() - self._started  # callers poll it
         if self.startup.deferred:
             log.info(
                 "warm-up complete %.1f s after it began: %d graphs",
@@ -724,13 +729,17 @@ class CudaGraphRunner(Runner):
         return fn
 
     def _run(self, key: tuple, body: Callable[[], tuple]) -> tuple:
-        self._warmed.add(key)  # (a shape a step met needs no idle warm-up)
+        # A shape a step ran (compiled, captured) needs no idle warm-up; one that failed
+        # stays due, so that the idle warm-up meets the failure and changes set-up.
         if not self.use_graphs:
             with torch.inference_mode(), _no_duck_shapes():
-                return body()
+                out = body()
+            self._warmed.add(key)
+            return out
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._graphs[key] = self._capture(body)
+            self._warmed.add(key)
         captured.graph.replay()
         return captured.outputs
 
