@@ -178,8 +178,10 @@ def load_gguf(
     # go now, and each layer's float weight goes as use_half_weights packs it: the load's
     # peak holds one float copy of the weights, not two.
     del weights
+    memory.release_free_heap()
     if half_storage:
         use_half_weights(model)  # the linear layers left in float (none when quantized)
+        memory.release_free_heap()
     if device.type == "cpu" and (half_storage or quantize is not None):
         use_half_embedding(model)  # (the layers read 16 bits or fewer: the table too)
     if model.quantization is not None:

@@ -345,6 +345,28 @@ def test_a_head_tied_to_a_float_table_keeps_the_one_table(tmp_path, llama_folder
     assert full.lm_head.weight.dtype == torch.float32
 
 
+def test_halving_the_table_never_unpacks_a_packed_head(tmp_path, llama_folder, monkeypatch):
+    """A packed head's ``weight`` unpacks a float32 copy of it: asking it whether it is
+    tied to the table cost SmolLM2-135M's load a 170 MB peak (perf/LOG.md run 44)."""
+    from fermi.models.half_weights import (
+        HalfEmbedding,
+        HalfWeightLinear,
+        use_half_embedding,
+        use_half_weights,
+    )
+
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=Q.Q8_0)
+    model = use_half_weights(load_gguf(path, CPU, "fp32").model, packed=True)
+    assert isinstance(model.lm_head, HalfWeightLinear) and model.lm_head.packed
+
+    def unpacked(self):
+        raise AssertionError("the packed head was unpacked")
+
+    monkeypatch.setattr(HalfWeightLinear, "weight", property(unpacked))
+    use_half_embedding(model)
+    assert isinstance(model.model.embed_tokens, HalfEmbedding)
+
+
 def test_float_gguf_on_cpu_defaults_to_float32(tmp_path, llama_folder):
     path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=Q.F16)
     model = load_gguf(path, CPU).model

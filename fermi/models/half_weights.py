@@ -28,10 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fermi.memory import release_free_heap
+
 # Without FBGEMM, up to this many rows (tokens x batch) the fp16 matrix-vector path wins.
 DIRECT_ROWS = 2
 # At most this many threads pack weights at load (see use_half_weights).
 PACK_THREADS = 4
+# use_half_weights hands the C heap's free pages back after this many packed layers.
+TRIM_EVERY = 8
 
 
 def fbgemm_available() -> bool:
@@ -175,10 +179,16 @@ def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:
     with ThreadPoolExecutor(workers, thread_name_prefix="fermi-prepack") as pool:
         flight: deque[tuple[nn.Module, str, Future[Any]]] = deque()
 
+        landed = itertools.count(1)
+
         def land() -> None:
             parent, name, future = flight.popleft()
             layer = HalfWeightLinear(getattr(parent, name), scratch, packed, future.result())
             setattr(parent, name, layer)
+            if next(landed) % TRIM_EVERY == 0:
+                # The fp16 weights just packed were freed into glibc's heaps, where they
+                # stay resident while the packs take new pages: hand them back as we go.
+                release_free_heap()
 
         for parent, name in slots:
             flight.append((parent, name, pool.submit(prepack, getattr(parent, name))))
@@ -214,6 +224,9 @@ def use_half_embedding(model: nn.Module) -> None:
     backbone = model.model
     if backbone.embed_tokens.weight.dtype != torch.float32:
         return
-    if getattr(model.lm_head, "weight", None) is backbone.embed_tokens.weight:
+    # (Only an nn.Linear can share the tensor; a packed head's ``weight`` would unpack a
+    # float32 copy of the whole head just to be compared: +170 MB at SmolLM2's load.)
+    head = model.lm_head
+    if isinstance(head, nn.Linear) and head.weight is backbone.embed_tokens.weight:
         return
     backbone.embed_tokens = HalfEmbedding(backbone.embed_tokens)
