@@ -157,13 +157,14 @@ def load_gguf(
     # Under int4 (groups of 32) the layers' 4-bit blocks keep their codes (no float copy).
     keep = quantize is not None and quantize.scheme == "int4" and quantize.group == 32
     kept = {n: gguf.int4_codes(n) for n in gguf.tensors if keep and _is_matrix(n, arch)}
-    # With fp16 storage on CPU (and no quantization) the matrices are read as fp16 and the
-    # model takes them so: use_half_weights packs them from there, and no float32 copy of
-    # them is ever made (perf/LOG.md run 32).
+    # With fp16 storage on CPU (and no quantization) the matrices and the embedding table
+    # are read as fp16 and the model takes them so: use_half_weights packs them from there,
+    # use_half_embedding keeps the table as it is, and no float32 copy of either is ever
+    # made (perf/LOG.md runs 32, 44).
     matrices = torch.float16 if half_storage and quantize is None else None
 
     def itemsize(name: str) -> int:
-        if matrices is not None and _is_linear_weight(name, arch):
+        if matrices is not None and (_is_linear_weight(name, arch) or name == TABLE):
             return matrices.itemsize
         return torch_dtype.itemsize
 
@@ -418,6 +419,9 @@ def _is_matrix(name: str, arch: str) -> bool:
     return ours is not None and ours.endswith("_proj.weight")
 
 
+TABLE = "token_embd.weight"  # the token embedding table (and a tied head's weight)
+
+
 def _is_linear_weight(name: str, arch: str) -> bool:
     """Whether a GGUF tensor becomes a linear layer's weight: a projection, or an untied
     output head."""
@@ -434,7 +438,8 @@ def read_weights(
     matrix_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor | QuantizedWeight]:
     """Every tensor under our name, dequantized to ``dtype`` (the layers' projection
-    matrices and an untied output head to ``matrix_dtype`` when given), except those
+    matrices, an output head and the embedding table to ``matrix_dtype`` when given),
+    except those
     ``kept`` (GGUF name -> codes as stored, ``GGUFFile.int4_codes``), which come as they
     are."""
     permuted = ARCHITECTURES[arch][1]
@@ -447,7 +452,7 @@ def read_weights(
                 continue
             raise ModelLoadError(f"{gguf.path}: unexpected tensor {name!r} for GGUF arch {arch}")
         to = dtype
-        if matrix_dtype is not None and _is_linear_weight(name, arch):
+        if matrix_dtype is not None and (_is_linear_weight(name, arch) or name == TABLE):
             to = matrix_dtype
         tensor = kept.get(name) or gguf.tensor(name, to)
         if permuted and ".attn_q." in name:

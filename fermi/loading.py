@@ -260,6 +260,10 @@ def materialize(located: dict[str, tuple[Path, str]]) -> dict[str, torch.Tensor]
 Weights = dict[str, tuple[Path, str]] | dict[str, torch.Tensor | QuantizedWeight]
 
 
+# Besides the projections: what build_model's linear_dtype applies to.
+HALVED = ("lm_head.weight", "model.embed_tokens.weight")
+
+
 def build_model(
     config: ModelConfig,
     adapter: Adapter,
@@ -272,9 +276,10 @@ def build_model(
 ) -> Decoder:
     """Create the decoder without initialising it, then assign the checkpoint's tensors.
 
-    ``linear_dtype``: the linear layers' weights (``*_proj.weight``, an untied
-    ``lm_head.weight``) in this dtype instead of ``dtype``; for a CPU load whose
-    ``use_half_weights`` stores them in fp16 next, they never exist in float32.
+    ``linear_dtype``: the linear layers' weights (``*_proj.weight``, ``lm_head.weight``)
+    and the embedding table in this dtype instead of ``dtype``; for a CPU load whose
+    ``use_half_weights`` and ``use_half_embedding`` store them in fp16 next, they never
+    exist in float32 (a tied head shares the fp16 table until it is packed).
 
     With ``quantize``, the linear layers it names become ``QuantLinear``s: a part already
     quantized in the target scheme (a :class:`QuantizedWeight`, as ``fermi.gguf`` reads
@@ -342,7 +347,8 @@ def build_model(
             quantized[module] = [tensors[part] for part, _ in name_parts]
             continue
         to = dtype
-        if linear_dtype is not None and (name.endswith("_proj.weight") or name == "lm_head.weight"):
+        halved = name.endswith("_proj.weight") or name in HALVED
+        if linear_dtype is not None and halved:
             to = linear_dtype
         loaded = [_float(tensors[part]).to(device=device, dtype=to) for part, _ in name_parts]
         state[name] = loaded[0] if len(loaded) == 1 else torch.cat(loaded)

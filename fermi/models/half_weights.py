@@ -216,13 +216,19 @@ class HalfEmbedding(nn.Module):
         return F.embedding(ids, self.weight).float()
 
 
+# Tables use_half_embedding stores in fp16: float32, or fp16 already (a GGUF load reads
+# the table so when the model stores its weights in fp16).
+FLOATS = (torch.float32, torch.float16)
+
+
 def use_half_embedding(model: nn.Module) -> None:
-    """Store ``model``'s token embeddings in fp16 (:class:`HalfEmbedding`). A head still tied
-    to the table keeps the float32 tensor (it is read whole every step), so the table is
-    halved only when the head has weights of its own (``use_half_weights`` packs a copy,
-    quantization builds one)."""
+    """Store ``model``'s token embeddings in fp16 (:class:`HalfEmbedding`; a table already
+    in fp16 is taken as it is). A head still tied to the table keeps the tensor (it is read
+    whole every step), so the table is halved only when the head has weights of its own
+    (``use_half_weights`` packs a copy, quantization builds one)."""
     backbone = model.model
-    if backbone.embed_tokens.weight.dtype != torch.float32:
+    table = backbone.embed_tokens
+    if isinstance(table, HalfEmbedding) or table.weight.dtype not in FLOATS:
         return
     # (Only an nn.Linear can share the tensor; a packed head's ``weight`` would unpack a
     # float32 copy of the whole head just to be compared: +170 MB at SmolLM2's load.)
