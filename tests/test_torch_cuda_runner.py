@@ -206,15 +206,7 @@ def test_a_step_before_the_idle_warmup_compiles_its_own_shape(folder):
     torch._dynamo.reset()
     runner = graph_runner(folder, backend="eager", max_seq_len=700, warmup="first")
     before = int(counters["stats"]["unique_graphs"])
-    out = runner.decode_sample(
-        [0, 1],
-        [1, 2],
-        [3, 3],
-        runner.sampling,
-        use_filters=False,
-        use_penalties=False,
-        want_logprobs=-1,
-    )
+    out = sample_step(runner, [0, 1], [1, 2], [3, 3])
     assert out.tokens.shape == (2,)
     assert int(counters["stats"]["unique_graphs"]) > before
     units = 1
@@ -276,15 +268,7 @@ def test_a_deferred_shape_that_fails_moves_the_runner_to_the_next_kernel_setup(f
     # A step meets the failing shape before idle time: its requests fail; the shape stays
     # due, so the idle warm-up meets the failure too and changes set-up.
     with pytest.raises(RuntimeError, match="no kernel for this batch"):
-        runner.decode_sample(
-            [0, 1],
-            [5, 6],
-            [3, 3],
-            runner.sampling,
-            use_filters=False,
-            use_penalties=False,
-            want_logprobs=-1,
-        )
+        sample_step(runner, [0, 1], [5, 6], [3, 3])
     while runner.warm_more():
         pass
     assert not runner.row_kernels and not runner.startup.row_kernels
@@ -324,15 +308,21 @@ def every_shape(runner) -> None:
     runner.prefill(0, [1] * 20, 600)  # a long context: the largest length bucket
     for slots in ([0], [0, 1], [1, 3], [0, 1, 2, 3]):
         for where in (5, 300, 650):
-            runner.decode_sample(
-                slots,
-                [1] * len(slots),
-                [where] * len(slots),
-                runner.sampling,
-                use_filters=where == 300,
-                use_penalties=False,
-                want_logprobs=-1,
-            )
+            n = len(slots)
+            sample_step(runner, slots, [1] * n, [where] * n, filters=where == 300)
+
+
+def sample_step(runner, slots, tokens, positions, filters: bool = False):
+    """One decode step sampled in the runner's graph (no penalties, no logprobs)."""
+    return runner.decode_sample(
+        slots,
+        tokens,
+        positions,
+        runner.sampling,
+        use_filters=filters,
+        use_penalties=False,
+        want_logprobs=-1,
+    )
 
 
 @pytest.mark.parametrize("kind", ["math", "flex"])

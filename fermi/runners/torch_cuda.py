@@ -263,7 +263,7 @@ class CudaGraphRunner(Runner):
         self._samplers: dict[Variant, Callable] = {}
         self._graphs: dict[tuple, _Captured] = {}
         self._deferred: list[tuple] = []  # warm-up left for idle time (warm_more)
-        self._warmed: set[tuple] = set()  # shapes the warm-up ran
+        self._warmed: set[tuple] = set()  # shapes run (and captured) once: _run notes them
         self._started = time.perf_counter()
         self._plans: list[tuple[bool, str]] = []  # kernel set-ups to try (warmup_plans)
         self._plan = 0  # the one in use
@@ -588,10 +588,10 @@ class CudaGraphRunner(Runner):
         at load does (``warmup_plans``): every shape is then warmed again, in idle time or
         by the steps that meet it. With no set-up left, or when the device ran out of
         memory, the shape is left to its steps."""
-        while self._deferred:
+        while self._deferred and self._deferred[0] in self._warmed:  # a step ran it first
+            self._deferred.pop(0)
+        if self._deferred:
             key = self._deferred.pop(0)
-            if key in self._graphs or key in self._warmed:  # a step needed it first
-                continue
             try:
                 self._warm([key])
             except Exception as exc:
@@ -604,7 +604,6 @@ class CudaGraphRunner(Runner):
                     self.startup.notes.append(f"{key}: {type(exc).__name__}: {str(exc)[:500]}")
             finally:
                 self._fed = None  # the token input now holds the warm-up's ids
-            break
         if not self._deferred:
             self._warm_done()
         return bool(self._deferred)
