@@ -10,6 +10,10 @@ the time per output token (median, p99).
 
     PYTHONPATH=$PWD python3 perf/bench_serve_gpu.py --shape Qwen3-1.7B --concurrency 1 8 32 128 \
         --out perf/results/h200_serve_qwen3-1.7b.json
+
+``--py-spy S`` samples the server's threads with py-spy (idle samples included, so a
+thread blocked on the device shows where it waits) for S seconds of the last level's timed
+pass, into ``<out>.pyspy.txt`` (py-spy's raw "collapsed stacks" format).
 """
 
 from __future__ import annotations
@@ -139,6 +143,19 @@ async def level(port: int, concurrency: int, requests: int, max_tokens: int, see
     }  # fmt: skip
 
 
+def sample_server(port: int, seconds: float, out: Path | None):
+    """py-spy on the server listening on ``port`` (Granian's worker is a child process)."""
+    import shutil
+    import subprocess
+
+    pid = subprocess.check_output(["pgrep", "-f", "--", f"--port {port}"]).split()[0].decode()
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    target = f"{out or 'serve'}.pyspy.txt"
+    cmd = [spy, "record", "--pid", pid, "--subprocesses", "--threads", "--idle", "-r", "100"]
+    cmd += ["-d", str(int(seconds)), "-f", "raw", "-o", target]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="Qwen3-1.7B")
@@ -148,6 +165,7 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--device", default="cuda")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (a smoke test)")
+    p.add_argument("--py-spy", type=float, default=0, metavar="S", help="sample the server")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -181,7 +199,11 @@ def main() -> None:
             for i, c in enumerate(args.concurrency):
                 n = max(2 * c, 8)
                 asyncio.run(level(port, c, c, args.max_tokens, 10_000 * (i + 1)))  # untimed
+                last = i == len(args.concurrency) - 1
+                spy = sample_server(port, args.py_spy, args.out) if last and args.py_spy else None
                 row = asyncio.run(level(port, c, n, args.max_tokens, 1_000 * (i + 1)))
+                if spy is not None:
+                    row["py_spy_rc"] = spy.wait()
                 result["levels"].append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:  # each level as it ends: a run cut short keeps the ones done

@@ -16,10 +16,18 @@ engine's phases with timers and reports each one's mean per step:
 
 ``host`` is everything but ``execute`` (CPU) or everything but ``wait`` (GPU).
 
+``--closed-loop C`` runs free requests the way a server under load sees them (issue 17's
+serving at 128): C streams at once, each followed by a new request the moment it ends, so
+requests keep arriving and leaving. It also counts, per step, the steps that carry a prefill
+chunk, the slot moves, and the steps queued without the previous step's ids (the engine had
+to read the step in flight first: no overlap of host and device for that step).
+
     .venv/bin/python perf/profile_engine_host.py --device cpu --tiktoken .whl/qwen.tiktoken \
         --out perf/results/cpu_engine_host.json
     PYTHONPATH=$PWD python perf/profile_engine_host.py --device cuda --shape Qwen3-1.7B \
         --tiktoken .whl/qwen.tiktoken --out perf/results/h200_engine_host.json
+    PYTHONPATH=$PWD python perf/profile_engine_host.py --device cuda --shape Qwen3-1.7B \
+        --batch 128 --closed-loop 128 --out perf/results/h200_engine_host_c128.json
 
 On the CPU the model is a two-layer random Qwen3 with the real vocabulary's size (151,936
 ids) so that the host's per-row work is that of a real Qwen3 reply, and the forward pass is
@@ -33,6 +41,7 @@ import json
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -40,10 +49,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_constrained import build, gpu_engine, tiktoken_bpe, window_rate
+from bench_constrained import build, gpu_engine, synthetic_bpe, tiktoken_bpe, window_rate
 
 
-def tiny_cpu_engine(tiktoken: str, max_batch: int, max_seq_len: int):
+def tiny_cpu_engine(tiktoken: str | None, max_batch: int, max_seq_len: int):
     import torch
 
     from fermi.engine.api import Engine
@@ -56,13 +65,15 @@ def tiny_cpu_engine(tiktoken: str, max_batch: int, max_seq_len: int):
     cfg = config("Qwen3-0.6B")
     cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     cfg.update(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    if not tiktoken:
+        cfg.update(vocab_size=8192)
     torch.manual_seed(0)
     model = Decoder(adapter_for(cfg).to_config(cfg))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     runner = TorchRunner(model.eval().requires_grad_(False), max_batch, max_seq_len)
-    tok = tiktoken_bpe(tiktoken, cfg["vocab_size"])
+    tok = tiktoken_bpe(tiktoken, cfg["vocab_size"]) if tiktoken else synthetic_bpe(8192)
     defaults = GenerationDefaults(eos_token_ids=(tok.eos_token_id,))
     engine = Engine(runner, tok, defaults, model_name="qwen3-tiny")
     return engine, {"shape": "Qwen3 vocabulary, 2 layers of 64", "tokenizer_ids": tok.vocab_size}
@@ -75,8 +86,9 @@ class Timers:
         from fermi.runners.base import StepOutput
 
         self.calls: dict[str, list[float]] = defaultdict(list)
-        self.steps = 0
+        self.counts: dict[str, int] = defaultdict(int)
         sched, runner = engine._core.scheduler, engine.runner
+        runner.execute = self._counted(runner.execute)
         sched.schedule = self._timed("schedule", sched.schedule)
         sched.update = self._timed("update", sched.update)
         sched.fill_masks = self._timed("masks", sched.fill_masks)
@@ -96,8 +108,25 @@ class Timers:
 
         return timed
 
+    def _counted(self, execute):
+        counts = self.counts
+
+        def counted(batch):
+            counts["executed"] += 1
+            counts["prefill"] += batch.prefill is not None
+            counts["moves"] += len(batch.moves)
+            counts["admitted"] += len(batch.admitted)
+            if batch.decode is not None:
+                counts["decode"] += 1
+                counts["decode_rows"] += len(batch.decode.slots)
+                counts["ids_from_host"] += batch.decode.token_ids is not None
+            return execute(batch)
+
+        return counted
+
     def reset(self) -> None:
         self.calls.clear()
+        self.counts.clear()
 
     def per_step_us(self, device: str) -> dict:
         """Each phase's mean microseconds per decode step (steps = ``update`` calls)."""
@@ -120,19 +149,84 @@ class Timers:
         us["host"] = round(sum(v for k, v in us.items() if k != skip), 1)
         us["steps"] = steps
         us["update_median_us"] = round(1e6 * statistics.median(self.calls["update"]), 1)
+        us["counts"] = dict(self.counts)
         return us
+
+
+def strict_following(scheduler) -> None:
+    """The scheduler as it was before session 14 (the A of an A/B): a step continues the
+    one in flight only when its decode rows are exactly that step's, so any row joining or
+    leaving makes the engine read the step in flight first."""
+    general = scheduler._following
+
+    def following():
+        out = general()
+        last = scheduler._scheduled[-1] if scheduler._scheduled else None
+        if out is None or last is None or out[0] != last.decode:
+            return None
+        return out
+
+    scheduler._following = following
+
+
+def closed_loop(engine, streams: int, requests: int, new_tokens: int, seed: int) -> dict:
+    """``streams`` free requests at once, each replaced by the next as it ends, until
+    ``requests`` have run; tokens/s and steps/s over the whole run."""
+    lock = threading.Lock()
+    left = list(range(requests))
+    finished = threading.Semaphore(0)
+    tokens = [0]
+
+    def submit() -> None:
+        with lock:
+            if not left:
+                return
+            i = left.pop()
+        req = engine.build_request(
+            prompt=f"Request {seed}-{i}: write about item {i} at some length.",
+            max_tokens=new_tokens, temperature=0.8, seed=seed * 100_000 + i, ignore_eos=True,
+        )  # fmt: skip
+        engine.submit(req, sink)
+
+    def sink(delta) -> None:
+        tokens[0] += len(delta.token_ids)
+        if delta.finish_reason is not None:
+            finished.release()
+            submit()
+
+    started = time.perf_counter()
+    for _ in range(streams):
+        submit()
+    for _ in range(requests):
+        finished.acquire()
+    wall = time.perf_counter() - started
+    return {"tok_s": tokens[0] / wall, "wall_s": wall, "tokens": tokens[0]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--shape", default="Qwen3-1.7B")
-    p.add_argument("--tiktoken", required=True, help="a tiktoken rank file (Qwen's)")
+    p.add_argument("--tiktoken", default=None, help="a tiktoken rank file (Qwen's)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--closed-loop",
+        type=int,
+        default=0,
+        metavar="C",
+        help="free requests only: C streams, each replaced as it ends",
+    )
+    p.add_argument(
+        "--ab",
+        action="store_true",
+        help="closed loop: alternate runs with the strict rule (strict_following)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if not args.closed_loop and not args.tiktoken:
+        p.error("the JSON-schema comparison needs --tiktoken (a real vocabulary)")
 
     import torch
 
@@ -151,6 +245,29 @@ def main() -> None:
         **about,
         "runs": [],
     }
+    if args.closed_loop:
+        result["closed_loop"] = args.closed_loop
+        with engine:
+            c = args.closed_loop
+            closed_loop(engine, c, c, args.new_tokens, 99)  # warm-up: every shape met
+            scheduler = engine._core.scheduler
+            general = scheduler._following
+            for run in range(args.runs * (2 if args.ab else 1)):
+                strict = args.ab and (run % 2 == (run // 2) % 2)  # ABBA order
+                scheduler._following = general
+                if strict:
+                    strict_following(scheduler)
+                timers.reset()
+                rate = closed_loop(engine, c, 3 * c, args.new_tokens, run)
+                steps = timers.per_step_us(args.device)
+                kind = "free, closed loop" + (", strict rule" if strict else "")
+                row = {"kind": kind, **{k: round(v, 1) for k, v in rate.items()}}
+                row["per_step_us"] = steps
+                result["runs"].append(row)
+                print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        return
     with engine:
         for constrained in (False, True):  # warm-up
             window_rate(engine, build(engine, args.batch, constrained, args.new_tokens, 99))

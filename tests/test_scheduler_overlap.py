@@ -64,16 +64,19 @@ def overlapped(folder, max_batch=4, prefix_reuse: bool = True, generation=None, 
     return eng
 
 
-def concurrently(eng: Engine, requests: list[dict]) -> list:
+def concurrently(eng: Engine, requests: list[dict], run=None) -> list:
+    """``eng.generate(**request)`` for each request, each on its own thread (or
+    ``run(eng, **request)``)."""
     results: list = [None] * len(requests)
+    call = run or Engine.generate
 
-    def run(i):
+    def run_one(i):
         try:
-            results[i] = eng.generate(**requests[i])
+            results[i] = call(eng, **requests[i])
         except Exception as exc:  # reported by the assertion below
             results[i] = exc
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    threads = [threading.Thread(target=run_one, args=(i,)) for i in range(len(requests))]
     for t in threads:
         t.start()
     for t in threads:
@@ -265,3 +268,40 @@ def test_steps_captured_while_serving_on_the_gpu_equal_the_cpu(folder):
     with fermi.load(folder, device="cpu", max_batch=2, max_seq_len=256) as cpu:
         on_cpu = [cpu.generate(**kw, **v).token_ids for v in variants]
     assert on_gpu == on_cpu
+
+
+def test_requests_arriving_as_others_end_keep_the_steps_fed_on_the_device(folder):
+    """A server's steady load: four workers each send three requests back to back, with
+    lengths that make a request end or join at most steps. A row that joins (its first
+    token sampled by the prefill in flight) or leaves (its last token in flight) does not
+    make the engine read the step in flight first: most decode steps are queued with the
+    ids still on the device, and every request gets what it gets alone."""
+    workers = [
+        [
+            {"prompt_token_ids": [5 + w, 77, 120 + j], "max_tokens": 3 + 2 * w + j,
+             "temperature": 0.9, "seed": 10 * w + j, "ignore_eos": True}
+            for j in range(3)
+        ]
+        for w in range(4)
+    ]  # fmt: skip
+    with eager(folder) as ref:
+        want = [[ref.generate(**r) for r in reqs] for reqs in workers]
+    with overlapped(folder) as eng:
+        runner = eng.runner
+        decode_steps, execute = [0], runner.execute
+
+        def counting(batch):
+            decode_steps[0] += batch.decode is not None
+            return execute(batch)
+
+        runner.execute = counting
+        got = concurrently(eng, [{"reqs": reqs} for reqs in workers], run=run_in_turn)
+    for results, expected in zip(got, want, strict=True):
+        assert not isinstance(results, Exception), results
+        for g, w in zip(results, expected, strict=True):
+            same(g, w)
+    assert runner.fed >= 0.75 * decode_steps[0], (runner.fed, decode_steps[0])
+
+
+def run_in_turn(eng: Engine, reqs: list[dict]) -> list:
+    return [eng.generate(**r) for r in reqs]

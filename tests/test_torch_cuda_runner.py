@@ -357,11 +357,17 @@ def test_fed_back_tokens_continue_the_previous_step(folder):
         assert out_fed.tokens.tolist() == out_host.tokens.tolist()
         tokens = out_host.tokens.tolist()
         out_fed = fed.decode_sample(slots, None, [p + step for p in pos], fed.sampling, **kw)
-    with pytest.raises(ValueError, match="previous decode_sample's slots"):
-        fed.decode_sample([0], None, [9], fed.sampling, **kw)
-    fed.decode([0], [1], [9])  # a logits-only step breaks the chain too
-    with pytest.raises(ValueError, match="previous decode_sample's slots"):
-        fed.decode_sample(slots, None, [9, 9], fed.sampling, **kw)
+    # A row may leave (slot 2 ended): slot 0 goes on from its own fed-back id.
+    out_host = host.decode_sample(slots, tokens, [p + 5 for p in pos], host.sampling, **kw)
+    assert out_fed.tokens.tolist() == out_host.tokens.tolist()
+    host_next = host.decode_sample([0], out_host.tokens.tolist()[1:], [9], host.sampling, **kw)
+    fed_next = fed.decode_sample([0], None, [9], fed.sampling, **kw)
+    assert fed_next.tokens.tolist() == host_next.tokens.tolist()
+    with pytest.raises(ValueError, match="slots the previous step sampled"):
+        fed.decode_sample([0, 1], None, [10, 3], fed.sampling, **kw)  # slot 1 sampled nothing
+    fed.decode([0], [1], [10])  # a logits-only step breaks the chain too
+    with pytest.raises(ValueError, match="slots the previous step sampled"):
+        fed.decode_sample([0], None, [11], fed.sampling, **kw)
 
 
 def test_overlapped_scheduling_equals_the_eager_engine(folder):

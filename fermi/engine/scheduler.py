@@ -8,11 +8,15 @@ step's sampled ids, turns them into text (``fermi.engine.output``), ends sequenc
 stop strings and length, and hands each request its deltas.
 
 With a runner that overlaps (``Capabilities.overlaps``), the engine schedules and queues
-step n+1 before it reads step n. While the decode rows stay the same, step n+1 continues
-them with the ids step n sampled, still on the device; a row that step n ends (eos, a stop
-string) makes step n+1's row for it wasted work, which ``update`` drops. When the rows
-change (a sequence joined, finished or was cancelled), ``schedule`` returns None: the
-engine reads the step in flight first, and the next step starts from the host's ids.
+step n+1 before it reads step n. Step n+1 continues step n's decode rows with the ids step
+n sampled, still on the device, and the sequence whose first token step n's prefill
+samples joins them the same way; a row that step n ends by length leaves (its token count
+says so before it is read), and one that step n ends otherwise (eos, a stop string) makes
+step n+1's row for it wasted work, which ``update`` drops. Under a server's steady load a
+request joins or leaves at almost every step, so this keeps the host's work for step n
+behind the device's step n+1. When a row needs an id only the host has (it was not in
+step n, or a logits processor samples it), ``schedule`` returns None: the engine reads
+the step in flight first, and the next step starts from the host's ids.
 """
 
 from __future__ import annotations
@@ -215,25 +219,44 @@ class Scheduler:
         return batch
 
     def _following(self) -> tuple[list[Sequence], Decode] | None:
-        """Decode rows continuing the step in flight with the ids it sampled on the device,
-        when its rows are exactly the ones to run and each has room for one more token."""
+        """Decode rows that can be queued behind the step in flight, fed the ids it samples
+        on the device: its decode rows and the sequence whose first token its prefill
+        samples, less those it ends by length (known before it is read) or that ended
+        since. None when a row needs its id from the host (a row that was not in that step,
+        one with a logits processor), when nothing is left to run, or when two steps are
+        in flight."""
         last = self._scheduled[-1]
-        rows = last.batch.decode
-        if rows is None or len(self._scheduled) > 1:
+        if len(self._scheduled) > 1:
             return None
-        decoding = sorted((s for s in self.running if s.generated), key=lambda s: s.slot)
-        if len(decoding) != len(last.decode) or any(
-            a is not b for a, b in zip(decoding, last.decode, strict=True)
-        ):
-            return None
+        fed = set(last.decode)
+        if last.prefill is not None:
+            fed.add(last.prefill)
         limit = self.caps.max_seq_len
-        for s in decoding:
-            if s.bias is not None:  # sampled outside the device's step: ids come from the host
-                return None
-            if s.done or s.generated + 1 >= s.request.max_tokens or s.position + 1 >= limit - 1:
-                return None
+        decoding = []
+        for s in sorted(self.running, key=lambda s: s.slot):
+            if s.done or not (s.generated or s is last.prefill):
+                continue  # (a prompt still being written has no token yet)
+            if s not in fed or s.bias is not None:
+                return None  # its id is on the host only, or is sampled outside the step
+            if s.generated + 1 >= s.request.max_tokens or s.position + 1 >= limit - 1:
+                continue  # the step in flight samples its last token
+            decoding.append(s)
+        if not decoding or self._narrows(decoding):
+            return None
+        slots = tuple(s.slot for s in decoding)
         positions = tuple(s.position + 1 for s in decoding)
-        return decoding, Decode(rows.slots, None, positions, rows.options)
+        return decoding, Decode(slots, None, positions, _options(decoding))
+
+    def _narrows(self, rows: list[Sequence]) -> bool:
+        """Whether moving the running sequences down into free slots (which waits for the
+        step in flight) would narrow the decode step: the runners' decode shapes grow in
+        powers of two of the highest slot."""
+        if not (self.caps.moves_slots and self._may_compact):
+            return False
+        if any(s.prefilled < len(s.request.prompt_ids) for s in self.running):
+            return False  # _compact waits for the prompt's first token
+        span = max(s.slot for s in rows) + 1
+        return _power_of_two(span) > _power_of_two(len(self.running))
 
     def _admit(self) -> tuple[list[tuple[Sequence, int]], list[SlotMove]]:
         """The requests admitted (with their seeds) and the slot copies they need first."""
@@ -505,6 +528,11 @@ def _set_bit(row: torch.Tensor, token: int, on: bool) -> None:
     bit = 1 << (token % 32)
     word = word | bit if on else word & ~bit
     row[token // 32] = word - (1 << 32) if word >= 1 << 31 else word
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= ``n`` (n >= 1)."""
+    return 1 << (n - 1).bit_length()
 
 
 def _options(seqs: list[Sequence]) -> SamplingOptions:

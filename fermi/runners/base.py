@@ -113,7 +113,8 @@ class PrefillChunk:
 class Decode:
     """One token for each slot at its position. ``token_ids`` None: each slot is fed the
     token the previous step sampled for it, still on the device (``Capabilities.overlaps``;
-    the slots must be that step's decode slots)."""
+    each slot must be one that step sampled: a decode row, or the slot whose first token
+    its prefill chunk sampled)."""
 
     slots: tuple[int, ...]
     token_ids: tuple[int, ...] | None

@@ -29,8 +29,9 @@ shorter than the cache, so a read is never the whole buffer, which would compile
 Sampling runs inside the decode graph (``decode_sample``): the step returns token ids, and
 the scheduler reads back only those. It calls the same ``fermi.sampling.sample`` as
 every other runner, on this runner's ``sampling`` tensors, whose addresses never change. The
-graph also writes the sampled ids into its own token input, so the next step over the same
-slots can start before the host has read them (``decode_sample(slots, None, ...)``): the
+graph also writes the sampled ids into its own token input (and a prompt's first token,
+sampled after its last chunk, is copied into its slot's), so the next step over those slots
+can start before the host has read them (``decode_sample(slots, None, ...)``): the
 scheduler overlaps its per-token work with the GPU's next step.
 """
 
@@ -259,7 +260,7 @@ class CudaGraphRunner(Runner):
             else:  # every layer calls the same compiled code: one compile, not one per layer
                 for module in (*model.model.layers, model.model.norm):
                     module.compile(**options)
-        self._fed: list[int] | None = None  # slots whose sampled ids sit in the token input
+        self._fed: set[int] = set()  # slots whose newest sampled ids sit in the token input
         self._samplers: dict[Variant, Callable] = {}
         self._graphs: dict[tuple, _Captured] = {}
         self._deferred: list[tuple] = []  # warm-up left for idle time (warm_more)
@@ -310,7 +311,7 @@ class CudaGraphRunner(Runner):
             return logits[0].clone()  # the graph's output buffer is reused by the next replay
 
     def decode(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        self._fed = None
+        self._fed = set()  # (this graph leaves the host's ids in the token input)
         with self._on_device():
             b, kv = self._fill_decode(slots, token_ids, positions)
             body = functools.partial(self._decode_body, b, kv, None)
@@ -342,14 +343,14 @@ class CudaGraphRunner(Runner):
         """
         if batch is not self.sampling:
             return None
-        if token_ids is None and slots != self._fed:
-            raise ValueError("token_ids=None continues the previous decode_sample's slots only")
+        if token_ids is None and not self._fed.issuperset(slots):
+            raise ValueError("token_ids=None continues slots the previous step sampled only")
         variant = (use_filters, use_penalties, want_logprobs)
         with self._on_device():
             b, kv = self._fill_decode(slots, token_ids, positions)
             body = functools.partial(self._decode_body, b, kv, variant)
             out = self._run(("decode", b, kv, variant), body)
-            self._fed = list(slots)
+            self._fed = set(slots)
             live = self._io[2, : len(slots), 0]  # the slots, already on the device
             out = SampleOutput(*(None if t is None else t.index_select(0, live) for t in out))
             batch.record(live, out.tokens)
@@ -382,6 +383,7 @@ class CudaGraphRunner(Runner):
             if batch.masks is None:
                 prefill = self.sample_prefill(self.prefill_logits(batch), batch)
                 decode = None if rows is None else self._decode_step(rows, batch)
+                self._feed_first_token(batch, prefill, decoded=rows is not None)
                 return self._step_output(prefill, decode)
             prefill_logits = self.prefill_logits(batch)
             width = None if rows is None else self._decode_logits(rows)
@@ -393,11 +395,24 @@ class CudaGraphRunner(Runner):
                 decode = None
                 if rows is not None and width is not None:
                     decode = self._sample_logits(rows, width, batch)
+                self._feed_first_token(batch, prefill, decoded=rows is not None)
                 return self._step_output(prefill, decode)
 
         if rows is not None and rows.token_ids is None:
             return StepOutput(pending=sample_rest)
         return sample_rest()
+
+    def _feed_first_token(self, batch: Batch, prefill: SampleOutput | None, decoded: bool) -> None:
+        """Put the token a prompt's last chunk sampled into its slot's token input, so that
+        the next step may feed it to the slot without a host round trip (after this step's
+        decode graph, which writes every row of its bucket)."""
+        if not decoded:
+            self._fed = set()  # (the token input holds ids older than this step)
+        if prefill is None or batch.prefill is None:
+            return
+        slot = batch.prefill.slot
+        self._io[0, slot].copy_(prefill.tokens)
+        self._fed.add(slot)
 
     def _step_output(self, prefill: SampleOutput | None, decode: SampleOutput | None) -> StepOutput:
         if not self._pinned:  # not a CUDA device (tests run this runner on CPU)
@@ -435,8 +450,8 @@ class CudaGraphRunner(Runner):
         """The forward half of a masked decode step: its logits land in ``_logits`` (one
         row per slot, up to the batch bucket, which it returns)."""
         slots = list(rows.slots)
-        if rows.token_ids is None and slots != self._fed:
-            raise ValueError("token_ids=None continues the previous decode step's slots only")
+        if rows.token_ids is None and not self._fed.issuperset(slots):
+            raise ValueError("token_ids=None continues slots the previous step sampled only")
         tokens = None if rows.token_ids is None else list(rows.token_ids)
         b, kv = self._fill_decode(slots, tokens, list(rows.positions))
         (logits,) = self._run(
@@ -461,7 +476,7 @@ class CudaGraphRunner(Runner):
             )
             out = SampleOutput(*(None if t is None else t.index_select(0, live) for t in out))
             self.sampling.record(live, out.tokens)
-        self._fed = slots
+        self._fed = set(slots)
         return out
 
     @torch.inference_mode()
@@ -603,7 +618,7 @@ class CudaGraphRunner(Runner):
                     log.warning("warm-up of %s failed: %s: %s", key, type(exc).__name__, exc)
                     self.startup.notes.append(f"{key}: {type(exc).__name__}: {str(exc)[:500]}")
             finally:
-                self._fed = None  # the token input now holds the warm-up's ids
+                self._fed = set()  # the token input now holds the warm-up's ids
         if not self._deferred:
             self._warm_done()
         return bool(self._deferred)
