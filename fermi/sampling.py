@@ -188,7 +188,7 @@ class SamplingBatch:
         self.counts[row].zero_()
         self.allowed[row] = -1
         self.prompt_mask[row].zero_()
-        self.prompt_mask[row, ids.to(self.device)] = True
+        self.prompt_mask[row, to_device(ids, self.device)] = True
 
     def move_row(self, src: int, dst: int) -> None:
         """Give row ``dst`` everything row ``src`` holds (its request moved to another cache
@@ -209,6 +209,18 @@ class SamplingBatch:
         flat = rows * self.vocab_size + tokens
         self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
         self.step.index_add_(0, rows, torch.ones_like(rows))
+
+
+def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Integers as a long tensor on ``device``, without waiting for the device. A copy to a
+    GPU from ordinary (pageable) memory first waits for every step queued on the stream,
+    which would stall an engine that queues its next step before reading the last; from
+    pinned memory it is queued like a kernel (the caching host allocator does not reuse the
+    block before the copy ran)."""
+    host = torch.as_tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class LogitBias:

@@ -262,3 +262,43 @@ def test_causal_prefill_attention_runs_on_the_flash_kernel_in_bf16(kv_heads):
     want = causal_reference(q, k, v, cfg.attn_scale)
     # bf16 output (half an ulp: 0.2%) and flash's bf16 probabilities: a few ulps at most
     torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=1e-2)
+
+
+def test_a_step_that_admits_and_samples_a_first_token_never_waits_for_the_device(runner):
+    """The engine queues step n+1 before it reads step n, so nothing in a step may wait for
+    the device: a request's admission (its prompt's ids go to the device) and the sampling
+    of its first token after the prefill (the sampled row's index goes there) used to copy
+    from pageable memory, which waits for every step queued before it. Under the sync
+    debug mode any such wait raises."""
+    from fermi.runners.base import Admission, Batch, Decode, PrefillChunk, SamplingOptions
+    from fermi.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    opts = SamplingOptions(use_filters=True)
+    first = Batch(
+        admitted=(Admission(0, params, (5, 6, 7), 11),),
+        prefill=PrefillChunk(0, (5, 6, 7), 0, True, opts),
+    )
+    out = runner.execute(first)  # shapes met first may compile: outside the debug mode
+    out.wait()
+    second = Batch(
+        admitted=(Admission(1, params, (9, 8, 7, 6), 12),),
+        prefill=PrefillChunk(1, (9, 8, 7, 6), 0, True, opts),
+        decode=Decode((0,), None, (3,), opts),  # slot 0's first token, fed on the device
+    )
+    runner.execute(second).wait()  # (again: the same shapes, now met)
+    third = Batch(
+        admitted=(Admission(2, params, (4, 4), 13),),
+        prefill=PrefillChunk(2, (4, 4), 0, True, opts),
+        decode=Decode((0, 1), None, (5, 5), opts),
+    )
+    runner.execute(Batch(decode=Decode((0, 1), None, (4, 4), opts))).wait()  # slot 1 joins
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = runner.execute(third)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out.wait()
+    assert 0 <= int(out.prefill.tokens[0]) < runner.capabilities.vocab_size
+    assert len(out.decode.tokens) == 2

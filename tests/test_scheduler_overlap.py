@@ -9,6 +9,7 @@ bucketing and in-graph token feedback as on the GPU.
 from __future__ import annotations
 
 import functools
+import queue
 import threading
 from dataclasses import replace
 
@@ -305,3 +306,38 @@ def test_requests_arriving_as_others_end_keep_the_steps_fed_on_the_device(folder
 
 def run_in_turn(eng: Engine, reqs: list[dict]) -> list:
     return [eng.generate(**r) for r in reqs]
+
+
+def test_cancelling_a_logit_bias_row_while_its_step_is_queued(folder):
+    """B (slot 0) and A (slot 1, logit_bias) decode together; A is cancelled while a step
+    that sampled A's row off the device (a logits processor) is in flight, so no row of
+    that step left its id on the device. B must still get what it gets alone."""
+    b_req = {"prompt_token_ids": [30, 31, 32], "max_tokens": 20, "temperature": 0,
+             "ignore_eos": True}  # fmt: skip
+    a_req = {"prompt_token_ids": [20, 21], "max_tokens": 50, "temperature": 0,
+             "ignore_eos": True, "logit_bias": {7: 1.0}}  # fmt: skip
+    with eager(folder) as ref:
+        want = ref.generate(**b_req)
+    with overlapped(folder) as eng:
+        runner = eng.runner
+        execute, box = runner.execute, queue.SimpleQueue()
+        handle_a, seen = None, [0]
+
+        def cancelling(batch):
+            out = execute(batch)
+            if batch.decode is not None and batch.processors and len(batch.decode.slots) == 2:
+                seen[0] += 1
+                if seen[0] == 3:
+                    handle_a.cancel()  # as a client disconnecting would, from any thread
+            return out
+
+        runner.execute = cancelling
+        stream_b = eng.stream(**b_req)  # admitted first: slot 0
+        first = next(stream_b)
+        handle_a = eng.submit(eng.build_request(**a_req), box.put)  # slot 1
+        deltas = [first, *stream_b]
+    assert seen[0] >= 3
+    ids = [t for d in deltas for t in d.token_ids]
+    errors = [d.error for d in deltas if d.error]
+    assert not errors, errors
+    assert ids == want.token_ids

@@ -15,8 +15,9 @@ says so before it is read), and one that step n ends otherwise (eos, a stop stri
 step n+1's row for it wasted work, which ``update`` drops. Under a server's steady load a
 request joins or leaves at almost every step, so this keeps the host's work for step n
 behind the device's step n+1. When a row needs an id only the host has (it was not in
-step n, or a logits processor samples it), ``schedule`` returns None: the engine reads
-the step in flight first, and the next step starts from the host's ids.
+step n, or a logits processor sampled step n), or when moving rows down into freed slots
+would narrow the step, ``schedule`` returns None: the engine reads the step in flight
+first, and the next step starts from the host's ids.
 """
 
 from __future__ import annotations
@@ -222,12 +223,13 @@ class Scheduler:
         """Decode rows that can be queued behind the step in flight, fed the ids it samples
         on the device: its decode rows and the sequence whose first token its prefill
         samples, less those it ends by length (known before it is read) or that ended
-        since. None when a row needs its id from the host (a row that was not in that step,
-        one with a logits processor), when nothing is left to run, or when two steps are
-        in flight."""
+        since (cancelled). None when a row needs its id from the host: a row that was not
+        in that step, one with a logits processor, or any row of a step that ran one
+        (processors sample outside the device's step). None too when nothing is left to
+        run, when two steps are in flight, or when compaction would narrow the step."""
         last = self._scheduled[-1]
-        if len(self._scheduled) > 1:
-            return None
+        if len(self._scheduled) > 1 or last.batch.processors:
+            return None  # (a step with a logits processor samples its rows off the device)
         fed = set(last.decode)
         if last.prefill is not None:
             fed.add(last.prefill)

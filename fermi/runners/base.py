@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from fermi.errors import FermiError
-from fermi.sampling import SampleOutput, SamplingBatch, SamplingParams, sample
+from fermi.sampling import SampleOutput, SamplingBatch, SamplingParams, sample, to_device
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,7 @@ class Runner:
         """Sample rows ``slots`` of ``logits`` [B, vocab] with the runner's sampling rows and
         record the tokens (on the device, without waiting for it)."""
         logits = apply_processors(logits, slots, batch.processors)
-        rows = torch.tensor(slots, dtype=torch.long, device=logits.device)
+        rows = to_device(list(slots), logits.device)
         out = sample(
             logits,
             self.sampling,

@@ -337,9 +337,10 @@ class CudaGraphRunner(Runner):
         The sampled tokens are recorded in ``batch`` (penalty counts, noise steps), queued on
         the device behind the step.
 
-        ``token_ids=None`` feeds each slot the token the previous ``decode_sample`` sampled for
-        it, without a host round trip (the slots must be the same as that call's): the step
-        is queued behind the previous one while the host is still reading its tokens.
+        ``token_ids=None`` feeds each slot the token the previous step sampled for it, without
+        a host round trip (each slot must be one of that step's decode rows, or the slot whose
+        first token its prefill sampled): the step is queued behind the previous one while
+        the host is still reading its tokens.
         """
         if batch is not self.sampling:
             return None
@@ -785,8 +786,8 @@ class CudaGraphRunner(Runner):
     def _fill_decode(
         self, slots: list[int], token_ids: list[int] | None, positions: list[int]
     ) -> tuple[int, int]:
-        """Write the step's inputs; ``token_ids=None`` keeps the token row the last decode
-        graph wrote (the ids it sampled)."""
+        """Write the step's inputs; ``token_ids=None`` keeps the token row as the last step
+        left it (the ids its decode rows sampled, and a prefilled slot's first token)."""
         n = len(slots)
         if n == 0 or len(positions) != n or (token_ids is not None and len(token_ids) != n):
             raise ValueError("decode needs one token id and one position per slot")
