@@ -176,19 +176,22 @@ class SamplingBatch:
         if not 0 <= row < self.max_batch:
             raise IndexError(f"row {row} out of range for max_batch {self.max_batch}")
         ids = check_row(params, prompt_ids, seed, self.vocab_size)
-        self.temperature[row] = params.temperature
-        self.top_k[row] = params.top_k
-        self.top_p[row] = params.top_p
-        self.min_p[row] = params.min_p
-        self.rep_penalty[row] = params.repetition_penalty
-        self.presence[row] = params.presence_penalty
-        self.frequency[row] = params.frequency_penalty
-        self.seed[row] = _as_int64(seed)
-        self.step[row] = 0
+        # fill_ with a number is a kernel of its own; ``t[row] = number`` copies the number
+        # from host memory, which on a GPU waits for every step queued before (the engine
+        # admits while a step runs).
+        self.temperature[row].fill_(params.temperature)
+        self.top_k[row].fill_(params.top_k)
+        self.top_p[row].fill_(params.top_p)
+        self.min_p[row].fill_(params.min_p)
+        self.rep_penalty[row].fill_(params.repetition_penalty)
+        self.presence[row].fill_(params.presence_penalty)
+        self.frequency[row].fill_(params.frequency_penalty)
+        self.seed[row].fill_(_as_int64(seed))
+        self.step[row].fill_(0)
         self.counts[row].zero_()
-        self.allowed[row] = -1
+        self.allowed[row].fill_(-1)
         self.prompt_mask[row].zero_()
-        self.prompt_mask[row, to_device(ids, self.device)] = True
+        self.prompt_mask[row].index_fill_(0, to_device(ids, self.device), True)
 
     def move_row(self, src: int, dst: int) -> None:
         """Give row ``dst`` everything row ``src`` holds (its request moved to another cache
