@@ -14,6 +14,7 @@ import time
 
 import msgspec
 import pytest
+import torch
 
 from fermi.engine.types import Delta, TokenLogprob, Usage
 from fermi.server.app import AsgiApp
@@ -681,3 +682,45 @@ def test_a_grammar_past_its_limits_fails_a_response_as_the_requests_fault(api, m
     # The API's own codes: "invalid_prompt" is the request's fault, the message names ours.
     assert failed["response"]["error"]["code"] == "invalid_prompt"
     assert failed["response"]["error"]["message"].startswith("grammar_too_complex: ")
+
+
+def test_health_and_metrics_name_a_replica_still_warming(tmp_path_factory, monkeypatch):
+    """A CUDA runner warmed with ``warmup="first"`` (the command line's default) compiles
+    and captures the rest in idle time; a request that arrives during one of those units
+    waits for it. /health's ``warming`` lists such replicas and
+    ``fermi:warmup_in_progress`` says 1 for them, until the warm-up is complete. (The
+    runner here is that runner on CPU: eager steps, no graphs, the same warm-up plan.)"""
+    import fermi.engine.core as core
+    from fermi.engine.api import Engine
+    from fermi.loading import GenerationDefaults, load_folder
+    from fermi.runners.torch_cuda import CudaGraphRunner
+    from fermi.server.pool import EnginePool
+    from fermi.text.tokenizer import Tokenizer
+    from tests.tiny import write_checkpoint
+
+    folder = write_checkpoint(tmp_path_factory.mktemp("warming") / "qwen3", {}, seed=2)
+    model = load_folder(folder, torch.device("cpu"), torch.float32).model
+    runner = CudaGraphRunner(model, 2, 256, 32, backend=None, use_graphs=False, warmup="first")
+    assert runner.startup.complete_s is None and runner.startup.deferred > 0
+    monkeypatch.setattr(core, "IDLE_WORK_AFTER_S", 60.0)  # hold the idle warm-up back
+    engine = Engine(runner, Tokenizer.from_folder(folder), GenerationDefaults(), "tiny")
+    api = Api(EnginePool([engine], ["cpu"]), ServerConfig(model=str(folder)))
+    try:
+
+        async def probe() -> tuple[dict, float]:
+            health = await api.handle("GET", "/health", {}, b"")
+            text = (await api.handle("GET", "/metrics", {}, b"")).body.decode()
+            return json.loads(health.body), metric(text, "fermi:warmup_in_progress")
+
+        body, gauge = asyncio.run(probe())
+        assert (body["status"], body["warming"], gauge) == ("ok", [0], 1.0)
+        monkeypatch.setattr(core, "IDLE_WORK_AFTER_S", 0.01)
+        engine.generate(prompt_token_ids=[5, 6], max_tokens=2)  # an idle spell that reads it
+        deadline = time.monotonic() + 60
+        while runner.startup.complete_s is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runner.startup.complete_s is not None
+        body, gauge = asyncio.run(probe())
+        assert (body["status"], body["warming"], gauge) == ("ok", [], 0.0)
+    finally:
+        api.close()

@@ -290,7 +290,8 @@ class Api:
 
     async def healthcheck(self, body: bytes) -> Reply:
         ok, lines = await self.health.check()
-        payload = {"status": "ok" if ok else "unhealthy", "replicas": lines}
+        warming = [r.index for r in self.pool.replicas if r.warming]
+        payload = {"status": "ok" if ok else "unhealthy", "replicas": lines, "warming": warming}
         return Reply(200 if ok else 503, ENCODER.encode(payload))
 
     async def metrics_text(self, body: bytes) -> Reply:

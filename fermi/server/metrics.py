@@ -39,6 +39,11 @@ class _PoolCollector(Collector):
         routed = CounterMetricFamily(
             "fermi:replica_requests", "Requests routed to the replica.", labels=labels
         )
+        warming = GaugeMetricFamily(
+            "fermi:warmup_in_progress",
+            "1 while the replica still compiles or captures shapes in idle time.",
+            labels=labels,
+        )
         for r in self.pool.replicas:
             key = [self.model, str(r.index), r.device]
             stats = r.engine.stats()
@@ -46,7 +51,8 @@ class _PoolCollector(Collector):
             waiting.add_metric(key, stats.waiting)
             load.add_metric(key, r.load)
             routed.add_metric(key, r.requests_total)
-        yield from (running, waiting, load, routed)
+            warming.add_metric(key, int(r.warming))
+        yield from (running, waiting, load, routed, warming)
 
 
 class ServerMetrics:

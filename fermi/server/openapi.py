@@ -555,7 +555,8 @@ OPENAPI: dict[str, Any] = {
         },
         "/health": {
             "get": {
-                "summary": "200 while every engine steps, 503 otherwise",
+                "summary": "200 while every engine steps, 503 otherwise; `warming` lists the "
+                "replicas still compiling and capturing shapes in idle time",
                 "responses": {"200": {"description": "healthy"}, "503": {"description": "stalled"}},
             }
         },

@@ -32,6 +32,15 @@ class Replica:
     def load(self) -> int:
         return self.engine.load
 
+    @property
+    def warming(self) -> bool:
+        """Whether the runner still compiles or captures shapes in idle time (a CUDA
+        runner warmed with ``warmup="first"``): until then a request that arrives during
+        one of those units waits for it, and a step that meets a shape not yet done
+        compiles it first."""
+        startup = getattr(self.engine.runner, "startup", None)
+        return startup is not None and startup.complete_s is None
+
 
 class EnginePool:
     def __init__(self, engines: Sequence[Engine], devices: Sequence[str]) -> None:
