@@ -483,6 +483,9 @@ def _coreml(checkpoint, options, staging, report, seq_len, chunk, traces) -> Man
         )
     shapes = "enumerated shapes" if enumerated else "range shapes"
     with report.stage(f"convert to coreml (torch.jit.trace, iOS18 ML Program, {shapes})"), quiet():
+        if fp16 and coreml.cast_for_trace(checkpoint.model):
+            gc.collect()
+            release_free_heap()
         step = coreml.build_step(checkpoint.model, seq_len, enumerated)
         traced = coreml.trace(step)
         model = coreml.convert(traced, step, seq_len, chunk, fp16, units)

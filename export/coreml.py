@@ -54,6 +54,20 @@ def build_step(decoder: Decoder, max_seq_len: int, enumerated: bool = False) -> 
     return kind(decoder, max_seq_len, torch.float16).eval()
 
 
+def cast_for_trace(decoder: Decoder) -> bool:
+    """Cast ``decoder`` to fp16 for an fp16 package, so that the converter holds each
+    weight once, in fp16 (traced in float32 it held float32 constants and then an fp16 copy
+    of each: a 10.1 GB peak for Qwen3-0.6B's 2.4 GB, perf/LOG.md run 46). The weights that
+    ship are the same either way. Not for a model that scales its queries by a number
+    (Granite, some Gemma 3): in fp16 the converter makes that product float32 and the
+    attention's inputs disagree, so it is traced in float32 as before. Returns whether it
+    cast."""
+    if decoder.cfg.query_scale is not None:
+        return False
+    decoder.half()
+    return True
+
+
 def trace(step: CoreMLStep) -> torch.jit.ScriptModule:
     ids = torch.zeros(1, 3, dtype=torch.int32)
     if isinstance(step, CoreMLPositionStep):
@@ -158,7 +172,9 @@ def quantize(model, quantize: str, kept: dict[str, Blocks] | None = None):
         op = cto.OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int8", granularity="per_channel"
         )
-    kept_consts = {_const_name(name): blocks for name, blocks in (kept or {}).items()}
+    kept_consts = {
+        const: blocks for name, blocks in (kept or {}).items() for const in _const_names_of(name)
+    }
     # cos/sin tables are exact values gathered by position; 4 bits would blur every angle.
     skip = [n for n in _const_names(model.get_spec()) if "rope_" in n or n in kept_consts]
     config = cto.OptimizationConfig(global_config=op, op_name_configs=dict.fromkeys(skip))
@@ -170,9 +186,12 @@ def quantize(model, quantize: str, kept: dict[str, Blocks] | None = None):
     return model
 
 
-def _const_name(weight: str) -> str:
-    """The MIL const the converter makes of our decoder's weight ``weight`` (fp16)."""
-    return "decoder_" + weight.replace(".", "_") + "_to_fp16"
+def _const_names_of(weight: str) -> tuple[str, str]:
+    """The MIL const the converter makes of our decoder's weight ``weight``: traced in
+    fp16 (``export.build`` casts a package's weights before tracing) and in float32 with
+    the converter's fp16 cast."""
+    stem = "decoder_" + weight.replace(".", "_")
+    return stem, stem + "_to_fp16"
 
 
 def _keep_blocks(blocks: dict[str, Blocks]):
@@ -187,11 +206,13 @@ def _keep_blocks(blocks: dict[str, Blocks]):
         if tuple(op.outputs[0].shape) != kept.codes.shape:
             raise RuntimeError(f"{op.name}: shape {op.outputs[0].shape}, GGUF {kept.codes.shape}")
         data = kept.codes.astype(types.np_uint4_dtype if kept.bits == 4 else np.int8)
+        # The blocks dequantize to the weight's own type: fp16, or float32 (--dtype fp32).
+        real = np.float32 if op.outputs[0].dtype == types.fp32 else np.float16
         with function:
             var = Builder.constexpr_blockwise_shift_scale(
                 data=data,
-                scale=kept.scale,
-                offset=None if kept.offset is None else kept.offset.astype(np.float16),
+                scale=kept.scale.astype(real),
+                offset=None if kept.offset is None else kept.offset.astype(real),
                 before_op=op,
                 name=op.name + "_gguf_blocks",
             )
@@ -329,6 +350,10 @@ def package_constants(package: Path) -> dict[str, np.ndarray]:
     return found
 
 
+# What the quantisers add to a weight's const name: int8/int4, a GGUF's kept blocks, none.
+ENDS = ("_quantized", "_gguf_blocks", "")
+
+
 def package_runner(package: Path, source: Checkpoint) -> StepRunner:
     """The source's decoder carrying the package's weights (as shipped: fp16, or int8 /
     int4 dequantized) in the wrapper that was traced, with an fp16 cache: what the package
@@ -344,15 +369,21 @@ def package_runner(package: Path, source: Checkpoint) -> StepRunner:
     tensors = dict(step.named_parameters()) | {
         name: t for name, t in step.named_buffers() if name not in STATE_NAMES
     }
+    # fp16 weights: a package traced in fp16 (``export.build`` casts before tracing) names
+    # its norm vectors as the converter's own constants, so they are not found by name below:
+    # they hold the source's vectors rounded to fp16 (read back and compared on a tiny model).
+    fp16 = any(v.dtype == np.float16 and v.ndim >= 2 for v in constants.values())
     with torch.no_grad():
         for name, tensor in tensors.items():
             stem = name.replace(".", "_")
-            names = (f"{stem}_to_fp16_quantized", f"{stem}_to_fp16_gguf_blocks", f"{stem}_to_fp16")
-            value = next((constants[k] for k in (*names, stem) if k in constants), None)
+            names = [f"{base}{end}" for base in (stem, f"{stem}_to_fp16") for end in ENDS]
+            value = next((constants[k] for k in names if k in constants), None)
             if value is None:
                 if tensor.dim() >= 2:  # every matrix is in the package under its name
                     raise RuntimeError(f"{package}: no constant for {name} ({stem}*)")
-                continue  # a vector the converter folded into another constant
+                if fp16 and tensor.is_floating_point():
+                    tensor.copy_(tensor.half().float())
+                continue  # a vector the converter named or folded into another constant
             if tuple(value.shape) != tuple(tensor.shape):
                 shape = tuple(tensor.shape)
                 raise RuntimeError(f"{package}: {stem} has shape {value.shape}, {name} {shape}")

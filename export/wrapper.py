@@ -9,13 +9,16 @@ the converter turns into model state, and attention is the engine's own.
 
 from __future__ import annotations
 
+import types
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from export.gqa import group_query_attention
 from fermi.models.cache import AttendingCache
 from fermi.models.context import StepContext
-from fermi.models.decoder import Decoder
+from fermi.models.decoder import Decoder, RMSNorm
 
 
 class FusedAttention(AttendingCache):
@@ -137,6 +140,8 @@ class CoreMLStep(nn.Module):
         dtype = decoder.dtype
         self.caches = [StateCache(i, dtype) for i in range(cfg.num_hidden_layers)]
         decoder.use_caches(self.caches)
+        if dtype == torch.float16:
+            _fused_norms(decoder)
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         for cache in self.caches:
@@ -194,3 +199,21 @@ class CoreMLPositionStep(CoreMLStep):
             positions[None], slots, self.max_seq_len, rows_are_slots=True
         )
         return self.decoder.step(input_ids, ctx)
+
+
+def _fused_norms(decoder: Decoder) -> None:
+    """Trace every RMS norm as ``F.rms_norm``, as a float32 decoder's norms are. In fp16
+    the decoder spells the norm out (square, mean, rsqrt), and Core ML would square fp16
+    activations; the converter turns ``rms_norm`` into a form that scales by the largest
+    magnitude first, which cannot overflow. (Gemma's unit-offset norms are spelled out in
+    either dtype.)"""
+
+    def fused(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        # (in float32: coremltools 9 converts an fp16 rms_norm with a float32 epsilon and
+        # fails; its fp16 pass then computes this in fp16, as it does a float32 trace's)
+        weight = norm.weight.float()
+        return F.rms_norm(x.float(), weight.shape, weight, norm.eps).to(x.dtype)
+
+    for module in decoder.modules():
+        if isinstance(module, RMSNorm) and not module.unit_offset:
+            module.forward = types.MethodType(fused, module)

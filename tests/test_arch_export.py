@@ -98,3 +98,10 @@ def test_coreml_conversion_succeeds_and_its_traced_module_matches(sources, arch)
     parity = compare(torch_runner(sources[arch]), runner, prompt, STEPS)
     assert parity.tokens_equal, parity.summary()
     assert parity.max_logit_diff < 1e-2
+    # What an fp16 export converts: the decoder cast to fp16 before the trace, where the
+    # export casts (``cast_for_trace``; Granite's query scale keeps float32).
+    half = load_folder(sources[arch], torch.device("cpu"), torch.float32).model
+    if coreml.cast_for_trace(half):
+        step = coreml.build_step(half, SEQ)
+        mlmodel = coreml.convert(coreml.trace(step), step, SEQ, 16, compute_fp16=True)
+        assert mlmodel.get_spec().WhichOneof("Type") == "mlProgram"

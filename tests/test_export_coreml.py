@@ -279,7 +279,7 @@ def test_the_check_runs_the_packages_dequantized_weights_not_the_sources(quantiz
     manifest, _ = quantized["int8"]
     package = source.parent / "int8" / manifest.model_file
     read = coreml.package_constants(package)
-    shipped = read["decoder_model_layers_0_self_attn_qkv_proj_weight_to_fp16_quantized"]
+    shipped = read["decoder_model_layers_0_self_attn_qkv_proj_weight_quantized"]
     original = load_folder(source, torch.device("cpu"), torch.float32).model
     weight = original.model.layers[0].self_attn.qkv_proj.weight.numpy()
     step = np.abs(weight).max(axis=1, keepdims=True) / 127
@@ -357,10 +357,12 @@ def test_predict_with_separate_states_keeps_slots_apart(exported, source):
     assert parity.max_logit_diff < 5e-2, parity.summary()
 
 
-def test_a_gguf_sources_q4_1_blocks_are_kept_not_quantized_again(source, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_a_gguf_sources_q4_1_blocks_are_kept_not_quantized_again(source, tmp_path, dtype):
     """int4 from a Q4_1 file: the package stores the file's own blocks (codes, scales,
-    offsets), so it computes the source's weights up to fp16 rounding, where quantizing
-    the dequantized weights again would move them by up to half a step."""
+    offsets), so it computes the source's weights up to the rounding of the package's
+    type, where quantizing the dequantized weights again would move them by up to half a
+    step. With ``--dtype fp32`` the blocks dequantize to float32 weights."""
     from gguf import GGMLQuantizationType
 
     from fermi.gguf import load_gguf
@@ -375,12 +377,15 @@ def test_a_gguf_sources_q4_1_blocks_are_kept_not_quantized_again(source, tmp_pat
         max_seq_len=SEQ,
         prefill_chunk=CHUNK,
         quantize="int4",
+        dtype=dtype,
     )
     manifest = export_model(options, progress=lines.append)
     assert any("9 weights keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks" in line for line in lines)
 
     read = coreml.package_constants(tmp_path / "art" / manifest.model_file)
-    shipped = read["decoder_model_layers_1_mlp_gate_up_proj_weight_to_fp16_gguf_blocks"]
+    name = "decoder_model_layers_1_mlp_gate_up_proj_weight"
+    shipped = read[name + "_gguf_blocks"]
+    assert shipped.dtype == (np.float16 if dtype == "fp16" else np.float32)
     weight = load_gguf(gguf, torch.device("cpu"), "fp32").model.model.layers[1].mlp
     weight = weight.gate_up_proj.weight.numpy()
     assert np.abs(shipped.astype(np.float32) - weight).max() <= np.abs(weight).max() * 2**-9
@@ -405,3 +410,21 @@ def test_the_cli_shows_one_bar_and_none_of_the_converters_output(source, tmp_pat
     assert "compression pass" not in everything
     assert "4/4" in everything  # the bar's last state: load, convert, quantize, write
     assert "exported Qwen3ForCausalLM to" in result.stdout
+
+
+def test_an_fp16_package_normalises_in_the_overflow_safe_form(exported):
+    """The export casts the decoder to fp16 before tracing (the converter then holds each
+    weight once, in fp16). In fp16 the decoder spells its RMS norm out, which Core ML would
+    compute as a square of fp16 activations; the trace goes through ``rms_norm`` instead,
+    which the converter turns into a form that divides by the largest magnitude first.
+    Every norm of the tiny model (2 layers x 4, and the final one) has that form."""
+    out, manifest = exported
+    spec = coreml.load_spec(out / manifest.model_file)
+    kinds = [
+        op.type
+        for function in spec.mlProgram.functions.values()
+        for block in function.block_specializations.values()
+        for op in block.operations
+    ]
+    assert kinds.count("reduce_max") == 9 and kinds.count("sqrt") == 9
+    assert "pow" not in kinds and "rsqrt" not in kinds
