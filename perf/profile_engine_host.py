@@ -154,9 +154,10 @@ class Timers:
 
 
 def strict_following(scheduler) -> None:
-    """The scheduler as it was before session 14 (the A of an A/B): a step continues the
-    one in flight only when its decode rows are exactly that step's, so any row joining or
-    leaving makes the engine read the step in flight first."""
+    """The old rule (the A of an A/B): a step continues the one in flight only when its
+    decode rows are exactly that step's, so any row joining or leaving makes the engine
+    read the step in flight first. Not the old code exactly: the runner still copies first
+    tokens and the new rule's other fallbacks still apply, which cost nothing here."""
     general = scheduler._following
 
     def following():
