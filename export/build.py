@@ -503,6 +503,7 @@ def _coreml(checkpoint, options, staging, report, seq_len, chunk, traces) -> Man
         model.save(str(package))
     del model
     gc.collect()
+    release_free_heap()  # (the check's peak would stack on glibc's kept pages)
     numerics = None
     if traces is not None:
         with report.stage(CHECK_STAGE), quiet():
