@@ -13,6 +13,7 @@ alone or among other rows, at any row index and for any batch size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -214,7 +215,7 @@ class SamplingBatch:
         self.step.index_add_(0, rows, torch.ones_like(rows))
 
 
-def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(values: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     """Integers as a long tensor on ``device``, without waiting for the device. A copy to a
     GPU from ordinary (pageable) memory first waits for every step queued on the stream,
     which would stall an engine that queues its next step before reading the last; from

@@ -252,13 +252,17 @@ class Scheduler:
     def _narrows(self, rows: list[Sequence]) -> bool:
         """Whether moving the running sequences down into free slots (which waits for the
         step in flight) would narrow the decode step: the runners' decode shapes grow in
-        powers of two of the highest slot."""
+        powers of two of the highest slot. ``rows`` are in slot order."""
         if not (self.caps.moves_slots and self._may_compact):
             return False
-        if any(s.prefilled < len(s.request.prompt_ids) for s in self.running):
-            return False  # _compact waits for the prompt's first token
-        span = max(s.slot for s in rows) + 1
-        return _power_of_two(span) > _power_of_two(len(self.running))
+        span = rows[-1].slot + 1
+        if _power_of_two(span) <= _power_of_two(len(self.running)):
+            return False
+        return not self._writing_a_prompt()  # (_compact waits for its first token)
+
+    def _writing_a_prompt(self) -> bool:
+        """Whether a running sequence's prompt is not all in the cache yet."""
+        return any(s.prefilled < len(s.request.prompt_ids) for s in self.running)
 
     def _admit(self) -> tuple[list[tuple[Sequence, int]], list[SlotMove]]:
         """The requests admitted (with their seeds) and the slot copies they need first."""
@@ -307,7 +311,7 @@ class Scheduler:
     def _compact(self) -> list[SlotMove]:
         if not self.caps.moves_slots or not self._may_compact:
             return []
-        if any(s.prefilled < len(s.request.prompt_ids) for s in self.running):
+        if self._writing_a_prompt():
             return []  # later: moves would stand between a prompt and its first token
         self._may_compact = False
         moves = self.slots.compact({s.slot: s.cached for s in self.running})

@@ -325,7 +325,7 @@ class Runner:
         """Sample rows ``slots`` of ``logits`` [B, vocab] with the runner's sampling rows and
         record the tokens (on the device, without waiting for it)."""
         logits = apply_processors(logits, slots, batch.processors)
-        rows = to_device(list(slots), logits.device)
+        rows = to_device(slots, logits.device)
         out = sample(
             logits,
             self.sampling,
