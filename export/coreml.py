@@ -18,6 +18,7 @@ torch 2.13 trace; its torch.export path is beta).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -332,22 +333,122 @@ class StepRunner:
 
 
 def package_constants(package: Path) -> dict[str, np.ndarray]:
-    """Every constant tensor of a saved package by its MIL name, quantized ones
-    dequantized as Core ML will (``constexpr_*`` ops), read on any platform."""
+    """Every constant tensor of a saved package by its MIL name (``each_constant``)."""
+    return dict(each_constant(package))
+
+
+def each_constant(package: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """The constant tensors of a saved package with their MIL names, one at a time, read on
+    any platform; quantized ones dequantized as Core ML will.
+
+    Each is read straight from the package's weight file, blob by blob, so a caller that
+    copies each and lets it go holds one at a time (reading the whole program first held
+    every weight of Qwen3-0.6B at once: perf/LOG.md run 48). The quantized weights our
+    export writes (``constexpr_blockwise_shift_scale``: int8, int4 and a GGUF's blocks) are
+    dequantized here; a package with any other ``constexpr_*`` op goes through
+    coremltools' program reader, which holds every constant.
+    """
     import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load as load_program
 
     model = ct.models.MLModel(str(package), skip_model_load=True)
     spec = model.get_spec()
-    program = load_program(spec, spec.specificationVersion, model.weights_dir)
-    found: dict[str, np.ndarray] = {}
+    ops = [
+        op
+        for function in spec.mlProgram.functions.values()
+        for op in function.block_specializations[function.opset].operations
+    ]
+    if {op.type for op in ops if op.type.startswith("constexpr_")} - {SHIFT_SCALE}:
+        yield from _program_constants(spec, model.weights_dir)
+        return
+    weights = Path(model.weights_dir)
+    for op in ops:
+        name = op.outputs[0].name if op.outputs else ""
+        if op.type == "const" and "val" in op.attributes:
+            value = _read_value(op.attributes["val"], weights)
+            if value is not None and value.dtype.kind == "f" and value.ndim:
+                yield name, value
+        elif op.type == SHIFT_SCALE:
+            yield name, _shift_scale(op, weights, package)
+
+
+# The dequantizing op of Core ML's linear quantization (int8, int4) and of a GGUF's blocks.
+SHIFT_SCALE = "constexpr_blockwise_shift_scale"
+_READS = {
+    "FLOAT16": "read_fp16_data",
+    "FLOAT32": "read_float_data",
+    "INT8": "read_int8_data",
+    "UINT8": "read_uint8_data",
+    "INT4": "read_int4_data",
+    "UINT4": "read_uint4_data",
+}
+
+
+def _read_value(value, weights: Path) -> np.ndarray | None:
+    """A value's tensor, from the weight file or held in the program; None for a type no
+    weight has. A reader per blob: a reader maps its file and keeps every page it read
+    resident until it goes."""
+    from coremltools.libmilstoragepython import _BlobStorageReader
+    from coremltools.proto import MIL_pb2
+
+    tensor = value.type.tensorType
+    kind = MIL_pb2.DataType.Name(tensor.dataType)
+    shape = tuple(int(d.constant.size) for d in tensor.dimensions)
+    where = value.WhichOneof("value")
+    if kind not in _READS:
+        return None
+    if where == "blobFileValue":
+        blob = value.blobFileValue
+        reader = _BlobStorageReader(str(weights / Path(blob.fileName).name))
+        data = getattr(reader, _READS[kind])(blob.offset)
+        if kind == "FLOAT16":
+            data = data.view(np.float16)
+    elif where == "immediateValue":
+        held = value.immediateValue.tensor
+        if held.WhichOneof("value") == "floats":
+            data = np.asarray(held.floats.values, dtype=np.float32)
+        elif held.WhichOneof("value") == "bytes" and kind == "FLOAT16":
+            data = np.frombuffer(held.bytes.values, dtype=np.float16)
+        else:
+            return None
+    else:
+        return None
+    return data.reshape(shape)
+
+
+def _shift_scale(op, weights: Path, package: Path) -> np.ndarray:
+    """``scale * (data - offset)``, each scale and offset over its block of ``data`` (the
+    block along each axis is ``data``'s size over ``scale``'s), in the scale's dtype as
+    Core ML computes it."""
+    found = {}
+    for key, bound in op.inputs.items():
+        argument = bound.arguments[0]
+        value = _read_value(argument.value, weights) if not argument.name else None
+        if value is None:
+            raise RuntimeError(
+                f"{package}: {op.outputs[0].name}'s {key} is not a constant this reader takes"
+            )
+        found[key] = value
+    data, scale, offset = found["data"], found["scale"], found.get("offset")
+    blocks = [n // m for n, m in zip(data.shape, scale.shape, strict=True)]
+    # Each axis split into (scale's size, block), the scale and offset broadcast over blocks.
+    split = [size for pair in zip(scale.shape, blocks, strict=True) for size in pair]
+    spread = tuple(slice(None) if i % 2 == 0 else None for i in range(2 * data.ndim))
+    out = data.reshape(split).astype(scale.dtype)
+    if offset is not None:
+        out = out - offset[spread]
+    return (scale[spread] * out).reshape(data.shape)
+
+
+def _program_constants(spec, weights_dir: str) -> Iterator[tuple[str, np.ndarray]]:
+    from coremltools.converters.mil.frontend.milproto.load import load as load_program
+
+    program = load_program(spec, spec.specificationVersion, weights_dir)
     for function in program.functions.values():
         for op in function.operations:
             if op.op_type.startswith("constexpr_"):
-                found[op.name] = np.asarray(op.materialized_val_inference())
+                yield op.name, np.asarray(op.materialized_val_inference())
             elif op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray):
-                found[op.name] = op.outputs[0].val
-    return found
+                yield op.name, op.outputs[0].val
 
 
 # What the quantisers add to a weight's const name: int8/int4, a GGUF's kept blocks, none.
@@ -358,7 +459,6 @@ def package_runner(package: Path, source: Checkpoint) -> StepRunner:
     """The source's decoder carrying the package's weights (as shipped: fp16, or int8 /
     int4 dequantized) in the wrapper that was traced, with an fp16 cache: what the package
     computes, except that the arithmetic is float32 here (fp16 on the device)."""
-    constants = package_constants(package)
     spec = load_spec(package)
     state = next(iter(spec.description.state)).type.stateType.arrayType
     seq_len = int(state.shape[3])
@@ -369,23 +469,43 @@ def package_runner(package: Path, source: Checkpoint) -> StepRunner:
     tensors = dict(step.named_parameters()) | {
         name: t for name, t in step.named_buffers() if name not in STATE_NAMES
     }
-    # fp16 weights: a package traced in fp16 (``export.build`` casts before tracing) names
-    # its norm vectors as the converter's own constants, so they are not found by name below:
-    # they hold the source's vectors rounded to fp16 (read back and compared on a tiny model).
-    fp16 = any(v.dtype == np.float16 and v.ndim >= 2 for v in constants.values())
+    # Each constant the package may hold for a tensor, first name first.
+    wanted: dict[str, tuple[int, str]] = {}
+    for name in tensors:
+        stem = name.replace(".", "_")
+        names = [f"{base}{end}" for base in (stem, f"{stem}_to_fp16") for end in ENDS]
+        for rank, const in enumerate(names):
+            wanted.setdefault(const, (rank, name))
+    found: dict[str, int] = {}  # tensor name -> the rank of the constant copied into it
+    fp16 = False
     with torch.no_grad():
-        for name, tensor in tensors.items():
-            stem = name.replace(".", "_")
-            names = [f"{base}{end}" for base in (stem, f"{stem}_to_fp16") for end in ENDS]
-            value = next((constants[k] for k in names if k in constants), None)
-            if value is None:
-                if tensor.dim() >= 2:  # every matrix is in the package under its name
-                    raise RuntimeError(f"{package}: no constant for {name} ({stem}*)")
-                if fp16 and tensor.is_floating_point():
-                    tensor.copy_(tensor.half().float())
-                continue  # a vector the converter named or folded into another constant
+        for const, value in each_constant(package):  # (one at a time: each is let go)
+            if const not in wanted:
+                continue
+            rank, name = wanted[const]
+            if found.get(name, len(ENDS) * 2) <= rank:
+                continue  # (a name ranked before it was copied already)
+            tensor = tensors[name]
             if tuple(value.shape) != tuple(tensor.shape):
                 shape = tuple(tensor.shape)
-                raise RuntimeError(f"{package}: {stem} has shape {value.shape}, {name} {shape}")
-            tensor.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+                raise RuntimeError(f"{package}: {const} has shape {value.shape}, {name} {shape}")
+            # A new tensor in its place, not a copy into it: the source's tensors may map
+            # its checkpoint file, privately, and writing there would hold each page twice.
+            tensor.data = torch.from_numpy(value).to(tensor.dtype, copy=True)
+            found[name] = rank
+            fp16 |= value.dtype == np.float16 and value.ndim >= 2
+        for name, tensor in tensors.items():
+            if name in found:
+                continue
+            if tensor.dim() >= 2:  # every matrix is in the package under its name
+                stem = name.replace(".", "_")
+                raise RuntimeError(f"{package}: no constant for {name} ({stem}*)")
+            # fp16 weights: a package traced in fp16 (``export.build`` casts before tracing)
+            # names its norm vectors as the converter's own constants, so they are not found
+            # by name: they hold the source's vectors rounded to fp16 (read back and compared
+            # on a tiny model).
+            if fp16 and tensor.is_floating_point():
+                tensor.data = tensor.half().float()
+            else:  # (a copy all the same: the file a source maps is let go once unused)
+                tensor.data = tensor.clone()
     return StepRunner(step, source.config.vocab_size, seq_len, int(chunk), sizes)

@@ -36,6 +36,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--target", choices=["onnx", "coreml"], default="coreml")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fermi-export-mem")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -72,8 +73,9 @@ def main() -> None:
     options = ExportOptions(
         model=str(source),
         target=args.target,
-        out=args.work / f"out-{args.target}",
+        out=args.work / f"out-{args.target}-{args.quantize}",
         dtype=args.dtype,
+        quantize=args.quantize,
         max_seq_len=2048,
     )
     export_model(options, progress=progress)
@@ -82,6 +84,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "model": "random Qwen3-0.6B shape, float32 checkpoint",
         "target": args.target,
+        "quantize": args.quantize,
         "stages": lines,
         "peak_mb": max(r["peak_since_last_line_mb"] for r in lines),
     }

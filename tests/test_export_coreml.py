@@ -3,6 +3,8 @@ predict-with-state test that runs on macOS 15+."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -289,6 +291,84 @@ def test_the_check_runs_the_packages_dequantized_weights_not_the_sources(quantiz
     runner = coreml.package_runner(package, load_folder(source, torch.device("cpu"), torch.float32))
     loaded = runner.step.decoder.model.layers[0].self_attn.qkv_proj.weight
     assert np.array_equal(loaded.numpy(), shipped.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def fp32_package(source):
+    out = source.parent / "fp32"
+    options = ExportOptions(
+        model=str(source),
+        target="coreml",
+        out=out,
+        max_seq_len=SEQ,
+        prefill_chunk=CHUNK,
+        dtype="fp32",
+        verify=False,
+    )
+    return out / export_model(options, progress=lambda line: None).model_file
+
+
+def coremltools_constants(package):
+    """Every constant as coremltools' own program reader materializes it (the reference)."""
+    from coremltools.converters.mil.frontend.milproto.load import load as load_program
+
+    model = ct.models.MLModel(str(package), skip_model_load=True)
+    spec = model.get_spec()
+    program = load_program(spec, spec.specificationVersion, model.weights_dir)
+    found = {}
+    for function in program.functions.values():
+        for op in function.operations:
+            if op.op_type.startswith("constexpr_"):
+                found[op.name] = op.materialized_val_inference()
+            elif op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray):
+                found[op.name] = op.outputs[0].val
+    return found
+
+
+@pytest.mark.parametrize("which", ["fp16", "fp32", "int8", "int4"])
+def test_constants_are_read_one_blob_at_a_time_as_coremltools_reads_them(
+    exported, fp32_package, quantized, source, which
+):
+    """``each_constant`` reads a package's weight file blob by blob (the check then holds
+    one at a time) and dequantizes int8 / int4 weights itself; every floating-point
+    constant and every dequantized weight equals coremltools' reading, in name, dtype,
+    shape and value."""
+    packages = {"fp16": exported[0] / exported[1].model_file, "fp32": fp32_package}
+    packages |= {k: source.parent / k / quantized[k][0].model_file for k in ("int8", "int4")}
+    package = packages[which]
+    ours = dict(coreml.each_constant(package))
+    reference = {
+        name: value
+        for name, value in coremltools_constants(package).items()
+        if value.dtype in (np.float16, np.float32) and value.ndim
+    }
+    # coremltools' reader names a quantized weight's scales (and offsets) as constants of
+    # their own; they are not weights, and ours leaves them inside the dequantization.
+    inputs = {n for n in reference if re.fullmatch(r".+_quantized_(scale|offset)_\d+", n)}
+    assert ours.keys() == reference.keys() - inputs
+    assert bool(inputs) == (which in ("int8", "int4"))
+    for name in ours:
+        value = reference[name]
+        assert ours[name].dtype == value.dtype and ours[name].shape == value.shape, name
+        assert np.array_equal(ours[name], value), name
+    matrices = {name: v for name, v in ours.items() if v.ndim == 2}
+    assert {v.dtype for v in matrices.values()} == {
+        np.dtype(np.float32 if which == "fp32" else np.float16)
+    }
+    dequantized = [name for name in matrices if name.endswith("_quantized")]
+    assert len(dequantized) == (0 if which in ("fp16", "fp32") else 9)
+
+
+def test_the_check_holds_none_of_the_sources_tensors(exported, source):
+    """The check's decoder gets new tensors, not the package's values written into the
+    source's: a checkpoint's tensors may map its file privately, and a write there would
+    hold every page twice (perf/LOG.md run 48)."""
+    checkpoint = load_folder(source, torch.device("cpu"), torch.float32)
+    held = list(checkpoint.model.state_dict().values())  # (alive: no address is reused)
+    before = {t.untyped_storage().data_ptr() for t in held}
+    runner = coreml.package_runner(exported[0] / exported[1].model_file, checkpoint)
+    after = dict(runner.step.named_parameters()) | dict(runner.step.named_buffers())
+    assert after and not before & {t.untyped_storage().data_ptr() for t in after.values()}
 
 
 def test_quantized_exports_report_their_measured_agreement(exported, quantized):
