@@ -277,7 +277,8 @@ def load_any(model: str, dtype: torch.dtype) -> Checkpoint:
         return checkpoint
     if not path.is_dir():
         raise ExportError(f"{model}: {path} is neither a checkpoint folder nor a .gguf file")
-    return load_folder(path, torch.device("cpu"), dtype)
+    # (tensors of their own: the file's pages would count against the whole export)
+    return load_folder(path, torch.device("cpu"), dtype, owned=True)
 
 
 def check_source(checkpoint: Checkpoint, options: ExportOptions) -> None:

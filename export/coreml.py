@@ -489,9 +489,10 @@ def package_runner(package: Path, source: Checkpoint) -> StepRunner:
             if tuple(value.shape) != tuple(tensor.shape):
                 shape = tuple(tensor.shape)
                 raise RuntimeError(f"{package}: {const} has shape {value.shape}, {name} {shape}")
-            # A new tensor in its place, not a copy into it: the source's tensors may map
-            # its checkpoint file, privately, and writing there would hold each page twice.
-            tensor.data = torch.from_numpy(value).to(tensor.dtype, copy=True)
+            # Into the source's tensor: no second copy of the weights. (The export's source
+            # owns its memory, ``load_any``: a tensor mapping its file privately would copy
+            # every page it is written.)
+            tensor.copy_(torch.from_numpy(value))
             found[name] = rank
             fp16 |= value.dtype == np.float16 and value.ndim >= 2
         for name, tensor in tensors.items():
@@ -505,7 +506,5 @@ def package_runner(package: Path, source: Checkpoint) -> StepRunner:
             # by name: they hold the source's vectors rounded to fp16 (read back and compared
             # on a tiny model).
             if fp16 and tensor.is_floating_point():
-                tensor.data = tensor.half().float()
-            else:  # (a copy all the same: the file a source maps is let go once unused)
-                tensor.data = tensor.clone()
+                tensor.copy_(tensor.half())
     return StepRunner(step, source.config.vocab_size, seq_len, int(chunk), sizes)

@@ -113,10 +113,15 @@ def _named_dtype(name: str) -> torch.dtype:
 
 
 def load_folder(
-    folder: Path, device: torch.device, dtype: torch.dtype, quantize: QuantSpec | None = None
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: QuantSpec | None = None,
+    *,
+    owned: bool = False,
 ) -> Checkpoint:
     """Load a Hugging Face style checkpoint folder; ``quantize`` quantizes its linear layers
-    (:mod:`fermi.models.quant`)."""
+    (:mod:`fermi.models.quant`). ``owned``: see :func:`materialize`."""
     if not folder.is_dir():
         raise ModelLoadError(f"{folder} is not a model folder")
     hf_config = read_json(folder / "config.json")
@@ -142,7 +147,7 @@ def load_folder(
         # The decoder keeps its one shape: the embedding matrix stands in for the missing
         # lm_head. Its logits mean nothing, and the engine refuses to generate with it.
         config = replace(config, tie_word_embeddings=True)
-    model = build_model(config, adapter, weights, device, dtype, str(folder), quantize)
+    model = build_model(config, adapter, weights, device, dtype, str(folder), quantize, owned=owned)
     if device.type == "cpu" and quantize is not None:
         from fermi.models.half_weights import use_half_embedding
 
@@ -243,14 +248,29 @@ def read_safetensors(folder: Path) -> dict[str, tuple[Path, str]]:
     return located
 
 
-def materialize(located: dict[str, tuple[Path, str]]) -> dict[str, torch.Tensor]:
+def materialize(
+    located: dict[str, tuple[Path, str]], owned: bool = False
+) -> dict[str, torch.Tensor]:
     """Read every tensor, under the name it is located by (``backbone_prefixed`` may have
-    renamed it from the name in its file)."""
+    renamed it from the name in its file).
+
+    The tensors map their file (privately: no copy, and pages shared with the page cache)
+    unless ``owned``: then each is copied out of a mapping of its own, let go at once. A
+    mapping's pages that were read count in the process's resident memory for as long as
+    any tensor maps the file, including those read once and copied (a fused projection's
+    parts): for a process that holds the model a long time and through other large work
+    (an export: a trace, a conversion, a check), 1.2 GB of Qwen3-0.6B's float32 file
+    (perf/LOG.md run 49)."""
     out: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, (path, key) in located.items():
         by_file.setdefault(path, []).append((name, key))
     for path, names in by_file.items():
+        if owned:
+            for name, key in names:
+                with safe_open(path, framework="pt") as f:
+                    out[name] = f.get_tensor(key).clone()
+            continue
         with safe_open(path, framework="pt") as f:
             for name, key in names:
                 out[name] = f.get_tensor(key)
@@ -273,8 +293,11 @@ def build_model(
     source: str,
     quantize: QuantSpec | None = None,
     linear_dtype: torch.dtype | None = None,
+    *,
+    owned: bool = False,
 ) -> Decoder:
-    """Create the decoder without initialising it, then assign the checkpoint's tensors.
+    """Create the decoder without initialising it, then assign the checkpoint's tensors
+    (``owned``: see :func:`materialize`).
 
     ``linear_dtype``: the linear layers' weights (``*_proj.weight``, ``lm_head.weight``)
     and the embedding table in this dtype instead of ``dtype``; for a CPU load whose
@@ -291,7 +314,7 @@ def build_model(
         for k, v in weights.items()
     }
     if any(v is None for v in tensors.values()):
-        tensors = materialize(weights)  # type: ignore[arg-type]
+        tensors = materialize(weights, owned)  # type: ignore[arg-type]
     if adapter.sanitize is not None:
         tensors = adapter.sanitize(tensors, config)
     with torch.device("meta"), _SkipInit():
@@ -341,7 +364,9 @@ def build_model(
     memory.require_free(need, device, f"{source}: its weights in {dtype}", DTYPE_ADVICE)
     state = {}
     quantized: dict[str, list] = {}
-    for name, name_parts in parts.items():
+    for i, (name, name_parts) in enumerate(parts.items()):
+        if owned and i % 8 == 7:  # (the parts let go sit in glibc's heap: LOG run 49)
+            memory.release_free_heap()
         module, _, kind = name.rpartition(".")
         if kind == "weight" and module in targets:
             quantized[module] = [tensors[part] for part, _ in name_parts]
@@ -350,7 +375,8 @@ def build_model(
         halved = name.endswith("_proj.weight") or name in HALVED
         if linear_dtype is not None and halved:
             to = linear_dtype
-        loaded = [_float(tensors[part]).to(device=device, dtype=to) for part, _ in name_parts]
+        # (popped: a part copied into a fused tensor, or cast, is let go before the next)
+        loaded = [_float(tensors.pop(part)).to(device=device, dtype=to) for part, _ in name_parts]
         state[name] = loaded[0] if len(loaded) == 1 else torch.cat(loaded)
     if "lm_head" in targets and config.tie_word_embeddings:
         quantized["lm_head"] = [state["model.embed_tokens.weight"]]
@@ -367,6 +393,8 @@ def build_model(
             report.kept.append(module)
         else:
             report.errors[module] = error
+    if owned:
+        memory.release_free_heap()
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings and "lm_head" not in targets:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -46,6 +47,33 @@ def test_sharded_checkpoint_loads_to_the_same_weights(original, tmp_path):
     b = load_folder(sharded, CPU, torch.float32).model.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def mapped(path) -> bool:
+    """Whether this process maps ``path`` (Linux's /proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip().endswith(str(path)) for line in maps)
+
+
+def test_an_owned_load_lets_go_of_the_file_and_holds_the_same_weights(original, tmp_path):
+    """By default the weights map the checkpoint file; ``owned=True`` (what an export
+    loads) copies each tensor out, so no mapping outlives the load, and the weights are
+    the same."""
+    file = (tmp_path / "model.safetensors").resolve()
+    shutil.copy(original / "model.safetensors", file)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (original / name).exists():
+            shutil.copy(original / name, tmp_path / name)
+    mapping = load_folder(tmp_path, CPU, torch.float32).model
+    assert mapped(file)
+    del mapping
+    gc.collect()
+    assert not mapped(file)
+    owned = load_folder(tmp_path, CPU, torch.float32, owned=True).model.state_dict()
+    assert not mapped(file)
+    again = load_folder(tmp_path, CPU, torch.float32).model.state_dict()
+    assert owned.keys() == again.keys()
+    assert all(torch.equal(owned[k], again[k]) for k in owned)
 
 
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors"])
