@@ -357,12 +357,17 @@ def each_constant(package: Path) -> Iterator[tuple[str, np.ndarray]]:
         for function in spec.mlProgram.functions.values()
         for op in function.block_specializations[function.opset].operations
     ]
-    if {op.type for op in ops if op.type.startswith("constexpr_")} - {SHIFT_SCALE}:
+    ours = all(
+        op.type == SHIFT_SCALE and all(_held(bound.arguments[0]) for bound in op.inputs.values())
+        for op in ops
+        if op.type.startswith("constexpr_")
+    )
+    if not ours:
         yield from _program_constants(spec, model.weights_dir)
         return
     weights = Path(model.weights_dir)
     for op in ops:
-        name = op.outputs[0].name if op.outputs else ""
+        name = _op_name(op)
         if op.type == "const" and "val" in op.attributes:
             value = _read_value(op.attributes["val"], weights)
             if value is not None and value.dtype.kind == "f" and value.ndim:
@@ -373,6 +378,7 @@ def each_constant(package: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 # The dequantizing op of Core ML's linear quantization (int8, int4) and of a GGUF's blocks.
 SHIFT_SCALE = "constexpr_blockwise_shift_scale"
+_FLOATS = (10, 11)  # MIL's FLOAT16 and FLOAT32 (coremltools.proto.MIL_pb2.DataType)
 _READS = {
     "FLOAT16": "read_fp16_data",
     "FLOAT32": "read_float_data",
@@ -381,6 +387,37 @@ _READS = {
     "INT4": "read_int4_data",
     "UINT4": "read_uint4_data",
 }
+
+
+def _op_name(op) -> str:
+    """An op's MIL name (coremltools' reader names a constant so; a converter-made one's
+    output may be named otherwise: ``op_161_to_fp16`` for ``var_161_to_fp16``)."""
+    if "name" in op.attributes:
+        names = op.attributes["name"].immediateValue.tensor.strings.values
+        if names:
+            return names[0]
+    return op.outputs[0].name if op.outputs else ""
+
+
+def _held(argument) -> bool:
+    """Whether a shift-scale input is a value ``_read_value`` reads: one in the weight file,
+    or float values held in the program (coremltools holds inputs under 10 elements there,
+    an integer one packed: those packages take coremltools' reader)."""
+    if argument.name:
+        return False
+    value = argument.value
+    where = value.WhichOneof("value")
+    if where == "blobFileValue":
+        return True
+    return (
+        where == "immediateValue"
+        and value.immediateValue.tensor.WhichOneof("value")
+        in (
+            "floats",
+            "bytes",
+        )
+        and value.type.tensorType.dataType in _FLOATS
+    )
 
 
 def _read_value(value, weights: Path) -> np.ndarray | None:
@@ -425,7 +462,7 @@ def _shift_scale(op, weights: Path, package: Path) -> np.ndarray:
         value = _read_value(argument.value, weights) if not argument.name else None
         if value is None:
             raise RuntimeError(
-                f"{package}: {op.outputs[0].name}'s {key} is not a constant this reader takes"
+                f"{package}: {_op_name(op)}'s {key} is not a constant this reader takes"
             )
         found[key] = value
     data, scale, offset = found["data"], found["scale"], found.get("offset")
@@ -458,7 +495,11 @@ ENDS = ("_quantized", "_gguf_blocks", "")
 def package_runner(package: Path, source: Checkpoint) -> StepRunner:
     """The source's decoder carrying the package's weights (as shipped: fp16, or int8 /
     int4 dequantized) in the wrapper that was traced, with an fp16 cache: what the package
-    computes, except that the arithmetic is float32 here (fp16 on the device)."""
+    computes, except that the arithmetic is float32 here (fp16 on the device).
+
+    The package's weights are written into ``source``'s tensors: a source that owns its
+    memory (``export.build.load_any``) holds them once; one whose tensors map its file
+    would copy each page written (perf/LOG.md runs 48-49)."""
     spec = load_spec(package)
     state = next(iter(spec.description.state)).type.stateType.arrayType
     seq_len = int(state.shape[3])

@@ -189,9 +189,9 @@ def test_conditional_vision_tensors_are_never_read(tmp_path, monkeypatch):
     read = []
     real = fermi.loading.materialize
 
-    def spy(located):
+    def spy(located, *args, **kwargs):
         read.extend(key for _, key in located.values())
-        return real(located)
+        return real(located, *args, **kwargs)
 
     monkeypatch.setattr(fermi.loading, "materialize", spy)
     load_folder(folder, torch.device("cpu"), torch.float32)

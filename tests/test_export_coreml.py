@@ -4,6 +4,7 @@ predict-with-state test that runs on macOS 15+."""
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -359,6 +360,7 @@ def test_constants_are_read_one_blob_at_a_time_as_coremltools_reads_them(
     assert len(dequantized) == (0 if which in ("fp16", "fp32") else 9)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_the_export_loads_a_source_that_owns_its_memory(source):
     """The export's source (and the check's, whose tensors take the package's weights) maps
     no file: a tensor mapping its checkpoint privately would count the file's pages against

@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -55,6 +56,7 @@ def mapped(path) -> bool:
         return any(line.rstrip().endswith(str(path)) for line in maps)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_an_owned_load_lets_go_of_the_file_and_holds_the_same_weights(original, tmp_path):
     """By default the weights map the checkpoint file; ``owned=True`` (what an export
     loads) copies each tensor out, so no mapping outlives the load, and the weights are
