@@ -165,7 +165,11 @@ def load(
 
         ckpt = load_gguf(path, dev, dtype, spec)
     else:
-        ckpt = load_folder(path, dev, parse_dtype(dtype, dev), spec)
+        # On the CPU the engine computes from the loaded tensors for its whole life: tensors
+        # of their own, not a mapping of the file, whose pages (the parts of each fused
+        # projection, then every page read) would count beside them: Qwen3-0.6B in float32
+        # held 3.7 GB after a request, mapped, for 2.4 GB of weights (perf/LOG.md run 50).
+        ckpt = load_folder(path, dev, parse_dtype(dtype, dev), spec, owned=dev.type == "cpu")
     seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 4096)
     if seq_len < 2:
         raise ValueError("max_seq_len must be at least 2")

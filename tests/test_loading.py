@@ -78,6 +78,17 @@ def test_an_owned_load_lets_go_of_the_file_and_holds_the_same_weights(original, 
     assert all(torch.equal(owned[k], again[k]) for k in owned)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_cpu_engine_holds_its_weights_without_mapping_the_file(original):
+    """``fermi.load`` on the CPU loads owned tensors: the engine computes from them for its
+    whole life, and a mapping's pages would count beside them (perf/LOG.md run 50)."""
+    file = (original / "model.safetensors").resolve()
+    with fermi.load(str(original), device="cpu", max_batch=1, max_seq_len=64) as engine:
+        out = engine.generate(prompt_token_ids=[5, 6, 7], max_tokens=2, ignore_eos=True)
+        assert len(out.token_ids) == 2
+        assert not mapped(file)
+
+
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors"])
 def test_missing_file_is_named(folder, name):
     (folder / name).unlink()
