@@ -373,12 +373,11 @@ def each_constant(package: Path) -> Iterator[tuple[str, np.ndarray]]:
             if value is not None and value.dtype.kind == "f" and value.ndim:
                 yield name, value
         elif op.type == SHIFT_SCALE:
-            yield name, _shift_scale(op, weights, package)
+            yield name, _shift_scale(op, weights)
 
 
 # The dequantizing op of Core ML's linear quantization (int8, int4) and of a GGUF's blocks.
 SHIFT_SCALE = "constexpr_blockwise_shift_scale"
-_FLOATS = (10, 11)  # MIL's FLOAT16 and FLOAT32 (coremltools.proto.MIL_pb2.DataType)
 _READS = {
     "FLOAT16": "read_fp16_data",
     "FLOAT32": "read_float_data",
@@ -400,24 +399,17 @@ def _op_name(op) -> str:
 
 
 def _held(argument) -> bool:
-    """Whether a shift-scale input is a value ``_read_value`` reads: one in the weight file,
-    or float values held in the program (coremltools holds inputs under 10 elements there,
-    an integer one packed: those packages take coremltools' reader)."""
+    """Whether a shift-scale input is a value ``_read_value`` reads: a constant of a type
+    it reads, in the weight file or held in the program (coremltools holds inputs under 10
+    elements there, an integer one packed: those packages take coremltools' reader)."""
+    from coremltools.proto import MIL_pb2
+
     if argument.name:
         return False
     value = argument.value
-    where = value.WhichOneof("value")
-    if where == "blobFileValue":
-        return True
-    return (
-        where == "immediateValue"
-        and value.immediateValue.tensor.WhichOneof("value")
-        in (
-            "floats",
-            "bytes",
-        )
-        and value.type.tensorType.dataType in _FLOATS
-    )
+    if value.WhichOneof("value") == "blobFileValue":
+        return MIL_pb2.DataType.Name(value.type.tensorType.dataType) in _READS
+    return _read_value(value, Path()) is not None  # (held in the program: no file is read)
 
 
 def _read_value(value, weights: Path) -> np.ndarray | None:
@@ -452,19 +444,13 @@ def _read_value(value, weights: Path) -> np.ndarray | None:
     return data.reshape(shape)
 
 
-def _shift_scale(op, weights: Path, package: Path) -> np.ndarray:
+def _shift_scale(op, weights: Path) -> np.ndarray:
     """``scale * (data - offset)``, each scale and offset over its block of ``data`` (the
     block along each axis is ``data``'s size over ``scale``'s), in the scale's dtype as
-    Core ML computes it."""
-    found = {}
-    for key, bound in op.inputs.items():
-        argument = bound.arguments[0]
-        value = _read_value(argument.value, weights) if not argument.name else None
-        if value is None:
-            raise RuntimeError(
-                f"{package}: {_op_name(op)}'s {key} is not a constant this reader takes"
-            )
-        found[key] = value
+    Core ML computes it. Every input is one ``_held`` takes."""
+    found = {
+        key: _read_value(bound.arguments[0].value, weights) for key, bound in op.inputs.items()
+    }
     data, scale, offset = found["data"], found["scale"], found.get("offset")
     blocks = [n // m for n, m in zip(data.shape, scale.shape, strict=True)]
     # Each axis split into (scale's size, block), the scale and offset broadcast over blocks.
@@ -524,7 +510,7 @@ def package_runner(package: Path, source: Checkpoint) -> StepRunner:
             if const not in wanted:
                 continue
             rank, name = wanted[const]
-            if found.get(name, len(ENDS) * 2) <= rank:
+            if name in found and found[name] <= rank:
                 continue  # (a name ranked before it was copied already)
             tensor = tensors[name]
             if tuple(value.shape) != tuple(tensor.shape):

@@ -23,6 +23,7 @@ from fermi.runners.coreml import coreml_unavailable_reason, split_query  # noqa:
 from fermi.runners.torch_eager import TorchRunner  # noqa: E402
 from tests.arch_templates import GEMMA2  # noqa: E402
 from tests.test_arch_gemma2 import GEMMA2_BASE  # noqa: E402
+from tests.test_loading import mapped  # noqa: E402
 from tests.tiny import write_checkpoint, write_checkpoint_for  # noqa: E402
 from tests.tiny_tokenizer import TINY_VOCAB_SIZE  # noqa: E402
 
@@ -37,13 +38,24 @@ def source(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("coreml") / "ckpt", seed=4)
 
 
+def export_tiny(source, name, progress=lambda line: None, **options):
+    """A Core ML export of the tiny checkpoint into ``source``'s folder ``name``: the
+    folder and its manifest."""
+    out = source.parent / name
+    options = ExportOptions(
+        model=str(source),
+        target="coreml",
+        out=out,
+        max_seq_len=SEQ,
+        prefill_chunk=CHUNK,
+        **options,
+    )
+    return out, export_model(options, progress=progress)
+
+
 @pytest.fixture(scope="module")
 def exported(source):
-    out = source.parent / "art"
-    options = ExportOptions(
-        model=str(source), target="coreml", out=out, max_seq_len=SEQ, prefill_chunk=CHUNK
-    )
-    return out, export_model(options, progress=lambda line: None)
+    return export_tiny(source, "art")
 
 
 def engine_runner(folder):
@@ -179,16 +191,7 @@ def test_neural_engine_step_with_fp32_cache_equals_the_engine(source, traced):
 
 @pytest.fixture(scope="module")
 def neural_engine(source):
-    out = source.parent / "art-ne"
-    options = ExportOptions(
-        model=str(source),
-        target="coreml",
-        out=out,
-        max_seq_len=SEQ,
-        prefill_chunk=CHUNK,
-        compute_units="CPU_AND_NE",
-    )
-    return out, export_model(options, progress=lambda line: None)
+    return export_tiny(source, "art-ne", compute_units="CPU_AND_NE")
 
 
 def test_neural_engine_package_has_enumerated_query_sizes_and_a_position_input(neural_engine):
@@ -264,15 +267,8 @@ def quantized(source):
     found = {}
     for kind in ("int8", "int4"):
         lines: list[str] = []
-        options = ExportOptions(
-            model=str(source),
-            target="coreml",
-            out=source.parent / kind,
-            max_seq_len=SEQ,
-            prefill_chunk=CHUNK,
-            quantize=kind,
-        )
-        found[kind] = (export_model(options, progress=lines.append), lines)
+        _, manifest = export_tiny(source, kind, lines.append, quantize=kind)
+        found[kind] = (manifest, lines)
     return found
 
 
@@ -296,34 +292,15 @@ def test_the_check_runs_the_packages_dequantized_weights_not_the_sources(quantiz
 
 @pytest.fixture(scope="module")
 def fp32_package(source):
-    out = source.parent / "fp32"
-    options = ExportOptions(
-        model=str(source),
-        target="coreml",
-        out=out,
-        max_seq_len=SEQ,
-        prefill_chunk=CHUNK,
-        dtype="fp32",
-        verify=False,
-    )
-    return out / export_model(options, progress=lambda line: None).model_file
+    out, manifest = export_tiny(source, "fp32", dtype="fp32", verify=False)
+    return out / manifest.model_file
 
 
 def coremltools_constants(package):
-    """Every constant as coremltools' own program reader materializes it (the reference)."""
-    from coremltools.converters.mil.frontend.milproto.load import load as load_program
-
+    """Every constant as coremltools' own program reader materializes it (the reference:
+    the path ``each_constant`` takes for packages it does not read itself)."""
     model = ct.models.MLModel(str(package), skip_model_load=True)
-    spec = model.get_spec()
-    program = load_program(spec, spec.specificationVersion, model.weights_dir)
-    found = {}
-    for function in program.functions.values():
-        for op in function.operations:
-            if op.op_type.startswith("constexpr_"):
-                found[op.name] = op.materialized_val_inference()
-            elif op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray):
-                found[op.name] = op.outputs[0].val
-    return found
+    return dict(coreml._program_constants(model.get_spec(), model.weights_dir))
 
 
 @pytest.mark.parametrize("which", ["fp16", "fp32", "int8", "int4"])
@@ -365,10 +342,8 @@ def test_the_export_loads_a_source_that_owns_its_memory(source):
     """The export's source (and the check's, whose tensors take the package's weights) maps
     no file: a tensor mapping its checkpoint privately would count the file's pages against
     the export for as long as it lives, and copy each page it is written (perf/LOG.md run 49)."""
-    file = (source / "model.safetensors").resolve()
     checkpoint = load_any(str(source), torch.float32)
-    with open("/proc/self/maps") as maps:
-        assert not any(line.rstrip().endswith(str(file)) for line in maps)
+    assert not mapped((source / "model.safetensors").resolve())
     assert checkpoint.model.model.layers[0].self_attn.qkv_proj.weight.shape[1] > 0
 
 
