@@ -1,7 +1,14 @@
-"""The Triton split-KV decode kernel against attention spelled out in float32 (GPU only), and
-the ordering of its merge in the PTX it compiles to (Triton only)."""
+"""The Triton split-KV decode kernel against attention spelled out in float32 (on the GPU,
+and in Triton's interpreter on the CPU), how many key ranges it cuts, and the ordering of its
+merge in the PTX it compiles to (Triton only)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +134,95 @@ def test_every_threads_partials_are_ordered_before_the_counters_release(g, d, dt
     add = next(i for i, line in enumerate(lines) if "atom.global" in line and ".add." in line)
     last_store = max(i for i, line in enumerate(lines[:add]) if "st.global" in line)
     assert any("bar.sync" in line or "barrier.sync" in line for line in lines[last_store:add])
+
+
+@pytest.mark.parametrize(
+    ("pairs", "length", "block", "want"),
+    [
+        (8, 2048, 64, 32),  # batch 1, 8 KV heads, long: the most ranges
+        (8, 256, 64, 4),  # batch 1, short: no range without a block of keys
+        (8, 5, 64, 1),
+        (64, 2048, 64, 8),  # batch 8: 512 programs
+        (1024, 256, 64, 1),  # batch 128: the pairs alone fill the GPU
+        (600, 4096, 64, 1),
+        (4, 1000, 32, 32),  # Gemma 2's 256-wide heads take 32-key blocks
+    ],
+)
+def test_the_split_count_fills_the_gpu_without_empty_ranges(pairs, length, block, want):
+    from fermi.models.split_decode import TARGET_PROGRAMS, split_count
+
+    got = split_count(pairs, length, block)
+    assert got == want
+    assert pairs * got >= min(TARGET_PROGRAMS, pairs * -(-length // block)) or got == 32
+    assert (got - 1) * block < length
+
+
+def test_the_split_count_stays_symbolic_under_dynamic_shapes():
+    """Compiled with dynamic shapes, the count is an expression of the batch and the length:
+    tracing it adds no guard, so one compiled graph serves every batch and cache bucket."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fermi.models.split_decode import split_count
+
+    env = ShapeEnv()
+    rows = env.create_unbacked_symint()
+    length = env.create_unbacked_symint()
+    count = split_count(rows * 8, length)
+    assert isinstance(count, torch.SymInt)
+    assert not env.guards
+
+
+INTERPRETED = textwrap.dedent(
+    """
+    import torch
+    from fermi.models import split_decode as S
+    from tests.test_split_decode import reference
+
+    # heads, KV heads, head dim, length, window, softcap, rows: one range each (520 pairs),
+    # groups of 3 over 5 ranges, 256-wide heads with a window and soft-capping, a tiny one
+    cases = [
+        (2, 1, 16, 70, None, None, 520),
+        (9, 3, 64, 300, None, None, 2),
+        (4, 2, 256, 130, 32, 50.0, 1),
+        (2, 1, 16, 5, None, None, 1),
+    ]
+    for h, hkv, d, length, window, softcap, b in cases:
+        g = torch.Generator().manual_seed(length)
+        q = torch.randn(b, h, 1, d, generator=g)
+        keys = torch.randn(b, hkv, length + 4, d, generator=g)[:, :, :length]
+        values = torch.randn(b, hkv, length + 4, d, generator=g)[:, :, :length]
+        positions = torch.randint(0, length, (b, 1), generator=g)
+        positions[0, 0] = length - 1
+        counters = torch.zeros(b * hkv, dtype=torch.int32)
+        scale = d**-0.5
+        want = reference(q, keys, values, positions, window, scale, softcap)
+        for _ in range(2):
+            got = S.split_decode(
+                q, keys, values, positions, counters, window or 0, scale, float(softcap or 0)
+            )
+            err = (got - want).abs().max().item()
+            assert err < 1e-5, (h, hkv, d, length, b, err)
+            assert not counters.any()
+        print("ok", b * hkv, length, S.split_count(b * hkv, length, 64 if d <= 128 else 32))
+    """
+)
+
+
+def test_the_kernel_equals_the_reference_in_tritons_interpreter():
+    """The kernel's own code (ranges, masks, the counter's merge) run by Triton's interpreter
+    on CPU tensors, so CI checks what the GPU runs without one; the GPU tests above check
+    the compiled kernel."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", INTERPRETED],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranges = [line.split()[-1] for line in done.stdout.splitlines() if line.startswith("ok")]
+    assert ranges == ["1", "5", "5", "1"]

@@ -7,7 +7,9 @@ program per range computes its share (the softmax's running maximum, its sum of
 exponentials and the weighted sum of values) for the whole group of query heads that
 share the KV head, reading each key and value once. The ranges are then merged with
 their maxima rescaled by the last program of each (row, KV head) to finish, found with an
-atomic counter, so one launch does the whole attention.
+atomic counter, so one launch does the whole attention. How many ranges a call cuts follows
+its shape (:func:`split_count`): enough programs to fill the GPU, and never a range without
+a block of keys.
 
 The mask is computed from the positions: key ``j`` of a row at position ``p`` is visible
 when ``j <= p`` (and ``j > p - window`` for a sliding window), so no mask tensor is built.
@@ -23,8 +25,12 @@ from __future__ import annotations
 
 import torch
 
-SPLITS = 32  # key ranges per (row, KV head): 256 programs at batch 1 with 8 KV heads
+SPLITS = 32  # most key ranges per (row, KV head): 256 programs at batch 1 with 8 KV heads
 BLOCK_N = 64  # keys per inner iteration
+# Programs a call aims for (about four per multiprocessor on a 132-SM Hopper). Wide batches
+# already give that many (row, KV head) pairs, so they split less: at 128 rows and 8 KV
+# heads one range each, where 32 left 28 of every 32 programs without a key to read.
+TARGET_PROGRAMS = 512
 
 try:
     import triton
@@ -51,7 +57,7 @@ if triton is not None:
         skb, skh, skn, skd,
         svb, svh, svn, svd,
         spb,
-        length, split_len, window, scale, softcap,
+        length, split_len, splits, window, scale, softcap,
         KV_HEADS: tl.constexpr,
         G: tl.constexpr,
         GP: tl.constexpr,
@@ -113,8 +119,8 @@ if triton is not None:
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
-        # Partials [B * KV_HEADS, SPLIT_COUNT, G, D] and [.., G]; padded rows/dims dropped.
-        base = (pid * SPLIT_COUNT + split) * G
+        # Partials [B * KV_HEADS, splits, G, D] and [.., G]; padded rows/dims dropped.
+        base = (pid * splits + split) * G
         out_ok = row_ok[:, None] & dim_ok[None, :]
         tl.store(ACC + (base + rows)[:, None] * D + dims[None, :], acc, mask=out_ok)
         tl.store(M + base + rows, m_i, mask=row_ok)
@@ -128,21 +134,21 @@ if triton is not None:
         # anyway; this one does not depend on that, and compiles to the same PTX barrier).
         tl.debug_barrier()
         done = tl.atomic_add(COUNT + pid, 1, sem="acq_rel")
-        if done == SPLIT_COUNT - 1:
-            splits = tl.arange(0, SPLIT_COUNT)
-            first = pid * SPLIT_COUNT * G
+        if done == splits - 1:
+            ranges = tl.arange(0, SPLIT_COUNT)  # SPLIT_COUNT: a power of two >= splits
+            first = pid * splits * G
             for c0 in tl.static_range(0, G * D, CHUNK):  # CHUNK columns of the [G, D] output
                 cols = c0 + tl.arange(0, CHUNK)
                 col_ok = cols < G * D
                 group = cols // D
-                ok = col_ok[None, :] & (splits[:, None] < SPLIT_COUNT)
-                at = first + splits[:, None] * G + group[None, :]
+                ok = col_ok[None, :] & (ranges[:, None] < splits)
+                at = first + ranges[:, None] * G + group[None, :]
                 m = tl.load(M + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
                 top = tl.max(m, 0)
                 top = tl.where(top == float("-inf"), 0.0, top)
                 w = tl.exp(m - top[None, :])  # a range with no visible key weighs 0
                 l_sum = tl.sum(tl.load(L + at, mask=ok, other=0.0, cache_modifier=".cg") * w, 0)
-                at = (first + splits[:, None] * G) * D + cols[None, :]
+                at = (first + ranges[:, None] * G) * D + cols[None, :]
                 a = tl.load(ACC + at, mask=ok, other=0.0, cache_modifier=".cg")
                 out = tl.sum(a * w, 0) / l_sum
                 o_ptr = OUT + (b * KV_HEADS + hk) * G * D + cols
@@ -165,21 +171,22 @@ if triton is not None:
         b, h, _, d = q.shape
         kv_heads, length = keys.shape[1], keys.shape[2]
         g = h // kv_heads
-        acc = q.new_empty((b * kv_heads, SPLITS, g, d), dtype=torch.float32)
-        m = q.new_empty((b * kv_heads, SPLITS, g), dtype=torch.float32)
-        l_sum = q.new_empty((b * kv_heads, SPLITS, g), dtype=torch.float32)
-        out = q.new_empty((b, h, 1, d))
         dp = max(16, _pow2(d))
         block = BLOCK_N if dp <= 128 else BLOCK_N // 2  # Gemma's 256-wide heads: less smem
-        per_split = (length + SPLITS - 1) // SPLITS
+        splits = split_count(b * kv_heads, length, block)
+        acc = q.new_empty((b * kv_heads, splits, g, d), dtype=torch.float32)
+        m = q.new_empty((b * kv_heads, splits, g), dtype=torch.float32)
+        l_sum = q.new_empty((b * kv_heads, splits, g), dtype=torch.float32)
+        out = q.new_empty((b, h, 1, d))
+        per_split = (length + splits - 1) // splits
         split_len = (per_split + block - 1) // block * block
-        wrap_triton(_partials_kernel)[(b * kv_heads, SPLITS)](
+        wrap_triton(_partials_kernel)[(b * kv_heads, splits)](
             q, keys, values, positions, acc, m, l_sum, counters, out,
             q.stride(0), q.stride(1), q.stride(3),
             keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
             values.stride(0), values.stride(1), values.stride(2), values.stride(3),
             positions.stride(0),
-            length, split_len, window, scale, softcap,
+            length, split_len, splits, window, scale, softcap,
             KV_HEADS=kv_heads,
             G=g,
             GP=max(16, _pow2(g)),
@@ -194,6 +201,16 @@ if triton is not None:
             num_stages=2,
         )  # fmt: skip
         return out
+
+
+def split_count(pairs, length, block: int = BLOCK_N):
+    """Key ranges per (row, KV head) for ``pairs`` of them over ``length`` keys: enough for
+    about :data:`TARGET_PROGRAMS` programs, at most :data:`SPLITS`, at least one, and no more
+    than the ``block``-key blocks there are. ``pairs`` and ``length`` may be symbolic
+    (compiled with dynamic shapes): the choice then stays an expression, with no guard."""
+    wanted = (TARGET_PROGRAMS + pairs - 1) // pairs
+    blocks = (length + block - 1) // block
+    return torch.sym_max(1, torch.sym_min(SPLITS, torch.sym_min(wanted, blocks)))
 
 
 def counters_for(max_batch: int, kv_heads: int, device) -> torch.Tensor:
