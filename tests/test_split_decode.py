@@ -211,8 +211,11 @@ INTERPRETED = textwrap.dedent(
 def test_the_kernel_equals_the_reference_in_tritons_interpreter():
     """The kernel's own code (ranges, masks, the counter's merge) run by Triton's interpreter
     on CPU tensors, so CI checks what the GPU runs without one; the GPU tests above check
-    the compiled kernel."""
+    the compiled kernel. (torch 2.11's ``wrap_triton`` refuses an interpreted kernel: on a
+    GPU host the compiled kernel's tests stand in.)"""
     pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests above run the compiled kernel itself")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
