@@ -172,8 +172,9 @@ def load_gguf(
     need = sum(prod(i.shape) * itemsize(n) for n, i in gguf.tensors.items() if kept.get(n) is None)
     memory.require_free(need, "cpu", f"{path}: dequantizing its weights", DTYPE_ADVICE)
     weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype, kept, matrices)
+    del kept  # (the codes are in ``weights`` now, which build_model empties as it goes)
     model = build_model(
-        config, adapter, weights, device, torch_dtype, str(path), quantize, matrices
+        config, adapter, weights, device, torch_dtype, str(path), quantize, matrices, consume=True
     )
     # The float tensors the model did not take (q/k/v and gate/up were fused into new ones)
     # go now, and each layer's float weight goes as use_half_weights packs it: the load's

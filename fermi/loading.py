@@ -295,9 +295,13 @@ def build_model(
     linear_dtype: torch.dtype | None = None,
     *,
     owned: bool = False,
+    consume: bool = False,
 ) -> Decoder:
     """Create the decoder without initialising it, then assign the checkpoint's tensors
-    (``owned``: see :func:`materialize`).
+    (``owned``: see :func:`materialize`). ``consume``: the caller hands ``weights`` (tensors
+    it made, as ``fermi.gguf`` reads them) over; each entry leaves the dict as the model
+    takes it, so the parts of a fused or quantized layer go once it is built instead of at
+    the end of the load.
 
     ``linear_dtype``: the linear layers' weights (``*_proj.weight``, ``lm_head.weight``)
     and the embedding table in this dtype instead of ``dtype``; for a CPU load whose
@@ -315,6 +319,8 @@ def build_model(
     }
     if any(v is None for v in tensors.values()):
         tensors = materialize(weights, owned)  # type: ignore[arg-type]
+    elif consume:
+        weights.clear()  # (``tensors`` holds them alone now, and lets each go as it is used)
     if adapter.sanitize is not None:
         tensors = adapter.sanitize(tensors, config)
     with torch.device("meta"), _SkipInit():
@@ -369,7 +375,7 @@ def build_model(
             memory.release_free_heap()
         module, _, kind = name.rpartition(".")
         if kind == "weight" and module in targets:
-            quantized[module] = [tensors[part] for part, _ in name_parts]
+            quantized[module] = [tensors.pop(part) for part, _ in name_parts]
             continue
         to = dtype
         halved = name.endswith("_proj.weight") or name in HALVED
@@ -383,7 +389,9 @@ def build_model(
     elif config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     report = QuantReport(quantize, [], {}, 0) if quantize is not None else None
-    for module, module_parts in quantized.items():
+    while quantized:  # (each layer's parts let go as it is built)
+        module, module_parts = next(iter(quantized.items()))
+        del quantized[module]
         assert quantize is not None and report is not None  # targets are empty without
         bias = state.pop(f"{module}.bias", None)
         layer, error = build_linear(module_parts, targets[module], quantize, bias, device, dtype)

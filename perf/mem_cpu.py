@@ -1,7 +1,8 @@
 """Resident memory of the CPU engine (SmolLM2-135M), each stage in a fresh process.
 
 Stages: ``import torch`` alone; ``import fermi`` + ``fermi.load("smollm2-135m", device="cpu")``
-(default max_batch 8 and max_seq_len, and max_batch 1, also with ``warm_grammars=False``);
+(default max_batch 8 and max_seq_len, and max_batch 1, also with ``warm_grammars=False``;
+and max_batch 8 with ``quantize="int4"`` (the file's Q4_1 codes kept) and ``"int8"``);
 then one 128-token prompt with 64 new tokens; then 1.5 s idle (an engine that warms its
 grammars builds llguidance's view of the tokenizer then). For each: RSS after the stage and
 the process's peak (VmHWM). Beside them, what the model needs: its weights as stored
@@ -40,9 +41,14 @@ if stage != "torch":
     import fermi
     from fermi.models.half_weights import HalfWeightLinear
     max_batch, _, mode = stage.partition(":")
+    mode, _, quantize = mode.partition(":")
     warm = mode != "no-warm"
     engine = fermi.load(
-        "smollm2-135m", device="cpu", max_batch=int(max_batch), warm_grammars=warm
+        "smollm2-135m",
+        device="cpu",
+        max_batch=int(max_batch),
+        warm_grammars=warm,
+        quantize=quantize or None,
     )
     result["loaded"] = status()
     model = engine.runner.model
@@ -103,6 +109,8 @@ def main() -> None:
             "max_batch 8": run("8"),
             "max_batch 1": run("1"),
             "max_batch 1, warm_grammars=False": run("1:no-warm"),
+            "max_batch 8, quantize int4": run("8::int4"),
+            "max_batch 8, quantize int8": run("8::int8"),
         },
     }
     print(json.dumps(result, indent=1))

@@ -274,6 +274,59 @@ def test_gguf_kept_int4_model_equals_its_dequantized_weights(tmp_path, arch, qty
     assert rel(prompt_logits(kept), prompt_logits(float_model)) < 0.1
 
 
+@pytest.mark.parametrize("n", [1, 3, 10])
+def test_blocks_of_rows_quantize_as_the_whole_matrix_at_once(monkeypatch, n):
+    """Quantizing (and measuring the error) a block of rows at a time gives the values the
+    whole matrix gives, for a row count that is and is not a multiple of the block."""
+    w = torch.randn(n, 64, generator=torch.Generator().manual_seed(n)) * 3
+    w[0, :32] = 0.5  # a constant group: its scale is 1 (no division by zero)
+    # The formulas on the whole matrix, as they read before blocks.
+    s8 = w.abs().amax(dim=1) / 127.0
+    s8 = torch.where(s8 > 0, s8, torch.ones_like(s8))
+    c8 = torch.round(w / s8[:, None]).clamp(-127, 127).to(torch.int8)
+    g = w.view(n, 2, 32)
+    low, high = g.amin(dim=2), g.amax(dim=2)
+    s4 = ((high - low) / 15.0).half().float()
+    s4 = torch.where(s4 > 0, s4, torch.ones_like(s4))
+    m4 = low.half().float()
+    q4 = torch.round((g - m4[..., None]) / s4[..., None]).clamp(0, 15).view(n, 64)
+    monkeypatch.setattr(Q, "BLOCK_ROWS", 3)
+    q8, q4w = Q.quantize_int8(w), Q.quantize_int4(w, 32)
+    assert torch.equal(q8.codes, c8) and torch.equal(q8.scales, s8)
+    assert torch.equal(q4w.codes, Q.pack_int4(q4, 32))
+    assert torch.equal(q4w.scales, s4) and torch.equal(q4w.mins, m4)
+    for q in (q8, q4w):
+        whole = float((q.dequantize() - w).norm() / w.norm())
+        assert Q.relative_error(q, w) == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_kept_int4_load_lets_each_layers_codes_go_once_the_layer_is_built(tmp_path, monkeypatch):
+    """The file's 4-bit codes are held by the load only until their layer is built (its
+    kernel's packed form replaces them), not to the end of the load: each build finds the
+    codes of every layer built before it gone."""
+    import weakref
+
+    import fermi.loading as loading
+
+    hf = write_checkpoint(tmp_path / "hf", {}, seed=7)
+    path = write_gguf(hf, tmp_path / "m.gguf", "qwen3", GT.Q4_0)
+    earlier: list[weakref.ref] = []
+    built = []
+    real = loading.build_linear
+
+    def spy(parts, *args):
+        alive = [ref for ref in earlier if ref() is not None]
+        assert not alive, f"{len(alive)} parts of layers already built are still held"
+        out = real(parts, *args)
+        earlier.extend(weakref.ref(p.codes) for p in parts if isinstance(p, Q.QuantizedWeight))
+        built.append(out)
+        return out
+
+    monkeypatch.setattr(loading, "build_linear", spy)
+    model = load_gguf(path, CPU, "fp32", Q.QuantSpec("int4")).model
+    assert len(model.quantization.kept) == len(built) - 1 >= 8  # and the head, from floats
+
+
 def test_gguf_int8_requantizes_and_logs_the_error(tmp_path, caplog):
     hf = write_checkpoint(tmp_path / "hf", {}, seed=8)
     path = write_gguf(hf, tmp_path / "m.gguf", "qwen3", GT.Q8_0)
