@@ -140,7 +140,7 @@ def test_every_threads_partials_are_ordered_before_the_counters_release(g, d, dt
     ("pairs", "length", "block", "want"),
     [
         (8, 2048, 64, 32),  # batch 1, 8 KV heads, long: the most ranges
-        (8, 256, 64, 4),  # batch 1, short: no range without a block of keys
+        (8, 256, 64, 4),  # batch 1, short: no more ranges than blocks of keys
         (8, 5, 64, 1),
         (64, 2048, 64, 8),  # batch 8: 512 programs
         (1024, 256, 64, 1),  # batch 128: the pairs alone fill the GPU
@@ -148,7 +148,7 @@ def test_every_threads_partials_are_ordered_before_the_counters_release(g, d, dt
         (4, 1000, 32, 32),  # Gemma 2's 256-wide heads take 32-key blocks
     ],
 )
-def test_the_split_count_fills_the_gpu_without_empty_ranges(pairs, length, block, want):
+def test_the_split_count_fills_the_gpu_with_no_more_ranges_than_blocks(pairs, length, block, want):
     from fermi.models.split_decode import TARGET_PROGRAMS, split_count
 
     got = split_count(pairs, length, block)

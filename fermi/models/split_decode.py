@@ -8,8 +8,8 @@ exponentials and the weighted sum of values) for the whole group of query heads 
 share the KV head, reading each key and value once. The ranges are then merged with
 their maxima rescaled by the last program of each (row, KV head) to finish, found with an
 atomic counter, so one launch does the whole attention. How many ranges a call cuts follows
-its shape (:func:`split_count`): enough programs to fill the GPU, and never a range without
-a block of keys.
+its shape (:func:`split_count`): enough programs to fill the GPU, and no more ranges than
+blocks of keys (rounding a range up to whole blocks can still leave the last ones empty).
 
 The mask is computed from the positions: key ``j`` of a row at position ``p`` is visible
 when ``j <= p`` (and ``j > p - window`` for a sliding window), so no mask tensor is built.
