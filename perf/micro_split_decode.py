@@ -10,8 +10,10 @@ in a CUDA graph, for every combination of:
   32 and at most the key blocks), with only ranges that start before the end launched;
 - ``block``: keys per inner iteration; ``warps``; ``stages`` (software pipelining).
 
-Rows ``main`` and ``old`` are the launch main makes today (512 programs aimed for, every
-counted range launched) and before run 51 (32 ranges always). Each variant's output is
+Rows ``main``, ``untrimmed`` and ``old`` are the launch main makes today
+(``fermi.models.split_decode.key_ranges``: 512 programs aimed for, only ranges that hold
+keys), the launch of run 51 (every counted range, empty ones too) and the launch before run
+51 (32 ranges always). Each variant's output is
 checked against attention in float32 before it is timed. Reports us per layer, the bytes of
 K and V read (at the row's positions) per second, and the best variant per point.
 
@@ -91,6 +93,7 @@ def main() -> None:
     import torch
     from micro_gemv import time_graph
 
+    from fermi.models import split_decode as S
     from tests.test_split_decode import reference
 
     cuda = torch.cuda.is_available() and not args.check_only
@@ -122,7 +125,8 @@ def main() -> None:
         old_len = cdiv(cdiv(bucket, 32), 64) * 64  # before run 51: 32 ranges always
         variants = {
             "old": ((32, old_len), 64, 4, 2),
-            "main": (launch_plan(pairs, bucket, 64, 512, trim=False), 64, 4, 2),
+            "main": (S.key_ranges(pairs, bucket, 64), 64, 4, 2),
+            "untrimmed": (launch_plan(pairs, bucket, 64, 512, trim=False), 64, 4, 2),
         }
         for t, b, w, s in sweep:
             variants[f"t{t}_b{b}_w{w}_s{s}"] = (launch_plan(pairs, bucket, b, t, True), b, w, s)

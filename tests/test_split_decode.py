@@ -179,9 +179,11 @@ INTERPRETED = textwrap.dedent(
     from tests.test_split_decode import reference
 
     # heads, KV heads, head dim, length, window, softcap, rows: one range each (520 pairs),
-    # groups of 3 over 5 ranges, 256-wide heads with a window and soft-capping, a tiny one
+    # 3 ranges where 4 were wanted (rounding to whole blocks), groups of 3 over 5 ranges,
+    # 256-wide heads with a window and soft-capping, a tiny one
     cases = [
         (2, 1, 16, 70, None, None, 520),
+        (2, 1, 16, 300, None, None, 128),
         (9, 3, 64, 300, None, None, 2),
         (4, 2, 256, 130, 32, 50.0, 1),
         (2, 1, 16, 5, None, None, 1),
@@ -203,7 +205,7 @@ INTERPRETED = textwrap.dedent(
             err = (got - want).abs().max().item()
             assert err < 1e-5, (h, hkv, d, length, b, err)
             assert not counters.any()
-        print("ok", b * hkv, length, S.split_count(b * hkv, length, 64 if d <= 128 else 32))
+        print("ok", b * hkv, length, S.key_ranges(b * hkv, length, 64 if d <= 128 else 32)[0])
     """
 )
 
@@ -228,4 +230,53 @@ def test_the_kernel_equals_the_reference_in_tritons_interpreter():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ranges = [line.split()[-1] for line in done.stdout.splitlines() if line.startswith("ok")]
-    assert ranges == ["1", "5", "5", "1"]
+    assert ranges == ["1", "3", "5", "5", "1"]
+
+
+class _TracedError(Exception):
+    """Raised instead of running a traced graph: a CPU host cannot launch the kernel."""
+
+
+def test_one_compiled_graph_serves_one_key_range_and_many():
+    """Compiled as the model is (batch and cache length dynamic), a batch cut into one key
+    range per row and batches cut into many share one graph: no tensor's size is 1 only
+    because the range count is, which would add a guard, and a second compile at wide
+    batches. The graphs are traced through AOT autograd as inductor's are, not run."""
+    pytest.importorskip("triton")
+    from torch._dynamo.backends.common import aot_autograd
+
+    from fermi.models import split_decode as S
+
+    graphs = []
+
+    def traced(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise _TracedError
+
+        return run
+
+    @torch.compile(backend=aot_autograd(fw_compiler=traced), fullgraph=True)
+    def attend(q, keys, values, positions, counters):
+        return S.split_decode(q, keys, values, positions, counters, 0, 0.25, 0.0)
+
+    torch._dynamo.reset()
+    counters = torch.zeros(520, dtype=torch.int32)
+    ranges = []
+    try:
+        # rows, cache length: 32 ranges, one range (the rows fill the GPU), 3 of 4, 32
+        for b, length in [(2, 2048), (520, 70), (128, 300), (4, 4000)]:
+            q = torch.randn(b, 3, 1, 16)
+            keys = torch.randn(b, 1, length, 16)
+            positions = torch.randint(0, length, (b, 1))
+            for t in (q, keys, positions):
+                torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(keys, 2)
+            with pytest.raises(_TracedError):
+                attend(q, keys, keys, positions, counters)
+            ranges.append(S.key_ranges(b, length)[0])
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert ranges == [32, 1, 3, 32]

@@ -8,8 +8,8 @@ exponentials and the weighted sum of values) for the whole group of query heads 
 share the KV head, reading each key and value once. The ranges are then merged with
 their maxima rescaled by the last program of each (row, KV head) to finish, found with an
 atomic counter, so one launch does the whole attention. How many ranges a call cuts follows
-its shape (:func:`split_count`): enough programs to fill the GPU, and no more ranges than
-blocks of keys (rounding a range up to whole blocks can still leave the last ones empty).
+its shape (:func:`split_count`, :func:`key_ranges`): enough programs to fill the GPU, and
+only ranges that hold keys.
 
 The mask is computed from the positions: key ``j`` of a row at position ``p`` is visible
 when ``j <= p`` (and ``j > p - window`` for a sliding window), so no mask tensor is built.
@@ -119,7 +119,7 @@ if triton is not None:
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
-        # Partials [B * KV_HEADS, splits, G, D] and [.., G]; padded rows/dims dropped.
+        # Partials [B * KV_HEADS * splits, G, D] and [.., G]; padded rows/dims dropped.
         base = (pid * splits + split) * G
         out_ok = row_ok[:, None] & dim_ok[None, :]
         tl.store(ACC + (base + rows)[:, None] * D + dims[None, :], acc, mask=out_ok)
@@ -173,13 +173,13 @@ if triton is not None:
         g = h // kv_heads
         dp = max(16, _pow2(d))
         block = BLOCK_N if dp <= 128 else BLOCK_N // 2  # Gemma's 256-wide heads: less smem
-        splits = split_count(b * kv_heads, length, block)
-        acc = q.new_empty((b * kv_heads, splits, g, d), dtype=torch.float32)
-        m = q.new_empty((b * kv_heads, splits, g), dtype=torch.float32)
-        l_sum = q.new_empty((b * kv_heads, splits, g), dtype=torch.float32)
+        splits, split_len = key_ranges(b * kv_heads, length, block)
+        # One flat axis of (pair, range) partials: a separate range axis would be 1 at wide
+        # batches, and a compile with dynamic shapes would guard on that and compile twice.
+        acc = q.new_empty((b * kv_heads * splits, g, d), dtype=torch.float32)
+        m = q.new_empty((b * kv_heads * splits, g), dtype=torch.float32)
+        l_sum = q.new_empty((b * kv_heads * splits, g), dtype=torch.float32)
         out = q.new_empty((b, h, 1, d))
-        per_split = (length + splits - 1) // splits
-        split_len = (per_split + block - 1) // block * block
         wrap_triton(_partials_kernel)[(b * kv_heads, splits)](
             q, keys, values, positions, acc, m, l_sum, counters, out,
             q.stride(0), q.stride(1), q.stride(3),
@@ -211,6 +211,17 @@ def split_count(pairs, length, block: int = BLOCK_N):
     wanted = (TARGET_PROGRAMS + pairs - 1) // pairs
     blocks = (length + block - 1) // block
     return torch.sym_max(1, torch.sym_min(SPLITS, torch.sym_min(wanted, blocks)))
+
+
+def key_ranges(pairs, length, block: int = BLOCK_N):
+    """``(ranges, keys per range)`` as the kernel cuts ``length`` keys for ``pairs`` (row,
+    KV head) pairs: :func:`split_count` ranges, each rounded up to whole ``block``-key
+    blocks, then only as many as hold a key (rounding can leave the last ones empty: 300
+    keys in 4 ranges of 128 fill 3). Symbolic inputs give expressions, with no guard."""
+    count = split_count(pairs, length, block)
+    per_range = (length + count - 1) // count
+    span = (per_range + block - 1) // block * block
+    return (length + span - 1) // span, span
 
 
 def counters_for(max_batch: int, kv_heads: int, device) -> torch.Tensor:
