@@ -172,13 +172,13 @@ def load_gguf(
     need = sum(prod(i.shape) * itemsize(n) for n, i in gguf.tensors.items() if kept.get(n) is None)
     memory.require_free(need, "cpu", f"{path}: dequantizing its weights", DTYPE_ADVICE)
     weights = read_weights(gguf, arch, heads, kv_heads, torch_dtype, kept, matrices)
-    del kept  # (the codes are in ``weights`` now, which build_model empties as it goes)
+    del kept  # (the codes are in ``weights`` now, handed to build_model below)
     model = build_model(
         config, adapter, weights, device, torch_dtype, str(path), quantize, matrices, consume=True
     )
-    # The float tensors the model did not take (q/k/v and gate/up were fused into new ones)
-    # go now, and each layer's float weight goes as use_half_weights packs it: the load's
-    # peak holds one float copy of the weights, not two.
+    # build_model emptied ``weights`` (consume=True): the parts it fused (q/k/v, gate/up)
+    # or quantized went as each layer was built. Each layer's float weight goes as
+    # use_half_weights packs it: the load's peak holds one float copy of the weights.
     del weights
     memory.release_free_heap()
     if half_storage:

@@ -299,9 +299,10 @@ def build_model(
 ) -> Decoder:
     """Create the decoder without initialising it, then assign the checkpoint's tensors
     (``owned``: see :func:`materialize`). ``consume``: the caller hands ``weights`` (tensors
-    it made, as ``fermi.gguf`` reads them) over; each entry leaves the dict as the model
-    takes it, so the parts of a fused or quantized layer go once it is built instead of at
-    the end of the load.
+    it made, as ``fermi.gguf`` reads them) over: the dict is emptied at once and the load
+    holds the tensors alone, letting each go as the model takes it, so the parts of a fused
+    or quantized layer go once it is built instead of at the end of the load. (A mapping
+    of files is materialized into new tensors either way, and is left as it was.)
 
     ``linear_dtype``: the linear layers' weights (``*_proj.weight``, ``lm_head.weight``)
     and the embedding table in this dtype instead of ``dtype``; for a CPU load whose
