@@ -14,6 +14,8 @@ vector is pooled, and its weights are the bare backbone (``embed_tokens.weight``
 from __future__ import annotations
 
 import json
+import logging
+import platform
 from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
@@ -28,6 +30,8 @@ from fermi.models.decoder import Decoder, ModelConfig, projection_parts
 from fermi.models.quant import QuantizedWeight, QuantReport, QuantSpec, build_linear
 from fermi.models.registry import Adapter, UnsupportedModelError, adapter_for
 from fermi.text.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -408,7 +412,28 @@ def build_model(
     if config.tie_word_embeddings and "lm_head" not in targets:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.quantization = report
+    if report is not None and torch.device(device).type == "cpu":
+        note = quantized_cpu_note()
+        if note is not None:
+            log.warning(note)
     return model.eval().requires_grad_(False)
+
+
+def quantized_cpu_note() -> str | None:
+    """What a quantized CPU load should say of this CPU: on an x86 CPU whose best kernels
+    are AVX2 (no AVX-512), torch's int8/int4 products take bf16 activations it has no
+    instructions for and run no faster than fp16 storage (``perf/LOG.md`` run 55). None
+    elsewhere (AVX-512 CPUs ran them 1.3-1.6x faster than fp16; others are not measured)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "DEFAULT") or platform.machine().lower() not in X86:
+        return None
+    return (
+        f"this CPU's best kernels are {capability} (no AVX-512): torch's int8/int4 products "
+        "run no faster than fp16 storage on it, so quantizing saves memory here, not time"
+    )
+
+
+X86 = ("x86_64", "amd64")
 
 
 def _float(tensor: torch.Tensor | QuantizedWeight) -> torch.Tensor:

@@ -4,11 +4,17 @@
 # (FERMI_REV labels the logs: the device's copy of the tree does not know the commit sent.)
 # Installs the carried wheels (.whl: msgspec, granian, llguidance, ... for cp312) once, then
 # runs each group with pytest's summary on, timed, into $OUT/NAME.log; a failing group does
-# not stop the next. Exits non-zero if any group failed.
+# not stop the next. Exits non-zero if any group failed. (pytest's logging plugin is off, as
+# in every GPU run so far: a test that needs caplog cannot run through this script.)
 set -u
-if [ ! -d /tmp/site ]; then
+if [ $(($# % 2)) -ne 0 ] || [ $# -eq 0 ]; then
+    echo "usage: $0 NAME TESTS [NAME TESTS ...]" >&2
+    exit 2
+fi
+if [ ! -e /tmp/site/.installed ]; then  # (a warm machine keeps /tmp between calls)
+    rm -rf /tmp/site
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
+        --target /tmp/site .whl/*.whl && touch /tmp/site/.installed || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONFAULTHANDLER=1
 status=0
@@ -22,7 +28,7 @@ while [ $# -ge 2 ]; do
     } >"$log"
     # shellcheck disable=SC2086  # the tests are words
     python3 -m pytest -p no:logging -p no:cacheprovider -o addopts="" -q -rfEs $tests >>"$log" 2>&1 || status=1
+    echo "$name: $(tail -1 "$log")"
     date -u >>"$log"
-    tail -1 "$log"
 done
 exit $status

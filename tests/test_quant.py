@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +178,29 @@ def test_loaded_quantized_model_is_close_to_the_float_one_and_reports_its_error(
     assert 0 < max(report.errors.values()) < (0.01 if scheme == "int8" else 0.15)
     want, got = prompt_logits(plain), prompt_logits(model)
     assert rel(got, want) < (0.05 if scheme == "int8" else 0.3)
+
+
+@pytest.mark.parametrize(
+    ("capability", "machine", "warned"),
+    [("AVX2", "x86_64", True), ("AVX512", "x86_64", False), ("DEFAULT", "aarch64", False)],
+)
+def test_a_quantized_cpu_load_says_when_its_kernels_save_no_time_here(
+    folder, monkeypatch, caplog, capability, machine, warned
+):
+    """On an x86 CPU without AVX-512 torch's int8/int4 products are no faster than fp16
+    storage (perf/LOG.md run 55): a quantized load says so; a float load, or a CPU where
+    they were faster (or were not measured), says nothing."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    with caplog.at_level(logging.WARNING, logger="fermi.loading"):
+        load_folder(folder, CPU, torch.float32)
+        assert not [r for r in caplog.records if "AVX-512" in r.getMessage()]
+        load_folder(folder, CPU, torch.float32, Q.QuantSpec("int8"))
+    said = [r.getMessage() for r in caplog.records if "AVX-512" in r.getMessage()]
+    assert len(said) == (1 if warned else 0)
+    if warned:
+        assert said[0].startswith(f"this CPU's best kernels are {capability} (no AVX-512)")
+        assert "saves memory here, not time" in said[0]
 
 
 @pytest.mark.parametrize("scheme", Q.SCHEMES)
