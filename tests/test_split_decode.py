@@ -172,6 +172,21 @@ def test_the_split_count_stays_symbolic_under_dynamic_shapes():
     assert not env.guards
 
 
+def run_script(code: str, **env: str) -> list[str]:
+    """Run ``code`` in a Python process of its own from the repository's root (Triton and
+    Dynamo state stay out of pytest's process) and return its output lines; it must exit 0."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
 INTERPRETED = textwrap.dedent(
     """
     import torch
@@ -218,18 +233,8 @@ def test_the_kernel_equals_the_reference_in_tritons_interpreter():
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("the GPU tests above run the compiled kernel itself")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", INTERPRETED],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranges = [line.split()[-1] for line in done.stdout.splitlines() if line.startswith("ok")]
+    lines = run_script(INTERPRETED, TRITON_INTERPRET="1")
+    ranges = [line.split()[-1] for line in lines if line.startswith("ok")]
     assert ranges == ["1", "3", "5", "5", "1"]
 
 
@@ -282,17 +287,8 @@ def test_one_compiled_graph_serves_one_key_range_and_many():
     batches. The graphs are traced through AOT autograd as Inductor's are, not run (a CPU
     host cannot launch the kernel); in a process of its own, as Triton is imported."""
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", ONE_GRAPH],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert "graphs 1" in lines, done.stdout
+    lines = run_script(ONE_GRAPH)
+    assert "graphs 1" in lines, lines
     assert [line for line in lines if line.startswith("ranges")] == [
         "ranges 32",
         "ranges 1",
