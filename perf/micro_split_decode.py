@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--heads", type=int, nargs=3, default=(16, 8, 128), help="q heads, KV, dim")
     p.add_argument("--check-only", action="store_true", help="small shapes, no timing (CPU)")
+    p.add_argument("--only", nargs="+", default=None, help="these variants only (e.g. main old)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -130,6 +131,8 @@ def main() -> None:
         }
         for t, b, w, s in sweep:
             variants[f"t{t}_b{b}_w{w}_s{s}"] = (launch_plan(pairs, bucket, b, t, True), b, w, s)
+        if args.only:
+            variants = {k: v for k, v in variants.items() if k in args.only}
         rows_out = []
         for name, (plan, block, warps, stages) in variants.items():
             entry = {"variant": name, "ranges": plan[0], "keys_per_range": plan[1]}

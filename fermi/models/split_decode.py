@@ -9,7 +9,8 @@ share the KV head, reading each key and value once. The ranges are then merged w
 their maxima rescaled by the last program of each (row, KV head) to finish, found with an
 atomic counter, so one launch does the whole attention. How many ranges a call cuts follows
 its shape (:func:`split_count`, :func:`key_ranges`): enough programs to fill the GPU, and
-only ranges that hold keys.
+only ranges that hold keys. Where that is one range (wide batches), each program writes its
+output directly and the merge is skipped.
 
 The mask is computed from the positions: key ``j`` of a row at position ``p`` is visible
 when ``j <= p`` (and ``j > p - window`` for a sliding window), so no mask tensor is built.
@@ -119,41 +120,48 @@ if triton is not None:
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
-        # Partials [B * KV_HEADS * splits, G, D] and [.., G]; padded rows/dims dropped.
-        base = (pid * splits + split) * G
         out_ok = row_ok[:, None] & dim_ok[None, :]
-        tl.store(ACC + (base + rows)[:, None] * D + dims[None, :], acc, mask=out_ok)
-        tl.store(M + base + rows, m_i, mask=row_ok)
-        tl.store(L + base + rows, l_i, mask=row_ok)
+        if splits == 1:
+            # One range holds every key (wide batches): its output is final. The merge below
+            # would compute the same value (its one weight is exp(0) = 1), after a chain of
+            # dependent global round trips: partials, barrier, atomic, reloads.
+            o_ptr = OUT + (b * KV_HEADS + hk) * G * D + rows[:, None] * D + dims[None, :]
+            tl.store(o_ptr, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=out_ok)
+        else:
+            # Partials [B * KV_HEADS * splits, G, D] and [.., G]; padded rows/dims dropped.
+            base = (pid * splits + split) * G
+            tl.store(ACC + (base + rows)[:, None] * D + dims[None, :], acc, mask=out_ok)
+            tl.store(M + base + rows, m_i, mask=row_ok)
+            tl.store(L + base + rows, l_i, mask=row_ok)
 
-        # The last range of this (row, KV head) to finish merges all of them: the counter's
-        # acquire/release orders every range's stores before the merge's loads, and the
-        # merging program sets the counter back to zero for the next call. The release is
-        # made by one thread and covers only the stores it has seen: the barrier makes it
-        # see every thread's (Triton 3.5 happens to place one here for its scratch memory
-        # anyway; this one does not depend on that, and compiles to the same PTX barrier).
-        tl.debug_barrier()
-        done = tl.atomic_add(COUNT + pid, 1, sem="acq_rel")
-        if done == splits - 1:
-            ranges = tl.arange(0, SPLIT_COUNT)  # SPLIT_COUNT: a power of two >= splits
-            first = pid * splits * G
-            for c0 in tl.static_range(0, G * D, CHUNK):  # CHUNK columns of the [G, D] output
-                cols = c0 + tl.arange(0, CHUNK)
-                col_ok = cols < G * D
-                group = cols // D
-                ok = col_ok[None, :] & (ranges[:, None] < splits)
-                at = first + ranges[:, None] * G + group[None, :]
-                m = tl.load(M + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                top = tl.max(m, 0)
-                top = tl.where(top == float("-inf"), 0.0, top)
-                w = tl.exp(m - top[None, :])  # a range with no visible key weighs 0
-                l_sum = tl.sum(tl.load(L + at, mask=ok, other=0.0, cache_modifier=".cg") * w, 0)
-                at = (first + ranges[:, None] * G) * D + cols[None, :]
-                a = tl.load(ACC + at, mask=ok, other=0.0, cache_modifier=".cg")
-                out = tl.sum(a * w, 0) / l_sum
-                o_ptr = OUT + (b * KV_HEADS + hk) * G * D + cols
-                tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=col_ok)
-            tl.atomic_xchg(COUNT + pid, 0)
+            # The last range of this (row, KV head) to finish merges all of them: the counter's
+            # acquire/release orders every range's stores before the merge's loads, and the
+            # merging program sets the counter back to zero for the next call. The release is
+            # made by one thread and covers only the stores it has seen: the barrier makes it
+            # see every thread's (Triton 3.5 happens to place one here for its scratch memory
+            # anyway; this one does not depend on that, and compiles to the same PTX barrier).
+            tl.debug_barrier()
+            done = tl.atomic_add(COUNT + pid, 1, sem="acq_rel")
+            if done == splits - 1:
+                ranges = tl.arange(0, SPLIT_COUNT)  # SPLIT_COUNT: a power of two >= splits
+                first = pid * splits * G
+                for c0 in tl.static_range(0, G * D, CHUNK):  # CHUNK columns of the [G, D] output
+                    cols = c0 + tl.arange(0, CHUNK)
+                    col_ok = cols < G * D
+                    group = cols // D
+                    ok = col_ok[None, :] & (ranges[:, None] < splits)
+                    at = first + ranges[:, None] * G + group[None, :]
+                    m = tl.load(M + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    top = tl.max(m, 0)
+                    top = tl.where(top == float("-inf"), 0.0, top)
+                    w = tl.exp(m - top[None, :])  # a range with no visible key weighs 0
+                    l_sum = tl.sum(tl.load(L + at, mask=ok, other=0.0, cache_modifier=".cg") * w, 0)
+                    at = (first + ranges[:, None] * G) * D + cols[None, :]
+                    a = tl.load(ACC + at, mask=ok, other=0.0, cache_modifier=".cg")
+                    out = tl.sum(a * w, 0) / l_sum
+                    o_ptr = OUT + (b * KV_HEADS + hk) * G * D + cols
+                    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=col_ok)
+                tl.atomic_xchg(COUNT + pid, 0)
 
     @triton_op("fermi::split_decode", mutates_args={})
     def split_decode(
