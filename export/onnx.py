@@ -61,6 +61,11 @@ def export_onnx(decoder: Decoder, path: Path, max_seq_len: int) -> None:
 
     cfg = decoder.cfg
     decoder.setup_cache(1, max_seq_len)  # the rope tables and windows; the graph has no cache
+    # ... so the slot caches go: the trace's own (OnnxStep's) replace them during forward,
+    # and a buffer that disappears mid-trace fails torch.export's non-strict capture, which
+    # the exporter tries first (it then fell back to the strict one, twice as slow).
+    for layer in decoder.model.layers:
+        layer.self_attn.cache = None
     # The weights and the decoder's own tables; not the KV cache, which the graph replaces
     # with its inputs and which goes with the move to meta.
     tensors = {
