@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # (rows, context, KV bucket): the 128-row serving step of run 51, a mid batch, batch 8 and
 # batch 1 at long contexts.
 POINTS = [(128, 200, 256), (128, 1000, 1024), (32, 500, 512), (8, 2100, 3072), (1, 2100, 3072)]
-SWEEP = list(itertools.product((256, 512, 1024, 2048), (32, 64, 128), (4, 8), (2, 3, 4)))
+SWEEP = list(itertools.product((64, 256, 512, 1024, 2048), (32, 64, 128), (4, 8), (2, 3, 4)))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -88,6 +88,9 @@ def main() -> None:
     p.add_argument("--heads", type=int, nargs=3, default=(16, 8, 128), help="q heads, KV, dim")
     p.add_argument("--check-only", action="store_true", help="small shapes, no timing (CPU)")
     p.add_argument("--only", nargs="+", default=None, help="these variants only (e.g. main old)")
+    p.add_argument(
+        "--points", nargs="+", default=None, metavar="ROWS,CONTEXT,BUCKET", help="instead of POINTS"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -102,6 +105,8 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     h, kv_heads, d = args.heads
     points, sweep, layers = POINTS, SWEEP, args.layers
+    if args.points:
+        points = [tuple(int(x) for x in point.split(",")) for point in args.points]
     if not cuda:  # Triton's interpreter: the launch logic and results only
         points, layers = [(3, 70, 96), (1, 150, 160)], 1
         sweep = list(itertools.product((64, 512), (32, 64), (4,), (2,)))
