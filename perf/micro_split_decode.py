@@ -163,7 +163,7 @@ def main() -> None:
         if timed:
             best = min(timed, key=lambda e: e["us_per_layer"])
             point["best"] = best
-            point["main"] = next(e for e in rows_out if e["variant"] == "main")
+            point["main"] = next((e for e in rows_out if e["variant"] == "main"), None)
             print(json.dumps({k: point[k] for k in ("rows", "context", "best", "main")}))
         else:
             bad = [e for e in rows_out if "error" in e]

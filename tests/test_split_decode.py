@@ -247,6 +247,34 @@ INTERPRETED = textwrap.dedent(
             assert err < 1e-5, (h, hkv, d, length, b, err)
             assert not counters.any()
         print("ok", b * hkv, length, ranges)
+
+    # One range over several key blocks (the op cuts one range only from 512 pairs up, which
+    # the interpreter would take long over), launched directly: 2 rows x 2 KV heads, 200
+    # keys in 4 blocks. Partials poisoned with NaN stay NaN: the program wrote its output
+    # itself, without the merge.
+    b, h, hkv, d, length = 2, 4, 2, 16, 200
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(b, h, 1, d, generator=g)
+    keys = torch.randn(b, hkv, length, d, generator=g)
+    values = torch.randn(b, hkv, length, d, generator=g)
+    positions = torch.tensor([[length - 1], [130]])
+    counters = torch.zeros(b * hkv, dtype=torch.int32)
+    out = torch.full_like(q, float("nan"))
+    acc = torch.full((b * hkv, h // hkv, d), float("nan"))
+    m, l_sum = acc[:, :, 0].clone(), acc[:, :, 0].clone()
+    S._partials_kernel[(b * hkv, 1)](
+        q, keys, values, positions, acc, m, l_sum, counters, out,
+        q.stride(0), q.stride(1), q.stride(3),
+        *keys.stride(), *values.stride(), positions.stride(0),
+        length, 256, 1, 0, d**-0.5, 0.0,
+        KV_HEADS=hkv, G=h // hkv, GP=16, D=d, DP=16, BLOCK=64, SPLIT_COUNT=32,
+        CHUNK=h // hkv * d, HAS_WINDOW=False, HAS_SOFTCAP=False, IEEE=True,
+    )  # fmt: skip
+    want = reference(q, keys, values, positions, None, d**-0.5, None)
+    assert (out - want).abs().max().item() < 1e-5
+    assert acc.isnan().all() and m.isnan().all() and l_sum.isnan().all()
+    assert not counters.any()
+    print("direct", b * hkv, length)
     """
 )
 
@@ -262,6 +290,7 @@ def test_the_kernel_equals_the_reference_in_tritons_interpreter():
     lines = run_script(INTERPRETED, TRITON_INTERPRET="1")
     ranges = [line.split()[-1] for line in lines if line.startswith("ok")]
     assert ranges == ["1", "17", "5", "5", "1"]
+    assert "direct 4 200" in lines
 
 
 ONE_GRAPH = textwrap.dedent(
