@@ -32,6 +32,7 @@ from fermi.models.registry import Adapter, UnsupportedModelError, adapter_for
 from fermi.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+X86_MACHINES = ("x86_64", "amd64")  # platform.machine() of x86 CPUs (Linux, Windows)
 
 
 @dataclass(frozen=True)
@@ -425,15 +426,12 @@ def quantized_cpu_note() -> str | None:
     instructions for and run no faster than fp16 storage (``perf/LOG.md`` run 55). None
     elsewhere (AVX-512 CPUs ran them 1.3-1.6x faster than fp16; others are not measured)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "DEFAULT") or platform.machine().lower() not in X86:
+    if capability not in ("AVX2", "DEFAULT") or platform.machine().lower() not in X86_MACHINES:
         return None
     return (
         f"this CPU's best kernels are {capability} (no AVX-512): torch's int8/int4 products "
         "run no faster than fp16 storage on it, so quantizing saves memory here, not time"
     )
-
-
-X86 = ("x86_64", "amd64")
 
 
 def _float(tensor: torch.Tensor | QuantizedWeight) -> torch.Tensor:
