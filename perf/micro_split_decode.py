@@ -10,12 +10,10 @@ in a CUDA graph, for every combination of:
   32 and at most the key blocks), with only ranges that start before the end launched;
 - ``block``: keys per inner iteration; ``warps``; ``stages`` (software pipelining).
 
-Rows ``main``, ``split512``, ``untrimmed`` and ``old`` are the launch the registered op makes
-today (``fermi.models.split_decode``: one range per pair from 64 pairs up, with the wider
-one-wave launch while the pairs fit one program per multiprocessor), the launch of runs 54-59
-(512 programs aimed for at every batch, only ranges that hold keys), the launch of run 51
-(every counted range, empty ones too) and the launch before run 51 (32 ranges always).
-Each variant's output is
+Rows ``main``, ``untrimmed`` and ``old`` are the launch main makes today
+(``fermi.models.split_decode.key_ranges``: 512 programs aimed for, only ranges that hold
+keys), the launch of run 51 (every counted range, empty ones too) and the launch before run
+51 (32 ranges always). Each variant's output is
 checked against attention in float32 before it is timed. Reports us per layer, the bytes of
 K and V read (at the row's positions) per second, and the best variant per point.
 
@@ -58,26 +56,25 @@ def run_kernel(q, keys, values, positions, counters, plan, block, warps, stages,
     from fermi.models import split_decode as S
 
     ranges, split_len = plan
-    h, d = q.shape[1], q.shape[3]
-    pairs = q.shape[0] * keys.shape[1]
-    g = h // keys.shape[1]
-    partials = (
-        torch.empty((pairs * ranges, g, d), dtype=torch.float32, device=q.device),
-        torch.empty((pairs * ranges, g), dtype=torch.float32, device=q.device),
-        torch.empty((pairs * ranges, g), dtype=torch.float32, device=q.device),
-    )
-    S._launch(S._partials_kernel, (pairs, ranges), q, keys, values, positions, counters, out,
-              partials, split_len, ranges, 0, d**-0.5, 0.0, (block, warps, stages))  # fmt: skip
-
-
-def op_launch(pairs: int, bucket: int, d: int, element_size: int, device):
-    """(plan, block, warps, stages) the registered op launches for this shape (concrete)."""
-    from fermi.models import split_decode as S
-
-    plan = S.key_ranges(pairs, bucket, S.BLOCK_N)
-    if S.one_wave_pairs(pairs, d, element_size, S.gpu_of(device)):
-        return (plan, *S.ONE_WAVE_LAUNCH)
-    return (plan, S.BLOCK_N, 4, 2)
+    b, h, _, d = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    g = h // kv_heads
+    pairs = b * kv_heads
+    acc = torch.empty((pairs * ranges, g, d), dtype=torch.float32, device=q.device)
+    m = torch.empty((pairs * ranges, g), dtype=torch.float32, device=q.device)
+    l_sum = torch.empty((pairs * ranges, g), dtype=torch.float32, device=q.device)
+    S._partials_kernel[(pairs, ranges)](
+        q, keys, values, positions, acc, m, l_sum, counters, out,
+        q.stride(0), q.stride(1), q.stride(3),
+        keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
+        values.stride(0), values.stride(1), values.stride(2), values.stride(3),
+        positions.stride(0),
+        length, split_len, ranges, 0, d**-0.5, 0.0,
+        KV_HEADS=kv_heads, G=g, GP=max(16, S._pow2(g)), D=d, DP=max(16, S._pow2(d)),
+        BLOCK=block, SPLIT_COUNT=32, CHUNK=min(256, S._pow2(g * d)),
+        HAS_WINDOW=False, HAS_SOFTCAP=False, IEEE=q.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
 
 
 def every_layer(caches, q, positions, counters, plan, block, warps, stages, out) -> None:
@@ -100,6 +97,7 @@ def main() -> None:
     import torch
     from micro_gemv import time_graph
 
+    from fermi.models import split_decode as S
     from tests.test_split_decode import reference
 
     cuda = torch.cuda.is_available() and not args.check_only
@@ -133,8 +131,7 @@ def main() -> None:
         old_len = cdiv(cdiv(bucket, 32), 64) * 64  # before run 51: 32 ranges always
         variants = {
             "old": ((32, old_len), 64, 4, 2),
-            "main": op_launch(pairs, bucket, d, caches[0].element_size(), device),
-            "split512": (launch_plan(pairs, bucket, 64, 512, trim=True), 64, 4, 2),
+            "main": (S.key_ranges(pairs, bucket, 64), 64, 4, 2),
             "untrimmed": (launch_plan(pairs, bucket, 64, 512, trim=False), 64, 4, 2),
         }
         for t, b, w, s in sweep:

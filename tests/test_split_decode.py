@@ -96,80 +96,6 @@ def test_a_wide_batch_gives_each_row_one_range_written_directly(dtype):
     assert not counters.any()
 
 
-@pytest.mark.parametrize(("rows", "length"), [(8, 384), (8, 2100), (16, 1000)])
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
-def test_the_one_wave_launch_equals_the_reference(rows, length):
-    """Qwen3-8B's heads at 8 and 16 rows (64 and 128 pairs): one range each over up to 17
-    of the launch's 128-key blocks, read from a view of a longer cache."""
-    from fermi.models.split_decode import (
-        counters_for,
-        gpu_of,
-        one_wave_pairs,
-        split_decode_attention,
-    )
-
-    h, hkv, d = 32, 8, 128
-    if not one_wave_pairs(rows * hkv, d, 2, gpu_of("cuda")):
-        pytest.skip("this GPU takes the usual launch at these shapes")
-    g = torch.Generator(device="cuda").manual_seed(rows + length)
-    kw = {"device": "cuda", "generator": g}
-    q = torch.randn(rows, h, 1, d, **kw).bfloat16()
-    cache = torch.randn(2, rows, hkv, length + 64, d, **kw).bfloat16()
-    keys, values = cache[0, :, :, :length], cache[1, :, :, :length]
-    positions = torch.randint(0, length, (rows, 1), **kw)
-    positions[0, 0], positions[1, 0] = length - 1, 0
-    counters = counters_for(rows, hkv, "cuda")
-    want = reference(q, keys, values, positions, None, d**-0.5, None)
-    got = split_decode_attention(q, keys, values, positions, None, d**-0.5, None, counters)
-    assert (got.float() - want).abs().max().item() < 2e-2
-    assert not counters.any()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
-def test_one_compiled_program_launches_each_batch_by_its_rule():
-    """Batch and length dynamic, as the runner compiles its wider decode step, through
-    Inductor: 2 rows split their keys, 8 and 16 take the one-wave launch (on a GPU with the
-    shared memory), 17 and 130 one range each with the usual launch. One compile serves them
-    all, each equals the reference, and each replays right from a CUDA graph (where the
-    launch with no pairs records no node)."""
-    from torch._inductor.compile_fx import compile_fx
-
-    from fermi.models.split_decode import counters_for, split_decode_attention
-
-    h, hkv, d, length = 16, 8, 128, 640
-    counters = counters_for(130, hkv, "cuda")
-    compiles = []
-
-    def backend(gm, example_inputs):
-        compiles.append(gm)
-        return compile_fx(gm, example_inputs)
-
-    def attend(q, keys, values, positions):
-        return split_decode_attention(q, keys, values, positions, None, d**-0.5, None, counters)
-
-    compiled = torch.compile(attend, backend=backend, fullgraph=True, dynamic=True)
-    g = torch.Generator(device="cuda").manual_seed(5)
-    kw = {"device": "cuda", "generator": g}
-    cache = torch.randn(2, 130, hkv, length + 1, d, **kw).bfloat16()
-    for rows in (2, 8, 16, 17, 130):
-        keys, values = cache[0, :rows, :, :length], cache[1, :rows, :, :length]
-        q = torch.randn(rows, h, 1, d, **kw).bfloat16()
-        positions = torch.randint(0, length, (rows, 1), **kw)
-        want = reference(q, keys, values, positions, None, d**-0.5, None)
-        assert (compiled(q, keys, values, positions).float() - want).abs().max().item() < 2e-2
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = compiled(q, keys, values, positions)
-        q.copy_(torch.randn(q.shape, **kw))
-        graph.replay()
-        want = reference(q, keys, values, positions, None, d**-0.5, None)
-        assert (out.float() - want).abs().max().item() < 2e-2, rows
-        assert not counters.any()
-    assert len(compiles) == 1
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
 def test_split_kernel_compiles_with_a_symbolic_length_and_captures():
@@ -240,57 +166,19 @@ def test_every_threads_partials_are_ordered_before_the_counters_release(g, d, dt
         (8, 2048, 64, 32),  # batch 1, 8 KV heads, long: the most ranges
         (8, 256, 64, 4),  # batch 1, short: no more ranges than blocks of keys
         (8, 5, 64, 1),
-        (63, 2048, 64, 9),  # just below ONE_RANGE_PAIRS: about 512 programs
-        (64, 2048, 64, 1),  # batch 8 with 8 KV heads: one range each, no merge
-        (1024, 256, 64, 1),  # batch 128
+        (64, 2048, 64, 8),  # batch 8: 512 programs
+        (1024, 256, 64, 1),  # batch 128: the pairs alone fill the GPU
         (600, 4096, 64, 1),
         (4, 1000, 32, 32),  # Gemma 2's 256-wide heads take 32-key blocks
     ],
 )
 def test_the_split_count_fills_the_gpu_with_no_more_ranges_than_blocks(pairs, length, block, want):
-    from fermi.models.split_decode import ONE_RANGE_PAIRS, TARGET_PROGRAMS, split_count
+    from fermi.models.split_decode import TARGET_PROGRAMS, split_count
 
     got = split_count(pairs, length, block)
     assert got == want
-    if pairs < ONE_RANGE_PAIRS:
-        assert pairs * got >= min(TARGET_PROGRAMS, pairs * -(-length // block)) or got == 32
+    assert pairs * got >= min(TARGET_PROGRAMS, pairs * -(-length // block)) or got == 32
     assert (got - 1) * block < length
-
-
-H200 = (132, 232448)  # multiprocessors, shared memory a program may opt into
-
-
-@pytest.mark.parametrize(
-    ("pairs", "d", "size", "gpu", "want"),
-    [
-        (8, 128, 2, H200, 0),  # batch 1: split ranges, the usual launch
-        (63, 128, 2, H200, 0),
-        (64, 128, 2, H200, 64),  # one range each, one program per multiprocessor
-        (132, 128, 2, H200, 132),
-        (133, 128, 2, H200, 0),  # a second wave: the usual launch
-        (1024, 128, 2, H200, 0),
-        (64, 128, 4, H200, 0),  # float32: three stages of 128 keys do not fit
-        (64, 256, 2, H200, 0),  # Gemma's 256-wide heads: nor these
-        (64, 96, 2, H200, 64),  # Phi-3.5's 96-wide heads pad to 128
-        (64, 128, 2, (108, 166912), 0),  # an A100's 163 KB: the usual launch
-    ],
-)
-def test_the_one_wave_launch_takes_one_range_pairs_that_fit_a_wave(pairs, d, size, gpu, want):
-    from fermi.models.split_decode import one_wave_pairs
-
-    assert one_wave_pairs(pairs, d, size, gpu) == want
-
-
-def test_the_one_wave_choice_stays_symbolic_under_dynamic_shapes():
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    from fermi.models.split_decode import one_wave_pairs
-
-    env = ShapeEnv()
-    rows = env.create_unbacked_symint()
-    wide = one_wave_pairs(rows * 8, 128, 2, H200)
-    assert isinstance(wide, torch.SymInt)
-    assert not env.guards
 
 
 def test_the_split_count_stays_symbolic_under_dynamic_shapes():
@@ -360,10 +248,10 @@ INTERPRETED = textwrap.dedent(
             assert not counters.any()
         print("ok", b * hkv, length, ranges)
 
-    # One range over several key blocks, launched as the op launches 64 to 132 pairs
-    # (ONE_WAVE_LAUNCH's 128-key blocks; the op takes it for 2-byte elements only, and the
-    # interpreter would take long over 64 pairs): 2 rows x 2 KV heads, 200 keys in 2 blocks.
-    # Partials poisoned with NaN stay NaN: the program wrote its output itself, no merge.
+    # One range over several key blocks (the op cuts one range only from 512 pairs up, which
+    # the interpreter would take long over), launched directly: 2 rows x 2 KV heads, 200
+    # keys in 4 blocks. Partials poisoned with NaN stay NaN: the program wrote its output
+    # itself, without the merge.
     b, h, hkv, d, length = 2, 4, 2, 16, 200
     g = torch.Generator().manual_seed(11)
     q = torch.randn(b, h, 1, d, generator=g)
@@ -373,12 +261,18 @@ INTERPRETED = textwrap.dedent(
     counters = torch.zeros(b * hkv, dtype=torch.int32)
     out = torch.full_like(q, float("nan"))
     acc = torch.full((b * hkv, h // hkv, d), float("nan"))
-    partials = (acc, acc[:, :, 0].clone(), acc[:, :, 0].clone())
-    S._launch(S._partials_kernel, (b * hkv, 1), q, keys, values, positions, counters, out,
-              partials, 256, 1, 0, d**-0.5, 0.0, S.ONE_WAVE_LAUNCH)  # fmt: skip
+    m, l_sum = acc[:, :, 0].clone(), acc[:, :, 0].clone()
+    S._partials_kernel[(b * hkv, 1)](
+        q, keys, values, positions, acc, m, l_sum, counters, out,
+        q.stride(0), q.stride(1), q.stride(3),
+        *keys.stride(), *values.stride(), positions.stride(0),
+        length, 256, 1, 0, d**-0.5, 0.0,
+        KV_HEADS=hkv, G=h // hkv, GP=16, D=d, DP=16, BLOCK=64, SPLIT_COUNT=32,
+        CHUNK=h // hkv * d, HAS_WINDOW=False, HAS_SOFTCAP=False, IEEE=True,
+    )  # fmt: skip
     want = reference(q, keys, values, positions, None, d**-0.5, None)
     assert (out - want).abs().max().item() < 1e-5
-    assert all(t.isnan().all() for t in partials)
+    assert acc.isnan().all() and m.isnan().all() and l_sum.isnan().all()
     assert not counters.any()
     print("direct", b * hkv, length)
     """
@@ -423,12 +317,10 @@ ONE_GRAPH = textwrap.dedent(
         return S.split_decode(q, keys, values, positions, counters, 0, 0.25, 0.0)
 
     counters = torch.zeros(520, dtype=torch.int32)
-    # rows (one KV head: rows are pairs), cache length: 32 ranges, one range with the usual
-    # launch, 5 of 9 (rounding to whole blocks), 32, one range with the one-wave launch.
-    # bfloat16, so that the one-wave launch is a choice the trace must keep symbolic.
-    for b, length in [(2, 2048), (520, 70), (60, 600), (4, 4000), (100, 500)]:
-        q = torch.randn(b, 3, 1, 16, dtype=torch.bfloat16)
-        keys = torch.randn(b, 1, length, 16, dtype=torch.bfloat16)
+    # rows, cache length: 32 ranges, one range (the rows fill the GPU), 3 of 4, 32
+    for b, length in [(2, 2048), (520, 70), (128, 300), (4, 4000)]:
+        q = torch.randn(b, 3, 1, 16)
+        keys = torch.randn(b, 1, length, 16)
         positions = torch.randint(0, length, (b, 1))
         for t in (q, keys, positions):
             torch._dynamo.mark_dynamic(t, 0)
@@ -437,7 +329,7 @@ ONE_GRAPH = textwrap.dedent(
             attend(q, keys, keys, positions, counters)
         except Traced:
             pass
-        print("ranges", S.key_ranges(b, length)[0], S.one_wave_pairs(b, 16, 2, S.gpu_of("cpu")))
+        print("ranges", S.key_ranges(b, length)[0])
     print("graphs", len(graphs))
     """
 )
@@ -445,18 +337,16 @@ ONE_GRAPH = textwrap.dedent(
 
 def test_one_compiled_graph_serves_one_key_range_and_many():
     """Compiled as the model is (batch and cache length dynamic), a batch cut into one key
-    range per row, batches cut into many and a batch in the one-wave launch share one graph:
-    no tensor's size is 1 only because the range count is, and no launch's choice is a
-    guard, either of which would compile again. The graphs are traced through AOT autograd
-    as Inductor's are, not run (a CPU host cannot launch the kernel); in a process of its
-    own, as Triton is imported."""
+    range per row and batches cut into many share one graph: no tensor's size is 1 only
+    because the range count is, which would add a guard, and a second compile at wide
+    batches. The graphs are traced through AOT autograd as Inductor's are, not run (a CPU
+    host cannot launch the kernel); in a process of its own, as Triton is imported."""
     pytest.importorskip("triton")
     lines = run_script(ONE_GRAPH)
     assert "graphs 1" in lines, lines
     assert [line for line in lines if line.startswith("ranges")] == [
-        "ranges 32 0",
-        "ranges 1 0",
-        "ranges 5 0",
-        "ranges 32 0",
-        "ranges 1 100",
+        "ranges 32",
+        "ranges 1",
+        "ranges 3",
+        "ranges 32",
     ]

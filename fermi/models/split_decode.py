@@ -9,11 +9,8 @@ share the KV head, reading each key and value once. The ranges are then merged w
 their maxima rescaled by the last program of each (row, KV head) to finish, found with an
 atomic counter, so one launch does the whole attention. How many ranges a call cuts follows
 its shape (:func:`split_count`, :func:`key_ranges`): enough programs to fill the GPU, and
-only ranges that hold keys. From :data:`ONE_RANGE_PAIRS` pairs up each pair is one range
-and its program writes the output directly, skipping the merge: splitting then costs more
-in the merge than it gains in parallel reads. While those programs fit one wave on the
-GPU, they run a wider launch (:data:`ONE_WAVE_LAUNCH`: longer key blocks, more warps,
-deeper pipelining), since each program then has a multiprocessor to itself.
+only ranges that hold keys. Where that is one range (wide batches), each program writes its
+output directly and the merge is skipped.
 
 The mask is computed from the positions: key ``j`` of a row at position ``p`` is visible
 when ``j <= p`` (and ``j > p - window`` for a sliding window), so no mask tensor is built.
@@ -27,8 +24,6 @@ Triton; ``available()`` says whether it could.
 # ruff: noqa: N803, SIM108 (Triton style: pointer and constexpr arguments in capitals)
 from __future__ import annotations
 
-import functools
-
 import torch
 
 SPLITS = 32  # most key ranges per (row, KV head): 256 programs at batch 1 with 8 KV heads
@@ -37,17 +32,6 @@ BLOCK_N = 64  # keys per inner iteration
 # already give that many (row, KV head) pairs, so they split less: at 128 rows and 8 KV
 # heads one range each, where 32 left 28 of every 32 programs without a key to read.
 TARGET_PROGRAMS = 512
-# From this many pairs up, one range each: splitting (partials, barrier, atomic, merge) cost
-# more than it gained. Qwen3-8B's heads, 8 rows (64 pairs), µs a layer: 25.3 split into 4
-# ranges against 9.1 in one at 200 keys, 42.5 against 21.8 at 32 rows and 500 keys (LOG.md
-# run 59). Below it (batch 1-7 with 8 KV heads) splitting still wins.
-ONE_RANGE_PAIRS = 64
-# (keys per block, warps, stages) for one range per pair while the pairs fit one program per
-# multiprocessor. Its three 128-key stages of K and V take 192 KB of shared memory, so one
-# program fills a Hopper multiprocessor: faster alone (8 rows of 8B's heads at 2,100 keys:
-# 29.1 against 55.6 µs a layer with the usual launch), slower in several waves (128 rows at
-# 200 keys: 44.4 against 33.7).
-ONE_WAVE_LAUNCH = (128, 8, 3)
 
 try:
     import triton
@@ -194,83 +178,47 @@ if triton is not None:
         # it: nothing observable changes, so it is declared an input only.
         b, h, _, d = q.shape
         kv_heads, length = keys.shape[1], keys.shape[2]
-        pairs = b * kv_heads
-        block = BLOCK_N if d <= 128 else BLOCK_N // 2  # Gemma's 256-wide heads: less smem
-        splits, split_len = key_ranges(pairs, length, block)
+        g = h // kv_heads
+        dp = max(16, _pow2(d))
+        block = BLOCK_N if dp <= 128 else BLOCK_N // 2  # Gemma's 256-wide heads: less smem
+        splits, split_len = key_ranges(b * kv_heads, length, block)
         # One flat axis of (pair, range) partials: a separate range axis would be 1 at wide
         # batches, and a compile with dynamic shapes would guard on that and compile twice.
-        # (Unused where each pair is one range; a step's graph pool holds them briefly.)
-        partials = (
-            q.new_empty((pairs * splits, h // kv_heads, d), dtype=torch.float32),
-            q.new_empty((pairs * splits, h // kv_heads), dtype=torch.float32),
-            q.new_empty((pairs * splits, h // kv_heads), dtype=torch.float32),
-        )
+        acc = q.new_empty((b * kv_heads * splits, g, d), dtype=torch.float32)
+        m = q.new_empty((b * kv_heads * splits, g), dtype=torch.float32)
+        l_sum = q.new_empty((b * kv_heads * splits, g), dtype=torch.float32)
         out = q.new_empty((b, h, 1, d))
-        args = (q, keys, values, positions, counters, out, partials)
-        kernel = wrap_triton(_partials_kernel)
-        # Two launches, each over the pairs its rule takes and none over the others: with
-        # dynamic shapes the choice stays an expression (no guard, one compiled graph for
-        # every batch), and an empty grid launches nothing (Triton's and Inductor's launchers
-        # return at once; a CUDA graph records no node). Concrete shapes launch one.
-        wide = one_wave_pairs(pairs, d, q.element_size(), gpu_of(q.device))
-        usual = pairs - wide
-        if not _is_zero(usual):
-            _launch(kernel, (usual, splits), *args, split_len, splits, window, scale, softcap,
-                    (block, 4, 2))  # fmt: skip
-        if not _is_zero(wide):
-            # wide > 0 only where each pair is one range (pairs >= ONE_RANGE_PAIRS)
-            _launch(kernel, (wide, 1), *args, split_len, 1, window, scale, softcap,
-                    ONE_WAVE_LAUNCH)  # fmt: skip
+        wrap_triton(_partials_kernel)[(b * kv_heads, splits)](
+            q, keys, values, positions, acc, m, l_sum, counters, out,
+            q.stride(0), q.stride(1), q.stride(3),
+            keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
+            values.stride(0), values.stride(1), values.stride(2), values.stride(3),
+            positions.stride(0),
+            length, split_len, splits, window, scale, softcap,
+            KV_HEADS=kv_heads,
+            G=g,
+            GP=max(16, _pow2(g)),
+            D=d,
+            DP=dp,
+            BLOCK=block,
+            SPLIT_COUNT=SPLITS,
+            CHUNK=min(256, _pow2(g * d)),
+            HAS_WINDOW=window > 0,
+            HAS_SOFTCAP=softcap > 0.0,
+            IEEE=q.dtype == torch.float32,
+            num_stages=2,
+        )  # fmt: skip
         return out
-
-
-def _is_zero(n) -> bool:
-    return isinstance(n, int) and n == 0
-
-
-def _launch(kernel, grid, q, keys, values, positions, counters, out, partials, split_len, splits,
-            window, scale, softcap, launch) -> None:  # fmt: skip
-    """Launch ``kernel`` (the jitted kernel, or it wrapped for a traced op) over ``grid``
-    programs: (pairs, ranges). ``launch`` is (keys per block, warps, stages); the rest are
-    the op's inputs, its output and its partials (acc, m, l)."""
-    h, d = q.shape[1], q.shape[3]
-    kv_heads = keys.shape[1]
-    g = h // kv_heads
-    block, warps, stages = launch
-    acc, m, l_sum = partials
-    kernel[grid](
-        q, keys, values, positions, acc, m, l_sum, counters, out,
-        q.stride(0), q.stride(1), q.stride(3),
-        keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
-        values.stride(0), values.stride(1), values.stride(2), values.stride(3),
-        positions.stride(0),
-        keys.shape[2], split_len, splits, window, scale, softcap,
-        KV_HEADS=kv_heads,
-        G=g,
-        GP=max(16, _pow2(g)),
-        D=d,
-        DP=max(16, _pow2(d)),
-        BLOCK=block,
-        SPLIT_COUNT=SPLITS,
-        CHUNK=min(256, _pow2(g * d)),
-        HAS_WINDOW=window > 0,
-        HAS_SOFTCAP=softcap > 0.0,
-        IEEE=q.dtype == torch.float32,
-        num_warps=warps,
-        num_stages=stages,
-    )  # fmt: skip
 
 
 def split_count(pairs, length, block: int = BLOCK_N):
     """Key ranges per (row, KV head) for ``pairs`` of them over ``length`` keys: enough for
     about :data:`TARGET_PROGRAMS` programs, at most :data:`SPLITS`, at least one, and no more
-    than the ``block``-key blocks there are; one from :data:`ONE_RANGE_PAIRS` pairs up.
-    ``pairs`` and ``length`` may be symbolic (compiled with dynamic shapes): the choice then
-    stays an expression, with no guard."""
+    than the ``block``-key blocks there are. ``pairs`` and ``length`` may be symbolic
+    (compiled with dynamic shapes): the choice then stays an expression, with no guard."""
     wanted = (TARGET_PROGRAMS + pairs - 1) // pairs
-    few = 1 - torch.sym_min(1, pairs // ONE_RANGE_PAIRS)  # 1 below ONE_RANGE_PAIRS, else 0
     blocks = (length + block - 1) // block
-    return torch.sym_max(1, torch.sym_min(SPLITS, torch.sym_min(wanted * few, blocks)))
+    return torch.sym_max(1, torch.sym_min(SPLITS, torch.sym_min(wanted, blocks)))
 
 
 def key_ranges(pairs, length, block: int = BLOCK_N):
@@ -282,37 +230,6 @@ def key_ranges(pairs, length, block: int = BLOCK_N):
     per_range = (length + count - 1) // count
     span = (per_range + block - 1) // block * block
     return (length + span - 1) // span, span
-
-
-def one_wave_pairs(pairs, head_dim: int, element_size: int, gpu: tuple[int, int]):
-    """How many of ``pairs`` take :data:`ONE_WAVE_LAUNCH` on a GPU of ``gpu`` = (multi-
-    processors, shared memory a program may have): all of them when each is one range (at
-    least :data:`ONE_RANGE_PAIRS`) and they fit one program per multiprocessor; none
-    otherwise, nor where the launch's shared memory does not fit (4-byte elements, heads
-    wider than 128, a GPU with less shared memory per program than Hopper's). ``pairs`` may
-    be symbolic: the answer is then an expression, with no guard."""
-    sms, smem = gpu
-    block, _, stages = ONE_WAVE_LAUNCH
-    if stages * 2 * block * max(16, _pow2(head_dim)) * element_size >= smem:  # K and V
-        return 0
-    ones = torch.sym_min(1, pairs // ONE_RANGE_PAIRS)  # 1 from ONE_RANGE_PAIRS up, else 0
-    one_wave = 1 - torch.sym_min(1, pairs // (sms + 1))  # 1 up to ``sms`` pairs, else 0
-    return pairs * ones * one_wave
-
-
-def gpu_of(device) -> tuple[int, int]:
-    """(multiprocessors, shared memory a program may opt into) of a CUDA ``device``; for
-    Triton's interpreter on the CPU, an H200's (132, 227 KB), so it runs the GPU's rule."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 132, 232448
-    return _cuda_gpu(device.index if device.index is not None else 0)
-
-
-@functools.cache
-def _cuda_gpu(index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 49152)
 
 
 def counters_for(max_batch: int, kv_heads: int, device) -> torch.Tensor:
