@@ -118,8 +118,9 @@ def export_onnx(decoder: Decoder, path: Path, max_seq_len: int) -> None:
         else:
             value.shape = ir.Shape(["batch_size", kv, "present_sequence_length", dim])
     program.save(str(path), external_data=_needs_external_data(decoder))
-    # onnxscript's rewrite rules (module-level objects) keep the last graph they matched,
-    # and with it every weight: the graph lets go of them here.
+    # Whatever still holds the graph must not hold the weights with it (onnxscript's rewrite
+    # rules, module-level objects, kept the last graph they matched when they ran): the
+    # graph lets go of them here.
     for value in program.model.graph.initializers.values():
         value.const_value = None
     del program, tensors
@@ -130,9 +131,10 @@ def tidy(model) -> None:
     """What the exporter's ``ONNXProgram.optimize()`` does, less onnxscript's pattern
     rewrites: constant folding, then unused nodes, functions and opsets removed, constants
     made initializers, duplicates merged. The rewrites took 12 of the 45 s an export of
-    SmolLM2-135M took, to remove 99 of its 1,268 nodes (slices over a whole axis, multiplies
-    and reshapes that change nothing) that onnxruntime removes itself when it loads the
-    graph: the step time is the same either way (``perf/LOG.md`` run 61)."""
+    SmolLM2-135M took, to remove 99 of the 1,268 nodes folding leaves (slices over a whole
+    axis, multiplies and reshapes that change nothing), most of which onnxruntime removes
+    itself when it loads the graph (a tiny model keeps 6, none of them per layer): the
+    step time stayed within noise (``perf/LOG.md`` run 61)."""
     from onnx_ir.passes import common
     from onnxscript.optimizer import fold_constants_ir
 
