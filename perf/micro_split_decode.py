@@ -10,10 +10,14 @@ in a CUDA graph, for every combination of:
   32 and at most the key blocks), with only ranges that start before the end launched;
 - ``block``: keys per inner iteration; ``warps``; ``stages`` (software pipelining).
 
-Rows ``main``, ``untrimmed`` and ``old`` are the launch main makes today
-(``fermi.models.split_decode.key_ranges``: 512 programs aimed for, only ranges that hold
-keys), the launch of run 51 (every counted range, empty ones too) and the launch before run
-51 (32 ranges always). Each variant's output is
+Rows ``main``, ``split512``, ``untrimmed`` and ``old`` are the launch the registered op makes
+today (``fermi.models.split_decode``: one range per pair from 64 pairs up, with the wider
+one-wave launch while the pairs fit one program per multiprocessor), the launch of runs 54-59
+(512 programs aimed for at every batch, only ranges that hold keys), the launch of run 51
+(every counted range, empty ones too) and the launch before run 51 (32 ranges always);
+where ``main`` is one range, ``main_one`` is the same launch of the kernel compiled for one
+range (``ONE_RANGE``: no merge code, fewer registers).
+Each variant's output is
 checked against attention in float32 before it is timed. Reports us per layer, the bytes of
 K and V read (at the row's positions) per second, and the best variant per point.
 
@@ -43,43 +47,47 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def launch_plan(pairs: int, length: int, block: int, target: int, trim: bool):
+def sweep_plan(pairs: int, length: int, block: int, target: int, trim: bool):
     """(ranges launched, keys per range); ``trim``: only ranges that start before the end."""
     count = max(1, min(32, cdiv(target, pairs), cdiv(length, block)))
     split_len = cdiv(cdiv(length, count), block) * block
     return (cdiv(length, split_len) if trim else count), split_len
 
 
-def run_kernel(q, keys, values, positions, counters, plan, block, warps, stages, out):
+def run_kernel(q, keys, values, positions, counters, plan, block, warps, stages, out, one=False):
     import torch
 
     from fermi.models import split_decode as S
 
     ranges, split_len = plan
-    b, h, _, d = q.shape
-    kv_heads, length = keys.shape[1], keys.shape[2]
-    g = h // kv_heads
-    pairs = b * kv_heads
-    acc = torch.empty((pairs * ranges, g, d), dtype=torch.float32, device=q.device)
-    m = torch.empty((pairs * ranges, g), dtype=torch.float32, device=q.device)
-    l_sum = torch.empty((pairs * ranges, g), dtype=torch.float32, device=q.device)
-    S._partials_kernel[(pairs, ranges)](
-        q, keys, values, positions, acc, m, l_sum, counters, out,
-        q.stride(0), q.stride(1), q.stride(3),
-        keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
-        values.stride(0), values.stride(1), values.stride(2), values.stride(3),
-        positions.stride(0),
-        length, split_len, ranges, 0, d**-0.5, 0.0,
-        KV_HEADS=kv_heads, G=g, GP=max(16, S._pow2(g)), D=d, DP=max(16, S._pow2(d)),
-        BLOCK=block, SPLIT_COUNT=32, CHUNK=min(256, S._pow2(g * d)),
-        HAS_WINDOW=False, HAS_SOFTCAP=False, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    h, d = q.shape[1], q.shape[3]
+    pairs = q.shape[0] * keys.shape[1]
+    g = h // keys.shape[1]
+    partials = (
+        torch.empty((pairs * ranges, g, d), dtype=torch.float32, device=q.device),
+        torch.empty((pairs * ranges, g), dtype=torch.float32, device=q.device),
+        torch.empty((pairs * ranges, g), dtype=torch.float32, device=q.device),
+    )
+    launch = (block, warps, stages)
+    S._launch(S._partials_kernel, (pairs, ranges), q, keys, values, positions, counters, out,
+              partials, split_len, ranges, 0, d**-0.5, 0.0, launch, one)  # fmt: skip
 
 
-def every_layer(caches, q, positions, counters, plan, block, warps, stages, out) -> None:
+def op_launch(pairs: int, bucket: int, d: int, element_size: int, device):
+    """(plan, block, warps, stages) the registered op launches for this shape (concrete
+    shapes make one launch)."""
+    from fermi.models import split_decode as S
+
+    _, split_len, launches = S.launch_plan(
+        pairs, bucket, d, element_size, S.multiprocessors(device)
+    )
+    ((_, count, launch),) = launches
+    return ((count, split_len), *launch)
+
+
+def every_layer(caches, q, positions, counters, plan, block, warps, stages, out, one) -> None:
     for c in caches:
-        run_kernel(q, c[0], c[1], positions, counters, plan, block, warps, stages, out)
+        run_kernel(q, c[0], c[1], positions, counters, plan, block, warps, stages, out, one)
 
 
 def main() -> None:
@@ -97,7 +105,6 @@ def main() -> None:
     import torch
     from micro_gemv import time_graph
 
-    from fermi.models import split_decode as S
     from tests.test_split_decode import reference
 
     cuda = torch.cuda.is_available() and not args.check_only
@@ -131,27 +138,32 @@ def main() -> None:
         old_len = cdiv(cdiv(bucket, 32), 64) * 64  # before run 51: 32 ranges always
         variants = {
             "old": ((32, old_len), 64, 4, 2),
-            "main": (S.key_ranges(pairs, bucket, 64), 64, 4, 2),
-            "untrimmed": (launch_plan(pairs, bucket, 64, 512, trim=False), 64, 4, 2),
+            "main": op_launch(pairs, bucket, d, caches[0].element_size(), device),
+            "split512": (sweep_plan(pairs, bucket, 64, 512, trim=True), 64, 4, 2),
+            "untrimmed": (sweep_plan(pairs, bucket, 64, 512, trim=False), 64, 4, 2),
         }
+        if variants["main"][0][0] == 1:  # one range: also the kernel compiled without the merge
+            variants["main_one"] = (*variants["main"], True)
         for t, b, w, s in sweep:
-            variants[f"t{t}_b{b}_w{w}_s{s}"] = (launch_plan(pairs, bucket, b, t, True), b, w, s)
+            variants[f"t{t}_b{b}_w{w}_s{s}"] = (sweep_plan(pairs, bucket, b, t, True), b, w, s)
         if args.only:
             variants = {k: v for k, v in variants.items() if k in args.only}
         rows_out = []
-        for name, (plan, block, warps, stages) in variants.items():
+        for name, (plan, block, warps, stages, *flags) in variants.items():
+            one = bool(flags and flags[0])  # the kernel compiled for one range (no merge)
             entry = {"variant": name, "ranges": plan[0], "keys_per_range": plan[1]}
             try:
                 run_kernel(q, caches[0][0], caches[0][1], positions, counters, plan, block,
-                           warps, stages, out)  # fmt: skip
+                           warps, stages, out, one)  # fmt: skip
                 err = (out.float() - want).abs().max().item()
                 entry["max_err"] = err
                 if err > (2e-2 if dtype == torch.bfloat16 else 1e-4) or counters.any():
                     entry["error"] = "wrong result"
                 elif cuda:
                     step = functools.partial(
-                        every_layer, caches, q, positions, counters, plan, block, warps, stages, out
-                    )
+                        every_layer, caches, q, positions, counters, plan, block, warps, stages,
+                        out, one,
+                    )  # fmt: skip
                     us = time_graph(step, layers)
                     entry["us_per_layer"] = round(us, 2)
                     entry["gb_s"] = round(floor / us / 1e3, 1)

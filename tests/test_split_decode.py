@@ -96,6 +96,85 @@ def test_a_wide_batch_gives_each_row_one_range_written_directly(dtype):
     assert not counters.any()
 
 
+@pytest.mark.parametrize(("rows", "length"), [(8, 384), (8, 2100), (16, 1000)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
+def test_the_one_wave_launch_equals_the_reference(rows, length):
+    """Qwen3-8B's heads at 8 and 16 rows (64 and 128 pairs): one range each over up to 17
+    of the launch's 128-key blocks, read from a view of a longer cache."""
+    from fermi.models import split_decode as S
+
+    h, hkv, d = 32, 8, 128
+    launches = S.launch_plan(rows * hkv, length, d, 2, S.multiprocessors("cuda"))[2]
+    if [launch for *_, launch in launches] != [S.ONE_WAVE_LAUNCH]:
+        pytest.skip("this GPU has fewer multiprocessors than these pairs")
+    g = torch.Generator(device="cuda").manual_seed(rows + length)
+    kw = {"device": "cuda", "generator": g}
+    q = torch.randn(rows, h, 1, d, **kw).bfloat16()
+    cache = torch.randn(2, rows, hkv, length + 64, d, **kw).bfloat16()
+    keys, values = cache[0, :, :, :length], cache[1, :, :, :length]
+    positions = torch.randint(0, length, (rows, 1), **kw)
+    positions[0, 0], positions[1, 0] = length - 1, 0
+    counters = S.counters_for(rows, hkv, "cuda")
+    want = reference(q, keys, values, positions, None, d**-0.5, None)
+    got = S.split_decode_attention(q, keys, values, positions, None, d**-0.5, None, counters)
+    assert (got.float() - want).abs().max().item() < 2e-2
+    assert not counters.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
+def test_one_compiled_program_launches_each_batch_by_its_rule():
+    """Batch and length dynamic, as the runner compiles its wider decode step, through
+    Inductor: 3 rows split their keys, 8 and 16 take the one-wave launch (on a GPU with the
+    shared memory), 17 and 130 one range each with the usual launch. One compile serves them
+    all and each equals the reference; then each replays right from a CUDA graph (where the
+    launch with no pairs records no node)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from fermi.models.split_decode import counters_for, split_decode_attention
+
+    h, hkv, d, length = 16, 8, 128, 640
+    counters = counters_for(130, hkv, "cuda")
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    def attend(q, keys, values, positions):
+        return split_decode_attention(q, keys, values, positions, None, d**-0.5, None, counters)
+
+    compiled = torch.compile(attend, backend=backend, fullgraph=True, dynamic=True)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    kw = {"device": "cuda", "generator": g}
+    # K and V apart, and a first batch of 3: Dynamo's duck sizing gives sizes that are equal
+    # at the first compile one symbol, so a first batch of 2 beside a stacked (2, ...) cache
+    # would tie the batch to 2 and compile again at 8 (seen: the guard
+    # ``keys._base.size()[0] == q.size()[0]``). The runner compiles with a symbol per size.
+    kcache = torch.randn(130, hkv, length + 1, d, **kw).bfloat16()
+    vcache = torch.randn(130, hkv, length + 1, d, **kw).bfloat16()
+    batches = {}
+    for rows in (3, 8, 16, 17, 130):
+        keys, values = kcache[:rows, :, :length], vcache[:rows, :, :length]
+        q = torch.randn(rows, h, 1, d, **kw).bfloat16()
+        positions = torch.randint(0, length, (rows, 1), **kw)
+        want = reference(q, keys, values, positions, None, d**-0.5, None)
+        assert (compiled(q, keys, values, positions).float() - want).abs().max().item() < 2e-2
+        assert not counters.any()
+        batches[rows] = (q, keys, values, positions)
+    assert len(compiles) == 1
+    for rows, (q, keys, values, positions) in batches.items():
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = compiled(q, keys, values, positions)
+        q.copy_(torch.randn(q.shape, **kw))
+        graph.replay()
+        want = reference(q, keys, values, positions, None, d**-0.5, None)
+        assert (out.float() - want).abs().max().item() < 2e-2, rows
+        assert not counters.any()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
 def test_split_kernel_compiles_with_a_symbolic_length_and_captures():
@@ -142,7 +221,7 @@ def test_every_threads_partials_are_ordered_before_the_counters_release(g, d, dt
     consts = {
         "KV_HEADS": 8, "G": g, "GP": max(16, S._pow2(g)), "D": d, "DP": dp,
         "BLOCK": S.BLOCK_N, "SPLIT_COUNT": S.SPLITS, "CHUNK": min(256, S._pow2(g * d)),
-        "HAS_WINDOW": False, "HAS_SOFTCAP": False, "IEEE": dtype == "fp32",
+        "HAS_WINDOW": False, "HAS_SOFTCAP": False, "IEEE": dtype == "fp32", "ONE_RANGE": False,
     }  # fmt: skip
     ptrs = dict.fromkeys(("Q", "K", "V", "OUT"), f"*{dtype}")
     ptrs |= {"POS": "*i64", "ACC": "*fp32", "M": "*fp32", "L": "*fp32", "COUNT": "*i32"}
@@ -161,24 +240,80 @@ def test_every_threads_partials_are_ordered_before_the_counters_release(g, d, dt
 
 
 @pytest.mark.parametrize(
-    ("pairs", "length", "block", "want"),
+    ("pairs", "length", "block", "one_range_from", "want"),
     [
-        (8, 2048, 64, 32),  # batch 1, 8 KV heads, long: the most ranges
-        (8, 256, 64, 4),  # batch 1, short: no more ranges than blocks of keys
-        (8, 5, 64, 1),
-        (64, 2048, 64, 8),  # batch 8: 512 programs
-        (1024, 256, 64, 1),  # batch 128: the pairs alone fill the GPU
-        (600, 4096, 64, 1),
-        (4, 1000, 32, 32),  # Gemma 2's 256-wide heads take 32-key blocks
+        (8, 2048, 64, None, 32),  # batch 1, 8 KV heads, long: the most ranges
+        (8, 256, 64, None, 4),  # batch 1, short: no more ranges than blocks of keys
+        (8, 5, 64, None, 1),
+        (64, 2048, 64, None, 8),  # batch 8: 512 programs
+        (1024, 256, 64, None, 1),  # batch 128: the pairs alone fill the GPU
+        (600, 4096, 64, None, 1),
+        (4, 1000, 32, None, 32),  # Gemma 2's 256-wide heads take 32-key blocks
+        (63, 2048, 64, 64, 9),  # just below one_range_from: about 512 programs
+        (64, 2048, 64, 64, 1),  # from there up, one range each
+        (8, 2048, 64, 64, 32),
     ],
 )
-def test_the_split_count_fills_the_gpu_with_no_more_ranges_than_blocks(pairs, length, block, want):
+def test_the_split_count_fills_the_gpu_with_no_more_ranges_than_blocks(
+    pairs, length, block, one_range_from, want
+):
     from fermi.models.split_decode import TARGET_PROGRAMS, split_count
 
-    got = split_count(pairs, length, block)
+    got = split_count(pairs, length, block, one_range_from)
     assert got == want
-    assert pairs * got >= min(TARGET_PROGRAMS, pairs * -(-length // block)) or got == 32
+    if one_range_from is None or pairs < one_range_from:
+        assert pairs * got >= min(TARGET_PROGRAMS, pairs * -(-length // block)) or got == 32
     assert (got - 1) * block < length
+
+
+USUAL, USUAL_WIDE_HEADS = (64, 4, 2), (32, 4, 2)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "length", "d", "size", "sms", "want"),
+    [
+        (8, 2048, 128, 2, 132, [(8, 32, USUAL)]),  # batch 1: split ranges
+        (63, 2048, 128, 2, 132, [(63, 8, USUAL)]),  # 9 ranges of 256 keys hold keys in 8
+        (64, 2048, 128, 2, 132, [(64, 1, "one wave")]),  # one range each, one wave
+        (132, 300, 96, 2, 132, [(132, 1, "one wave")]),  # Phi-3.5's 96-wide heads
+        (133, 2048, 128, 2, 132, [(133, 1, USUAL)]),  # a second wave: the usual launch
+        (1024, 256, 128, 2, 132, [(1024, 1, USUAL)]),
+        (64, 2048, 128, 2, 108, [(64, 1, "one wave")]),  # an A100's 108 multiprocessors
+        (120, 2048, 128, 2, 108, [(120, 1, USUAL)]),
+        # where the one-wave launch was not measured, the usual launch splits as before
+        (64, 2048, 128, 4, 132, [(64, 8, USUAL)]),  # float32
+        (64, 2048, 256, 2, 132, [(64, 8, USUAL_WIDE_HEADS)]),  # Gemma's 256-wide heads
+    ],
+)
+def test_the_launch_plan_by_pairs_dtype_and_heads(pairs, length, d, size, sms, want):
+    from fermi.models.split_decode import ONE_WAVE_LAUNCH, key_ranges, launch_plan
+
+    ranges, split_len, launches = launch_plan(pairs, length, d, size, sms)
+    want = [(n, count, ONE_WAVE_LAUNCH if c == "one wave" else c) for n, count, c in want]
+    assert launches == want
+    assert ranges == max(count for _, count, _ in launches)
+    block = 64 if d <= 128 else 32  # the usual launch's, which cuts the ranges
+    assert (ranges, split_len) == key_ranges(
+        pairs, length, block, 64 if size == 2 and d <= 128 else None
+    )
+    assert split_len * ranges >= length
+
+
+def test_the_launch_plan_stays_symbolic_under_dynamic_shapes():
+    """With a symbolic batch both launches are listed, over pairs that add up to all of
+    them, and tracing the plan adds no guard."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fermi.models.split_decode import ONE_WAVE_LAUNCH, launch_plan
+
+    env = ShapeEnv()
+    rows = env.create_unbacked_symint()
+    length = env.create_unbacked_symint()
+    ranges, _, launches = launch_plan(rows * 8, length, 128, 2, 132)
+    assert [launch for *_, launch in launches] == [(64, 4, 2), ONE_WAVE_LAUNCH]
+    assert all(isinstance(n, torch.SymInt) for n, _, _ in launches)
+    assert launches[1][1] == 1 and isinstance(ranges, torch.SymInt)
+    assert not env.guards
 
 
 def test_the_split_count_stays_symbolic_under_dynamic_shapes():
@@ -248,10 +383,11 @@ INTERPRETED = textwrap.dedent(
             assert not counters.any()
         print("ok", b * hkv, length, ranges)
 
-    # One range over several key blocks (the op cuts one range only from 512 pairs up, which
-    # the interpreter would take long over), launched directly: 2 rows x 2 KV heads, 200
-    # keys in 4 blocks. Partials poisoned with NaN stay NaN: the program wrote its output
-    # itself, without the merge.
+    # One range over several key blocks, launched as the op launches 64 to 132 pairs
+    # (ONE_WAVE_LAUNCH's 128-key blocks; the op takes it for 2-byte elements only, and the
+    # interpreter would take long over 64 pairs), then with the usual 64-key blocks and the
+    # kernel compiled for one range (ONE_RANGE: no merge code): 2 rows x 2 KV heads, 200
+    # keys. Partials poisoned with NaN stay NaN: the program wrote its output itself.
     b, h, hkv, d, length = 2, 4, 2, 16, 200
     g = torch.Generator().manual_seed(11)
     q = torch.randn(b, h, 1, d, generator=g)
@@ -259,22 +395,31 @@ INTERPRETED = textwrap.dedent(
     values = torch.randn(b, hkv, length, d, generator=g)
     positions = torch.tensor([[length - 1], [130]])
     counters = torch.zeros(b * hkv, dtype=torch.int32)
-    out = torch.full_like(q, float("nan"))
-    acc = torch.full((b * hkv, h // hkv, d), float("nan"))
-    m, l_sum = acc[:, :, 0].clone(), acc[:, :, 0].clone()
-    S._partials_kernel[(b * hkv, 1)](
-        q, keys, values, positions, acc, m, l_sum, counters, out,
-        q.stride(0), q.stride(1), q.stride(3),
-        *keys.stride(), *values.stride(), positions.stride(0),
-        length, 256, 1, 0, d**-0.5, 0.0,
-        KV_HEADS=hkv, G=h // hkv, GP=16, D=d, DP=16, BLOCK=64, SPLIT_COUNT=32,
-        CHUNK=h // hkv * d, HAS_WINDOW=False, HAS_SOFTCAP=False, IEEE=True,
-    )  # fmt: skip
     want = reference(q, keys, values, positions, None, d**-0.5, None)
-    assert (out - want).abs().max().item() < 1e-5
-    assert acc.isnan().all() and m.isnan().all() and l_sum.isnan().all()
-    assert not counters.any()
-    print("direct", b * hkv, length)
+    for launch, one_range in [(S.ONE_WAVE_LAUNCH, False), ((64, 4, 2), True)]:
+        out = torch.full_like(q, float("nan"))
+        acc = torch.full((b * hkv, h // hkv, d), float("nan"))
+        partials = (acc, acc[:, :, 0].clone(), acc[:, :, 0].clone())
+        S._launch(S._partials_kernel, (b * hkv, 1), q, keys, values, positions, counters, out,
+                  partials, 256, 1, 0, d**-0.5, 0.0, launch, one_range)  # fmt: skip
+        assert (out - want).abs().max().item() < 1e-5
+        assert all(t.isnan().all() for t in partials)
+        assert not counters.any()
+        print("direct", b * hkv, length, launch[0], one_range)
+
+    # The launches the op makes, recorded instead of run: 64 and 140 pairs of 2-byte
+    # elements (one range each: the one-wave launch, then beyond 132 multiprocessors the
+    # usual one), 6 pairs (split), and 64 pairs of float32 (split, as before).
+    made = []
+    S._launch = lambda kernel, grid, *args: made.append((grid, args[-1]))
+    for b, dtype in [(32, torch.bfloat16), (70, torch.bfloat16), (3, torch.bfloat16),
+                     (32, torch.float32)]:  # fmt: skip
+        q = torch.zeros(b, 4, 1, 16, dtype=dtype)
+        kv = torch.zeros(b, 2, 200, 16, dtype=dtype)
+        counters = torch.zeros(b * 2, dtype=torch.int32)
+        S.split_decode(q, kv, kv, torch.zeros(b, 1, dtype=torch.long), counters, 0, 0.25, 0.0)
+        print("launches", b * 2, str(dtype)[6:], *(f"{g[0]}x{g[1]}:{c[0]}/{c[1]}" for g, c in made))
+        made.clear()
     """
 )
 
@@ -290,7 +435,13 @@ def test_the_kernel_equals_the_reference_in_tritons_interpreter():
     lines = run_script(INTERPRETED, TRITON_INTERPRET="1")
     ranges = [line.split()[-1] for line in lines if line.startswith("ok")]
     assert ranges == ["1", "17", "5", "5", "1"]
-    assert "direct 4 200" in lines
+    assert "direct 4 200 128 False" in lines and "direct 4 200 64 True" in lines
+    assert [line for line in lines if line.startswith("launches")] == [
+        "launches 64 bfloat16 64x1:128/8",
+        "launches 140 bfloat16 140x1:64/4",
+        "launches 6 bfloat16 6x4:64/4",
+        "launches 64 float32 64x4:64/4",
+    ]
 
 
 ONE_GRAPH = textwrap.dedent(
@@ -317,10 +468,12 @@ ONE_GRAPH = textwrap.dedent(
         return S.split_decode(q, keys, values, positions, counters, 0, 0.25, 0.0)
 
     counters = torch.zeros(520, dtype=torch.int32)
-    # rows, cache length: 32 ranges, one range (the rows fill the GPU), 3 of 4, 32
-    for b, length in [(2, 2048), (520, 70), (128, 300), (4, 4000)]:
-        q = torch.randn(b, 3, 1, 16)
-        keys = torch.randn(b, 1, length, 16)
+    # rows (one KV head: rows are pairs), cache length: 32 ranges, one range with the usual
+    # launch, 5 of 9 (rounding to whole blocks), 32, one range with the one-wave launch.
+    # bfloat16, so that the one-wave launch is a choice the trace must keep symbolic.
+    for b, length in [(2, 2048), (520, 70), (60, 600), (4, 4000), (100, 500)]:
+        q = torch.randn(b, 3, 1, 16, dtype=torch.bfloat16)
+        keys = torch.randn(b, 1, length, 16, dtype=torch.bfloat16)
         positions = torch.randint(0, length, (b, 1))
         for t in (q, keys, positions):
             torch._dynamo.mark_dynamic(t, 0)
@@ -329,7 +482,9 @@ ONE_GRAPH = textwrap.dedent(
             attend(q, keys, keys, positions, counters)
         except Traced:
             pass
-        print("ranges", S.key_ranges(b, length)[0])
+        ranges, _, launches = S.launch_plan(b, length, 16, 2, S.multiprocessors("cpu"))
+        kinds = ("wave" if launch == S.ONE_WAVE_LAUNCH else "usual" for *_, launch in launches)
+        print("ranges", ranges, *kinds)
     print("graphs", len(graphs))
     """
 )
@@ -337,16 +492,18 @@ ONE_GRAPH = textwrap.dedent(
 
 def test_one_compiled_graph_serves_one_key_range_and_many():
     """Compiled as the model is (batch and cache length dynamic), a batch cut into one key
-    range per row and batches cut into many share one graph: no tensor's size is 1 only
-    because the range count is, which would add a guard, and a second compile at wide
-    batches. The graphs are traced through AOT autograd as Inductor's are, not run (a CPU
-    host cannot launch the kernel); in a process of its own, as Triton is imported."""
+    range per row, batches cut into many and a batch in the one-wave launch share one graph:
+    no tensor's size is 1 only because the range count is, and no launch's choice is a
+    guard, either of which would compile again. The graphs are traced through AOT autograd
+    as Inductor's are, not run (a CPU host cannot launch the kernel); in a process of its
+    own, as Triton is imported."""
     pytest.importorskip("triton")
     lines = run_script(ONE_GRAPH)
     assert "graphs 1" in lines, lines
     assert [line for line in lines if line.startswith("ranges")] == [
-        "ranges 32",
-        "ranges 1",
-        "ranges 3",
-        "ranges 32",
+        "ranges 32 usual",
+        "ranges 1 usual",
+        "ranges 5 usual",
+        "ranges 32 usual",
+        "ranges 1 wave",
     ]

@@ -8,9 +8,12 @@ exponentials and the weighted sum of values) for the whole group of query heads 
 share the KV head, reading each key and value once. The ranges are then merged with
 their maxima rescaled by the last program of each (row, KV head) to finish, found with an
 atomic counter, so one launch does the whole attention. How many ranges a call cuts follows
-its shape (:func:`split_count`, :func:`key_ranges`): enough programs to fill the GPU, and
-only ranges that hold keys. Where that is one range (wide batches), each program writes its
-output directly and the merge is skipped.
+its shape (:func:`launch_plan`, :func:`key_ranges`): enough programs to fill the GPU, and
+only ranges that hold keys. From :data:`ONE_RANGE_PAIRS` pairs up (for 2-byte elements and
+heads up to 128 wide) each pair is one range and its program writes the output directly,
+skipping the merge, which then costs more than splitting gains; while those programs fit
+one wave on the GPU they run a wider launch (:data:`ONE_WAVE_LAUNCH`: longer key blocks,
+more warps), each program with a multiprocessor to itself.
 
 The mask is computed from the positions: key ``j`` of a row at position ``p`` is visible
 when ``j <= p`` (and ``j > p - window`` for a sliding window), so no mask tensor is built.
@@ -24,6 +27,8 @@ Triton; ``available()`` says whether it could.
 # ruff: noqa: N803, SIM108 (Triton style: pointer and constexpr arguments in capitals)
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SPLITS = 32  # most key ranges per (row, KV head): 256 programs at batch 1 with 8 KV heads
@@ -32,6 +37,20 @@ BLOCK_N = 64  # keys per inner iteration
 # already give that many (row, KV head) pairs, so they split less: at 128 rows and 8 KV
 # heads one range each, where 32 left 28 of every 32 programs without a key to read.
 TARGET_PROGRAMS = 512
+# From this many pairs up, one range each, where the one-wave launch below serves them:
+# splitting (partials, barrier, atomic, merge) cost more than it gained. Qwen3-8B's heads,
+# 8 rows (64 pairs), µs a layer: 25.2 split into 4 ranges against 6.8 in one at 200 keys,
+# 42.5 against 21.9 at 32 rows and 500 keys (LOG.md runs 59, 60). Below it (batch 1-7 with
+# 8 KV heads) splitting still wins.
+ONE_RANGE_PAIRS = 64
+# (keys per block, warps, stages) for pairs that are one range each while there are no more
+# of them than multiprocessors. 8 warps at Triton's 255 registers a thread fill a
+# multiprocessor's 64K registers, so one program runs on each: faster alone (8 rows of 8B's
+# heads at 2,100 keys: 28.7 against 55.6 µs a layer with the usual launch), slower in
+# several waves (128 rows at 200 keys: 44.4 against 33.7). Measured on the H200 for 2-byte
+# elements and heads up to 128 wide, where it is used. (Triton does not pipeline this
+# loop's loads, so the stages change nothing; 3 is what was measured.)
+ONE_WAVE_LAUNCH = (128, 8, 3)
 
 try:
     import triton
@@ -70,6 +89,7 @@ if triton is not None:
         HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         IEEE: tl.constexpr,
+        ONE_RANGE: tl.constexpr = False,
     ):  # fmt: skip
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -121,10 +141,12 @@ if triton is not None:
             m_i = m_new
 
         out_ok = row_ok[:, None] & dim_ok[None, :]
-        if splits == 1:
+        if ONE_RANGE or splits == 1:
             # One range holds every key (wide batches): its output is final. The merge below
             # would compute the same value (its one weight is exp(0) = 1), after a chain of
-            # dependent global round trips: partials, barrier, atomic, reloads.
+            # dependent global round trips: partials, barrier, atomic, reloads. (ONE_RANGE
+            # says so when the kernel is compiled, which leaves the merge out: 144 registers
+            # a thread instead of 255 for the usual launch on sm_90; not measured yet.)
             o_ptr = OUT + (b * KV_HEADS + hk) * G * D + rows[:, None] * D + dims[None, :]
             tl.store(o_ptr, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=out_ok)
         else:
@@ -178,58 +200,128 @@ if triton is not None:
         # it: nothing observable changes, so it is declared an input only.
         b, h, _, d = q.shape
         kv_heads, length = keys.shape[1], keys.shape[2]
-        g = h // kv_heads
-        dp = max(16, _pow2(d))
-        block = BLOCK_N if dp <= 128 else BLOCK_N // 2  # Gemma's 256-wide heads: less smem
-        splits, split_len = key_ranges(b * kv_heads, length, block)
+        pairs = b * kv_heads
+        ranges, split_len, launches = launch_plan(
+            pairs, length, d, q.element_size(), multiprocessors(q.device)
+        )
         # One flat axis of (pair, range) partials: a separate range axis would be 1 at wide
         # batches, and a compile with dynamic shapes would guard on that and compile twice.
-        acc = q.new_empty((b * kv_heads * splits, g, d), dtype=torch.float32)
-        m = q.new_empty((b * kv_heads * splits, g), dtype=torch.float32)
-        l_sum = q.new_empty((b * kv_heads * splits, g), dtype=torch.float32)
+        # (Unused where each pair is one range; a step's graph pool holds them briefly.)
+        partials = (
+            q.new_empty((pairs * ranges, h // kv_heads, d), dtype=torch.float32),
+            q.new_empty((pairs * ranges, h // kv_heads), dtype=torch.float32),
+            q.new_empty((pairs * ranges, h // kv_heads), dtype=torch.float32),
+        )
         out = q.new_empty((b, h, 1, d))
-        wrap_triton(_partials_kernel)[(b * kv_heads, splits)](
-            q, keys, values, positions, acc, m, l_sum, counters, out,
-            q.stride(0), q.stride(1), q.stride(3),
-            keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
-            values.stride(0), values.stride(1), values.stride(2), values.stride(3),
-            positions.stride(0),
-            length, split_len, splits, window, scale, softcap,
-            KV_HEADS=kv_heads,
-            G=g,
-            GP=max(16, _pow2(g)),
-            D=d,
-            DP=dp,
-            BLOCK=block,
-            SPLIT_COUNT=SPLITS,
-            CHUNK=min(256, _pow2(g * d)),
-            HAS_WINDOW=window > 0,
-            HAS_SOFTCAP=softcap > 0.0,
-            IEEE=q.dtype == torch.float32,
-            num_stages=2,
-        )  # fmt: skip
+        kernel = wrap_triton(_partials_kernel)
+        for programs, count, launch in launches:
+            _launch(kernel, (programs, count), q, keys, values, positions, counters, out,
+                    partials, split_len, count, window, scale, softcap, launch)  # fmt: skip
         return out
 
 
-def split_count(pairs, length, block: int = BLOCK_N):
+def _is_zero(n) -> bool:
+    return isinstance(n, int) and n == 0
+
+
+def _launch(kernel, grid, q, keys, values, positions, counters, out, partials, split_len, splits,
+            window, scale, softcap, launch, one_range=False) -> None:  # fmt: skip
+    """Launch ``kernel`` (the jitted kernel, or it wrapped for a traced op) over ``grid``
+    programs: (pairs, ranges). ``launch`` is (keys per block, warps, stages); the rest are
+    the op's inputs, its output and its partials (acc, m, l). ``one_range``: every program
+    is its pair's only range, known when the kernel is compiled (the merge is left out)."""
+    h, d = q.shape[1], q.shape[3]
+    kv_heads = keys.shape[1]
+    g = h // kv_heads
+    block, warps, stages = launch
+    acc, m, l_sum = partials
+    kernel[grid](
+        q, keys, values, positions, acc, m, l_sum, counters, out,
+        q.stride(0), q.stride(1), q.stride(3),
+        keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
+        values.stride(0), values.stride(1), values.stride(2), values.stride(3),
+        positions.stride(0),
+        keys.shape[2], split_len, splits, window, scale, softcap,
+        KV_HEADS=kv_heads,
+        G=g,
+        GP=max(16, _pow2(g)),
+        D=d,
+        DP=max(16, _pow2(d)),
+        BLOCK=block,
+        SPLIT_COUNT=SPLITS,
+        CHUNK=min(256, _pow2(g * d)),
+        HAS_WINDOW=window > 0,
+        HAS_SOFTCAP=softcap > 0.0,
+        IEEE=q.dtype == torch.float32,
+        ONE_RANGE=one_range,
+        num_warps=warps,
+        num_stages=stages,
+    )  # fmt: skip
+
+
+def split_count(pairs, length, block: int = BLOCK_N, one_range_from=None):
     """Key ranges per (row, KV head) for ``pairs`` of them over ``length`` keys: enough for
     about :data:`TARGET_PROGRAMS` programs, at most :data:`SPLITS`, at least one, and no more
-    than the ``block``-key blocks there are. ``pairs`` and ``length`` may be symbolic
-    (compiled with dynamic shapes): the choice then stays an expression, with no guard."""
+    than the ``block``-key blocks there are; one from ``one_range_from`` pairs up (None: no
+    such bound). ``pairs`` and ``length`` may be symbolic (compiled with dynamic shapes): the
+    choice then stays an expression, with no guard."""
     wanted = (TARGET_PROGRAMS + pairs - 1) // pairs
+    if one_range_from is not None:
+        wanted = wanted * (1 - torch.sym_min(1, pairs // one_range_from))  # 0 from there up
     blocks = (length + block - 1) // block
     return torch.sym_max(1, torch.sym_min(SPLITS, torch.sym_min(wanted, blocks)))
 
 
-def key_ranges(pairs, length, block: int = BLOCK_N):
+def key_ranges(pairs, length, block: int = BLOCK_N, one_range_from=None):
     """``(ranges, keys per range)`` as the kernel cuts ``length`` keys for ``pairs`` (row,
     KV head) pairs: :func:`split_count` ranges, each rounded up to whole ``block``-key
     blocks, then only as many as hold a key (rounding can leave the last ones empty: 300
     keys in 4 ranges of 128 fill 3). Symbolic inputs give expressions, with no guard."""
-    count = split_count(pairs, length, block)
+    count = split_count(pairs, length, block, one_range_from)
     per_range = (length + count - 1) // count
     span = (per_range + block - 1) // block * block
     return (length + span - 1) // span, span
+
+
+def launch_plan(pairs, length, head_dim: int, element_size: int, sms: int):
+    """How the op launches for ``pairs`` (row, KV head) pairs over ``length`` keys on a GPU
+    of ``sms`` multiprocessors: ``(ranges, keys per range, launches)``, each launch
+    ``(pairs it runs, ranges, (keys per block, warps, stages))``.
+
+    Where :data:`ONE_WAVE_LAUNCH` was measured (2-byte elements, heads up to 128 wide):
+    below :data:`ONE_RANGE_PAIRS` pairs the usual launch splits the keys; from there up each
+    pair is one range, run by the one-wave launch up to ``sms`` pairs and by the usual one
+    beyond. Elsewhere the usual launch splits as it always did. ``pairs`` and ``length``
+    may be symbolic: then both launches are listed, each over an expression of the pairs
+    that is all of them or none (an empty grid launches nothing: Triton's and Inductor's
+    launchers return at once, and a CUDA graph records no node), so the choice adds no guard
+    and one compiled graph serves every batch. Concrete shapes list only launches with
+    pairs to run."""
+    block = BLOCK_N if head_dim <= 128 else BLOCK_N // 2  # Gemma's 256-wide heads: less smem
+    usual = (block, 4, 2)
+    if element_size != 2 or head_dim > 128:
+        ranges, split_len = key_ranges(pairs, length, block)
+        return ranges, split_len, [(pairs, ranges, usual)]
+    ranges, split_len = key_ranges(pairs, length, block, ONE_RANGE_PAIRS)
+    ones = torch.sym_min(1, pairs // ONE_RANGE_PAIRS)  # 1 from ONE_RANGE_PAIRS up, else 0
+    one_wave = 1 - torch.sym_min(1, pairs // (sms + 1))  # 1 up to ``sms`` pairs, else 0
+    wide = pairs * ones * one_wave
+    launches = [(pairs - wide, ranges, usual), (wide, 1, ONE_WAVE_LAUNCH)]
+    return ranges, split_len, [x for x in launches if not _is_zero(x[0])]
+
+
+def multiprocessors(device) -> int:
+    """Multiprocessors of a CUDA ``device``; for Triton's interpreter on the CPU, an
+    H200's 132, so that it runs the GPU's rule."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 132
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def counters_for(max_batch: int, kv_heads: int, device) -> torch.Tensor:
