@@ -56,13 +56,26 @@ def main() -> None:
     }
     started = time.perf_counter()
 
-    def best(fn_of_cfg, configs, copies):
+    def best(fn_of_cfg, configs, copies, out, want, sweep_log):
+        """Time each configuration; after its timing, its output (of the last weight copy)
+        against ``want``: the largest difference over the largest |want|. A configuration
+        off by more than bf16's rounding is reported and left out."""
         timed = []
         for cfg in configs:
             try:
-                timed.append((time_graph(fn_of_cfg(cfg), copies), cfg))
+                fn = fn_of_cfg(cfg)
+                us = time_graph(fn, copies)
+                out.fill_(float("nan"))
+                fn()
+                err = float((out.float() - want).abs().max() / want.abs().max())
             except Exception as exc:  # a configuration the compiler rejects
                 print(f"{cfg}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+                continue
+            sweep_log.append([list(cfg), round(us, 3), err])
+            if not err <= 2e-2:  # NaN too
+                print(f"{cfg}: wrong output (relative error {err})", file=sys.stderr)
+                continue
+            timed.append((us, cfg))
         timed.sort(key=lambda t: t[0])
         return timed
 
@@ -121,7 +134,9 @@ def main() -> None:
                     configs += [
                         c for c in ROW_SWEEP if c != default and (scheme == "int8" or c[1] >= 64)
                     ]
-                timed = best(make, configs, copies)
+                want = F.linear(x.float(), qs[-1].dequantized(torch.float32))
+                row[f"row_{scheme}_sweep"] = []
+                timed = best(make, configs, copies, out, want, row[f"row_{scheme}_sweep"])
                 us_default = next(t for t, c in timed if c == default)
                 row[f"row_{scheme}_us"] = us_default
                 row[f"row_{scheme}_gb_s"] = nbytes / us_default / 1e3
@@ -146,7 +161,9 @@ def main() -> None:
                     few_configs = [few_default] + (
                         [c for c in FEW_SWEEP if c != few_default] if args.sweep else []
                     )
-                    timed = best(few_of, few_configs, copies)
+                    want_m = F.linear(xm.float(), qs[-1].dequantized(torch.float32))
+                    log = row[f"few_{scheme}_{m}rows_sweep"] = []
+                    timed = best(few_of, few_configs, copies, outm, want_m, log)
                     us = next(t for t, c in timed if c == few_default)
                     row[f"cublas_bf16_{m}rows_us"] = time_graph(cublas_m, copies)
                     row[f"few_{scheme}_{m}rows_us"] = us
@@ -155,7 +172,10 @@ def main() -> None:
                     ]
             del ws, layers
             torch.cuda.empty_cache()
-            print(json.dumps({k: v for k, v in row.items() if "top3" not in k}), flush=True)
+            print(
+                json.dumps({k: v for k, v in row.items() if "top3" not in k and "sweep" not in k}),
+                flush=True,
+            )
             result["rows"].append(row)
             Path(args.out).write_text(json.dumps(result, indent=1))
     result["seconds"] = time.perf_counter() - started

@@ -58,10 +58,11 @@ def available() -> bool:
 def launch_config(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight: four rows a program
     (many programs in flight for every Qwen3 shape), columns in blocks that divide K; chosen
-    from a sweep on an H100 (perf/LOG.md) for 2-byte weights. One-byte (int8) weights take
-    twice the columns where K allows, for the same bytes per load (not yet swept)."""
-    if itemsize == 1 and k % 2048 == 0:
-        return 4, 2048, 8, 1
+    from a sweep on an H100 (perf/LOG.md) for 2-byte weights. One-byte (int8) weights: 512
+    columns, 4 warps, two stages (in the H200 sweep of ``perf/micro_gemv_quant.py``, the best
+    for Qwen3-8B's gate_up and 0.2% behind the best for its head; LOG run 64)."""
+    if itemsize == 1 and k % 512 == 0:
+        return 4, 512, 4, 2
     if k % 1024 == 0:
         return 4, 1024, 8, 1
     if k >= 512:
@@ -70,11 +71,12 @@ def launch_config(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int
 
 
 def launch_config_int4(n: int, k: int, group: int) -> tuple[int, int, int, int]:
-    """The int4 kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages): BLOCK_K values (half
-    as many bytes) a step, a power of two and a multiple of ``group``; not yet swept."""
-    for block_k in (2048, 1024, 512):
+    """The int4 kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages): eight rows a program,
+    BLOCK_K values (half as many bytes) a step, a power of two and a multiple of ``group``;
+    4 warps (the H200 sweep's best for Qwen3-8B's products, LOG run 64)."""
+    for block_k in (4096, 2048, 1024, 512):
         if k % block_k == 0:
-            return 4, block_k, 8 if block_k >= 1024 else 4, 1
+            return 8, block_k, 4, 1
     return 4, max(group, min(512, 1 << (k - 1).bit_length())), 4, 1
 
 
