@@ -32,7 +32,9 @@ def main() -> None:
         sys.exit(3)
     results: dict[str, list[float]] = {}
     g = torch.Generator().manual_seed(0)
-    for n, k in ((37, 96),):  # K below one block: the masks are exercised
+    # (37, 96): K below one block, the masks exercised; (64, 2048) and (24, 6144): the
+    # launch rules' narrow-output and long-K configurations (two rows a program).
+    for n, k in ((37, 96), (64, 2048), (24, 6144)):
         w = torch.randn(n, k, generator=g) * 0.05
         q8, q4 = Q.quantize_int8(w), Q.quantize_int4(w, 32)
         for dt in (torch.float32, torch.float16, torch.bfloat16):

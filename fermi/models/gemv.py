@@ -58,11 +58,18 @@ def available() -> bool:
 def launch_config(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight: four rows a program
     (many programs in flight for every Qwen3 shape), columns in blocks that divide K; chosen
-    from a sweep on an H100 (perf/LOG.md) for 2-byte weights. One-byte (int8) weights: 512
-    columns, 4 warps, two stages (in the H200 sweep of ``perf/micro_gemv_quant.py``, the best
-    for Qwen3-8B's gate_up and 0.2% behind the best for its head; LOG run 64)."""
-    if itemsize == 1 and k % 512 == 0:
-        return 4, 512, 4, 2
+    from a sweep on an H100 (perf/LOG.md) for 2-byte weights. One-byte (int8) weights, from
+    the H200 sweep of ``perf/micro_gemv_quant.py`` over Qwen3-1.7B's and 8B's products (LOG
+    run 64; within 5% of each product's best there): 2,048 columns and two
+    rows a program for the long down products, two rows and 1,024 columns where fewer than
+    4,096 outputs would leave too few programs, else four rows and 512 columns."""
+    if itemsize == 1:
+        if k > 4096 and k % 2048 == 0:
+            return 2, 2048, 4, 1
+        if n < 4096 and k % 1024 == 0:
+            return 2, 1024, 4, 1
+        if k % 512 == 0:
+            return 4, 512, 4, 1
     if k % 1024 == 0:
         return 4, 1024, 8, 1
     if k >= 512:
@@ -71,12 +78,14 @@ def launch_config(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int
 
 
 def launch_config_int4(n: int, k: int, group: int) -> tuple[int, int, int, int]:
-    """The int4 kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages): eight rows a program,
-    BLOCK_K values (half as many bytes) a step, a power of two and a multiple of ``group``;
-    4 warps (the H200 sweep's best for Qwen3-8B's products, LOG run 64)."""
+    """The int4 kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages): BLOCK_K values (half as
+    many bytes) a step, a power of two and a multiple of ``group``; eight rows a program,
+    two below 4,096 outputs (more programs); 4 warps, one stage. From the H200 sweep of
+    ``perf/micro_gemv_quant.py`` (LOG run 64): within 5% of each Qwen3-1.7B / 8B product's
+    best."""
     for block_k in (4096, 2048, 1024, 512):
         if k % block_k == 0:
-            return 8, block_k, 4, 1
+            return (8 if n >= 4096 else 2), block_k, 4, 1
     return 4, max(group, min(512, 1 << (k - 1).bit_length())), 4, 1
 
 
