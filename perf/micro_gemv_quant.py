@@ -137,7 +137,9 @@ def main() -> None:
                 want = F.linear(x.float(), qs[-1].dequantized(torch.float32))
                 row[f"row_{scheme}_sweep"] = []
                 timed = best(make, configs, copies, out, want, row[f"row_{scheme}_sweep"])
-                us_default = next(t for t, c in timed if c == default)
+                us_default = next((t for t, c in timed if c == default), None)
+                if us_default is None:
+                    raise SystemExit(f"{name} {kind} {scheme}: the default {default} failed")
                 row[f"row_{scheme}_us"] = us_default
                 row[f"row_{scheme}_gb_s"] = nbytes / us_default / 1e3
                 row[f"row_{scheme}_vs_cublas_bf16"] = row["cublas_bf16_us"] / us_default
@@ -164,7 +166,10 @@ def main() -> None:
                     want_m = F.linear(xm.float(), qs[-1].dequantized(torch.float32))
                     log = row[f"few_{scheme}_{m}rows_sweep"] = []
                     timed = best(few_of, few_configs, copies, outm, want_m, log)
-                    us = next(t for t, c in timed if c == few_default)
+                    us = next((t for t, c in timed if c == few_default), None)
+                    if us is None:
+                        failed = f"{name} {kind} {scheme}: the default {few_default} failed"
+                        raise SystemExit(failed)
                     row[f"cublas_bf16_{m}rows_us"] = time_graph(cublas_m, copies)
                     row[f"few_{scheme}_{m}rows_us"] = us
                     row[f"few_{scheme}_{m}rows_top3"] = [

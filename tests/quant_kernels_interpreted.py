@@ -32,9 +32,11 @@ def main() -> None:
         sys.exit(3)
     results: dict[str, list[float]] = {}
     g = torch.Generator().manual_seed(0)
-    # (37, 96): K below one block, the masks exercised; (64, 2048) and (24, 6144): the
-    # launch rules' narrow-output and long-K configurations (two rows a program).
-    for n, k in ((37, 96), (64, 2048), (24, 6144)):
+    # (37, 96): K below one block, the masks exercised; the launch rules' narrow-output
+    # branches (gemv.launch_config / launch_config_int4): (64, 2048) two rows x 1,024 (int8)
+    # / 2,048 (int4), (24, 6144) two rows x 2,048 (long K), (24, 4096) int4's 4,096 columns
+    # a step. (The wide-output branches' rows, four and eight a program, ran on the H200.)
+    for n, k in ((37, 96), (64, 2048), (24, 6144), (24, 4096)):
         w = torch.randn(n, k, generator=g) * 0.05
         q8, q4 = Q.quantize_int8(w), Q.quantize_int4(w, 32)
         for dt in (torch.float32, torch.float16, torch.bfloat16):

@@ -445,3 +445,47 @@ def test_serve_config_carries_quantize_to_every_replica(folder):
         assert model.quantization.spec == Q.QuantSpec("int8")
     finally:
         api.close()
+
+
+def _power_of_two(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def test_the_quantized_launch_rules_give_legal_tiles_for_every_shape():
+    """The launch rules of the int8/int4 kernels (``gemv.launch_config`` for one-byte
+    weights, ``launch_config_int4``, ``quant_mm.few_rows_config``) over K in steps of 16 and
+    widths from 1 to a vocabulary: ``tl.arange`` needs power-of-two blocks, the int4 kernels
+    whole groups a step (and at least 16 bytes of a row), the few-row kernel's
+    [BLOCK_N, GROUPS, HALF] cut a power-of-two group count; the Qwen3 products get the
+    configurations the H200 sweep chose (perf/LOG.md run 64)."""
+    from fermi.models import quant_mm as QM
+
+    bad = []
+    for k in range(16, 20000, 16):
+        for n in (1, 24, 37, 2048, 4095, 4096, 151936):
+            bn, bk, _, _ = G.launch_config(n, k, 1)
+            if not (_power_of_two(bn) and _power_of_two(bk) and bk >= 16):
+                bad.append(("int8", n, k, bn, bk))
+            for group in (32, 64, 128):
+                if k % group:
+                    continue
+                bn, bk, _, _ = G.launch_config_int4(n, k, group)
+                if not (_power_of_two(bn) and _power_of_two(bk) and bk % group == 0):
+                    bad.append(("int4", n, k, group, bn, bk))
+                for int4 in (False, True):
+                    bn, bk, _, _ = QM.few_rows_config(n, k, int4, group)
+                    legal = _power_of_two(bn) and _power_of_two(bk) and bk >= 32
+                    if int4:
+                        legal = legal and bk % group == 0 and _power_of_two(bk // group)
+                    if not legal:
+                        bad.append(("few", int4, n, k, group, bn, bk))
+    assert bad == []
+    # (n, k): Qwen3-8B's down and gate_up, Qwen3-1.7B's o and down.
+    assert G.launch_config(4096, 12288, 1) == (2, 2048, 4, 1)
+    assert G.launch_config(24576, 4096, 1) == (4, 512, 4, 1)
+    assert G.launch_config(2048, 2048, 1) == (2, 1024, 4, 1)
+    assert G.launch_config_int4(24576, 4096, 32) == (8, 4096, 4, 1)
+    assert G.launch_config_int4(2048, 6144, 32) == (2, 2048, 4, 1)
+    assert QM.few_rows_config(4096, 12288, True, 32) == (32, 256, 4, 3)
+    # 2-byte weights keep the H100 sweep's rule.
+    assert G.launch_config(4096, 4096, 2) == (4, 1024, 8, 1)
