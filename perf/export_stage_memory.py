@@ -1,7 +1,10 @@
 """Resident memory by stage of one export (issue 21: where an export's peak is).
 
 A thread samples the process's RSS every 20 ms; each progress line of ``export_model``
-closes a stage and reports the RSS then and the peak since the line before. The source is
+closes a stage and reports the RSS then and the peak since the line before, and the same
+for its anonymous part (``RssAnon``: memory the process owns; the rest is mapped files,
+such as onnxruntime's external weights read in place, whose clean pages the kernel can
+drop under pressure). The source is
 a random-weight checkpoint of Qwen3-0.6B's shape (``perf/bench_export.py``'s), written once
 into ``--work``.
 
@@ -24,12 +27,16 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "perf"))
 
 
-def rss_mb() -> int:
+def rss_mb(field: str = "VmRSS") -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) // 1024
     return 0
+
+
+def anon_mb() -> int:
+    return rss_mb("RssAnon")
 
 
 def main() -> None:
@@ -48,11 +55,12 @@ def main() -> None:
     source = args.work / "qwen3-0.6b"
     if not source.exists():
         qwen3_shape(source)
-    peak = {"mb": rss_mb()}
+    peak = {"mb": rss_mb(), "anon": anon_mb()}
 
     def sample() -> None:
         while True:
             peak["mb"] = max(peak["mb"], rss_mb())
+            peak["anon"] = max(peak["anon"], anon_mb())
             time.sleep(0.02)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -64,11 +72,13 @@ def main() -> None:
             "t_s": round(time.perf_counter() - started, 1),
             "rss_mb": rss_mb(),
             "peak_since_last_line_mb": peak["mb"],
+            "anon_mb": anon_mb(),
+            "anon_peak_since_last_line_mb": peak["anon"],
             "line": line.strip(),
         }
         lines.append(row)
         print(json.dumps(row), flush=True)
-        peak["mb"] = row["rss_mb"]
+        peak["mb"], peak["anon"] = row["rss_mb"], row["anon_mb"]
 
     options = ExportOptions(
         model=str(source),
@@ -87,6 +97,7 @@ def main() -> None:
         "quantize": args.quantize,
         "stages": lines,
         "peak_mb": max(r["peak_since_last_line_mb"] for r in lines),
+        "anon_peak_mb": max(r["anon_peak_since_last_line_mb"] for r in lines),
     }
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -222,6 +222,41 @@ def test_onnxruntime_does_not_spin_between_ops_unless_asked(exported):
     assert spinning.session.get_session_options().get_session_config_entry(key) == "1"
 
 
+def test_without_prepacking_the_runner_gives_the_same_logits(exported):
+    """``prepack=False`` (what an export's check runs: a large model's weights are then
+    read from their mapped file, not packed into a second copy) changes no token and moves
+    logits only by float32 summation order."""
+    _, art, manifest, _ = exported
+    key = "session.disable_prepacking"
+    packed = OnnxRunner(art, manifest, 1, SEQ, manifest.prefill_chunk)
+    unpacked = OnnxRunner(art, manifest, 1, SEQ, manifest.prefill_chunk, prepack=False)
+    assert unpacked.session.get_session_options().get_session_config_entry(key) == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # the default
+        packed.session.get_session_options().get_session_config_entry(key)
+    prompt = sample_prompt(manifest.vocab_size, 12, seed=7)
+    a, logits_a = greedy(packed, prompt, 16)
+    b, logits_b = greedy(unpacked, prompt, 16)
+    assert a == b
+    assert max(float((x - y).abs().max()) for x, y in zip(logits_a, logits_b, strict=True)) < 1e-4
+
+
+def test_the_exports_check_runs_onnxruntime_without_prepacking(exported, tmp_path, monkeypatch):
+    import fermi.runners.onnx as onnx_runner
+
+    source, _, _, _ = exported
+    made = []
+
+    class Recorded(OnnxRunner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.session.get_session_options())
+
+    monkeypatch.setattr(onnx_runner, "OnnxRunner", Recorded)  # export.build imports it late
+    options = ExportOptions(model=str(source), target="onnx", out=tmp_path / "art", max_seq_len=SEQ)
+    export_model(options, progress=lambda line: None)
+    assert [o.get_session_config_entry("session.disable_prepacking") for o in made] == ["1"]
+
+
 def test_each_weight_is_stored_once_in_the_layout_its_product_reads(exported):
     """The graph is traced on the meta device and its weights written from the model's
     tensors (export/onnx.py): every product reads an initializer [in, out] (no Transpose

@@ -30,11 +30,15 @@ _DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def session_options(threads: int | None = None, spinning: bool = False):
+def session_options(threads: int | None = None, spinning: bool = False, prepack: bool = True):
     """onnxruntime session options for a process that runs torch too: ``threads`` intra-op
     threads (None: onnxruntime's default, one per physical core), and no spin-waiting
     between ops unless ``spinning`` (spinning threads keep the cores busy while torch
-    samples; perf/bench_onnx_decode.py measures both)."""
+    samples; perf/bench_onnx_decode.py measures both). ``prepack=False`` keeps onnxruntime
+    from repacking the weights of its products into buffers of its own: weights in an
+    external data file are then read where the file is mapped, not held twice (SmolLM2-135M's
+    weights in an external file: 577 against 172 MB resident once the session has started),
+    at 6-9% of a decode step's time (perf/LOG.md run 65)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -42,6 +46,8 @@ def session_options(threads: int | None = None, spinning: bool = False):
     if threads is not None:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
@@ -76,7 +82,10 @@ class OnnxRunner(Runner):
         device: str | torch.device = "cpu",
         threads: int | None = None,
         spinning: bool = False,
+        prepack: bool = True,
     ) -> None:
+        """``prepack``: see :func:`session_options` (off for an export's check, where memory
+        matters more than a few prompts' speed)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -97,7 +106,7 @@ class OnnxRunner(Runner):
         path = folder / manifest.model_file
         try:
             self.session = ort.InferenceSession(
-                str(path), session_options(threads, spinning), providers=providers
+                str(path), session_options(threads, spinning, prepack), providers=providers
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from None
