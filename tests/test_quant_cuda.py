@@ -71,6 +71,35 @@ def test_quantized_linear_on_cuda_equals_the_reference_for_every_row_count(dtype
         assert rel(layer(x), want) <= tol, q.scheme
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize(("n", "k"), [(96, 2688), (4100, 640)])
+def test_int4_groups_of_64_and_128_in_the_row_and_few_row_kernels(dtype, group, n, k):
+    """Every int4 group size through the one-row kernel and the few-row kernel (whose codes
+    are cut [BLOCK_N, GROUPS, HALF] by group), with K not a multiple of either kernel's
+    block and N not a multiple of its rows; perf/LOG.md run 64 swept group 32 only."""
+    g = torch.Generator(device="cuda").manual_seed(group + n)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.05
+    w += (
+        torch.randn(n, k // group, 1, device="cuda", generator=g)
+        .repeat_interleave(group, dim=2)
+        .view(n, k)
+        * 0.02
+    )  # offsets per group: each group's minimum matters
+    q = Q.quantize_int4(w, group)
+    bias = torch.randn(n, device="cuda", dtype=dtype, generator=g)
+    layer = Q.QuantLinear(q, bias, "cuda", dtype)
+    ref_w = Q.device_precision(q, "cuda").dequantize()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, k, device="cuda", dtype=dtype, generator=g)
+        want = F.linear(x.float(), ref_w, bias.float())
+        assert rel(layer(x), want) <= (2e-3 if dtype == torch.float32 else tol), rows
+    x = torch.randn(1, k, device="cuda", dtype=dtype, generator=g)
+    want = F.linear(x.float(), ref_w, bias.float())
+    assert rel(layer.row(x), want) <= tol
+
+
 def test_cuda_and_cpu_layers_of_one_weight_agree():
     _, q8, q4 = weights(512, 1024)
     x = torch.randn(4, 1024)
