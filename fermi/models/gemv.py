@@ -60,9 +60,9 @@ def launch_config(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int
     (many programs in flight for every Qwen3 shape), columns in blocks that divide K; chosen
     from a sweep on an H100 (perf/LOG.md) for 2-byte weights. One-byte (int8) weights, from
     the H200 sweep of ``perf/micro_gemv_quant.py`` over Qwen3-1.7B's and 8B's products (LOG
-    run 64; within 5% of each product's best there): 2,048 columns and two
-    rows a program for the long down products, two rows and 1,024 columns where fewer than
-    4,096 outputs would leave too few programs, else four rows and 512 columns."""
+    run 64; within 5% of each product's best there): two rows and 2,048 columns a program
+    for the long down products, two rows and 1,024 columns where fewer than 4,096 outputs
+    would leave too few programs, else four rows and 512 columns."""
     if itemsize == 1:
         if k > 4096 and k % 2048 == 0:
             return 2, 2048, 4, 1

@@ -37,8 +37,8 @@ def session_options(threads: int | None = None, spinning: bool = False, prepack:
     samples; perf/bench_onnx_decode.py measures both). ``prepack=False`` keeps onnxruntime
     from repacking the weights of its products into buffers of its own: weights in an
     external data file are then read where the file is mapped, not held twice (SmolLM2-135M's
-    weights in an external file: 577 against 172 MB resident once the session has started),
-    at 6-9% of a decode step's time (perf/LOG.md run 65)."""
+    weights in an external file: a started session adds 532 MB with repacking, 127 MB
+    without), at 1-7% of a decode step's time (perf/LOG.md run 65)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
