@@ -11,12 +11,12 @@ in a CUDA graph, for every combination of:
 - ``block``: keys per inner iteration; ``warps``; ``stages`` (software pipelining).
 
 Rows ``main``, ``split512``, ``untrimmed`` and ``old`` are the launch the registered op makes
-today (``fermi.models.split_decode``: one range per pair from 64 pairs up, with the wider
-one-wave launch while the pairs fit one program per multiprocessor), the launch of runs 54-59
-(512 programs aimed for at every batch, only ranges that hold keys), the launch of run 51
-(every counted range, empty ones too) and the launch before run 51 (32 ranges always);
-where ``main`` is one range, ``main_one`` is the same launch of the kernel compiled for one
-range (``ONE_RANGE``: no merge code, fewer registers).
+today (``fermi.models.split_decode.launch_plan``: 32 ranges below 64 pairs, one range per
+pair from there up, with the wider one-wave launch while the pairs fit one program per
+multiprocessor), the launch of runs 54-59 (512 programs aimed for at every batch, only
+ranges that hold keys), the launch of run 51 (every counted range, empty ones too) and the
+launch before run 51 (32 ranges always). Every variant's range count is compiled into the
+kernel, as the op compiles it since run 66 (one range: no merge code).
 Each variant's output is
 checked against attention in float32 before it is timed. Reports us per layer, the bytes of
 K and V read (at the row's positions) per second, and the best variant per point.
@@ -54,7 +54,7 @@ def sweep_plan(pairs: int, length: int, block: int, target: int, trim: bool):
     return (cdiv(length, split_len) if trim else count), split_len
 
 
-def run_kernel(q, keys, values, positions, counters, plan, block, warps, stages, out, one=False):
+def run_kernel(q, keys, values, positions, counters, plan, block, warps, stages, out):
     import torch
 
     from fermi.models import split_decode as S
@@ -70,7 +70,7 @@ def run_kernel(q, keys, values, positions, counters, plan, block, warps, stages,
     )
     launch = (block, warps, stages)
     S._launch(S._partials_kernel, (pairs, ranges), q, keys, values, positions, counters, out,
-              partials, split_len, ranges, 0, d**-0.5, 0.0, launch, one)  # fmt: skip
+              partials, split_len, 0, d**-0.5, 0.0, launch)  # fmt: skip
 
 
 def op_launch(pairs: int, bucket: int, d: int, element_size: int, device):
@@ -78,16 +78,15 @@ def op_launch(pairs: int, bucket: int, d: int, element_size: int, device):
     shapes make one launch)."""
     from fermi.models import split_decode as S
 
-    _, split_len, launches = S.launch_plan(
+    ((_, count, split_len, launch),) = S.launch_plan(
         pairs, bucket, d, element_size, S.multiprocessors(device)
     )
-    ((_, count, launch),) = launches
     return ((count, split_len), *launch)
 
 
-def every_layer(caches, q, positions, counters, plan, block, warps, stages, out, one) -> None:
+def every_layer(caches, q, positions, counters, plan, block, warps, stages, out) -> None:
     for c in caches:
-        run_kernel(q, c[0], c[1], positions, counters, plan, block, warps, stages, out, one)
+        run_kernel(q, c[0], c[1], positions, counters, plan, block, warps, stages, out)
 
 
 def main() -> None:
@@ -142,19 +141,16 @@ def main() -> None:
             "split512": (sweep_plan(pairs, bucket, 64, 512, trim=True), 64, 4, 2),
             "untrimmed": (sweep_plan(pairs, bucket, 64, 512, trim=False), 64, 4, 2),
         }
-        if variants["main"][0][0] == 1:  # one range: also the kernel compiled without the merge
-            variants["main_one"] = (*variants["main"], True)
         for t, b, w, s in sweep:
             variants[f"t{t}_b{b}_w{w}_s{s}"] = (sweep_plan(pairs, bucket, b, t, True), b, w, s)
         if args.only:
             variants = {k: v for k, v in variants.items() if k in args.only}
         rows_out = []
-        for name, (plan, block, warps, stages, *flags) in variants.items():
-            one = bool(flags and flags[0])  # the kernel compiled for one range (no merge)
+        for name, (plan, block, warps, stages) in variants.items():
             entry = {"variant": name, "ranges": plan[0], "keys_per_range": plan[1]}
             try:
                 run_kernel(q, caches[0][0], caches[0][1], positions, counters, plan, block,
-                           warps, stages, out, one)  # fmt: skip
+                           warps, stages, out)  # fmt: skip
                 err = (out.float() - want).abs().max().item()
                 entry["max_err"] = err
                 if err > (2e-2 if dtype == torch.bfloat16 else 1e-4) or counters.any():
@@ -162,7 +158,7 @@ def main() -> None:
                 elif cuda:
                     step = functools.partial(
                         every_layer, caches, q, positions, counters, plan, block, warps, stages,
-                        out, one,
+                        out,
                     )  # fmt: skip
                     us = time_graph(step, layers)
                     entry["us_per_layer"] = round(us, 2)

@@ -78,10 +78,10 @@ def test_split_kernel_equals_reference(h, hkv, d, length, window, softcap, scale
 def test_a_wide_batch_gives_each_row_one_range_written_directly(dtype):
     """130 rows of Qwen3-1.7B's heads: the pairs alone fill the GPU, so each (row, KV head)
     is one range over several key blocks, and its program writes the output itself."""
-    from fermi.models.split_decode import counters_for, key_ranges, split_decode_attention
+    from fermi.models.split_decode import counters_for, split_decode_attention, split_ranges
 
     rows, h, hkv, d, length = 130, 16, 8, 128, 384
-    assert key_ranges(rows * hkv, length) == (1, length)
+    assert split_ranges(rows * hkv, d, 2) == 1 and split_ranges(rows * hkv, d, 4) == 1
     g = torch.Generator(device="cuda").manual_seed(7)
     kw = {"device": "cuda", "generator": g}
     q = torch.randn(rows, h, 1, d, **kw).to(dtype)
@@ -105,7 +105,7 @@ def test_the_one_wave_launch_equals_the_reference(rows, length):
     from fermi.models import split_decode as S
 
     h, hkv, d = 32, 8, 128
-    launches = S.launch_plan(rows * hkv, length, d, 2, S.multiprocessors("cuda"))[2]
+    launches = S.launch_plan(rows * hkv, length, d, 2, S.multiprocessors("cuda"))
     if [launch for *_, launch in launches] != [S.ONE_WAVE_LAUNCH]:
         pytest.skip("this GPU has fewer multiprocessors than these pairs")
     g = torch.Generator(device="cuda").manual_seed(rows + length)
@@ -220,7 +220,8 @@ def test_every_threads_partials_are_ordered_before_the_counters_release(g, d, dt
     dp = max(16, S._pow2(d))
     consts = {
         "KV_HEADS": 8, "G": g, "GP": max(16, S._pow2(g)), "D": d, "DP": dp,
-        "BLOCK": S.BLOCK_N, "SPLIT_COUNT": S.SPLITS, "CHUNK": min(256, S._pow2(g * d)),
+        "BLOCK": S.BLOCK_N, "SPLIT_COUNT": S.SPLITS, "SPLIT_P2": S.SPLITS,
+        "CHUNK": min(256, S._pow2(g * d)),
         "HAS_WINDOW": False, "HAS_SOFTCAP": False, "IEEE": dtype == "fp32", "ONE_RANGE": False,
     }  # fmt: skip
     ptrs = dict.fromkeys(("Q", "K", "V", "OUT"), f"*{dtype}")
@@ -239,95 +240,59 @@ def test_every_threads_partials_are_ordered_before_the_counters_release(g, d, dt
     assert any("bar.sync" in line or "barrier.sync" in line for line in lines[last_store:add])
 
 
-@pytest.mark.parametrize(
-    ("pairs", "length", "block", "one_range_from", "want"),
-    [
-        (8, 2048, 64, None, 32),  # batch 1, 8 KV heads, long: the most ranges
-        (8, 256, 64, None, 4),  # batch 1, short: no more ranges than blocks of keys
-        (8, 5, 64, None, 1),
-        (64, 2048, 64, None, 8),  # batch 8: 512 programs
-        (1024, 256, 64, None, 1),  # batch 128: the pairs alone fill the GPU
-        (600, 4096, 64, None, 1),
-        (4, 1000, 32, None, 32),  # Gemma 2's 256-wide heads take 32-key blocks
-        (63, 2048, 64, 64, 9),  # just below one_range_from: about 512 programs
-        (64, 2048, 64, 64, 1),  # from there up, one range each
-        (8, 2048, 64, 64, 32),
-    ],
-)
-def test_the_split_count_fills_the_gpu_with_no_more_ranges_than_blocks(
-    pairs, length, block, one_range_from, want
-):
-    from fermi.models.split_decode import TARGET_PROGRAMS, split_count
-
-    got = split_count(pairs, length, block, one_range_from)
-    assert got == want
-    if one_range_from is None or pairs < one_range_from:
-        assert pairs * got >= min(TARGET_PROGRAMS, pairs * -(-length // block)) or got == 32
-    assert (got - 1) * block < length
-
-
 USUAL, USUAL_WIDE_HEADS = (64, 4, 2), (32, 4, 2)
 
 
 @pytest.mark.parametrize(
     ("pairs", "length", "d", "size", "sms", "want"),
     [
-        (8, 2048, 128, 2, 132, [(8, 32, USUAL)]),  # batch 1: split ranges
-        (63, 2048, 128, 2, 132, [(63, 8, USUAL)]),  # 9 ranges of 256 keys hold keys in 8
-        (64, 2048, 128, 2, 132, [(64, 1, "one wave")]),  # one range each, one wave
-        (132, 300, 96, 2, 132, [(132, 1, "one wave")]),  # Phi-3.5's 96-wide heads
-        (133, 2048, 128, 2, 132, [(133, 1, USUAL)]),  # a second wave: the usual launch
-        (1024, 256, 128, 2, 132, [(1024, 1, USUAL)]),
-        (64, 2048, 128, 2, 108, [(64, 1, "one wave")]),  # an A100's 108 multiprocessors
-        (120, 2048, 128, 2, 108, [(120, 1, USUAL)]),
-        # where the one-wave launch was not measured, the usual launch splits as before
-        (64, 2048, 128, 4, 132, [(64, 8, USUAL)]),  # float32
-        (64, 2048, 256, 2, 132, [(64, 8, USUAL_WIDE_HEADS)]),  # Gemma's 256-wide heads
+        (8, 2048, 128, 2, 132, [(8, 32, 64, USUAL)]),  # batch 1: 32 ranges
+        (8, 256, 128, 2, 132, [(8, 32, 64, USUAL)]),  # short: 4 ranges hold keys, 28 return
+        (8, 5, 128, 2, 132, [(8, 32, 64, USUAL)]),
+        (63, 2048, 128, 2, 132, [(63, 32, 64, USUAL)]),
+        (64, 2048, 128, 2, 132, [(64, 1, 2048, "one wave")]),  # one range each, one wave
+        (132, 300, 96, 2, 132, [(132, 1, 300, "one wave")]),  # Phi-3.5's 96-wide heads
+        (133, 2048, 128, 2, 132, [(133, 1, 2048, USUAL)]),  # a second wave: the usual launch
+        (1024, 256, 128, 2, 132, [(1024, 1, 256, USUAL)]),
+        (64, 2048, 128, 2, 108, [(64, 1, 2048, "one wave")]),  # an A100's 108 multiprocessors
+        (120, 2048, 128, 2, 108, [(120, 1, 2048, USUAL)]),
+        # where neither rule was measured, splitting goes on up to 512 pairs
+        (64, 2048, 128, 4, 132, [(64, 32, 64, USUAL)]),  # float32
+        (511, 2048, 128, 4, 132, [(511, 32, 64, USUAL)]),
+        (512, 2048, 128, 4, 132, [(512, 1, 2048, USUAL)]),
+        (4, 1000, 256, 2, 132, [(4, 32, 32, USUAL_WIDE_HEADS)]),  # Gemma's: 32-key blocks
+        (600, 1000, 256, 2, 132, [(600, 1, 1000, USUAL_WIDE_HEADS)]),
     ],
 )
 def test_the_launch_plan_by_pairs_dtype_and_heads(pairs, length, d, size, sms, want):
-    from fermi.models.split_decode import ONE_WAVE_LAUNCH, key_ranges, launch_plan
+    from fermi.models.split_decode import ONE_WAVE_LAUNCH, SPLITS, launch_plan, split_ranges
 
-    ranges, split_len, launches = launch_plan(pairs, length, d, size, sms)
-    want = [(n, count, ONE_WAVE_LAUNCH if c == "one wave" else c) for n, count, c in want]
+    launches = launch_plan(pairs, length, d, size, sms)
+    want = [(n, ranges, k, ONE_WAVE_LAUNCH if c == "one wave" else c) for n, ranges, k, c in want]
     assert launches == want
-    assert ranges == max(count for _, count, _ in launches)
-    block = 64 if d <= 128 else 32  # the usual launch's, which cuts the ranges
-    assert (ranges, split_len) == key_ranges(
-        pairs, length, block, 64 if size == 2 and d <= 128 else None
-    )
-    assert split_len * ranges >= length
+    ((_, ranges, keys, (block, _, _)),) = launches
+    assert ranges == split_ranges(pairs, d, size)  # the partials the op allocates
+    assert ranges == 1 or (keys * ranges >= length and keys % block == 0)
+    assert ranges == 1 or (keys - block) * SPLITS < length  # no block more than needed
 
 
 def test_the_launch_plan_stays_symbolic_under_dynamic_shapes():
-    """With a symbolic batch both launches are listed, over pairs that add up to all of
-    them, and tracing the plan adds no guard."""
+    """With a symbolic batch every launch is listed, over pairs that add up to all of them,
+    and tracing the plan adds no guard."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from fermi.models.split_decode import ONE_WAVE_LAUNCH, launch_plan
+    from fermi.models.split_decode import ONE_WAVE_LAUNCH, SPLITS, launch_plan, split_ranges
 
     env = ShapeEnv()
     rows = env.create_unbacked_symint()
     length = env.create_unbacked_symint()
-    ranges, _, launches = launch_plan(rows * 8, length, 128, 2, 132)
-    assert [launch for *_, launch in launches] == [(64, 4, 2), ONE_WAVE_LAUNCH]
-    assert all(isinstance(n, torch.SymInt) for n, _, _ in launches)
-    assert launches[1][1] == 1 and isinstance(ranges, torch.SymInt)
-    assert not env.guards
-
-
-def test_the_split_count_stays_symbolic_under_dynamic_shapes():
-    """Compiled with dynamic shapes, the count is an expression of the batch and the length:
-    tracing it adds no guard, so one compiled graph serves every batch and cache bucket."""
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    from fermi.models.split_decode import split_count
-
-    env = ShapeEnv()
-    rows = env.create_unbacked_symint()
-    length = env.create_unbacked_symint()
-    count = split_count(rows * 8, length)
-    assert isinstance(count, torch.SymInt)
+    launches = launch_plan(rows * 8, length, 128, 2, 132)
+    assert [(count, launch) for _, count, _, launch in launches] == [
+        (SPLITS, (64, 4, 2)), (1, ONE_WAVE_LAUNCH), (1, (64, 4, 2))
+    ]  # fmt: skip
+    assert all(isinstance(n, torch.SymInt) for n, *_ in launches)
+    assert isinstance(split_ranges(rows * 8, 128, 2), torch.SymInt)
+    assert [len(x) for x in (launch_plan(rows, length, 256, 2, 132),)] == [2]
     assert not env.guards
 
 
@@ -352,9 +317,9 @@ INTERPRETED = textwrap.dedent(
     from fermi.models import split_decode as S
     from tests.test_split_decode import reference
 
-    # heads, KV heads, head dim, length, window, softcap, rows: one range each (written
-    # directly, no merge), 17 ranges where 32 were wanted (rounding to whole blocks), groups
-    # of 3 over 5 ranges, 256-wide heads with a window and soft-capping, a tiny one
+    # heads, KV heads, head dim, length, window, softcap, rows: 32 ranges each, of which
+    # keys fill 1, 17 (rounding to whole blocks), 5 (groups of 3), 5 (256-wide heads with
+    # a window and soft-capping, 32-key blocks) and 1 (a tiny one)
     cases = [
         (4, 2, 16, 60, None, None, 3),
         (2, 1, 16, 2100, None, None, 1),
@@ -372,22 +337,23 @@ INTERPRETED = textwrap.dedent(
         counters = torch.zeros(b * hkv, dtype=torch.int32)
         scale = d**-0.5
         want = reference(q, keys, values, positions, window, scale, softcap)
-        ranges = S.key_ranges(b * hkv, length, 64 if d <= 128 else 32)[0]
-        # A second call checks that the merge left its counters at zero; one range uses none.
-        for _ in range(2 if ranges > 1 else 1):
+        ranges = S.split_ranges(b * hkv, d, 4)  # float32
+        # A second call checks that the merge left its counters at zero.
+        for _ in range(2):
             got = S.split_decode(
                 q, keys, values, positions, counters, window or 0, scale, float(softcap or 0)
             )
             err = (got - want).abs().max().item()
             assert err < 1e-5, (h, hkv, d, length, b, err)
             assert not counters.any()
-        print("ok", b * hkv, length, ranges)
+        block = 64 if d <= 128 else 32
+        print("ok", b * hkv, length, ranges, -(-length // S.range_length(length, block)))
 
     # One range over several key blocks, launched as the op launches 64 to 132 pairs
     # (ONE_WAVE_LAUNCH's 128-key blocks; the op takes it for 2-byte elements only, and the
-    # interpreter would take long over 64 pairs), then with the usual 64-key blocks and the
-    # kernel compiled for one range (ONE_RANGE: no merge code): 2 rows x 2 KV heads, 200
-    # keys. Partials poisoned with NaN stay NaN: the program wrote its output itself.
+    # interpreter would take long over 64 pairs), then with the usual 64-key blocks, the
+    # kernel compiled for one range (no merge code): 2 rows x 2 KV heads, 200 keys.
+    # Partials poisoned with NaN stay NaN: the program wrote its output itself.
     b, h, hkv, d, length = 2, 4, 2, 16, 200
     g = torch.Generator().manual_seed(11)
     q = torch.randn(b, h, 1, d, generator=g)
@@ -396,20 +362,21 @@ INTERPRETED = textwrap.dedent(
     positions = torch.tensor([[length - 1], [130]])
     counters = torch.zeros(b * hkv, dtype=torch.int32)
     want = reference(q, keys, values, positions, None, d**-0.5, None)
-    for launch, one_range in [(S.ONE_WAVE_LAUNCH, False), ((64, 4, 2), True)]:
+    for launch in [S.ONE_WAVE_LAUNCH, (64, 4, 2)]:
         out = torch.full_like(q, float("nan"))
         acc = torch.full((b * hkv, h // hkv, d), float("nan"))
         partials = (acc, acc[:, :, 0].clone(), acc[:, :, 0].clone())
         S._launch(S._partials_kernel, (b * hkv, 1), q, keys, values, positions, counters, out,
-                  partials, 256, 1, 0, d**-0.5, 0.0, launch, one_range)  # fmt: skip
+                  partials, 256, 0, d**-0.5, 0.0, launch)  # fmt: skip
         assert (out - want).abs().max().item() < 1e-5
         assert all(t.isnan().all() for t in partials)
         assert not counters.any()
-        print("direct", b * hkv, length, launch[0], one_range)
+        print("direct", b * hkv, length, launch[0])
 
     # The launches the op makes, recorded instead of run: 64 and 140 pairs of 2-byte
     # elements (one range each: the one-wave launch, then beyond 132 multiprocessors the
-    # usual one), 6 pairs (split), and 64 pairs of float32 (split, as before).
+    # usual one), 6 pairs (32 ranges), and 64 pairs of float32 (32 ranges: one range each
+    # was not measured there).
     made = []
     S._launch = lambda kernel, grid, *args: made.append((grid, args[-1]))
     for b, dtype in [(32, torch.bfloat16), (70, torch.bfloat16), (3, torch.bfloat16),
@@ -433,14 +400,14 @@ def test_the_kernel_equals_the_reference_in_tritons_interpreter():
     if torch.cuda.is_available():
         pytest.skip("the GPU tests above run the compiled kernel itself")
     lines = run_script(INTERPRETED, TRITON_INTERPRET="1")
-    ranges = [line.split()[-1] for line in lines if line.startswith("ok")]
-    assert ranges == ["1", "17", "5", "5", "1"]
-    assert "direct 4 200 128 False" in lines and "direct 4 200 64 True" in lines
+    ranges = [line.split()[-2:] for line in lines if line.startswith("ok")]
+    assert ranges == [["32", "1"], ["32", "17"], ["32", "5"], ["32", "5"], ["32", "1"]]
+    assert "direct 4 200 128" in lines and "direct 4 200 64" in lines
     assert [line for line in lines if line.startswith("launches")] == [
         "launches 64 bfloat16 64x1:128/8",
         "launches 140 bfloat16 140x1:64/4",
-        "launches 6 bfloat16 6x4:64/4",
-        "launches 64 float32 64x4:64/4",
+        "launches 6 bfloat16 6x32:64/4",
+        "launches 64 float32 64x32:64/4",
     ]
 
 
@@ -469,7 +436,7 @@ ONE_GRAPH = textwrap.dedent(
 
     counters = torch.zeros(520, dtype=torch.int32)
     # rows (one KV head: rows are pairs), cache length: 32 ranges, one range with the usual
-    # launch, 5 of 9 (rounding to whole blocks), 32, one range with the one-wave launch.
+    # launch, 32, 32, one range with the one-wave launch.
     # bfloat16, so that the one-wave launch is a choice the trace must keep symbolic.
     for b, length in [(2, 2048), (520, 70), (60, 600), (4, 4000), (100, 500)]:
         q = torch.randn(b, 3, 1, 16, dtype=torch.bfloat16)
@@ -482,7 +449,8 @@ ONE_GRAPH = textwrap.dedent(
             attend(q, keys, keys, positions, counters)
         except Traced:
             pass
-        ranges, _, launches = S.launch_plan(b, length, 16, 2, S.multiprocessors("cpu"))
+        launches = S.launch_plan(b, length, 16, 2, S.multiprocessors("cpu"))
+        ranges = launches[0][1]
         kinds = ("wave" if launch == S.ONE_WAVE_LAUNCH else "usual" for *_, launch in launches)
         print("ranges", ranges, *kinds)
     print("graphs", len(graphs))
@@ -503,7 +471,7 @@ def test_one_compiled_graph_serves_one_key_range_and_many():
     assert [line for line in lines if line.startswith("ranges")] == [
         "ranges 32 usual",
         "ranges 1 usual",
-        "ranges 5 usual",
+        "ranges 32 usual",
         "ranges 32 usual",
         "ranges 1 wave",
     ]

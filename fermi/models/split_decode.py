@@ -7,13 +7,15 @@ program per range computes its share (the softmax's running maximum, its sum of
 exponentials and the weighted sum of values) for the whole group of query heads that
 share the KV head, reading each key and value once. The ranges are then merged with
 their maxima rescaled by the last program of each (row, KV head) to finish, found with an
-atomic counter, so one launch does the whole attention. How many ranges a call cuts follows
-its shape (:func:`launch_plan`, :func:`key_ranges`): enough programs to fill the GPU, and
-only ranges that hold keys. From :data:`ONE_RANGE_PAIRS` pairs up (for 2-byte elements and
-heads up to 128 wide) each pair is one range and its program writes the output directly,
-skipping the merge, which then costs more than splitting gains; while those programs fit
-one wave on the GPU they run a wider launch (:data:`ONE_WAVE_LAUNCH`: longer key blocks,
-more warps), each program with a multiprocessor to itself.
+atomic counter, so one launch does the whole attention. How a call launches follows its
+shape (:func:`launch_plan`): below :data:`ONE_RANGE_PAIRS` pairs (for 2-byte elements and
+heads up to 128 wide) the keys are cut into :data:`SPLITS` ranges; from there up each pair is
+one range and its program writes the output directly, skipping the merge, which then costs
+more than splitting gains; while those programs fit one wave on the GPU they run a wider
+launch (:data:`ONE_WAVE_LAUNCH`: longer key blocks, more warps), each program with a
+multiprocessor to itself. Both the range count and the choice between merging and writing
+directly are fixed when the kernel is compiled (``SPLIT_COUNT``, ``ONE_RANGE``): a count
+passed at run time cost Qwen3-8B 13 µs a layer at batch 1 (LOG.md run 66).
 
 The mask is computed from the positions: key ``j`` of a row at position ``p`` is visible
 when ``j <= p`` (and ``j > p - window`` for a sliding window), so no mask tensor is built.
@@ -31,18 +33,19 @@ import functools
 
 import torch
 
-SPLITS = 32  # most key ranges per (row, KV head): 256 programs at batch 1 with 8 KV heads
+SPLITS = 32  # key ranges per (row, KV head) where they split: 256 programs at batch 1, 8 KV heads
 BLOCK_N = 64  # keys per inner iteration
-# Programs a call aims for (about four per multiprocessor on a 132-SM Hopper). Wide batches
-# already give that many (row, KV head) pairs, so they split less: at 128 rows and 8 KV
-# heads one range each, where 32 left 28 of every 32 programs without a key to read.
-TARGET_PROGRAMS = 512
 # From this many pairs up, one range each, where the one-wave launch below serves them:
 # splitting (partials, barrier, atomic, merge) cost more than it gained. Qwen3-8B's heads,
 # 8 rows (64 pairs), µs a layer: 25.2 split into 4 ranges against 6.8 in one at 200 keys,
 # 42.5 against 21.9 at 32 rows and 500 keys (LOG.md runs 59, 60). Below it (batch 1-7 with
-# 8 KV heads) splitting still wins.
+# 8 KV heads) splitting still wins. Ranges past a row's keys are launched and return at
+# once: at batch 1 and 200 keys, 32 ranges (4 holding keys) took 15.7 µs a layer against
+# 21.1 for only the 4 (LOG.md run 66).
 ONE_RANGE_PAIRS = 64
+# Where that rule was not measured (float32, heads wider than 128): one range each only
+# from as many pairs as fill the GPU about four times over (512 programs on 132 SMs).
+UNMEASURED_ONE_RANGE_PAIRS = 512
 # (keys per block, warps, stages) for pairs that are one range each while there are no more
 # of them than multiprocessors. 8 warps at Triton's 255 registers a thread fill a
 # multiprocessor's 64K registers, so one program runs on each: faster alone (8 rows of 8B's
@@ -77,7 +80,7 @@ if triton is not None:
         skb, skh, skn, skd,
         svb, svh, svn, svd,
         spb,
-        length, split_len, splits, window, scale, softcap,
+        length, split_len, window, scale, softcap,
         KV_HEADS: tl.constexpr,
         G: tl.constexpr,
         GP: tl.constexpr,
@@ -85,11 +88,12 @@ if triton is not None:
         DP: tl.constexpr,
         BLOCK: tl.constexpr,
         SPLIT_COUNT: tl.constexpr,
+        SPLIT_P2: tl.constexpr,
         CHUNK: tl.constexpr,
         HAS_WINDOW: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         IEEE: tl.constexpr,
-        ONE_RANGE: tl.constexpr = False,
+        ONE_RANGE: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -141,19 +145,17 @@ if triton is not None:
             m_i = m_new
 
         out_ok = row_ok[:, None] & dim_ok[None, :]
-        if ONE_RANGE or splits == 1:
+        if ONE_RANGE:
             # One range holds every key (wide batches): its output is final. The merge below
             # would compute the same value (its one weight is exp(0) = 1), after a chain of
-            # dependent global round trips: partials, barrier, atomic, reloads. (ONE_RANGE
-            # says so when the kernel is compiled, which leaves the merge out: 144 registers
-            # a thread instead of 255 for the usual launch on sm_90: 1-6% faster where each
-            # pair is one range under the usual launch, LOG.md run 63; the op does not set
-            # it yet.)
+            # dependent global round trips: partials, barrier, atomic, reloads. Compiled
+            # without the merge: 144 registers a thread instead of 255 for the usual launch
+            # on sm_90, 1-6% faster (LOG.md run 63).
             o_ptr = OUT + (b * KV_HEADS + hk) * G * D + rows[:, None] * D + dims[None, :]
             tl.store(o_ptr, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=out_ok)
         else:
-            # Partials [B * KV_HEADS * splits, G, D] and [.., G]; padded rows/dims dropped.
-            base = (pid * splits + split) * G
+            # Partials [B * KV_HEADS * SPLIT_COUNT, G, D] and [.., G]; padded rows/dims dropped.
+            base = (pid * SPLIT_COUNT + split) * G
             tl.store(ACC + (base + rows)[:, None] * D + dims[None, :], acc, mask=out_ok)
             tl.store(M + base + rows, m_i, mask=row_ok)
             tl.store(L + base + rows, l_i, mask=row_ok)
@@ -166,14 +168,14 @@ if triton is not None:
             # anyway; this one does not depend on that, and compiles to the same PTX barrier).
             tl.debug_barrier()
             done = tl.atomic_add(COUNT + pid, 1, sem="acq_rel")
-            if done == splits - 1:
-                ranges = tl.arange(0, SPLIT_COUNT)  # SPLIT_COUNT: a power of two >= splits
-                first = pid * splits * G
+            if done == SPLIT_COUNT - 1:
+                ranges = tl.arange(0, SPLIT_P2)  # SPLIT_P2: a power of two >= SPLIT_COUNT
+                first = pid * SPLIT_COUNT * G
                 for c0 in tl.static_range(0, G * D, CHUNK):  # CHUNK columns of the [G, D] output
                     cols = c0 + tl.arange(0, CHUNK)
                     col_ok = cols < G * D
                     group = cols // D
-                    ok = col_ok[None, :] & (ranges[:, None] < splits)
+                    ok = col_ok[None, :] & (ranges[:, None] < SPLIT_COUNT)
                     at = first + ranges[:, None] * G + group[None, :]
                     m = tl.load(M + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
                     top = tl.max(m, 0)
@@ -203,22 +205,22 @@ if triton is not None:
         b, h, _, d = q.shape
         kv_heads, length = keys.shape[1], keys.shape[2]
         pairs = b * kv_heads
-        ranges, split_len, launches = launch_plan(
-            pairs, length, d, q.element_size(), multiprocessors(q.device)
-        )
-        # One flat axis of (pair, range) partials: a separate range axis would be 1 at wide
-        # batches, and a compile with dynamic shapes would guard on that and compile twice.
-        # (Unused where each pair is one range; a step's graph pool holds them briefly.)
+        launches = launch_plan(pairs, length, d, q.element_size(), multiprocessors(q.device))
+        # One flat axis of (pair, range) partials, sized for the split launch (SPLITS a pair)
+        # and for one a pair where every pair is one range (unused then; a step's graph pool
+        # holds them briefly): a separate range axis would be 1 at wide batches, and a
+        # compile with dynamic shapes would guard on that and compile twice.
+        rows = pairs * split_ranges(pairs, d, q.element_size())
         partials = (
-            q.new_empty((pairs * ranges, h // kv_heads, d), dtype=torch.float32),
-            q.new_empty((pairs * ranges, h // kv_heads), dtype=torch.float32),
-            q.new_empty((pairs * ranges, h // kv_heads), dtype=torch.float32),
+            q.new_empty((rows, h // kv_heads, d), dtype=torch.float32),
+            q.new_empty((rows, h // kv_heads), dtype=torch.float32),
+            q.new_empty((rows, h // kv_heads), dtype=torch.float32),
         )
         out = q.new_empty((b, h, 1, d))
         kernel = wrap_triton(_partials_kernel)
-        for programs, count, launch in launches:
-            _launch(kernel, (programs, count), q, keys, values, positions, counters, out,
-                    partials, split_len, count, window, scale, softcap, launch)  # fmt: skip
+        for programs, ranges, split_len, launch in launches:
+            _launch(kernel, (programs, ranges), q, keys, values, positions, counters, out,
+                    partials, split_len, window, scale, softcap, launch)  # fmt: skip
         return out
 
 
@@ -226,15 +228,16 @@ def _is_zero(n) -> bool:
     return isinstance(n, int) and n == 0
 
 
-def _launch(kernel, grid, q, keys, values, positions, counters, out, partials, split_len, splits,
-            window, scale, softcap, launch, one_range=False) -> None:  # fmt: skip
+def _launch(kernel, grid, q, keys, values, positions, counters, out, partials, split_len,
+            window, scale, softcap, launch) -> None:  # fmt: skip
     """Launch ``kernel`` (the jitted kernel, or it wrapped for a traced op) over ``grid``
-    programs: (pairs, ranges). ``launch`` is (keys per block, warps, stages); the rest are
-    the op's inputs, its output and its partials (acc, m, l). ``one_range``: every program
-    is its pair's only range, known when the kernel is compiled (the merge is left out)."""
+    programs: (pairs, ranges), ``ranges`` a Python int, compiled into the kernel (one range:
+    each program writes its output, with no merge code). ``launch`` is (keys per block,
+    warps, stages); the rest are the op's inputs, its output and its partials (acc, m, l)."""
     h, d = q.shape[1], q.shape[3]
     kv_heads = keys.shape[1]
     g = h // kv_heads
+    ranges = grid[1]
     block, warps, stages = launch
     acc, m, l_sum = partials
     kernel[grid](
@@ -243,73 +246,74 @@ def _launch(kernel, grid, q, keys, values, positions, counters, out, partials, s
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         values.stride(0), values.stride(1), values.stride(2), values.stride(3),
         positions.stride(0),
-        keys.shape[2], split_len, splits, window, scale, softcap,
+        keys.shape[2], split_len, window, scale, softcap,
         KV_HEADS=kv_heads,
         G=g,
         GP=max(16, _pow2(g)),
         D=d,
         DP=max(16, _pow2(d)),
         BLOCK=block,
-        SPLIT_COUNT=SPLITS,
+        SPLIT_COUNT=ranges,
+        SPLIT_P2=_pow2(ranges),
         CHUNK=min(256, _pow2(g * d)),
         HAS_WINDOW=window > 0,
         HAS_SOFTCAP=softcap > 0.0,
         IEEE=q.dtype == torch.float32,
-        ONE_RANGE=one_range,
+        ONE_RANGE=ranges == 1,
         num_warps=warps,
         num_stages=stages,
     )  # fmt: skip
 
 
-def split_count(pairs, length, block: int = BLOCK_N, one_range_from=None):
-    """Key ranges per (row, KV head) for ``pairs`` of them over ``length`` keys: enough for
-    about :data:`TARGET_PROGRAMS` programs, at most :data:`SPLITS`, at least one, and no more
-    than the ``block``-key blocks there are; one from ``one_range_from`` pairs up (None: no
-    such bound). ``pairs`` and ``length`` may be symbolic (compiled with dynamic shapes): the
-    choice then stays an expression, with no guard."""
-    wanted = (TARGET_PROGRAMS + pairs - 1) // pairs
-    if one_range_from is not None:
-        wanted = wanted * (1 - torch.sym_min(1, pairs // one_range_from))  # 0 from there up
-    blocks = (length + block - 1) // block
-    return torch.sym_max(1, torch.sym_min(SPLITS, torch.sym_min(wanted, blocks)))
+def _measured(head_dim: int, element_size: int) -> bool:
+    """Whether the one-range rule and the one-wave launch were measured for these heads."""
+    return element_size == 2 and head_dim <= 128
 
 
-def key_ranges(pairs, length, block: int = BLOCK_N, one_range_from=None):
-    """``(ranges, keys per range)`` as the kernel cuts ``length`` keys for ``pairs`` (row,
-    KV head) pairs: :func:`split_count` ranges, each rounded up to whole ``block``-key
-    blocks, then only as many as hold a key (rounding can leave the last ones empty: 300
-    keys in 4 ranges of 128 fill 3). Symbolic inputs give expressions, with no guard."""
-    count = split_count(pairs, length, block, one_range_from)
-    per_range = (length + count - 1) // count
-    span = (per_range + block - 1) // block * block
-    return (length + span - 1) // span, span
+def _one_range(pairs, head_dim: int, element_size: int):
+    """1 where ``pairs`` pairs are one range each, else 0 (an expression if symbolic)."""
+    start = ONE_RANGE_PAIRS if _measured(head_dim, element_size) else UNMEASURED_ONE_RANGE_PAIRS
+    return torch.sym_min(1, pairs // start)
+
+
+def split_ranges(pairs, head_dim: int, element_size: int):
+    """Key ranges per (row, KV head) for ``pairs`` of them: :data:`SPLITS` below the one-range
+    threshold (:data:`ONE_RANGE_PAIRS`, or :data:`UNMEASURED_ONE_RANGE_PAIRS` where that was
+    not measured), one from there up. ``pairs`` may be symbolic (compiled with dynamic
+    shapes): the count is then an expression, with no guard."""
+    return SPLITS - (SPLITS - 1) * _one_range(pairs, head_dim, element_size)
+
+
+def range_length(length, block: int = BLOCK_N):
+    """Keys per range where ``length`` keys are cut into :data:`SPLITS` ranges: whole
+    ``block``-key blocks, so the last ranges may hold none (their programs return at once)."""
+    return ((length + SPLITS - 1) // SPLITS + block - 1) // block * block
 
 
 def launch_plan(pairs, length, head_dim: int, element_size: int, sms: int):
     """How the op launches for ``pairs`` (row, KV head) pairs over ``length`` keys on a GPU
-    of ``sms`` multiprocessors: ``(ranges, keys per range, launches)``, each launch
-    ``(pairs it runs, ranges, (keys per block, warps, stages))``.
+    of ``sms`` multiprocessors: a list of ``(pairs it runs, ranges, keys per range, (keys per
+    block, warps, stages))``, ranges a Python int in each.
 
-    Where :data:`ONE_WAVE_LAUNCH` was measured (2-byte elements, heads up to 128 wide):
-    below :data:`ONE_RANGE_PAIRS` pairs the usual launch splits the keys; from there up each
-    pair is one range, run by the one-wave launch up to ``sms`` pairs and by the usual one
-    beyond. Elsewhere the usual launch splits as it always did. ``pairs`` and ``length``
-    may be symbolic: then both launches are listed, each over an expression of the pairs
-    that is all of them or none (an empty grid launches nothing: Triton's and Inductor's
-    launchers return at once, and a CUDA graph records no node), so the choice adds no guard
-    and one compiled graph serves every batch. Concrete shapes list only launches with
-    pairs to run."""
+    Below the one-range threshold (:func:`split_ranges`) the usual launch cuts the keys into
+    :data:`SPLITS` ranges; from there up each pair is one range, run where it was measured
+    (2-byte elements, heads up to 128 wide) by the one-wave launch up to ``sms`` pairs and by
+    the usual one beyond. ``pairs`` and ``length`` may be symbolic: then every launch is
+    listed, each over an expression of the pairs that is all of them or none (an empty grid
+    launches nothing: Triton's and Inductor's launchers return at once, and a CUDA graph
+    records no node), so the choice adds no guard and one compiled graph serves every batch.
+    Concrete shapes list only launches with pairs to run."""
     block = BLOCK_N if head_dim <= 128 else BLOCK_N // 2  # Gemma's 256-wide heads: less smem
     usual = (block, 4, 2)
-    if element_size != 2 or head_dim > 128:
-        ranges, split_len = key_ranges(pairs, length, block)
-        return ranges, split_len, [(pairs, ranges, usual)]
-    ranges, split_len = key_ranges(pairs, length, block, ONE_RANGE_PAIRS)
-    ones = torch.sym_min(1, pairs // ONE_RANGE_PAIRS)  # 1 from ONE_RANGE_PAIRS up, else 0
-    one_wave = 1 - torch.sym_min(1, pairs // (sms + 1))  # 1 up to ``sms`` pairs, else 0
-    wide = pairs * ones * one_wave
-    launches = [(pairs - wide, ranges, usual), (wide, 1, ONE_WAVE_LAUNCH)]
-    return ranges, split_len, [x for x in launches if not _is_zero(x[0])]
+    ones = _one_range(pairs, head_dim, element_size)
+    launches = [(pairs * (1 - ones), SPLITS, range_length(length, block), usual)]
+    if _measured(head_dim, element_size):
+        one_wave = 1 - torch.sym_min(1, pairs // (sms + 1))  # 1 up to ``sms`` pairs, else 0
+        wide = pairs * ones * one_wave
+        launches += [(wide, 1, length, ONE_WAVE_LAUNCH), (pairs * ones - wide, 1, length, usual)]
+    else:
+        launches.append((pairs * ones, 1, length, usual))
+    return [x for x in launches if not _is_zero(x[0])]
 
 
 def multiprocessors(device) -> int:
