@@ -9,13 +9,15 @@ share the KV head, reading each key and value once. The ranges are then merged w
 their maxima rescaled by the last program of each (row, KV head) to finish, found with an
 atomic counter, so one launch does the whole attention. How a call launches follows its
 shape (:func:`launch_plan`): below :data:`ONE_RANGE_PAIRS` pairs (for 2-byte elements and
-heads up to 128 wide) the keys are cut into :data:`SPLITS` ranges; from there up each pair is
-one range and its program writes the output directly, skipping the merge, which then costs
-more than splitting gains; while those programs fit one wave on the GPU they run a wider
-launch (:data:`ONE_WAVE_LAUNCH`: longer key blocks, more warps), each program with a
+heads up to 128 wide; elsewhere below :data:`UNMEASURED_ONE_RANGE_PAIRS`) the keys are cut
+into :data:`SPLITS` ranges; from there up each pair is one range and its program writes the
+output directly, skipping the merge, which then costs more than splitting gains; while
+those programs fit one wave on the GPU (2-byte elements, heads up to 128 wide) they run a
+wider launch (:data:`ONE_WAVE_LAUNCH`: longer key blocks, more warps), each program with a
 multiprocessor to itself. Both the range count and the choice between merging and writing
 directly are fixed when the kernel is compiled (``SPLIT_COUNT``, ``ONE_RANGE``): a count
-passed at run time cost Qwen3-8B 13 µs a layer at batch 1 (LOG.md run 66).
+passed at run time cost Qwen3-8B 13 µs a layer at batch 1, and took the kernel from 144
+registers a thread to 255 and a stack (``perf/regs_split_decode.py``; LOG.md run 66).
 
 The mask is computed from the positions: key ``j`` of a row at position ``p`` is visible
 when ``j <= p`` (and ``j > p - window`` for a sliding window), so no mask tensor is built.
@@ -39,9 +41,10 @@ BLOCK_N = 64  # keys per inner iteration
 # splitting (partials, barrier, atomic, merge) cost more than it gained. Qwen3-8B's heads,
 # 8 rows (64 pairs), µs a layer: 25.2 split into 4 ranges against 6.8 in one at 200 keys,
 # 42.5 against 21.9 at 32 rows and 500 keys (LOG.md runs 59, 60). Below it (batch 1-7 with
-# 8 KV heads) splitting still wins. Ranges past a row's keys are launched and return at
-# once: at batch 1 and 200 keys, 32 ranges (4 holding keys) took 15.7 µs a layer against
-# 21.1 for only the 4 (LOG.md run 66).
+# 8 KV heads) splitting still wins. Ranges past a row's keys are launched too: they read
+# no key, store an empty partial (maximum -inf, sum 0) and count in at the merge. At batch 1
+# and 200 keys 32 ranges (4 holding keys) took 15.7 µs a layer against 21.1 for only the 4,
+# measured with the kernel of the time, which took the count at run time (LOG.md run 66).
 ONE_RANGE_PAIRS = 64
 # Where that rule was not measured (float32, heads wider than 128): one range each only
 # from as many pairs as fill the GPU about four times over (512 programs on 132 SMs).
@@ -148,9 +151,10 @@ if triton is not None:
         if ONE_RANGE:
             # One range holds every key (wide batches): its output is final. The merge below
             # would compute the same value (its one weight is exp(0) = 1), after a chain of
-            # dependent global round trips: partials, barrier, atomic, reloads. Compiled
-            # without the merge: 144 registers a thread instead of 255 for the usual launch
-            # on sm_90, 1-6% faster (LOG.md run 63).
+            # dependent global round trips: partials, barrier, atomic, reloads. (Compiled
+            # without the merge it was 1-6% faster where the count was a run-time argument,
+            # LOG.md run 63; with the count compiled in, both builds take 138-144 registers
+            # a thread on sm_90: perf/results/regs_split_decode.json.)
             o_ptr = OUT + (b * KV_HEADS + hk) * G * D + rows[:, None] * D + dims[None, :]
             tl.store(o_ptr, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=out_ok)
         else:
@@ -286,7 +290,8 @@ def split_ranges(pairs, head_dim: int, element_size: int):
 
 def range_length(length, block: int = BLOCK_N):
     """Keys per range where ``length`` keys are cut into :data:`SPLITS` ranges: whole
-    ``block``-key blocks, so the last ranges may hold none (their programs return at once)."""
+    ``block``-key blocks, so the last ranges may hold none (their programs read no key and
+    store an empty partial)."""
     return ((length + SPLITS - 1) // SPLITS + block - 1) // block * block
 
 
