@@ -357,6 +357,60 @@ def test_unknown_fields_are_ignored(client):
     assert out.usage.completion_tokens == 2
 
 
+def test_null_for_n_stream_echo_and_ignore_eos_means_unset(base, client):
+    """OpenAI's API takes null for these as unset, and clients that send every field send
+    it: the reply is the one without them."""
+    want = chat(client, max_tokens=4, seed=3).choices[0].message.content
+    body = {"model": "tiny", "messages": HI, "max_tokens": 4, "seed": 3}
+    body |= {"n": None, "stream": None, "ignore_eos": None}
+    status, _, raw = http(base + "/v1/chat/completions", body, AUTH)
+    out = json.loads(raw)
+    assert status == 200 and len(out["choices"]) == 1
+    assert out["choices"][0]["message"]["content"] == want
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "seed": 3}
+    status, _, raw = http(base + "/v1/completions", {**body, "n": None, "echo": None}, AUTH)
+    assert status == 200 and len(json.loads(raw)["choices"]) == 1
+    assert (
+        json.loads(raw)["choices"][0]["text"] == client.completions.create(**body).choices[0].text
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("functions", [{"name": "f", "parameters": {"type": "object"}}]),
+        ("function_call", "auto"),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("modalities", ["text", "audio"]),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("web_search_options", {}),
+        ("reasoning_effort", "bogus"),
+    ],
+)
+def test_an_openai_feature_this_server_lacks_is_400_naming_it(base, client, field, value):
+    """Known fields that would change the reply are refused, not ignored (unknown ones
+    are ignored: test above)."""
+    body = {"model": "tiny", "messages": HI, "max_tokens": 2, field: value}
+    status, err = error_of(http(base + "/v1/chat/completions", body, AUTH))
+    assert status == 400 and err["param"] == field and err["type"] == "invalid_request_error"
+    assert chat(client, max_tokens=2, extra_body=NO_EOS).usage.completion_tokens == 2
+
+
+def test_text_modality_and_best_of_1_are_served_best_of_2_is_400(base, client):
+    out = chat(client, max_tokens=2, extra_body={"modalities": ["text"], **NO_EOS})
+    assert out.usage.completion_tokens == 2
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2}
+    assert http(base + "/v1/completions", {**body, "best_of": 1}, AUTH)[0] == 200
+    status, err = error_of(http(base + "/v1/completions", {**body, "best_of": 2}, AUTH))
+    assert status == 400 and err["param"] == "best_of"
+
+
+def test_reasoning_effort_above_none_turns_thinking_on(client, engine):
+    out = chat(client, max_tokens=12, seed=5, extra_body={"reasoning_effort": "low"})
+    ref = engine.generate(messages=HI, max_tokens=12, seed=5, thinking="on")
+    assert reasoning_of(out.choices[0].message) == ref.reasoning and ref.reasoning
+
+
 def test_unknown_model_and_unknown_path_are_404(base, client):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-9", messages=HI, max_tokens=2)

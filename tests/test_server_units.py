@@ -134,7 +134,8 @@ def test_event_bytes_equal_the_encoded_chunk_of_every_delta(make):
         ({"chat_template_kwargs": {"thinking": True}}, "on"),  # Granite 3.3's switch
         ({"chat_template_kwargs": {"thinking": False}}, "off"),
         ({"reasoning_effort": "none"}, "off"),
-        ({"reasoning_effort": "high"}, "auto"),
+        ({"reasoning_effort": "high"}, "on"),
+        ({"reasoning_effort": "minimal"}, "off"),
         ({"think": False}, "off"),
         # The product's own switch wins over the conventions.
         ({"thinking": "on", "reasoning_effort": "none"}, "on"),

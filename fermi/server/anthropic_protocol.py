@@ -93,11 +93,18 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    stream: bool = False
+    stream: bool | None = False  # null: False (__post_init__)
     metadata: dict[str, Any] | None = None
     # Fermi's extensions, as on chat completions: a seed, and vLLM's ignore_eos.
     seed: int | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
+
+    def __post_init__(self) -> None:
+        # null is unset (clients that send every field send it): the handlers read plain values.
+        if self.stream is None:
+            self.stream = False
+        if self.ignore_eos is None:
+            self.ignore_eos = False
 
 
 # -- responses ------------------------------------------------------------------------

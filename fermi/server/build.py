@@ -108,9 +108,51 @@ def resolve_thinking(body: ChatCompletionRequest) -> Thinking:
             return "on" if enable else "off"
     if body.think is not None:
         return "on" if body.think else "off"
-    if body.reasoning_effort is not None and body.reasoning_effort.lower() == "none":
-        return "off"
+    if body.reasoning_effort is not None:
+        return effort_thinking(body.reasoning_effort, "reasoning_effort")
     return "auto"
+
+
+# OpenAI's reasoning effort -> thinking (chat's reasoning_effort, Responses' reasoning.effort);
+# absent (null) leaves the model's default ("auto"). On a model that cannot think, "on" is
+# refused by the engine, as the product's own switch is.
+EFFORT_THINKING: dict[str, Thinking] = {
+    "none": "off",
+    "minimal": "off",
+    "low": "on",
+    "medium": "on",
+    "high": "on",
+    "xhigh": "on",
+    "max": "on",
+}
+
+
+def effort_thinking(effort: str, param: str) -> Thinking:
+    thinking = EFFORT_THINKING.get(effort)
+    if thinking is None:
+        raise ApiError(
+            400, f"{param} must be one of {', '.join(EFFORT_THINKING)}, not {effort!r}", param=param
+        )
+    return thinking
+
+
+# OpenAI chat features this server does not have: a request that uses one is refused, not
+# answered without it (unknown fields are ignored; these are known, and mean something).
+CHAT_UNSUPPORTED = {
+    "functions": "legacy function calling (functions) is not supported; send tools",
+    "function_call": "legacy function calling (function_call) is not supported; send tool_choice",
+    "audio": "audio output is not supported; this server writes text",
+    "prediction": "predicted outputs (prediction) are not supported",
+    "web_search_options": "web search is not supported",
+}
+
+
+def refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
+    for field, message in CHAT_UNSUPPORTED.items():
+        if getattr(body, field) is not None:
+            raise ApiError(400, message, param=field)
+    if body.modalities is not None and any(m != "text" for m in body.modalities):
+        raise ApiError(400, "only the text modality is supported", param="modalities")
 
 
 def chat_messages(raw: list[msgspec.Raw]) -> list[dict[str, Any]]:
@@ -149,6 +191,7 @@ def chat_messages(raw: list[msgspec.Raw]) -> list[dict[str, Any]]:
 
 
 def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[GenerationRequest]:
+    refuse_unsupported_chat(body)
     check_counts(engine, body.messages, body.tools)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -176,6 +219,8 @@ def completion_requests(engine: Engine, body: CompletionRequest) -> list[Generat
         raise ApiError(400, "echo is not supported", param="echo")
     if body.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != 1:
+        raise ApiError(400, "best_of is not supported; use n", param="best_of")
     out = []
     response_format = decode_raw(body.response_format, "response_format")
     for prompt in _prompts(body.prompt):

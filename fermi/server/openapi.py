@@ -54,11 +54,11 @@ _SAMPLING_FIELDS: dict[str, Any] = {
             {"type": "null"},
         ]
     },
-    "n": {**_INT, "minimum": 1, "maximum": MAX_CHOICES, "default": 1},
-    "stream": {**_BOOL, "default": False},
+    "n": _nullable({**_INT, "minimum": 1, "maximum": MAX_CHOICES, "default": 1}),
+    "stream": _nullable({**_BOOL, "default": False}),
     "stream_options": _nullable({"$ref": _REF + "StreamOptions"}),
     "user": _nullable(_STRING),
-    "ignore_eos": {**_BOOL, "default": False},
+    "ignore_eos": _nullable({**_BOOL, "default": False}),
     "logit_bias": _nullable(
         {
             **_OBJECT,
@@ -146,7 +146,7 @@ _RESPONSES_SCHEMAS: dict[str, Any] = {
             "top_p": _SAMPLING_FIELDS["top_p"],
             "top_logprobs": _nullable({**_INT, "minimum": 0, "maximum": 20}),
             "include": _nullable({"type": "array", "items": {"enum": list(INCLUDABLE)}}),
-            "stream": {**_BOOL, "default": False},
+            "stream": _nullable({**_BOOL, "default": False}),
             "stream_options": _nullable(_OBJECT),
             "store": _nullable({**_BOOL, "description": "accepted; nothing is kept"}),
             "metadata": _nullable({**_OBJECT, "additionalProperties": _STRING}),
@@ -258,7 +258,7 @@ _SCHEMAS: dict[str, Any] = {
                 ]
             },
             "logprobs": _nullable({**_INT, "minimum": 0, "maximum": 20}),
-            "echo": {**_BOOL, "default": False},
+            "echo": _nullable({**_BOOL, "default": False}),
             "suffix": _nullable(_STRING),
             "response_format": {
                 "description": "as on chat completions (text, json_object, json_schema), "
@@ -427,10 +427,10 @@ _SCHEMAS |= {
             "temperature": _SAMPLING_FIELDS["temperature"],
             "top_p": _SAMPLING_FIELDS["top_p"],
             "top_k": _SAMPLING_FIELDS["top_k"],
-            "stream": {**_BOOL, "default": False},
+            "stream": _nullable({**_BOOL, "default": False}),
             "metadata": _nullable(_OBJECT),
             "seed": _nullable(_INT),
-            "ignore_eos": {**_BOOL, "default": False},
+            "ignore_eos": _nullable({**_BOOL, "default": False}),
         },
     },
     "AnthropicError": {

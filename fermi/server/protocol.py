@@ -58,13 +58,23 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
+    # OpenAI's API takes null for n and stream as unset, and clients that send every field
+    # send it: __post_init__ gives the default, so the handlers read plain values.
+    n: int | None = 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extension: keep generating past end-of-sequence (load tests want fixed lengths).
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
     logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> [-100, 100]
+
+    def __post_init__(self) -> None:
+        if self.n is None:
+            self.n = 1
+        if self.stream is None:
+            self.stream = False
+        if self.ignore_eos is None:
+            self.ignore_eos = False
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -88,16 +98,29 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: list[msgspec.Raw] | None = None  # each any JSON
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # OpenAI features this server does not have: refused when given (build.CHAT_UNSUPPORTED).
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
     # A string, a list of strings, a list of token ids, or a list of token-id lists.
     prompt: str | list[Any]
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = False  # null: False (__post_init__)
     suffix: str | None = None
+    best_of: int | None = None  # refused unless 1 (server-side candidates are not supported)
     # Structured outputs on raw prompts (vLLM accepts it here too; OpenAI has no such field).
     response_format: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)  # any JSON
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.echo is None:
+            self.echo = False
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):

@@ -26,7 +26,7 @@ from fermi.engine.requests import SamplingSettings, check_room
 from fermi.engine.types import GenerationRequest, Thinking
 from fermi.errors import RequestError
 from fermi.sampling import MAX_LOGPROBS
-from fermi.server.build import check_counts, decode_items
+from fermi.server.build import check_counts, decode_items, effort_thinking
 from fermi.server.errors import ApiError
 from fermi.server.responses_protocol import (
     ResponsesContentPart,
@@ -38,16 +38,6 @@ _INPUT_ITEM = msgspec.json.Decoder(ResponsesInputItem)  # one item of input
 _TOOL = msgspec.json.Decoder(dict[str, Any])  # one item of tools
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
-# reasoning.effort -> thinking; absent (null) leaves the model's default ("auto").
-EFFORT_THINKING: dict[str, Thinking] = {
-    "none": "off",
-    "minimal": "off",
-    "low": "on",
-    "medium": "on",
-    "high": "on",
-    "xhigh": "on",
-    "max": "on",
-}
 LOGPROBS = "message.output_text.logprobs"
 # include values this server can answer. Reasoning is returned in full as text, and
 # reasoning items sent back are ignored, so there is nothing to encrypt: that one is
@@ -153,16 +143,7 @@ def _refuse_unsupported(body: ResponsesRequest) -> None:
 
 def _thinking(body: ResponsesRequest) -> Thinking:
     effort = body.reasoning.effort if body.reasoning is not None else None
-    if effort is None:
-        return "auto"
-    thinking = EFFORT_THINKING.get(effort)
-    if thinking is None:
-        raise ApiError(
-            400,
-            f"reasoning.effort must be one of {', '.join(EFFORT_THINKING)}, not {effort!r}",
-            param="reasoning.effort",
-        )
-    return thinking
+    return "auto" if effort is None else effort_thinking(effort, "reasoning.effort")
 
 
 # -- input ------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     top_p: float | None = None
     top_logprobs: int | None = None
     include: list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False  # null: False (__post_init__)
     stream_options: dict[str, Any] | None = None
     store: bool | None = None  # accepted; nothing is kept (see the README)
     metadata: dict[str, str] | None = None
@@ -97,8 +97,15 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
     logit_bias: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        # null is unset, as OpenAI's API takes it: the handlers read plain values.
+        if self.stream is None:
+            self.stream = False
+        if self.ignore_eos is None:
+            self.ignore_eos = False
 
 
 RESPONSES_DECODER = msgspec.json.Decoder(ResponsesRequest)
