@@ -450,6 +450,13 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
         ({"thinking": {"type": "enabled"}}, "budget_tokens"),
         ({"messages": [{"role": "user", "content": "x " * 5000}]}, "context"),
         ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": " \n"}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]},
+            "messages[0].content[0].text",
+        ),
+        ({"messages": [], "system": "You are terse."}, "at least one message"),
         (
             {"messages": [{"role": "user", "content": [ORPHAN_RESULT]}]},
             "messages[0].content[0].tool_use_id",
@@ -467,6 +474,13 @@ def test_a_bad_request_is_a_400_in_anthropics_shape_naming_what_is_wrong(client,
     assert info.value.body["type"] == "error"
     assert info.value.body["error"]["type"] == "invalid_request_error"
     assert named in info.value.body["error"]["message"]
+
+
+def test_count_tokens_refuses_what_messages_refuses(client):
+    for messages in ([], [{"role": "user", "content": ""}]):
+        with pytest.raises(anthropic.BadRequestError) as info:
+            client.messages.count_tokens(model="tiny", messages=messages, system="Be terse.")
+        assert info.value.body["error"]["type"] == "invalid_request_error"
 
 
 def test_an_unknown_model_is_a_not_found_error(client):

@@ -106,6 +106,14 @@ def _refuse(block: AnthropicBlock, param: str, where: str) -> ApiError:
     )
 
 
+def _text_of(block: AnthropicBlock, param: str) -> str:
+    """A text block's text, which must hold more than whitespace (as Anthropic's API asks)."""
+    text = _need(block.text, str, f"{param}.text", "a text block")
+    if not text.strip():
+        raise _bad("a text block must hold more than whitespace", f"{param}.text")
+    return text
+
+
 def _texts(content: str | list[AnthropicBlock] | None, param: str, where: str) -> str:
     """The text of a string or of a list of text blocks (system, a tool result)."""
     if content is None or isinstance(content, str):
@@ -115,7 +123,7 @@ def _texts(content: str | list[AnthropicBlock] | None, param: str, where: str) -
         at = f"{param}[{j}]"
         if block.type != "text":
             raise _refuse(block, at, where)
-        texts.append(_need(block.text, str, f"{at}.text", "a text block"))
+        texts.append(_text_of(block, at))
     return _JOIN.join(texts)
 
 
@@ -129,7 +137,7 @@ def _user_turn(blocks: list[AnthropicBlock], param: str, calls: set[str]) -> lis
     for j, block in enumerate(blocks):
         at = f"{param}[{j}]"
         if block.type == "text":
-            texts.append(_need(block.text, str, f"{at}.text", "a text block"))
+            texts.append(_text_of(block, at))
         elif block.type == "tool_result":
             call = _need(block.tool_use_id, str, f"{at}.tool_use_id", "a tool_result block")
             if call not in calls:
@@ -153,7 +161,7 @@ def _assistant_turn(blocks: list[AnthropicBlock], param: str) -> dict[str, Any]:
     for j, block in enumerate(blocks):
         at = f"{param}[{j}]"
         if block.type == "text":
-            texts.append(_need(block.text, str, f"{at}.text", "a text block"))
+            texts.append(_text_of(block, at))
         elif block.type == "tool_use":
             call_id = _need(block.id, str, f"{at}.id", "a tool_use block")
             name = _need(block.name, str, f"{at}.name", "a tool_use block")
@@ -181,11 +189,15 @@ def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
     if system:
         out.append({"role": "system", "content": system})
     messages = decode_items(body.messages, MESSAGE_DECODER, "messages")
+    if not messages:  # (a system prompt alone is no conversation, on Anthropic's API too)
+        raise _bad("messages must hold at least one message", "messages")
     for i, message in enumerate(messages):
         param = f"messages[{i}]"
         if message.role not in ("user", "assistant"):
             raise _bad(f"role must be user or assistant, not {message.role!r}", f"{param}.role")
         if isinstance(message.content, str):
+            if not message.content.strip():
+                raise _bad("a message's content must hold more than whitespace", f"{param}.content")
             out.append({"role": message.role, "content": message.content})
         elif message.role == "user":
             out += _user_turn(message.content, f"{param}.content", calls)
