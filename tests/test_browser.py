@@ -210,7 +210,27 @@ def test_options_without_a_preflight_names_the_methods(base):
     assert status == 204 and _lower(headers)["allow"] == "GET, OPTIONS, HEAD"
     status, headers, _ = http(base + "/v1/chat/completions", method="OPTIONS")
     assert status == 204 and _lower(headers)["allow"] == "OPTIONS, POST"
+    status, headers, _ = http(base + "/v1/models/tiny", method="OPTIONS")
+    assert status == 204 and _lower(headers)["allow"] == "GET, OPTIONS, HEAD"
     assert http(base + "/v1/nowhere", method="OPTIONS")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", "/v1/chat/completions", "OPTIONS, POST"),
+        ("GET", "/v1/completions", "OPTIONS, POST"),
+        ("DELETE", "/v1/models/tiny", "GET, OPTIONS, HEAD"),
+        ("POST", "/v1/models/tiny", "GET, OPTIONS, HEAD"),
+        ("POST", "/health", "GET, OPTIONS, HEAD"),
+    ],
+)
+def test_a_method_a_path_does_not_take_is_405_with_allow(base, method, path, allow):
+    """RFC 9110: a 405 names the methods the path takes; a model card is read-only."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    status, headers, body = http(base + path, b"{}", auth, method=method)
+    assert status == 405 and _lower(headers)["allow"] == allow
+    assert json.loads(body)["error"]["code"] == "method_not_allowed"
 
 
 def test_system_fingerprint_names_version_runner_and_model(base):

@@ -405,6 +405,12 @@ def test_text_modality_and_best_of_1_are_served_best_of_2_is_400(base, client):
     assert status == 400 and err["param"] == "best_of"
 
 
+def test_completions_logprobs_over_the_limit_is_400_naming_logprobs(base):
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "logprobs": 25}
+    status, err = error_of(http(base + "/v1/completions", body, AUTH))
+    assert status == 400 and err["param"] == "logprobs"
+
+
 def test_reasoning_effort_above_none_turns_thinking_on(client, engine):
     out = chat(client, max_tokens=12, seed=5, extra_body={"reasoning_effort": "low"})
     ref = engine.generate(messages=HI, max_tokens=12, seed=5, thinking="on")

@@ -306,6 +306,8 @@ def _request_error(exc: RequestError, prompt_field: str, max_tokens_field: str) 
     param = exc.param
     if param == "max_tokens":
         param = max_tokens_field
+    elif param == "top_logprobs" and prompt_field == "prompt":
+        param = "logprobs"  # (completions ask for logprobs: k, and have no top_logprobs)
     elif param in ("messages", "prompt", "prompt_token_ids"):
         param = prompt_field
     return ApiError(400, exc.message, param=param, code=exc.code)

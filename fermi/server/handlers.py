@@ -157,7 +157,6 @@ class Api:
             ("GET", "/metrics"): self.metrics_text,
             ("GET", "/openapi.json"): self.openapi,
         }
-        self._paths = {path for _, path in self._routes}
 
     def close(self) -> None:
         self.pool.close()
@@ -206,7 +205,7 @@ class Api:
     def _options(self, path: str, headers: Headers, extra: tuple) -> Reply:
         """A CORS preflight (answered before authentication: browsers send no credentials
         with it), or a plain OPTIONS naming the methods a path takes."""
-        known = path in self._paths or path.startswith("/v1/models/")
+        methods = self._methods(path)
         origin = headers.get("origin")
         if origin is not None and headers.get("access-control-request-method") is not None:
             if not self.cors.allows(origin):
@@ -225,14 +224,25 @@ class Api:
             rid = extra[:1]  # the CORS headers of a preflight are its own
             asked = headers.get("access-control-request-headers")
             return Reply(204, b"", headers=rid + self.cors.preflight(origin, asked))
-        if not known:
+        if methods is None:
             error = ApiError(404, f"no such endpoint: OPTIONS {path}", code="not_found")
             self.metrics.error(404)
             return dataclasses.replace(error_reply(error, path), headers=extra)
-        methods = sorted({m for m, p in self._routes if p == path} | {"OPTIONS"})
+        return Reply(204, b"", headers=(("allow", methods), *extra))
+
+    def _methods(self, path: str) -> str | None:
+        """The ``Allow`` header's value for ``path`` (OPTIONS, and HEAD wherever GET is), or
+        None where there is no such endpoint."""
+        if path.startswith("/v1/models/"):
+            taken = {"GET"}
+        else:
+            taken = {m for m, p in self._routes if p == path}
+            if not taken:
+                return None
+        methods = sorted(taken | {"OPTIONS"})
         if "GET" in methods:
             methods.append("HEAD")
-        return Reply(204, b"", headers=(("allow", ", ".join(methods)), *extra))
+        return ", ".join(methods)
 
     def _authorize(self, headers: Headers) -> None:
         if self._api_key is None:
@@ -252,18 +262,23 @@ class Api:
             )
 
     def _no_route(self, method: str, path: str) -> Reply:
-        if path.startswith("/v1/models/"):
+        if path.startswith("/v1/models/") and method == "GET":
             return self._model_card(path.removeprefix("/v1/models/"))
         if path.startswith("/v1/responses/"):
             error = not_stored(method, path)
             self.metrics.error(error.status)
             return error_reply(error)
-        if path in self._paths:
-            error = ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
-        else:
+        methods = self._methods(path)
+        if methods is None:
             error = ApiError(404, f"no such endpoint: {method} {path}", code="not_found")
+            self.metrics.error(error.status)
+            return error_reply(error, path)
+        # (a model card is read-only: DELETE /v1/models/{id}, OpenAI's deletion of a
+        # fine-tuned model, and any other method are refused here, not answered with it)
+        error = ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
         self.metrics.error(error.status)
-        return error_reply(error, path)
+        reply = error_reply(error, path)
+        return dataclasses.replace(reply, headers=(*reply.headers, ("allow", methods)))
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
