@@ -437,6 +437,7 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
     [
         ({"max_tokens": -1}, "max_tokens"),
         ({"extra_body": {"temperature": -1.0}}, "temperature"),
+        ({"extra_body": {"temperature": 1.5}}, "temperature must be between 0 and 1"),
         ({"stop_sequences": [""]}, "stop_sequences"),
         ({"messages": [{"role": "user", "content": [IMAGE]}]}, "'image'"),
         ({"messages": [{"role": "system", "content": "hi"}]}, "messages[0].role"),

@@ -320,6 +320,9 @@ def _request_error(exc: RequestError) -> ApiError:
 
 
 def messages_request(engine: Engine, body: MessagesRequest) -> GenerationRequest:
+    if body.temperature is not None and not 0.0 <= body.temperature <= 1.0:
+        # (Anthropic's range; the engine would take up to 2, as OpenAI's API does)
+        raise _bad(f"temperature must be between 0 and 1, got {body.temperature}", "temperature")
     try:
         # max_tokens 0 (a cache warm-up) prefills the prompt and samples one token.
         limit = body.max_tokens or 1
