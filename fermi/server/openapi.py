@@ -16,7 +16,7 @@ import msgspec
 from fermi.engine.embeddings import MAX_INPUTS
 from fermi.engine.requests import ROLES
 from fermi.sampling import MAX_TEMPERATURE
-from fermi.server.build import MAX_CHOICES, MAX_PROMPTS
+from fermi.server.build import CHAT_UNSUPPORTED, MAX_CHOICES, MAX_PROMPTS
 from fermi.server.responses_build import INCLUDABLE
 from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
 
@@ -26,6 +26,8 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 _STRING = {"type": "string"}
+# An OpenAI field for a feature this server does not have: given, it is a 400 naming it.
+_REFUSED = {"description": "not supported: a request that sets it is refused (400)"}
 _INT = {"type": "integer"}
 _NUMBER = {"type": "number"}
 _BOOL = {"type": "boolean"}
@@ -230,7 +232,9 @@ _SCHEMAS: dict[str, Any] = {
             "top_logprobs": _nullable({**_INT, "minimum": 0, "maximum": 20}),
             "thinking": _nullable({"enum": ["on", "off", "auto"]}),
             "chat_template_kwargs": _nullable(_OBJECT),
-            "reasoning_effort": _nullable(_STRING),
+            "reasoning_effort": _nullable(
+                {"enum": ["none", "minimal", "low", "medium", "high", "xhigh", "max"]}
+            ),
             "think": _nullable(_BOOL),
             "response_format": {
                 "description": "OpenAI's structured outputs: text, json_object, json_schema"
@@ -238,6 +242,10 @@ _SCHEMAS: dict[str, Any] = {
             "tools": _nullable({"type": "array", "items": _OBJECT}),
             "tool_choice": {"anyOf": [_STRING, _OBJECT, {"type": "null"}]},
             "parallel_tool_calls": _nullable(_BOOL),
+            **dict.fromkeys(CHAT_UNSUPPORTED, _REFUSED),
+            "modalities": _nullable(
+                {"type": "array", "items": _STRING, "description": 'only ["text"] is served'}
+            ),
         },
     },
     "CompletionRequest": {
@@ -260,6 +268,7 @@ _SCHEMAS: dict[str, Any] = {
             "logprobs": _nullable({**_INT, "minimum": 0, "maximum": 20}),
             "echo": _nullable({**_BOOL, "default": False}),
             "suffix": _nullable(_STRING),
+            "best_of": _nullable({**_INT, "description": "refused unless 1 (use n)"}),
             "response_format": {
                 "description": "as on chat completions (text, json_object, json_schema), "
                 "as vLLM accepts it here"
