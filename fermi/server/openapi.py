@@ -27,7 +27,7 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 _STRING = {"type": "string"}
 # An OpenAI field for a feature this server does not have: given, it is a 400 naming it.
-_REFUSED = {"description": "not supported: a request that sets it is refused (400)"}
+_UNSUPPORTED = {"description": "not supported: a request that sets it is refused (400)"}
 _INT = {"type": "integer"}
 _NUMBER = {"type": "number"}
 _BOOL = {"type": "boolean"}
@@ -242,7 +242,7 @@ _SCHEMAS: dict[str, Any] = {
             "tools": _nullable({"type": "array", "items": _OBJECT}),
             "tool_choice": {"anyOf": [_STRING, _OBJECT, {"type": "null"}]},
             "parallel_tool_calls": _nullable(_BOOL),
-            **dict.fromkeys(CHAT_UNSUPPORTED, _REFUSED),
+            **dict.fromkeys(CHAT_UNSUPPORTED, _UNSUPPORTED),
             "modalities": _nullable(
                 {"type": "array", "items": _STRING, "description": 'only ["text"] is served'}
             ),
