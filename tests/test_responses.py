@@ -645,6 +645,7 @@ def test_langchain_tool_round_trip_is_rendered_and_answered(url):
         ({"input": "hi", "max_output_tokens": 100_000}, "max_output_tokens", "context"),
         ({"input": "hi", "top_logprobs": 21}, "top_logprobs", "20"),
         ({"input": "hi", "metadata": {str(i): "v" for i in range(17)}}, "metadata", "16"),
+        ({"input": "hi", "max_tool_calls": -1}, "max_tool_calls", "0 or more"),
     ],
 )  # fmt: skip
 def test_refusals_are_400s_in_openais_shape_naming_the_field(url, body, param, words):

@@ -405,6 +405,13 @@ def test_text_modality_and_best_of_1_are_served_best_of_2_is_400(base, client):
     assert status == 400 and err["param"] == "best_of"
 
 
+def test_a_tool_message_without_tool_call_id_is_400_naming_it(base):
+    messages = [*HI, {"role": "tool", "content": "42"}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 2}
+    status, err = error_of(http(base + "/v1/chat/completions", body, AUTH))
+    assert status == 400 and err["param"] == "messages[1].tool_call_id"
+
+
 def test_completions_logprobs_over_the_limit_is_400_naming_logprobs(base):
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "logprobs": 25}
     status, err = error_of(http(base + "/v1/completions", body, AUTH))

@@ -186,6 +186,12 @@ def chat_messages(raw: list[msgspec.Raw]) -> list[dict[str, Any]]:
             ]
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
+        elif message.role == "tool":  # (as on OpenAI's API: the template pairs it with a call)
+            raise ApiError(
+                400,
+                "a tool message needs tool_call_id, the id of the call it answers",
+                param=f"messages[{i}].tool_call_id",
+            )
         out.append(item)
     return out
 

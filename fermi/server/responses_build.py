@@ -130,6 +130,8 @@ def _refuse_unsupported(body: ResponsesRequest) -> None:
             "its own length (medium)",
             param="text.verbosity",
         )
+    if body.max_tool_calls is not None and body.max_tool_calls < 0:
+        raise ApiError(400, "max_tool_calls must be 0 or more", param="max_tool_calls")
     metadata = body.metadata or {}
     if len(metadata) > MAX_METADATA:
         raise ApiError(400, f"metadata takes at most {MAX_METADATA} pairs", param="metadata")
