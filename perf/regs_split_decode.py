@@ -17,7 +17,6 @@ may compile differently; this compares kernels, it times nothing (``LOG.md`` run
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import re
 import subprocess
@@ -26,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "perf"))
+from sass_quant_kernels import offline_triton  # noqa: E402
 
 # (label, query heads per KV head, head dim, (keys per block, warps, stages), ranges)
 BUILDS = [
@@ -43,20 +44,13 @@ def main() -> None:
     p.add_argument("--tree", type=Path, default=ROOT, help="import fermi from this folder")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    sys.path.insert(0, str(args.tree))
-
-    import torch
-
-    torch.cuda.is_available = lambda: True  # so that the module imports Triton
+    cuobjdump = offline_triton(args.tree)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from fermi.models import split_decode as S
 
-    tools = glob.glob(str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"))
-    if not tools:
-        raise SystemExit("this Triton has no cuobjdump (backends/nvidia/bin)")
     kernel = S._partials_kernel
     run_time_count = "splits" in kernel.arg_names
     rows = []
@@ -85,7 +79,7 @@ def main() -> None:
             f.write(compiled.asm["cubin"])
             f.flush()
             usage = subprocess.run(
-                [tools[0], "--dump-resource-usage", f.name], capture_output=True, text=True
+                [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True
             ).stdout
         found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
         row = {

@@ -34,27 +34,34 @@ ROOT = Path(__file__).resolve().parent.parent
 N, K, GROUP = 24576, 4096, 32  # Qwen3-8B's gate_up product
 
 
+def offline_triton(tree: Path) -> str:
+    """Make ``tree``'s fermi importable with its Triton kernels on a machine without a GPU
+    (fermi imports Triton only when CUDA is present: this makes torch say it is), and
+    return the path of the ``cuobjdump`` this Triton ships. Call before importing fermi."""
+    sys.path.insert(0, str(tree))
+    import torch
+
+    torch.cuda.is_available = lambda: True
+    import triton
+
+    tools = glob.glob(str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"))
+    if not tools:
+        raise SystemExit("this Triton has no cuobjdump (backends/nvidia/bin)")
+    return tools[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tree", type=Path, default=ROOT, help="import fermi from this folder")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    sys.path.insert(0, str(args.tree))
-
-    import torch
-
-    torch.cuda.is_available = lambda: True  # so that fermi.models.gemv imports Triton
+    cuobjdump = offline_triton(args.tree)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from fermi.models import gemv as G
     from fermi.models import quant_mm as QM
-
-    tools = glob.glob(str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"))
-    if not tools:
-        raise SystemExit("this Triton has no cuobjdump (backends/nvidia/bin)")
-    cuobjdump = tools[0]
 
     row = {"X": "*bf16", "Y": "*bf16", "B": "*bf16", "NW": "*bf16", "R": "*bf16"}
     flags = {"NORM": True, "ACT": 0, "HAS_BIAS": False, "HAS_RES": False}
