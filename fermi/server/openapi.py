@@ -16,7 +16,7 @@ import msgspec
 from fermi.engine.embeddings import MAX_INPUTS
 from fermi.engine.requests import ROLES
 from fermi.sampling import MAX_TEMPERATURE
-from fermi.server.build import CHAT_UNSUPPORTED, MAX_CHOICES, MAX_PROMPTS
+from fermi.server.build import CHAT_UNSUPPORTED, EFFORT_THINKING, MAX_CHOICES, MAX_PROMPTS
 from fermi.server.responses_build import INCLUDABLE
 from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
 
@@ -232,9 +232,7 @@ _SCHEMAS: dict[str, Any] = {
             "top_logprobs": _nullable({**_INT, "minimum": 0, "maximum": 20}),
             "thinking": _nullable({"enum": ["on", "off", "auto"]}),
             "chat_template_kwargs": _nullable(_OBJECT),
-            "reasoning_effort": _nullable(
-                {"enum": ["none", "minimal", "low", "medium", "high", "xhigh", "max"]}
-            ),
+            "reasoning_effort": _nullable({"enum": list(EFFORT_THINKING)}),
             "think": _nullable(_BOOL),
             "response_format": {
                 "description": "OpenAI's structured outputs: text, json_object, json_schema"
