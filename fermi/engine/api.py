@@ -175,10 +175,13 @@ class Engine:
 
     # -- running ----------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, sink) -> RequestHandle:
+    def submit(self, request: GenerationRequest, sink, group: object = None) -> RequestHandle:
         """Low level: queue a prepared request; ``sink(delta)`` is called from the engine
-        thread for every delta. Front ends with their own event loop use this."""
-        return self._core.submit(request, sink)
+        thread for every delta. Front ends with their own event loop use this. Requests
+        submitted with the same ``group`` (any hashable: the choices and prompts of one
+        API call) take free slots as one client: a request of another group waiting
+        behind them gets the next slot that frees (``fermi.engine.scheduler.WaitingQueue``)."""
+        return self._core.submit(request, sink, group)
 
     def stream(self, **kwargs) -> Iterator[Delta]:
         """Yield deltas as they are generated. Closing the iterator cancels the request."""

@@ -110,10 +110,10 @@ class EngineCore:
 
     # -- any thread -------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
+    def submit(self, request: GenerationRequest, sink: Sink, group: object = None) -> RequestHandle:
         if not request.prompt_ids:
             raise RequestError("the prompt is empty", "prompt")
-        handle = RequestHandle(request, sink)
+        handle = RequestHandle(request, sink, group)
         self._queue(handle)
         return handle
 

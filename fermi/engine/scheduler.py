@@ -26,8 +26,8 @@ import logging
 import random
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -58,9 +58,12 @@ Sink = Callable[[Delta], None]
 class RequestHandle:
     """Returned by ``Engine.submit``; ``cancel()`` stops generation within a step."""
 
-    def __init__(self, request: GenerationRequest, sink: Sink) -> None:
+    def __init__(self, request: GenerationRequest, sink: Sink, group: object = None) -> None:
         self.request = request
         self.sink = sink
+        # Requests of one group (the choices and prompts of one API call) share the slots
+        # as one client does: see ``WaitingQueue``. None: a group of its own.
+        self.group = self if group is None else group
         self.cancelled = threading.Event()
         self.done = threading.Event()
         self.submitted_at = time.perf_counter()
@@ -157,7 +160,7 @@ class Scheduler:
         reuse = prefix_reuse and caps.keeps_cache
         self.slots = SlotTable(caps.max_batch, reuse, moves=caps.moves_slots)
         self.stats = SchedulerStats()
-        self.waiting: deque[RequestHandle] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Sequence] = []  # in admission order
         self._released: set[str] = set()  # sessions released while a request of theirs waited
         self._scheduled: deque[_Scheduled] = deque()  # handed out, output not read yet
@@ -268,7 +271,7 @@ class Scheduler:
         """The requests admitted (with their seeds) and the slot copies they need first."""
         admitted, moves = [], []
         while self.waiting and self.slots.available:
-            handle = self.waiting.popleft()
+            handle = self.waiting.pop(self.running)
             if handle.cancelled.is_set():
                 self._finish_unstarted(handle, "cancelled")
                 continue
@@ -510,7 +513,62 @@ class Scheduler:
     def fail_all(self, message: str) -> None:
         self.fail_running(message)
         while self.waiting:
-            self._finish_unstarted(self.waiting.popleft(), "error", message)
+            self._finish_unstarted(self.waiting.pop(()), "error", message)
+
+
+class WaitingQueue:
+    """Requests waiting for a slot, taken fairly between groups (a group is one API call's
+    choices and prompts: ``RequestHandle.group``). ``pop`` hands out the oldest request of
+    the group with the fewest sequences running; between groups running as many, the one
+    served longest ago (a group not served yet first). So a call that queued 64 prompts
+    takes the slots while nothing else waits, and a request that comes after it gets the
+    next free slot instead of waiting for all 64."""
+
+    def __init__(self) -> None:
+        self._groups: dict[object, deque[RequestHandle]] = {}  # in order of arrival
+        self._served: dict[object, int] = {}  # group -> turn of its last admission
+        self._turn = 0
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[RequestHandle]:
+        for queue in list(self._groups.values()):
+            yield from list(queue)
+
+    def append(self, handle: RequestHandle) -> None:
+        self._groups.setdefault(handle.group, deque()).append(handle)
+        self._count += 1
+
+    def remove(self, handle: RequestHandle) -> None:
+        queue = self._groups[handle.group]
+        queue.remove(handle)
+        self._count -= 1
+        if not queue:
+            self._forget(handle.group)
+
+    def pop(self, running: Iterable[Sequence]) -> RequestHandle:
+        """The next request to admit, given the sequences running now."""
+        if len(self._groups) == 1:
+            group = next(iter(self._groups))
+        else:
+            counts = Counter(s.handle.group for s in running)
+            served = self._served
+            group = min(self._groups, key=lambda g: (counts[g], served.get(g, -1)))
+        queue = self._groups[group]
+        handle = queue.popleft()
+        self._count -= 1
+        if queue:
+            self._turn += 1
+            self._served[group] = self._turn
+        else:
+            self._forget(group)
+        return handle
+
+    def _forget(self, group: object) -> None:
+        del self._groups[group]
+        self._served.pop(group, None)
 
 
 class _Masks:

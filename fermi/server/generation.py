@@ -42,7 +42,8 @@ class Generation:
             for index, request in enumerate(requests):
                 replica = pool.pick()
                 self.replicas.append(replica)
-                self.handles.append(replica.engine.submit(request, self._sink_for(index)))
+                handle = replica.engine.submit(request, self._sink_for(index), group=self)
+                self.handles.append(handle)
         except EngineOverloadedError as exc:
             self.cancel()
             raise overloaded(exc) from None
