@@ -380,6 +380,37 @@ def test_streamed_thinking_deltas_are_the_thinking_block_and_its_signature_comes
     assert events[first_stop - 1].delta.signature == final.content[0].signature
 
 
+def test_adaptive_thinking_follows_the_effort_low_off_and_higher_on(thinker):
+    args = dict(
+        model="tiny-think",
+        max_tokens=10,
+        messages=QUESTION,
+        thinking={"type": "adaptive"},
+        extra_body={"seed": 3, **FIXED},
+    )
+    low = thinker.messages.create(output_config={"effort": "low"}, **args)
+    assert [block.type for block in low.content] == ["text"]
+    high = thinker.messages.create(output_config={"effort": "high"}, **args)
+    assert high.content[0].type == "thinking" and high.content[0].thinking
+    # count_tokens renders the prompt the same way: thinking off adds an empty think block.
+    count = {
+        effort: thinker.messages.count_tokens(
+            model="tiny-think",
+            messages=QUESTION,
+            thinking={"type": "adaptive"},
+            output_config={"effort": effort},
+        ).input_tokens
+        for effort in ("low", "high")
+    }
+    assert count["low"] > count["high"], count
+    # Explicit thinking wins over the effort.
+    on = thinker.messages.create(
+        **{**args, "thinking": {"type": "enabled", "budget_tokens": 1024}},
+        output_config={"effort": "low"},
+    )
+    assert on.content[0].type == "thinking"
+
+
 def test_thinking_blocks_sent_back_are_accepted(thinker):
     conversation = [
         *QUESTION,
@@ -449,6 +480,8 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
         ({"tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "tool", "name": "nope"}}, "'nope'"),
         ({"tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
         ({"thinking": {"type": "enabled"}}, "budget_tokens"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 0}}, "at least 1024"),
+        ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
         ({"messages": [{"role": "user", "content": "x " * 5000}]}, "context"),
         ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),

@@ -9,8 +9,10 @@ reasoning, text and tool calls come back as ``thinking``, ``text`` and ``tool_us
 
 Choices where Anthropic's API and a local model part ways:
 - ``thinking`` absent means off, as on Anthropic's API; ``adaptive`` leaves the template's
-  default. ``budget_tokens`` is accepted but not enforced: thinking ends when the model
-  closes it, and counts toward ``max_tokens``.
+  default, unless ``output_config.effort`` is given: ``low`` then turns thinking off, the
+  other efforts on. Effort changes nothing else (a local model's answer is as long as it
+  writes it). ``budget_tokens`` (at least 1024, as Anthropic's API asks) is not enforced:
+  thinking ends when the model closes it, and counts toward ``max_tokens``.
 - ``max_tokens`` beyond what the context leaves is clamped; a reply that fills the context
   ends with ``model_context_window_exceeded`` (Anthropic's stop reason for that).
 - A ``tool_result`` with ``is_error`` reaches the template as "Error: " + its content; a
@@ -36,9 +38,11 @@ from fermi.grammar import Grammar
 from fermi.heap import off_loop
 from fermi.server.anthropic_protocol import (
     COUNT_TOKENS_DECODER,
+    EFFORT_THINKING,
     ENCODER,
     MESSAGE_DECODER,
     MESSAGES_DECODER,
+    MIN_BUDGET_TOKENS,
     TOOL_DECODER,
     AnthropicBlock,
     ContentBlock,
@@ -254,18 +258,39 @@ def _tool_choice(body: CountTokensRequest) -> tuple[str | dict | None, bool | No
     return mode, parallel
 
 
+def _effort(body: CountTokensRequest) -> Thinking | None:
+    """``output_config.effort``, checked: what it makes of adaptive thinking (None: absent)."""
+    config = body.output_config
+    if config is None or config.effort is None:
+        return None
+    thinking = EFFORT_THINKING.get(config.effort)
+    if thinking is None:
+        raise _bad(
+            f"output_config.effort must be one of {', '.join(EFFORT_THINKING)}, "
+            f"not {config.effort!r}",
+            "output_config.effort",
+        )
+    return thinking
+
+
 def _thinking(body: CountTokensRequest, forced: bool) -> Thinking:
     given = body.thinking
+    effort = _effort(body)
     if given is None or given.type == "disabled":
         return "off"
     if given.type == "adaptive":
-        return "auto"
+        return effort or "auto"
     if given.type != "enabled":
         raise _bad(
             f"thinking type must be enabled, disabled or adaptive, not {given.type!r}",
             "thinking.type",
         )
-    _need(given.budget_tokens, int, "thinking.budget_tokens", "thinking of type 'enabled'")
+    budget = _need(given.budget_tokens, int, "thinking.budget_tokens", "thinking of type 'enabled'")
+    if budget < MIN_BUDGET_TOKENS:
+        raise _bad(
+            f"thinking.budget_tokens must be at least {MIN_BUDGET_TOKENS}, not {budget}",
+            "thinking.budget_tokens",
+        )
     if forced:
         raise _bad("thinking may not be enabled when tool_choice forces tool use", "thinking")
     return "on"

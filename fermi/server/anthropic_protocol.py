@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from fermi.engine.types import Thinking
 from fermi.server.errors import ApiError
 
 # -- requests -------------------------------------------------------------------------
@@ -58,6 +59,18 @@ class AnthropicThinking(msgspec.Struct, kw_only=True):
     type: str  # enabled, disabled, adaptive
     budget_tokens: int | None = None
     display: str | None = None
+
+
+# ``output_config.effort``'s values; with adaptive thinking, whether the model thinks.
+EFFORT_THINKING: dict[str, Thinking] = {
+    "low": "off",
+    "medium": "on",
+    "high": "on",
+    "xhigh": "on",
+    "max": "on",
+}
+# Anthropic's API refuses a smaller thinking budget.
+MIN_BUDGET_TOKENS = 1024
 
 
 class AnthropicOutputFormat(msgspec.Struct, kw_only=True):

@@ -16,6 +16,8 @@ import msgspec
 from fermi.engine.embeddings import MAX_INPUTS
 from fermi.engine.requests import ROLES
 from fermi.sampling import MAX_TEMPERATURE
+from fermi.server.anthropic_protocol import EFFORT_THINKING as ANTHROPIC_EFFORT
+from fermi.server.anthropic_protocol import MIN_BUDGET_TOKENS
 from fermi.server.build import CHAT_UNSUPPORTED, EFFORT_THINKING, MAX_CHOICES, MAX_PROMPTS
 from fermi.server.responses_build import INCLUDABLE
 from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
@@ -393,7 +395,13 @@ _SCHEMAS |= {
         "required": ["type"],
         "properties": {
             "type": {"enum": ["enabled", "disabled", "adaptive"]},
-            "budget_tokens": _nullable({**_INT, "description": "accepted, not enforced"}),
+            "budget_tokens": _nullable(
+                {
+                    **_INT,
+                    "minimum": MIN_BUDGET_TOKENS,
+                    "description": "checked, not enforced: thinking ends when the model ends it",
+                }
+            ),
             "display": _nullable(_STRING),
         },
     },
@@ -406,7 +414,12 @@ _SCHEMAS |= {
         **_OBJECT,
         "properties": {
             "format": _nullable({"$ref": _REF + "AnthropicOutputFormat"}),
-            "effort": _nullable(_STRING),
+            "effort": _nullable(
+                {
+                    "enum": list(ANTHROPIC_EFFORT),
+                    "description": "with adaptive thinking: low turns it off, the others on",
+                }
+            ),
         },
     },
     "CountTokensRequest": {
