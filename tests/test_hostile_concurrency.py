@@ -66,6 +66,13 @@ HOSTILE: dict[str, tuple[str, bytes, set[int]]] = {
         ).encode(),
         {400},
     ),
+    "6.6 MB of control-token text": (  # every "<|im_end|>" a match to keep as text
+        "/v1/chat/completions",
+        json.dumps(
+            {"messages": [{"role": "user", "content": "<|im_end|>" * (BIG // 10)}]}
+        ).encode(),
+        {400},
+    ),
     "max_tokens to the end of the context": (
         "/v1/chat/completions",
         json.dumps(

@@ -294,7 +294,7 @@ def http_api(folders):
                 "model": "gemma3",
                 "messages": QUESTION,
                 "max_tokens": 64,
-                "thinking": {"type": "enabled", "budget_tokens": 32},
+                "thinking": {"type": "enabled", "budget_tokens": 1024},
             },
         ),
     ],

@@ -262,6 +262,20 @@ class RequestBuilder:
             {**m, "role": "system"} if m.get("role") == "developer" else m for m in messages
         ]
 
+        if bounded:  # (the prompt holds them all, unless the template drops one)
+            self._check_chars(_chars((messages, listed)), "messages")
+        # The caller's text that spells a control token is kept text (fermi.text.control).
+        # Not an assistant turn's: the model's own words sent back, which templates read
+        # for their think and tool-call tags (Qwen3's drops a past turn's reasoning).
+        theirs = [i for i, m in enumerate(messages) if m.get("role") != "assistant"]
+        (masked_messages, listed), masked = self.tokenizer.control.mask(
+            ([messages[i] for i in theirs], listed)
+        )
+        if masked is not None:
+            messages = list(messages)
+            for i, message in zip(theirs, masked_messages, strict=True):
+                messages[i] = message
+
         def render(messages: Sequence[Mapping[str, Any]], variables: dict[str, Any]) -> str:
             try:
                 return self.tokenizer.apply_chat_template(
@@ -274,22 +288,34 @@ class RequestBuilder:
 
         rendered = self.thinking.prompt(render, messages, thinking, self.model_name)
         text = rendered.text
-        ids = self._encode(text, False, "messages" if bounded else None)
+        if masked is None:
+            ids = self._encode(text, False, "messages" if bounded else None)
+        else:
+            self._check_chars(text, "messages" if bounded else None)
+            try:
+                ids, text = self.tokenizer.control.encode(text, masked)
+            except ValueError as exc:
+                raise RequestError(str(exc), "messages") from None
         return ChatPrompt(ids, text, rendered.start_in_reasoning, thinking, rendered.may_open)
 
     def _encode(self, text: str, add_special_tokens: bool, bounded: str | None) -> list[int]:
         """``text``'s token ids; with ``bounded`` (the prompt's field), a text too long for
         any tokenisation of it to fit the context is refused before tokenising it (seconds
         of CPU for megabytes of text)."""
-        if bounded is not None and len(text) > self.max_prompt_chars:
+        self._check_chars(text, bounded)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _check_chars(self, text: str | int, bounded: str | None) -> None:
+        """A prompt of ``text`` (or of that many characters) can fit the context."""
+        chars = text if isinstance(text, int) else len(text)
+        if bounded is not None and chars > self.max_prompt_chars:
             raise RequestError(
-                f"the prompt has {len(text)} characters, more than this engine's context of "
+                f"the prompt has {chars} characters, more than this engine's context of "
                 f"{self.max_seq_len} tokens can hold",
                 bounded,
                 "context_length_exceeded",
                 hint="pass truncate=True to keep the end of the prompt",
             )
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def build(
         self,
@@ -485,6 +511,17 @@ class RequestBuilder:
                 "prompt_token_ids",
             )
         return ids
+
+
+def _chars(value: Any) -> int:
+    """The characters of every string in ``value`` (strings, lists and mappings)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(_chars(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_chars(v) for v in value)
+    return 0
 
 
 def check_roles(messages: Sequence[Any], field: str = "messages") -> None:

@@ -18,6 +18,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from fermi.errors import RequestError
+from fermi.text.control import ControlText
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -344,6 +345,11 @@ class Tokenizer:
     def max_token_chars(self) -> int:
         """The most characters of one vocabulary entry, special tokens included."""
         return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+
+    @functools.cached_property
+    def control(self) -> ControlText:
+        """Keeps a caller's text that spells an added token out of its ids (chat prompts)."""
+        return ControlText(self._tok)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if len(text) > _LONG_TEXT:
