@@ -12,6 +12,7 @@ from fermi.engine.types import Delta, FinishReason, GenerationRequest, TokenLogp
 from fermi.text.detokenize import IncrementalDetokenizer
 from fermi.text.reasoning import ReasoningSplitter
 from fermi.text.stops import StopStringMatcher
+from fermi.text.token_bytes import token_text
 from fermi.text.tokenizer import Tokenizer
 from fermi.text.tools import ToolCallDelta, ToolCallParser
 
@@ -38,13 +39,18 @@ class OutputStream:
         self, token_id: int, logprob: float, top: list[tuple[int, float]]
     ) -> TokenLogprob | None:
         """The chosen token's log-probability and up to ``request.logprobs`` alternatives,
-        with their text; None when the request asked for none."""
+        with their bytes and text; None when the request asked for none."""
         k = self.request.logprobs
         if k is None:
             return None
-        decode = self.tokenizer.decode
-        alternatives = tuple((t, decode([t]), p) for t, p in top[:k])
-        return TokenLogprob(token_id, decode([token_id]), logprob, alternatives)
+        alternatives = tuple(self._token(t, p) for t, p in top[:k])
+        return self._token(token_id, logprob, alternatives)
+
+    def _token(
+        self, token_id: int, logprob: float, top: tuple[TokenLogprob, ...] = ()
+    ) -> TokenLogprob:
+        raw = self.tokenizer.token_bytes(token_id)
+        return TokenLogprob(token_id, token_text(raw), raw, logprob, top)
 
     def _split(self, text: str, final: bool) -> tuple[str, str]:
         if self.splitter is None:
