@@ -1,6 +1,6 @@
 """Log-probabilities report each token's own bytes: a token that holds part of a character
 (a byte-level piece of an emoji, a byte-fallback ``<0xE2>``) has those bytes and a
-``bytes:\\xNN`` text, never U+FFFD."""
+``bytes:\\xNN`` text, never U+FFFD; and the tokens of a stop string are not listed."""
 
 from __future__ import annotations
 
@@ -79,6 +79,31 @@ def test_token_text_is_utf8_or_the_bytes_form_for_partial_characters():
     assert token_text(b"\xe2\x80") == "bytes:\\xe2\\x80"
     assert token_text(b"ab\xf0") == "bytes:ab\\xf0"  # whole characters stay as they are
     assert token_text(b"") == ""
+
+
+def test_stop_string_tokens_are_not_listed_even_when_held_back_before_it_was_found(tok):
+    # "é!" is written by "\xc3", "\xa9" and "!": the first two were held back as a
+    # possible start of the stop string, the third completed it.
+    text, logprobs = generate(tok, tok.encode(TEXT), stop=("é!",))
+    assert text == "Hi 😀 caf"
+    assert b"".join(lp.token_bytes for lp in logprobs) == text.encode()
+
+
+def test_stop_string_inside_an_emoji_split_over_tokens_drops_only_its_bytes(tok):
+    text, logprobs = generate(tok, tok.encode(TEXT), stop=("😀",))
+    assert text == "Hi "
+    # " \xf0\x9f" starts with the space before the stop: it stays, whole; the tokens that
+    # hold only the emoji's other bytes are dropped with it.
+    assert [lp.token_bytes for lp in logprobs] == [b"H", b"i", b" \xf0\x9f"]
+
+
+def test_token_that_straddles_the_stop_string_is_listed_whole(tok):
+    ids = tok.encode(TEXT)
+    assert tok.token_bytes(ids[5]) == b" c"
+    text, logprobs = generate(tok, ids, stop=("ca",))
+    assert text == "Hi 😀 "
+    assert [lp.token_id for lp in logprobs] == ids[:6]
+    assert b"".join(lp.token_bytes for lp in logprobs) == "Hi 😀 c".encode()
 
 
 def test_end_of_sequence_token_is_listed_last_with_its_text(tok):

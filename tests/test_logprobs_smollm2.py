@@ -15,6 +15,7 @@ pytestmark = NEEDS_SMOLLM2
 
 MODEL = "smollm2-135m"
 EMOJI = [{"role": "user", "content": "Reply with just this emoji: 😀"}]
+CAFE = [{"role": "user", "content": "Write the word café three times."}]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,15 @@ def test_streamed_chat_logprob_bytes_join_to_the_streamed_reply(client):
             if choice.logprobs and choice.logprobs.content:
                 joined += b"".join(bytes(i.bytes) for i in choice.logprobs.content)
     assert joined == "".join(text).encode() and joined.decode() != ""
+
+
+def test_tokens_of_a_stop_string_are_not_in_the_logprobs(client):
+    whole = chat(client, CAFE).choices[0].message.content
+    assert " is" in whole  # the greedy reply goes on: "Café is a French word ..."
+    choice = chat(client, CAFE, stop=[" is"]).choices[0]
+    assert choice.message.content == whole[: whole.index(" is")]
+    items = choice.logprobs.content
+    assert b"".join(bytes(i.bytes) for i in items) == choice.message.content.encode()
 
 
 def test_completions_tokens_and_offsets_of_a_split_emoji(client):
