@@ -190,7 +190,7 @@ def test_logprobs_are_returned_for_each_token(engine):
         assert lp.token_id == tok
         assert lp.logprob <= 0
         assert len(lp.top) == 3
-        assert lp.top[0][0] == tok  # greedy: the chosen token is the most likely
+        assert lp.top[0].token_id == tok  # greedy: the chosen token is the most likely
 
 
 def test_thinking_off_renders_an_empty_think_block(engine):

@@ -114,6 +114,19 @@ def test_generate_applies_a_logit_bias_map(stub):
     assert error.details().startswith("logit_bias:")
 
 
+def test_logprobs_carry_the_tokens_own_bytes_for_a_part_of_a_character(stub, engine):
+    half = engine.tokenizer.encode("é")[0]  # the byte-level piece of its first byte
+    request = pb.GenerateRequest(
+        prompt_token_ids=pb.TokenIds(ids=[5, 77, 120, 33]),
+        sampling=pb.SamplingParams(
+            max_tokens=2, temperature=0, top_logprobs=1, ignore_eos=True, logit_bias={half: 100}
+        ),
+    )
+    logprobs = [lp for r in stub.Generate(request) for lp in r.logprobs]
+    assert [(lp.token, lp.token_bytes) for lp in logprobs] == [("bytes:\\xc3", b"\xc3")] * 2
+    assert [(a.token, a.token_bytes) for a in logprobs[0].top] == [("bytes:\\xc3", b"\xc3")]
+
+
 def test_generate_from_token_ids_and_conversation_with_logprobs(stub, engine):
     ids = pb.GenerateRequest(
         prompt_token_ids=pb.TokenIds(ids=[5, 77, 120, 33]),

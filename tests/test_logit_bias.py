@@ -64,7 +64,7 @@ def test_logit_bias_with_logprobs_reports_the_biased_distribution(folder):
             prompt_token_ids=PROMPT, max_tokens=3, temperature=0, ignore_eos=True,
             logit_bias={42: 100}, logprobs=1,
         )  # fmt: skip
-        assert [lp.top[0][0] for lp in out.logprobs] == [42, 42, 42]
+        assert [lp.top[0].token_id for lp in out.logprobs] == [42, 42, 42]
         assert all(lp.logprob > -1e-3 for lp in out.logprobs)
 
 

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 import fermi
+from fermi.text.token_bytes import token_text
 from tests.serving import http, metric, running_server, thinking_checkpoint
 
 KEY = "test-key"
@@ -207,10 +208,11 @@ def test_chat_logprobs_have_openai_shape_and_the_engines_values(client, engine):
     ref = engine.generate(messages=HI, max_tokens=6, seed=2, logprobs=3)
     items = out.choices[0].logprobs.content
     assert [i.token for i in items] == [t.token for t in ref.logprobs]
+    assert [bytes(i.bytes) for i in items] == [t.token_bytes for t in ref.logprobs]
     assert [i.logprob for i in items] == pytest.approx([t.logprob for t in ref.logprobs])
     for item in items:
         assert len(item.top_logprobs) == 3
-        assert item.bytes == list(item.token.encode())
+        assert item.token == token_text(bytes(item.bytes))
         tops = [t.logprob for t in item.top_logprobs]
         assert tops == sorted(tops, reverse=True)
 

@@ -32,7 +32,8 @@ def as_json(obj) -> dict:
 
 
 def lp(token: str, value: float) -> TokenLogprob:
-    return TokenLogprob(1, token, value, ((1, token, value), (2, "x", value - 1)))
+    top = (TokenLogprob(1, token, token.encode(), value), TokenLogprob(2, "x", b"x", value - 1))
+    return TokenLogprob(1, token, token.encode(), value, top)
 
 
 # -- delta -> chunk -----------------------------------------------------------------------

@@ -4,6 +4,11 @@ and the text of its log-probabilities.
 Order matters: stop strings are matched on the model's raw text (so a stop string is
 found wherever it appears), the reasoning split runs on what survives, and tool calls are
 parsed from the answer the split leaves.
+
+A token's log-probability goes out with the delta that carries its text: while the stop
+strings hold text back, they hold back the log-probabilities of the tokens that wrote it,
+so that a stop string's tokens, once it is found, are dropped with its text. A token
+whose text starts before the stop string stays listed whole.
 """
 
 from __future__ import annotations
@@ -12,8 +17,66 @@ from fermi.engine.types import Delta, FinishReason, GenerationRequest, TokenLogp
 from fermi.text.detokenize import IncrementalDetokenizer
 from fermi.text.reasoning import ReasoningSplitter
 from fermi.text.stops import StopStringMatcher
+from fermi.text.token_bytes import char_offsets, token_text
 from fermi.text.tokenizer import Tokenizer
 from fermi.text.tools import ToolCallDelta, ToolCallParser
+
+
+class HeldLogprobs:
+    """Log-probabilities waiting for their tokens' text to get past the stop strings.
+
+    Positions count characters of the detokenized text. A token that only begins a
+    character decodes to nothing yet: it waits, unplaced, for the text that completes it;
+    that text then places the tokens that wrote it, each at the character holding its
+    first byte (``char_offsets``)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[TokenLogprob, int, int]] = []  # (logprob, start, end), placed
+        self.unplaced: list[TokenLogprob] = []
+        self.decoded = 0  # characters decoded so far
+        self.passed = 0  # characters the stop strings let through
+
+    def add(self, logprob: TokenLogprob | None, piece: str, passed: str) -> None:
+        """A token (None: text without a new token, at the end) that decoded to ``piece``,
+        after which the stop strings let ``passed`` through."""
+        if logprob is not None:
+            self.unplaced.append(logprob)
+        if piece:
+            base, end = self.decoded, self.decoded + len(piece)
+            starts, _ = char_offsets((lp.token_bytes for lp in self.unplaced), base)
+            # (clamped: a skipped special token has bytes but no text)
+            starts = [min(max(s, base), end) for s in starts]
+            self.items += zip(self.unplaced, starts, [*starts[1:], end], strict=True)
+            self.unplaced.clear()
+            self.decoded = end
+        self.passed += len(passed)
+
+    def through(self) -> list[TokenLogprob] | None:
+        """Take those whose text is all through, up to the last one that has text of its
+        own (the ones before it that have none are part of its first character)."""
+        n = 0
+        for i, (_, start, end) in enumerate(self.items):
+            if end > self.passed:
+                break
+            if end > start:
+                n = i + 1
+        out = [lp for lp, _, _ in self.items[:n]]
+        del self.items[:n]
+        return out or None
+
+    def before_stop(self) -> list[TokenLogprob] | None:
+        """A stop string was found: take those whose text starts before it, drop the rest
+        (the unplaced ones come after all the text decoded)."""
+        out = [lp for lp, start, _ in self.items if start < self.passed]
+        self.items.clear()
+        self.unplaced.clear()
+        return out or None
+
+    def all(self) -> list[TokenLogprob] | None:
+        out = [*(lp for lp, _, _ in self.items), *self.unplaced]
+        self.items.clear()
+        self.unplaced.clear()
+        return out or None
 
 
 class OutputStream:
@@ -33,18 +96,24 @@ class OutputStream:
         )
         self.tokenizer = tokenizer
         self.token_ids: list[int] = []
+        self.held = HeldLogprobs() if request.logprobs is not None else None
 
     def logprob(
         self, token_id: int, logprob: float, top: list[tuple[int, float]]
     ) -> TokenLogprob | None:
         """The chosen token's log-probability and up to ``request.logprobs`` alternatives,
-        with their text; None when the request asked for none."""
+        with their bytes and text; None when the request asked for none."""
         k = self.request.logprobs
         if k is None:
             return None
-        decode = self.tokenizer.decode
-        alternatives = tuple((t, decode([t]), p) for t, p in top[:k])
-        return TokenLogprob(token_id, decode([token_id]), logprob, alternatives)
+        alternatives = tuple(self._token(t, p) for t, p in top[:k])
+        return self._token(token_id, logprob, alternatives)
+
+    def _token(
+        self, token_id: int, logprob: float, top: tuple[TokenLogprob, ...] = ()
+    ) -> TokenLogprob:
+        raw = self.tokenizer.token_bytes(token_id)
+        return TokenLogprob(token_id, token_text(raw), raw, logprob, top)
 
     def _split(self, text: str, final: bool) -> tuple[str, str]:
         if self.splitter is None:
@@ -78,10 +147,17 @@ class OutputStream:
         sequence (an eos token or a stop string: stop, or tool_calls after tool calls)."""
         req = self.request
         self.token_ids.append(token_id)
-        delta = Delta(token_ids=[token_id], logprobs=[logprob] if logprob else None)
+        delta = Delta(token_ids=[token_id])
+        held = self.held
         if token_id in req.eos_token_ids and not req.ignore_eos:
+            if held is not None:
+                held.add(logprob, "", "")  # (``finish`` sends it, after the text held back)
             return delta, self._ending("stop")
-        text, stopped = self.stops.feed(self.detok.add(token_id))
+        piece = self.detok.add(token_id)
+        text, stopped = self.stops.feed(piece)
+        if held is not None:
+            held.add(logprob, piece, text)
+            delta.logprobs = held.before_stop() if stopped else held.through()
         delta.reasoning, content = self._split(text, final=False)
         delta.text, delta.tool_calls = self._calls(content, final=False)
         return delta, (self._ending("stop") if stopped else None)
@@ -91,15 +167,21 @@ class OutputStream:
         delta's finish_reason is ``reason``, or tool_calls when ``reason`` is stop (an eos
         token, a stop string, the grammar complete) and the reply called tools."""
         tail = ""
+        logprobs = None
         if not self.stops.stopped:
-            tail, stopped = self.stops.feed(self.detok.flush())
+            piece = self.detok.flush()
+            tail, stopped = self.stops.feed(piece)
             if not stopped:
                 tail += self.stops.flush()
+            if self.held is not None:
+                self.held.add(None, piece, tail)
+                logprobs = self.held.before_stop() if stopped else self.held.all()
         reasoning, content = self._split(tail, final=True)
         text, calls = self._calls(content, final=True)
         return Delta(
             text=text,
             reasoning=reasoning,
+            logprobs=logprobs,
             finish_reason=self._ending(reason),
             tool_calls=calls,
             stop_string=self.stops.matched,

@@ -406,6 +406,8 @@ class Scheduler:
                 _send(seq.handle, delta)
             return
         final = seq.output.finish(reason)
+        if final.logprobs:
+            delta.logprobs = [*(delta.logprobs or ()), *final.logprobs]
         delta.text += final.text
         delta.reasoning += final.reasoning
         delta.stop_string = final.stop_string

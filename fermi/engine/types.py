@@ -79,10 +79,20 @@ class Usage:
 
 @dataclass(frozen=True)
 class TokenLogprob:
+    """A token and its log-probability; a generated token's also has the most likely
+    alternatives at its step (``top``, most likely first).
+
+    ``token_bytes`` are the token's own bytes, which may be part of a character (a byte
+    of an emoji): joined in order, the listed tokens' bytes spell the reply (but for the
+    end-of-sequence token, and a token that runs on into the stop string that ended it).
+    ``token`` is its text (``fermi.text.token_bytes.token_text``: ``bytes:`` and ``\\xNN``
+    escapes where the bytes are not whole characters)."""
+
     token_id: int
     token: str
+    token_bytes: bytes
     logprob: float
-    top: tuple[tuple[int, str, float], ...] = ()
+    top: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass

@@ -146,7 +146,16 @@ def response(delta: Delta, session_id: str = "") -> pb.GenerateResponse:
                 token_id=lp.token_id,
                 token=lp.token,
                 logprob=lp.logprob,
-                top=[pb.TopLogprob(token_id=t, token=s, logprob=p) for t, s, p in lp.top],
+                top=[
+                    pb.TopLogprob(
+                        token_id=a.token_id,
+                        token=a.token,
+                        logprob=a.logprob,
+                        token_bytes=a.token_bytes,
+                    )
+                    for a in lp.top
+                ],
+                token_bytes=lp.token_bytes,
             )
         )
     for call in delta.tool_calls or ():

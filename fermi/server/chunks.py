@@ -35,6 +35,7 @@ from fermi.server.protocol import (
     TopLogprob,
     UsageBody,
 )
+from fermi.text.token_bytes import char_offsets
 from fermi.text.tools import ToolCall, ToolCallDelta, merge_calls
 
 # JSON has no -inf; OpenAI reports impossible tokens with this floor.
@@ -87,13 +88,14 @@ def _lp(value: float) -> float:
 
 
 def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
+    """OpenAI's shape: each token's ``bytes`` are its own, part of a character or not."""
     return ChatLogprobs(
         [
             ChatTokenLogprob(
                 t.token,
                 _lp(t.logprob),
-                list(t.token.encode()),
-                [TopLogprob(tok, _lp(p), list(tok.encode())) for _, tok, p in t.top],
+                list(t.token_bytes),
+                [TopLogprob(a.token, _lp(a.logprob), list(a.token_bytes)) for a in t.top],
             )
             for t in items
         ]
@@ -102,16 +104,15 @@ def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
 
 def completion_logprobs(
     items: list[TokenLogprob], offset: int, with_top: bool
-) -> CompletionLogprobs:
-    """Legacy completions shape; ``offset`` is where the first token starts in the text."""
-    offsets = []
-    for t in items:
-        offsets.append(offset)
-        offset += len(t.token)
-    top = [{tok: _lp(p) for _, tok, p in t.top} for t in items] if with_top else None
-    return CompletionLogprobs(
+) -> tuple[CompletionLogprobs, int]:
+    """Legacy completions shape, and the offset after its tokens. Offsets count characters
+    of the text, from ``offset`` (``char_offsets``)."""
+    offsets, offset = char_offsets((t.token_bytes for t in items), offset)
+    top = [{a.token: _lp(a.logprob) for a in t.top} for t in items] if with_top else None
+    body = CompletionLogprobs(
         [t.token for t in items], [_lp(t.logprob) for t in items], top, offsets
     )
+    return body, offset
 
 
 def usage_body(prompt_tokens: int, choices: list[ChoiceText], n: int) -> UsageBody:
@@ -209,7 +210,9 @@ def text_completion(
 ) -> TextCompletion:
     out = []
     for i, c in enumerate(choices):
-        lps = completion_logprobs(c.logprobs, 0, bool(logprobs)) if logprobs is not None else None
+        lps = None
+        if logprobs is not None:
+            lps, _ = completion_logprobs(c.logprobs, 0, bool(logprobs))
         out.append(TextChoice(i, "".join(c.text), lps, c.finish_reason))
     usage = usage_body(prompt_tokens, choices, n)
     return TextCompletion(
@@ -336,8 +339,9 @@ class TextChunker:
             return None
         lps = None
         if pending:
-            lps = completion_logprobs(pending, self.offsets[index], bool(self.logprobs))
-            self.offsets[index] += sum(len(t.token) for t in pending)
+            lps, self.offsets[index] = completion_logprobs(
+                pending, self.offsets[index], bool(self.logprobs)
+            )
             self.pending[index] = []
         return self._completion([TextChoice(index, delta.text, lps, reason)])
 

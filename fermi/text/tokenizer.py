@@ -19,6 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from fermi.errors import RequestError
 from fermi.text.control import ControlText
+from fermi.text.token_bytes import TokenBytes
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -340,6 +341,12 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    @functools.cached_property
+    def token_bytes(self) -> TokenBytes:
+        """``token_bytes(token_id)``: the token's own bytes, which may be part of a
+        character (see ``fermi.text.token_bytes``)."""
+        return TokenBytes(self._tok)
 
     @functools.cached_property
     def max_token_chars(self) -> int:
