@@ -115,6 +115,38 @@ def one_round(base: str, prompts: int, tokens: int) -> dict:
     }
 
 
+def long_prompt_round(base: str, words: int) -> dict:
+    """A chat request whose prompt takes several prefill chunks, then (0.5 s later, while
+    those chunks run) a short one: when each got its first token."""
+    long_body = {
+        "messages": [{"role": "user", "content": "Summarise: " + "the cat sat on a mat " * words}],
+        "max_tokens": 4,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    result: dict = {}
+
+    def call():
+        sent = time.perf_counter()
+        first, _ = stream(base, "/v1/chat/completions", long_body)
+        result["long_first_token_s"] = first[0] - sent
+        result["long_sent"] = sent
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.5)
+    short = {**long_body, "messages": [{"role": "user", "content": "Say hello."}]}
+    sent = time.perf_counter()
+    first, _ = stream(base, "/v1/chat/completions", short)
+    thread.join()
+    return {
+        "short_first_token_s": first[0] - sent,
+        "short_sent_after_long_s": sent - result.pop("long_sent"),
+        **result,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", action="append", required=True, help="NAME=PATH of a source tree")
@@ -122,6 +154,13 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--port", type=int, default=8431)
+    ap.add_argument(
+        "--scenario",
+        choices=["many-prompts", "long-prompt"],
+        default="many-prompts",
+        help="a call of --prompts prompts, or one chat prompt of --words x 6 words",
+    )
+    ap.add_argument("--words", type=int, default=600)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree)
@@ -133,7 +172,10 @@ def main() -> None:
             proc = serve(Path(path), args.port, logs / f"{name}-{r}.log")
             try:
                 wait_ready(proc, base)
-                row = one_round(base, args.prompts, args.tokens)
+                if args.scenario == "many-prompts":
+                    row = one_round(base, args.prompts, args.tokens)
+                else:
+                    row = long_prompt_round(base, args.words)
                 row["fermi_file"] = fermi_file(Path(path))
             finally:
                 proc.terminate()
@@ -144,7 +186,9 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average": os.getloadavg(),
+        "scenario": args.scenario,
         "prompts": args.prompts,
+        "words": args.words,
         "tokens": args.tokens,
         "trees": trees,
         "rounds": results,

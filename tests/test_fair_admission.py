@@ -131,6 +131,26 @@ def test_engine_admits_a_later_request_before_the_rest_of_a_group(folder):
         assert every_slot_back(eng)
 
 
+def test_a_short_prompt_is_prefilled_between_the_chunks_of_a_long_one(folder):
+    """Chunks of 16 tokens; a 240-token prompt (15 chunks), then a 4-token one: the short
+    prompt's first token comes before the long one's, not after its 15 chunks."""
+    with fermi.load(folder, max_batch=2, max_seq_len=256, prefill_chunk=16) as eng:
+        first: dict[str, float] = {}
+
+        def sink_for(name):
+            return lambda delta: first.setdefault(name, time.perf_counter())
+
+        long_prompt = [(7 * i) % 400 + 5 for i in range(240)]
+        args = {"max_tokens": 2, "temperature": 0, "ignore_eos": True}
+        long = eng.submit(eng.build_request(prompt_token_ids=long_prompt, **args), sink_for("long"))
+        short = eng.submit(
+            eng.build_request(prompt_token_ids=PROMPT[:4], **args), sink_for("short")
+        )
+        assert long.done.wait(60) and short.done.wait(60)
+        assert first["short"] < first["long"]
+        assert eng.load == 0
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fair_server")

@@ -1,8 +1,10 @@
 """What each engine step runs (``schedule``), and what its output does (``update``).
 
 ``schedule`` admits waiting requests into slots (reusing a cached prefix where one
-matches: ``fermi.engine.slots``), picks one chunk of one prompt to prefill (so a long
-prompt never stalls running decodes for long), and one decode row for every sequence past
+matches: ``fermi.engine.slots``; fairly between API calls: ``WaitingQueue``), picks one
+chunk of one prompt to prefill (so a long prompt never stalls running decodes for long; the
+prompt with the fewest chunks so far, so it never stalls a short prompt either), and one
+decode row for every sequence past
 its prompt, and returns it all as a plain ``Batch`` for the runner. ``update`` takes the
 step's sampled ids, turns them into text (``fermi.engine.output``), ends sequences on eos,
 stop strings and length, and hands each request its deltas.
@@ -83,6 +85,7 @@ class Sequence:
     output: OutputStream
     prefilled: int = 0  # prompt tokens in the cache (or queued to be written there)
     reused: int = 0  # of those, tokens the slot's cache already held at admission
+    chunks: int = 0  # prefill chunks of its prompt scheduled so far
     keep: bool = True  # False once the request's session was released while it ran
     last_token: int = -1
     generated: int = 0  # tokens read back
@@ -326,12 +329,16 @@ class Scheduler:
         return moves
 
     def _prefill_chunk(self) -> tuple[Sequence | None, PrefillChunk | None]:
-        for seq in self.running:
-            prompt = seq.request.prompt_ids
-            if seq.prefilled < len(prompt):
-                break
-        else:
+        """The next chunk of the prompts still being written: of the one that has had the
+        fewest chunks (the earliest admitted between equals). So a short prompt admitted
+        while a long one is being written goes next instead of after the long one's last
+        chunk, and long prompts take turns."""
+        writing = [s for s in self.running if s.prefilled < len(s.request.prompt_ids)]
+        if not writing:
             return None, None
+        seq = min(writing, key=lambda s: s.chunks)
+        seq.chunks += 1
+        prompt = seq.request.prompt_ids
         start = seq.prefilled
         tokens = prompt[start : start + self.caps.prefill_chunk]
         seq.prefilled += len(tokens)
