@@ -164,6 +164,21 @@ def test_a_tool_parameter_name_spelling_control_tokens_stays_text(tools_engine):
     assert tiny.tokenizer.decode(got.token_ids) == got.text
 
 
+def test_a_past_turns_long_reasoning_the_template_drops_is_not_refused_as_too_long(tiny):
+    """The early length check covers the text searched for control tokens, not an
+    assistant turn's reasoning, which Qwen3's template drops from past turns."""
+    reasoning = "x" * (tiny.requests.max_prompt_chars + 1)
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "reasoning_content": reasoning},
+        {"role": "user", "content": "c"},
+    ]
+    request = tiny.build_request(messages=messages, max_tokens=4)
+    assert list(request.prompt_ids) == tiny.chat_prompt(messages, thinking="auto").token_ids
+    with pytest.raises(fermi.RequestError, match="characters"):
+        tiny.build_request(messages=[{"role": "user", "content": reasoning}], max_tokens=4)
+
+
 def piece_tokenizer(prepend_scheme: str, lstrip: bool, rstrip: bool) -> HFTokenizer:
     """Characters as tokens (with "▁" before some), a Metaspace pre-tokenizer, and chat
     control tokens that strip the whitespace beside them as asked (Phi-3's strip)."""
