@@ -179,6 +179,16 @@ def test_a_past_turns_long_reasoning_the_template_drops_is_not_refused_as_too_lo
         tiny.build_request(messages=[{"role": "user", "content": reasoning}], max_tokens=4)
 
 
+def test_a_template_that_upper_cases_the_placeholder_is_refused_not_leaked():
+    masked = Masked("0123456789abcdef")
+    out = masked.walk(
+        {"content": "hi <|end|>"}, ControlText(piece_tokenizer("never", False, False)).pattern
+    )
+    assert masked.restore(out["content"]) == "hi <|end|>"
+    with pytest.raises(ValueError, match="changed a message's text"):
+        masked.restore(out["content"].upper())
+
+
 def piece_tokenizer(prepend_scheme: str, lstrip: bool, rstrip: bool) -> HFTokenizer:
     """Characters as tokens (with "▁" before some), a Metaspace pre-tokenizer, and chat
     control tokens that strip the whitespace beside them as asked (Phi-3's strip)."""

@@ -173,7 +173,8 @@ class Masked:
 
     def restore(self, text: str) -> str:
         restored = self.placeholder.sub(lambda m: self.texts[int(m.group(1))], text)
-        if self.nonce in restored:  # a template that rewrote the placeholder's text
+        # A template that rewrote the placeholder (|upper too: the nonce is hex letters).
+        if self.nonce in restored.lower():
             raise ValueError(
                 "the chat template changed a message's text that spells a control token"
             )
