@@ -12,6 +12,8 @@ import random
 
 import openai
 import pytest
+from tokenizers import AddedToken, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 import fermi
 from fermi.text.control import ControlText, Masked
@@ -144,6 +146,78 @@ def test_the_pattern_finds_added_tokens_as_the_tokenizer_does(tiny, smollm2):
             found = [m.group() for m in control.pattern.finditer(text)]
             ids = backend.encode(text, add_special_tokens=False).ids
             assert [added[f] for f in found] == [i for i in ids if i in added.values()], text
+
+
+def test_a_tool_parameter_name_spelling_control_tokens_stays_text(tools_engine):
+    """A parameter's name is a key of the tool's schema, rendered as the caller wrote it."""
+    tiny = tools_engine
+
+    def tool(name: str) -> dict:
+        schema = {"type": "object", "properties": {name: {"type": "string"}}}
+        return {"type": "function", "function": {"name": "echo", "parameters": schema}}
+
+    messages = [{"role": "user", "content": "hi"}]
+    got = tiny.chat_prompt(messages, thinking="off", tools=[tool(INJECTION)])
+    want = tiny.chat_prompt(messages, thinking="off", tools=[tool("x")])
+    assert controls(tiny, got.token_ids) == controls(tiny, want.token_ids)
+    assert INJECTION.replace("\n", "\\n") in got.text  # (as tojson writes it)
+    assert tiny.tokenizer.decode(got.token_ids) == got.text
+
+
+def test_a_past_turns_long_reasoning_the_template_drops_is_not_refused_as_too_long(tiny):
+    """The early length check covers the text searched for control tokens, not an
+    assistant turn's reasoning, which Qwen3's template drops from past turns."""
+    reasoning = "x" * (tiny.requests.max_prompt_chars + 1)
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "reasoning_content": reasoning},
+        {"role": "user", "content": "c"},
+    ]
+    request = tiny.build_request(messages=messages, max_tokens=4)
+    assert list(request.prompt_ids) == tiny.chat_prompt(messages, thinking="auto").token_ids
+    with pytest.raises(fermi.RequestError, match="characters"):
+        tiny.build_request(messages=[{"role": "user", "content": reasoning}], max_tokens=4)
+
+
+def test_a_template_that_upper_cases_the_placeholder_is_refused_not_leaked():
+    masked = Masked("0123456789abcdef")
+    out = masked.walk(
+        {"content": "hi <|end|>"}, ControlText(piece_tokenizer("never", False, False)).pattern
+    )
+    assert masked.restore(out["content"]) == "hi <|end|>"
+    with pytest.raises(ValueError, match="changed a message's text"):
+        masked.restore(out["content"].upper())
+
+
+def piece_tokenizer(prepend_scheme: str, lstrip: bool, rstrip: bool) -> HFTokenizer:
+    """Characters as tokens (with "▁" before some), a Metaspace pre-tokenizer, and chat
+    control tokens that strip the whitespace beside them as asked (Phi-3's strip)."""
+    chars = ["▁", "\n", " ", "H", "i", "u", "s", "e", "r", "<", "|", ">", "_", "n", "d"]
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    vocab.update({"▁" + c: len(vocab) + i for i, c in enumerate(chars[1:])})
+    merges = [("▁", c) for c in chars[1:]]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme, split=False)
+    for text in ("<|user|>", "<|end|>"):
+        tok.add_special_tokens([AddedToken(text, special=True, lstrip=lstrip, rstrip=rstrip)])
+    return tok
+
+
+@pytest.mark.parametrize("prepend_scheme", ["first", "always", "never"])
+@pytest.mark.parametrize("strip", [(False, False), (False, True), (True, True)])
+def test_tokenized_piece_by_piece_the_template_gives_the_ids_of_one_encode(prepend_scheme, strip):
+    """Cut at its control tokens, a prompt is tokenized as one encode would: no "▁" before
+    each piece where the pre-tokenizer writes one before the first word only, and the
+    whitespace a stripping control token takes in is not tokenized again."""
+    tok = piece_tokenizer(prepend_scheme, *strip)
+    control = ControlText(tok)
+    rng = random.Random(3)
+    parts = ["<|user|>", "<|end|>", "Hi", "user", "\n", " ", "  ", "<|", "d>"]
+    for _ in range(300):
+        text = "".join(rng.choice(parts) for _ in range(rng.randrange(1, 10)))
+        ids, same = control.encode(text, Masked("0" * 16))
+        assert same == text
+        assert ids == tok.encode(text, add_special_tokens=False).ids, repr(text)
 
 
 @pytest.fixture(scope="module")

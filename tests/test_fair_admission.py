@@ -75,6 +75,22 @@ def test_between_groups_running_as_many_the_one_served_longest_ago_goes_first():
     assert order == ["a0", "b0", "a1", "b1", "a2", "b2"]
 
 
+def test_a_stream_of_later_single_requests_does_not_hold_a_call_back_for_ever():
+    """A call served once, then one single request arriving for every slot that frees:
+    once the call runs nothing it goes before the requests that came after its last turn."""
+    queue = WaitingQueue()
+    call = object()
+    for i in range(4):
+        queue.append(handle(f"n{i}", call))
+    assert queue.pop(()).name == "n0"
+    order = []
+    for i in range(6):  # every sequence ends before the next admission: counts stay 0
+        queue.append(handle(f"s{i}"))
+        order.append(queue.pop(()).name)
+    # s1 and s2 arrived before n2 was admitted, so they go before n3.
+    assert order == ["n1", "s0", "n2", "s1", "s2", "n3"]
+
+
 def test_remove_and_iteration_cover_every_group():
     queue = WaitingQueue()
     call = object()

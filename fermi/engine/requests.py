@@ -262,15 +262,15 @@ class RequestBuilder:
             {**m, "role": "system"} if m.get("role") == "developer" else m for m in messages
         ]
 
-        if bounded:  # (the prompt holds them all, unless the template drops one)
-            self._check_chars(_chars((messages, listed)), "messages")
         # The caller's text that spells a control token is kept text (fermi.text.control).
         # Not an assistant turn's: the model's own words sent back, which templates read
         # for their think and tool-call tags (Qwen3's drops a past turn's reasoning).
         theirs = [i for i, m in enumerate(messages) if m.get("role") != "assistant"]
-        (masked_messages, listed), masked = self.tokenizer.control.mask(
-            ([messages[i] for i in theirs], listed)
-        )
+        searched = ([messages[i] for i in theirs], listed)
+        if bounded:  # before searching them (the prompt holds them all, unless the template
+            # drops one; not the assistant turns, whose dropped reasoning may be long)
+            self._check_chars(_chars(searched), "messages")
+        (masked_messages, listed), masked = self.tokenizer.control.mask(searched)
         if masked is not None:
             messages = list(messages)
             for i, message in zip(theirs, masked_messages, strict=True):

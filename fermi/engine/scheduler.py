@@ -529,14 +529,16 @@ class WaitingQueue:
     """Requests waiting for a slot, taken fairly between groups (a group is one API call's
     choices and prompts: ``RequestHandle.group``). ``pop`` hands out the oldest request of
     the group with the fewest sequences running; between groups running as many, the one
-    served longest ago (a group not served yet first). So a call that queued 64 prompts
-    takes the slots while nothing else waits, and a request that comes after it gets the
-    next free slot instead of waiting for all 64."""
+    whose turn came longest ago, a turn being a group's last admission or, before its
+    first, its arrival. So a call that queued 64 prompts takes the slots while nothing else
+    waits, a request that comes after it gets the next free slot instead of waiting for all
+    64, and a stream of later requests cannot hold the call back for ever: once it runs
+    nothing, it goes before every request that arrived after its last admission."""
 
     def __init__(self) -> None:
         self._groups: dict[object, deque[RequestHandle]] = {}  # in order of arrival
-        self._served: dict[object, int] = {}  # group -> turn of its last admission
-        self._turn = 0
+        self._turns: dict[object, int] = {}  # group -> its last admission, else its arrival
+        self._clock = 0
         self._count = 0
 
     def __len__(self) -> int:
@@ -547,7 +549,11 @@ class WaitingQueue:
             yield from list(queue)
 
     def append(self, handle: RequestHandle) -> None:
-        self._groups.setdefault(handle.group, deque()).append(handle)
+        queue = self._groups.get(handle.group)
+        if queue is None:
+            queue = self._groups[handle.group] = deque()
+            self._turns[handle.group] = self._tick()
+        queue.append(handle)
         self._count += 1
 
     def remove(self, handle: RequestHandle) -> None:
@@ -563,21 +569,24 @@ class WaitingQueue:
             group = next(iter(self._groups))
         else:
             counts = Counter(s.handle.group for s in running)
-            served = self._served
-            group = min(self._groups, key=lambda g: (counts[g], served.get(g, -1)))
+            turns = self._turns
+            group = min(self._groups, key=lambda g: (counts[g], turns[g]))
         queue = self._groups[group]
         handle = queue.popleft()
         self._count -= 1
         if queue:
-            self._turn += 1
-            self._served[group] = self._turn
+            self._turns[group] = self._tick()
         else:
             self._forget(group)
         return handle
 
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
     def _forget(self, group: object) -> None:
         del self._groups[group]
-        self._served.pop(group, None)
+        del self._turns[group]
 
 
 class _Masks:

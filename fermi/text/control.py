@@ -8,7 +8,11 @@ text in the caller's strings (message contents, names, tool calls and definition
 swapped for a placeholder the template passes through; the rendered prompt is then cut
 at the template's own control tokens, and each piece between them, the caller's text put
 back, is tokenized with control-token matching off (``encode_special_tokens``). A
-conversation without such text takes the usual single ``encode`` and is not changed.
+conversation without such text takes the usual single ``encode`` and is not changed, and
+the pieces come out as that ``encode`` would cut them: a control token that strips the
+whitespace beside it (``lstrip``/``rstrip``, Phi-3's) takes it from its neighbours, and a
+Metaspace pre-tokenizer that writes "▁" before the first word only (``prepend_scheme``
+"first") writes it before the first piece only, not before each.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from typing import Any
 
 import tokenizers
 
+# What the tokenizer strips beside an lstrip/rstrip added token: Rust's char::is_whitespace
+# (Unicode White_Space), which is not quite Python's str.isspace. (str.strip, linear on a
+# caller's megabytes of spaces, where a regex anchored at the end is not.)
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+_WHITESPACE += "\u2028\u2029\u202f\u205f\u3000"
+
 
 class ControlText:
     """The added tokens of one tokenizer, and how to keep their text out of a caller's."""
@@ -28,9 +38,12 @@ class ControlText:
     def __init__(self, tok: tokenizers.Tokenizer) -> None:
         added = tok.get_added_tokens_decoder()
         self._ids = {t.content: i for i, t in added.items() if t.content}
+        self._lstrip = {t.content for t in added.values() if t.lstrip}
+        self._rstrip = {t.content for t in added.values() if t.rstrip}
         self.pattern = re.compile(_trie(self._ids)) if self._ids else None
         self._tok = tok
-        self._plain: tokenizers.Tokenizer | None = None
+        # (the first piece, the pieces after it): see _copies
+        self._plain: tuple[tokenizers.Tokenizer, tokenizers.Tokenizer] | None = None
 
     def mask(self, value: Any) -> tuple[Any, Masked | None]:
         """``value`` (strings, lists and mappings of them) with every added token's text
@@ -44,16 +57,7 @@ class ControlText:
     def encode(self, rendered: str, masked: Masked) -> tuple[list[int], str]:
         """The ids of a prompt rendered from masked values, and its text with the caller's
         text put back: the template's control tokens as their ids, the rest as text."""
-        if self._plain is None:
-            # A copy whose added tokens are all special, so that encode_special_tokens
-            # leaves every one of them unmatched (ordinary added tokens, such as Qwen3's
-            # <think> and <tool_call>, are matched whatever it says).
-            data = json.loads(self._tok.to_str())
-            for token in data.get("added_tokens", []):
-                token["special"] = True
-            plain = tokenizers.Tokenizer.from_str(json.dumps(data))
-            plain.encode_special_tokens = True  # (this copy only: others share the original)
-            self._plain = plain
+        first, rest = self._copies()
         assert self.pattern is not None
         pieces: list[str] = []  # text, control token, text, ..., text
         last = 0
@@ -61,15 +65,55 @@ class ControlText:
             pieces += [masked.restore(rendered[last : match.start()]), match.group()]
             last = match.end()
         pieces.append(masked.restore(rendered[last:]))
-        texts = pieces[::2]
+        texts, controls = pieces[::2], pieces[1::2]
+        for k, control in enumerate(controls):  # whitespace the control token takes in
+            if control in self._lstrip:
+                texts[k] = texts[k].rstrip(_WHITESPACE)
+            if control in self._rstrip:
+                texts[k + 1] = texts[k + 1].lstrip(_WHITESPACE)
         # encode_batch lets go of the GIL while it works (as Tokenizer.encode does for
         # long texts).
-        encoded = self._plain.encode_batch(texts, add_special_tokens=False)
-        ids = list(encoded[0].ids)
-        for control, piece in zip(pieces[1::2], encoded[1:], strict=True):
+        ids = list(first.encode_batch(texts[:1], add_special_tokens=False)[0].ids)
+        encoded = rest.encode_batch(texts[1:], add_special_tokens=False)
+        for control, piece in zip(controls, encoded, strict=True):
             ids.append(self._ids[control])
             ids += piece.ids
         return ids, "".join(pieces)
+
+    def _copies(self) -> tuple[tokenizers.Tokenizer, tokenizers.Tokenizer]:
+        """Copies of the tokenizer whose added tokens are all special, so that
+        encode_special_tokens leaves every one of them unmatched (ordinary added tokens,
+        such as Qwen3's <think> and <tool_call>, are matched whatever it says): one for
+        the prompt's first piece and one for the pieces after a control token, which a
+        Metaspace pre-tokenizer with prepend_scheme "first" gives no "▁" of their own."""
+        if self._plain is None:
+            data = json.loads(self._tok.to_str())
+            for token in data.get("added_tokens", []):
+                token["special"] = True
+            first = _tokenizer(data)
+            rest = _tokenizer(data) if _prepend_never(data.get("pre_tokenizer")) else first
+            self._plain = (first, rest)
+        return self._plain
+
+
+def _tokenizer(data: dict) -> tokenizers.Tokenizer:
+    tok = tokenizers.Tokenizer.from_str(json.dumps(data))
+    tok.encode_special_tokens = True  # (this copy only: others share the original)
+    return tok
+
+
+def _prepend_never(pre: Any) -> bool:
+    """Turn every Metaspace of ``pre`` (a pre-tokenizer's JSON) that prepends "▁" to the
+    first word only into one that never does; whether there was one."""
+    if not isinstance(pre, dict):
+        return False
+    if pre.get("type") == "Sequence":
+        found = [_prepend_never(p) for p in pre.get("pretokenizers", [])]
+        return any(found)
+    if pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
+        pre["prepend_scheme"] = "never"
+        return True
+    return False
 
 
 def _trie(words: Iterable[str]) -> str:
@@ -98,8 +142,8 @@ def _holds(value: Any, pattern: re.Pattern[str]) -> bool:
     """Whether any string in ``value`` holds a match (no copy made: most hold none)."""
     if isinstance(value, str):
         return pattern.search(value) is not None
-    if isinstance(value, Mapping):
-        return any(_holds(v, pattern) for v in value.values())
+    if isinstance(value, Mapping):  # (keys too: a tool's parameter names are rendered)
+        return any(_holds(k, pattern) or _holds(v, pattern) for k, v in value.items())
     if isinstance(value, list | tuple):
         return any(_holds(v, pattern) for v in value)
     return False
@@ -118,7 +162,7 @@ class Masked:
         if isinstance(value, str):
             return pattern.sub(self._swap, value)
         if isinstance(value, Mapping):
-            return {k: self.walk(v, pattern) for k, v in value.items()}
+            return {self.walk(k, pattern): self.walk(v, pattern) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [self.walk(v, pattern) for v in value]
         return value
@@ -129,7 +173,8 @@ class Masked:
 
     def restore(self, text: str) -> str:
         restored = self.placeholder.sub(lambda m: self.texts[int(m.group(1))], text)
-        if self.nonce in restored:  # a template that rewrote the placeholder's text
+        # A template that rewrote the placeholder (|upper too: the nonce is hex letters).
+        if self.nonce in restored.lower():
             raise ValueError(
                 "the chat template changed a message's text that spells a control token"
             )
