@@ -140,12 +140,38 @@ def test_the_pattern_finds_added_tokens_as_the_tokenizer_does(tiny, smollm2):
         backend = engine.tokenizer.backend
         added = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
         parts = [*added, *(t[: rng.randrange(1, len(t))] for t in added), "a", " ", "\n"]
-        control = ControlText(backend)
+        control = ControlText(backend, "".join(added))  # (a template that writes them all)
         for _ in range(200):
             text = "".join(rng.choice(parts) for _ in range(12))
             found = [m.group() for m in control.pattern.finditer(text)]
             ids = backend.encode(text, add_special_tokens=False).ids
             assert [added[f] for f in found] == [i for i in ids if i in added.values()], text
+
+
+def test_an_ordinary_added_token_the_template_does_not_write_stays_a_token(tiny):
+    """A vocabulary's ordinary added tokens (HTML tags, runs of spaces) are text: in a
+    caller's message they are matched as one encode matches them; the special ones and
+    those the template writes are the control tokens."""
+    backend = HFTokenizer.from_str(tiny.tokenizer.backend.to_str())
+    backend.add_tokens([AddedToken("<code>", special=False, normalized=False)])
+    code = backend.token_to_id("<code>")
+    template = tiny.tokenizer.chat_template
+    control = ControlText(backend, template)
+    assert control.pattern.search("<|im_end|>") is not None
+    assert control.pattern.search("<code>") is None
+    assert control.pattern.search("<think>") is not None  # (the template writes it)
+    assert control.mask({"content": "a <code> b"}) == ({"content": "a <code> b"}, None)
+    value, masked = control.mask({"content": "a <code> b <|im_end|>"})
+    rendered = f"<|im_start|>user\n{value['content']}<|im_end|>\n"
+    ids, text = control.encode(rendered, masked)
+    assert text == "<|im_start|>user\na <code> b <|im_end|><|im_end|>\n"
+    added = backend.get_added_tokens_decoder()
+    assert [added[i].content for i in ids if i in added] == [
+        "<|im_start|>",
+        "<code>",
+        "<|im_end|>",
+    ]
+    assert code in ids
 
 
 def test_a_tool_parameter_name_spelling_control_tokens_stays_text(tools_engine):

@@ -3,8 +3,9 @@
 A chat template writes control tokens as text (``<|im_start|>``, ``<|im_end|>``), and the
 tokenizer turns that text into their ids. Rendered and tokenized as one string, a
 message that holds the same text would become the same ids: a user could close their own
-turn and open a system one. So before rendering, every occurrence of an added token's
-text in the caller's strings (message contents, names, tool calls and definitions) is
+turn and open a system one. So before rendering, every occurrence of a control token's
+text (a special added token, or an ordinary added token the template writes, such as
+Qwen3's <think>) in the caller's strings (message contents, names, tool definitions) is
 swapped for a placeholder the template passes through; the rendered prompt is then cut
 at the template's own control tokens, and each piece between them, the caller's text put
 back, is tokenized with control-token matching off (``encode_special_tokens``). A
@@ -35,18 +36,27 @@ _WHITESPACE += "\u2028\u2029\u202f\u205f\u3000"
 class ControlText:
     """The added tokens of one tokenizer, and how to keep their text out of a caller's."""
 
-    def __init__(self, tok: tokenizers.Tokenizer) -> None:
+    def __init__(self, tok: tokenizers.Tokenizer, template: str | None = None) -> None:
+        """The control tokens are the special added tokens, and the ordinary ones the chat
+        ``template`` writes (Qwen3's <think>, <tool_call>, <tool_response>); other ordinary
+        added tokens (a vocabulary's HTML tags or runs of spaces) are text like any
+        other, and stay matched in a caller's text as in the template's."""
         added = tok.get_added_tokens_decoder()
-        self._ids = {t.content: i for i, t in added.items() if t.content}
-        self._lstrip = {t.content for t in added.values() if t.lstrip}
-        self._rstrip = {t.content for t in added.values() if t.rstrip}
+        controls = {
+            t.content: i
+            for i, t in added.items()
+            if t.content and (t.special or (template is not None and t.content in template))
+        }
+        self._ids = controls
+        self._lstrip = {t.content for t in added.values() if t.lstrip and t.content in controls}
+        self._rstrip = {t.content for t in added.values() if t.rstrip and t.content in controls}
         self.pattern = re.compile(_trie(self._ids)) if self._ids else None
         self._tok = tok
         # (the first piece, the pieces after it): see _copies
         self._plain: tuple[tokenizers.Tokenizer, tokenizers.Tokenizer] | None = None
 
     def mask(self, value: Any) -> tuple[Any, Masked | None]:
-        """``value`` (strings, lists and mappings of them) with every added token's text
+        """``value`` (strings, lists and mappings of them) with every control token's text
         swapped for a placeholder, and what was swapped; None when nothing was."""
         if self.pattern is None or not _holds(value, self.pattern):
             return value, None
@@ -81,15 +91,17 @@ class ControlText:
         return ids, "".join(pieces)
 
     def _copies(self) -> tuple[tokenizers.Tokenizer, tokenizers.Tokenizer]:
-        """Copies of the tokenizer whose added tokens are all special, so that
+        """Copies of the tokenizer whose control tokens are all special, so that
         encode_special_tokens leaves every one of them unmatched (ordinary added tokens,
-        such as Qwen3's <think> and <tool_call>, are matched whatever it says): one for
+        such as Qwen3's <think> and <tool_call>, are matched whatever it says; those that
+        are not control tokens stay ordinary, matched as one encode matches them): one for
         the prompt's first piece and one for the pieces after a control token, which a
         Metaspace pre-tokenizer with prepend_scheme "first" gives no "▁" of their own."""
         if self._plain is None:
             data = json.loads(self._tok.to_str())
             for token in data.get("added_tokens", []):
-                token["special"] = True
+                if token.get("content") in self._ids:
+                    token["special"] = True
             first = _tokenizer(data)
             rest = _tokenizer(data) if _prepend_never(data.get("pre_tokenizer")) else first
             self._plain = (first, rest)

@@ -356,7 +356,7 @@ class Tokenizer:
     @functools.cached_property
     def control(self) -> ControlText:
         """Keeps a caller's text that spells an added token out of its ids (chat prompts)."""
-        return ControlText(self._tok)
+        return ControlText(self._tok, self.chat_template)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if len(text) > _LONG_TEXT:
