@@ -11,6 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from fermi.engine.output import OutputStream
 from fermi.engine.types import GenerationRequest, TokenLogprob
 from fermi.sampling import SamplingParams
+from fermi.server.chunks import completion_logprobs
 from fermi.text.token_bytes import char_offsets, token_text
 from fermi.text.tokenizer import Tokenizer
 from tests.tiny_tokenizer import TINY_SPECIAL_IDS, write_tiny_tokenizer
@@ -139,3 +140,73 @@ def test_sentencepiece_byte_fallback_and_spaces_give_the_tokens_bytes():
     assert tok.decode(ids) == " Hi 😀"
     assert [tok.token_bytes(i) for i in ids] == [b" Hi", b" ", b"\xf0", b"\x9f", b"\x98", b"\x80"]
     assert tok.token_bytes(tok.token_to_id("</s>")) == b"</s>"
+
+
+def test_text_offsets_follow_the_reply_text_where_the_decoder_strips_its_first_space():
+    """A Llama-2-style decoder drops the reply's first space: the first token's bytes hold
+    it, the text does not, and the offsets count the text."""
+    tok = sentencepiece_tokenizer()
+    backend = tok.backend
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    end = tok.token_to_id("</s>")
+    request = GenerationRequest(
+        prompt_ids=(1,),
+        params=SamplingParams(),
+        max_tokens=9,
+        eos_token_ids=frozenset({end}),
+        logprobs=0,
+    )
+    stream = OutputStream(tok, request)
+    text, logprobs = "", []
+    for t in tok.encode("Hi Hi"):
+        delta, _ = stream.push(t, stream.logprob(t, -1.0, []))
+        text += delta.text
+        logprobs += delta.logprobs or []
+    final = stream.finish("length")
+    text += final.text
+    logprobs += final.logprobs or []
+    assert text == "Hi Hi"
+    body, _ = completion_logprobs(logprobs, 0, False)
+    assert body.text_offset == [0, 2]
+
+
+def test_skipped_special_tokens_take_no_characters_in_the_offsets(tok):
+    """Special tokens written mid-reply (ignore_eos) are not in the text: each starts where
+    the next text does."""
+    ids = [IM_END, *tok.encode("Hi there"), IM_END, *tok.encode(" you")]
+    request = GenerationRequest(
+        prompt_ids=(1,),
+        params=SamplingParams(),
+        max_tokens=len(ids),
+        eos_token_ids=frozenset({IM_END}),
+        ignore_eos=True,
+        logprobs=0,
+    )
+    stream = OutputStream(tok, request)
+    text, logprobs = "", []
+    for t in ids:
+        delta, _ = stream.push(t, stream.logprob(t, -1.0, []))
+        text += delta.text
+        logprobs += delta.logprobs or []
+    final = stream.finish("length")
+    text += final.text
+    logprobs += final.logprobs or []
+    assert text == "Hi there you"
+    assert [lp.token for lp in logprobs] == [
+        "<|im_end|>",
+        "H",
+        "i",
+        " the",
+        "re",
+        "<|im_end|>",
+        " you",
+    ]
+    body, _ = completion_logprobs(logprobs, 0, False)
+    assert body.text_offset == [0, 0, 1, 2, 6, 8, 8]

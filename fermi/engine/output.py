@@ -13,6 +13,8 @@ whose text starts before the stop string stays listed whole.
 
 from __future__ import annotations
 
+import dataclasses
+
 from fermi.engine.types import Delta, FinishReason, GenerationRequest, TokenLogprob
 from fermi.text.detokenize import IncrementalDetokenizer
 from fermi.text.reasoning import ReasoningSplitter
@@ -30,7 +32,8 @@ class HeldLogprobs:
     that text then places the tokens that wrote it, each at the character holding its
     first byte (``char_offsets``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: frozenset[int] | set[int] = frozenset()) -> None:
+        self.hidden = hidden  # ids whose text the reply leaves out (skipped special tokens)
         self.items: list[tuple[TokenLogprob, int, int]] = []  # (logprob, start, end), placed
         self.unplaced: list[TokenLogprob] = []
         self.decoded = 0  # characters decoded so far
@@ -43,7 +46,8 @@ class HeldLogprobs:
             self.unplaced.append(logprob)
         if piece:
             base, end = self.decoded, self.decoded + len(piece)
-            starts, _ = char_offsets((lp.token_bytes for lp in self.unplaced), base)
+            shown = (b"" if lp.token_id in self.hidden else lp.token_bytes for lp in self.unplaced)
+            starts, _ = char_offsets(shown, base)
             # (clamped: a skipped special token has bytes but no text)
             starts = [min(max(s, base), end) for s in starts]
             self.items += zip(self.unplaced, starts, [*starts[1:], end], strict=True)
@@ -60,23 +64,29 @@ class HeldLogprobs:
                 break
             if end > start:
                 n = i + 1
-        out = [lp for lp, _, _ in self.items[:n]]
+        out = [_at(lp, start) for lp, start, _ in self.items[:n]]
         del self.items[:n]
         return out or None
 
     def before_stop(self) -> list[TokenLogprob] | None:
         """A stop string was found: take those whose text starts before it, drop the rest
         (the unplaced ones come after all the text decoded)."""
-        out = [lp for lp, start, _ in self.items if start < self.passed]
+        out = [_at(lp, start) for lp, start, _ in self.items if start < self.passed]
         self.items.clear()
         self.unplaced.clear()
         return out or None
 
     def all(self) -> list[TokenLogprob] | None:
-        out = [*(lp for lp, _, _ in self.items), *self.unplaced]
+        placed = [_at(lp, start) for lp, start, _ in self.items]
+        out = [*placed, *(_at(lp, self.decoded) for lp in self.unplaced)]
         self.items.clear()
         self.unplaced.clear()
         return out or None
+
+
+def _at(logprob: TokenLogprob, start: int) -> TokenLogprob:
+    """``logprob`` with where its text starts in the reply (characters)."""
+    return dataclasses.replace(logprob, text_offset=start)
 
 
 class OutputStream:
@@ -96,7 +106,8 @@ class OutputStream:
         )
         self.tokenizer = tokenizer
         self.token_ids: list[int] = []
-        self.held = HeldLogprobs() if request.logprobs is not None else None
+        hidden = tokenizer.special_ids if request.skip_special_tokens else frozenset()
+        self.held = HeldLogprobs(hidden) if request.logprobs is not None else None
 
     def logprob(
         self, token_id: int, logprob: float, top: list[tuple[int, float]]

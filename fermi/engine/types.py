@@ -93,6 +93,10 @@ class TokenLogprob:
     token_bytes: bytes
     logprob: float
     top: tuple[TokenLogprob, ...] = ()
+    # Where the token's text starts in the reply's text, in characters (the character that
+    # holds its first byte; a token with no text of its own, such as a skipped special
+    # token, starts where the next text does); None for an alternative.
+    text_offset: int | None = None
 
 
 @dataclass

@@ -106,8 +106,11 @@ def completion_logprobs(
     items: list[TokenLogprob], offset: int, with_top: bool
 ) -> tuple[CompletionLogprobs, int]:
     """Legacy completions shape, and the offset after its tokens. Offsets count characters
-    of the text, from ``offset`` (``char_offsets``)."""
+    of the text: where the engine placed each token in the reply's text, else counted
+    from ``offset`` by the tokens' bytes (``char_offsets``)."""
     offsets, offset = char_offsets((t.token_bytes for t in items), offset)
+    if items and all(t.text_offset is not None for t in items):
+        offsets = [t.text_offset for t in items]
     top = [{a.token: _lp(a.logprob) for a in t.top} for t in items] if with_top else None
     body = CompletionLogprobs(
         [t.token for t in items], [_lp(t.logprob) for t in items], top, offsets
