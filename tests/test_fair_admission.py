@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import fermi
-from fermi.engine.scheduler import RequestHandle, Sequence, WaitingQueue
+from fermi.engine.scheduler import RequestHandle, Sequence, WaitingQueue, running_by_group
 from tests.serving import http as fetch
 from tests.serving import running_server, thinking_checkpoint
 from tests.tiny import every_slot_back, write_checkpoint
@@ -29,8 +29,10 @@ def handle(name: str, group: object = None) -> RequestHandle:
     return h
 
 
-def running(*handles: RequestHandle) -> list[Sequence]:
-    return [Sequence(h, slot=i, output=None) for i, h in enumerate(handles)]  # type: ignore[arg-type]
+def running(*handles: RequestHandle):
+    """How many sequences each group runs, ``handles`` running."""
+    seqs = [Sequence(h, slot=i, output=None) for i, h in enumerate(handles)]  # type: ignore[arg-type]
+    return running_by_group(seqs)
 
 
 def names(handles) -> list[str]:
@@ -42,7 +44,7 @@ def test_single_requests_wait_in_order_of_arrival():
     for name in "abcd":
         queue.append(handle(name))
     assert len(queue) == 4
-    assert names(queue.pop(()) for _ in range(4)) == list("abcd")
+    assert names(queue.pop({}) for _ in range(4)) == list("abcd")
     assert not queue
 
 
@@ -52,7 +54,7 @@ def test_a_later_caller_goes_before_the_rest_of_a_call_that_holds_slots():
     many = [handle(f"n{i}", call) for i in range(6)]
     for h in many:
         queue.append(h)
-    first = queue.pop(())
+    first = queue.pop({})
     second = queue.pop(running(first))
     assert names([first, second]) == ["n0", "n1"]  # nothing else waits: the call takes both
     late = handle("late")
@@ -71,7 +73,7 @@ def test_between_groups_running_as_many_the_one_served_longest_ago_goes_first():
         queue.append(handle(f"b{i}", b))
     order = []
     for _ in range(6):  # every sequence ends before the next admission: counts stay 0
-        order.append(queue.pop(()).name)
+        order.append(queue.pop({}).name)
     assert order == ["a0", "b0", "a1", "b1", "a2", "b2"]
 
 
@@ -82,11 +84,11 @@ def test_a_stream_of_later_single_requests_does_not_hold_a_call_back_for_ever():
     call = object()
     for i in range(4):
         queue.append(handle(f"n{i}", call))
-    assert queue.pop(()).name == "n0"
+    assert queue.pop({}).name == "n0"
     order = []
     for i in range(6):  # every sequence ends before the next admission: counts stay 0
         queue.append(handle(f"s{i}"))
-        order.append(queue.pop(()).name)
+        order.append(queue.pop({}).name)
     # s1 and s2 arrived before n2 was admitted, so they go before n3.
     assert order == ["n1", "s0", "n2", "s1", "s2", "n3"]
 

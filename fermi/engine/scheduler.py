@@ -24,12 +24,13 @@ first, and the next step starts from the host's ids.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -273,8 +274,9 @@ class Scheduler:
     def _admit(self) -> tuple[list[tuple[Sequence, int]], list[SlotMove]]:
         """The requests admitted (with their seeds) and the slot copies they need first."""
         admitted, moves = [], []
+        counts = running_by_group(self.running) if self.waiting else Counter()
         while self.waiting and self.slots.available:
-            handle = self.waiting.pop(self.running)
+            handle = self.waiting.pop(counts)
             if handle.cancelled.is_set():
                 self._finish_unstarted(handle, "cancelled")
                 continue
@@ -302,6 +304,7 @@ class Scheduler:
             if req.session is not None and req.session in self._released:
                 seq.keep = False
             self.running.append(seq)
+            counts[handle.group] += 1
             admitted.append((seq, seed))
             self._may_compact = True
             self._unmark_released(req.session)
@@ -522,7 +525,12 @@ class Scheduler:
     def fail_all(self, message: str) -> None:
         self.fail_running(message)
         while self.waiting:
-            self._finish_unstarted(self.waiting.pop(()), "error", message)
+            self._finish_unstarted(self.waiting.pop({}), "error", message)
+
+
+def running_by_group(running: Iterable[Sequence]) -> Counter[object]:
+    """How many of ``running`` each group has (``WaitingQueue.pop``)."""
+    return Counter(s.handle.group for s in running)
 
 
 class WaitingQueue:
@@ -536,23 +544,22 @@ class WaitingQueue:
     nothing, it goes before every request that arrived after its last admission."""
 
     def __init__(self) -> None:
-        self._groups: dict[object, deque[RequestHandle]] = {}  # in order of arrival
-        self._turns: dict[object, int] = {}  # group -> its last admission, else its arrival
-        self._clock = 0
+        # In the order of their turns, the longest ago first: a group joins at the end when
+        # it arrives, and goes back to the end when admitted with requests still waiting.
+        self._groups: OrderedDict[object, deque[RequestHandle]] = OrderedDict()
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
     def __iter__(self) -> Iterator[RequestHandle]:
-        for queue in list(self._groups.values()):
-            yield from list(queue)
+        """Every waiting request (the queue must not change while this runs)."""
+        return itertools.chain.from_iterable(self._groups.values())
 
     def append(self, handle: RequestHandle) -> None:
         queue = self._groups.get(handle.group)
         if queue is None:
             queue = self._groups[handle.group] = deque()
-            self._turns[handle.group] = self._tick()
         queue.append(handle)
         self._count += 1
 
@@ -561,32 +568,28 @@ class WaitingQueue:
         queue.remove(handle)
         self._count -= 1
         if not queue:
-            self._forget(handle.group)
+            del self._groups[handle.group]
 
-    def pop(self, running: Iterable[Sequence]) -> RequestHandle:
-        """The next request to admit, given the sequences running now."""
-        if len(self._groups) == 1:
-            group = next(iter(self._groups))
-        else:
-            counts = Counter(s.handle.group for s in running)
-            turns = self._turns
-            group = min(self._groups, key=lambda g: (counts[g], turns[g]))
+    def pop(self, running: Mapping[object, int]) -> RequestHandle:
+        """The next request to admit, given how many sequences each group runs now
+        (``running_by_group``)."""
+        group = next(iter(self._groups))
+        if len(self._groups) > 1:
+            counts = running
+            fewest = counts.get(group, 0)
+            for g in self._groups:  # in turn order: the first with the fewest running
+                if fewest == 0:
+                    break  # (none can run fewer; a common stop: the first group runs none)
+                if counts.get(g, 0) < fewest:
+                    group, fewest = g, counts.get(g, 0)
         queue = self._groups[group]
         handle = queue.popleft()
         self._count -= 1
         if queue:
-            self._turns[group] = self._tick()
+            self._groups.move_to_end(group)  # its turn is now
         else:
-            self._forget(group)
+            del self._groups[group]
         return handle
-
-    def _tick(self) -> int:
-        self._clock += 1
-        return self._clock
-
-    def _forget(self, group: object) -> None:
-        del self._groups[group]
-        del self._turns[group]
 
 
 class _Masks:
