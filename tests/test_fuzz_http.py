@@ -93,7 +93,8 @@ def _valid(schema: dict, components: dict, junk: bool) -> st.SearchStrategy:
         if "exclusiveMaximum" in schema:
             high = schema["exclusiveMaximum"] - 1
         # Small values (token ids within the vocabulary, short max_tokens) more often.
-        return st.integers(low, high) | st.integers(low or 0, min(high or 300, 300))
+        small = low or 0  # (and small values often, up to 300 past the minimum)
+        return st.integers(low, high) | st.integers(small, min(high or small + 300, small + 300))
     if kind == "number":
         return st.floats(
             schema.get("minimum", schema.get("exclusiveMinimum")),
