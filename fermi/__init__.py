@@ -131,6 +131,16 @@ def load(
     from fermi.runners.select import default_device, torch_runner
 
     spec = QuantSpec.parse(quantize)  # a bad value is refused before anything loads
+    for name, value, least in (
+        ("max_batch", max_batch, 1),
+        ("max_seq_len", max_seq_len, 2),
+        ("prefill_chunk", prefill_chunk, 1),
+        ("max_waiting", max_waiting, 0),
+    ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} must be an integer, not {value!r}")
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be at least {least}, not {value}")
     name = str(model) if model is not None else default_model()
     path = resolve(name)
     if (path / "manifest.json").is_file():  # a `fermi export` artefact: its runner decides

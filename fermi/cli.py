@@ -80,13 +80,13 @@ def model_options(func):
         ),
         click.option(
             "--max-seq-len",
-            type=int,
+            type=click.IntRange(min=2),
             default=None,
             help="Context length. [default: model's, capped at 4096]",
         ),
         click.option(
             "--max-batch",
-            type=int,
+            type=click.IntRange(min=1),
             default=None,
             help="Concurrent sequences. [default: 8; 1 for chat and generate]",
         ),

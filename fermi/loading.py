@@ -75,12 +75,16 @@ class Checkpoint:
 
 
 def read_json(path: Path) -> dict:
+    """A model file's JSON object; ModelLoadError naming the file otherwise."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelLoadError(f"model folder {path.parent} has no {path.name}") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -475,9 +479,23 @@ def read_generation_defaults(
     path = folder / "generation_config.json"
     gen = read_json(path) if path.exists() else {}
     eos: list[int] = []
-    for source in (gen.get("eos_token_id"), hf_config.get("eos_token_id")):
-        for value in source if isinstance(source, list) else [source]:
-            if isinstance(value, int) and value not in eos:
+    vocab = hf_config.get("vocab_size")
+    for name, source in (("generation_config.json", gen), ("config.json", hf_config)):
+        given = source.get("eos_token_id")
+        for value in given if isinstance(given, list) else [given]:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelLoadError(
+                    f"{folder / name}: eos_token_id must be a token id or a list of them, "
+                    f"not {value!r}"
+                )
+            if value < 0 or (isinstance(vocab, int) and value >= vocab):
+                raise ModelLoadError(
+                    f"{folder / name}: eos_token_id {value} is not a token id of this model "
+                    f"(vocab_size {vocab})"
+                )
+            if value not in eos:
                 eos.append(value)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)

@@ -102,6 +102,25 @@ def test_bad_model_is_a_clear_error_not_a_traceback(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("grpc", "--port", "99999"), "--port"),  # (was: served on 99999 - 65536)
+        (("grpc", "--port", "-1"), "--port"),
+        (("serve", "--port", "70000"), "--port"),  # (was: an OverflowError traceback)
+        (("serve", "--max-batch", "-3"), "--max-batch"),  # (was: a worker's traceback)
+        (("generate", "--max-batch", "0", "hi"), "--max-batch"),  # (was: ran, as 8)
+        (("generate", "--max-seq-len", "1", "hi"), "--max-seq-len"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_before_the_model_loads(tmp_path, args, named):
+    """The model path does not exist: a refusal that names the option comes first."""
+    res = fermi(*args[:1], "--model", str(tmp_path / "nowhere"), *args[1:])
+    assert res.returncode == 2, res.stderr
+    assert named in res.stderr and "is not in the range" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_model_defaults_to_fermi_model_env_and_help_shows_defaults():
     res = fermi("chat", "--help", env={"FERMI_MODEL": "acme/custom"})
     assert res.returncode == 0

@@ -143,6 +143,77 @@ def test_corrupt_config_is_reported(folder):
         load_folder(folder, CPU, torch.float32)
 
 
+def _edit(path, change):
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(change)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("config.json", "null", r"config\.json must hold a JSON object, not NoneType"),
+        ("config.json", "[]", r"config\.json must hold a JSON object, not list"),
+        ("generation_config.json", "[1]", r"generation_config\.json must hold a JSON object"),
+        ("tokenizer_config.json", "[]", r"tokenizer_config\.json must hold a JSON object"),
+        ("tokenizer_config.json", "{x", r"tokenizer_config\.json is not valid JSON"),
+        ("tokenizer.json", "{", r"tokenizer\.json is not a tokenizer file"),
+    ],
+)
+def test_a_model_file_that_is_not_what_it_should_be_is_named(folder, name, text, message):
+    """Each file a model folder holds, written as something other than a JSON object (or a
+    tokenizer), is a ModelLoadError naming the file (was: an AttributeError traceback)."""
+    (folder / name).write_text(text)
+    with pytest.raises(ModelLoadError, match=message):
+        fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("config.json", {"rms_norm_eps": "x"}, r"rms_norm_eps must be a finite number"),
+        ("config.json", {"rms_norm_eps": -1}, r"rms_norm_eps = -1 must be positive"),
+        ("config.json", {"architectures": "Qwen3ForCausalLM"}, r"architectures must be a list"),
+        (
+            "generation_config.json",
+            {"eos_token_id": "x"},
+            r"generation_config\.json: eos_token_id must be a token id",
+        ),
+        (
+            "generation_config.json",
+            {"eos_token_id": [99999]},
+            r"generation_config\.json: eos_token_id 99999 is not a token id of this model",
+        ),
+        (
+            "tokenizer_config.json",
+            {"chat_template": 5},
+            r"tokenizer_config\.json: chat_template must be a string",
+        ),
+    ],
+)
+def test_a_field_of_the_wrong_kind_is_named_with_its_file(folder, name, change, message):
+    _edit(folder / name, change)
+    with pytest.raises(ModelLoadError, match=message):
+        fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch": 0}, "max_batch must be at least 1, not 0"),
+        ({"max_batch": -3}, "max_batch must be at least 1, not -3"),
+        ({"max_seq_len": 1}, "max_seq_len must be at least 2, not 1"),
+        ({"prefill_chunk": 0}, "prefill_chunk must be at least 1, not 0"),
+        ({"max_waiting": -1}, "max_waiting must be at least 0, not -1"),
+        ({"max_batch": "8"}, "max_batch must be an integer, not '8'"),
+    ],
+)
+def test_engine_sizes_out_of_range_are_refused_before_loading(tmp_path, kwargs, message):
+    """Checked before the model is looked up: the path does not even exist."""
+    with pytest.raises(ValueError, match=message):
+        fermi.load(tmp_path / "nowhere", device="cpu", **kwargs)
+
+
 def test_offline_mode_fails_clearly_for_an_uncached_id(monkeypatch, tmp_path):
     monkeypatch.setenv("FERMI_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

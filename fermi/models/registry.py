@@ -53,6 +53,10 @@ def supported_architectures() -> list[str]:
 def adapter_for(hf_config: dict, source: str = "config.json") -> Adapter:
     _import_adapters()
     names = hf_config.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UnsupportedModelError(
+            f"{source}: architectures must be a list of class names, not {names!r}"
+        )
     for name in names:
         if name in _ADAPTERS:
             return _ADAPTERS[name]
@@ -236,7 +240,7 @@ def shape_fields(
         "num_attention_heads": heads,
         "num_key_value_heads": size("num_key_value_heads", heads),
         "head_dim": size("head_dim", head_dim or hidden // heads),
-        "rms_norm_eps": float(cfg.get("rms_norm_eps", eps)),
+        "rms_norm_eps": positive_number(cfg.get("rms_norm_eps", eps), "rms_norm_eps"),
         "rope": checked_rope(cfg),
         "max_position_embeddings": size("max_position_embeddings", max_positions),
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", tied)),

@@ -13,7 +13,7 @@ from fermi.rpc.sessions import DEFAULT_SESSION_MAX, SessionConfig
 @click.command("grpc")
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=50051, show_default=True, type=int)
+@click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--session-ttl-ms",
     envvar="FERMI_SESSION_TTL_MS",

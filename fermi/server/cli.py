@@ -37,7 +37,7 @@ def parse_origins(text: str | None) -> list[str]:
 @click.command("serve")
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--api-key",
     envvar="FERMI_API_KEY",

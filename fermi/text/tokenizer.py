@@ -17,7 +17,7 @@ import jinja2.nodes
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from fermi.errors import RequestError
+from fermi.errors import ModelLoadError, RequestError
 from fermi.text.control import ControlText
 from fermi.text.token_bytes import TokenBytes
 
@@ -187,15 +187,30 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
-def _pick_template(value: Any) -> str | None:
-    """chat_template may be a string or a list of named templates; we serve the default one."""
+def _pick_template(value: Any, source: Path | None = None) -> str | None:
+    """chat_template may be a string or a list of named templates; we serve the default one.
+    Anything else is a broken file (``source``)."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
         named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
         template = named.get("default")
         return template if isinstance(template, str) else None
-    return None
+    raise ModelLoadError(
+        f"{source or 'the tokenizer config'}: chat_template must be a string or a list of "
+        f"named templates, not {type(value).__name__}"
+    )
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A tokenizer file's JSON object; ModelLoadError naming the file otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 # Names clients use for an assistant message's reasoning; templates read reasoning_content.
@@ -300,20 +315,23 @@ class Tokenizer:
         tok_path = folder / TOKENIZER_FILE
         if not tok_path.is_file():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in tokenizer folder {folder}")
-        tok = tokenizers.Tokenizer.from_file(str(tok_path))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(tok_path))
+        except Exception as exc:  # (the Rust side raises a bare Exception)
+            raise ModelLoadError(f"{tok_path} is not a tokenizer file: {exc}") from None
 
         config: dict[str, Any] = {}
         config_path = folder / CONFIG_FILE
         if config_path.is_file():
-            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config = _json_object(config_path)
 
-        template = _pick_template(config.get("chat_template"))
+        template = _pick_template(config.get("chat_template"), config_path)
         # A standalone template file is the newer convention and wins over the config
         # entry, matching what transformers does when both exist.
         template_json = folder / TEMPLATE_JSON_FILE
         if template_json.is_file():
-            loaded = json.loads(template_json.read_text(encoding="utf-8"))
-            template = _pick_template(loaded.get("chat_template")) or template
+            loaded = _json_object(template_json)
+            template = _pick_template(loaded.get("chat_template"), template_json) or template
         template_file = folder / TEMPLATE_FILE
         if template_file.is_file():
             template = template_file.read_text(encoding="utf-8")
