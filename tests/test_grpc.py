@@ -573,7 +573,8 @@ def test_a_grammar_the_engine_cannot_enforce_is_invalid_argument_naming_it(stub)
     )
     error = rpc_error(lambda: list(stub.Generate(request)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not" in error.details() and "grammar" in error.details()
+    assert error.details().startswith("grammar: unsupported json_schema")
+    assert '"not"' in error.details()  # the keyword, quoted (not the "not" of "cannot")
     empty = pb.GenerateRequest(prompt="Hi", sampling=GREEDY, grammar=pb.Grammar())
     assert rpc_error(lambda: list(stub.Generate(empty))).code() == grpc.StatusCode.INVALID_ARGUMENT
 
