@@ -140,12 +140,15 @@ def test_max_tokens_and_context_end_give_length(engine):
 
 
 def test_prompt_longer_than_context_is_rejected_or_truncated(engine):
+    ids = list(range(1, 301))  # distinct, so the kept part shows which end it came from
     with pytest.raises(RequestError, match="256") as err:
-        engine.generate(prompt_token_ids=[1] * 300, max_tokens=4)
+        engine.generate(prompt_token_ids=ids, max_tokens=4)
     assert err.value.param == "prompt"
-    out = engine.generate(prompt_token_ids=[1] * 300, max_tokens=4, truncate=True, ignore_eos=True)
+    out = engine.generate(prompt_token_ids=ids, max_tokens=4, truncate=True, ignore_eos=True)
     assert out.usage.prompt_tokens == 252
     assert len(out.token_ids) == 4
+    request = engine.build_request(prompt_token_ids=ids, max_tokens=4, truncate=True)
+    assert request.prompt_ids == tuple(ids[-252:])
 
 
 @pytest.mark.parametrize(
@@ -293,9 +296,13 @@ def test_a_vanishing_temperature_is_greedy(engine):
 
 
 def test_truncate_without_max_tokens_leaves_room_to_answer(engine):
-    out = engine.generate(prompt_token_ids=[1] * 300, truncate=True, temperature=0, ignore_eos=True)
+    ids = list(range(1, 301))
+    out = engine.generate(prompt_token_ids=ids, truncate=True, temperature=0, ignore_eos=True)
     assert out.usage.prompt_tokens == 256 - 64
     assert len(out.token_ids) == 64
+    assert engine.build_request(prompt_token_ids=ids, truncate=True).prompt_ids == tuple(
+        ids[-(256 - 64) :]
+    )
 
 
 def test_build_request_takes_settings_and_keywords_the_keywords_winning(engine):

@@ -314,7 +314,7 @@ def test_device_cuda_without_onnxruntimes_cuda_provider_is_an_error(exported):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this onnxruntime has CUDA (tests/test_gpu_export.py runs it)")
+        pytest.skip("this onnxruntime has CUDA (tests/test_export_onnx_cuda.py runs it)")
     with pytest.raises(ModelLoadError, match=r"no CUDAExecutionProvider.*onnxruntime-gpu"):
         fermi.load(exported[1], device="cuda")
 

@@ -210,7 +210,7 @@ def test_thinking_off_keeps_the_grammar_from_the_first_token(folder):
                 "json_schema": {"name": "x", "schema": {"type": "string", "not": {"const": "a"}}},
             },
             "response_format",
-            "not",
+            '"not"',  # the keyword, quoted (not the "not" of "cannot")
         ),
         (
             {

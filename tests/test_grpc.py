@@ -573,7 +573,8 @@ def test_a_grammar_the_engine_cannot_enforce_is_invalid_argument_naming_it(stub)
     )
     error = rpc_error(lambda: list(stub.Generate(request)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not" in error.details() and "grammar" in error.details()
+    assert error.details().startswith("grammar: unsupported json_schema")
+    assert '"not"' in error.details()  # the keyword, quoted (not the "not" of "cannot")
     empty = pb.GenerateRequest(prompt="Hi", sampling=GREEDY, grammar=pb.Grammar())
     assert rpc_error(lambda: list(stub.Generate(empty))).code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -615,15 +616,23 @@ def test_a_chat_session_calls_a_tool_and_takes_its_result(tools_stub):
     stub, server = tools_stub
     sampling = pb.SamplingParams(max_tokens=600, temperature=1.0, seed=2)
     tools = [json.dumps(WEATHER)]
-    session_id, _, last = chat(
-        stub, "Weather in Oslo?", sampling=sampling, thinking=pb.THINKING_OFF,
-        tools=tools, tool_choice="required", parallel_tool_calls=False,
+    first = pb.ChatRequest(
+        message=pb.Message(content="Weather in Oslo?"), sampling=sampling,
+        thinking=pb.THINKING_OFF, tools=tools, tool_choice="required", parallel_tool_calls=False,
     )  # fmt: skip
+    responses = list(stub.Chat(first))
+    session_id, last = responses[0].session_id, responses[-1]
     assert last.finish_reason == "tool_calls"
-    session = server.server.sessions._sessions[session_id]
-    call = session.messages[-1]["tool_calls"][0]
-    assert call["function"]["name"] == "get_weather"
+    deltas = [d for r in responses for d in r.tool_calls]
+    assert {d.index for d in deltas} == {0} and deltas[0].name == "get_weather"
+    call = {
+        "id": deltas[0].id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": "".join(d.arguments for d in deltas)},
+    }
     json.loads(call["function"]["arguments"])
+    session = server.server.sessions._sessions[session_id]
+    assert session.messages[-1]["tool_calls"] == [call]
     result = pb.Message(tool_call_id=call["id"], content="3 C")
     turn = pb.ChatRequest(
         session_id=session_id, tool_results=[result], sampling=GREEDY,
@@ -633,6 +642,14 @@ def test_a_chat_session_calls_a_tool_and_takes_its_result(tools_stub):
     assert after.finish_reason in ("stop", "length", "tool_calls")
     kept = server.server.sessions._sessions[session_id].messages
     assert kept[-2] == {"role": "tool", "content": "3 C", "tool_call_id": call["id"]}
+    # The second turn's prompt is the whole conversation, the call and its result rendered.
+    conversation = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "".join(r.text for r in responses), "tool_calls": [call]},
+        {"role": "tool", "content": "3 C", "tool_call_id": call["id"]},
+    ]
+    rendered = server.server.engine.chat_prompt(conversation, "off", [WEATHER])
+    assert after.usage.prompt_tokens == len(rendered.token_ids)
 
 
 def test_tool_results_must_name_their_call_and_come_alone(tools_stub):

@@ -49,10 +49,15 @@ def test_a_forked_child_writes_its_own_copy_of_the_lazy_cache():
 
     t = memory.lazy_zeros((4, 1024), torch.float32)
     pid = os.fork()
-    if pid == 0:  # the child writes and leaves at once
-        t.fill_(7.0)
-        os._exit(0)
-    os.waitpid(pid, 0)
+    if pid == 0:  # the child writes, checks its copy and leaves at once (never into pytest)
+        code = 1
+        try:
+            t.fill_(7.0)
+            code = 0 if bool((t == 7.0).all()) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # 1: the write raised; 2: it did not hold
     assert not t.any()
 
 

@@ -196,9 +196,26 @@ def test_a_text_too_long_for_the_context_is_refused_without_tokenising_it(
     )
 
 
+# Distinct words, so the prompt's start and end tokenise differently.
+LONG_TEXT = " ".join(f"w{i}" for i in range(20_000))
+
+
 def test_truncate_takes_the_end_of_a_text_longer_than_the_character_bound(tokenizer):
-    request = builder(tokenizer).build(prompt="x" * 100_000, truncate=True)
-    assert len(request.prompt_ids) == CONTEXT - CONTEXT // 4
+    assert len(LONG_TEXT) > builder(tokenizer).max_prompt_chars
+    request = builder(tokenizer).build(prompt=LONG_TEXT, truncate=True)
+    whole = tokenizer.encode(LONG_TEXT, add_special_tokens=True)
+    keep = CONTEXT - CONTEXT // 4
+    assert whole[:keep] != whole[-keep:]
+    assert request.prompt_ids == tuple(whole[-keep:])
+
+
+def test_truncate_takes_the_end_of_a_chat_prompt(tokenizer):
+    build = builder(tokenizer)
+    messages = [{"role": "user", "content": LONG_TEXT[:2_000]}]
+    request = build.build(messages=messages, truncate=True, settings=SamplingSettings(max_tokens=8))
+    whole = build.chat_prompt(messages).token_ids
+    assert len(whole) > CONTEXT
+    assert request.prompt_ids == tuple(whole[-(CONTEXT - 8) :])  # the assistant's turn opens
 
 
 def test_a_token_id_list_longer_than_the_context_is_refused_before_reading_it(tokenizer):

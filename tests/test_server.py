@@ -598,19 +598,27 @@ def test_health_models_and_metrics_endpoints(base, client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"] and models.data[0].object == "model"
     assert client.models.retrieve("tiny").id == "tiny"
-    chat(client, max_tokens=3, extra_body=NO_EOS)  # 3 tokens even when this test runs alone
-    text = http(base + "/metrics")[2].decode()
-    for name in (
-        "fermi:num_requests_running",
-        "fermi:num_requests_waiting",
+    counted = (
         "fermi:prompt_tokens_total",
         "fermi:generation_tokens_total",
         "fermi:time_to_first_token_seconds_count",
         "fermi:inter_token_latency_seconds_count",
         "fermi:e2e_request_latency_seconds_count",
-    ):
-        assert metric(text, name, model_name="tiny") >= 0
-    assert metric(text, "fermi:generation_tokens_total") >= 3
+    )
+    text = http(base + "/metrics")[2].decode()
+    before = {name: metric(text, name, model_name="tiny") for name in counted}
+    out = chat(client, max_tokens=3, extra_body=NO_EOS)
+    text = http(base + "/metrics")[2].decode()
+    grew = {name: metric(text, name, model_name="tiny") - before[name] for name in counted}
+    for gauge in ("fermi:num_requests_running", "fermi:num_requests_waiting"):
+        assert metric(text, gauge, model_name="tiny") >= 0  # (a KeyError when it is missing)
+    assert grew["fermi:prompt_tokens_total"] == out.usage.prompt_tokens
+    assert grew["fermi:generation_tokens_total"] == 3
+    assert grew["fermi:time_to_first_token_seconds_count"] == 1
+    assert grew["fermi:e2e_request_latency_seconds_count"] == 1
+    # A gap is counted between two arrivals; on a loaded machine the three tokens may
+    # arrive together (none counted), but never more than the two gaps between them.
+    assert 0 <= grew["fermi:inter_token_latency_seconds_count"] <= 2
 
 
 def test_a_second_server_on_the_taken_port_stops_with_one_line_and_the_first_keeps_serving(
