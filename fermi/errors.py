@@ -48,3 +48,15 @@ class RequestError(FermiError, ValueError):
 
 class EngineOverloadedError(FermiError):
     """The request queue is full; try again later."""
+
+
+def quoted(value: object, limit: int = 64) -> str:
+    """A client's value as an error message quotes it: its repr, cut to ``limit``
+    characters with "…", so that an error never echoes megabytes back (gRPC clients refuse
+    a status over 16 KiB; an HTTP error body would carry it all)."""
+    return clipped(repr(value), limit)
+
+
+def clipped(text: str, limit: int = 64) -> str:
+    """``text``, or its first ``limit`` - 1 characters and "…" when it is longer."""
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -372,14 +373,6 @@ def test_a_prompt_over_the_context_is_invalid_argument_with_its_code_and_param(s
     metadata = dict(err.trailing_metadata())
     assert metadata["fermi-error-code"] == "context_length_exceeded"
     assert metadata["fermi-error-param"] == "prompt"
-    long_chat = pb.ChatRequest(message=pb.Message(content="x " * 1100), sampling=GREEDY)
-    err = rpc_error(lambda: list(stub.Chat(long_chat)))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    metadata = dict(err.trailing_metadata())
-    assert (metadata["fermi-error-code"], metadata["fermi-error-param"]) == (
-        "context_length_exceeded",
-        "messages",
-    )
 
 
 def test_a_missing_input_or_an_out_of_range_value_names_its_code_in_the_metadata(stub):
@@ -663,3 +656,239 @@ def test_tool_results_must_name_their_call_and_come_alone(tools_stub):
         sampling=GREEDY,
     )
     assert rpc_error(lambda: list(stub.Chat(both))).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _tool_call_session(stub) -> tuple[str, str]:
+    """A session whose last reply called get_weather: (session id, the call's id)."""
+    request = pb.ChatRequest(
+        message=pb.Message(content="Weather in Oslo?"),
+        sampling=pb.SamplingParams(max_tokens=600, temperature=1.0, seed=2),
+        thinking=pb.THINKING_OFF,
+        tools=[json.dumps(WEATHER)],
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    responses = list(stub.Chat(request))
+    assert responses[-1].finish_reason == "tool_calls"
+    (call_id,) = [c.id for r in responses for c in r.tool_calls if c.id]
+    return responses[0].session_id, call_id
+
+
+def test_tool_results_that_answer_no_pending_call_are_invalid_argument(tools_stub):
+    stub, server = tools_stub
+    sessions = server.server.sessions
+    before = len(sessions)
+    fresh = pb.ChatRequest(tool_results=[pb.Message(content="sunny", tool_call_id="x")])
+    error = rpc_error(lambda: list(stub.Chat(fresh)))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tool_results[0].tool_call_id: 'x' answers no call: a new session has no tool calls",
+    )
+    assert len(sessions) == before  # no session was left behind
+
+    plain, _, _ = chat(stub, "hi", thinking=pb.THINKING_OFF)
+    answer = pb.ChatRequest(
+        session_id=plain, tool_results=[pb.Message(content="sunny", tool_call_id="x")]
+    )
+    error = rpc_error(lambda: list(stub.Chat(answer)))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tool_results[0].tool_call_id: 'x' answers no call: "
+        "the session's last reply called no tool",
+    )
+
+    session_id, call_id = _tool_call_session(stub)
+    wrong = pb.ChatRequest(
+        session_id=session_id,
+        tool_results=[
+            pb.Message(content="3 C", tool_call_id=call_id),
+            pb.Message(content="sunny", tool_call_id="wrong"),
+        ],
+    )
+    error = rpc_error(lambda: list(stub.Chat(wrong)))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"tool_results[1].tool_call_id: 'wrong' answers no call: the pending call is {call_id!r}",
+    )
+    twice = pb.ChatRequest(
+        session_id=session_id,
+        tool_results=[pb.Message(content="3 C", tool_call_id=call_id)] * 2,
+    )
+    error = rpc_error(lambda: list(stub.Chat(twice)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == f"tool_results[1].tool_call_id: {call_id!r} is answered twice"
+    # The session is unchanged: its call can still be answered.
+    right = pb.ChatRequest(
+        session_id=session_id,
+        tool_results=[pb.Message(content="3 C", tool_call_id=call_id)],
+        sampling=GREEDY,
+        thinking=pb.THINKING_OFF,
+    )
+    assert list(stub.Chat(right))[-1].finish_reason in ("stop", "length", "tool_calls")
+
+
+# gRPC clients refuse trailing metadata over 16 KiB (8 KiB soft): no status may come near.
+_DETAILS_LIMIT = 1024
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "start"),
+    [
+        (
+            lambda stub: chat(stub, "hi", "s" * 100_000),
+            grpc.StatusCode.NOT_FOUND,
+            "session sssssss",
+        ),
+        (
+            lambda stub: stub.CloseSession(pb.CloseSessionRequest(session_id="s" * 100_000)),
+            grpc.StatusCode.NOT_FOUND,
+            "session sssssss",
+        ),
+        (
+            lambda stub: list(
+                stub.Chat(pb.ChatRequest(message=pb.Message(role="x" * 100_000, content="hi")))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "message.role: message.role must be user, not 'xxxxx",
+        ),
+        (
+            lambda stub: list(
+                stub.Generate(
+                    pb.GenerateRequest(
+                        conversation=pb.Conversation(
+                            messages=[pb.Message(role="é" * 100_000, content="hi")]
+                        )
+                    )
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "conversation.messages[0].role: role must be one of",
+        ),
+        (
+            lambda stub: list(
+                stub.Generate(
+                    pb.GenerateRequest(
+                        conversation=pb.Conversation(
+                            messages=[pb.Message(role="user", content="x")]
+                        ),
+                        tools=[json.dumps(WEATHER)],
+                        tool_choice="f" * 100_000,
+                    )
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tool_choice: tool_choice names 'fffff",
+        ),
+    ],
+    ids=["chat-session-id", "close-session-id", "chat-role", "conversation-role", "tool-choice"],
+)
+def test_an_error_quotes_a_long_client_value_cut_short(stub, call, code, start):
+    error = rpc_error(lambda: call(stub))
+    assert error.code() == code, error.details()
+    assert error.details().startswith(start)
+    assert "…" in error.details()
+    assert len(error.details().encode()) <= _DETAILS_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("Generate", b"\x0a\xff\xff\xff\xff\x0f"),  # a length past the end of the message
+        ("Generate", b"\x0a\x02\xc3\x28"),  # prompt: invalid UTF-8
+        ("Chat", b"\x0a\x01\xff"),  # session_id: invalid UTF-8
+        ("CloseSession", b"\x0a\x01\xff"),
+        ("ListModels", b"\xff"),  # no valid tag
+    ],
+)
+def test_a_request_that_does_not_decode_is_invalid_argument_without_a_traceback(
+    channel, caplog, method, raw
+):
+    streaming = method in ("Generate", "Chat")
+    make = channel.unary_stream if streaming else channel.unary_unary
+    call = make(f"/fermi.v1.Fermi/{method}")  # no serializer: the bytes go as they are
+    with caplog.at_level(logging.WARNING):
+        error = rpc_error(lambda: list(call(raw)) if streaming else call(raw))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("the request is not a valid ")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    # The server goes on answering.
+    assert pb_grpc.FermiStub(channel).ListModels(pb.ListModelsRequest()).models
+
+
+@pytest.mark.parametrize(
+    ("request_", "detail"),
+    [
+        (
+            pb.GenerateRequest(prompt="hi", tools=[json.dumps(WEATHER)]),
+            "tools: tools need a conversation (a prompt is not rendered with the chat template)",
+        ),
+        (
+            pb.GenerateRequest(prompt="hi", tools=["{bad"]),
+            "tools: tools need a conversation",
+        ),
+        (
+            pb.GenerateRequest(prompt="hi", tool_choice="required"),
+            "tool_choice: tool_choice needs a conversation",
+        ),
+        (
+            pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[5, 6]), parallel_tool_calls=False),
+            "parallel_tool_calls: parallel_tool_calls needs a conversation",
+        ),
+        (
+            pb.GenerateRequest(prompt="hi", thinking=pb.THINKING_ON),
+            "thinking: thinking needs a conversation",
+        ),
+        (
+            pb.GenerateRequest(prompt="hi", thinking=pb.THINKING_OFF),
+            "thinking: thinking needs a conversation",
+        ),
+    ],
+    ids=["tools", "bad-tools", "tool-choice", "parallel", "thinking-on", "thinking-off"],
+)
+def test_conversation_only_fields_with_a_prompt_are_invalid_argument(stub, request_, detail):
+    error = rpc_error(lambda: list(stub.Generate(request_)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith(detail)
+
+
+def test_closing_a_session_cancels_its_running_turn(stub, engine):
+    session_id, _, _ = chat(stub, "start")
+    before = engine.stats().generated_tokens
+    turn = stub.Chat(
+        pb.ChatRequest(
+            session_id=session_id,
+            message=pb.Message(content="go on"),
+            sampling=pb.SamplingParams(max_tokens=900, ignore_eos=True),
+        )
+    )
+    first = next(turn)
+    stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+    rest = list(turn)  # the stream ends by itself, without an error
+    last = rest[-1] if rest else first
+    assert last.finish_reason == "cancelled"
+    tokens = len(first.token_ids) + sum(len(r.token_ids) for r in rest)
+    assert last.usage.completion_tokens == tokens < 900
+    assert wait_until(lambda: engine.load == 0)
+    assert engine.stats().generated_tokens - before < 900
+    err = rpc_error(lambda: chat(stub, "again", session_id))
+    assert (err.code(), err.details()) == (
+        grpc.StatusCode.NOT_FOUND,
+        f"session {session_id} was closed",
+    )
+
+
+def test_a_chat_turn_over_the_context_names_message_and_no_truncate(stub):
+    long_chat = pb.ChatRequest(message=pb.Message(content="x " * 1100), sampling=GREEDY)
+    err = rpc_error(lambda: list(stub.Chat(long_chat)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("message: the prompt has ")
+    assert "truncate" not in err.details()
+    assert err.details().endswith(
+        "(the conversation with this message does not fit the context: shorten the message, "
+        "or start a new session)"
+    )
+    metadata = dict(err.trailing_metadata())
+    assert (metadata["fermi-error-code"], metadata["fermi-error-param"]) == (
+        "context_length_exceeded",
+        "message",
+    )

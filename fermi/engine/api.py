@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -203,18 +203,30 @@ class Engine:
         the first iteration."""
         return self._deltas(None, kwargs, raise_errors=True)
 
-    def astream_request(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def astream_request(
+        self,
+        request: GenerationRequest,
+        on_submit: Callable[[RequestHandle], object] | None = None,
+    ) -> AsyncIterator[Delta]:
         """Low level: deltas of a prepared request; a failure arrives as a final delta with
-        ``error`` set (front ends turn it into their own error shape)."""
-        return self._deltas(request, None, raise_errors=False)
+        ``error`` set (front ends turn it into their own error shape). ``on_submit(handle)``
+        is called once it is queued, for a front end that cancels it from elsewhere (the
+        stream then ends with finish_reason ``cancelled``)."""
+        return self._deltas(request, None, raise_errors=False, on_submit=on_submit)
 
     async def _deltas(
-        self, request: GenerationRequest | None, kwargs: dict | None, raise_errors: bool
+        self,
+        request: GenerationRequest | None,
+        kwargs: dict | None,
+        raise_errors: bool,
+        on_submit: Callable[[RequestHandle], object] | None = None,
     ) -> AsyncIterator[Delta]:
         if request is None:  # templating and tokenising off the event loop
             request = await asyncio.to_thread(self.build_request, **(kwargs or {}))
         channel: Channel[Delta] = Channel()
         handle = self.submit(request, channel.put)
+        if on_submit is not None:
+            on_submit(handle)
         try:
             async for batch in channel:
                 for delta in batch:

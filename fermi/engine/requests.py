@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from fermi.engine.types import GenerationRequest, Thinking
-from fermi.errors import FermiError, RequestError
+from fermi.errors import FermiError, RequestError, quoted
 from fermi.grammar import Grammar, GrammarCompiler
 from fermi.loading import GenerationDefaults
 from fermi.sampling import MAX_LOGPROBS, SamplingParams
@@ -531,7 +531,7 @@ def check_roles(messages: Sequence[Any], field: str = "messages") -> None:
         role = message.get("role") if isinstance(message, Mapping) else None
         if role not in ROLES:
             raise RequestError(
-                f"role must be one of {', '.join(ROLES)}, not {role!r}", f"{field}[{i}].role"
+                f"role must be one of {', '.join(ROLES)}, not {quoted(role)}", f"{field}[{i}].role"
             )
 
 

@@ -9,7 +9,7 @@ import grpc
 
 from fermi.engine.requests import SamplingSettings, check_roles
 from fermi.engine.types import Delta, Thinking
-from fermi.errors import EngineOverloadedError, FermiError, RequestError
+from fermi.errors import EngineOverloadedError, FermiError, RequestError, quoted
 from fermi.rpc.generated import fermi_pb2 as pb
 from fermi.rpc.sessions import SessionBusyError, SessionLimitError, SessionNotFoundError
 
@@ -63,6 +63,8 @@ def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
     # Checked whatever the input, as HTTP checks every field it is sent.
     thinking = thinking_mode(request.thinking)
     which = request.WhichOneof("input")
+    if which != "conversation":
+        _refuse_conversation_fields(request)
     if which == "prompt":
         kwargs["prompt"] = request.prompt
     elif which == "prompt_token_ids":
@@ -82,6 +84,25 @@ def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
     return kwargs
 
 
+def _refuse_conversation_fields(request: pb.GenerateRequest) -> None:
+    """These fields shape the chat template's rendering, which a prompt does not have: a
+    request that sets one is refused, not answered without it (as ``build_request`` refuses
+    tools without messages)."""
+    given = {
+        "tools": bool(request.tools),
+        "tool_choice": bool(request.tool_choice),
+        "parallel_tool_calls": request.HasField("parallel_tool_calls"),
+        "thinking": request.thinking != pb.THINKING_AUTO,
+    }
+    for field, is_set in given.items():
+        if is_set:
+            verb = "need" if field == "tools" else "needs"
+            raise RequestError(
+                f"{field} {verb} a conversation (a prompt is not rendered with the chat template)",
+                field,
+            )
+
+
 def chat_turn(request: pb.ChatRequest) -> list[dict[str, Any]]:
     """The messages a Chat call adds before the reply: the user's message, or the results
     of the calls the session's last reply made."""
@@ -99,8 +120,51 @@ def chat_turn(request: pb.ChatRequest) -> list[dict[str, Any]]:
         return results
     role = request.message.role or "user"
     if role != "user":
-        raise RequestError(f"message.role must be user, not {role!r}", "message.role")
+        raise RequestError(f"message.role must be user, not {quoted(role)}", "message.role")
     return [{"role": "user", "content": request.message.content}]
+
+
+def check_tool_results(results: list[dict[str, Any]], history: list[dict] | None) -> None:
+    """Each of a Chat turn's tool results answers a call of the session's last reply, once;
+    ``history`` is the session's conversation (None: the turn starts a session)."""
+    last = history[-1] if history else {}
+    pending = (
+        [c["id"] for c in last.get("tool_calls", ())] if last.get("role") == "assistant" else []
+    )
+    answered: set[str] = set()
+    for i, result in enumerate(results):
+        call_id, param = result["tool_call_id"], f"tool_results[{i}].tool_call_id"
+        if call_id in answered:
+            raise RequestError(f"{quoted(call_id)} is answered twice", param)
+        if call_id not in pending:
+            if history is None:
+                why = "a new session has no tool calls"
+            elif not pending:
+                why = "the session's last reply called no tool"
+            elif len(pending) == 1:
+                why = f"the pending call is {quoted(pending[0])}"
+            else:
+                why = f"the pending calls are {', '.join(quoted(p) for p in pending)}"
+            raise RequestError(f"{quoted(call_id)} answers no call: {why}", param)
+        answered.add(call_id)
+
+
+def chat_error(exc: RequestError, turn_field: str) -> RequestError:
+    """An engine error about the rendered conversation (``messages``), named for Chat,
+    which has no such field: the turn's field (``message`` or ``tool_results``), and for a
+    conversation over the context the advice a Chat client can take (it has no truncate)."""
+    if exc.param != "messages":
+        return exc
+    hint = exc.hint
+    if exc.code == "context_length_exceeded":
+        hint = (
+            "the conversation with this message does not fit the context: shorten the message, "
+            "or start a new session"
+            if turn_field == "message"
+            else "the conversation with these tool results does not fit the context: shorten "
+            "them, or start a new session"
+        )
+    return RequestError(exc.message, turn_field, exc.code, hint=hint)
 
 
 def _message(m: pb.Message) -> dict[str, Any]:
@@ -191,8 +255,28 @@ ERROR_CODE_KEY = "fermi-error-code"
 ERROR_PARAM_KEY = "fermi-error-param"
 
 
+# The most UTF-8 bytes of a status's details. grpc-message percent-encodes every byte
+# outside printable ASCII, so this is at most 3 KiB on the wire, well under the 8 KiB (soft)
+# and 16 KiB (hard) limits clients set on trailing metadata: over them the client gets
+# RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead of the status.
+DETAILS_LIMIT = 1024
+
+
 def status_of(exc: BaseException) -> Status:
     """The status for an error raised while serving a call."""
+    status = _status_of(exc)
+    return status._replace(details=_capped(status.details))
+
+
+def _capped(details: str) -> str:
+    data = details.encode()
+    if len(data) <= DETAILS_LIMIT:
+        return details
+    cut = data[: DETAILS_LIMIT - len("…".encode())].decode(errors="ignore")
+    return f"{cut}…"
+
+
+def _status_of(exc: BaseException) -> Status:
     if isinstance(exc, RequestError):
         detail = f"{exc.param}: {exc}" if exc.param else str(exc)
         metadata = ((ERROR_CODE_KEY, exc.code),)

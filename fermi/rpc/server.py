@@ -2,7 +2,8 @@
 
 Each call streams deltas from ``Engine.astream_request``. When a client cancels, grpc
 cancels the handler's task; that closes the engine stream, which cancels the request, and
-the scheduler drops it before its next step.
+the scheduler drops it before its next step. ``CloseSession`` cancels a turn the session is
+running the same way, and that turn's stream ends with finish_reason ``cancelled``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from fermi.engine.api import STALL_SECONDS, Engine
+from fermi.engine.api import STALL_SECONDS, Engine, RequestHandle
 from fermi.engine.requests import check_room
 from fermi.engine.types import Delta, GenerationRequest
 from fermi.errors import RequestError
@@ -81,6 +83,7 @@ class FermiService(pb_grpc.FermiServicer):
 
     async def _chat(self, request: pb.ChatRequest) -> AsyncIterator[pb.GenerateResponse]:
         turn = convert.chat_turn(request)
+        turn_field = "tool_results" if request.tool_results else "message"
         kwargs = {
             "settings": convert.sampling_settings(request.sampling),
             "thinking": convert.thinking_mode(request.thinking),
@@ -93,16 +96,26 @@ class FermiService(pb_grpc.FermiServicer):
             session = self.sessions.begin_turn(request.session_id)
             built = None
         else:
+            if request.tool_results:
+                convert.check_tool_results(turn, None)
             history = [{"role": "system", "content": request.system}] if request.system else []
             # Validate before creating, so a bad first turn leaves no session behind.
-            built = await self._build(messages=[*history, *turn], **kwargs)
+            built = await self._build_turn(turn_field, messages=[*history, *turn], **kwargs)
             session = self.sessions.begin_new(history)
         added, answered = None, False
         try:
             if built is None:
-                built = await self._build(messages=[*session.messages, *turn], **kwargs)
+                if request.tool_results:
+                    convert.check_tool_results(turn, session.messages)
+                messages = [*session.messages, *turn]
+                built = await self._build_turn(turn_field, messages=messages, **kwargs)
             text, reasoning, calls = [], [], []
-            async for delta in self._run(replace(built, session=session.id)):
+
+            def cancel_on_close(handle: RequestHandle) -> None:
+                # CloseSession mid-turn: the stream ends with finish_reason "cancelled".
+                self.sessions.generating(session, handle.cancel)
+
+            async for delta in self._run(replace(built, session=session.id), cancel_on_close):
                 text.append(delta.text)
                 reasoning.append(delta.reasoning)
                 calls = merge_calls(calls, delta.tool_calls or [])
@@ -124,8 +137,17 @@ class FermiService(pb_grpc.FermiServicer):
         check_room(built, kwargs["settings"].max_tokens)
         return built
 
-    async def _run(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        async for delta in self.engine.astream_request(request):
+    async def _build_turn(self, turn_field: str, **kwargs) -> GenerationRequest:
+        """A Chat turn's request; an error about the conversation names the turn's field."""
+        try:
+            return await self._build(**kwargs)
+        except RequestError as exc:
+            raise convert.chat_error(exc, turn_field) from None
+
+    async def _run(
+        self, request: GenerationRequest, on_submit: Callable[[RequestHandle], object] | None = None
+    ) -> AsyncIterator[Delta]:
+        async for delta in self.engine.astream_request(request, on_submit):
             if delta.error:
                 raise delta.exception()
             yield delta
@@ -145,6 +167,67 @@ def assistant_message(
             for c in calls
         ]
     return message
+
+
+def add_service(service: FermiService, server: grpc.aio.Server) -> None:
+    """Register the service's methods as the generated ``add_FermiServicer_to_server`` does,
+    but a request that does not decode (bytes that are not protobuf, a string that is not
+    UTF-8) is INVALID_ARGUMENT: grpc's own answer is UNKNOWN, with a traceback logged."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Fermi"].methods:
+        request_type = getattr(pb, method.input_type.name)
+        serialize = getattr(pb, method.output_type.name).SerializeToString
+        behaviour = getattr(service, method.name)
+        if method.server_streaming:
+            handler = grpc.unary_stream_rpc_method_handler(
+                _streamed(behaviour), _decoder(request_type), serialize
+            )
+        else:
+            handler = grpc.unary_unary_rpc_method_handler(
+                _unary(behaviour), _decoder(request_type), serialize
+            )
+        handlers[method.name] = handler
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+class _Undecodable(NamedTuple):
+    """What a request that does not decode is handed to its method as."""
+
+    error: RequestError
+
+
+def _decoder(request_type) -> Callable[[bytes], Any]:
+    name = request_type.DESCRIPTOR.full_name
+
+    def decode(data: bytes):
+        try:
+            return request_type.FromString(data)
+        except DecodeError as exc:
+            # "Error parsing message with type 'fermi.v1.X': String field had bad UTF-8"
+            why = str(exc).rpartition("': ")[2]
+            return _Undecodable(RequestError(f"the request is not a valid {name}: {why}"))
+
+    return decode
+
+
+def _unary(behaviour):
+    async def handle(request, context):
+        if isinstance(request, _Undecodable):
+            await _abort(context, request.error)
+        return await behaviour(request, context)
+
+    return handle
+
+
+def _streamed(behaviour):
+    async def handle(request, context):
+        if isinstance(request, _Undecodable):
+            await _abort(context, request.error)
+        async for response in behaviour(request, context):
+            yield response
+
+    return handle
 
 
 async def _abort(context, exc: Exception) -> None:
@@ -168,7 +251,7 @@ class GrpcServer:
         """Bind ``address`` (``host:port``; port 0 picks one) and start; return the port."""
         # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_FermiServicer_to_server(FermiService(self.engine, self.sessions), server)
+        add_service(FermiService(self.engine, self.sessions), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)

@@ -6,7 +6,8 @@ prompt does not share with what the cache already holds. The engine may drop an 
 session's cache when it needs the slot; the conversation survives and its next turn is a
 full prefill. What ends a session is this store: ``CloseSession``, the idle TTL
 (``FERMI_SESSION_TTL_MS``) or LRU eviction beyond ``FERMI_SESSION_MAX``; after that its
-id is ``NOT_FOUND``, never a silent new conversation.
+id is ``NOT_FOUND``, never a silent new conversation. Closing a session mid-turn cancels
+the turn (TTL and eviction only end idle sessions).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fermi.errors import FermiError
+from fermi.errors import FermiError, clipped
 
 DEFAULT_SESSION_MAX = 1024
 # Ids of sessions that ended, remembered so NOT_FOUND can say why (bounded).
@@ -45,6 +46,7 @@ class Session:
     last_used: float = 0.0
     busy: bool = False
     closed: bool = False
+    cancel_turn: Callable[[], None] | None = None  # stops the running turn's generation
 
 
 @dataclass(frozen=True)
@@ -128,11 +130,21 @@ class SessionStore:
             self._sessions.move_to_end(session_id)
             return session
 
+    def generating(self, session: Session, cancel: Callable[[], None]) -> None:
+        """The turn's generation started; ``cancel()`` stops it if the session ends first
+        (at once, if it already has)."""
+        with self._lock:
+            if not session.closed:
+                session.cancel_turn = cancel
+                return
+        cancel()
+
     def end_turn(self, session: Session, added: list[dict] | None) -> None:
         """Finish a turn; ``added`` (the user and assistant messages) is appended when the
         turn completed, and dropped when it was cancelled or failed."""
         with self._lock:
             session.busy = False
+            session.cancel_turn = None
             session.last_used = self._clock()
             if added and not session.closed:
                 session.messages.extend(added)
@@ -171,6 +183,8 @@ class SessionStore:
 
     def _end_locked(self, session: Session, why: str) -> None:
         session.closed = True
+        if session.cancel_turn is not None:
+            session.cancel_turn()
         del self._sessions[session.id]
         self._ended[session.id] = why
         while len(self._ended) > _REMEMBER_ENDED:
@@ -182,5 +196,5 @@ class SessionStore:
             return "session_id is empty"
         why = self._ended.get(session_id)
         if why is None:
-            return f"session {session_id} does not exist"
+            return f"session {clipped(session_id)} does not exist"
         return f"session {session_id} {why}"

@@ -30,7 +30,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fermi.errors import RequestError
+from fermi.errors import RequestError, quoted
 from fermi.grammar import Grammar, bounded_whitespace
 from fermi.text.tokenizer import template_variables
 
@@ -98,7 +98,7 @@ def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
             raise RequestError("a tool must be an object", where, "invalid_type")
         if item.get("type") != "function":
             raise RequestError(
-                f'only tools of type "function" are supported, not {item.get("type")!r}',
+                f'only tools of type "function" are supported, not {quoted(item.get("type"))}',
                 f"{where}.type",
             )
         function = item.get("function")
@@ -107,7 +107,7 @@ def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
         name = function.get("name")
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise RequestError(
-                f"a function name must be 1 to 64 letters, digits, _ or -, not {name!r}",
+                f"a function name must be 1 to 64 letters, digits, _ or -, not {quoted(name)}",
                 f"{where}.function.name",
             )
         description = function.get("description")
@@ -148,7 +148,7 @@ def parse_tool_choice(
         if value not in ("none", "auto", "required"):
             raise RequestError(
                 f'tool_choice must be "none", "auto", "required" or a named function, '
-                f"not {value!r}",
+                f"not {quoted(value)}",
                 param,
             )
         choice = ToolChoice(value)  # type: ignore[arg-type]
@@ -166,7 +166,7 @@ def parse_tool_choice(
         raise RequestError(f"tool_choice {choice.mode} needs tools", param)
     if choice.mode == "named" and choice.name not in {t.name for t in tools}:
         raise RequestError(
-            f"tool_choice names {choice.name!r}, which is not among the tools", param
+            f"tool_choice names {quoted(choice.name)}, which is not among the tools", param
         )
     return choice
 

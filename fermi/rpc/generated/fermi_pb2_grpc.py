@@ -77,7 +77,8 @@ class FermiServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """Forget a session and free its KV cache.
+        """Forget a session and free its KV cache. A turn it is running stops; its stream ends
+        with finish_reason "cancelled".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
