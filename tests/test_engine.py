@@ -151,6 +151,23 @@ def test_prompt_longer_than_context_is_rejected_or_truncated(engine):
     assert request.prompt_ids == tuple(ids[-252:])
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}
+TEXT = {"type": "text", "text": "what is this?"}
+
+
+def _deep(levels: int, leaf):
+    for _ in range(levels):
+        leaf = [leaf]
+    return leaf
+
+
+DEEP_LIST = _deep(600, "x")
+_schema: dict = {"type": "string"}
+for _ in range(200):
+    _schema = {"type": "object", "properties": {"a": _schema}}
+DEEP_TOOL = {"type": "function", "function": {"name": "f", "parameters": _schema}}
+
+
 @pytest.mark.parametrize(
     "kwargs, param",
     [
@@ -162,6 +179,19 @@ def test_prompt_longer_than_context_is_rejected_or_truncated(engine):
         ({"prompt_token_ids": [1, 99999]}, "prompt_token_ids"),
         ({"messages": []}, "messages"),
         ({"prompt": "a", "thinking": "maybe"}, "thinking"),
+        # (each below was accepted: the first failed every request in its batch, the next
+        # ones were dropped or ignored without a word, the deep ones a RecursionError)
+        ({"prompt": "a", "skip_special_tokens": "no"}, "skip_special_tokens"),
+        ({"prompt": "a", "truncate": "yes"}, "truncate"),
+        ({"prompt": "a", "thinking": "on"}, "thinking"),
+        ({"prompt_token_ids": [1, 2], "thinking": "off"}, "thinking"),
+        ({"messages": [{"role": "user", "content": [IMAGE, TEXT]}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": [1, 2]}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": "a", "x": DEEP_LIST}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "a"}], "tools": [DEEP_TOOL]}, "tools"),
     ],
 )
 def test_bad_requests_raise_request_error_naming_the_field(engine, kwargs, param):

@@ -8,6 +8,7 @@ import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -440,6 +441,26 @@ def client(model_dir, tmp_path_factory):
     args = ["--max-seq-len", "1024", "--max-batch", "2"]
     with running_server(model_dir, *args, log=log) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/responses", "/messages"])
+def test_a_tool_schema_nested_too_deep_is_a_400_naming_tools(client, path):
+    """Nested 200 objects deep (a 500 before: RecursionError in the walks over tools)."""
+    schema: dict = {"type": "string"}
+    for _ in range(200):
+        schema = {"type": "object", "properties": {"a": schema}}
+    if path == "/chat/completions":
+        tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+        body = {"model": "tiny", "messages": HI, "max_tokens": 2, "tools": [tool]}
+    elif path == "/responses":
+        tool = {"type": "function", "name": "f", "parameters": schema}
+        body = {"model": "tiny", "input": "hi", "max_output_tokens": 2, "tools": [tool]}
+    else:
+        tool = {"name": "f", "input_schema": schema}
+        body = {"model": "tiny", "messages": HI, "max_tokens": 2, "tools": [tool]}
+    reply = httpx.post(f"{client.base_url}".rstrip("/") + path, json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert "more than 100 deep" in reply.text
 
 
 def test_wrong_tools_over_http_are_400_naming_the_field(client):

@@ -254,8 +254,10 @@ class RequestBuilder:
         bounded: bool,
     ) -> ChatPrompt:
         _check_thinking(thinking)
+        check_nesting(messages, "messages")
         check_roles(messages)
         listed = [t.as_openai() for t in parse_tools(list(tools))] if tools else None
+        check_nesting(listed, "tools")
         # OpenAI's "developer" is the system role of its newer models: templates know only
         # "system" (Qwen3's drops any other role; others render a role the model never saw).
         messages = [
@@ -340,6 +342,24 @@ class RequestBuilder:
         the output; the grammar is compiled here, so a schema it cannot enforce is refused
         before the request is queued. A ``required`` or named ``tool_choice`` constrains it
         to calls of the tools."""
+        if not isinstance(skip_special_tokens, bool):
+            raise RequestError(
+                f"skip_special_tokens must be true or false, not {quoted(skip_special_tokens)}",
+                "skip_special_tokens",
+                "invalid_type",
+            )
+        if not isinstance(truncate, bool):
+            raise RequestError(
+                f"truncate must be true or false, not {quoted(truncate)}",
+                "truncate",
+                "invalid_type",
+            )
+        if messages is None and thinking != "auto":
+            raise RequestError(
+                "thinking applies to chat messages; a raw prompt is not rendered with the chat "
+                "template, so it cannot be switched on or off",
+                "thinking",
+            )
         given = sum(x is not None for x in (messages, prompt, prompt_token_ids))
         if given != 1:
             code = "missing_required_parameter" if given == 0 else "invalid_value"
@@ -513,6 +533,29 @@ class RequestBuilder:
         return ids
 
 
+# How deep lists and objects may nest in messages and tools: far beyond any real tool
+# schema or message (OpenAI's structured outputs allow 10 levels of objects), far below
+# Python's recursion limit, which the walks over them (and the template's tojson) meet.
+MAX_NESTING = 100
+
+
+def check_nesting(value: Any, field: str, limit: int = MAX_NESTING) -> None:
+    """Refuse ``value`` when its lists and mappings nest more than ``limit`` deep (walked
+    without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth >= limit:
+            raise RequestError(f"{field} nest lists or objects more than {limit} deep", field)
+        stack.extend((child, depth + 1) for child in children)
+
+
 def _chars(value: Any) -> int:
     """The characters of every string in ``value`` (strings, lists and mappings)."""
     if isinstance(value, str):
@@ -532,6 +575,36 @@ def check_roles(messages: Sequence[Any], field: str = "messages") -> None:
         if role not in ROLES:
             raise RequestError(
                 f"role must be one of {', '.join(ROLES)}, not {quoted(role)}", f"{field}[{i}].role"
+            )
+        _check_content(message.get("content"), role, f"{field}[{i}].content")
+
+
+def _check_content(content: Any, role: str, field: str) -> None:
+    """A message's content is text: a string or a list of text parts (an assistant turn
+    that calls tools may have none). Anything else is refused, not dropped unseen: the
+    engine reads no images, audio or files."""
+    if content is None:
+        if role != "assistant":
+            raise RequestError(
+                f"a {role} message needs content", field, "missing_required_parameter"
+            )
+        return
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise RequestError(
+            f"content must be a string or a list of text parts, not {type(content).__name__}",
+            field,
+            "invalid_type",
+        )
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"a part of type {quoted(kind)}" if kind else "a part that is not a text part"
+            raise RequestError(
+                f"{what} is not supported: this engine reads text parts "
+                '({"type": "text", "text": ...}) only',
+                f"{field}[{j}]",
             )
 
 
