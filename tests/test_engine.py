@@ -181,6 +181,9 @@ DEEP_TOOL = {"type": "function", "function": {"name": "f", "parameters": _schema
         ({"prompt": "a", "thinking": "maybe"}, "thinking"),
         # (each below was accepted: the first failed every request in its batch, the next
         # ones were dropped or ignored without a word, the deep ones a RecursionError)
+        ({"prompt_token_ids": [1.9, 2.2]}, "prompt_token_ids"),  # (was: truncated to 1, 2)
+        ({"prompt_token_ids": [True, 3]}, "prompt_token_ids"),
+        ({"prompt_token_ids": ["12"]}, "prompt_token_ids"),
         ({"prompt": "a", "skip_special_tokens": "no"}, "skip_special_tokens"),
         ({"prompt": "a", "truncate": "yes"}, "truncate"),
         ({"prompt": "a", "thinking": "on"}, "thinking"),
@@ -347,3 +350,14 @@ def test_build_request_takes_settings_and_keywords_the_keywords_winning(engine):
 def test_an_unknown_keyword_of_build_request_is_a_type_error(engine):
     with pytest.raises(TypeError, match="'temprature'"):
         engine.build_request(prompt="a", temprature=0.5)
+
+
+def test_submit_refuses_what_is_not_a_request_or_a_sink(engine):
+    """Refused at once, in the caller's thread (a None sink was accepted and failed later,
+    on the engine thread, only in the log)."""
+    request = engine.build_request(prompt_token_ids=PROMPT, max_tokens=2)
+    with pytest.raises(TypeError, match="sink must be callable"):
+        engine.submit(request, None)
+    with pytest.raises(TypeError, match="GenerationRequest"):
+        engine.submit("hello", print)
+    assert engine.load == 0

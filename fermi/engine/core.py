@@ -111,6 +111,10 @@ class EngineCore:
     # -- any thread -------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, sink: Sink, group: object = None) -> RequestHandle:
+        if not isinstance(request, GenerationRequest):
+            raise TypeError(f"submit takes a GenerationRequest (build_request), not {request!r}")
+        if not callable(sink):
+            raise TypeError(f"sink must be callable, not {sink!r}")
         if not request.prompt_ids:
             raise RequestError("the prompt is empty", "prompt")
         handle = RequestHandle(request, sink, group)

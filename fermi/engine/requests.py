@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import operator
 import typing
 from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, fields, replace
@@ -517,9 +518,13 @@ class RequestBuilder:
         return {n: _KINDS[n](v) for n, v in values.items()}
 
     def _token_ids(self, prompt_token_ids: Sequence[int]) -> list[int]:
-        try:
-            ids = [int(t) for t in prompt_token_ids]
-        except (TypeError, ValueError):
+        try:  # integers only (numpy's and torch's too): not 1.9, "12" or True
+            if isinstance(prompt_token_ids, str | bytes) or any(
+                isinstance(t, bool) for t in prompt_token_ids
+            ):
+                raise TypeError
+            ids = [operator.index(t) for t in prompt_token_ids]
+        except TypeError:
             raise RequestError(
                 "prompt_token_ids must be a list of integers", "prompt_token_ids", "invalid_type"
             ) from None
