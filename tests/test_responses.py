@@ -647,6 +647,7 @@ def test_langchain_tool_round_trip_is_rendered_and_answered(url):
         ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format.type", "yaml"),
         ({"input": "hi", "text": {"verbosity": "low"}}, "text.verbosity", "low"),
         ({"input": "hi", "max_output_tokens": 100_000}, "max_output_tokens", "context"),
+        ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "max_output_tokens must"),
         ({"input": "hi", "top_logprobs": 21}, "top_logprobs", "20"),
         ({"input": "hi", "metadata": {str(i): "v" for i in range(17)}}, "metadata", "16"),
         ({"input": "hi", "max_tool_calls": -1}, "max_tool_calls", "0 or more"),

@@ -85,7 +85,11 @@ def response_request(engine: Engine, body: ResponsesRequest) -> GenerationReques
         request = engine.build_request(**kwargs, settings=settings)
         check_room(request, limit, "max_output_tokens")
     except RequestError as exc:
-        raise ApiError(400, exc.message, param=wire_param(exc.param), code=exc.code) from None
+        param = wire_param(exc.param)
+        message = exc.message
+        if exc.param == "max_tokens" and message.startswith("max_tokens"):
+            message = "max_output_tokens" + message.removeprefix("max_tokens")
+        raise ApiError(400, message, param=param, code=exc.code) from None
     return request
 
 
