@@ -181,6 +181,9 @@ DEEP_TOOL = {"type": "function", "function": {"name": "f", "parameters": _schema
         ({"prompt": "a", "thinking": "maybe"}, "thinking"),
         # (each below was accepted: the first failed every request in its batch, the next
         # ones were dropped or ignored without a word, the deep ones a RecursionError)
+        # (a stop string met inside the grammar's output ended it unfinished, as "stop")
+        ({"prompt": "d", "grammar": {"type": "regex", "value": "[0-9]{4}"}, "stop": ["-"]}, "stop"),
+        ({"prompt": "d", "response_format": {"type": "json_object"}, "stop": ['"']}, "stop"),
         ({"prompt_token_ids": [1.9, 2.2]}, "prompt_token_ids"),  # (was: truncated to 1, 2)
         ({"prompt_token_ids": [True, 3]}, "prompt_token_ids"),
         ({"prompt_token_ids": ["12"]}, "prompt_token_ids"),

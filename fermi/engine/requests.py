@@ -408,6 +408,14 @@ class RequestBuilder:
             ids = self._token_ids(prompt_token_ids)
         if not ids:
             raise RequestError("the prompt is empty", "prompt")
+        if constraint is not None and settings.stop:
+            # A stop string met inside the grammar's output would end it unfinished, and the
+            # reply would still finish "stop": the grammar decides where the reply ends.
+            raise RequestError(
+                "stop strings cannot be combined with a constrained reply (response_format, "
+                "a grammar, or a required or named tool_choice): the grammar ends it",
+                "stop",
+            )
 
         max_tokens = settings.max_tokens
         if max_tokens is not None and max_tokens < 1:
