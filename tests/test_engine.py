@@ -341,6 +341,18 @@ def test_truncate_without_max_tokens_leaves_room_to_answer(engine):
     )
 
 
+def test_truncate_with_max_tokens_near_the_context_keeps_half_the_context_of_prompt(engine):
+    """max_tokens 250 of a 256-token context: the prompt keeps its last 128 tokens (was: 6,
+    and 1 with max_tokens at the context), and the reply gets the other 128."""
+    ids = list(range(1, 301))
+    for asked in (250, 256, 1000):
+        request = engine.build_request(prompt_token_ids=ids, max_tokens=asked, truncate=True)
+        assert request.prompt_ids == tuple(ids[-128:])
+        assert request.max_tokens == 128
+    short = engine.build_request(prompt_token_ids=ids, max_tokens=16, truncate=True)
+    assert short.prompt_ids == tuple(ids[-240:])  # (room for 16, as before)
+
+
 def test_build_request_takes_settings_and_keywords_the_keywords_winning(engine):
     from fermi.engine.requests import SamplingSettings
 

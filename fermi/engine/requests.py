@@ -426,8 +426,10 @@ class RequestBuilder:
                 raise _over_context(
                     len(ids), limit, "messages" if messages is not None else "prompt"
                 )
-            # Without max_tokens, leave a quarter of the context for the reply.
-            keep = max(1, limit - (max_tokens or max(1, limit // 4)))
+            # Leave room for max_tokens (without it, a quarter of the context), but keep at
+            # least half of the context of the prompt: a max_tokens near the context would
+            # otherwise keep one prompt token of it (max_tokens is then cut to what is left).
+            keep = max(limit // 2, limit - (max_tokens or max(1, limit // 4)), 1)
             ids = ids[-keep:]
         budget = limit - len(ids)
         max_tokens = budget if max_tokens is None else min(max_tokens, budget)
