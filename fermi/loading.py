@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from fermi import memory
 from fermi.errors import ModelLoadError
+from fermi.jsonfile import read_json_object as read_json
 from fermi.models.decoder import Decoder, ModelConfig, projection_parts
 from fermi.models.quant import QuantizedWeight, QuantReport, QuantSpec, build_linear
 from fermi.models.registry import Adapter, UnsupportedModelError, adapter_for
@@ -72,19 +73,6 @@ class Checkpoint:
     generation: GenerationDefaults
     extra: dict = field(default_factory=dict)
     embedding: EmbeddingSpec | None = None  # set for an embedding checkpoint
-
-
-def read_json(path: Path) -> dict:
-    """A model file's JSON object; ModelLoadError naming the file otherwise."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelLoadError(f"model folder {path.parent} has no {path.name}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object, not {type(value).__name__}")
-    return value
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -41,10 +41,18 @@ def generate(
         eos_token_ids=frozenset({IM_END}),
         logprobs=2,
     )
+    return push_all(tok, request, ids, lambda t: [(t, -0.5), (IM_END, -2.0)])
+
+
+def push_all(
+    tok: Tokenizer, request: GenerationRequest, ids: list[int], top=lambda t: []
+) -> tuple[str, list[TokenLogprob]]:
+    """The text and logprobs of ``ids`` pushed through an OutputStream, up to the first
+    that ends the reply, and its finish."""
     stream = OutputStream(tok, request)
     text, logprobs, reason = "", [], None
     for t in ids:
-        delta, reason = stream.push(t, stream.logprob(t, -0.5, [(t, -0.5), (IM_END, -2.0)]))
+        delta, reason = stream.push(t, stream.logprob(t, -0.5, top(t)))
         text += delta.text
         logprobs += delta.logprobs or []
         if reason:
@@ -163,15 +171,7 @@ def test_text_offsets_follow_the_reply_text_where_the_decoder_strips_its_first_s
         eos_token_ids=frozenset({end}),
         logprobs=0,
     )
-    stream = OutputStream(tok, request)
-    text, logprobs = "", []
-    for t in tok.encode("Hi Hi"):
-        delta, _ = stream.push(t, stream.logprob(t, -1.0, []))
-        text += delta.text
-        logprobs += delta.logprobs or []
-    final = stream.finish("length")
-    text += final.text
-    logprobs += final.logprobs or []
+    text, logprobs = push_all(tok, request, tok.encode("Hi Hi"))
     assert text == "Hi Hi"
     body, _ = completion_logprobs(logprobs, 0, False)
     assert body.text_offset == [0, 2]
@@ -189,15 +189,7 @@ def test_skipped_special_tokens_take_no_characters_in_the_offsets(tok):
         ignore_eos=True,
         logprobs=0,
     )
-    stream = OutputStream(tok, request)
-    text, logprobs = "", []
-    for t in ids:
-        delta, _ = stream.push(t, stream.logprob(t, -1.0, []))
-        text += delta.text
-        logprobs += delta.logprobs or []
-    final = stream.finish("length")
-    text += final.text
-    logprobs += final.logprobs or []
+    text, logprobs = push_all(tok, request, ids)
     assert text == "Hi there you"
     assert [lp.token for lp in logprobs] == [
         "<|im_end|>",

@@ -23,6 +23,7 @@ from fermi.errors import FermiError, RequestError, quoted
 from fermi.grammar import Grammar, GrammarCompiler
 from fermi.loading import GenerationDefaults
 from fermi.sampling import MAX_LOGPROBS, SamplingParams
+from fermi.text.control import strings
 from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
 from fermi.text.thinking import THINK_CLOSE, THINK_OPEN, ThinkingConvention
 from fermi.text.tokenizer import Tokenizer
@@ -573,13 +574,7 @@ def check_nesting(value: Any, field: str, limit: int = MAX_NESTING) -> None:
 
 def _chars(value: Any) -> int:
     """The characters of every string in ``value`` (strings, lists and mappings)."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, Mapping):
-        return sum(_chars(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return sum(_chars(v) for v in value)
-    return 0
+    return sum(map(len, strings(value)))
 
 
 def check_roles(messages: Sequence[Any], field: str = "messages") -> None:

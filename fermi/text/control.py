@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import tokenizers
@@ -150,15 +150,26 @@ def _trie(words: Iterable[str]) -> str:
     return pattern(root)
 
 
+def strings(value: Any, keys: bool = False) -> Iterator[str]:
+    """Every string in ``value`` (strings, lists and mappings of them; with ``keys``, the
+    mappings' keys too), walked without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            if keys:
+                stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
 def _holds(value: Any, pattern: re.Pattern[str]) -> bool:
-    """Whether any string in ``value`` holds a match (no copy made: most hold none)."""
-    if isinstance(value, str):
-        return pattern.search(value) is not None
-    if isinstance(value, Mapping):  # (keys too: a tool's parameter names are rendered)
-        return any(_holds(k, pattern) or _holds(v, pattern) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_holds(v, pattern) for v in value)
-    return False
+    """Whether any string in ``value`` holds a match (no copy made: most hold none). Keys
+    too: a tool's parameter names are rendered."""
+    return any(pattern.search(s) is not None for s in strings(value, keys=True))
 
 
 class Masked:

@@ -18,6 +18,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from fermi.errors import ModelLoadError, RequestError
+from fermi.jsonfile import read_json_object
 from fermi.text.control import ControlText
 from fermi.text.token_bytes import TokenBytes
 
@@ -202,17 +203,6 @@ def _pick_template(value: Any, source: Path | None = None) -> str | None:
     )
 
 
-def _json_object(path: Path) -> dict[str, Any]:
-    """A tokenizer file's JSON object; ModelLoadError naming the file otherwise."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object, not {type(value).__name__}")
-    return value
-
-
 # Names clients use for an assistant message's reasoning; templates read reasoning_content.
 _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
@@ -323,14 +313,14 @@ class Tokenizer:
         config: dict[str, Any] = {}
         config_path = folder / CONFIG_FILE
         if config_path.is_file():
-            config = _json_object(config_path)
+            config = read_json_object(config_path)
 
         template = _pick_template(config.get("chat_template"), config_path)
         # A standalone template file is the newer convention and wins over the config
         # entry, matching what transformers does when both exist.
         template_json = folder / TEMPLATE_JSON_FILE
         if template_json.is_file():
-            loaded = _json_object(template_json)
+            loaded = read_json_object(template_json)
             template = _pick_template(loaded.get("chat_template"), template_json) or template
         template_file = folder / TEMPLATE_FILE
         if template_file.is_file():
