@@ -2,9 +2,10 @@
 and 4 concurrent streams per runner, greedy agreement with float32, and resident memory.
 
 1. Step (``Decoder.forward`` alone, 1 and 4 rows at position 130, interleaved rounds): the
-   float32 model; fp16 storage unpacked (``use_half_weights(model, packed=False)``: torch's
-   fp16 kernel up to 2 rows, the weight copied into a float32 buffer above); fp16 storage
-   packed for FBGEMM (the default on x86).
+   float32 model; fp16 storage plain (``use_half_weights(model, "plain")``: torch's fp16
+   kernel up to 2 rows, the weight copied into a float32 buffer above); fp16 storage packed
+   for FBGEMM (the default on x86 before fermi's kernels); fp16 storage in fermi's kernels'
+   layout (``fermi.native``, the default where they build), one-row steps in one call.
 2. Engine (``fermi.load("smollm2-135m")``, default fp16 storage), per ``--runners``
    (``torch-cpu``, ``torch-compile``), interleaved rounds: greedy decode tok/s of one
    request (first token to last) and the aggregate of 4 concurrent requests (tokens made
@@ -56,13 +57,18 @@ def one(engine, new_tokens: int, seed: int) -> float:
 def step_times(rounds: int) -> dict[str, dict[str, list[float]]]:
     path = alias_path("smollm2-135m")
     assert path is not None
+    def half(layout: str):
+        return use_half_weights(load_gguf(path, CPU, "fp32").model, layout)
+
     models = {
         "fp32": load_gguf(path, CPU, "fp32").model,
-        "fp16 unpacked": use_half_weights(load_gguf(path, CPU, "fp32").model, packed=False),
-        "fp16 packed (FBGEMM)": load_gguf(path, CPU, None).model,
+        "fp16 plain": half("plain"),
+        "fp16 packed (FBGEMM)": half("fbgemm"),
+        "fp16 native (fermi.native)": half("native"),
     }
     for model in models.values():
         model.setup_cache(4, 256)
+        model.use_native_rows()  # (only the native layout takes it)
     times: dict[str, dict[str, list[float]]] = {n: {"1": [], "4": []} for n in models}
     for _ in range(rounds):
         for name, model in models.items():

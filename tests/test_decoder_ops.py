@@ -55,7 +55,7 @@ def test_unpacked_half_weight_linear_answers_fp16_for_few_rows_and_float32_other
 
     torch.manual_seed(0)
     plain = nn.Linear(64, 32, bias=False)
-    half = HalfWeightLinear(plain, [None], packed=False)
+    half = HalfWeightLinear(plain, [None], "plain")
     one, many = torch.randn(1, 1, 64), torch.randn(1, 9, 64)
     with torch.no_grad():
         out_one, out_many = half(one), half(many)
@@ -78,7 +78,7 @@ def test_packed_half_weight_linear_is_the_float_product_of_the_fp16_weight(rows,
 
     torch.manual_seed(rows)
     plain = nn.Linear(96, 80, bias=bias)
-    half = HalfWeightLinear(plain, [None])
+    half = HalfWeightLinear(plain, [None], "fbgemm")
     assert half.packed and half.weight.dtype == torch.float16
     torch.testing.assert_close(half.weight, plain.weight.detach().half(), rtol=0, atol=0)
     for _ in range(2):  # fresh inputs each time, 3-D as the decoder passes them
@@ -106,7 +106,9 @@ OPS_PACKED = 37
 def test_cpu_fp16_decode_step_stays_at_41_ops_a_layer():
     """The eager CPU decode step (fp16 storage, fused projections) dispatches 41 aten ops a
     layer with unpacked fp16 weights, OPS_PACKED with FBGEMM's packed ones, views included
-    (perf/notes_cpu_smollm2.md: per-op cost bounds this step)."""
+    (perf/notes_cpu_smollm2.md: per-op cost bounds this step), and none a layer in fermi's
+    kernels (every layer is one call)."""
+    from fermi import native
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fermi.models.decoder import Decoder
@@ -120,7 +122,7 @@ def test_cpu_fp16_decode_step_stays_at_41_ops_a_layer():
             Count.n += 1
             return func(*args, **(kwargs or {}))
 
-    def ops_per_step(layers: int, packed: bool) -> int:
+    def ops_per_step(layers: int, layout: str) -> int:
         cfg = llama_config(
             {
                 "vocab_size": 128,
@@ -132,8 +134,9 @@ def test_cpu_fp16_decode_step_stays_at_41_ops_a_layer():
                 "tie_word_embeddings": True,
             }
         )
-        model = use_half_weights(Decoder(cfg).eval(), packed)
+        model = use_half_weights(Decoder(cfg).eval(), layout)
         model.setup_cache(max_batch=1, max_seq_len=32)
+        assert model.use_native_rows() == (layout == "native")
         slots = torch.zeros(1, dtype=torch.long)
         with torch.inference_mode():
             model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], slots, kv_len=3)
@@ -142,6 +145,8 @@ def test_cpu_fp16_decode_step_stays_at_41_ops_a_layer():
                 model(torch.tensor([[4]]), torch.tensor([[3]]), slots, 4, rows_are_slots=True)
         return Count.n
 
-    assert ops_per_step(4, False) - ops_per_step(2, False) == 2 * 41
+    assert ops_per_step(4, "plain") - ops_per_step(2, "plain") == 2 * 41
     if fbgemm_available():  # FBGEMM's products answer float32: the 4 casts go
-        assert ops_per_step(4, True) - ops_per_step(2, True) == 2 * OPS_PACKED
+        assert ops_per_step(4, "fbgemm") - ops_per_step(2, "fbgemm") == 2 * OPS_PACKED
+    if native.available():
+        assert ops_per_step(4, "native") == ops_per_step(2, "native") < 20

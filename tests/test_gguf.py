@@ -357,7 +357,7 @@ def test_halving_the_table_never_unpacks_a_packed_head(tmp_path, llama_folder, m
     )
 
     path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=Q.Q8_0)
-    model = use_half_weights(load_gguf(path, CPU, "fp32").model, packed=True)
+    model = use_half_weights(load_gguf(path, CPU, "fp32").model, "fbgemm")
     assert isinstance(model.lm_head, HalfWeightLinear) and model.lm_head.packed
 
     def unpacked(self):

@@ -89,7 +89,7 @@ def test_fp16_storage_frees_each_float_weight_as_it_goes():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(half_weights.HalfWeightLinear, "__init__", counting)
-        half_weights.use_half_weights(model, packed=False)
+        half_weights.use_half_weights(model, "plain")
     # Two products a parent at most (attention: qkv, o; MLP: gate_up, down) are alive while
     # their parent converts; the rest went as their parents finished.
     assert len(alive_at_each) == len(refs)

@@ -486,15 +486,20 @@ def test_row_kernels_false_turns_off_products_an_earlier_runner_turned_on(folder
 
 
 def test_the_compile_key_tells_the_fp16_weight_layouts_apart():
-    """FBGEMM's packs (x86) and plain fp16 weights compile to different code: one key for
-    both would make a shared compile cache start cold on one of them every time."""
+    """fermi's kernels' layout, FBGEMM's packs (x86) and plain fp16 weights compile to
+    different code: one key for all would make a shared compile cache start cold on one of
+    them every time."""
+    from fermi import native
     from fermi.models.half_weights import fbgemm_available, use_half_weights
     from fermi.runners.torch_cuda import quantization_label
     from tests.test_causal_prefill import config, model_of
 
     assert quantization_label(model_of(config("qwen3"))) is None
-    plain = use_half_weights(model_of(config("qwen3")), packed=False)
+    plain = use_half_weights(model_of(config("qwen3")), "plain")
     assert quantization_label(plain) == "fp16-storage"
     if fbgemm_available():
-        packed = use_half_weights(model_of(config("qwen3")), packed=True)
+        packed = use_half_weights(model_of(config("qwen3")), "fbgemm")
         assert quantization_label(packed) == "fp16-packed"
+    if native.available():
+        blocked = use_half_weights(model_of(config("qwen3")), "native")
+        assert quantization_label(blocked) == "fp16-native"

@@ -32,3 +32,6 @@ class StepContext:
     # over this forward's own keys and values, with no mask and no cache read. A Python
     # bool like ``kv_len``, so a compiled graph holds one choice.
     causal: bool = False
+    # The layers run in fermi's CPU kernels (Decoder.use_native_rows): a step of one token
+    # per row, few rows. A Python bool like ``causal``.
+    native: bool = False

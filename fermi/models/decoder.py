@@ -17,9 +17,11 @@ runs eagerly on CPU, compiles with ``fullgraph=True``, captures in CUDA graphs a
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ from fermi.models.attention import decode_attention
 from fermi.models.cache import AttendingCache, Cache, KVCache, StepCache
 from fermi.models.context import StepContext
 from fermi.models.gemv import ACT_SILU_MUL, row_linear
+from fermi.models.half_weights import NATIVE_ROWS, HalfWeightLinear
 from fermi.models.quant import QuantLinear, QuantReport
 from fermi.models.rope import RopeConfig, longrope_switch, rope_tables, rotate
 
@@ -348,13 +351,16 @@ class DecoderLayer(nn.Module):
 
 
 def _row(linear: nn.Module, x: torch.Tensor, **fused) -> torch.Tensor:
-    """The fused one-row product (``fermi.models.gemv``) of a plain or quantized linear."""
-    if isinstance(linear, QuantLinear):
+    """The fused one-row product (``fermi.models.gemv``) of a plain, quantized or fp16
+    (fermi's CPU kernels) linear."""
+    if isinstance(linear, (QuantLinear, HalfWeightLinear)):
         return linear.row(x, **fused)
     return row_linear(x, linear.weight, linear.bias, **fused)
 
 
 def _row_capable(linear: nn.Module) -> bool:
+    if isinstance(linear, HalfWeightLinear):
+        return linear.layout == "native"
     return type(linear) is nn.Linear or isinstance(linear, QuantLinear)
 
 
@@ -379,6 +385,8 @@ class Decoder(nn.Module):
         self.max_batch = 0
         self.max_seq_len = 0
         self.row_kernels = False  # see use_row_kernels
+        self.native_rows = False  # see use_native_rows
+        self._native_stack: SimpleNamespace | None = None  # the kernels' view of the layers
         # Off: every prefill takes the masked path (see prefill_is_causal), for A/B timing.
         self.causal_prefill = True
         # Set by the loader when it quantized linear layers (fermi.models.quant).
@@ -423,6 +431,106 @@ class Decoder(nn.Module):
         self.row_kernels = True
         return True
 
+    def use_native_rows(self) -> bool:
+        """On CPU, run decode steps (one token per row, up to ``NATIVE_ROWS`` rows) in
+        fermi's own kernels (``fermi.native``): every layer, its products (each weight read
+        once for every 4 rows, the norms, silu * up and residual adds inside them) and
+        each row's q/k norms, rope, cache write and attention, in one call a step. A
+        single row's final norm and head take one more call (:meth:`use_row_kernels`).
+        Applies where the kernels build, every product is stored in their fp16 layout
+        (``HalfWeightLinear``, ``layout="native"``) and the cache is float32 on CPU;
+        LongRoPE and soft-capping keep torch's path. Call after ``setup_cache``. Returns
+        whether it does."""
+        from fermi import native
+
+        cfg = self.cfg
+        lib = native.library()
+        if lib is None or self.device.type != "cpu":
+            return False
+        if cfg.attn_logit_softcap is not None or self.rope_switch is not None:
+            return False
+        linears = [self.lm_head]
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+            if not isinstance(attn.cache, KVCache) or attn.cache.k.dtype != torch.float32:
+                return False
+        if not all(isinstance(m, HalfWeightLinear) and m.layout == "native" for m in linears):
+            return False
+        if not self.use_row_kernels():  # the pre-norm, SiLU, unscaled-residual shape
+            return False
+        self._native = native
+        self._native_stack = None
+        self.native_rows = True
+        return True
+
+    def _native_layers(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """All layers for one token in fermi's kernels (:meth:`use_native_rows`)."""
+        if self._native_stack is None:
+            self._native_stack = self._build_native_stack()
+        stack = self._native_stack
+        x = x.to(torch.float32).contiguous()
+        slots = ctx.slots.to(torch.int64).contiguous()
+        positions = ctx.positions.to(torch.int64).contiguous()
+        tables = [ctx.rope.get(name, (None, None)) for name in (GLOBAL_ROPE, LOCAL_ROPE)]
+        # (contiguous copies, if any, are held here until the call returns)
+        rope = [None if t is None else t.to(torch.float32).contiguous() for p in tables for t in p]
+        ptrs = [None if t is None else t.data_ptr() for t in rope]
+        code = stack.lib.fermi_decode_rows(
+            ctypes.byref(stack.stack),
+            x.data_ptr(),
+            x.shape[0],
+            slots.data_ptr(),
+            positions.data_ptr(),
+            *ptrs,
+            torch.get_num_threads(),
+        )
+        if code != 0:
+            raise MemoryError("fermi's CPU kernels could not allocate their scratch rows")
+        return x
+
+    def _build_native_stack(self) -> SimpleNamespace:
+        native, cfg = self._native, self.cfg
+        layers = (native.Layer * cfg.num_hidden_layers)()
+        ropes = {None: 0, GLOBAL_ROPE: 1, LOCAL_ROPE: 2}
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            assert t.is_contiguous() and t.dtype == torch.float32
+            return t.data_ptr()
+
+        for entry, layer in zip(layers, self.model.layers, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            products = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            for i, linear in enumerate(products):
+                entry.w[i] = linear._blocked.data_ptr()
+                entry.bias[i] = ptr(linear.bias)
+            entry.norm1 = ptr(layer.input_layernorm.weight)
+            entry.norm2 = ptr(layer.post_attention_layernorm.weight)
+            if cfg.qk_norm:
+                entry.q_norm, entry.k_norm = ptr(attn.q_norm.weight), ptr(attn.k_norm.weight)
+            entry.k_cache, entry.v_cache = ptr(attn.cache.k), ptr(attn.cache.v)
+            entry.window = attn.window or 0
+            entry.rope = ropes[attn.rope]
+        rot = 0
+        if self.ropes:
+            rot = getattr(self, f"{ROPE_BUFFERS[self.ropes[0]]}_cos").shape[-1]
+        stack = native.Stack(
+            layers=cfg.num_hidden_layers,
+            hidden=cfg.hidden_size,
+            heads=cfg.num_attention_heads,
+            kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            inter=cfg.intermediate_size,
+            rot=rot,
+            max_seq=self.model.layers[0].self_attn.cache.k.shape[2],
+            eps=cfg.rms_norm_eps,
+            scale=cfg.attn_scale,
+            layer=layers,
+        )
+        return SimpleNamespace(stack=stack, layers=layers, lib=native.library())
+
     def prefill_is_causal(self, start_pos: int) -> bool:
         """Whether a runner's prefill chunk at ``start_pos`` runs as a causal step
         (``forward(causal=True)``, :class:`StepContext`): it starts its sequence, and some
@@ -452,6 +560,7 @@ class Decoder(nn.Module):
         the export wrappers inject theirs)."""
         for layer, cache in zip(self.model.layers, caches, strict=True):
             layer.self_attn.cache = cache
+        self._native_stack = None  # it holds the caches' addresses
 
     def setup_cache(
         self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None
@@ -526,6 +635,14 @@ class Decoder(nn.Module):
         positions (the Core ML graph takes it as an input)."""
         rope = self._rope(positions, slots, last_index)
         read_slots = None if rows_are_slots else slots
+        if (
+            self.native_rows
+            and positions.shape[1] == 1
+            and positions.shape[0] <= NATIVE_ROWS
+            and not torch.compiler.is_compiling()
+        ):
+            # Every layer attends in fermi's kernels, from the cache's own positions: no mask.
+            return StepContext(positions, rope, slots, read_slots, kv_len, {}, causal, True)
         masks = self.masks(positions, kv_len, causal_mask, causal)
         return StepContext(positions, rope, slots, read_slots, kv_len, masks, causal)
 
@@ -539,8 +656,11 @@ class Decoder(nn.Module):
         """Logits of ``tokens`` [B, T] for the step ``ctx`` describes (see :meth:`forward`)."""
         cfg = self.cfg
         x = self._embed(tokens)
-        for layer in self.model.layers:
-            x = layer(x, ctx)
+        if ctx.native:
+            x = self._native_layers(x, ctx)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, ctx)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]
             last_only = True

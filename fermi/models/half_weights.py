@@ -3,7 +3,14 @@
 Decoding one token reads every weight once, so on CPU it is bound by memory bandwidth:
 fp16 weights halve the bytes. Activations and the KV cache stay float32.
 
-On x86 the weights are packed once, at load, for FBGEMM's fp16 matrix product
+Where fermi's own CPU kernels build (``fermi.native``: x86 with AVX2 or AVX-512 and a C
+compiler) the weights are stored in their blocked fp16 layout. Products of up to
+``NATIVE_ROWS`` rows (decode steps) run there, reading each weight once per 4 rows and
+taking the layer's RMSNorm, silu(gate) * up and residual add inside the product
+(:meth:`HalfWeightLinear.row`); larger ones (prompt chunks) unpack the weight into a
+float32 scratch buffer shared by all layers and run torch's float32 product.
+
+Otherwise, on x86 the weights are packed once, at load, for FBGEMM's fp16 matrix product
 (``quantized.linear_prepack_fp16``: fp16 weights converted in registers, float32
 activations and accumulation). Measured on SmolLM2-135M's shapes (perf/LOG.md,
 ``perf/micro_cpu_batched.py``), one thread, a step's 121 products: 10 ms at 1 row, 20 ms at
@@ -28,8 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fermi import native
 from fermi.memory import release_free_heap
 
+LAYOUTS = ("native", "fbgemm", "plain")
+# Native layout: products of up to this many rows run in fermi's kernels; more rows unpack
+# the weight to float32 and take torch's product (perf/LOG.md run 70).
+NATIVE_ROWS = 8
 # Without FBGEMM, up to this many rows (tokens x batch) the fp16 matrix-vector path wins.
 DIRECT_ROWS = 2
 # At most this many threads pack weights at load (see use_half_weights).
@@ -40,6 +52,14 @@ TRIM_EVERY = 8
 
 def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def best_layout() -> str:
+    """The fp16 storage this machine computes fastest from: fermi's kernels, else FBGEMM's
+    pack, else a plain fp16 tensor."""
+    if native.available():
+        return "native"
+    return "fbgemm" if fbgemm_available() else "plain"
 
 
 # Compiled code cannot take the pack (a TorchScript object) as an input: Dynamo refuses it.
@@ -60,11 +80,24 @@ def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+@torch.library.custom_op("fermi::native_fp16_linear", mutates_args=())
+def native_fp16_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The product of float32 ``x`` and the blocked fp16 weight of the layer ``handle``
+    names (what compiled code calls; eager code calls the layer)."""
+    return _PACKED[int(handle)].forward(x)
+
+
+@native_fp16_linear.register_fake
+def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 class HalfWeightLinear(nn.Module):
     """``nn.Linear`` with an fp16 weight and float32 arithmetic.
 
-    Packed for FBGEMM (x86): takes float32 inputs (others are converted) and returns float32
-    at every row count. Unpacked (without FBGEMM): returns float32, except for products of
+    In fermi's blocked layout (``layout="native"``) or packed for FBGEMM (``"fbgemm"``):
+    takes float32 inputs (others are converted) and returns float32 at every row count.
+    Plain (``"plain"``, without either): returns float32, except for products of
     few rows without a bias, which return the fp16 kernel's output; callers promote it
     (``x + out``) or convert it (``.float()``, ``.to(dtype)``) where they need float32.
     ``weight`` (fp16) and ``bias`` (float32) read the stored values in either case.
@@ -74,45 +107,73 @@ class HalfWeightLinear(nn.Module):
         self,
         linear: nn.Linear,
         scratch: list[torch.Tensor | None],
-        packed: bool | None = None,
+        layout: str | None = None,
         pack: Any = None,
     ) -> None:
-        """``pack``: ``prepack(linear)``, when the caller made it (on another thread)."""
+        """``layout``: one of ``LAYOUTS`` (None: :func:`best_layout`); ``pack``: the
+        layout's form of the weight (``prepack(linear, layout)``) when the caller made it,
+        on another thread."""
         super().__init__()
-        self.packed = fbgemm_available() if packed is None else packed
+        self.layout = best_layout() if layout is None else layout
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"fp16 weight layout {self.layout!r} is not one of {LAYOUTS}")
         weight = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.out_features, self.in_features = weight.shape
-        if self.packed:
-            self._pack = prepack(linear) if pack is None else pack
-            number = next(_NUMBERS)
-            _PACKED[number] = self
-            self.register_buffer("_handle", torch.tensor([number]), persistent=False)
-            return
-        self._weight = nn.Parameter(weight.half(), requires_grad=False)
-        self._bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         # One float32 buffer for the whole model, grown to the largest weight upcast.
         self._scratch = scratch
+        if self.layout == "plain":
+            self._weight = nn.Parameter(weight.half(), requires_grad=False)
+            self._bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+            return
+        number = next(_NUMBERS)
+        _PACKED[number] = self
+        self.register_buffer("_handle", torch.tensor([number]), persistent=False)
+        if self.layout == "fbgemm":
+            self._pack = prepack(linear, "fbgemm") if pack is None else pack
+            return
+        blocked = prepack(linear, "native") if pack is None else pack
+        self.register_buffer("_blocked", blocked, persistent=False)
+        self.register_buffer("_native_bias", bias, persistent=False)
+        self._lib = native.library()
+
+    @property
+    def packed(self) -> bool:
+        """Whether the weight is FBGEMM's pack."""
+        return self.layout == "fbgemm"
 
     @property
     def weight(self) -> torch.Tensor:
-        if self.packed:
+        if self.layout == "fbgemm":
             return torch.ops.quantized.linear_unpack_fp16(self._pack)[0].half()
+        if self.layout == "native":
+            return native_unblock(self._blocked, self.out_features, self.in_features)
         return self._weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        if self.packed:
+        if self.layout == "fbgemm":
             return torch.ops.quantized.linear_unpack_fp16(self._pack)[1]
+        if self.layout == "native":
+            return self._native_bias
         return self._bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
+        if self.layout == "fbgemm":
             if x.dtype != torch.float32:
                 x = x.float()
             if torch.compiler.is_compiling():
                 return packed_fp16_linear(x, self._handle, self.out_features)
             return torch.ops.quantized.linear_dynamic_fp16(x, self._pack)
+        if self.layout == "native":
+            if torch.compiler.is_compiling():
+                return native_fp16_linear(x.float(), self._handle, self.out_features)
+            rows = x.numel() // x.shape[-1]
+            if rows <= NATIVE_ROWS:
+                return self._native(x)
+            if x.dtype != torch.float32:
+                x = x.float()
+            return F.linear(x, self._upcast(), self._native_bias)
         rows = x.numel() // x.shape[-1]
         if rows <= DIRECT_ROWS:
             # The fp16 kernel's output stays fp16 (it is rounded to fp16 anyway): the next
@@ -125,43 +186,127 @@ class HalfWeightLinear(nn.Module):
             x = x.float()
         return F.linear(x, self._upcast(), self._bias)
 
+    def row(
+        self,
+        x: torch.Tensor,
+        *,
+        norm_weight: torch.Tensor | None = None,
+        eps: float = 1e-6,
+        act: int = 0,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The fused one-row product of ``fermi.models.gemv`` (``act`` 1: ``x`` is
+        ``[gate | up]`` and the product takes ``silu(gate) * up``; ``norm_weight``: ``x``
+        is RMS-normalised first; ``residual`` is added to the result), in one call of
+        fermi's kernels. Only the native layout has it."""
+        if self.layout != "native":
+            raise ValueError(f"row() needs the native layout, not {self.layout!r}")
+        return self._native(x, norm_weight, eps, act, residual)
+
+    def _native(self, x, norm_weight=None, eps=1e-6, act=0, residual=None) -> torch.Tensor:
+        width = self.in_features * (2 if act == 1 else 1)
+        if x.shape[-1] != width:
+            raise ValueError(f"expected {width} input features, got {x.shape[-1]}")
+        x = _floats(x)
+        rows = x.numel() // width
+        out = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        if residual is not None:
+            residual = _floats(residual).expand(out.shape).contiguous()
+        if norm_weight is not None:
+            norm_weight = _floats(norm_weight)
+        bias = self._native_bias
+        code = self._lib.fermi_linear_f16(
+            self._blocked.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            self.out_features,
+            self.in_features,
+            self._blocked.shape[1] * native.CHUNK,
+            x.data_ptr(),
+            width,
+            rows,
+            None if norm_weight is None else norm_weight.data_ptr(),
+            eps,
+            act,
+            None if residual is None else residual.data_ptr(),
+            self.out_features,
+            out.data_ptr(),
+            self.out_features,
+            torch.get_num_threads(),
+        )
+        if code != 0:
+            raise MemoryError("fermi's CPU kernel could not allocate its scratch rows")
+        return out
+
     def _upcast(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
         buf = self._scratch[0]
-        weight = self._weight
-        if buf is None or buf.numel() < weight.numel():
-            buf = torch.empty(weight.numel(), dtype=torch.float32)
+        if buf is None or buf.numel() < n * k:
+            buf = torch.empty(n * k, dtype=torch.float32)
             self._scratch[0] = buf
-        return buf[: weight.numel()].view(weight.shape).copy_(weight)
+        view = buf[: n * k].view(n, k)
+        if self.layout == "native":
+            kp = self._blocked.shape[1] * native.CHUNK
+            self._lib.fermi_unpack_f16(
+                self._blocked.data_ptr(), n, k, kp, view.data_ptr(), torch.get_num_threads()
+            )
+            return view
+        return view.copy_(self._weight)
 
     def extra_repr(self) -> str:
         sizes = f"in_features={self.in_features}, out_features={self.out_features}"
-        return f"{sizes}, packed={self.packed}"
+        return f"{sizes}, layout={self.layout}"
 
 
-def prepack(linear: nn.Linear) -> Any:
-    """FBGEMM's pack of ``linear``: its weight rounded to fp16 (and its bias in float32) in
-    FBGEMM's blocked layout. Rounding through ``.half()`` first makes it the same values as
-    the unpacked path. The operator releases the GIL: packs can be made on several threads."""
+def _floats(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous float32 tensor (the kernels read raw float32 rows)."""
+    return t.to(torch.float32).contiguous()
+
+
+def native_block(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [n, k] rounded to fp16 in the layout of ``fermi.native``'s kernels:
+    [ceil(n / 4), kp / 16, 4, 16], kp = k rounded up to 16, the padding zero."""
+    rows, chunk = native.ROWS, native.CHUNK
+    n, k = weight.shape
+    np_, kp = -(-n // rows) * rows, -(-k // chunk) * chunk
+    w16 = F.pad(weight.detach().to(torch.float16), (0, kp - k, 0, np_ - n))
+    return w16.view(np_ // rows, rows, kp // chunk, chunk).permute(0, 2, 1, 3).contiguous()
+
+
+def native_unblock(blocked: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The fp16 weight [n, k] of :func:`native_block`'s layout."""
+    blocks, chunks, rows, chunk = blocked.shape
+    return blocked.permute(0, 2, 1, 3).reshape(blocks * rows, chunks * chunk)[:n, :k].clone()
+
+
+def prepack(linear: nn.Linear, layout: str = "fbgemm") -> Any:
+    """``linear``'s weight in ``layout``: for "fbgemm", FBGEMM's pack (its weight rounded to
+    fp16, its bias in float32, in FBGEMM's blocked layout; rounding through ``.half()``
+    first makes it the same values as the unpacked path); for "native", the blocked fp16
+    tensor of :func:`native_block`. Both release the GIL: packs can be made on several
+    threads."""
+    if layout == "native":
+        return native_block(linear.weight)
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach().float()
     return torch.ops.quantized.linear_prepack_fp16(weight.half().float(), bias)
 
 
-def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:
+def use_half_weights(model: nn.Module, layout: str | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` of a CPU model (float32, or with its linear weights
-    already in fp16) by a :class:`HalfWeightLinear` (``packed``: FBGEMM's layout; None:
-    where FBGEMM is available).
+    already in fp16) by a :class:`HalfWeightLinear` in ``layout`` (one of ``LAYOUTS``;
+    None: :func:`best_layout`).
 
     A tied ``lm_head`` gets its own fp16 copy: the float32 embedding is only gathered from
     (one row per token), while the head is read whole every step.
 
     FBGEMM's packing converts one value at a time (SmolLM2-135M's 122 products: ~0.65 s on
-    one core of this project's CPU), so packs are made on up to ``PACK_THREADS`` of torch's
-    threads, one layer each in flight (``perf/LOG.md`` run 32): each holds a float32 copy
-    of its weight while it packs, so the load's peak grows with the threads, not the model.
+    one core of this project's CPU), so packs (either layout's) are made on up to
+    ``PACK_THREADS`` of torch's threads, one layer each in flight (``perf/LOG.md`` run
+    32): each holds a float32 copy of its weight while it packs, so the load's peak grows
+    with the threads, not the model.
     """
     scratch: list[torch.Tensor | None] = [None]
-    packed = fbgemm_available() if packed is None else packed
+    layout = best_layout() if layout is None else layout
     # Parents and names only: a list that held the nn.Linear modules would keep every float
     # weight alive until the end; each goes as its layer is replaced.
     slots = [
@@ -171,10 +316,10 @@ def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:
         for name, child in parent.named_children()
         if isinstance(child, nn.Linear)
     ]
-    workers = min(torch.get_num_threads(), PACK_THREADS) if packed else 1
+    workers = min(torch.get_num_threads(), PACK_THREADS) if layout != "plain" else 1
     if workers <= 1 or len(slots) < 2:
         for parent, name in slots:
-            setattr(parent, name, HalfWeightLinear(getattr(parent, name), scratch, packed))
+            setattr(parent, name, HalfWeightLinear(getattr(parent, name), scratch, layout))
         return model
     with ThreadPoolExecutor(workers, thread_name_prefix="fermi-prepack") as pool:
         flight: deque[tuple[nn.Module, str, Future[Any]]] = deque()
@@ -183,7 +328,7 @@ def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:
 
         def land() -> None:
             parent, name, future = flight.popleft()
-            layer = HalfWeightLinear(getattr(parent, name), scratch, packed, future.result())
+            layer = HalfWeightLinear(getattr(parent, name), scratch, layout, future.result())
             setattr(parent, name, layer)
             if next(landed) % TRIM_EVERY == 0:
                 # The fp16 weights just packed were freed into glibc's heaps, where they
@@ -191,7 +336,7 @@ def use_half_weights(model: nn.Module, packed: bool | None = None) -> nn.Module:
                 release_free_heap()
 
         for parent, name in slots:
-            flight.append((parent, name, pool.submit(prepack, getattr(parent, name))))
+            flight.append((parent, name, pool.submit(prepack, getattr(parent, name), layout)))
             if len(flight) >= workers:
                 land()
         while flight:

@@ -152,8 +152,9 @@ def quantization_label(model: Decoder) -> str | None:
     from fermi.models.half_weights import HalfWeightLinear
 
     half = [m for m in model.modules() if isinstance(m, HalfWeightLinear)]
-    if half:  # FBGEMM's packs (x86) and plain fp16 weights compile to different code
-        return "fp16-packed" if any(m.packed for m in half) else "fp16-storage"
+    if half:  # each layout (fermi's kernels', FBGEMM's, plain) compiles to different code
+        labels = {"native": "fp16-native", "fbgemm": "fp16-packed", "plain": "fp16-storage"}
+        return labels[half[0].layout]
     return None
 
 

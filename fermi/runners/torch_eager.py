@@ -17,6 +17,10 @@ class TorchRunner(Runner):
         self.model = model
         device = model.device
         model.setup_cache(max_batch, max_seq_len)
+        if device.type == "cpu":
+            # One-token steps in fermi's own kernels, where the model's fp16 weights are
+            # stored for them (fermi.models.half_weights); otherwise torch's ops.
+            model.use_native_rows()
         name = "torch-cpu" if device.type == "cpu" else f"torch-{device.type}"
         self.capabilities = Capabilities(
             name=name,

@@ -1,0 +1,185 @@
+"""Fermi's own CPU kernels (``kernels.c``), compiled on this machine at first use.
+
+The source ships with the package; the first process that needs it compiles it with the C
+compiler (``$CC``, else ``cc``) for this CPU (``-O3 -march=native -fopenmp``), about a
+second, into ``FERMI_NATIVE_CACHE`` (default ``~/.cache/fermi/native``), named by a hash of
+the source, the flags, the compiler's version and the CPU's feature flags; later processes
+load that file. The library is called through ``ctypes``: each call passes tensor
+addresses, so callers keep the tensors alive and contiguous for the call.
+
+It needs x86 with AVX2, F16C and FMA (or AVX-512). Without them, without a compiler, or
+with ``FERMI_NATIVE=0``, :func:`library` returns None and the CPU runner keeps torch's
+kernels (FBGEMM's fp16 products on x86). The OpenMP library the kernels link is the one
+torch loaded (same ``libgomp.so.1``), so they share torch's threads and wait policy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+# The weight layout kernels.c reads: blocks of ROWS output rows, CHUNK columns at a time.
+ROWS, CHUNK = 4, 16
+
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+class Layer(ctypes.Structure):
+    """``fermi_layer`` of kernels.c: one decoder layer's weights, norms and cache."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p * 4),
+        ("bias", ctypes.c_void_p * 4),
+        ("norm1", ctypes.c_void_p),
+        ("norm2", ctypes.c_void_p),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("window", ctypes.c_long),
+        ("rope", ctypes.c_long),
+    ]
+
+
+class Stack(ctypes.Structure):
+    """``fermi_stack`` of kernels.c: a decoder's shape and its layers."""
+
+    _fields_ = [
+        ("layers", ctypes.c_long),
+        ("hidden", ctypes.c_long),
+        ("heads", ctypes.c_long),
+        ("kv_heads", ctypes.c_long),
+        ("head_dim", ctypes.c_long),
+        ("inter", ctypes.c_long),
+        ("rot", ctypes.c_long),
+        ("max_seq", ctypes.c_long),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("layer", ctypes.POINTER(Layer)),
+    ]
+
+
+# Each function's arguments, one letter each: p pointer, l long, i int, f float; then its
+# result ("" for none).
+_TYPES = {"p": ctypes.c_void_p, "l": ctypes.c_long, "i": ctypes.c_int, "f": ctypes.c_float}
+_SIGNATURES = {
+    "fermi_simd": ("", "i"),
+    "fermi_layout": ("", "i"),
+    # w, bias, n, k, kp, x, ldx, m, norm_w, eps, act, residual, ldr, y, ldy, threads
+    "fermi_linear_f16": ("pplllpllpfiplpli", "i"),
+    "fermi_unpack_f16": ("plllpi", ""),
+    # qkv, h, kv, d, q_norm, k_norm, eps, rot, cos, sin, k_cache, v_cache, max_seq, pos,
+    # first, scale, out, threads
+    "fermi_attend_row": ("piiippfipppplllfpi", "i"),
+    "fermi_stack_size": ("", "i"),
+    # stack, x, rows, slots, positions, cos1, sin1, cos2, sin2, threads
+    "fermi_decode_rows": ("pplppppppi", "i"),
+}
+
+
+def cache_root() -> Path:
+    explicit = os.environ.get("FERMI_NATIVE_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fermi" / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler_version(cc: str) -> str | None:
+    try:
+        done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def build(flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile ``kernels.c`` with ``flags`` (once per machine; later calls find the file)
+    and return the library's path. Raises ``RuntimeError`` with the compiler's message."""
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r} is not on PATH)")
+    version = _compiler_version(cc)
+    if version is None:
+        raise RuntimeError(f"{cc} --version failed")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_flags().encode()])
+    ).hexdigest()[:20]
+    root = cache_root()
+    target = root / f"kernels-{key}.so"
+    if target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        out = Path(tmp) / target.name
+        done = subprocess.run(
+            [cc, *flags, str(SOURCE), "-o", str(out), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(out, target)  # atomic: another process may be building the same file
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, (args, result) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = [_TYPES[a] for a in args]
+        fn.restype = _TYPES[result] if result else None
+    if lib.fermi_layout() != ROWS * 1000 + CHUNK:
+        raise RuntimeError(f"{path} has another weight layout")
+    if lib.fermi_stack_size() != ctypes.sizeof(Stack) * 1000 + ctypes.sizeof(Layer):
+        raise RuntimeError(f"{path}'s structures do not match fermi.native's")
+    return lib
+
+
+def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot run here (logged once, with why)."""
+    key = " ".join(flags)
+    with _lock:
+        if key in _loaded:
+            return _loaded[key]
+        lib = None
+        if os.environ.get("FERMI_NATIVE", "1") == "0":
+            log.info("fermi's CPU kernels are off (FERMI_NATIVE=0)")
+        elif platform.machine().lower() not in ("x86_64", "amd64"):
+            log.info("fermi's CPU kernels are x86 only; using torch's kernels")
+        else:
+            try:
+                lib = load(build(flags))
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                log.warning("fermi's CPU kernels are unavailable, using torch's: %s", e)
+        _loaded[key] = lib
+        return lib
+
+
+def available() -> bool:
+    return library() is not None

@@ -1,0 +1,325 @@
+/* Fermi's CPU kernels for decode steps: fp16-weight products and one-token attention.
+ *
+ * Built at first use by fermi/native/__init__.py with the machine's C compiler
+ * (-O3 -march=native -fopenmp) and called through ctypes. A decode step on CPU reads every
+ * weight once for a handful of rows, so it is bound by memory bandwidth; what torch adds
+ * around its kernels (dispatch, allocation, one op per norm, rope, add and cast) costs as
+ * much as the products themselves at SmolLM2's size (perf/LOG.md runs 67 and 70).
+ *
+ * Weights are fp16 in a blocked layout: for each group of 4 output rows, the rows'
+ * values 16 columns at a time, [ceil(n/4)][kp/16][4][16], kp = in_features rounded up to
+ * 16 (the padding is zero). A product then streams its weight from the first byte to the
+ * last, and each 16-column chunk of 4 rows is 128 contiguous bytes.
+ *
+ * Inputs of a product are float32 rows that the kernel prepares itself first ("u"): as
+ * given, RMS-normalised with a weight (the layer's norm rides inside the product), or
+ * silu(gate) * up of a [gate | up] row. Results are float32; a bias and a residual row are
+ * added on the way out. Accumulation is float32, in 16 lanes summed at the end.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define FERMI_SIMD 512
+typedef __m512 v16;
+static inline v16 v_zero(void) { return _mm512_setzero_ps(); }
+static inline v16 v_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline v16 v_half(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline v16 v_fma(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float v_sum(v16 a) { return _mm512_reduce_add_ps(a); }
+#define GROUP 4 /* input rows per pass over a weight: 16 accumulators of 32 registers */
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define FERMI_SIMD 256
+typedef struct {
+    __m256 lo, hi;
+} v16;
+static inline v16 v_zero(void) {
+    v16 r = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    return r;
+}
+static inline v16 v_load(const float *p) {
+    v16 r = {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
+    return r;
+}
+static inline v16 v_half(const uint16_t *p) {
+    v16 r = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)),
+             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)))};
+    return r;
+}
+static inline v16 v_fma(v16 a, v16 b, v16 c) {
+    v16 r = {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+    return r;
+}
+static inline float v_sum(v16 a) {
+    __m256 s = _mm256_add_ps(a.lo, a.hi);
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+}
+#define GROUP 2 /* 16 registers: 8 accumulator pairs */
+#else
+#error "fermi's CPU kernels need AVX2 with F16C and FMA, or AVX-512"
+#endif
+
+#define ROWS 4   /* output rows per weight block */
+#define CHUNK 16 /* columns per chunk */
+
+int fermi_simd(void) { return FERMI_SIMD; }
+
+int fermi_layout(void) { return ROWS * 1000 + CHUNK; }
+
+/* One weight block (4 output rows, kp columns) against M prepared input rows. */
+#define DEFINE_BLOCK(M)                                                                 \
+    static inline void block_##M(const uint16_t *w, const float *u, long kp, float *res) {  \
+        v16 acc[M][ROWS];                                                               \
+        for (int r = 0; r < (M); r++)                                                   \
+            for (int q = 0; q < ROWS; q++) acc[r][q] = v_zero();                        \
+        for (long c = 0; c < kp; c += CHUNK) {                                          \
+            v16 w0 = v_half(w), w1 = v_half(w + 16), w2 = v_half(w + 32),               \
+                w3 = v_half(w + 48);                                                    \
+            w += ROWS * CHUNK;                                                          \
+            for (int r = 0; r < (M); r++) {                                             \
+                v16 x = v_load(u + r * kp + c);                                         \
+                acc[r][0] = v_fma(w0, x, acc[r][0]);                                    \
+                acc[r][1] = v_fma(w1, x, acc[r][1]);                                    \
+                acc[r][2] = v_fma(w2, x, acc[r][2]);                                    \
+                acc[r][3] = v_fma(w3, x, acc[r][3]);                                    \
+            }                                                                           \
+        }                                                                               \
+        for (int r = 0; r < (M); r++)                                                   \
+            for (int q = 0; q < ROWS; q++) res[r * ROWS + q] = v_sum(acc[r][q]);        \
+    }
+DEFINE_BLOCK(1)
+DEFINE_BLOCK(2)
+#if GROUP >= 4
+DEFINE_BLOCK(3)
+DEFINE_BLOCK(4)
+#endif
+
+static inline void block(const uint16_t *w, const float *u, long kp, int m, float *res) {
+    switch (m) {
+    case 1: block_1(w, u, kp, res); break;
+    case 2: block_2(w, u, kp, res); break;
+#if GROUP >= 4
+    case 3: block_3(w, u, kp, res); break;
+    case 4: block_4(w, u, kp, res); break;
+#endif
+    }
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* Row i of the prepared input: x's row as is, RMS-normalised with norm_w, or
+ * silu(gate) * up of a [gate | up] row of 2k values. Columns k..kp-1 are zero. */
+static void prepare(const float *x, long k, long kp, const float *norm_w, float eps, int act,
+                    float *u) {
+    if (act == 1) {
+        for (long j = 0; j < k; j++) u[j] = silu(x[j]) * x[k + j];
+    } else if (norm_w != NULL) {
+        double ss = 0.0;
+        for (long j = 0; j < k; j++) ss += (double)x[j] * x[j];
+        float r = 1.0f / sqrtf((float)(ss / (double)k) + eps);
+        for (long j = 0; j < k; j++) u[j] = x[j] * r * norm_w[j];
+    } else {
+        memcpy(u, x, (size_t)k * sizeof(float));
+    }
+    for (long j = k; j < kp; j++) u[j] = 0.0f;
+}
+
+/* y[i, :n] = u_i . W^T (+ bias) (+ residual[i, :n]) for the m rows of x.
+ *
+ * x: m rows of ldx floats (the product's k inputs, or 2k for act == 1); y: m rows of ldy;
+ * residual: m rows of ldr, or NULL. Returns 0, or -1 when scratch memory is refused.
+ * Rows are taken GROUP at a time, each group one pass over the weight; the weight's
+ * blocks are shared among `threads` OpenMP threads. */
+int fermi_linear_f16(const uint16_t *w, const float *bias, long n, long k, long kp,
+                     const float *x, long ldx, long m, const float *norm_w, float eps, int act,
+                     const float *residual, long ldr, float *y, long ldy, int threads) {
+    float *u = aligned_alloc(64, (size_t)(m * kp * sizeof(float) + 64) & ~(size_t)63);
+    if (u == NULL) return -1;
+    for (long i = 0; i < m; i++) prepare(x + i * ldx, k, kp, norm_w, eps, act, u + i * kp);
+    long blocks = (n + ROWS - 1) / ROWS;
+    for (long g = 0; g < m; g += GROUP) {
+        int rows = (int)(m - g < GROUP ? m - g : GROUP);
+        const float *ug = u + g * kp;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+        for (long b = 0; b < blocks; b++) {
+            float res[GROUP * ROWS];
+            block(w + b * ROWS * kp, ug, kp, rows, res);
+            for (int r = 0; r < rows; r++) {
+                long i = g + r;
+                for (int q = 0; q < ROWS; q++) {
+                    long o = b * ROWS + q;
+                    if (o >= n) break;
+                    float v = res[r * ROWS + q];
+                    if (bias != NULL) v += bias[o];
+                    if (residual != NULL) v += residual[i * ldr + o];
+                    y[i * ldy + o] = v;
+                }
+            }
+        }
+    }
+    free(u);
+    return 0;
+}
+
+/* The blocked weight as float32 rows [n][k], for products of many rows (torch's float32
+ * matrix product then runs on them). */
+void fermi_unpack_f16(const uint16_t *w, long n, long k, long kp, float *out, int threads) {
+    long blocks = (n + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (long b = 0; b < blocks; b++) {
+        const uint16_t *p = w + b * ROWS * kp;
+        for (long c = 0; c < kp; c += CHUNK) {
+            for (int q = 0; q < ROWS; q++, p += CHUNK) {
+                long o = b * ROWS + q;
+                if (o >= n) continue;
+                float vals[CHUNK];
+                for (int j = 0; j < CHUNK; j++) vals[j] = _cvtsh_ss(p[j]);
+                long take = k - c < CHUNK ? k - c : CHUNK;
+                memcpy(out + o * k + c, vals, (size_t)take * sizeof(float));
+            }
+        }
+    }
+}
+
+static void rms_norm_head(float *x, int d, const float *w, float eps) {
+    double ss = 0.0;
+    for (int j = 0; j < d; j++) ss += (double)x[j] * x[j];
+    float r = 1.0f / sqrtf((float)(ss / d) + eps);
+    for (int j = 0; j < d; j++) x[j] = x[j] * r * w[j];
+}
+
+/* Rotate-half rope on the first `rot` features; sin carries the sign (fermi.models.rope). */
+static void rope_head(float *x, int rot, const float *cos, const float *sin) {
+    float tmp[rot];
+    int half = rot / 2;
+    for (int j = 0; j < rot; j++) tmp[j] = x[j] * cos[j] + x[(j + half) % rot] * sin[j];
+    memcpy(x, tmp, (size_t)rot * sizeof(float));
+}
+
+/* One token's attention for one sequence, as fermi.models.decoder.Attention computes it:
+ * q/k norms (q_norm/k_norm non-NULL), rope (rot > 0), this token's keys and values
+ * written at `pos` of the slot's cache (k_cache/v_cache: [kv_heads][max_seq][d] floats of
+ * the slot), then each query head over keys first..pos of its KV head. qkv ([h + 2 kv] * d
+ * floats, q then k then v) is rotated in place; out: h * d floats. Returns 0, or -1 when
+ * scratch memory is refused. */
+int fermi_attend_row(float *qkv, int h, int kv, int d, const float *q_norm,
+                     const float *k_norm, float eps, int rot, const float *cos,
+                     const float *sin, float *k_cache, float *v_cache, long max_seq, long pos,
+                     long first, float scale, float *out, int threads) {
+    float *q = qkv, *k = qkv + (long)h * d, *v = qkv + (long)(h + kv) * d;
+    for (int i = 0; i < h + kv; i++) {
+        float *head = qkv + (long)i * d;
+        const float *nw = i < h ? q_norm : k_norm;
+        if (nw != NULL) rms_norm_head(head, d, nw, eps);
+        if (rot > 0) rope_head(head, rot, cos, sin);
+    }
+    for (int g = 0; g < kv; g++) {
+        memcpy(k_cache + ((long)g * max_seq + pos) * d, k + (long)g * d, (size_t)d * sizeof(float));
+        memcpy(v_cache + ((long)g * max_seq + pos) * d, v + (long)g * d, (size_t)d * sizeof(float));
+    }
+    long len = pos + 1 - first;
+    float *scores = malloc((size_t)h * len * sizeof(float));
+    if (scores == NULL) return -1;
+    int group = h / kv;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int i = 0; i < h; i++) {
+        const float *qi = q + (long)i * d;
+        const float *keys = k_cache + ((long)(i / group) * max_seq + first) * d;
+        const float *values = v_cache + ((long)(i / group) * max_seq + first) * d;
+        float *s = scores + (long)i * len;
+        float top = -INFINITY;
+        for (long t = 0; t < len; t++) {
+            const float *kt = keys + t * d;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int j = 0; j < d; j++) dot += qi[j] * kt[j];
+            s[t] = dot * scale;
+            if (s[t] > top) top = s[t];
+        }
+        float total = 0.0f;
+        for (long t = 0; t < len; t++) {
+            s[t] = expf(s[t] - top);
+            total += s[t];
+        }
+        float *o = out + (long)i * d;
+        for (int j = 0; j < d; j++) o[j] = 0.0f;
+        for (long t = 0; t < len; t++) {
+            const float *vt = values + t * d;
+            float p = s[t] / total;
+#pragma omp simd
+            for (int j = 0; j < d; j++) o[j] += p * vt[j];
+        }
+    }
+    free(scores);
+    return 0;
+}
+
+/* The layers of a pre-norm decoder (Llama, Qwen2/3, SmolLM2's shape), for one token of one
+ * sequence: what fermi.models.decoder.DecoderLayer._one_row does, in one call per step. */
+typedef struct {
+    const uint16_t *w[4];         /* qkv_proj, o_proj, gate_up_proj, down_proj: blocked */
+    const float *bias[4];         /* or NULL */
+    const float *norm1, *norm2;   /* input_layernorm, post_attention_layernorm */
+    const float *q_norm, *k_norm; /* or NULL */
+    float *k_cache, *v_cache;     /* [slots][kv_heads][max_seq][head_dim] */
+    long window;                  /* 0: none */
+    long rope;                    /* 0: none, 1: the step's first table, 2: its second */
+} fermi_layer;
+
+typedef struct {
+    long layers, hidden, heads, kv_heads, head_dim, inter, rot, max_seq;
+    float eps, scale;
+    const fermi_layer *layer;
+} fermi_stack;
+
+int fermi_stack_size(void) { return (int)sizeof(fermi_stack) * 1000 + (int)sizeof(fermi_layer); }
+
+static inline long padded(long k) { return (k + CHUNK - 1) / CHUNK * CHUNK; }
+
+/* x ([rows][hidden] floats: each row's token embedding) becomes the last layer's output.
+ * Row r is the token at positions[r] of the sequence in cache slot slots[r]; cos/sin: the
+ * rows' rope values ([rows][rot] floats each; table 2 may be NULL). Each product reads its
+ * weight once for every GROUP rows. */
+int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slots,
+                      const long *positions, const float *cos1, const float *sin1,
+                      const float *cos2, const float *sin2, int threads) {
+    long h = s->heads, kv = s->kv_heads, d = s->head_dim, hid = s->hidden, inter = s->inter;
+    long nqkv = (h + 2 * kv) * d, rot = s->rot;
+    float *qkv = malloc((size_t)rows * (nqkv + h * d + 2 * inter) * sizeof(float));
+    if (qkv == NULL) return -1;
+    float *att = qkv + rows * nqkv, *gu = att + rows * h * d;
+    int rc = 0;
+    for (long i = 0; i < s->layers && rc == 0; i++) {
+        const fermi_layer *l = &s->layer[i];
+        rc |= fermi_linear_f16(l->w[0], l->bias[0], nqkv, hid, padded(hid), x, hid, rows,
+                               l->norm1, s->eps, 0, NULL, 0, qkv, nqkv, threads);
+        const float *cos = l->rope == 2 ? cos2 : cos1, *sin = l->rope == 2 ? sin2 : sin1;
+        for (long r = 0; r < rows; r++) {
+            long pos = positions[r], base = slots[r] * kv * s->max_seq * d;
+            long first = l->window > 0 && pos - l->window + 1 > 0 ? pos - l->window + 1 : 0;
+            rc |= fermi_attend_row(qkv + r * nqkv, (int)h, (int)kv, (int)d, l->q_norm,
+                                   l->k_norm, s->eps, l->rope ? (int)rot : 0,
+                                   l->rope ? cos + r * rot : NULL,
+                                   l->rope ? sin + r * rot : NULL, l->k_cache + base,
+                                   l->v_cache + base, s->max_seq, pos, first, s->scale,
+                                   att + r * h * d, threads);
+        }
+        rc |= fermi_linear_f16(l->w[1], l->bias[1], hid, h * d, padded(h * d), att, h * d, rows,
+                               NULL, 0.0f, 0, x, hid, x, hid, threads);
+        rc |= fermi_linear_f16(l->w[2], l->bias[2], 2 * inter, hid, padded(hid), x, hid, rows,
+                               l->norm2, s->eps, 0, NULL, 0, gu, 2 * inter, threads);
+        rc |= fermi_linear_f16(l->w[3], l->bias[3], hid, inter, padded(inter), gu, 2 * inter,
+                               rows, NULL, 0.0f, 1, x, hid, x, hid, threads);
+    }
+    free(qkv);
+    return rc == 0 ? 0 : -1;
+}
