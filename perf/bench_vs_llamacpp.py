@@ -8,7 +8,9 @@ rounds:
 
 - ``fermi-fp16``: ``fermi.load(file)``, the CPU default (fp16 weight storage);
 - ``fermi-int4``: ``fermi.load(file, quantize="int4")`` (the file's 4-bit codes kept);
-- ``llama.cpp``: ``llama_cpp.Llama(file)``, the file's blocks as stored.
+- ``llama.cpp``: ``llama_cpp.Llama(file)``, the file's blocks as stored;
+- ``llama.cpp-f16`` (only with ``--f16-gguf``): the same on an F16 copy of the model
+  (``gguf_to_f16.py``: matrices F16, norms F32), llama.cpp's counterpart of ``fermi-fp16``.
 
 Per process: load seconds, then after one warm-up generation, prefill tok/s (the long
 prompt's tokens over its time to first token) and decode tok/s (tokens after the first over
@@ -20,6 +22,9 @@ an environment of its own, never the test set-up's::
     python3 -m venv /tmp/llamacpp-venv && /tmp/llamacpp-venv/bin/pip install llama-cpp-python
     .venv/bin/python perf/bench_vs_llamacpp.py --llama-python /tmp/llamacpp-venv/bin/python \\
         --out perf/results/cpu_vs_llamacpp.json
+
+``--f16-gguf /tmp/smollm2-135m-f16.gguf`` adds ``llama.cpp-f16``; ``--systems
+llama.cpp,llama.cpp-f16`` runs a subset.
 
 This file is run by both environments: the parent and the Fermi children by the project's,
 the llama.cpp children by ``--llama-python``; a child imports only what its system needs.
@@ -46,7 +51,8 @@ SHORT = (
 )
 # About 512 tokens: the prefill figure.
 LONG = " ".join([SHORT] * 8)
-SYSTEMS = ("fermi-fp16", "fermi-int4", "llama.cpp")
+SYSTEMS = ("fermi-fp16", "fermi-int4", "llama.cpp", "llama.cpp-f16")
+LLAMA_SYSTEMS = ("llama.cpp", "llama.cpp-f16")
 # The caller's own setting, read before anything imports fermi: ``import fermi`` sets
 # OMP_WAIT_POLICY=PASSIVE in this process's environment unless it is set, and a llama.cpp
 # child must not inherit that (its OpenMP threads ran ~3x slower with it here).
@@ -125,9 +131,11 @@ def child_llama(path: str, threads: int, new_tokens: int) -> dict:
 
 
 def spawn(system: str, args) -> dict:
-    python = args.llama_python if system == "llama.cpp" else sys.executable
-    command = [python, str(HERE), "--child", system, "--file", str(args.file)]
-    threads = args.threads if system == "llama.cpp" or args.fermi_threads is None else 0
+    llama = system in LLAMA_SYSTEMS
+    python = args.llama_python if llama else sys.executable
+    path = args.f16_gguf if system == "llama.cpp-f16" else args.file
+    command = [python, str(HERE), "--child", system, "--file", str(path)]
+    threads = args.threads if llama or args.fermi_threads is None else 0
     command += ["--threads", str(threads), "--new-tokens", str(args.new_tokens)]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent)}
     env.pop("OMP_WAIT_POLICY", None)  # each system's own default, unless the caller set one
@@ -151,6 +159,12 @@ def summary(values: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--file", type=Path, default=None, help="GGUF (default: smollm2-135m's)")
+    parser.add_argument(
+        "--f16-gguf",
+        type=Path,
+        default=None,
+        help="an F16 copy of --file (gguf_to_f16.py): adds the system llama.cpp-f16",
+    )
     parser.add_argument("--llama-python", default="/tmp/llamacpp-venv/bin/python")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -162,12 +176,20 @@ def main() -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--systems", nargs="*", default=list(SYSTEMS))
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=None,
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all, llama.cpp-f16 "
+        "only with --f16-gguf; spaces separate too, as earlier runs' commands do)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2: decode tok/s is timed after the first")
     if args.child:
-        if args.child == "llama.cpp":
+        if args.child in LLAMA_SYSTEMS:
             result = child_llama(str(args.file), args.threads, args.new_tokens)
         else:
             quantize = "int4" if args.child == "fermi-int4" else None
@@ -178,6 +200,15 @@ def main() -> None:
         from fermi.aliases import alias_path
 
         args.file = alias_path("smollm2-135m")
+    if args.systems is None:
+        args.systems = [s for s in SYSTEMS if s != "llama.cpp-f16" or args.f16_gguf]
+    else:
+        args.systems = [s for item in args.systems for s in item.split(",") if s]
+    unknown = sorted(set(args.systems) - set(SYSTEMS))
+    if unknown:
+        parser.error(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
+    if "llama.cpp-f16" in args.systems and args.f16_gguf is None:
+        parser.error("llama.cpp-f16 needs --f16-gguf (an F16 file: perf/gguf_to_f16.py)")
     runs: dict[str, list[dict]] = {system: [] for system in args.systems}
     loads = []
     for round_ in range(args.rounds):
@@ -186,7 +217,7 @@ def main() -> None:
             result = spawn(system, args)
             runs[system].append(result)
             print(
-                f"round {round_ + 1} {system:11s} decode {result['decode_tok_s']:6.1f} tok/s  "
+                f"round {round_ + 1} {system:13s} decode {result['decode_tok_s']:6.1f} tok/s  "
                 f"prefill {result['prefill_tok_s']:6.1f} tok/s  load {result['load_s']:.2f} s",
                 flush=True,
             )
@@ -195,6 +226,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"platform": platform.platform(), "cores": os.cpu_count()},
         "file": str(args.file),
+        "f16_gguf": str(args.f16_gguf) if args.f16_gguf else None,
         "threads": args.threads,
         "fermi_threads": "fermi's defaults (fermi imported first)"
         if args.fermi_threads
