@@ -4,11 +4,9 @@ Decoding one token reads every weight once, so on CPU it is bound by memory band
 fp16 weights halve the bytes. Activations and the KV cache stay float32.
 
 Where fermi's own CPU kernels build (``fermi.native``: x86 with AVX2 or AVX-512 and a C
-compiler) the weights are stored in their blocked fp16 layout. Products of up to
-``NATIVE_ROWS`` rows (decode steps) run there, reading each weight once per 4 rows and
-taking the layer's RMSNorm, silu(gate) * up and residual add inside the product
-(:meth:`HalfWeightLinear.row`); larger ones (prompt chunks) unpack the weight into a
-float32 scratch buffer shared by all layers and run torch's float32 product.
+compiler) the weights are stored in their fp16 panels, and every product runs there at
+every row count, reading each weight once per 8 rows; a one-row product can take the
+layer's RMSNorm, silu(gate) * up and residual add inside it (:meth:`HalfWeightLinear.row`).
 
 Otherwise, on x86 the weights are packed once, at load, for FBGEMM's fp16 matrix product
 (``quantized.linear_prepack_fp16``: fp16 weights converted in registers, float32
@@ -39,9 +37,9 @@ from fermi import native
 from fermi.memory import release_free_heap
 
 LAYOUTS = ("native", "fbgemm", "plain")
-# Native layout: products of up to this many rows run in fermi's kernels; more rows unpack
-# the weight to float32 and take torch's product (perf/LOG.md run 70).
-NATIVE_ROWS = 8
+# Decode steps of up to this many rows run every layer in one call of fermi's kernels
+# (fermi.models.decoder.Decoder.use_native_rows).
+NATIVE_ROWS = 16
 # Without FBGEMM, up to this many rows (tokens x batch) the fp16 matrix-vector path wins.
 DIRECT_ROWS = 2
 # At most this many threads pack weights at load (see use_half_weights).
@@ -168,12 +166,7 @@ class HalfWeightLinear(nn.Module):
         if self.layout == "native":
             if torch.compiler.is_compiling():
                 return native_fp16_linear(x.float(), self._handle, self.out_features)
-            rows = x.numel() // x.shape[-1]
-            if rows <= NATIVE_ROWS:
-                return self._native(x)
-            if x.dtype != torch.float32:
-                x = x.float()
-            return F.linear(x, self._upcast(), self._native_bias)
+            return self._native(x)
         rows = x.numel() // x.shape[-1]
         if rows <= DIRECT_ROWS:
             # The fp16 kernel's output stays fp16 (it is rounded to fp16 anyway): the next
@@ -220,7 +213,6 @@ class HalfWeightLinear(nn.Module):
             None if bias is None else bias.data_ptr(),
             self.out_features,
             self.in_features,
-            self._blocked.shape[1] * native.CHUNK,
             x.data_ptr(),
             width,
             rows,
@@ -243,14 +235,7 @@ class HalfWeightLinear(nn.Module):
         if buf is None or buf.numel() < n * k:
             buf = torch.empty(n * k, dtype=torch.float32)
             self._scratch[0] = buf
-        view = buf[: n * k].view(n, k)
-        if self.layout == "native":
-            kp = self._blocked.shape[1] * native.CHUNK
-            self._lib.fermi_unpack_f16(
-                self._blocked.data_ptr(), n, k, kp, view.data_ptr(), torch.get_num_threads()
-            )
-            return view
-        return view.copy_(self._weight)
+        return buf[: n * k].view(n, k).copy_(self._weight)
 
     def extra_repr(self) -> str:
         sizes = f"in_features={self.in_features}, out_features={self.out_features}"
@@ -264,18 +249,18 @@ def _floats(t: torch.Tensor) -> torch.Tensor:
 
 def native_block(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [n, k] rounded to fp16 in the layout of ``fermi.native``'s kernels:
-    [ceil(n / 4), kp / 16, 4, 16], kp = k rounded up to 16, the padding zero."""
-    rows, chunk = native.ROWS, native.CHUNK
+    panels of 16 output rows, [ceil(n / 16), k, 16], the rows past n zero."""
+    panel = native.PANEL
     n, k = weight.shape
-    np_, kp = -(-n // rows) * rows, -(-k // chunk) * chunk
-    w16 = F.pad(weight.detach().to(torch.float16), (0, kp - k, 0, np_ - n))
-    return w16.view(np_ // rows, rows, kp // chunk, chunk).permute(0, 2, 1, 3).contiguous()
+    padded = -(-n // panel) * panel
+    w16 = F.pad(weight.detach().to(torch.float16), (0, 0, 0, padded - n))
+    return w16.view(padded // panel, panel, k).transpose(1, 2).contiguous()
 
 
 def native_unblock(blocked: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The fp16 weight [n, k] of :func:`native_block`'s layout."""
-    blocks, chunks, rows, chunk = blocked.shape
-    return blocked.permute(0, 2, 1, 3).reshape(blocks * rows, chunks * chunk)[:n, :k].clone()
+    panels, _, panel = blocked.shape
+    return blocked.transpose(1, 2).reshape(panels * panel, k)[:n].clone()
 
 
 def prepack(linear: nn.Linear, layout: str = "fbgemm") -> Any:

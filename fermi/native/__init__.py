@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
-# The weight layout kernels.c reads: blocks of ROWS output rows, CHUNK columns at a time.
-ROWS, CHUNK = 4, 16
+# The weight layout kernels.c reads: panels of PANEL output rows, [ceil(n / PANEL)][k][PANEL].
+PANEL = 16
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -78,9 +78,8 @@ _TYPES = {"p": ctypes.c_void_p, "l": ctypes.c_long, "i": ctypes.c_int, "f": ctyp
 _SIGNATURES = {
     "fermi_simd": ("", "i"),
     "fermi_layout": ("", "i"),
-    # w, bias, n, k, kp, x, ldx, m, norm_w, eps, act, residual, ldr, y, ldy, threads
-    "fermi_linear_f16": ("pplllpllpfiplpli", "i"),
-    "fermi_unpack_f16": ("plllpi", ""),
+    # w, bias, n, k, x, ldx, m, norm_w, eps, act, residual, ldr, y, ldy, threads
+    "fermi_linear_f16": ("ppllpllpfiplpli", "i"),
     # qkv, h, kv, d, q_norm, k_norm, eps, rot, cos, sin, k_cache, v_cache, max_seq, pos,
     # first, scale, out, threads
     "fermi_attend_row": ("piiippfipppplllfpi", "i"),
@@ -154,7 +153,7 @@ def load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = [_TYPES[a] for a in args]
         fn.restype = _TYPES[result] if result else None
-    if lib.fermi_layout() != ROWS * 1000 + CHUNK:
+    if lib.fermi_layout() != PANEL:
         raise RuntimeError(f"{path} has another weight layout")
     if lib.fermi_stack_size() != ctypes.sizeof(Stack) * 1000 + ctypes.sizeof(Layer):
         raise RuntimeError(f"{path}'s structures do not match fermi.native's")

@@ -6,10 +6,12 @@
  * around its kernels (dispatch, allocation, one op per norm, rope, add and cast) costs as
  * much as the products themselves at SmolLM2's size (perf/LOG.md runs 67 and 70).
  *
- * Weights are fp16 in a blocked layout: for each group of 4 output rows, the rows'
- * values 16 columns at a time, [ceil(n/4)][kp/16][4][16], kp = in_features rounded up to
- * 16 (the padding is zero). A product then streams its weight from the first byte to the
- * last, and each 16-column chunk of 4 rows is 128 contiguous bytes.
+ * Weights are fp16 in panels of 16 output rows: [ceil(n/16)][k][16], input feature j of
+ * the panel's 16 rows side by side (a panel past n is zero-padded). A product streams each
+ * panel from its first byte to its last, widening 16 weights into one vector per input
+ * feature and multiplying them by that feature of every input row, broadcast: the sums of
+ * 16 outputs build up in one register per input row, with no horizontal sums, and a
+ * weight vector widened once serves up to TILE input rows.
  *
  * Inputs of a product are float32 rows that the kernel prepares itself first ("u"): as
  * given, RMS-normalised with a weight (the layer's norm rides inside the product), or
@@ -33,7 +35,7 @@ static inline v16 v_half(const uint16_t *p) {
 }
 static inline v16 v_fma(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float v_sum(v16 a) { return _mm512_reduce_add_ps(a); }
-#define GROUP 4 /* input rows per pass over a weight: 16 accumulators of 32 registers */
+#define TILE 8 /* input rows per pass over a panel: 8 accumulators of 32 registers */
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define FERMI_SIMD 256
 typedef struct {
@@ -63,53 +65,113 @@ static inline float v_sum(v16 a) {
     q = _mm_add_ss(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
 }
-#define GROUP 2 /* 16 registers: 8 accumulator pairs */
+#define TILE 6 /* 16 registers: 6 accumulator pairs */
 #else
 #error "fermi's CPU kernels need AVX2 with F16C and FMA, or AVX-512"
 #endif
 
-#define ROWS 4   /* output rows per weight block */
-#define CHUNK 16 /* columns per chunk */
+#define PANEL 16 /* output rows per panel */
 
 int fermi_simd(void) { return FERMI_SIMD; }
 
-int fermi_layout(void) { return ROWS * 1000 + CHUNK; }
+int fermi_layout(void) { return PANEL; }
 
-/* One weight block (4 output rows, kp columns) against M prepared input rows. */
-#define DEFINE_BLOCK(M)                                                                 \
-    static inline void block_##M(const uint16_t *w, const float *u, long kp, float *res) {  \
-        v16 acc[M][ROWS];                                                               \
-        for (int r = 0; r < (M); r++)                                                   \
-            for (int q = 0; q < ROWS; q++) acc[r][q] = v_zero();                        \
-        for (long c = 0; c < kp; c += CHUNK) {                                          \
-            v16 w0 = v_half(w), w1 = v_half(w + 16), w2 = v_half(w + 32),               \
-                w3 = v_half(w + 48);                                                    \
-            w += ROWS * CHUNK;                                                          \
-            for (int r = 0; r < (M); r++) {                                             \
-                v16 x = v_load(u + r * kp + c);                                         \
-                acc[r][0] = v_fma(w0, x, acc[r][0]);                                    \
-                acc[r][1] = v_fma(w1, x, acc[r][1]);                                    \
-                acc[r][2] = v_fma(w2, x, acc[r][2]);                                    \
-                acc[r][3] = v_fma(w3, x, acc[r][3]);                                    \
-            }                                                                           \
-        }                                                                               \
-        for (int r = 0; r < (M); r++)                                                   \
-            for (int q = 0; q < ROWS; q++) res[r * ROWS + q] = v_sum(acc[r][q]);        \
+static inline v16 v_bcast(float x) {
+#if FERMI_SIMD == 512
+    return _mm512_set1_ps(x);
+#else
+    v16 r = {_mm256_set1_ps(x), _mm256_set1_ps(x)};
+    return r;
+#endif
+}
+
+static inline v16 v_add(v16 a, v16 b) {
+#if FERMI_SIMD == 512
+    return _mm512_add_ps(a, b);
+#else
+    v16 r = {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+    return r;
+#endif
+}
+
+static inline void v_store(float *p, v16 a) {
+#if FERMI_SIMD == 512
+    _mm512_storeu_ps(p, a);
+#else
+    _mm256_storeu_ps(p, a.lo);
+    _mm256_storeu_ps(p + 8, a.hi);
+#endif
+}
+
+/* One panel (16 outputs, k inputs) against R prepared input rows u (ldu apart); the 16
+ * sums of row r go to out + r * PANEL. One or two rows keep several partial sums over the
+ * inputs (a single chain of dependent multiply-adds would wait on each one's latency). */
+static inline void tile_1(const uint16_t *w, const float *u, long ldu, long k, float *out) {
+    (void)ldu;
+    v16 a0 = v_zero(), a1 = v_zero(), a2 = v_zero(), a3 = v_zero();
+    long j = 0;
+    for (; j + 4 <= k; j += 4, w += 4 * PANEL) {
+        a0 = v_fma(v_half(w), v_bcast(u[j]), a0);
+        a1 = v_fma(v_half(w + PANEL), v_bcast(u[j + 1]), a1);
+        a2 = v_fma(v_half(w + 2 * PANEL), v_bcast(u[j + 2]), a2);
+        a3 = v_fma(v_half(w + 3 * PANEL), v_bcast(u[j + 3]), a3);
     }
-DEFINE_BLOCK(1)
-DEFINE_BLOCK(2)
-#if GROUP >= 4
-DEFINE_BLOCK(3)
-DEFINE_BLOCK(4)
+    for (; j < k; j++, w += PANEL) a0 = v_fma(v_half(w), v_bcast(u[j]), a0);
+    v_store(out, v_add(v_add(a0, a1), v_add(a2, a3)));
+}
+
+static inline void tile_2(const uint16_t *w, const float *u, long ldu, long k, float *out) {
+    v16 a0 = v_zero(), a1 = v_zero(), b0 = v_zero(), b1 = v_zero();
+    const float *v = u + ldu;
+    long j = 0;
+    for (; j + 2 <= k; j += 2, w += 2 * PANEL) {
+        v16 w0 = v_half(w), w1 = v_half(w + PANEL);
+        a0 = v_fma(w0, v_bcast(u[j]), a0);
+        b0 = v_fma(w0, v_bcast(v[j]), b0);
+        a1 = v_fma(w1, v_bcast(u[j + 1]), a1);
+        b1 = v_fma(w1, v_bcast(v[j + 1]), b1);
+    }
+    for (; j < k; j++, w += PANEL) {
+        v16 w0 = v_half(w);
+        a0 = v_fma(w0, v_bcast(u[j]), a0);
+        b0 = v_fma(w0, v_bcast(v[j]), b0);
+    }
+    v_store(out, v_add(a0, a1));
+    v_store(out + PANEL, v_add(b0, b1));
+}
+
+#define DEFINE_TILE(R)                                                                      \
+    static inline void tile_##R(const uint16_t *w, const float *u, long ldu, long k,        \
+                                float *out) {                                               \
+        v16 acc[R];                                                                         \
+        for (int r = 0; r < (R); r++) acc[r] = v_zero();                                    \
+        for (long j = 0; j < k; j++, w += PANEL) {                                          \
+            v16 wv = v_half(w);                                                             \
+            for (int r = 0; r < (R); r++) acc[r] = v_fma(wv, v_bcast(u[r * ldu + j]), acc[r]); \
+        }                                                                                   \
+        for (int r = 0; r < (R); r++) v_store(out + r * PANEL, acc[r]);                     \
+    }
+DEFINE_TILE(3)
+DEFINE_TILE(4)
+DEFINE_TILE(5)
+DEFINE_TILE(6)
+#if TILE >= 8
+DEFINE_TILE(7)
+DEFINE_TILE(8)
 #endif
 
-static inline void block(const uint16_t *w, const float *u, long kp, int m, float *res) {
-    switch (m) {
-    case 1: block_1(w, u, kp, res); break;
-    case 2: block_2(w, u, kp, res); break;
-#if GROUP >= 4
-    case 3: block_3(w, u, kp, res); break;
-    case 4: block_4(w, u, kp, res); break;
+static inline void tile(const uint16_t *w, const float *u, long ldu, long k, int rows,
+                        float *out) {
+    switch (rows) {
+    case 1: tile_1(w, u, ldu, k, out); break;
+    case 2: tile_2(w, u, ldu, k, out); break;
+    case 3: tile_3(w, u, ldu, k, out); break;
+    case 4: tile_4(w, u, ldu, k, out); break;
+    case 5: tile_5(w, u, ldu, k, out); break;
+    case 6: tile_6(w, u, ldu, k, out); break;
+#if TILE >= 8
+    case 7: tile_7(w, u, ldu, k, out); break;
+    case 8: tile_8(w, u, ldu, k, out); break;
 #endif
     }
 }
@@ -117,9 +179,8 @@ static inline void block(const uint16_t *w, const float *u, long kp, int m, floa
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 /* Row i of the prepared input: x's row as is, RMS-normalised with norm_w, or
- * silu(gate) * up of a [gate | up] row of 2k values. Columns k..kp-1 are zero. */
-static void prepare(const float *x, long k, long kp, const float *norm_w, float eps, int act,
-                    float *u) {
+ * silu(gate) * up of a [gate | up] row of 2k values. */
+static void prepare(const float *x, long k, const float *norm_w, float eps, int act, float *u) {
     if (act == 1) {
         for (long j = 0; j < k; j++) u[j] = silu(x[j]) * x[k + j];
     } else if (norm_w != NULL) {
@@ -130,64 +191,41 @@ static void prepare(const float *x, long k, long kp, const float *norm_w, float 
     } else {
         memcpy(u, x, (size_t)k * sizeof(float));
     }
-    for (long j = k; j < kp; j++) u[j] = 0.0f;
 }
 
 /* y[i, :n] = u_i . W^T (+ bias) (+ residual[i, :n]) for the m rows of x.
  *
  * x: m rows of ldx floats (the product's k inputs, or 2k for act == 1); y: m rows of ldy;
- * residual: m rows of ldr, or NULL. Returns 0, or -1 when scratch memory is refused.
- * Rows are taken GROUP at a time, each group one pass over the weight; the weight's
- * blocks are shared among `threads` OpenMP threads. */
-int fermi_linear_f16(const uint16_t *w, const float *bias, long n, long k, long kp,
-                     const float *x, long ldx, long m, const float *norm_w, float eps, int act,
+ * residual: m rows of ldr, or NULL (it may be y itself: each output is read, then written).
+ * The panels are shared among `threads` OpenMP threads; each takes its panels through all
+ * the rows, TILE rows at a time. Returns 0, or -1 when scratch memory is refused. */
+int fermi_linear_f16(const uint16_t *w, const float *bias, long n, long k, const float *x,
+                     long ldx, long m, const float *norm_w, float eps, int act,
                      const float *residual, long ldr, float *y, long ldy, int threads) {
-    float *u = aligned_alloc(64, (size_t)(m * kp * sizeof(float) + 64) & ~(size_t)63);
+    float *u = malloc((size_t)(m * k) * sizeof(float));
     if (u == NULL) return -1;
-    for (long i = 0; i < m; i++) prepare(x + i * ldx, k, kp, norm_w, eps, act, u + i * kp);
-    long blocks = (n + ROWS - 1) / ROWS;
-    for (long g = 0; g < m; g += GROUP) {
-        int rows = (int)(m - g < GROUP ? m - g : GROUP);
-        const float *ug = u + g * kp;
+    for (long i = 0; i < m; i++) prepare(x + i * ldx, k, norm_w, eps, act, u + i * k);
+    long panels = (n + PANEL - 1) / PANEL;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-        for (long b = 0; b < blocks; b++) {
-            float res[GROUP * ROWS];
-            block(w + b * ROWS * kp, ug, kp, rows, res);
+    for (long p = 0; p < panels; p++) {
+        float sums[TILE * PANEL];
+        long o0 = p * PANEL, width = n - o0 < PANEL ? n - o0 : PANEL;
+        for (long i0 = 0; i0 < m; i0 += TILE) {
+            int rows = (int)(m - i0 < TILE ? m - i0 : TILE);
+            tile(w + p * k * PANEL, u + i0 * k, k, k, rows, sums);
             for (int r = 0; r < rows; r++) {
-                long i = g + r;
-                for (int q = 0; q < ROWS; q++) {
-                    long o = b * ROWS + q;
-                    if (o >= n) break;
-                    float v = res[r * ROWS + q];
-                    if (bias != NULL) v += bias[o];
-                    if (residual != NULL) v += residual[i * ldr + o];
-                    y[i * ldy + o] = v;
+                long i = i0 + r;
+                for (long q = 0; q < width; q++) {
+                    float v = sums[r * PANEL + q];
+                    if (bias != NULL) v += bias[o0 + q];
+                    if (residual != NULL) v += residual[i * ldr + o0 + q];
+                    y[i * ldy + o0 + q] = v;
                 }
             }
         }
     }
     free(u);
     return 0;
-}
-
-/* The blocked weight as float32 rows [n][k], for products of many rows (torch's float32
- * matrix product then runs on them). */
-void fermi_unpack_f16(const uint16_t *w, long n, long k, long kp, float *out, int threads) {
-    long blocks = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (long b = 0; b < blocks; b++) {
-        const uint16_t *p = w + b * ROWS * kp;
-        for (long c = 0; c < kp; c += CHUNK) {
-            for (int q = 0; q < ROWS; q++, p += CHUNK) {
-                long o = b * ROWS + q;
-                if (o >= n) continue;
-                float vals[CHUNK];
-                for (int j = 0; j < CHUNK; j++) vals[j] = _cvtsh_ss(p[j]);
-                long take = k - c < CHUNK ? k - c : CHUNK;
-                memcpy(out + o * k + c, vals, (size_t)take * sizeof(float));
-            }
-        }
-    }
 }
 
 static void rms_norm_head(float *x, int d, const float *w, float eps) {
@@ -283,12 +321,10 @@ typedef struct {
 
 int fermi_stack_size(void) { return (int)sizeof(fermi_stack) * 1000 + (int)sizeof(fermi_layer); }
 
-static inline long padded(long k) { return (k + CHUNK - 1) / CHUNK * CHUNK; }
-
 /* x ([rows][hidden] floats: each row's token embedding) becomes the last layer's output.
  * Row r is the token at positions[r] of the sequence in cache slot slots[r]; cos/sin: the
  * rows' rope values ([rows][rot] floats each; table 2 may be NULL). Each product reads its
- * weight once for every GROUP rows. */
+ * weight once for every TILE rows. */
 int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slots,
                       const long *positions, const float *cos1, const float *sin1,
                       const float *cos2, const float *sin2, int threads) {
@@ -300,7 +336,7 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
     int rc = 0;
     for (long i = 0; i < s->layers && rc == 0; i++) {
         const fermi_layer *l = &s->layer[i];
-        rc |= fermi_linear_f16(l->w[0], l->bias[0], nqkv, hid, padded(hid), x, hid, rows,
+        rc |= fermi_linear_f16(l->w[0], l->bias[0], nqkv, hid, x, hid, rows,
                                l->norm1, s->eps, 0, NULL, 0, qkv, nqkv, threads);
         const float *cos = l->rope == 2 ? cos2 : cos1, *sin = l->rope == 2 ? sin2 : sin1;
         for (long r = 0; r < rows; r++) {
@@ -313,12 +349,12 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
                                    l->v_cache + base, s->max_seq, pos, first, s->scale,
                                    att + r * h * d, threads);
         }
-        rc |= fermi_linear_f16(l->w[1], l->bias[1], hid, h * d, padded(h * d), att, h * d, rows,
+        rc |= fermi_linear_f16(l->w[1], l->bias[1], hid, h * d, att, h * d, rows,
                                NULL, 0.0f, 0, x, hid, x, hid, threads);
-        rc |= fermi_linear_f16(l->w[2], l->bias[2], 2 * inter, hid, padded(hid), x, hid, rows,
+        rc |= fermi_linear_f16(l->w[2], l->bias[2], 2 * inter, hid, x, hid, rows,
                                l->norm2, s->eps, 0, NULL, 0, gu, 2 * inter, threads);
-        rc |= fermi_linear_f16(l->w[3], l->bias[3], hid, inter, padded(inter), gu, 2 * inter,
-                               rows, NULL, 0.0f, 1, x, hid, x, hid, threads);
+        rc |= fermi_linear_f16(l->w[3], l->bias[3], hid, inter, gu, 2 * inter, rows, NULL, 0.0f,
+                               1, x, hid, x, hid, threads);
     }
     free(qkv);
     return rc == 0 ? 0 : -1;
