@@ -1,0 +1,404 @@
+"""fermi's own CPU kernels (``fermi.native``): the products and the one-token attention
+against float64 references on fresh random inputs, for the build this CPU gets and for an
+AVX2-only build; decoders whose decode steps run in them against the same fp16 weights in
+torch's ops; and the fallbacks when the kernels cannot be built."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fermi import native
+from fermi.models.half_weights import (
+    HalfWeightLinear,
+    best_layout,
+    native_block,
+    native_unblock,
+    use_half_weights,
+)
+from tests.test_fuse_projections import CONFIGS, random_decoder
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+AVX2_FLAGS = ("-O3", "-march=haswell", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+
+
+def _cpu_has(*flags: str) -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return all(f in line.split() for f in flags)
+
+
+needs_kernels = pytest.mark.skipif(native.library() is None, reason="fermi's kernels need x86")
+
+
+def test_the_kernels_build_wherever_x86_has_a_compiler():
+    """On x86 Linux with a C compiler (CI's machine, this one) the kernels must build:
+    every other test here would otherwise skip without a word."""
+    if not (X86 and shutil.which(os.environ.get("CC") or "cc") and _cpu_has("avx2", "f16c")):
+        pytest.skip("not an x86 machine with AVX2 and a C compiler")
+    lib = native.library()
+    assert lib is not None
+    assert lib.fermi_simd() in (256, 512)
+    assert best_layout() == "native"
+
+
+def builds(tmp_path_factory) -> list[tuple[str, ctypes.CDLL]]:
+    out = []
+    lib = native.library()
+    if lib is not None:
+        out.append((f"native ({lib.fermi_simd()}-bit)", lib))
+        if lib.fermi_simd() == 512 and _cpu_has("avx2", "f16c", "fma"):
+            # The AVX2 code path, which an AVX2-only CPU (CI's, some days) compiles.
+            os.environ["FERMI_NATIVE_CACHE"] = str(tmp_path_factory.mktemp("avx2"))
+            try:
+                avx2 = native.load(native.build(AVX2_FLAGS))
+            finally:
+                del os.environ["FERMI_NATIVE_CACHE"]
+            assert avx2.fermi_simd() == 256
+            out.append(("avx2", avx2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def libs(tmp_path_factory):
+    found = builds(tmp_path_factory)
+    if not found:
+        pytest.skip("fermi's kernels do not build here")
+    return found
+
+
+def linear(lib, blocked, n, k, x, bias=None, norm=None, eps=1e-6, act=0, residual=None):
+    """One call of fermi_linear_f16 on float32 rows x [m, k (2k with act)]."""
+    x = x.contiguous()
+    m = x.shape[0]
+    y = torch.full((m, n), float("nan"))
+    code = lib.fermi_linear_f16(
+        blocked.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        n,
+        k,
+        x.data_ptr(),
+        x.shape[1],
+        m,
+        None if norm is None else norm.data_ptr(),
+        eps,
+        act,
+        None if residual is None else residual.data_ptr(),
+        n,
+        y.data_ptr(),
+        n,
+        torch.get_num_threads(),
+    )
+    assert code == 0
+    return y
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (15, 17), (16, 16), (33, 100), (300, 576)])
+def test_products_are_the_float_products_of_the_fp16_weights(libs, n, k):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    weight = torch.randn(n, k, generator=g)
+    blocked = native_block(weight)
+    w = weight.half().double()
+    assert torch.equal(native_unblock(blocked, n, k), weight.half())  # the layout round-trips
+    bias = torch.randn(n, generator=g)
+    for name, lib in libs:
+        for m in (1, 2, 3, 7, 8, 9, 17):
+            x = torch.randn(m, k, generator=g)
+            residual = torch.randn(m, n, generator=g)
+            ref = x.double() @ w.T
+            got = linear(lib, blocked, n, k, x)
+            # float32 sums of k products of values ~1 (sums ~sqrt(k)) against float64: each
+            # addition rounds by ~6e-8 of the running sum
+            tol = 1e-7 * k
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=tol, msg=name)
+            got = linear(lib, blocked, n, k, x, bias=bias, residual=residual)
+            ref_br = ref + bias.double() + residual.double()
+            torch.testing.assert_close(got.double(), ref_br, rtol=1e-5, atol=tol, msg=name)
+
+
+def test_fused_norm_and_silu_are_the_unfused_ops(libs):
+    g = torch.Generator().manual_seed(7)
+    n, k = 40, 72
+    weight = torch.randn(n, k, generator=g)
+    blocked, w = native_block(weight), weight.half().double()
+    norm = torch.randn(k, generator=g)
+    for name, lib in libs:
+        for m in (1, 3, 9):
+            x = torch.randn(m, k, generator=g) * 3
+            h = x.double()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.double()
+            got = linear(lib, blocked, n, k, x, norm=norm, eps=1e-5)
+            torch.testing.assert_close(got.double(), h @ w.T, rtol=1e-5, atol=1e-5, msg=name)
+            gu = torch.randn(m, 2 * k, generator=g)
+            gate, up = gu.double().chunk(2, dim=-1)
+            ref = (F.silu(gate) * up) @ w.T
+            got = linear(lib, blocked, n, k, gu, act=1)
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def attention_reference(q, k_cache, v_cache, first, pos, scale):
+    """q [h, d] over keys/values [kv, first..pos, d], float64."""
+    h = q.shape[0]
+    kv = k_cache.shape[0]
+    keys = k_cache[:, first : pos + 1].double().repeat_interleave(h // kv, dim=0)
+    values = v_cache[:, first : pos + 1].double().repeat_interleave(h // kv, dim=0)
+    probs = torch.softmax((keys @ q.double()[:, :, None])[..., 0] * scale, dim=-1)
+    return (probs[:, None, :] @ values)[:, 0]
+
+
+def rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize(("rot", "window"), [(32, None), (16, None), (0, None), (32, 5)])
+def test_one_token_attention_writes_the_cache_and_attends_like_the_reference(
+    libs, qk_norm, rot, window
+):
+    """q/k norms, rope (rotate-half, signed sin; partial; none), the write at pos, GQA and a
+    window, against float64 on the values the kernel itself was given."""
+    from fermi.models.rope import RopeConfig, rope_tables, rotate
+
+    h, kv, d, seq = 6, 2, 32, 40
+    g = torch.Generator().manual_seed(rot + (window or 0) + qk_norm)
+    cos_t, sin_t = rope_tables(RopeConfig(theta=500.0, partial_rotary_factor=rot / d), d, seq)
+    q_w, k_w = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    scale = 0.17
+    for name, lib in libs:
+        k_cache = torch.randn(kv, seq, d, generator=g)
+        v_cache = torch.randn(kv, seq, d, generator=g)
+        for pos in (0, 1, 9, seq - 1):
+            qkv = torch.randn((h + 2 * kv) * d, generator=g)
+            q, k, v = qkv.view(h + 2 * kv, d).split([h, kv, kv])
+            if qk_norm:
+                q, k = rms(q, q_w, 1e-6), rms(k, k_w, 1e-6)
+            if rot:
+                q = rotate(q, cos_t[pos], sin_t[pos])
+                k = rotate(k, cos_t[pos], sin_t[pos])
+            first = 0 if window is None else max(0, pos - window + 1)
+            expected_k, expected_v = k_cache.clone(), v_cache.clone()
+            expected_k[:, pos], expected_v[:, pos] = k, v
+            ref = attention_reference(q, expected_k, expected_v, first, pos, scale)
+            out = torch.full((h * d,), float("nan"))
+            cos, sin = cos_t[pos].contiguous(), sin_t[pos].contiguous()
+            code = lib.fermi_attend_row(
+                qkv.data_ptr(),
+                h,
+                kv,
+                d,
+                q_w.data_ptr() if qk_norm else None,
+                k_w.data_ptr() if qk_norm else None,
+                1e-6,
+                rot,
+                cos.data_ptr() if rot else None,
+                sin.data_ptr() if rot else None,
+                k_cache.data_ptr(),
+                v_cache.data_ptr(),
+                seq,
+                pos,
+                first,
+                scale,
+                out.data_ptr(),
+                1,
+            )
+            assert code == 0
+            torch.testing.assert_close(k_cache, expected_k, rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0, msg=name)
+            got = out.view(h, d).double()
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def half_pair(name: str):
+    """The same random decoder twice: with fp16 storage in fermi's kernels' layout (decode
+    steps in them), and in float32 with every product's weight rounded to fp16 (torch's
+    ops on the same values; a tied head gets its own rounded copy, as fp16 storage does)."""
+    from torch import nn
+
+    kernels = use_half_weights(random_decoder(CONFIGS[name]()), "native")
+    ref = random_decoder(CONFIGS[name]())
+    with torch.no_grad():
+        if ref.cfg.tie_word_embeddings:
+            ref.lm_head = nn.Linear(ref.cfg.hidden_size, ref.cfg.vocab_size, bias=False)
+            ref.lm_head.weight.copy_(ref.model.embed_tokens.weight)
+        for m in ref.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(m.weight.half().float())
+    return kernels, ref
+
+
+def steps(model, native_rows: bool, batch: int = 3, steps: int = 10) -> list[torch.Tensor]:
+    """Prefills of different lengths into slots 2, 0, 1, then batched decode steps, then a
+    single row's steps: the logits of every step."""
+    model.setup_cache(max_batch=3, max_seq_len=48)
+    assert model.use_native_rows() == native_rows
+    torch.manual_seed(5)
+    slots, lengths = [2, 0, 1][:batch], [7, 12, 3][:batch]
+    out, tokens = [], []
+    with torch.inference_mode():
+        for slot, n in zip(slots, lengths, strict=True):
+            prompt = torch.randint(0, model.cfg.vocab_size, (1, n))
+            logits = model(prompt, torch.arange(n)[None], torch.tensor([slot]), n, causal=True)
+            out.append(logits)
+            tokens.append(int(logits.argmax()))
+        positions = list(lengths)
+        for _ in range(steps):
+            logits = model(
+                torch.tensor(tokens)[:, None],
+                torch.tensor(positions)[:, None],
+                torch.tensor(slots),
+                max(positions) + 1,
+            )
+            out.append(logits)
+            tokens = logits.argmax(-1).tolist()
+            positions = [p + 1 for p in positions]
+        for _ in range(steps):  # the first row alone, as a lone stream decodes
+            logits = model(
+                torch.tensor([[tokens[0]]]),
+                torch.tensor([[positions[0]]]),
+                torch.tensor([slots[0]]),
+                positions[0] + 1,
+            )
+            out.append(logits)
+            tokens[0] = int(logits.argmax())
+            positions[0] += 1
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["qwen3", "llama_bias", "phi3_window", "smollm3_nope"])
+def test_decode_steps_in_the_kernels_give_torchs_logits(name):
+    """Tied head, q/k norms, biases, a sliding window (phi3_window: 8 positions, passed by
+    the 22-step sequences) and NoPE layers: the same logits as torch's ops on the same fp16
+    weights, step by step."""
+    kernels, reference = half_pair(name)
+    got, ref = steps(kernels, True), steps(reference, False)
+    for a, b in zip(got, ref, strict=True):
+        # Only the order of float32 sums differs: ~1e-6 of logits ~1.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_models_the_kernels_cannot_express_keep_torchs_path():
+    for name in ("gemma2", "gemma3", "granite"):
+        model = use_half_weights(random_decoder(CONFIGS[name]()), "native")
+        model.setup_cache(max_batch=1, max_seq_len=16)
+        assert not model.use_native_rows(), name
+    fp32 = random_decoder(CONFIGS["qwen3"]())  # float32 nn.Linear weights
+    fp32.setup_cache(max_batch=1, max_seq_len=16)
+    assert not fp32.use_native_rows()
+
+
+@needs_kernels
+def test_a_step_wider_than_native_rows_takes_torchs_layers(monkeypatch):
+    from fermi.models import decoder as decoder_module
+
+    model = use_half_weights(random_decoder(CONFIGS["llama_bias"]()), "native")
+    model.setup_cache(max_batch=4, max_seq_len=16)
+    assert model.use_native_rows()
+    monkeypatch.setattr(decoder_module, "NATIVE_ROWS", 2)
+    calls = []
+    original = type(model)._native_layers
+
+    def spy(self, x, ctx):
+        calls.append(x.shape[0])
+        return original(self, x, ctx)
+
+    monkeypatch.setattr(type(model), "_native_layers", spy)
+    with torch.inference_mode():
+        for rows in (1, 2, 3):
+            model(
+                torch.full((rows, 1), 3),
+                torch.zeros(rows, 1, dtype=torch.long),
+                torch.arange(rows),
+                1,
+            )
+    assert calls == [1, 2]
+
+
+@needs_kernels
+def test_half_weight_linear_takes_any_rows_and_keeps_its_weight():
+    from torch import nn
+
+    torch.manual_seed(3)
+    plain = nn.Linear(50, 37)
+    half = HalfWeightLinear(plain, [None], "native")
+    assert half.layout == "native" and not half.packed
+    torch.testing.assert_close(half.weight, plain.weight.detach().half(), rtol=0, atol=0)
+    assert half.bias is not None and torch.equal(half.bias, plain.bias.detach())
+    w = plain.weight.detach().half().double()
+    for shape in ((1, 1, 50), (2, 5, 50), (1, 40, 50)):
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            got = half(x)
+        assert got.dtype == torch.float32 and got.shape == (*shape[:-1], 37)
+        ref = x.double() @ w.T + plain.bias.detach().double()
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="50 input features"):
+        half(torch.randn(1, 1, 49))
+    with pytest.raises(ValueError, match="native layout"):
+        HalfWeightLinear(plain, [None], "plain").row(torch.randn(1, 1, 50))
+    with pytest.raises(ValueError, match="layout"):
+        HalfWeightLinear(plain, [None], "bf16")
+
+
+def _layout_in_child(env: dict[str, str]) -> subprocess.CompletedProcess:
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from fermi.models.half_weights import best_layout; print(best_layout())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@needs_kernels
+def test_without_a_compiler_or_when_turned_off_the_cpu_keeps_torchs_kernels(tmp_path):
+    """FERMI_NATIVE=0, or no compiler and nothing built yet: the loader falls back to
+    FBGEMM's packs (x86), saying why once."""
+    off = _layout_in_child({"FERMI_NATIVE": "0"})
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.strip() == "fbgemm"
+    assert "FERMI_NATIVE=0" in off.stderr
+    missing = _layout_in_child(
+        {"CC": str(tmp_path / "no-such-cc"), "FERMI_NATIVE_CACHE": str(tmp_path / "cache")}
+    )
+    assert missing.returncode == 0, missing.stderr
+    assert missing.stdout.strip() == "fbgemm"
+    assert "CPU kernels are unavailable" in missing.stderr and "no C compiler" in missing.stderr
+    broken = tmp_path / "cc"
+    broken.write_text(
+        "#!/bin/sh\necho 'cc (fake) 1.0'\n[ \"$1\" = --version ] && exit 0\n"
+        "echo 'error: no such flag' >&2\nexit 1\n"
+    )
+    broken.chmod(0o755)
+    failed = _layout_in_child({"CC": str(broken), "FERMI_NATIVE_CACHE": str(tmp_path / "cache2")})
+    assert failed.stdout.strip() == "fbgemm"
+    assert "no such flag" in failed.stderr
+
+
+@needs_kernels
+def test_a_second_process_loads_the_built_library_without_compiling(tmp_path):
+    cache = tmp_path / "cache"
+    first = _layout_in_child({"FERMI_NATIVE_CACHE": str(cache)})
+    assert first.stdout.strip() == "native", first.stderr
+    built = list(cache.glob("kernels-*.so"))
+    assert len(built) == 1
+    # A compiler that fails would break a rebuild: the second process must not need one.
+    again = _layout_in_child({"FERMI_NATIVE_CACHE": str(cache), "CC": str(tmp_path / "none")})
+    assert again.stdout.strip() == "native", again.stderr
