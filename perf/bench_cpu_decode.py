@@ -57,6 +57,7 @@ def one(engine, new_tokens: int, seed: int) -> float:
 def step_times(rounds: int) -> dict[str, dict[str, list[float]]]:
     path = alias_path("smollm2-135m")
     assert path is not None
+
     def half(layout: str):
         return use_half_weights(load_gguf(path, CPU, "fp32").model, layout)
 

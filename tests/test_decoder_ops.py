@@ -108,9 +108,9 @@ def test_cpu_fp16_decode_step_stays_at_41_ops_a_layer():
     layer with unpacked fp16 weights, OPS_PACKED with FBGEMM's packed ones, views included
     (perf/notes_cpu_smollm2.md: per-op cost bounds this step), and none a layer in fermi's
     kernels (every layer is one call)."""
-    from fermi import native
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from fermi import native
     from fermi.models.decoder import Decoder
     from fermi.models.half_weights import use_half_weights
     from fermi.models.llama import llama_config
