@@ -6,7 +6,10 @@ same number of tokens. Each round starts one fresh process per system, in turn, 
 in the machine's load hits every system alike; the figures are medians and ranges over the
 rounds:
 
-- ``fermi-fp16``: ``fermi.load(file)``, the CPU default (fp16 weight storage);
+- ``fermi-fp16``: ``fermi.load(file)``, the CPU default (fp16 weight storage; on x86 in
+  fermi's own kernels, ``fermi.native``, where they build);
+- ``fermi-fp16-fbgemm``: the same with ``FERMI_NATIVE=0`` (FBGEMM's fp16 products and
+  torch's ops, the default before ``fermi.native``);
 - ``fermi-int4``: ``fermi.load(file, quantize="int4")`` (the file's 4-bit codes kept);
 - ``llama.cpp``: ``llama_cpp.Llama(file)``, the file's blocks as stored;
 - ``llama.cpp-f16`` (only with ``--f16-gguf``): the same on an F16 copy of the model
@@ -51,7 +54,7 @@ SHORT = (
 )
 # About 512 tokens: the prefill figure.
 LONG = " ".join([SHORT] * 8)
-SYSTEMS = ("fermi-fp16", "fermi-int4", "llama.cpp", "llama.cpp-f16")
+SYSTEMS = ("fermi-fp16", "fermi-fp16-fbgemm", "fermi-int4", "llama.cpp", "llama.cpp-f16")
 LLAMA_SYSTEMS = ("llama.cpp", "llama.cpp-f16")
 # The caller's own setting, read before anything imports fermi: ``import fermi`` sets
 # OMP_WAIT_POLICY=PASSIVE in this process's environment unless it is set, and a llama.cpp
@@ -141,6 +144,8 @@ def spawn(system: str, args) -> dict:
     env.pop("OMP_WAIT_POLICY", None)  # each system's own default, unless the caller set one
     if CALLER_OMP_WAIT is not None:
         env["OMP_WAIT_POLICY"] = CALLER_OMP_WAIT
+    if system == "fermi-fp16-fbgemm":  # fp16 storage in FBGEMM's packs, as before fermi.native
+        env["FERMI_NATIVE"] = "0"
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"{system} child failed:\n{done.stderr[-3000:]}")

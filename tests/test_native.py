@@ -402,3 +402,71 @@ def test_a_second_process_loads_the_built_library_without_compiling(tmp_path):
     # A compiler that fails would break a rebuild: the second process must not need one.
     again = _layout_in_child({"FERMI_NATIVE_CACHE": str(cache), "CC": str(tmp_path / "none")})
     assert again.stdout.strip() == "native", again.stderr
+
+
+def drive(chooser, seconds_of, steps: int, rows: int = 1) -> list[int]:
+    """Run ``steps`` decode steps through ``chooser``, each taking ``seconds_of(count)``."""
+    used = []
+    for _ in range(steps):
+        count = chooser.next()
+        used.append(count)
+        chooser.record(rows, seconds_of(count))
+    return used
+
+
+def test_decode_threads_follow_whichever_count_is_faster_now():
+    from fermi.runners.torch_eager import DecodeThreads
+
+    chooser = DecodeThreads(2, 1)
+    quiet = {2: 0.006, 1: 0.012}.get  # a second idle core halves the step
+    used = drive(chooser, quiet, 600)
+    assert chooser.chosen == 2 and used[-100:].count(2) >= 99
+    # Probes thin out while the choice holds: at most one step in 100 on the other count.
+    assert chooser.interval == 256
+    busy = {2: 0.080, 1: 0.012}.get  # another process took the second core
+    used = drive(chooser, busy, 600)
+    assert chooser.chosen == 1
+    assert used[-300:].count(2) <= 300 // 256 + 1
+    drive(chooser, quiet, 2000)  # the neighbour left
+    assert chooser.chosen == 2
+
+
+def test_decode_threads_weigh_the_rare_slow_step():
+    """Two threads are usually a little faster but now and then wait for a descheduled
+    partner: the total time decides, not the typical step."""
+    import random
+
+    from fermi.runners.torch_eager import DecodeThreads
+
+    chooser = DecodeThreads(2, 1, first=1, last=1)
+    rng = random.Random(0)
+    # One step in four on two threads waits: median 0.009 s, mean 0.027 s.
+    drive(
+        chooser,
+        lambda count: (0.080 if rng.random() < 0.25 else 0.009) if count == 2 else 0.012,
+        600,
+    )
+    assert chooser.chosen == 1
+    # Only like-for-like pairs count: steps of other row counts are not compared.
+    other = DecodeThreads(2, 1, first=1, last=1)
+    for rows, seconds in [(1, 0.001), (4, 0.050)] * 20:
+        other.next()
+        other.record(rows, seconds)
+    assert not other.pairs and other.chosen == 2
+
+
+@needs_kernels
+def test_the_engine_decodes_on_a_measured_thread_count(monkeypatch):
+    import fermi
+    from fermi.runners import select
+
+    monkeypatch.setattr(select, "use_default_cpu_threads", lambda: (2, 1))
+    engine = fermi.load("smollm2-135m", device="cpu", max_batch=2, max_seq_len=256)
+    try:
+        chooser = engine.runner.decode_threads
+        assert chooser is not None and chooser.counts == (2, 1)
+        out = engine.generate(prompt="Hi", max_tokens=40, temperature=0, ignore_eos=True)
+        assert len(out.token_ids) == 40
+        assert chooser.pairs  # probes ran, timed like for like
+    finally:
+        engine.close()

@@ -20,6 +20,9 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -193,22 +196,11 @@ static void prepare(const float *x, long k, const float *norm_w, float eps, int 
     }
 }
 
-/* y[i, :n] = u_i . W^T (+ bias) (+ residual[i, :n]) for the m rows of x.
- *
- * x: m rows of ldx floats (the product's k inputs, or 2k for act == 1); y: m rows of ldy;
- * residual: m rows of ldr, or NULL (it may be y itself: each output is read, then written).
- * The panels are shared among `threads` OpenMP threads; each takes its panels through all
- * the rows, TILE rows at a time. Returns 0, or -1 when scratch memory is refused. */
-int fermi_linear_f16(const uint16_t *w, const float *bias, long n, long k, const float *x,
-                     long ldx, long m, const float *norm_w, float eps, int act,
-                     const float *residual, long ldr, float *y, long ldy, int threads) {
-    float *u = malloc((size_t)(m * k) * sizeof(float));
-    if (u == NULL) return -1;
-    for (long i = 0; i < m; i++) prepare(x + i * ldx, k, norm_w, eps, act, u + i * k);
-    long panels = (n + PANEL - 1) / PANEL;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (long p = 0; p < panels; p++) {
-        float sums[TILE * PANEL];
+/* Panels [p0, p1) of y = u . W^T (+ bias) (+ residual) for m prepared rows u (k apart). */
+static void panels(const uint16_t *w, const float *bias, long n, long k, const float *u, long m,
+                   const float *residual, long ldr, float *y, long ldy, long p0, long p1) {
+    float sums[TILE * PANEL];
+    for (long p = p0; p < p1; p++) {
         long o0 = p * PANEL, width = n - o0 < PANEL ? n - o0 : PANEL;
         for (long i0 = 0; i0 < m; i0 += TILE) {
             int rows = (int)(m - i0 < TILE ? m - i0 : TILE);
@@ -224,6 +216,23 @@ int fermi_linear_f16(const uint16_t *w, const float *bias, long n, long k, const
             }
         }
     }
+}
+
+/* y[i, :n] = u_i . W^T (+ bias) (+ residual[i, :n]) for the m rows of x.
+ *
+ * x: m rows of ldx floats (the product's k inputs, or 2k for act == 1); y: m rows of ldy;
+ * residual: m rows of ldr, or NULL (it may be y itself: each output is read, then written).
+ * The panels are shared among `threads` OpenMP threads; each takes its panels through all
+ * the rows, TILE rows at a time. Returns 0, or -1 when scratch memory is refused. */
+int fermi_linear_f16(const uint16_t *w, const float *bias, long n, long k, const float *x,
+                     long ldx, long m, const float *norm_w, float eps, int act,
+                     const float *residual, long ldr, float *y, long ldy, int threads) {
+    float *u = malloc((size_t)(m * k) * sizeof(float));
+    if (u == NULL) return -1;
+    for (long i = 0; i < m; i++) prepare(x + i * ldx, k, norm_w, eps, act, u + i * k);
+    long count = (n + PANEL - 1) / PANEL;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (long p = 0; p < count; p++) panels(w, bias, n, k, u, m, residual, ldr, y, ldy, p, p + 1);
     free(u);
     return 0;
 }
@@ -243,17 +252,14 @@ static void rope_head(float *x, int rot, const float *cos, const float *sin) {
     memcpy(x, tmp, (size_t)rot * sizeof(float));
 }
 
-/* One token's attention for one sequence, as fermi.models.decoder.Attention computes it:
- * q/k norms (q_norm/k_norm non-NULL), rope (rot > 0), this token's keys and values
- * written at `pos` of the slot's cache (k_cache/v_cache: [kv_heads][max_seq][d] floats of
- * the slot), then each query head over keys first..pos of its KV head. qkv ([h + 2 kv] * d
- * floats, q then k then v) is rotated in place; out: h * d floats. Returns 0, or -1 when
- * scratch memory is refused. */
-int fermi_attend_row(float *qkv, int h, int kv, int d, const float *q_norm,
-                     const float *k_norm, float eps, int rot, const float *cos,
-                     const float *sin, float *k_cache, float *v_cache, long max_seq, long pos,
-                     long first, float scale, float *out, int threads) {
-    float *q = qkv, *k = qkv + (long)h * d, *v = qkv + (long)(h + kv) * d;
+/* This token's q/k norms (q_norm/k_norm non-NULL) and rope (rot > 0) on qkv ([h + 2 kv] * d
+ * floats, q then k then v, in place), and its keys and values written at `pos` of the
+ * slot's cache (k_cache/v_cache: [kv_heads][max_seq][d] floats of the slot). */
+static void attend_prepare(float *qkv, int h, int kv, int d, const float *q_norm,
+                           const float *k_norm, float eps, int rot, const float *cos,
+                           const float *sin, float *k_cache, float *v_cache, long max_seq,
+                           long pos) {
+    float *k = qkv + (long)h * d, *v = qkv + (long)(h + kv) * d;
     for (int i = 0; i < h + kv; i++) {
         float *head = qkv + (long)i * d;
         const float *nw = i < h ? q_norm : k_norm;
@@ -264,38 +270,53 @@ int fermi_attend_row(float *qkv, int h, int kv, int d, const float *q_norm,
         memcpy(k_cache + ((long)g * max_seq + pos) * d, k + (long)g * d, (size_t)d * sizeof(float));
         memcpy(v_cache + ((long)g * max_seq + pos) * d, v + (long)g * d, (size_t)d * sizeof(float));
     }
+}
+
+/* One query head q (d floats) over `len` keys and values (d floats each, in a row):
+ * softmax(q . keys * scale) . values into out; s: len floats of scratch. */
+static void attend_head(const float *q, const float *keys, const float *values, long len,
+                        int d, float scale, float *s, float *out) {
+    float top = -INFINITY;
+    for (long t = 0; t < len; t++) {
+        const float *kt = keys + t * d;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int j = 0; j < d; j++) dot += q[j] * kt[j];
+        s[t] = dot * scale;
+        if (s[t] > top) top = s[t];
+    }
+    float total = 0.0f;
+    for (long t = 0; t < len; t++) {
+        s[t] = expf(s[t] - top);
+        total += s[t];
+    }
+    for (int j = 0; j < d; j++) out[j] = 0.0f;
+    for (long t = 0; t < len; t++) {
+        const float *vt = values + t * d;
+        float p = s[t] / total;
+#pragma omp simd
+        for (int j = 0; j < d; j++) out[j] += p * vt[j];
+    }
+}
+
+/* One token's attention for one sequence, as fermi.models.decoder.Attention computes it:
+ * attend_prepare, then each query head over keys first..pos of its KV head. out: h * d
+ * floats. Returns 0, or -1 when scratch memory is refused. */
+int fermi_attend_row(float *qkv, int h, int kv, int d, const float *q_norm,
+                     const float *k_norm, float eps, int rot, const float *cos,
+                     const float *sin, float *k_cache, float *v_cache, long max_seq, long pos,
+                     long first, float scale, float *out, int threads) {
+    (void)threads;
+    attend_prepare(qkv, h, kv, d, q_norm, k_norm, eps, rot, cos, sin, k_cache, v_cache, max_seq,
+                   pos);
     long len = pos + 1 - first;
-    float *scores = malloc((size_t)h * len * sizeof(float));
+    float *scores = malloc((size_t)len * sizeof(float));
     if (scores == NULL) return -1;
     int group = h / kv;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int i = 0; i < h; i++) {
-        const float *qi = q + (long)i * d;
-        const float *keys = k_cache + ((long)(i / group) * max_seq + first) * d;
-        const float *values = v_cache + ((long)(i / group) * max_seq + first) * d;
-        float *s = scores + (long)i * len;
-        float top = -INFINITY;
-        for (long t = 0; t < len; t++) {
-            const float *kt = keys + t * d;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int j = 0; j < d; j++) dot += qi[j] * kt[j];
-            s[t] = dot * scale;
-            if (s[t] > top) top = s[t];
-        }
-        float total = 0.0f;
-        for (long t = 0; t < len; t++) {
-            s[t] = expf(s[t] - top);
-            total += s[t];
-        }
-        float *o = out + (long)i * d;
-        for (int j = 0; j < d; j++) o[j] = 0.0f;
-        for (long t = 0; t < len; t++) {
-            const float *vt = values + t * d;
-            float p = s[t] / total;
-#pragma omp simd
-            for (int j = 0; j < d; j++) o[j] += p * vt[j];
-        }
+        long base = ((long)(i / group) * max_seq + first) * d;
+        attend_head(qkv + (long)i * d, k_cache + base, v_cache + base, len, d, scale, scores,
+                    out + (long)i * d);
     }
     free(scores);
     return 0;
@@ -321,41 +342,124 @@ typedef struct {
 
 int fermi_stack_size(void) { return (int)sizeof(fermi_stack) * 1000 + (int)sizeof(fermi_layer); }
 
+/* A barrier for the threads of one decode step. Between the phases of a step (a few tens
+ * of microseconds each) a waiting thread spins, then yields its core: OpenMP's own barrier
+ * under OMP_WAIT_POLICY=PASSIVE (fermi's default, for torch's ops between steps) sleeps in
+ * the kernel and is woken at every phase, which costs more than a second thread gains. */
+typedef struct {
+    atomic_int arrived;
+    atomic_int phase;
+} team_barrier;
+
+#define SPINS 20000
+
+static void team_wait(team_barrier *b, int n, int *phase) {
+    int next = *phase + 1;
+    *phase = next;
+    if (n == 1) return;
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == n - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->phase, next, memory_order_release);
+        return;
+    }
+    for (long spins = 0; atomic_load_explicit(&b->phase, memory_order_acquire) != next; spins++) {
+        if (spins < SPINS)
+            _mm_pause();
+        else
+            sched_yield();
+    }
+}
+
+/* This thread's share [*p0, *p1) of `count` items. */
+static void share(long count, int t, int n, long *p0, long *p1) {
+    *p0 = count * t / n;
+    *p1 = count * (t + 1) / n;
+}
+
 /* x ([rows][hidden] floats: each row's token embedding) becomes the last layer's output.
  * Row r is the token at positions[r] of the sequence in cache slot slots[r]; cos/sin: the
  * rows' rope values ([rows][rot] floats each; table 2 may be NULL). Each product reads its
- * weight once for every TILE rows. */
+ * weight once for every TILE rows. The step is one OpenMP region of `threads` threads that
+ * share each product's panels and the attention's (row, head) pairs, meeting at a spinning
+ * barrier between phases. */
 int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slots,
                       const long *positions, const float *cos1, const float *sin1,
                       const float *cos2, const float *sin2, int threads) {
     long h = s->heads, kv = s->kv_heads, d = s->head_dim, hid = s->hidden, inter = s->inter;
-    long nqkv = (h + 2 * kv) * d, rot = s->rot;
-    float *qkv = malloc((size_t)rows * (nqkv + h * d + 2 * inter) * sizeof(float));
-    if (qkv == NULL) return -1;
-    float *att = qkv + rows * nqkv, *gu = att + rows * h * d;
-    int rc = 0;
-    for (long i = 0; i < s->layers && rc == 0; i++) {
-        const fermi_layer *l = &s->layer[i];
-        rc |= fermi_linear_f16(l->w[0], l->bias[0], nqkv, hid, x, hid, rows,
-                               l->norm1, s->eps, 0, NULL, 0, qkv, nqkv, threads);
-        const float *cos = l->rope == 2 ? cos2 : cos1, *sin = l->rope == 2 ? sin2 : sin1;
-        for (long r = 0; r < rows; r++) {
-            long pos = positions[r], base = slots[r] * kv * s->max_seq * d;
-            long first = l->window > 0 && pos - l->window + 1 > 0 ? pos - l->window + 1 : 0;
-            rc |= fermi_attend_row(qkv + r * nqkv, (int)h, (int)kv, (int)d, l->q_norm,
-                                   l->k_norm, s->eps, l->rope ? (int)rot : 0,
-                                   l->rope ? cos + r * rot : NULL,
+    long nqkv = (h + 2 * kv) * d, rot = s->rot, group = h / kv;
+    long widest = hid > inter ? hid : inter;
+    if (h * d > widest) widest = h * d;
+    float *shared = malloc((size_t)rows * (nqkv + h * d + 2 * inter) * sizeof(float));
+    if (shared == NULL) return -1;
+    float *qkv = shared, *att = qkv + rows * nqkv, *gu = att + rows * h * d;
+    team_barrier barrier;
+    atomic_init(&barrier.arrived, 0);
+    atomic_init(&barrier.phase, 0);
+    atomic_int failed;
+    atomic_init(&failed, 0);
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads(), phase = 0;
+        /* Each thread's own prepared rows and attention scores. */
+        float *u = malloc((size_t)(rows * widest + s->max_seq) * sizeof(float));
+        if (u == NULL) atomic_store(&failed, 1);
+        team_wait(&barrier, n, &phase);
+        if (atomic_load(&failed) == 0) {
+            float *scores = u + rows * widest;
+            long p0, p1;
+            for (long i = 0; i < s->layers; i++) {
+                const fermi_layer *l = &s->layer[i];
+                /* q/k/v of every row, the input norm inside */
+                for (long r = 0; r < rows; r++)
+                    prepare(x + r * hid, hid, l->norm1, s->eps, 0, u + r * hid);
+                share((nqkv + PANEL - 1) / PANEL, t, n, &p0, &p1);
+                panels(l->w[0], l->bias[0], nqkv, hid, u, rows, NULL, 0, qkv, nqkv, p0, p1);
+                team_wait(&barrier, n, &phase);
+                /* q/k norms, rope and the cache write of each row */
+                const float *cos = l->rope == 2 ? cos2 : cos1;
+                const float *sin = l->rope == 2 ? sin2 : sin1;
+                share(rows, t, n, &p0, &p1);
+                for (long r = p0; r < p1; r++) {
+                    long base = slots[r] * kv * s->max_seq * d;
+                    attend_prepare(qkv + r * nqkv, (int)h, (int)kv, (int)d, l->q_norm, l->k_norm,
+                                   s->eps, l->rope ? (int)rot : 0, l->rope ? cos + r * rot : NULL,
                                    l->rope ? sin + r * rot : NULL, l->k_cache + base,
-                                   l->v_cache + base, s->max_seq, pos, first, s->scale,
-                                   att + r * h * d, threads);
+                                   l->v_cache + base, s->max_seq, positions[r]);
+                }
+                team_wait(&barrier, n, &phase);
+                /* attention: (row, head) pairs */
+                share(rows * h, t, n, &p0, &p1);
+                for (long job = p0; job < p1; job++) {
+                    long r = job / h, head = job % h, pos = positions[r];
+                    long first = l->window > 0 && pos - l->window + 1 > 0 ? pos - l->window + 1 : 0;
+                    long base = slots[r] * kv * s->max_seq * d + ((head / group) * s->max_seq + first) * d;
+                    attend_head(qkv + r * nqkv + head * d, l->k_cache + base, l->v_cache + base,
+                                pos + 1 - first, (int)d, s->scale, scores, att + (r * h + head) * d);
+                }
+                team_wait(&barrier, n, &phase);
+                /* output product, residual added in place */
+                for (long r = 0; r < rows; r++)
+                    prepare(att + r * h * d, h * d, NULL, 0.0f, 0, u + r * h * d);
+                share((hid + PANEL - 1) / PANEL, t, n, &p0, &p1);
+                panels(l->w[1], l->bias[1], hid, h * d, u, rows, x, hid, x, hid, p0, p1);
+                team_wait(&barrier, n, &phase);
+                /* gate and up, the post-attention norm inside */
+                for (long r = 0; r < rows; r++)
+                    prepare(x + r * hid, hid, l->norm2, s->eps, 0, u + r * hid);
+                share((2 * inter + PANEL - 1) / PANEL, t, n, &p0, &p1);
+                panels(l->w[2], l->bias[2], 2 * inter, hid, u, rows, NULL, 0, gu, 2 * inter, p0, p1);
+                team_wait(&barrier, n, &phase);
+                /* down, silu(gate) * up inside, residual added in place */
+                for (long r = 0; r < rows; r++)
+                    prepare(gu + r * 2 * inter, inter, NULL, 0.0f, 1, u + r * inter);
+                share((hid + PANEL - 1) / PANEL, t, n, &p0, &p1);
+                panels(l->w[3], l->bias[3], hid, inter, u, rows, x, hid, x, hid, p0, p1);
+                team_wait(&barrier, n, &phase);
+            }
         }
-        rc |= fermi_linear_f16(l->w[1], l->bias[1], hid, h * d, att, h * d, rows,
-                               NULL, 0.0f, 0, x, hid, x, hid, threads);
-        rc |= fermi_linear_f16(l->w[2], l->bias[2], 2 * inter, hid, x, hid, rows,
-                               l->norm2, s->eps, 0, NULL, 0, gu, 2 * inter, threads);
-        rc |= fermi_linear_f16(l->w[3], l->bias[3], hid, inter, gu, 2 * inter, rows, NULL, 0.0f,
-                               1, x, hid, x, hid, threads);
+        free(u);
     }
-    free(qkv);
-    return rc == 0 ? 0 : -1;
+    free(shared);
+    return atomic_load(&failed) == 0 ? 0 : -1;
 }

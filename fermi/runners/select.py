@@ -66,11 +66,17 @@ def torch_runner(
 
         compiled = CompiledCpuRunner(model, max_batch, max_seq_len, prefill_chunk, warmup=warmup)
         return with_longrope(compiled, model)
-    from fermi.runners.torch_eager import TorchRunner
+    from fermi.runners.torch_eager import DecodeThreads, TorchRunner
 
     runner = TorchRunner(model, max_batch, max_seq_len, prefill_chunk=prefill_chunk or 512)
     if device.type == "cpu":
         runner.threads = use_default_cpu_threads()
+        if runner.threads is not None and model.native_rows and runner.threads[0] > 1:
+            # A step in fermi's kernels wakes its threads once and spins between its
+            # phases: all cores, or one fewer when a busy neighbour makes that slower,
+            # chosen by timing (TorchRunner.decode_threads).
+            cores = runner.threads[0]
+            runner.decode_threads = DecodeThreads(cores, cores - 1)
     return with_longrope(runner, model)
 
 
