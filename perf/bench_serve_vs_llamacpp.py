@@ -13,6 +13,8 @@ default a new request cuts the stream in flight short.
 Servers:
 - ``fermi``: ``fermi serve --model FILE --device cpu`` (fp16 storage, the CPU default);
 - ``fermi-int4``: the same with ``--quantize int4``;
+- ``fermi-fbgemm``: ``fermi`` with ``FERMI_NATIVE=0`` (FBGEMM's fp16 products and torch's
+  ops, the CPU default before ``fermi.native``);
 - ``llama.cpp``: ``python -m llama_cpp.server --model FILE --n_threads T`` from
   llama-cpp-python's own environment (``pip install 'llama-cpp-python[server]'``, a source
   build of llama.cpp: never in the test set-up).
@@ -66,6 +68,8 @@ def start(server: str, file: Path, port: int, args) -> subprocess.Popen:
         command += ["--port", str(port)]
         if server == "fermi-int4":
             command += ["--quantize", "int4"]
+        if server == "fermi-fbgemm":  # fp16 in FBGEMM's packs, as before fermi.native
+            env["FERMI_NATIVE"] = "0"
         if args.fermi_threads is None:  # else fermi's own defaults (README "Threads")
             env["OMP_NUM_THREADS"] = str(args.threads)
     # The log goes to a file: a pipe nobody reads fills up (llama.cpp logs every request)
