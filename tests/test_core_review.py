@@ -6,9 +6,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from fermi.engine.slots import SlotTable
+from fermi.loading import load_folder
 from fermi.runners.base import Runner
+from fermi.runners.torch_cuda import CudaGraphRunner
 from fermi.runners.torch_eager import TorchRunner
 from tests.test_scheduler_overlap import SEQ, engine, model
 from tests.tiny import write_checkpoint
@@ -94,3 +97,39 @@ def test_a_runner_that_keeps_no_cache_gets_no_reuse_even_for_a_session(folder):
         again = eng.generate_request(replace(first, prompt_ids=(5, 6, 7, 8, 9)))
         assert again.usage.cached_tokens == 0
         assert eng.stats().cached_slots == {}
+
+
+class Recording(CudaGraphRunner):
+    """The compiled runner (Dynamo's eager backend: no C++ compile), noting the Dynamo
+    recompile limit its steps run under."""
+
+    seen: list[int]
+
+    def execute(self, batch):
+        self.seen.append(torch._dynamo.config.recompile_limit)
+        return super().execute(batch)
+
+
+def test_the_engine_thread_runs_under_the_compiler_settings_of_the_thread_that_made_it(folder):
+    # torch keeps its compiler settings per thread (context variables): the limit a compiled
+    # runner raises at construction must hold in the engine thread too, or a process whose
+    # layer code already has eight compiles (a second model, other kernels) fails its next
+    # one with "hit config.recompile_limit (8)".
+    with torch._dynamo.config.patch(recompile_limit=8):
+        runner = Recording(
+            load_folder(folder, torch.device("cpu"), torch.float32).model,
+            2,
+            64,
+            16,
+            backend="eager",
+            use_graphs=False,
+            warmup=False,
+        )
+        runner.seen = []
+        made = engine(folder, runner)
+    try:
+        assert torch._dynamo.config.recompile_limit == 8  # (the patch ended here)
+        made.generate(prompt_token_ids=[5, 6, 7], max_tokens=3, ignore_eos=True)
+        assert runner.seen and set(runner.seen) == {64}
+    finally:
+        made.close()

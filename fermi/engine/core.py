@@ -14,6 +14,7 @@ one batch before each step, so they never race a step for the runner.
 from __future__ import annotations
 
 import atexit
+import contextvars
 import logging
 import queue
 import threading
@@ -104,7 +105,13 @@ class EngineCore:
         self._grammars = grammars
         self._idle_work_done = not warm_grammars  # see _next_item
         self._runner_warming = True  # the runner may have warm-up left for idle time
-        self._thread = threading.Thread(target=self._loop, name="fermi-engine", daemon=True)
+        # The engine thread runs in a copy of this thread's context: torch keeps its compiler
+        # settings in context variables (torch._dynamo.config.recompile_limit, which the
+        # compiled runners raise), and a bare thread would start from torch's defaults.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._loop,), name="fermi-engine", daemon=True
+        )
         self._thread.start()
         _open_cores.add(self)
 
