@@ -28,7 +28,13 @@ from fermi import memory
 from fermi.errors import ModelLoadError
 from fermi.jsonfile import read_json_object as read_json
 from fermi.models.decoder import Decoder, ModelConfig, projection_parts
-from fermi.models.quant import QuantizedWeight, QuantReport, QuantSpec, build_linear
+from fermi.models.quant import (
+    QuantizedWeight,
+    QuantReport,
+    QuantSpec,
+    build_linear,
+    cpu_layout,
+)
 from fermi.models.registry import Adapter, UnsupportedModelError, adapter_for
 from fermi.text.tokenizer import Tokenizer
 
@@ -416,7 +422,10 @@ def quantized_cpu_note() -> str | None:
     """What a quantized CPU load should say of this CPU: on an x86 CPU whose best kernels
     are AVX2 (no AVX-512), torch's int8/int4 products take bf16 activations it has no
     instructions for and run no faster than fp16 storage (``perf/LOG.md`` run 55). None
-    elsewhere (AVX-512 CPUs ran them 1.3-1.6x faster than fp16; others are not measured)."""
+    elsewhere (AVX-512 CPUs ran them 1.3-1.6x faster than fp16; others are not measured),
+    and wherever fermi's own kernels run them instead (``fermi.models.quant.cpu_layout``)."""
+    if cpu_layout() == "native":
+        return None
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "DEFAULT") or platform.machine().lower() not in X86_MACHINES:
         return None

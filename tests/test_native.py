@@ -25,6 +25,13 @@ from fermi.models.half_weights import (
     native_unblock,
     use_half_weights,
 )
+from fermi.models.quant import (
+    QuantizedWeight,
+    native_pack,
+    native_unpack,
+    quantize_int4,
+    quantize_int8,
+)
 from tests.test_fuse_projections import CONFIGS, random_decoder
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -79,13 +86,30 @@ def libs(tmp_path_factory):
     return found
 
 
-def linear(lib, blocked, n, k, x, bias=None, norm=None, eps=1e-6, act=0, residual=None):
-    """One call of fermi_linear_f16 on float32 rows x [m, k (2k with act)]."""
+def fp16(blocked: torch.Tensor) -> native.Weight:
+    return native.Weight(blocked.data_ptr(), None, None, 0, native.FORMATS["fp16"])
+
+
+def quantized(q: QuantizedWeight) -> tuple[native.Weight, tuple]:
+    """``q`` in the kernels' int8/int4 panels: the structure, and the tensors it points at
+    (held by the caller for the calls)."""
+    codes, scales, mins = native_pack(q)
+    group = q.group_size if q.scheme == "int4" else 0
+    ptr = None if mins is None else mins.data_ptr()
+    weight = native.Weight(
+        codes.data_ptr(), scales.data_ptr(), ptr, group, native.FORMATS[q.scheme]
+    )
+    return weight, (codes, scales, mins)
+
+
+def linear(lib, weight, n, k, x, bias=None, norm=None, eps=1e-6, act=0, residual=None, code=0):
+    """One call of fermi_linear on float32 rows x [m, k (2k with act)]; ``code`` the
+    result it must return."""
     x = x.contiguous()
     m = x.shape[0]
     y = torch.full((m, n), float("nan"))
-    code = lib.fermi_linear_f16(
-        blocked.data_ptr(),
+    got = lib.fermi_linear(
+        ctypes.byref(weight),
         None if bias is None else bias.data_ptr(),
         n,
         k,
@@ -101,7 +125,7 @@ def linear(lib, blocked, n, k, x, bias=None, norm=None, eps=1e-6, act=0, residua
         n,
         torch.get_num_threads(),
     )
-    assert code == 0
+    assert got == code
     return y
 
 
@@ -112,18 +136,19 @@ def test_products_are_the_float_products_of_the_fp16_weights(libs, n, k):
     blocked = native_block(weight)
     w = weight.half().double()
     assert torch.equal(native_unblock(blocked, n, k), weight.half())  # the layout round-trips
+    panels = fp16(blocked)  # (pointing into blocked, kept below)
     bias = torch.randn(n, generator=g)
     for name, lib in libs:
         for m in (1, 2, 3, 7, 8, 9, 17):
             x = torch.randn(m, k, generator=g)
             residual = torch.randn(m, n, generator=g)
             ref = x.double() @ w.T
-            got = linear(lib, blocked, n, k, x)
+            got = linear(lib, panels, n, k, x)
             # float32 sums of k products of values ~1 (sums ~sqrt(k)) against float64: each
             # addition rounds by ~6e-8 of the running sum
             tol = 1e-7 * k
             torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=tol, msg=name)
-            got = linear(lib, blocked, n, k, x, bias=bias, residual=residual)
+            got = linear(lib, panels, n, k, x, bias=bias, residual=residual)
             ref_br = ref + bias.double() + residual.double()
             torch.testing.assert_close(got.double(), ref_br, rtol=1e-5, atol=tol, msg=name)
 
@@ -133,19 +158,66 @@ def test_fused_norm_and_silu_are_the_unfused_ops(libs):
     n, k = 40, 72
     weight = torch.randn(n, k, generator=g)
     blocked, w = native_block(weight), weight.half().double()
+    panels = fp16(blocked)
     norm = torch.randn(k, generator=g)
     for name, lib in libs:
         for m in (1, 3, 9):
             x = torch.randn(m, k, generator=g) * 3
             h = x.double()
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.double()
-            got = linear(lib, blocked, n, k, x, norm=norm, eps=1e-5)
+            got = linear(lib, panels, n, k, x, norm=norm, eps=1e-5)
             torch.testing.assert_close(got.double(), h @ w.T, rtol=1e-5, atol=1e-5, msg=name)
             gu = torch.randn(m, 2 * k, generator=g)
             gate, up = gu.double().chunk(2, dim=-1)
             ref = (F.silu(gate) * up) @ w.T
-            got = linear(lib, blocked, n, k, gu, act=1)
+            got = linear(lib, panels, n, k, gu, act=1)
             torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("scheme", "group"), [("int8", 0), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize(("n", "k"), [(1, 64), (15, 64), (33, 128), (300, 576)])
+def test_quantized_products_are_the_float_products_of_their_codes(libs, scheme, group, n, k):
+    """int8 (a scale per row) and int4 (a scale and minimum per group) panels, every row
+    count a tile takes and more, against float64 products with the weights the codes stand
+    for; the panels give back the codes, scales and minimums they were made from."""
+    g = torch.Generator().manual_seed(n * 7 + k + group)
+    source = torch.randn(n, k, generator=g)
+    q = quantize_int8(source) if scheme == "int8" else quantize_int4(source, group)
+    weight, held = quantized(q)
+    back = native_unpack(*held, n, q.group_size)
+    assert torch.equal(back.codes, q.codes) and torch.equal(back.scales, q.scales)
+    assert (back.mins is None) == (q.mins is None)
+    assert q.mins is None or torch.equal(back.mins, q.mins)
+    w = q.dequantize(torch.float64)  # (quantize_int4's scales and minimums are fp16 values)
+    bias, norm = torch.randn(n, generator=g), torch.randn(k, generator=g)
+    for name, lib in libs:
+        for m in (1, 2, 3, 4, 7, 8, 9, 17):
+            x = torch.randn(m, k, generator=g)
+            residual = torch.randn(m, n, generator=g)
+            # float32 sums of k terms up to ~3 (int4: group sums of codes up to 15 times
+            # inputs ~1, scaled by ~0.4, and a minimum ~-3 times the group's input sum)
+            tol = 1e-6 * k
+            got = linear(lib, weight, n, k, x, bias=bias, residual=residual)
+            ref = x.double() @ w.T + bias.double() + residual.double()
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=tol, msg=name)
+            h = rms(x.double(), norm.double(), 1e-5)
+            got = linear(lib, weight, n, k, x, norm=norm, eps=1e-5)
+            torch.testing.assert_close(got.double(), h @ w.T, rtol=1e-5, atol=tol, msg=name)
+            gu = torch.randn(m, 2 * k, generator=g)
+            gate, up = gu.double().chunk(2, dim=-1)
+            got = linear(lib, weight, n, k, gu, act=1)
+            ref = (F.silu(gate) * up) @ w.T
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=tol, msg=name)
+
+
+def test_an_int4_weight_whose_groups_do_not_divide_its_inputs_is_refused(libs):
+    q = quantize_int4(torch.randn(16, 64), 32)
+    weight, _held = quantized(q)
+    for _name, lib in libs:
+        for group in (48, 3, 0):
+            weight.group = group
+            out = linear(lib, weight, 16, 64, torch.randn(2, 64), code=-2)
+            assert torch.isnan(out).all()  # nothing written
 
 
 def attention_reference(q, k_cache, v_cache, first, pos, scale):
@@ -286,6 +358,43 @@ def test_decode_steps_in_the_kernels_give_torchs_logits(name):
     got, ref = steps(kernels, True), steps(reference, False)
     for a, b in zip(got, ref, strict=True):
         # Only the order of float32 sums differs: ~1e-6 of logits ~1.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def quant_pair(name: str, scheme: str):
+    """A random decoder quantized (``scheme`` layers, int8 head) in the kernels' panels, and
+    a copy whose products are float32 ``nn.Linear``s holding the weights its codes stand
+    for (torch's ops on the same values)."""
+    import copy
+
+    from torch import nn
+
+    from fermi.models.quant import QuantLinear, QuantSpec, quantize_decoder
+
+    kernels = random_decoder(CONFIGS[name]())
+    quantize_decoder(kernels, QuantSpec(scheme))
+    ref = copy.deepcopy(kernels)
+    with torch.no_grad():
+        for path, module in list(ref.named_modules()):
+            if isinstance(module, QuantLinear):
+                assert module.layout == "native"
+                plain = nn.Linear(module.in_features, module.out_features, module.bias is not None)
+                plain.weight.copy_(module.dequantized())
+                if module.bias is not None:
+                    plain.bias.copy_(module.bias)
+                ref.set_submodule(path, plain)
+    return kernels, ref
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["qwen3", "llama_bias"])
+def test_quantized_decode_steps_in_the_kernels_give_torchs_logits(name, scheme):
+    """Every layer's int8 or int4 products (and the int8 head) inside the one-call decode
+    step and the prompt's products: torch's logits on the weights the codes stand for."""
+    kernels, reference = quant_pair(name, scheme)
+    got, ref = steps(kernels, True), steps(reference, False)
+    for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from gguf import GGUFWriter
 
 import fermi
+from fermi import native
 from fermi.gguf import load_gguf
 from fermi.gguf_reader import GGUFFile
 from fermi.loading import load_folder
@@ -83,39 +84,57 @@ def test_a_row_of_zeros_quantizes_to_zeros():
         assert torch.isfinite(q.dequantize()).all()
 
 
+# Both CPU layouts: fermi's kernels where they build ("native"), torch's packed kernels.
+LAYOUTS = [
+    pytest.param("native", marks=pytest.mark.skipif(not native.available(), reason="no kernels")),
+    "torch",
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("scheme", Q.SCHEMES)
 @pytest.mark.parametrize("rows", [1, 4, 37])
-def test_quantized_linear_on_cpu_matches_a_float_reference_on_fresh_inputs(scheme, rows):
+def test_quantized_linear_on_cpu_matches_a_float_reference_on_fresh_inputs(scheme, rows, layout):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(96, 128, generator=g) * 0.05
     bias = torch.randn(96, generator=g)
     q = Q.quantize(w, scheme)
-    layer = Q.QuantLinear(q, bias, CPU, torch.float32)
+    layer = Q.QuantLinear(q, bias, CPU, torch.float32, layout)
+    assert layer.layout == layout
     x = torch.randn(rows, 3, 128, generator=g)  # any leading shape
     y = layer(x)
     assert y.shape == (rows, 3, 96) and y.dtype == torch.float32
-    # Against the float product with the weights the layer holds: bf16 activations cost
-    # about 2^-8 relative.
-    assert rel(y, F.linear(x, layer.dequantized(), bias)) < 1e-2
+    # Against the float product with the weights the layer holds: torch's bf16 activations
+    # cost about 2^-8 relative; fermi's kernels take float32 ones.
+    limit = 1e-2 if layout == "torch" else 1e-6
+    assert rel(y, F.linear(x, layer.dequantized(), bias)) < limit
     # Against the original float weights: also the quantization error.
     assert rel(y, F.linear(x, w, bias)) < (3e-2 if scheme == "int8" else 1.5e-1)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("scheme", Q.SCHEMES)
-def test_cpu_layout_holds_the_stored_codes_with_bf16_scales(scheme):
-    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(2))
+def test_cpu_layouts_hold_the_stored_codes_with_their_scales_precision(scheme, layout):
+    """torch's: bf16 scales (and zeros); fermi's kernels: int8 scales as they are, int4
+    scales and minimums in fp16 (what device_precision says of each)."""
+    n = 50 if layout == "native" else 64  # (a part-filled panel; torch's packing wants 16s)
+    w = torch.randn(n, 96, generator=torch.Generator().manual_seed(2))
     q = Q.quantize(w, scheme)
-    stored = Q.QuantLinear(q, None, CPU, torch.float32).weight_as_stored()
+    q = Q.QuantizedWeight(q.codes, q.scales * 1.0001, q.mins)  # scales that fp16 rounds
+    stored = Q.QuantLinear(q, None, CPU, torch.float32, layout).weight_as_stored()
     assert torch.equal(stored.codes, q.codes)
-    expected = Q.device_precision(q, CPU)
+    expected = Q.device_precision(q, CPU, layout)
     assert torch.allclose(stored.dequantize(), expected.dequantize(), rtol=0, atol=1e-6)
+    exact = layout == "native" and scheme == "int8"
+    assert torch.equal(stored.scales, q.scales) == exact
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("scheme", Q.SCHEMES)
-def test_fused_row_reference_equals_the_unfused_ops(scheme):
+def test_fused_row_reference_equals_the_unfused_ops(scheme, layout):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(32, 64, generator=g) * 0.1
-    layer = Q.QuantLinear(Q.quantize(w, scheme), None, CPU, torch.float32)
+    layer = Q.QuantLinear(Q.quantize(w, scheme), None, CPU, torch.float32, layout)
     norm_w, res = torch.rand(64, generator=g) + 0.5, torch.randn(1, 32, generator=g)
     x, x2 = torch.randn(1, 64, generator=g), torch.randn(1, 128, generator=g)
     got = layer.row(x, norm_weight=norm_w, eps=1e-5, residual=res)
@@ -181,15 +200,22 @@ def test_loaded_quantized_model_is_close_to_the_float_one_and_reports_its_error(
 
 
 @pytest.mark.parametrize(
-    ("capability", "machine", "warned"),
-    [("AVX2", "x86_64", True), ("AVX512", "x86_64", False), ("DEFAULT", "aarch64", False)],
+    ("capability", "machine", "layout", "warned"),
+    [
+        ("AVX2", "x86_64", "torch", True),
+        ("AVX2", "x86_64", "native", False),
+        ("AVX512", "x86_64", "torch", False),
+        ("DEFAULT", "aarch64", "torch", False),
+    ],
 )
 def test_a_quantized_cpu_load_says_when_its_kernels_save_no_time_here(
-    folder, monkeypatch, caplog, capability, machine, warned
+    folder, monkeypatch, caplog, capability, machine, layout, warned
 ):
     """On an x86 CPU without AVX-512 torch's int8/int4 products are no faster than fp16
-    storage (perf/LOG.md run 55): a quantized load says so; a float load, or a CPU where
-    they were faster (or were not measured), says nothing."""
+    storage (perf/LOG.md run 55): a quantized load on them says so; a float load, a CPU
+    where they were faster (or were not measured), or one where fermi's own kernels run
+    the quantized products, says nothing."""
+    monkeypatch.setattr(fermi.loading, "cpu_layout", lambda: layout)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(platform, "machine", lambda: machine)
     with caplog.at_level(logging.WARNING, logger="fermi.loading"):

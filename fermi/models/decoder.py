@@ -434,13 +434,13 @@ class Decoder(nn.Module):
     def use_native_rows(self) -> bool:
         """On CPU, run decode steps (one token per row, up to ``NATIVE_ROWS`` rows) in
         fermi's own kernels (``fermi.native``): every layer, its products (each weight read
-        once for every 4 rows, the norms, silu * up and residual adds inside them) and
+        once for every tile of up to 8 rows, the norms, silu * up and residual adds inside them) and
         each row's q/k norms, rope, cache write and attention, in one call a step. A
         single row's final norm and head take one more call (:meth:`use_row_kernels`).
-        Applies where the kernels build, every product is stored in their fp16 layout
-        (``HalfWeightLinear``, ``layout="native"``) and the cache is float32 on CPU;
-        LongRoPE and soft-capping keep torch's path. Call after ``setup_cache``. Returns
-        whether it does."""
+        Applies where the kernels build, every product is stored in one of their formats
+        (``HalfWeightLinear`` fp16 or ``QuantLinear`` int8/int4 in ``layout="native"``)
+        and the cache is float32 on CPU; LongRoPE and soft-capping keep torch's path. Call
+        after ``setup_cache``. Returns whether it does."""
         from fermi import native
 
         cfg = self.cfg
@@ -455,7 +455,7 @@ class Decoder(nn.Module):
             linears += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
             if not isinstance(attn.cache, KVCache) or attn.cache.k.dtype != torch.float32:
                 return False
-        if not all(isinstance(m, HalfWeightLinear) and m.layout == "native" for m in linears):
+        if not all(getattr(m, "native_weight", None) is not None for m in linears):
             return False
         if not self.use_row_kernels():  # the pre-norm, SiLU, unscaled-residual shape
             return False
@@ -504,8 +504,8 @@ class Decoder(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             products = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             for i, linear in enumerate(products):
-                entry.w[i] = linear._blocked.data_ptr()
-                entry.bias[i] = ptr(linear.bias)
+                entry.w[i] = linear.native_weight.struct
+                entry.bias[i] = ptr(linear.native_weight.bias)
             entry.norm1 = ptr(layer.input_layernorm.weight)
             entry.norm2 = ptr(layer.post_attention_layernorm.weight)
             if cfg.qk_norm:

@@ -63,8 +63,16 @@ def best_layout() -> str:
 # Compiled code cannot take the pack (a TorchScript object) as an input: Dynamo refuses it.
 # It takes a one-element tensor naming the layer instead (a buffer, so one compiled layer
 # serves every layer), and this operator finds the pack by that number.
-_PACKED: weakref.WeakValueDictionary[int, HalfWeightLinear] = weakref.WeakValueDictionary()
+_PACKED: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 _NUMBERS = itertools.count()
+
+
+def register_layer(module: nn.Module) -> torch.Tensor:
+    """A one-element tensor naming ``module`` to :func:`packed_fp16_linear` and
+    :func:`native_linear` (held weakly: the module's own buffer keeps the name)."""
+    number = next(_NUMBERS)
+    _PACKED[number] = module
+    return torch.tensor([number])
 
 
 @torch.library.custom_op("fermi::packed_fp16_linear", mutates_args=())
@@ -78,14 +86,17 @@ def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.custom_op("fermi::native_fp16_linear", mutates_args=())
-def native_fp16_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The product of float32 ``x`` and the blocked fp16 weight of the layer ``handle``
-    names (what compiled code calls; eager code calls the layer)."""
-    return _PACKED[int(handle)].forward(x)
+@torch.library.custom_op("fermi::native_linear", mutates_args=())
+def native_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The product of float32 ``x`` and the weight, in fermi's kernels, of the layer
+    ``handle`` names (fp16 or quantized; what compiled code calls, eager code calls the
+    layer). Float32 out."""
+    layer = _PACKED[int(handle)]
+    assert layer.native_weight is not None
+    return layer.native_weight.linear(x)
 
 
-@native_fp16_linear.register_fake
+@native_linear.register_fake
 def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -120,20 +131,22 @@ class HalfWeightLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         # One float32 buffer for the whole model, grown to the largest weight upcast.
         self._scratch = scratch
+        # The weight as fermi's kernels take it (native layout only).
+        self.native_weight: native.NativeWeight | None = None
         if self.layout == "plain":
             self._weight = nn.Parameter(weight.half(), requires_grad=False)
             self._bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
             return
-        number = next(_NUMBERS)
-        _PACKED[number] = self
-        self.register_buffer("_handle", torch.tensor([number]), persistent=False)
+        self.register_buffer("_handle", register_layer(self), persistent=False)
         if self.layout == "fbgemm":
             self._pack = prepack(linear, "fbgemm") if pack is None else pack
             return
         blocked = prepack(linear, "native") if pack is None else pack
         self.register_buffer("_blocked", blocked, persistent=False)
+        bias = None if bias is None else bias.contiguous()
         self.register_buffer("_native_bias", bias, persistent=False)
-        self._lib = native.library()
+        n, k = self.out_features, self.in_features
+        self.native_weight = native.NativeWeight("fp16", n, k, blocked, bias=bias)
 
     @property
     def packed(self) -> bool:
@@ -165,7 +178,7 @@ class HalfWeightLinear(nn.Module):
             return torch.ops.quantized.linear_dynamic_fp16(x, self._pack)
         if self.layout == "native":
             if torch.compiler.is_compiling():
-                return native_fp16_linear(x.float(), self._handle, self.out_features)
+                return native_linear(x.float(), self._handle, self.out_features)
             return self._native(x)
         rows = x.numel() // x.shape[-1]
         if rows <= DIRECT_ROWS:
@@ -197,37 +210,8 @@ class HalfWeightLinear(nn.Module):
         return self._native(x, norm_weight, eps, act, residual)
 
     def _native(self, x, norm_weight=None, eps=1e-6, act=0, residual=None) -> torch.Tensor:
-        width = self.in_features * (2 if act == 1 else 1)
-        if x.shape[-1] != width:
-            raise ValueError(f"expected {width} input features, got {x.shape[-1]}")
-        x = _floats(x)
-        rows = x.numel() // width
-        out = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
-        if residual is not None:
-            residual = _floats(residual).expand(out.shape).contiguous()
-        if norm_weight is not None:
-            norm_weight = _floats(norm_weight)
-        bias = self._native_bias
-        code = self._lib.fermi_linear_f16(
-            self._blocked.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            self.out_features,
-            self.in_features,
-            x.data_ptr(),
-            width,
-            rows,
-            None if norm_weight is None else norm_weight.data_ptr(),
-            eps,
-            act,
-            None if residual is None else residual.data_ptr(),
-            self.out_features,
-            out.data_ptr(),
-            self.out_features,
-            torch.get_num_threads(),
-        )
-        if code != 0:
-            raise MemoryError("fermi's CPU kernel could not allocate its scratch rows")
-        return out
+        assert self.native_weight is not None
+        return self.native_weight.linear(x, norm_weight, eps, act, residual)
 
     def _upcast(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
@@ -240,11 +224,6 @@ class HalfWeightLinear(nn.Module):
     def extra_repr(self) -> str:
         sizes = f"in_features={self.in_features}, out_features={self.out_features}"
         return f"{sizes}, layout={self.layout}"
-
-
-def _floats(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a contiguous float32 tensor (the kernels read raw float32 rows)."""
-    return t.to(torch.float32).contiguous()
 
 
 def native_block(weight: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,16 @@ int4 codes packed two to a byte [N, K/2] in llama.cpp's order (in each group, by
 value j in its low nibble and value j + 16 in its high one), with float32 scales (and
 minimums). :class:`QuantLinear` turns it into what its device's kernel reads:
 
-- CPU: torch's packed-weight kernels (``aten._weight_int8pack_mm``,
-  ``aten._weight_int4pack_mm_for_cpu``). They are fast only with bf16 activations (float32
-  takes a scalar path ~10-30x slower, perf/results/cpu_quant_kernels.json), so the input is
-  cast to bf16 and the output back to the input's dtype.
+- CPU, where fermi's own kernels build (``fermi.native``, layout ``"native"``): the codes
+  in their panels of 16 output rows, int4 scales and minimums in fp16 (as the CUDA kernels
+  read them), int8 scales in float32; float32 activations, and the weights never formed
+  (a group's sums of codes times inputs are scaled once). Decode steps run every layer
+  there in one call (``Decoder.use_native_rows``).
+- CPU otherwise (layout ``"torch"``): torch's packed-weight kernels
+  (``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``). They are fast only
+  with bf16 activations (float32 takes a scalar path ~10-30x slower,
+  perf/results/cpu_quant_kernels.json), so the input is cast to bf16 and the output back to
+  the input's dtype.
 - CUDA: the fused one-row Triton kernels of ``fermi.models.gemv`` for batch-1 decode, the
   few-row kernel of ``fermi.models.quant_mm`` up to 16 rows, and dequantize +
   matmul (cuBLAS) above that (prefill).
@@ -38,8 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fermi import native
 from fermi.models import gemv, quant_mm
 from fermi.models.gemv import ACT_NONE, ACT_SILU_MUL
+from fermi.models.half_weights import native_linear, register_layer
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP = 32
@@ -135,6 +143,57 @@ def unpack_int4(codes: torch.Tensor, group: int) -> torch.Tensor:
     return torch.stack((c & 0xF, c >> 4), dim=2).reshape(n, 2 * half)
 
 
+def cpu_layout() -> str:
+    """How :class:`QuantLinear` holds its weight on this machine's CPU: ``"native"`` where
+    fermi's kernels load, else ``"torch"``."""
+    return "native" if native.available() else "torch"
+
+
+def _panels(t: torch.Tensor) -> torch.Tensor:
+    """[n, c] -> [ceil(n/16), c, 16]: rows in panels of ``native.PANEL``, zero-padded."""
+    panel = native.PANEL
+    n, c = t.shape
+    padded = -(-n // panel) * panel
+    if padded != n:
+        t = torch.cat([t, t.new_zeros(padded - n, c)])
+    return t.view(padded // panel, panel, c).transpose(1, 2).contiguous()
+
+
+def _unpanel(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of :func:`_panels`: [P, c, 16] -> [n, c]."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n]
+
+
+def native_pack(w: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``w`` in the panels of ``fermi.native``'s int8 or int4 format (kernels.c): codes,
+    scales (int8: float32 per row; int4: fp16 per group) and int4 minimums (fp16)."""
+    if w.scheme == "int8":
+        scales = _panels(w.scales.float()[:, None]).view(-1)
+        return _panels(w.codes), scales, None
+    assert w.mins is not None
+    q = _panels(unpack_int4(w.codes, w.group_size))  # [P, k, 16], one code a byte
+    codes = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    return codes, _panels(w.scales.half()), _panels(w.mins.half())
+
+
+def native_unpack(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    n: int,
+    group: int,
+) -> QuantizedWeight:
+    """The :class:`QuantizedWeight` of :func:`native_pack`'s tensors (``n`` output rows)."""
+    if mins is None:
+        return QuantizedWeight(_unpanel(codes, n).contiguous(), scales[:n].clone())
+    pairs = codes.view(*codes.shape[:2], 1, codes.shape[2])
+    q = torch.cat((pairs & 0xF, pairs >> 4), dim=2).view(codes.shape[0], -1, codes.shape[2])
+    q = _unpanel(q, n)
+    return QuantizedWeight(
+        pack_int4(q, group), _unpanel(scales, n).float(), _unpanel(mins, n).float()
+    )
+
+
 # Rows quantized (or compared) at a time: every step is per row, so blocks give the same
 # values as the whole matrix, with float32 temporaries of one block instead of several of
 # the matrix (a 49,152-row tied head quantized from its float32 table took ~340 MB more at
@@ -218,7 +277,9 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None,
         device: torch.device | str,
         dtype: torch.dtype,
+        layout: str | None = None,
     ) -> None:
+        """``layout`` (CPU only): ``"native"`` or ``"torch"``; None: :func:`cpu_layout`."""
         super().__init__()
         device = torch.device(device)
         self.scheme = weight.scheme
@@ -226,8 +287,25 @@ class QuantLinear(nn.Module):
         self.group_size = weight.group_size
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype), False)
         self.cpu = device.type == "cpu"
+        # CPU: "native" (fermi's kernels) or "torch" (cpu_layout); elsewhere the device's.
+        self.layout = (layout or cpu_layout()) if self.cpu else device.type
+        if self.cpu and self.layout not in ("native", "torch"):
+            raise ValueError(f"CPU layout {self.layout!r} is not 'native' or 'torch'")
+        self.native_weight: native.NativeWeight | None = None
         w = weight.to(device)
-        if self.cpu and self.scheme == "int8":
+        if self.layout == "native":
+            codes, scales, mins = native_pack(w)
+            self.register_buffer("codes", codes, False)
+            self.register_buffer("scales", scales, False)
+            self.register_buffer("mins", mins, False)
+            fbias = None if bias is None else bias.detach().float().contiguous()
+            self.register_buffer("_native_bias", fbias, False)
+            self.register_buffer("_handle", register_layer(self), False)
+            group = self.group_size if self.scheme == "int4" else 0
+            self.native_weight = native.NativeWeight(
+                self.scheme, self.out_features, self.in_features, codes, scales, mins, group, fbias
+            )
+        elif self.cpu and self.scheme == "int8":
             self.register_buffer("codes", w.codes.contiguous(), False)
             # torch's kernel takes the scales in the activations' dtype (bf16).
             self.register_buffer("scales", w.scales.to(torch.bfloat16), False)
@@ -261,6 +339,10 @@ class QuantLinear(nn.Module):
     def weight_as_stored(self) -> QuantizedWeight:
         """The :class:`QuantizedWeight` this layer computes with, in the stored form (CPU's
         packing undone): the reference the kernels are tested against."""
+        if self.layout == "native":
+            return native_unpack(
+                self.codes, self.scales, self.mins, self.out_features, self.group_size
+            )
         if not self.cpu:
             mins = None if self.mins is None else self.mins.float()
             return QuantizedWeight(self.codes, self.scales.float(), mins)
@@ -282,6 +364,12 @@ class QuantLinear(nn.Module):
         return self.weight_as_stored().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_weight is not None:
+            if torch.compiler.is_compiling():
+                y = native_linear(x.float(), self._handle, self.out_features)
+            else:
+                y = self.native_weight.linear(x)
+            return y.to(x.dtype)
         if self.cpu:
             return self._cpu(x)
         if x.is_cuda and quant_mm.triton is not None:
@@ -313,6 +401,9 @@ class QuantLinear(nn.Module):
         """The fused one-row product of ``fermi.models.gemv`` with this layer's weights:
         the Triton kernel on CUDA, the same steps in torch elsewhere."""
         gemv._check_one_row(x)
+        if self.native_weight is not None:
+            y = self.native_weight.linear(x, norm_weight, eps, act, residual)
+            return y.to(x.dtype)
         if x.is_cuda and gemv.triton is not None:
             fused = {"norm_weight": norm_weight, "eps": eps, "act": act, "residual": residual}
             if self.scheme == "int8":
@@ -430,10 +521,15 @@ def build_linear(
     return layer, relative_error(device_precision(weight, device), full)
 
 
-def device_precision(weight: QuantizedWeight, device: torch.device | str) -> QuantizedWeight:
+def device_precision(
+    weight: QuantizedWeight, device: torch.device | str, layout: str | None = None
+) -> QuantizedWeight:
     """``weight`` with its scales (and minimums) rounded as :class:`QuantLinear` holds them
-    on ``device``: what its kernels compute with."""
+    on ``device`` (on CPU in ``layout``, None: :func:`cpu_layout`): what its kernels compute
+    with."""
     cpu = torch.device(device).type == "cpu"
+    if cpu and (layout or cpu_layout()) == "native":  # int8 scales as they are, int4's fp16
+        cpu = False
     if weight.scheme == "int8":
         scales = weight.scales.to(torch.bfloat16).float() if cpu else weight.scales.float()
         return QuantizedWeight(weight.codes, scales)

@@ -37,11 +37,27 @@ _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
+# fermi_weight's formats (kernels.c): how a weight's panels hold it.
+FORMATS = {"fp16": 0, "int8": 1, "int4": 2}
+
+
+class Weight(ctypes.Structure):
+    """``fermi_weight`` of kernels.c: a weight's panels, scales and minimums."""
+
+    _fields_ = [
+        ("codes", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("mins", ctypes.c_void_p),
+        ("group", ctypes.c_long),
+        ("format", ctypes.c_long),
+    ]
+
+
 class Layer(ctypes.Structure):
     """``fermi_layer`` of kernels.c: one decoder layer's weights, norms and cache."""
 
     _fields_ = [
-        ("w", ctypes.c_void_p * 4),
+        ("w", Weight * 4),
         ("bias", ctypes.c_void_p * 4),
         ("norm1", ctypes.c_void_p),
         ("norm2", ctypes.c_void_p),
@@ -78,8 +94,8 @@ _TYPES = {"p": ctypes.c_void_p, "l": ctypes.c_long, "i": ctypes.c_int, "f": ctyp
 _SIGNATURES = {
     "fermi_simd": ("", "i"),
     "fermi_layout": ("", "i"),
-    # w, bias, n, k, x, ldx, m, norm_w, eps, act, residual, ldr, y, ldy, threads
-    "fermi_linear_f16": ("ppllpllpfiplpli", "i"),
+    # weight, bias, n, k, x, ldx, m, norm_w, eps, act, residual, ldr, y, ldy, threads
+    "fermi_linear": ("ppllpllpfiplpli", "i"),
     # qkv, h, kv, d, q_norm, k_norm, eps, rot, cos, sin, k_cache, v_cache, max_seq, pos,
     # first, scale, out, threads
     "fermi_attend_row": ("piiippfipppplllfpi", "i"),
@@ -147,7 +163,8 @@ def load(path: Path) -> ctypes.CDLL:
         fn.restype = _TYPES[result] if result else None
     if lib.fermi_layout() != PANEL:
         raise RuntimeError(f"{path} has another weight layout")
-    if lib.fermi_stack_size() != ctypes.sizeof(Stack) * 1000 + ctypes.sizeof(Layer):
+    sizes = (ctypes.sizeof(Stack) * 1000 + ctypes.sizeof(Layer)) * 1000 + ctypes.sizeof(Weight)
+    if lib.fermi_stack_size() != sizes:
         raise RuntimeError(f"{path}'s structures do not match fermi.native's")
     return lib
 
@@ -174,3 +191,79 @@ def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
+
+
+class NativeWeight:
+    """A weight [n, k] in the panels of one of kernels.c's formats, with its bias: what a
+    linear layer hands the kernels. ``codes``, ``scales`` and ``mins`` are the format's
+    tensors (CPU, contiguous; see kernels.c); the caller keeps them (as buffers) and this
+    object refers to them."""
+
+    def __init__(
+        self,
+        fmt: str,
+        n: int,
+        k: int,
+        codes,
+        scales=None,
+        mins=None,
+        group: int = 0,
+        bias=None,
+    ) -> None:
+        self.format, self.n, self.k, self.group = fmt, n, k, group
+        self.codes, self.scales, self.mins, self.bias = codes, scales, mins, bias
+        for t in (codes, scales, mins, bias):
+            assert t is None or (t.is_contiguous() and t.device.type == "cpu")
+        self.struct = Weight(
+            codes.data_ptr(),
+            None if scales is None else scales.data_ptr(),
+            None if mins is None else mins.data_ptr(),
+            group,
+            FORMATS[fmt],
+        )
+
+    def __reduce__(self):
+        # Copies (copy.deepcopy of a model) rebuild the structure around the copied tensors.
+        args = (self.format, self.n, self.k, self.codes, self.scales, self.mins, self.group)
+        return (NativeWeight, (*args, self.bias))
+
+    def linear(self, x, norm_weight=None, eps: float = 1e-6, act: int = 0, residual=None):
+        """``x`` [..., k] (``[gate | up]``, 2k, with ``act`` 1) times the weight, in one
+        call: float32 out, ``norm_weight`` (an RMSNorm of ``x`` first), silu(gate) * up
+        (``act`` 1) and ``residual`` (added) inside."""
+        import torch
+
+        width = self.k * (2 if act == 1 else 1)
+        if x.shape[-1] != width:
+            raise ValueError(f"expected {width} input features, got {x.shape[-1]}")
+        x = x.to(torch.float32).contiguous()
+        rows = x.numel() // width
+        out = torch.empty((*x.shape[:-1], self.n), dtype=torch.float32)
+        if residual is not None:
+            residual = residual.to(torch.float32).expand(out.shape).contiguous()
+        if norm_weight is not None:
+            norm_weight = norm_weight.to(torch.float32).contiguous()
+        lib = library()
+        assert lib is not None, "a NativeWeight exists only where the kernels load"
+        code = lib.fermi_linear(
+            ctypes.byref(self.struct),
+            None if self.bias is None else self.bias.data_ptr(),
+            self.n,
+            self.k,
+            x.data_ptr(),
+            width,
+            rows,
+            None if norm_weight is None else norm_weight.data_ptr(),
+            eps,
+            act,
+            None if residual is None else residual.data_ptr(),
+            self.n,
+            out.data_ptr(),
+            self.n,
+            torch.get_num_threads(),
+        )
+        if code == -2:
+            raise ValueError(f"fermi's CPU kernels do not take this {self.format} weight")
+        if code != 0:
+            raise MemoryError("fermi's CPU kernel could not allocate its scratch rows")
+        return out

@@ -6,12 +6,21 @@
  * around its kernels (dispatch, allocation, one op per norm, rope, add and cast) costs as
  * much as the products themselves at SmolLM2's size (perf/LOG.md runs 67 and 70).
  *
- * Weights are fp16 in panels of 16 output rows: [ceil(n/16)][k][16], input feature j of
- * the panel's 16 rows side by side (a panel past n is zero-padded). A product streams each
+ * Weights are in panels of 16 output rows: [ceil(n/16)][k][16], input feature j of the
+ * panel's 16 rows side by side (a panel past n is zero-padded). A product streams each
  * panel from its first byte to its last, widening 16 weights into one vector per input
  * feature and multiplying them by that feature of every input row, broadcast: the sums of
  * 16 outputs build up in one register per input row, with no horizontal sums, and a
- * weight vector widened once serves up to TILE input rows.
+ * weight vector widened once serves up to TILE input rows. Three formats (fermi_weight):
+ *
+ * - fp16: the values.
+ * - int8: codes q in -127..127, one float32 scale per output row (w = q * scale); the
+ *   sums of q * u are scaled on the way out.
+ * - int4: codes 0..15 two to a byte, input features 2j (low nibble) and 2j + 1 (high) of
+ *   the 16 rows in 16 bytes, [ceil(n/16)][k/2][16]; each group of `group` features has an
+ *   fp16 scale and minimum per output row, [ceil(n/16)][k/group][16] each
+ *   (w = q * scale + min). A group's sums of q * u are taken first, then scaled, and
+ *   min times the group's sum of u added: the weights are never formed.
  *
  * Inputs of a product are float32 rows that the kernel prepares itself first ("u"): as
  * given, RMS-normalised with a weight (the layer's norm rides inside the product), or
@@ -38,7 +47,17 @@ static inline v16 v_half(const uint16_t *p) {
 }
 static inline v16 v_fma(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float v_sum(v16 a) { return _mm512_reduce_add_ps(a); }
+static inline v16 v_int8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+/* 16 bytes of int4 codes: the low nibbles' values into lo, the high nibbles' into hi. */
+static inline void v_int4(const uint8_t *p, v16 *lo, v16 *hi) {
+    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+}
 #define TILE 8 /* input rows per pass over a panel: 8 accumulators of 32 registers */
+#define TILE_INT4 8
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define FERMI_SIMD 256
 typedef struct {
@@ -68,12 +87,38 @@ static inline float v_sum(v16 a) {
     q = _mm_add_ss(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
 }
+static inline v16 v_int8(const int8_t *p) {
+    v16 r = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))),
+             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))))};
+    return r;
+}
+static inline void v_int4(const uint8_t *p, v16 *lo, v16 *hi) {
+    __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    __m256i m = _mm256_set1_epi32(15);
+    lo->lo = _mm256_cvtepi32_ps(_mm256_and_si256(a, m));
+    lo->hi = _mm256_cvtepi32_ps(_mm256_and_si256(b, m));
+    hi->lo = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+    hi->hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
 #define TILE 6 /* 16 registers: 6 accumulator pairs */
+#define TILE_INT4 3 /* a group's partial sums beside the totals */
 #else
 #error "fermi's CPU kernels need AVX2 with F16C and FMA, or AVX-512"
 #endif
 
 #define PANEL 16 /* output rows per panel */
+
+enum { FORMAT_F16 = 0, FORMAT_INT8 = 1, FORMAT_INT4 = 2 };
+
+/* A weight [n, k] as the kernels read it (see the top of this file). */
+typedef struct {
+    const void *codes;  /* uint16 (fp16), int8 or uint8 (int4 pairs) panels */
+    const void *scales; /* int8: float [ceil(n/16) * 16]; int4: fp16 panels of groups */
+    const void *mins;   /* int4: fp16, as scales */
+    long group;         /* int4: features per group (a multiple of 2) */
+    long format;
+} fermi_weight;
 
 int fermi_simd(void) { return FERMI_SIMD; }
 
@@ -108,73 +153,115 @@ static inline void v_store(float *p, v16 a) {
 
 /* One panel (16 outputs, k inputs) against R prepared input rows u (ldu apart); the 16
  * sums of row r go to out + r * PANEL. One or two rows keep several partial sums over the
- * inputs (a single chain of dependent multiply-adds would wait on each one's latency). */
-static inline void tile_1(const uint16_t *w, const float *u, long ldu, long k, float *out) {
-    (void)ldu;
-    v16 a0 = v_zero(), a1 = v_zero(), a2 = v_zero(), a3 = v_zero();
-    long j = 0;
-    for (; j + 4 <= k; j += 4, w += 4 * PANEL) {
-        a0 = v_fma(v_half(w), v_bcast(u[j]), a0);
-        a1 = v_fma(v_half(w + PANEL), v_bcast(u[j + 1]), a1);
-        a2 = v_fma(v_half(w + 2 * PANEL), v_bcast(u[j + 2]), a2);
-        a3 = v_fma(v_half(w + 3 * PANEL), v_bcast(u[j + 3]), a3);
-    }
-    for (; j < k; j++, w += PANEL) a0 = v_fma(v_half(w), v_bcast(u[j]), a0);
-    v_store(out, v_add(v_add(a0, a1), v_add(a2, a3)));
-}
-
-static inline void tile_2(const uint16_t *w, const float *u, long ldu, long k, float *out) {
-    v16 a0 = v_zero(), a1 = v_zero(), b0 = v_zero(), b1 = v_zero();
-    const float *v = u + ldu;
-    long j = 0;
-    for (; j + 2 <= k; j += 2, w += 2 * PANEL) {
-        v16 w0 = v_half(w), w1 = v_half(w + PANEL);
-        a0 = v_fma(w0, v_bcast(u[j]), a0);
-        b0 = v_fma(w0, v_bcast(v[j]), b0);
-        a1 = v_fma(w1, v_bcast(u[j + 1]), a1);
-        b1 = v_fma(w1, v_bcast(v[j + 1]), b1);
-    }
-    for (; j < k; j++, w += PANEL) {
-        v16 w0 = v_half(w);
-        a0 = v_fma(w0, v_bcast(u[j]), a0);
-        b0 = v_fma(w0, v_bcast(v[j]), b0);
-    }
-    v_store(out, v_add(a0, a1));
-    v_store(out + PANEL, v_add(b0, b1));
-}
-
-#define DEFINE_TILE(R)                                                                      \
-    static inline void tile_##R(const uint16_t *w, const float *u, long ldu, long k,        \
-                                float *out) {                                               \
-        v16 acc[R];                                                                         \
-        for (int r = 0; r < (R); r++) acc[r] = v_zero();                                    \
-        for (long j = 0; j < k; j++, w += PANEL) {                                          \
-            v16 wv = v_half(w);                                                             \
-            for (int r = 0; r < (R); r++) acc[r] = v_fma(wv, v_bcast(u[r * ldu + j]), acc[r]); \
+ * inputs (a single chain of dependent multiply-adds would wait on each one's latency).
+ * Defined for fp16 and int8 codes alike (LOAD widens 16 codes to floats). */
+#define DEFINE_TILES(NAME, T, LOAD)                                                          \
+    static inline void NAME##_1(const T *w, const float *u, long ldu, long k, float *out) {  \
+        (void)ldu;                                                                          \
+        v16 a0 = v_zero(), a1 = v_zero(), a2 = v_zero(), a3 = v_zero();                     \
+        long j = 0;                                                                         \
+        for (; j + 4 <= k; j += 4, w += 4 * PANEL) {                                        \
+            a0 = v_fma(LOAD(w), v_bcast(u[j]), a0);                                         \
+            a1 = v_fma(LOAD(w + PANEL), v_bcast(u[j + 1]), a1);                             \
+            a2 = v_fma(LOAD(w + 2 * PANEL), v_bcast(u[j + 2]), a2);                         \
+            a3 = v_fma(LOAD(w + 3 * PANEL), v_bcast(u[j + 3]), a3);                         \
         }                                                                                   \
-        for (int r = 0; r < (R); r++) v_store(out + r * PANEL, acc[r]);                     \
+        for (; j < k; j++, w += PANEL) a0 = v_fma(LOAD(w), v_bcast(u[j]), a0);              \
+        v_store(out, v_add(v_add(a0, a1), v_add(a2, a3)));                                  \
+    }                                                                                       \
+    static inline void NAME##_2(const T *w, const float *u, long ldu, long k, float *out) {  \
+        v16 a0 = v_zero(), a1 = v_zero(), b0 = v_zero(), b1 = v_zero();                     \
+        const float *v = u + ldu;                                                           \
+        long j = 0;                                                                         \
+        for (; j + 2 <= k; j += 2, w += 2 * PANEL) {                                        \
+            v16 w0 = LOAD(w), w1 = LOAD(w + PANEL);                                         \
+            a0 = v_fma(w0, v_bcast(u[j]), a0);                                              \
+            b0 = v_fma(w0, v_bcast(v[j]), b0);                                              \
+            a1 = v_fma(w1, v_bcast(u[j + 1]), a1);                                          \
+            b1 = v_fma(w1, v_bcast(v[j + 1]), b1);                                          \
+        }                                                                                   \
+        for (; j < k; j++, w += PANEL) {                                                    \
+            v16 w0 = LOAD(w);                                                               \
+            a0 = v_fma(w0, v_bcast(u[j]), a0);                                              \
+            b0 = v_fma(w0, v_bcast(v[j]), b0);                                              \
+        }                                                                                   \
+        v_store(out, v_add(a0, a1));                                                        \
+        v_store(out + PANEL, v_add(b0, b1));                                                \
+    }                                                                                       \
+    static inline void NAME##_n(const T *w, const float *u, long ldu, long k, int R,         \
+                                float *out) {                                               \
+        v16 acc[TILE];                                                                      \
+        for (int r = 0; r < R; r++) acc[r] = v_zero();                                      \
+        for (long j = 0; j < k; j++, w += PANEL) {                                          \
+            v16 wv = LOAD(w);                                                               \
+            for (int r = 0; r < R; r++) acc[r] = v_fma(wv, v_bcast(u[r * ldu + j]), acc[r]); \
+        }                                                                                   \
+        for (int r = 0; r < R; r++) v_store(out + r * PANEL, acc[r]);                       \
+    }                                                                                       \
+    static inline void NAME(const T *w, const float *u, long ldu, long k, int rows,          \
+                            float *out) {                                                   \
+        switch (rows) {                                                                     \
+        case 1: NAME##_1(w, u, ldu, k, out); break;                                         \
+        case 2: NAME##_2(w, u, ldu, k, out); break;                                         \
+        case 3: NAME##_n(w, u, ldu, k, 3, out); break;                                      \
+        case 4: NAME##_n(w, u, ldu, k, 4, out); break;                                      \
+        case 5: NAME##_n(w, u, ldu, k, 5, out); break;                                      \
+        case 6: NAME##_n(w, u, ldu, k, 6, out); break;                                      \
+        TILE_8_CASES(NAME)                                                                  \
+        }                                                                                   \
     }
-DEFINE_TILE(3)
-DEFINE_TILE(4)
-DEFINE_TILE(5)
-DEFINE_TILE(6)
 #if TILE >= 8
-DEFINE_TILE(7)
-DEFINE_TILE(8)
+#define TILE_8_CASES(NAME)                                                                  \
+    case 7: NAME##_n(w, u, ldu, k, 7, out); break;                                          \
+    case 8: NAME##_n(w, u, ldu, k, 8, out); break;
+#else
+#define TILE_8_CASES(NAME)
 #endif
+DEFINE_TILES(tile_f16, uint16_t, v_half)
+DEFINE_TILES(tile_int8, int8_t, v_int8)
 
-static inline void tile(const uint16_t *w, const float *u, long ldu, long k, int rows,
-                        float *out) {
-    switch (rows) {
-    case 1: tile_1(w, u, ldu, k, out); break;
-    case 2: tile_2(w, u, ldu, k, out); break;
-    case 3: tile_3(w, u, ldu, k, out); break;
-    case 4: tile_4(w, u, ldu, k, out); break;
-    case 5: tile_5(w, u, ldu, k, out); break;
-    case 6: tile_6(w, u, ldu, k, out); break;
-#if TILE >= 8
-    case 7: tile_7(w, u, ldu, k, out); break;
-    case 8: tile_8(w, u, ldu, k, out); break;
+/* The int4 panel (codes, its groups' scales and minimums) against R rows u, whose sums
+ * over each group are usum[r * groups + g]. Two partial sums per row inside a group (the
+ * low and high nibbles'), so one row's multiply-adds form two chains. */
+static inline void tile_int4_n(const uint8_t *w, const uint16_t *sc, const uint16_t *mn,
+                               long group, const float *u, long ldu, const float *usum,
+                               long k, int R, float *out) {
+    v16 acc[TILE_INT4], lo_part[TILE_INT4], hi_part[TILE_INT4];
+    long groups = k / group;
+    for (int r = 0; r < R; r++) acc[r] = v_zero();
+    for (long g = 0; g < groups; g++, sc += PANEL, mn += PANEL) {
+        for (int r = 0; r < R; r++) lo_part[r] = hi_part[r] = v_zero();
+        const float *ug = u + g * group;
+        for (long j = 0; j < group; j += 2, w += PANEL) {
+            v16 lo, hi;
+            v_int4(w, &lo, &hi);
+            for (int r = 0; r < R; r++) {
+                lo_part[r] = v_fma(lo, v_bcast(ug[r * ldu + j]), lo_part[r]);
+                hi_part[r] = v_fma(hi, v_bcast(ug[r * ldu + j + 1]), hi_part[r]);
+            }
+        }
+        v16 scale = v_half(sc), low = v_half(mn);
+        for (int r = 0; r < R; r++) {
+            acc[r] = v_fma(v_add(lo_part[r], hi_part[r]), scale, acc[r]);
+            acc[r] = v_fma(low, v_bcast(usum[r * groups + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) v_store(out + r * PANEL, acc[r]);
+}
+
+static inline void tile_int4(const uint8_t *w, const uint16_t *sc, const uint16_t *mn,
+                             long group, const float *u, long ldu, const float *usum, long k,
+                             int rows, float *out) {
+    switch (rows) { /* constant row counts, so each loop over rows unrolls */
+    case 1: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 1, out); break;
+    case 2: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 2, out); break;
+    case 3: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 3, out); break;
+#if TILE_INT4 >= 8
+    case 4: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 4, out); break;
+    case 5: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 5, out); break;
+    case 6: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 6, out); break;
+    case 7: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 7, out); break;
+    case 8: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 8, out); break;
 #endif
     }
 }
@@ -196,19 +283,47 @@ static void prepare(const float *x, long k, const float *norm_w, float eps, int 
     }
 }
 
-/* Panels [p0, p1) of y = u . W^T (+ bias) (+ residual) for m prepared rows u (k apart). */
-static void panels(const uint16_t *w, const float *bias, long n, long k, const float *u, long m,
-                   const float *residual, long ldr, float *y, long ldy, long p0, long p1) {
+/* Each int4 group's sum of the prepared rows' inputs (m rows of k, into m * k / group). */
+static void group_sums(const fermi_weight *w, const float *u, long k, long m, float *usum) {
+    if (w->format != FORMAT_INT4) return;
+    long groups = k / w->group;
+    for (long i = 0; i < m; i++)
+        for (long g = 0; g < groups; g++) {
+            const float *ug = u + i * k + g * w->group;
+            float total = 0.0f;
+            for (long j = 0; j < w->group; j++) total += ug[j];
+            usum[i * groups + g] = total;
+        }
+}
+
+/* Panels [p0, p1) of y = u . W^T (+ bias) (+ residual) for m prepared rows u (k apart);
+ * usum: group_sums of u for int4. */
+static void panels(const fermi_weight *w, const float *bias, long n, long k, const float *u,
+                   const float *usum, long m, const float *residual, long ldr, float *y,
+                   long ldy, long p0, long p1) {
     float sums[TILE * PANEL];
+    long tile_rows = w->format == FORMAT_INT4 ? TILE_INT4 : TILE;
+    long groups = w->format == FORMAT_INT4 ? k / w->group : 0;
+    const float *row_scale = w->format == FORMAT_INT8 ? (const float *)w->scales : NULL;
     for (long p = p0; p < p1; p++) {
         long o0 = p * PANEL, width = n - o0 < PANEL ? n - o0 : PANEL;
-        for (long i0 = 0; i0 < m; i0 += TILE) {
-            int rows = (int)(m - i0 < TILE ? m - i0 : TILE);
-            tile(w + p * k * PANEL, u + i0 * k, k, k, rows, sums);
+        for (long i0 = 0; i0 < m; i0 += tile_rows) {
+            int rows = (int)(m - i0 < tile_rows ? m - i0 : tile_rows);
+            const float *ui = u + i0 * k;
+            if (w->format == FORMAT_F16)
+                tile_f16((const uint16_t *)w->codes + p * k * PANEL, ui, k, k, rows, sums);
+            else if (w->format == FORMAT_INT8)
+                tile_int8((const int8_t *)w->codes + p * k * PANEL, ui, k, k, rows, sums);
+            else
+                tile_int4((const uint8_t *)w->codes + p * (k / 2) * PANEL,
+                          (const uint16_t *)w->scales + p * groups * PANEL,
+                          (const uint16_t *)w->mins + p * groups * PANEL, w->group, ui, k,
+                          usum + i0 * groups, k, rows, sums);
             for (int r = 0; r < rows; r++) {
                 long i = i0 + r;
                 for (long q = 0; q < width; q++) {
                     float v = sums[r * PANEL + q];
+                    if (row_scale != NULL) v *= row_scale[o0 + q];
                     if (bias != NULL) v += bias[o0 + q];
                     if (residual != NULL) v += residual[i * ldr + o0 + q];
                     y[i * ldy + o0 + q] = v;
@@ -218,21 +333,33 @@ static void panels(const uint16_t *w, const float *bias, long n, long k, const f
     }
 }
 
+/* Whether the kernels take this weight: a known format, and int4 groups that divide k. */
+static int weight_ok(const fermi_weight *w, long k) {
+    if (w->format == FORMAT_F16 || w->format == FORMAT_INT8) return 1;
+    return w->format == FORMAT_INT4 && w->group >= 2 && w->group % 2 == 0 && k % w->group == 0;
+}
+
 /* y[i, :n] = u_i . W^T (+ bias) (+ residual[i, :n]) for the m rows of x.
  *
  * x: m rows of ldx floats (the product's k inputs, or 2k for act == 1); y: m rows of ldy;
  * residual: m rows of ldr, or NULL (it may be y itself: each output is read, then written).
  * The panels are shared among `threads` OpenMP threads; each takes its panels through all
- * the rows, TILE rows at a time. Returns 0, or -1 when scratch memory is refused. */
-int fermi_linear_f16(const uint16_t *w, const float *bias, long n, long k, const float *x,
-                     long ldx, long m, const float *norm_w, float eps, int act,
-                     const float *residual, long ldr, float *y, long ldy, int threads) {
-    float *u = malloc((size_t)(m * k) * sizeof(float));
+ * the rows, a tile of rows at a time. Returns 0, -1 when scratch memory is refused, -2 for
+ * a weight the kernels do not take. */
+int fermi_linear(const fermi_weight *w, const float *bias, long n, long k, const float *x,
+                 long ldx, long m, const float *norm_w, float eps, int act,
+                 const float *residual, long ldr, float *y, long ldy, int threads) {
+    if (!weight_ok(w, k)) return -2;
+    long groups = w->format == FORMAT_INT4 ? k / w->group : 0;
+    float *u = malloc((size_t)(m * k + m * groups) * sizeof(float));
     if (u == NULL) return -1;
+    float *usum = u + m * k;
     for (long i = 0; i < m; i++) prepare(x + i * ldx, k, norm_w, eps, act, u + i * k);
+    group_sums(w, u, k, m, usum);
     long count = (n + PANEL - 1) / PANEL;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (long p = 0; p < count; p++) panels(w, bias, n, k, u, m, residual, ldr, y, ldy, p, p + 1);
+    for (long p = 0; p < count; p++)
+        panels(w, bias, n, k, u, usum, m, residual, ldr, y, ldy, p, p + 1);
     free(u);
     return 0;
 }
@@ -325,7 +452,7 @@ int fermi_attend_row(float *qkv, int h, int kv, int d, const float *q_norm,
 /* The layers of a pre-norm decoder (Llama, Qwen2/3, SmolLM2's shape), for one token of one
  * sequence: what fermi.models.decoder.DecoderLayer._one_row does, in one call per step. */
 typedef struct {
-    const uint16_t *w[4];         /* qkv_proj, o_proj, gate_up_proj, down_proj: blocked */
+    fermi_weight w[4];            /* qkv_proj, o_proj, gate_up_proj, down_proj */
     const float *bias[4];         /* or NULL */
     const float *norm1, *norm2;   /* input_layernorm, post_attention_layernorm */
     const float *q_norm, *k_norm; /* or NULL */
@@ -340,7 +467,10 @@ typedef struct {
     const fermi_layer *layer;
 } fermi_stack;
 
-int fermi_stack_size(void) { return (int)sizeof(fermi_stack) * 1000 + (int)sizeof(fermi_layer); }
+int fermi_stack_size(void) {
+    return ((int)sizeof(fermi_stack) * 1000 + (int)sizeof(fermi_layer)) * 1000 +
+           (int)sizeof(fermi_weight);
+}
 
 /* A barrier for the threads of one decode step. Between the phases of a step (a few tens
  * of microseconds each) a waiting thread spins, then yields its core: OpenMP's own barrier
@@ -381,7 +511,8 @@ static void share(long count, int t, int n, long *p0, long *p1) {
  * rows' rope values ([rows][rot] floats each; table 2 may be NULL). Each product reads its
  * weight once for every TILE rows. The step is one OpenMP region of `threads` threads that
  * share each product's panels and the attention's (row, head) pairs, meeting at a spinning
- * barrier between phases. */
+ * barrier between phases. Returns 0, -1 when scratch memory is refused, -2 for a weight
+ * the kernels do not take. */
 int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slots,
                       const long *positions, const float *cos1, const float *sin1,
                       const float *cos2, const float *sin2, int threads) {
@@ -389,6 +520,12 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
     long nqkv = (h + 2 * kv) * d, rot = s->rot, group = h / kv;
     long widest = hid > inter ? hid : inter;
     if (h * d > widest) widest = h * d;
+    for (long i = 0; i < s->layers; i++) {
+        const fermi_layer *l = &s->layer[i];
+        if (!weight_ok(&l->w[0], hid) || !weight_ok(&l->w[1], h * d) ||
+            !weight_ok(&l->w[2], hid) || !weight_ok(&l->w[3], inter))
+            return -2;
+    }
     float *shared = malloc((size_t)rows * (nqkv + h * d + 2 * inter) * sizeof(float));
     if (shared == NULL) return -1;
     float *qkv = shared, *att = qkv + rows * nqkv, *gu = att + rows * h * d;
@@ -401,12 +538,12 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads(), phase = 0;
-        /* Each thread's own prepared rows and attention scores. */
-        float *u = malloc((size_t)(rows * widest + s->max_seq) * sizeof(float));
+        /* Each thread's own prepared rows, their int4 group sums and attention scores. */
+        float *u = malloc((size_t)(rows * widest * 2 + s->max_seq) * sizeof(float));
         if (u == NULL) atomic_store(&failed, 1);
         team_wait(&barrier, n, &phase);
         if (atomic_load(&failed) == 0) {
-            float *scores = u + rows * widest;
+            float *usum = u + rows * widest, *scores = usum + rows * widest;
             long p0, p1;
             for (long i = 0; i < s->layers; i++) {
                 const fermi_layer *l = &s->layer[i];
@@ -414,7 +551,8 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
                 for (long r = 0; r < rows; r++)
                     prepare(x + r * hid, hid, l->norm1, s->eps, 0, u + r * hid);
                 share((nqkv + PANEL - 1) / PANEL, t, n, &p0, &p1);
-                panels(l->w[0], l->bias[0], nqkv, hid, u, rows, NULL, 0, qkv, nqkv, p0, p1);
+                group_sums(&l->w[0], u, hid, rows, usum);
+                panels(&l->w[0], l->bias[0], nqkv, hid, u, usum, rows, NULL, 0, qkv, nqkv, p0, p1);
                 team_wait(&barrier, n, &phase);
                 /* q/k norms, rope and the cache write of each row */
                 const float *cos = l->rope == 2 ? cos2 : cos1;
@@ -442,19 +580,23 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
                 for (long r = 0; r < rows; r++)
                     prepare(att + r * h * d, h * d, NULL, 0.0f, 0, u + r * h * d);
                 share((hid + PANEL - 1) / PANEL, t, n, &p0, &p1);
-                panels(l->w[1], l->bias[1], hid, h * d, u, rows, x, hid, x, hid, p0, p1);
+                group_sums(&l->w[1], u, h * d, rows, usum);
+                panels(&l->w[1], l->bias[1], hid, h * d, u, usum, rows, x, hid, x, hid, p0, p1);
                 team_wait(&barrier, n, &phase);
                 /* gate and up, the post-attention norm inside */
                 for (long r = 0; r < rows; r++)
                     prepare(x + r * hid, hid, l->norm2, s->eps, 0, u + r * hid);
                 share((2 * inter + PANEL - 1) / PANEL, t, n, &p0, &p1);
-                panels(l->w[2], l->bias[2], 2 * inter, hid, u, rows, NULL, 0, gu, 2 * inter, p0, p1);
+                group_sums(&l->w[2], u, hid, rows, usum);
+                panels(&l->w[2], l->bias[2], 2 * inter, hid, u, usum, rows, NULL, 0, gu, 2 * inter,
+                       p0, p1);
                 team_wait(&barrier, n, &phase);
                 /* down, silu(gate) * up inside, residual added in place */
                 for (long r = 0; r < rows; r++)
                     prepare(gu + r * 2 * inter, inter, NULL, 0.0f, 1, u + r * inter);
                 share((hid + PANEL - 1) / PANEL, t, n, &p0, &p1);
-                panels(l->w[3], l->bias[3], hid, inter, u, rows, x, hid, x, hid, p0, p1);
+                group_sums(&l->w[3], u, inter, rows, usum);
+                panels(&l->w[3], l->bias[3], hid, inter, u, usum, rows, x, hid, x, hid, p0, p1);
                 team_wait(&barrier, n, &phase);
             }
         }
