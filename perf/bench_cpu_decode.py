@@ -2,11 +2,13 @@
 and 4 concurrent streams per runner, greedy agreement with float32, and resident memory.
 
 1. Step (``Decoder.forward`` alone, 1 and 4 rows at position 130, interleaved rounds): the
-   float32 model; fp16 storage plain (``use_half_weights(model, "plain")``: torch's fp16
+   float32 model; int8 and int4 (the file's Q4_1 codes kept) ``QuantLinear`` layers; fp16
+   storage plain (``use_half_weights(model, "plain")``: torch's fp16
    kernel up to 2 rows, the weight copied into a float32 buffer above); fp16 storage packed
    for FBGEMM (the default on x86 before fermi's kernels); fp16 storage in fermi's kernels'
    layout (``fermi.native``, the default where they build), one-row steps in one call.
-2. Engine (``fermi.load("smollm2-135m")``, default fp16 storage), per ``--runners``
+2. Engine (``fermi.load("smollm2-135m")``, default fp16 storage, and per ``--quantize``),
+   per ``--runners``
    (``torch-cpu``, ``torch-compile``), interleaved rounds: greedy decode tok/s of one
    request (first token to last) and the aggregate of 4 concurrent requests (tokens made
    after every request had its first, over that window). 128-token prompts, 64 new tokens,
@@ -38,6 +40,7 @@ import fermi
 from fermi.aliases import alias_path
 from fermi.gguf import load_gguf
 from fermi.models.half_weights import use_half_weights
+from fermi.models.quant import QuantSpec
 
 CPU = torch.device("cpu")
 
@@ -66,6 +69,11 @@ def step_times(rounds: int) -> dict[str, dict[str, list[float]]]:
         "fp16 plain": half("plain"),
         "fp16 packed (FBGEMM)": half("fbgemm"),
         "fp16 native (fermi.native)": half("native"),
+        # (where fermi's kernels build, QuantLinear holds its codes in their panels)
+        "int8 (QuantLinear)": load_gguf(path, CPU, "fp32", QuantSpec("int8")).model,
+        "int4, Q4_1 codes kept (QuantLinear)": load_gguf(
+            path, CPU, "fp32", QuantSpec("int4")
+        ).model,
     }
     for model in models.values():
         model.setup_cache(4, 256)
@@ -118,6 +126,13 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--runners", nargs="+", default=["torch-cpu"])
+    p.add_argument(
+        "--quantize",
+        nargs="+",
+        default=["none"],
+        choices=["none", "int8", "int4"],
+        help="engines per runner: the default storage (none) and/or quantize=...",
+    )
     p.add_argument("--skip-steps", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -143,19 +158,26 @@ def main() -> None:
         print(json.dumps(result["decode_step_ms"]), flush=True)
     engines = {}
     for runner in args.runners:
-        started = time.perf_counter()
-        engines[runner] = fermi.load(
-            "smollm2-135m", device="cpu", runner=runner, max_batch=args.streams, max_seq_len=512
-        )
-        one(engines[runner], 8, 0)
-        concurrent(engines[runner], args.streams, 8, 0)
-        startup = getattr(engines[runner].runner, "startup", None)
-        result.setdefault("load_s", {})[runner] = {
-            "load_and_warm_s": round(time.perf_counter() - started, 1),
-            "compile_warmup_s": None if startup is None else round(startup.seconds, 1),
-            "compile_cache_hit": None if startup is None else startup.cache_hit,
-        }
-        print(runner, result["load_s"][runner], flush=True)
+        for scheme in args.quantize:
+            name = runner if scheme == "none" else f"{runner} {scheme}"
+            started = time.perf_counter()
+            engines[name] = fermi.load(
+                "smollm2-135m",
+                device="cpu",
+                runner=runner,
+                max_batch=args.streams,
+                max_seq_len=512,
+                quantize=None if scheme == "none" else scheme,
+            )
+            one(engines[name], 8, 0)
+            concurrent(engines[name], args.streams, 8, 0)
+            startup = getattr(engines[name].runner, "startup", None)
+            result.setdefault("load_s", {})[name] = {
+                "load_and_warm_s": round(time.perf_counter() - started, 1),
+                "compile_warmup_s": None if startup is None else round(startup.seconds, 1),
+                "compile_cache_hit": None if startup is None else startup.cache_hit,
+            }
+            print(name, result["load_s"][name], flush=True)
     rates = {n: {"b1": [], "b4": []} for n in engines}
     for r in range(args.rounds):
         for name, engine in engines.items():

@@ -4,8 +4,9 @@ Each policy needs its own process: OpenMP reads it once, when torch loads it. Po
 (``--policies``): ``unset`` (libgomp's default: spin a while at a barrier, then sleep),
 ``PASSIVE``, ``ACTIVE`` (spin until released), ``spin:N`` (unset, with ``GOMP_SPINCOUNT``
 N). Processes alternate (``--rounds`` of each); inside one, thread counts alternate step by
-step (``torch.set_num_threads``). The step is ``Decoder.forward`` (fp16 storage, packed) at
-1 and 4 rows, position 130. ``--neighbour`` runs a busy loop in another process meanwhile
+step (``torch.set_num_threads``). The step is ``Decoder.forward`` (fp16 storage; in fermi's
+kernels where they build, else FBGEMM's packs and torch's ops) at 1 and 4 rows, position
+130. ``--neighbour`` runs a busy loop in another process meanwhile
 (a core that other work holds, as on a laptop or beside a server's other threads).
 
     .venv/bin/python perf/threads_cpu.py --out perf/results/cpu_threads.json
@@ -34,6 +35,7 @@ from fermi.gguf import load_gguf
 model = load_gguf(alias_path("smollm2-135m"), torch.device("cpu"), None).model
 prefill = int(sys.argv[4])
 model.setup_cache(4, max(256, prefill + 1))
+native = model.use_native_rows()  # decode steps in fermi's kernels, where they build
 counts = [int(c) for c in sys.argv[2].split(",")]
 times = {f"{t} threads, {r} rows": [] for t in counts for r in (1, 4)}
 times.update({f"{t} threads, prefill {prefill}": [] for t in counts if prefill})
@@ -53,7 +55,7 @@ with torch.inference_mode():
                 times[f"{t} threads, prefill {prefill}"].append(
                     1e3 * (time.perf_counter() - started)
                 )
-print(json.dumps(times))
+print(json.dumps({"native": native, "times": times}))
 """
 
 
@@ -96,7 +98,11 @@ def main() -> None:
                 for key, v in by_key.items()
             }
             for policy, by_key in merged.items()
+            if not isinstance(by_key, set)
         },
+        "decode steps in fermi's kernels": sorted(
+            merged.get("decode steps in fermi's kernels", [])
+        ),
     }
     print(json.dumps(result["step_ms"], indent=1))
     if args.out:
@@ -118,8 +124,9 @@ def run_policy(policy: str, args: argparse.Namespace, merged: dict) -> None:
         check=True,
         env=env,
     )
-    times = json.loads(out.stdout.strip().splitlines()[-1])
-    for key, values in times.items():
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    merged.setdefault("decode steps in fermi's kernels", set()).add(child["native"])
+    for key, values in child["times"].items():
         merged.setdefault(policy, {}).setdefault(key, []).extend(values[1:])
 
 
