@@ -1,7 +1,8 @@
 """Engine steps on CPU at 1 and 4 concurrent streams: SmolLM2-135M, every step timed.
 
 Four concurrent requests (or one), 128-token prompts, 64 greedy tokens each, through
-``Engine.generate`` in threads; ``runner.execute`` is wrapped to time each engine step. Reports
+``Engine.generate`` in threads (fp16 storage, or ``--quantize``); ``runner.execute`` is
+wrapped to time each engine step, and the steps that only decode, by their row count. Reports
 wall time, time inside the runner, steps and tokens per second for each, alternating 1 and 4
 streams ``--rounds`` times. Shows where a batched step's time goes (runner vs the engine's own
 per-token work), and the 4-stream / 1-stream throughput ratio round by round.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -29,18 +31,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    engine = fermi.load("smollm2-135m", device="cpu", max_batch=4, max_seq_len=512)
+    engine = fermi.load(
+        "smollm2-135m", device="cpu", max_batch=4, max_seq_len=512, quantize=args.quantize
+    )
     runner = engine.runner
-    inside = {"s": 0.0, "steps": 0}
+    inside = {"s": 0.0, "steps": 0, "decode_only": {}}
     execute = runner.execute
 
     def timed(batch):
         started = time.perf_counter()
         out = execute(batch)
-        inside["s"] += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        inside["s"] += seconds
         inside["steps"] += 1
+        if batch.prefill is None and batch.decode is not None:  # decode rows only
+            inside["decode_only"].setdefault(len(batch.decode.slots), []).append(seconds)
         return out
 
     runner.execute = timed
@@ -53,7 +61,7 @@ def main() -> None:
             threading.Thread(target=lambda p=p: engine.generate(prompt_token_ids=p, **kw))
             for p in prompts
         ]
-        inside.update(s=0.0, steps=0)
+        inside.update(s=0.0, steps=0, decode_only={})
         started = time.perf_counter()
         for t in threads:
             t.start()
@@ -66,6 +74,11 @@ def main() -> None:
             "steps": inside["steps"],
             "ms_per_step": round(1e3 * inside["s"] / inside["steps"], 1),
             "tok_s_incl_prefill": round(streams * args.new_tokens / wall, 1),
+            # steps with decode rows only, by row count: median ms (and how many)
+            "decode_only_steps_ms": {
+                rows: [round(1e3 * statistics.median(v), 2), len(v)]
+                for rows, v in sorted(inside["decode_only"].items())
+            },
         }
 
     run(1, 0), run(4, 0)  # warm-up
@@ -78,6 +91,7 @@ def main() -> None:
     engine.close()
     result = {
         "command": " ".join(sys.argv),
+        "quantize": args.quantize,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
