@@ -398,11 +398,15 @@ def build_model(
         del quantized[module]
         assert quantize is not None and report is not None  # targets are empty without
         bias = state.pop(f"{module}.bias", None)
-        layer, error = build_linear(module_parts, targets[module], quantize, bias, device, dtype)
+        layer, error, rounding = build_linear(
+            module_parts, targets[module], quantize, bias, device, dtype
+        )
         model.set_submodule(module, layer)
         report.nbytes += layer.nbytes
         if error is None:
             report.kept.append(module)
+            if rounding > 0:
+                report.rounded[module] = rounding
         else:
             report.errors[module] = error
     if owned:

@@ -293,6 +293,28 @@ def test_gguf_4bit_codes_kept_equal_the_dequantized_tensor(tmp_path, qtype):
     assert torch.allclose(kept.dequantize(), gguf.tensor("w", torch.float32), rtol=0, atol=1e-6)
 
 
+def test_kept_codes_whose_scales_the_kernels_round_report_what_that_costs():
+    """Q4_0/Q4_1 scales are fp16 values, held exactly; Q4_K's (d times a 6-bit sub-scale)
+    need more bits than fp16 has: a load that keeps such codes says what the rounding of
+    its scales to the kernels' precision adds, instead of claiming the file's weights."""
+    g = torch.Generator().manual_seed(4)
+    exact = Q.quantize_int4(torch.randn(48, 64, generator=g))  # fp16 scales and minimums
+    d = torch.rand(48, 2, generator=g).half().float()
+    sub = torch.randint(1, 64, (48, 2), generator=g).float()
+    finer = Q.QuantizedWeight(exact.codes, d * sub / 37.0, exact.mins)  # as Q4_K's d * sc
+    spec = Q.QuantSpec("int4")
+    _, error, rounding = Q.build_linear([exact], "int4", spec, None, CPU, torch.float32)
+    assert error is None and rounding == 0.0
+    layer, error, rounding = Q.build_linear([finer], "int4", spec, None, CPU, torch.float32)
+    held = layer.dequantized()
+    assert error is None and 0 < rounding < 1e-3
+    want = finer.dequantize()
+    frobenius = torch.linalg.vector_norm(held - want) / torch.linalg.vector_norm(want)
+    assert rounding == pytest.approx(float(frobenius), rel=1e-3)
+    report = Q.QuantReport(spec, ["a", "b"], {}, 0, {"b": rounding})
+    assert "2 kept their stored codes; 1 of them with scales rounded" in report.summary()
+
+
 @pytest.mark.parametrize("qtype", [GT.Q8_0, GT.Q6_K])
 def test_gguf_blocks_that_do_not_map_to_int4_are_not_kept(tmp_path, qtype):
     gguf = one_tensor_gguf(tmp_path / "q.gguf", random_blocks(qtype, 2, 256), qtype)
@@ -312,6 +334,7 @@ def test_gguf_kept_int4_model_equals_its_dequantized_weights(tmp_path, arch, qty
     report = kept.quantization
     layers = float_model.cfg.num_hidden_layers
     assert len(report.kept) == 4 * layers and list(report.errors) == ["lm_head"]
+    assert not report.rounded  # (fp16 scales, held exactly)
     gguf = GGUFFile(path)
     for i in range(layers):
         for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj"):

@@ -38,7 +38,7 @@ minimums). :class:`QuantLinear` turns it into what its device's kernel reads:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -480,11 +480,20 @@ class QuantReport:
     kept: list[str]
     errors: dict[str, float]
     nbytes: int
+    # Kept layers whose scales (or minimums) the device holds rounded (Q4_K's d * scale is
+    # no fp16 value): the relative error that rounding adds.
+    rounded: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         parts = [f"quantized {len(self.kept) + len(self.errors)} linear layers ({self.spec.label})"]
         if self.kept:
             parts.append(f"{len(self.kept)} kept their stored codes")
+        if self.rounded:
+            worst = max(self.rounded.values())
+            parts.append(
+                f"{len(self.rounded)} of them with scales rounded to the kernels' precision: "
+                f"relative error max {100 * worst:.3f}%"
+            )
         if self.errors:
             worst = max(self.errors, key=self.errors.__getitem__)
             mean = sum(self.errors.values()) / len(self.errors)
@@ -502,15 +511,23 @@ def build_linear(
     bias: torch.Tensor | None,
     device: torch.device,
     dtype: torch.dtype,
-) -> tuple[QuantLinear, float | None]:
+) -> tuple[QuantLinear, float | None, float]:
     """A :class:`QuantLinear` of the rows of ``parts`` stacked; the relative error of the
-    quantization, or None when every part came already quantized in ``scheme`` (kept)."""
+    quantization, or None when every part came already quantized in ``scheme`` (kept); and
+    for kept codes, the relative error of their scales as the device holds them (0.0 when
+    they are held exactly, as Q4_0/Q4_1's fp16 scales are)."""
     kept = all(isinstance(p, QuantizedWeight) and p.scheme == scheme for p in parts)
     if kept and scheme == "int4":
         kept = all(p.group_size == spec.group for p in parts)  # type: ignore[union-attr]
     if kept:
         weight = QuantizedWeight.cat(parts)  # type: ignore[arg-type]
-        return QuantLinear(weight, bias, device, dtype), None
+        layer = QuantLinear(weight, bias, device, dtype)
+        held = device_precision(weight, device)
+        exact = torch.equal(held.scales.cpu(), weight.scales.float().cpu()) and (
+            weight.mins is None or torch.equal(held.mins.cpu(), weight.mins.float().cpu())
+        )
+        rounding = 0.0 if exact else relative_error(held, weight.dequantize(torch.float32))
+        return layer, None, rounding
     floats = [
         p.dequantize(torch.float32).to(device) if isinstance(p, QuantizedWeight) else p.to(device)
         for p in parts
@@ -518,7 +535,7 @@ def build_linear(
     full = floats[0] if len(floats) == 1 else torch.cat(floats)
     weight = quantize(full, scheme, spec.group)
     layer = QuantLinear(weight, bias, device, dtype)
-    return layer, relative_error(device_precision(weight, device), full)
+    return layer, relative_error(device_precision(weight, device), full), 0.0
 
 
 def device_precision(
@@ -550,7 +567,7 @@ def quantize_decoder(model: nn.Module, spec: QuantSpec) -> QuantReport:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{name} is a {type(linear).__name__}, not a float nn.Linear")
-        layer, error = build_linear(
+        layer, error, _ = build_linear(
             [linear.weight.detach()], scheme, spec, linear.bias, model.device, model.dtype
         )
         model.set_submodule(name, layer)
