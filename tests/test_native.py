@@ -579,3 +579,36 @@ def test_the_engine_decodes_on_a_measured_thread_count(monkeypatch):
         assert chooser.pairs  # probes ran, timed like for like
     finally:
         engine.close()
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
+def test_a_copied_layer_names_itself_to_the_compiled_product(kind):
+    """Compiled code finds a layer's weight by the number in its ``_handle`` buffer: a copy
+    (copy.deepcopy, pickle) must name the copy, not the layer it was copied from (which may
+    be gone, or hold other weights)."""
+    import copy
+    import gc
+    import pickle
+
+    from torch import nn
+
+    from fermi.models.half_weights import _PACKED, native_linear
+    from fermi.models.quant import QuantLinear
+
+    torch.manual_seed(11)
+    if kind == "fp16":
+        layer = HalfWeightLinear(nn.Linear(64, 40), [None], "native")
+    else:
+        q = (quantize_int8 if kind == "int8" else quantize_int4)(torch.randn(40, 64))
+        layer = QuantLinear(q, torch.randn(40), "cpu", torch.float32, layout="native")
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        want = layer(x)
+    copies = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), copy.copy(layer)]
+    del layer
+    gc.collect()
+    for c in copies:
+        assert _PACKED[int(c._handle)] is c
+        with torch.inference_mode():
+            torch.testing.assert_close(native_linear(x, c._handle, 40), want, rtol=0, atol=0)
