@@ -579,3 +579,94 @@ def test_the_engine_decodes_on_a_measured_thread_count(monkeypatch):
         assert chooser.pairs  # probes ran, timed like for like
     finally:
         engine.close()
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
+def test_a_copied_layer_names_itself_to_the_compiled_product(kind):
+    """Compiled code finds a layer's weight by the number in its ``_handle`` buffer: a copy
+    (copy.deepcopy, pickle) must name the copy, not the layer it was copied from (which may
+    be gone, or hold other weights)."""
+    import copy
+    import gc
+    import pickle
+
+    from torch import nn
+
+    from fermi.models.half_weights import _PACKED, native_linear
+    from fermi.models.quant import QuantLinear
+
+    torch.manual_seed(11)
+    if kind == "fp16":
+        layer = HalfWeightLinear(nn.Linear(64, 40), [None], "native")
+    else:
+        q = (quantize_int8 if kind == "int8" else quantize_int4)(torch.randn(40, 64))
+        layer = QuantLinear(q, torch.randn(40), "cpu", torch.float32, layout="native")
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        want = layer(x)
+    copies = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), copy.copy(layer)]
+    del layer
+    gc.collect()
+    for c in copies:
+        assert _PACKED[int(c._handle)] is c
+        with torch.inference_mode():
+            torch.testing.assert_close(native_linear(x, c._handle, 40), want, rtol=0, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
+def test_a_layer_whose_storage_moves_reads_its_weights_where_they_are_now(kind):
+    """``Module.share_memory()`` (torch.multiprocessing does it to the tensors it sends)
+    moves each tensor's storage into shared memory and frees the old one: the kernels must
+    read the weights at their new addresses, not the freed ones."""
+    from torch import nn
+
+    from fermi.models.quant import QuantLinear
+
+    torch.manual_seed(12)
+    if kind == "fp16":
+        layer = HalfWeightLinear(nn.Linear(256, 64), [None], "native")
+    else:
+        q = (quantize_int8 if kind == "int8" else quantize_int4)(torch.randn(64, 256))
+        layer = QuantLinear(q, torch.randn(64), "cpu", torch.float32, layout="native")
+    x = torch.randn(3, 256)
+    with torch.inference_mode():
+        want, want_row = layer(x), layer.row(x[:1])
+        layer.share_memory()
+        # (new allocations land where the old storages were, as they would in a server)
+        _fill = [torch.full((64 * 256,), 7, dtype=torch.uint8) for _ in range(64)]
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(layer.row(x[:1]), want_row, rtol=0, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["fp16", "int4"])
+def test_decode_steps_after_the_tensors_moved_read_them_where_they_are_now(scheme):
+    """The decoder's structure for the one-call step holds its tensors' addresses: after
+    ``share_memory()`` (which frees the old storages) it must be built anew."""
+    from fermi.models.quant import QuantSpec, quantize_decoder
+
+    def model():
+        m = random_decoder(CONFIGS["llama_bias"]())
+        if scheme == "fp16":
+            use_half_weights(m, "native")
+        else:
+            quantize_decoder(m, QuantSpec(scheme))
+        m.setup_cache(max_batch=1, max_seq_len=16)
+        assert m.use_native_rows()
+        return m
+
+    def run(m, share: bool) -> list[torch.Tensor]:
+        out = []
+        with torch.inference_mode():
+            m(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], torch.tensor([0]), 3, causal=True)
+            for p in (3, 4, 5):
+                if share and p == 4:
+                    m.share_memory()
+                    _fill = [torch.full((4096,), 9.0) for _ in range(300)]
+                out.append(m(torch.tensor([[p]]), torch.tensor([[p]]), torch.tensor([0]), p + 1))
+        return out
+
+    for got, want in zip(run(model(), True), run(model(), False), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -555,6 +555,12 @@ class Decoder(nn.Module):
         if marks is not None:
             marks[dst] = marks[src]
 
+    def _apply(self, fn, *args, **kwargs):
+        # Whatever moves or converts the tensors (share_memory(), to(), float()) leaves the
+        # kernels' view of the layers pointing at the storages it freed: build it anew.
+        self._native_stack = None
+        return super()._apply(fn, *args, **kwargs)
+
     def use_caches(self, caches: Sequence[Cache | AttendingCache]) -> None:
         """Inject one cache per layer (``setup_cache`` injects the engine's slot caches;
         the export wrappers inject theirs)."""

@@ -75,6 +75,15 @@ def register_layer(module: nn.Module) -> torch.Tensor:
     return torch.tensor([number])
 
 
+def rename_copied_layer(module: nn.Module) -> None:
+    """Give a copy of a registered layer (``copy.deepcopy``, ``copy.copy``, pickle: each
+    restores its state through ``__setstate__``) a name of its own: the copied ``_handle``
+    names the layer it was copied from, which may be gone (a KeyError in compiled code) or
+    hold other weights. The copy gets its own buffer dict, so the original keeps its name."""
+    if module._buffers.get("_handle") is not None:
+        module._buffers = {**module._buffers, "_handle": register_layer(module)}
+
+
 @torch.library.custom_op("fermi::packed_fp16_linear", mutates_args=())
 def packed_fp16_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
     """The product of float32 ``x`` and the packed weight of the layer ``handle`` names."""
@@ -147,6 +156,10 @@ class HalfWeightLinear(nn.Module):
         self.register_buffer("_native_bias", bias, persistent=False)
         n, k = self.out_features, self.in_features
         self.native_weight = native.NativeWeight("fp16", n, k, blocked, bias=bias)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        rename_copied_layer(self)
 
     @property
     def packed(self) -> bool:

@@ -47,7 +47,7 @@ from torch import nn
 from fermi import native
 from fermi.models import gemv, quant_mm
 from fermi.models.gemv import ACT_NONE, ACT_SILU_MUL
-from fermi.models.half_weights import native_linear, register_layer
+from fermi.models.half_weights import native_linear, register_layer, rename_copied_layer
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP = 32
@@ -326,6 +326,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", w.scales.to(scale_dtype).contiguous(), False)
             mins = None if w.mins is None else w.mins.to(torch.float16).contiguous()
             self.register_buffer("mins", mins, False)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        rename_copied_layer(self)
 
     def extra_repr(self) -> str:
         group = f", group={self.group_size}" if self.scheme == "int4" else ""

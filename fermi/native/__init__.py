@@ -214,12 +214,18 @@ class NativeWeight:
         self.codes, self.scales, self.mins, self.bias = codes, scales, mins, bias
         for t in (codes, scales, mins, bias):
             assert t is None or (t.is_contiguous() and t.device.type == "cpu")
-        self.struct = Weight(
-            codes.data_ptr(),
+
+    @property
+    def struct(self) -> Weight:
+        """The structure, with the tensors' addresses as they are now: a tensor's storage
+        can move under it (``Module.share_memory()`` frees the old one)."""
+        scales, mins = self.scales, self.mins
+        return Weight(
+            self.codes.data_ptr(),
             None if scales is None else scales.data_ptr(),
             None if mins is None else mins.data_ptr(),
-            group,
-            FORMATS[fmt],
+            self.group,
+            FORMATS[self.format],
         )
 
     def __reduce__(self):
@@ -245,8 +251,9 @@ class NativeWeight:
             norm_weight = norm_weight.to(torch.float32).contiguous()
         lib = library()
         assert lib is not None, "a NativeWeight exists only where the kernels load"
+        struct = self.struct
         code = lib.fermi_linear(
-            ctypes.byref(self.struct),
+            ctypes.byref(struct),
             None if self.bias is None else self.bias.data_ptr(),
             self.n,
             self.k,
