@@ -670,3 +670,17 @@ def test_decode_steps_after_the_tensors_moved_read_them_where_they_are_now(schem
 
     for got, want in zip(run(model(), True), run(model(), False), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_a_native_layer_refuses_tensors_off_the_cpu_and_a_missing_library(monkeypatch):
+    from fermi.models.quant import QuantLinear
+
+    q = quantize_int4(torch.randn(16, 64), 32)
+    layer = QuantLinear(q, None, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        layer(torch.empty(2, 64, device="meta"))  # (a device whose addresses C cannot read)
+    monkeypatch.setattr(native, "available", lambda: False)
+    with pytest.raises(ValueError, match="do not load here"):
+        QuantLinear(q, None, "cpu", torch.float32, layout="native")
+    assert QuantLinear(q, None, "cpu", torch.float32).layout == "torch"

@@ -486,6 +486,8 @@ class Decoder(nn.Module):
             torch.get_num_threads(),
         )
         if code != 0:
+            if code == -2:
+                raise ValueError("fermi's CPU kernels do not take one of this model's weights")
             raise MemoryError("fermi's CPU kernels could not allocate their scratch rows")
         return x
 

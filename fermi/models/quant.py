@@ -291,6 +291,8 @@ class QuantLinear(nn.Module):
         self.layout = (layout or cpu_layout()) if self.cpu else device.type
         if self.cpu and self.layout not in ("native", "torch"):
             raise ValueError(f"CPU layout {self.layout!r} is not 'native' or 'torch'")
+        if self.layout == "native" and not native.available():
+            raise ValueError("layout 'native' needs fermi's CPU kernels, which do not load here")
         self.native_weight: native.NativeWeight | None = None
         w = weight.to(device)
         if self.layout == "native":

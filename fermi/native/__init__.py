@@ -242,6 +242,9 @@ class NativeWeight:
         width = self.k * (2 if act == 1 else 1)
         if x.shape[-1] != width:
             raise ValueError(f"expected {width} input features, got {x.shape[-1]}")
+        tensors = (x, norm_weight, residual, self.codes)
+        if any(t is not None and t.device.type != "cpu" for t in tensors):
+            raise ValueError("fermi's CPU kernels take CPU tensors only (was the layer moved?)")
         x = x.to(torch.float32).contiguous()
         rows = x.numel() // width
         out = torch.empty((*x.shape[:-1], self.n), dtype=torch.float32)
