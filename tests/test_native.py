@@ -581,6 +581,19 @@ def test_the_engine_decodes_on_a_measured_thread_count(monkeypatch):
         engine.close()
 
 
+def native_layer(kind: str, n: int, k: int):
+    """A layer of ``n`` outputs and ``k`` inputs (with a bias) in the kernels' ``kind`` panels:
+    fp16 (``HalfWeightLinear``), int8 or int4 (``QuantLinear``)."""
+    from torch import nn
+
+    from fermi.models.quant import QuantLinear
+
+    if kind == "fp16":
+        return HalfWeightLinear(nn.Linear(k, n), [None], "native")
+    q = (quantize_int8 if kind == "int8" else quantize_int4)(torch.randn(n, k))
+    return QuantLinear(q, torch.randn(n), "cpu", torch.float32, layout="native")
+
+
 @needs_kernels
 @pytest.mark.parametrize("kind", ["fp16", "int8", "int4"])
 def test_a_copied_layer_names_itself_to_the_compiled_product(kind):
@@ -591,17 +604,10 @@ def test_a_copied_layer_names_itself_to_the_compiled_product(kind):
     import gc
     import pickle
 
-    from torch import nn
-
     from fermi.models.half_weights import _PACKED, native_linear
-    from fermi.models.quant import QuantLinear
 
     torch.manual_seed(11)
-    if kind == "fp16":
-        layer = HalfWeightLinear(nn.Linear(64, 40), [None], "native")
-    else:
-        q = (quantize_int8 if kind == "int8" else quantize_int4)(torch.randn(40, 64))
-        layer = QuantLinear(q, torch.randn(40), "cpu", torch.float32, layout="native")
+    layer = native_layer(kind, 40, 64)
     x = torch.randn(3, 64)
     with torch.inference_mode():
         want = layer(x)
@@ -620,16 +626,8 @@ def test_a_layer_whose_storage_moves_reads_its_weights_where_they_are_now(kind):
     """``Module.share_memory()`` (torch.multiprocessing does it to the tensors it sends)
     moves each tensor's storage into shared memory and frees the old one: the kernels must
     read the weights at their new addresses, not the freed ones."""
-    from torch import nn
-
-    from fermi.models.quant import QuantLinear
-
     torch.manual_seed(12)
-    if kind == "fp16":
-        layer = HalfWeightLinear(nn.Linear(256, 64), [None], "native")
-    else:
-        q = (quantize_int8 if kind == "int8" else quantize_int4)(torch.randn(64, 256))
-        layer = QuantLinear(q, torch.randn(64), "cpu", torch.float32, layout="native")
+    layer = native_layer(kind, 64, 256)
     x = torch.randn(3, 256)
     with torch.inference_mode():
         want, want_row = layer(x), layer.row(x[:1])

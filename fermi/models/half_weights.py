@@ -192,7 +192,7 @@ class HalfWeightLinear(nn.Module):
         if self.layout == "native":
             if torch.compiler.is_compiling():
                 return native_linear(x.float(), self._handle, self.out_features)
-            return self._native(x)
+            return self.native_weight.linear(x)
         rows = x.numel() // x.shape[-1]
         if rows <= DIRECT_ROWS:
             # The fp16 kernel's output stays fp16 (it is rounded to fp16 anyway): the next
@@ -220,10 +220,6 @@ class HalfWeightLinear(nn.Module):
         fermi's kernels. Only the native layout has it."""
         if self.layout != "native":
             raise ValueError(f"row() needs the native layout, not {self.layout!r}")
-        return self._native(x, norm_weight, eps, act, residual)
-
-    def _native(self, x, norm_weight=None, eps=1e-6, act=0, residual=None) -> torch.Tensor:
-        assert self.native_weight is not None
         return self.native_weight.linear(x, norm_weight, eps, act, residual)
 
     def _upcast(self) -> torch.Tensor:

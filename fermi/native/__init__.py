@@ -26,6 +26,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from fermi.cache_dirs import user_cache
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -106,11 +108,7 @@ _SIGNATURES = {
 
 
 def cache_root() -> Path:
-    explicit = os.environ.get("FERMI_NATIVE_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fermi" / "native"
+    return user_cache("FERMI_NATIVE_CACHE", "native")
 
 
 def _cpu_flags() -> str:

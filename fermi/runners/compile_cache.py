@@ -12,21 +12,18 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
+
+from fermi.cache_dirs import user_cache
 
 log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
     """``FERMI_COMPILE_CACHE``, else ``$XDG_CACHE_HOME/fermi/compile`` (``~/.cache/...``)."""
-    explicit = os.environ.get("FERMI_COMPILE_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fermi" / "compile"
+    return user_cache("FERMI_COMPILE_CACHE", "compile")
 
 
 def device_tag(device: torch.device) -> str:
