@@ -71,8 +71,9 @@ class TorchRunner(Runner):
         device = model.device
         model.setup_cache(max_batch, max_seq_len)
         if device.type == "cpu":
-            # One-token steps in fermi's own kernels, where the model's fp16 weights are
-            # stored for them (fermi.models.half_weights); otherwise torch's ops.
+            # One-token steps in fermi's own kernels, where the model's weights are stored
+            # for them (fp16: fermi.models.half_weights; int8/int4: fermi.models.quant);
+            # otherwise torch's ops.
             model.use_native_rows()
         name = "torch-cpu" if device.type == "cpu" else f"torch-{device.type}"
         self.capabilities = Capabilities(
