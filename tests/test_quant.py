@@ -105,9 +105,19 @@ def test_quantized_linear_on_cpu_matches_a_float_reference_on_fresh_inputs(schem
     y = layer(x)
     assert y.shape == (rows, 3, 96) and y.dtype == torch.float32
     # Against the float product with the weights the layer holds: torch's bf16 activations
-    # cost about 2^-8 relative; fermi's kernels take float32 ones.
-    limit = 1e-2 if layout == "torch" else 1e-6
-    assert rel(y, F.linear(x, layer.dequantized(), bias)) < limit
+    # cost about 2^-8 relative; fermi's kernels round each block of inputs to int16 steps
+    # (at most 1/65534 of a block's largest value per input), and are then exact.
+    assert rel(y, F.linear(x, layer.dequantized(), bias)) < (1e-2 if layout == "torch" else 1e-4)
+    if layout == "native":
+        w_stored = layer.weight_as_stored()
+        full = w_stored.dequantize()
+        if scheme == "int4":
+            block = w_stored.group_size
+            mins = w_stored.mins.repeat_interleave(block, dim=1)
+        else:
+            block, mins = Q.INT8_BLOCK, torch.zeros_like(full)
+        codes_part = F.linear(Q.rounded_inputs(x, block), full - mins)
+        assert rel(y, codes_part + F.linear(x, mins, bias)) < 1e-6
     # Against the original float weights: also the quantization error.
     assert rel(y, F.linear(x, w, bias)) < (3e-2 if scheme == "int8" else 1.5e-1)
 
@@ -163,13 +173,19 @@ def decode_logits(model, steps: int = 5) -> torch.Tensor:
     prompt = torch.randint(
         0, model.cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(4)
     )
+    # Fixed next tokens: two models whose logits differ by rounding noise (int4's inputs
+    # can land on neighbouring int8 steps) take the same path, where greedy ones part at
+    # the first near-tie.
+    tokens = torch.randint(
+        0, model.cfg.vocab_size, (steps, 1, 1), generator=torch.Generator().manual_seed(5)
+    )
     out = []
     with torch.inference_mode():
         logits = model(prompt, torch.arange(7)[None], torch.tensor([0]), kv_len=7)
         for step in range(steps):
             out.append(logits)
-            token = logits.argmax(-1, keepdim=True)
-            logits = model(token, torch.tensor([[7 + step]]), torch.tensor([0]), kv_len=8 + step)
+            pos = torch.tensor([[7 + step]])
+            logits = model(tokens[step], pos, torch.tensor([0]), kv_len=8 + step)
     return torch.cat(out)
 
 
@@ -234,7 +250,11 @@ def test_row_products_of_a_quantized_model_give_its_unfused_logits(folder, schem
     model = load_folder(folder, CPU, torch.float32, Q.QuantSpec(scheme)).model
     rows = copy.deepcopy(model)
     assert rows.use_row_kernels()
-    assert (decode_logits(rows) - decode_logits(model)).abs().max().item() < 1e-4
+    plain = decode_logits(model)
+    # fermi's kernels round each block of inputs to int16 steps; the fused norm's float32
+    # noise can put an input on the neighbouring step (measured: 4e-4 of the mean |logit|)
+    tol = 1e-4 if Q.cpu_layout() == "torch" else 2e-3 * plain.abs().mean().item()
+    assert (decode_logits(rows) - plain).abs().max().item() < tol
 
 
 def test_engine_generates_with_quantize_and_refuses_a_bad_value_before_loading(folder):

@@ -22,9 +22,12 @@ minimums). :class:`QuantLinear` turns it into what its device's kernel reads:
 
 - CPU, where fermi's own kernels build (``fermi.native``, layout ``"native"``): the codes
   in their panels of 16 output rows, int4 scales and minimums in fp16 (as the CUDA kernels
-  read them), int8 scales in float32; float32 activations, and the weights never formed
-  (a group's sums of codes times inputs are scaled once). Decode steps run every layer
-  there in one call (``Decoder.use_native_rows``).
+  read them), int8 scales in float32; the weights are never formed. The inputs are rounded
+  to int16 in blocks of each row (int4: its groups; int8: 32 features), a block's step its
+  largest magnitude / 32767, so that a block's sum of codes times inputs is an exact
+  integer sum, then scaled (:func:`rounded_inputs` is that rounding in torch; int4's
+  minimums multiply the block's unrounded sum). Decode steps run every layer there in one
+  call (``Decoder.use_native_rows``).
 - CPU otherwise (layout ``"torch"``): torch's packed-weight kernels
   (``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``). They are fast only
   with bf16 activations (float32 takes a scalar path ~10-30x slower,
@@ -169,11 +172,42 @@ def native_pack(w: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.T
     scales (int8: float32 per row; int4: fp16 per group) and int4 minimums (fp16)."""
     if w.scheme == "int8":
         scales = _panels(w.scales.float()[:, None]).view(-1)
-        return _panels(w.codes), scales, None
+        q = _panels(w.codes)  # [P, k, 16]
+        p, k = q.shape[:2]
+        q = torch.cat([q, q.new_zeros(p, k % 2, native.PANEL)], dim=1)
+        # features 2j, 2j + 1 of row r at bytes 2r, 2r + 1 of step j
+        codes = q.view(p, -1, 2, native.PANEL).transpose(2, 3).reshape(p, -1, 2 * native.PANEL)
+        return codes.contiguous(), scales, None
     assert w.mins is not None
     q = _panels(unpack_int4(w.codes, w.group_size))  # [P, k, 16], one code a byte
-    codes = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-    return codes, _panels(w.scales.half()), _panels(w.mins.half())
+    p, k = q.shape[:2]
+    # feature 8j + 4h + 2s + t: half h of step j, byte 2r + t, low nibble (s = 0) or high
+    q = q.view(p, k // 8, 2, 2, 2, native.PANEL)
+    codes = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(3, 4)
+    return (
+        codes.reshape(p, k // 8, 4 * native.PANEL).contiguous(),
+        _panels(w.scales.half()),
+        _panels(w.mins.half()),
+    )
+
+
+# Input features per block that the native int8 product rounds together (kernels.c).
+INT8_BLOCK = 32
+
+
+def rounded_inputs(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The inputs ``x`` [..., K] (float32) as the native int8 and int4 products multiply
+    them with the codes: each block of ``block`` values (int4: its group; int8:
+    ``INT8_BLOCK``, the last block shorter) rounded to int16 steps of its largest magnitude
+    / 32767 (ties to even), then scaled back. (int4's minimums multiply the unrounded sum.)"""
+    k = x.shape[-1]
+    pad = -k % block
+    g = F.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], (k + pad) // block, block)
+    top = g.abs().amax(-1, keepdim=True)
+    # (a true division, as kernels.c's: torch's scalar / tensor multiplies by a reciprocal)
+    inv = torch.where(top > 0, torch.full_like(top, 32767.0) / top, torch.zeros_like(top))
+    rounded = (torch.round(g * inv) * (top / 32767.0)).reshape(*x.shape[:-1], k + pad)
+    return rounded[..., :k]
 
 
 def native_unpack(
@@ -181,14 +215,18 @@ def native_unpack(
     scales: torch.Tensor,
     mins: torch.Tensor | None,
     n: int,
+    k: int,
     group: int,
 ) -> QuantizedWeight:
-    """The :class:`QuantizedWeight` of :func:`native_pack`'s tensors (``n`` output rows)."""
+    """The :class:`QuantizedWeight` of :func:`native_pack`'s tensors (``n`` output rows,
+    ``k`` input features)."""
+    p, steps = codes.shape[:2]
     if mins is None:
-        return QuantizedWeight(_unpanel(codes, n).contiguous(), scales[:n].clone())
-    pairs = codes.view(*codes.shape[:2], 1, codes.shape[2])
-    q = torch.cat((pairs & 0xF, pairs >> 4), dim=2).view(codes.shape[0], -1, codes.shape[2])
-    q = _unpanel(q, n)
+        q = codes.view(p, steps, native.PANEL, 2).transpose(2, 3).reshape(p, steps * 2, -1)
+        return QuantizedWeight(_unpanel(q[:, :k], n).contiguous(), scales[:n].clone())
+    pairs = codes.view(p, steps, 2, native.PANEL, 2).transpose(3, 4)  # [P, k/8, h, t, r]
+    q = torch.stack((pairs & 0xF, pairs >> 4), dim=3)  # [P, k/8, h, s, t, r]
+    q = _unpanel(q.reshape(p, steps * 8, native.PANEL), n)
     return QuantizedWeight(
         pack_int4(q, group), _unpanel(scales, n).float(), _unpanel(mins, n).float()
     )
@@ -346,9 +384,8 @@ class QuantLinear(nn.Module):
         """The :class:`QuantizedWeight` this layer computes with, in the stored form (CPU's
         packing undone): the reference the kernels are tested against."""
         if self.layout == "native":
-            return native_unpack(
-                self.codes, self.scales, self.mins, self.out_features, self.group_size
-            )
+            n, k = self.out_features, self.in_features
+            return native_unpack(self.codes, self.scales, self.mins, n, k, self.group_size)
         if not self.cpu:
             mins = None if self.mins is None else self.mins.float()
             return QuantizedWeight(self.codes, self.scales.float(), mins)

@@ -6,26 +6,35 @@
  * around its kernels (dispatch, allocation, one op per norm, rope, add and cast) costs as
  * much as the products themselves at SmolLM2's size (perf/LOG.md runs 67 and 70).
  *
- * Weights are in panels of 16 output rows: [ceil(n/16)][k][16], input feature j of the
- * panel's 16 rows side by side (a panel past n is zero-padded). A product streams each
- * panel from its first byte to its last, widening 16 weights into one vector per input
- * feature and multiplying them by that feature of every input row, broadcast: the sums of
- * 16 outputs build up in one register per input row, with no horizontal sums, and a
- * weight vector widened once serves up to TILE input rows. Three formats (fermi_weight):
+ * Weights are in panels of 16 output rows, a panel past n zero-padded. A product streams
+ * each panel from its first byte to its last, widening the weights of 16 rows into one
+ * vector and multiplying it by every input row's features, broadcast: the sums of 16
+ * outputs build up in one register per input row, with no horizontal sums, and a weight
+ * vector widened once serves a tile of input rows. Three formats (fermi_weight):
  *
- * - fp16: the values.
- * - int8: codes q in -127..127, one float32 scale per output row (w = q * scale); the
- *   sums of q * u are scaled on the way out.
- * - int4: codes 0..15 two to a byte, input features 2j (low nibble) and 2j + 1 (high) of
- *   the 16 rows in 16 bytes, [ceil(n/16)][k/2][16]; each group of `group` features has an
- *   fp16 scale and minimum per output row, [ceil(n/16)][k/group][16] each
- *   (w = q * scale + min). A group's sums of q * u are taken first, then scaled, and
- *   min times the group's sum of u added: the weights are never formed.
+ * - fp16: the values, [ceil(n/16)][k][16]: input feature j of the 16 rows side by side.
+ * - int8: codes q in -127..127, [ceil(n/16)][ceil(k/2)][16][2]: features 2j, 2j + 1 of
+ *   row r at bytes 2r, 2r + 1 of step j (a zero feature past an odd k); one float32 scale
+ *   per output row (w = q * scale), applied on the way out.
+ * - int4: codes 0..15 two to a byte, [ceil(n/16)][k/8][2][16][2]: in half h of step j,
+ *   byte 2r + t holds feature 8j + 4h + t of row r in its low nibble and feature
+ *   8j + 4h + 2 + t in its high one. Each group of `group` features (a multiple of 16)
+ *   has an fp16 scale and minimum per output row, [ceil(n/16)][k/group][16] each
+ *   (w = q * scale + min).
+ *
+ * The quantized formats multiply integers: each block of an input row (int4: a group;
+ * int8: INT8_BLOCK features) is rounded to int16 steps of its largest magnitude
+ * (a = round(u / s), s = max |u| / 32767: at most 1/65534 of that magnitude off, where
+ * int8 steps cost 12x the KL divergence of int4 itself: perf/LOG.md run 72), so that the
+ * codes widened to int16 and the inputs' pairs give exact int32 sums of q * a in one
+ * instruction per pair of features (vpdpwssd, or vpmaddwd and an add). A block's sum is
+ * then scaled by s (and int4's by its scale, plus min times the block's float sum of u):
+ * the weights are never formed.
  *
  * Inputs of a product are float32 rows that the kernel prepares itself first ("u"): as
  * given, RMS-normalised with a weight (the layer's norm rides inside the product), or
  * silu(gate) * up of a [gate | up] row. Results are float32; a bias and a residual row are
- * added on the way out. Accumulation is float32, in 16 lanes summed at the end.
+ * added on the way out. Float accumulation is in 16 lanes summed at the end.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -37,7 +46,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #define FERMI_SIMD 512
 typedef __m512 v16;
 static inline v16 v_zero(void) { return _mm512_setzero_ps(); }
@@ -47,17 +56,34 @@ static inline v16 v_half(const uint16_t *p) {
 }
 static inline v16 v_fma(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float v_sum(v16 a) { return _mm512_reduce_add_ps(a); }
-static inline v16 v_int8(const int8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+/* 16 lanes of int32, one per output row of a panel; or 32 int16, two per row. */
+typedef __m512i i16;
+static inline i16 i_zero(void) { return _mm512_setzero_si512(); }
+static inline i16 i_add(i16 a, i16 b) { return _mm512_add_epi32(a, b); }
+static inline v16 i_float(i16 a) { return _mm512_cvtepi32_ps(a); }
+/* 32 bytes of int4 codes (bytes 2r, 2r + 1 for row r) as int16: the low nibbles into lo,
+ * the high ones into hi. */
+static inline void i_nibbles(const uint8_t *p, i16 *lo, i16 *hi) {
+    __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    *lo = _mm512_and_si512(w, _mm512_set1_epi16(15));
+    *hi = _mm512_srli_epi16(w, 4);
 }
-/* 16 bytes of int4 codes: the low nibbles' values into lo, the high nibbles' into hi. */
-static inline void v_int4(const uint8_t *p, v16 *lo, v16 *hi) {
-    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
-    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+/* 32 int8 codes (bytes 2r, 2r + 1 for row r) as int16. */
+static inline i16 i_widen(const int8_t *p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+/* acc + each row's two int16 codes times a[0], a[1]. */
+static inline i16 i_dot2(i16 acc, i16 w, const int16_t *a) {
+    int32_t pair;
+    memcpy(&pair, a, 4);
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(pair));
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_set1_epi32(pair)));
+#endif
 }
 #define TILE 8 /* input rows per pass over a panel: 8 accumulators of 32 registers */
-#define TILE_INT4 8
+#define TILE_Q 8 /* the same for products of int8 inputs (int8 and int4 weights) */
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define FERMI_SIMD 256
 typedef struct {
@@ -87,22 +113,51 @@ static inline float v_sum(v16 a) {
     q = _mm_add_ss(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
 }
-static inline v16 v_int8(const int8_t *p) {
-    v16 r = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))),
-             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))))};
+typedef struct {
+    __m256i lo, hi; /* rows 0-7, rows 8-15 */
+} i16;
+static inline i16 i_zero(void) {
+    i16 r = {_mm256_setzero_si256(), _mm256_setzero_si256()};
     return r;
 }
-static inline void v_int4(const uint8_t *p, v16 *lo, v16 *hi) {
-    __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
-    __m256i m = _mm256_set1_epi32(15);
-    lo->lo = _mm256_cvtepi32_ps(_mm256_and_si256(a, m));
-    lo->hi = _mm256_cvtepi32_ps(_mm256_and_si256(b, m));
-    hi->lo = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
-    hi->hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+static inline i16 i_add(i16 a, i16 b) {
+    i16 r = {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)};
+    return r;
+}
+static inline v16 i_float(i16 a) {
+    v16 r = {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)};
+    return r;
+}
+static inline void i_nibbles(const uint8_t *p, i16 *lo, i16 *hi) {
+    __m256i a = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+    __m256i m = _mm256_set1_epi16(15);
+    lo->lo = _mm256_and_si256(a, m);
+    lo->hi = _mm256_and_si256(b, m);
+    hi->lo = _mm256_srli_epi16(a, 4);
+    hi->hi = _mm256_srli_epi16(b, 4);
+}
+static inline i16 i_widen(const int8_t *p) {
+    i16 r = {_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)),
+             _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)))};
+    return r;
+}
+static inline __m256i dot2_half(__m256i acc, __m256i w, __m256i a) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, w, a);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, a));
+#endif
+}
+static inline i16 i_dot2(i16 acc, i16 w, const int16_t *a) {
+    int32_t pair;
+    memcpy(&pair, a, 4);
+    __m256i b = _mm256_set1_epi32(pair);
+    i16 r = {dot2_half(acc.lo, w.lo, b), dot2_half(acc.hi, w.hi, b)};
+    return r;
 }
 #define TILE 6 /* 16 registers: 6 accumulator pairs */
-#define TILE_INT4 3 /* a group's partial sums beside the totals */
+#define TILE_Q 3 /* a row's total and integer sum, 2 registers each */
 #else
 #error "fermi's CPU kernels need AVX2 with F16C and FMA, or AVX-512"
 #endif
@@ -154,7 +209,7 @@ static inline void v_store(float *p, v16 a) {
 /* One panel (16 outputs, k inputs) against R prepared input rows u (ldu apart); the 16
  * sums of row r go to out + r * PANEL. One or two rows keep several partial sums over the
  * inputs (a single chain of dependent multiply-adds would wait on each one's latency).
- * Defined for fp16 and int8 codes alike (LOAD widens 16 codes to floats). */
+ * (LOAD widens 16 stored values to floats.) */
 #define DEFINE_TILES(NAME, T, LOAD)                                                          \
     static inline void NAME##_1(const T *w, const float *u, long ldu, long k, float *out) {  \
         (void)ldu;                                                                          \
@@ -218,31 +273,63 @@ static inline void v_store(float *p, v16 a) {
 #define TILE_8_CASES(NAME)
 #endif
 DEFINE_TILES(tile_f16, uint16_t, v_half)
-DEFINE_TILES(tile_int8, int8_t, v_int8)
 
-/* The int4 panel (codes, its groups' scales and minimums) against R rows u, whose sums
- * over each group are usum[r * groups + g]. Two partial sums per row inside a group (the
- * low and high nibbles'), so one row's multiply-adds form two chains. */
+static inline v16 v_mul(v16 a, v16 b) {
+#if FERMI_SIMD == 512
+    return _mm512_mul_ps(a, b);
+#else
+    v16 r = {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)};
+    return r;
+#endif
+}
+
+/* A product's inputs as the int8 and int4 formats take them (quantize_inputs): m rows of
+ * int16 values (kq = k rounded up to 2 apart, zero past k), and for each block of a row
+ * (int4: a group; int8: INT8_BLOCK features, the last one shorter) its scale, and (int4)
+ * its float sum. */
+typedef struct {
+    int16_t *a;   /* [m][kq] */
+    float *scale; /* [m][blocks] */
+    float *sum;   /* [m][blocks] */
+    long kq, blocks;
+} q_inputs;
+
+#define INT8_BLOCK 32
+
+/* The int4 panel (codes, its groups' scales and minimums) against R rows of inputs. A
+ * group's integer sums build up per row (one or two rows: two sums each, one per half of
+ * a step, so that a row's dot products do not all wait on each other); then each is
+ * scaled into the row's float total. */
 static inline void tile_int4_n(const uint8_t *w, const uint16_t *sc, const uint16_t *mn,
-                               long group, const float *u, long ldu, const float *usum,
-                               long k, int R, float *out) {
-    v16 acc[TILE_INT4], lo_part[TILE_INT4], hi_part[TILE_INT4];
+                               long group, const int16_t *a, long lda, const float *ascale,
+                               const float *usum, long k, int R, float *out) {
+    v16 acc[TILE_Q];
+    i16 part[TILE_Q], odd[TILE_Q];
+    int two = R <= 2;
     long groups = k / group;
     for (int r = 0; r < R; r++) acc[r] = v_zero();
     for (long g = 0; g < groups; g++, sc += PANEL, mn += PANEL) {
-        for (int r = 0; r < R; r++) lo_part[r] = hi_part[r] = v_zero();
-        const float *ug = u + g * group;
-        for (long j = 0; j < group; j += 2, w += PANEL) {
-            v16 lo, hi;
-            v_int4(w, &lo, &hi);
+        for (int r = 0; r < R; r++) part[r] = odd[r] = i_zero();
+        const int16_t *ag = a + g * group;
+        for (long j = 0; j < group; j += 8, w += 4 * PANEL) {
+            i16 lo, hi;
+            i_nibbles(w, &lo, &hi); /* features j, j + 1 (lo) and j + 2, j + 3 (hi) */
             for (int r = 0; r < R; r++) {
-                lo_part[r] = v_fma(lo, v_bcast(ug[r * ldu + j]), lo_part[r]);
-                hi_part[r] = v_fma(hi, v_bcast(ug[r * ldu + j + 1]), hi_part[r]);
+                part[r] = i_dot2(part[r], lo, ag + r * lda + j);
+                part[r] = i_dot2(part[r], hi, ag + r * lda + j + 2);
+            }
+            i_nibbles(w + 2 * PANEL, &lo, &hi); /* features j + 4 .. j + 7 */
+            for (int r = 0; r < R; r++) {
+                i16 *sum = two ? &odd[r] : &part[r];
+                *sum = i_dot2(*sum, lo, ag + r * lda + j + 4);
+                *sum = i_dot2(*sum, hi, ag + r * lda + j + 6);
             }
         }
         v16 scale = v_half(sc), low = v_half(mn);
         for (int r = 0; r < R; r++) {
-            acc[r] = v_fma(v_add(lo_part[r], hi_part[r]), scale, acc[r]);
+            i16 total = two ? i_add(part[r], odd[r]) : part[r];
+            v16 step = v_mul(scale, v_bcast(ascale[r * groups + g]));
+            acc[r] = v_fma(i_float(total), step, acc[r]);
             acc[r] = v_fma(low, v_bcast(usum[r * groups + g]), acc[r]);
         }
     }
@@ -250,18 +337,71 @@ static inline void tile_int4_n(const uint8_t *w, const uint16_t *sc, const uint1
 }
 
 static inline void tile_int4(const uint8_t *w, const uint16_t *sc, const uint16_t *mn,
-                             long group, const float *u, long ldu, const float *usum, long k,
-                             int rows, float *out) {
+                             long group, const q_inputs *in, long k, long i0, int rows,
+                             float *out) {
+    long groups = k / group;
+    const int16_t *a = in->a + i0 * in->kq;
+    const float *as = in->scale + i0 * groups, *us = in->sum + i0 * groups;
     switch (rows) { /* constant row counts, so each loop over rows unrolls */
-    case 1: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 1, out); break;
-    case 2: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 2, out); break;
-    case 3: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 3, out); break;
-#if TILE_INT4 >= 8
-    case 4: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 4, out); break;
-    case 5: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 5, out); break;
-    case 6: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 6, out); break;
-    case 7: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 7, out); break;
-    case 8: tile_int4_n(w, sc, mn, group, u, ldu, usum, k, 8, out); break;
+    case 1: tile_int4_n(w, sc, mn, group, a, k, as, us, k, 1, out); break;
+    case 2: tile_int4_n(w, sc, mn, group, a, k, as, us, k, 2, out); break;
+    case 3: tile_int4_n(w, sc, mn, group, a, k, as, us, k, 3, out); break;
+#if TILE_Q >= 8
+    case 4: tile_int4_n(w, sc, mn, group, a, k, as, us, k, 4, out); break;
+    case 5: tile_int4_n(w, sc, mn, group, a, k, as, us, k, 5, out); break;
+    case 6: tile_int4_n(w, sc, mn, group, a, k, as, us, k, 6, out); break;
+    case 7: tile_int4_n(w, sc, mn, group, a, k, as, us, k, 7, out); break;
+    case 8: tile_int4_n(w, sc, mn, group, a, k, as, us, k, 8, out); break;
+#endif
+    }
+}
+
+/* The int8 panel against R rows of inputs (the row scales are applied by the caller):
+ * per block of INT8_BLOCK features, each row's integer sum of codes times inputs, then
+ * scaled by the block's input scale into the row's float total. */
+static inline void tile_int8_n(const int8_t *w, const int16_t *a, long lda, const float *ascale,
+                               long kq, long blocks, int R, float *out) {
+    v16 acc[TILE_Q];
+    i16 part[TILE_Q], odd[TILE_Q];
+    int two = R <= 2;
+    for (int r = 0; r < R; r++) acc[r] = v_zero();
+    for (long b = 0; b < blocks; b++) {
+        long j = b * INT8_BLOCK, end = j + INT8_BLOCK < kq ? j + INT8_BLOCK : kq;
+        for (int r = 0; r < R; r++) part[r] = odd[r] = i_zero();
+        for (; two && j + 4 <= end; j += 4, w += 4 * PANEL) {
+            i16 c0 = i_widen(w), c1 = i_widen(w + 2 * PANEL);
+            for (int r = 0; r < R; r++) {
+                part[r] = i_dot2(part[r], c0, a + r * lda + j);
+                odd[r] = i_dot2(odd[r], c1, a + r * lda + j + 2);
+            }
+        }
+        for (; j < end; j += 2, w += 2 * PANEL) {
+            i16 c = i_widen(w);
+            for (int r = 0; r < R; r++) part[r] = i_dot2(part[r], c, a + r * lda + j);
+        }
+        for (int r = 0; r < R; r++) {
+            i16 total = two ? i_add(part[r], odd[r]) : part[r];
+            acc[r] = v_fma(i_float(total), v_bcast(ascale[r * blocks + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) v_store(out + r * PANEL, acc[r]);
+}
+
+static inline void tile_int8(const int8_t *w, const q_inputs *in, long i0, int rows,
+                             float *out) {
+    const int16_t *a = in->a + i0 * in->kq;
+    const float *as = in->scale + i0 * in->blocks;
+    long kq = in->kq, nb = in->blocks;
+    switch (rows) {
+    case 1: tile_int8_n(w, a, kq, as, kq, nb, 1, out); break;
+    case 2: tile_int8_n(w, a, kq, as, kq, nb, 2, out); break;
+    case 3: tile_int8_n(w, a, kq, as, kq, nb, 3, out); break;
+#if TILE_Q >= 8
+    case 4: tile_int8_n(w, a, kq, as, kq, nb, 4, out); break;
+    case 5: tile_int8_n(w, a, kq, as, kq, nb, 5, out); break;
+    case 6: tile_int8_n(w, a, kq, as, kq, nb, 6, out); break;
+    case 7: tile_int8_n(w, a, kq, as, kq, nb, 7, out); break;
+    case 8: tile_int8_n(w, a, kq, as, kq, nb, 8, out); break;
 #endif
     }
 }
@@ -283,26 +423,56 @@ static void prepare(const float *x, long k, const float *norm_w, float eps, int 
     }
 }
 
-/* Each int4 group's sum of the prepared rows' inputs (m rows of k, into m * k / group). */
-static void group_sums(const fermi_weight *w, const float *u, long k, long m, float *usum) {
-    if (w->format != FORMAT_INT4) return;
-    long groups = k / w->group;
-    for (long i = 0; i < m; i++)
-        for (long g = 0; g < groups; g++) {
-            const float *ug = u + i * k + g * w->group;
-            float total = 0.0f;
-            for (long j = 0; j < w->group; j++) total += ug[j];
-            usum[i * groups + g] = total;
+/* Rounds n values u to int16 steps of their largest magnitude / 32767 (to nearest, ties
+ * to even, as the SIMD conversions round) into a; returns the step, and their float sum
+ * through *total. */
+static float round_block(const float *u, long n, int16_t *a, float *total) {
+    float top = 0.0f, sum = 0.0f;
+    for (long j = 0; j < n; j++) {
+        float v = fabsf(u[j]);
+        top = v > top ? v : top;
+        sum += u[j];
+    }
+    float inv = top > 0.0f ? 32767.0f / top : 0.0f;
+    for (long j = 0; j < n; j++) a[j] = (int16_t)lrintf(u[j] * inv);
+    *total = sum;
+    return top / 32767.0f;
+}
+
+/* The int8 and int4 formats' inputs of m prepared rows u (k apart) into `in`: each block
+ * of each row rounded by round_block. Nothing for fp16. */
+static void quantize_inputs(const fermi_weight *w, const float *u, long k, long m,
+                            q_inputs *in) {
+    if (w->format == FORMAT_F16) return;
+    long block = w->format == FORMAT_INT4 ? w->group : INT8_BLOCK;
+    in->kq = (k + 1) / 2 * 2;
+    in->blocks = (k + block - 1) / block;
+    for (long i = 0; i < m; i++) {
+        int16_t *a = in->a + i * in->kq;
+        for (long b = 0; b < in->blocks; b++) {
+            long j = b * block, n = j + block < k ? block : k - j, at = i * in->blocks + b;
+            in->scale[at] = round_block(u + i * k + j, n, a + j, &in->sum[at]);
         }
+        for (long j = k; j < in->kq; j++) a[j] = 0;
+    }
+}
+
+/* Scratch for q_inputs of m rows of up to k features, in floats (blocks of 16 or more). */
+static long q_floats(long m, long k) { return (m * (k + 1) + 1) / 2 + 2 * m * (k / 16 + 1); }
+
+static q_inputs q_scratch(float *floats, long m, long k) {
+    long halves = (m * (k + 1) + 1) / 2, blocks = m * (k / 16 + 1);
+    q_inputs in = {(int16_t *)floats, floats + halves, floats + halves + blocks, 0, 0};
+    return in;
 }
 
 /* Panels [p0, p1) of y = u . W^T (+ bias) (+ residual) for m prepared rows u (k apart);
- * usum: group_sums of u for int4. */
+ * in: quantize_inputs of u for int8 and int4. */
 static void panels(const fermi_weight *w, const float *bias, long n, long k, const float *u,
-                   const float *usum, long m, const float *residual, long ldr, float *y,
+                   const q_inputs *in, long m, const float *residual, long ldr, float *y,
                    long ldy, long p0, long p1) {
     float sums[TILE * PANEL];
-    long tile_rows = w->format == FORMAT_INT4 ? TILE_INT4 : TILE;
+    long tile_rows = w->format == FORMAT_F16 ? TILE : TILE_Q;
     long groups = w->format == FORMAT_INT4 ? k / w->group : 0;
     const float *row_scale = w->format == FORMAT_INT8 ? (const float *)w->scales : NULL;
     for (long p = p0; p < p1; p++) {
@@ -313,12 +483,13 @@ static void panels(const fermi_weight *w, const float *bias, long n, long k, con
             if (w->format == FORMAT_F16)
                 tile_f16((const uint16_t *)w->codes + p * k * PANEL, ui, k, k, rows, sums);
             else if (w->format == FORMAT_INT8)
-                tile_int8((const int8_t *)w->codes + p * k * PANEL, ui, k, k, rows, sums);
+                tile_int8((const int8_t *)w->codes + p * ((k + 1) / 2 * 2) * PANEL, in, i0, rows,
+                          sums);
             else
                 tile_int4((const uint8_t *)w->codes + p * (k / 2) * PANEL,
                           (const uint16_t *)w->scales + p * groups * PANEL,
-                          (const uint16_t *)w->mins + p * groups * PANEL, w->group, ui, k,
-                          usum + i0 * groups, k, rows, sums);
+                          (const uint16_t *)w->mins + p * groups * PANEL, w->group, in, k, i0,
+                          rows, sums);
             for (int r = 0; r < rows; r++) {
                 long i = i0 + r;
                 for (long q = 0; q < width; q++) {
@@ -333,10 +504,11 @@ static void panels(const fermi_weight *w, const float *bias, long n, long k, con
     }
 }
 
-/* Whether the kernels take this weight: a known format, and int4 groups that divide k. */
+/* Whether the kernels take this weight: a known format, and int4 groups of a multiple of
+ * 16 features that divide k. */
 static int weight_ok(const fermi_weight *w, long k) {
     if (w->format == FORMAT_F16 || w->format == FORMAT_INT8) return 1;
-    return w->format == FORMAT_INT4 && w->group >= 2 && w->group % 2 == 0 && k % w->group == 0;
+    return w->format == FORMAT_INT4 && w->group >= 16 && w->group % 16 == 0 && k % w->group == 0;
 }
 
 /* y[i, :n] = u_i . W^T (+ bias) (+ residual[i, :n]) for the m rows of x.
@@ -350,16 +522,16 @@ int fermi_linear(const fermi_weight *w, const float *bias, long n, long k, const
                  long ldx, long m, const float *norm_w, float eps, int act,
                  const float *residual, long ldr, float *y, long ldy, int threads) {
     if (!weight_ok(w, k)) return -2;
-    long groups = w->format == FORMAT_INT4 ? k / w->group : 0;
-    float *u = malloc((size_t)(m * k + m * groups) * sizeof(float));
+    long scratch = w->format == FORMAT_F16 ? 0 : q_floats(m, k);
+    float *u = malloc((size_t)(m * k + scratch) * sizeof(float));
     if (u == NULL) return -1;
-    float *usum = u + m * k;
+    q_inputs in = q_scratch(u + m * k, m, k);
     for (long i = 0; i < m; i++) prepare(x + i * ldx, k, norm_w, eps, act, u + i * k);
-    group_sums(w, u, k, m, usum);
+    quantize_inputs(w, u, k, m, &in);
     long count = (n + PANEL - 1) / PANEL;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (long p = 0; p < count; p++)
-        panels(w, bias, n, k, u, usum, m, residual, ldr, y, ldy, p, p + 1);
+        panels(w, bias, n, k, u, &in, m, residual, ldr, y, ldy, p, p + 1);
     free(u);
     return 0;
 }
@@ -539,11 +711,12 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads(), phase = 0;
         /* Each thread's own prepared rows, their int4 group sums and attention scores. */
-        float *u = malloc((size_t)(rows * widest * 2 + s->max_seq) * sizeof(float));
+        long scratch = rows * widest + q_floats(rows, widest) + s->max_seq;
+        float *u = malloc((size_t)scratch * sizeof(float));
         if (u == NULL) atomic_store(&failed, 1);
         team_wait(&barrier, n, &phase);
         if (atomic_load(&failed) == 0) {
-            float *usum = u + rows * widest, *scores = usum + rows * widest;
+            float *scores = u + rows * widest + q_floats(rows, widest);
             long p0, p1;
             for (long i = 0; i < s->layers; i++) {
                 const fermi_layer *l = &s->layer[i];
@@ -551,8 +724,9 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
                 for (long r = 0; r < rows; r++)
                     prepare(x + r * hid, hid, l->norm1, s->eps, 0, u + r * hid);
                 share((nqkv + PANEL - 1) / PANEL, t, n, &p0, &p1);
-                group_sums(&l->w[0], u, hid, rows, usum);
-                panels(&l->w[0], l->bias[0], nqkv, hid, u, usum, rows, NULL, 0, qkv, nqkv, p0, p1);
+                q_inputs in0 = q_scratch(u + rows * widest, rows, hid);
+                quantize_inputs(&l->w[0], u, hid, rows, &in0);
+                panels(&l->w[0], l->bias[0], nqkv, hid, u, &in0, rows, NULL, 0, qkv, nqkv, p0, p1);
                 team_wait(&barrier, n, &phase);
                 /* q/k norms, rope and the cache write of each row */
                 const float *cos = l->rope == 2 ? cos2 : cos1;
@@ -580,23 +754,26 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
                 for (long r = 0; r < rows; r++)
                     prepare(att + r * h * d, h * d, NULL, 0.0f, 0, u + r * h * d);
                 share((hid + PANEL - 1) / PANEL, t, n, &p0, &p1);
-                group_sums(&l->w[1], u, h * d, rows, usum);
-                panels(&l->w[1], l->bias[1], hid, h * d, u, usum, rows, x, hid, x, hid, p0, p1);
+                q_inputs in1 = q_scratch(u + rows * widest, rows, h * d);
+                quantize_inputs(&l->w[1], u, h * d, rows, &in1);
+                panels(&l->w[1], l->bias[1], hid, h * d, u, &in1, rows, x, hid, x, hid, p0, p1);
                 team_wait(&barrier, n, &phase);
                 /* gate and up, the post-attention norm inside */
                 for (long r = 0; r < rows; r++)
                     prepare(x + r * hid, hid, l->norm2, s->eps, 0, u + r * hid);
                 share((2 * inter + PANEL - 1) / PANEL, t, n, &p0, &p1);
-                group_sums(&l->w[2], u, hid, rows, usum);
-                panels(&l->w[2], l->bias[2], 2 * inter, hid, u, usum, rows, NULL, 0, gu, 2 * inter,
+                q_inputs in2 = q_scratch(u + rows * widest, rows, hid);
+                quantize_inputs(&l->w[2], u, hid, rows, &in2);
+                panels(&l->w[2], l->bias[2], 2 * inter, hid, u, &in2, rows, NULL, 0, gu, 2 * inter,
                        p0, p1);
                 team_wait(&barrier, n, &phase);
                 /* down, silu(gate) * up inside, residual added in place */
                 for (long r = 0; r < rows; r++)
                     prepare(gu + r * 2 * inter, inter, NULL, 0.0f, 1, u + r * inter);
                 share((hid + PANEL - 1) / PANEL, t, n, &p0, &p1);
-                group_sums(&l->w[3], u, inter, rows, usum);
-                panels(&l->w[3], l->bias[3], hid, inter, u, usum, rows, x, hid, x, hid, p0, p1);
+                q_inputs in3 = q_scratch(u + rows * widest, rows, inter);
+                quantize_inputs(&l->w[3], u, inter, rows, &in3);
+                panels(&l->w[3], l->bias[3], hid, inter, u, &in3, rows, x, hid, x, hid, p0, p1);
                 team_wait(&barrier, n, &phase);
             }
         }
