@@ -206,6 +206,32 @@ static inline void v_store(float *p, v16 a) {
 #endif
 }
 
+/* The largest of |a|'s lanes and of `top`. */
+static inline float v_top(v16 a, float top) {
+#if FERMI_SIMD == 512
+    float m = _mm512_reduce_max_ps(_mm512_abs_ps(a));
+#else
+    __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v = _mm256_max_ps(_mm256_andnot_ps(sign, a.lo), _mm256_andnot_ps(sign, a.hi));
+    __m128 q = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    q = _mm_max_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_max_ss(q, _mm_movehdup_ps(q));
+    float m = _mm_cvtss_f32(q);
+#endif
+    return m > top ? m : top;
+}
+
+/* a's lanes rounded to the nearest integer (ties to even, the default rounding mode, as
+ * lrintf) into 16 int16 (the values are within +-32767). */
+static inline void v_round16(v16 a, int16_t *out) {
+#if FERMI_SIMD == 512
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(a)));
+#else
+    __m256i w = _mm256_packs_epi32(_mm256_cvtps_epi32(a.lo), _mm256_cvtps_epi32(a.hi));
+    _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(w, 0xD8));
+#endif
+}
+
 /* One panel (16 outputs, k inputs) against R prepared input rows u (ldu apart); the 16
  * sums of row r go to out + r * PANEL. One or two rows keep several partial sums over the
  * inputs (a single chain of dependent multiply-adds would wait on each one's latency).
@@ -408,11 +434,70 @@ static inline void tile_int8(const int8_t *w, const q_inputs *in, long i0, int r
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
+/* e^x lane by lane, within 2 ulp of expf for x in [-87.3, 88.7] (clamped there): x = n ln 2
+ * + r with |r| <= ln 2 / 2, e^r by its degree-7 Taylor-like polynomial (minimax
+ * coefficients), times 2^n. libm's expf, one lane at a time, was a third of a 4-row
+ * step's attention and silu (perf/LOG.md run 72). */
+static inline v16 v_exp(v16 x) {
+#if FERMI_SIMD == 512
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-87.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+#else
+    __m256 n2[2], r2[2];
+    const __m256 *parts[2] = {&x.lo, &x.hi};
+    for (int i = 0; i < 2; i++) {
+        __m256 v = _mm256_max_ps(_mm256_min_ps(*parts[i], _mm256_set1_ps(88.7f)),
+                                 _mm256_set1_ps(-87.3f));
+        n2[i] = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r2[i] = _mm256_fnmadd_ps(n2[i], _mm256_set1_ps(0.693359375f), v);
+        r2[i] = _mm256_fnmadd_ps(n2[i], _mm256_set1_ps(-2.12194440e-4f), r2[i]);
+    }
+    v16 r = {r2[0], r2[1]};
+#endif
+    v16 p = v_bcast(1.9875691500e-4f);
+    p = v_fma(p, r, v_bcast(1.3981999507e-3f));
+    p = v_fma(p, r, v_bcast(8.3334519073e-3f));
+    p = v_fma(p, r, v_bcast(4.1665795894e-2f));
+    p = v_fma(p, r, v_bcast(1.6666665459e-1f));
+    p = v_fma(p, r, v_bcast(5.0000001201e-1f));
+    p = v_fma(v_mul(p, r), r, v_add(r, v_bcast(1.0f)));
+#if FERMI_SIMD == 512
+    return _mm512_scalef_ps(p, n);
+#else
+    __m256i e0 = _mm256_slli_epi32(_mm256_cvtps_epi32(n2[0]), 23);
+    __m256i e1 = _mm256_slli_epi32(_mm256_cvtps_epi32(n2[1]), 23);
+    v16 out = {_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p.lo), e0)),
+               _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p.hi), e1))};
+    return out;
+#endif
+}
+
+static inline v16 v_div(v16 a, v16 b) {
+#if FERMI_SIMD == 512
+    return _mm512_div_ps(a, b);
+#else
+    v16 r = {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)};
+    return r;
+#endif
+}
+
+static inline v16 v_neg(v16 a) { return v_mul(a, v_bcast(-1.0f)); }
+
 /* Row i of the prepared input: x's row as is, RMS-normalised with norm_w, or
  * silu(gate) * up of a [gate | up] row of 2k values. */
 static void prepare(const float *x, long k, const float *norm_w, float eps, int act, float *u) {
     if (act == 1) {
-        for (long j = 0; j < k; j++) u[j] = silu(x[j]) * x[k + j];
+        long j = 0;
+        for (; j + PANEL <= k; j += PANEL) {
+            v16 g = v_load(x + j);
+            v16 s = v_div(g, v_add(v_bcast(1.0f), v_exp(v_neg(g))));
+            v_store(u + j, v_mul(s, v_load(x + k + j)));
+        }
+        for (; j < k; j++) u[j] = silu(x[j]) * x[k + j];
     } else if (norm_w != NULL) {
         double ss = 0.0;
         for (long j = 0; j < k; j++) ss += (double)x[j] * x[j];
@@ -428,14 +513,23 @@ static void prepare(const float *x, long k, const float *norm_w, float eps, int 
  * through *total. */
 static float round_block(const float *u, long n, int16_t *a, float *total) {
     float top = 0.0f, sum = 0.0f;
-    for (long j = 0; j < n; j++) {
+    long whole = n / PANEL * PANEL, j;
+    v16 sums = v_zero();
+    for (j = 0; j < whole; j += PANEL) {
+        v16 v = v_load(u + j);
+        top = v_top(v, top);
+        sums = v_add(sums, v);
+    }
+    for (; j < n; j++) {
         float v = fabsf(u[j]);
         top = v > top ? v : top;
         sum += u[j];
     }
     float inv = top > 0.0f ? 32767.0f / top : 0.0f;
-    for (long j = 0; j < n; j++) a[j] = (int16_t)lrintf(u[j] * inv);
-    *total = sum;
+    v16 scale = v_bcast(inv);
+    for (j = 0; j < whole; j += PANEL) v_round16(v_mul(v_load(u + j), scale), a + j);
+    for (; j < n; j++) a[j] = (int16_t)lrintf(u[j] * inv);
+    *total = sum + v_sum(sums);
     return top / 32767.0f;
 }
 
@@ -585,10 +679,18 @@ static void attend_head(const float *q, const float *keys, const float *values, 
         if (s[t] > top) top = s[t];
     }
     float total = 0.0f;
-    for (long t = 0; t < len; t++) {
+    long t = 0;
+    v16 totals = v_zero();
+    for (; t + PANEL <= len; t += PANEL) {
+        v16 e = v_exp(v_add(v_load(s + t), v_bcast(-top)));
+        v_store(s + t, e);
+        totals = v_add(totals, e);
+    }
+    for (; t < len; t++) {
         s[t] = expf(s[t] - top);
         total += s[t];
     }
+    total += v_sum(totals);
     for (int j = 0; j < d; j++) out[j] = 0.0f;
     for (long t = 0; t < len; t++) {
         const float *vt = values + t * d;
