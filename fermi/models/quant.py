@@ -2,7 +2,8 @@
 
 A decode step reads every weight once, so its speed follows the bytes of the weights:
 int8 halves those of bf16/fp16, int4 (with its scales) takes about a third. Activations
-stay in the model's dtype; only the stored weights change.
+stay in the model's dtype (fermi's CPU kernels round a product's inputs to int16 steps
+inside it, below); only the stored weights change.
 
 - **int8**: one scale per output row (symmetric, ``w = q * scale``, q in -127..127).
 - **int4**: groups of ``INT4_GROUP`` = 32 consecutive values along the input dimension, each
