@@ -722,6 +722,67 @@ def test_decode_steps_after_the_tensors_moved_read_them_where_they_are_now(schem
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def _native_decoder(scheme: str):
+    from fermi.models.quant import QuantSpec, quantize_decoder
+
+    m = random_decoder(CONFIGS["qwen3"]())
+    if scheme == "fp16":
+        use_half_weights(m, "native")
+    else:
+        quantize_decoder(m, QuantSpec(scheme))
+    return m
+
+
+def _native_buffers(m) -> dict[str, torch.Tensor]:
+    from fermi.models.quant import QuantLinear
+
+    kinds = (QuantLinear, HalfWeightLinear)
+    return {
+        f"{path}.{name}": t
+        for path, layer in m.named_modules()
+        if isinstance(layer, kinds) and layer.native_weight is not None
+        for name, t in layer._buffers.items()
+        if t is not None and name != "_handle"
+    }
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["fp16", "int8", "int4"])
+def test_a_decoder_in_the_kernels_copies_and_converts_without_losing_its_formats(scheme):
+    """copy.deepcopy after use_native_rows gives a decoder that steps like the original;
+    model.to(bf16) leaves the kernels' buffers in their formats (fp16 codes turned bf16
+    would be other numbers) with the layers' NativeWeights on those very buffers (not on
+    the tensors they replaced: no second copy), and the one-call step off (the norms are
+    no longer float32); a move off the CPU turns it off too."""
+    import copy
+
+    m = _native_decoder(scheme)
+    want = steps(m, True, steps=3)
+    twin = copy.deepcopy(m)
+    assert twin.native_rows
+    for a, b in zip(steps(twin, True, steps=3), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    before = {k: (t.dtype, t.clone()) for k, t in _native_buffers(m).items()}
+    m.to(torch.bfloat16)
+    after = _native_buffers(m)
+    for key, (dtype, values) in before.items():
+        assert after[key].dtype == dtype and torch.equal(after[key], values), key
+    for layer in m.modules():
+        w = getattr(layer, "native_weight", None)
+        if w is not None:
+            held = [t for t in (w.codes, w.scales, w.mins, w.bias) if t is not None]
+            assert all(any(t is b for b in layer._buffers.values()) for t in held)
+    assert m.dtype == torch.bfloat16 and not m.native_rows
+    assert not m.use_native_rows()
+
+    moved = _native_decoder(scheme)
+    moved.setup_cache(max_batch=1, max_seq_len=8)
+    assert moved.use_native_rows()
+    moved.to("meta")
+    assert not moved.native_rows
+
+
 @needs_kernels
 def test_a_native_layer_refuses_tensors_off_the_cpu_and_a_missing_library(monkeypatch):
     from fermi.models.quant import QuantLinear

@@ -439,13 +439,14 @@ class Decoder(nn.Module):
         single row's final norm and head take one more call (:meth:`use_row_kernels`).
         Applies where the kernels build, every product is stored in one of their formats
         (``HalfWeightLinear`` fp16 or ``QuantLinear`` int8/int4 in ``layout="native"``)
-        and the cache is float32 on CPU; LongRoPE and soft-capping keep torch's path. Call
+        and the model (its norms) and the cache are float32 on CPU; LongRoPE and
+        soft-capping keep torch's path. Call
         after ``setup_cache``. Returns whether it does."""
         from fermi import native
 
         cfg = self.cfg
         lib = native.library()
-        if lib is None or self.device.type != "cpu":
+        if lib is None or self.device.type != "cpu" or self.dtype != torch.float32:
             return False
         if cfg.attn_logit_softcap is not None or self.rope_switch is not None:
             return False
@@ -459,7 +460,6 @@ class Decoder(nn.Module):
             return False
         if not self.use_row_kernels():  # the pre-norm, SiLU, unscaled-residual shape
             return False
-        self._native = native
         self._native_stack = None
         self.native_rows = True
         return True
@@ -492,7 +492,9 @@ class Decoder(nn.Module):
         return x
 
     def _build_native_stack(self) -> SimpleNamespace:
-        native, cfg = self._native, self.cfg
+        from fermi import native
+
+        cfg = self.cfg
         layers = (native.Layer * cfg.num_hidden_layers)()
         ropes = {None: 0, GLOBAL_ROPE: 1, LOCAL_ROPE: 2}
 
@@ -559,9 +561,20 @@ class Decoder(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # Whatever moves or converts the tensors (share_memory(), to(), float()) leaves the
-        # kernels' view of the layers pointing at the storages it freed: build it anew.
+        # kernels' view of the layers pointing at the storages it freed: build it anew, and
+        # off the CPU not at all.
         self._native_stack = None
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        if self.native_rows:  # (a move off the CPU, or a cache no longer float32, ends it)
+            self.native_rows = False
+            self.use_native_rows()
+        return out
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles leave out the kernels' view of the layers (ctypes structures
+        # holding this model's addresses); the copy builds its own at its first step.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_native_stack": None}
 
     def use_caches(self, caches: Sequence[Cache | AttendingCache]) -> None:
         """Inject one cache per layer (``setup_cache`` injects the engine's slot caches;

@@ -75,6 +75,22 @@ def register_layer(module: nn.Module) -> torch.Tensor:
     return torch.tensor([number])
 
 
+def apply_keeping_formats(module: nn.Module, fn: Any, recurse: bool, rebuild: Any) -> nn.Module:
+    """``Module._apply`` for a layer whose buffers hold fermi's kernels' formats: a move
+    (``share_memory()``, ``to(device)``) applies, a conversion (``model.to(torch.bfloat16)``,
+    ``.half()``) leaves their dtypes as they are (the kernels read their bits: fp16 codes
+    turned bf16 would be other numbers), and ``rebuild()`` then points the layer's
+    ``NativeWeight`` at the buffers as they are now (not at the tensors they replaced)."""
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        return out if out.dtype == t.dtype else t.to(device=out.device)
+
+    nn.Module._apply(module, moved, recurse)
+    rebuild()
+    return module
+
+
 def rename_copied_layer(module: nn.Module) -> None:
     """Give a copy of a registered layer (``copy.deepcopy``, ``copy.copy``, pickle: each
     restores its state through ``__setstate__``) a name of its own: the copied ``_handle``
@@ -154,8 +170,18 @@ class HalfWeightLinear(nn.Module):
         self.register_buffer("_blocked", blocked, persistent=False)
         bias = None if bias is None else bias.contiguous()
         self.register_buffer("_native_bias", bias, persistent=False)
+        self._point_native_weight()
+
+    def _point_native_weight(self) -> None:
         n, k = self.out_features, self.in_features
-        self.native_weight = native.NativeWeight("fp16", n, k, blocked, bias=bias)
+        self.native_weight = native.NativeWeight(
+            "fp16", n, k, self._blocked, bias=self._native_bias
+        )
+
+    def _apply(self, fn, recurse=True):
+        if self.native_weight is None:
+            return super()._apply(fn, recurse)
+        return apply_keeping_formats(self, fn, recurse, self._point_native_weight)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

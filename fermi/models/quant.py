@@ -51,7 +51,12 @@ from torch import nn
 from fermi import native
 from fermi.models import gemv, quant_mm
 from fermi.models.gemv import ACT_NONE, ACT_SILU_MUL
-from fermi.models.half_weights import native_linear, register_layer, rename_copied_layer
+from fermi.models.half_weights import (
+    apply_keeping_formats,
+    native_linear,
+    register_layer,
+    rename_copied_layer,
+)
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP = 32
@@ -342,10 +347,7 @@ class QuantLinear(nn.Module):
             fbias = None if bias is None else bias.detach().float().contiguous()
             self.register_buffer("_native_bias", fbias, False)
             self.register_buffer("_handle", register_layer(self), False)
-            group = self.group_size if self.scheme == "int4" else 0
-            self.native_weight = native.NativeWeight(
-                self.scheme, self.out_features, self.in_features, codes, scales, mins, group, fbias
-            )
+            self._point_native_weight()
         elif self.cpu and self.scheme == "int8":
             self.register_buffer("codes", w.codes.contiguous(), False)
             # torch's kernel takes the scales in the activations' dtype (bf16).
@@ -367,6 +369,18 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", w.scales.to(scale_dtype).contiguous(), False)
             mins = None if w.mins is None else w.mins.to(torch.float16).contiguous()
             self.register_buffer("mins", mins, False)
+
+    def _point_native_weight(self) -> None:
+        group = self.group_size if self.scheme == "int4" else 0
+        n, k = self.out_features, self.in_features
+        self.native_weight = native.NativeWeight(
+            self.scheme, n, k, self.codes, self.scales, self.mins, group, self._native_bias
+        )
+
+    def _apply(self, fn, recurse=True):
+        if self.native_weight is None:
+            return super()._apply(fn, recurse)
+        return apply_keeping_formats(self, fn, recurse, self._point_native_weight)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
