@@ -244,6 +244,36 @@ def test_quantized_products_are_the_float_products_of_their_codes(libs, scheme, 
             )
 
 
+@pytest.mark.parametrize(("scheme", "k"), [("int8", 64), ("int8", 33), ("int4", 64)])
+def test_quantized_products_of_non_finite_and_tiny_inputs(libs, scheme, k):
+    """A NaN or an infinity in a row's inputs makes that row's outputs NaN (the float
+    products would be non-finite; int16 steps cannot hold them: a NaN rounded to an integer
+    was a finite output, an infinity one of the wrong sign), and other rows keep their
+    values; a block whose largest magnitude is below 32767 / FLT_MAX (~1e-34, where
+    32767 / that magnitude overflowed) is rounded like any other, not to nonsense."""
+    n = 16
+    g = torch.Generator().manual_seed(k)
+    source = torch.randn(n, k, generator=g)
+    q = quantize_int8(source) if scheme == "int8" else quantize_int4(source, 32)
+    weight, _held = quantized(q)
+    w = q.dequantize(torch.float64)
+    for name, lib in libs:
+        x = torch.randn(4, k, generator=g)
+        clean = linear(lib, weight, n, k, x)
+        x[1, 5], x[2, 7], x[3, k - 1] = float("nan"), float("inf"), float("-inf")
+        got = linear(lib, weight, n, k, x)
+        assert torch.isnan(got[1:]).all(), name
+        torch.testing.assert_close(got[0], clean[0], rtol=0, atol=0, msg=name)
+        for scale in (1e-36, 1e-30):
+            x = torch.randn(3, k, generator=g) * scale
+            x[0, ::3] = 0.0
+            ref = x.double() @ w.T
+            got = linear(lib, weight, n, k, x).double()
+            # (steps of 1e-36 / 32767 are subnormal floats: ~16 bits)
+            atol = 1e-3 * ref.abs().max().item()
+            torch.testing.assert_close(got, ref, rtol=0, atol=atol, msg=f"{name} {scale}")
+
+
 def test_an_int4_weight_whose_groups_do_not_divide_its_inputs_is_refused(libs):
     q = quantize_int4(torch.randn(16, 64), 32)
     weight, _held = quantized(q)
@@ -324,6 +354,28 @@ def test_one_token_attention_writes_the_cache_and_attends_like_the_reference(
             torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0, msg=name)
             got = out.view(h, d).double()
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_attention_of_a_nan_score_is_nan(libs):
+    """A NaN among a row's scores (a NaN key: the model overflowed) makes the head's output
+    NaN, as softmax's exponentials of it are NaN, at positions taken 16 at a time too (the
+    vector exponential once clamped a NaN to e^88.7: the head attended to that position
+    alone and its output looked fine)."""
+    h, kv, d, seq, pos = 2, 1, 16, 40, 20
+    g = torch.Generator().manual_seed(3)
+    for name, lib in libs:
+        for bad in (3, 18):  # in the first 16 positions, and in the tail after them
+            k_cache = torch.randn(kv, seq, d, generator=g)
+            v_cache = torch.randn(kv, seq, d, generator=g)
+            k_cache[0, bad, 0] = float("nan")
+            qkv = torch.randn((h + 2 * kv) * d, generator=g)
+            out = torch.zeros(h * d)
+            code = lib.fermi_attend_row(
+                qkv.data_ptr(), h, kv, d, None, None, 1e-6, 0, None, None,
+                k_cache.data_ptr(), v_cache.data_ptr(), seq, pos, 0, 0.25, out.data_ptr(), 1,
+            )  # fmt: skip
+            assert code == 0
+            assert torch.isnan(out).all(), (name, bad)
 
 
 def half_pair(name: str):

@@ -205,14 +205,18 @@ def rounded_inputs(x: torch.Tensor, block: int) -> torch.Tensor:
     """The inputs ``x`` [..., K] (float32) as the native int8 and int4 products multiply
     them with the codes: each block of ``block`` values (int4: its group; int8:
     ``INT8_BLOCK``, the last block shorter) rounded to int16 steps of its largest magnitude
-    / 32767 (ties to even), then scaled back. (int4's minimums multiply the unrounded sum.)"""
+    / 32767 (ties to even), then scaled back. (int4's minimums multiply the unrounded sum.)
+    A block below 2^-64 is scaled up by 2^64 first (exactly), so that 32767 / its largest
+    magnitude stays finite; a block with a NaN or an infinity is NaN."""
     k = x.shape[-1]
     pad = -k % block
     g = F.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], (k + pad) // block, block)
     top = g.abs().amax(-1, keepdim=True)
+    up = torch.where(top < 2.0**-64, 2.0**64, 1.0)
     # (a true division, as kernels.c's: torch's scalar / tensor multiplies by a reciprocal)
-    inv = torch.where(top > 0, torch.full_like(top, 32767.0) / top, torch.zeros_like(top))
-    rounded = (torch.round(g * inv) * (top / 32767.0)).reshape(*x.shape[:-1], k + pad)
+    inv = torch.where(top > 0, torch.full_like(top, 32767.0) / (top * up), torch.zeros_like(top))
+    step = torch.where(torch.isfinite(g).all(-1, keepdim=True), top / 32767.0, float("nan"))
+    rounded = (torch.round(g * up * inv) * step).reshape(*x.shape[:-1], k + pad)
     return rounded[..., :k]
 
 

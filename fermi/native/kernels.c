@@ -36,6 +36,7 @@
  * silu(gate) * up of a [gate | up] row. Results are float32; a bias and a residual row are
  * added on the way out. Float accumulation is in 16 lanes summed at the end.
  */
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -434,13 +435,14 @@ static inline void tile_int8(const int8_t *w, const q_inputs *in, long i0, int r
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-/* e^x lane by lane, within 2 ulp of expf for x in [-87.3, 88.7] (clamped there): x = n ln 2
- * + r with |r| <= ln 2 / 2, e^r by its degree-7 Taylor-like polynomial (minimax
- * coefficients), times 2^n. libm's expf, one lane at a time, was a third of a 4-row
- * step's attention and silu (perf/LOG.md run 72). */
+/* e^x lane by lane, within 2 ulp of expf for x in [-87.3, 88.7] (clamped there; a NaN
+ * stays NaN): x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its degree-7 Taylor-like
+ * polynomial (minimax coefficients), times 2^n. libm's expf, one lane at a time, was a
+ * third of a 4-row step's attention and silu (perf/LOG.md run 72). */
 static inline v16 v_exp(v16 x) {
 #if FERMI_SIMD == 512
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-87.3f));
+    /* (min and max give their second operand where either is NaN: x last, a NaN stays) */
+    x = _mm512_max_ps(_mm512_set1_ps(-87.3f), _mm512_min_ps(_mm512_set1_ps(88.7f), x));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -449,8 +451,8 @@ static inline v16 v_exp(v16 x) {
     __m256 n2[2], r2[2];
     const __m256 *parts[2] = {&x.lo, &x.hi};
     for (int i = 0; i < 2; i++) {
-        __m256 v = _mm256_max_ps(_mm256_min_ps(*parts[i], _mm256_set1_ps(88.7f)),
-                                 _mm256_set1_ps(-87.3f));
+        __m256 v = _mm256_max_ps(_mm256_set1_ps(-87.3f),
+                                 _mm256_min_ps(_mm256_set1_ps(88.7f), *parts[i]));
         n2[i] = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         r2[i] = _mm256_fnmadd_ps(n2[i], _mm256_set1_ps(0.693359375f), v);
@@ -510,7 +512,10 @@ static void prepare(const float *x, long k, const float *norm_w, float eps, int 
 
 /* Rounds n values u to int16 steps of their largest magnitude / 32767 (to nearest, ties
  * to even, as the SIMD conversions round) into a; returns the step, and their float sum
- * through *total. */
+ * through *total. A block below 2^-64 is scaled up by 2^64 first (exactly: a power of
+ * two), so that 32767 / top stays finite (it overflowed below ~1e-34, and the inputs
+ * rounded to nonsense). A NaN or an infinity among the inputs (their sum NaN, or top
+ * infinite) has no int16 step: the step is NaN, and so are the block's products. */
 static float round_block(const float *u, long n, int16_t *a, float *total) {
     float top = 0.0f, sum = 0.0f;
     long whole = n / PANEL * PANEL, j;
@@ -525,11 +530,17 @@ static float round_block(const float *u, long n, int16_t *a, float *total) {
         top = v > top ? v : top;
         sum += u[j];
     }
-    float inv = top > 0.0f ? 32767.0f / top : 0.0f;
-    v16 scale = v_bcast(inv);
-    for (j = 0; j < whole; j += PANEL) v_round16(v_mul(v_load(u + j), scale), a + j);
-    for (; j < n; j++) a[j] = (int16_t)lrintf(u[j] * inv);
     *total = sum + v_sum(sums);
+    if (!(top <= FLT_MAX) || *total != *total) {
+        memset(a, 0, (size_t)n * sizeof *a);
+        return NAN;
+    }
+    float up = top < 0x1p-64f ? 0x1p64f : 1.0f;
+    float inv = top > 0.0f ? 32767.0f / (top * up) : 0.0f;
+    v16 scale = v_bcast(inv), lift = v_bcast(up);
+    for (j = 0; j < whole; j += PANEL)
+        v_round16(v_mul(v_mul(v_load(u + j), lift), scale), a + j);
+    for (; j < n; j++) a[j] = (int16_t)lrintf(u[j] * up * inv);
     return top / 32767.0f;
 }
 
