@@ -573,8 +573,7 @@ class Decoder(nn.Module):
     def __getstate__(self) -> dict:
         # Copies and pickles leave out the kernels' view of the layers (ctypes structures
         # holding this model's addresses); the copy builds its own at its first step.
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_native_stack": None}
+        return {**super().__getstate__(), "_native_stack": None}
 
     def use_caches(self, caches: Sequence[Cache | AttendingCache]) -> None:
         """Inject one cache per layer (``setup_cache`` injects the engine's slot caches;

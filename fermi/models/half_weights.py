@@ -75,22 +75,6 @@ def register_layer(module: nn.Module) -> torch.Tensor:
     return torch.tensor([number])
 
 
-def apply_keeping_formats(module: nn.Module, fn: Any, recurse: bool, rebuild: Any) -> nn.Module:
-    """``Module._apply`` for a layer whose buffers hold fermi's kernels' formats: a move
-    (``share_memory()``, ``to(device)``) applies, a conversion (``model.to(torch.bfloat16)``,
-    ``.half()``) leaves their dtypes as they are (the kernels read their bits: fp16 codes
-    turned bf16 would be other numbers), and ``rebuild()`` then points the layer's
-    ``NativeWeight`` at the buffers as they are now (not at the tensors they replaced)."""
-
-    def moved(t: torch.Tensor) -> torch.Tensor:
-        out = fn(t)
-        return out if out.dtype == t.dtype else t.to(device=out.device)
-
-    nn.Module._apply(module, moved, recurse)
-    rebuild()
-    return module
-
-
 def rename_copied_layer(module: nn.Module) -> None:
     """Give a copy of a registered layer (``copy.deepcopy``, ``copy.copy``, pickle: each
     restores its state through ``__setstate__``) a name of its own: the copied ``_handle``
@@ -98,6 +82,39 @@ def rename_copied_layer(module: nn.Module) -> None:
     hold other weights. The copy gets its own buffer dict, so the original keeps its name."""
     if module._buffers.get("_handle") is not None:
         module._buffers = {**module._buffers, "_handle": register_layer(module)}
+
+
+class KernelLayer(nn.Module):
+    """What :class:`HalfWeightLinear` and ``QuantLinear`` share as layers that compiled
+    code names by ``_handle`` and, in fermi's CPU kernels' formats, hand their buffers to
+    them through ``native_weight`` (a ``NativeWeight`` that ``_point_native_weight`` builds
+    on the buffers as they are)."""
+
+    native_weight: native.NativeWeight | None = None
+
+    def _point_native_weight(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        """With ``native_weight``: a move (``share_memory()``, ``to(device)``) applies, a
+        conversion (``model.to(torch.bfloat16)``, ``.half()``) leaves the buffers' dtypes as
+        they are (the kernels read their bits: fp16 codes turned bf16 would be other
+        numbers), and ``native_weight`` then points at the buffers as they are now (not at
+        the tensors they replaced)."""
+        if self.native_weight is None:
+            return super()._apply(fn, recurse)
+
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        super()._apply(moved, recurse)
+        self._point_native_weight()
+        return self
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        rename_copied_layer(self)
 
 
 @torch.library.custom_op("fermi::packed_fp16_linear", mutates_args=())
@@ -126,7 +143,7 @@ def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-class HalfWeightLinear(nn.Module):
+class HalfWeightLinear(KernelLayer):
     """``nn.Linear`` with an fp16 weight and float32 arithmetic.
 
     In fermi's blocked layout (``layout="native"``) or packed for FBGEMM (``"fbgemm"``):
@@ -156,8 +173,6 @@ class HalfWeightLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         # One float32 buffer for the whole model, grown to the largest weight upcast.
         self._scratch = scratch
-        # The weight as fermi's kernels take it (native layout only).
-        self.native_weight: native.NativeWeight | None = None
         if self.layout == "plain":
             self._weight = nn.Parameter(weight.half(), requires_grad=False)
             self._bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -177,15 +192,6 @@ class HalfWeightLinear(nn.Module):
         self.native_weight = native.NativeWeight(
             "fp16", n, k, self._blocked, bias=self._native_bias
         )
-
-    def _apply(self, fn, recurse=True):
-        if self.native_weight is None:
-            return super()._apply(fn, recurse)
-        return apply_keeping_formats(self, fn, recurse, self._point_native_weight)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        rename_copied_layer(self)
 
     @property
     def packed(self) -> bool:

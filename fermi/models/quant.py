@@ -51,12 +51,7 @@ from torch import nn
 from fermi import native
 from fermi.models import gemv, quant_mm
 from fermi.models.gemv import ACT_NONE, ACT_SILU_MUL
-from fermi.models.half_weights import (
-    apply_keeping_formats,
-    native_linear,
-    register_layer,
-    rename_copied_layer,
-)
+from fermi.models.half_weights import KernelLayer, native_linear, register_layer
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP = 32
@@ -315,7 +310,7 @@ def relative_error(q: QuantizedWeight, reference: torch.Tensor) -> float:
     return (num / max(den, 1e-60)) ** 0.5
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(KernelLayer):
     """A linear layer with a :class:`QuantizedWeight`, held in the form its device's kernel
     reads (see the module's docstring). Returns the input's dtype."""
 
@@ -341,7 +336,6 @@ class QuantLinear(nn.Module):
             raise ValueError(f"CPU layout {self.layout!r} is not 'native' or 'torch'")
         if self.layout == "native" and not native.available():
             raise ValueError("layout 'native' needs fermi's CPU kernels, which do not load here")
-        self.native_weight: native.NativeWeight | None = None
         w = weight.to(device)
         if self.layout == "native":
             codes, scales, mins = native_pack(w)
@@ -380,15 +374,6 @@ class QuantLinear(nn.Module):
         self.native_weight = native.NativeWeight(
             self.scheme, n, k, self.codes, self.scales, self.mins, group, self._native_bias
         )
-
-    def _apply(self, fn, recurse=True):
-        if self.native_weight is None:
-            return super()._apply(fn, recurse)
-        return apply_keeping_formats(self, fn, recurse, self._point_native_weight)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        rename_copied_layer(self)
 
     def extra_repr(self) -> str:
         group = f", group={self.group_size}" if self.scheme == "int4" else ""

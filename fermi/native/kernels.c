@@ -207,19 +207,29 @@ static inline void v_store(float *p, v16 a) {
 #endif
 }
 
-/* The largest of |a|'s lanes and of `top`. */
-static inline float v_top(v16 a, float top) {
+/* Lane by lane, the larger of m and |a|. */
+static inline v16 v_absmax(v16 m, v16 a) {
 #if FERMI_SIMD == 512
-    float m = _mm512_reduce_max_ps(_mm512_abs_ps(a));
+    return _mm512_max_ps(m, _mm512_abs_ps(a));
 #else
     __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 v = _mm256_max_ps(_mm256_andnot_ps(sign, a.lo), _mm256_andnot_ps(sign, a.hi));
+    v16 r = {_mm256_max_ps(m.lo, _mm256_andnot_ps(sign, a.lo)),
+             _mm256_max_ps(m.hi, _mm256_andnot_ps(sign, a.hi))};
+    return r;
+#endif
+}
+
+/* The largest of a's lanes. */
+static inline float v_hmax(v16 a) {
+#if FERMI_SIMD == 512
+    return _mm512_reduce_max_ps(a);
+#else
+    __m256 v = _mm256_max_ps(a.lo, a.hi);
     __m128 q = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     q = _mm_max_ps(q, _mm_movehl_ps(q, q));
     q = _mm_max_ss(q, _mm_movehdup_ps(q));
-    float m = _mm_cvtss_f32(q);
+    return _mm_cvtss_f32(q);
 #endif
-    return m > top ? m : top;
 }
 
 /* a's lanes rounded to the nearest integer (ties to even, the default rounding mode, as
@@ -517,14 +527,14 @@ static void prepare(const float *x, long k, const float *norm_w, float eps, int 
  * rounded to nonsense). A NaN or an infinity among the inputs (their sum NaN, or top
  * infinite) has no int16 step: the step is NaN, and so are the block's products. */
 static float round_block(const float *u, long n, int16_t *a, float *total) {
-    float top = 0.0f, sum = 0.0f;
     long whole = n / PANEL * PANEL, j;
-    v16 sums = v_zero();
+    v16 sums = v_zero(), tops = v_zero();
     for (j = 0; j < whole; j += PANEL) {
         v16 v = v_load(u + j);
-        top = v_top(v, top);
+        tops = v_absmax(tops, v);
         sums = v_add(sums, v);
     }
+    float top = v_hmax(tops), sum = 0.0f; /* (a NaN is caught by the sum below) */
     for (; j < n; j++) {
         float v = fabsf(u[j]);
         top = v > top ? v : top;
