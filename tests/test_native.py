@@ -356,6 +356,35 @@ def test_one_token_attention_writes_the_cache_and_attends_like_the_reference(
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("d", [16, 24, 64, 96, 128, 256])
+def test_attention_over_head_sizes_and_lengths(libs, d):
+    """Scores 16 keys at a time (a transposed sum of 16 registers, whose lane order is easy
+    to get wrong) and values 4 vectors of features at a time, at every head size the models
+    use (and 24, which is not a multiple of 16), at lengths around multiples of 16, against
+    float64; distinct score scales so that a key summed into the wrong lane shows."""
+    h, kv, seq = 4, 2, 150
+    g = torch.Generator().manual_seed(d)
+    for name, lib in libs:
+        k_cache = torch.randn(kv, seq, d, generator=g) * torch.linspace(0.2, 3.0, seq)[:, None]
+        v_cache = torch.randn(kv, seq, d, generator=g)
+        for pos in (14, 15, 16, 31, 32, 47, 100, seq - 1):
+            for first in (0, 3):
+                qkv = torch.randn((h + 2 * kv) * d, generator=g)
+                q, k, v = qkv.view(h + 2 * kv, d).split([h, kv, kv])
+                expected_k, expected_v = k_cache.clone(), v_cache.clone()
+                expected_k[:, pos], expected_v[:, pos] = k, v
+                ref = attention_reference(q, expected_k, expected_v, first, pos, d**-0.5)
+                out = torch.full((h * d,), float("nan"))
+                code = lib.fermi_attend_row(
+                    qkv.data_ptr(), h, kv, d, None, None, 1e-6, 0, None, None,
+                    k_cache.data_ptr(), v_cache.data_ptr(), seq, pos, first, d**-0.5,
+                    out.data_ptr(), 1,
+                )  # fmt: skip
+                assert code == 0
+                got = out.view(h, d).double()
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"{name} {pos}")
+
+
 def test_attention_of_a_nan_score_is_nan(libs):
     """A NaN among a row's scores (a NaN key: the model overflowed) makes the head's output
     NaN, as softmax's exponentials of it are NaN, at positions taken 16 at a time too (the

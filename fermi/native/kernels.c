@@ -686,12 +686,86 @@ static void attend_prepare(float *qkv, int h, int kv, int d, const float *q_norm
     }
 }
 
+/* Lane i of the result: the sum of acc[i]'s lanes (16 horizontal sums at once, a
+ * transposed reduction: each level halves the vectors and adds pairs of their halves). */
+static inline v16 v_sums16(const v16 *acc) {
+#if FERMI_SIMD == 512
+    /* Level 1: z = [x.lo256 + x.hi256 | y.lo256 + y.hi256] of inputs taken in the order
+     * 4(i % 4) + i / 4, which the last level's 4 x 4 transposition puts back in order. */
+    __m512 z[8], w[4], v[2];
+    for (int i = 0; i < 8; i++) {
+        int a = 2 * i, b = a + 1;
+        __m512 x = acc[(a % 4) * 4 + a / 4], y = acc[(b % 4) * 4 + b / 4];
+        z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }
+    /* Level 2: 128-bit lanes [z0 0+1, z0 2+3, z1 0+1, z1 2+3]: one input's 4 partials each */
+    for (int i = 0; i < 4; i++)
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], 0xDD));
+    /* Level 3: within each 128-bit lane, two inputs' 2 partials each */
+    for (int i = 0; i < 2; i++)
+        v[i] = _mm512_add_ps(_mm512_unpacklo_ps(w[2 * i], w[2 * i + 1]),
+                             _mm512_unpackhi_ps(w[2 * i], w[2 * i + 1]));
+    /* Level 4: four inputs' sums per 128-bit lane */
+    __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(v[0]), _mm512_castps_pd(v[1]));
+    __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(v[0]), _mm512_castps_pd(v[1]));
+    return _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+#else
+    __m256 half[2];
+    for (int part = 0; part < 2; part++) {
+        __m256 s[8], h[4];
+        for (int i = 0; i < 8; i++) s[i] = _mm256_add_ps(acc[8 * part + i].lo, acc[8 * part + i].hi);
+        for (int i = 0; i < 4; i++) h[i] = _mm256_hadd_ps(s[2 * i], s[2 * i + 1]);
+        __m256 a = _mm256_hadd_ps(h[0], h[1]), b = _mm256_hadd_ps(h[2], h[3]);
+        half[part] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20),
+                                   _mm256_permute2f128_ps(a, b, 0x31));
+    }
+    v16 r = {half[0], half[1]};
+    return r;
+#endif
+}
+
+static inline v16 v_max(v16 a, v16 b) {
+#if FERMI_SIMD == 512
+    return _mm512_max_ps(a, b);
+#else
+    v16 r = {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)};
+    return r;
+#endif
+}
+
+#define HEAD_CHUNK 4 /* vectors of a head's features kept in registers at once */
+
 /* One query head q (d floats) over `len` keys and values (d floats each, in a row):
- * softmax(q . keys * scale) . values into out; s: len floats of scratch. */
+ * softmax(q . keys * scale) . values into out; s: len floats of scratch. Where d is a
+ * multiple of 16 (every head size the models have), 16 keys at a time: each key's
+ * products with q add up lane by lane in its own register and v_sums16 finishes the 16
+ * dot products together (one horizontal sum per key cost more than the products); the
+ * values are weighted HEAD_CHUNK vectors of features at a time in registers, and divided
+ * by the exponentials' total once at the end. */
 static void attend_head(const float *q, const float *keys, const float *values, long len,
                         int d, float scale, float *s, float *out) {
     float top = -INFINITY;
-    for (long t = 0; t < len; t++) {
+    long t = 0;
+    int vec = d % PANEL == 0;
+    if (vec) {
+        v16 tops = v_bcast(-INFINITY);
+        for (; t + PANEL <= len; t += PANEL) {
+            v16 acc[PANEL];
+            for (int i = 0; i < PANEL; i++) acc[i] = v_zero();
+            for (int c = 0; c < d; c += PANEL) {
+                v16 qc = v_load(q + c);
+                for (int i = 0; i < PANEL; i++)
+                    acc[i] = v_fma(qc, v_load(keys + (t + i) * d + c), acc[i]);
+            }
+            v16 sc = v_mul(v_sums16(acc), v_bcast(scale));
+            v_store(s + t, sc);
+            tops = v_max(sc, tops); /* (a NaN score is passed over here, as below: its
+                                     * exponential makes the total and the output NaN) */
+        }
+        if (t > 0) top = v_hmax(tops);
+    }
+    for (; t < len; t++) {
         const float *kt = keys + t * d;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
@@ -700,7 +774,7 @@ static void attend_head(const float *q, const float *keys, const float *values, 
         if (s[t] > top) top = s[t];
     }
     float total = 0.0f;
-    long t = 0;
+    t = 0;
     v16 totals = v_zero();
     for (; t + PANEL <= len; t += PANEL) {
         v16 e = v_exp(v_add(v_load(s + t), v_bcast(-top)));
@@ -712,13 +786,29 @@ static void attend_head(const float *q, const float *keys, const float *values, 
         total += s[t];
     }
     total += v_sum(totals);
+    float inv = 1.0f / total;
+    if (vec) {
+        for (int c = 0; c < d; c += HEAD_CHUNK * PANEL) {
+            int n = (d - c) / PANEL < HEAD_CHUNK ? (d - c) / PANEL : HEAD_CHUNK;
+            v16 o[HEAD_CHUNK];
+            for (int i = 0; i < n; i++) o[i] = v_zero();
+            for (t = 0; t < len; t++) {
+                v16 p = v_bcast(s[t]);
+                const float *vt = values + t * d + c;
+                for (int i = 0; i < n; i++) o[i] = v_fma(p, v_load(vt + i * PANEL), o[i]);
+            }
+            for (int i = 0; i < n; i++) v_store(out + c + i * PANEL, v_mul(o[i], v_bcast(inv)));
+        }
+        return;
+    }
     for (int j = 0; j < d; j++) out[j] = 0.0f;
-    for (long t = 0; t < len; t++) {
+    for (t = 0; t < len; t++) {
         const float *vt = values + t * d;
-        float p = s[t] / total;
+        float p = s[t];
 #pragma omp simd
         for (int j = 0; j < d; j++) out[j] += p * vt[j];
     }
+    for (int j = 0; j < d; j++) out[j] *= inv;
 }
 
 /* One token's attention for one sequence, as fermi.models.decoder.Attention computes it:
