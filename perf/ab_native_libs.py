@@ -32,6 +32,8 @@ from fermi.gguf import load_gguf
 from fermi.models.half_weights import use_half_weights
 from fermi.models.quant import QuantSpec
 
+from bench_cpu_quant import fill_caches  # (perf/, the script's folder)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,6 +51,7 @@ def main() -> None:
     else:
         model = use_half_weights(load_gguf(path, torch.device("cpu"), "fp32").model, "native")
     model.setup_cache(4, args.position + 126)
+    fill_caches(model)
     assert model.use_native_rows()
     libs = {"a": native.load(Path(args.a)), "b": native.load(Path(args.b))}
     medians: dict[str, dict[str, list[float]]] = {k: {"1": [], "4": []} for k in libs}

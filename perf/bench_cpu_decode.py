@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from bench_cpu_quant import concurrent  # (the same prompts: seeded, 100..vocab-100)
+from bench_cpu_quant import concurrent, fill_caches  # (concurrent: the same prompts)
 
 import fermi
 from fermi.aliases import alias_path
@@ -77,6 +77,7 @@ def step_times(rounds: int) -> dict[str, dict[str, list[float]]]:
     }
     for model in models.values():
         model.setup_cache(4, 256)
+        fill_caches(model)
         model.use_native_rows()  # (only the native layout takes it)
     times: dict[str, dict[str, list[float]]] = {n: {"1": [], "4": []} for n in models}
     for _ in range(rounds):

@@ -69,6 +69,22 @@ def concurrent(engine, streams: int, new_tokens: int, seed: int) -> float:
 
 
 @torch.inference_mode()
+def fill_caches(model) -> None:
+    """Writes every position of ``model``'s KV caches (random values, as a decode step's
+    keys and values are). A CPU cache starts as an anonymous mapping whose unwritten pages
+    are the kernel's one zero page: a step timed over them reads the same 4 KB again and
+    again from L1, not the cache's bytes from memory (every step benchmark before run 73
+    did, at position 130)."""
+    from fermi.models.cache import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, KVCache):
+            for buffer in (module.k, module.v):
+                buffer.copy_(torch.randn(buffer.shape, generator=g, dtype=buffer.dtype))
+
+
+@torch.inference_mode()
 def step_times(rounds: int) -> dict[str, dict[str, list[float]]]:
     """Milliseconds of one decode step (1 and 4 rows) per scheme, interleaved."""
     from fermi.aliases import alias_path
@@ -84,6 +100,7 @@ def step_times(rounds: int) -> dict[str, dict[str, list[float]]]:
     times: dict[str, dict[str, list[float]]] = {n: {"1": [], "4": []} for n in models}
     for model in models.values():
         model.setup_cache(4, 256)
+        fill_caches(model)
     for _ in range(rounds):
         for name, model in models.items():
             for rows in (1, 4):

@@ -17,7 +17,9 @@ rounds:
 
 Per process: load seconds, then after one warm-up generation, prefill tok/s (the long
 prompt's tokens over its time to first token) and decode tok/s (tokens after the first over
-the time after the first), at the thread count given (both systems use it).
+the time after the first), at the thread count given (both systems use it). Decode follows
+the short prompt (~66 tokens), or ``--decode-repeats R`` copies of it (R = 24: ~1,600
+tokens of context, where each step reads the cache beside the weights).
 
 llama-cpp-python compiles llama.cpp from source (15-40 minutes on 2 cores), so it lives in
 an environment of its own, never the test set-up's::
@@ -62,7 +64,13 @@ LLAMA_SYSTEMS = ("llama.cpp", "llama.cpp-f16")
 CALLER_OMP_WAIT = os.environ.get("OMP_WAIT_POLICY")
 
 
-def child_fermi(path: str, quantize: str | None, threads: int, new_tokens: int) -> dict:
+def decode_prompt(repeats: int) -> str:
+    return " ".join([SHORT] * repeats)
+
+
+def child_fermi(
+    path: str, quantize: str | None, threads: int, new_tokens: int, repeats: int
+) -> dict:
     """``threads`` 0: fermi's own defaults (imported before torch: passive OpenMP threads,
     one fewer than torch's count); else torch first (torch's defaults: spinning) at that
     many threads."""
@@ -82,9 +90,10 @@ def child_fermi(path: str, quantize: str | None, threads: int, new_tokens: int) 
 
     run(SHORT, 8)  # warm-up
     long = run(LONG, 1)
-    short = run(SHORT, new_tokens)
+    short = run(decode_prompt(repeats), new_tokens)
     engine.close()
     return {
+        "decode_context": short.usage.prompt_tokens,
         "load_s": load_s,
         "prefill_tokens": long.usage.prompt_tokens,
         "prefill_tok_s": long.usage.prompt_tokens / long.time_to_first_token,
@@ -94,7 +103,7 @@ def child_fermi(path: str, quantize: str | None, threads: int, new_tokens: int) 
     }
 
 
-def child_llama(path: str, threads: int, new_tokens: int) -> dict:
+def child_llama(path: str, threads: int, new_tokens: int, repeats: int) -> dict:
     from llama_cpp import Llama
 
     start = time.perf_counter()
@@ -121,9 +130,10 @@ def child_llama(path: str, threads: int, new_tokens: int) -> dict:
     began, stamps, _ = run(LONG, 1)
     prefill_tokens = len(llm.tokenize(LONG.encode()))
     prefill_s = stamps[0] - began
-    began, stamps, texts = run(SHORT, new_tokens)
+    began, stamps, texts = run(decode_prompt(repeats), new_tokens)
     decoded = len(stamps)
     return {
+        "decode_context": len(llm.tokenize(decode_prompt(repeats).encode())),
         "load_s": load_s,
         "prefill_tokens": prefill_tokens,
         "prefill_tok_s": prefill_tokens / prefill_s,
@@ -140,6 +150,7 @@ def spawn(system: str, args) -> dict:
     command = [python, str(HERE), "--child", system, "--file", str(path)]
     threads = args.threads if llama or args.fermi_threads is None else 0
     command += ["--threads", str(threads), "--new-tokens", str(args.new_tokens)]
+    command += ["--decode-repeats", str(args.decode_repeats)]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent)}
     env.pop("OMP_WAIT_POLICY", None)  # each system's own default, unless the caller set one
     if CALLER_OMP_WAIT is not None:
@@ -182,6 +193,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
+        "--decode-repeats",
+        type=int,
+        default=1,
+        help="copies of the short prompt before decode (24: ~1,600 tokens of context)",
+    )
+    parser.add_argument(
         "--systems",
         nargs="+",
         default=None,
@@ -195,10 +212,12 @@ def main() -> None:
         parser.error("--new-tokens must be at least 2: decode tok/s is timed after the first")
     if args.child:
         if args.child in LLAMA_SYSTEMS:
-            result = child_llama(str(args.file), args.threads, args.new_tokens)
+            result = child_llama(str(args.file), args.threads, args.new_tokens, args.decode_repeats)
         else:
             quantize = "int4" if args.child == "fermi-int4" else None
-            result = child_fermi(str(args.file), quantize, args.threads, args.new_tokens)
+            result = child_fermi(
+                str(args.file), quantize, args.threads, args.new_tokens, args.decode_repeats
+            )
         print(json.dumps(result))
         return
     if args.file is None:
@@ -243,6 +262,7 @@ def main() -> None:
             else "each system's default (torch first: libgomp's spinning)"
         ),
         "new_tokens": args.new_tokens,
+        "decode_repeats": args.decode_repeats,
         "load_average_1min": {"min": min(loads), "max": max(loads)},
         "systems": {
             system: {
@@ -251,6 +271,7 @@ def main() -> None:
                 "load_s": summary([r["load_s"] for r in results]),
                 "prefill_tokens": results[0]["prefill_tokens"],
                 "decode_tokens": results[0]["decode_tokens"],
+                "decode_context": results[0]["decode_context"],
             }
             for system, results in runs.items()
         },

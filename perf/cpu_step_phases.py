@@ -34,6 +34,8 @@ from fermi.gguf import load_gguf
 from fermi.models.half_weights import use_half_weights
 from fermi.models.quant import QuantSpec
 
+from bench_cpu_quant import fill_caches  # (perf/, the script's folder)
+
 PHASES = [
     "qkv product",
     "rope + cache write",
@@ -124,6 +126,7 @@ def main() -> None:
             if spec is None:
                 model = use_half_weights(model, "native")
             model.setup_cache(4, 256)
+            fill_caches(model)
             assert model.use_native_rows()
             for rows in (1, 4):
                 whole = timed_steps(model, rows, lib, args.steps)

@@ -356,14 +356,16 @@ def test_one_token_attention_writes_the_cache_and_attends_like_the_reference(
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize(("h", "kv"), [(4, 2), (9, 3), (8, 1), (5, 5)])
 @pytest.mark.parametrize("d", [16, 24, 64, 96, 128, 256])
-def test_attention_over_head_sizes_and_lengths(libs, d):
+def test_attention_over_head_sizes_and_lengths(libs, d, h, kv):
     """Scores 16 keys at a time (a transposed sum of 16 registers, whose lane order is easy
     to get wrong) and values 4 vectors of features at a time, at every head size the models
     use (and 24, which is not a multiple of 16), at lengths around multiples of 16, against
-    float64; distinct score scales so that a key summed into the wrong lane shows."""
-    h, kv, seq = 4, 2, 150
-    g = torch.Generator().manual_seed(d)
+    float64; distinct score scales so that a key summed into the wrong lane shows. Query
+    heads share a KV head 2, 3, 8 (two sets of 4 weighed together) and 1 at a time."""
+    seq = 150
+    g = torch.Generator().manual_seed(d * h)
     for name, lib in libs:
         k_cache = torch.randn(kv, seq, d, generator=g) * torch.linspace(0.2, 3.0, seq)[:, None]
         v_cache = torch.randn(kv, seq, d, generator=g)
@@ -425,13 +427,15 @@ def half_pair(name: str):
     return kernels, ref
 
 
-def steps(model, native_rows: bool, batch: int = 3, steps: int = 10) -> list[torch.Tensor]:
+def steps(
+    model, native_rows: bool, batch: int = 3, steps: int = 10, lengths=(7, 12, 3)
+) -> list[torch.Tensor]:
     """Prefills of different lengths into slots 2, 0, 1, then batched decode steps, then a
     single row's steps: the logits of every step."""
     model.setup_cache(max_batch=3, max_seq_len=48)
     assert model.use_native_rows() == native_rows
     torch.manual_seed(5)
-    slots, lengths = [2, 0, 1][:batch], [7, 12, 3][:batch]
+    slots, lengths = [2, 0, 1][:batch], list(lengths)[:batch]
     out, tokens = [], []
     with torch.inference_mode():
         for slot, n in zip(slots, lengths, strict=True):
@@ -473,6 +477,26 @@ def test_decode_steps_in_the_kernels_give_torchs_logits(name):
     got, ref = steps(kernels, True), steps(reference, False)
     for a, b in zip(got, ref, strict=True):
         # Only the order of float32 sums differs: ~1e-6 of logits ~1.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 3, 4, 8])
+@pytest.mark.parametrize("name", ["qwen3", "phi3_window"])
+def test_decode_steps_split_the_keys_among_threads(name, threads):
+    """With more threads than (row, KV head) pairs share evenly, each pair's keys are split
+    into parts that are merged afterwards (3 threads: 3 parts of one row's keys; 8 threads:
+    4 parts, of which some hold no key at all after a one-token prompt): the same logits
+    as torch's ops, as with one thread."""
+    kernels, reference = half_pair(name)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = steps(kernels, True, lengths=(1, 12, 2))
+    finally:
+        torch.set_num_threads(saved)
+    ref = steps(reference, False, lengths=(1, 12, 2))
+    for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 

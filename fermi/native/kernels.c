@@ -734,81 +734,157 @@ static inline v16 v_max(v16 a, v16 b) {
 #endif
 }
 
-#define HEAD_CHUNK 4 /* vectors of a head's features kept in registers at once */
+#if FERMI_SIMD == 512
+#define HEAD_CHUNK 4 /* vectors of a head's features weighted in registers at once */
+#else
+#define HEAD_CHUNK 1 /* (v16 is two registers here: 4 heads x 1 x 2 of the 16) */
+#endif
+#define PV_HEADS 4 /* query heads weighted together, one load of each value vector */
 
-/* One query head q (d floats) over `len` keys and values (d floats each, in a row):
- * softmax(q . keys * scale) . values into out; s: len floats of scratch. Where d is a
- * multiple of 16 (every head size the models have), 16 keys at a time: each key's
- * products with q add up lane by lane in its own register and v_sums16 finishes the 16
- * dot products together (one horizontal sum per key cost more than the products); the
- * values are weighted HEAD_CHUNK vectors of features at a time in registers, and divided
- * by the exponentials' total once at the end. */
-static void attend_head(const float *q, const float *keys, const float *values, long len,
-                        int d, float scale, float *s, float *out) {
-    float top = -INFINITY;
-    long t = 0;
-    int vec = d % PANEL == 0;
-    if (vec) {
-        v16 tops = v_bcast(-INFINITY);
-        for (; t + PANEL <= len; t += PANEL) {
-            v16 acc[PANEL];
-            for (int i = 0; i < PANEL; i++) acc[i] = v_zero();
-            for (int c = 0; c < d; c += PANEL) {
-                v16 qc = v_load(q + c);
-                for (int i = 0; i < PANEL; i++)
-                    acc[i] = v_fma(qc, v_load(keys + (t + i) * d + c), acc[i]);
-            }
-            v16 sc = v_mul(v_sums16(acc), v_bcast(scale));
-            v_store(s + t, sc);
-            tops = v_max(sc, tops); /* (a NaN score is passed over here, as below: its
-                                     * exponential makes the total and the output NaN) */
+/* Into o (GH heads, d apart; CH vectors of features from the values' start): each head's
+ * sum over t of p[g * ldp + t] times the values' row t. One load of a value vector serves
+ * the GH heads. (Constant GH and CH from the switch below: the accumulators stay in
+ * registers.) */
+static inline __attribute__((always_inline)) void weigh(const float *p, long ldp, long len,
+                                                       const float *values, long d, int GH,
+                                                       int CH, float *o) {
+    v16 acc[PV_HEADS][HEAD_CHUNK];
+    for (int g = 0; g < GH; g++)
+        for (int i = 0; i < CH; i++) acc[g][i] = v_zero();
+    for (long t = 0; t < len; t++) {
+        v16 v[HEAD_CHUNK];
+        for (int i = 0; i < CH; i++) v[i] = v_load(values + t * d + i * PANEL);
+        for (int g = 0; g < GH; g++) {
+            v16 w = v_bcast(p[g * ldp + t]);
+            for (int i = 0; i < CH; i++) acc[g][i] = v_fma(w, v[i], acc[g][i]);
         }
-        if (t > 0) top = v_hmax(tops);
     }
-    for (; t < len; t++) {
-        const float *kt = keys + t * d;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int j = 0; j < d; j++) dot += q[j] * kt[j];
-        s[t] = dot * scale;
-        if (s[t] > top) top = s[t];
-    }
-    float total = 0.0f;
-    t = 0;
-    v16 totals = v_zero();
-    for (; t + PANEL <= len; t += PANEL) {
-        v16 e = v_exp(v_add(v_load(s + t), v_bcast(-top)));
-        v_store(s + t, e);
-        totals = v_add(totals, e);
-    }
-    for (; t < len; t++) {
-        s[t] = expf(s[t] - top);
-        total += s[t];
-    }
-    total += v_sum(totals);
-    float inv = 1.0f / total;
+    for (int g = 0; g < GH; g++)
+        for (int i = 0; i < CH; i++) v_store(o + g * d + i * PANEL, acc[g][i]);
+}
+
+#define WEIGH(G, C)                                                                         \
+    case G * 8 + C: weigh(p, ldp, len, values, d, G, C, o); break;
+#if HEAD_CHUNK == 4
+#define WEIGH_HEADS(G) WEIGH(G, 1) WEIGH(G, 2) WEIGH(G, 3) WEIGH(G, 4)
+#else
+#define WEIGH_HEADS(G) WEIGH(G, 1)
+#endif
+static void weigh_any(const float *p, long ldp, long len, const float *values, long d, int GH,
+                      int CH, float *o) {
+    switch (GH * 8 + CH) { WEIGH_HEADS(1) WEIGH_HEADS(2) WEIGH_HEADS(3) WEIGH_HEADS(4) }
+}
+
+/* Part of one token's attention: the G query heads q (G * d floats) that share a KV head,
+ * over `len` of its keys and values (d floats each, in a row). Per head g: the largest
+ * score m[g], the exponentials' sum l[g] = sum e^(score - m[g]), and the values weighted by
+ * those exponentials, not yet divided by l[g], in o + g * d (attend_merge finishes a
+ * head from its parts). s: G * len floats of scratch. Each key and value is read once for
+ * the G heads (3 to 8 in the models here): read once per head, a long context's cache
+ * came from memory up to G times (perf/LOG.md run 73). Where d is a multiple of 16 (every
+ * head size the models have): 16 keys at a time, each key's products with a head's q
+ * adding up lane by lane in its own register, v_sums16 finishing the 16 dot products (one
+ * horizontal sum per key cost more than its products); values weighed by weigh(). */
+static void attend_part(const float *q, int G, const float *keys, const float *values,
+                        long len, int d, float scale, float *s, float *m, float *l, float *o) {
+    int vec = d % PANEL == 0;
+    for (int g = 0; g < G; g++) m[g] = -INFINITY;
+    long t = 0;
     if (vec) {
-        for (int c = 0; c < d; c += HEAD_CHUNK * PANEL) {
-            int n = (d - c) / PANEL < HEAD_CHUNK ? (d - c) / PANEL : HEAD_CHUNK;
-            v16 o[HEAD_CHUNK];
-            for (int i = 0; i < n; i++) o[i] = v_zero();
-            for (t = 0; t < len; t++) {
-                v16 p = v_bcast(s[t]);
-                const float *vt = values + t * d + c;
-                for (int i = 0; i < n; i++) o[i] = v_fma(p, v_load(vt + i * PANEL), o[i]);
+        for (; t + PANEL <= len; t += PANEL) {
+            for (int g = 0; g < G; g++) {
+                const float *qg = q + (long)g * d;
+                v16 acc[PANEL];
+                for (int i = 0; i < PANEL; i++) acc[i] = v_zero();
+                for (int c = 0; c < d; c += PANEL) {
+                    v16 qc = v_load(qg + c);
+                    for (int i = 0; i < PANEL; i++)
+                        acc[i] = v_fma(qc, v_load(keys + (t + i) * d + c), acc[i]);
+                }
+                v16 sc = v_mul(v_sums16(acc), v_bcast(scale));
+                v_store(s + g * len + t, sc);
+                /* (a NaN score is passed over here, as below: its exponential makes the
+                 * sum and the output NaN) */
+                float top = v_hmax(sc);
+                if (top > m[g]) m[g] = top;
             }
-            for (int i = 0; i < n; i++) v_store(out + c + i * PANEL, v_mul(o[i], v_bcast(inv)));
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const float *qg = q + (long)g * d;
+        for (long u = t; u < len; u++) {
+            const float *ku = keys + u * d;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int j = 0; j < d; j++) dot += qg[j] * ku[j];
+            s[g * len + u] = dot * scale;
+            if (s[g * len + u] > m[g]) m[g] = s[g * len + u];
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *sg = s + g * len, total = 0.0f;
+        long u = 0;
+        v16 totals = v_zero();
+        for (; u + PANEL <= len; u += PANEL) {
+            v16 e = v_exp(v_add(v_load(sg + u), v_bcast(-m[g])));
+            v_store(sg + u, e);
+            totals = v_add(totals, e);
+        }
+        for (; u < len; u++) {
+            sg[u] = expf(sg[u] - m[g]);
+            total += sg[u];
+        }
+        l[g] = total + v_sum(totals);
+    }
+    if (vec) {
+        for (int g0 = 0; g0 < G; g0 += PV_HEADS) {
+            int gh = G - g0 < PV_HEADS ? G - g0 : PV_HEADS;
+            for (int c = 0; c < d; c += HEAD_CHUNK * PANEL) {
+                int n = (d - c) / PANEL < HEAD_CHUNK ? (d - c) / PANEL : HEAD_CHUNK;
+                weigh_any(s + g0 * len, len, len, values + c, d, gh, n, o + (long)g0 * d + c);
+            }
         }
         return;
     }
-    for (int j = 0; j < d; j++) out[j] = 0.0f;
-    for (t = 0; t < len; t++) {
-        const float *vt = values + t * d;
-        float p = s[t];
+    for (int g = 0; g < G; g++) {
+        float *og = o + (long)g * d;
+        for (int j = 0; j < d; j++) og[j] = 0.0f;
+        for (long u = 0; u < len; u++) {
+            const float *vu = values + u * d;
+            float p = s[g * len + u];
 #pragma omp simd
-        for (int j = 0; j < d; j++) out[j] += p * vt[j];
+            for (int j = 0; j < d; j++) og[j] += p * vu[j];
+        }
     }
-    for (int j = 0; j < d; j++) out[j] *= inv;
+}
+
+/* Floats attend_part leaves for one part of G heads: m, l, then o. */
+static inline long part_floats(int G, int d) { return (long)G * (d + 2); }
+
+/* One head group's output (G * d floats into out) from its `parts` parts (attend_part's
+ * m, l, o, part_floats apart): softmax over all the parts' keys, each part's sums rescaled
+ * to the largest score of all. A part with no keys (m = -inf, l = 0) adds nothing. */
+static void attend_merge(const float *part, int parts, int G, int d, float *out) {
+    long stride = part_floats(G, d);
+    for (int g = 0; g < G; g++) {
+        float top = -INFINITY, total = 0.0f;
+        for (int p = 0; p < parts; p++)
+            if (part[p * stride + g] > top) top = part[p * stride + g];
+        float *og = out + (long)g * d;
+        for (int j = 0; j < d; j++) og[j] = 0.0f;
+        for (int p = 0; p < parts; p++) {
+            const float *pp = part + p * stride;
+            if (pp[G + g] == 0.0f) continue; /* no keys (m = -inf): e^(-inf - top) * 0 */
+            float w = parts == 1 ? 1.0f : expf(pp[g] - top);
+            total += w * pp[G + g];
+            const float *o = pp + 2 * G + (long)g * d;
+#pragma omp simd
+            for (int j = 0; j < d; j++) og[j] += w * o[j];
+        }
+        float inv = 1.0f / total;
+#pragma omp simd
+        for (int j = 0; j < d; j++) og[j] *= inv;
+    }
 }
 
 /* One token's attention for one sequence, as fermi.models.decoder.Attention computes it:
@@ -822,13 +898,15 @@ int fermi_attend_row(float *qkv, int h, int kv, int d, const float *q_norm,
     attend_prepare(qkv, h, kv, d, q_norm, k_norm, eps, rot, cos, sin, k_cache, v_cache, max_seq,
                    pos);
     long len = pos + 1 - first;
-    float *scores = malloc((size_t)len * sizeof(float));
-    if (scores == NULL) return -1;
     int group = h / kv;
-    for (int i = 0; i < h; i++) {
-        long base = ((long)(i / group) * max_seq + first) * d;
-        attend_head(qkv + (long)i * d, k_cache + base, v_cache + base, len, d, scale, scores,
-                    out + (long)i * d);
+    float *scores = malloc(((size_t)group * len + part_floats(group, d)) * sizeof(float));
+    if (scores == NULL) return -1;
+    float *part = scores + group * len;
+    for (int g = 0; g < kv; g++) {
+        long base = ((long)g * max_seq + first) * d;
+        attend_part(qkv + (long)g * group * d, group, k_cache + base, v_cache + base, len, d,
+                    scale, scores, part, part + group, part + 2 * group);
+        attend_merge(part, 1, group, d, out + (long)g * group * d);
     }
     free(scores);
     return 0;
@@ -891,11 +969,22 @@ static void share(long count, int t, int n, long *p0, long *p1) {
     *p1 = count * (t + 1) / n;
 }
 
+/* Parts each (row, KV head) pair's keys are split into for the attention phase, so that
+ * the threads get even shares (one row of SmolLM2 has 3 pairs for 2 threads; its long
+ * context is read at the speed of one thread for a third of the phase): the fewest, up to
+ * 8, that make the jobs a multiple of the threads or at least 8 a thread. */
+static long attention_parts(long pairs, int threads) {
+    long p = 1;
+    while (p < 8 && (pairs * p) % threads != 0 && pairs * p < 8L * threads) p++;
+    return p;
+}
+
 /* x ([rows][hidden] floats: each row's token embedding) becomes the last layer's output.
  * Row r is the token at positions[r] of the sequence in cache slot slots[r]; cos/sin: the
  * rows' rope values ([rows][rot] floats each; table 2 may be NULL). Each product reads its
  * weight once for every TILE rows. The step is one OpenMP region of `threads` threads that
- * share each product's panels and the attention's (row, head) pairs, meeting at a spinning
+ * share each product's panels and the attention's (row, KV head, part of the keys) jobs
+ * (attend_part; merged by each thread as the o product's inputs), meeting at a spinning
  * barrier between phases. Returns 0, -1 when scratch memory is refused, -2 for a weight
  * the kernels do not take. */
 int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slots,
@@ -911,20 +1000,21 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
             !weight_ok(&l->w[2], hid) || !weight_ok(&l->w[3], inter))
             return -2;
     }
-    float *shared = malloc((size_t)rows * (nqkv + h * d + 2 * inter) * sizeof(float));
+    if (threads < 1) threads = 1;
+    long parts = attention_parts(rows * kv, threads), pf = part_floats((int)group, (int)d);
+    float *shared = malloc((size_t)rows * (nqkv + kv * parts * pf + 2 * inter) * sizeof(float));
     if (shared == NULL) return -1;
-    float *qkv = shared, *att = qkv + rows * nqkv, *gu = att + rows * h * d;
+    float *qkv = shared, *att = qkv + rows * nqkv, *gu = att + rows * kv * parts * pf;
     team_barrier barrier;
     atomic_init(&barrier.arrived, 0);
     atomic_init(&barrier.phase, 0);
     atomic_int failed;
     atomic_init(&failed, 0);
-    if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads(), phase = 0;
         /* Each thread's own prepared rows, their int4 group sums and attention scores. */
-        long scratch = rows * widest + q_floats(rows, widest) + s->max_seq;
+        long scratch = rows * widest + q_floats(rows, widest) + group * s->max_seq;
         float *u = malloc((size_t)scratch * sizeof(float));
         if (u == NULL) atomic_store(&failed, 1);
         team_wait(&barrier, n, &phase);
@@ -953,19 +1043,26 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
                                    l->v_cache + base, s->max_seq, positions[r]);
                 }
                 team_wait(&barrier, n, &phase);
-                /* attention: (row, head) pairs */
-                share(rows * h, t, n, &p0, &p1);
+                /* attention: (row, KV head, part of its keys) jobs */
+                share(rows * kv * parts, t, n, &p0, &p1);
                 for (long job = p0; job < p1; job++) {
-                    long r = job / h, head = job % h, pos = positions[r];
+                    long r = job / (kv * parts), g = job / parts % kv, p = job % parts;
+                    long pos = positions[r];
                     long first = l->window > 0 && pos - l->window + 1 > 0 ? pos - l->window + 1 : 0;
-                    long base = slots[r] * kv * s->max_seq * d + ((head / group) * s->max_seq + first) * d;
-                    attend_head(qkv + r * nqkv + head * d, l->k_cache + base, l->v_cache + base,
-                                pos + 1 - first, (int)d, s->scale, scores, att + (r * h + head) * d);
+                    long len = pos + 1 - first, k0 = first + len * p / parts;
+                    long k1 = first + len * (p + 1) / parts;
+                    long base = slots[r] * kv * s->max_seq * d + (g * s->max_seq + k0) * d;
+                    float *part = att + job * pf;
+                    attend_part(qkv + r * nqkv + g * group * d, (int)group, l->k_cache + base,
+                                l->v_cache + base, k1 - k0, (int)d, s->scale, scores, part,
+                                part + group, part + 2 * group);
                 }
                 team_wait(&barrier, n, &phase);
-                /* output product, residual added in place */
+                /* output product (its inputs: each row's parts merged), residual added in place */
                 for (long r = 0; r < rows; r++)
-                    prepare(att + r * h * d, h * d, NULL, 0.0f, 0, u + r * h * d);
+                    for (long g = 0; g < kv; g++)
+                        attend_merge(att + (r * kv + g) * parts * pf, (int)parts, (int)group,
+                                     (int)d, u + r * h * d + g * group * d);
                 share((hid + PANEL - 1) / PANEL, t, n, &p0, &p1);
                 q_inputs in1 = q_scratch(u + rows * widest, rows, h * d);
                 quantize_inputs(&l->w[1], u, h * d, rows, &in1);
