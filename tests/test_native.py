@@ -500,6 +500,51 @@ def test_decode_steps_split_the_keys_among_threads(name, threads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def one_layer_step(lib, k_cache, v_cache, x, pos, threads) -> torch.Tensor:
+    """One decode step of one row (slot 0, at ``pos``) through a one-layer stack of h = kv
+    = 1 head of d = hidden features whose q, k, v and o projections are the identity and
+    whose MLP is zero: x + softmax(q . keys * scale) . values, q = k = v = rms_norm(x)."""
+    d = x.shape[0]
+    eye, zero = torch.eye(d), torch.zeros(32, d)
+    blocks = [native_block(w) for w in (torch.cat([eye, eye, eye]), eye, zero, zero.T)]
+    ones = torch.ones(d)
+    layer = native.Layer()
+    for i, b in enumerate(blocks):
+        layer.w[i] = native.Weight(b.data_ptr(), None, None, 0, native.FORMATS["fp16"])
+    layer.norm1 = layer.norm2 = ones.data_ptr()
+    layer.k_cache, layer.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+    layers = (native.Layer * 1)(layer)
+    stack = native.Stack(1, d, 1, 1, d, 16, 0, k_cache.shape[-2], 1e-6, d**-0.5, layers)
+    out = x.clone()
+    slots, positions = torch.zeros(1, dtype=torch.long), torch.tensor([pos])
+    code = lib.fermi_decode_rows(
+        ctypes.byref(stack), out.data_ptr(), 1, slots.data_ptr(), positions.data_ptr(),
+        None, None, None, None, threads,
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2, 8])
+def test_a_key_of_score_minus_inf_alone_in_a_part_weighs_nothing(libs, threads):
+    """A key whose score is -inf has softmax's weight 0, also where it is the only key of
+    a part of the split keys (2 threads, one row at position 1: 2 parts of one key; 8: 8
+    parts, 6 of them empty): it once made the part's exponentials e^(-inf + inf), NaN, and
+    the head's output with them. A NaN key alone in a part still makes the output NaN."""
+    d = 16
+    x = torch.linspace(0.5, 2.0, d)  # q's features all > 0: q . [-inf, 0...] = -inf
+    expected = x + x * torch.rsqrt(x.pow(2).mean() + 1e-6)  # attends to position 1 alone
+    for name, lib in libs:
+        for bad, want_nan in ((float("-inf"), False), (float("nan"), True)):
+            k_cache, v_cache = torch.zeros(1, 1, 8, d), torch.randn(1, 1, 8, d)
+            k_cache[0, 0, 0, 0] = bad
+            got = one_layer_step(lib, k_cache, v_cache, x, 1, threads)
+            if want_nan:
+                assert torch.isnan(got).all(), (name, threads)
+            else:
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
 class RoundedInputsLinear(torch.nn.Module):
     """A native int8 or int4 layer's product in torch's ops: its inputs rounded as
     ``rounded_inputs`` says times (codes * scales), plus (int4) the unrounded inputs times

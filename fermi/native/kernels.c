@@ -823,15 +823,21 @@ static void attend_part(const float *q, int G, const float *keys, const float *v
     }
     for (int g = 0; g < G; g++) {
         float *sg = s + g * len, total = 0.0f;
+        /* A part whose scores are all -inf (or NaN) has m = -inf: its exponentials are
+         * taken from 0 instead (-inf's tiny or 0, a NaN's NaN), and the part weighs
+         * e^(-inf - top) = 0 in attend_merge. (From m itself, e^(-inf + inf) made them NaN:
+         * a key of -inf score alone in a part, which the whole row's softmax passes over,
+         * made the head NaN.) */
+        float top = m[g] == -INFINITY ? 0.0f : m[g];
         long u = 0;
         v16 totals = v_zero();
         for (; u + PANEL <= len; u += PANEL) {
-            v16 e = v_exp(v_add(v_load(sg + u), v_bcast(-m[g])));
+            v16 e = v_exp(v_add(v_load(sg + u), v_bcast(-top)));
             v_store(sg + u, e);
             totals = v_add(totals, e);
         }
         for (; u < len; u++) {
-            sg[u] = expf(sg[u] - m[g]);
+            sg[u] = expf(sg[u] - top);
             total += sg[u];
         }
         l[g] = total + v_sum(totals);
@@ -875,7 +881,9 @@ static void attend_merge(const float *part, int parts, int G, int d, float *out)
         for (int p = 0; p < parts; p++) {
             const float *pp = part + p * stride;
             if (pp[G + g] == 0.0f) continue; /* no keys (m = -inf): e^(-inf - top) * 0 */
-            float w = parts == 1 ? 1.0f : expf(pp[g] - top);
+            /* (1 for the part of the largest score; NaN where every score is -inf or NaN:
+             * top = -inf, as softmax's output is then NaN) */
+            float w = expf(pp[g] - top);
             total += w * pp[G + g];
             const float *o = pp + 2 * G + (long)g * d;
 #pragma omp simd
