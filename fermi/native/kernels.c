@@ -1010,6 +1010,9 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
     }
     if (threads < 1) threads = 1;
     long parts = attention_parts(rows * kv, threads), pf = part_floats((int)group, (int)d);
+    long longest = 1;
+    for (long r = 0; r < rows; r++)
+        if (positions[r] + 1 > longest) longest = positions[r] + 1;
     float *shared = malloc((size_t)rows * (nqkv + kv * parts * pf + 2 * inter) * sizeof(float));
     if (shared == NULL) return -1;
     float *qkv = shared, *att = qkv + rows * nqkv, *gu = att + rows * kv * parts * pf;
@@ -1021,8 +1024,9 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads(), phase = 0;
-        /* Each thread's own prepared rows, their int4 group sums and attention scores. */
-        long scratch = rows * widest + q_floats(rows, widest) + group * s->max_seq;
+        /* Each thread's own prepared rows, their int4 group sums and attention scores (a
+         * head group's, over at most the longest row's keys). */
+        long scratch = rows * widest + q_floats(rows, widest) + group * longest;
         float *u = malloc((size_t)scratch * sizeof(float));
         if (u == NULL) atomic_store(&failed, 1);
         team_wait(&barrier, n, &phase);
