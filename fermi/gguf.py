@@ -22,7 +22,7 @@ from fermi.aliases import alias_for_file
 from fermi.errors import ModelLoadError
 from fermi.gguf_reader import GGUFFile, check_type
 from fermi.loading import DTYPE_ADVICE, Checkpoint, GenerationDefaults, build_model, parse_dtype
-from fermi.models.half_weights import use_half_embedding, use_half_weights
+from fermi.models.half_weights import use_half_cache, use_half_embedding, use_half_weights
 from fermi.models.quant import QuantizedWeight, QuantSpec
 from fermi.models.registry import UnsupportedModelError, adapter_for, bounded_size
 from fermi.text.tokenizer import Tokenizer
@@ -186,6 +186,7 @@ def load_gguf(
         memory.release_free_heap()
     if device.type == "cpu" and (half_storage or quantize is not None):
         use_half_embedding(model)  # (the layers read 16 bits or fewer: the table too)
+        use_half_cache(model)  # (and the KV cache)
     if model.quantization is not None:
         report = model.quantization
         head = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"

@@ -152,9 +152,10 @@ def load_folder(
         config = replace(config, tie_word_embeddings=True)
     model = build_model(config, adapter, weights, device, dtype, str(folder), quantize, owned=owned)
     if device.type == "cpu" and quantize is not None:
-        from fermi.models.half_weights import use_half_embedding
+        from fermi.models.half_weights import use_half_cache, use_half_embedding
 
         use_half_embedding(model)  # (the layers read 8 bits or fewer: the table 16)
+        use_half_cache(model)  # (and the KV cache)
     generation = read_generation_defaults(folder, hf_config, tokenizer)
     return Checkpoint(folder, model, config, hf_config, tokenizer, generation, embedding=embedding)
 

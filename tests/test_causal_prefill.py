@@ -110,6 +110,29 @@ def test_causal_prefill_equals_the_masked_path_logits_and_cache(arch, kv_heads, 
         assert (g - want).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_causal_prefill_on_an_fp16_cache_attends_to_the_keys_the_cache_keeps(arch):
+    """A cache that holds fp16 for a float32 model (the CPU loaders' choice under fp16
+    storage or quantization): the masked path reads the prompt's keys and values back
+    rounded to fp16, so the causal path must attend to them rounded as well, or a prompt
+    prefilled at once and one prefilled in chunks (or found in the cache by prefix reuse)
+    would differ by the rounding."""
+    model = Decoder(config(arch)).eval()
+    model.cache_dtype = torch.float16
+    torch.manual_seed(0)
+    model.setup_cache(1, 128)
+    assert model.model.layers[0].self_attn.cache.k.dtype == torch.float16
+    tokens = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(4))
+    masked = prefill(model, tokens, causal=False)
+    causal = prefill(model, tokens, causal=True)
+    assert (causal - masked).abs().max().item() < TOL
+    with torch.inference_mode():  # 25 tokens, then 15 that read the first 25 back
+        first = model(tokens[:, :25], torch.arange(25)[None], torch.tensor([0]), 25, causal=True)
+        rest = model(tokens[:, 25:], torch.arange(25, 40)[None], torch.tensor([0]), 40)
+    assert (first[0] - masked[0, 24]).abs().max().item() < TOL
+    assert (rest[0] - masked[0, -1]).abs().max().item() < TOL
+
+
 def test_causal_step_builds_no_mask_and_reads_no_cache(monkeypatch):
     model = model_of(config("qwen3"))
     positions = torch.arange(9)[None]

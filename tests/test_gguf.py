@@ -267,9 +267,13 @@ def test_quantized_gguf_on_cpu_defaults_to_fp16_weights_with_fp32_compute(tmp_pa
     # The embedding table is stored in fp16 as well; its rows come out in float32.
     assert half.model.embed_tokens.weight.dtype == torch.float16
     assert full.model.embed_tokens.weight.dtype == torch.float32
-    assert half.dtype == torch.float32  # activations and the KV cache: the norms' dtype
+    assert half.dtype == torch.float32  # activations: the norms' dtype
+    # The KV cache in fp16 as well (use_half_cache; attention widens it to float32), where
+    # float32 weights keep a float32 cache.
     half.setup_cache(1, 32)
-    assert half.model.layers[0].self_attn.cache.k.dtype == torch.float32
+    full.setup_cache(1, 32)
+    assert half.model.layers[0].self_attn.cache.k.dtype == torch.float16
+    assert full.model.layers[0].self_attn.cache.k.dtype == torch.float32
     tokens = prompt(full.cfg.vocab_size)
     ref, got = logits(full, tokens), logits(half, tokens)  # prefill (upcast) + decode (fp16)
     assert got.dtype == torch.float32
@@ -284,7 +288,12 @@ def test_fp16_storage_reads_matrices_as_fp16_and_packs_the_same_values(
     to fp16 and packs them on several threads (perf/LOG.md runs 32, 44); the packs and the
     logits are exactly what the float32 model packed one layer at a time gives."""
     from fermi import gguf as gguf_module
-    from fermi.models.half_weights import HalfWeightLinear, use_half_embedding, use_half_weights
+    from fermi.models.half_weights import (
+        HalfWeightLinear,
+        use_half_cache,
+        use_half_embedding,
+        use_half_weights,
+    )
 
     path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", weight_type=weight_type)
     seen: dict[str, torch.dtype] = {}
@@ -322,6 +331,7 @@ def test_fp16_storage_reads_matrices_as_fp16_and_packs_the_same_values(
     try:
         ref = use_half_weights(load_gguf(path, CPU, "fp32").model)
         use_half_embedding(ref)
+        use_half_cache(ref)
     finally:
         torch.set_num_threads(threads)
     ours = {n: m for n, m in half.named_modules() if isinstance(m, HalfWeightLinear)}

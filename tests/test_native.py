@@ -348,6 +348,7 @@ def test_one_token_attention_writes_the_cache_and_attends_like_the_reference(
                 scale,
                 out.data_ptr(),
                 1,
+                0,
             )
             assert code == 0
             torch.testing.assert_close(k_cache, expected_k, rtol=1e-5, atol=1e-5, msg=name)
@@ -356,33 +357,41 @@ def test_one_token_attention_writes_the_cache_and_attends_like_the_reference(
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("h", "kv"), [(4, 2), (9, 3), (8, 1), (5, 5)])
 @pytest.mark.parametrize("d", [16, 24, 64, 96, 128, 256])
-def test_attention_over_head_sizes_and_lengths(libs, d, h, kv):
+def test_attention_over_head_sizes_and_lengths(libs, d, h, kv, cache):
     """Scores 16 keys at a time (a transposed sum of 16 registers, whose lane order is easy
     to get wrong) and values 4 vectors of features at a time, at every head size the models
     use (and 24, which is not a multiple of 16), at lengths around multiples of 16, against
     float64; distinct score scales so that a key summed into the wrong lane shows. Query
-    heads share a KV head 2, 3, 8 (two sets of 4 weighed together) and 1 at a time."""
+    heads share a KV head 2, 3, 8 (two sets of 4 weighed together) and 1 at a time. An fp16
+    cache (``cache``): the token's key and value written rounded to fp16 as torch rounds
+    them, and the attention that of the rounded values."""
     seq = 150
     g = torch.Generator().manual_seed(d * h)
+    half = int(cache == torch.float16)
     for name, lib in libs:
         k_cache = torch.randn(kv, seq, d, generator=g) * torch.linspace(0.2, 3.0, seq)[:, None]
         v_cache = torch.randn(kv, seq, d, generator=g)
+        k_cache, v_cache = k_cache.to(cache), v_cache.to(cache)
         for pos in (14, 15, 16, 31, 32, 47, 100, seq - 1):
             for first in (0, 3):
                 qkv = torch.randn((h + 2 * kv) * d, generator=g)
                 q, k, v = qkv.view(h + 2 * kv, d).split([h, kv, kv])
                 expected_k, expected_v = k_cache.clone(), v_cache.clone()
-                expected_k[:, pos], expected_v[:, pos] = k, v
-                ref = attention_reference(q, expected_k, expected_v, first, pos, d**-0.5)
+                expected_k[:, pos], expected_v[:, pos] = k.to(cache), v.to(cache)
+                ref = attention_reference(
+                    q, expected_k.float(), expected_v.float(), first, pos, d**-0.5
+                )
                 out = torch.full((h * d,), float("nan"))
                 code = lib.fermi_attend_row(
                     qkv.data_ptr(), h, kv, d, None, None, 1e-6, 0, None, None,
                     k_cache.data_ptr(), v_cache.data_ptr(), seq, pos, first, d**-0.5,
-                    out.data_ptr(), 1,
+                    out.data_ptr(), 1, half,
                 )  # fmt: skip
                 assert code == 0
+                assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
                 got = out.view(h, d).double()
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"{name} {pos}")
 
@@ -403,7 +412,7 @@ def test_attention_of_a_nan_score_is_nan(libs):
             out = torch.zeros(h * d)
             code = lib.fermi_attend_row(
                 qkv.data_ptr(), h, kv, d, None, None, 1e-6, 0, None, None,
-                k_cache.data_ptr(), v_cache.data_ptr(), seq, pos, 0, 0.25, out.data_ptr(), 1,
+                k_cache.data_ptr(), v_cache.data_ptr(), seq, pos, 0, 0.25, out.data_ptr(), 1, 0,
             )  # fmt: skip
             assert code == 0
             assert torch.isnan(out).all(), (name, bad)
@@ -500,6 +509,33 @@ def test_decode_steps_split_the_keys_among_threads(name, threads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("name", ["qwen3", "llama_bias", "phi3_window"])
+def test_decode_steps_on_an_fp16_cache_give_torchs_logits(name, threads):
+    """A model whose KV cache holds fp16 (``Decoder.cache_dtype``, as the CPU loaders set
+    it under fp16 storage or quantization): the kernels write and read fp16 keys and values
+    as torch's path does (rounded once as written, widened as read, a prompt's own keys
+    rounded for its attention too): the same logits step by step, with the keys split
+    among threads or not. And the cache does round: the logits move from a float32
+    cache's."""
+    kernels, reference = half_pair(name)
+    kernels.cache_dtype = reference.cache_dtype = torch.float16
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = steps(kernels, True, lengths=(1, 12, 2))
+    finally:
+        torch.set_num_threads(saved)
+    assert kernels.model.layers[0].self_attn.cache.k.dtype == torch.float16
+    ref = steps(reference, False, lengths=(1, 12, 2))
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    reference.cache_dtype = None
+    wide = steps(reference, False, lengths=(1, 12, 2))
+    assert max((a - b).abs().max().item() for a, b in zip(ref, wide, strict=True)) > 1e-6
+
+
 def one_layer_step(lib, k_cache, v_cache, x, pos, threads) -> torch.Tensor:
     """One decode step of one row (slot 0, at ``pos``) through a one-layer stack of h = kv
     = 1 head of d = hidden features whose q, k, v and o projections are the identity and
@@ -514,7 +550,8 @@ def one_layer_step(lib, k_cache, v_cache, x, pos, threads) -> torch.Tensor:
     layer.norm1 = layer.norm2 = ones.data_ptr()
     layer.k_cache, layer.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
     layers = (native.Layer * 1)(layer)
-    stack = native.Stack(1, d, 1, 1, d, 16, 0, k_cache.shape[-2], 1e-6, d**-0.5, layers)
+    half = int(k_cache.dtype == torch.float16)
+    stack = native.Stack(1, d, 1, 1, d, 16, 0, k_cache.shape[-2], half, 1e-6, d**-0.5, layers)
     out = x.clone()
     slots, positions = torch.zeros(1, dtype=torch.long), torch.tensor([pos])
     code = lib.fermi_decode_rows(

@@ -262,6 +262,8 @@ def test_engine_generates_with_quantize_and_refuses_a_bad_value_before_loading(f
         out = engine.generate(prompt="hello", max_tokens=5, temperature=0, ignore_eos=True)
         assert len(out.token_ids) == 5
         assert engine.runner.model.quantization.spec == Q.QuantSpec("int4")
+        # (a CPU model whose layers read 4 bits keeps its KV cache in fp16)
+        assert engine.runner.model.model.layers[0].self_attn.cache.k.dtype == torch.float16
     with pytest.raises(ValueError, match="quantize='int3' is not supported"):
         fermi.load(folder / "no-such-folder", quantize="int3")
 

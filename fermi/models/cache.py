@@ -40,12 +40,26 @@ class AttendingCache(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Two buffers [max_batch, kv_heads, max_seq_len, head_dim]; row ``s`` is cache slot ``s``."""
+    """Two buffers [max_batch, kv_heads, max_seq_len, head_dim]; row ``s`` is cache slot ``s``.
+
+    ``dtype`` is what the buffers hold; ``compute`` (default: the same) what attention
+    computes in. A narrower store (fp16 on CPU for a float32 model whose weights are stored
+    in 16 bits or fewer) rounds each key and value once as it is written, and ``read``
+    widens them back (``Attention.attend`` rounds a prompt's own keys the same way, so that
+    reading them back from the cache later gives the same attention)."""
 
     def __init__(
-        self, max_batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype, device
+        self,
+        max_batch: int,
+        kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype,
+        device,
+        compute: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.compute = compute or dtype
         shape = (max_batch, kv_heads, max_seq_len, head_dim)
         for name in ("k", "v"):
             if torch.device(device).type == "cpu":  # resident only where written
@@ -57,9 +71,16 @@ class KVCache(nn.Module):
         counters = torch.zeros(max_batch * kv_heads, dtype=torch.int32, device=device)
         self.register_buffer("counters", counters, persistent=False)
 
+    @property
+    def rounds(self) -> bool:
+        """Whether the buffers hold a narrower dtype than attention computes in."""
+        return self.k.dtype != self.compute
+
     def write(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> None:
         """Write k/v [B, H, T, D] in place at (ctx.slots[b], :, ctx.positions[b, t])."""
         slots, positions = ctx.slots, ctx.positions
+        if k.dtype != self.k.dtype:
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if torch.compiler.is_compiling():
             # Compiled, an in-place write through a transposed view of the buffer becomes a
             # copy of the whole cache (functionalization writes the view back): index the
@@ -80,8 +101,12 @@ class KVCache(nn.Module):
         kv_len = ctx.kv_len
         if ctx.read_slots is None:
             batch = ctx.positions.shape[0]
-            return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
-        return self.k[ctx.read_slots, :, :kv_len], self.v[ctx.read_slots, :, :kv_len]
+            k, v = self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
+        else:
+            k, v = self.k[ctx.read_slots, :, :kv_len], self.v[ctx.read_slots, :, :kv_len]
+        if self.rounds:
+            k, v = k.to(self.compute), v.to(self.compute)
+        return k, v
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""

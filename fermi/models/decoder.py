@@ -39,6 +39,8 @@ from fermi.models.rope import RopeConfig, longrope_switch, rope_tables, rotate
 # buffers that hold each one's cos/sin (``rope_cos``, ``rope_local_cos``, ...).
 GLOBAL_ROPE, LOCAL_ROPE = "global", "local"
 ROPE_BUFFERS = {GLOBAL_ROPE: "rope", LOCAL_ROPE: "rope_local"}
+# The KV cache dtypes fermi's CPU kernels read and write (use_native_rows).
+KERNEL_CACHES = (torch.float32, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
         self.cache.write(k, v, ctx)
+        if getattr(self.cache, "rounds", False):
+            # The prompt's own keys and values as the cache holds them: what later steps
+            # (and a prompt that reuses this one's prefix) read back.
+            store = self.cache.k.dtype
+            k, v = k.to(store).to(q.dtype), v.to(store).to(q.dtype)
         if ctx.causal and not self.needs_mask:
             # A graph runner pads a chunk to its bucket with rows at the scratch position,
             # past kv_len, and here they are among the keys: masked, but a masked weight of 0
@@ -391,6 +398,8 @@ class Decoder(nn.Module):
         self.causal_prefill = True
         # Set by the loader when it quantized linear layers (fermi.models.quant).
         self.quantization: QuantReport | None = None
+        # What setup_cache's KV caches hold when not the model's dtype (use_half_cache).
+        self.cache_dtype: torch.dtype | None = None
         self.rope_switch: int | None = None  # LongRoPE: first position of the long factors
         self.ropes: tuple[str, ...] = ()  # the rope tables the layers use; setup_cache sets
         # Each layer's attention window (None = global); setup_cache drops unbinding ones.
@@ -400,7 +409,8 @@ class Decoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype, and the KV cache's by default: the final norm's weight's.
+        """The activations' dtype, and the KV cache's unless ``cache_dtype`` says otherwise:
+        the final norm's weight's.
         Weights stored smaller than that on CPU (fp16 products and embedding table, int8 and
         int4 layers) leave the norms in it."""
         return self.model.norm.weight.dtype
@@ -439,7 +449,7 @@ class Decoder(nn.Module):
         single row's final norm and head take one more call (:meth:`use_row_kernels`).
         Applies where the kernels build, every product is stored in one of their formats
         (``HalfWeightLinear`` fp16 or ``QuantLinear`` int8/int4 in ``layout="native"``)
-        and the model (its norms) and the cache are float32 on CPU; LongRoPE and
+        and the model (its norms) is float32 on CPU, its cache float32 or fp16; LongRoPE and
         soft-capping keep torch's path. Call
         after ``setup_cache``. Returns whether it does."""
         from fermi import native
@@ -454,7 +464,7 @@ class Decoder(nn.Module):
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
-            if not isinstance(attn.cache, KVCache) or attn.cache.k.dtype != torch.float32:
+            if not isinstance(attn.cache, KVCache) or attn.cache.k.dtype not in KERNEL_CACHES:
                 return False
         if not all(getattr(m, "native_weight", None) is not None for m in linears):
             return False
@@ -504,6 +514,7 @@ class Decoder(nn.Module):
             assert t.is_contiguous() and t.dtype == torch.float32
             return t.data_ptr()
 
+        cache_dtype = self.model.layers[0].self_attn.cache.k.dtype
         for entry, layer in zip(layers, self.model.layers, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
             products = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
@@ -514,7 +525,10 @@ class Decoder(nn.Module):
             entry.norm2 = ptr(layer.post_attention_layernorm.weight)
             if cfg.qk_norm:
                 entry.q_norm, entry.k_norm = ptr(attn.q_norm.weight), ptr(attn.k_norm.weight)
-            entry.k_cache, entry.v_cache = ptr(attn.cache.k), ptr(attn.cache.v)
+            for name in ("k", "v"):
+                buffer = getattr(attn.cache, name)
+                assert buffer.is_contiguous() and buffer.dtype == cache_dtype
+                setattr(entry, f"{name}_cache", buffer.data_ptr())
             entry.window = attn.window or 0
             entry.rope = ropes[attn.rope]
         rot = 0
@@ -529,6 +543,7 @@ class Decoder(nn.Module):
             inter=cfg.intermediate_size,
             rot=rot,
             max_seq=self.model.layers[0].self_attn.cache.k.shape[2],
+            kv_half=int(cache_dtype == torch.float16),
             eps=cfg.rms_norm_eps,
             scale=cfg.attn_scale,
             layer=layers,
@@ -585,11 +600,15 @@ class Decoder(nn.Module):
     def setup_cache(
         self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None
     ) -> None:
-        """Allocate the KV cache and the rope tables on the model's device."""
-        dtype = dtype or self.dtype
+        """Allocate the KV cache and the rope tables on the model's device. The cache holds
+        ``dtype``, else ``cache_dtype`` (fp16 on CPU where the loaders store the weights
+        in 16 bits or fewer: :func:`fermi.models.half_weights.use_half_cache`), else the
+        model's dtype; attention computes in the model's dtype either way."""
+        dtype = dtype or self.cache_dtype or self.dtype
         cfg = self.cfg
         shape = (max_batch, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
-        self.use_caches([KVCache(*shape, dtype, self.device) for _ in self.model.layers])
+        caches = [KVCache(*shape, dtype, self.device, self.dtype) for _ in self.model.layers]
+        self.use_caches(caches)
         for i, layer in enumerate(self.model.layers):
             # A window as long as the cache masks nothing: skip the extra mask (Phi-3.5's
             # 262144, or Gemma 2's 4096 with a 4096-token cache).

@@ -621,8 +621,9 @@ def quantize_decoder(model: nn.Module, spec: QuantSpec) -> QuantReport:
         report.errors[name] = error or 0.0
         report.nbytes += layer.nbytes
     if model.device.type == "cpu":  # as the loaders store it (fermi.models.half_weights)
-        from fermi.models.half_weights import use_half_embedding
+        from fermi.models.half_weights import use_half_cache, use_half_embedding
 
         use_half_embedding(model)
+        use_half_cache(model)
     model.quantization = report
     return report

@@ -84,6 +84,7 @@ class Stack(ctypes.Structure):
         ("inter", ctypes.c_long),
         ("rot", ctypes.c_long),
         ("max_seq", ctypes.c_long),
+        ("kv_half", ctypes.c_long),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("layer", ctypes.POINTER(Layer)),
@@ -99,8 +100,8 @@ _SIGNATURES = {
     # weight, bias, n, k, x, ldx, m, norm_w, eps, act, residual, ldr, y, ldy, threads
     "fermi_linear": ("ppllpllpfiplpli", "i"),
     # qkv, h, kv, d, q_norm, k_norm, eps, rot, cos, sin, k_cache, v_cache, max_seq, pos,
-    # first, scale, out, threads
-    "fermi_attend_row": ("piiippfipppplllfpi", "i"),
+    # first, scale, out, threads, half (the caches hold fp16, else float32)
+    "fermi_attend_row": ("piiippfipppplllfpii", "i"),
     "fermi_stack_size": ("", "i"),
     # stack, x, rows, slots, positions, cos1, sin1, cos2, sin2, threads
     "fermi_decode_rows": ("pplppppppi", "i"),

@@ -666,13 +666,38 @@ static void rope_head(float *x, int rot, const float *cos, const float *sin) {
     memcpy(x, tmp, (size_t)rot * sizeof(float));
 }
 
+/* A KV cache holds float32 or (half) fp16 values; these read element i of one into a
+ * float, 16 at a time or alone, and write n floats into one (rounded to the nearest fp16,
+ * ties to even, as torch's conversion rounds). */
+static inline v16 kv_vec(const void *base, long i, int half) {
+    return half ? v_half((const uint16_t *)base + i) : v_load((const float *)base + i);
+}
+static inline float kv_one(const void *base, long i, int half) {
+    return half ? _cvtsh_ss(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+static inline void *kv_at(void *base, long i, int half) {
+    return (char *)base + i * (half ? 2 : 4);
+}
+static void kv_write(void *base, long i, const float *x, int n, int half) {
+    if (!half) {
+        memcpy((float *)base + i, x, (size_t)n * sizeof(float));
+        return;
+    }
+    uint16_t *out = (uint16_t *)base + i;
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(out + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < n; j++) out[j] = _cvtss_sh(x[j], _MM_FROUND_TO_NEAREST_INT);
+}
+
 /* This token's q/k norms (q_norm/k_norm non-NULL) and rope (rot > 0) on qkv ([h + 2 kv] * d
  * floats, q then k then v, in place), and its keys and values written at `pos` of the
- * slot's cache (k_cache/v_cache: [kv_heads][max_seq][d] floats of the slot). */
+ * slot's cache (k_cache/v_cache: [kv_heads][max_seq][d] float32, or fp16 where half). */
 static void attend_prepare(float *qkv, int h, int kv, int d, const float *q_norm,
                            const float *k_norm, float eps, int rot, const float *cos,
-                           const float *sin, float *k_cache, float *v_cache, long max_seq,
-                           long pos) {
+                           const float *sin, void *k_cache, void *v_cache, long max_seq,
+                           long pos, int half) {
     float *k = qkv + (long)h * d, *v = qkv + (long)(h + kv) * d;
     for (int i = 0; i < h + kv; i++) {
         float *head = qkv + (long)i * d;
@@ -681,8 +706,8 @@ static void attend_prepare(float *qkv, int h, int kv, int d, const float *q_norm
         if (rot > 0) rope_head(head, rot, cos, sin);
     }
     for (int g = 0; g < kv; g++) {
-        memcpy(k_cache + ((long)g * max_seq + pos) * d, k + (long)g * d, (size_t)d * sizeof(float));
-        memcpy(v_cache + ((long)g * max_seq + pos) * d, v + (long)g * d, (size_t)d * sizeof(float));
+        kv_write(k_cache, ((long)g * max_seq + pos) * d, k + (long)g * d, d, half);
+        kv_write(v_cache, ((long)g * max_seq + pos) * d, v + (long)g * d, d, half);
     }
 }
 
@@ -741,19 +766,19 @@ static inline v16 v_max(v16 a, v16 b) {
 #endif
 #define PV_HEADS 4 /* query heads weighted together, one load of each value vector */
 
-/* Into o (GH heads, d apart; CH vectors of features from the values' start): each head's
- * sum over t of p[g * ldp + t] times the values' row t. One load of a value vector serves
- * the GH heads. (Constant GH and CH from the switch below: the accumulators stay in
+/* Into o (GH heads, d apart; CH vectors of features from feature c): each head's sum over
+ * t of p[g * ldp + t] times the values' row t. One load of a value vector serves the GH
+ * heads. (Constant GH, CH and half from the switch below: the accumulators stay in
  * registers.) */
 static inline __attribute__((always_inline)) void weigh(const float *p, long ldp, long len,
-                                                       const float *values, long d, int GH,
-                                                       int CH, float *o) {
+                                                       const void *values, long c, long d,
+                                                       int GH, int CH, int half, float *o) {
     v16 acc[PV_HEADS][HEAD_CHUNK];
     for (int g = 0; g < GH; g++)
         for (int i = 0; i < CH; i++) acc[g][i] = v_zero();
     for (long t = 0; t < len; t++) {
         v16 v[HEAD_CHUNK];
-        for (int i = 0; i < CH; i++) v[i] = v_load(values + t * d + i * PANEL);
+        for (int i = 0; i < CH; i++) v[i] = kv_vec(values, t * d + c + i * PANEL, half);
         for (int g = 0; g < GH; g++) {
             v16 w = v_bcast(p[g * ldp + t]);
             for (int i = 0; i < CH; i++) acc[g][i] = v_fma(w, v[i], acc[g][i]);
@@ -763,16 +788,20 @@ static inline __attribute__((always_inline)) void weigh(const float *p, long ldp
         for (int i = 0; i < CH; i++) v_store(o + g * d + i * PANEL, acc[g][i]);
 }
 
-#define WEIGH(G, C)                                                                         \
-    case G * 8 + C: weigh(p, ldp, len, values, d, G, C, o); break;
+#define WEIGH(G, C, H)                                                                      \
+    case G * 8 + C: weigh(p, ldp, len, values, c, d, G, C, H, o); break;
 #if HEAD_CHUNK == 4
-#define WEIGH_HEADS(G) WEIGH(G, 1) WEIGH(G, 2) WEIGH(G, 3) WEIGH(G, 4)
+#define WEIGH_HEADS(G, H) WEIGH(G, 1, H) WEIGH(G, 2, H) WEIGH(G, 3, H) WEIGH(G, 4, H)
 #else
-#define WEIGH_HEADS(G) WEIGH(G, 1)
+#define WEIGH_HEADS(G, H) WEIGH(G, 1, H)
 #endif
-static void weigh_any(const float *p, long ldp, long len, const float *values, long d, int GH,
-                      int CH, float *o) {
-    switch (GH * 8 + CH) { WEIGH_HEADS(1) WEIGH_HEADS(2) WEIGH_HEADS(3) WEIGH_HEADS(4) }
+static void weigh_any(const float *p, long ldp, long len, const void *values, long c, long d,
+                      int GH, int CH, int half, float *o) {
+    if (half) {
+        switch (GH * 8 + CH) { WEIGH_HEADS(1, 1) WEIGH_HEADS(2, 1) WEIGH_HEADS(3, 1) WEIGH_HEADS(4, 1) }
+    } else {
+        switch (GH * 8 + CH) { WEIGH_HEADS(1, 0) WEIGH_HEADS(2, 0) WEIGH_HEADS(3, 0) WEIGH_HEADS(4, 0) }
+    }
 }
 
 /* Part of one token's attention: the G query heads q (G * d floats) that share a KV head,
@@ -785,8 +814,9 @@ static void weigh_any(const float *p, long ldp, long len, const float *values, l
  * head size the models have): 16 keys at a time, each key's products with a head's q
  * adding up lane by lane in its own register, v_sums16 finishing the 16 dot products (one
  * horizontal sum per key cost more than its products); values weighed by weigh(). */
-static void attend_part(const float *q, int G, const float *keys, const float *values,
-                        long len, int d, float scale, float *s, float *m, float *l, float *o) {
+static inline __attribute__((always_inline)) void
+attend_part_kv(const float *q, int G, const void *keys, const void *values, long len, int d,
+               float scale, float *s, float *m, float *l, float *o, int half) {
     int vec = d % PANEL == 0;
     for (int g = 0; g < G; g++) m[g] = -INFINITY;
     long t = 0;
@@ -799,7 +829,7 @@ static void attend_part(const float *q, int G, const float *keys, const float *v
                 for (int c = 0; c < d; c += PANEL) {
                     v16 qc = v_load(qg + c);
                     for (int i = 0; i < PANEL; i++)
-                        acc[i] = v_fma(qc, v_load(keys + (t + i) * d + c), acc[i]);
+                        acc[i] = v_fma(qc, kv_vec(keys, (t + i) * d + c, half), acc[i]);
                 }
                 v16 sc = v_mul(v_sums16(acc), v_bcast(scale));
                 v_store(s + g * len + t, sc);
@@ -813,10 +843,8 @@ static void attend_part(const float *q, int G, const float *keys, const float *v
     for (int g = 0; g < G; g++) {
         const float *qg = q + (long)g * d;
         for (long u = t; u < len; u++) {
-            const float *ku = keys + u * d;
             float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int j = 0; j < d; j++) dot += qg[j] * ku[j];
+            for (int j = 0; j < d; j++) dot += qg[j] * kv_one(keys, u * d + j, half);
             s[g * len + u] = dot * scale;
             if (s[g * len + u] > m[g]) m[g] = s[g * len + u];
         }
@@ -847,7 +875,8 @@ static void attend_part(const float *q, int G, const float *keys, const float *v
             int gh = G - g0 < PV_HEADS ? G - g0 : PV_HEADS;
             for (int c = 0; c < d; c += HEAD_CHUNK * PANEL) {
                 int n = (d - c) / PANEL < HEAD_CHUNK ? (d - c) / PANEL : HEAD_CHUNK;
-                weigh_any(s + g0 * len, len, len, values + c, d, gh, n, o + (long)g0 * d + c);
+                weigh_any(s + g0 * len, len, len, values, c, d, gh, n, half,
+                          o + (long)g0 * d + c);
             }
         }
         return;
@@ -856,12 +885,19 @@ static void attend_part(const float *q, int G, const float *keys, const float *v
         float *og = o + (long)g * d;
         for (int j = 0; j < d; j++) og[j] = 0.0f;
         for (long u = 0; u < len; u++) {
-            const float *vu = values + u * d;
             float p = s[g * len + u];
-#pragma omp simd
-            for (int j = 0; j < d; j++) og[j] += p * vu[j];
+            for (int j = 0; j < d; j++) og[j] += p * kv_one(values, u * d + j, half);
         }
     }
+}
+
+/* attend_part_kv over a float32 (half 0) or fp16 (half 1) cache, each compiled apart. */
+static void attend_part(const float *q, int G, const void *keys, const void *values, long len,
+                        int d, float scale, float *s, float *m, float *l, float *o, int half) {
+    if (half)
+        attend_part_kv(q, G, keys, values, len, d, scale, s, m, l, o, 1);
+    else
+        attend_part_kv(q, G, keys, values, len, d, scale, s, m, l, o, 0);
 }
 
 /* Floats attend_part leaves for one part of G heads: m, l, then o. */
@@ -900,11 +936,11 @@ static void attend_merge(const float *part, int parts, int G, int d, float *out)
  * floats. Returns 0, or -1 when scratch memory is refused. */
 int fermi_attend_row(float *qkv, int h, int kv, int d, const float *q_norm,
                      const float *k_norm, float eps, int rot, const float *cos,
-                     const float *sin, float *k_cache, float *v_cache, long max_seq, long pos,
-                     long first, float scale, float *out, int threads) {
+                     const float *sin, void *k_cache, void *v_cache, long max_seq, long pos,
+                     long first, float scale, float *out, int threads, int half) {
     (void)threads;
     attend_prepare(qkv, h, kv, d, q_norm, k_norm, eps, rot, cos, sin, k_cache, v_cache, max_seq,
-                   pos);
+                   pos, half);
     long len = pos + 1 - first;
     int group = h / kv;
     float *scores = malloc(((size_t)group * len + part_floats(group, d)) * sizeof(float));
@@ -912,8 +948,9 @@ int fermi_attend_row(float *qkv, int h, int kv, int d, const float *q_norm,
     float *part = scores + group * len;
     for (int g = 0; g < kv; g++) {
         long base = ((long)g * max_seq + first) * d;
-        attend_part(qkv + (long)g * group * d, group, k_cache + base, v_cache + base, len, d,
-                    scale, scores, part, part + group, part + 2 * group);
+        attend_part(qkv + (long)g * group * d, group, kv_at(k_cache, base, half),
+                    kv_at(v_cache, base, half), len, d, scale, scores, part, part + group,
+                    part + 2 * group, half);
         attend_merge(part, 1, group, d, out + (long)g * group * d);
     }
     free(scores);
@@ -927,13 +964,14 @@ typedef struct {
     const float *bias[4];         /* or NULL */
     const float *norm1, *norm2;   /* input_layernorm, post_attention_layernorm */
     const float *q_norm, *k_norm; /* or NULL */
-    float *k_cache, *v_cache;     /* [slots][kv_heads][max_seq][head_dim] */
+    void *k_cache, *v_cache;      /* [slots][kv_heads][max_seq][head_dim], as kv_half says */
     long window;                  /* 0: none */
     long rope;                    /* 0: none, 1: the step's first table, 2: its second */
 } fermi_layer;
 
 typedef struct {
     long layers, hidden, heads, kv_heads, head_dim, inter, rot, max_seq;
+    long kv_half; /* the caches hold fp16 (1) or float32 (0) */
     float eps, scale;
     const fermi_layer *layer;
 } fermi_stack;
@@ -1000,6 +1038,7 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
                       const float *cos2, const float *sin2, int threads) {
     long h = s->heads, kv = s->kv_heads, d = s->head_dim, hid = s->hidden, inter = s->inter;
     long nqkv = (h + 2 * kv) * d, rot = s->rot, group = h / kv;
+    int half = s->kv_half != 0;
     long widest = hid > inter ? hid : inter;
     if (h * d > widest) widest = h * d;
     for (long i = 0; i < s->layers; i++) {
@@ -1051,8 +1090,8 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
                     long base = slots[r] * kv * s->max_seq * d;
                     attend_prepare(qkv + r * nqkv, (int)h, (int)kv, (int)d, l->q_norm, l->k_norm,
                                    s->eps, l->rope ? (int)rot : 0, l->rope ? cos + r * rot : NULL,
-                                   l->rope ? sin + r * rot : NULL, l->k_cache + base,
-                                   l->v_cache + base, s->max_seq, positions[r]);
+                                   l->rope ? sin + r * rot : NULL, kv_at(l->k_cache, base, half),
+                                   kv_at(l->v_cache, base, half), s->max_seq, positions[r], half);
                 }
                 team_wait(&barrier, n, &phase);
                 /* attention: (row, KV head, part of its keys) jobs */
@@ -1065,9 +1104,10 @@ int fermi_decode_rows(const fermi_stack *s, float *x, long rows, const long *slo
                     long k1 = first + len * (p + 1) / parts;
                     long base = slots[r] * kv * s->max_seq * d + (g * s->max_seq + k0) * d;
                     float *part = att + job * pf;
-                    attend_part(qkv + r * nqkv + g * group * d, (int)group, l->k_cache + base,
-                                l->v_cache + base, k1 - k0, (int)d, s->scale, scores, part,
-                                part + group, part + 2 * group);
+                    attend_part(qkv + r * nqkv + g * group * d, (int)group,
+                                kv_at(l->k_cache, base, half), kv_at(l->v_cache, base, half),
+                                k1 - k0, (int)d, s->scale, scores, part, part + group,
+                                part + 2 * group, half);
                 }
                 team_wait(&barrier, n, &phase);
                 /* output product (its inputs: each row's parts merged), residual added in place */

@@ -107,7 +107,7 @@ def check_cache_fits(model: Decoder, max_batch: int, max_seq_len: int, device) -
     free: on a CPU, a cache the kernel lets torch reserve but cannot back gets the process
     killed when it is first written, with no message."""
     cfg = model.cfg
-    itemsize = model.dtype.itemsize
+    itemsize = (model.cache_dtype or model.dtype).itemsize
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
     need = per_token * max_batch * max_seq_len
     what = (
