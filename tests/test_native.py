@@ -536,6 +536,27 @@ def test_decode_steps_on_an_fp16_cache_give_torchs_logits(name, threads):
     assert max((a - b).abs().max().item() for a, b in zip(ref, wide, strict=True)) > 1e-6
 
 
+@needs_kernels
+def test_the_cache_is_fp16_only_where_the_kernels_run_the_decode_step():
+    """An fp16 cache (``cache_dtype``, as the CPU loaders set it) where fermi's kernels run
+    the step; where torch's ops would (weights in another layout, the compiled runner),
+    the runners keep a float32 cache, as those would widen the whole live cache every
+    step."""
+    from fermi.runners.torch_cpu_compiled import CompiledCpuRunner
+    from fermi.runners.torch_eager import TorchRunner
+
+    def cache_of(layout: str, runner) -> torch.dtype:
+        model = use_half_weights(random_decoder(CONFIGS["qwen3"]()), layout)
+        model.cache_dtype = torch.float16
+        runner(model)
+        return model.model.layers[0].self_attn.cache.k.dtype
+
+    assert cache_of("native", lambda m: TorchRunner(m, 2, 32)) == torch.float16
+    assert cache_of("plain", lambda m: TorchRunner(m, 2, 32)) == torch.float32
+    compiled = lambda m: CompiledCpuRunner(m, 2, 32, warmup=False)  # noqa: E731
+    assert cache_of("native", compiled) == torch.float32
+
+
 def one_layer_step(lib, k_cache, v_cache, x, pos, threads) -> torch.Tensor:
     """One decode step of one row (slot 0, at ``pos``) through a one-layer stack of h = kv
     = 1 head of d = hidden features whose q, k, v and o projections are the identity and

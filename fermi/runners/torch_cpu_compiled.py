@@ -40,6 +40,9 @@ class CompiledCpuRunner(CudaGraphRunner):
                 f"runner {NAME!r} compiles for the CPU; the model is on {device} "
                 "(on CUDA the default runner, torch-cuda, is compiled)"
             )
+        # Its graphs run torch's attention, which would widen a whole fp16 cache
+        # (use_half_cache) into float32 every step: the cache stays float32 here.
+        model.cache_dtype = None
         super().__init__(
             model,
             max_batch,
