@@ -377,7 +377,7 @@ def use_half_cache(model: nn.Module) -> None:
     context's float32 cache would be read beside them every step (46 KB a token for
     SmolLM2-135M: 73 MB at 1,584 tokens against 94 MB of int4 weights). Each key and value
     is rounded to fp16 once, as llama.cpp's cache stores them; on SmolLM2 that moved
-    perplexity by 0.001 and greedy tokens not at all (``perf/LOG.md`` run 74). The CPU
+    perplexity by 0.004 and no top-1 token (``perf/LOG.md`` run 74). The CPU
     runners keep a float32 cache after all where fermi's kernels do not run the decode
     step (torch's attention would widen the whole fp16 cache every step)."""
     if model.dtype == torch.float32 and model.device.type == "cpu":
