@@ -133,6 +133,29 @@ def test_causal_prefill_on_an_fp16_cache_attends_to_the_keys_the_cache_keeps(arc
     assert (rest[0] - masked[0, -1]).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_converted_after_setup_cache_attends_in_its_new_dtype(dtype):
+    """``.half()`` / ``.to(dtype)`` after ``setup_cache`` converts the cache with the model:
+    the cache then computes in that dtype too (``KVCache.compute``), not in the float32 it
+    was set up with, whose keys the converted queries could not attend over."""
+    model = model_of(config("llama"))
+    model.to(dtype)
+    cache = model.model.layers[0].self_attn.cache
+    assert cache.k.dtype == cache.compute == dtype and not cache.rounds
+    tokens = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        model(tokens[:, :5], torch.arange(5)[None], torch.tensor([0]), 5)
+        out = model(tokens[:, 5:], torch.tensor([[5]]), torch.tensor([0]), 6)
+    assert out.isfinite().all()
+    # An fp16 cache under a float32 model, converted back to float32: nothing rounds.
+    model = model_of(config("llama"))
+    model.cache_dtype = torch.float16
+    model.setup_cache(1, 32)
+    model.float()
+    cache = model.model.layers[0].self_attn.cache
+    assert cache.k.dtype == cache.compute == torch.float32 and not cache.rounds
+
+
 def test_causal_step_builds_no_mask_and_reads_no_cache(monkeypatch):
     model = model_of(config("qwen3"))
     positions = torch.arange(9)[None]

@@ -557,6 +557,30 @@ def test_the_cache_is_fp16_only_where_the_kernels_run_the_decode_step():
     assert cache_of("native", compiled) == torch.float32
 
 
+@needs_kernels
+@pytest.mark.parametrize(
+    ("layout", "runner"), [("native", None), ("plain", None), ("native", "torch-compile")]
+)
+def test_the_cache_check_counts_the_dtype_the_runner_keeps(monkeypatch, layout, runner):
+    """check_cache_fits runs before the runner allocates the cache: it must count the bytes
+    of the cache the runner keeps, float32 where fermi's kernels do not run the step (a
+    cache_dtype of fp16 counted there would pass a cache twice the size it checked, which
+    on a CPU gets the process killed when it is written)."""
+    from fermi import memory
+    from fermi.runners.select import torch_runner
+
+    checked = []
+    monkeypatch.setattr(memory, "require_free", lambda need, *a, **k: checked.append(need))
+    model = use_half_weights(random_decoder(CONFIGS["qwen3"]()), layout)
+    model.cache_dtype = torch.float16
+    torch_runner(model, runner, 2, 32, None, warmup=False)
+    cfg, cache = model.cfg, model.model.layers[0].self_attn.cache
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+    assert checked == [per_token * 2 * 32 * cache.k.dtype.itemsize]
+    kernels = layout == "native" and runner is None
+    assert cache.k.dtype == (torch.float16 if kernels else torch.float32)
+
+
 def one_layer_step(lib, k_cache, v_cache, x, pos, threads) -> torch.Tensor:
     """One decode step of one row (slot 0, at ``pos``) through a one-layer stack of h = kv
     = 1 head of d = hidden features whose q, k, v and o projections are the identity and

@@ -71,6 +71,15 @@ class KVCache(nn.Module):
         counters = torch.zeros(max_batch * kv_heads, dtype=torch.int32, device=device)
         self.register_buffer("counters", counters, persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # A conversion of the model (.half(), .to(torch.bfloat16), .float()) converts the
+        # activations as well as the buffers: ``compute`` follows it, or ``read`` would
+        # widen keys to a dtype the queries no longer have.
+        probe = torch.empty(0, dtype=self.compute, device=self.k.device)
+        out = super()._apply(fn, *args, **kwargs)
+        self.compute = fn(probe).dtype
+        return out
+
     @property
     def rounds(self) -> bool:
         """Whether the buffers hold a narrower dtype than attention computes in."""

@@ -426,10 +426,7 @@ class Decoder(nn.Module):
         (``QuantLinear``) weights, and a residual add without a scale (the products add
         the residual unscaled: Granite's ``residual_multiplier`` keeps the unfused layer).
         Returns whether it did. On CPU the products are their torch reference."""
-        cfg = self.cfg
-        if cfg.sandwich_norms or cfg.norm_unit_offset or cfg.hidden_act != "silu":
-            return False
-        if cfg.residual_multiplier != 1.0:
+        if not self._row_shape():
             return False
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -452,27 +449,55 @@ class Decoder(nn.Module):
         and the model (its norms) is float32 on CPU, its cache float32 or fp16; LongRoPE and
         soft-capping keep torch's path. Call
         after ``setup_cache``. Returns whether it does."""
-        from fermi import native
-
-        cfg = self.cfg
-        lib = native.library()
-        if lib is None or self.device.type != "cpu" or self.dtype != torch.float32:
+        if not self.native_rows_fit():
             return False
-        if cfg.attn_logit_softcap is not None or self.rope_switch is not None:
-            return False
-        linears = [self.lm_head]
         for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
-            if not isinstance(attn.cache, KVCache) or attn.cache.k.dtype not in KERNEL_CACHES:
+            cache = layer.self_attn.cache
+            if not isinstance(cache, KVCache) or cache.k.dtype not in KERNEL_CACHES:
                 return False
-        if not all(getattr(m, "native_weight", None) is not None for m in linears):
-            return False
         if not self.use_row_kernels():  # the pre-norm, SiLU, unscaled-residual shape
             return False
         self._native_stack = None
         self.native_rows = True
         return True
+
+    def native_rows_fit(self) -> bool:
+        """Whether :meth:`use_native_rows` takes this model, its cache aside: a question
+        without side effects, asked before ``setup_cache`` too (the runners choose the
+        cache's dtype by it, and ``check_cache_fits`` counts that dtype's bytes)."""
+        from fermi import native
+
+        cfg = self.cfg
+        if native.library() is None or self.device.type != "cpu" or self.dtype != torch.float32:
+            return False
+        used = {cfg.rope_of(i) for i in range(cfg.num_hidden_layers)}
+        longrope = GLOBAL_ROPE in used and longrope_switch(cfg.rope) is not None
+        if cfg.attn_logit_softcap is not None or longrope or not self._row_shape():
+            return False
+        linears = [self.lm_head]
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        return all(getattr(m, "native_weight", None) is not None for m in linears)
+
+    def _row_shape(self) -> bool:
+        """The layers' shape the row products fuse: pre-norm, plain RMSNorm, SiLU, and a
+        residual add without a scale (:meth:`use_row_kernels`)."""
+        cfg = self.cfg
+        if cfg.sandwich_norms or cfg.norm_unit_offset or cfg.hidden_act != "silu":
+            return False
+        return cfg.residual_multiplier == 1.0
+
+    def planned_cache_dtype(self, compiled: bool = False) -> torch.dtype:
+        """What a CPU or CUDA runner's KV cache will hold: ``cache_dtype`` (fp16 on CPU
+        under fp16 storage or quantization) only where fermi's kernels run the decode step,
+        the model's dtype elsewhere (``compiled``: the torch-compile runner, whose graphs
+        run torch's attention, which would widen a whole fp16 cache every step)."""
+        if self.cache_dtype in (None, self.dtype):
+            return self.dtype
+        if self.device.type == "cpu" and (compiled or not self.native_rows_fit()):
+            return self.dtype
+        return self.cache_dtype
 
     def _native_layers(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """All layers for one token in fermi's kernels (:meth:`use_native_rows`)."""

@@ -47,7 +47,7 @@ def torch_runner(
     device = model.device
     if name not in (None, *TORCH_RUNNERS):
         raise ValueError(f"runner {name!r} is not one of {', '.join(TORCH_RUNNERS)}")
-    check_cache_fits(model, max_batch, max_seq_len, device)
+    check_cache_fits(model, max_batch, max_seq_len, device, compiled=name == "torch-compile")
     if device.type == "cpu":  # the float copies the loader made of the weights are gone
         memory.release_free_heap()
         use_default_cpu_threads()
@@ -102,12 +102,15 @@ def use_default_cpu_threads() -> tuple[int, int] | None:
     return cores, max(1, cores - 1)
 
 
-def check_cache_fits(model: Decoder, max_batch: int, max_seq_len: int, device) -> None:
+def check_cache_fits(
+    model: Decoder, max_batch: int, max_seq_len: int, device, compiled: bool = False
+) -> None:
     """Refuse, before allocating it, a KV cache larger than the memory the device has
     free: on a CPU, a cache the kernel lets torch reserve but cannot back gets the process
-    killed when it is first written, with no message."""
+    killed when it is first written, with no message. Counted in the dtype the runner will
+    keep (``Decoder.planned_cache_dtype``; ``compiled``: the torch-compile runner)."""
     cfg = model.cfg
-    itemsize = (model.cache_dtype or model.dtype).itemsize
+    itemsize = model.planned_cache_dtype(compiled).itemsize
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
     need = per_token * max_batch * max_seq_len
     what = (

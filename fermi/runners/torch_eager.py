@@ -69,15 +69,16 @@ class TorchRunner(Runner):
     ) -> None:
         self.model = model
         device = model.device
-        model.setup_cache(max_batch, max_seq_len)
         # One-token steps in fermi's own kernels, where the model's weights are stored for
         # them (fp16: fermi.models.half_weights; int8/int4: fermi.models.quant); otherwise
         # torch's ops, which would widen the whole live fp16 cache (use_half_cache) into a
-        # float32 copy every step: a float32 cache there.
-        native = device.type == "cpu" and model.use_native_rows()
-        if device.type == "cpu" and not native and model.cache_dtype not in (None, model.dtype):
+        # float32 copy every step: a float32 cache there (planned_cache_dtype, which
+        # check_cache_fits counted).
+        if model.planned_cache_dtype() == model.dtype:
             model.cache_dtype = None
-            model.setup_cache(max_batch, max_seq_len)
+        model.setup_cache(max_batch, max_seq_len)
+        if device.type == "cpu":
+            model.use_native_rows()
         name = "torch-cpu" if device.type == "cpu" else f"torch-{device.type}"
         self.capabilities = Capabilities(
             name=name,
