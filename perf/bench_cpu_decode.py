@@ -39,7 +39,7 @@ from bench_cpu_quant import concurrent, fill_caches  # (concurrent: the same pro
 import fermi
 from fermi.aliases import alias_path
 from fermi.gguf import load_gguf
-from fermi.models.half_weights import use_half_weights
+from fermi.models.half_weights import use_half_cache, use_half_weights
 from fermi.models.quant import QuantSpec
 
 CPU = torch.device("cpu")
@@ -76,7 +76,10 @@ def step_times(rounds: int) -> dict[str, dict[str, list[float]]]:
         ).model,
     }
     for model in models.values():
-        model.setup_cache(4, 256)
+        # The KV cache as the engine keeps it: fp16 where fermi's kernels run the step
+        # (use_half_cache, planned_cache_dtype), float32 for torch's ops.
+        use_half_cache(model)
+        model.setup_cache(4, 256, model.planned_cache_dtype())
         fill_caches(model)
         model.use_native_rows()  # (only the native layout takes it)
     times: dict[str, dict[str, list[float]]] = {n: {"1": [], "4": []} for n in models}
