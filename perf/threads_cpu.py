@@ -35,6 +35,9 @@ from fermi.gguf import load_gguf
 model = load_gguf(alias_path("smollm2-135m"), torch.device("cpu"), None).model
 prefill = int(sys.argv[4])
 model.setup_cache(4, max(256, prefill + 1))
+sys.path.insert(0, sys.argv[1] + "/perf")
+from bench_cpu_quant import fill_caches
+fill_caches(model)  # (unwritten cache pages are the zero page: run 73)
 native = model.use_native_rows()  # decode steps in fermi's kernels, where they build
 counts = [int(c) for c in sys.argv[2].split(",")]
 times = {f"{t} threads, {r} rows": [] for t in counts for r in (1, 4)}
