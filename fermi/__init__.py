@@ -96,7 +96,10 @@ def load(
     ``smollm2-135m`` (``fermi.aliases``), or ``FERMI_MODEL`` /
     Qwen/Qwen3-1.7B when omitted. ``device`` defaults to CUDA when there is a GPU, else to
     Apple silicon's GPU (``mps``), else to the CPU; ``dtype`` to bf16 on CUDA, fp16 on
-    ``mps`` and fp32 on CPU.
+    ``mps`` and fp32 on CPU (a quantized GGUF file: fp16 weight storage, float32
+    arithmetic). On CPU, weights stored in 16 bits or fewer (fp16 storage, ``quantize``)
+    keep the KV cache in fp16 as well where fermi's kernels run the decode step
+    (``fermi.models.half_weights.use_half_cache``); ``dtype="fp32"`` keeps it float32.
     ``max_seq_len`` defaults to the model's context capped at 4096; ``max_batch`` to 8.
     ``max_waiting`` requests may queue for a slot beyond those; ``submit`` refuses more.
     ``prefix_reuse=False`` frees a slot's cache when its request ends instead of keeping it
