@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cc = os.environ.get("CC") or "cc"
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp) / "peak.c", Path(tmp) / "peak"
         src.write_text(SOURCE)
@@ -126,7 +127,8 @@ def main() -> None:
     result = {
         "command": "perf/cpu_dot_peak.py " + " ".join(sys.argv[1:]),
         "cpus": os.cpu_count(),
-        "load_average_before": os.getloadavg(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "units": "G instructions and G multiply-adds per second per thread, one per round",
         "loops": table,
     }

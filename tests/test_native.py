@@ -5,6 +5,7 @@ torch's ops; and the fallbacks when the kernels cannot be built."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -436,6 +437,17 @@ def half_pair(name: str):
     return kernels, ref
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU thread count (what the one-call step takes) set to ``n`` meanwhile."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def steps(
     model, native_rows: bool, batch: int = 3, steps: int = 10, lengths=(7, 12, 3)
 ) -> list[torch.Tensor]:
@@ -498,12 +510,8 @@ def test_decode_steps_split_the_keys_among_threads(name, threads):
     4 parts, of which some hold no key at all after a one-token prompt): the same logits
     as torch's ops, as with one thread."""
     kernels, reference = half_pair(name)
-    saved = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         got = steps(kernels, True, lengths=(1, 12, 2))
-    finally:
-        torch.set_num_threads(saved)
     ref = steps(reference, False, lengths=(1, 12, 2))
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -521,12 +529,8 @@ def test_decode_steps_on_an_fp16_cache_give_torchs_logits(name, threads):
     cache's."""
     kernels, reference = half_pair(name)
     kernels.cache_dtype = reference.cache_dtype = torch.float16
-    saved = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         got = steps(kernels, True, lengths=(1, 12, 2))
-    finally:
-        torch.set_num_threads(saved)
     assert kernels.model.layers[0].self_attn.cache.k.dtype == torch.float16
     ref = steps(reference, False, lengths=(1, 12, 2))
     for a, b in zip(got, ref, strict=True):

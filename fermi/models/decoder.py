@@ -203,12 +203,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
         self.cache.write(k, v, ctx)
-        if getattr(self.cache, "rounds", False):
-            # The prompt's own keys and values as the cache holds them: what later steps
-            # (and a prompt that reuses this one's prefix) read back.
-            store = self.cache.k.dtype
-            k, v = k.to(store).to(q.dtype), v.to(store).to(q.dtype)
         if ctx.causal and not self.needs_mask:
+            if getattr(self.cache, "rounds", False):
+                # The prompt's own keys and values as the cache holds them: what later
+                # steps (and a prompt that reuses this one's prefix) read back.
+                store = self.cache.k.dtype
+                k, v = k.to(store).to(q.dtype), v.to(store).to(q.dtype)
             # A graph runner pads a chunk to its bucket with rows at the scratch position,
             # past kv_len, and here they are among the keys: masked, but a masked weight of 0
             # times a NaN value (a padded row can hold one, e.g. after a windowed layer where
@@ -605,7 +605,7 @@ class Decoder(nn.Module):
         # off the CPU not at all.
         self._native_stack = None
         out = super()._apply(fn, *args, **kwargs)
-        if self.native_rows:  # (a move off the CPU, or a cache no longer float32, ends it)
+        if self.native_rows:  # (a move off the CPU, or a cache the kernels cannot read, ends it)
             self.native_rows = False
             self.use_native_rows()
         return out

@@ -750,15 +750,6 @@ static inline v16 v_sums16(const v16 *acc) {
 #endif
 }
 
-static inline v16 v_max(v16 a, v16 b) {
-#if FERMI_SIMD == 512
-    return _mm512_max_ps(a, b);
-#else
-    v16 r = {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)};
-    return r;
-#endif
-}
-
 #if FERMI_SIMD == 512
 #define HEAD_CHUNK 4 /* vectors of a head's features weighted in registers at once */
 #else
