@@ -59,6 +59,38 @@ def test_fermi_load_with_device_cuda_uses_the_cuda_provider(exported):
     assert len(out.token_ids) == 8
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_cuda_provider_runs_the_quantized_fp16_graphs(tmp_path_factory, scheme):
+    """MatMulNBits on onnxruntime's CUDA provider: an int8 / int4 fp16 export gives the
+    CPU provider's greedy tokens on the same graph, its cache bound on the GPU."""
+    root = tmp_path_factory.mktemp(f"onnx_cuda_{scheme}")
+    source = write_checkpoint(root / "ckpt", seed=3)
+    options = ExportOptions(
+        model=str(source),
+        target="onnx",
+        out=root / "art",
+        dtype="fp16",
+        max_seq_len=SEQ,
+        quantize=scheme,
+    )
+    manifest = export_model(options, progress=lambda _: None)
+    art = root / "art"
+    gpu = OnnxRunner(art, manifest, 2, SEQ, manifest.prefill_chunk, device="cuda")
+    cpu = OnnxRunner(art, manifest, 2, SEQ, manifest.prefill_chunk)
+    assert gpu.session.get_providers()[0] == "CUDAExecutionProvider"
+    # The layers' products are MatMulNBits (four a layer, two layers; the tied head stays
+    # an fp16 MatMul), so the CUDA provider's n-bit kernels are what runs.
+    import onnx
+
+    graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
+    assert sum(node.op_type == "MatMulNBits" for node in graph.node) == 8
+    assert all(buffer.device.type == "cuda" for buffer in gpu.buffers)
+    prompt = sample_prompt(manifest.vocab_size, 12, seed=5)
+    parity = compare(cpu, gpu, prompt, steps=32)
+    assert parity.first_divergence is None or parity.first_divergence > 8, parity.summary()
+    assert parity.max_logit_diff < 5e-2, parity.summary()
+
+
 def test_an_fp32_export_on_cuda_is_refused_with_the_reason(tmp_path):
     source = write_checkpoint(tmp_path / "ckpt", seed=3)
     options = ExportOptions(
