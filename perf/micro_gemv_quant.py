@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="*", default=[4, 16])
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--schemes", nargs="*", default=None, help="int8 and/or int4 [default: both]")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -88,7 +89,7 @@ def main() -> None:
                 scheme: [
                     Q.QuantLinear(Q.quantize(w, scheme, args.group_size), None, dev, dt) for w in ws
                 ]
-                for scheme in Q.SCHEMES
+                for scheme in (args.schemes or Q.SCHEMES)
             }
             x = torch.randn(1, k, device=dev, dtype=dt)
             out = torch.empty(1, n, device=dev, dtype=dt)
