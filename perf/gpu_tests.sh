@@ -4,18 +4,24 @@
 # (FERMI_REV labels the logs: the device's copy of the tree does not know the commit sent.)
 # Installs the carried wheels (.whl: msgspec, granian, llguidance, ... for cp312) once, then
 # runs each group with pytest's summary on, timed, into $OUT/NAME.log; a failing group does
-# not stop the next. Exits non-zero if any group failed. (pytest's logging plugin is off, as
+# not stop the next. Copies may run side by side on one GPU (`... & ... & ...; wait`). Exits non-zero if any group failed. (pytest's logging plugin is off, as
 # in every GPU run so far: a test that needs caplog cannot run through this script.)
 set -u
 if [ $(($# % 2)) -ne 0 ] || [ $# -eq 0 ]; then
     echo "usage: $0 NAME TESTS [NAME TESTS ...]" >&2
     exit 2
 fi
-if [ ! -e /tmp/site/.installed ]; then  # (a warm machine keeps /tmp between calls)
-    rm -rf /tmp/site
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && touch /tmp/site/.installed || exit 1
-fi
+# (a warm machine keeps /tmp between calls; the lock lets copies of this script run side by
+# side, each group in its own process, the first to take it installing for all)
+(
+    flock 9
+    if [ ! -e /tmp/site/.installed ]; then
+        rm -rf /tmp/site
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl && touch /tmp/site/.installed
+    fi
+) 9>/tmp/fermi-site.lock
+[ -e /tmp/site/.installed ] || exit 1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONFAULTHANDLER=1
 status=0
 while [ $# -ge 2 ]; do
