@@ -78,7 +78,7 @@ def main() -> None:
     bn, bk, warps, stages = G.launch_config_int4(N, K, GROUP)
     kernels.append((
         "int4 one-row", G._gemv_int4_kernel,
-        row | {"C": "*i32", "SC": "*fp16", "MN": "*fp16", "N": "i32", "K": "i32",
+        row | {"C": "*u8", "SC": "*fp16", "MN": "*fp16", "N": "i32", "K": "i32",
                "stride_c": "i32", "stride_s": "i32", "eps": "fp32"},
         flags | {"GROUP": GROUP, "BLOCK_N": bn, "BLOCK_K": bk}, (bn, bk, warps, stages),
     ))  # fmt: skip

@@ -174,53 +174,38 @@ if triton is not None:
     ):  # fmt: skip
         # Codes in fermi.models.quant's layout: in each group of GROUP values, byte j holds
         # value j in its low nibble and value j + GROUP/2 in its high one; w = q * scale + min.
-        # Read as 32-bit words (C is the codes viewed as int32, stride_c in words): word t of
-        # a group holds bytes 4t..4t+3, so its nibble p (bits 4p..4p+3) is value
-        # 4t + p // 2 + (p % 2) * GROUP/2. No integer-to-float conversion (a quarter-rate
-        # instruction, one a weight, bounded the kernel before): each nibble is moved into
-        # the top four mantissa bits of 1.0, f = 1 + q/16, with one shift and one logical op,
-        # so q = 16 (f - 1) and per group
-        #   sum(w x) = 16 scale (sum(f x) - sum(x)) + min sum(x).
+        # Per group: scale * sum(q * x) + min * sum(x), so the weights are never formed.
         HALF: tl.constexpr = GROUP // 2
-        WORDS: tl.constexpr = BLOCK_K // 8  # words of codes a row, a step
-        GROUP_WORDS: tl.constexpr = GROUP // 8
         GROUPS: tl.constexpr = BLOCK_K // GROUP
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        word = tl.arange(0, WORDS)
-        # The column of each word's nibble 0 (byte 4t's low nibble) within a step.
-        cols0 = (word // GROUP_WORDS) * GROUP + (word % GROUP_WORDS) * 4
+        byte = tl.arange(0, BLOCK_K // 2)
+        lo_cols0 = (byte // HALF) * GROUP + byte % HALF
         acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-        squares = tl.zeros([WORDS], tl.float32)
+        squares = tl.zeros([BLOCK_K // 2], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            word_ok = (k0 // 8 + word) < K // 8  # K is a multiple of GROUP: whole groups
+            lo_cols = k0 + lo_cols0
+            col_ok = lo_cols < K  # K is a multiple of GROUP: a group is in or out whole
+            x_lo, sq_lo = _row_input(X, NW, lo_cols, col_ok, K, NORM, ACT)
+            x_hi, sq_hi = _row_input(X, NW, lo_cols + HALF, col_ok, K, NORM, ACT)
+            squares += sq_lo + sq_hi
             codes = tl.load(
-                C + rows[:, None] * stride_c + (k0 // 8 + word)[None, :],
-                mask=row_ok[:, None] & word_ok[None, :],
+                C + rows[:, None] * stride_c + (k0 // 2 + byte)[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
                 other=0,
-            ).to(tl.uint32, bitcast=True)
-            dots = tl.zeros([BLOCK_N, WORDS], tl.float32)
-            xs = tl.zeros([WORDS], tl.float32)
-            for p in tl.static_range(8):
-                cols = k0 + cols0 + (p // 2) + (p % 2) * HALF
-                x, sq = _row_input(X, NW, cols, word_ok, K, NORM, ACT)
-                squares += sq
-                xs += x
-                if p * 4 <= 19:  # noqa: SIM108 (a compile-time branch of the kernel)
-                    bits = codes << (19 - p * 4)
-                else:
-                    bits = codes >> (p * 4 - 19)
-                f = ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                dots += f * x[None, :]
-            dots = tl.sum(tl.reshape(dots, (BLOCK_N, GROUPS, GROUP_WORDS)), 2)
-            sums = tl.sum(tl.reshape(xs, (GROUPS, GROUP_WORDS)), 1)
+            )
+            lo = (codes & 0xF).to(tl.float32)
+            hi = (codes >> 4).to(tl.float32)
+            dots = lo * x_lo[None, :] + hi * x_hi[None, :]
+            dots = tl.sum(tl.reshape(dots, (BLOCK_N, GROUPS, HALF)), 2)
+            sums = tl.sum(tl.reshape(x_lo + x_hi, (GROUPS, HALF)), 1)
             groups = k0 // GROUP + tl.arange(0, GROUPS)
             at = rows[:, None] * stride_s + groups[None, :]
             ok = row_ok[:, None] & (groups < K // GROUP)[None, :]
             scale = tl.load(SC + at, mask=ok, other=0.0).to(tl.float32)
             low = tl.load(MN + at, mask=ok, other=0.0).to(tl.float32)
-            acc += 16.0 * scale * (dots - sums[None, :]) + low * sums[None, :]
+            acc += dots * scale + low * sums[None, :]
         _row_output(
             tl.sum(acc, 1), tl.sum(squares, 0), rows, row_ok, Y, B, R, R, K, eps,
             NORM, HAS_BIAS, HAS_RES, False,
@@ -259,14 +244,12 @@ if triton is not None:
         n, k = codes.shape[0], 2 * codes.shape[1]
         group = k // scales.shape[1]
         block_n, block_k, warps, stages = config or launch_config_int4(n, k, group)
-        if codes.stride(0) % 4 or codes.stride(1) != 1 or codes.data_ptr() % 4:
-            raise ValueError("int4 codes must be rows of whole 32-bit words")
         wrap_triton(_gemv_int4_kernel)[(triton.cdiv(n, block_n),)](
-            x, codes.view(torch.int32), scales, mins, out,
+            x, codes, scales, mins, out,
             x if bias is None else bias,
             x if norm_weight is None else norm_weight,
             x if residual is None else residual,
-            n, k, codes.stride(0) // 4, scales.stride(0), eps,
+            n, k, codes.stride(0), scales.stride(0), eps,
             GROUP=group,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
