@@ -4,10 +4,11 @@
 #   FERMI_REV=<commit> bash perf/int4_words_ab.sh        (carry .whl; about 8 minutes)
 # Into $OUT: int4_tests.log (the quantized GPU tests on the patched tree), gemv_old.json /
 # gemv_new.json (Qwen3-8B's int4 products at each tree's launch rule), decode_old.json /
-# decode_new.json (Qwen3-8B batch-1 decode, bf16 and int4, each tree), sweep.json (the
-# patched kernel's launch configurations over Qwen3-8B's and 1.7B's products, each checked
-# against the float product; the new launch rule comes from it). The sent tree is left
-# unpatched: the patched copy is made under /tmp.
+# decode_new.json (Qwen3-8B batch-1 decode: bf16 and int4 at the sent tree, int4 patched),
+# sweep.json (the patched kernel's launch configurations over Qwen3-8B's and 1.7B's
+# products, each checked against the float product; the new launch rule comes from it;
+# last, so the call's limit cuts only it). The sent tree is left unpatched: the patched copy
+# is made under /tmp.
 set -u
 (
     flock 9
@@ -39,12 +40,13 @@ in_tree() {  # in_tree DIR COMMAND...: run with DIR's fermi first on the path
 } >"$out/int4_tests.log" 2>&1
 echo "tests: $(tail -2 "$out/int4_tests.log" | head -1)"
 for side in old new; do
-    dir=$old
-    [ $side = new ] && dir=$new
-    in_tree "$dir" python3 perf/micro_gemv_quant.py --models Qwen3-8B --rows \
+    dir=$old schemes="none int4"  # bf16 once: the patch changes only the int4 kernel
+    [ $side = new ] && dir=$new schemes=int4
+    in_tree "$dir" python3 perf/micro_gemv_quant.py --models Qwen3-8B --rows --schemes int4 \
         --out "$out/gemv_$side.json" | cut -c1-240
+    # shellcheck disable=SC2086  # the schemes are words
     in_tree "$dir" python3 perf/bench_decode.py --models Qwen3-8B --skip-hf --prompts 128 \
-        --batches 1 --runs 3 --new-tokens 128 --quantize none int4 \
+        --batches 1 --runs 3 --new-tokens 128 --quantize $schemes \
         --out "$out/decode_$side.json" 2>&1 | grep "tok/s\|rror"
 done
 in_tree "$new" python3 perf/micro_gemv_quant.py --models Qwen3-8B Qwen3-1.7B --rows \
