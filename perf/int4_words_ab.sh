@@ -10,6 +10,16 @@
 # last, so the call's limit cuts only it). The sent tree is left unpatched: the patched copy
 # is made under /tmp.
 set -u
+# The patch is applied by `patch`, else by `git apply` (which works outside a repository);
+# with neither, stop before spending anything.
+if command -v patch >/dev/null; then
+    apply() { patch -p1 --quiet; }
+elif command -v git >/dev/null; then
+    apply() { git apply -; }
+else
+    echo "neither patch nor git here: send a tree with the patch applied instead" >&2
+    exit 2
+fi
 (
     flock 9
     if [ ! -e /tmp/site/.installed ]; then
@@ -23,12 +33,14 @@ out=${OUT:-/tmp/int4_words_ab}
 mkdir -p "$out"
 old=$PWD new=/tmp/int4_words_new
 rm -rf "$new" && mkdir -p "$new" && cp -r fermi perf tests pyproject.toml "$new"/ || exit 1
-(cd "$new" && patch -p1 --quiet <"$old/perf/patches/int4_row_words.patch") || exit 1
+(cd "$new" && apply <"$old/perf/patches/int4_row_words.patch") || exit 1
 export PYTHONUNBUFFERED=1
-in_tree() {  # in_tree DIR COMMAND...: run with DIR's fermi first on the path
+in_tree() {  # in_tree DIR COMMAND...: run with DIR's fermi first on the path, and a
+    # compile cache of its own (the cache's key does not include fermi's source: the patched
+    # side must not load the graphs the other saved)
     local dir=$1
     shift
-    (cd "$dir" && PYTHONPATH=/tmp/site:$dir "$@")
+    (cd "$dir" && PYTHONPATH=/tmp/site:$dir FERMI_COMPILE_CACHE=$dir/.compile-cache "$@")
 }
 {
     echo "# ${FERMI_REV:-unlabelled tree} + patches/int4_row_words.patch," \

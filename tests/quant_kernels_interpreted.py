@@ -112,6 +112,17 @@ def main() -> None:
                           1e-6, G.ACT_NONE)  # fmt: skip
             want = F.linear(x, Q.device_precision(q4, "cuda").dequantize())
             results[f"int4-row g{group} {n}x{k} torch.float32 plain"] = [rel(out, want), 1e-5]
+    # Eight rows a program (the rule's choice from 4,096 outputs up), the last program's rows
+    # partly past N.
+    n, k = 4100, 512
+    w = torch.randn(n, k, generator=g) * 0.05
+    q4 = Q.quantize_int4(w, 32)
+    assert G.launch_config_int4(n, k, 32)[0] == 8
+    x, out = torch.randn(1, k, generator=g), torch.empty(1, n)
+    G.launch_int4(x, q4.codes, q4.scales.half(), q4.mins.half(), out, None, None, None, 1e-6,
+                  G.ACT_NONE)  # fmt: skip
+    want = F.linear(x, Q.device_precision(q4, "cuda").dequantize())
+    results[f"int4-row {n}x{k} torch.float32 plain"] = [rel(out, want), 1e-5]
     print(json.dumps(results))
 
 
