@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
 # The GPU tests on the device machine, one log per group, under $OUT (see perf/README.md).
 #   FERMI_REV=<commit> bash perf/gpu_tests.sh NAME "TEST FILES OR IDS" [NAME "TESTS" ...]
+#   FERMI_REV=<commit> bash perf/gpu_tests.sh all      (the whole suite: five groups in three
+#                                                       processes side by side, ~450 s on an H200)
 # (FERMI_REV labels the logs: the device's copy of the tree does not know the commit sent.)
 # Installs the carried wheels (.whl: msgspec, granian, llguidance, ... for cp312) once, then
 # runs each group with pytest's summary on, timed, into $OUT/NAME.log; a failing group does
-# not stop the next. Copies may run side by side on one GPU (`... & ... & ...; wait`). Exits non-zero if any group failed. (pytest's logging plugin is off, as
-# in every GPU run so far: a test that needs caplog cannot run through this script.)
+# not stop the next. Copies may run side by side on one GPU (`... & ... & ...; wait`). Exits
+# non-zero if any group failed. (pytest's logging plugin is off, as in every GPU run so far:
+# a test that needs caplog cannot run through this script.)
 set -u
+if [ "$*" = all ]; then
+    self=${BASH_SOURCE[0]}
+    bash "$self" split tests/test_split_decode.py \
+        engine "tests/test_sampling.py tests/test_scheduler_overlap.py tests/test_core_review.py tests/test_row_kernels.py" \
+        reuse "tests/test_prefix_reuse.py tests/test_slot_compaction.py tests/test_logit_bias.py" &
+    first=$!
+    bash "$self" runner "tests/test_torch_cuda_runner.py tests/test_cuda.py tests/test_quant_cuda.py tests/test_grammar_cuda.py" &
+    second=$!
+    bash "$self" archs tests/test_cuda_archs.py
+    status=$?
+    wait $first || status=1
+    wait $second || status=1
+    exit $status
+fi
 if [ $(($# % 2)) -ne 0 ] || [ $# -eq 0 ]; then
     echo "usage: $0 NAME TESTS [NAME TESTS ...]" >&2
     exit 2
