@@ -28,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from micro_gemv import MODELS, products, time_graph
 
 ROW_SWEEP = list(itertools.product((2, 4, 8), (512, 1024, 2048, 4096), (4, 8), (1, 2)))
+# int4 also at 16 rows a program for the shorter steps: the word-read kernel
+# (patches/int4_row_words.patch) holds 96 registers a thread at 16 x 1,024 (LOG run 76).
+ROW_SWEEP_INT4 = ROW_SWEEP + list(itertools.product((16,), (512, 1024, 2048), (4, 8), (1, 2)))
 FEW_SWEEP = list(itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3)))
 
 
@@ -133,7 +136,9 @@ def main() -> None:
                 configs = [default]
                 if args.sweep:
                     configs += [
-                        c for c in ROW_SWEEP if c != default and (scheme == "int8" or c[1] >= 64)
+                        c
+                        for c in (ROW_SWEEP if scheme == "int8" else ROW_SWEEP_INT4)
+                        if c != default
                     ]
                 want = F.linear(x.float(), qs[-1].dequantized(torch.float32))
                 row[f"row_{scheme}_sweep"] = []
