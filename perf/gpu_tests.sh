@@ -30,15 +30,19 @@ if [ $(($# % 2)) -ne 0 ] || [ $# -eq 0 ]; then
 fi
 # (a warm machine keeps /tmp between calls; the lock lets copies of this script run side by
 # side, each group in its own process, the first to take it installing for all)
-(
-    flock 9
-    if [ ! -e /tmp/site/.installed ]; then
-        rm -rf /tmp/site
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site .whl/*.whl && touch /tmp/site/.installed
-    fi
-) 9>/tmp/fermi-site.lock
-[ -e /tmp/site/.installed ] || exit 1
+# Without a .whl folder (a machine where Fermi's dependencies are installed) nothing is;
+# PYTHON names the interpreter (default python3: the device's), e.g. PYTHON=.venv/bin/python.
+if [ -d .whl ]; then
+    (
+        flock 9
+        if [ ! -e /tmp/site/.installed ]; then
+            rm -rf /tmp/site
+            "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.installed
+        fi
+    ) 9>/tmp/fermi-site.lock
+    [ -e /tmp/site/.installed ] || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONFAULTHANDLER=1
 status=0
 while [ $# -ge 2 ]; do
@@ -50,7 +54,7 @@ while [ $# -ge 2 ]; do
         date -u
     } >"$log"
     # shellcheck disable=SC2086  # the tests are words
-    python3 -m pytest -p no:logging -p no:cacheprovider -o addopts="" -q -rfEs $tests >>"$log" 2>&1 || status=1
+    "${PYTHON:-python3}" -m pytest -p no:logging -p no:cacheprovider -o addopts="" -q -rfEs $tests >>"$log" 2>&1 || status=1
     echo "$name: $(tail -1 "$log")"
     date -u >>"$log"
 done
