@@ -28,21 +28,9 @@ if [ $(($# % 2)) -ne 0 ] || [ $# -eq 0 ]; then
     echo "usage: $0 NAME TESTS [NAME TESTS ...]" >&2
     exit 2
 fi
-# (a warm machine keeps /tmp between calls; the lock lets copies of this script run side by
-# side, each group in its own process, the first to take it installing for all)
-# Without a .whl folder (a machine where Fermi's dependencies are installed) nothing is;
-# PYTHON names the interpreter (default python3: the device's), e.g. PYTHON=.venv/bin/python.
-if [ -d .whl ]; then
-    (
-        flock 9
-        if [ ! -e /tmp/site/.installed ]; then
-            rm -rf /tmp/site
-            "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-                --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.installed
-        fi
-    ) 9>/tmp/fermi-site.lock
-    [ -e /tmp/site/.installed ] || exit 1
-fi
+# shellcheck source=perf/device_wheels.sh
+. "$(dirname "${BASH_SOURCE[0]}")/device_wheels.sh"
+install_device_wheels || exit 1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONFAULTHANDLER=1
 status=0
 while [ $# -ge 2 ]; do

@@ -20,15 +20,9 @@ else
     echo "neither patch nor git here: send a tree with the patch applied instead" >&2
     exit 2
 fi
-(
-    flock 9
-    if [ ! -e /tmp/site/.installed ]; then
-        rm -rf /tmp/site
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site .whl/*.whl && touch /tmp/site/.installed
-    fi
-) 9>/tmp/fermi-site.lock
-[ -e /tmp/site/.installed ] || exit 1
+# shellcheck source=perf/device_wheels.sh
+. "$(dirname "${BASH_SOURCE[0]}")/device_wheels.sh"
+install_device_wheels || exit 1
 out=${OUT:-/tmp/int4_words_ab}
 mkdir -p "$out"
 old=$PWD new=/tmp/int4_words_new
