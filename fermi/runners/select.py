@@ -47,7 +47,9 @@ def torch_runner(
     device = model.device
     if name not in (None, *TORCH_RUNNERS):
         raise ValueError(f"runner {name!r} is not one of {', '.join(TORCH_RUNNERS)}")
-    check_cache_fits(model, max_batch, max_seq_len, device, compiled=name == "torch-compile")
+    compiled = name == "torch-compile"
+    graphs = compiled or (device.type == "cuda" and name in (None, "torch", "torch-cuda"))
+    check_cache_fits(model, max_batch, max_seq_len, device, compiled=compiled, graphs=graphs)
     if device.type == "cpu":  # the float copies the loader made of the weights are gone
         memory.release_free_heap()
         use_default_cpu_threads()
@@ -103,18 +105,30 @@ def use_default_cpu_threads() -> tuple[int, int] | None:
 
 
 def check_cache_fits(
-    model: Decoder, max_batch: int, max_seq_len: int, device, compiled: bool = False
+    model: Decoder,
+    max_batch: int,
+    max_seq_len: int,
+    device,
+    compiled: bool = False,
+    graphs: bool = False,
 ) -> None:
     """Refuse, before allocating it, a KV cache larger than the memory the device has
     free: on a CPU, a cache the kernel lets torch reserve but cannot back gets the process
     killed when it is first written, with no message. Counted in the dtype the runner will
-    keep (``Decoder.planned_cache_dtype``; ``compiled``: the torch-compile runner)."""
+    keep (``Decoder.planned_cache_dtype``; ``compiled``: the torch-compile runner) and over
+    the positions it will allocate (``graphs``: a compiled runner's, which rounds up and
+    keeps a spare position: ``torch_cuda.cache_positions``)."""
     cfg = model.cfg
     itemsize = model.planned_cache_dtype(compiled).itemsize
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
-    need = per_token * max_batch * max_seq_len
-    what = (
-        f"the KV cache (max_batch {max_batch} x max_seq_len {max_seq_len} x "
-        f"{memory.size(per_token)} per token)"
-    )
+    positions = max_seq_len
+    if graphs:
+        from fermi.runners.torch_cuda import cache_positions
+
+        positions = cache_positions(max_seq_len)
+    need = per_token * max_batch * positions
+    length = f"max_seq_len {max_seq_len}"
+    if positions != max_seq_len:
+        length = f"{positions} positions for {length}"
+    what = f"the KV cache (max_batch {max_batch} x {length} x {memory.size(per_token)} per token)"
     memory.require_free(need, device, what, "lower max_seq_len or max_batch")

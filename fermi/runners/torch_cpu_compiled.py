@@ -41,8 +41,10 @@ class CompiledCpuRunner(CudaGraphRunner):
                 "(on CUDA the default runner, torch-cuda, is compiled)"
             )
         # Its graphs run torch's attention, which would widen a whole fp16 cache
-        # (use_half_cache) into float32 every step: the cache stays float32 here.
-        model.cache_dtype = None
+        # (use_half_cache) into float32 every step: the cache stays in the model's dtype
+        # here (planned_cache_dtype, which check_cache_fits counted).
+        if model.planned_cache_dtype(compiled=True) == model.dtype:
+            model.cache_dtype = None
         super().__init__(
             model,
             max_batch,

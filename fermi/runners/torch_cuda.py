@@ -125,6 +125,13 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def cache_positions(max_seq_len: int) -> int:
+    """The positions a compiled runner's KV cache holds for ``max_seq_len``: the longest
+    attended length, rounded up to the kernels' key tile, and one spare position that the
+    padding rows of a captured step write to (``check_cache_fits`` counts these)."""
+    return _round_up(max_seq_len, CACHE_ALIGN) + 1
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -204,9 +211,9 @@ class CudaGraphRunner(Runner):
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.max_batch, self.max_seq_len, self.chunk = max_batch, max_seq_len, chunk
-        longest = _round_up(max_seq_len, CACHE_ALIGN)  # the largest attended length
+        self.cache_len = cache_positions(max_seq_len)
+        longest = self.cache_len - 1  # the largest attended length
         self.scratch = longest  # the spare cache position padding writes to
-        self.cache_len = longest + 1
         model.setup_cache(max_batch, self.cache_len)
         self.batch_sizes = batch_buckets(max_batch)
         self.kv_sizes = kv_buckets(longest)
