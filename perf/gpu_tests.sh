@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tests on the device machine, one log per group, under $OUT (see perf/README.md).
 #   FERMI_REV=<commit> bash perf/gpu_tests.sh NAME "TEST FILES OR IDS" [NAME "TESTS" ...]
-#   FERMI_REV=<commit> bash perf/gpu_tests.sh all      (the whole suite: five groups in three
+#   FERMI_REV=<commit> bash perf/gpu_tests.sh all      (the whole suite: six groups in four
 #                                                       processes side by side, ~450 s on an H200)
 # (FERMI_REV labels the logs: the device's copy of the tree does not know the commit sent.)
 # Installs the carried wheels (.whl: msgspec, granian, llguidance, ... for cp312) once, then
@@ -16,12 +16,15 @@ if [ "$*" = all ]; then
         engine "tests/test_sampling.py tests/test_scheduler_overlap.py tests/test_core_review.py tests/test_row_kernels.py" \
         reuse "tests/test_prefix_reuse.py tests/test_slot_compaction.py tests/test_logit_bias.py" &
     first=$!
-    bash "$self" runner "tests/test_torch_cuda_runner.py tests/test_cuda.py tests/test_quant_cuda.py tests/test_grammar_cuda.py" &
+    bash "$self" runner "tests/test_torch_cuda_runner.py tests/test_cuda.py" &
     second=$!
+    bash "$self" quant "tests/test_quant_cuda.py tests/test_grammar_cuda.py" &
+    third=$!
     bash "$self" archs tests/test_cuda_archs.py
     status=$?
-    wait $first || status=1
-    wait $second || status=1
+    for job in $first $second $third; do
+        wait "$job" || status=1
+    done
     exit $status
 fi
 if [ $(($# % 2)) -ne 0 ] || [ $# -eq 0 ]; then
