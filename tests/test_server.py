@@ -289,6 +289,22 @@ def test_a_role_outside_openais_is_400_naming_it(client, role):
     assert body["message"].startswith("role must be one of system, developer, user, assistant")
 
 
+def test_the_sdk_gets_400s_for_what_openai_refuses_too(client):
+    """Through the openai SDK: a tool result that answers no call, a seed past 64 bits
+    (which would wrap onto another seed's draws), two token limits that disagree."""
+    answer = {"role": "tool", "content": "4", "tool_call_id": "call_9"}
+    cases = [
+        ({"messages": [*HI, answer]}, "messages[1].tool_call_id"),
+        ({"messages": HI, "seed": 2**64}, "seed"),
+        ({"messages": HI, "max_tokens": 5, "max_completion_tokens": 3}, "max_tokens"),
+    ]
+    for fields, param in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="tiny", **{"max_tokens": 2, **fields})
+        assert info.value.body["param"] == param, info.value.body
+    assert chat(client, max_tokens=2, extra_body=NO_EOS).usage.completion_tokens == 2
+
+
 def test_a_developer_message_is_accepted(client):
     messages = [{"role": "developer", "content": "Be brief."}, *HI]
     out = client.chat.completions.create(

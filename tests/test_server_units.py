@@ -547,7 +547,7 @@ def test_health_answers_while_a_hostile_request_is_refused(api, kind):
         ),
         (
             "/v1/chat/completions",
-            {"messages": [{"role": "user"}], "response_format": {"type": 5}},
+            {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": 5}},
             "response_format",
             "response_format must be an object with a",
         ),
@@ -558,6 +558,107 @@ def test_list_items_are_counted_first_and_named_from_the_root(api, path, body, p
     error = json.loads(reply.body)["error"]
     assert (reply.status, error["param"]) == (400, param), error
     assert said in error["message"]
+
+
+USER = {"role": "user", "content": "hi"}
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "said"),
+    [
+        # A conversation OpenAI's API refuses (and /v1/messages, /v1/responses here).
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "needs content"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", "needs"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages[0].content", "non-empty"),
+        ({"messages": [USER, {"role": "assistant"}]}, "messages[1].content", "or tool_calls"),
+        (
+            {"messages": [{**USER, "tool_calls": [CALL]}]},
+            "messages[0].tool_calls",
+            "only an assistant message carries tool_calls",
+        ),
+        (
+            {"messages": [USER, {"role": "tool", "content": "4", "tool_call_id": "c9"}]},
+            "messages[1].tool_call_id",
+            "'c9' answers no tool call of an earlier assistant message",
+        ),
+        (  # the call comes after its answer
+            {
+                "messages": [
+                    USER,
+                    {"role": "tool", "content": "4", "tool_call_id": "c1"},
+                    {"role": "assistant", "tool_calls": [CALL]},
+                ]
+            },
+            "messages[1].tool_call_id",
+            "answers no tool call",
+        ),
+        ({"messages": [USER], "tools": []}, "tools", "tools must not be empty"),
+        # A part without its text is named as such, not as an unsupported type.
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages[0].content[0].text",
+            "a text part needs text",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]},
+            "messages[0].content[0]",
+            "content part of type 'refusal' is not supported",
+        ),
+        (
+            {"messages": [USER, {"role": "assistant", "content": [{"type": "refusal"}]}]},
+            "messages[1].content[0].refusal",
+            "a refusal part needs refusal",
+        ),
+        # Settings that would be dropped or wrapped without a word.
+        ({"messages": [USER], "verbosity": "low"}, "verbosity", "'low' is not supported"),
+        (
+            {"messages": [USER], "max_tokens": -5, "max_completion_tokens": 3},
+            "max_tokens",
+            "max_tokens (-5) and max_completion_tokens (3) disagree",
+        ),
+        ({"messages": [USER], "seed": 2**64}, "seed", "<= 9223372036854775807"),
+        ({"messages": [USER], "seed": -(2**63) - 1}, "seed", ">= -9223372036854775808"),
+    ],
+)
+def test_a_malformed_conversation_or_setting_is_400_naming_it(api, fields, param, said):
+    body = {"max_tokens": 2, **fields}
+    reply = asyncio.run(api.handle("POST", "/v1/chat/completions", {}, json.dumps(body).encode()))
+    error = json.loads(reply.body)["error"]
+    assert (reply.status, error["param"]) == (400, param), error
+    assert said in error["message"], error
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {
+            "messages": [
+                USER,
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+                USER,
+            ]
+        },
+        {
+            "messages": [
+                USER,
+                {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+                USER,
+            ]
+        },
+        {"messages": [USER], "verbosity": "medium"},
+        {"messages": [USER], "max_tokens": 2, "max_completion_tokens": 2},
+        {"messages": [USER], "seed": 2**63 - 1, "temperature": 1.0},
+        {"messages": [USER], "seed": -(2**63), "n": 2, "temperature": 1.0},
+    ],
+)
+def test_the_edges_of_those_checks_are_served(api, fields):
+    body = {"max_tokens": 2, **fields}
+    reply = asyncio.run(api.handle("POST", "/v1/chat/completions", {}, json.dumps(body).encode()))
+    assert reply.status == 200, reply.body
+    out = json.loads(reply.body)
+    assert len(out["choices"]) == fields.get("n", 1)
+    assert all(c["message"]["content"] is not None for c in out["choices"])
 
 
 def test_a_slow_request_build_runs_beside_a_streaming_request(api, monkeypatch):

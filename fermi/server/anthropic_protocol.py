@@ -15,6 +15,7 @@ import msgspec
 
 from fermi.engine.types import Thinking
 from fermi.server.errors import ApiError
+from fermi.server.protocol import Seed
 
 # -- requests -------------------------------------------------------------------------
 
@@ -109,7 +110,7 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
     stream: bool | None = False  # null: False (__post_init__)
     metadata: dict[str, Any] | None = None
     # Fermi's extensions, as on chat completions: a seed, and vLLM's ignore_eos.
-    seed: int | None = None
+    seed: Seed | None = None
     ignore_eos: bool | None = False
 
     def __post_init__(self) -> None:

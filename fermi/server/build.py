@@ -153,25 +153,45 @@ def refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
             raise ApiError(400, message, param=field)
     if body.modalities is not None and any(m != "text" for m in body.modalities):
         raise ApiError(400, "only the text modality is supported", param="modalities")
+    if body.verbosity not in (None, "medium"):  # as text.verbosity on /v1/responses
+        raise ApiError(
+            400,
+            f"verbosity {body.verbosity!r} is not supported; the model writes at its own "
+            "length (max_tokens bounds it)",
+            param="verbosity",
+        )
+    if body.tools is not None and not body.tools:
+        raise ApiError(400, "tools must not be empty; leave it out for no tools", param="tools")
 
 
 def chat_messages(raw: list[msgspec.Raw]) -> list[dict[str, Any]]:
-    """Messages as the chat template wants them; content parts joined into one string."""
+    """Messages as the chat template wants them; content parts joined into one string.
+    Refused, as on OpenAI's API: a message without content (an assistant turn may carry
+    only tool calls), tool calls outside an assistant turn, a tool message that answers
+    no call of an earlier assistant turn."""
     out = []
+    calls: set[str] = set()  # the ids of the tool calls made so far
     for i, message in enumerate(decode_items(raw, MESSAGE_DECODER, "messages")):
         content = message.content
+        at = f"messages[{i}]"
         if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise ApiError(
-                        400,
-                        f"content part of type {part.type!r} is not supported; "
-                        "this model takes text only",
-                        param=f"messages[{i}].content[{j}]",
-                    )
-                texts.append(part.text)
-            content = "".join(texts)
+            role = message.role
+            parts = [_part_text(p, role, f"{at}.content[{j}]") for j, p in enumerate(content)]
+            content = "".join(parts) if parts else None
+        if message.tool_calls and message.role != "assistant":
+            raise ApiError(
+                400,
+                f"only an assistant message carries tool_calls, not a {message.role} message",
+                param=f"{at}.tool_calls",
+            )
+        if content is None and not (message.role == "assistant" and message.tool_calls):
+            instead = "; or tool_calls" if message.role == "assistant" else ""
+            raise ApiError(
+                400,
+                f"a {message.role} message needs content: a string or a non-empty list of "
+                f"parts{instead}",
+                param=f"{at}.content",
+            )
         item: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name is not None:
             item["name"] = message.name
@@ -184,16 +204,42 @@ def chat_messages(raw: list[msgspec.Raw]) -> list[dict[str, Any]]:
                 }
                 for call in message.tool_calls
             ]
+            calls.update(call.id for call in message.tool_calls)
+        if message.role == "tool":  # (as on OpenAI's API: the template pairs it with a call)
+            if message.tool_call_id is None:
+                raise ApiError(
+                    400,
+                    "a tool message needs tool_call_id, the id of the call it answers",
+                    param=f"{at}.tool_call_id",
+                )
+            if message.tool_call_id not in calls:
+                raise ApiError(
+                    400,
+                    f"tool_call_id {message.tool_call_id!r} answers no tool call of an "
+                    "earlier assistant message",
+                    param=f"{at}.tool_call_id",
+                )
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
-        elif message.role == "tool":  # (as on OpenAI's API: the template pairs it with a call)
-            raise ApiError(
-                400,
-                "a tool message needs tool_call_id, the id of the call it answers",
-                param=f"messages[{i}].tool_call_id",
-            )
         out.append(item)
     return out
+
+
+def _part_text(part: Any, role: str, at: str) -> str:
+    """The text of one content part: a text part's, or an assistant turn's refusal."""
+    if part.type == "text":
+        if part.text is None:
+            raise ApiError(400, "a text part needs text (a string)", param=f"{at}.text")
+        return part.text
+    if part.type == "refusal" and role == "assistant":
+        if part.refusal is None:
+            raise ApiError(400, "a refusal part needs refusal (a string)", param=f"{at}.refusal")
+        return part.refusal
+    raise ApiError(
+        400,
+        f"content part of type {part.type!r} is not supported; this model takes text only",
+        param=at,
+    )
 
 
 def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[GenerationRequest]:
@@ -205,6 +251,13 @@ def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[Generatio
     max_tokens = body.max_completion_tokens
     if max_tokens is None:
         max_tokens = body.max_tokens
+    elif body.max_tokens is not None and body.max_tokens != max_tokens:
+        raise ApiError(
+            400,
+            f"max_tokens ({body.max_tokens}) and max_completion_tokens ({max_tokens}) "
+            "disagree; send one of them (max_tokens is the older name)",
+            param="max_tokens",
+        )
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     kwargs = dict(
         messages=chat_messages(body.messages),

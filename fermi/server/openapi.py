@@ -46,7 +46,7 @@ _SAMPLING_FIELDS: dict[str, Any] = {
     "presence_penalty": _nullable({**_NUMBER, "minimum": -2, "maximum": 2}),
     "frequency_penalty": _nullable({**_NUMBER, "minimum": -2, "maximum": 2}),
     "repetition_penalty": _nullable({**_NUMBER, "exclusiveMinimum": 0, "maximum": 100}),
-    "seed": _nullable(_INT),
+    "seed": _nullable({**_INT, "minimum": -(2**63), "maximum": 2**63 - 1}),
     "stop": {
         "anyOf": [
             {**_STRING, "minLength": 1, "maxLength": MAX_STOP_CHARS},
@@ -73,6 +73,11 @@ _SAMPLING_FIELDS: dict[str, Any] = {
 }
 
 _TEXT_PARTS = {"type": "array", "items": {"$ref": _REF + "ResponsesContentPart"}}
+# A chat message's content: a string or a non-empty list of parts.
+_CONTENT = {
+    "anyOf": [_STRING, {"type": "array", "items": {"$ref": _REF + "ContentPart"}, "minItems": 1}]
+}
+_TOOL_CALLS = {"type": "array", "items": {"$ref": _REF + "ToolCallBody"}}
 _REFUSED = "refused when given: this server does not store responses"
 
 # POST /v1/responses (fermi/server/responses_protocol.py).
@@ -186,7 +191,15 @@ _SCHEMAS: dict[str, Any] = {
     "ContentPart": {
         **_OBJECT,
         "required": ["type"],
-        "properties": {"type": _STRING, "text": _nullable(_STRING)},
+        "properties": {
+            "type": {
+                **_STRING,
+                "description": "text (with text), or refusal (with refusal) in an assistant "
+                "message; other types are refused",
+            },
+            "text": _nullable(_STRING),
+            "refusal": _nullable(_STRING),
+        },
     },
     "FunctionCall": {
         **_OBJECT,
@@ -202,22 +215,62 @@ _SCHEMAS: dict[str, Any] = {
             "function": {"$ref": _REF + "FunctionCall"},
         },
     },
+    # The fields msgspec decodes, and (anyOf) one schema a role, as the server checks them:
+    # content is required but for an assistant turn that makes tool calls, and a tool
+    # message answers a call of an earlier assistant turn.
     "Message": {
         **_OBJECT,
         "required": ["role"],
         "properties": {
             "role": {"enum": list(ROLES)},
-            "content": {
-                "anyOf": [
-                    _STRING,
-                    {"type": "array", "items": {"$ref": _REF + "ContentPart"}},
-                    {"type": "null"},
-                ]
-            },
+            "content": {"anyOf": [_CONTENT, {"type": "null"}]},
             "name": _nullable(_STRING),
-            "tool_calls": _nullable({"type": "array", "items": {"$ref": _REF + "ToolCallBody"}}),
+            "tool_calls": _nullable(_TOOL_CALLS),
             "tool_call_id": _nullable(_STRING),
         },
+        "anyOf": [
+            {
+                **_OBJECT,
+                "required": ["role", "content"],
+                "properties": {
+                    "role": {"enum": ["system", "developer", "user"]},
+                    "content": _CONTENT,
+                    "name": _nullable(_STRING),
+                },
+            },
+            {
+                **_OBJECT,
+                "required": ["role", "content"],
+                "properties": {
+                    "role": {"enum": ["assistant"]},
+                    "content": _CONTENT,
+                    "name": _nullable(_STRING),
+                    "tool_calls": _nullable(_TOOL_CALLS),
+                },
+            },
+            {
+                **_OBJECT,
+                "required": ["role", "tool_calls"],
+                "properties": {
+                    "role": {"enum": ["assistant"]},
+                    "content": {"anyOf": [_CONTENT, {"type": "null"}]},
+                    "name": _nullable(_STRING),
+                    "tool_calls": {**_TOOL_CALLS, "minItems": 1},
+                },
+            },
+            {
+                **_OBJECT,
+                "required": ["role", "content", "tool_call_id"],
+                "properties": {
+                    "role": {"enum": ["tool"]},
+                    "content": _CONTENT,
+                    "tool_call_id": {
+                        **_STRING,
+                        "description": "the id of a tool call of an earlier assistant message",
+                    },
+                },
+            },
+        ],
     },
     "StreamOptions": {
         **_OBJECT,
@@ -239,10 +292,11 @@ _SCHEMAS: dict[str, Any] = {
             "response_format": {
                 "description": "OpenAI's structured outputs: text, json_object, json_schema"
             },
-            "tools": _nullable({"type": "array", "items": _OBJECT}),
+            "tools": _nullable({"type": "array", "items": _OBJECT, "minItems": 1}),
             "tool_choice": {"anyOf": [_STRING, _OBJECT, {"type": "null"}]},
             "parallel_tool_calls": _nullable(_BOOL),
             **dict.fromkeys(CHAT_UNSUPPORTED, _UNSUPPORTED),
+            "verbosity": _nullable({"enum": ["medium"], "description": "others are refused"}),
             "modalities": _nullable(
                 {"type": "array", "items": _STRING, "description": 'only ["text"] is served'}
             ),

@@ -6,16 +6,21 @@ their fields in OpenAI's order and keep ``null``s where OpenAI sends them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 # -- requests -------------------------------------------------------------------------
 
+# A seed is a signed 64-bit integer, as on OpenAI's API: a larger one would wrap onto another
+# seed's draws (the sampler keeps 64 bits), so it is refused at decoding, naming the field.
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
 
 class ContentPart(msgspec.Struct):
     type: str
     text: str | None = None
+    refusal: str | None = None  # an assistant turn's refusal part, sent back
 
 
 class FunctionCall(msgspec.Struct):
@@ -56,7 +61,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     # OpenAI's API takes null for n and stream as unset, and clients that send every field
     # send it: __post_init__ gives the default, so the handlers read plain values.
@@ -105,6 +110,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     modalities: list[str] | None = None
     prediction: Any = None
     web_search_options: Any = None
+    verbosity: str | None = None  # only "medium", the one length this server has
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

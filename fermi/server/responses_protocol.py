@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from fermi.server.protocol import Seed
+
 # -- the request ------------------------------------------------------------------------
 
 
@@ -95,7 +97,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool | None = False
     logit_bias: dict[str, float] | None = None
