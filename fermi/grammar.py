@@ -351,5 +351,12 @@ class GrammarCompiler:
 
 
 def _clean(message: object) -> str:
-    text = str(message).strip()
-    return text.splitlines()[0] if text else "rejected by the grammar compiler"
+    """The grammar compiler's message in one line: its first, without the position in the
+    grammar text fermi wrote (the caller never saw that text), and the "error:" line of a
+    multi-line report (a regex's: what is wrong, after a drawing of where)."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return "rejected by the grammar compiler"
+    first = re.sub(r"^at \d+\(\d+\): ", "", lines[0])
+    detail = next((line[6:].strip() for line in lines[1:] if line.startswith("error:")), "")
+    return f"{first} {detail}" if detail and detail not in first else first

@@ -499,6 +499,11 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
         ({"messages": [*QUESTION] * 2049 + [{"role": 5}]}, "2050 messages cannot fit"),
         ({"tools": [*ANTHROPIC_TOOLS] * 129 + [{"name": 5}]}, "at most 128 tools"),
         ({"messages": [*QUESTION, {"role": 5}]}, "messages[1].role"),
+        # Features this server does not have, and a seed past 64 bits.
+        ({"extra_body": {"mcp_servers": [{"type": "url", "url": "x"}]}}, "mcp_servers"),
+        ({"extra_body": {"container": "c1"}}, "(container) are not supported"),
+        ({"extra_body": {"context_management": {"edits": []}}}, "context_management"),
+        ({"extra_body": {"seed": 2**64}}, "seed"),
     ],
 )
 def test_a_bad_request_is_a_400_in_anthropics_shape_naming_what_is_wrong(client, change, named):

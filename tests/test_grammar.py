@@ -231,6 +231,20 @@ def test_bad_or_unsupported_formats_are_refused_naming_the_problem(
     assert words in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("pattern", "said"),
+    [("a(b", "unclosed group"), ("[z-a]", "invalid character class range")],
+)
+def test_a_bad_regex_is_refused_saying_what_is_wrong(folder, pattern, said):
+    """The compiler reports a regex error over several lines (a drawing, then "error: ...");
+    the message keeps what is wrong, and not the position in fermi's own grammar text."""
+    with eager(folder) as engine, pytest.raises(RequestError) as info:
+        engine.build_request(prompt="x", grammar=Grammar.regex(pattern))
+    assert info.value.param == "grammar"
+    assert said in info.value.message and pattern in info.value.message
+    assert "\n" not in info.value.message and not re.search(r"at \d+\(", info.value.message)
+
+
 def test_grammar_and_response_format_together_are_refused(folder):
     with eager(folder) as engine:
         with pytest.raises(RequestError, match="not both"):

@@ -42,6 +42,7 @@ from fermi.server.anthropic_protocol import (
     ENCODER,
     MESSAGE_DECODER,
     MESSAGES_DECODER,
+    MESSAGES_UNSUPPORTED,
     MIN_BUDGET_TOKENS,
     TOOL_DECODER,
     AnthropicBlock,
@@ -345,6 +346,9 @@ def _request_error(exc: RequestError) -> ApiError:
 
 
 def messages_request(engine: Engine, body: MessagesRequest) -> GenerationRequest:
+    for field, message in MESSAGES_UNSUPPORTED.items():
+        if getattr(body, field) is not None:
+            raise _bad(message, field)
     if body.temperature is not None and not 0.0 <= body.temperature <= 1.0:
         # (Anthropic's range; the engine would take up to 2, as OpenAI's API does)
         raise _bad(f"temperature must be between 0 and 1, got {body.temperature}", "temperature")

@@ -84,6 +84,15 @@ class AnthropicOutputConfig(msgspec.Struct, kw_only=True):
     effort: str | None = None
 
 
+# Anthropic's fields for features this server does not have: a 400 naming the field, not
+# a reply that quietly went without them.
+MESSAGES_UNSUPPORTED = {
+    "mcp_servers": "MCP servers (mcp_servers) are not supported; send their tools as tools",
+    "container": "code-execution containers (container) are not supported",
+    "context_management": "context management (context_management) is not supported",
+}
+
+
 class CountTokensRequest(msgspec.Struct, kw_only=True):
     """``POST /v1/messages/count_tokens``: what renders the prompt."""
 
@@ -112,6 +121,11 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
     # Fermi's extensions, as on chat completions: a seed, and vLLM's ignore_eos.
     seed: Seed | None = None
     ignore_eos: bool | None = False
+    # Anthropic features this server does not have: refused when given
+    # (MESSAGES_UNSUPPORTED).
+    mcp_servers: Any = None
+    container: Any = None
+    context_management: Any = None
 
     def __post_init__(self) -> None:
         # null is unset (clients that send every field send it): the handlers read plain values.

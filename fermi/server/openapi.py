@@ -17,7 +17,7 @@ from fermi.engine.embeddings import MAX_INPUTS
 from fermi.engine.requests import ROLES
 from fermi.sampling import MAX_TEMPERATURE
 from fermi.server.anthropic_protocol import EFFORT_THINKING as ANTHROPIC_EFFORT
-from fermi.server.anthropic_protocol import MIN_BUDGET_TOKENS
+from fermi.server.anthropic_protocol import MESSAGES_UNSUPPORTED, MIN_BUDGET_TOKENS
 from fermi.server.build import CHAT_UNSUPPORTED, EFFORT_THINKING, MAX_CHOICES, MAX_PROMPTS
 from fermi.server.responses_build import INCLUDABLE
 from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
@@ -503,8 +503,9 @@ _SCHEMAS |= {
             "top_k": _SAMPLING_FIELDS["top_k"],
             "stream": _nullable({**_BOOL, "default": False}),
             "metadata": _nullable(_OBJECT),
-            "seed": _nullable(_INT),
+            "seed": _SAMPLING_FIELDS["seed"],
             "ignore_eos": _nullable({**_BOOL, "default": False}),
+            **dict.fromkeys(MESSAGES_UNSUPPORTED, _UNSUPPORTED),
         },
     },
     "AnthropicError": {
