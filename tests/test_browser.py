@@ -208,6 +208,7 @@ def test_head_health_answers_as_get_without_a_body(base):
 def test_options_without_a_preflight_names_the_methods(base):
     status, headers, _ = http(base + "/health", method="OPTIONS")
     assert status == 204 and _lower(headers)["allow"] == "GET, OPTIONS, HEAD"
+    assert "content-type" not in _lower(headers)  # no content to type
     status, headers, _ = http(base + "/v1/chat/completions", method="OPTIONS")
     assert status == 204 and _lower(headers)["allow"] == "OPTIONS, POST"
     status, headers, _ = http(base + "/v1/models/tiny", method="OPTIONS")

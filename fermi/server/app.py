@@ -51,6 +51,8 @@ def _with_headers(reply: Reply, api: Api, headers: Any) -> Reply:
 
 
 def _reply_headers(reply: Reply) -> list[tuple[str, str]]:
+    if reply.status == 204:  # no content to type (a HEAD reply keeps its GET's type)
+        return list(reply.headers)
     return [("content-type", reply.content_type), *reply.headers]
 
 
