@@ -96,6 +96,8 @@ class Grammar:
                     body = json.loads(body)
                 except json.JSONDecodeError as exc:
                     raise RequestError(f"the JSON schema is not JSON: {exc}", param) from None
+                except RecursionError:
+                    raise RequestError("the JSON schema is nested too deeply", param) from None
             if not isinstance(body, dict | bool):
                 raise RequestError("a json_schema grammar's value must be a schema", param)
             return cls.json_schema(body)

@@ -23,11 +23,12 @@ import fermi
 from fermi.rpc.generated import fermi_pb2 as pb
 from fermi.rpc.generated import fermi_pb2_grpc as pb_grpc
 from fermi.rpc.server import GrpcServer, ServerThread, assistant_message
-from fermi.rpc.sessions import SessionConfig
+from fermi.rpc.sessions import SessionConfig, SessionLimitError, SessionNotFoundError, SessionStore
 from tests.test_tools import WEATHER
 from tests.tiny import write_checkpoint
 
 GREEDY = pb.SamplingParams(max_tokens=8, temperature=0)
+CONVERSATION = pb.Conversation(messages=[pb.Message(role="user", content="x")])
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +234,34 @@ def test_sessions_beyond_the_limit_evict_the_least_recently_used(engine):
         server.stop()
 
 
+def test_a_first_turn_that_never_answers_evicts_no_session():
+    """At the limit, a new session evicts the least recently used idle one only once its
+    first turn answers (the server settles it then): one that fails or is cancelled before
+    (a full queue, a deadline) ends no one else's session."""
+    released = []
+    store = SessionStore(SessionConfig(ttl_ms=0, max_sessions=2), released.append)
+    a, b = store.begin_new([]), store.begin_new([])
+    for session in (a, b):
+        store.settle(session)
+        store.end_turn(session, [{"role": "user", "content": "hi"}])
+    failed = store.begin_new([])  # its turn fails before answering: the server discards it
+    store.end_turn(failed, None)
+    store.discard(failed.id)
+    assert released == [failed.id] and len(store) == 2
+    store.begin_turn(a.id)  # both still there; b is now the least recently used
+    store.end_turn(a, None)
+    new = store.begin_new([])
+    store.settle(new)
+    assert released == [failed.id, b.id]
+    with pytest.raises(SessionNotFoundError, match="evicted"):
+        store.begin_turn(b.id)
+    store.end_turn(new, None)
+    # Every session mid-turn: a new one is refused, not let past the limit.
+    store.begin_turn(a.id), store.begin_turn(new.id)
+    with pytest.raises(SessionLimitError):
+        store.begin_new([])
+
+
 def test_cancelled_stream_stops_generation_on_the_server(stub, engine):
     before = engine.stats().generated_tokens
     request = pb.GenerateRequest(
@@ -358,6 +387,59 @@ def _try_chat(stub, session_id) -> bool:
             ),
             "conversation.messages[0].role: role must be one of system, developer, user",
         ),
+        # JSON nested past the parser's recursion limit: a bad request, not an internal error.
+        (
+            pb.GenerateRequest(prompt="x", grammar=pb.Grammar(json_schema="[" * 100_000)),
+            "grammar: the JSON schema is nested too deeply",
+        ),
+        (
+            pb.GenerateRequest(conversation=CONVERSATION, tools=["[" * 100_000]),
+            "tools[0]: a tool's JSON is nested too deeply",
+        ),
+        # Tool calls and results where they belong, as HTTP checks them.
+        (
+            pb.GenerateRequest(
+                conversation=pb.Conversation(
+                    messages=[
+                        pb.Message(
+                            role="user", content="x", tool_calls=[pb.ToolCall(id="a", name="f")]
+                        )
+                    ]
+                )
+            ),
+            "conversation.messages[0].tool_calls: a user message has no tool_calls",
+        ),
+        (
+            pb.GenerateRequest(
+                conversation=pb.Conversation(
+                    messages=[pb.Message(role="user", content="x", tool_call_id="a")]
+                )
+            ),
+            "conversation.messages[0].tool_call_id: a user message has no tool_call_id",
+        ),
+        (
+            pb.GenerateRequest(
+                conversation=pb.Conversation(
+                    messages=[
+                        pb.Message(role="user", content="x"),
+                        pb.Message(role="tool", content="4"),
+                    ]
+                )
+            ),
+            "conversation.messages[1].tool_call_id: a tool message needs tool_call_id",
+        ),
+        (
+            pb.GenerateRequest(
+                conversation=pb.Conversation(
+                    messages=[
+                        pb.Message(role="user", content="x"),
+                        pb.Message(role="assistant", tool_calls=[pb.ToolCall(id="a", name="f")]),
+                        pb.Message(role="tool", content="4", tool_call_id="zzz"),
+                    ]
+                )
+            ),
+            "conversation.messages[2].tool_call_id: tool_call_id 'zzz' answers no tool call",
+        ),
     ],
 )
 def test_bad_generate_requests_are_invalid_argument_naming_the_field(stub, request_, detail):
@@ -401,6 +483,22 @@ def test_bad_chat_requests_are_invalid_argument_and_create_no_session(stub):
     err = rpc_error(lambda: list(stub.Chat(bad)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith("thinking:")
+    # Neither a message nor tool results; fields a user message or a tool result lacks.
+    call = pb.ToolCall(id="a", name="f", arguments="{}")
+    for bad, detail in [
+        (pb.ChatRequest(), "message: send message (the user's turn) or tool_results"),
+        (pb.ChatRequest(message=pb.Message(content="x", tool_calls=[call])), "message.tool_calls"),
+        (pb.ChatRequest(message=pb.Message(content="x", tool_call_id="a")), "message.tool_call_id"),
+        (
+            pb.ChatRequest(tool_results=[pb.Message(tool_call_id="a", tool_calls=[call])]),
+            "tool_results[0].tool_calls: a tool result has no tool_calls",
+        ),
+    ]:
+        err = rpc_error(lambda bad=bad: list(stub.Chat(bad)))
+        assert (err.code(), err.details()[: len(detail)]) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            detail,
+        )
 
 
 def test_a_chat_asking_more_tokens_than_fit_is_invalid_argument(stub):

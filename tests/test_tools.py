@@ -587,3 +587,14 @@ def test_reading_a_template_for_its_tool_syntax_computes_none_of_it():
     finally:
         tracemalloc.stop()
     assert peak < 50 * 2**20
+
+
+def test_arguments_nested_past_the_parsers_limit_are_rendered_as_their_text():
+    """A sent-back call whose arguments are JSON nested deeper than Python's parser recurses
+    stays the text it is (the template writes that), not an internal error."""
+    from fermi.text.tokenizer import _template_call
+
+    deep = {"id": "a", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}
+    assert _template_call(deep) is deep
+    flat = {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    assert _template_call(flat)["function"]["arguments"] == {"x": 1}

@@ -72,6 +72,7 @@ def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
     elif which == "conversation":
         messages = [_message(m) for m in request.conversation.messages]
         check_roles(messages, "conversation.messages")  # named as on this wire
+        _check_calls(messages, "conversation.messages")
         kwargs["messages"] = messages
         kwargs["thinking"] = thinking
         kwargs.update(tool_kwargs(request))
@@ -82,6 +83,36 @@ def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
             "missing_required_parameter",
         )
     return kwargs
+
+
+def _check_calls(messages: list[dict[str, Any]], field: str) -> None:
+    """Tool calls and their results where they belong, as HTTP checks them: calls in an
+    assistant turn, and each tool message answering a call of an earlier one (a field
+    another role does not have is refused, not dropped unseen)."""
+    calls: set[str] = set()
+    for i, message in enumerate(messages):
+        role, at = message["role"], f"{field}[{i}]"
+        if "tool_calls" in message:
+            if role != "assistant":
+                raise RequestError(f"a {role} message has no tool_calls", f"{at}.tool_calls")
+            calls.update(call["id"] for call in message["tool_calls"])
+        if role != "tool":
+            if "tool_call_id" in message:
+                raise RequestError(f"a {role} message has no tool_call_id", f"{at}.tool_call_id")
+            continue
+        answered = message.get("tool_call_id")
+        if answered is None:
+            raise RequestError(
+                "a tool message needs tool_call_id, the id of the call it answers",
+                f"{at}.tool_call_id",
+                "missing_required_parameter",
+            )
+        if answered not in calls:
+            raise RequestError(
+                f"tool_call_id {quoted(answered)} answers no tool call of an earlier assistant "
+                "message",
+                f"{at}.tool_call_id",
+            )
 
 
 def _refuse_conversation_fields(request: pb.GenerateRequest) -> None:
@@ -116,12 +147,25 @@ def chat_turn(request: pb.ChatRequest) -> list[dict[str, Any]]:
                     "a tool result has role tool (or none) and the tool_call_id it answers",
                     f"tool_results[{i}]",
                 )
+            if m.tool_calls:
+                where = f"tool_results[{i}].tool_calls"
+                raise RequestError("a tool result has no tool_calls", where)
             results.append({"role": "tool", "content": m.content, "tool_call_id": m.tool_call_id})
         return results
-    role = request.message.role or "user"
+    if not request.HasField("message"):
+        raise RequestError(
+            "send message (the user's turn) or tool_results",
+            "message",
+            "missing_required_parameter",
+        )
+    message = request.message
+    role = message.role or "user"
     if role != "user":
         raise RequestError(f"message.role must be user, not {quoted(role)}", "message.role")
-    return [{"role": "user", "content": request.message.content}]
+    if message.tool_calls or message.tool_call_id:  # (an assistant's or a tool's fields)
+        field = "message.tool_calls" if message.tool_calls else "message.tool_call_id"
+        raise RequestError(f"a user message has no {field.split('.')[1]}", field)
+    return [{"role": "user", "content": message.content}]
 
 
 def check_tool_results(results: list[dict[str, Any]], history: list[dict] | None) -> None:
@@ -187,6 +231,8 @@ def tool_kwargs(request: pb.GenerateRequest | pb.ChatRequest) -> dict[str, Any]:
             tools.append(json.loads(text))
         except json.JSONDecodeError as exc:
             raise RequestError(f"a tool must be JSON: {exc}", f"tools[{i}]") from None
+        except RecursionError:
+            raise RequestError("a tool's JSON is nested too deeply", f"tools[{i}]") from None
     choice: Any = request.tool_choice or None
     if choice not in (None, "none", "auto", "required"):
         choice = {"type": "function", "function": {"name": choice}}

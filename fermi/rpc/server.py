@@ -122,6 +122,8 @@ class FermiService(pb_grpc.FermiServicer):
                 if delta.finish_reason in ("stop", "length", "tool_calls"):
                     reply = assistant_message("".join(text), "".join(reasoning), calls)
                     added = [*turn, reply]
+                if not answered:
+                    self.sessions.settle(session)  # (a new session: the client learns its id)
                 yield convert.response(delta, session.id)
                 answered = True
         finally:

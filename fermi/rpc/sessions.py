@@ -47,6 +47,9 @@ class Session:
     busy: bool = False
     closed: bool = False
     cancel_turn: Callable[[], None] | None = None  # stops the running turn's generation
+    # A new session is settled when its first turn answers (the client learns its id): only
+    # then does it make room by evicting another, so a first turn that fails costs no one.
+    settled: bool = True
 
 
 @dataclass(frozen=True)
@@ -102,20 +105,37 @@ class SessionStore:
             return len(self._sessions)
 
     def begin_new(self, messages: list[dict]) -> Session:
-        """Start a session holding ``messages`` (e.g. a system prompt) with a turn running."""
+        """Start a session holding ``messages`` (e.g. a system prompt) with a turn running.
+        At the limit it needs an idle session to evict, but evicts it only when settled
+        (:meth:`settle`): a first turn that fails, or is cancelled, before it answers ends no
+        other session."""
         with self._lock:
             self._expire_locked()
-            while len(self._sessions) >= self.config.max_sessions:
-                idle = next((s for s in self._sessions.values() if not s.busy), None)
-                if idle is None:
-                    raise SessionLimitError(
-                        f"all {self.config.max_sessions} sessions are mid-turn; try again later"
-                    )
-                limit = self.config.max_sessions
-                self._end_locked(idle, f"was evicted (more than {limit} sessions)")
-            session = Session(uuid.uuid4().hex, list(messages), self._clock(), busy=True)
+            limit = self.config.max_sessions
+            if len(self._sessions) >= limit and all(s.busy for s in self._sessions.values()):
+                raise SessionLimitError(f"all {limit} sessions are mid-turn; try again later")
+            session = Session(
+                uuid.uuid4().hex, list(messages), self._clock(), busy=True, settled=False
+            )
             self._sessions[session.id] = session
             return session
+
+    def settle(self, session: Session) -> None:
+        """A new session's first turn answered: keep it, and end the least recently used
+        idle sessions beyond the limit."""
+        with self._lock:
+            if session.settled or session.closed:
+                return
+            session.settled = True
+            self._trim_locked()
+
+    def _trim_locked(self) -> None:
+        limit = self.config.max_sessions
+        while len(self._sessions) > limit:
+            idle = next((s for s in self._sessions.values() if not s.busy), None)
+            if idle is None:  # every one mid-turn: trimmed when one of them ends
+                return
+            self._end_locked(idle, f"was evicted (more than {limit} sessions)")
 
     def begin_turn(self, session_id: str) -> Session:
         """The session for a new turn, marked busy; raises if unknown or already busy."""
@@ -148,6 +168,9 @@ class SessionStore:
             session.last_used = self._clock()
             if added and not session.closed:
                 session.messages.extend(added)
+            if session.settled and not session.closed:
+                self._sessions.move_to_end(session.id)  # (recently used: at its turn's end too)
+                self._trim_locked()  # (a settle that found every session mid-turn)
         if session.closed:
             # It ended while the turn ran: the engine may have kept the cache after that.
             self._release(session.id)

@@ -258,7 +258,7 @@ def _template_call(call: Any) -> Any:
     text = function["arguments"]
     try:
         arguments = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # (rendered as the text it is)
         return call
     if isinstance(arguments, dict):
         arguments = _CallArguments(arguments, text)
