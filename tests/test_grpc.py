@@ -387,6 +387,15 @@ def _try_chat(stub, session_id) -> bool:
             ),
             "conversation.messages[0].role: role must be one of system, developer, user",
         ),
+        # Errors about the input name this wire's field, not the engine's keyword.
+        (
+            pb.GenerateRequest(conversation=pb.Conversation()),
+            "conversation.messages: messages must not be empty",
+        ),
+        (
+            pb.GenerateRequest(prompt_token_ids=pb.TokenIds()),
+            "prompt_token_ids: the prompt is empty",
+        ),
         # JSON nested past the parser's recursion limit: a bad request, not an internal error.
         (
             pb.GenerateRequest(prompt="x", grammar=pb.Grammar(json_schema="[" * 100_000)),
@@ -525,7 +534,7 @@ def test_a_runaway_chat_template_is_invalid_argument(stub, engine, monkeypatch, 
     )
     err = rpc_error(lambda: list(stub.Generate(request)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.details().startswith("messages: chat template error:")
+    assert err.details().startswith("conversation.messages: chat template error:")
 
 
 @pytest.mark.parametrize(

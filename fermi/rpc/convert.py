@@ -193,6 +193,16 @@ def check_tool_results(results: list[dict[str, Any]], history: list[dict] | None
         answered.add(call_id)
 
 
+def generate_error(exc: RequestError, which: str | None) -> RequestError:
+    """An engine error named by the engine's keyword (``messages``, ``prompt``) under the
+    field this wire has: ``conversation.messages``, or ``prompt_token_ids`` when the
+    request's input is token ids."""
+    param = {"messages": "conversation.messages", "prompt": which}.get(exc.param or "")
+    if param is None or param == exc.param:
+        return exc
+    return RequestError(exc.message, param, exc.code, hint=exc.hint)
+
+
 def chat_error(exc: RequestError, turn_field: str) -> RequestError:
     """An engine error about the rendered conversation (``messages``), named for Chat,
     which has no such field: the turn's field (``message`` or ``tool_results``), and for a

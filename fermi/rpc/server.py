@@ -48,7 +48,10 @@ class FermiService(pb_grpc.FermiServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator:  # noqa: N802
         try:
-            built = await self._build(**convert.generate_kwargs(request))
+            try:
+                built = await self._build(**convert.generate_kwargs(request))
+            except RequestError as exc:
+                raise convert.generate_error(exc, request.WhichOneof("input")) from None
             async for delta in self._run(built):
                 yield convert.response(delta)
         except Exception as exc:
