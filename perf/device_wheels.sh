@@ -1,4 +1,4 @@
-# Sourced by the device scripts (gpu_tests.sh, int4_words_ab.sh): install_device_wheels
+# Sourced by the device scripts (gpu_tests.sh, int4_words_ab.sh, int4_land.sh). install_device_wheels
 # installs the carried cp312 wheels (.whl, see perf/README.md) into /tmp/site once — a warm
 # machine keeps /tmp between calls, and a lock lets copies of a script started side by side
 # install once for all. Without a .whl folder (a machine where Fermi's dependencies are
@@ -15,4 +15,24 @@ install_device_wheels() {
         fi
     ) 9>/tmp/fermi-site.lock
     [ -e /tmp/site/.installed ]
+}
+
+# in_tree DIR COMMAND...: run COMMAND in DIR with DIR's fermi first on the path and a compile
+# cache of its own (the cache's key does not include fermi's source: two trees side by side
+# must not load each other's graphs).
+in_tree() {
+    local dir=$1
+    shift
+    (cd "$dir" && PYTHONPATH=/tmp/site:$dir FERMI_COMPILE_CACHE=$dir/.compile-cache "$@")
+}
+
+# patched_copy DIR PATCH COMMAND...: a copy of this tree's fermi, perf and tests at DIR, with
+# COMMAND run there on PATCH (on its stdin: e.g. `patch -p1`, or `patch -R -p1` to take a
+# patch applied here out of the copy).
+patched_copy() {
+    local dir=$1 file
+    file=$(realpath "$2") || return 1
+    shift 2
+    rm -rf "$dir" && mkdir -p "$dir" && cp -r fermi perf tests pyproject.toml "$dir"/ || return 1
+    (cd "$dir" && "$@" <"$file")
 }

@@ -20,14 +20,8 @@ install_device_wheels || exit 1
 out=${OUT:-/tmp/int4_land}
 mkdir -p "$out"
 new=$PWD old=/tmp/int4_words_old
-rm -rf "$old" && mkdir -p "$old" && cp -r fermi perf tests pyproject.toml "$old"/ || exit 1
-(cd "$old" && unapply <"$new/perf/patches/int4_row_words.patch") || exit 1
+patched_copy "$old" perf/patches/int4_row_words.patch unapply || exit 1
 export PYTHONUNBUFFERED=1
-in_tree() {  # in_tree DIR COMMAND...: DIR's fermi first on the path, its own compile cache
-    local dir=$1
-    shift
-    (cd "$dir" && PYTHONPATH=/tmp/site:$dir FERMI_COMPILE_CACHE=$dir/.compile-cache "$@")
-}
 echo "# ${FERMI_REV:-unlabelled tree}, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 date -u
 OUT=$out bash perf/gpu_tests.sh all

@@ -26,16 +26,8 @@ install_device_wheels || exit 1
 out=${OUT:-/tmp/int4_words_ab}
 mkdir -p "$out"
 old=$PWD new=/tmp/int4_words_new
-rm -rf "$new" && mkdir -p "$new" && cp -r fermi perf tests pyproject.toml "$new"/ || exit 1
-(cd "$new" && apply <"$old/perf/patches/int4_row_words.patch") || exit 1
+patched_copy "$new" perf/patches/int4_row_words.patch apply || exit 1
 export PYTHONUNBUFFERED=1
-in_tree() {  # in_tree DIR COMMAND...: run with DIR's fermi first on the path, and a
-    # compile cache of its own (the cache's key does not include fermi's source: the patched
-    # side must not load the graphs the other saved)
-    local dir=$1
-    shift
-    (cd "$dir" && PYTHONPATH=/tmp/site:$dir FERMI_COMPILE_CACHE=$dir/.compile-cache "$@")
-}
 {
     echo "# ${FERMI_REV:-unlabelled tree} + patches/int4_row_words.patch," \
         "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
