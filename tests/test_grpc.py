@@ -257,7 +257,8 @@ def test_a_first_turn_that_never_answers_evicts_no_session():
         store.begin_turn(b.id)
     store.end_turn(new, None)
     # Every session mid-turn: a new one is refused, not let past the limit.
-    store.begin_turn(a.id), store.begin_turn(new.id)
+    store.begin_turn(a.id)
+    store.begin_turn(new.id)
     with pytest.raises(SessionLimitError):
         store.begin_new([])
 

@@ -12,6 +12,7 @@ from fermi.engine.types import Delta, Thinking
 from fermi.errors import EngineOverloadedError, FermiError, RequestError, quoted
 from fermi.rpc.generated import fermi_pb2 as pb
 from fermi.rpc.sessions import SessionBusyError, SessionLimitError, SessionNotFoundError
+from fermi.text.tools import check_call_turns
 
 _THINKING: dict[int, Thinking] = {
     pb.THINKING_AUTO: "auto",
@@ -86,33 +87,14 @@ def generate_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
 
 
 def _check_calls(messages: list[dict[str, Any]], field: str) -> None:
-    """Tool calls and their results where they belong, as HTTP checks them: calls in an
-    assistant turn, and each tool message answering a call of an earlier one (a field
-    another role does not have is refused, not dropped unseen)."""
-    calls: set[str] = set()
+    """Tool calls and results where they belong (``check_call_turns``, as HTTP checks them),
+    and no ``tool_call_id`` outside a tool message: every Message of this wire has the
+    field, and one another role does not have is refused, not dropped unseen."""
     for i, message in enumerate(messages):
-        role, at = message["role"], f"{field}[{i}]"
-        if "tool_calls" in message:
-            if role != "assistant":
-                raise RequestError(f"a {role} message has no tool_calls", f"{at}.tool_calls")
-            calls.update(call["id"] for call in message["tool_calls"])
-        if role != "tool":
-            if "tool_call_id" in message:
-                raise RequestError(f"a {role} message has no tool_call_id", f"{at}.tool_call_id")
-            continue
-        answered = message.get("tool_call_id")
-        if answered is None:
-            raise RequestError(
-                "a tool message needs tool_call_id, the id of the call it answers",
-                f"{at}.tool_call_id",
-                "missing_required_parameter",
-            )
-        if answered not in calls:
-            raise RequestError(
-                f"tool_call_id {quoted(answered)} answers no tool call of an earlier assistant "
-                "message",
-                f"{at}.tool_call_id",
-            )
+        if message["role"] != "tool" and "tool_call_id" in message:
+            role, at = message["role"], f"{field}[{i}].tool_call_id"
+            raise RequestError(f"a {role} message has no tool_call_id", at)
+    check_call_turns(messages, field)
 
 
 def _refuse_conversation_fields(request: pb.GenerateRequest) -> None:

@@ -15,6 +15,7 @@ from fermi.heap import gc_paused
 from fermi.server.errors import ApiError, bad_body
 from fermi.server.protocol import ChatCompletionRequest, CompletionRequest, Message, SamplingFields
 from fermi.text.thinking import SWITCHES
+from fermi.text.tools import check_call_turns
 
 MAX_CHOICES = 16  # n per request; more would starve everyone else's slots
 # Prompts per completions request, checked before any is built: 400,000 one-token prompts
@@ -167,10 +168,8 @@ def refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
 def chat_messages(raw: list[msgspec.Raw]) -> list[dict[str, Any]]:
     """Messages as the chat template wants them; content parts joined into one string.
     Refused, as on OpenAI's API: a message without content (an assistant turn may carry
-    only tool calls), tool calls outside an assistant turn, a tool message that answers
-    no call of an earlier assistant turn."""
+    only tool calls), and tool calls or results out of place (``check_call_turns``)."""
     out = []
-    calls: set[str] = set()  # the ids of the tool calls made so far
     for i, message in enumerate(decode_items(raw, MESSAGE_DECODER, "messages")):
         content = message.content
         at = f"messages[{i}]"
@@ -178,12 +177,6 @@ def chat_messages(raw: list[msgspec.Raw]) -> list[dict[str, Any]]:
             role = message.role
             parts = [_part_text(p, role, f"{at}.content[{j}]") for j, p in enumerate(content)]
             content = "".join(parts) if parts else None
-        if message.tool_calls and message.role != "assistant":
-            raise ApiError(
-                400,
-                f"only an assistant message carries tool_calls, not a {message.role} message",
-                param=f"{at}.tool_calls",
-            )
         if content is None and not (message.role == "assistant" and message.tool_calls):
             instead = "; or tool_calls" if message.role == "assistant" else ""
             raise ApiError(
@@ -204,24 +197,13 @@ def chat_messages(raw: list[msgspec.Raw]) -> list[dict[str, Any]]:
                 }
                 for call in message.tool_calls
             ]
-            calls.update(call.id for call in message.tool_calls)
-        if message.role == "tool":  # (as on OpenAI's API: the template pairs it with a call)
-            if message.tool_call_id is None:
-                raise ApiError(
-                    400,
-                    "a tool message needs tool_call_id, the id of the call it answers",
-                    param=f"{at}.tool_call_id",
-                )
-            if message.tool_call_id not in calls:
-                raise ApiError(
-                    400,
-                    f"tool_call_id {message.tool_call_id!r} answers no tool call of an "
-                    "earlier assistant message",
-                    param=f"{at}.tool_call_id",
-                )
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
         out.append(item)
+    try:
+        check_call_turns(out)
+    except RequestError as exc:
+        raise ApiError(400, exc.message, param=exc.param, code=exc.code) from None
     return out
 
 

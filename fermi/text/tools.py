@@ -82,6 +82,39 @@ class ToolChoice:
     name: str | None = None  # the function, when mode is "named"
 
 
+def check_call_turns(messages: list[dict[str, Any]], field: str = "messages") -> None:
+    """Tool calls and their results where they belong in OpenAI-shaped messages (HTTP's chat
+    completions, gRPC's conversations), as OpenAI's API places them: calls in an assistant
+    turn only, and each tool message naming in ``tool_call_id`` a call of an earlier
+    assistant turn (the template pairs them). A RequestError naming ``field[i]``'s key."""
+    calls: set[str] = set()
+    for i, message in enumerate(messages):
+        role, at = message["role"], f"{field}[{i}]"
+        if message.get("tool_calls"):
+            if role != "assistant":
+                raise RequestError(
+                    f"a {role} message has no tool_calls: only an assistant message carries "
+                    "tool_calls",
+                    f"{at}.tool_calls",
+                )
+            calls.update(call["id"] for call in message["tool_calls"])
+        if role != "tool":
+            continue
+        answered = message.get("tool_call_id")
+        if answered is None:
+            raise RequestError(
+                "a tool message needs tool_call_id, the id of the call it answers",
+                f"{at}.tool_call_id",
+                "missing_required_parameter",
+            )
+        if answered not in calls:
+            raise RequestError(
+                f"tool_call_id {quoted(answered)} answers no tool call of an earlier assistant "
+                "message",
+                f"{at}.tool_call_id",
+            )
+
+
 def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
     """OpenAI's ``tools`` list (or :class:`Tool`s) checked; RequestError naming the field."""
     if value is None:
