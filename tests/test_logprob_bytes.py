@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -202,3 +204,33 @@ def test_skipped_special_tokens_take_no_characters_in_the_offsets(tok):
     ]
     body, _ = completion_logprobs(logprobs, 0, False)
     assert body.text_offset == [0, 0, 1, 2, 6, 8, 8]
+
+
+def test_a_stop_string_found_only_in_the_final_flush_ends_the_reply_as_stop(tok):
+    # The reply is cut by max_tokens inside the emoji: its held-back bytes come out at the
+    # end as U+FFFD, which is the stop string here. The stop string ended the text, so the
+    # finish reason is stop, not length.
+    ids = tok.encode("Hi 😀")[:-1]
+    request = GenerationRequest(
+        prompt_ids=(1,),
+        params=SamplingParams(),
+        max_tokens=len(ids),
+        stop=("\ufffd",),
+        eos_token_ids=frozenset({IM_END}),
+    )
+    stream = OutputStream(tok, request)
+    text = ""
+    for t in ids:
+        delta, reason = stream.push(t)
+        assert reason is None
+        text += delta.text
+    final = stream.finish("length")
+    assert text + final.text == "Hi "
+    assert final.stop_string == "\ufffd"
+    assert final.finish_reason == "stop"
+    # without the stop string, the same reply ends by its length, the bytes as U+FFFD
+    stream = OutputStream(tok, dataclasses.replace(request, stop=()))
+    for t in ids:
+        stream.push(t)
+    final = stream.finish("length")
+    assert final.finish_reason == "length" and final.text.endswith("\ufffd")

@@ -176,7 +176,9 @@ class OutputStream:
     def finish(self, reason: FinishReason) -> Delta:
         """Release held-back text and tool-call pieces at the end of the sequence. The
         delta's finish_reason is ``reason``, or tool_calls when ``reason`` is stop (an eos
-        token, a stop string, the grammar complete) and the reply called tools."""
+        token, a stop string, the grammar complete) and the reply called tools; stop when
+        the text held back to the end completes a stop string (it ended the reply, not
+        its length)."""
         tail = ""
         logprobs = None
         if not self.stops.stopped:
@@ -187,6 +189,8 @@ class OutputStream:
             if self.held is not None:
                 self.held.add(None, piece, tail)
                 logprobs = self.held.before_stop() if stopped else self.held.all()
+            if stopped and reason == "length":
+                reason = "stop"  # the held-back end of the text completed a stop string
         reasoning, content = self._split(tail, final=True)
         text, calls = self._calls(content, final=True)
         return Delta(
