@@ -113,6 +113,25 @@ def main() -> None:
                       1e-6, G.ACT_NONE)  # fmt: skip
         want = F.linear(x, Q.device_precision(q4, "cuda").dequantize())
         results[f"int4-row g{group} {n}x{k} torch.float32 plain"] = [rel(out, want), 1e-5]
+    # The dequantize kernel (prefill's weight for cuBLAS) against torch's operations on the
+    # same layout: N and K off its 32 x 128 tiles, groups 32 / 64 / 128 (a tile of 128 values
+    # holds one group of 128), int8, into a NaN-filled output. The error is relative to the
+    # weight's largest value, within one rounding of the dtype: where the GPU's compiler
+    # fuses the multiply and the add, one float32 rounding fewer can move a 16-bit result.
+    for scheme, group, n, k in (("int4", 32, 37, 96), ("int4", 32, 40, 416),
+                                ("int4", 64, 33, 320), ("int4", 128, 70, 384),
+                                ("int8", 0, 37, 200)):  # fmt: skip
+        w = torch.randn(n, k, generator=g) * 0.05
+        q = Q.quantize_int4(w, group) if scheme == "int4" else Q.quantize_int8(w)
+        codes, scales = q.codes, q.scales.half() if scheme == "int4" else q.scales
+        mins = q.mins.half() if scheme == "int4" else None
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            out = torch.full((n, k), float("nan"), dtype=dt)
+            QM.launch_dequantize(codes, scales, mins, out)
+            want = QM.dequantize_torch(codes, scales, mins, dt)
+            tol = {torch.float32: 1.2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dt]
+            label = f"dequantize {scheme} g{group} {n}x{k} {dt}"
+            results[label] = [rel(out, want), tol]
     print(json.dumps(results))
 
 

@@ -71,6 +71,31 @@ def test_quantized_linear_on_cuda_equals_the_reference_for_every_row_count(dtype
         assert rel(layer(x), want) <= tol, q.scheme
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("scheme", "group", "n", "k"), [
+    ("int4", 32, 6144, 4096), ("int4", 32, 1000, 3104), ("int4", 64, 37, 2176),
+    ("int4", 128, 4100, 384), ("int8", 0, 4096, 12288), ("int8", 0, 37, 200),
+])  # fmt: skip
+def test_the_dequantize_kernel_writes_the_weight_torch_computes(dtype, scheme, group, n, k):
+    """Prefill's weight for cuBLAS: the Triton kernel against torch's operations on the
+    same CUDA layout, every value written (the output poisoned first), within one rounding
+    of the dtype (a fused multiply-add rounds once where torch rounds twice)."""
+    from fermi.models import quant_mm as QM
+
+    g = torch.Generator(device="cuda").manual_seed(n + k + group)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.05
+    q = Q.quantize_int4(w, group) if scheme == "int4" else Q.quantize_int8(w)
+    layer = Q.QuantLinear(q, None, "cuda", dtype)
+    out = torch.full((n, k), float("nan"), device="cuda", dtype=dtype)
+    QM.launch_dequantize(layer.codes, layer.scales, layer.mins, out)
+    want = QM.dequantize_torch(layer.codes, layer.scales, layer.mins, dtype)
+    ulp = {torch.float32: 1.2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert rel(out, want) <= ulp
+    if dtype != torch.float32:  # a float32 rounding apart moves few 16-bit values
+        assert float((out != want).float().mean()) < 0.01
+    assert torch.equal(QM.dequantize(layer.codes, layer.scales, layer.mins, dtype), out)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize(("n", "k"), [(96, 2688), (4100, 640)])

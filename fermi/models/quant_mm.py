@@ -5,8 +5,8 @@ Up to ``FEW_ROWS`` rows (decode of a small batch, or a one-row product the fused
 dequantizes each tile in registers and multiplies it with ``tl.dot`` (the rows padded to 16,
 the smallest tile ``tl.dot`` takes: the product is bound by the weights' bytes, not by the
 multiply). Above that (prefill) the weight is dequantized into a scratch matrix of the
-activations' dtype and multiplied by cuBLAS: compute-bound, where a second read of the
-weight costs little.
+activations' dtype by a second Triton kernel (the codes read once, the weight written once)
+and multiplied by cuBLAS.
 
 The op is opaque to ``torch.compile`` (``torch.library.custom_op``): it picks its path from
 the actual row count at run time, so the choice adds no guard and no recompile, and CUDA
@@ -143,6 +143,62 @@ if triton is not None:
             num_stages=stages,
         )  # fmt: skip
 
+    @triton.jit
+    def _dequant_kernel(
+        C, SC, MN, W,
+        N, K, stride_c, stride_s, stride_w,
+        INT4: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """The weight in W's dtype, a [BLOCK_N, BLOCK_K] tile a program: ``q * scale +
+        min`` (int4) or ``q * scale`` (int8) in float32, then rounded to W's dtype."""
+        outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_ok = outs < N
+        k0 = tl.program_id(1) * BLOCK_K
+        dt = W.dtype.element_ty
+        if INT4:
+            HALF: tl.constexpr = GROUP // 2
+            GROUPS: tl.constexpr = BLOCK_K // GROUP
+            byte = tl.arange(0, BLOCK_K // 2)
+            lo_cols = k0 + (byte // HALF) * GROUP + byte % HALF
+            mask = out_ok[:, None] & (lo_cols < K)[None, :]
+            codes = tl.load(C + outs[:, None] * stride_c + (k0 // 2 + byte)[None, :], mask=mask)
+            groups = k0 // GROUP + tl.arange(0, GROUPS)
+            at = outs[:, None] * stride_s + groups[None, :]
+            gmask = out_ok[:, None] & (groups < K // GROUP)[None, :]
+            scale = tl.load(SC + at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+            low = tl.load(MN + at, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+            q_lo = tl.reshape((codes & 0xF).to(tl.float32), (BLOCK_N, GROUPS, HALF))
+            q_hi = tl.reshape((codes >> 4).to(tl.float32), (BLOCK_N, GROUPS, HALF))
+            # (a fused multiply-add where the compiler makes one: within one float32 rounding
+            # of torch's separate multiply and add, below the output dtype's rounding)
+            w_lo = tl.reshape(q_lo * scale + low, (BLOCK_N, BLOCK_K // 2))
+            w_hi = tl.reshape(q_hi * scale + low, (BLOCK_N, BLOCK_K // 2))
+            to = W + outs[:, None] * stride_w + lo_cols[None, :]
+            tl.store(to, w_lo.to(dt), mask=mask)
+            tl.store(to + HALF, w_hi.to(dt), mask=mask)
+        else:
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = out_ok[:, None] & (cols < K)[None, :]
+            q = tl.load(C + outs[:, None] * stride_c + cols[None, :], mask=mask).to(tl.float32)
+            scale = tl.load(SC + outs, mask=out_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(W + outs[:, None] * stride_w + cols[None, :], (q * scale).to(dt), mask=mask)
+
+    def launch_dequantize(codes, scales, mins, out) -> None:
+        """The dequantize kernel: ``QuantLinear``'s CUDA layout into ``out`` [N, K]."""
+        n, k = out.shape
+        int4 = mins is not None
+        group = k // scales.shape[1] if int4 else 32
+        block_n, block_k = 32, max(128, group)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+        _dequant_kernel[grid](
+            codes, scales, scales if mins is None else mins, out,
+            n, k, codes.stride(0), scales.stride(0), out.stride(0),
+            INT4=int4, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        )  # fmt: skip
+
 
 def few_rows_config(n: int, k: int, int4: bool, group: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): 32 outputs a program (enough programs for
@@ -158,7 +214,24 @@ def few_rows_config(n: int, k: int, int4: bool, group: int) -> tuple[int, int, i
 def dequantize(
     codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The [N, K] weight in ``dtype``, from the CUDA layout of ``QuantLinear``."""
+    """The [N, K] weight in ``dtype``, from the CUDA layout of ``QuantLinear``: one Triton
+    kernel on CUDA (reads the codes once, writes the weight once), else
+    :func:`dequantize_torch` (the same values, up to one float32 rounding before the
+    cast)."""
+    if triton is None or not codes.is_cuda:
+        return dequantize_torch(codes, scales, mins, dtype)
+    n = codes.shape[0]
+    k = codes.shape[1] * (2 if mins is not None else 1)
+    out = torch.empty((n, k), device=codes.device, dtype=dtype)
+    launch_dequantize(codes, scales, mins, out)
+    return out
+
+
+def dequantize_torch(
+    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`dequantize` in torch's operations: float32 temporaries of the whole matrix
+    (on CUDA, ~13 times the bytes of the kernel: perf/LOG.md run 78)."""
     if mins is None:
         return (codes.to(torch.float32) * scales.float()[:, None]).to(dtype)
     n, half = codes.shape
