@@ -1,4 +1,8 @@
-# One device call (carry .whl and .whl-bench: gemlite and tqdm wheels): perf/micro_quant_libraries.py on Qwen3-8B and 1.7B shapes.
+# One device call (carry .whl and .whl-bench): perf/micro_quant_libraries.py on Qwen3-8B and
+# 1.7B shapes (LOG run 77). .whl-bench (ignored by git) holds GemLite and tqdm, the only
+# packages GemLite needs that the device lacks, made here with
+#   pip wheel --no-deps -w .whl-bench gemlite==0.6.0.post2
+#   pip download --no-deps --only-binary=:all: -d .whl-bench tqdm
 set -x
 nvidia-smi --query-gpu=name --format=csv,noheader
 . perf/device_wheels.sh && install_device_wheels || echo WHEELS-FAILED
