@@ -109,3 +109,18 @@ def test_the_templates_are_the_published_texts():
         "granite-3.3": "3c71df5f6599",
         "llama-3.2": "5816fce10444",
     }
+
+
+@pytest.mark.parametrize("key", [k for k in ALL if not k.startswith("gemma")])
+def test_a_tool_call_turn_without_content_renders_as_one_with_empty_content(folders, key):
+    """OpenAI's clients send ``content: null`` beside tool calls (or no content at all).
+    Qwen3's and Granite's templates read the content unguarded: it is rendered as "", as
+    HTTP's chat completions already pass it, not left out for the template to trip on."""
+    ours = Tokenizer.from_folder(folders[key])
+    arguments = '{"city": "Paris"}' if key.startswith("deepseek") else {"city": "Paris"}
+    empty = tool_round(arguments)
+    want = ours.apply_chat_template(empty, add_generation_prompt=True)
+    for content in ({"content": None}, {}):
+        turn = {k: v for k, v in empty[1].items() if k != "content"} | content
+        got = ours.apply_chat_template([empty[0], turn, empty[2]], add_generation_prompt=True)
+        assert got == want, content

@@ -432,6 +432,29 @@ def test_required_and_named_calls_by_a_random_model_are_valid_calls(engine):
     assert {d.tool_calls[0].name for c, d in results if c == "required"} == set(SCHEMAS)
 
 
+
+def test_the_python_api_places_tool_calls_and_results_as_http_does(engine):
+    """``build_request`` refuses what HTTP's chat completions refuse (one check,
+    ``check_call_turns``): calls outside an assistant turn, a call without an id, a tool
+    message without tool_call_id or answering no earlier call. A call turn whose content
+    is None is served, as HTTP serves it."""
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    asked = {"role": "assistant", "content": None, "tool_calls": [call]}
+    answer = {"role": "tool", "tool_call_id": "c1", "content": "3"}
+    engine.build_request(messages=[*HI, asked, answer], tools=TOOLS)
+    cases = [
+        ([{**HI[0], "tool_calls": [call]}], "messages[0].tool_calls"),
+        ([*HI, {**asked, "tool_calls": [{"type": "function"}]}], "messages[1].tool_calls[0].id"),
+        ([*HI, {**asked, "tool_calls": "c1"}], "messages[1].tool_calls"),
+        ([*HI, asked, {"role": "tool", "content": "3"}], "messages[2].tool_call_id"),
+        ([*HI, {"role": "tool", "tool_call_id": "c1", "content": "3"}], "messages[1].tool_call_id"),
+    ]
+    for messages, param in cases:
+        with pytest.raises(RequestError) as info:
+            engine.build_request(messages=messages, tools=TOOLS)
+        assert info.value.param == param, messages
+
+
 # -- HTTP, with the openai SDK -----------------------------------------------------------
 
 

@@ -210,8 +210,9 @@ _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copy messages into the shape templates expect, leaving the caller's dicts untouched.
 
-    Keys set to None are dropped: OpenAI clients send `content: null` next to tool calls,
-    and templates handle a missing key but would render the literal "None". Reasoning sent
+    Keys set to None are dropped (templates would render the literal "None"), except
+    `content`, which becomes "": OpenAI clients send `content: null` next to tool calls, and
+    some templates (Qwen3's, Granite's) read a message's content unguarded. Reasoning sent
     under another name is also exposed as reasoning_content. Content given as a list of
     text parts is joined. A tool call's `function.arguments` (OpenAI's JSON string) becomes
     the object it encodes, as transformers' templates expect (they write it with `tojson`).
@@ -219,6 +220,7 @@ def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     normalized = []
     for message in messages:
         clean = {key: value for key, value in message.items() if value is not None}
+        clean.setdefault("content", "")
         reasoning = next((clean[key] for key in _REASONING_KEYS if key in clean), None)
         if reasoning is not None:
             clean.setdefault("reasoning_content", reasoning)
