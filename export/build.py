@@ -250,7 +250,12 @@ def export_model(
 
 
 def _replace(out: Path, staging: Path) -> None:
-    """Put the finished staging folder at ``out`` (an earlier export there goes away)."""
+    """Put the finished staging folder at ``out`` (an earlier export there goes away), with
+    the mode a folder made by ``mkdir`` would have (``mkdtemp`` makes it 0700, which would
+    keep another user, or a container's, from reading the artefact)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
@@ -369,7 +374,8 @@ def _reference_traces(options: ExportOptions, checkpoint: Checkpoint, seq_len: i
     model = checkpoint.model
     if model.dtype != torch.float32:
         model = load_any(options.model, torch.float32).model
-    prompts = [checkpoint.tokenizer.encode(p) for p in PROMPTS]
+    # Prompts cut to leave a position for a step where the context is shorter than them.
+    prompts = [checkpoint.tokenizer.encode(p)[: seq_len - 1] for p in PROMPTS]
     longest = max(map(len, prompts))
     steps = max(1, min(VERIFY_STEPS, seq_len - longest))
     # A cache as long as the check's longest text, not the artefact's context (at 2048

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -600,3 +602,21 @@ def test_the_smollm2_alias_exports_and_reproduces_its_source(tmp_path):
     with fermi.load("smollm2-135m", dtype="fp32", runner="torch-cpu", max_batch=1) as engine:
         theirs = engine.generate(**chat, temperature=0)
     assert ours.token_ids == theirs.token_ids and ours.text == theirs.text
+
+
+def test_a_context_shorter_than_the_check_prompts_cuts_them_and_the_folder_is_readable(
+    tmp_path,
+):
+    """--max-seq-len below the check's prompts (the tiny tokenizer writes them in 10-20
+    tokens): each is cut to leave a position for one step, so the check runs instead of
+    failing past the context. The folder takes the umask's mode, as mkdir gives, not the
+    0700 of the staging folder it was built in."""
+    source = write_checkpoint(tmp_path / "ckpt", seed=4)
+    old = os.umask(0o022)
+    try:
+        options = ExportOptions(model=str(source), target="onnx", out=tmp_path / "a", max_seq_len=8)
+        manifest = export_model(options, progress=lambda line: None)
+    finally:
+        os.umask(old)
+    assert manifest.numerics is not None and manifest.numerics.greedy_equal == [1] * 6
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
