@@ -125,13 +125,11 @@ def load(
     only when nothing else uses the GPU meanwhile: a CUDA graph captured on the engine's
     thread forbids other threads' allocations while it is captured. ``False``: no warm-up.
     """
-    import torch
-
     from fermi.engine.api import Engine
     from fermi.hub import resolve
     from fermi.loading import load_folder, parse_dtype
     from fermi.models.quant import QuantSpec
-    from fermi.runners.select import default_device, torch_runner
+    from fermi.runners.select import resolve_device, torch_runner
 
     spec = QuantSpec.parse(quantize)  # a bad value is refused before anything loads
     for name, value, least in (
@@ -172,7 +170,7 @@ def load(
             prefix_reuse=prefix_reuse,
             warm_grammars=warm_grammars,
         )
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
     if path.suffix == ".gguf":  # a llama.cpp file (the packaged aliases are GGUF too)
         from fermi.gguf import load_gguf
 

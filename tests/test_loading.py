@@ -407,3 +407,28 @@ def test_free_memory_on_this_cpu_is_read():
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert free is not None and 0 < free <= total
     assert free_memory("meta") is None
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(original):
+    """A device torch does not parse, or one this machine has not got, is a ValueError
+    naming it, before the weights are moved (torch's own error would come from inside the
+    loader, and the CLI would print its traceback)."""
+    with pytest.raises(ValueError, match="'bogus' is not a device torch knows"):
+        fermi.load(original, device="bogus")
+    with pytest.raises(ValueError, match="fermi runs models on cpu, cuda or mps"):
+        fermi.load(original, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda': this torch sees no CUDA GPU"):
+            fermi.load(original, device="cuda")
+    else:
+        with pytest.raises(ValueError, match="CUDA GPUs, 0.."):
+            fermi.load(original, device=f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="MPS backend is not available"):
+            fermi.load(original, device="mps")
+
+
+def test_the_cuda_runner_asked_for_on_a_cpu_model_is_refused(original):
+    """``runner="torch-cuda"`` is not quietly served by the CPU runner."""
+    with pytest.raises(ValueError, match="runner 'torch-cuda' runs a model on a CUDA GPU"):
+        fermi.load(original, device="cpu", runner="torch-cuda", max_seq_len=64)

@@ -26,6 +26,33 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device this machine has (None: :func:`default_device`); a
+    ValueError naming it otherwise, rather than torch's error when the model is moved."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device {str(device)!r} is not a device torch knows (cpu, cuda, cuda:N, mps): {exc}"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device {str(device)!r}: this torch sees no CUDA GPU (a CPU-only build, or no "
+                "driver); leave the device out, or pass cpu"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r}: there are {count} CUDA GPUs, 0..{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: torch's MPS backend is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r}: fermi runs models on cpu, cuda or mps")
+    return dev
+
+
 def apple_silicon() -> bool:
     """A Mac with an Apple M-series chip (MPS also runs on Intel Macs' GPUs, untested)."""
     return platform.system() == "Darwin" and platform.machine() == "arm64"
@@ -47,6 +74,11 @@ def torch_runner(
     device = model.device
     if name not in (None, *TORCH_RUNNERS):
         raise ValueError(f"runner {name!r} is not one of {', '.join(TORCH_RUNNERS)}")
+    if name == "torch-cuda" and device.type != "cuda":
+        raise ValueError(
+            f"runner 'torch-cuda' runs a model on a CUDA GPU; this one is on {device.type} "
+            "(pass device='cuda', or another runner)"
+        )
     compiled = name == "torch-compile"
     graphs = compiled or (device.type == "cuda" and name in (None, "torch", "torch-cuda"))
     check_cache_fits(model, max_batch, max_seq_len, device, compiled=compiled, graphs=graphs)
@@ -57,6 +89,8 @@ def torch_runner(
         try:
             from fermi.runners.torch_cuda import CudaGraphRunner
         except ImportError:
+            if name == "torch-cuda":  # asked for by name: not quietly the eager runner
+                raise
             CudaGraphRunner = None
         if CudaGraphRunner is not None:
             runner = CudaGraphRunner(
