@@ -206,6 +206,8 @@ def main() -> None:
 
 
 THINKING = click.Choice(["on", "off", "auto"])
+# fermi.sampling.MAX_TEMPERATURE (not imported here: it imports torch, and --help should not)
+TEMPERATURE = click.FloatRange(0.0, 100.0)
 
 
 @main.command()
@@ -213,8 +215,10 @@ THINKING = click.Choice(["on", "off", "auto"])
 @click.option(
     "--thinking", type=THINKING, default="auto", show_default=True, help="Reasoning mode."
 )
-@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Per reply.")
-@click.option("--temperature", type=float, default=None, help="[default: the model's]")
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Per reply."
+)
+@click.option("--temperature", type=TEMPERATURE, default=None, help="[default: the model's]")
 @click.option("--system", default=None, help="A system message that starts the conversation.")
 def chat(
     model,
@@ -333,11 +337,23 @@ def _stream_reply(engine, history, thinking, max_tokens, temperature, dim, reset
     "--chat/--raw", "as_chat", default=True, show_default=True, help="Apply the chat template."
 )
 @click.option("--thinking", type=THINKING, default="auto", show_default=True)
-@click.option("--max-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=None, help="[default: the model's]")
-@click.option("--top-p", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=TEMPERATURE, default=None, help="[default: the model's]")
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="[default: the model's]",
+)
+@click.option(
+    "--top-k", type=click.IntRange(min=0), default=None, help="0 = off. [default: the model's]"
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(-(2**63), 2**63 - 1),
+    default=None,
+    help="[default: none: each run differs]",
+)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 def generate(
     model,

@@ -168,3 +168,29 @@ def test_chat_allocates_one_cache_slot_unless_told(folder, monkeypatch):
         res = CliRunner().invoke(cli.main, [*args, *extra], input="hi\n/exit\n")
         assert res.exit_code == 0, res.output
         assert seen[-1] == want
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["chat", "--max-tokens", "0"], "--max-tokens"),
+        (["chat", "--temperature", "-1"], "--temperature"),
+        (["generate", "x", "--max-tokens", "0"], "--max-tokens"),
+        (["generate", "x", "--temperature", "101"], "--temperature"),
+        (["generate", "x", "--top-p", "0"], "--top-p"),
+        (["generate", "x", "--top-k", "-1"], "--top-k"),
+        (["generate", "x", "--seed", str(2**63)], "--seed"),
+    ],
+)
+def test_sampling_options_out_of_range_are_usage_errors_before_the_model_loads(args, named):
+    """Refused by the option's type (exit 2, naming it), not by the engine on every turn
+    after the model has loaded (the model named here does not exist)."""
+    from click.testing import CliRunner
+
+    from fermi import cli
+    from fermi.sampling import MAX_TEMPERATURE
+
+    assert cli.TEMPERATURE.max == MAX_TEMPERATURE
+    res = CliRunner().invoke(cli.main, [*args, "-m", "/nonexistent"], input="hi\n")
+    assert res.exit_code == 2, res.output
+    assert f"Invalid value for '{named}'" in res.output
