@@ -360,6 +360,17 @@ def test_build_request_takes_settings_and_keywords_the_keywords_winning(engine):
     req = engine.build_request(prompt="a", settings=settings, temperature=0.0)
     assert (req.params.temperature, req.params.top_k, req.max_tokens) == (0.0, 7, 3)
     assert settings.temperature == 0.5  # the caller's settings are left as they were
+    # a keyword passed as None is not given (wrappers pass None for "unset"): it does not
+    # wipe the setting back to the model's default
+    req = engine.build_request(prompt="a", settings=settings, temperature=None, top_k=None)
+    assert (req.params.temperature, req.params.top_k) == (0.5, 7)
+    # settings may be a dict of the same fields, checked as keywords are
+    req = engine.build_request(prompt="a", settings={"temperature": 0.0, "max_tokens": 2})
+    assert (req.params.temperature, req.max_tokens) == (0.0, 2)
+    with pytest.raises(TypeError, match="settings got an unexpected keyword argument 'temp'"):
+        engine.build_request(prompt="a", settings={"temp": 0.0})
+    with pytest.raises(TypeError, match="settings must be a SamplingSettings or a dict"):
+        engine.build_request(prompt="a", settings=[("temperature", 0.0)])
 
 
 def test_an_unknown_keyword_of_build_request_is_a_type_error(engine):

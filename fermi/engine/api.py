@@ -145,7 +145,9 @@ class Engine:
 
         Give one of ``messages``, ``prompt`` or ``prompt_token_ids``. The sampling settings
         (``max_tokens=``, ``temperature=``, ...: the fields of :class:`SamplingSettings`)
-        come as keyword arguments, as ``settings``, or both (the keywords win). ``truncate``
+        come as keyword arguments, as ``settings`` (a :class:`SamplingSettings`, or a dict
+        of its fields), or both: a keyword wins, unless it is None (not given, as wrappers
+        pass "unset"), which leaves the setting as ``settings`` has it. ``truncate``
         keeps the end of a prompt longer than the context instead of refusing it.
         ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are OpenAI's (chat only):
         the reply's calls arrive as ``tool_calls``; ``required`` or a named function makes
@@ -162,7 +164,7 @@ class Engine:
             messages=messages,
             prompt=prompt,
             prompt_token_ids=prompt_token_ids,
-            settings=(settings or SamplingSettings()).updated(values),
+            settings=SamplingSettings.of(settings).updated(values),
             thinking=thinking,
             truncate=truncate,
             skip_special_tokens=skip_special_tokens,

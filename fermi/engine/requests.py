@@ -102,12 +102,31 @@ class SamplingSettings:
         named = {n: getattr(source, n) for n in _KINDS if n not in values and hasattr(source, n)}
         return cls(**named, **values)
 
-    def updated(self, values: Mapping[str, Any]) -> SamplingSettings:
-        """These settings with ``values`` (keyword arguments of ``Engine.build_request``)."""
+    @classmethod
+    def of(cls, settings: SamplingSettings | Mapping[str, Any] | None) -> SamplingSettings:
+        """``Engine.build_request``'s ``settings=``: these settings, a dict of their fields,
+        or None (the defaults); anything else is a TypeError."""
+        if settings is None:
+            return cls()
+        if isinstance(settings, SamplingSettings):
+            return settings
+        if isinstance(settings, Mapping):
+            return cls().updated(settings, "settings")
+        raise TypeError(
+            f"settings must be a SamplingSettings or a dict of its fields, not "
+            f"{type(settings).__name__}"
+        )
+
+    def updated(
+        self, values: Mapping[str, Any], where: str = "build_request()"
+    ) -> SamplingSettings:
+        """These settings with ``values`` (keyword arguments of ``Engine.build_request``);
+        a value of None leaves the setting as it is (not given)."""
         unknown = [name for name in values if name not in _KINDS]
         if unknown:
-            raise TypeError(f"build_request() got an unexpected keyword argument {unknown[0]!r}")
-        return replace(self, **values) if values else self
+            raise TypeError(f"{where} got an unexpected keyword argument {unknown[0]!r}")
+        given = {name: value for name, value in values.items() if value is not None}
+        return replace(self, **given) if given else self
 
 
 def _checked(name: str, kind: type, value: Any) -> Any:
