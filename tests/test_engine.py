@@ -373,6 +373,20 @@ def test_build_request_takes_settings_and_keywords_the_keywords_winning(engine):
         engine.build_request(prompt="a", settings=[("temperature", 0.0)])
 
 
+def test_prompt_token_ids_may_be_any_iterable_of_integers(engine):
+    """A generator is read once (it was used up by the type check, leaving "the prompt is
+    empty"); numpy's integers count as integers, bools do not."""
+    import numpy as np
+
+    want = engine.build_request(prompt_token_ids=PROMPT, max_tokens=2).prompt_ids
+    got = engine.build_request(prompt_token_ids=(t for t in PROMPT), max_tokens=2).prompt_ids
+    assert got == want
+    ids = np.array(PROMPT, dtype=np.int64)
+    assert engine.build_request(prompt_token_ids=ids, max_tokens=2).prompt_ids == want
+    with pytest.raises(RequestError, match="list of integers"):
+        engine.build_request(prompt_token_ids=iter([1, True]), max_tokens=2)
+
+
 def test_an_unknown_keyword_of_build_request_is_a_type_error(engine):
     with pytest.raises(TypeError, match="'temprature'"):
         engine.build_request(prompt="a", temprature=0.5)

@@ -57,6 +57,8 @@ def test_settings_normalise_numbers_and_stop():
         ({"temperature": "hot"}, "temperature"),
         ({"stop": [5]}, "stop"),
         ({"ignore_eos": None}, "ignore_eos"),
+        ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),  # a digit to str.isdigit, not to int
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
     ],
 )
 def test_a_wrongly_typed_setting_is_invalid_type_naming_it(values, param):

@@ -172,7 +172,8 @@ def _bias(name: str, value: Any) -> tuple[tuple[int, float], ...]:
         raise RequestError(f"{name} must map token ids to numbers", name, "invalid_type")
     pairs = {}
     for key, bias in value.items():
-        token = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        digits = isinstance(key, str) and key.strip().isascii() and key.strip().isdigit()
+        token = int(key) if digits else key  # ("²" is a digit to isdigit, not to int)
         if isinstance(token, bool) or not isinstance(token, numbers.Integral):
             raise RequestError(f"{name} keys must be token ids, not {key!r}", name, "invalid_type")
         if isinstance(bias, bool) or not isinstance(bias, numbers.Real):
@@ -551,11 +552,12 @@ class RequestBuilder:
 
     def _token_ids(self, prompt_token_ids: Sequence[int]) -> list[int]:
         try:  # integers only (numpy's and torch's too): not 1.9, "12" or True
-            if isinstance(prompt_token_ids, str | bytes) or any(
-                isinstance(t, bool) for t in prompt_token_ids
-            ):
+            if isinstance(prompt_token_ids, str | bytes):
                 raise TypeError
-            ids = [operator.index(t) for t in prompt_token_ids]
+            given = list(prompt_token_ids)  # (read once: a generator would be used up)
+            if any(isinstance(t, bool) for t in given):
+                raise TypeError
+            ids = [operator.index(t) for t in given]
         except TypeError:
             raise RequestError(
                 "prompt_token_ids must be a list of integers", "prompt_token_ids", "invalid_type"
