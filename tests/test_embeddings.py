@@ -143,6 +143,8 @@ def test_dimensions_outside_1_to_the_hidden_size_are_refused(engine, dimensions,
         ([["a"], [1] * (SEQ_LEN + 1)], "input", "invalid_type"),
         ([[1, 2], [1] * (SEQ_LEN + 1)], "input[1]", "context_length_exceeded"),
         ([1, 2, 10**6], "input", "invalid_value"),
+        (b"abc", "input", "invalid_type"),  # bytes would pass as the token ids 97, 98, 99
+        ([b"abc", b"d"], "input", "invalid_type"),
     ],
 )
 def test_bad_inputs_are_refused_naming_the_input(engine, value, param, code):
