@@ -304,30 +304,45 @@ def _stream_reply(engine, history, thinking, max_tokens, temperature, dim, reset
     in_reasoning = False
     first_at = None
     tokens = 0
-    for delta in engine.stream(
+    finish = "stopped"
+    stream = engine.stream(
         messages=history, thinking=thinking, max_tokens=max_tokens, temperature=temperature
-    ):
-        if first_at is None and delta.token_ids:
-            first_at = time.perf_counter()
-        tokens += len(delta.token_ids)
-        if delta.reasoning:
-            if not in_reasoning:
-                click.echo(f"{dim}[thinking] ", nl=False)
-                in_reasoning = True
-            click.echo(delta.reasoning, nl=False)
-        if delta.text:
-            if in_reasoning:
-                click.echo(f"{reset}\n[answer] ", nl=False)
-                in_reasoning = False
-            click.echo(delta.text, nl=False)
-            answer.append(delta.text)
-        sys.stdout.flush()
+    )
+    try:
+        for delta in stream:
+            tokens, first_at, in_reasoning = _show_delta(
+                delta, tokens, first_at, in_reasoning, answer, dim, reset
+            )
+            finish = delta.finish_reason or finish
+    except KeyboardInterrupt:  # Ctrl-C stops this reply; the conversation goes on
+        stream.close()  # (cancels the request)
+        finish = "stopped by Ctrl-C"
     if in_reasoning:
         click.echo(reset, nl=False)
     elapsed = time.perf_counter() - (first_at or started)
     rate = (tokens - 1) / elapsed if tokens > 1 and elapsed > 0 else 0.0
-    click.echo(f"\n{dim}[{tokens} tokens · {rate:.1f} tok/s · {delta.finish_reason}]{reset}")
+    click.echo(f"\n{dim}[{tokens} tokens · {rate:.1f} tok/s · {finish}]{reset}")
     return "".join(answer)
+
+
+def _show_delta(delta, tokens, first_at, in_reasoning, answer, dim, reset):
+    """Print one streamed delta; the updated (tokens, first_at, in_reasoning)."""
+    if first_at is None and delta.token_ids:
+        first_at = time.perf_counter()
+    tokens += len(delta.token_ids)
+    if delta.reasoning:
+        if not in_reasoning:
+            click.echo(f"{dim}[thinking] ", nl=False)
+            in_reasoning = True
+        click.echo(delta.reasoning, nl=False)
+    if delta.text:
+        if in_reasoning:
+            click.echo(f"{reset}\n[answer] ", nl=False)
+            in_reasoning = False
+        click.echo(delta.text, nl=False)
+        answer.append(delta.text)
+    sys.stdout.flush()
+    return tokens, first_at, in_reasoning
 
 
 @main.command()

@@ -194,3 +194,35 @@ def test_sampling_options_out_of_range_are_usage_errors_before_the_model_loads(a
     res = CliRunner().invoke(cli.main, [*args, "-m", "/nonexistent"], input="hi\n")
     assert res.exit_code == 2, res.output
     assert f"Invalid value for '{named}'" in res.output
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(folder):
+    """SIGINT while a reply streams cancels that reply (its tokens so far kept in the
+    conversation) and the next question is answered; it no longer ends the session."""
+    import signal
+    import time
+
+    args = ["--model", str(folder), "--max-seq-len", "4096", "--temperature", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fermi.cli", "chat", *args, "--max-tokens", "3000"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        proc.stdin.write("hi\n")
+        proc.stdin.flush()
+        banner = proc.stdout.readline()
+        assert banner.startswith("fermi chat"), banner
+        proc.stdout.read(1)  # the reply has started streaming
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate("again\n/exit\n", timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    stops = re.findall(r"\[(\d+) tokens · [\d.]+ tok/s · ([a-z -C]+)\]", out)
+    assert [reason for _, reason in stops] == ["stopped by Ctrl-C", "length"], out[-500:]
+    assert 0 < int(stops[0][0]) < 3000 and int(stops[1][0]) == 3000
