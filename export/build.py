@@ -282,6 +282,14 @@ def load_any(model: str, dtype: torch.dtype) -> Checkpoint:
         return checkpoint
     if not path.is_dir():
         raise ExportError(f"{model}: {path} is neither a checkpoint folder nor a .gguf file")
+    from fermi.runners.artefact import MANIFEST_NAME, is_artefact
+
+    if is_artefact(path):
+        raise ExportError(
+            f"{model}: {path} is an exported artefact ({MANIFEST_NAME}), not a checkpoint; "
+            "export from the checkpoint or .gguf file it was built from (its manifest's "
+            "'source' names it)"
+        )
     # (tensors of their own: the file's pages would count against the whole export)
     return load_folder(path, torch.device("cpu"), dtype, owned=True)
 

@@ -620,3 +620,13 @@ def test_a_context_shorter_than_the_check_prompts_cuts_them_and_the_folder_is_re
         os.umask(old)
     assert manifest.numerics is not None and manifest.numerics.greedy_equal == [1] * 6
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+
+
+def test_an_artefact_given_as_the_source_is_named_as_one(exported, tmp_path):
+    """Re-exporting an export folder says it is an artefact and where its source is, not
+    that a checkpoint lacks model.safetensors."""
+    _, art, _, _ = exported
+    options = ExportOptions(model=str(art), target="onnx", out=tmp_path / "again", max_seq_len=SEQ)
+    with pytest.raises(ExportError, match=r"is an exported artefact .*'source' names it"):
+        export_model(options, progress=lambda line: None)
+    assert not (tmp_path / "again").exists()
