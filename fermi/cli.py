@@ -271,7 +271,9 @@ def chat(
                 )
             except Exception as exc:  # keep the session alive after a failed turn
                 history.pop()
-                click.echo(f"error: {exc}", err=True)
+                # (a RequestError's hint is for the Python API: truncate=True, ...)
+                said = exc.message if isinstance(exc, RequestError) else exc
+                click.echo(f"error: {said}", err=True)
                 continue
             history.append({"role": "assistant", "content": reply})
     finally:

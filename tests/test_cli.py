@@ -145,6 +145,7 @@ def test_chat_drops_the_oldest_turns_when_the_context_fills(folder):
     res = fermi("chat", *args, "--max-seq-len", "160", stdin=f"{long}\nhi\n")
     assert res.returncode == 0
     assert "error:" in res.stderr and "context" in res.stderr
+    assert "truncate" not in res.stderr  # the Python API's hint: the CLI has no such option
     assert "[" in res.stdout.split("\n", 1)[1]  # the next turn answered
 
 
