@@ -61,6 +61,8 @@ class SamplingParams:
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 100.0, "in (0, 100]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
+            # (a seed is drawn from as 64 bits: 2**64 would repeat seed 0's draws)
+            ("seed", self.seed is None or -(2**63) <= self.seed < 2**63, "a signed 64-bit integer"),
         )
         for name, ok, allowed in checks:
             if not ok:

@@ -152,6 +152,8 @@ def test_an_out_of_range_model_default_is_refused_naming_its_field(tokenizer):
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"presence_penalty": 3.0}, "presence_penalty"),
         ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+        ({"seed": 2**64}, "seed"),  # would draw as seed 0 does (HTTP refuses it too)
+        ({"seed": -(2**63) - 1}, "seed"),
         # Two bad values: the first in SamplingParams' order is named.
         ({"min_p": 2.0, "top_p": 0.0}, "top_p"),
     ],

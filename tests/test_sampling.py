@@ -433,6 +433,8 @@ def test_validate_rejects_bad_values_naming_the_field(field: str, value: float):
 def test_validate_accepts_range_edges():
     SamplingParams(temperature=0.0, top_p=1.0, min_p=1.0, presence_penalty=-2.0).validate()
     SamplingParams(frequency_penalty=2.0, repetition_penalty=0.01, top_k=10**6).validate()
+    SamplingParams(seed=2**63 - 1).validate()
+    SamplingParams(seed=-(2**63)).validate()
 
 
 # --- compilation and device sync ---------------------------------------------------------------
