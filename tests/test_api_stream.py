@@ -366,3 +366,26 @@ def test_streams_on_loops_in_several_threads_at_once_each_get_their_tokens(engin
     assert len(got) == 9
     assert all(pair == want for pair in got)
     wait_unloaded(engine)
+
+
+def test_a_sync_reply_is_cancelled_from_another_thread_through_its_handle(engine):
+    """README's recipe: ``stream``'s iterator cannot be closed while another thread is
+    blocked in it (a generator already executing), so a reply to stop from elsewhere is
+    submitted with a sink and cancelled through the handle; it ends with "cancelled"."""
+    import queue
+
+    request = engine.build_request(
+        prompt_token_ids=PROMPT, max_tokens=240, temperature=0, ignore_eos=True
+    )
+    deltas: queue.SimpleQueue = queue.SimpleQueue()
+    handle = engine.submit(request, deltas.put)
+    threading.Timer(0.05, handle.cancel).start()
+    got = []
+    while not got or got[-1].finish_reason is None:
+        got.append(deltas.get(timeout=60))
+    assert got[-1].finish_reason == "cancelled"
+    assert sum(len(d.token_ids) for d in got) < 240
+    deadline = time.monotonic() + DEADLINE_S
+    while engine.load and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert_idle(engine)
