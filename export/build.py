@@ -13,9 +13,9 @@ import gc
 import io
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -221,7 +221,7 @@ def export_model(
     report.start(names)
     out = options.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    staging = _staging_folder(out)
     try:
         with report.stage(names[0]):
             checkpoint = load_source(options)
@@ -249,13 +249,21 @@ def export_model(
     return manifest
 
 
+def _staging_folder(out: Path) -> Path:
+    """A new folder beside ``out`` to build the export in, with the mode ``mkdir`` gives
+    under the umask (``tempfile.mkdtemp``'s 0700 would keep another user, or a container,
+    from reading the finished artefact; setting the umask to read it races other threads)."""
+    while True:
+        folder = out.parent / f".{out.name}.staging-{secrets.token_hex(6)}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+
+
 def _replace(out: Path, staging: Path) -> None:
-    """Put the finished staging folder at ``out`` (an earlier export there goes away), with
-    the mode a folder made by ``mkdir`` would have (``mkdtemp`` makes it 0700, which would
-    keep another user, or a container's, from reading the artefact)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
+    """Put the finished staging folder at ``out`` (an earlier export there goes away)."""
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
