@@ -294,17 +294,20 @@ class GrammarCompiler:
                 raise RequestError(self._tok_error, param)
             return self._tok
 
-    def check(self, grammar: Grammar, param: str = "grammar") -> Any:
-        """Compile ``grammar`` (or find it compiled); a RequestError naming what is wrong.
-        Returns the compiled grammar, for ``matcher``."""
-        return self._prototype(grammar, param)
+    def check(self, grammar: Grammar, param: str = "grammar", what: str | None = None) -> Any:
+        """Compile ``grammar`` (or find it compiled); a RequestError naming what is wrong,
+        ``what`` the grammar is to the caller (default: its kind; a tool call's grammar is
+        written in lark, but what the caller gave was the tools' schemas). Returns the
+        compiled grammar, for ``matcher``."""
+        return self._prototype(grammar, param, what or grammar.kind)
 
     def matcher(self, grammar: Grammar, compiled: Any = None) -> Matcher:
         """A fresh matcher at the start of ``grammar``: a copy of ``compiled`` (what
         ``check`` returned, on the request's thread) when given, so that the engine thread
         never compiles, even after the grammar left the cache."""
-        prototype = compiled if compiled is not None else self._prototype(grammar, "grammar")
-        return Matcher(prototype.deep_copy(), self.eos_ids)
+        if compiled is None:
+            compiled = self._prototype(grammar, "grammar", grammar.kind)
+        return Matcher(compiled.deep_copy(), self.eos_ids)
 
     def fill(self, rows: list[tuple[Matcher, int]], bits: torch.Tensor) -> None:
         """Fill ``bits[i]`` for each (matcher, i), one after another: for 8 rows of Qwen's
@@ -314,7 +317,7 @@ class GrammarCompiler:
         for matcher, i in rows:
             matcher.fill(bits[i])
 
-    def _prototype(self, grammar: Grammar, param: str) -> Any:
+    def _prototype(self, grammar: Grammar, param: str, what: str) -> Any:
         with self._lock:
             found = self._cache.get(grammar)
             if found is not None:
@@ -322,7 +325,7 @@ class GrammarCompiler:
                 return found
         if len(grammar.source) > MAX_GRAMMAR_CHARS:
             raise RequestError(
-                f"the {grammar.kind} grammar is {len(grammar.source)} characters; "
+                f"the {what} grammar is {len(grammar.source)} characters; "
                 f"at most {MAX_GRAMMAR_CHARS} are accepted",
                 param,
             )
@@ -331,20 +334,20 @@ class GrammarCompiler:
         try:
             text = grammar._llguidance_text()
         except (ValueError, RuntimeError) as exc:
-            raise RequestError(f"unsupported {grammar.kind}: {_clean(exc)}", param) from None
+            raise RequestError(f"unsupported {what}: {_clean(exc)}", param) from None
         limits = llguidance.LLParserLimits(**LIMITS)
         matcher = llguidance.LLMatcher(self._tokenizer(param), text, log_level=0, limits=limits)
         if matcher.is_error():
-            raise RequestError(f"unsupported {grammar.kind}: {_clean(matcher.get_error())}", param)
+            raise RequestError(f"unsupported {what}: {_clean(matcher.get_error())}", param)
         # The first mask here, on the caller's thread, not in the engine's step: llguidance
         # builds its lexer lazily (about a second for some short regexes), and a grammar
         # that cannot produce anything shows itself only then.
         first = torch.empty(1, (self.vocab_size + 31) // 32, dtype=torch.int32)
         Matcher(matcher, self.eos_ids).fill(first[0])
         if matcher.is_stopped() and not matcher.is_accepting():
-            raise RequestError(f"the {grammar.kind} grammar matches no output at all", param)
+            raise RequestError(f"the {what} grammar matches no output at all", param)
         if matcher.is_error():
-            raise RequestError(f"unsupported {grammar.kind}: {_clean(matcher.get_error())}", param)
+            raise RequestError(f"unsupported {what}: {_clean(matcher.get_error())}", param)
         with self._lock:
             self._cache[grammar] = matcher
             while len(self._cache) > CACHE_SIZE:

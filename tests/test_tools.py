@@ -433,6 +433,18 @@ def test_required_and_named_calls_by_a_random_model_are_valid_calls(engine):
 
 
 
+def test_a_tool_schema_the_grammar_cannot_take_is_named_as_the_tools_not_as_lark(engine):
+    """The call grammar is written in lark, but the caller gave tools: the error says a tool
+    parameters schema is unsupported, and why, naming ``tools``."""
+    bad = {"type": "object", "properties": {"a": {"type": "string", "pattern": "a(b"}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": bad}}]
+    with pytest.raises(RequestError) as info:
+        engine.build_request(messages=HI, tools=tools, tool_choice="required")
+    assert info.value.param == "tools"
+    assert info.value.message.startswith("unsupported tool parameters schema: ")
+    assert "unclosed group" in info.value.message and "lark" not in info.value.message
+
+
 def test_the_python_api_places_tool_calls_and_results_as_http_does(engine):
     """``build_request`` refuses what HTTP's chat completions refuse (one check,
     ``check_call_turns``): calls outside an assistant turn, a call without an id, a tool

@@ -419,7 +419,7 @@ class RequestBuilder:
                         "tool_choice",
                     )
                 constraint = self._call_grammar(fmt, listed, choice, parallel)
-                self._check(constraint, "tools")
+                self._check(constraint, "tools", "tool parameters schema")
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise RequestError("prompt must be a string", "prompt", "invalid_type")
@@ -496,10 +496,10 @@ class RequestBuilder:
             self._check(constraint, param)
         return constraint
 
-    def _check(self, grammar: Grammar, param: str) -> Any:
+    def _check(self, grammar: Grammar, param: str, what: str | None = None) -> Any:
         if self.grammars is None:
             raise RequestError("this engine cannot constrain its output", param)
-        return self.grammars.check(grammar, param)
+        return self.grammars.check(grammar, param, what)
 
     def _call_grammar(
         self, fmt: ToolFormat, tools: tuple[Tool, ...], choice: ToolChoice, parallel: bool
