@@ -650,6 +650,9 @@ def test_a_malformed_conversation_or_setting_is_400_naming_it(api, fields, param
         {"messages": [USER], "max_tokens": 2, "max_completion_tokens": 2},
         {"messages": [USER], "seed": 2**63 - 1, "temperature": 1.0},
         {"messages": [USER], "seed": -(2**63), "n": 2, "temperature": 1.0},
+        # choice 1 draws with seed + 1, wrapped to -2**63 (it was a 500 once seeds were
+        # range-checked)
+        {"messages": [USER], "seed": 2**63 - 1, "n": 2, "temperature": 1.0},
     ],
 )
 def test_the_edges_of_those_checks_are_served(api, fields):

@@ -34,7 +34,6 @@ from fermi.text.tools import (
     ToolChoice,
     ToolFormat,
     call_grammar,
-    check_call_turns,
     check_tools_supported,
     parse_tool_choice,
     parse_tools,
@@ -279,7 +278,6 @@ class RequestBuilder:
         _check_thinking(thinking)
         check_nesting(messages, "messages")
         check_roles(messages)
-        check_call_turns(list(messages))
         listed = [t.as_openai() for t in parse_tools(list(tools))] if tools else None
         check_nesting(listed, "tools")
         # OpenAI's "developer" is the system role of its newer models: templates know only

@@ -332,13 +332,18 @@ def _requests(
         raise _request_error(exc, prompt_field, max_tokens_field) from None
     if body.n == 1:
         return [first]
-    # Seeded choices differ from each other yet reproduce: choice i draws with seed + i.
+    # Seeded choices differ from each other yet reproduce: choice i draws with seed + i,
+    # wrapped to the signed 64 bits a seed has (2**63 - 1 + 1 is -2**63).
     return [
         first
         if i == 0 or body.seed is None
-        else replace(first, params=replace(first.params, seed=body.seed + i))
+        else replace(first, params=replace(first.params, seed=_wrapped_seed(body.seed + i)))
         for i in range(body.n)
     ]
+
+
+def _wrapped_seed(seed: int) -> int:
+    return (seed + 2**63) % 2**64 - 2**63
 
 
 def _request_error(exc: RequestError, prompt_field: str, max_tokens_field: str) -> ApiError:

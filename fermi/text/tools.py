@@ -27,7 +27,6 @@ import json
 import re
 import secrets
 import string
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -98,18 +97,7 @@ def check_call_turns(messages: list[dict[str, Any]], field: str = "messages") ->
                     "tool_calls",
                     f"{at}.tool_calls",
                 )
-            made = message["tool_calls"]
-            if not isinstance(made, list | tuple):
-                raise RequestError("tool_calls must be a list of calls", f"{at}.tool_calls")
-            for j, call in enumerate(made):
-                made_id = call.get("id") if isinstance(call, Mapping) else None
-                if not isinstance(made_id, str):
-                    raise RequestError(
-                        "a tool call needs an id (a string), which its result names",
-                        f"{at}.tool_calls[{j}].id",
-                        "missing_required_parameter",
-                    )
-                calls.add(made_id)
+            calls.update(call["id"] for call in message["tool_calls"])
         if role != "tool":
             continue
         answered = message.get("tool_call_id")
