@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -238,6 +239,7 @@ def export_model(
             from export.manifest import finalize
 
             manifest = finalize(draft, staging)
+        _share_like(staging)
         _replace(out, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -260,6 +262,21 @@ def _staging_folder(out: Path) -> Path:
         except FileExistsError:
             continue
         return folder
+
+
+def _share_like(root: Path) -> None:
+    """Give everything under ``root`` the access ``root`` has (its mode came from the
+    umask): coremltools writes ``model.mlpackage`` by copying a ``mkdtemp`` folder, whose
+    0700 the copy keeps, so another user could not read the package inside a 0755 folder.
+    Folders take ``root``'s mode, files the same without execute bits."""
+    mode = stat.S_IMODE(root.stat().st_mode)
+    for folder, subfolders, files in os.walk(root):
+        for name in subfolders:
+            (Path(folder) / name).chmod(mode)
+        for name in files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                path.chmod(mode & 0o666)
 
 
 def _replace(out: Path, staging: Path) -> None:

@@ -171,6 +171,11 @@ def load(
             warm_grammars=warm_grammars,
         )
     dev = resolve_device(device)
+    if runner == "torch-cuda" and dev.type != "cuda":  # (torch_runner says so too, later)
+        raise ValueError(
+            f"runner 'torch-cuda' runs a model on a CUDA GPU, not on {dev.type}: pass "
+            "device='cuda' (or leave it out on a machine with one), or another runner"
+        )
     if path.suffix == ".gguf":  # a llama.cpp file (the packaged aliases are GGUF too)
         from fermi.gguf import load_gguf
 

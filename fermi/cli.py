@@ -363,7 +363,10 @@ def _show_delta(delta, tokens, first_at, in_reasoning, answer, dim, reset):
     help="[default: the model's]",
 )
 @click.option(
-    "--top-k", type=click.IntRange(min=0), default=None, help="0 = off. [default: the model's]"
+    "--top-k",
+    type=click.IntRange(0, 2**31 - 1),
+    default=None,
+    help="0 = off. [default: the model's]",
 )
 @click.option(
     "--seed",

@@ -180,6 +180,7 @@ def test_chat_allocates_one_cache_slot_unless_told(folder, monkeypatch):
         (["generate", "x", "--temperature", "101"], "--temperature"),
         (["generate", "x", "--top-p", "0"], "--top-p"),
         (["generate", "x", "--top-k", "-1"], "--top-k"),
+        (["generate", "x", "--top-k", str(2**31)], "--top-k"),
         (["generate", "x", "--seed", str(2**63)], "--seed"),
     ],
 )

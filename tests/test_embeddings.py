@@ -145,6 +145,7 @@ def test_dimensions_outside_1_to_the_hidden_size_are_refused(engine, dimensions,
         ([1, 2, 10**6], "input", "invalid_value"),
         (b"abc", "input", "invalid_type"),  # bytes would pass as the token ids 97, 98, 99
         ([b"abc", b"d"], "input", "invalid_type"),
+        (memoryview(b"abc"), "input", "invalid_type"),
     ],
 )
 def test_bad_inputs_are_refused_naming_the_input(engine, value, param, code):

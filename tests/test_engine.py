@@ -385,6 +385,9 @@ def test_prompt_token_ids_may_be_any_iterable_of_integers(engine):
     assert engine.build_request(prompt_token_ids=ids, max_tokens=2).prompt_ids == want
     with pytest.raises(RequestError, match="list of integers"):
         engine.build_request(prompt_token_ids=iter([1, True]), max_tokens=2)
+    for raw in (b"ab", bytearray(b"ab"), memoryview(b"ab")):  # bytes iterate as ints
+        with pytest.raises(RequestError, match="list of integers"):
+            engine.build_request(prompt_token_ids=raw, max_tokens=2)
 
 
 def test_an_unknown_keyword_of_build_request_is_a_type_error(engine):

@@ -4,6 +4,7 @@ predict-with-state test that runs on macOS 15+."""
 from __future__ import annotations
 
 import re
+import stat
 import sys
 
 import numpy as np
@@ -484,3 +485,14 @@ def test_an_fp16_package_normalises_in_the_overflow_safe_form(exported):
     ]
     assert kinds.count("reduce_max") == 9 and kinds.count("sqrt") == 9
     assert "pow" not in kinds and "rsqrt" not in kinds
+
+
+def test_everything_in_the_folder_is_as_readable_as_the_folder(exported):
+    """coremltools copies the package from a 0700 mkdtemp folder, and the copy keeps that
+    mode: the export gives every folder inside the artefact folder's own mode (the umask's)
+    and every file the same without execute bits, so another user can read it all."""
+    out, _ = exported
+    mode = stat.S_IMODE(out.stat().st_mode)
+    for path in out.rglob("*"):
+        want = mode if path.is_dir() else mode & 0o666
+        assert stat.S_IMODE(path.stat().st_mode) == want, path

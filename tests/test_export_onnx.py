@@ -620,6 +620,8 @@ def test_a_context_shorter_than_the_check_prompts_cuts_them_and_the_folder_is_re
         os.umask(old)
     assert manifest.numerics is not None and manifest.numerics.greedy_equal == [1] * 6
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    for path in (tmp_path / "a").rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
 
 
 def test_an_artefact_given_as_the_source_is_named_as_one(exported, tmp_path):

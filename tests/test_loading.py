@@ -421,14 +421,21 @@ def test_a_device_this_machine_lacks_is_a_clear_error(original):
         with pytest.raises(ValueError, match="'cuda': this torch sees no CUDA GPU"):
             fermi.load(original, device="cuda")
     else:
-        with pytest.raises(ValueError, match="CUDA GPUs, 0.."):
+        with pytest.raises(ValueError, match=r"CUDA GPUs, 0\.\."):
             fermi.load(original, device=f"cuda:{torch.cuda.device_count()}")
     if not torch.backends.mps.is_available():
         with pytest.raises(ValueError, match="MPS backend is not available"):
             fermi.load(original, device="mps")
 
 
-def test_the_cuda_runner_asked_for_on_a_cpu_model_is_refused(original):
-    """``runner="torch-cuda"`` is not quietly served by the CPU runner."""
+def test_the_cuda_runner_asked_for_on_a_cpu_model_is_refused(original, monkeypatch):
+    """``runner="torch-cuda"`` is not quietly served by the CPU runner, and is refused
+    before the weights load (an 8B checkpoint would load first, then fail)."""
+    import fermi.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(fermi.loading, "load_folder", no_load)
     with pytest.raises(ValueError, match="runner 'torch-cuda' runs a model on a CUDA GPU"):
         fermi.load(original, device="cpu", runner="torch-cuda", max_seq_len=64)

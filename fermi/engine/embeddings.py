@@ -41,8 +41,9 @@ def input_items(value: Any) -> list[str] | list[list[int]]:
     a list of strings or of token-id lists; a RequestError naming ``input`` otherwise."""
     if isinstance(value, str):
         items: list = [value]
-    elif isinstance(value, bytes | bytearray) or (
-        isinstance(value, Sequence) and any(isinstance(s, bytes | bytearray) for s in value)
+    elif isinstance(value, bytes | bytearray | memoryview) or (
+        isinstance(value, Sequence)
+        and any(isinstance(s, bytes | bytearray | memoryview) for s in value)
     ):  # (bytes are a sequence of ints: they would pass as token ids)
         raise RequestError("input must be text (str), not bytes: decode it first", "input",
                            "invalid_type")  # fmt: skip

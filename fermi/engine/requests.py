@@ -550,8 +550,8 @@ class RequestBuilder:
 
     def _token_ids(self, prompt_token_ids: Sequence[int]) -> list[int]:
         try:  # integers only (numpy's and torch's too): not 1.9, "12" or True
-            if isinstance(prompt_token_ids, str | bytes):
-                raise TypeError
+            if isinstance(prompt_token_ids, str | bytes | bytearray | memoryview):
+                raise TypeError  # (bytes iterate as ints: they would pass as token ids)
             given = list(prompt_token_ids)  # (read once: a generator would be used up)
             if any(isinstance(t, bool) for t in given):
                 raise TypeError
