@@ -439,3 +439,18 @@ def test_the_cuda_runner_asked_for_on_a_cpu_model_is_refused(original, monkeypat
     monkeypatch.setattr(fermi.loading, "load_folder", no_load)
     with pytest.raises(ValueError, match="runner 'torch-cuda' runs a model on a CUDA GPU"):
         fermi.load(original, device="cpu", runner="torch-cuda", max_seq_len=64)
+
+
+def test_resolve_device_on_a_machine_with_two_gpus(monkeypatch):
+    """The CUDA branch of the device check, on a machine made to report two GPUs (this
+    test machine has none; the GPU suite loads on a real one): "cuda" and "cuda:1" pass
+    as they are, "cuda:2" is refused naming the GPUs there are."""
+    from fermi.runners.select import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device(torch.device("cuda", 1)) == torch.device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"'cuda:2': there are 2 CUDA GPUs, 0\.\.1"):
+        resolve_device("cuda:2")
