@@ -84,9 +84,15 @@ def test_health_and_metrics_report_each_replica(base):
         assert metric(text, "fermi:num_requests_running", replica=replica) == 0
 
 
+# The start-up checks below come after the port's: the default port may be taken on a
+# machine running a server (found when a server ran beside the suite).
+FREE_PORT = ("--port", str(free_port()))
+
+
 def test_more_replicas_than_gpus_is_a_start_up_error(model_dir):
     result = CliRunner().invoke(
-        main, ["serve", "--model", str(model_dir), "--pool", "64", "--device", "cuda"]
+        main,
+        ["serve", "--model", str(model_dir), "--pool", "64", "--device", "cuda", *FREE_PORT],
     )
     assert result.exit_code == 2
     assert "--pool 64 needs 64 GPUs" in result.output
@@ -94,14 +100,17 @@ def test_more_replicas_than_gpus_is_a_start_up_error(model_dir):
 
 def test_pool_and_devices_that_disagree_are_a_start_up_error(model_dir):
     result = CliRunner().invoke(
-        main, ["serve", "--model", str(model_dir), "--pool", "3", "--devices", "cpu,cpu"]
+        main,
+        ["serve", "--model", str(model_dir), "--pool", "3", "--devices", "cpu,cpu", *FREE_PORT],
     )
     assert result.exit_code == 2
     assert "--pool 3 does not match --devices" in result.output
 
 
 def test_missing_model_is_a_start_up_error(tmp_path):
-    result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "nothing-here")])
+    result = CliRunner().invoke(
+        main, ["serve", "--model", str(tmp_path / "nothing-here"), *FREE_PORT]
+    )
     assert result.exit_code == 1 and "no such file or folder" in result.output
 
 

@@ -225,11 +225,16 @@ def test_strftime_loopcontrols_and_generation_tag_work(tiny_folder: Path) -> Non
     assert rendered == f"{datetime.now().year}a"
 
 
-def test_template_sees_none_fields_as_missing(tiny_folder: Path) -> None:
-    tok = _with_template(tiny_folder, "{{ messages[0].content is defined }}")
-    message = {"role": "assistant", "content": None}
-    assert tok.apply_chat_template([message]) == "False"
-    assert message == {"role": "assistant", "content": None}  # caller's dict untouched
+def test_template_sees_none_fields_as_missing_but_content_as_empty(tiny_folder: Path) -> None:
+    """A None field is left out (a template would write "None"); a None or missing
+    content is "" (templates such as Qwen3's read it unguarded)."""
+    tok = _with_template(
+        tiny_folder, "{{ messages[0].name is defined }}|{{ messages[0].content | tojson }}"
+    )
+    message = {"role": "assistant", "content": None, "name": None}
+    assert tok.apply_chat_template([message]) == 'False|""'
+    assert tok.apply_chat_template([{"role": "assistant"}]) == 'False|""'
+    assert message == {"role": "assistant", "content": None, "name": None}  # left untouched
 
 
 def test_invalid_template_syntax_is_value_error(tiny_folder: Path) -> None:
