@@ -830,3 +830,23 @@ def test_health_and_metrics_name_a_replica_still_warming(tmp_path_factory, monke
         assert (body["status"], body["warming"], gauge) == ("ok", [], 0.0)
     finally:
         api.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"temperature": "hot"}, "temperature", "invalid_type"),  # the Python API's code too
+        ({"n": 1.5}, "n", "invalid_type"),
+        ({"messages": None}, "messages", "invalid_type"),
+        ({"messages": "__drop__"}, "messages", "missing_required_parameter"),
+        ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+    ],
+)
+def test_a_body_field_of_the_wrong_type_or_missing_has_the_python_apis_code(
+    api, fields, param, code
+):
+    body = {"messages": [USER], "max_tokens": 2, **fields}
+    body = {k: v for k, v in body.items() if v != "__drop__"}
+    reply = asyncio.run(api.handle("POST", "/v1/chat/completions", {}, json.dumps(body).encode()))
+    error = json.loads(reply.body)["error"]
+    assert (reply.status, error["param"], error["code"]) == (400, param, code), error

@@ -11,6 +11,7 @@ from fermi.server.protocol import ENCODER, ErrorBody, ErrorDetail
 # msgspec ends a validation message with " - at `$.messages[0].content`".
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
+_WRONG_TYPE = re.compile(r"Expected `[^`]+`, got `[^`]+`")
 
 
 class ApiError(Exception):
@@ -54,7 +55,14 @@ def bad_body(exc: msgspec.DecodeError, at: str | None = None) -> ApiError:
     if missing:
         param = f"{param}.{missing.group(1)}" if param else missing.group(1)
     if isinstance(exc, msgspec.ValidationError):
-        return ApiError(400, text, param=param or None, code="invalid_value")
+        # The Python API's codes: a value of the wrong type, a field missing, a bad value.
+        if _WRONG_TYPE.match(text):
+            code = "invalid_type"
+        elif missing:
+            code = "missing_required_parameter"
+        else:
+            code = "invalid_value"
+        return ApiError(400, text, param=param or None, code=code)
     return ApiError(400, f"the request body is not valid JSON: {text}", code="invalid_json")
 
 
