@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import openai
 import pytest
 
-from tests.serving import http, running_server
+from tests.serving import free_port, http, running_server
 from tests.tiny import write_checkpoint
 
 KEY = "browser-key"
@@ -146,8 +146,11 @@ def test_cors_origins_must_be_origins(model_dir, tmp_path):
     from fermi.server.cli import serve_command
 
     result = CliRunner().invoke(
-        serve_command, ["--model", str(model_dir), "--cors-origins", "http://a.example/path"]
-    )
+        serve_command,
+        # (a free port: the default one may be taken, and the port is checked first)
+        ["--model", str(model_dir), "--cors-origins", "http://a.example/path",
+         "--port", str(free_port())],
+    )  # fmt: skip
     assert result.exit_code == 2 and "not an origin" in result.output
 
 
