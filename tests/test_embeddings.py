@@ -410,7 +410,7 @@ def test_langchain_openai_embeddings_give_the_reference(base, reference):
         ({"input": "a", "dimensions": 0}, "dimensions", "invalid_value"),
         ({"input": "a", "dimensions": HIDDEN + 1}, "dimensions", "invalid_value"),
         ({"input": "a", "encoding_format": "int8"}, "encoding_format", "invalid_value"),
-        ({"dimensions": 8}, "input", "invalid_value"),
+        ({"dimensions": 8}, "input", "missing_required_parameter"),
     ],
 )
 def test_bad_requests_are_400_in_openais_shape(base, body, param, code):
