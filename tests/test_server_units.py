@@ -850,3 +850,30 @@ def test_a_body_field_of_the_wrong_type_or_missing_has_the_python_apis_code(
     reply = asyncio.run(api.handle("POST", "/v1/chat/completions", {}, json.dumps(body).encode()))
     error = json.loads(reply.body)["error"]
     assert (reply.status, error["param"], error["code"]) == (400, param, code), error
+
+
+def test_the_fingerprint_follows_the_weights_not_only_the_name(tmp_path):
+    """Same name and runner: another quantization, dtype or copy of other files under the
+    same folder name gives another fingerprint; the same folder untouched, the same."""
+    import os
+    import shutil
+
+    from fermi.server.config import ServerConfig
+    from fermi.server.handlers import fingerprint
+
+    folder = tmp_path / "a" / "model"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+
+    def of(**kwargs) -> str:
+        return fingerprint(ServerConfig(model=str(folder), **kwargs), "model", "torch-cpu")
+
+    plain = of()
+    assert plain == of() and plain.startswith("fermi-") and "-torch-cpu-" in plain
+    assert len({plain, of(quantize="int4"), of(quantize="int8"), of(dtype="fp16")}) == 4
+    other = tmp_path / "b" / "model"
+    shutil.copytree(folder, other)
+    (other / "model.safetensors").write_bytes(b"y" * 11)
+    assert fingerprint(ServerConfig(model=str(other)), "model", "torch-cpu") != plain
+    os.utime(folder / "model.safetensors", ns=(0, 0))  # rewritten in place
+    assert of() != plain

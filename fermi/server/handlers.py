@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from fermi import __version__
@@ -124,6 +125,22 @@ class _Timing:
         return prompt_tokens
 
 
+def fingerprint(config: ServerConfig, model_name: str, runner: str) -> str:
+    """``system_fingerprint``: Fermi's version, the runner, and a digest of what decides the
+    weights — the model as named, its precision and quantization as asked, and for a local
+    file or folder the size and modification time of each file in it (a re-export, or
+    another checkpoint copied under the same name, changes it; the weights are not read)."""
+    parts = [model_name, runner, config.dtype or "", config.quantize or ""]
+    path = Path(config.model).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+        for file in files:
+            st = file.stat()
+            parts.append(f"{file.name}:{st.st_size}:{st.st_mtime_ns}")
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
+    return f"fermi-{__version__}-{runner}-{digest}"
+
+
 class Api:
     def __init__(self, pool: EnginePool, config: ServerConfig) -> None:
         self.pool = pool
@@ -138,9 +155,8 @@ class Api:
         self._api_key = config.api_key.encode() if config.api_key else None
         self.cors = CorsPolicy(config.cors_origins)
         runner = engine.capabilities.name
-        digest = hashlib.sha256(f"{engine.model_name}|{runner}".encode()).hexdigest()[:8]
-        # Which model, runner and Fermi version answered: changes when any of them does.
-        self.fingerprint = f"fermi-{__version__}-{runner}-{digest}"
+        # Which weights, runner and Fermi version answered: changes when any of them does.
+        self.fingerprint = fingerprint(config, engine.model_name, runner)
         from fermi.server.anthropic import Messages  # (which imports this module)
 
         messages = Messages(self)
