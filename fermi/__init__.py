@@ -100,7 +100,9 @@ def load(
     arithmetic). On CPU, weights stored in 16 bits or fewer (fp16 storage, ``quantize``)
     keep the KV cache in fp16 as well where fermi's kernels run the decode step
     (``fermi.models.half_weights.use_half_cache``); ``dtype="fp32"`` keeps it float32.
-    ``max_seq_len`` defaults to the model's context capped at 4096; ``max_batch`` to 8.
+    ``max_seq_len`` defaults to the model's context capped at 4096 (an exported artefact:
+    the length it was exported for); ``max_batch`` to 8 (an artefact: its own, 4 unless
+    exported with another).
     ``max_waiting`` requests may queue for a slot beyond those; ``submit`` refuses more.
     ``prefix_reuse=False`` frees a slot's cache when its request ends instead of keeping it
     for a later prompt that starts the same way. An embedding checkpoint (Qwen3-Embedding)
@@ -142,6 +144,10 @@ def load(
             raise ValueError(f"{name} must be an integer, not {value!r}")
         if value is not None and value < least:
             raise ValueError(f"{name} must be at least {least}, not {value}")
+    if warmup is not None:  # refused here for an artefact too, which has no warm-up to pick
+        from fermi.runners.base import warmup_scope
+
+        warmup_scope(warmup)
     name = str(model) if model is not None else default_model()
     path = resolve(name)
     if (path / "manifest.json").is_file():  # a `fermi export` artefact: its runner decides

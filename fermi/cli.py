@@ -88,7 +88,8 @@ def model_options(func):
             "--max-batch",
             type=click.IntRange(min=1),
             default=None,
-            help="Concurrent sequences. [default: 8; 1 for chat and generate]",
+            help="Concurrent sequences. [default: 8, an export folder's own (4 unless "
+            "exported with another); 1 for chat and generate]",
         ),
         click.option(
             "--runner",

@@ -632,3 +632,19 @@ def test_an_artefact_given_as_the_source_is_named_as_one(exported, tmp_path):
     with pytest.raises(ExportError, match=r"is an exported artefact .*'source' names it"):
         export_model(options, progress=lambda line: None)
     assert not (tmp_path / "again").exists()
+
+
+def test_an_artefact_refuses_what_it_cannot_honour_before_loading_the_session(exported):
+    """A KV cache the machine cannot hold is refused from the manifest's geometry before
+    onnxruntime loads or the cache is allocated (it was an allocation error, or the OOM
+    killer); a prefill chunk longer than the exported one and a bad warm-up value are
+    refused, not quietly changed or ignored."""
+    _, art, manifest, _ = exported
+    with pytest.raises(ModelLoadError, match=r"the KV cache \(max_batch 100000000 x"):
+        fermi.load(art, max_batch=10**8)
+    with pytest.raises(
+        ValueError, match=f"prefill_chunk must be between 1 and {manifest.prefill_chunk}"
+    ):
+        fermi.load(art, prefill_chunk=manifest.prefill_chunk + 1)
+    with pytest.raises(ValueError, match="warmup must be one of"):
+        fermi.load(art, warmup="bogus")

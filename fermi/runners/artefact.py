@@ -226,7 +226,12 @@ def load_artefact(
     batch = max_batch or manifest.max_batch
     if batch < 1:
         raise ValueError("max_batch must be at least 1")
-    chunk = min(prefill_chunk or manifest.prefill_chunk, manifest.prefill_chunk)
+    chunk = prefill_chunk or manifest.prefill_chunk
+    if not 1 <= chunk <= manifest.prefill_chunk:
+        raise ValueError(
+            f"prefill_chunk must be between 1 and {manifest.prefill_chunk} (the longest chunk "
+            f"{folder} was exported for), not {chunk}"
+        )
     if manifest.target == "onnx":
         from fermi.runners.onnx import OnnxRunner
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fermi import memory
 from fermi.errors import ModelLoadError
 from fermi.runners.artefact import Manifest
 from fermi.runners.base import Capabilities, Runner
@@ -103,6 +104,23 @@ class OnnxRunner(Runner):
         if device.type == "cuda":
             index = device.index or 0
             providers = [(providers[0], {"device_id": index}), providers[1]]
+        # The cache is refused before the session loads and before it is allocated
+        # (zero-filled, so resident at once): one the machine cannot hold would otherwise end
+        # in an allocation error, or in the OOM killer.
+        per_token = (
+            2
+            * manifest.cache.layers
+            * manifest.cache.kv_heads
+            * manifest.cache.head_dim
+            * _DTYPES[manifest.cache.dtype][0].itemsize
+        )
+        memory.require_free(
+            per_token * max_batch * max_seq_len,
+            device,
+            f"the KV cache (max_batch {max_batch} x max_seq_len {max_seq_len} x "
+            f"{memory.size(per_token)} per token)",
+            "lower max_seq_len or max_batch",
+        )
         path = folder / manifest.model_file
         try:
             self.session = ort.InferenceSession(
