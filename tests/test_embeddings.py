@@ -472,3 +472,21 @@ def test_fuzzed_embedding_bodies_get_no_5xx(base):
 
     fuzz()
     assert http(base + "/health")[0] == 200
+
+
+def test_a_generative_model_on_a_runner_that_cannot_embed_is_not_sent_to_its_checkpoint(folder):
+    """An export folder (no embedding head known, a runner that cannot embed): the refusal
+    does not advise loading "the checkpoint folder" with torch, which would refuse again
+    for a generative model; it says what embeds."""
+    from tests.tiny import write_checkpoint
+
+    chat = write_checkpoint(folder.parent / "chat-for-runner", {})
+    ckpt = load_folder(chat, torch.device("cpu"), torch.float32)
+    runner = TorchRunner(ckpt.model, 1, 64)
+    runner.capabilities = replace(runner.capabilities, name="onnx", embeds=False)
+    engine = fermi.Engine(runner, ckpt.tokenizer, ckpt.generation, "art")
+    with engine, pytest.raises(RequestError) as err:
+        engine.embed("hello")
+    assert err.value.param == "model"
+    assert err.value.message.startswith("art, run by the onnx runner, cannot compute embeddings")
+    assert "only an embedding checkpoint" in err.value.message

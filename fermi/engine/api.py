@@ -316,6 +316,13 @@ class Engine:
 
     def _check_embeds(self) -> None:
         name = self.capabilities.name
+        if self.embedding is None and not self.capabilities.embeds:  # e.g. an export folder
+            raise RequestError(
+                f"{self.model_name}, run by the {name} runner, cannot compute embeddings: "
+                "only an embedding checkpoint (such as Qwen/Qwen3-Embedding-0.6B) loaded from "
+                "its folder with the torch-cpu or torch-cuda runner does",
+                "model",
+            )
         if not self.capabilities.embeds:
             raise RequestError(
                 f"the {name} runner cannot compute embeddings; load the checkpoint folder "
