@@ -71,6 +71,25 @@ def require_free(need: int, device, what: str, advice: str) -> None:
     raise ModelLoadError(f"{what} needs {size(need)} and {device} has {size(free)} free: {advice}")
 
 
+def require_cache_fits(
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    itemsize: int,
+    max_batch: int,
+    positions: int,
+    device,
+    length: str,
+) -> None:
+    """Refuse, before it is allocated, a KV cache (keys and values of ``layers`` layers,
+    ``kv_heads`` x ``head_dim`` each, ``itemsize`` bytes a value) of ``max_batch`` x
+    ``positions`` that ``device`` has not the free memory for; ``length`` says how the
+    positions were asked for (``"max_seq_len 4096"``)."""
+    per_token = 2 * layers * kv_heads * head_dim * itemsize
+    what = f"the KV cache (max_batch {max_batch} x {length} x {size(per_token)} per token)"
+    require_free(per_token * max_batch * positions, device, what, "lower max_seq_len or max_batch")
+
+
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero CPU tensor whose pages cost memory only once written: an anonymous mapping,
     which the kernel backs with zero pages on first touch (``torch.zeros`` writes, so makes

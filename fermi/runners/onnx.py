@@ -107,19 +107,16 @@ class OnnxRunner(Runner):
         # The cache is refused before the session loads and before it is allocated
         # (zero-filled, so resident at once): one the machine cannot hold would otherwise end
         # in an allocation error, or in the OOM killer.
-        per_token = (
-            2
-            * manifest.cache.layers
-            * manifest.cache.kv_heads
-            * manifest.cache.head_dim
-            * _DTYPES[manifest.cache.dtype][0].itemsize
-        )
-        memory.require_free(
-            per_token * max_batch * max_seq_len,
+        cache = manifest.cache
+        memory.require_cache_fits(
+            cache.layers,
+            cache.kv_heads,
+            cache.head_dim,
+            _DTYPES[cache.dtype][0].itemsize,
+            max_batch,
+            max_seq_len,
             device,
-            f"the KV cache (max_batch {max_batch} x max_seq_len {max_seq_len} x "
-            f"{memory.size(per_token)} per token)",
-            "lower max_seq_len or max_batch",
+            f"max_seq_len {max_seq_len}",
         )
         path = folder / manifest.model_file
         try:
@@ -134,7 +131,6 @@ class OnnxRunner(Runner):
                 f"onnxruntime could not start {PROVIDERS[device.type]} for {path} (it chose "
                 f"{used}); check the CUDA and cuDNN libraries onnxruntime-gpu needs"
             )
-        cache = manifest.cache
         torch_dtype, self._np_dtype = _DTYPES[cache.dtype]
         shape = (max_batch, cache.kv_heads, max_seq_len, cache.head_dim)
         self._kinds = [

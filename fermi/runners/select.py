@@ -153,16 +153,21 @@ def check_cache_fits(
     the positions it will allocate (``graphs``: a compiled runner's, which rounds up and
     keeps a spare position: ``torch_cuda.cache_positions``)."""
     cfg = model.cfg
-    itemsize = model.planned_cache_dtype(compiled).itemsize
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
     positions = max_seq_len
     if graphs:
         from fermi.runners.torch_cuda import cache_positions
 
         positions = cache_positions(max_seq_len)
-    need = per_token * max_batch * positions
     length = f"max_seq_len {max_seq_len}"
     if positions != max_seq_len:
         length = f"{positions} positions for {length}"
-    what = f"the KV cache (max_batch {max_batch} x {length} x {memory.size(per_token)} per token)"
-    memory.require_free(need, device, what, "lower max_seq_len or max_batch")
+    memory.require_cache_fits(
+        cfg.num_hidden_layers,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        model.planned_cache_dtype(compiled).itemsize,
+        max_batch,
+        positions,
+        device,
+        length,
+    )
