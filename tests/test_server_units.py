@@ -877,3 +877,30 @@ def test_the_fingerprint_follows_the_weights_not_only_the_name(tmp_path):
     assert fingerprint(ServerConfig(model=str(other)), "model", "torch-cpu") != plain
     os.utime(folder / "model.safetensors", ns=(0, 0))  # rewritten in place
     assert of() != plain
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/chat/completions", "min_tokens", 5),
+        ("/v1/chat/completions", "stop_token_ids", [2]),
+        ("/v1/chat/completions", "guided_json", {"type": "object"}),
+        ("/v1/chat/completions", "use_beam_search", True),
+        ("/v1/chat/completions", "skip_special_tokens", False),
+        ("/v1/completions", "include_stop_str_in_output", True),
+        ("/v1/completions", "guided_regex", "a+"),
+        ("/v1/completions", "bad_words", ["x"]),
+    ],
+)
+def test_vllms_extensions_this_server_lacks_are_refused_naming_them(api, path, field, value):
+    """A vLLM client's field that would change the reply is a 400 naming it, not ignored
+    (vLLM's ignore_eos, top_k, min_p and repetition_penalty are served)."""
+    body = {"max_tokens": 2, field: value}
+    body |= {"messages": [USER]} if path.endswith("chat/completions") else {"prompt": "hi"}
+    reply = asyncio.run(api.handle("POST", path, {}, json.dumps(body).encode()))
+    error = json.loads(reply.body)["error"]
+    assert (reply.status, error["param"]) == (400, field), error
+    served = {**body, field: True} if field == "skip_special_tokens" else None
+    if served is not None:  # the default, true, is served
+        ok = asyncio.run(api.handle("POST", path, {}, json.dumps(served).encode()))
+        assert ok.status == 200, ok.body

@@ -148,7 +148,41 @@ CHAT_UNSUPPORTED = {
 }
 
 
+# vLLM's request extensions this server does not have, on chat and completions alike: a
+# vLLM client's request that sets one is refused, not answered as if it were not there.
+_GUIDED = "vLLM's guided decoding is not supported; send response_format (json_schema)"
+SAMPLING_UNSUPPORTED = {
+    "min_tokens": "min_tokens is not supported (a reply may end sooner); leave it out",
+    "stop_token_ids": "stop_token_ids is not supported; send stop strings (stop)",
+    "include_stop_str_in_output": "include_stop_str_in_output is not supported: a stop string "
+    "is never part of the reply",
+    "guided_json": _GUIDED,
+    "guided_regex": _GUIDED,
+    "guided_choice": _GUIDED,
+    "guided_grammar": _GUIDED,
+    "use_beam_search": "beam search is not supported",
+    "length_penalty": "length_penalty (beam search) is not supported",
+    "prompt_logprobs": "prompt_logprobs is not supported",
+    "allowed_token_ids": "allowed_token_ids is not supported; logit_bias shifts tokens",
+    "bad_words": "bad_words is not supported; logit_bias -100 bans a token",
+    "truncate_prompt_tokens": "truncate_prompt_tokens is not supported",
+}
+
+
+def refuse_unsupported_sampling(body: SamplingFields) -> None:
+    for field, message in SAMPLING_UNSUPPORTED.items():
+        if getattr(body, field) is not None:
+            raise ApiError(400, message, param=field)
+    if body.skip_special_tokens not in (None, True):
+        raise ApiError(
+            400,
+            "skip_special_tokens: only true is served (special tokens never reach the text)",
+            param="skip_special_tokens",
+        )
+
+
 def refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
+    refuse_unsupported_sampling(body)
     for field, message in CHAT_UNSUPPORTED.items():
         if getattr(body, field) is not None:
             raise ApiError(400, message, param=field)
@@ -256,6 +290,7 @@ def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[Generatio
 
 def completion_requests(engine: Engine, body: CompletionRequest) -> list[GenerationRequest]:
     """One engine request per (prompt, choice), in OpenAI's order: prompt-major."""
+    refuse_unsupported_sampling(body)
     if body.echo:
         raise ApiError(400, "echo is not supported", param="echo")
     if body.suffix:

@@ -18,7 +18,13 @@ from fermi.engine.requests import ROLES
 from fermi.sampling import MAX_TEMPERATURE
 from fermi.server.anthropic_protocol import EFFORT_THINKING as ANTHROPIC_EFFORT
 from fermi.server.anthropic_protocol import MESSAGES_UNSUPPORTED, MIN_BUDGET_TOKENS
-from fermi.server.build import CHAT_UNSUPPORTED, EFFORT_THINKING, MAX_CHOICES, MAX_PROMPTS
+from fermi.server.build import (
+    CHAT_UNSUPPORTED,
+    EFFORT_THINKING,
+    MAX_CHOICES,
+    MAX_PROMPTS,
+    SAMPLING_UNSUPPORTED,
+)
 from fermi.server.responses_build import INCLUDABLE
 from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
 
@@ -69,6 +75,10 @@ _SAMPLING_FIELDS: dict[str, Any] = {
             "description": "token id (as a key) -> bias in [-100, 100]",
             "additionalProperties": {**_NUMBER, "minimum": -100, "maximum": 100},
         }
+    ),
+    **dict.fromkeys(SAMPLING_UNSUPPORTED, _UNSUPPORTED),
+    "skip_special_tokens": _nullable(
+        {**_BOOL, "description": "only true is served: false is refused"}
     ),
 }
 

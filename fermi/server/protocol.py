@@ -72,6 +72,21 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     # vLLM's extension: keep generating past end-of-sequence (load tests want fixed lengths).
     ignore_eos: bool | None = False
     logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> [-100, 100]
+    # vLLM's extensions this server does not have (build.SAMPLING_UNSUPPORTED): refused.
+    min_tokens: Any = None
+    stop_token_ids: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: bool | None = None  # only true, the default, is served
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    prompt_logprobs: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    truncate_prompt_tokens: Any = None
 
     def __post_init__(self) -> None:
         if self.n is None:
