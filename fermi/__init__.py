@@ -131,7 +131,7 @@ def load(
     from fermi.hub import resolve
     from fermi.loading import load_folder, parse_dtype
     from fermi.models.quant import QuantSpec
-    from fermi.runners.select import resolve_device, torch_runner
+    from fermi.runners.select import check_runner_device, resolve_device, torch_runner
 
     spec = QuantSpec.parse(quantize)  # a bad value is refused before anything loads
     for name, value, least in (
@@ -177,11 +177,7 @@ def load(
             warm_grammars=warm_grammars,
         )
     dev = resolve_device(device)
-    if runner == "torch-cuda" and dev.type != "cuda":  # (torch_runner says so too, later)
-        raise ValueError(
-            f"runner 'torch-cuda' runs a model on a CUDA GPU, not on {dev.type}: pass "
-            "device='cuda' (or leave it out on a machine with one), or another runner"
-        )
+    check_runner_device(runner, dev)  # before the weights load
     if path.suffix == ".gguf":  # a llama.cpp file (the packaged aliases are GGUF too)
         from fermi.gguf import load_gguf
 

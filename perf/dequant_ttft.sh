@@ -2,14 +2,9 @@
 # on this tree and on a copy without the dequantize kernel (perf/patches/dequant_kernel.patch
 # taken out), one after the other on one GPU. Results under $OUT.
 set -u
-if command -v patch >/dev/null; then
-    unapply() { patch -R -p1 --quiet; }
-else
-    unapply() { git apply -R -; }
-fi
 . perf/device_wheels.sh && install_device_wheels || exit 1
 nvidia-smi --query-gpu=name --format=csv,noheader
-patched_copy /tmp/before perf/patches/dequant_kernel.patch unapply || exit 1
+patched_copy /tmp/before perf/patches/dequant_kernel.patch unapply_patch || exit 1
 grep -c launch_dequantize /tmp/before/fermi/models/quant_mm.py
 bench() {
     in_tree "$1" timeout 250 python3 perf/bench_decode.py --models Qwen3-8B --skip-hf --prompts 128 \

@@ -26,9 +26,18 @@ in_tree() {
     (cd "$dir" && PYTHONPATH=/tmp/site:$dir FERMI_COMPILE_CACHE=$dir/.compile-cache "$@")
 }
 
+# apply_patch / unapply_patch: a patch on stdin applied to (taken out of) the current folder,
+# by `patch`, else by `git apply` (which works outside a repository); with neither they fail.
+apply_patch() {
+    if command -v patch >/dev/null; then patch -p1 --quiet; else git apply -; fi
+}
+unapply_patch() {
+    if command -v patch >/dev/null; then patch -R -p1 --quiet; else git apply -R -; fi
+}
+
 # patched_copy DIR PATCH COMMAND...: a copy of this tree's fermi, perf and tests at DIR, with
-# COMMAND run there on PATCH (on its stdin: e.g. `patch -p1`, or `patch -R -p1` to take a
-# patch applied here out of the copy).
+# COMMAND run there on PATCH (on its stdin: apply_patch, or unapply_patch to take a patch
+# applied here out of the copy).
 patched_copy() {
     local dir=$1 file
     file=$(realpath "$2") || return 1

@@ -9,18 +9,13 @@
 # 128, three runs), then sweep.json (the patched kernel's launches over Qwen3-8B's
 # products; last, so the call's limit cuts only the measurements). The tree without the patch is made under /tmp by reversing it.
 set -u
-if command -v patch >/dev/null; then
-    unapply() { patch -R -p1 --quiet; }
-else
-    unapply() { git apply -R -; }
-fi
 # shellcheck source=perf/device_wheels.sh
 . "$(dirname "${BASH_SOURCE[0]}")/device_wheels.sh"
 install_device_wheels || exit 1
 out=${OUT:-/tmp/int4_land}
 mkdir -p "$out"
 new=$PWD old=/tmp/int4_words_old
-patched_copy "$old" perf/patches/int4_row_words.patch unapply || exit 1
+patched_copy "$old" perf/patches/int4_row_words.patch unapply_patch || exit 1
 export PYTHONUNBUFFERED=1
 echo "# ${FERMI_REV:-unlabelled tree}, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 date -u

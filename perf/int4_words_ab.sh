@@ -10,13 +10,9 @@
 # last, so the call's limit cuts only it). The sent tree is left unpatched: the patched copy
 # is made under /tmp.
 set -u
-# The patch is applied by `patch`, else by `git apply` (which works outside a repository);
+# The patch is applied by `patch`, else by `git apply` (device_wheels.sh's apply_patch);
 # with neither, stop before spending anything.
-if command -v patch >/dev/null; then
-    apply() { patch -p1 --quiet; }
-elif command -v git >/dev/null; then
-    apply() { git apply -; }
-else
+if ! command -v patch >/dev/null && ! command -v git >/dev/null; then
     echo "neither patch nor git here: send a tree with the patch applied instead" >&2
     exit 2
 fi
@@ -26,7 +22,7 @@ install_device_wheels || exit 1
 out=${OUT:-/tmp/int4_words_ab}
 mkdir -p "$out"
 old=$PWD new=/tmp/int4_words_new
-patched_copy "$new" perf/patches/int4_row_words.patch apply || exit 1
+patched_copy "$new" perf/patches/int4_row_words.patch apply_patch || exit 1
 export PYTHONUNBUFFERED=1
 {
     echo "# ${FERMI_REV:-unlabelled tree} + patches/int4_row_words.patch," \

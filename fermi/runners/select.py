@@ -53,6 +53,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def check_runner_device(name: str | None, device: torch.device) -> None:
+    """Refuse the CUDA runner asked for by name for a model that is not on a CUDA GPU
+    (``fermi.load`` asks before the weights load; ``torch_runner`` for its direct callers)."""
+    if name == "torch-cuda" and device.type != "cuda":
+        raise ValueError(
+            f"runner 'torch-cuda' runs a model on a CUDA GPU, not on {device.type}: pass "
+            "device='cuda' (or leave it out on a machine with one), or another runner"
+        )
+
+
 def apple_silicon() -> bool:
     """A Mac with an Apple M-series chip (MPS also runs on Intel Macs' GPUs, untested)."""
     return platform.system() == "Darwin" and platform.machine() == "arm64"
@@ -74,11 +84,7 @@ def torch_runner(
     device = model.device
     if name not in (None, *TORCH_RUNNERS):
         raise ValueError(f"runner {name!r} is not one of {', '.join(TORCH_RUNNERS)}")
-    if name == "torch-cuda" and device.type != "cuda":
-        raise ValueError(
-            f"runner 'torch-cuda' runs a model on a CUDA GPU; this one is on {device.type} "
-            "(pass device='cuda', or another runner)"
-        )
+    check_runner_device(name, device)
     compiled = name == "torch-compile"
     graphs = compiled or (device.type == "cuda" and name in (None, "torch", "torch-cuda"))
     check_cache_fits(model, max_batch, max_seq_len, device, compiled=compiled, graphs=graphs)
