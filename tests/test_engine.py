@@ -143,7 +143,7 @@ def test_prompt_longer_than_context_is_rejected_or_truncated(engine):
     ids = list(range(1, 301))  # distinct, so the kept part shows which end it came from
     with pytest.raises(RequestError, match="256") as err:
         engine.generate(prompt_token_ids=ids, max_tokens=4)
-    assert err.value.param == "prompt"
+    assert err.value.param == "prompt_token_ids"
     out = engine.generate(prompt_token_ids=ids, max_tokens=4, truncate=True, ignore_eos=True)
     assert out.usage.prompt_tokens == 252
     assert len(out.token_ids) == 4

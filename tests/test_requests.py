@@ -170,7 +170,7 @@ def test_an_out_of_range_sampling_value_is_invalid_value_naming_it(tokenizer, va
 def test_a_prompt_over_the_context_is_context_length_exceeded_with_a_hint(tokenizer):
     build = builder(tokenizer).build
     err = refused(build, prompt_token_ids=[5] * CONTEXT)
-    assert (err.code, err.param) == ("context_length_exceeded", "prompt")
+    assert (err.code, err.param) == ("context_length_exceeded", "prompt_token_ids")
     assert err.message == f"the prompt has {CONTEXT} tokens; this engine's context is {CONTEXT}"
     assert str(err) == f"{err.message} (pass truncate=True to keep the end of the prompt)"
     long_chat = [{"role": "user", "content": "word " * CONTEXT}]
@@ -228,7 +228,7 @@ def test_a_token_id_list_longer_than_the_context_is_refused_before_reading_it(to
             raise AssertionError("the ids were read")
 
     err = refused(builder(tokenizer).build, prompt_token_ids=Unreadable([1] * 2_000_000))
-    assert (err.code, err.param) == ("context_length_exceeded", "prompt")
+    assert (err.code, err.param) == ("context_length_exceeded", "prompt_token_ids")
 
 
 @pytest.mark.parametrize(
@@ -248,8 +248,10 @@ def test_a_token_id_list_longer_than_the_context_is_refused_before_reading_it(to
         (
             {"prompt": "a", "settings": SamplingSettings(logprobs=21)},
             "invalid_value",
-            "top_logprobs",
+            "logprobs",
         ),
+        ({"prompt_token_ids": []}, "invalid_value", "prompt_token_ids"),
+        ({"prompt": ""}, "invalid_value", "prompt"),
     ],
 )
 def test_a_refused_request_names_its_code_and_field(tokenizer, kwargs, code, param):

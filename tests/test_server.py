@@ -434,6 +434,14 @@ def test_completions_logprobs_over_the_limit_is_400_naming_logprobs(base):
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "logprobs": 25}
     status, err = error_of(http(base + "/v1/completions", body, AUTH))
     assert status == 400 and err["param"] == "logprobs"
+    assert "logprobs must be between 0 and 20" in err["message"]
+
+
+def test_chat_top_logprobs_over_the_limit_is_400_naming_top_logprobs(base):
+    body = {"model": "tiny", "messages": HI, "max_tokens": 2, "logprobs": True, "top_logprobs": 21}
+    status, err = error_of(http(base + "/v1/chat/completions", body, AUTH))
+    assert status == 400 and err["param"] == "top_logprobs"
+    assert err["message"] == "top_logprobs must be between 0 and 20"
 
 
 def test_reasoning_effort_above_none_turns_thinking_on(client, engine):

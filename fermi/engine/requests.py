@@ -425,10 +425,10 @@ class RequestBuilder:
         else:
             sized = isinstance(prompt_token_ids, Sized)
             if sized and not truncate and len(prompt_token_ids) >= self.max_seq_len:
-                raise _over_context(len(prompt_token_ids), self.max_seq_len, "prompt")
+                raise _over_context(len(prompt_token_ids), self.max_seq_len, "prompt_token_ids")
             ids = self._token_ids(prompt_token_ids)
         if not ids:
-            raise RequestError("the prompt is empty", "prompt")
+            raise RequestError("the prompt is empty", _input_field(messages, prompt))
         if constraint is not None and settings.stop:
             # A stop string met inside the grammar's output would end it unfinished, and the
             # reply would still finish "stop": the grammar decides where the reply ends.
@@ -444,9 +444,7 @@ class RequestBuilder:
         limit = self.max_seq_len
         if len(ids) >= limit:
             if not truncate:
-                raise _over_context(
-                    len(ids), limit, "messages" if messages is not None else "prompt"
-                )
+                raise _over_context(len(ids), limit, _input_field(messages, prompt))
             # Leave room for max_tokens (without it, a quarter of the context), but keep at
             # least half of the context of the prompt: a max_tokens near the context would
             # otherwise keep one prompt token of it (max_tokens is then cut to what is left).
@@ -458,7 +456,7 @@ class RequestBuilder:
         params = self.sampling(settings, thinking if messages is not None else "auto")
         logprobs = settings.logprobs
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-            raise RequestError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
+            raise RequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
         return GenerationRequest(
             prompt_ids=tuple(ids),
             params=params,
@@ -654,6 +652,13 @@ def check_room(request: GenerationRequest, asked: int | None, field: str = "max_
         field,
         "context_length_exceeded",
     )
+
+
+def _input_field(messages: object, prompt: object) -> str:
+    """The keyword a request's input came in: an error about the input names it."""
+    if messages is not None:
+        return "messages"
+    return "prompt" if prompt is not None else "prompt_token_ids"
 
 
 def _over_context(tokens: int, limit: int, field: str) -> RequestError:

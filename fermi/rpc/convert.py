@@ -12,6 +12,7 @@ from fermi.engine.types import Delta, Thinking
 from fermi.errors import EngineOverloadedError, FermiError, RequestError, quoted
 from fermi.rpc.generated import fermi_pb2 as pb
 from fermi.rpc.sessions import SessionBusyError, SessionLimitError, SessionNotFoundError
+from fermi.sampling import MAX_LOGPROBS
 from fermi.text.tools import check_call_turns
 
 _THINKING: dict[int, Thinking] = {
@@ -33,6 +34,8 @@ def sampling_settings(params: pb.SamplingParams) -> SamplingSettings:
     The message's fields are named as the settings, except ``top_logprobs``."""
     given: dict[str, Any] = {field.name: value for field, value in params.ListFields()}
     if "top_logprobs" in given:
+        if not 0 <= given["top_logprobs"] <= MAX_LOGPROBS:
+            raise RequestError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
         given["logprobs"] = given.pop("top_logprobs")
     if "stop" in given:
         given["stop"] = list(given["stop"])

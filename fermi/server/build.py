@@ -12,6 +12,7 @@ from fermi.engine.requests import SamplingSettings, check_room
 from fermi.engine.types import GenerationRequest, Thinking
 from fermi.errors import RequestError
 from fermi.heap import gc_paused
+from fermi.sampling import MAX_LOGPROBS
 from fermi.server.errors import ApiError, bad_body
 from fermi.server.protocol import ChatCompletionRequest, CompletionRequest, Message, SamplingFields
 from fermi.text.thinking import SWITCHES
@@ -263,6 +264,10 @@ def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[Generatio
     check_counts(engine, body.messages, body.tools)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+        raise ApiError(
+            400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}", param="top_logprobs"
+        )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens
     if max_tokens is None:
@@ -387,8 +392,6 @@ def _request_error(exc: RequestError, prompt_field: str, max_tokens_field: str) 
     param = exc.param
     if param == "max_tokens":
         param = max_tokens_field
-    elif param == "top_logprobs" and prompt_field == "prompt":
-        param = "logprobs"  # (completions ask for logprobs: k, and have no top_logprobs)
     elif param in ("messages", "prompt", "prompt_token_ids"):
         param = prompt_field
     return ApiError(400, exc.message, param=param, code=exc.code)
