@@ -15,8 +15,11 @@ in one CUDA graph, three ways, with the same GEMV code:
   its dependants launch at once;
 - ``pdl_prefetch``: the same, with each program's first weight tile loaded before it waits.
 
-Also ``fermi`` (the engine's own kernel, ``fermi.models.gemv.launch``, plain) as the anchor.
-Every variant's final output is checked against ``plain``'s (the same sums in the same
+Also ``fermi`` (the engine's own kernel, ``fermi.models.gemv.launch``, plain) as the anchor;
+and, for the first model, the chain as fermi runs it: through ``torch.compile`` with the GEMV
+as a ``triton_op`` and an Inductor kernel after q/k/v (``compiled``), and the same with PDL
+on our kernels and Inductor's own (``compiled_pdl``: does Inductor keep ``launch_pdl``?).
+Every variant's final output is checked against its baseline's (the same sums in the same
 order: equal). Writes JSON (--out): microseconds a layer, the byte floor at the read
 bandwidth measured in the same process.
 
@@ -82,7 +85,78 @@ def layer_shapes(name: str) -> list[tuple[str, int, int]]:
     return [("qkv", q + 2 * kv, h), ("o", h, q), ("gate_up", 2 * inter, h), ("down", h, inter)]
 
 
-def measure(name: str, layers: int, bandwidth: float, replays: int) -> dict:
+_OP = None
+
+
+def chain_op():
+    """The GEMV as a ``triton_op`` (how fermi's row kernels enter a compiled layer)."""
+    global _OP
+    if _OP is None:
+        from torch.library import triton_op, wrap_triton
+
+        @triton_op("fermi_perf::chain_gemv", mutates_args={})
+        def op(
+            x: torch.Tensor, w: torch.Tensor, k: int, block_n: int, block_k: int, warps: int,
+            pdl: bool,
+        ) -> torch.Tensor:  # fmt: skip
+            n = w.shape[0]
+            out = x.new_empty(n)
+            wrap_triton(_chain_gemv)[(triton.cdiv(n, block_n),)](
+                x, w, out, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, GDC=pdl,
+                PREFETCH=False, num_warps=warps, num_stages=1, launch_pdl=pdl,
+            )  # fmt: skip
+            return out
+
+        _OP = op
+    return _OP
+
+
+def time_compiled(shapes, weights, x0, pdl: bool, replays: int) -> tuple[list[float], torch.Tensor]:
+    """The chain compiled with ``torch.compile`` as fermi compiles a layer, with an
+    elementwise op after q/k/v standing for rope, the q/k norms and the cache write (an
+    Inductor kernel between two of ours), captured in a CUDA graph: with ``pdl`` our kernels
+    launch with PDL and Inductor generates its own kernels with it (``triton.enable_pdl``).
+    Returns microseconds per replay and the final output."""
+    from fermi.models import gemv as G
+
+    op = chain_op()
+    flat = [w for ws in weights for w in ws]
+
+    def chain(x, *flat):
+        for i in range(len(weights)):
+            for j, (product, n, k) in enumerate(shapes):
+                block_n, block_k, warps, _ = G.launch_config(n, k)
+                x = op(x, flat[i * len(shapes) + j], k, block_n, block_k, warps, pdl)
+                if product == "qkv":
+                    x = x * 1.0001 + 0.0001
+        return x
+
+    torch._dynamo.reset()
+    fn = torch.compile(chain, fullgraph=True, options={"triton.enable_pdl": pdl})
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(x0, *flat)
+        fn(x0, *flat)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        final = fn(x0, *flat)
+    graph.replay()
+    torch.cuda.synchronize()
+    out = final.float().clone()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return times, out
+
+
+def measure(name: str, layers: int, bandwidth: float, replays: int, compiled: bool) -> dict:
     from fermi.models import gemv as G
 
     dt = torch.bfloat16
@@ -149,11 +223,22 @@ def measure(name: str, layers: int, bandwidth: float, replays: int) -> dict:
         except Exception as exc:  # a variant this torch/Triton/driver cannot capture
             row[f"{variant}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         print(json.dumps({k: v for k, v in row.items() if k != "products"}), flush=True)
-    ref = finals.get("plain")
-    if ref is not None:
-        row["max_abs_diff_vs_plain"] = {
-            v: (f - ref).abs().max().item() for v, f in finals.items() if v != "plain"
-        }
+    if compiled:
+        for variant, pdl in (("compiled", False), ("compiled_pdl", True)):
+            try:
+                times, final = time_compiled(shapes, weights, x0, pdl, replays)
+                finals[variant] = final
+                row[f"{variant}_us_per_layer"] = statistics.median(times) / layers
+                row[f"{variant}_us_range"] = [min(times) / layers, max(times) / layers]
+            except Exception as exc:  # Inductor may refuse launch_pdl on a user kernel
+                row[f"{variant}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(json.dumps({k: v for k, v in row.items() if k != "products"}), flush=True)
+    pairs = {v: "plain" for v in ("pdl", "pdl_prefetch", "fermi")} | {"compiled_pdl": "compiled"}
+    row["max_abs_diff"] = {  # each variant against its own baseline: equal sums, so 0
+        f"{v}_vs_{base}": (finals[v] - finals[base]).abs().max().item()
+        for v, base in pairs.items()
+        if v in finals and base in finals
+    }
     return row
 
 
@@ -162,6 +247,7 @@ def main() -> None:
     p.add_argument("--models", nargs="*", default=["Qwen3-0.6B", "Qwen3-1.7B"])
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--no-compiled", action="store_true", help="skip the compiled variants")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -176,7 +262,8 @@ def main() -> None:
         "rows": [],
     }
     for name in args.models:
-        result["rows"].append(measure(name, args.layers, bandwidth, args.replays))
+        compiled = name == args.models[0] and not args.no_compiled
+        result["rows"].append(measure(name, args.layers, bandwidth, args.replays, compiled))
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         torch.cuda.empty_cache()
 
