@@ -245,7 +245,9 @@ def chat(
         engine.close()
         if exc.param != "thinking":
             raise
-        raise click.BadParameter(exc.message, param_hint="--thinking") from None
+        raise click.BadParameter(
+            f"{exc.message}; use --thinking auto or off", param_hint="--thinking"
+        ) from None
     click.echo(f"fermi chat · {engine.model_name} · {engine.capabilities.name} · /reset /exit")
     try:
         while True:

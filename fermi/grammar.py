@@ -162,12 +162,39 @@ class Grammar:
             return ll.grammar_from_json_schema(json.dumps(bounded_whitespace({"type": "object"})))
         if self.kind == "json_schema":
             schema = json.loads(self.source)
+            check_min_properties(schema)
             if isinstance(schema, dict):
                 schema = bounded_whitespace(schema)
             return ll.grammar_from_json_schema(json.dumps(schema))
         if self.kind == "regex":
             return ll.grammar_from_regex(self.source)
         return ll.grammar_from_lark(self.source)
+
+
+def check_min_properties(schema: Any) -> None:
+    """Refuse a ``minProperties`` above 1 on an object that may have keys besides those in
+    ``properties``: llguidance keeps a listed key from repeating, not an additional one, and
+    a JSON parser counts a repeated key once, so ``{"a": 1, "a": 2}`` would pass the grammar
+    and fail ``minProperties: 2``."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            least = node.get("minProperties")
+            closed = node.get("additionalProperties") is False and not node.get("patternProperties")
+            if isinstance(least, int) and least > 1 and not closed:
+                raise ValueError(
+                    f"minProperties {least} needs additionalProperties: false (and no "
+                    "patternProperties): the grammar cannot keep an additional key from "
+                    "repeating, and a repeated key counts once"
+                )
+            stack.extend(v for k, v in node.items() if k not in DATA_KEYWORDS)
+
+
+# Keywords whose values are JSON data, not schemas.
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 
 
 # Whitespace between JSON tokens, bounded: unbounded whitespace lets a weak model spend its
@@ -281,7 +308,11 @@ class GrammarCompiler:
                 # never allowed.
                 try:
                     self._tok = llguidance.LLTokenizer(
-                        self._backend.to_str(), n_vocab=self.vocab_size, eos_token=self._eos
+                        llguidance.TokenizerWrapper(
+                            _TextTokens(self._backend, self._eos, self.vocab_size)
+                        ),
+                        n_vocab=self.vocab_size,
+                        eos_token=self._eos,
                     )
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -355,13 +386,56 @@ class GrammarCompiler:
         return matcher
 
 
+class _TextTokens:
+    """The tokenizer as llguidance is to see it (its ``TokenizerWrapper`` protocol): every
+    added token (``<|im_end|>``, ``<think>``, ``<tool_call>``) special, and text encoded
+    without them. llguidance keeps special tokens out of text (a grammar names one as
+    ``<think>``); it spells out the text a grammar forces (``"<think>"`` in a JSON string)
+    with the tokenizer, and the tokenizer's own encode would return the added token for it,
+    which is special, so the matcher rejected the token its own mask allowed. Here the text
+    comes back in ordinary tokens. Each token's bytes are llguidance's own reading of the
+    tokenizer (its byte-level and metaspace rules), the added tokens' their text."""
+
+    def __init__(self, backend: Any, eos: int | None, vocab_size: int) -> None:
+        import llguidance
+        from tokenizers import Tokenizer
+
+        data = json.loads(backend.to_str())
+        for token in data.get("added_tokens", []):
+            token["special"] = True
+        self._encoder = Tokenizer.from_str(json.dumps(data))
+        self._encoder.encode_special_tokens = True  # (their text as ordinary tokens)
+        self._encoder.no_padding()
+        self._encoder.no_truncation()
+        reader = llguidance.LLTokenizer(backend.to_str())
+        # One token a logit. Ids the tokenizer lacks (padded embeddings, gaps) are special
+        # tokens no text has; ids past the model's logits are never sampled, so left out.
+        names = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+        self.tokens = []
+        for i in range(vocab_size):
+            text = reader.decode_bytes([i]) if i not in names and i < reader.vocab_size else b""
+            if i not in names and not text:
+                names[i] = f"<|fermi_no_token_{i}|>"
+            self.tokens.append(names[i].encode() if i in names else text)
+        self.special_token_ids = sorted(i for i in names if i < vocab_size)
+        self.eos_token_id = eos
+        self.bos_token_id = None
+
+    def __call__(self, text: str) -> list[int]:
+        return self._encoder.encode(text, add_special_tokens=False).ids
+
+
 def _clean(message: object) -> str:
     """The grammar compiler's message in one line: its first, without the position in the
     grammar text fermi wrote (the caller never saw that text), and the "error:" line of a
-    multi-line report (a regex's: what is wrong, after a drawing of where)."""
+    multi-line report (a regex's: what is wrong, after a drawing of where); a word longer
+    than 64 characters (a quoted pattern) cut to 60 and "…"."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
     if not lines:
         return "rejected by the grammar compiler"
     first = re.sub(r"^at \d+\(\d+\): ", "", lines[0])
     detail = next((line[6:].strip() for line in lines[1:] if line.startswith("error:")), "")
-    return f"{first} {detail}" if detail and detail not in first else first
+    said = f"{first} {detail}" if detail and detail not in first else first
+    # The compiler quotes the caller's pattern or value whole: a long one is cut, so that
+    # the reason after it survives the front ends' caps (gRPC's details: 1 KiB).
+    return re.sub(r"\S{65,}", lambda m: m.group()[:60] + "…", said)

@@ -55,9 +55,8 @@ def decode_tables(benches: list[dict]) -> str:
         row = [f"{b1['decode_tok_s']:,.0f}"]
         for b in (8, 32, 128):
             r = m.get(f"ours_b{b}_p128")
-            row.append(
-                "—" if r is None else f"{r['decode_tok_s']:,.0f} ({r['decode_tok_s'] / b1['decode_tok_s']:.1f}x)"
-            )
+            rate = r and r["decode_tok_s"]
+            row.append("—" if not rate else f"{rate:,.0f} ({rate / b1['decode_tok_s']:.1f}x)")
         many.append(f"| {name} | " + " | ".join(row) + " |")
     return "\n".join(one) + "\n\n" + "\n".join(many)
 
@@ -88,8 +87,8 @@ def start_table(start: dict) -> str:
     for name, s in start["starts"].items():
         lines.append(
             f"| {name.split('_')[-1]} | {s['import_s']:.1f} s | {s['build_weights_s']:.1f} s | "
-            f"{s['warmup_s']:.1f} s | {s['first_token_s']:.2f} s | **{s['to_first_token_s']:.1f} s** "
-            f"| {s['to_complete_warmup_s']:.1f} s |"
+            f"{s['warmup_s']:.1f} s | {s['first_token_s']:.2f} s | "
+            f"**{s['to_first_token_s']:.1f} s** | {s['to_complete_warmup_s']:.1f} s |"
         )
     return "\n".join(lines)
 

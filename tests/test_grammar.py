@@ -220,6 +220,17 @@ def test_thinking_off_keeps_the_grammar_from_the_first_token(folder):
             "response_format",
             "missing",
         ),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"minProperties": 2}}},
+                },
+            },
+            "response_format",
+            "minProperties 2 needs additionalProperties: false",
+        ),
     ],
 )
 def test_bad_or_unsupported_formats_are_refused_naming_the_problem(
@@ -233,7 +244,11 @@ def test_bad_or_unsupported_formats_are_refused_naming_the_problem(
 
 @pytest.mark.parametrize(
     ("pattern", "said"),
-    [("a(b", "unclosed group"), ("[z-a]", "invalid character class range")],
+    [
+        ("a(b", "unclosed group"),
+        ("[z-a]", "invalid character class range"),
+        ("a" * 2000 + "(", "unclosed group"),  # the pattern cut, the reason kept
+    ],
 )
 def test_a_bad_regex_is_refused_saying_what_is_wrong(folder, pattern, said):
     """The compiler reports a regex error over several lines (a drawing, then "error: ...");
@@ -241,7 +256,8 @@ def test_a_bad_regex_is_refused_saying_what_is_wrong(folder, pattern, said):
     with eager(folder) as engine, pytest.raises(RequestError) as info:
         engine.build_request(prompt="x", grammar=Grammar.regex(pattern))
     assert info.value.param == "grammar"
-    assert said in info.value.message and pattern in info.value.message
+    assert said in info.value.message and pattern[:50] in info.value.message
+    assert len(info.value.message) < 200
     assert "\n" not in info.value.message and not re.search(r"at \d+\(", info.value.message)
 
 
@@ -408,3 +424,59 @@ def test_json_whitespace_between_tokens_is_bounded(folder):
             while taken < 50 and all(matcher.advance(t) for t in space):
                 taken += 1
             assert taken == 1, f"{grammar.kind}: {taken} spaces in a row"
+
+
+@pytest.mark.parametrize(
+    ("grammar", "text"),
+    [
+        (Grammar.json_schema({"const": "<think>"}), '"<think>"'),
+        (Grammar.json_schema({"const": "</tool_call>"}), '"</tool_call>"'),
+        (Grammar.json_schema({"type": "string", "pattern": "^<\\|im_end\\|>$"}), '"<|im_end|>"'),
+        (Grammar.regex("x</think>y"), "x</think>y"),
+        (Grammar.regex("<think>ab"), "<think>ab"),
+        (Grammar.lark('start: "<tool_call>" "x"'), "<tool_call>x"),
+    ],
+)
+def test_text_a_grammar_forces_is_spelled_out_even_where_it_is_an_added_token(
+    folder, grammar, text
+):
+    """The text of an added token (``<think>``, ``<|im_end|>``), forced by a grammar, comes
+    in ordinary tokens: the tokenizer's encode returned the added token, which llguidance
+    keeps out of text, and every reply failed with a grammar error (a 500 over HTTP)."""
+    with eager(folder) as engine:
+        added = set(engine.tokenizer.backend.get_added_tokens_decoder())
+        for seed in range(3):
+            out = engine.generate(
+                prompt="x", grammar=grammar, max_tokens=40, temperature=1.0, seed=seed
+            )
+            assert (out.finish_reason, out.text) == ("stop", text)
+            assert not added & set(out.token_ids[:-1])  # (the last is the end of text)
+
+
+def test_a_grammar_names_an_added_token_as_a_token(folder):
+    with eager(folder) as engine:
+        think = engine.tokenizer.token_to_id("<think>")
+        out = engine.generate(prompt="x", grammar=Grammar.lark('start: <think> "x"'), max_tokens=9)
+        assert (out.finish_reason, out.text, out.token_ids[0]) == ("stop", "<think>x", think)
+
+
+def test_min_properties_holds_where_no_key_can_repeat(folder):
+    """A repeated key counts once in the parsed object, and llguidance keeps only listed
+    keys from repeating: with additional keys allowed, ``{"b": 1, "b": 2}`` passed the
+    grammar and failed ``minProperties: 2`` (hence the refusal above). Closed (and, as
+    llguidance asks, every listed key required), it is served."""
+    schema = {
+        "type": "object",
+        "properties": {k: {"type": "integer", "maximum": 9} for k in "abc"},
+        "required": list("abc"),
+        "minProperties": 2,
+        "additionalProperties": False,
+    }
+    with eager(folder) as engine:
+        for seed in range(8):
+            out = engine.generate(
+                prompt="x", grammar=Grammar.json_schema(schema), max_tokens=80, seed=seed,
+                temperature=1.0,
+            )  # fmt: skip
+            if out.finish_reason == "stop":
+                jsonschema.validate(json.loads(out.text), schema)

@@ -619,6 +619,15 @@ CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "
         ),
         ({"messages": [USER], "seed": 2**64}, "seed", "<= 9223372036854775807"),
         ({"messages": [USER], "seed": -(2**63) - 1}, "seed", ">= -9223372036854775808"),
+        # Stored completions and other service tiers are features this server lacks.
+        ({"messages": [USER], "store": True}, "store", "does not store chat completions"),
+        ({"messages": [USER], "metadata": {"a": "b"}}, "metadata", "does not store"),
+        ({"messages": [USER], "service_tier": "flex"}, "service_tier", "'flex' is not offered"),
+        (
+            {"messages": [USER], "stream_options": {"include_usage": True}},
+            "stream_options",
+            "stream_options needs stream: true",
+        ),
     ],
 )
 def test_a_malformed_conversation_or_setting_is_400_naming_it(api, fields, param, said):
@@ -653,6 +662,8 @@ def test_a_malformed_conversation_or_setting_is_400_naming_it(api, fields, param
         # choice 1 draws with seed + 1, wrapped to -2**63 (it was a 500 once seeds were
         # range-checked)
         {"messages": [USER], "seed": 2**63 - 1, "n": 2, "temperature": 1.0},
+        {"messages": [USER], "store": False, "service_tier": "auto"},
+        {"messages": [USER], "service_tier": "default", "stream_options": None},
     ],
 )
 def test_the_edges_of_those_checks_are_served(api, fields):

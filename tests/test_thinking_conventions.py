@@ -117,6 +117,7 @@ def test_each_mode_renders_the_models_own_switch(folders, key, mode):
     if mode not in EXPECTED[key]:
         err = refused(build, CONVERSATION, mode)
         assert err.param == "thinking" and MODEL in err.message and "cannot think" in err.message
+        assert str(err).endswith("(use thinking='auto' or 'off')")
         assert not build.supports_thinking
         return
     kwargs, ending, start_in_reasoning, may_open = EXPECTED[key][mode]
@@ -306,7 +307,8 @@ def test_http_refuses_thinking_on_with_a_400_naming_the_model(http_api, path, bo
     assert "cannot think" in error["message"]
     assert str(http_api.pool.replicas[0].engine.model_name) in error["message"]
     if path != "/v1/messages":  # (Anthropic's error shape has no param)
-        assert error["param"] == "thinking"
+        assert error["param"] == ("reasoning.effort" if path == "/v1/responses" else "thinking")
+    assert "thinking='" not in error["message"]  # (the Python API's advice, not HTTP's)
 
 
 def test_http_thinking_off_and_auto_answer(http_api):
@@ -348,4 +350,5 @@ def test_chat_cli_refuses_thinking_on_before_the_chat(folders):
     )
     assert res.returncode == 2, res.stderr
     assert "--thinking" in res.stderr and "cannot think" in res.stderr
+    assert "use --thinking auto or off" in res.stderr
     assert "fermi chat ·" not in res.stdout  # refused before the session started

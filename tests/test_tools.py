@@ -209,6 +209,14 @@ def test_without_parallel_calls_only_the_first_call_is_kept():
             "tools[0].function.parameters",
         ),
         ([WEATHER, WEATHER], "tools[1].function.name"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+            "tools[0].function.parameters.type",
+        ),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": ["array"]}}}],
+            "tools[0].function.parameters.type",
+        ),
     ],
 )
 def test_wrong_tool_shapes_are_refused_naming_the_field(tools, param):
@@ -430,6 +438,77 @@ def test_required_and_named_calls_by_a_random_model_are_valid_calls(engine):
             assert call.name == "add"
         jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
     assert {d.tool_calls[0].name for c, d in results if c == "required"} == set(SCHEMAS)
+
+
+ADDRESS = {
+    "$defs": {
+        "Address": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 8}},
+            "required": ["city"],
+            "additionalProperties": False,
+        }
+    },
+    "type": "object",
+    "properties": {"home": {"$ref": "#/$defs/Address"}},
+    "required": ["home"],
+    "additionalProperties": False,
+}
+CHAIN = {  # recursive, through the root: a list of numbers as a chain of links
+    "type": "object",
+    "properties": {"n": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+    "required": ["n", "next"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [ADDRESS, CHAIN, {}, {"anyOf": [{"type": "object"}, {"type": "null"}]}, None],
+    ids=["defs", "recursive", "empty", "object-or-null", "none"],
+)
+def test_forced_calls_take_any_object_schema_and_are_calls_only(engine, parameters):
+    """A Pydantic model's nested models come as ``$defs`` and ``$ref``s, which the call
+    grammar moves into its own ``$defs`` (they were refused: "Pointer '/$defs/Address' does
+    not exist"); ``{}`` and a schema that also allows null are narrowed to an object, the
+    only arguments the parsers read (a random model's non-object arguments fell through
+    to content). A forced reply is calls only: cut off before a call's name, it has no
+    content rather than the call syntax's text."""
+    function = {"name": "f"} | ({"parameters": parameters} if parameters is not None else {})
+    tools = [{"type": "function", "function": function}]
+    choices = ["required", {"type": "function", "function": {"name": "f"}}]
+
+    def ask(seed: int):
+        return engine.generate(
+            messages=HI, tools=tools, tool_choice=choices[seed % 2], thinking="off",
+            seed=seed, temperature=1.0, max_tokens=60 if seed < 2 else 300,
+        )  # fmt: skip
+
+    done = [ask(seed) for seed in range(10)]
+    assert all(d.text == "" for d in done), [d.text for d in done]
+    calls = [d for d in done if d.finish_reason == "tool_calls"]
+    assert calls, [d.finish_reason for d in done]
+    for d in calls:
+        for call in d.tool_calls:
+            assert call.name == "f"
+            jsonschema.validate(json.loads(call.arguments), parameters or {"type": "object"})
+            assert isinstance(json.loads(call.arguments), dict)
+
+
+def test_a_tool_schema_whose_min_properties_a_repeated_key_could_defeat_is_refused(engine):
+    loose = {"type": "object", "minProperties": 2}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": loose}}]
+    with pytest.raises(RequestError, match="minProperties 2 needs") as info:
+        engine.build_request(messages=HI, tools=tools, tool_choice="required")
+    assert info.value.param == "tools"
+
+
+def test_a_forced_call_cut_off_before_its_name_is_neither_content_nor_a_call(engine):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": ADDRESS}}]
+    done = engine.generate(
+        messages=HI, tools=tools, tool_choice="required", thinking="off", max_tokens=2
+    )
+    assert (done.finish_reason, done.text, done.tool_calls) == ("length", "", [])
 
 
 def test_a_tool_schema_the_grammar_cannot_take_is_named_as_the_tools_not_as_lark(engine):

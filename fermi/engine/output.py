@@ -100,7 +100,11 @@ class OutputStream:
             else None
         )
         self.tools = (
-            ToolCallParser(request.tool_format, None if request.parallel_tool_calls else 1)
+            ToolCallParser(
+                request.tool_format,
+                None if request.parallel_tool_calls else 1,
+                forced=request.tool_calls_forced,
+            )
             if request.tool_format
             else None
         )

@@ -476,6 +476,7 @@ class RequestBuilder:
             reasoning_may_open=constraint is not None and may_open,
             tool_format=fmt,
             parallel_tool_calls=parallel,
+            tool_calls_forced=fmt is not None and choice.mode in ("required", "named"),
         )
 
     def _grammar(self, grammar: Grammar | dict | None, response_format: Any) -> Grammar | None:

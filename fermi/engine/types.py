@@ -56,6 +56,10 @@ class GenerationRequest:
     # tool_choice is not "none"); without parallel calls, only the first call is kept.
     tool_format: ToolFormat | None = None
     parallel_tool_calls: bool = True
+    # tool_choice required or named: the grammar lets the answer be calls only, so what
+    # the parser cannot read as one (a call cut off before its name) is dropped, not
+    # returned as content.
+    tool_calls_forced: bool = False
     # ``stop`` as one automaton, built with the request (off the engine thread) and shared
     # by its copies (the n choices of one prompt); built from ``stop`` when not given.
     stop_strings: StopStrings | None = field(default=None, compare=False, repr=False)

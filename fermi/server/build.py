@@ -184,6 +184,7 @@ def refuse_unsupported_sampling(body: SamplingFields) -> None:
 
 def refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
     refuse_unsupported_sampling(body)
+    refuse_stream_options_without_stream(body)
     for field, message in CHAT_UNSUPPORTED.items():
         if getattr(body, field) is not None:
             raise ApiError(400, message, param=field)
@@ -198,6 +199,28 @@ def refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
         )
     if body.tools is not None and not body.tools:
         raise ApiError(400, "tools must not be empty; leave it out for no tools", param="tools")
+    if body.store:
+        raise ApiError(
+            400, "this server does not store chat completions; leave store out", param="store"
+        )
+    if body.metadata is not None:
+        raise ApiError(
+            400,
+            "metadata is kept with stored chat completions, which this server does not store",
+            param="metadata",
+        )
+    if body.service_tier not in (None, "auto", "default"):
+        raise ApiError(
+            400,
+            f"service_tier {body.service_tier!r} is not offered: this server has one tier "
+            '("default")',
+            param="service_tier",
+        )
+
+
+def refuse_stream_options_without_stream(body: SamplingFields) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options needs stream: true", param="stream_options")
 
 
 def chat_messages(raw: list[msgspec.Raw]) -> list[dict[str, Any]]:
@@ -296,6 +319,7 @@ def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[Generatio
 def completion_requests(engine: Engine, body: CompletionRequest) -> list[GenerationRequest]:
     """One engine request per (prompt, choice), in OpenAI's order: prompt-major."""
     refuse_unsupported_sampling(body)
+    refuse_stream_options_without_stream(body)
     if body.echo:
         raise ApiError(400, "echo is not supported", param="echo")
     if body.suffix:

@@ -307,6 +307,9 @@ _SCHEMAS: dict[str, Any] = {
             "parallel_tool_calls": _nullable(_BOOL),
             **dict.fromkeys(CHAT_UNSUPPORTED, _UNSUPPORTED),
             "verbosity": _nullable({"enum": ["medium"], "description": "others are refused"}),
+            "store": _nullable({"enum": [False], "description": "nothing is stored"}),
+            "metadata": _UNSUPPORTED,
+            "service_tier": _nullable({"enum": ["auto", "default"]}),
             "modalities": _nullable(
                 {"type": "array", "items": _STRING, "description": 'only ["text"] is served'}
             ),

@@ -126,6 +126,9 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     prediction: Any = None
     web_search_options: Any = None
     verbosity: str | None = None  # only "medium", the one length this server has
+    store: bool | None = None  # only false: nothing is stored
+    metadata: Any = None  # kept with stored completions: refused, as store is
+    service_tier: str | None = None  # only "auto" or "default": the one tier there is
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

@@ -331,6 +331,8 @@ def wire_param(param: str | None) -> str | None:
         return "input"
     if param == "max_tokens":
         return "max_output_tokens"
+    if param == "thinking":  # (asked for by reasoning.effort here)
+        return "reasoning.effort"
     if param.startswith("response_format"):
         rest = param.removeprefix("response_format").replace(".json_schema", "", 1)
         return "text.format" + rest

@@ -102,7 +102,10 @@ class ThinkingConvention:
         text = render(messages, variables)
         end = _prompt_end(text)
         if thinking == "on" and not (end == "open" or self._turns_on(render, messages, text)):
-            raise RequestError(self._cannot_think(model), "thinking")
+            # (The advice is the Python API's; HTTP names its own fields, without it.)
+            raise RequestError(
+                self._cannot_think(model), "thinking", hint="use thinking='auto' or 'off'"
+            )
         if thinking == "off":
             if end == "open":
                 text = text + ("" if text.endswith("\n") else "\n") + THINK_CLOSE + "\n\n"
@@ -126,11 +129,11 @@ class ThinkingConvention:
             return (
                 f"thinking='on' changes nothing in this conversation's prompt: {model}'s chat "
                 f"template reads `{self.switch}` only in some conversations (Granite 3.3's "
-                "only without a system message); use thinking='auto' or 'off'"
+                "only without a system message)"
             )
         return (
             f"{model} cannot think: its chat template has no thinking switch and never opens "
-            "a <think> block; use thinking='auto' or 'off'"
+            "a <think> block"
         )
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fermi.errors import RequestError, quoted
-from fermi.grammar import Grammar, bounded_whitespace
+from fermi.grammar import DATA_KEYWORDS, Grammar, bounded_whitespace, check_min_properties
 from fermi.text.tokenizer import template_variables
 
 ToolFormat = Literal["hermes", "llama3_json"]
@@ -73,7 +73,11 @@ class Tool:
 
     @property
     def arguments_schema(self) -> dict[str, Any]:
-        return self.parameters if self.parameters is not None else {"type": "object"}
+        """What a forced call's arguments must match: ``parameters``, as an object (the
+        parsers read a call's arguments as one; ``{}`` and a schema without ``type`` say
+        nothing against that, and ``["object", "null"]`` is narrowed to it)."""
+        schema = self.parameters if self.parameters is not None else {}
+        return {**schema, "type": "object"}
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,12 @@ def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
                 f"{where}.function.parameters",
                 "invalid_type",
             )
+        kind = (parameters or {}).get("type", "object")
+        if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+            raise RequestError(  # (as OpenAI's API: a call's arguments are an object)
+                f'parameters must describe an object (type "object"), not type {quoted(kind)}',
+                f"{where}.function.parameters.type",
+            )
         strict = function.get("strict")
         if strict is not None and not isinstance(strict, bool):
             raise RequestError(
@@ -233,16 +243,64 @@ def check_tools_supported(
 
 
 def _call_schema(tools: tuple[Tool, ...], arguments_key: str) -> dict[str, Any]:
-    options = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": t.name}, arguments_key: t.arguments_schema},
-            "required": ["name", arguments_key],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
-    return bounded_whitespace(options[0] if len(options) == 1 else {"anyOf": options})
+    """One schema for a call of any of ``tools``. An arguments schema that refers within
+    itself (``$ref`` to ``#/$defs/...``, or ``#`` for recursion) moves to the call schema's
+    ``$defs`` under its tool's name, its references rebased there."""
+    defs: dict[str, Any] = {}
+    options = []
+    for t in tools:
+        arguments = t.arguments_schema
+        try:
+            check_min_properties(arguments)
+        except ValueError as exc:
+            raise RequestError(f"unsupported tool parameters schema: {exc}", "tools") from None
+        if _has_local_ref(arguments):
+            key = f"fermi_arguments_{t.name}"
+            defs[key] = _rebased(arguments, f"#/$defs/{key}")
+            arguments = {"$ref": f"#/$defs/{key}"}
+        options.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": t.name}, arguments_key: arguments},
+                "required": ["name", arguments_key],
+                "additionalProperties": False,
+            }
+        )
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    if defs:
+        schema = {**schema, "$defs": defs}
+    return bounded_whitespace(schema)
+
+
+def _has_local_ref(schema: Any) -> bool:
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#"):
+                return True
+            stack.extend(v for k, v in node.items() if k not in DATA_KEYWORDS)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """``schema`` with each local reference ``#<pointer>`` made ``<base><pointer>``."""
+    if isinstance(schema, list):
+        return [_rebased(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = base + value[1:]
+        elif key in DATA_KEYWORDS:
+            out[key] = value
+        else:
+            out[key] = _rebased(value, base)
+    return out
 
 
 def call_grammar(
@@ -483,11 +541,15 @@ class ToolCallParser:
 
     ``feed`` returns (content, events) safe to emit now; ``finish`` flushes at the end.
     ``max_calls`` keeps only the first calls (``parallel_tool_calls: false``): later ones are
-    read and dropped. ``calls`` holds the full calls made so far."""
+    read and dropped. ``forced``: the answer is calls only (a required or named
+    ``tool_choice``, whose grammar allows nothing else), so no content is returned: what is
+    not a call (a call cut off before its name and arguments began) is dropped, never shown
+    as the call syntax's text. ``calls`` holds the full calls made so far."""
 
-    def __init__(self, fmt: ToolFormat, max_calls: int | None = None) -> None:
+    def __init__(self, fmt: ToolFormat, max_calls: int | None = None, forced: bool = False) -> None:
         self.fmt = fmt
         self.max_calls = max_calls
+        self.forced = forced
         self.calls: list[ToolCall] = []
         self._count = 0  # calls read, kept or not
         self._buf = ""
@@ -530,7 +592,7 @@ class ToolCallParser:
         return self._content(content), self._keep(events)
 
     def _content(self, parts: list[str]) -> str:
-        text = "".join(parts)
+        text = "" if self.forced else "".join(parts)
         self._wrote = self._wrote or bool(text)
         return text
 
