@@ -217,6 +217,10 @@ def test_without_parallel_calls_only_the_first_call_is_kept():
             [{"type": "function", "function": {"name": "f", "parameters": {"type": ["array"]}}}],
             "tools[0].function.parameters.type",
         ),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"required": "a"}}}],
+            "tools[0].function.parameters.required",
+        ),
     ],
 )
 def test_wrong_tool_shapes_are_refused_naming_the_field(tools, param):
@@ -513,14 +517,19 @@ def test_a_forced_call_cut_off_before_its_name_is_neither_content_nor_a_call(eng
 
 def test_a_tool_schema_the_grammar_cannot_take_is_named_as_the_tools_not_as_lark(engine):
     """The call grammar is written in lark, but the caller gave tools: the error says a tool
-    parameters schema is unsupported, and why, naming ``tools``."""
-    bad = {"type": "object", "properties": {"a": {"type": "string", "pattern": "a(b"}}}
+    parameters schema is unsupported, and why, naming ``tools``. (A valid JSON schema: a
+    broken one, e.g. the pattern ``a(b``, is refused before, naming its keyword.)"""
+    bad = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?=a)a"}}}
     tools = [{"type": "function", "function": {"name": "f", "parameters": bad}}]
     with pytest.raises(RequestError) as info:
         engine.build_request(messages=HI, tools=tools, tool_choice="required")
     assert info.value.param == "tools"
     assert info.value.message.startswith("unsupported tool parameters schema: ")
-    assert "unclosed group" in info.value.message and "lark" not in info.value.message
+    assert "look-around" in info.value.message and "lark" not in info.value.message
+    tools[0]["function"]["parameters"]["properties"]["a"]["pattern"] = "a(b"
+    with pytest.raises(RequestError, match="not a valid JSON schema") as info:
+        engine.build_request(messages=HI, tools=tools)  # (auto: refused all the same)
+    assert info.value.param == "tools[0].function.parameters.properties.a.pattern"
 
 
 def test_the_python_api_takes_openai_and_transformers_shaped_tool_histories(engine):
@@ -586,6 +595,14 @@ def test_wrong_tools_over_http_are_400_naming_the_field(client):
             tool_choice={"type": "function", "function": {"name": "missing"}},
         )
     assert info.value.body["param"] == "tool_choice" and "missing" in info.value.message
+    # Not a JSON schema: refused with tool_choice auto too, where the schema only goes into
+    # the prompt (it was served; a forced call's grammar refused it).
+    wrong = {"type": "object", "properties": {"city": {"type": "strin"}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": wrong}}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=HI, tools=tools)
+    assert info.value.body["param"] == "tools[0].function.parameters.properties.city.type"
+    assert "not a valid JSON schema: 'strin'" in info.value.message
 
 
 def test_a_conversation_round_trip_over_http_is_accepted(client):

@@ -23,6 +23,7 @@ embedded as ``%json``).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -125,6 +126,9 @@ def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
         return ()
     if not isinstance(value, list | tuple):
         raise RequestError("tools must be a list of function tools", param, "invalid_type")
+    from fermi.engine.requests import check_nesting  # (that module imports this one)
+
+    check_nesting([t.as_openai() if isinstance(t, Tool) else t for t in value], param)
     tools: list[Tool] = []
     for i, item in enumerate(value):
         where = f"{param}[{i}]"
@@ -159,6 +163,8 @@ def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
                 f"{where}.function.parameters",
                 "invalid_type",
             )
+        if parameters is not None:
+            check_schema(parameters, f"{where}.function.parameters")
         kind = (parameters or {}).get("type", "object")
         if kind != "object" and not (isinstance(kind, list) and "object" in kind):
             raise RequestError(  # (as OpenAI's API: a call's arguments are an object)
@@ -237,6 +243,39 @@ def check_tools_supported(
             "in a call syntax fermi does not parse: Hermes <tool_call> or Llama 3 JSON)",
             param,
         )
+
+
+def check_schema(schema: dict[str, Any], param: str) -> None:
+    """Refuse a ``schema`` that is not a JSON schema (draft 2020-12's meta-schema, as
+    ``jsonschema`` reads it), naming the keyword under ``param``: with ``tool_choice`` auto
+    the schema only goes into the prompt, and a wrong one (``"type": "foo"``) was served."""
+    try:
+        key = json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError):
+        raise RequestError("parameters must be JSON", param, "invalid_type") from None
+    error = _schema_error(key)
+    if error is not None:
+        at, message = error
+        raise RequestError(f"not a valid JSON schema: {message}", param + at)
+
+
+@functools.lru_cache(maxsize=256)  # (an agent sends the same tools with every request)
+def _schema_error(key: str) -> tuple[str, str] | None:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(json.loads(key))
+    except SchemaError as exc:
+        at = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in exc.path)
+        return at, _short(exc.message)
+    except RecursionError:
+        return "", "nested too deeply"
+    return None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # -- the grammar of required calls ------------------------------------------------------
