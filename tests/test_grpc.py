@@ -195,6 +195,12 @@ def test_unknown_and_closed_sessions_are_not_found(stub):
     )
     err = rpc_error(lambda: stub.CloseSession(pb.CloseSessionRequest(session_id=session_id)))
     assert err.code() == grpc.StatusCode.NOT_FOUND
+    # No id at all is bad input, not an unknown session.
+    err = rpc_error(lambda: stub.CloseSession(pb.CloseSessionRequest()))
+    assert (err.code(), err.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "session_id: session_id is empty: name the session to close",
+    )
 
 
 def test_idle_session_expires_after_the_ttl(engine):
@@ -461,7 +467,7 @@ def test_bad_generate_requests_are_invalid_argument_naming_the_field(stub, reque
 def test_a_prompt_over_the_context_is_invalid_argument_with_its_code_and_param(stub):
     err = rpc_error(lambda: list(stub.Generate(pb.GenerateRequest(prompt="x " * 1100))))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.details().endswith("(pass truncate=True to keep the end of the prompt)")
+    assert err.details().endswith("(set truncate: true to keep the end of the prompt)")
     metadata = dict(err.trailing_metadata())
     assert metadata["fermi-error-code"] == "context_length_exceeded"
     assert metadata["fermi-error-param"] == "prompt"

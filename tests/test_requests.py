@@ -251,6 +251,7 @@ def test_a_token_id_list_longer_than_the_context_is_refused_before_reading_it(to
             "logprobs",
         ),
         ({"prompt_token_ids": []}, "invalid_value", "prompt_token_ids"),
+        ({"prompt": "a", "parallel_tool_calls": False}, "invalid_value", "parallel_tool_calls"),
         ({"prompt": ""}, "invalid_value", "prompt"),
     ],
 )

@@ -332,6 +332,7 @@ def test_grpc_refuses_thinking_on_as_invalid_argument(gemma):
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert err.value.details().startswith("thinking: ")
             assert "cannot think" in err.value.details()
+            assert err.value.details().endswith("(use THINKING_AUTO or THINKING_OFF)")
         assert not stub.ListModels(pb.ListModelsRequest()).models[0].supports_thinking
     finally:
         channel.close()

@@ -396,6 +396,10 @@ class RequestBuilder:
             raise RequestError(
                 "parallel_tool_calls must be true or false", "parallel_tool_calls", "invalid_type"
             )
+        if parallel_tool_calls is not None and not listed:
+            raise RequestError(  # (as OpenAI's API: it would change nothing)
+                "parallel_tool_calls needs tools", "parallel_tool_calls"
+            )
         parallel = parallel_tool_calls is not False
         fmt = self.tool_format if listed and choice.mode != "none" else None
         if listed:

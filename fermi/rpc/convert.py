@@ -317,9 +317,21 @@ def _capped(details: str) -> str:
     return f"{cut}…"
 
 
+# The Python API's advice in this wire's words (its enum values and fields).
+_GRPC_HINTS = {
+    "use thinking='auto' or 'off'": "use THINKING_AUTO or THINKING_OFF",
+    "pass truncate=True to keep the end of the prompt": "set truncate: true to keep the end "
+    "of the prompt",
+}
+
+
 def _status_of(exc: BaseException) -> Status:
     if isinstance(exc, RequestError):
-        detail = f"{exc.param}: {exc}" if exc.param else str(exc)
+        said = exc.message
+        hint = _GRPC_HINTS.get(exc.hint, exc.hint) if exc.hint else None
+        if hint:
+            said = f"{said} ({hint})"
+        detail = f"{exc.param}: {said}" if exc.param else said
         metadata = ((ERROR_CODE_KEY, exc.code),)
         if exc.param:
             metadata += ((ERROR_PARAM_KEY, exc.param),)

@@ -66,6 +66,8 @@ class FermiService(pb_grpc.FermiServicer):
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context):  # noqa: N802
         try:
+            if not request.session_id:  # bad input, not an unknown session
+                raise RequestError("session_id is empty: name the session to close", "session_id")
             self.sessions.close(request.session_id)
         except Exception as exc:
             await _abort(context, exc)
