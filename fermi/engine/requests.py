@@ -24,6 +24,7 @@ from fermi.grammar import Grammar, GrammarCompiler
 from fermi.loading import GenerationDefaults
 from fermi.sampling import MAX_LOGPROBS, SamplingParams
 from fermi.text.control import strings
+from fermi.text.nesting import check_nesting
 from fermi.text.stops import MAX_STOP_CHARS, MAX_STOPS
 from fermi.text.thinking import THINK_CLOSE, THINK_OPEN, ThinkingConvention
 from fermi.text.tokenizer import Tokenizer
@@ -571,29 +572,6 @@ class RequestBuilder:
                 "prompt_token_ids",
             )
         return ids
-
-
-# How deep lists and objects may nest in messages and tools: far beyond any real tool
-# schema or message (OpenAI's structured outputs allow 10 levels of objects), far below
-# Python's recursion limit, which the walks over them (and the template's tojson) meet.
-MAX_NESTING = 100
-
-
-def check_nesting(value: Any, field: str, limit: int = MAX_NESTING) -> None:
-    """Refuse ``value`` when its lists and mappings nest more than ``limit`` deep (walked
-    without recursion)."""
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, Mapping):
-            children = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            continue
-        if depth >= limit:
-            raise RequestError(f"{field} nest lists or objects more than {limit} deep", field)
-        stack.extend((child, depth + 1) for child in children)
 
 
 def _chars(value: Any) -> int:

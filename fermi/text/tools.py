@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from fermi.errors import RequestError, quoted
 from fermi.grammar import DATA_KEYWORDS, Grammar, bounded_whitespace, check_min_properties
+from fermi.text.nesting import check_nesting
 from fermi.text.tokenizer import template_variables
 
 ToolFormat = Literal["hermes", "llama3_json"]
@@ -126,8 +127,6 @@ def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
         return ()
     if not isinstance(value, list | tuple):
         raise RequestError("tools must be a list of function tools", param, "invalid_type")
-    from fermi.engine.requests import check_nesting  # (that module imports this one)
-
     check_nesting([t.as_openai() if isinstance(t, Tool) else t for t in value], param)
     tools: list[Tool] = []
     for i, item in enumerate(value):
