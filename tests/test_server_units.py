@@ -915,3 +915,33 @@ def test_vllms_extensions_this_server_lacks_are_refused_naming_them(api, path, f
     if served is not None:  # the default, true, is served
         ok = asyncio.run(api.handle("POST", path, {}, json.dumps(served).encode()))
         assert ok.status == 200, ok.body
+
+
+def test_a_body_that_never_arrives_is_a_408_not_a_held_connection(api, monkeypatch):
+    """Granian times out headers that stop coming, not a body: a client that sent its
+    headers (Content-Length: 100) and then one byte held the connection for as long as it
+    liked, and about a thousand of them left the server accepting nothing."""
+    import fermi.server.app as app_module
+
+    monkeypatch.setattr(app_module, "BODY_SECONDS", 0.2)
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append(None)
+            return {"type": "http.request", "body": b"{", "more_body": True}
+        await asyncio.sleep(3600)  # the rest never comes
+
+    replies = []
+
+    async def send(message):
+        replies.append(message)
+
+    headers = [(b"content-length", b"100"), (b"content-type", b"application/json")]
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": headers}
+    started = time.monotonic()
+    asyncio.run(AsgiApp(api)(scope, receive, send))
+    assert time.monotonic() - started < 5
+    assert replies[0]["status"] == 408
+    error = json.loads(b"".join(m.get("body", b"") for m in replies[1:]))["error"]
+    assert error["code"] == "request_timeout" and "did not arrive within 0.2 s" in error["message"]

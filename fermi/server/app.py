@@ -39,6 +39,24 @@ SSE_HEADERS = [
 DRAIN_BYTES = 64 * 1024 * 1024
 
 
+# How long a request's body may take to arrive, from the end of its headers. Granian times
+# out headers that stop coming (30 s), not a body: a client that sent a Content-Length and
+# then nothing (or a body a byte a minute) held its connection, and about a thousand such
+# connections left the server accepting none (Granian's connection cap).
+BODY_SECONDS = 30.0
+
+
+async def _in_time(reading: Awaitable[bytes]) -> bytes:
+    try:
+        return await asyncio.wait_for(reading, BODY_SECONDS)
+    except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {BODY_SECONDS:g} s",
+            code="request_timeout",
+        ) from None
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
 
@@ -133,7 +151,7 @@ class RsgiApp:
         if scope.proto != "http":
             return
         try:
-            body = await self._body(scope, proto)
+            body = await _in_time(self._body(scope, proto))
         except ApiError as exc:
             reply = error_reply(exc, scope.path)
             self.api.metrics.error(reply.status)
@@ -209,7 +227,7 @@ class AsgiApp:
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            body = await self._body(headers, receive)
+            body = await _in_time(self._body(headers, receive))
         except ApiError as exc:
             reply = error_reply(exc, scope["path"])
             self.api.metrics.error(reply.status)

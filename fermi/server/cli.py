@@ -34,6 +34,10 @@ def parse_origins(text: str | None) -> list[str]:
     return origins
 
 
+# How long a stopping server lets its in-flight replies run (see serve_command).
+SHUTDOWN_SECONDS = 25
+
+
 @click.command("serve")
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -182,5 +186,9 @@ def serve_command(
         factory=True,
         websockets=False,
         log_level=LogLevels(log_level),
+        # On SIGTERM / SIGINT the worker finishes what is in flight for at most this long,
+        # then is killed: a reply running to the end of the context, or one slow client,
+        # held the shutdown without limit (container runtimes send SIGKILL at 30 s).
+        workers_kill_timeout=SHUTDOWN_SECONDS,
     )
     server.serve()

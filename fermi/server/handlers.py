@@ -408,8 +408,9 @@ class Api:
         the inter-token gaps seen so far."""
         timing.flush()
         if generation.unfinished:
+            # Per choice, as request_success counts them (an n=4 request is four).
+            self.metrics.aborted.inc(generation.unfinished)
             generation.cancel()
-            self.metrics.aborted.inc()
 
 
 class StreamReply:

@@ -75,7 +75,7 @@ class ServerMetrics:
         )
         self.aborted = Counter(
             "fermi:requests_aborted",
-            "Requests cancelled before they finished (the client left, or a choice failed).",
+            "Choices cancelled before they finished (the client left, or a choice failed).",
             m,
             registry=reg,
         ).labels(model)
