@@ -140,6 +140,18 @@ def check_options(options: ExportOptions) -> None:
         raise ExportError(
             f"--out {out} is not empty and holds no earlier export; choose an empty folder"
         )
+    whole = out.resolve()
+    if os.path.ismount(whole):
+        raise ExportError(
+            f"--out {out} is a mount point: an export replaces its folder whole, which a "
+            "mount point cannot be; export into a folder inside it"
+        )
+    here = Path.cwd().resolve()
+    if here == whole or whole in here.parents:
+        raise ExportError(
+            f"--out {out} holds the current folder, which the export would replace; "
+            "run it from another folder"
+        )
 
 
 class Progress:
@@ -221,8 +233,11 @@ def export_model(
     names += ["write tokenizer, config and manifest"]
     report.start(names)
     out = options.out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging_folder(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = _staging_folder(out)
+    except OSError as exc:  # (a read-only or special file system: before any work)
+        raise ExportError(f"cannot write an export beside {out}: {exc.strerror}") from None
     try:
         with report.stage(names[0]):
             checkpoint = load_source(options)
@@ -280,10 +295,19 @@ def _share_like(root: Path) -> None:
 
 
 def _replace(out: Path, staging: Path) -> None:
-    """Put the finished staging folder at ``out`` (an earlier export there goes away)."""
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    """Put the finished staging folder at ``out``; an earlier export there goes away only
+    once the new one is in its place (if the move fails, the earlier one is put back)."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(6)}"
+    os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_source(options: ExportOptions) -> Checkpoint:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
 
 from export.build import COMPUTE_UNITS, DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @click.command("export")
@@ -102,10 +107,16 @@ def export_command(
         verify=verify,
         compute_units=compute_units,
     )
+    # A stop by SIGTERM (timeout, docker stop, a cancelled job) unwinds as Ctrl-C does, so
+    # the staging folder is removed; it was left behind (up to the model's size).
+    signal.signal(signal.SIGTERM, _stop)
     try:
         manifest = export_model(options, progress=Bar())
     except (FermiError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # the disk filled, or the folder went away, while writing
+        where = exc.filename or out
+        raise click.ClickException(f"writing the export failed: {where}: {exc.strerror}") from exc
     click.echo(
         f"exported {manifest.architecture} to {out} ({manifest.target}, {manifest.dtype}, "
         f"quantize {manifest.quantize}); load it with fermi.load({str(out)!r})"

@@ -191,7 +191,7 @@ def load(
     seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 4096)
     if seq_len < 2:
         raise ValueError("max_seq_len must be at least 2")
-    warm = warmup if warmup is not None else os.environ.get("FERMI_WARMUP") or "full"
+    warm = warmup if warmup is not None else warmup_from_env("full")
     run = torch_runner(ckpt.model, runner, max_batch or 8, seq_len, prefill_chunk, warm)
     return Engine(
         run,
@@ -207,3 +207,15 @@ def load(
 
 def _display_name(name: str, path: Path) -> str:
     return path.name if Path(name).expanduser().exists() else name
+
+
+def warmup_from_env(default: str) -> str:
+    """``FERMI_WARMUP`` when set (checked here, naming the variable), else ``default``."""
+    from fermi.runners.base import WARMUP_SCOPES
+
+    value = os.environ.get("FERMI_WARMUP")
+    if not value:
+        return default
+    if value not in WARMUP_SCOPES:
+        raise ValueError(f"FERMI_WARMUP must be one of {', '.join(WARMUP_SCOPES)}, not {value!r}")
+    return value

@@ -15,7 +15,7 @@ import time
 
 import click
 
-from fermi import DEFAULT_MODEL
+from fermi import DEFAULT_MODEL, warmup_from_env
 from fermi.errors import RequestError
 
 # name -> "module:attribute" of a click command, imported on first use.
@@ -152,7 +152,10 @@ def command_line_warmup(engines: int = 1) -> str:
     every graph, and nothing else in the process uses the GPU. Several engines in one
     process (``serve --pool``) warm up in full before serving, so that no engine captures
     a graph while another one runs."""
-    return os.environ.get("FERMI_WARMUP") or ("first" if engines == 1 else "full")
+    try:
+        return warmup_from_env("first" if engines == 1 else "full")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def load_engine(
@@ -419,6 +422,8 @@ def generate(
         click.echo()
         if shown_reasoning:
             click.echo("(reasoning was printed to stderr)", err=True)
+    except RequestError as exc:  # (its hint is the Python API's: truncate=True, ...)
+        raise click.ClickException(exc.message) from exc
     except Exception as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

@@ -226,7 +226,9 @@ def hf_config_from_gguf(gguf: GGUFFile, arch: str) -> dict[str, Any]:
 
     def size(field: str, key: str, default: int | None = None) -> int:
         # Bounded as config.json's sizes are, before anything is built from them.
-        value = (meta.get(f"{arch}.{key}") or default) if default is not None else need(key)
+        # (a key that is present is read as it is: a head count of 0 is refused, not
+        # replaced by the default)
+        value = meta.get(f"{arch}.{key}", default) if default is not None else need(key)
         try:
             return bounded_size(field, value, str(gguf.path), f"{arch}.{key}")
         except UnsupportedModelError as exc:
@@ -262,6 +264,7 @@ def hf_config_from_gguf(gguf: GGUFFile, arch: str) -> dict[str, Any]:
         "mlp_bias": "blk.0.ffn_gate.bias" in tensors,
         "hidden_act": "silu",
     }
+    _check_head_counts(gguf, arch, cfg)
     rotary = int(meta.get(f"{arch}.rope.dimension_count") or head_dim)
     if rotary != head_dim:
         cfg["partial_rotary_factor"] = rotary / head_dim
@@ -270,6 +273,27 @@ def hf_config_from_gguf(gguf: GGUFFile, arch: str) -> dict[str, Any]:
         cfg["rope_scaling"] = scaling
     cfg.update(_ARCH_SETTINGS.get(arch, lambda *_: {})(gguf, arch, cfg, decimal))
     return cfg
+
+
+def _check_head_counts(gguf: GGUFFile, arch: str, cfg: dict[str, Any]) -> None:
+    """The head counts against the first layer's q and k tensors, naming the metadata: a
+    count that did not fit them failed later, in the rotary un-permute, as a traceback."""
+    size = cfg["head_dim"]
+    for tensor, heads, key in (
+        ("blk.0.attn_q.weight", cfg["num_attention_heads"], "attention.head_count"),
+        ("blk.0.attn_k.weight", cfg["num_key_value_heads"], "attention.head_count_kv"),
+    ):
+        info = gguf.tensors.get(tensor)
+        if info is not None and info.shape[0] != heads * size:
+            raise ModelLoadError(
+                f"{gguf.path}: {arch}.{key} = {heads} heads of {size} values does not fit "
+                f"tensor {tensor!r} ({info.shape[0]} rows)"
+            )
+    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        raise ModelLoadError(
+            f"{gguf.path}: {arch}.attention.head_count_kv = {cfg['num_key_value_heads']} "
+            f"does not divide {arch}.attention.head_count = {cfg['num_attention_heads']}"
+        )
 
 
 def _gemma3_settings(gguf: GGUFFile, arch: str, cfg: dict, decimal) -> dict[str, Any]:

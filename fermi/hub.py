@@ -15,9 +15,18 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 MANIFEST = "manifest.json"
 
 
+# The values huggingface_hub reads as true in its own HF_HUB_OFFLINE (any case).
+TRUE_VALUES = frozenset({"1", "ON", "YES", "TRUE"})
+
+
 def offline() -> bool:
-    """``FERMI_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) forbids any network access."""
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("FERMI_OFFLINE", "HF_HUB_OFFLINE"))
+    """``FERMI_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) forbids any network access; as
+    huggingface_hub reads its variable, 1, on, yes and true mean on and anything else off
+    (``FERMI_OFFLINE=false`` turned it on)."""
+    return any(
+        os.environ.get(v, "").strip().upper() in TRUE_VALUES
+        for v in ("FERMI_OFFLINE", "HF_HUB_OFFLINE")
+    )
 
 
 def resolve(model: str | os.PathLike) -> Path:

@@ -235,6 +235,12 @@ def read_safetensors(folder: Path) -> dict[str, tuple[Path, str]]:
     elif single.exists():
         files = [single.name]
     else:
+        exported = [n for n in ("model.onnx", "model.mlpackage") if (folder / n).exists()]
+        if exported:  # (an artefact is recognised by its manifest, which is missing)
+            raise ModelLoadError(
+                f"{folder} holds {exported[0]} but no manifest.json: a fermi export is loaded "
+                "through its manifest, which lists and checks its files; export it again"
+            )
         raise ModelLoadError(
             f"model folder {folder} has no model.safetensors or model.safetensors.index.json"
         )
@@ -475,6 +481,34 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _check_sampling_defaults(path: Path, gen: dict) -> None:
+    """The sampling values of ``generation_config.json``, checked as a request's are, at
+    load and naming the file: a bad one ("temperature": "hot") loaded, then failed every
+    request with a message that named neither, as if the caller's own value were wrong."""
+    from fermi.sampling import SamplingParams
+
+    for name, kind in (
+        ("temperature", float),
+        ("top_p", float),
+        ("top_k", int),
+        ("min_p", float),
+        ("repetition_penalty", float),
+    ):
+        value = gen.get(name)
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (kind is int and not isinstance(value, int)):
+            wanted = "an integer" if kind is int else "a number"
+            raise ModelLoadError(f"{path}: {name} must be {wanted}, not {value!r}")
+        try:
+            SamplingParams(**{name: kind(value)}).validate()
+        except ValueError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from None
+    if gen.get("do_sample") is not None and not isinstance(gen["do_sample"], bool):
+        raise ModelLoadError(f"{path}: do_sample must be true or false, not {gen['do_sample']!r}")
+
+
 def read_generation_defaults(
     folder: Path, hf_config: dict, tokenizer: Tokenizer
 ) -> GenerationDefaults:
@@ -501,6 +535,7 @@ def read_generation_defaults(
                 eos.append(value)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
+    _check_sampling_defaults(path, gen)
     return GenerationDefaults(
         eos_token_ids=tuple(eos),
         temperature=gen.get("temperature"),

@@ -9,9 +9,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -648,3 +651,68 @@ def test_an_artefact_refuses_what_it_cannot_honour_before_loading_the_session(ex
         fermi.load(art, prefill_chunk=manifest.prefill_chunk + 1)
     with pytest.raises(ValueError, match="warmup must be one of"):
         fermi.load(art, warmup="bogus")
+
+
+def test_an_earlier_export_survives_a_replacement_that_cannot_move_in(exported, tmp_path):
+    """The earlier folder goes away only once the new one is in its place: before, it was
+    deleted first, and a move that then failed (a mount point: EBUSY) left nothing."""
+    from export import build
+
+    out = tampered_copy(exported[1], tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    staging = tmp_path / "new"
+    staging.mkdir()
+    real, calls = os.replace, []
+
+    def failing_second_move(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError(16, "Device or resource busy")
+        real(src, dst)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build.os, "replace", failing_second_move)
+        with pytest.raises(OSError, match="busy"):
+            build._replace(out, staging)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not list(tmp_path.glob(".art.old-*"))
+
+
+def test_an_out_folder_export_cannot_replace_is_refused_before_any_work(
+    exported, tmp_path, monkeypatch
+):
+    from export import build
+
+    source = str(exported[0])
+    options = ExportOptions(model=source, target="onnx", out=tmp_path / "vol", max_seq_len=SEQ)
+    monkeypatch.setattr(build.os.path, "ismount", lambda path: str(path).endswith("vol"))
+    with pytest.raises(ExportError, match="is a mount point"):
+        export_model(options, progress=lambda _: None)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    here = ExportOptions(model=source, target="onnx", out=Path("."), max_seq_len=SEQ)
+    with pytest.raises(ExportError, match="holds the current folder"):
+        export_model(here, progress=lambda _: None)
+    proc = ExportOptions(model=source, target="onnx", out=Path("/proc/fermi-x"), max_seq_len=SEQ)
+    with pytest.raises(ExportError, match="cannot write an export beside /proc/fermi-x"):
+        export_model(proc, progress=lambda _: None)
+
+
+def test_sigterm_stops_an_export_and_removes_its_staging_folder(exported, tmp_path):
+    command = [sys.executable, "-m", "fermi.cli", "export", "--model", str(exported[0])]
+    command += ["--target", "onnx", "--out", str(tmp_path / "art"), "--max-seq-len", "64"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".art.staging-*")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 128 + signal.SIGTERM
+    assert not list(tmp_path.glob(".art.staging-*")) and not (tmp_path / "art").exists()
+
+
+def test_an_export_without_its_manifest_is_named_as_such(exported, tmp_path):
+    out = tampered_copy(exported[1], tmp_path)
+    (out / "manifest.json").unlink()
+    with pytest.raises(ModelLoadError, match="holds model.onnx but no manifest.json"):
+        fermi.load(out)

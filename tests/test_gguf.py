@@ -491,3 +491,23 @@ def test_gguf_tensor_with_a_zero_dimension_is_a_load_error(tmp_path):
     path.write_bytes(raw_gguf(b"", n_kv=0, tensors=info, n_tensors=1) + bytes(64))
     with pytest.raises(ModelLoadError, match=r"zero\.gguf: tensor 'token_embd\.weight' has a dim"):
         GGUFFile(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("llama.attention.head_count", 3, "llama.attention.head_count = 3 heads of"),
+        ("llama.attention.head_count_kv", 0, "llama.attention.head_count_kv = 0 is outside"),
+        ("llama.attention.head_count_kv", 3, "llama.attention.head_count_kv = 3 heads of"),
+    ],
+)
+def test_gguf_head_counts_that_do_not_fit_the_tensors_are_refused_naming_the_field(
+    tmp_path, llama_folder, key, value, said
+):
+    """A head count the q/k tensors cannot hold failed in the rotary un-permute with a
+    traceback, and a head_count_kv of 0 was quietly read as the head count."""
+    path = write_gguf(
+        llama_folder, tmp_path / "m.gguf", "llama", metadata={key: (value, GGUFValueType.UINT32)}
+    )
+    with pytest.raises(ModelLoadError, match=re.escape(f"m.gguf: {said}")):
+        load_gguf(path, CPU, torch.float32)

@@ -184,6 +184,27 @@ def test_a_model_file_that_is_not_what_it_should_be_is_named(folder, name, text,
             {"eos_token_id": [99999]},
             r"generation_config\.json: eos_token_id 99999 is not a token id of this model",
         ),
+        # Sampling defaults, checked at load (they failed every request, naming neither).
+        (
+            "generation_config.json",
+            {"temperature": "hot"},
+            r"generation_config\.json: temperature must be a number, not 'hot'",
+        ),
+        (
+            "generation_config.json",
+            {"top_p": 5},
+            r"generation_config\.json: top_p must be in \(0, 1\], got 5\.0",
+        ),
+        (
+            "generation_config.json",
+            {"top_k": 1.5},
+            r"generation_config\.json: top_k must be an integer, not 1\.5",
+        ),
+        (
+            "generation_config.json",
+            {"do_sample": "yes"},
+            r"generation_config\.json: do_sample must be true or false",
+        ),
         (
             "tokenizer_config.json",
             {"chat_template": 5},
@@ -454,3 +475,22 @@ def test_resolve_device_on_a_machine_with_two_gpus(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match=r"'cuda:2': there are 2 CUDA GPUs, 0\.\.1"):
         resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize(
+    ("value", "on"),
+    [("1", True), ("true", True), ("YES", True), ("on", True), ("", False), ("0", False),
+     ("false", False), ("no", False), ("off", False)],
+)  # fmt: skip
+def test_offline_mode_reads_its_variable_as_huggingface_hub_does(monkeypatch, value, on):
+    from fermi.hub import offline
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("FERMI_OFFLINE", value)
+    assert offline() is on
+
+
+def test_a_bad_fermi_warmup_is_refused_naming_the_variable(folder, monkeypatch):
+    monkeypatch.setenv("FERMI_WARMUP", "bogus")
+    with pytest.raises(ValueError, match="FERMI_WARMUP must be one of first, full, not 'bogus'"):
+        fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)

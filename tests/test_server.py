@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory):
 def base(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-log") / "serve.log"
     args = ["--api-key", KEY, "--max-seq-len", str(SEQ_LEN), "--max-batch", "2"]
-    args += ["--max-waiting", "2", "--max-body-bytes", "65536"]
+    args += ["--max-waiting", "2", "--max-body-bytes", "65536", "--body-timeout", "2"]
     with running_server(model_dir, *args, log=log) as url:
         yield url
 
@@ -604,6 +604,28 @@ def test_full_queue_is_429_with_retry_after_and_the_server_keeps_serving(base, c
 
 
 # -- lifecycle --------------------------------------------------------------------------
+
+
+def test_a_body_that_stops_arriving_is_a_408_and_the_server_goes_on(base, client):
+    """Granian times out headers that stop, not a body: a client that sent its headers and
+    one byte of a 100-byte body held the connection (a thousand such held them all)."""
+    host, port = base.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}"
+        "\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    )
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        started = time.monotonic()
+        sock.sendall(head.encode())
+        reply = b""
+        while b"request_timeout" not in reply:
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b'"code":"request_timeout"' in reply and 1.5 < time.monotonic() - started < 20
+    assert chat(client, max_tokens=2, extra_body=NO_EOS).usage.completion_tokens == 2
 
 
 def test_client_disconnect_cancels_generation_and_frees_the_slot(base):

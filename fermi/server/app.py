@@ -39,21 +39,16 @@ SSE_HEADERS = [
 DRAIN_BYTES = 64 * 1024 * 1024
 
 
-# How long a request's body may take to arrive, from the end of its headers. Granian times
-# out headers that stop coming (30 s), not a body: a client that sent a Content-Length and
-# then nothing (or a body a byte a minute) held its connection, and about a thousand such
-# connections left the server accepting none (Granian's connection cap).
-BODY_SECONDS = 30.0
-
-
-async def _in_time(reading: Awaitable[bytes]) -> bytes:
+async def _in_time(reading: Awaitable[bytes], seconds: float) -> bytes:
+    """The body, or a 408 once ``seconds`` (``--body-timeout``) have passed since the
+    headers. Granian times out headers that stop coming (30 s), not a body: a client that
+    sent a Content-Length and then nothing (or a byte a minute) held its connection, and
+    about a thousand such connections left the server accepting none (Granian's cap)."""
     try:
-        return await asyncio.wait_for(reading, BODY_SECONDS)
+        return await asyncio.wait_for(reading, seconds)
     except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
         raise ApiError(
-            408,
-            f"the request body did not arrive within {BODY_SECONDS:g} s",
-            code="request_timeout",
+            408, f"the request body did not arrive within {seconds:g} s", code="request_timeout"
         ) from None
 
 
@@ -143,6 +138,7 @@ class RsgiApp:
     def __init__(self, api: Api) -> None:
         self.api = api
         self.limit = api.config.max_body_bytes
+        self.body_seconds = api.config.body_timeout_s
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.api.close()
@@ -151,7 +147,7 @@ class RsgiApp:
         if scope.proto != "http":
             return
         try:
-            body = await _in_time(self._body(scope, proto))
+            body = await _in_time(self._body(scope, proto), self.body_seconds)
         except ApiError as exc:
             reply = error_reply(exc, scope.path)
             self.api.metrics.error(reply.status)
@@ -218,6 +214,7 @@ class AsgiApp:
     def __init__(self, api: Api) -> None:
         self.api = api
         self.limit = api.config.max_body_bytes
+        self.body_seconds = api.config.body_timeout_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -227,7 +224,7 @@ class AsgiApp:
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            body = await _in_time(self._body(headers, receive))
+            body = await _in_time(self._body(headers, receive), self.body_seconds)
         except ApiError as exc:
             reply = error_reply(exc, scope["path"])
             self.api.metrics.error(reply.status)

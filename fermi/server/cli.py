@@ -81,6 +81,13 @@ SHUTDOWN_SECONDS = 25
     help="Larger request bodies get 413.",
 )
 @click.option(
+    "--body-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request body may take to arrive after its headers; then 408.",
+)
+@click.option(
     "--max-waiting",
     type=click.IntRange(min=0),
     default=None,
@@ -122,6 +129,7 @@ def serve_command(
     devices: str | None,
     served_model_name: str | None,
     max_body_bytes: int,
+    body_timeout: float,
     max_waiting: int | None,
     prefix_reuse: bool,
     interface: str,
@@ -170,6 +178,7 @@ def serve_command(
         api_key=api_key or None,
         cors_origins=parse_origins(cors_origins),
         max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout,
         max_waiting=max_waiting,
         prefix_reuse=prefix_reuse,
     )

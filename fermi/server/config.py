@@ -24,6 +24,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     served_model_name: str | None = None
     api_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    body_timeout_s: float = 30.0  # from the end of the headers to the end of the body: 408
     max_waiting: int | None = None  # queued requests per replica before 429
     prefix_reuse: bool = True  # keep finished requests' caches for later prompts
     cors_origins: list[str] = msgspec.field(default_factory=list)  # "*" allows any
