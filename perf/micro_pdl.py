@@ -139,9 +139,14 @@ def time_compiled(shapes, weights, x0, pdl: bool, replays: int) -> tuple[list[fl
         fn(x0, *flat)
         fn(x0, *flat)
     torch.cuda.current_stream().wait_stream(side)
+    return captured_times(lambda: fn(x0, *flat), replays)
+
+
+def captured_times(step, replays: int) -> tuple[list[float], torch.Tensor]:
+    """``step`` captured in a CUDA graph: microseconds per replay, and its output."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        final = fn(x0, *flat)
+        final = step()
     graph.replay()
     torch.cuda.synchronize()
     out = final.float().clone()
@@ -203,23 +208,10 @@ def measure(name: str, layers: int, bandwidth: float, replays: int, compiled: bo
             with torch.cuda.stream(side):
                 run(variant)  # compiles
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                final = run(variant)
-            graph.replay()
-            torch.cuda.synchronize()
-            finals[variant] = final.float().clone()
-            times = []
-            for _ in range(replays):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1e3 / layers)
+            times, finals[variant] = captured_times(lambda variant=variant: run(variant), replays)
+            times = [t / layers for t in times]
             row[f"{variant}_us_per_layer"] = statistics.median(times)
             row[f"{variant}_us_range"] = [min(times), max(times)]
-            del graph
         except Exception as exc:  # a variant this torch/Triton/driver cannot capture
             row[f"{variant}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         print(json.dumps({k: v for k, v in row.items() if k != "products"}), flush=True)
