@@ -714,5 +714,5 @@ def test_sigterm_stops_an_export_and_removes_its_staging_folder(exported, tmp_pa
 def test_an_export_without_its_manifest_is_named_as_such(exported, tmp_path):
     out = tampered_copy(exported[1], tmp_path)
     (out / "manifest.json").unlink()
-    with pytest.raises(ModelLoadError, match="holds model.onnx but no manifest.json"):
+    with pytest.raises(ModelLoadError, match=r"holds model\.onnx but no manifest\.json"):
         fermi.load(out)
