@@ -403,6 +403,11 @@ class _TextTokens:
         data = json.loads(backend.to_str())
         for token in data.get("added_tokens", []):
             token["special"] = True
+        # Text is encoded as it stands, wherever it falls in the output: no "▁" or space
+        # put before it (SentencePiece's Prepend normalizer and Metaspace's prepend scheme,
+        # ByteLevel's prefix space), which llguidance's own reading also leaves out.
+        data["normalizer"] = _without_prepend(data.get("normalizer"))
+        data["pre_tokenizer"] = _without_prefix_space(data.get("pre_tokenizer"))
         self._encoder = Tokenizer.from_str(json.dumps(data))
         self._encoder.encode_special_tokens = True  # (their text as ordinary tokens)
         self._encoder.no_padding()
@@ -410,19 +415,50 @@ class _TextTokens:
         reader = llguidance.LLTokenizer(backend.to_str())
         # One token a logit. Ids the tokenizer lacks (padded embeddings, gaps) are special
         # tokens no text has; ids past the model's logits are never sampled, so left out.
-        names = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+        added = backend.get_added_tokens_decoder()
+        names = {i: t.content for i, t in added.items()}
         self.tokens = []
         for i in range(vocab_size):
             text = reader.decode_bytes([i]) if i not in names and i < reader.vocab_size else b""
             if i not in names and not text:
                 names[i] = f"<|fermi_no_token_{i}|>"
             self.tokens.append(names[i].encode() if i in names else text)
-        self.special_token_ids = sorted(i for i in names if i < vocab_size)
+        # Special: what llguidance's reading takes as special (an added token flagged so, or
+        # one shaped like a tag: <think>, <|im_end|>) and the placeholders; an ordinary added
+        # token ("\n\n") stays text.
+        self.special_token_ids = sorted(
+            i
+            for i, name in names.items()
+            if i < vocab_size
+            and (i not in added or added[i].special or (name[:1] == "<" and name[-1:] == ">"))
+        )
         self.eos_token_id = eos
         self.bos_token_id = None
 
     def __call__(self, text: str) -> list[int]:
         return self._encoder.encode(text, add_special_tokens=False).ids
+
+
+def _without_prepend(normalizer: Any) -> Any:
+    if not isinstance(normalizer, dict) or normalizer.get("type") == "Prepend":
+        return None if isinstance(normalizer, dict) else normalizer
+    if normalizer.get("type") == "Sequence":
+        kept = [_without_prepend(n) for n in normalizer.get("normalizers", [])]
+        return {**normalizer, "normalizers": [n for n in kept if n is not None]}
+    return normalizer
+
+
+def _without_prefix_space(pre: Any) -> Any:
+    if not isinstance(pre, dict):
+        return pre
+    kind = pre.get("type")
+    if kind == "Metaspace":
+        return {**pre, "prepend_scheme": "never", "add_prefix_space": False}
+    if kind == "ByteLevel":
+        return {**pre, "add_prefix_space": False}
+    if kind == "Sequence":
+        return {**pre, "pretokenizers": [_without_prefix_space(p) for p in pre["pretokenizers"]]}
+    return pre
 
 
 def _clean(message: object) -> str:

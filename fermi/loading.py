@@ -497,12 +497,20 @@ def _check_sampling_defaults(path: Path, gen: dict) -> None:
         value = gen.get(name)
         if value is None:
             continue
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not number or (kind is int and not isinstance(value, int)):
+        # As the request builder reads them (float(), int()): 50.0 and "0.7" have loaded
+        # and worked; a value that reads as no number, or a top_k of 1.5, has not.
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        whole = number is not None and number.is_integer()
+        if kind is int and isinstance(value, str):  # (int("50.0") fails where it is read)
+            whole = whole and value.strip().lstrip("+-").isdigit()
+        if number is None or (kind is int and not whole):
             wanted = "an integer" if kind is int else "a number"
             raise ModelLoadError(f"{path}: {name} must be {wanted}, not {value!r}")
         try:
-            SamplingParams(**{name: kind(value)}).validate()
+            SamplingParams(**{name: kind(number)}).validate()
         except ValueError as exc:
             raise ModelLoadError(f"{path}: {exc}") from None
     if gen.get("do_sample") is not None and not isinstance(gen["do_sample"], bool):

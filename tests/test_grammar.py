@@ -480,3 +480,42 @@ def test_min_properties_holds_where_no_key_can_repeat(folder):
             )  # fmt: skip
             if out.finish_reason == "stop":
                 jsonschema.validate(json.loads(out.text), schema)
+
+
+def _sentencepiece_shaped(normalized: bool):
+    """A Llama-2-shaped tokenizer: "▁" for spaces, put before the text by a Prepend
+    normalizer (``normalized``) or by Metaspace's "first" prepend scheme, byte fallback."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁"]
+    pieces += [c for c in 'abcdefghijklmnopqrstuvwxyz{}":,<>/|' if c not in pieces]
+    pieces += ["▁a", "ab", "▁ab", "hi", "▁hi"]
+    merges = [("▁", "a"), ("a", "b"), ("▁a", "b"), ("h", "i"), ("▁", "hi")]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    tok = Tokenizer(BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    if normalized:
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    # (the decoder llguidance reads: it cannot read a Metaspace decoder)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return tok
+
+
+@pytest.mark.parametrize("normalized", [True, False], ids=["prepend-normalizer", "metaspace"])
+def test_forced_text_is_encoded_without_a_prefix_space_on_sentencepiece_tokenizers(normalized):
+    """The view's encoder runs the tokenizer's own normalizer and pre-tokenizer, which on
+    Llama-2-shaped tokenizers put "▁" before the text: every forced piece came out with a
+    space in front (" {" for "{"), and every constrained reply failed."""
+    from fermi.grammar import _TextTokens
+
+    tok = _sentencepiece_shaped(normalized)
+    view = _TextTokens(tok, 2, tok.get_vocab_size())
+    for text in ("hi ab", "{", '"ab"'):
+        assert b"".join(view.tokens[t] for t in view(text)) == text.encode()

@@ -206,6 +206,11 @@ def test_a_model_file_that_is_not_what_it_should_be_is_named(folder, name, text,
             r"generation_config\.json: do_sample must be true or false",
         ),
         (
+            "generation_config.json",
+            {"top_k": "50.0"},
+            r"generation_config\.json: top_k must be an integer, not '50\.0'",
+        ),
+        (
             "tokenizer_config.json",
             {"chat_template": 5},
             r"tokenizer_config\.json: chat_template must be a string",
@@ -494,3 +499,11 @@ def test_a_bad_fermi_warmup_is_refused_naming_the_variable(folder, monkeypatch):
     monkeypatch.setenv("FERMI_WARMUP", "bogus")
     with pytest.raises(ValueError, match="FERMI_WARMUP must be one of first, full, not 'bogus'"):
         fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+
+
+def test_sampling_defaults_that_read_as_numbers_still_load(folder):
+    """What the request builder reads (float(), int()) loads as before: 50.0, "0.7"."""
+    _edit(folder / "generation_config.json", {"top_k": 50.0, "temperature": "0.7", "top_p": 1})
+    with fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64) as engine:
+        assert (engine.generation.top_k, engine.generation.temperature) == (50.0, "0.7")
+        assert engine.generate(prompt="x", max_tokens=2, seed=1).finish_reason == "length"

@@ -323,7 +323,7 @@ def _prompt(engine: Engine, body: CountTokensRequest) -> dict[str, Any]:
         "thinking": _thinking(body, forced),
         "tools": _tools(body),
         "tool_choice": choice,
-        "parallel_tool_calls": parallel,
+        "parallel_tool_calls": parallel if body.tools else None,  # (moot without tools)
         "grammar": _grammar(body),
     }
 

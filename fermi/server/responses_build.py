@@ -71,7 +71,9 @@ def response_request(engine: Engine, body: ResponsesRequest) -> GenerationReques
         thinking=thinking,
         tools=chat_tools(body.tools),
         tool_choice=chat_tool_choice(body.tool_choice),
-        parallel_tool_calls=body.parallel_tool_calls,
+        # (a setting of tools, sent by clients with or without them: on this API, unlike
+        # chat's, no tools makes it moot, not an error)
+        parallel_tool_calls=body.parallel_tool_calls if body.tools else None,
         truncate=body.truncation == "auto",
     )
     if body.text is not None and body.text.format is not None:

@@ -23,11 +23,12 @@ embedded as ``%json``).
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import re
 import secrets
 import string
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -132,6 +133,7 @@ def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
     for i, item in enumerate(value):
         where = f"{param}[{i}]"
         if isinstance(item, Tool):
+            _check_parameters(item.parameters, f"{where}.function.parameters")
             tools.append(item)
             continue
         if not isinstance(item, dict):
@@ -162,14 +164,7 @@ def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
                 f"{where}.function.parameters",
                 "invalid_type",
             )
-        if parameters is not None:
-            check_schema(parameters, f"{where}.function.parameters")
-        kind = (parameters or {}).get("type", "object")
-        if kind != "object" and not (isinstance(kind, list) and "object" in kind):
-            raise RequestError(  # (as OpenAI's API: a call's arguments are an object)
-                f'parameters must describe an object (type "object"), not type {quoted(kind)}',
-                f"{where}.function.parameters.type",
-            )
+        _check_parameters(parameters, f"{where}.function.parameters")
         strict = function.get("strict")
         if strict is not None and not isinstance(strict, bool):
             raise RequestError(
@@ -244,33 +239,77 @@ def check_tools_supported(
         )
 
 
+def _check_parameters(parameters: dict[str, Any] | None, param: str) -> None:
+    if parameters is None:
+        return
+    if not isinstance(parameters, dict):
+        raise RequestError("parameters must be a JSON schema object", param, "invalid_type")
+    check_schema(parameters, param)
+    kind = parameters.get("type", "object")
+    if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+        raise RequestError(  # (as OpenAI's API: a call's arguments are an object)
+            f'parameters must describe an object (type "object"), not type {quoted(kind)}',
+            f"{param}.type",
+        )
+
+
 def check_schema(schema: dict[str, Any], param: str) -> None:
-    """Refuse a ``schema`` that is not a JSON schema (draft 2020-12's meta-schema, as
-    ``jsonschema`` reads it), naming the keyword under ``param``: with ``tool_choice`` auto
-    the schema only goes into the prompt, and a wrong one (``"type": "foo"``) was served."""
+    r"""Refuse a ``schema`` that is no JSON schema of any draft (the meta-schemas as
+    ``jsonschema`` reads them: its own ``$schema``'s draft, else 2020-12 back to draft 4,
+    so that an older tool's tuple ``items`` or boolean ``exclusiveMaximum`` still passes;
+    patterns are not compiled here, ECMA's ``\p{L}`` being no Python regex), naming the
+    keyword under ``param``: with ``tool_choice`` auto the schema only goes into the
+    prompt, and a wrong one (``"type": "foo"``) was served."""
     try:
-        key = json.dumps(schema, sort_keys=True)
+        text = json.dumps(schema, sort_keys=True)
     except (TypeError, ValueError):
         raise RequestError("parameters must be JSON", param, "invalid_type") from None
-    error = _schema_error(key)
+    # Remembered by digest (an agent sends the same tools with every request), so that
+    # the cache holds no schema: distinct 2 MB schemas would otherwise stay in memory.
+    key = hashlib.sha256(text.encode()).digest()
+    error = _SCHEMA_ERRORS.get(key, _UNSEEN)
+    if error is _UNSEEN:
+        error = _schema_error(schema)
+        with _SCHEMA_LOCK:
+            _SCHEMA_ERRORS[key] = error
+            while len(_SCHEMA_ERRORS) > 1024:
+                _SCHEMA_ERRORS.pop(next(iter(_SCHEMA_ERRORS)))
     if error is not None:
         at, message = error
         raise RequestError(f"not a valid JSON schema: {message}", param + at)
 
 
-@functools.lru_cache(maxsize=256)  # (an agent sends the same tools with every request)
-def _schema_error(key: str) -> tuple[str, str] | None:
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
+_SCHEMA_ERRORS: dict[bytes, tuple[str, str] | None] = {}
+_SCHEMA_LOCK = threading.Lock()
+_UNSEEN = object()
 
+
+def _schema_error(schema: dict[str, Any]) -> tuple[str, str] | None:
+    from jsonschema import validators
+
+    drafts = (
+        [validators.validator_for(schema)]
+        if "$schema" in schema
+        else [
+            validators.Draft202012Validator,
+            validators.Draft201909Validator,
+            validators.Draft7Validator,
+            validators.Draft6Validator,
+            validators.Draft4Validator,
+        ]
+    )
+    first = None
     try:
-        Draft202012Validator.check_schema(json.loads(key))
-    except SchemaError as exc:
-        at = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in exc.path)
-        return at, _short(exc.message)
+        for draft in drafts:
+            # (no format checker: "pattern" is ECMA-262, which Python's re does not read)
+            error = next(iter(draft(draft.META_SCHEMA).iter_errors(schema)), None)
+            if error is None:
+                return None
+            first = first or error
     except RecursionError:
         return "", "nested too deeply"
-    return None
+    at = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.path)
+    return at, _short(first.message)
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -294,7 +333,10 @@ def _call_schema(tools: tuple[Tool, ...], arguments_key: str) -> dict[str, Any]:
             raise RequestError(f"unsupported tool parameters schema: {exc}", "tools") from None
         if _has_local_ref(arguments):
             key = f"fermi_arguments_{t.name}"
-            defs[key] = _rebased(arguments, f"#/$defs/{key}")
+            # (without its "$id": moved, it would make "#" mean itself, not the root the
+            # rebased references start from)
+            moved = {k: v for k, v in arguments.items() if k != "$id"}
+            defs[key] = _rebased(moved, f"#/$defs/{key}")
             arguments = {"$ref": f"#/$defs/{key}"}
         options.append(
             {
