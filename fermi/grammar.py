@@ -21,6 +21,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -171,30 +172,37 @@ class Grammar:
         return ll.grammar_from_lark(self.source)
 
 
-def check_min_properties(schema: Any) -> None:
-    """Refuse a ``minProperties`` above 1 on an object that may have keys besides those in
-    ``properties``: llguidance keeps a listed key from repeating, not an additional one, and
-    a JSON parser counts a repeated key once, so ``{"a": 1, "a": 2}`` would pass the grammar
-    and fail ``minProperties: 2``."""
+# Keywords whose values are JSON data, not schemas: a "$ref" or "minProperties" key inside
+# them is a value.
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def schema_objects(schema: Any) -> Iterator[dict[str, Any]]:
+    """Every object of a JSON schema that is a schema (not data), walked without recursion."""
     stack = [schema]
     while stack:
         node = stack.pop()
         if isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
-            least = node.get("minProperties")
-            closed = node.get("additionalProperties") is False and not node.get("patternProperties")
-            if isinstance(least, int) and least > 1 and not closed:
-                raise ValueError(
-                    f"minProperties {least} needs additionalProperties: false (and no "
-                    "patternProperties): the grammar cannot keep an additional key from "
-                    "repeating, and a repeated key counts once"
-                )
+            yield node
             stack.extend(v for k, v in node.items() if k not in DATA_KEYWORDS)
 
 
-# Keywords whose values are JSON data, not schemas.
-DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+def check_min_properties(schema: Any) -> None:
+    """Refuse a ``minProperties`` above 1 on an object that may have keys besides those in
+    ``properties``: llguidance keeps a listed key from repeating, not an additional one, and
+    a JSON parser counts a repeated key once, so ``{"a": 1, "a": 2}`` would pass the grammar
+    and fail ``minProperties: 2``."""
+    for node in schema_objects(schema):
+        least = node.get("minProperties")
+        closed = node.get("additionalProperties") is False and not node.get("patternProperties")
+        if isinstance(least, int) and least > 1 and not closed:
+            raise ValueError(
+                f"minProperties {least} needs additionalProperties: false (and no "
+                "patternProperties): the grammar cannot keep an additional key from "
+                "repeating, and a repeated key counts once"
+            )
 
 
 # Whitespace between JSON tokens, bounded: unbounded whitespace lets a weak model spend its
@@ -387,14 +395,15 @@ class GrammarCompiler:
 
 
 class _TextTokens:
-    """The tokenizer as llguidance is to see it (its ``TokenizerWrapper`` protocol): every
-    added token (``<|im_end|>``, ``<think>``, ``<tool_call>``) special, and text encoded
-    without them. llguidance keeps special tokens out of text (a grammar names one as
-    ``<think>``); it spells out the text a grammar forces (``"<think>"`` in a JSON string)
-    with the tokenizer, and the tokenizer's own encode would return the added token for it,
-    which is special, so the matcher rejected the token its own mask allowed. Here the text
-    comes back in ordinary tokens. Each token's bytes are llguidance's own reading of the
-    tokenizer (its byte-level and metaspace rules), the added tokens' their text."""
+    """The tokenizer as llguidance is to see it (its ``TokenizerWrapper`` protocol): the
+    added tokens it takes as special (``<|im_end|>``, ``<think>``, ``<tool_call>``) special,
+    and text encoded without any added token. llguidance keeps special tokens out of text
+    (a grammar names one as ``<think>``); it spells out the text a grammar forces
+    (``"<think>"`` in a JSON string) with the tokenizer, and the tokenizer's own encode
+    would return the added token for it, which is special, so the matcher rejected the token
+    its own mask allowed. Here the text comes back in ordinary tokens. Each token's bytes
+    are llguidance's own reading of the tokenizer (its byte-level and metaspace rules), the
+    added tokens' their text."""
 
     def __init__(self, backend: Any, eos: int | None, vocab_size: int) -> None:
         import llguidance
@@ -419,10 +428,13 @@ class _TextTokens:
         names = {i: t.content for i, t in added.items()}
         self.tokens = []
         for i in range(vocab_size):
-            text = reader.decode_bytes([i]) if i not in names and i < reader.vocab_size else b""
-            if i not in names and not text:
+            if i not in names:
+                text = reader.decode_bytes([i]) if i < reader.vocab_size else b""
+                if text:
+                    self.tokens.append(text)
+                    continue
                 names[i] = f"<|fermi_no_token_{i}|>"
-            self.tokens.append(names[i].encode() if i in names else text)
+            self.tokens.append(names[i].encode())
         # Special: what llguidance's reading takes as special (an added token flagged so, or
         # one shaped like a tag: <think>, <|im_end|>) and the placeholders; an ordinary added
         # token ("\n\n") stays text.
@@ -440,8 +452,10 @@ class _TextTokens:
 
 
 def _without_prepend(normalizer: Any) -> Any:
-    if not isinstance(normalizer, dict) or normalizer.get("type") == "Prepend":
-        return None if isinstance(normalizer, dict) else normalizer
+    if not isinstance(normalizer, dict):
+        return normalizer
+    if normalizer.get("type") == "Prepend":
+        return None
     if normalizer.get("type") == "Sequence":
         kept = [_without_prepend(n) for n in normalizer.get("normalizers", [])]
         return {**normalizer, "normalizers": [n for n in kept if n is not None]}

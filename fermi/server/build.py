@@ -218,6 +218,15 @@ def refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
         )
 
 
+def check_top_logprobs(value: int | None) -> None:
+    """Chat's and the Responses API's ``top_logprobs`` (the engine's keyword is ``logprobs``,
+    which its own error names)."""
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise ApiError(
+            400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}", param="top_logprobs"
+        )
+
+
 def refuse_stream_options_without_stream(body: SamplingFields) -> None:
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options needs stream: true", param="stream_options")
@@ -287,10 +296,7 @@ def chat_requests(engine: Engine, body: ChatCompletionRequest) -> list[Generatio
     check_counts(engine, body.messages, body.tools)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
-        raise ApiError(
-            400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}", param="top_logprobs"
-        )
+    check_top_logprobs(body.top_logprobs)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens
     if max_tokens is None:

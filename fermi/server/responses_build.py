@@ -25,8 +25,7 @@ from fermi.engine.api import Engine
 from fermi.engine.requests import SamplingSettings, check_room
 from fermi.engine.types import GenerationRequest, Thinking
 from fermi.errors import RequestError
-from fermi.sampling import MAX_LOGPROBS
-from fermi.server.build import check_counts, decode_items, effort_thinking
+from fermi.server.build import check_counts, check_top_logprobs, decode_items, effort_thinking
 from fermi.server.errors import ApiError
 from fermi.server.responses_protocol import (
     ResponsesContentPart,
@@ -125,10 +124,7 @@ def _refuse_unsupported(body: ResponsesRequest) -> None:
                 + ", ".join(INCLUDABLE),
                 param=f"include[{i}]",
             )
-    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
-        raise ApiError(
-            400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}", param="top_logprobs"
-        )
+    check_top_logprobs(body.top_logprobs)
     if body.text is not None and body.text.verbosity not in (None, "medium"):
         raise ApiError(
             400,

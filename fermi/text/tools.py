@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fermi.errors import RequestError, quoted
-from fermi.grammar import DATA_KEYWORDS, Grammar, bounded_whitespace, check_min_properties
+from fermi.grammar import (
+    DATA_KEYWORDS,
+    Grammar,
+    bounded_whitespace,
+    check_min_properties,
+    schema_objects,
+)
 from fermi.text.nesting import check_nesting
 from fermi.text.tokenizer import template_variables
 
@@ -353,17 +359,10 @@ def _call_schema(tools: tuple[Tool, ...], arguments_key: str) -> dict[str, Any]:
 
 
 def _has_local_ref(schema: Any) -> bool:
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#"):
-                return True
-            stack.extend(v for k, v in node.items() if k not in DATA_KEYWORDS)
-        elif isinstance(node, list):
-            stack.extend(node)
-    return False
+    return any(
+        isinstance(ref := node.get("$ref"), str) and ref.startswith("#")
+        for node in schema_objects(schema)
+    )
 
 
 def _rebased(schema: Any, base: str) -> Any:
