@@ -10,7 +10,14 @@ import click
 from export.build import COMPUTE_UNITS, DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
 
 
+# SIGTERMs received during an export. A converter may catch the exception the handler
+# raises and raise its own (torch.onnx wraps what fails inside it): the export command
+# looks at the signal, not at the exception that arrives (an exit status of 1 was seen).
+_signals: list[int] = []
+
+
 def _stop(signum: int, frame: object) -> None:
+    _signals.append(signum)
     raise SystemExit(128 + signum)
 
 
@@ -112,11 +119,17 @@ def export_command(
     signal.signal(signal.SIGTERM, _stop)
     try:
         manifest = export_model(options, progress=Bar())
-    except (FermiError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    except OSError as exc:  # the disk filled, or the folder went away, while writing
-        where = exc.filename or out
-        raise click.ClickException(f"writing the export failed: {where}: {exc.strerror}") from exc
+    except BaseException as exc:
+        if _signals:  # (whatever the signal's exception became on its way out)
+            raise SystemExit(128 + _signals[0]) from None
+        if isinstance(exc, FermiError | ValueError):
+            raise click.ClickException(str(exc)) from exc
+        if isinstance(exc, OSError):  # the disk filled, or the folder went away, while writing
+            where = exc.filename or out
+            raise click.ClickException(
+                f"writing the export failed: {where}: {exc.strerror}"
+            ) from exc
+        raise
     click.echo(
         f"exported {manifest.architecture} to {out} ({manifest.target}, {manifest.dtype}, "
         f"quantize {manifest.quantize}); load it with fermi.load({str(out)!r})"
