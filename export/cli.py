@@ -9,7 +9,6 @@ import click
 
 from export.build import COMPUTE_UNITS, DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
 
-
 # SIGTERMs received during an export. A converter may catch the exception the handler
 # raises and raise its own (torch.onnx wraps what fails inside it): the export command
 # looks at the signal, not at the exception that arrives (an exit status of 1 was seen).
