@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fermi.models import gemv as G
 from fermi.models import quant as Q
+from tests.test_row_kernels import pdl  # noqa: F401 (the fixture: plain, then PDL launches)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,6 +29,7 @@ def weights(n: int, k: int) -> tuple[torch.Tensor, Q.QuantizedWeight, Q.Quantize
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("n", "k"), [(37, 96), (4096, 2560), (2048, 6144), (1000, 3072)])
+@pytest.mark.usefixtures("pdl")
 def test_fused_int8_and_int4_row_kernels_equal_the_reference(dtype, n, k):
     _, q8, q4 = weights(n, k)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -99,6 +101,7 @@ def test_the_dequantize_kernel_writes_the_weight_torch_computes(dtype, scheme, g
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize(("n", "k"), [(96, 2688), (4100, 640)])
+@pytest.mark.usefixtures("pdl")
 def test_int4_groups_of_64_and_128_in_the_row_and_few_row_kernels(dtype, group, n, k):
     """Every int4 group size through the one-row kernel and the few-row kernel (whose codes
     are cut [BLOCK_N, GROUPS, HALF] by group), with K not a multiple of either kernel's

@@ -19,6 +19,18 @@ from fermi.models.half_weights import use_half_weights
 from tests.test_fuse_projections import CONFIGS, random_decoder
 
 cuda = pytest.mark.skipif(not G.available(), reason="needs CUDA and Triton")
+hopper = pytest.mark.skipif(
+    not (G.available() and torch.cuda.get_device_capability()[0] >= 9),
+    reason="programmatic dependent launch needs a GPU of compute capability 9.0 or later",
+)
+
+
+@pytest.fixture(params=[False, pytest.param(True, marks=hopper)], ids=["plain", "pdl"])
+def pdl(request):
+    """The row products launched plainly, then with programmatic dependent launch."""
+    G.use_pdl(request.param)
+    yield request.param
+    G.use_pdl(False)
 
 
 def decode_logits(model, steps: int = 6) -> torch.Tensor:
@@ -99,10 +111,23 @@ def test_architectures_the_products_cannot_express_keep_the_plain_layer():
         assert not any(layer.row_kernels for layer in half.model.layers)
 
 
+def test_fermi_pdl_is_read_strictly_and_only_asks_for_pdl_where_it_runs(monkeypatch):
+    monkeypatch.setenv("FERMI_PDL", "yes")
+    with pytest.raises(ValueError, match="FERMI_PDL must be 0 or 1, got 'yes'"):
+        G.pdl_wanted(torch.device("cpu"))
+    monkeypatch.setenv("FERMI_PDL", "0")
+    assert not G.pdl_wanted(torch.device("cuda"))
+    monkeypatch.delenv("FERMI_PDL")
+    assert not G.pdl_wanted(torch.device("cpu"))
+    if not G.available():  # a CPU-only process never turns it on
+        G.use_pdl(True)
+        assert not G._pdl
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("n", "k"), [(37, 100), (4096, 2560), (1000, 3072)])
-def test_triton_kernel_equals_the_reference(dtype, n, k):
+def test_triton_kernel_equals_the_reference(dtype, n, k, pdl):
     g = torch.Generator(device="cuda").manual_seed(n + k)
     kw = {"device": "cuda", "dtype": dtype, "generator": g}
     w = torch.randn(n, k, **kw) * 0.05
@@ -124,6 +149,76 @@ def test_triton_kernel_equals_the_reference(dtype, n, k):
         assert (got - want).abs().max().item() <= tol * scale, extra
 
 
+@hopper
+@pytest.mark.parametrize("scheme", ["bf16", "int8", "int4"])
+def test_pdl_products_chained_in_one_cuda_graph_wait_for_their_inputs(scheme):
+    """Four layers of a decoder's four products (q/k/v, o, gate/up, down; each reading the
+    previous one's output) captured in one CUDA graph with PDL. Every output and the input
+    of the chain are poisoned (NaN) before each replay and the input then written: a product
+    that read its input before the kernel writing it had finished would see NaN or the
+    previous replay's values. Fresh inputs each replay, against the unfused torch ops."""
+    from fermi.models import quant as Q
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    dt, h, q, inter = torch.bfloat16, 1024, 2048, 3072
+    shapes = [(q, h), (h, q), (2 * inter, h), (h, inter)]
+    layers = []
+    for _ in range(4):
+        mats = [torch.randn(n, k, device="cuda", generator=g) * 0.03 for n, k in shapes]
+        if scheme == "bf16":
+            linears = [(m.to(dt), m.to(dt)) for m in mats]
+        else:  # (the layer, its weight as the kernels see it)
+            quantize = Q.quantize_int8 if scheme == "int8" else Q.quantize_int4
+            linears = [
+                (Q.QuantLinear(w, None, "cuda", dt), Q.device_precision(w, "cuda").dequantize(dt))
+                for w in map(quantize, mats)
+            ]
+        norms = [torch.rand(h, device="cuda", generator=g).to(dt) + 0.5 for _ in range(2)]
+        layers.append((linears, norms))
+
+    def product(linear, x, **fused):
+        layer, _ = linear
+        return G.gemv(x, layer, **fused) if scheme == "bf16" else layer.row(x, **fused)
+
+    def reference(linear, x, **fused):
+        return G.gemv_reference(x, linear[1], **fused)
+
+    def chain(x, fn):
+        outs = []
+        for (qkv, o, gate_up, down), (n1, n2) in layers:
+            a = fn(qkv, x, norm_weight=n1)
+            x = fn(o, a, residual=x)
+            gu = fn(gate_up, x, norm_weight=n2)
+            x = fn(down, gu, act=G.ACT_SILU_MUL, residual=x)
+            outs += [a, gu, x]
+        return outs
+
+    G.use_pdl(True)
+    try:
+        x = torch.zeros(1, h, device="cuda", dtype=dt)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain(x, product)  # compiles the kernels outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = chain(x, product)
+    finally:
+        G.use_pdl(False)
+    for replay in range(3):
+        fresh = torch.randn(1, h, device="cuda", generator=g).to(dt)
+        for t in (*outs, x):
+            t.fill_(float("nan"))
+        x.copy_(fresh)
+        graph.replay()
+        want = chain(fresh, reference)
+        for got, ref in zip(outs, want, strict=True):
+            assert torch.isfinite(got).all(), replay
+            err = (got.float() - ref.float()).abs().max() / ref.float().abs().max()
+            assert err <= 3e-2, (replay, float(err))
+
+
 @cuda
 def test_compiled_runner_with_row_products_equals_it_without(tmp_path):
     from fermi.loading import load_folder
@@ -143,3 +238,31 @@ def test_compiled_runner_with_row_products_equals_it_without(tmp_path):
             logits.append(runner.decode([0], [token], [5 + step])[0])
         results.append(torch.stack(logits))
     assert (results[0] - results[1]).abs().max().item() < 1e-4
+
+
+@hopper
+def test_compiled_runner_with_pdl_row_products_equals_it_without(tmp_path, monkeypatch):
+    """FERMI_PDL=1 (the default on Hopper) against FERMI_PDL=0: the same compiled runner's
+    logits, the runner and its start-up record saying which it ran."""
+    from fermi.loading import load_folder
+    from fermi.runners.torch_cuda import CudaGraphRunner
+    from tests.tiny import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "qwen3", {}, seed=4)
+    device = torch.device("cuda")
+    results = []
+    try:
+        for flag in ("1", "0"):
+            monkeypatch.setenv("FERMI_PDL", flag)
+            model = load_folder(folder, device, torch.bfloat16).model
+            runner = CudaGraphRunner(model, 2, 300, 32, compile_cache=False)
+            assert runner.row_kernels and runner.pdl is (flag == "1")
+            assert runner.startup.pdl is runner.pdl and G._pdl is runner.pdl
+            logits = [runner.prefill(0, [5, 9, 14, 3, 7], 0)]
+            for step in range(8):
+                token = int(logits[-1].argmax())
+                logits.append(runner.decode([0], [token], [5 + step])[0])
+            results.append(torch.stack(logits).float())
+    finally:
+        G.use_pdl(False)
+    assert torch.equal(results[0], results[1])

@@ -30,6 +30,7 @@ same computation in torch, for tests and for devices without Triton.
 # ruff: noqa: N803 (Triton style: pointer and constexpr arguments in capitals)
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -53,6 +54,35 @@ ACT_NONE, ACT_SILU_MUL = 0, 1
 
 def available() -> bool:
     return triton is not None and torch.cuda.is_available()
+
+
+# Whether gemv / gemv_int4 launch with programmatic dependent launch: set by use_pdl (the
+# CUDA runner calls it), read when torch.compile traces a layer (a change recompiles).
+_pdl = False
+
+
+def pdl_wanted(device: torch.device) -> bool:
+    """Whether the one-row products on ``device`` should use programmatic dependent launch:
+    a GPU of compute capability 9.0 or later (Hopper) and ``FERMI_PDL`` not ``0``.
+
+    A decode step at batch 1 is a chain of short kernels; with PDL each product's programs
+    become resident while the previous kernel drains, read their first tile of weights
+    (which no earlier kernel writes), and only then wait (``griddepcontrol.wait``) for the
+    previous kernel's output, letting their own dependants launch at once. On an H100 this
+    took a chain of Qwen3-0.6B's products from 21.4 to 16.4 us a layer (perf/LOG.md run 80).
+    """
+    value = os.environ.get("FERMI_PDL", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"FERMI_PDL must be 0 or 1, got {value!r}")
+    if value == "0" or not available() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_pdl(on: bool) -> None:
+    """Launch this process's one-row products with PDL (``on``) or plainly."""
+    global _pdl
+    _pdl = bool(on) and available()
 
 
 def launch_config(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int]:
@@ -137,14 +167,26 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr,
         HAS_SCALE: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols0 = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        squares = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        # The first tile of weights comes before anything an earlier kernel writes: with
+        # PDL it streams while that kernel finishes (see pdl_wanted).
+        first_ok = cols0 < K
+        w = tl.load(
+            W + rows[:, None] * stride_w + cols0[None, :],
+            mask=row_ok[:, None] & first_ok[None, :],
+            other=0.0,
+        )
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        x, squares = _row_input(X, NW, cols0, first_ok, K, NORM, ACT)
+        acc = w.to(tl.float32) * x[None, :]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             cols = k0 + cols0
             col_ok = cols < K
             x, sq = _row_input(X, NW, cols, col_ok, K, NORM, ACT)
@@ -161,6 +203,32 @@ if triton is not None:
         )  # fmt: skip
 
     @triton.jit
+    def _int4_tile(
+        codes, k0, rows, row_ok, byte, lo_cols0, X, NW, SC, MN, K, stride_s,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr, ACT: tl.constexpr,
+    ):  # fmt: skip
+        """One BLOCK_K-value step of the int4 kernel on its ``codes``: the step's
+        [BLOCK_N, groups] sums and the squares of its inputs."""
+        HALF: tl.constexpr = GROUP // 2
+        GROUPS: tl.constexpr = BLOCK_K // GROUP
+        lo_cols = k0 + lo_cols0
+        col_ok = lo_cols < K  # K is a multiple of GROUP: a group is in or out whole
+        x_lo, sq_lo = _row_input(X, NW, lo_cols, col_ok, K, NORM, ACT)
+        x_hi, sq_hi = _row_input(X, NW, lo_cols + HALF, col_ok, K, NORM, ACT)
+        lo = (codes & 0xF).to(tl.float32)
+        hi = (codes >> 4).to(tl.float32)
+        dots = lo * x_lo[None, :] + hi * x_hi[None, :]
+        dots = tl.sum(tl.reshape(dots, (BLOCK_N, GROUPS, HALF)), 2)
+        sums = tl.sum(tl.reshape(x_lo + x_hi, (GROUPS, HALF)), 1)
+        groups = k0 // GROUP + tl.arange(0, GROUPS)
+        at = rows[:, None] * stride_s + groups[None, :]
+        ok = row_ok[:, None] & (groups < K // GROUP)[None, :]
+        scale = tl.load(SC + at, mask=ok, other=0.0).to(tl.float32)
+        low = tl.load(MN + at, mask=ok, other=0.0).to(tl.float32)
+        return dots * scale + low * sums[None, :], sq_lo + sq_hi
+
+    @triton.jit
     def _gemv_int4_kernel(
         X, C, SC, MN, Y, B, NW, R,
         N, K, stride_c, stride_s, eps,
@@ -171,54 +239,59 @@ if triton is not None:
         ACT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         # Codes in fermi.models.quant's layout: in each group of GROUP values, byte j holds
         # value j in its low nibble and value j + GROUP/2 in its high one; w = q * scale + min.
         # Per group: scale * sum(q * x) + min * sum(x), so the weights are never formed.
         HALF: tl.constexpr = GROUP // 2
-        GROUPS: tl.constexpr = BLOCK_K // GROUP
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         byte = tl.arange(0, BLOCK_K // 2)
         lo_cols0 = (byte // HALF) * GROUP + byte % HALF
-        acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-        squares = tl.zeros([BLOCK_K // 2], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            lo_cols = k0 + lo_cols0
-            col_ok = lo_cols < K  # K is a multiple of GROUP: a group is in or out whole
-            x_lo, sq_lo = _row_input(X, NW, lo_cols, col_ok, K, NORM, ACT)
-            x_hi, sq_hi = _row_input(X, NW, lo_cols + HALF, col_ok, K, NORM, ACT)
-            squares += sq_lo + sq_hi
-            codes = tl.load(
-                C + rows[:, None] * stride_c + (k0 // 2 + byte)[None, :],
-                mask=row_ok[:, None] & col_ok[None, :],
-                other=0,
-            )
-            lo = (codes & 0xF).to(tl.float32)
-            hi = (codes >> 4).to(tl.float32)
-            dots = lo * x_lo[None, :] + hi * x_hi[None, :]
-            dots = tl.sum(tl.reshape(dots, (BLOCK_N, GROUPS, HALF)), 2)
-            sums = tl.sum(tl.reshape(x_lo + x_hi, (GROUPS, HALF)), 1)
-            groups = k0 // GROUP + tl.arange(0, GROUPS)
-            at = rows[:, None] * stride_s + groups[None, :]
-            ok = row_ok[:, None] & (groups < K // GROUP)[None, :]
-            scale = tl.load(SC + at, mask=ok, other=0.0).to(tl.float32)
-            low = tl.load(MN + at, mask=ok, other=0.0).to(tl.float32)
-            acc += dots * scale + low * sums[None, :]
+        ptrs = C + rows[:, None] * stride_c + byte[None, :]
+        # The first step's codes before anything an earlier kernel writes (PDL: see _gemv_kernel).
+        codes = tl.load(ptrs, mask=row_ok[:, None] & (lo_cols0 < K)[None, :], other=0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc, squares = _int4_tile(
+            codes, 0, rows, row_ok, byte, lo_cols0, X, NW, SC, MN, K, stride_s,
+            GROUP, BLOCK_N, BLOCK_K, NORM, ACT,
+        )  # fmt: skip
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            col_ok = k0 + lo_cols0 < K
+            codes = tl.load(ptrs + k0 // 2, mask=row_ok[:, None] & col_ok[None, :], other=0)
+            step, sq = _int4_tile(
+                codes, k0, rows, row_ok, byte, lo_cols0, X, NW, SC, MN, K, stride_s,
+                GROUP, BLOCK_N, BLOCK_K, NORM, ACT,
+            )  # fmt: skip
+            acc += step
+            squares += sq
         _row_output(
             tl.sum(acc, 1), tl.sum(squares, 0), rows, row_ok, Y, B, R, R, K, eps,
             NORM, HAS_BIAS, HAS_RES, False,
         )  # fmt: skip
 
+    def _launcher(kernel, grid: tuple[int], pdl: bool):
+        """``kernel[grid]`` as a ``triton_op`` body launches it (``wrap_triton``), or, with
+        ``pdl``, launched directly with the dependent-launch attribute (the body of an
+        opaque ``custom_op``)."""
+        if pdl:
+            return functools.partial(kernel[grid], launch_pdl=True)
+        return wrap_triton(kernel)[grid]
+
     def launch(
-        x, weight, out, bias, norm_weight, residual, eps: float, act: int, config=None, scale=None
-    ) -> None:
+        x, weight, out, bias, norm_weight, residual, eps: float, act: int, config=None, scale=None,
+        pdl: bool = False,
+    ) -> None:  # fmt: skip
         """Run the kernel into ``out``; ``config`` overrides :func:`launch_config`. An int8
-        ``weight`` takes its per-row ``scale``."""
+        ``weight`` takes its per-row ``scale``. ``pdl``: launch with programmatic dependent
+        launch (Hopper and later; not inside a ``triton_op``)."""
         n, k = weight.shape
         block_n, block_k, warps, stages = config or launch_config(n, k, weight.element_size())
-        wrap_triton(_gemv_kernel)[(triton.cdiv(n, block_n),)](
+        _launcher(_gemv_kernel, (triton.cdiv(n, block_n),), pdl)(
             x, weight, out,
             x if bias is None else bias,
             x if norm_weight is None else norm_weight,
@@ -232,19 +305,21 @@ if triton is not None:
             HAS_BIAS=bias is not None,
             HAS_RES=residual is not None,
             HAS_SCALE=scale is not None,
+            PDL=pdl,
             num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
 
     def launch_int4(
         x, codes, scales, mins, out, bias, norm_weight, residual, eps: float, act: int,
-        config=None,
+        config=None, pdl: bool = False,
     ) -> None:  # fmt: skip
-        """The int4 kernel into ``out``; ``config`` overrides :func:`launch_config_int4`."""
+        """The int4 kernel into ``out``; ``config`` overrides :func:`launch_config_int4`;
+        ``pdl`` as for :func:`launch`."""
         n, k = codes.shape[0], 2 * codes.shape[1]
         group = k // scales.shape[1]
         block_n, block_k, warps, stages = config or launch_config_int4(n, k, group)
-        wrap_triton(_gemv_int4_kernel)[(triton.cdiv(n, block_n),)](
+        _launcher(_gemv_int4_kernel, (triton.cdiv(n, block_n),), pdl)(
             x, codes, scales, mins, out,
             x if bias is None else bias,
             x if norm_weight is None else norm_weight,
@@ -257,6 +332,7 @@ if triton is not None:
             ACT=act,
             HAS_BIAS=bias is not None,
             HAS_RES=residual is not None,
+            PDL=pdl,
             num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
@@ -292,6 +368,51 @@ if triton is not None:
         launch_int4(x, codes, scales, mins, out, bias, norm_weight, residual, eps, act)
         return out
 
+    # The same products launched with PDL. Opaque to torch.compile (``custom_op``): Inductor
+    # cannot analyse a user kernel's griddepcontrol instructions and drops the attribute
+    # from a ``triton_op`` (perf/LOG.md run 80); under CUDA graphs the Python launch runs at
+    # capture only.
+    @torch.library.custom_op("fermi::gemv_pdl", mutates_args=())
+    def _gemv_pdl_op(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        norm_weight: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        eps: float,
+        act: int,
+        scale: torch.Tensor | None,
+    ) -> torch.Tensor:
+        out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+        launch(x, weight, out, bias, norm_weight, residual, eps, act, scale=scale, pdl=True)
+        return out
+
+    @_gemv_pdl_op.register_fake
+    def _(x, weight, bias, norm_weight, residual, eps, act, scale):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.custom_op("fermi::gemv_int4_pdl", mutates_args=())
+    def _gemv_int4_pdl_op(
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor,
+        bias: torch.Tensor | None,
+        norm_weight: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        eps: float,
+        act: int,
+    ) -> torch.Tensor:
+        out = x.new_empty((*x.shape[:-1], codes.shape[0]))
+        launch_int4(
+            x, codes, scales, mins, out, bias, norm_weight, residual, eps, act, pdl=True
+        )  # fmt: skip
+        return out
+
+    @_gemv_int4_pdl_op.register_fake
+    def _(x, codes, scales, mins, bias, norm_weight, residual, eps, act):
+        return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
 
 def gemv(
     x: torch.Tensor,
@@ -311,7 +432,8 @@ def gemv(
     if triton is None:
         raise RuntimeError("the fused GEMV needs Triton (a CUDA build of torch)")
     _check_one_row(x)
-    return _gemv_op(x, weight, bias, norm_weight, residual, float(eps), act, scale)
+    op = _gemv_pdl_op if _pdl else _gemv_op
+    return op(x, weight, bias, norm_weight, residual, float(eps), act, scale)
 
 
 def gemv_int4(
@@ -331,7 +453,8 @@ def gemv_int4(
     if triton is None:
         raise RuntimeError("the fused GEMV needs Triton (a CUDA build of torch)")
     _check_one_row(x)
-    return _gemv_int4_op(x, codes, scales, mins, bias, norm_weight, residual, float(eps), act)
+    op = _gemv_int4_pdl_op if _pdl else _gemv_int4_op
+    return op(x, codes, scales, mins, bias, norm_weight, residual, float(eps), act)
 
 
 def row_linear(

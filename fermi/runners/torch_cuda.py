@@ -148,6 +148,7 @@ class StartupStats:
     cache_hit: bool = False
     decode_attention: str = "sdpa"
     row_kernels: bool = False
+    pdl: bool = False  # the row products launched with programmatic dependent launch
     notes: list[str] = field(default_factory=list)
 
 
@@ -248,10 +249,12 @@ class CudaGraphRunner(Runner):
 
             decode_attention = "split" if split_decode.available() else "sdpa"
         self._set_decode_attention(decode_attention if compiled_cuda else "sdpa")
-        if row_kernels is None:  # the fused one-row products where Triton runs
-            from fermi.models import gemv
+        from fermi.models import gemv
 
+        if row_kernels is None:  # the fused one-row products where Triton runs
             row_kernels = compiled_cuda and gemv.available()
+        # Hopper's programmatic dependent launch for the row products (FERMI_PDL=0: off).
+        self._pdl_wanted = compiled_cuda and gemv.pdl_wanted(self.device)
         # Set both ways: the model may come from a runner that turned them on.
         self._set_row_kernels(bool(row_kernels) and model.use_row_kernels())
         self._forward: Callable = model.forward
@@ -280,7 +283,7 @@ class CudaGraphRunner(Runner):
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None
         self.startup = StartupStats(
-            decode_attention=self.decode_attention, row_kernels=self.row_kernels
+            decode_attention=self.decode_attention, row_kernels=self.row_kernels, pdl=self.pdl
         )
         if scope is not None:
             self.warmup(compile_cache=compile_cache and backend == "inductor", scope=scope)
@@ -522,6 +525,7 @@ class CudaGraphRunner(Runner):
                     attention=self.decode_attention,
                     scope=self.compile_scope,
                     row_kernels=self.row_kernels,
+                    pdl=self.pdl,
                     quantization=quantization_label(self.model),
                     # A bundle from before the causal prefill variant lacks its compile,
                     # and a loaded bundle is never rewritten: keep the two apart.
@@ -552,6 +556,7 @@ class CudaGraphRunner(Runner):
         self.startup.deferred = len(self._deferred)
         self.startup.decode_attention = self.decode_attention
         self.startup.row_kernels = self.row_kernels
+        self.startup.pdl = self.pdl
         if not self._deferred:
             self._warm_done()
         else:
@@ -647,6 +652,7 @@ class CudaGraphRunner(Runner):
         self._set_row_kernels(nxt[0])
         self._set_decode_attention(nxt[1])
         self.startup.row_kernels, self.startup.decode_attention = nxt
+        self.startup.pdl = self.pdl
         self._graphs.clear()
         self._warmed.clear()
         if self.use_graphs:  # the old pool went with its graphs: captures need a new one
@@ -698,7 +704,11 @@ class CudaGraphRunner(Runner):
             layer.self_attn.decode_kernel = kind
 
     def _set_row_kernels(self, on: bool) -> None:
+        from fermi.models import gemv
+
         self.row_kernels = on
+        self.pdl = on and self._pdl_wanted
+        gemv.use_pdl(self.pdl)
         self.model.row_kernels = on
         for layer in self.model.model.layers:
             layer.row_kernels = on
