@@ -1,14 +1,16 @@
-"""Count the machine instructions of the int8/int4 GPU kernels, compiled here without a GPU.
+"""Count the machine instructions of the row and int8/int4 GPU kernels, compiled here without a GPU.
 
-Each kernel of ``fermi.models.gemv`` (one-row int8, one-row int4) and
+Each kernel of ``fermi.models.gemv`` (one-row bf16, int8, int4) and
 ``fermi.models.quant_mm`` (few-row int8 and int4) is compiled by this machine's Triton for
 sm_90a (the H100/H200) at the launch configuration the rules give Qwen3-8B's gate_up
 product, with the specialisation Triton's JIT gives real arguments (16-byte aligned
 pointers, sizes divisible by 16), then disassembled with the ``cuobjdump`` Triton ships.
 Reports the SASS instruction count, the main loop's length (the instructions a warp
 issues for each BLOCK_K columns) and so the warp instructions a weight, the most frequent
-opcodes and the layout Triton chose for each load (``sizePerThread``: elements one thread
-loads at once). The device's Triton
+opcodes, the layout Triton chose for each load (``sizePerThread``: elements one thread
+loads at once) and a digest of the SASS without its addresses (equal digests: the same
+machine code). ``--pdl`` compiles the one-row kernels as launched with programmatic
+dependent launch (``FERMI_PDL=1``). The device's Triton
 may compile differently; this is for comparing kernels and variants, not a timing.
 
     PYTHONPATH=$PWD .venv/bin/python perf/sass_quant_kernels.py \
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import hashlib
 import json
 import re
 import subprocess
@@ -54,6 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tree", type=Path, default=ROOT, help="import fermi from this folder")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--pdl", action="store_true", help="the one-row kernels' PDL variant")
     args = p.parse_args()
     cuobjdump = offline_triton(args.tree)
     import triton
@@ -69,6 +73,13 @@ def main() -> None:
     few |= {"stride_x": "i32", "stride_c": "i32", "stride_s": "i32", "stride_y": "i32"}
     few_flags = {"GROUP": GROUP, "BLOCK_M": 16, "HAS_BIAS": False, "IEEE": False}
     kernels = []
+    bn, bk, warps, stages = G.launch_config(N, K, 2)
+    kernels.append((
+        "bf16 one-row", G._gemv_kernel,
+        row | {"W": "*bf16", "S": "*fp32", "N": "i32", "K": "i32", "stride_w": "i32",
+               "eps": "fp32"},
+        flags | {"BLOCK_N": bn, "BLOCK_K": bk, "HAS_SCALE": False}, (bn, bk, warps, stages),
+    ))  # fmt: skip
     bn, bk, warps, stages = G.launch_config(N, K, 1)
     kernels.append((
         "int8 one-row", G._gemv_kernel,
@@ -95,6 +106,8 @@ def main() -> None:
     results = []
     for name, fn, types, constants, (bn, bk, warps, stages) in kernels:
         names = fn.arg_names
+        if "PDL" in names:  # (a tree from before the PDL variant has no such argument)
+            constants = constants | {"PDL": args.pdl}
         signature = {a: types.get(a, "constexpr") for a in names}
         # What the JIT specialises for real tensors and sizes: aligned, divisible by 16.
         attrs = {
@@ -119,6 +132,9 @@ def main() -> None:
             )
         ]
         ops = [op for _, op in code]
+        body = re.sub(
+            r"/\*[0-9a-f]{4,}\*/|/\* 0x[0-9a-f]+ \*/", "", sass.split("Function :", 1)[-1]
+        )
         # The main loop: the longest backward branch (Triton's K loop); its body runs once
         # per BLOCK_K columns, over BLOCK_N x BLOCK_K weights shared by the warps.
         targets = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?BRA 0x([0-9a-f]+)", sass)
@@ -148,6 +164,8 @@ def main() -> None:
             "weights_per_warp_per_iteration": bn * bk // warps,
             "warp_instructions_per_weight": round(loop / (bn * bk / warps), 3),
             "top_opcodes": dict(collections.Counter(ops).most_common(12)),
+            "sass_digest": hashlib.sha256(body.encode()).hexdigest()[:16],
+            "griddepcontrol": sorted({op for op in ops if op in ("ACQBULK", "PREEXIT")}),
             "loads": loads,
         })  # fmt: skip
         print(json.dumps(results[-1]), flush=True)
@@ -157,6 +175,7 @@ def main() -> None:
             "tree": str(args.tree),
             "triton": triton.__version__,
             "target": "sm_90a",
+            "pdl": args.pdl,
             "shape": {"n": N, "k": K, "group": GROUP},
             "kernels": results,
         }

@@ -105,6 +105,21 @@ def test_manifest_that_is_not_json_or_lacks_fields_is_a_load_error(tmp_path):
         read_manifest(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "bound"),
+    [("max_batch", 0, 1), ("prefill_chunk", -3, 1), ("vocab_size", 0, 1), ("max_seq_len", 1, 2)],
+)
+def test_a_manifest_size_that_cannot_run_names_the_manifest_and_field(
+    tmp_path, field, value, bound
+):
+    fake_artefact(tmp_path)
+    rewrite(tmp_path, **{field: value})
+    with pytest.raises(
+        ModelLoadError, match=rf"manifest\.json: Expected `int` >= {bound} - at `\$\.{field}`"
+    ):
+        fermi.load(tmp_path)
+
+
 def test_runner_that_cannot_run_the_target_is_refused(tmp_path):
     fake_artefact(tmp_path)
     with pytest.raises(ModelLoadError, match="exported for onnx; runner 'torch-cpu' cannot run it"):

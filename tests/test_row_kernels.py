@@ -117,8 +117,10 @@ def test_fermi_pdl_is_read_strictly_and_only_asks_for_pdl_where_it_runs(monkeypa
         G.pdl_wanted(torch.device("cpu"))
     monkeypatch.setenv("FERMI_PDL", "0")
     assert not G.pdl_wanted(torch.device("cuda"))
-    monkeypatch.delenv("FERMI_PDL")
+    monkeypatch.setenv("FERMI_PDL", "1")
     assert not G.pdl_wanted(torch.device("cpu"))
+    monkeypatch.delenv("FERMI_PDL")  # off unless asked for
+    assert not G.pdl_wanted(torch.device("cuda"))
     if not G.available():  # a CPU-only process never turns it on
         G.use_pdl(True)
         assert not G._pdl
@@ -242,8 +244,8 @@ def test_compiled_runner_with_row_products_equals_it_without(tmp_path):
 
 @hopper
 def test_compiled_runner_with_pdl_row_products_equals_it_without(tmp_path, monkeypatch):
-    """FERMI_PDL=1 (the default on Hopper) against FERMI_PDL=0: the same compiled runner's
-    logits, the runner and its start-up record saying which it ran."""
+    """FERMI_PDL=1 against FERMI_PDL=0 (the default): the same compiled runner's logits,
+    the runner and its start-up record saying which it ran."""
     from fermi.loading import load_folder
     from fermi.runners.torch_cuda import CudaGraphRunner
     from tests.tiny import write_checkpoint

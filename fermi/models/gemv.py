@@ -63,7 +63,8 @@ _pdl = False
 
 def pdl_wanted(device: torch.device) -> bool:
     """Whether the one-row products on ``device`` should use programmatic dependent launch:
-    a GPU of compute capability 9.0 or later (Hopper) and ``FERMI_PDL`` not ``0``.
+    ``FERMI_PDL=1`` and a GPU of compute capability 9.0 or later (Hopper). Off by default
+    until it is measured in the whole decode step (perf/pdl_ab.sh).
 
     A decode step at batch 1 is a chain of short kernels; with PDL each product's programs
     become resident while the previous kernel drains, read their first tile of weights
@@ -71,7 +72,7 @@ def pdl_wanted(device: torch.device) -> bool:
     previous kernel's output, letting their own dependants launch at once. On an H100 this
     took a chain of Qwen3-0.6B's products from 21.4 to 16.4 us a layer (perf/LOG.md run 80).
     """
-    value = os.environ.get("FERMI_PDL", "1").strip()
+    value = os.environ.get("FERMI_PDL", "0").strip()
     if value not in ("0", "1"):
         raise ValueError(f"FERMI_PDL must be 0 or 1, got {value!r}")
     if value == "0" or not available() or device.type != "cuda":
@@ -173,20 +174,20 @@ if triton is not None:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols0 = tl.arange(0, BLOCK_K)
-        # The first tile of weights comes before anything an earlier kernel writes: with
-        # PDL it streams while that kernel finishes (see pdl_wanted).
-        first_ok = cols0 < K
-        w = tl.load(
-            W + rows[:, None] * stride_w + cols0[None, :],
-            mask=row_ok[:, None] & first_ok[None, :],
-            other=0.0,
-        )
-        if PDL:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        if PDL:  # the first tile of weights, which no earlier kernel writes, before the wait
+            first_ok = cols0 < K
+            w = tl.load(
+                W + rows[:, None] * stride_w + cols0[None, :],
+                mask=row_ok[:, None] & first_ok[None, :],
+                other=0.0,
+            )
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        x, squares = _row_input(X, NW, cols0, first_ok, K, NORM, ACT)
-        acc = w.to(tl.float32) * x[None, :]
-        for k0 in range(BLOCK_K, K, BLOCK_K):
+            x, squares = _row_input(X, NW, cols0, first_ok, K, NORM, ACT)
+            acc += w.to(tl.float32) * x[None, :]
+        for k0 in range(PDL * BLOCK_K, K, BLOCK_K):  # (without PDL: from 0)
             cols = k0 + cols0
             col_ok = cols < K
             x, sq = _row_input(X, NW, cols, col_ok, K, NORM, ACT)
@@ -203,19 +204,27 @@ if triton is not None:
         )  # fmt: skip
 
     @triton.jit
-    def _int4_tile(
-        codes, k0, rows, row_ok, byte, lo_cols0, X, NW, SC, MN, K, stride_s,
+    def _int4_step(
+        codes, k0, rows, row_ok, byte, lo_cols0, X, C, NW, SC, MN, K, stride_c, stride_s,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        NORM: tl.constexpr, ACT: tl.constexpr,
+        NORM: tl.constexpr, ACT: tl.constexpr, LOADED: tl.constexpr,
     ):  # fmt: skip
-        """One BLOCK_K-value step of the int4 kernel on its ``codes``: the step's
-        [BLOCK_N, groups] sums and the squares of its inputs."""
+        """One BLOCK_K-value step of the int4 kernel: its [BLOCK_N, groups] sums and the
+        squares of its inputs. The step's codes are read after its inputs, unless
+        ``LOADED`` (then ``codes`` holds them)."""
         HALF: tl.constexpr = GROUP // 2
         GROUPS: tl.constexpr = BLOCK_K // GROUP
         lo_cols = k0 + lo_cols0
         col_ok = lo_cols < K  # K is a multiple of GROUP: a group is in or out whole
         x_lo, sq_lo = _row_input(X, NW, lo_cols, col_ok, K, NORM, ACT)
         x_hi, sq_hi = _row_input(X, NW, lo_cols + HALF, col_ok, K, NORM, ACT)
+        squares = sq_lo + sq_hi
+        if not LOADED:
+            codes = tl.load(
+                C + rows[:, None] * stride_c + (k0 // 2 + byte)[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0,
+            )
         lo = (codes & 0xF).to(tl.float32)
         hi = (codes >> 4).to(tl.float32)
         dots = lo * x_lo[None, :] + hi * x_hi[None, :]
@@ -226,7 +235,7 @@ if triton is not None:
         ok = row_ok[:, None] & (groups < K // GROUP)[None, :]
         scale = tl.load(SC + at, mask=ok, other=0.0).to(tl.float32)
         low = tl.load(MN + at, mask=ok, other=0.0).to(tl.float32)
-        return dots * scale + low * sums[None, :], sq_lo + sq_hi
+        return dots * scale + low * sums[None, :], squares
 
     @triton.jit
     def _gemv_int4_kernel(
@@ -245,27 +254,31 @@ if triton is not None:
         # value j in its low nibble and value j + GROUP/2 in its high one; w = q * scale + min.
         # Per group: scale * sum(q * x) + min * sum(x), so the weights are never formed.
         HALF: tl.constexpr = GROUP // 2
+        GROUPS: tl.constexpr = BLOCK_K // GROUP
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         byte = tl.arange(0, BLOCK_K // 2)
         lo_cols0 = (byte // HALF) * GROUP + byte % HALF
-        ptrs = C + rows[:, None] * stride_c + byte[None, :]
-        # The first step's codes before anything an earlier kernel writes (PDL: see _gemv_kernel).
-        codes = tl.load(ptrs, mask=row_ok[:, None] & (lo_cols0 < K)[None, :], other=0)
-        if PDL:
+        acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+        squares = tl.zeros([BLOCK_K // 2], tl.float32)
+        codes = tl.zeros([BLOCK_N, BLOCK_K // 2], tl.uint8)
+        if PDL:  # the first step's codes before the wait (see _gemv_kernel)
+            codes = tl.load(
+                C + rows[:, None] * stride_c + byte[None, :],
+                mask=row_ok[:, None] & (lo_cols0 < K)[None, :],
+                other=0,
+            )
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        acc, squares = _int4_tile(
-            codes, 0, rows, row_ok, byte, lo_cols0, X, NW, SC, MN, K, stride_s,
-            GROUP, BLOCK_N, BLOCK_K, NORM, ACT,
-        )  # fmt: skip
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            col_ok = k0 + lo_cols0 < K
-            codes = tl.load(ptrs + k0 // 2, mask=row_ok[:, None] & col_ok[None, :], other=0)
-            step, sq = _int4_tile(
-                codes, k0, rows, row_ok, byte, lo_cols0, X, NW, SC, MN, K, stride_s,
-                GROUP, BLOCK_N, BLOCK_K, NORM, ACT,
+            acc, squares = _int4_step(
+                codes, 0, rows, row_ok, byte, lo_cols0, X, C, NW, SC, MN, K, stride_c, stride_s,
+                GROUP, BLOCK_N, BLOCK_K, NORM, ACT, True,
+            )  # fmt: skip
+        for k0 in range(PDL * BLOCK_K, K, BLOCK_K):  # (without PDL: from 0)
+            step, sq = _int4_step(
+                codes, k0, rows, row_ok, byte, lo_cols0, X, C, NW, SC, MN, K, stride_c, stride_s,
+                GROUP, BLOCK_N, BLOCK_K, NORM, ACT, False,
             )  # fmt: skip
             acc += step
             squares += sq

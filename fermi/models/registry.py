@@ -152,7 +152,8 @@ def checked_rope(cfg: dict) -> RopeConfig:
         rope = RopeConfig.from_hf(cfg)
     except (TypeError, ValueError) as exc:
         raise UnsupportedModelError(f"config.json: unreadable rope settings ({exc})") from None
-    positive_number(rope.theta, "rope_theta")
+    nested = isinstance(scaling, dict) and scaling.get("rope_theta") is not None
+    positive_number(rope.theta, f"{key}.rope_theta" if nested else "rope_theta")
     if rope.rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"config.json: {key}.rope_type {rope.rope_type!r} is not supported "

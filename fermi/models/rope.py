@@ -27,7 +27,9 @@ class RopeConfig:
         """Read ``rope_theta``/``rope_scaling`` (transformers 4) or ``rope_parameters`` (5)."""
         scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         scaling = dict(scaling)
-        theta = scaling.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        theta = scaling.pop("rope_theta", None)  # 0 is kept: the checks refuse it by name
+        if theta is None:
+            theta = cfg.get("rope_theta", 10000.0)
         rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
         return RopeConfig(
             theta=float(theta),

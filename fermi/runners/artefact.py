@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 import torch
@@ -84,6 +85,10 @@ class Numerics(msgspec.Struct, frozen=True):
         )
 
 
+# Sizes a manifest must give as they can be run (msgspec's error names the field).
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+
 class Manifest(msgspec.Struct, frozen=True):
     format_version: int
     target: str
@@ -92,10 +97,10 @@ class Manifest(msgspec.Struct, frozen=True):
     architecture: str
     dtype: str
     quantize: str
-    max_seq_len: int
-    max_batch: int
-    prefill_chunk: int
-    vocab_size: int
+    max_seq_len: Annotated[int, msgspec.Meta(ge=2)]
+    max_batch: Count
+    prefill_chunk: Count
+    vocab_size: Count
     cache: CacheSpec
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]

@@ -253,7 +253,7 @@ class CudaGraphRunner(Runner):
 
         if row_kernels is None:  # the fused one-row products where Triton runs
             row_kernels = compiled_cuda and gemv.available()
-        # Hopper's programmatic dependent launch for the row products (FERMI_PDL=0: off).
+        # Hopper's programmatic dependent launch for the row products (FERMI_PDL=1: on).
         self._pdl_wanted = compiled_cuda and gemv.pdl_wanted(self.device)
         # Set both ways: the model may come from a runner that turned them on.
         self._set_row_kernels(bool(row_kernels) and model.use_row_kernels())
