@@ -8,6 +8,7 @@ and the tokenizer is rebuilt with ``tokenizers`` from ``tokenizer.ggml.*``.
 from __future__ import annotations
 
 import logging
+import re
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def load_gguf(
         adapter = adapter_for(hf_config, str(path))
         config = adapter.to_config(hf_config)
     except (UnsupportedModelError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: {exc}") from None
+        raise ModelLoadError(f"{path}: {_metadata_words(str(exc), arch)}") from None
     tokenizer = tokenizer_from_gguf(meta, str(path))  # before the weights: fail fast
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     # Under int4 (groups of 32) the layers' 4-bit blocks keep their codes (no float copy).
@@ -203,6 +204,41 @@ def load_gguf(
     sampling = alias.sampling if alias is not None else {}
     generation = GenerationDefaults(eos_token_ids=tuple(dict.fromkeys(eos)), **sampling)
     return Checkpoint(path, model, config, hf_config, tokenizer, generation, extra={"gguf": arch})
+
+
+# The metadata keys (after ``{arch}.``) that hf_config_from_gguf reads each config.json
+# field from, for errors the shared config checks raise in config.json's words.
+_METADATA_KEYS = {
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base",
+    "max_position_embeddings": "context_length",
+    "rope_scaling": "rope.scaling",
+    "sliding_window": "attention.sliding_window",
+    "rope_local_base_freq": "rope.freq_base_swa",
+    "final_logit_softcapping": "final_logit_softcapping",
+}
+_CONFIG_FIELD = re.compile(r"config\.json: ([a-z_]+)((?:\.[a-z_]+)*)(.*)", re.S)
+
+
+def _metadata_words(message: str, arch: str) -> str:
+    """A config check's error about a GGUF file, naming the metadata key its field was read
+    from ("llama.rope.freq_base = 0.0 must be positive (read as rope_theta)") instead of a
+    config.json the file does not have."""
+    found = _CONFIG_FIELD.fullmatch(message)
+    if found is None:
+        return message
+    field, sub, rest = found.groups()
+    key = _METADATA_KEYS.get(field)
+    if key is None:
+        return f"the setting {field}{sub} read from its metadata{rest}"
+    spelled = sub.replace(".original_max_position_embeddings", ".original_context_length")
+    return f"{arch}.{key}{spelled}{rest} (read as {field}{sub})"
 
 
 def _token_id(meta: dict[str, Any], key: str, vocab_size: int, path: Path) -> int:
@@ -266,6 +302,11 @@ def hf_config_from_gguf(gguf: GGUFFile, arch: str) -> dict[str, Any]:
     }
     _check_head_counts(gguf, arch, cfg)
     rotary = int(meta.get(f"{arch}.rope.dimension_count") or head_dim)
+    if not 2 <= rotary <= head_dim or rotary % 2:  # rotated in two halves
+        raise ModelLoadError(
+            f"{gguf.path}: {arch}.rope.dimension_count = {rotary} must be an even number "
+            f"from 2 to the head size, {head_dim}"
+        )
     if rotary != head_dim:
         cfg["partial_rotary_factor"] = rotary / head_dim
     scaling = rope_scaling(gguf, arch, cfg["max_position_embeddings"], rotary)
@@ -397,7 +438,10 @@ def rope_scaling(gguf: GGUFFile, arch: str, context: int, rotary: int) -> dict[s
     if kind == "yarn":
         orig = meta.get(f"{arch}.rope.scaling.original_context_length", context)
         return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig}
-    raise ModelLoadError(f"{gguf.path}: rope scaling type {kind!r} is not supported")
+    raise ModelLoadError(
+        f"{gguf.path}: {arch}.rope.scaling.type {kind!r} is not supported "
+        "(supported: none, linear, yarn)"
+    )
 
 
 def _longrope_factors(gguf: GGUFFile, arch: str, rotary: int) -> dict[str, Any]:

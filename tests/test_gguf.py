@@ -511,3 +511,42 @@ def test_gguf_head_counts_that_do_not_fit_the_tensors_are_refused_naming_the_fie
     )
     with pytest.raises(ModelLoadError, match=re.escape(f"m.gguf: {said}")):
         load_gguf(path, CPU, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "said"),
+    [
+        (
+            {"llama.rope.freq_base": (0.0, GGUFValueType.FLOAT32)},
+            "llama.rope.freq_base = 0.0 must be positive (read as rope_theta)",
+        ),
+        (
+            {"llama.attention.layer_norm_rms_epsilon": (-1.0, GGUFValueType.FLOAT32)},
+            "llama.attention.layer_norm_rms_epsilon = -1.0 must be positive (read as rms_norm_eps)",
+        ),
+        (
+            {
+                "llama.rope.scaling.type": ("linear", GGUFValueType.STRING),
+                "llama.rope.scaling.factor": (-2.0, GGUFValueType.FLOAT32),
+            },
+            "llama.rope.scaling.factor = -2.0 must be positive (read as rope_scaling.factor)",
+        ),
+        (
+            {"llama.rope.scaling.type": ("weird", GGUFValueType.STRING)},
+            "llama.rope.scaling.type 'weird' is not supported (supported: none, linear, yarn)",
+        ),
+        (
+            {"llama.rope.dimension_count": (3, GGUFValueType.UINT32)},
+            "llama.rope.dimension_count = 3 must be an even number from 2 to the head size, 16",
+        ),
+    ],
+)
+def test_gguf_settings_the_config_checks_refuse_are_named_by_their_metadata_key(
+    tmp_path, llama_folder, metadata, said
+):
+    """The shared config checks speak config.json's names; a GGUF file has none of them
+    (a zero rope base, an odd rotary count: the latter loaded and rotated wrongly)."""
+    path = write_gguf(llama_folder, tmp_path / "m.gguf", "llama", metadata=metadata)
+    with pytest.raises(ModelLoadError) as caught:
+        load_gguf(path, CPU, torch.float32)
+    assert str(caught.value) == f"{path}: {said}"

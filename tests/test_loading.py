@@ -330,6 +330,10 @@ def test_max_position_embeddings_of_1e12_is_refused_even_with_a_short_max_seq_le
         ),
         ({"rope_theta": 0}, r"rope_theta = 0\.0 must be positive"),
         ({"rope_theta": float("nan")}, "rope_theta must be a finite number"),
+        (  # head_dim 16 (tiny): 3 of its values would be rotated, in halves of 1.5
+            {"partial_rotary_factor": 0.1875},
+            "partial_rotary_factor = 0.1875 rotates 3 of head_dim's 16 values; rope needs an even",
+        ),
         (  # transformers 5 keeps the base inside rope_parameters: a zero there is no default
             {"rope_parameters": {"rope_type": "default", "rope_theta": 0}},
             r"rope_parameters\.rope_theta = 0\.0 must be positive",

@@ -233,6 +233,13 @@ def shape_fields(
         raise UnsupportedModelError(
             f"config.json: {family} with {act_key}={act!r} is not supported"
         )
+    dim, rope = size("head_dim", head_dim or hidden // heads), checked_rope(cfg)
+    rotary = int(dim * rope.partial_rotary_factor)  # rotated in two halves: an even count
+    if rotary < 2 or rotary % 2:
+        raise UnsupportedModelError(
+            f"config.json: partial_rotary_factor = {rope.partial_rotary_factor} rotates "
+            f"{rotary} of head_dim's {dim} values; rope needs an even number of them"
+        )
     return {
         "vocab_size": size("vocab_size"),
         "hidden_size": hidden,
@@ -240,9 +247,9 @@ def shape_fields(
         "num_hidden_layers": size("num_hidden_layers"),
         "num_attention_heads": heads,
         "num_key_value_heads": size("num_key_value_heads", heads),
-        "head_dim": size("head_dim", head_dim or hidden // heads),
+        "head_dim": dim,
         "rms_norm_eps": positive_number(cfg.get("rms_norm_eps", eps), "rms_norm_eps"),
-        "rope": checked_rope(cfg),
+        "rope": rope,
         "max_position_embeddings": size("max_position_embeddings", max_positions),
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", tied)),
         "hidden_act": act,
