@@ -132,7 +132,54 @@ def main() -> None:
             tol = {torch.float32: 1.2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dt]
             label = f"dequantize {scheme} g{group} {n}x{k} {dt}"
             results[label] = [rel(out, want), tol]
+    results.update(pdl_dispatch(g))
     print(json.dumps(results))
+
+
+def pdl_dispatch(g: torch.Generator) -> dict[str, list[float]]:
+    """With PDL on (``gemv._pdl``, which the CUDA runner sets through ``use_pdl``), the
+    products trace under ``torch.compile(fullgraph=True, dynamic=True)`` as the opaque
+    ``fermi::gemv_pdl`` / ``fermi::gemv_int4_pdl`` ops, their fake implementations giving
+    the shapes. The interpreter cannot run ``griddepcontrol``, so the ops' launches run the
+    plain kernels here; an op missing from the graph counts as an infinite error."""
+    plain, plain_int4 = G.launch, G.launch_int4
+    G.launch = lambda *args, pdl=False, **kw: plain(*args, **kw)
+    G.launch_int4 = lambda *args, pdl=False, **kw: plain_int4(*args, **kw)
+    G._pdl = True
+    results = {}
+    try:
+        for n, k in ((37, 96), (24, 2048)):
+            w = torch.randn(n, k, generator=g) * 0.05
+            q4 = Q.quantize_int4(w, 32)
+            scales, mins = q4.scales.half(), q4.mins.half()
+            norm_w = torch.rand(k, generator=g) + 0.5
+            x, res = torch.randn(1, k, generator=g), torch.randn(1, n, generator=g)
+            for kind in ("bf16", "int4"):
+                seen: list[str] = []
+
+                def backend(gm, inputs, seen=seen):
+                    seen.extend(str(node.target) for node in gm.graph.nodes)
+                    return gm.forward
+
+                if kind == "bf16":
+                    fn, ref_w, op = G.gemv, w, "fermi.gemv_pdl.default"
+                    args = (w,)
+                else:
+                    fn, op = G.gemv_int4, "fermi.gemv_int4_pdl.default"
+                    ref_w = Q.device_precision(q4, "cuda").dequantize()
+                    args = (q4.codes, scales, mins)
+
+                def product(x, r, fn=fn, args=args, nw=norm_w):
+                    return fn(x, *args, norm_weight=nw, residual=r)
+
+                compiled = torch.compile(product, backend=backend, fullgraph=True, dynamic=True)
+                got = compiled(x, res)
+                want = G.gemv_reference(x, ref_w, norm_weight=norm_w, residual=res)
+                error = rel(got, want) if op in seen and got.shape == want.shape else 1e9
+                results[f"pdl op traced {kind} {n}x{k}"] = [error, 1e-5]
+    finally:
+        G.launch, G.launch_int4, G._pdl = plain, plain_int4, False
+    return results
 
 
 if __name__ == "__main__":

@@ -443,7 +443,8 @@ def test_triton_kernels_under_the_interpreter_match_their_references():
     run on CPU tensors by Triton's interpreter in a fresh process (the variable must be
     set before the kernels are defined). bf16 ``tl.dot`` is wrong under the interpreter
     (bit patterns taken for integers), so the few-row kernel is checked in fp32 and fp16
-    here and in bf16 on the GPU (tests/test_quant_cuda.py)."""
+    here and in bf16 on the GPU (tests/test_quant_cuda.py). Also the PDL products' dispatch:
+    traced by torch.compile as their opaque ops (their launches run plainly here)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(INTERPRETED.parent.parent)}
     proc = subprocess.run(
@@ -454,6 +455,7 @@ def test_triton_kernels_under_the_interpreter_match_their_references():
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) >= 45
+    assert sum(case.startswith("pdl op traced") for case in results) == 4
     for case, (error, tolerance) in results.items():
         assert error <= tolerance, case
 
