@@ -468,6 +468,35 @@ def test_row_products_that_fail_at_warmup_give_way_to_the_plain_ones(folder, mon
     assert (a - b).abs().max().item() < TOL
 
 
+def test_row_products_that_fail_with_pdl_are_tried_without_it_first(folder, monkeypatch):
+    """PDL is the newest part of the row products: a warm-up that fails with it keeps the
+    fused products and drops PDL, the note saying so. (On CPU the products are their torch
+    reference whatever the setting; the stand-in fails while PDL is on.)"""
+    from fermi.models import decoder
+    from fermi.models import gemv as G
+
+    def fail_with_pdl(*args, **kwargs):
+        if G._pdl:
+            raise RuntimeError("this driver cannot launch with PDL")
+        return G.gemv_reference(*args, **kwargs)
+
+    monkeypatch.setattr(G, "pdl_wanted", lambda device: True)
+    monkeypatch.setattr(decoder, "row_linear", fail_with_pdl)
+    try:
+        runner = graph_runner(folder, row_kernels=True, warmup=True, compile_cache=False)
+    finally:
+        G.use_pdl(False)
+    assert runner.row_kernels and runner.startup.row_kernels
+    assert not runner.pdl and not runner.startup.pdl
+    assert len(runner.startup.notes) == 1
+    assert runner.startup.notes[0].startswith(
+        "fused row products launched with PDL, with sdpa decode attention, failed"
+    )
+    ref = TorchRunner(load(folder).model, max_batch=4, max_seq_len=300, prefill_chunk=32)
+    a, b = runner.prefill(0, [5, 6, 7], 0), ref.prefill(0, [5, 6, 7], 0)
+    assert (a - b).abs().max().item() < TOL
+
+
 def test_row_kernels_false_turns_off_products_an_earlier_runner_turned_on(folder):
     model = load(folder).model
     first = CudaGraphRunner(model, 2, 300, 32, backend=None, use_graphs=False, warmup=False)

@@ -254,7 +254,7 @@ class CudaGraphRunner(Runner):
         if row_kernels is None:  # the fused one-row products where Triton runs
             row_kernels = compiled_cuda and gemv.available()
         # Hopper's programmatic dependent launch for the row products (FERMI_PDL=1: on).
-        self._pdl_wanted = compiled_cuda and gemv.pdl_wanted(self.device)
+        self._pdl_wanted = gemv.pdl_wanted(self.device)
         # Set both ways: the model may come from a runner that turned them on.
         self._set_row_kernels(bool(row_kernels) and model.use_row_kernels())
         self._forward: Callable = model.forward
@@ -638,15 +638,21 @@ class CudaGraphRunner(Runner):
         return bool(self._deferred)
 
     def _next_plan(self, exc: Exception) -> bool:
-        """Move to the next (row kernels, decode attention) set-up after ``exc``, dropping
-        every graph; False when none is left."""
+        """Move to the next set-up after ``exc``, dropping every graph: the same (row
+        kernels, decode attention) without PDL first where the products used it (the
+        newest part), else the next of ``warmup_plans``; False when none is left."""
         rows, attention = self._plans[self._plan]
-        if self._plan + 1 >= len(self._plans):
-            return False
-        self._plan += 1
         products = "fused row products" if rows else "plain products"
-        note = f"{products} with {attention} decode attention failed"
-        nxt = self._plans[self._plan]
+        if self.pdl:
+            note = f"{products} launched with PDL, with {attention} decode attention, failed"
+            self._pdl_wanted = False
+            nxt = (rows, attention)
+        elif self._plan + 1 < len(self._plans):
+            note = f"{products} with {attention} decode attention failed"
+            self._plan += 1
+            nxt = self._plans[self._plan]
+        else:
+            return False
         log.warning("%s (%s: %s); trying %s", note, type(exc).__name__, exc, nxt)
         self.startup.notes.append(f"{note}: {type(exc).__name__}: {str(exc)[:500]}")
         self._set_row_kernels(nxt[0])
