@@ -31,6 +31,8 @@ def child(model_name: str, variant: str, warmup: str, max_batch: int, max_seq_le
     t0 = time.perf_counter()
     import torch
 
+    torch_imported = time.perf_counter()
+
     if variant == "precompile":
         torch._dynamo.config.caching_precompile = True
     from bench_decode import our_decoder, prompt_ids, wordlevel_tokenizer
@@ -102,6 +104,7 @@ def child(model_name: str, variant: str, warmup: str, max_batch: int, max_seq_le
             {
                 "torch": torch.__version__,
                 "import_s": imported - t0,
+                "import_torch_s": torch_imported - t0,  # the rest: fermi, Triton, Inductor
                 "build_weights_s": built - imported,
                 "warmup_s": warmed - built,
                 "first_token_s": first - warmed,
