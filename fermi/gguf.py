@@ -222,6 +222,15 @@ _METADATA_KEYS = {
     "sliding_window": "attention.sliding_window",
     "rope_local_base_freq": "rope.freq_base_swa",
     "final_logit_softcapping": "final_logit_softcapping",
+    "logits_scaling": "logit_scale",  # Granite's multipliers
+    "embedding_multiplier": "embedding_scale",
+    "residual_multiplier": "residual_scale",
+    "attention_multiplier": "attention.scale",
+}
+# Keys under rope_scaling spelled otherwise in the metadata (rope.scaling.<key>).
+_SCALING_KEYS = {
+    "original_max_position_embeddings": "original_context_length",
+    "attention_factor": "attn_factor",
 }
 _CONFIG_FIELD = re.compile(r"config\.json: ([a-z_]+)((?:\.[a-z_]+)*)(.*)", re.S)
 
@@ -231,14 +240,11 @@ def _metadata_words(message: str, arch: str) -> str:
     from ("llama.rope.freq_base = 0.0 must be positive (read as rope_theta)") instead of a
     config.json the file does not have."""
     found = _CONFIG_FIELD.fullmatch(message)
-    if found is None:
-        return message
+    if found is None or found.group(1) not in _METADATA_KEYS:
+        return f"{message.removeprefix('config.json: ')} (a setting read from its metadata)"
     field, sub, rest = found.groups()
-    key = _METADATA_KEYS.get(field)
-    if key is None:
-        return f"the setting {field}{sub} read from its metadata{rest}"
-    spelled = sub.replace(".original_max_position_embeddings", ".original_context_length")
-    return f"{arch}.{key}{spelled}{rest} (read as {field}{sub})"
+    spelled = ".".join(_SCALING_KEYS.get(part, part) for part in sub.split("."))
+    return f"{arch}.{_METADATA_KEYS[field]}{spelled}{rest} (read as {field}{sub})"
 
 
 def _token_id(meta: dict[str, Any], key: str, vocab_size: int, path: Path) -> int:

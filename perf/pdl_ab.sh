@@ -6,7 +6,8 @@
 # the reference, a PDL chain in one CUDA graph with poisoned buffers, the compiled runner
 # with and without; the int8/int4 kernel tests of tests/test_quant_cuda.py with both), then
 # per model bench_decode.py at batch 1 with FERMI_PDL=0 and =1 in fresh processes, in turn
-# (0, 1, then 1, 0 again while the call has time). Writes $OUT/pdl_tests.log and
+# (0, 1, then 1, 0 again while the call has time), each line saying whether the runner used
+# PDL (a warm-up that failed with it falls back silently). Writes $OUT/pdl_tests.log and
 # $OUT/pdl_<model>_<flag>_<round>.json.
 set -u
 # shellcheck source=perf/device_wheels.sh
@@ -34,7 +35,8 @@ for round in 1 2; do
             FERMI_PDL=$flag python3 perf/bench_decode.py --models "$model" --skip-hf \
                 --prompts 128 --batches 1 --runs 3 --new-tokens 128 --out "$json" \
                 >"${json%.json}.log" 2>&1
-            echo "$model FERMI_PDL=$flag round $round: $(grep -o 'ours p128: [^,]*' "${json%.json}.log") ($((SECONDS - start)) s)"
+            used=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['models'][0]['ours_start'].get('pdl'))" "$json" 2>/dev/null)
+            echo "$model FERMI_PDL=$flag (runner.pdl $used) round $round: $(grep -o 'ours p128: [^,]*' "${json%.json}.log") ($((SECONDS - start)) s)"
         done
     done
 done

@@ -132,20 +132,72 @@ def main() -> None:
             tol = {torch.float32: 1.2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dt]
             label = f"dequantize {scheme} g{group} {n}x{k} {dt}"
             results[label] = [rel(out, want), tol]
+    results.update(pdl_kernels(g))
     results.update(pdl_dispatch(g))
     print(json.dumps(results))
 
 
+def pdl_kernels(g: torch.Generator) -> dict[str, list[float]]:
+    """The one-row kernels as launched with programmatic dependent launch (the first tile
+    read before the wait, the loop from the second), through ``launch(..., pdl=True)``;
+    the interpreter cannot run ``griddepcontrol``, so the wait and the early launch are
+    no-ops here: this checks the arithmetic of the PDL variants, not the launch. Shapes:
+    K below one block, K one int4 step exactly (an empty loop), K over several steps."""
+    import triton.language.extra.cuda as gdc
+
+    saved = gdc.gdc_wait, gdc.gdc_launch_dependents
+    gdc.gdc_wait = gdc.gdc_launch_dependents = lambda: None
+    results = {}
+    try:
+        for n, k in ((37, 96), (24, 4096), (24, 6144)):
+            w = torch.randn(n, k, generator=g) * 0.05
+            q8, q4 = Q.quantize_int8(w), Q.quantize_int4(w, 32)
+            for dt in (torch.float32, torch.bfloat16):
+                tol = 1e-5 if dt == torch.float32 else 1.5e-2
+                x = torch.randn(1, k, generator=g).to(dt)
+                x2 = torch.randn(1, 2 * k, generator=g).to(dt)
+                norm_w = (torch.rand(k, generator=g) + 0.5).to(dt)
+                bias, res = (
+                    torch.randn(n, generator=g).to(dt),
+                    torch.randn(1, n, generator=g).to(dt),
+                )
+                cases = {
+                    "norm+bias": (x, bias, norm_w, None, G.ACT_NONE),
+                    "silu*up+residual": (x2, None, None, res, G.ACT_SILU_MUL),
+                }
+                for label, (inp, b, nw, r, act) in cases.items():
+                    for kind in ("bf16-row", "int8-row", "int4-row"):
+                        out = torch.full((1, n), float("nan"), dtype=dt)
+                        if kind == "bf16-row":
+                            ref_w = w.to(dt)
+                            G.launch(inp, ref_w, out, b, nw, r, 1e-6, act, pdl=True)
+                        elif kind == "int8-row":
+                            ref_w = q8.dequantize(dt)
+                            G.launch(inp, q8.codes, out, b, nw, r, 1e-6, act, scale=q8.scales,
+                                     pdl=True)  # fmt: skip
+                        else:
+                            ref_w = Q.device_precision(q4, "cuda").dequantize(dt)
+                            G.launch_int4(inp, q4.codes, q4.scales.half(), q4.mins.half(), out,
+                                          b, nw, r, 1e-6, act, pdl=True)  # fmt: skip
+                        want = G.gemv_reference(
+                            inp, ref_w, b, norm_weight=nw, residual=r, act=act, eps=1e-6
+                        )
+                        results[f"pdl {kind} {n}x{k} {dt} {label}"] = [rel(out, want), tol]
+    finally:
+        gdc.gdc_wait, gdc.gdc_launch_dependents = saved
+    return results
+
+
 def pdl_dispatch(g: torch.Generator) -> dict[str, list[float]]:
-    """With PDL on (``gemv._pdl``, which the CUDA runner sets through ``use_pdl``), the
-    products trace under ``torch.compile(fullgraph=True, dynamic=True)`` as the opaque
-    ``fermi::gemv_pdl`` / ``fermi::gemv_int4_pdl`` ops, their fake implementations giving
-    the shapes. The interpreter cannot run ``griddepcontrol``, so the ops' launches run the
-    plain kernels here; an op missing from the graph counts as an infinite error."""
+    """``gemv`` / ``gemv_int4`` with ``pdl=True`` (what a layer with ``row_pdl`` passes)
+    trace under ``torch.compile(fullgraph=True, dynamic=True)`` as the opaque
+    ``fermi::gemv_pdl`` / ``fermi::gemv_int4_pdl`` ops, with the shapes of their fake
+    implementations; the ops' launches run the plain kernels here (see pdl_kernels). An op
+    missing from the graph, or a fake shape unlike the output's, counts as an infinite
+    error."""
     plain, plain_int4 = G.launch, G.launch_int4
     G.launch = lambda *args, pdl=False, **kw: plain(*args, **kw)
     G.launch_int4 = lambda *args, pdl=False, **kw: plain_int4(*args, **kw)
-    G._pdl = True
     results = {}
     try:
         for n, k in ((37, 96), (24, 2048)):
@@ -155,30 +207,33 @@ def pdl_dispatch(g: torch.Generator) -> dict[str, list[float]]:
             norm_w = torch.rand(k, generator=g) + 0.5
             x, res = torch.randn(1, k, generator=g), torch.randn(1, n, generator=g)
             for kind in ("bf16", "int4"):
-                seen: list[str] = []
+                fakes: list[tuple[int, ...]] = []
 
-                def backend(gm, inputs, seen=seen):
-                    seen.extend(str(node.target) for node in gm.graph.nodes)
+                def backend(
+                    gm, inputs, fakes=fakes, op=f"fermi.gemv{'_int4' * (kind == 'int4')}_pdl"
+                ):
+                    for node in gm.graph.nodes:
+                        if str(node.target).startswith(op + "."):
+                            fakes.append(tuple(node.meta["example_value"].shape))
                     return gm.forward
 
                 if kind == "bf16":
-                    fn, ref_w, op = G.gemv, w, "fermi.gemv_pdl.default"
-                    args = (w,)
+                    fn, ref_w, args = G.gemv, w, (w,)
                 else:
-                    fn, op = G.gemv_int4, "fermi.gemv_int4_pdl.default"
-                    ref_w = Q.device_precision(q4, "cuda").dequantize()
+                    fn, ref_w = G.gemv_int4, Q.device_precision(q4, "cuda").dequantize()
                     args = (q4.codes, scales, mins)
 
                 def product(x, r, fn=fn, args=args, nw=norm_w):
-                    return fn(x, *args, norm_weight=nw, residual=r)
+                    return fn(x, *args, norm_weight=nw, residual=r, pdl=True)
 
                 compiled = torch.compile(product, backend=backend, fullgraph=True, dynamic=True)
                 got = compiled(x, res)
                 want = G.gemv_reference(x, ref_w, norm_weight=norm_w, residual=res)
-                error = rel(got, want) if op in seen and got.shape == want.shape else 1e9
+                traced = len(fakes) == 1 and len(fakes[0]) == 2 and got.shape == want.shape
+                error = rel(got, want) if traced else 1e9
                 results[f"pdl op traced {kind} {n}x{k}"] = [error, 1e-5]
     finally:
-        G.launch, G.launch_int4, G._pdl = plain, plain_int4, False
+        G.launch, G.launch_int4 = plain, plain_int4
     return results
 
 

@@ -550,3 +550,14 @@ def test_gguf_settings_the_config_checks_refuse_are_named_by_their_metadata_key(
     with pytest.raises(ModelLoadError) as caught:
         load_gguf(path, CPU, torch.float32)
     assert str(caught.value) == f"{path}: {said}"
+
+
+def test_a_config_check_message_without_a_known_field_keeps_its_words():
+    from fermi.gguf import _metadata_words
+
+    assert _metadata_words("config.json: unreadable rope settings (x)", "llama") == (
+        "unreadable rope settings (x) (a setting read from its metadata)"
+    )
+    assert _metadata_words("rope_scaling of type linear has no factor", "llama") == (
+        "rope_scaling of type linear has no factor (a setting read from its metadata)"
+    )

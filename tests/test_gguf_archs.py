@@ -132,3 +132,38 @@ def test_phi3_gguf_with_the_wrong_number_of_rope_factors_is_a_load_error(tmp_pat
     path = write_gguf(folder, tmp_path / "five.gguf", "phi3")
     with pytest.raises(ModelLoadError, match=r"rope_factors_long\.weight.*implies \(6,\)"):
         load_gguf(path, CPU, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("name", "metadata", "said"),
+    [
+        (
+            "granite",
+            {"granite.residual_scale": (-1.0, GGUFValueType.FLOAT32)},
+            "granite.residual_scale = -1.0 must be",
+        ),
+        (
+            "gemma3",
+            {"gemma3.rope.freq_base_swa": (0.0, GGUFValueType.FLOAT32)},
+            "gemma3.rope.freq_base_swa = 0.0 must be positive (read as rope_local_base_freq)",
+        ),
+        (
+            "gemma3",
+            {"gemma3.rope.freq_base": (0.0, GGUFValueType.FLOAT32)},
+            "gemma3.rope.freq_base = 0.0 must be positive (read as rope_theta)",
+        ),
+        (
+            "phi4_mini",
+            {"phi3.rope.scaling.attn_factor": (-1.0, GGUFValueType.FLOAT32)},
+            "phi3.rope.scaling.attn_factor = -1.0 must be positive "
+            "(read as rope_scaling.attention_factor)",
+        ),
+    ],
+)
+def test_gguf_architecture_settings_refused_by_the_config_checks_name_their_key(
+    tmp_path, name, metadata, said
+):
+    _, path = write(tmp_path, name, metadata)
+    with pytest.raises(ModelLoadError) as caught:
+        load_gguf(path, CPU, torch.float32)
+    assert str(caught.value).startswith(f"{path}: {said}"), str(caught.value)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fermi.models import gemv as G
 from fermi.models import quant as Q
-from tests.test_row_kernels import pdl  # noqa: F401 (the fixture: plain, then PDL launches)
+from tests.test_row_kernels import LAUNCHES
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,8 +29,8 @@ def weights(n: int, k: int) -> tuple[torch.Tensor, Q.QuantizedWeight, Q.Quantize
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("n", "k"), [(37, 96), (4096, 2560), (2048, 6144), (1000, 3072)])
-@pytest.mark.usefixtures("pdl")
-def test_fused_int8_and_int4_row_kernels_equal_the_reference(dtype, n, k):
+@LAUNCHES
+def test_fused_int8_and_int4_row_kernels_equal_the_reference(dtype, n, k, pdl):
     _, q8, q4 = weights(n, k)
     g = torch.Generator(device="cuda").manual_seed(1)
     kw = {"device": "cuda", "dtype": dtype, "generator": g}
@@ -51,7 +51,7 @@ def test_fused_int8_and_int4_row_kernels_equal_the_reference(dtype, n, k):
             fused = dict(extra)
             b = fused.pop("bias", None)
             layer.bias = b
-            got = layer.row(inp, **fused)
+            got = layer.row(inp, **fused, pdl=pdl)
             want = G.gemv_reference(inp, ref_w, b, **fused)
             assert rel(got, want) <= tol, (q.scheme, extra.keys())
 
@@ -101,8 +101,8 @@ def test_the_dequantize_kernel_writes_the_weight_torch_computes(dtype, scheme, g
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize(("n", "k"), [(96, 2688), (4100, 640)])
-@pytest.mark.usefixtures("pdl")
-def test_int4_groups_of_64_and_128_in_the_row_and_few_row_kernels(dtype, group, n, k):
+@LAUNCHES
+def test_int4_groups_of_64_and_128_in_the_row_and_few_row_kernels(dtype, group, n, k, pdl):
     """Every int4 group size through the one-row kernel and the few-row kernel (whose codes
     are cut [BLOCK_N, GROUPS, HALF] by group), with K not a multiple of either kernel's
     block and N not a multiple of its rows; perf/LOG.md run 64 swept group 32 only."""
@@ -125,7 +125,7 @@ def test_int4_groups_of_64_and_128_in_the_row_and_few_row_kernels(dtype, group, 
         assert rel(layer(x), want) <= (2e-3 if dtype == torch.float32 else tol), rows
     x = torch.randn(1, k, device="cuda", dtype=dtype, generator=g)
     want = F.linear(x.float(), ref_w, bias.float())
-    assert rel(layer.row(x), want) <= tol
+    assert rel(layer.row(x, pdl=pdl), want) <= tol
 
 
 def test_cuda_and_cpu_layers_of_one_weight_agree():

@@ -25,12 +25,10 @@ hopper = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=[False, pytest.param(True, marks=hopper)], ids=["plain", "pdl"])
-def pdl(request):
-    """The row products launched plainly, then with programmatic dependent launch."""
-    G.use_pdl(request.param)
-    yield request.param
-    G.use_pdl(False)
+# The row products launched plainly, then with programmatic dependent launch.
+LAUNCHES = pytest.mark.parametrize(
+    "pdl", [False, pytest.param(True, marks=hopper)], ids=["plain", "pdl"]
+)
 
 
 def decode_logits(model, steps: int = 6) -> torch.Tensor:
@@ -62,7 +60,7 @@ def test_one_row_steps_take_the_fused_path_and_wider_ones_do_not(monkeypatch):
     assert model.use_row_kernels()
     calls = []
 
-    def spy(*args, **kw):
+    def spy(*args, pdl, **kw):
         calls.append(kw.get("act", 0))
         return G.gemv_reference(*args, **kw)
 
@@ -126,6 +124,7 @@ def test_fermi_pdl_is_read_strictly_and_only_asks_for_pdl_where_it_runs(monkeypa
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("n", "k"), [(37, 100), (4096, 2560), (1000, 3072)])
+@LAUNCHES
 def test_triton_kernel_equals_the_reference(dtype, n, k, pdl):
     g = torch.Generator(device="cuda").manual_seed(n + k)
     kw = {"device": "cuda", "dtype": dtype, "generator": g}
@@ -140,7 +139,7 @@ def test_triton_kernel_equals_the_reference(dtype, n, k, pdl):
         ({"act": G.ACT_SILU_MUL, "residual": res, "bias": bias}, x2),
     ]
     for extra, inp in cases:
-        got = G.gemv(inp, w, **extra).float()
+        got = G.gemv(inp, w, **extra, pdl=pdl).float()
         want = G.gemv_reference(inp, w, **extra).float()
         scale = want.abs().max().item()
         # fp32: only the order of the sums differs; bf16: also one rounding of the output
@@ -177,7 +176,9 @@ def test_pdl_products_chained_in_one_cuda_graph_wait_for_their_inputs(scheme):
 
     def product(linear, x, **fused):
         layer, _ = linear
-        return G.gemv(x, layer, **fused) if scheme == "bf16" else layer.row(x, **fused)
+        if scheme == "bf16":
+            return G.gemv(x, layer, **fused, pdl=True)
+        return layer.row(x, **fused, pdl=True)
 
     def reference(linear, x, **fused):
         return G.gemv_reference(x, linear[1], **fused)
@@ -192,19 +193,15 @@ def test_pdl_products_chained_in_one_cuda_graph_wait_for_their_inputs(scheme):
             outs += [a, gu, x]
         return outs
 
-    G.use_pdl(True)
-    try:
-        x = torch.zeros(1, h, device="cuda", dtype=dt)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            chain(x, product)  # compiles the kernels outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = chain(x, product)
-    finally:
-        G.use_pdl(False)
+    x = torch.zeros(1, h, device="cuda", dtype=dt)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(x, product)  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain(x, product)
     for replay in range(3):
         fresh = torch.randn(1, h, device="cuda", generator=g).to(dt)
         for t in (*outs, x):
@@ -242,26 +239,35 @@ def test_compiled_runner_with_row_products_equals_it_without(tmp_path):
 @hopper
 def test_compiled_runner_with_pdl_row_products_equals_it_without(tmp_path, monkeypatch):
     """FERMI_PDL=1 against FERMI_PDL=0 (the default): the same compiled runner's logits,
-    the runner and its start-up record saying which it ran."""
+    the runner and its start-up record saying which it ran, and the products launched
+    with PDL (counted as the compiled graphs run them) only with it."""
     from fermi.loading import load_folder
     from fermi.runners.torch_cuda import CudaGraphRunner
     from tests.tiny import write_checkpoint
 
     folder = write_checkpoint(tmp_path / "qwen3", {}, seed=4)
     device = torch.device("cuda")
+    launched = {True: 0, False: 0}
+    plain_launch = G.launch
+
+    def counted(*args, pdl=False, **kw):
+        launched[pdl] += 1
+        return plain_launch(*args, pdl=pdl, **kw)
+
+    monkeypatch.setattr(G, "launch", counted)
     results = []
-    try:
-        for flag in ("1", "0"):
-            monkeypatch.setenv("FERMI_PDL", flag)
-            model = load_folder(folder, device, torch.bfloat16).model
-            runner = CudaGraphRunner(model, 2, 300, 32, compile_cache=False)
-            assert runner.row_kernels and runner.pdl is (flag == "1")
-            assert runner.startup.pdl is runner.pdl and G._pdl is runner.pdl
-            logits = [runner.prefill(0, [5, 9, 14, 3, 7], 0)]
-            for step in range(8):
-                token = int(logits[-1].argmax())
-                logits.append(runner.decode([0], [token], [5 + step])[0])
-            results.append(torch.stack(logits).float())
-    finally:
-        G.use_pdl(False)
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FERMI_PDL", flag)
+        launched.update({True: 0, False: 0})
+        model = load_folder(folder, device, torch.bfloat16).model
+        runner = CudaGraphRunner(model, 2, 300, 32, compile_cache=False)
+        assert runner.row_kernels and runner.pdl is (flag == "1")
+        assert runner.startup.pdl is runner.pdl and model.row_pdl is runner.pdl
+        logits = [runner.prefill(0, [5, 9, 14, 3, 7], 0)]
+        for step in range(8):
+            token = int(logits[-1].argmax())
+            logits.append(runner.decode([0], [token], [5 + step])[0])
+        results.append(torch.stack(logits).float())
+        # (the triton_op's launches go through Inductor, not G.launch: only PDL's count)
+        assert (launched[True] > 0) is (flag == "1"), launched
     assert torch.equal(results[0], results[1])

@@ -475,19 +475,18 @@ def test_row_products_that_fail_with_pdl_are_tried_without_it_first(folder, monk
     from fermi.models import decoder
     from fermi.models import gemv as G
 
-    def fail_with_pdl(*args, **kwargs):
-        if G._pdl:
+    def fail_with_pdl(*args, pdl, **kwargs):
+        if pdl:
             raise RuntimeError("this driver cannot launch with PDL")
         return G.gemv_reference(*args, **kwargs)
 
     monkeypatch.setattr(G, "pdl_wanted", lambda device: True)
     monkeypatch.setattr(decoder, "row_linear", fail_with_pdl)
-    try:
-        runner = graph_runner(folder, row_kernels=True, warmup=True, compile_cache=False)
-    finally:
-        G.use_pdl(False)
+    runner = graph_runner(folder, row_kernels=True, warmup=True, compile_cache=False)
     assert runner.row_kernels and runner.startup.row_kernels
     assert not runner.pdl and not runner.startup.pdl
+    assert not runner.model.row_pdl
+    assert not any(layer.row_pdl for layer in runner.model.model.layers)
     assert len(runner.startup.notes) == 1
     assert runner.startup.notes[0].startswith(
         "fused row products launched with PDL, with sdpa decode attention, failed"

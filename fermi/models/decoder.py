@@ -327,6 +327,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.row_kernels = False  # see Decoder.use_row_kernels
+        self.row_pdl = False  # the row products launched with PDL (fermi.models.gemv)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if self.row_kernels and x.shape[0] * x.shape[1] == 1:
@@ -350,19 +351,22 @@ class DecoderLayer(nn.Module):
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv_proj, o_proj = attn.qkv_proj, attn.o_proj
         gate_up, down = mlp.gate_up_proj, mlp.down_proj
-        qkv = _row(qkv_proj, x, norm_weight=norm1.weight, eps=norm1.eps)
+        pdl = self.row_pdl
+        qkv = _row(qkv_proj, x, pdl, norm_weight=norm1.weight, eps=norm1.eps)
         h = attn.attend(qkv, ctx)
-        x = _row(o_proj, h, residual=x)
-        gu = _row(gate_up, x, norm_weight=norm2.weight, eps=norm2.eps)
-        return _row(down, gu, act=ACT_SILU_MUL, residual=x)
+        x = _row(o_proj, h, pdl, residual=x)
+        gu = _row(gate_up, x, pdl, norm_weight=norm2.weight, eps=norm2.eps)
+        return _row(down, gu, pdl, act=ACT_SILU_MUL, residual=x)
 
 
-def _row(linear: nn.Module, x: torch.Tensor, **fused) -> torch.Tensor:
+def _row(linear: nn.Module, x: torch.Tensor, pdl: bool, **fused) -> torch.Tensor:
     """The fused one-row product (``fermi.models.gemv``) of a plain, quantized or fp16
-    (fermi's CPU kernels) linear."""
-    if isinstance(linear, (QuantLinear, HalfWeightLinear)):
+    (fermi's CPU kernels) linear; ``pdl``: launched with PDL on CUDA."""
+    if isinstance(linear, QuantLinear):
+        return linear.row(x, pdl=pdl, **fused)
+    if isinstance(linear, HalfWeightLinear):  # (CPU only)
         return linear.row(x, **fused)
-    return row_linear(x, linear.weight, linear.bias, **fused)
+    return row_linear(x, linear.weight, linear.bias, pdl=pdl, **fused)
 
 
 def _row_capable(linear: nn.Module) -> bool:
@@ -392,6 +396,7 @@ class Decoder(nn.Module):
         self.max_batch = 0
         self.max_seq_len = 0
         self.row_kernels = False  # see use_row_kernels
+        self.row_pdl = False  # the row products launched with PDL (fermi.models.gemv)
         self.native_rows = False  # see use_native_rows
         self._native_stack: SimpleNamespace | None = None  # the kernels' view of the layers
         # Off: every prefill takes the masked path (see prefill_is_causal), for A/B timing.
@@ -733,7 +738,8 @@ class Decoder(nn.Module):
         # One row (not one batch row of T positions): the final norm rides along.
         if self.row_kernels and x.shape[0] * x.shape[1] == 1:
             norm = self.model.norm
-            logits = _row(self.lm_head, x, norm_weight=norm.weight, eps=norm.eps).float()
+            head = _row(self.lm_head, x, self.row_pdl, norm_weight=norm.weight, eps=norm.eps)
+            logits = head.float()
         else:
             logits = self.lm_head(self.model.norm(x)).float()
         if cfg.logits_scaling != 1.0:

@@ -80,13 +80,15 @@ def gemma3_ropes(cfg: dict) -> tuple[RopeConfig, RopeConfig]:
             "rope_theta": LOCAL_THETA,
             **_object(params.get(SLIDING), f"rope_parameters.{SLIDING}"),
         }
+        bases = (f"rope_parameters.{FULL}.rope_theta", f"rope_parameters.{SLIDING}.rope_theta")
     else:  # transformers 4: rope_theta + rope_scaling globally, rope_local_base_freq locally
         scaling = _object(cfg.get("rope_scaling"), "rope_scaling")
         full = {"rope_theta": cfg.get("rope_theta", GLOBAL_THETA), **scaling}
         local = {"rope_theta": cfg.get("rope_local_base_freq", LOCAL_THETA)}
+        bases = ("rope_theta", "rope_local_base_freq")
     ropes = []
-    for name, spelled in (("global", full), ("local", local)):
-        rope = checked_rope({**_without_rope(cfg), "rope_parameters": spelled})
+    for name, spelled, base in (("global", full, bases[0]), ("local", local, bases[1])):
+        rope = checked_rope({**_without_rope(cfg), "rope_parameters": spelled}, base)
         if rope.rope_type == "longrope":
             raise UnsupportedModelError(
                 f"config.json: Gemma 3 with longrope on its {name} layers is not supported"

@@ -56,11 +56,6 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-# Whether gemv / gemv_int4 launch with programmatic dependent launch: set by use_pdl (the
-# CUDA runner calls it), read when torch.compile traces a layer (a change recompiles).
-_pdl = False
-
-
 def pdl_wanted(device: torch.device) -> bool:
     """Whether the one-row products on ``device`` should use programmatic dependent launch:
     ``FERMI_PDL=1`` and a GPU of compute capability 9.0 or later (Hopper). Off by default
@@ -75,16 +70,9 @@ def pdl_wanted(device: torch.device) -> bool:
     value = os.environ.get("FERMI_PDL", "0").strip()
     if value not in ("0", "1"):
         raise ValueError(f"FERMI_PDL must be 0 or 1, got {value!r}")
-    if value == "0" or not available() or device.type != "cuda":
-        return False
+    if value == "0" or not available() or device.type != "cuda" or torch.version.hip:
+        return False  # (ROCm's GPUs report capabilities of 9 too: no griddepcontrol there)
     return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def use_pdl(on: bool) -> None:
-    """Launch this process's one-row products with PDL (``on``; ask :func:`pdl_wanted`
-    first) or plainly. Products on CPU tensors take :func:`gemv_reference` either way."""
-    global _pdl
-    _pdl = bool(on)
 
 
 def launch_config(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int]:
@@ -438,15 +426,17 @@ def gemv(
     act: int = ACT_NONE,
     residual: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``[residual +] linear(pre(x), weight, bias)`` for one row ``x`` [..., K] (or [..., 2K]
     with ``act=ACT_SILU_MUL``), where ``pre`` is RMSNorm with ``norm_weight`` and/or
     silu(gate) * up. An int8 ``weight`` [N, K] stands for ``weight * scale[:, None]``.
-    Contiguous operands; returns [..., N] in ``x``'s dtype."""
+    Contiguous operands; returns [..., N] in ``x``'s dtype. ``pdl``: launched with
+    programmatic dependent launch (ask :func:`pdl_wanted`)."""
     if triton is None:
         raise RuntimeError("the fused GEMV needs Triton (a CUDA build of torch)")
     _check_one_row(x)
-    op = _gemv_pdl_op if _pdl else _gemv_op
+    op = _gemv_pdl_op if pdl else _gemv_op
     return op(x, weight, bias, norm_weight, residual, float(eps), act, scale)
 
 
@@ -461,13 +451,14 @@ def gemv_int4(
     eps: float = 1e-6,
     act: int = ACT_NONE,
     residual: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """:func:`gemv` with group-wise int4 weights: ``codes`` [N, K/2] (uint8, the layout of
     ``fermi.models.quant.pack_int4``), ``scales`` and ``mins`` [N, K/group]."""
     if triton is None:
         raise RuntimeError("the fused GEMV needs Triton (a CUDA build of torch)")
     _check_one_row(x)
-    op = _gemv_int4_pdl_op if _pdl else _gemv_int4_op
+    op = _gemv_int4_pdl_op if pdl else _gemv_int4_op
     return op(x, codes, scales, mins, bias, norm_weight, residual, float(eps), act)
 
 
@@ -480,12 +471,16 @@ def row_linear(
     eps: float = 1e-6,
     act: int = ACT_NONE,
     residual: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """:func:`gemv` on a CUDA device with Triton, else :func:`gemv_reference`; one row on
-    every device, so that a caller the kernel would refuse fails on CPU too."""
+    """:func:`gemv` on a CUDA device with Triton (``pdl`` as there), else
+    :func:`gemv_reference`; one row on every device, so that a caller the kernel would
+    refuse fails on CPU too."""
     _check_one_row(x)
-    fn = gemv if x.is_cuda and triton is not None else gemv_reference
-    return fn(x, weight, bias, norm_weight=norm_weight, eps=eps, act=act, residual=residual)
+    fused = {"norm_weight": norm_weight, "eps": eps, "act": act, "residual": residual}
+    if x.is_cuda and triton is not None:
+        return gemv(x, weight, bias, pdl=pdl, **fused)
+    return gemv_reference(x, weight, bias, **fused)
 
 
 def _check_one_row(x: torch.Tensor) -> None:

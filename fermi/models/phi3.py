@@ -36,7 +36,7 @@ def phi3_rope(cfg: dict, head_dim: int) -> RopeConfig:
             f"config.json: Phi-3 with rope type {rope.rope_type!r} is not supported "
             "(default or longrope)"
         )
-    half = int(head_dim * rope.partial_rotary_factor) // 2
+    half = round(head_dim * rope.partial_rotary_factor) // 2
     for key in ("short_factor", "long_factor"):
         factors = rope.params.get(key)
         if not isinstance(factors, list) or len(factors) != half:

@@ -444,15 +444,18 @@ class QuantLinear(KernelLayer):
         eps: float = 1e-6,
         act: int = ACT_NONE,
         residual: torch.Tensor | None = None,
+        pdl: bool = False,
     ) -> torch.Tensor:
         """The fused one-row product of ``fermi.models.gemv`` with this layer's weights:
-        the Triton kernel on CUDA, the same steps in torch elsewhere."""
+        the Triton kernel on CUDA (``pdl``: launched with PDL), the same steps in torch
+        elsewhere."""
         gemv._check_one_row(x)
         if self.native_weight is not None:
             y = self.native_weight.linear(x, norm_weight, eps, act, residual)
             return y.to(x.dtype)
         if x.is_cuda and gemv.triton is not None:
             fused = {"norm_weight": norm_weight, "eps": eps, "act": act, "residual": residual}
+            fused["pdl"] = pdl
             if self.scheme == "int8":
                 return gemv.gemv(x, self.codes, self.bias, scale=self.scales, **fused)
             return gemv.gemv_int4(x, self.codes, self.scales, self.mins, self.bias, **fused)

@@ -141,9 +141,10 @@ def positive_number(value: object, name: str) -> float:
     return float(value)
 
 
-def checked_rope(cfg: dict) -> RopeConfig:
+def checked_rope(cfg: dict, theta_name: str | None = None) -> RopeConfig:
     """The rope settings of ``cfg``, refused with the key named when a value could not come
-    from a real checkpoint (a zero or negative factor or base, a NaN, an unknown type)."""
+    from a real checkpoint (a zero or negative factor or base, a NaN, an unknown type);
+    ``theta_name``: what to call the base in an error, where the caller moved it."""
     key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
     scaling = cfg.get(key)
     if scaling is not None and not isinstance(scaling, dict):
@@ -152,8 +153,10 @@ def checked_rope(cfg: dict) -> RopeConfig:
         rope = RopeConfig.from_hf(cfg)
     except (TypeError, ValueError) as exc:
         raise UnsupportedModelError(f"config.json: unreadable rope settings ({exc})") from None
-    nested = isinstance(scaling, dict) and scaling.get("rope_theta") is not None
-    positive_number(rope.theta, f"{key}.rope_theta" if nested else "rope_theta")
+    if theta_name is None:
+        nested = isinstance(scaling, dict) and scaling.get("rope_theta") is not None
+        theta_name = f"{key}.rope_theta" if nested else "rope_theta"
+    positive_number(rope.theta, theta_name)
     if rope.rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"config.json: {key}.rope_type {rope.rope_type!r} is not supported "
@@ -234,7 +237,7 @@ def shape_fields(
             f"config.json: {family} with {act_key}={act!r} is not supported"
         )
     dim, rope = size("head_dim", head_dim or hidden // heads), checked_rope(cfg)
-    rotary = int(dim * rope.partial_rotary_factor)  # rotated in two halves: an even count
+    rotary = round(dim * rope.partial_rotary_factor)  # rotated in two halves: an even count
     if rotary < 2 or rotary % 2:
         raise UnsupportedModelError(
             f"config.json: partial_rotary_factor = {rope.partial_rotary_factor} rotates "

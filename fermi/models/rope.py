@@ -50,7 +50,7 @@ def inverse_frequencies(
 
     ``seq_len`` matters only for longrope, whose factors switch with the context length.
     """
-    dim = int(head_dim * rope.partial_rotary_factor)
+    dim = round(head_dim * rope.partial_rotary_factor)  # (a factor stored as rotary / head_dim)
     exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (rope.theta**exponent)
     p = rope.params

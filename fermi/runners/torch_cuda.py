@@ -710,14 +710,13 @@ class CudaGraphRunner(Runner):
             layer.self_attn.decode_kernel = kind
 
     def _set_row_kernels(self, on: bool) -> None:
-        from fermi.models import gemv
-
         self.row_kernels = on
         self.pdl = on and self._pdl_wanted
-        gemv.use_pdl(self.pdl)
         self.model.row_kernels = on
+        self.model.row_pdl = self.pdl
         for layer in self.model.model.layers:
             layer.row_kernels = on
+            layer.row_pdl = self.pdl
 
     def _prefill_body(self, t: int, kv: int, causal: bool) -> tuple[torch.Tensor]:
         c = self.chunk
