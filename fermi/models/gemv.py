@@ -339,81 +339,63 @@ if triton is not None:
             num_stages=stages,
         )  # fmt: skip
 
-    @triton_op("fermi::gemv", mutates_args={})
-    def _gemv_op(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        norm_weight: torch.Tensor | None,
-        residual: torch.Tensor | None,
-        eps: float,
-        act: int,
-        scale: torch.Tensor | None,
-    ) -> torch.Tensor:
-        out = x.new_empty((*x.shape[:-1], weight.shape[0]))
-        launch(x, weight, out, bias, norm_weight, residual, eps, act, scale=scale)
-        return out
+    def _gemv_impl(pdl: bool):
+        """The body of ``fermi::gemv`` (``pdl`` False) or ``fermi::gemv_pdl``."""
 
-    @triton_op("fermi::gemv_int4", mutates_args={})
-    def _gemv_int4_op(
-        x: torch.Tensor,
-        codes: torch.Tensor,
-        scales: torch.Tensor,
-        mins: torch.Tensor,
-        bias: torch.Tensor | None,
-        norm_weight: torch.Tensor | None,
-        residual: torch.Tensor | None,
-        eps: float,
-        act: int,
-    ) -> torch.Tensor:
-        out = x.new_empty((*x.shape[:-1], codes.shape[0]))
-        launch_int4(x, codes, scales, mins, out, bias, norm_weight, residual, eps, act)
-        return out
+        def gemv_op(
+            x: torch.Tensor,
+            weight: torch.Tensor,
+            bias: torch.Tensor | None,
+            norm_weight: torch.Tensor | None,
+            residual: torch.Tensor | None,
+            eps: float,
+            act: int,
+            scale: torch.Tensor | None,
+        ) -> torch.Tensor:
+            out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+            launch(x, weight, out, bias, norm_weight, residual, eps, act, scale=scale, pdl=pdl)
+            return out
 
+        return gemv_op
+
+    def _gemv_int4_impl(pdl: bool):
+        """The body of ``fermi::gemv_int4`` (``pdl`` False) or ``fermi::gemv_int4_pdl``."""
+
+        def gemv_int4_op(
+            x: torch.Tensor,
+            codes: torch.Tensor,
+            scales: torch.Tensor,
+            mins: torch.Tensor,
+            bias: torch.Tensor | None,
+            norm_weight: torch.Tensor | None,
+            residual: torch.Tensor | None,
+            eps: float,
+            act: int,
+        ) -> torch.Tensor:
+            out = x.new_empty((*x.shape[:-1], codes.shape[0]))
+            launch_int4(
+                x, codes, scales, mins, out, bias, norm_weight, residual, eps, act, pdl=pdl
+            )  # fmt: skip
+            return out
+
+        return gemv_int4_op
+
+    def _rows_out(x: torch.Tensor, weight: torch.Tensor, *rest) -> torch.Tensor:
+        """Both ops' output without running them (their fake implementation)."""
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    _gemv_op = triton_op("fermi::gemv", mutates_args={})(_gemv_impl(False))
+    _gemv_int4_op = triton_op("fermi::gemv_int4", mutates_args={})(_gemv_int4_impl(False))
     # The same products launched with PDL. Opaque to torch.compile (``custom_op``): Inductor
     # cannot analyse a user kernel's griddepcontrol instructions and drops the attribute
     # from a ``triton_op`` (perf/LOG.md run 80); under CUDA graphs the Python launch runs at
     # capture only.
-    @torch.library.custom_op("fermi::gemv_pdl", mutates_args=())
-    def _gemv_pdl_op(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        norm_weight: torch.Tensor | None,
-        residual: torch.Tensor | None,
-        eps: float,
-        act: int,
-        scale: torch.Tensor | None,
-    ) -> torch.Tensor:
-        out = x.new_empty((*x.shape[:-1], weight.shape[0]))
-        launch(x, weight, out, bias, norm_weight, residual, eps, act, scale=scale, pdl=True)
-        return out
-
-    @_gemv_pdl_op.register_fake
-    def _(x, weight, bias, norm_weight, residual, eps, act, scale):
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-    @torch.library.custom_op("fermi::gemv_int4_pdl", mutates_args=())
-    def _gemv_int4_pdl_op(
-        x: torch.Tensor,
-        codes: torch.Tensor,
-        scales: torch.Tensor,
-        mins: torch.Tensor,
-        bias: torch.Tensor | None,
-        norm_weight: torch.Tensor | None,
-        residual: torch.Tensor | None,
-        eps: float,
-        act: int,
-    ) -> torch.Tensor:
-        out = x.new_empty((*x.shape[:-1], codes.shape[0]))
-        launch_int4(
-            x, codes, scales, mins, out, bias, norm_weight, residual, eps, act, pdl=True
-        )  # fmt: skip
-        return out
-
-    @_gemv_int4_pdl_op.register_fake
-    def _(x, codes, scales, mins, bias, norm_weight, residual, eps, act):
-        return x.new_empty((*x.shape[:-1], codes.shape[0]))
+    _gemv_pdl_op = torch.library.custom_op("fermi::gemv_pdl", mutates_args=())(_gemv_impl(True))
+    _gemv_pdl_op.register_fake(_rows_out)
+    _gemv_int4_pdl_op = torch.library.custom_op("fermi::gemv_int4_pdl", mutates_args=())(
+        _gemv_int4_impl(True)
+    )
+    _gemv_int4_pdl_op.register_fake(_rows_out)
 
 
 def gemv(
