@@ -154,7 +154,8 @@ def test_pdl_products_chained_in_one_cuda_graph_wait_for_their_inputs(scheme):
     previous one's output) captured in one CUDA graph with PDL. Every output and the input
     of the chain are poisoned (NaN) before each replay and the input then written: a product
     that read its input before the kernel writing it had finished would see NaN or the
-    previous replay's values. Fresh inputs each replay, against the unfused torch ops."""
+    previous replay's values. Fresh inputs each replay, against the unfused torch ops in
+    float32 on the same (dequantized) weights."""
     from fermi.models import quant as Q
 
     g = torch.Generator(device="cuda").manual_seed(7)
@@ -180,8 +181,9 @@ def test_pdl_products_chained_in_one_cuda_graph_wait_for_their_inputs(scheme):
             return G.gemv(x, layer, **fused, pdl=True)
         return layer.row(x, **fused, pdl=True)
 
-    def reference(linear, x, **fused):
-        return G.gemv_reference(x, linear[1], **fused)
+    def reference(linear, x, **fused):  # float32 throughout, from the same weights
+        fused = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in fused.items()}
+        return G.gemv_reference(x.float(), linear[1].float(), **fused)
 
     def chain(x, fn):
         outs = []
@@ -211,8 +213,9 @@ def test_pdl_products_chained_in_one_cuda_graph_wait_for_their_inputs(scheme):
         want = chain(fresh, reference)
         for got, ref in zip(outs, want, strict=True):
             assert torch.isfinite(got).all(), replay
-            err = (got.float() - ref.float()).abs().max() / ref.float().abs().max()
-            assert err <= 3e-2, (replay, float(err))
+            err = (got.float() - ref).abs().max() / ref.abs().max()
+            # bf16 rounds each of the 16 products' outputs (and silu * up): ~0.4% each
+            assert err <= 5e-2, (replay, float(err))
 
 
 @cuda
