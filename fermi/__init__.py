@@ -144,11 +144,16 @@ def load(
             raise ValueError(f"{name} must be an integer, not {value!r}")
         if value is not None and value < least:
             raise ValueError(f"{name} must be at least {least}, not {value}")
+    for name, flag in (("prefix_reuse", prefix_reuse), ("warm_grammars", warm_grammars)):
+        if not isinstance(flag, bool):  # ("no" would read as true)
+            raise ValueError(f"{name} must be True or False, not {flag!r}")
     if warmup is not None:  # refused here for an artefact too, which has no warm-up to pick
         from fermi.runners.base import warmup_scope
 
         warmup_scope(warmup)
     name = str(model) if model is not None else default_model()
+    if not name.strip():
+        raise ValueError("model is empty: name a Hugging Face id, folder, .gguf file or alias")
     path = resolve(name)
     if (path / "manifest.json").is_file():  # a `fermi export` artefact: its runner decides
         if spec is not None:

@@ -91,7 +91,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if name is None or name == "auto":
         return default_dtype(device)
-    dtype = name if isinstance(name, torch.dtype) else _named_dtype(name)
+    if isinstance(name, torch.dtype):  # the same three as the names, whichever spelling
+        if name not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"dtype {name} is not one of torch.float32, torch.float16, torch.bfloat16"
+            )
+        dtype = name
+    else:
+        dtype = _named_dtype(name)
     if dtype == torch.bfloat16 and device.type == "mps" and not _mps_has_bf16():
         raise ValueError("bf16 on Apple's GPU (mps) needs macOS 14 or later: use fp16 there")
     return dtype

@@ -395,6 +395,32 @@ def test_an_unknown_keyword_of_build_request_is_a_type_error(engine):
         engine.build_request(prompt="a", temprature=0.5)
 
 
+def test_close_called_from_a_sink_stops_the_engine_without_a_self_join(folder):
+    """A sink runs on the engine thread: close() there raised "cannot join current thread"
+    (caught and logged by the engine) instead of stopping it."""
+    import threading
+
+    eng = fermi.load(folder, max_batch=2, max_seq_len=64)
+    errors = []
+    done = threading.Event()
+
+    def sink(delta):
+        if delta.finish_reason is None:
+            try:
+                eng.close()
+            except Exception as exc:
+                errors.append(exc)
+        else:
+            done.set()
+
+    eng.submit(eng.build_request(prompt_token_ids=PROMPT, max_tokens=20), sink)
+    assert done.wait(30)
+    eng._core._thread.join(30)
+    assert not errors and not eng._core._thread.is_alive()
+    with pytest.raises(RuntimeError):
+        eng.generate(prompt_token_ids=PROMPT, max_tokens=2)
+
+
 def test_submit_refuses_what_is_not_a_request_or_a_sink(engine):
     """Refused at once, in the caller's thread (a None sink was accepted and failed later,
     on the engine thread, only in the log)."""

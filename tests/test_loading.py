@@ -232,12 +232,28 @@ def test_a_field_of_the_wrong_kind_is_named_with_its_file(folder, name, change, 
         ({"prefill_chunk": 0}, "prefill_chunk must be at least 1, not 0"),
         ({"max_waiting": -1}, "max_waiting must be at least 0, not -1"),
         ({"max_batch": "8"}, "max_batch must be an integer, not '8'"),
+        ({"prefix_reuse": "no"}, "prefix_reuse must be True or False, not 'no'"),
+        ({"warm_grammars": 0}, "warm_grammars must be True or False, not 0"),
     ],
 )
 def test_engine_sizes_out_of_range_are_refused_before_loading(tmp_path, kwargs, message):
     """Checked before the model is looked up: the path does not even exist."""
     with pytest.raises(ValueError, match=message):
         fermi.load(tmp_path / "nowhere", device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("model", ["", "  "])
+def test_an_empty_model_name_is_refused_not_read_as_this_folder(model):
+    with pytest.raises(ValueError, match="model is empty"):
+        fermi.load(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float64, torch.complex64])
+def test_a_torch_dtype_outside_the_named_ones_is_refused_before_loading(folder, dtype):
+    """ "float64" was refused by name but torch.float64 loaded; torch.int8 failed inside
+    load_state_dict."""
+    with pytest.raises(ValueError, match=rf"dtype {dtype} is not one of torch\.float32"):
+        fermi.load(folder, device="cpu", dtype=dtype, max_batch=1, max_seq_len=64)
 
 
 def test_offline_mode_fails_clearly_for_an_uncached_id(monkeypatch, tmp_path):

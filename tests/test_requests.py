@@ -277,6 +277,45 @@ def test_a_role_outside_openais_is_refused_before_the_template_sees_it(tokenizer
     )
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"prompt": "hi\ud800"}, "prompt"),
+        ({"messages": [{"role": "user", "content": "a\udc00b"}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]},
+            "messages[0].content[0].text",
+        ),
+    ],
+)
+def test_an_unpaired_surrogate_is_refused_naming_its_field(tokenizer, kwargs, param):
+    """Half of a UTF-16 pair is no text (a JSON client's "\\ud800"): the tokenizer raised a
+    bare TypeError on it."""
+    err = refused(builder(tokenizer).build, **kwargs)
+    assert (err.code, err.param) == ("invalid_value", param)
+    assert "holds an unpaired surrogate, U+" in err.message
+
+
+def test_a_paired_surrogate_is_text(tokenizer):
+    assert builder(tokenizer).build(prompt="smile \U0001f600").prompt_ids
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "said"),
+    [
+        ("hi", "messages", "messages must be a list of messages"),
+        ({"role": "user", "content": "hi"}, "messages", "not dict"),
+        (["hi"], "messages[0]", "a message is an object with a role and content, not str"),
+        ((m for m in [{"role": "user", "content": "hi"}]), "messages", "not generator"),
+    ],
+)
+def test_messages_that_are_not_a_list_of_objects_are_invalid_type(tokenizer, messages, param, said):
+    """A string was walked as messages (each character one, its role "not None")."""
+    err = refused(builder(tokenizer).build, messages=messages)
+    assert (err.code, err.param) == ("invalid_type", param)
+    assert said in err.message
+
+
 def test_every_openai_role_is_accepted(tokenizer):
     build = builder(tokenizer).build
     for role in ("system", "developer", "user", "assistant", "tool"):

@@ -400,6 +400,28 @@ def test_json_nested_deeper_than_the_decoder_goes_is_400(api, path):
 
 
 @pytest.mark.parametrize(
+    ("body", "escape"),
+    [
+        (b'{"messages": [{"role": "user", "content": "hi\\ud800"}]}', "\\ud800"),
+        (b'{"messages": [{"role": "user", "content": "\\uDC00 x"}]}', "\\uDC00"),
+    ],
+)
+def test_an_unpaired_surrogate_escape_is_400_saying_so(api, body, escape):
+    """msgspec refuses half a UTF-16 pair; its words for a high half ("Input data was
+    truncated") sent clients looking for a cut body."""
+    status, raw = asyncio.run(call_asgi(AsgiApp(api), "/v1/chat/completions", body))
+    assert status == 400
+    error = json.loads(raw)["error"]
+    assert error["code"] == "invalid_json"
+    assert error["message"] == (
+        f"the request body is not valid JSON: it holds {escape}, half of a UTF-16 "
+        "surrogate pair without its other half, which is not text"
+    )
+    paired = b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "max_tokens": 1}'
+    assert asyncio.run(call_asgi(AsgiApp(api), "/v1/chat/completions", paired))[0] == 200
+
+
+@pytest.mark.parametrize(
     "template", ["{{ 'a' * 10000000000 }}", "{% for i in range(10**12) %}{% endfor %}"]
 )
 def test_a_runaway_chat_template_is_400_naming_the_messages(api, monkeypatch, template):

@@ -151,11 +151,13 @@ class EngineCore:
     def close(self) -> None:
         """Stop the engine thread (failing what is still queued) and wait for it; also
         wait for the grammar compiler's background start, so that nothing of the engine
-        runs after this returns."""
+        runs after this returns. Called on the engine thread itself (from a request's
+        sink), it stops the thread after the current step instead of waiting for it."""
         with self._lock:
             self._stopped = True
             self._inbox.put(None)
-        self._thread.join(timeout=30)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
         if self._grammars is not None:
             self._grammars.wait_prepared()
         _open_cores.discard(self)

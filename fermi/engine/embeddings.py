@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fermi.engine.requests import RequestBuilder
+from fermi.engine.requests import RequestBuilder, check_text
 from fermi.errors import FermiError, RequestError
 from fermi.runners.base import Runner
 
@@ -85,6 +85,7 @@ def token_lists(value: Any, builder: RequestBuilder) -> list[list[int]]:
         for i, text in enumerate(items):
             if len(text) > builder.max_prompt_chars:
                 raise _too_long(f"{len(text)} characters", limit, _where(i, len(items)))
+            check_text(text, _where(i, len(items)))
         tokenizer = builder.tokenizer
         ids = [tokenizer.encode(text, add_special_tokens=True) for text in items]
     else:

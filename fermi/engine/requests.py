@@ -426,6 +426,7 @@ class RequestBuilder:
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise RequestError("prompt must be a string", "prompt", "invalid_type")
+            check_text(prompt, "prompt")
             ids = self._encode(prompt, True, None if truncate else "prompt")
         else:
             sized = isinstance(prompt_token_ids, Sized)
@@ -579,11 +580,37 @@ def _chars(value: Any) -> int:
     return sum(map(len, strings(value)))
 
 
+def check_text(text: str, field: str) -> None:
+    """Refuse a string with an unpaired UTF-16 surrogate (``"\\ud800"`` without its pair):
+    it is no text, and the tokenizer would fail on it with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(
+            f"{field} holds an unpaired surrogate, U+{ord(text[exc.start]):04X} at character "
+            f"{exc.start}: half of a UTF-16 pair is not text",
+            field,
+        ) from None
+
+
 def check_roles(messages: Sequence[Any], field: str = "messages") -> None:
     """Refuse a message that is not a mapping with one of ``ROLES`` as its role; ``field``
     is the messages' name on the caller's wire (gRPC: ``conversation.messages``)."""
+    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
+        raise RequestError(
+            f"{field} must be a list of messages (objects with a role and content), "
+            f"not {type(messages).__name__}",
+            field,
+            "invalid_type",
+        )
     for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, Mapping) else None
+        if not isinstance(message, Mapping):
+            raise RequestError(
+                f"a message is an object with a role and content, not {type(message).__name__}",
+                f"{field}[{i}]",
+                "invalid_type",
+            )
+        role = message.get("role")
         if role not in ROLES:
             raise RequestError(
                 f"role must be one of {', '.join(ROLES)}, not {quoted(role)}", f"{field}[{i}].role"
@@ -602,6 +629,7 @@ def _check_content(content: Any, role: str, field: str) -> None:
             )
         return
     if isinstance(content, str):
+        check_text(content, field)
         return
     if not isinstance(content, list):
         raise RequestError(
@@ -618,6 +646,7 @@ def _check_content(content: Any, role: str, field: str) -> None:
                 '({"type": "text", "text": ...}) only',
                 f"{field}[{j}]",
             )
+        check_text(part["text"], f"{field}[{j}].text")
 
 
 def check_room(request: GenerationRequest, asked: int | None, field: str = "max_tokens") -> None:

@@ -40,7 +40,7 @@ def decode_body(decoder: msgspec.json.Decoder, raw: bytes) -> Any:
         with gc_paused():
             return decoder.decode(raw)
     except msgspec.DecodeError as exc:
-        raise bad_body(exc) from None
+        raise bad_body(exc, raw=raw) from None
     except RecursionError:
         # msgspec's own depth limit: arrays or objects nested thousands deep.
         raise ApiError(
@@ -90,7 +90,7 @@ def _decode(decoder: msgspec.json.Decoder, raw: msgspec.Raw, at: str) -> Any:
     try:
         return decoder.decode(raw)
     except msgspec.DecodeError as exc:
-        raise bad_body(exc, at) from None
+        raise bad_body(exc, at, bytes(raw)) from None
     except RecursionError:
         raise ApiError(
             400, "the request body nests JSON arrays or objects too deeply", code="invalid_json"

@@ -42,11 +42,28 @@ class ApiError(Exception):
         return ENCODER.encode(ErrorBody(self.detail()))
 
 
-def bad_body(exc: msgspec.DecodeError, at: str | None = None) -> ApiError:
+# A \u escape of half a UTF-16 surrogate pair without its other half (msgspec refuses
+# them, saying "Input data was truncated" for a high half).
+_UNPAIRED = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+def bad_body(exc: msgspec.DecodeError, at: str | None = None, raw: bytes = b"") -> ApiError:
     """A body that is not JSON, or JSON of the wrong shape: 400 naming the field. ``at``
     is where the decoded text sat in the body (``messages[3]`` for a message decoded on
-    its own), so the field is named from the body's root."""
+    its own), so the field is named from the body's root; ``raw``: the text decoded."""
     text = str(exc)
+    unpaired = None if isinstance(exc, msgspec.ValidationError) else _UNPAIRED.search(raw)
+    if unpaired is not None:
+        escape = unpaired.group().decode()
+        return ApiError(
+            400,
+            f"the request body is not valid JSON: it holds {escape}, half of a UTF-16 "
+            "surrogate pair without its other half, which is not text",
+            code="invalid_json",
+        )
     if at is not None:
         text = _within(text, at)
     match = _PATH.search(text)
