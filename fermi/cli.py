@@ -6,6 +6,7 @@ are imported only when invoked, so ``fermi --help`` and ``fermi chat`` start fas
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -242,21 +243,15 @@ def chat(
     color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
     dim, reset = ("\x1b[2m", "\x1b[0m") if color else ("", "")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
-    try:  # a thinking mode the model's template cannot honour is refused before the chat
-        engine.chat_prompt([*history, {"role": "user", "content": "Hello"}], thinking)
-    except RequestError as exc:
-        engine.close()
-        if exc.param != "thinking":
-            raise
-        raise click.BadParameter(
-            f"{exc.message}; use --thinking auto or off", param_hint="--thinking"
-        ) from None
+    _check_opening(engine, history, thinking)
     click.echo(f"fermi chat · {engine.model_name} · {engine.capabilities.name} · /reset /exit")
     try:
         while True:
             try:
                 line = input("> " if sys.stdin.isatty() else "")
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: quit
+                if sys.stdin.isatty():
+                    click.echo()
                 break
             text = line.strip()
             if not text:
@@ -275,6 +270,8 @@ def chat(
                 reply = _stream_reply(
                     engine, history, thinking, max_tokens, temperature, dim, reset
                 )
+            except BrokenPipeError:
+                raise
             except Exception as exc:  # keep the session alive after a failed turn
                 history.pop()
                 # (a RequestError's hint is for the Python API: truncate=True, ...)
@@ -282,27 +279,74 @@ def chat(
                 click.echo(f"error: {said}", err=True)
                 continue
             history.append({"role": "assistant", "content": reply})
+    except BrokenPipeError:
+        _closed_stdout()
     finally:
         engine.close()
+
+
+def _check_opening(engine, history: list[dict], thinking) -> None:
+    """Refuse, before the chat starts, what would fail every turn: a thinking mode the
+    template cannot honour, a template that cannot render the conversation (none at all,
+    or one that refuses a system message), a system message the context cannot hold."""
+    try:
+        opening = engine.chat_prompt([*history, {"role": "user", "content": "Hello"}], thinking)
+    except RequestError as exc:
+        engine.close()
+        if exc.param == "thinking":
+            raise click.BadParameter(
+                f"{exc.message}; use --thinking auto or off", param_hint="--thinking"
+            ) from None
+        if history and _renders_without(engine, thinking):  # the system message is at fault
+            raise click.BadParameter(exc.message, param_hint="--system") from None
+        raise click.ClickException(exc.message) from None
+    if len(opening.token_ids) >= engine.max_seq_len:
+        engine.close()
+        raise click.BadParameter(
+            f"the system message and a first question take {len(opening.token_ids)} tokens "
+            f"of this engine's context of {engine.max_seq_len}: shorten it, or raise "
+            "--max-seq-len",
+            param_hint="--system",
+        )
+
+
+def _renders_without(engine, thinking) -> bool:
+    try:
+        engine.chat_prompt([{"role": "user", "content": "Hello"}], thinking)
+    except RequestError:
+        return False
+    return True
+
+
+def _closed_stdout() -> None:
+    """The reader of our output went away (``| head``): stop quietly, as a program killed
+    by SIGPIPE would (status 141), without Python's complaint about flushing stdout."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(141)
 
 
 def _fit_context(engine, history: list[dict], thinking, max_tokens: int, kept: bool) -> int:
     """Drop the oldest exchanges (never the system message, never the new question) until
     the conversation leaves room for a reply of ``max_tokens`` (at most a quarter of the
-    context). Returns how many messages were dropped."""
+    context). Returns how many messages were dropped; when even the system message and the
+    new question alone leave no room, drops nothing (the turn then fails on its own)."""
     limit = engine.max_seq_len
     room = max(1, min(max_tokens, limit // 4))
     first = 1 if kept else 0
-    dropped = 0
-    while len(history) - first > 1:
-        if len(engine.chat_prompt(history, thinking).token_ids) + room <= limit:
+    trial = list(history)
+    while True:
+        if len(engine.chat_prompt(trial, thinking).token_ids) + room <= limit:
             break
+        if len(trial) - first <= 1:
+            return 0  # (the question alone does not fit: keep the conversation as it was)
         # The oldest user message with the replies that followed it.
         end = first + 1
-        while end < len(history) - 1 and history[end]["role"] != "user":
+        while end < len(trial) - 1 and trial[end]["role"] != "user":
             end += 1
-        del history[first:end]
-        dropped += end - first
+        del trial[first:end]
+    dropped = len(history) - len(trial)
+    history[:] = trial
     return dropped
 
 
@@ -422,6 +466,8 @@ def generate(
         click.echo()
         if shown_reasoning:
             click.echo("(reasoning was printed to stderr)", err=True)
+    except BrokenPipeError:
+        _closed_stdout()
     except RequestError as exc:  # (its hint is the Python API's: truncate=True, ...)
         raise click.ClickException(exc.message) from exc
     except Exception as exc:

@@ -228,3 +228,110 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(folder):
     stops = re.findall(r"\[(\d+) tokens · [\d.]+ tok/s · ([a-z -C]+)\]", out)
     assert [reason for _, reason in stops] == ["stopped by Ctrl-C", "length"], out[-500:]
     assert 0 < int(stops[0][0]) < 3000 and int(stops[1][0]) == 3000
+
+
+def test_chat_refuses_a_template_it_cannot_use_in_one_line_before_the_chat(tmp_path):
+    """No chat template, or one that refuses a system message (Gemma 2's, Mistral's): one
+    Error line before the chat (a traceback came up to the terminal)."""
+    import json
+
+    plain = write_checkpoint(tmp_path / "plain", {}, template="plain")
+    res = fermi("chat", "--model", str(plain), stdin="hi\n")
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith("Error: this tokenizer has no chat template")
+
+    strict = write_checkpoint(tmp_path / "strict", {})
+    config_file = strict / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    config_file.write_text(json.dumps(config))
+    res = fermi("chat", "--model", str(strict), "--system", "Be brief", stdin="hi\n")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "Invalid value for --system" in res.stderr and "System role not supported" in res.stderr
+    res = fermi("chat", "--model", str(strict), "--max-tokens", "2", stdin="hi\n")
+    assert res.returncode == 0, res.stderr  # without the system message it chats
+
+
+def test_a_system_message_the_context_cannot_hold_is_refused_before_the_chat(folder):
+    system = "word " * 300
+    args = ["--model", str(folder), "--max-seq-len", "128", "--system", system]
+    res = fermi("chat", *args, stdin="hi\n")
+    assert res.returncode == 2, res.stderr
+    assert "Invalid value for --system" in res.stderr and "of this engine's context of 128" in (
+        res.stderr
+    )
+
+
+def test_a_question_that_can_never_fit_leaves_the_conversation_as_it_was(folder, monkeypatch):
+    """The oldest exchanges were dropped to make room for it, and then it was refused
+    anyway: the conversation had lost them for nothing."""
+    from click.testing import CliRunner
+
+    from fermi import cli
+
+    seen = []
+    real = cli._stream_reply
+
+    def spy(engine, history, *args):
+        seen.append([m["content"][:12] for m in history])
+        return real(engine, history, *args)
+
+    monkeypatch.setattr(cli, "_stream_reply", spy)
+    args = ["chat", "--model", str(folder), "--max-tokens", "4", "--temperature", "0"]
+    script = f"my name is Zed\n{'word ' * 400}\nwhat is my name\n"
+    res = CliRunner().invoke(cli.main, [*args, "--max-seq-len", "160"], input=script)
+    assert res.exit_code == 0, res.output
+    assert "context full" not in res.output
+    assert seen[0] == ["my name is Z"]
+    assert seen[-1][0] == "my name is Z" and seen[-1][-1] == "what is my n"
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(folder):
+    """`fermi chat ... | head -1`: each later write met EPIPE and printed 'error: [Errno 32]
+    Broken pipe' for every turn, exiting 0; now the program stops as SIGPIPE would."""
+    script = "hi\n" * 40
+    args = ["--model", str(folder), "--max-tokens", "8", "--temperature", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fermi.cli", "chat", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    try:
+        assert proc.stdout.readline().startswith(b"fermi chat")
+        proc.stdout.close()  # the reader leaves after the banner
+        _, err = proc.communicate(script.encode(), timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 141, err
+    assert b"Broken pipe" not in err and b"Traceback" not in err
+
+
+def test_ctrl_c_at_the_prompt_quits_the_chat_with_status_0(folder):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fermi.cli", "chat", "--model", str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"},
+    )
+    try:
+        assert proc.stdout.readline().startswith("fermi chat")
+        time.sleep(0.5)  # waiting for a question
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Aborted" not in err and "Traceback" not in err

@@ -489,6 +489,11 @@ def test_the_cuda_runner_asked_for_on_a_cpu_model_is_refused(original, monkeypat
     monkeypatch.setattr(fermi.loading, "load_folder", no_load)
     with pytest.raises(ValueError, match="runner 'torch-cuda' runs a model on a CUDA GPU"):
         fermi.load(original, device="cpu", runner="torch-cuda", max_seq_len=64)
+    # An export's runner, for a checkpoint: said so (it was "not one of torch, ...", while
+    # --help lists onnx and coreml among the runners).
+    for name in ("onnx", "coreml"):
+        with pytest.raises(ValueError, match=rf"runner '{name}' runs a `fermi export` artefact"):
+            fermi.load(original, device="cpu", runner=name, max_seq_len=64)
 
 
 def test_resolve_device_on_a_machine_with_two_gpus(monkeypatch):

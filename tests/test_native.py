@@ -766,6 +766,14 @@ def _layout_in_child(env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.parametrize("value", ["off", "false", "2"])
+def test_a_fermi_native_value_other_than_0_or_1_is_refused_naming_it(value):
+    """Only "0" turned the kernels off: "off" or "false" left them on, silently."""
+    bad = _layout_in_child({"FERMI_NATIVE": value})
+    assert bad.returncode != 0
+    assert f"ValueError: FERMI_NATIVE must be 0 or 1, got {value!r}" in bad.stderr
+
+
 @needs_kernels
 def test_without_a_compiler_or_when_turned_off_the_cpu_keeps_torchs_kernels(tmp_path):
     """FERMI_NATIVE=0, or no compiler and nothing built yet: the loader falls back to

@@ -107,6 +107,15 @@ def test_pool_and_devices_that_disagree_are_a_start_up_error(model_dir):
     assert "--pool 3 does not match --devices" in result.output
 
 
+def test_a_pool_of_zero_from_the_environment_is_named_as_the_variable(model_dir):
+    """The message named --pool, which the user never passed."""
+    result = CliRunner().invoke(
+        main, ["serve", "--model", str(model_dir), *FREE_PORT], env={"FERMI_ENGINE_POOL": "0"}
+    )
+    assert result.exit_code == 2
+    assert "(env var: 'FERMI_ENGINE_POOL'): 0 is not in the range x>=1" in result.output
+
+
 def test_missing_model_is_a_start_up_error(tmp_path):
     result = CliRunner().invoke(
         main, ["serve", "--model", str(tmp_path / "nothing-here"), *FREE_PORT]

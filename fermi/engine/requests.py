@@ -586,9 +586,13 @@ def check_text(text: str, field: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
+        point = ord(text[exc.start])
+        why = "half of a UTF-16 pair is not text"
+        if 0xDC80 <= point <= 0xDCFF:  # how Python keeps a byte it could not decode
+            byte = point - 0xDC00
+            why += f" (Python's spelling of the byte 0x{byte:02X} in input that is not UTF-8)"
         raise RequestError(
-            f"{field} holds an unpaired surrogate, U+{ord(text[exc.start]):04X} at character "
-            f"{exc.start}: half of a UTF-16 pair is not text",
+            f"{field} holds an unpaired surrogate, U+{point:04X} at character {exc.start}: {why}",
             field,
         ) from None
 

@@ -175,7 +175,10 @@ def library(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
         if key in _loaded:
             return _loaded[key]
         lib = None
-        if os.environ.get("FERMI_NATIVE", "1") == "0":
+        setting = os.environ.get("FERMI_NATIVE", "1").strip()
+        if setting not in ("0", "1"):  # ("false" or "off" would have left them on)
+            raise ValueError(f"FERMI_NATIVE must be 0 or 1, got {setting!r}")
+        if setting == "0":
             log.info("fermi's CPU kernels are off (FERMI_NATIVE=0)")
         elif platform.machine().lower() not in ("x86_64", "amd64"):
             log.info("fermi's CPU kernels are x86 only; using torch's kernels")

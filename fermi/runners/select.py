@@ -54,8 +54,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def check_runner_device(name: str | None, device: torch.device) -> None:
-    """Refuse the CUDA runner asked for by name for a model that is not on a CUDA GPU
-    (``fermi.load`` asks before the weights load; ``torch_runner`` for its direct callers)."""
+    """Refuse the CUDA runner asked for by name for a model that is not on a CUDA GPU, and
+    an export's runner for a checkpoint (``fermi.load`` asks before the weights load;
+    ``torch_runner`` for its direct callers)."""
+    if name in ("onnx", "coreml"):
+        raise ValueError(
+            f"runner {name!r} runs a `fermi export` artefact folder, not a checkpoint: "
+            f"export the model with `fermi export --target {name}` and load that folder "
+            f"(a checkpoint runs on {', '.join(TORCH_RUNNERS)})"
+        )
     if name == "torch-cuda" and device.type != "cuda":
         raise ValueError(
             f"runner 'torch-cuda' runs a model on a CUDA GPU, not on {device.type}: pass "

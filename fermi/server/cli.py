@@ -61,7 +61,7 @@ SHUTDOWN_SECONDS = 25
     "--pool",
     envvar="FERMI_ENGINE_POOL",
     show_envvar=True,
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Engine replicas; on CUDA one per GPU. [default: 1, or one per --devices entry]",
 )
