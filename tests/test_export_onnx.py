@@ -383,6 +383,30 @@ def test_a_chat_template_the_manifest_does_not_list_is_refused(exported, tmp_pat
         fermi.load(copy)
 
 
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        ({"cache": {"layers": 5}}, r"cache\.layers is 5, but model\.onnx takes the caches of 2"),
+        ({"cache": {"kv_heads": 1}}, r"cache\.kv_heads is 1, but model\.onnx's past_key_values"),
+        ({"cache": {"head_dim": 8}}, r"cache\.head_dim is 8, but model\.onnx's past_key_values"),
+        ({"vocab_size": 10}, r"vocab_size is 10, but model\.onnx writes logits over \d+ tokens"),
+    ],
+)
+def test_a_manifest_that_disagrees_with_its_graph_is_refused_at_load(
+    exported, tmp_path, edit, said
+):
+    """Checked at load against the graph's inputs and outputs: such an edit failed at the
+    first step, in onnxruntime's words ("Failed to find input name ...")."""
+    _, art, _, _ = exported
+    copy = tampered_copy(art, tmp_path)
+    raw = json.loads((copy / "manifest.json").read_text())
+    for key, value in edit.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelLoadError, match=rf"manifest\.json: {said}"):
+        fermi.load(copy)
+
+
 @pytest.mark.parametrize("name", ["generation_config.json", "tokenizer_config.json"])
 def test_a_file_the_loader_reads_dropped_from_the_manifest_is_refused(exported, tmp_path, name):
     _, art, _, _ = exported

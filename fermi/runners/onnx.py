@@ -131,6 +131,7 @@ class OnnxRunner(Runner):
                 f"onnxruntime could not start {PROVIDERS[device.type]} for {path} (it chose "
                 f"{used}); check the CUDA and cuDNN libraries onnxruntime-gpu needs"
             )
+        _check_graph(self.session, manifest, folder)
         torch_dtype, self._np_dtype = _DTYPES[cache.dtype]
         shape = (max_batch, cache.kv_heads, max_seq_len, cache.head_dim)
         self._kinds = [
@@ -213,3 +214,35 @@ class OnnxRunner(Runner):
     def move_slot(self, src: int, dst: int, length: int) -> None:
         for buffer in self.buffers:
             buffer[dst, :, :length] = buffer[src, :, :length]
+
+
+def _check_graph(session, manifest: Manifest, folder: Path) -> None:
+    """The graph's inputs and outputs against what manifest.json says of them: a manifest
+    edited by hand (or paired with another export's graph) failed at the first step, in
+    onnxruntime's words, instead of at load."""
+    where = f"{folder / 'manifest.json'}"
+    cache = manifest.cache
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    layers = sum(1 for name in inputs if name.startswith("past_key_values.")) // 2
+    if layers != cache.layers:
+        raise ModelLoadError(
+            f"{where}: cache.layers is {cache.layers}, but {manifest.model_file} takes the "
+            f"caches of {layers} layers (re-export the model, or restore the manifest)"
+        )
+    for name, shape in inputs.items():
+        if not name.startswith("past_key_values."):
+            continue
+        for field, axis in (("kv_heads", 1), ("head_dim", 3)):
+            size = shape[axis] if len(shape) == 4 else None
+            if isinstance(size, int) and size != getattr(cache, field):
+                raise ModelLoadError(
+                    f"{where}: cache.{field} is {getattr(cache, field)}, but "
+                    f"{manifest.model_file}'s {name} has {size}"
+                )
+    for output in session.get_outputs():
+        vocab = output.shape[-1] if output.name == "logits" and output.shape else None
+        if isinstance(vocab, int) and vocab != manifest.vocab_size:
+            raise ModelLoadError(
+                f"{where}: vocab_size is {manifest.vocab_size}, but {manifest.model_file} "
+                f"writes logits over {vocab} tokens"
+            )
