@@ -443,7 +443,9 @@ def generate(
     seed,
     stop,
 ):
-    """Generate one reply to PROMPT and print it as it streams."""
+    """Generate one reply to PROMPT and print it as it streams ("-": read it from stdin)."""
+    if prompt == "-":  # (before the model loads: a pipe that fails, fails first)
+        prompt = sys.stdin.read()
     engine = load_terminal_engine(model, device, dtype, max_seq_len, max_batch, runner, quantize)
     source = {"messages": [{"role": "user", "content": prompt}]} if as_chat else {"prompt": prompt}
     try:

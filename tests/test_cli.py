@@ -335,3 +335,11 @@ def test_ctrl_c_at_the_prompt_quits_the_chat_with_status_0(folder):
         proc.kill()
     assert proc.returncode == 0, err
     assert "Aborted" not in err and "Traceback" not in err
+
+
+def test_generate_reads_a_prompt_of_dash_from_stdin(folder):
+    args = ["generate", "--model", str(folder), "--raw", "--max-tokens", "4", "--temperature", "0"]
+    piped = fermi(*args, "-", stdin="the quick brown fox")
+    given = fermi(*args, "the quick brown fox")
+    assert piped.returncode == 0 and given.returncode == 0, piped.stderr
+    assert piped.stdout == given.stdout
