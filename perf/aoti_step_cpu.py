@@ -8,7 +8,9 @@ without Dynamo or Inductor's compile. This exports one decode step (batch 1, one
 ``aoti_compile_and_package``, then in a fresh process: loads it, gives it the model's own
 weights and KV cache tensors as user-managed constants (so a runner would keep owning its
 cache), runs the step, and checks which cache position it wrote and its logits against the
-eager model and against ``torch.compile`` of the same step. Prints and writes JSON.
+eager model and against ``torch.compile`` of the same step. Then one package exported with
+the batch (1-4) and the attended length (2-63, as a tensor's length) dynamic, run at four
+(batch, length) pairs against the eager model. Prints and writes JSON.
 
     .venv/bin/python perf/aoti_step_cpu.py MODEL_FOLDER --out perf/results/x.json
 """
@@ -106,23 +108,61 @@ def load(folder: str, package: str) -> dict:
     }
 
 
+def dynamic(folder: str, package: str) -> dict:
+    """One package for every batch of 1-4 and attended length of 2-63 (the cache holds 64:
+    a length equal to it takes another branch, which export refuses to make dynamic)."""
+    import torch
+    from torch.export import Dim
+
+    model = decoder(folder)
+    model.setup_cache(max_batch=4, max_seq_len=KV_LEN)
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, tokens, positions, slots, kv):  # kv_len as a tensor's length
+            return self.m(tokens, positions, slots, kv.shape[0], rows_are_slots=True)
+
+    batch, length = Dim("batch", min=1, max=4), Dim("kv", min=2, max=KV_LEN - 1)
+    example = (torch.tensor([[5], [6]]), torch.tensor([[3], [7]]), torch.arange(2), torch.empty(32))
+    started = time.perf_counter()
+    exported = torch.export.export(
+        Step(), example, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}, {0: length})
+    )
+    torch._inductor.aoti_compile_and_package(exported, package_path=package)
+    built = time.perf_counter() - started
+    step = torch._inductor.aoti_load_package(package)
+    errors = {}
+    for b, kv in ((1, 16), (2, 32), (4, KV_LEN - 1), (3, 48)):
+        args = (torch.arange(b)[:, None] + 5, torch.full((b, 1), POSITION), torch.arange(b))
+        model.setup_cache(max_batch=4, max_seq_len=KV_LEN)
+        with torch.inference_mode():
+            want = model(*args, kv, rows_are_slots=True)
+        model.setup_cache(max_batch=4, max_seq_len=KV_LEN)
+        errors[f"batch {b}, kv_len {kv}"] = float((step(*args, torch.empty(kv)) - want).abs().max())
+    return {"export_and_compile_s": built, "max_abs_vs_eager": errors}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("model")
-    p.add_argument("--child", choices=["build", "load"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["build", "load", "dynamic"], help=argparse.SUPPRESS)
     p.add_argument("--package")
     p.add_argument("--out")
     args = p.parse_args()
     if args.child:
-        fn = build if args.child == "build" else load
+        fn = {"build": build, "load": load, "dynamic": dynamic}[args.child]
         print(json.dumps(fn(args.model, args.package)))
         return
     package = str(Path(tempfile.mkdtemp(prefix="fermi-aoti-")) / "step.pt2")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result: dict = {"command": " ".join(sys.argv), "load_average": os.getloadavg()}
-    for part in ("build", "load", "load"):
+    for part in ("build", "load", "load", "dynamic"):
+        where = package if part != "dynamic" else package.replace("step.pt2", "dynamic.pt2")
         proc = subprocess.run(
-            [sys.executable, __file__, args.model, "--child", part, "--package", package],
+            [sys.executable, __file__, args.model, "--child", part, "--package", where],
             capture_output=True, text=True, env=env, timeout=1800,
         )  # fmt: skip
         if proc.returncode:
