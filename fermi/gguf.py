@@ -22,7 +22,14 @@ from fermi import memory
 from fermi.aliases import alias_for_file
 from fermi.errors import ModelLoadError
 from fermi.gguf_reader import GGUFFile, check_type
-from fermi.loading import DTYPE_ADVICE, Checkpoint, GenerationDefaults, build_model, parse_dtype
+from fermi.loading import (
+    DTYPE_ADVICE,
+    Checkpoint,
+    GenerationDefaults,
+    build_model,
+    check_tokenizer_fits,
+    parse_dtype,
+)
 from fermi.models.half_weights import use_half_cache, use_half_embedding, use_half_weights
 from fermi.models.quant import QuantizedWeight, QuantSpec
 from fermi.models.registry import UnsupportedModelError, adapter_for, bounded_size
@@ -154,6 +161,7 @@ def load_gguf(
     except (UnsupportedModelError, ValueError) as exc:
         raise ModelLoadError(f"{path}: {_metadata_words(str(exc), arch)}") from None
     tokenizer = tokenizer_from_gguf(meta, str(path))  # before the weights: fail fast
+    check_tokenizer_fits(tokenizer, config.vocab_size, path, "tensor 'token_embd.weight' rows")
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     # Under int4 (groups of 32) the layers' 4-bit blocks keep their codes (no float copy).
     keep = quantize is not None and quantize.scheme == "int4" and quantize.group == 32

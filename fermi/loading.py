@@ -88,6 +88,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "mps" else torch.float32
 
 
+def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, source: Path, rows: str) -> None:
+    """Refuse a tokenizer that can produce an id the model has no row for: every prompt
+    with that token failed at request time, and a huge id made the grammar compiler's
+    view of the tokenizer allocate gigabytes (an abort, not an exception)."""
+    largest, token = tokenizer.largest_id()
+    if largest >= vocab_size:
+        raise ModelLoadError(
+            f"{source}: token {token!r} has id {largest}, past the model's vocabulary of "
+            f"{vocab_size} ({rows})"
+        )
+
+
 def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if name is None or name == "auto":
         return default_dtype(device)
@@ -147,6 +159,7 @@ def load_folder(
     if not tokenizer_file.exists():
         raise ModelLoadError(f"model folder {folder} has no tokenizer.json")
     tokenizer = Tokenizer.from_folder(folder)
+    check_tokenizer_fits(tokenizer, config.vocab_size, tokenizer_file, "config.json's vocab_size")
     located = read_safetensors(folder)
     if adapter.rename is not None:  # before any tensor is read: unread ones cost nothing
         renamed = ((adapter.rename(name), where) for name, where in located.items())

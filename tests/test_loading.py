@@ -536,3 +536,42 @@ def test_sampling_defaults_that_read_as_numbers_still_load(folder):
     with fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64) as engine:
         assert (engine.generation.top_k, engine.generation.temperature) == (50.0, "0.7")
         assert engine.generate(prompt="x", max_tokens=2, seed=1).finish_reason == "length"
+
+
+@pytest.mark.parametrize("where", ["added", "vocab"])
+def test_a_tokenizer_id_past_the_models_vocabulary_is_refused_at_load(folder, where):
+    """Each prompt with that token failed at request time; an id near 2**31 made the
+    grammar compiler's view allocate 8 GB once the engine idled (a process abort)."""
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    if where == "added":
+        data["added_tokens"].append(
+            {"id": 500, "content": "<big>", "single_word": False, "lstrip": False,
+             "rstrip": False, "normalized": False, "special": True}
+        )  # fmt: skip
+        said = r"token '<big>' has id \d+"  # (tokenizers numbers it after the vocabulary)
+    else:
+        data["model"]["vocab"]["zzz"] = 2_147_483_000
+        said = "token 'zzz' has id 2147483000"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match=rf"tokenizer\.json: {said}, past the model's"):
+        fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+
+
+def test_truncation_and_padding_in_tokenizer_json_never_touch_a_prompt(folder):
+    """A tokenizer.json may carry encoder settings: they cut a 28-token prompt to 3, or
+    padded it with id 0 (a huge fixed padding aborted the process)."""
+    engine = fermi.load(folder, device="cpu", max_batch=1, max_seq_len=128)
+    want = engine.build_request(prompt="the quick brown fox jumps over", max_tokens=1).prompt_ids
+    engine.close()
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["truncation"] = {"direction": "Right", "max_length": 3, "strategy": "LongestFirst",
+                          "stride": 0}  # fmt: skip
+    data["padding"] = {"strategy": {"Fixed": 10**9}, "direction": "Right", "pad_to_multiple_of":
+                       None, "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"}  # fmt: skip
+    path.write_text(json.dumps(data))
+    engine = fermi.load(folder, device="cpu", max_batch=1, max_seq_len=128)
+    got = engine.build_request(prompt="the quick brown fox jumps over", max_tokens=1).prompt_ids
+    engine.close()
+    assert got == want and len(want) > 3

@@ -17,7 +17,13 @@ import msgspec
 import torch
 
 from fermi.errors import ModelLoadError
-from fermi.loading import GenerationDefaults, parse_dtype, read_generation_defaults, read_json
+from fermi.loading import (
+    GenerationDefaults,
+    check_tokenizer_fits,
+    parse_dtype,
+    read_generation_defaults,
+    read_json,
+)
 from fermi.runners.base import Runner
 from fermi.text.tokenizer import (
     CONFIG_FILE,
@@ -246,6 +252,9 @@ def load_artefact(
 
         built = CoreMLRunner(folder, manifest, batch, seq_len, chunk)
     tokenizer = Tokenizer.from_folder(folder)
+    check_tokenizer_fits(
+        tokenizer, manifest.vocab_size, folder / "tokenizer.json", "manifest.json's vocab_size"
+    )
     hf_config = read_json(folder / "config.json")
     generation = read_generation_defaults(folder, hf_config, tokenizer)
     return Artefact(folder, manifest, built, tokenizer, generation)

@@ -289,6 +289,10 @@ class Tokenizer:
         eos_token: str | None,
         add_bos: bool = False,
     ) -> None:
+        # A tokenizer.json may ask its encoder to cut or pad every text (truncation, padding):
+        # a prompt is the caller's text, whole, and the engine pads nothing.
+        tok.no_truncation()
+        tok.no_padding()
         self._tok = tok
         self.chat_template = chat_template
         self.bos_token = bos_token
@@ -335,6 +339,13 @@ class Tokenizer:
             eos_token=_token_content(config.get("eos_token")),
             add_bos=bool(config.get("add_bos_token", False)),
         )
+
+    def largest_id(self) -> tuple[int, str]:
+        """The largest id the tokenizer can produce, and its token."""
+        token, largest = max(
+            self._tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1]
+        )
+        return largest, token
 
     @property
     def vocab_size(self) -> int:
