@@ -482,7 +482,10 @@ def our_name(gguf_name: str, arch: str) -> str | None:
     """Our parameter name for a GGUF tensor name (None for tensors we do not load)."""
     stem, _, kind = gguf_name.rpartition(".")
     if stem.startswith("blk."):
-        _, layer, part = stem.split(".", 2)
+        pieces = stem.split(".", 2)
+        if len(pieces) != 3 or not pieces[1].isdigit():
+            return None  # (not a layer's tensor: refused by name as an unexpected one)
+        _, layer, part = pieces
         mapped = _ARCH_LAYER_NAMES.get(arch, {}).get(part) or _LAYER_NAMES.get(part)
         return f"model.layers.{layer}.{mapped}.{kind}" if mapped else None
     mapped = _TOP_NAMES.get(stem)
@@ -574,11 +577,21 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str) -> Tokenizer:
     for index, token in enumerate(tokens):
         vocab.setdefault(token, index)  # first spelling wins, as in llama.cpp
     pre = meta.get("tokenizer.ggml.pre")
-    bpe = models.BPE(
-        vocab=vocab,
-        merges=[tuple(m.split(" ", 1)) for m in merges],
-        ignore_merges=pre in _IGNORE_MERGES,
-    )
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    broken = next((i for i, pair in enumerate(pairs) if len(pair) != 2 or "" in pair), None)
+    if broken is not None:
+        raise ModelLoadError(
+            f"{source}: tokenizer.ggml.merges[{broken}] = {merges[broken]!r} is not two "
+            "tokens separated by a space"
+        )
+    try:
+        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _IGNORE_MERGES)
+    except Exception as exc:  # (the Rust side raises a bare Exception: a merge's token
+        # missing from tokenizer.ggml.tokens, ...)
+        raise ModelLoadError(
+            f"{source}: tokenizer.ggml.tokens and tokenizer.ggml.merges do not make a "
+            f"tokenizer: {exc}"
+        ) from None
     tok = HFTokenizer(bpe)
     tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()

@@ -280,9 +280,10 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.scalar("<I")
-            if n_dims > MAX_DIMS:
+            if not 1 <= n_dims <= MAX_DIMS:
                 raise ModelLoadError(
-                    f"{self.path}: tensor {name!r} has {n_dims} dimensions (ggml allows {MAX_DIMS})"
+                    f"{self.path}: tensor {name!r} has {n_dims} dimensions (ggml allows 1 to "
+                    f"{MAX_DIMS})"
                 )
             dims = [cur.scalar("<Q") for _ in range(n_dims)]
             if 0 in dims:
@@ -306,6 +307,8 @@ class GGUFFile:
                     f"{self.path}: tensor {name!r} of shape {shape} needs {nbytes} bytes "
                     "and runs past the end of the file"
                 )
+            if name in self.tensors:  # (the last one would have won, silently)
+                raise ModelLoadError(f"{self.path}: tensor {name!r} is listed twice")
             self.tensors[name] = TensorInfo(name, shape, type_id, start, nbytes)
 
     def _check_types(self) -> None:

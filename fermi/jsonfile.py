@@ -16,8 +16,14 @@ def read_json_object(path: Path) -> dict[str, Any]:
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelLoadError(f"model folder {path.parent} has no {path.name}") from None
+    except IsADirectoryError:
+        raise ModelLoadError(f"{path} is a folder, not a JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path} nests JSON arrays or objects too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ModelLoadError(f"{path} holds a value that cannot be read: {exc}") from None
     if not isinstance(value, dict):
         raise ModelLoadError(f"{path} must hold a JSON object, not {type(value).__name__}")
     return value

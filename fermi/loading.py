@@ -215,8 +215,10 @@ def embedding_spec(
         return None
     try:
         modules = json.loads(modules_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{modules_path} is not valid JSON: {exc}") from None
+    except (RecursionError, ValueError) as exc:
+        raise ModelLoadError(f"{modules_path} cannot be read: {type(exc).__name__}") from None
     if not isinstance(modules, list):
         raise ModelLoadError(f"{modules_path} is not a list of modules")
     pooling = [m for m in modules if isinstance(m, dict) and m.get("type") == POOLING_MODULE]
@@ -521,7 +523,7 @@ def _check_sampling_defaults(path: Path, gen: dict) -> None:
         # and worked; a value that reads as no number, or a top_k of 1.5, has not.
         try:
             number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             number = None
         whole = number is not None and number.is_integer()
         if kind is int and isinstance(value, str):  # (int("50.0") fails where it is read)

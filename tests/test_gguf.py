@@ -561,3 +561,48 @@ def test_a_config_check_message_without_a_known_field_keeps_its_words():
     assert _metadata_words("rope_scaling of type linear has no factor", "llama") == (
         "rope_scaling of type linear has no factor (a setting read from its metadata)"
     )
+
+
+def test_gguf_tensor_with_no_dimensions_or_listed_twice_is_a_load_error(tmp_path):
+    """ggml tensors have 1 to 4 dimensions (none reached the loader as an IndexError); a
+    name listed twice let the last entry win, silently."""
+    none = packed_string("token_embd.weight") + struct.pack("<IIQ", 0, 0, 0)
+    path = tmp_path / "nodims.gguf"
+    path.write_bytes(raw_gguf(b"", n_kv=0, tensors=none, n_tensors=1) + bytes(64))
+    with pytest.raises(ModelLoadError, match=r"'token_embd\.weight' has 0 dimensions"):
+        GGUFFile(path)
+    one = packed_string("output_norm.weight") + struct.pack("<IQIQ", 1, 4, 0, 0)
+    path = tmp_path / "twice.gguf"
+    path.write_bytes(raw_gguf(b"", n_kv=0, tensors=one + one, n_tensors=2) + bytes(64))
+    with pytest.raises(ModelLoadError, match=r"'output_norm\.weight' is listed twice"):
+        GGUFFile(path)
+
+
+def test_a_gguf_layer_tensor_name_without_a_layer_number_is_unexpected_not_a_crash():
+    from fermi.gguf import our_name
+
+    assert our_name("blk.attn_norm.weight", "llama") is None
+    assert our_name("blk.x.attn_norm.weight", "llama") is None
+    assert our_name("blk.3.attn_norm.weight", "llama") == "model.layers.3.input_layernorm.weight"
+
+
+@pytest.mark.parametrize(
+    ("merges", "said"),
+    [
+        (["abc"], r"tokenizer\.ggml\.merges\[0\] = 'abc' is not two tokens separated by a"),
+        (["x "], r"tokenizer\.ggml\.merges\[0\] = 'x ' is not two tokens"),
+        (["一 丁"], "tokenizer.ggml.tokens and tokenizer.ggml.merges do not make a tokenizer"),
+    ],
+)
+def test_gguf_merges_that_make_no_tokenizer_are_a_load_error_naming_them(
+    tmp_path, llama_folder, merges, said
+):
+    """tokenizers raised a bare Exception or TypeError, naming no file."""
+    path = write_gguf(
+        llama_folder,
+        tmp_path / "m.gguf",
+        "llama",
+        metadata={"tokenizer.ggml.merges": (merges, GGUFValueType.ARRAY)},
+    )
+    with pytest.raises(ModelLoadError, match=rf"m\.gguf: {said}"):
+        load_gguf(path, CPU, torch.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -575,3 +576,36 @@ def test_truncation_and_padding_in_tokenizer_json_never_touch_a_prompt(folder):
     got = engine.build_request(prompt="the quick brown fox jumps over", max_tokens=1).prompt_ids
     engine.close()
     assert got == want and len(want) > 3
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "said"),
+    [
+        ("config.json", lambda p: p.write_text("[" * 100_000 + "]" * 100_000),
+         "nests JSON arrays or objects too deeply"),
+        ("config.json", lambda p: p.write_text('{"vocab_size": ' + "9" * 5000 + "}"),
+         "holds a value that cannot be read"),
+        ("config.json", lambda p: (p.unlink(), p.mkdir()), "is a folder, not a JSON file"),
+        ("generation_config.json", lambda p: p.write_text("[" * 100_000 + "]" * 100_000),
+         "nests JSON arrays or objects too deeply"),
+        ("tokenizer.json", lambda p: (p.unlink(), p.mkdir()), "is a folder, not a tokenizer"),
+        ("chat_template.jinja", lambda p: p.write_bytes(b"caf\xe9 {{ x }}"), "is not UTF-8"),
+        ("generation_config.json", lambda p: p.write_text('{"temperature": 1' + "0" * 400 + "}"),
+         "temperature must be a number"),
+    ],
+)  # fmt: skip
+def test_a_model_file_python_cannot_read_is_a_load_error_naming_it(folder, name, make, said):
+    """A RecursionError, int's digit limit, IsADirectoryError, UnicodeDecodeError and
+    OverflowError reached the caller, none naming the file."""
+    make(folder / name)
+    with pytest.raises(ModelLoadError, match=rf"{re.escape(name)}.*{said}"):
+        fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+
+
+@pytest.mark.parametrize("key", ["tie_word_embeddings", "attention_bias"])
+def test_a_config_switch_that_is_not_a_boolean_is_refused(folder, key):
+    """ "false" (a string) read as true: the checkpoint's own lm_head was dropped for the
+    embedding table, silently."""
+    _edit(folder / "config.json", {key: "false"})
+    with pytest.raises(ModelLoadError, match=rf"{key} must be true or false, not 'false'"):
+        fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)

@@ -13,6 +13,7 @@ from fermi.models.decoder import ModelConfig
 from fermi.models.registry import (
     Adapter,
     UnsupportedModelError,
+    flag,
     layer_types,
     register,
     shape_fields,
@@ -49,7 +50,7 @@ def gemma2_config(cfg: dict) -> ModelConfig:
         raise UnsupportedModelError(
             "config.json: Gemma 2 with use_bidirectional_attention (an encoder) is not supported"
         )
-    bias = bool(cfg.get("attention_bias", False))
+    bias = flag(cfg, "attention_bias")
     return ModelConfig(
         architecture="Gemma2ForCausalLM",
         **{**fields, "hidden_act": "gelu_pytorch_tanh"},

@@ -25,6 +25,7 @@ from fermi.models.registry import (
     Adapter,
     UnsupportedModelError,
     checked_rope,
+    flag,
     layer_types,
     positive_number,
     register,
@@ -136,7 +137,7 @@ def gemma3_config(cfg: dict) -> ModelConfig:
     window = sliding_window(cfg, 4096)
     cap = cfg.get("final_logit_softcapping")
     cap = None if cap is None else positive_number(cap, "final_logit_softcapping")
-    bias = bool(cfg.get("attention_bias", False))
+    bias = flag(cfg, "attention_bias")
     return ModelConfig(
         architecture="Gemma3ForCausalLM",
         **{**fields, "rope": global_rope, "hidden_act": "gelu_pytorch_tanh"},

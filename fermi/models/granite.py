@@ -10,20 +10,20 @@ attention and feed-forward output before its residual add, and the logits are di
 from __future__ import annotations
 
 from fermi.models.decoder import ModelConfig
-from fermi.models.registry import Adapter, positive_number, register, shape_fields
+from fermi.models.registry import Adapter, flag, positive_number, register, shape_fields
 
 
 def granite_config(cfg: dict) -> ModelConfig:
     def multiplier(key: str) -> float:
         return positive_number(cfg.get(key, 1.0), key)
 
-    bias = bool(cfg.get("attention_bias", False))
+    bias = flag(cfg, "attention_bias")
     return ModelConfig(
         architecture="GraniteForCausalLM",
         **shape_fields(cfg, "Granite", max_positions=2048),
         attention_bias=bias,
         o_proj_bias=bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        mlp_bias=flag(cfg, "mlp_bias"),
         embedding_scale=multiplier("embedding_multiplier"),
         attention_multiplier=multiplier("attention_multiplier"),
         residual_multiplier=multiplier("residual_multiplier"),

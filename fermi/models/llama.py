@@ -7,7 +7,7 @@ embeddings, and Llama 3 rope scaling (handled by :mod:`fermi.models.rope`).
 from __future__ import annotations
 
 from fermi.models.decoder import ModelConfig
-from fermi.models.registry import Adapter, UnsupportedModelError, register, shape_fields
+from fermi.models.registry import Adapter, UnsupportedModelError, flag, register, shape_fields
 
 
 def llama_config(cfg: dict) -> ModelConfig:
@@ -15,13 +15,13 @@ def llama_config(cfg: dict) -> ModelConfig:
         # transformers itself ignores it for inference; say so rather than guess wrongly.
         raise UnsupportedModelError("config.json: Llama with pretraining_tp != 1 is not supported")
     # Llama's attention_bias covers q/k/v and the output projection alike.
-    bias = bool(cfg.get("attention_bias", False))
+    bias = flag(cfg, "attention_bias")
     return ModelConfig(
         architecture="LlamaForCausalLM",
         **shape_fields(cfg, "Llama", max_positions=2048),
         attention_bias=bias,
         o_proj_bias=bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        mlp_bias=flag(cfg, "mlp_bias"),
     )
 
 

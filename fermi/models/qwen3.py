@@ -7,6 +7,7 @@ from fermi.models.registry import (
     Adapter,
     UnsupportedModelError,
     bounded_size,
+    flag,
     layer_types,
     register,
     shape_fields,
@@ -36,7 +37,7 @@ def sliding_windows(cfg: dict) -> tuple[int | None, ...]:
 
 
 def qwen3_config(cfg: dict) -> ModelConfig:
-    bias = bool(cfg.get("attention_bias", False))
+    bias = flag(cfg, "attention_bias")
     return ModelConfig(
         architecture="Qwen3ForCausalLM",
         **shape_fields(cfg, "Qwen3", max_positions=40960),

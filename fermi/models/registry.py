@@ -133,6 +133,16 @@ def layer_types(cfg: dict, layers: int) -> list[str] | None:
     return types
 
 
+def flag(cfg: dict, key: str, default: bool = False) -> bool:
+    """A config switch: true, false or absent (``"false"`` would read as true)."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise UnsupportedModelError(f"config.json: {key} must be true or false, not {value!r}")
+    return value
+
+
 def positive_number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise UnsupportedModelError(f"config.json: {name} must be a finite number, not {value!r}")
@@ -254,6 +264,6 @@ def shape_fields(
         "rms_norm_eps": positive_number(cfg.get("rms_norm_eps", eps), "rms_norm_eps"),
         "rope": rope,
         "max_position_embeddings": size("max_position_embeddings", max_positions),
-        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", tied)),
+        "tie_word_embeddings": flag(cfg, "tie_word_embeddings", tied),
         "hidden_act": act,
     }

@@ -13,6 +13,7 @@ from fermi.models.decoder import GLOBAL_ROPE, ModelConfig
 from fermi.models.registry import (
     Adapter,
     UnsupportedModelError,
+    flag,
     layer_types,
     register,
     shape_fields,
@@ -54,13 +55,13 @@ def smollm3_config(cfg: dict) -> ModelConfig:
             "full_attention" if rope else "sliding_attention" for rope in uses_rope
         ]
         windows = tuple(window if t == "sliding_attention" else None for t in types)
-    bias = bool(cfg.get("attention_bias", False))
+    bias = flag(cfg, "attention_bias")
     return ModelConfig(
         architecture="SmolLM3ForCausalLM",
         **fields,
         attention_bias=bias,
         o_proj_bias=bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        mlp_bias=flag(cfg, "mlp_bias"),
         sliding_windows=windows,
         layer_ropes=tuple(GLOBAL_ROPE if rope else None for rope in uses_rope),
     )

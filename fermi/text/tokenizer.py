@@ -309,6 +309,8 @@ class Tokenizer:
         """Load a Hugging Face style tokenizer folder (tokenizer.json + optional config)."""
         folder = Path(folder)
         tok_path = folder / TOKENIZER_FILE
+        if tok_path.is_dir():
+            raise ModelLoadError(f"{tok_path} is a folder, not a tokenizer file")
         if not tok_path.is_file():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in tokenizer folder {folder}")
         try:
@@ -330,7 +332,10 @@ class Tokenizer:
             template = _pick_template(loaded.get("chat_template"), template_json) or template
         template_file = folder / TEMPLATE_FILE
         if template_file.is_file():
-            template = template_file.read_text(encoding="utf-8")
+            try:
+                template = template_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ModelLoadError(f"{template_file} is not UTF-8 text: {exc}") from None
 
         return cls(
             tok,
