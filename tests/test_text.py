@@ -612,6 +612,7 @@ def test_a_requests_copies_share_one_stop_automaton() -> None:
         "{{ 2 ** 100000000 }}",
         "{{ 10.0 ** 400 }}",
         "{% set s = 'a' * 30000000 %}{% for i in range(3) %}{{ s }}{% endfor %}",
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",  # (a RecursionError)
     ],
 )
 def test_a_runaway_template_is_a_chat_template_error_without_allocating_gigabytes(

@@ -456,6 +456,8 @@ class Tokenizer:
         except (jinja2.TemplateError, OverflowError) as exc:
             # OverflowError: float arithmetic past its range, e.g. 10.0 ** 400.
             raise ChatTemplateError(f"chat template error: {exc}") from exc
+        except RecursionError:  # a macro that calls itself without end
+            raise ChatTemplateError("chat template error: it recurses too deeply") from None
 
     def render_prompt_ids(
         self,
