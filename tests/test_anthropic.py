@@ -329,14 +329,19 @@ def test_an_error_result_reaches_the_model_marked_as_one():
     }
 
 
-def test_output_config_json_schema_makes_the_text_valid_json(client):
+@pytest.mark.parametrize("field", ["output_config", "output_format"])
+def test_output_config_json_schema_makes_the_text_valid_json(client, field):
+    """Also under output_format, the structured-outputs beta's name that older SDKs send
+    (it was ignored: free text came back)."""
     schema = SCHEMAS["add"]
+    fmt = {"type": "json_schema", "schema": schema}
+    given = {"output_config": {"format": fmt}} if field == "output_config" else {}
     message = client.messages.create(
         model="tiny",
         max_tokens=BUDGET,
         messages=[{"role": "user", "content": "Add 3."}],
-        output_config={"format": {"type": "json_schema", "schema": schema}},
-        extra_body={"seed": 4},
+        **given,
+        extra_body={"seed": 4, **({"output_format": fmt} if field == "output_format" else {})},
     )
     assert message.stop_reason == "end_turn"
     jsonschema.validate(json.loads(text_of(message)), schema)
@@ -484,6 +489,27 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
         ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
         ({"messages": [{"role": "user", "content": "x " * 5000}]}, "context"),
         ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+        (  # an empty assistant turn between two questions (rendered as one, before)
+            {"messages": [*QUESTION, {"role": "assistant", "content": []}, *QUESTION]},
+            "messages[1].content",
+        ),
+        (
+            {
+                "messages": [
+                    *QUESTION,
+                    {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "xx"}]},
+                    *QUESTION,
+                ]
+            },
+            "must hold text or tool_use blocks",
+        ),
+        (
+            {
+                "extra_body": {"output_format": {"type": "json_schema", "schema": {}}},
+                "output_config": {"format": {"type": "json_schema", "schema": {}}},
+            },
+            "send one of them",
+        ),
         ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": " \n"}]}, "messages[0].content"),
         (

@@ -208,6 +208,13 @@ def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
             out += _user_turn(message.content, f"{param}.content", calls)
         else:
             turn = _assistant_turn(message.content, f"{param}.content")
+            if not (turn["content"].strip() or turn.get("tool_calls")):
+                # ([], or thinking alone: nothing a template renders as the turn; a
+                # whitespace string is refused above, as Anthropic's API refuses both)
+                raise _bad(
+                    "an assistant message's content must hold text or tool_use blocks",
+                    f"{param}.content",
+                )
             calls.update(call["id"] for call in turn.get("tool_calls", ()))
             out.append(turn)
     if messages and messages[-1].role == "assistant":
@@ -298,18 +305,23 @@ def _thinking(body: CountTokensRequest, forced: bool) -> Thinking:
 
 
 def _grammar(body: CountTokensRequest) -> Grammar | None:
-    """``output_config.format``: the reply follows a JSON schema."""
+    """``output_config.format`` (or the beta's ``output_format``): the reply follows a JSON
+    schema."""
     config = body.output_config
-    if config is None or config.format is None:
+    fmt, where = (config.format if config else None), "output_config.format"
+    if body.output_format is not None:
+        if fmt is not None:
+            raise _bad(
+                "output_format is the structured-outputs beta's name for "
+                "output_config.format: send one of them",
+                "output_format",
+            )
+        fmt, where = body.output_format, "output_format"
+    if fmt is None:
         return None
-    if config.format.type != "json_schema":
-        raise _bad(
-            f"output_config.format type must be json_schema, not {config.format.type!r}",
-            "output_config.format.type",
-        )
-    schema = _need(
-        config.format.schema, dict, "output_config.format.schema", "a json_schema format"
-    )
+    if fmt.type != "json_schema":
+        raise _bad(f"{where} type must be json_schema, not {fmt.type!r}", f"{where}.type")
+    schema = _need(fmt.schema, dict, f"{where}.schema", "a json_schema format")
     return Grammar.json_schema(schema)
 
 

@@ -105,6 +105,8 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
     tool_choice: AnthropicToolChoice | None = None
     thinking: AnthropicThinking | None = None
     output_config: AnthropicOutputConfig | None = None
+    # The structured-outputs beta's name for output_config.format (older SDKs send it).
+    output_format: AnthropicOutputFormat | None = None
 
 
 class MessagesRequest(CountTokensRequest, kw_only=True):
