@@ -32,7 +32,12 @@ from fermi.loading import (
 )
 from fermi.models.half_weights import use_half_cache, use_half_embedding, use_half_weights
 from fermi.models.quant import QuantizedWeight, QuantSpec
-from fermi.models.registry import UnsupportedModelError, adapter_for, bounded_size
+from fermi.models.registry import (
+    UnsupportedModelError,
+    adapter_for,
+    bounded_size,
+    factor_list,
+)
 from fermi.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -435,6 +440,7 @@ def rope_scaling(gguf: GGUFFile, arch: str, context: int, rotary: int) -> dict[s
         # Per-frequency divisors of the inverse frequencies: exactly what longrope's factor
         # list does, with no attention scaling (Llama 3 rope baked in by llama.cpp).
         factors = gguf.tensor(ROPE_FREQS, torch.float32).tolist()
+        _check_factors(gguf, ROPE_FREQS, factors, rotary)
         return {
             "rope_type": "longrope",
             "short_factor": factors,
@@ -472,10 +478,20 @@ def _longrope_factors(gguf: GGUFFile, arch: str, rotary: int) -> dict[str, Any]:
                 f"{arch}.rope.dimension_count {rotary} implies ({rotary // 2},)"
             )
         scaling[f"{kind}_factor"] = gguf.tensor(name, torch.float32).tolist()
+        _check_factors(gguf, name, scaling[f"{kind}_factor"], rotary)
     attn_factor = gguf.metadata.get(f"{arch}.rope.scaling.attn_factor")
     if attn_factor is not None:
         scaling["attention_factor"] = _decimal(attn_factor)
     return scaling
+
+
+def _check_factors(gguf: GGUFFile, name: str, factors: object, rotary: int) -> None:
+    """A rope factor tensor: one positive finite factor per rotated pair (a NaN or a zero
+    made every logit NaN; a wrong shape failed in the rope tables)."""
+    try:
+        factor_list(factors, rotary // 2, f"tensor {name!r}", str(gguf.path))
+    except UnsupportedModelError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def our_name(gguf_name: str, arch: str) -> str | None:

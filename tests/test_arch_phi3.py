@@ -172,10 +172,14 @@ def test_wrong_number_of_rope_factors_is_a_clear_load_error(tmp_path):
     folder = write(tmp_path, "longrope")
     config = json.loads((folder / "config.json").read_text())
     scaling = config.get("rope_parameters") or config["rope_scaling"]
-    scaling["long_factor"] = scaling["long_factor"][:5]
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="long_factor must be a list of 8 numbers"):
-        load_folder(folder, torch.device("cpu"), torch.float32)
+    good = scaling["long_factor"]
+    for factors, shown in ((good[:5], r"\[1\.1"), ([float("nan")] * 8, "nan"), ([0.0] * 8, "0.0")):
+        scaling["long_factor"] = factors
+        (folder / "config.json").write_text(json.dumps(config))
+        # (a NaN or a zero made every logit NaN, silently)
+        said = rf"long_factor must be 8 positive numbers \(one per rotated pair\), not .*{shown}"
+        with pytest.raises(ModelLoadError, match=said):
+            load_folder(folder, torch.device("cpu"), torch.float32)
 
 
 def test_padded_prefill_on_the_graph_runner_keeps_the_short_factors(tmp_path):

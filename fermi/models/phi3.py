@@ -14,6 +14,8 @@ from fermi.models.decoder import ModelConfig
 from fermi.models.registry import (
     Adapter,
     UnsupportedModelError,
+    bounded_size,
+    factor_list,
     register,
     shape_fields,
     sliding_window,
@@ -38,14 +40,14 @@ def phi3_rope(cfg: dict, head_dim: int) -> RopeConfig:
         )
     half = round(head_dim * rope.partial_rotary_factor) // 2
     for key in ("short_factor", "long_factor"):
-        factors = rope.params.get(key)
-        if not isinstance(factors, list) or len(factors) != half:
-            raise UnsupportedModelError(
-                f"config.json: rope_scaling.{key} must be a list of {half} numbers"
-            )
+        factor_list(rope.params.get(key), half, f"rope_scaling.{key}")
     # Phi-3 keeps the training length at the top level, and transformers lets it win
     # over any value inside rope_scaling.
-    original = int(cfg.get("original_max_position_embeddings") or DEFAULT_ORIGINAL_CONTEXT)
+    original = bounded_size(
+        "original_max_position_embeddings",
+        cfg.get("original_max_position_embeddings") or DEFAULT_ORIGINAL_CONTEXT,
+        "config.json",
+    )
     return replace(rope, params={**rope.params, "original_max_position_embeddings": original})
 
 

@@ -143,6 +143,22 @@ def flag(cfg: dict, key: str, default: bool = False) -> bool:
     return value
 
 
+def factor_list(factors: object, count: int, name: str, source: str = "config.json") -> list:
+    """LongRoPE's per-pair factors: ``count`` positive finite numbers (a NaN or a zero made
+    every logit NaN, silently; a wrong length failed in the rope tables)."""
+    ok = isinstance(factors, list) and len(factors) == count
+    ok = ok and all(
+        isinstance(f, int | float) and not isinstance(f, bool) and math.isfinite(f) and f > 0
+        for f in factors
+    )
+    if not ok:
+        shown = repr(factors) if len(repr(factors)) < 60 else type(factors).__name__
+        raise UnsupportedModelError(
+            f"{source}: {name} must be {count} positive numbers (one per rotated pair), not {shown}"
+        )
+    return factors
+
+
 def positive_number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise UnsupportedModelError(f"config.json: {name} must be a finite number, not {value!r}")
@@ -192,6 +208,8 @@ def checked_rope(cfg: dict, theta_name: str | None = None) -> RopeConfig:
         "beta_fast",
         "beta_slow",
         "attention_factor",
+        "mscale",
+        "mscale_all_dim",
     ):
         if p.get(name) is not None:
             positive_number(p[name], f"{key}.{name}")
@@ -253,6 +271,10 @@ def shape_fields(
             f"config.json: partial_rotary_factor = {rope.partial_rotary_factor} rotates "
             f"{rotary} of head_dim's {dim} values; rope needs an even number of them"
         )
+    if rope.rope_type == "longrope":
+        key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        for name in ("short_factor", "long_factor"):
+            factor_list(rope.params.get(name), rotary // 2, f"{key}.{name}")
     return {
         "vocab_size": size("vocab_size"),
         "hidden_size": hidden,
