@@ -384,6 +384,13 @@ def build_model(
                 f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                 f"config.json implies {shape}"
             )
+        stored = tensors[name]
+        if isinstance(stored, torch.Tensor) and not stored.dtype.is_floating_point:
+            # (cast silently before: a bool norm read as 1.0, U8 embeddings as 0..255)
+            raise ModelLoadError(
+                f"{source}: tensor {name!r} is stored as {stored.dtype}; a weight is a "
+                "floating-point tensor"
+            )
     # The weights as the model holds them (on the device, in dtype or quantized): refused
     # before any is copied when they cannot fit.
     need = sum(prod(shape) for shape in wanted.values()) * dtype.itemsize

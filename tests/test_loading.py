@@ -609,3 +609,14 @@ def test_a_config_switch_that_is_not_a_boolean_is_refused(folder, key):
     _edit(folder / "config.json", {key: "false"})
     with pytest.raises(ModelLoadError, match=rf"{key} must be true or false, not 'false'"):
         fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_a_weight_stored_as_integers_is_refused_naming_it(folder, dtype):
+    """Cast to float before, silently: a bool norm read as 1.0, U8 embeddings as 0..255."""
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(dtype)
+    save_file(tensors, path)
+    with pytest.raises(ModelLoadError, match=rf"'model\.norm\.weight' is stored as {dtype}"):
+        fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
