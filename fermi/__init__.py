@@ -194,8 +194,11 @@ def load(
         # held 3.7 GB after a request, mapped, for 2.4 GB of weights (perf/LOG.md run 50).
         ckpt = load_folder(path, dev, parse_dtype(dtype, dev), spec, owned=dev.type == "cpu")
     seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 4096)
-    if seq_len < 2:
-        raise ValueError("max_seq_len must be at least 2")
+    if seq_len < 2:  # (a max_seq_len given is checked above: this is the model's own)
+        raise ModelLoadError(
+            f"{path}: the model's context (max_position_embeddings, or a GGUF's "
+            f"context_length) is {seq_len} token; at least 2 are needed (or pass max_seq_len)"
+        )
     warm = warmup if warmup is not None else warmup_from_env("full")
     run = torch_runner(ckpt.model, runner, max_batch or 8, seq_len, prefill_chunk, warm)
     return Engine(

@@ -413,7 +413,13 @@ def _phi3_settings(gguf: GGUFFile, arch: str, cfg: dict, decimal) -> dict[str, A
     out: dict[str, Any] = {"sliding_window": int(window) if window else None}
     original = meta.get(f"{arch}.rope.scaling.original_context_length")
     if original is not None:
-        out["original_max_position_embeddings"] = int(original)
+        key = f"{arch}.rope.scaling.original_context_length"
+        try:
+            out["original_max_position_embeddings"] = bounded_size(
+                "original_max_position_embeddings", original, str(gguf.path), key
+            )
+        except UnsupportedModelError as exc:
+            raise ModelLoadError(str(exc)) from None
     return out
 
 

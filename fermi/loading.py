@@ -253,6 +253,13 @@ def read_safetensors(folder: Path) -> dict[str, tuple[Path, str]]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelLoadError(f"{index} has no 'weight_map'")
+        for key, value in weight_map.items():
+            # A shard is a file of this folder: not a number, not a path elsewhere.
+            part = Path(value) if isinstance(value, str) else None
+            if part is None or part.is_absolute() or ".." in part.parts or not value:
+                raise ModelLoadError(
+                    f"{index}: weight_map[{key!r}] = {value!r} is not a file name in the folder"
+                )
         files = sorted(set(weight_map.values()))
     elif single.exists():
         files = [single.name]

@@ -620,3 +620,29 @@ def test_a_weight_stored_as_integers_is_refused_naming_it(folder, dtype):
     save_file(tensors, path)
     with pytest.raises(ModelLoadError, match=rf"'model\.norm\.weight' is stored as {dtype}"):
         fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+
+
+@pytest.mark.parametrize("value", [5, ["x"], "../elsewhere/model.safetensors", "/etc/passwd", ""])
+def test_an_index_shard_that_is_not_a_file_of_the_folder_is_refused(folder, value):
+    """A number or list in weight_map raised a TypeError; a path out of the folder was
+    opened."""
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": value}})
+    )
+    with pytest.raises(ModelLoadError, match=r"weight_map\['model\.norm\.weight'\] = .* is not"):
+        fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+
+
+def test_a_model_context_of_one_token_names_the_model_not_max_seq_len(folder):
+    _edit(folder / "config.json", {"max_position_embeddings": 1})
+    with pytest.raises(ModelLoadError, match=r"the model's context .* is 1 token"):
+        fermi.load(folder, device="cpu", max_batch=1)
+
+
+def test_a_pretraining_tp_that_is_no_integer_is_refused_naming_it(tmp_path):
+    folder = write_checkpoint(
+        tmp_path / "llama", {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    )
+    _edit(folder / "config.json", {"pretraining_tp": "x"})
+    with pytest.raises(ModelLoadError, match="pretraining_tp must be an integer, not 'x'"):
+        fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)

@@ -7,11 +7,18 @@ embeddings, and Llama 3 rope scaling (handled by :mod:`fermi.models.rope`).
 from __future__ import annotations
 
 from fermi.models.decoder import ModelConfig
-from fermi.models.registry import Adapter, UnsupportedModelError, flag, register, shape_fields
+from fermi.models.registry import (
+    Adapter,
+    UnsupportedModelError,
+    bounded_size,
+    flag,
+    register,
+    shape_fields,
+)
 
 
 def llama_config(cfg: dict) -> ModelConfig:
-    if int(cfg.get("pretraining_tp") or 1) != 1:
+    if bounded_size("pretraining_tp", cfg.get("pretraining_tp") or 1, "config.json") != 1:
         # transformers itself ignores it for inference; say so rather than guess wrongly.
         raise UnsupportedModelError("config.json: Llama with pretraining_tp != 1 is not supported")
     # Llama's attention_bias covers q/k/v and the output projection alike.

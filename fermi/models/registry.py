@@ -90,6 +90,7 @@ SIZE_LIMITS = {
     "max_position_embeddings": 1 << 24,  # 16M tokens
     "sliding_window": 1 << 24,
     "original_max_position_embeddings": 1 << 24,
+    "pretraining_tp": 1024,
 }
 
 
