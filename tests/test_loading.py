@@ -646,3 +646,14 @@ def test_a_pretraining_tp_that_is_no_integer_is_refused_naming_it(tmp_path):
     _edit(folder / "config.json", {"pretraining_tp": "x"})
     with pytest.raises(ModelLoadError, match="pretraining_tp must be an integer, not 'x'"):
         fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+
+
+def test_a_tokenizer_that_cannot_encode_text_is_refused_at_load(folder):
+    """A normalizer that panics (a BaseException) loaded, then escaped every handler of
+    the first request."""
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["normalizer"] = {"type": "Replace", "pattern": {"String": ""}, "content": "x" * 1000}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json cannot encode text"):
+        fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)

@@ -317,6 +317,12 @@ class Tokenizer:
             tok = tokenizers.Tokenizer.from_file(str(tok_path))
         except Exception as exc:  # (the Rust side raises a bare Exception)
             raise ModelLoadError(f"{tok_path} is not a tokenizer file: {exc}") from None
+        try:  # a file that parses can still fail on every text (a normalizer that panics)
+            tok.encode("Hello, world! 123")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # (a Rust panic is a BaseException, not an Exception)
+            raise ModelLoadError(f"{tok_path} cannot encode text: {exc!r}") from None
 
         config: dict[str, Any] = {}
         config_path = folder / CONFIG_FILE
