@@ -487,6 +487,13 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
         ({"thinking": {"type": "enabled"}}, "budget_tokens"),
         ({"thinking": {"type": "enabled", "budget_tokens": 0}}, "at least 1024"),
         ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
+        # The engine's words in this API's: not "tool_choice required" / "named"
+        ({"tool_choice": {"type": "any"}}, 'tool_choice {"type": "any"} needs tools'),
+        ({"tool_choice": {"type": "tool", "name": "f"}}, 'tool_choice {"type": "tool"} needs'),
+        (
+            {"tools": [{"name": "f", "input_schema": {"type": "array"}}]},
+            'input_schema must describe an object (type "object")',
+        ),
         ({"messages": [{"role": "user", "content": "x " * 5000}]}, "context"),
         ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
         (  # an empty assistant turn between two questions (rendered as one, before)

@@ -627,6 +627,9 @@ def test_langchain_tool_round_trip_is_rendered_and_answered(url):
         ({"input": "hi", "tools": [{"type": "function", "name": "no spaces"}]},
          "tools[0].name", "name"),
         ({"input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice", "file_search"),
+        # (chat's shape: the message asked for the shape that was sent)
+        ({"input": "hi", "tool_choice": {"type": "function", "function": {"name": "f"}}},
+         "tool_choice.name", '{"type": "function", "name": ...}'),
         ({"input": 42}, "input", "Expected"),
         ({}, "input", "required"),
         ({"input": []}, "input", "empty"),

@@ -349,12 +349,25 @@ _RENAMED = {
 }
 
 
+# The engine's words for things this API names otherwise, as they appear in its messages.
+_WORDS = (
+    ("tool_choice required", 'tool_choice {"type": "any"}'),
+    ("tool_choice named", 'tool_choice {"type": "tool"}'),
+    ("a required or named tool_choice", "a forced tool_choice (any or tool)"),
+    ("response_format", "output_config.format"),
+    ("parameters must describe an object", "input_schema must describe an object"),
+)
+
+
 def _request_error(exc: RequestError) -> ApiError:
     param = exc.param or ""
     param = _RENAMED.get(param, param)
     if param.startswith("tools["):  # tools[0].function.parameters -> tools[0].input_schema
         param = param.replace(".function.parameters", ".input_schema").replace(".function", "")
-    return ApiError(400, exc.message, param=param or None, code=exc.code)
+    message = exc.message
+    for ours, theirs in _WORDS:
+        message = message.replace(ours, theirs)
+    return ApiError(400, message, param=param or None, code=exc.code)
 
 
 def messages_request(engine: Engine, body: MessagesRequest) -> GenerationRequest:
@@ -362,7 +375,7 @@ def messages_request(engine: Engine, body: MessagesRequest) -> GenerationRequest
         if getattr(body, field) is not None:
             raise _bad(message, field)
     if body.temperature is not None and not 0.0 <= body.temperature <= 1.0:
-        # (Anthropic's range; the engine would take up to 2, as OpenAI's API does)
+        # (Anthropic's range; the engine takes up to fermi.sampling.MAX_TEMPERATURE)
         raise _bad(f"temperature must be between 0 and 1, got {body.temperature}", "temperature")
     try:
         # max_tokens 0 (a cache warm-up) prefills the prompt and samples one token.

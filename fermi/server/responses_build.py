@@ -310,7 +310,14 @@ def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any
             '{"type": "function", "name": ...}',
             param="tool_choice",
         )
-    return {"type": "function", "function": {"name": choice.get("name")}}
+    name = choice.get("name")
+    if not isinstance(name, str) or not name:  # (the chat checks would show chat's shape)
+        raise ApiError(
+            400,
+            'a named tool_choice is {"type": "function", "name": ...}; this one has no name',
+            param="tool_choice.name",
+        )
+    return {"type": "function", "function": {"name": name}}
 
 
 def response_format(value: dict[str, Any]) -> dict[str, Any]:
