@@ -639,7 +639,14 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str) -> Tokenizer:
 
     def token_at(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+        if index is None:
+            return None
+        if not 0 <= int(index) < len(tokens):  # (as an eos id out of range is refused)
+            raise ModelLoadError(
+                f"{source}: tokenizer.ggml.{key} = {index} is outside the vocabulary "
+                f"(0..{len(tokens) - 1})"
+            )
+        return tokens[int(index)]
 
     return Tokenizer(
         tok,

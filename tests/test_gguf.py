@@ -474,6 +474,7 @@ def test_gguf_tensor_whose_shape_needs_more_bytes_than_the_file_is_refused(tmp_p
         ("tokenizer.ggml.eos_token_id", ("2", GGUFValueType.STRING), "must be an integer"),
         ("llama.rope.scaling.factor", ("x", GGUFValueType.STRING), "must be a number"),
         ("tokenizer.ggml.eos_token_id", (10**6, GGUFValueType.UINT32), "outside the vocabulary"),
+        ("tokenizer.ggml.bos_token_id", (10**6, GGUFValueType.UINT32), "outside the vocabulary"),
         ("tokenizer.ggml.token_type", ([1, 1], GGUFValueType.ARRAY), " has 2 entries"),
     ],
 )
