@@ -317,6 +317,8 @@ class Tokenizer:
             tok = tokenizers.Tokenizer.from_file(str(tok_path))
         except Exception as exc:  # (the Rust side raises a bare Exception)
             raise ModelLoadError(f"{tok_path} is not a tokenizer file: {exc}") from None
+        tok.no_truncation()  # (before any encode: a huge fixed padding allocates gigabytes)
+        tok.no_padding()
         try:  # a file that parses can still fail on every text (a normalizer that panics)
             tok.encode("Hello, world! 123")
         except (KeyboardInterrupt, SystemExit):
