@@ -407,6 +407,12 @@ _ANTHROPIC_PROMPT: dict[str, Any] = {
     "tool_choice": _nullable({"$ref": _REF + "AnthropicToolChoice"}),
     "thinking": _nullable({"$ref": _REF + "AnthropicThinking"}),
     "output_config": _nullable({"$ref": _REF + "AnthropicOutputConfig"}),
+    "output_format": _nullable(
+        {
+            "$ref": _REF + "AnthropicOutputFormat",
+            "description": "the structured-outputs beta's name for output_config.format",
+        }
+    ),
 }
 _SCHEMAS |= {
     "AnthropicBlock": {
