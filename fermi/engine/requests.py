@@ -600,7 +600,7 @@ def check_text(text: str, field: str) -> None:
 def check_roles(messages: Sequence[Any], field: str = "messages") -> None:
     """Refuse a message that is not a mapping with one of ``ROLES`` as its role; ``field``
     is the messages' name on the caller's wire (gRPC: ``conversation.messages``)."""
-    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise RequestError(
             f"{field} must be a list of messages (objects with a role and content), "
             f"not {type(messages).__name__}",

@@ -454,8 +454,9 @@ class QuantLinear(KernelLayer):
             y = self.native_weight.linear(x, norm_weight, eps, act, residual)
             return y.to(x.dtype)
         if x.is_cuda and gemv.triton is not None:
-            fused = {"norm_weight": norm_weight, "eps": eps, "act": act, "residual": residual}
-            fused["pdl"] = pdl
+            fused = {
+                "norm_weight": norm_weight, "eps": eps, "act": act, "residual": residual, "pdl": pdl
+            }  # fmt: skip
             if self.scheme == "int8":
                 return gemv.gemv(x, self.codes, self.bias, scale=self.scales, **fused)
             return gemv.gemv_int4(x, self.codes, self.scales, self.mins, self.bias, **fused)

@@ -289,10 +289,6 @@ class Tokenizer:
         eos_token: str | None,
         add_bos: bool = False,
     ) -> None:
-        # A tokenizer.json may ask its encoder to cut or pad every text (truncation, padding):
-        # a prompt is the caller's text, whole, and the engine pads nothing.
-        tok.no_truncation()
-        tok.no_padding()
         self._tok = tok
         self.chat_template = chat_template
         self.bos_token = bos_token
@@ -317,7 +313,10 @@ class Tokenizer:
             tok = tokenizers.Tokenizer.from_file(str(tok_path))
         except Exception as exc:  # (the Rust side raises a bare Exception)
             raise ModelLoadError(f"{tok_path} is not a tokenizer file: {exc}") from None
-        tok.no_truncation()  # (before any encode: a huge fixed padding allocates gigabytes)
+        # A tokenizer.json may ask its encoder to cut or pad every text (truncation, padding):
+        # a prompt is the caller's text, whole, and the engine pads nothing. Off before any
+        # encode: a huge fixed padding allocates gigabytes.
+        tok.no_truncation()
         tok.no_padding()
         try:  # a file that parses can still fail on every text (a normalizer that panics)
             tok.encode("Hello, world! 123")
