@@ -2,6 +2,7 @@
 # Programmatic dependent launch for the row products (fermi.models.gemv, FERMI_PDL), one
 # device call (carry .whl):
 #   bash perf/pdl_ab.sh [MODEL ...]        (default: Qwen3-0.6B Qwen3-1.7B)
+#   PDL_AB_TESTS=0 bash perf/pdl_ab.sh     (without the tests, after the GPU suite ran them)
 # First the kernels' GPU tests (tests/test_row_kernels.py: plain and PDL launches against
 # the reference, a PDL chain in one CUDA graph with poisoned buffers, the compiled runner
 # with and without; the int8/int4 kernel tests of tests/test_quant_cuda.py with both), then
@@ -18,10 +19,12 @@ out=${OUT:-/tmp}
 start=$SECONDS
 models=("$@")
 [ ${#models[@]} -eq 0 ] && models=(Qwen3-0.6B Qwen3-1.7B)
-python3 -m pytest -p no:logging -p no:cacheprovider -o addopts="" -q -rfEs \
-    tests/test_row_kernels.py tests/test_quant_cuda.py -k "not engine_on_the_gpu" \
-    >"$out/pdl_tests.log" 2>&1
-echo "tests: $(tail -1 "$out/pdl_tests.log") ($((SECONDS - start)) s)"
+if [ "${PDL_AB_TESTS:-1}" = 1 ]; then  # (0: the GPU suite just ran them)
+    python3 -m pytest -p no:logging -p no:cacheprovider -o addopts="" -q -rfEs \
+        tests/test_row_kernels.py tests/test_quant_cuda.py -k "not engine_on_the_gpu" \
+        >"$out/pdl_tests.log" 2>&1
+    echo "tests: $(tail -1 "$out/pdl_tests.log") ($((SECONDS - start)) s)"
+fi
 for round in 1 2; do
     order="0 1"
     [ $round -eq 2 ] && order="1 0"
