@@ -405,6 +405,15 @@ def test_hostile_window_and_rope_values_are_refused_naming_the_key(folder, chang
         load_folder(folder, CPU, torch.float32)
 
 
+def test_a_misspelt_layer_kind_is_refused(folder):
+    # Read as full attention, a misspelt (or another family's) kind would run another model.
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    kinds = ["sliding_atention"] + ["full_attention"] * (layers - 1)
+    write_config(folder, use_sliding_window=True, sliding_window=8, layer_types=kinds)
+    with pytest.raises(ModelLoadError, match="layer_types 'sliding_atention' is not one of"):
+        load_folder(folder, CPU, torch.float32)
+
+
 def test_a_real_window_and_rope_scaling_still_load(folder):
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
     scaling |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 64}

@@ -120,8 +120,14 @@ def sliding_window(cfg: dict, default: int | None = None) -> int | None:
     return bounded_size("sliding_window", value, "config.json")
 
 
+LAYER_KINDS = ("sliding_attention", "full_attention")
+
+
 def layer_types(cfg: dict, layers: int) -> list[str] | None:
-    """``layer_types``: one attention kind per layer, or None when the config has none."""
+    """``layer_types``: one attention kind per layer, or None when the config has none. A
+    kind other than sliding or full attention (a misspelling, or another model family's
+    chunked or linear attention) is refused: read as full attention it would run a
+    different model."""
     types = cfg.get("layer_types")
     if not types:
         return None
@@ -130,6 +136,11 @@ def layer_types(cfg: dict, layers: int) -> list[str] | None:
     if len(types) != layers:
         raise UnsupportedModelError(
             f"config.json: layer_types has {len(types)} entries for {layers} layers"
+        )
+    unknown = sorted(set(types) - set(LAYER_KINDS))
+    if unknown:
+        raise UnsupportedModelError(
+            f"config.json: layer_types {unknown[0]!r} is not one of {', '.join(LAYER_KINDS)}"
         )
     return types
 
