@@ -216,12 +216,42 @@ def test_a_model_file_that_is_not_what_it_should_be_is_named(folder, name, text,
             {"chat_template": 5},
             r"tokenizer_config\.json: chat_template must be a string",
         ),
+        (
+            "tokenizer_config.json",
+            {"chat_template": [{"name": "default", "template": 5}]},
+            r"tokenizer_config\.json: each entry of the chat_template list must be an object",
+        ),
+        (
+            "tokenizer_config.json",
+            {"chat_template": ["{{ messages }}"]},
+            r"tokenizer_config\.json: each entry of the chat_template list must be an object",
+        ),
     ],
 )
 def test_a_field_of_the_wrong_kind_is_named_with_its_file(folder, name, change, message):
     _edit(folder / name, change)
     with pytest.raises(ModelLoadError, match=message):
         fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+
+
+def test_named_chat_templates_serve_the_default_one(folder):
+    tool_use = "{{ 'TOOLS' }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    default = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    named = [{"name": "tool_use", "template": tool_use}, {"name": "default", "template": default}]
+    _edit(folder / "tokenizer_config.json", {"chat_template": named})
+    engine = fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+    try:
+        text = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+        assert text == "<user>hi"
+    finally:
+        engine.close()
+    # Named templates with none the default: the model has no chat template.
+    _edit(folder / "tokenizer_config.json", {"chat_template": named[:1]})
+    engine = fermi.load(folder, device="cpu", max_batch=1, max_seq_len=64)
+    try:
+        assert engine.tokenizer.chat_template is None
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize(

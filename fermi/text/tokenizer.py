@@ -194,9 +194,19 @@ def _pick_template(value: Any, source: Path | None = None) -> str | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
-        named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
-        template = named.get("default")
-        return template if isinstance(template, str) else None
+        named = {}
+        for item in value:
+            if not (
+                isinstance(item, dict)
+                and isinstance(item.get("name"), str)
+                and isinstance(item.get("template"), str)
+            ):
+                raise ModelLoadError(
+                    f"{source or 'the tokenizer config'}: each entry of the chat_template list "
+                    f"must be an object with a string name and template, not {str(item)[:80]}"
+                )
+            named[item["name"]] = item["template"]
+        return named.get("default")  # (named templates only, none the default: no template)
     raise ModelLoadError(
         f"{source or 'the tokenizer config'}: chat_template must be a string or a list of "
         f"named templates, not {type(value).__name__}"
