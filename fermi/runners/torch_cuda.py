@@ -49,6 +49,7 @@ import torch
 
 from fermi.models.attention import DECODE_KERNELS
 from fermi.models.decoder import Decoder
+from fermi.runners import packaged
 from fermi.runners.base import (
     Batch,
     Capabilities,
@@ -58,7 +59,7 @@ from fermi.runners.base import (
     on_host,
     warmup_scope,
 )
-from fermi.runners.compile_cache import CompileCache, cache_key
+from fermi.runners.compile_cache import CompileCache, cache_key, cache_root
 from fermi.sampling import SampleOutput, SamplingBatch, mask_logits, sample
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,8 @@ class StartupStats:
     decode_attention: str = "sdpa"
     row_kernels: bool = False
     pdl: bool = False  # the row products launched with programmatic dependent launch
+    aot: bool = False  # the steps run as AOTInductor packages (FERMI_AOT, runners.packaged)
+    packages_built_s: float | None = None  # their export and compile, when this start built them
     notes: list[str] = field(default_factory=list)
 
 
@@ -195,6 +198,7 @@ class CudaGraphRunner(Runner):
         compile_cache: bool = True,
         compile_scope: str = "layer",
         row_kernels: bool | None = None,
+        aot: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -253,13 +257,17 @@ class CudaGraphRunner(Runner):
 
         if row_kernels is None:  # the fused one-row products where Triton runs
             row_kernels = compiled_cuda and gemv.available()
+        # The steps as AOTInductor packages (FERMI_AOT=1; fermi.runners.packaged): no
+        # Dynamo at a warm start. They launch no product with PDL (a Python op).
+        self.aot = backend == "inductor" and (packaged.aot_wanted() if aot is None else aot)
+        self._packages: packaged.StepPackages | None = None
         # Hopper's programmatic dependent launch for the row products (FERMI_PDL=1: on).
-        self._pdl_wanted = gemv.pdl_wanted(self.device)
+        self._pdl_wanted = gemv.pdl_wanted(self.device) and not self.aot
         # Set both ways: the model may come from a runner that turned them on.
         self._set_row_kernels(bool(row_kernels) and model.use_row_kernels())
         self._forward: Callable = model.forward
         self.compile_scope = compile_scope
-        if backend is not None:
+        if backend is not None and not self.aot:
             import torch._dynamo.config as dynamo_config
 
             # Each model a process compiles (or runs with other kernels) is one more compile
@@ -283,7 +291,10 @@ class CudaGraphRunner(Runner):
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None
         self.startup = StartupStats(
-            decode_attention=self.decode_attention, row_kernels=self.row_kernels, pdl=self.pdl
+            decode_attention=self.decode_attention,
+            row_kernels=self.row_kernels,
+            pdl=self.pdl,
+            aot=self.aot,
         )
         if scope is not None:
             self.warmup(compile_cache=compile_cache and backend == "inductor", scope=scope)
@@ -513,7 +524,7 @@ class CudaGraphRunner(Runner):
         started, frames = time.perf_counter(), _compiled_frames()
         self._started = started
         self._cache = None
-        if compile_cache:
+        if compile_cache and not self.aot:
             self._cache = CompileCache(
                 cache_key(
                     self.model.cfg,
@@ -544,6 +555,8 @@ class CudaGraphRunner(Runner):
             self._set_row_kernels(rows)
             self._set_decode_attention(attention)
             try:
+                if self.aot:
+                    self._bind_packages()
                 self._warm(first)
                 break
             except Exception as exc:
@@ -628,6 +641,8 @@ class CudaGraphRunner(Runner):
                 oom = isinstance(exc, torch.OutOfMemoryError)
                 if not oom and self._next_plan(exc):
                     self._deferred = self.deferred_order(self.warm_jobs())
+                    if self.aot:
+                        self._bind_packages()
                 else:
                     log.warning("warm-up of %s failed: %s: %s", key, type(exc).__name__, exc)
                     self.startup.notes.append(f"{key}: {type(exc).__name__}: {str(exc)[:500]}")
@@ -702,6 +717,31 @@ class CudaGraphRunner(Runner):
 
     # -- internals --------------------------------------------------------------------
 
+    def _bind_packages(self) -> None:
+        """Run the steps through the packages of the current set-up: loaded from the
+        compile cache, or built there first (``fermi.runners.packaged``)."""
+        key = cache_key(
+            self.model.cfg,
+            self.model.dtype,
+            self.device,
+            max_batch=self.max_batch,
+            cache_len=self.cache_len,
+            chunk=self.chunk,
+            attention=self.decode_attention,
+            row_kernels=self.row_kernels,
+            quantization=quantization_label(self.model),
+            packaged=packaged.FORMAT,
+        )
+        packages = packaged.StepPackages(self, cache_root() / f"{key}.aot")
+        if not packages.ready():
+            with torch.inference_mode(False), _no_duck_shapes():
+                seconds = packages.build()
+            self.startup.packages_built_s = sum(seconds.values())
+        packages.load()
+        self._packages = packages
+        self._forward = packages.forward
+        self._samplers.clear()
+
     def _set_decode_attention(self, kind: str) -> None:
         if kind not in DECODE_KERNELS:
             raise ValueError(f"decode_attention must be one of {', '.join(DECODE_KERNELS)}")
@@ -761,7 +801,10 @@ class CudaGraphRunner(Runner):
                     want_logprobs=logprobs,
                 )
 
-            if self.backend is not None and variant in WARM_VARIANTS:
+            packaged_fn = None if self._packages is None else self._packages.sampler(variant)
+            if packaged_fn is not None:
+                fn = packaged_fn
+            elif self.backend is not None and not self.aot and variant in WARM_VARIANTS:
                 fn = torch.compile(fn, fullgraph=True, dynamic=True, backend=self.backend)
             self._samplers[variant] = fn
         return fn

@@ -1,0 +1,268 @@
+"""The compiled runners' steps as ahead-of-time compiled packages (AOTInductor).
+
+A compiled runner's warm start loads Inductor's artefacts from the compile cache but still
+has Dynamo trace every frame again (seconds per frame: perf/LOG.md runs 42, 82). With
+``FERMI_AOT=1`` the runner instead exports each kind of step once with ``torch.export``,
+compiles it with ``torch._inductor.aoti_compile_and_package`` and keeps the packages in the
+compile cache; a later start loads them (no Dynamo, no Inductor compile) and hands them the
+model's own weights and KV cache as user-managed constants, so a package holds code only
+and the runner keeps owning its tensors.
+
+One package per kind of step, its sizes dynamic over the runner's buckets:
+
+- ``decode1``: the one-row decode step (the fused row products where the runner uses
+  them), any attended length;
+- ``decode``: 2..max_batch rows, any attended length;
+- ``prefill_causal`` / ``prefill_masked``: a prompt chunk of any bucketed length, starting
+  a sequence (no mask) or after cached context;
+- ``sample_plain`` / ``sample_filters``: the sampler of the two warm variants, the sampling
+  rows' tensors as inputs.
+
+Every step of a process runs these packages whenever its CUDA graph was captured, so the
+tokens do not depend on the order of captures. Packages do not launch the row products
+with programmatic dependent launch (an opaque Python op a package cannot call).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fermi.sampling import SampleOutput, SamplingBatch, sample
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # the folder's layout; a folder of another is built again
+STEPS = ("decode1", "decode", "prefill_causal", "prefill_masked")
+SAMPLERS = {(False, False, -1): "sample_plain", (True, False, -1): "sample_filters"}
+# The sampling rows' tensors a packaged sampler takes, in this order.
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "rep_penalty",
+    "presence",
+    "frequency",
+    "seed",
+    "step",
+    "prompt_mask",
+    "counts",
+    "allowed",
+)
+
+
+def aot_wanted() -> bool:
+    """``FERMI_AOT=1``: the compiled runners run packaged steps (``0``, the default: Dynamo
+    and Inductor's compile cache)."""
+    value = os.environ.get("FERMI_AOT", "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"FERMI_AOT must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+class _Decode(torch.nn.Module):
+    """The model's decode step; the attended length is the length of ``kv`` (a view of the
+    runner's length marker), so that export makes it a dynamic size."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, tokens, positions, rows, kv):
+        return self.m(tokens, positions, rows, kv.shape[0], rows_are_slots=True)
+
+
+class _Prefill(torch.nn.Module):
+    """The model's prefill of one chunk (``causal``: it starts its sequence), the attended
+    length as in :class:`_Decode`."""
+
+    def __init__(self, model: torch.nn.Module, causal: bool) -> None:
+        super().__init__()
+        self.m, self.causal = model, causal
+
+    def forward(self, tokens, positions, slot, last, kv):
+        return self.m(tokens, positions, slot, kv.shape[0], last_index=last, causal=self.causal)
+
+
+class _Sampler(torch.nn.Module):
+    """``sample`` for one static variant, every sampling tensor an input (a buffer would be
+    folded into the package's code as the value it had when exported)."""
+
+    def __init__(self, vocab_size: int, variant: tuple) -> None:
+        super().__init__()
+        self.vocab_size, self.variant = vocab_size, variant
+
+    def forward(self, logits: torch.Tensor, rows: torch.Tensor, fields: tuple):
+        batch = _Fields(self.vocab_size, fields)
+        filters, penalties, logprobs = self.variant
+        out = sample(
+            logits,
+            batch,  # type: ignore[arg-type]  (the attributes sample reads)
+            rows,
+            use_filters=filters,
+            use_penalties=penalties,
+            want_logprobs=logprobs,
+        )
+        return tuple(t for t in out if t is not None)
+
+
+class _Fields:
+    def __init__(self, vocab_size: int, fields: tuple) -> None:
+        self.vocab_size = vocab_size
+        for name, tensor in zip(SAMPLING_FIELDS, fields, strict=True):
+            setattr(self, name, tensor)
+
+
+class StepPackages:
+    """The packages of one runner set-up (``key``: the compile cache's key of its model,
+    sizes, kernels, torch and GPU), in ``folder``."""
+
+    def __init__(self, runner, folder: Path) -> None:
+        self.runner = runner
+        self.folder = folder
+        self._steps: dict[str, Callable] = {}
+        self._samplers: dict[str, Callable] = {}
+        # Its views give a package the attended length (see _Decode).
+        self.marker = torch.empty(runner.cache_len, dtype=torch.int8, device=runner.device)
+
+    # -- building ---------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        try:
+            manifest = json.loads((self.folder / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return False
+        names = [*STEPS, *SAMPLERS.values()]
+        return manifest.get("format") == FORMAT and all(
+            (self.folder / f"{name}.pt2").is_file() for name in names
+        )
+
+    def build(self) -> dict[str, float]:
+        """Export and compile every package into a fresh folder, then move it into place
+        (a concurrent start never sees half a folder). Returns seconds per package."""
+        from torch._inductor import aoti_compile_and_package
+
+        tmp = self.folder.with_name(self.folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        seconds: dict[str, float] = {}
+        configs = {"aot_inductor.package_constants_in_so": False}  # code only
+        for name, module, args, dims in self._exports():
+            started = time.perf_counter()
+            with torch.no_grad():
+                exported = torch.export.export(module, args, dynamic_shapes=dims)
+            aoti_compile_and_package(
+                exported, package_path=str(tmp / f"{name}.pt2"), inductor_configs=configs
+            )
+            seconds[name] = time.perf_counter() - started
+            log.info("packaged %s in %.1f s", name, seconds[name])
+        manifest = {"format": FORMAT, "torch": torch.__version__, "seconds": seconds}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        shutil.rmtree(self.folder, ignore_errors=True)
+        tmp.replace(self.folder)
+        return seconds
+
+    def _exports(self):
+        from torch.export import Dim
+
+        r = self.runner
+        model, chunk = r.model, r.chunk
+        auto = Dim.AUTO
+        kv = {0: auto(min=r.kv_sizes[0], max=r.kv_sizes[-1])}
+        small_kv = self.marker[: r.kv_sizes[0]]
+        io, pio = r._io, r._pio
+        one = (io[0, :1], io[1, :1], r._rows[:1], small_kv)
+        yield "decode1", _Decode(model), one, (None, None, None, kv)
+        b = r.batch_sizes[1] if len(r.batch_sizes) > 1 else 2
+        rows = {0: auto(min=2, max=max(2, r.max_batch))}
+        decode = (io[0, :b], io[1, :b], r._rows[:b], small_kv)
+        yield "decode", _Decode(model), decode, (rows, rows, rows, kv)
+        t = r.chunk_sizes[0]
+        length = {1: auto(min=r.chunk_sizes[0], max=chunk)}
+        prefill = (
+            pio[:t].view(1, t),
+            pio[chunk : chunk + t].view(1, t),
+            pio[2 * chunk : 2 * chunk + 1],
+            pio[2 * chunk + 1 : 2 * chunk + 2],
+            small_kv,
+        )
+        dims = (length, length, None, None, kv)
+        yield "prefill_causal", _Prefill(model, True), prefill, dims
+        yield "prefill_masked", _Prefill(model, False), prefill, dims
+        vocab = model.cfg.vocab_size
+        logits = torch.zeros(b, vocab, device=r.device)
+        width = {0: auto(min=1, max=r.max_batch)}
+        fields = tuple(getattr(r.sampling, name) for name in SAMPLING_FIELDS)
+        for variant, name in SAMPLERS.items():
+            args = (logits, r._rows[:b], fields)
+            yield name, _Sampler(vocab, variant), args, (width, width, (None,) * len(fields))
+
+    # -- loading ----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load every package and bind the steps to the model's weights and cache."""
+        from torch._inductor import aoti_load_package
+
+        model = self.runner.model
+        state = dict(model.state_dict(keep_vars=True))
+        state |= dict(model.named_buffers())
+        for name in STEPS:
+            step = aoti_load_package(str(self.folder / f"{name}.pt2"))
+            wanted = step.get_constant_fqns()
+            constants = {}
+            for fqn in wanted:
+                tensor = state.get(fqn.removeprefix("m."))
+                if tensor is None:
+                    where = self.folder / f"{name}.pt2"
+                    raise RuntimeError(f"{where} needs {fqn}, which the model lacks")
+                constants[fqn] = tensor.detach()
+            step.load_constants(constants, check_full_update=True, user_managed=True)
+            self._steps[name] = step
+        for name in SAMPLERS.values():
+            self._samplers[name] = aoti_load_package(str(self.folder / f"{name}.pt2"))
+
+    # -- running ----------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        kv_len: int,
+        rows_are_slots: bool = False,
+        last_only: bool = True,
+        last_index: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """``Decoder.forward`` for the runner's two step shapes (its decode and prefill
+        bodies), through the packages."""
+        kv = self.marker[:kv_len]
+        if last_index is not None:
+            name = "prefill_causal" if causal else "prefill_masked"
+            return self._steps[name](tokens, positions, slots, last_index, kv)
+        if not rows_are_slots or not last_only:
+            raise ValueError("packaged steps serve the runner's decode and prefill steps only")
+        name = "decode1" if tokens.shape[0] == 1 else "decode"
+        return self._steps[name](tokens, positions, slots, kv)
+
+    def sampler(self, variant: tuple) -> Callable | None:
+        """The packaged sampler of ``variant``, or None (the runner's eager one then)."""
+        name = SAMPLERS.get(variant)
+        if name is None:
+            return None
+        package = self._samplers[name]
+
+        def run(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> SampleOutput:
+            fields = tuple(getattr(batch, field) for field in SAMPLING_FIELDS)
+            (tokens,) = package(logits, rows, fields)
+            return SampleOutput(tokens, None, None, None)
+
+        return run
