@@ -8,6 +8,11 @@ capture) and the first token through the engine, and prints them as JSON.
     PYTHONPATH=$PWD python3 perf/start_phases.py --model Qwen3-1.7B --out start.json
     PYTHONPATH=$PWD python3 perf/start_phases.py --model Qwen3-1.7B --warmup first --variants plain
 
+``--variants aot`` starts with ``FERMI_AOT=1`` (the steps as AOTInductor packages: the cold
+start builds them into the compile cache, the warm one loads them). ``--cache DIR`` keeps
+the caches in DIR (else a temporary folder per variant) and ``--phases`` picks the starts,
+so that a cold start and a warm one may run in separate device calls.
+
 ``--variants precompile`` also sets ``torch._dynamo.config.caching_precompile`` (Dynamo's
 own frames saved beside Inductor's, an experimental torch feature) in both starts.
 """
@@ -130,6 +135,7 @@ def child(model_name: str, variant: str, warmup: str, max_batch: int, max_seq_le
 def start(args: argparse.Namespace, variant: str, cache: Path) -> dict:
     env = {
         **os.environ,
+        "FERMI_AOT": "1" if variant == "aot" else "0",
         "FERMI_COMPILE_CACHE": str(cache / "fermi"),
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
         "TRITON_CACHE_DIR": str(cache / "triton"),
@@ -150,7 +156,11 @@ def start(args: argparse.Namespace, variant: str, cache: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="Qwen3-1.7B")
-    p.add_argument("--variants", nargs="+", default=["plain"], choices=["plain", "precompile"])
+    p.add_argument(
+        "--variants", nargs="+", default=["plain"], choices=["plain", "precompile", "aot"]
+    )
+    p.add_argument("--phases", nargs="+", default=["cold", "warm"], choices=["cold", "warm"])
+    p.add_argument("--cache", default=None, help="caches here (per variant), not in a temp dir")
     p.add_argument("--warmup", default="full", help="the runner's warmup argument")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=4096)
@@ -171,8 +181,9 @@ def main() -> None:
     }
     for variant in args.variants:
         with tempfile.TemporaryDirectory() as tmp:
-            for phase in ("cold", "warm"):
-                r = start(args, variant, Path(tmp))
+            cache = Path(args.cache) / variant if args.cache else Path(tmp)
+            for phase in args.phases:
+                r = start(args, variant, cache)
                 result["starts"][f"{variant}_{phase}"] = r
                 brief = {k: r.get(k) for k in ("to_first_token_s", "warmup_s", "graphs")}
                 print(variant, phase, brief, r.get("error", "")[-800:], flush=True)
