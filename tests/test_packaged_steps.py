@@ -1,0 +1,149 @@
+"""The compiled runner's steps as AOTInductor packages (``FERMI_AOT=1``,
+``fermi.runners.packaged``) on CPU, against the eager runner on the same tiny Qwen3: the first
+start builds the packages into the compile cache, a second start loads them without Dynamo
+compiling a frame, and both give the eager runner's logits and tokens. One build for the
+module; the CUDA runner's packages are tested in tests/test_cuda.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fermi.engine.api import Engine
+from fermi.loading import load_folder
+from fermi.runners import packaged
+from fermi.runners.select import torch_runner
+from fermi.runners.torch_cuda import _compiled_frames
+from tests.tiny import write_checkpoint
+
+# Inductor's C++ compiles of six packages: ~3 minutes on 2 cores.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+CPU = torch.device("cpu")
+# Two attended-length buckets (256, 384) and two chunk buckets (16, 32), so that the
+# packages' dynamic sizes are used at more than the size they were exported with.
+MAX_BATCH, MAX_SEQ, CHUNK = 4, 384, 32
+# As tests/test_torch_compile_cpu.py: the same float32 arithmetic, reordered by Inductor.
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("packaged") / "qwen3", {})
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("compile_cache")
+
+
+def start(folder, compile_cache, name="torch-compile", aot="1"):
+    ckpt = load_folder(folder, CPU, torch.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FERMI_COMPILE_CACHE", str(compile_cache))
+        mp.setenv("FERMI_AOT", aot)
+        frames = _compiled_frames()
+        runner = torch_runner(ckpt.model, name, MAX_BATCH, MAX_SEQ, CHUNK, "full")
+        runner.frames_compiled = _compiled_frames() - frames
+    return Engine(runner, ckpt.tokenizer, ckpt.generation, "tiny", prefix_reuse=False)
+
+
+@pytest.fixture(scope="module")
+def engines(folder, compile_cache):
+    made = [start(folder, compile_cache), start(folder, compile_cache, "torch-cpu", aot="0")]
+    yield made
+    for engine in made:
+        engine.close()
+
+
+def test_a_first_start_builds_the_packages_and_a_second_loads_them(engines, folder, compile_cache):
+    first = engines[0].runner
+    assert first.aot and first.startup.aot
+    assert first.startup.packages_built_s > 0 and first.frames_compiled == 0
+    (built,) = compile_cache.glob("*.aot")
+    names = {p.name for p in built.glob("*.pt2")}
+    assert names == {f"{n}.pt2" for n in (*packaged.STEPS, *packaged.SAMPLERS.values())}
+    # No Inductor bundle: nothing was compiled through Dynamo.
+    assert not list(compile_cache.glob("*.bin"))
+    second = start(folder, compile_cache)
+    try:
+        stats = second.runner.startup
+        assert stats.aot and stats.packages_built_s is None
+        assert second.runner.frames_compiled == 0 and not stats.notes
+    finally:
+        second.close()
+
+
+def test_packaged_logits_equal_eager_within_float32_reordering(engines):
+    packed, eager = (e.runner for e in engines)
+    vocab = packed.capabilities.vocab_size
+    g = torch.Generator().manual_seed(0)
+    # Slot 0: a causal first chunk of 32, then masked chunks after cached context (one of
+    # 16 tokens, another padded to 16), past the first attended-length bucket of 256.
+    prompts = {
+        0: torch.randint(0, vocab, (290,), generator=g).tolist(),
+        1: [7, 3, 11],
+        2: torch.randint(0, vocab, (40,), generator=g).tolist(),
+    }
+    worst, last, pos = 0.0, {}, {}
+    for slot, ids in prompts.items():
+        for start_at in range(0, len(ids), CHUNK):
+            chunk = ids[start_at : start_at + CHUNK]
+            a, b = packed.prefill(slot, chunk, start_at), eager.prefill(slot, chunk, start_at)
+            worst = max(worst, (a - b).abs().max().item())
+        last[slot], pos[slot] = int(b.argmax()), len(ids)
+    for _ in range(4):
+        for slots in ([0, 1, 2], [1, 2], [1]):  # the 4-row, 2-row and one-row steps
+            toks, where = [last[s] for s in slots], [pos[s] for s in slots]
+            a, b = packed.decode(slots, toks, where), eager.decode(slots, toks, where)
+            assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
+            worst = max(worst, (a - b).abs().max().item())
+            for i, s in enumerate(slots):
+                last[s], pos[s] = int(b[i].argmax()), pos[s] + 1
+    assert worst < TOL
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature": 0},
+        {"temperature": 0.9, "seed": 11},
+        {"temperature": 1.0, "top_p": 0.9, "top_k": 20, "seed": 5},
+    ],
+)
+def test_packaged_tokens_equal_eager(engines, settings):
+    prompts = [[5, 77, 120, 33, 400, 9, 18], [100 + i for i in range(45)]]
+    outs = [
+        [
+            e.generate(prompt_token_ids=p, max_tokens=20, ignore_eos=True, **settings).token_ids
+            for p in prompts
+        ]
+        for e in engines
+    ]
+    assert outs[0] == outs[1]
+
+
+def test_a_folder_of_another_layout_or_missing_a_package_is_not_used(tmp_path, engines):
+    runner = engines[0].runner
+    folder = tmp_path / "x.aot"
+    folder.mkdir()
+    names = [*packaged.STEPS, *packaged.SAMPLERS.values()]
+    for name in names:
+        (folder / f"{name}.pt2").write_bytes(b"")
+    steps = packaged.StepPackages(runner, folder)
+    (folder / "manifest.json").write_text(json.dumps({"format": packaged.FORMAT}))
+    assert steps.ready()
+    (folder / "manifest.json").write_text(json.dumps({"format": packaged.FORMAT + 1}))
+    assert not steps.ready()
+    (folder / "manifest.json").write_text(json.dumps({"format": packaged.FORMAT}))
+    (folder / "decode1.pt2").unlink()
+    assert not steps.ready()
+
+
+@pytest.mark.parametrize("value", ["2", "yes", "on"])
+def test_fermi_aot_other_than_0_or_1_is_refused(monkeypatch, value):
+    monkeypatch.setenv("FERMI_AOT", value)
+    with pytest.raises(ValueError, match=f"FERMI_AOT must be 0 or 1, got '{value}'"):
+        packaged.aot_wanted()
