@@ -147,3 +147,38 @@ def test_fermi_aot_other_than_0_or_1_is_refused(monkeypatch, value):
     monkeypatch.setenv("FERMI_AOT", value)
     with pytest.raises(ValueError, match=f"FERMI_AOT must be 0 or 1, got '{value}'"):
         packaged.aot_wanted()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_packaged_steps_equal_the_compiled_runner(tmp_path, monkeypatch):
+    """On a GPU: the packages carry the runner's own kernels (the fused row products and the
+    split-KV decode attention, Triton ops) into CUDA graphs; their logits and greedy tokens
+    equal the Dynamo-compiled runner's within float32 reordering, and a second start loads
+    them without compiling a frame."""
+    from fermi.runners.torch_cuda import CudaGraphRunner
+
+    folder = write_checkpoint(tmp_path / "qwen3", {}, seed=3)
+    device = torch.device("cuda")
+    monkeypatch.setenv("FERMI_COMPILE_CACHE", str(tmp_path / "cache"))
+    results, runners = [], []
+    for aot in (True, False, True):
+        model = load_folder(folder, device, torch.float32).model
+        frames = _compiled_frames()
+        runner = CudaGraphRunner(model, 4, 600, 32, aot=aot, warmup="full")
+        runners.append((runner, _compiled_frames() - frames))
+        # A causal chunk, then a masked one after it; another slot's short prompt.
+        logits = [runner.prefill(0, list(range(5, 37)), 0), runner.prefill(0, [7] * 8, 32)]
+        logits += [runner.prefill(1, [5, 9, 14], 0)]
+        for step in range(6):
+            token = int(logits[-1].argmax())
+            logits.append(runner.decode([0, 1], [token, token], [40 + step, 3 + step])[1])
+            logits.append(runner.decode([1], [token], [3 + step])[0])  # (rewrites slot 1's row)
+        results.append(torch.stack(logits))
+    (built, built_frames), (compiled, _), (loaded, loaded_frames) = runners
+    assert built.startup.aot and built.startup.packages_built_s > 0 and built_frames == 0
+    assert built.row_kernels and built.decode_attention == "split" and not built.pdl
+    assert not compiled.aot and compiled.row_kernels
+    assert loaded.startup.packages_built_s is None and loaded_frames == 0
+    assert (results[0] - results[1]).abs().max().item() < 1e-4
+    assert torch.equal(results[0], results[2])
