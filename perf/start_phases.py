@@ -144,7 +144,13 @@ def start(args: argparse.Namespace, variant: str, cache: Path) -> dict:
     cmd += ["--warmup", args.warmup, "--max-batch", str(args.max_batch)]
     cmd += ["--max-seq-len", str(args.max_seq_len)]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, check=False, timeout=args.timeout
+        )
+    except subprocess.TimeoutExpired as exc:  # what it logged so far says how far it got
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        return {"error": f"timed out after {args.timeout} s\n{err[-3000:]}", "wall_s": args.timeout}
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         return {"error": proc.stderr[-3000:], "wall_s": wall}
@@ -165,6 +171,7 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--out", default=None)
+    p.add_argument("--timeout", type=float, default=None, help="seconds a start may take")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
