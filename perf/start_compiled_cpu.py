@@ -5,7 +5,9 @@ cached. On CPU the same runner code (``CudaGraphRunner`` without graphs) re-trac
 frames with Dynamo on every start, as on the GPU. This times, in fresh interpreters with
 their own caches, ``import fermi``, ``fermi.load(..., runner="torch-compile",
 warmup="first")`` and a first 8-token reply: once with empty caches, then ``--warm`` times
-with what the first left. ``--precompile`` also sets Dynamo's ``caching_precompile``
+with what the first left. With ``FERMI_AOT=1`` in the environment the runner's steps are
+AOTInductor packages (``fermi.runners.packaged``): the cold start builds them, the warm
+ones load them. ``--precompile`` also sets Dynamo's ``caching_precompile``
 (its frames saved beside Inductor's; experimental) in every start.
 
     .venv/bin/python perf/start_compiled_cpu.py MODEL_FOLDER --out perf/results/x.json
@@ -82,6 +84,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),
         "precompile": args.precompile,
+        "FERMI_AOT": os.environ.get("FERMI_AOT", "0"),
         "starts": starts,
     }
     if args.out:

@@ -41,9 +41,11 @@ import bisect
 import contextlib
 import functools
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -261,6 +263,7 @@ class CudaGraphRunner(Runner):
         # Dynamo at a warm start. They launch no product with PDL (a Python op).
         self.aot = backend == "inductor" and (packaged.aot_wanted() if aot is None else aot)
         self._packages: packaged.StepPackages | None = None
+        self._package_root: Path | None = None
         # Hopper's programmatic dependent launch for the row products (FERMI_PDL=1: on).
         self._pdl_wanted = gemv.pdl_wanted(self.device) and not self.aot
         # Set both ways: the model may come from a runner that turned them on.
@@ -524,6 +527,8 @@ class CudaGraphRunner(Runner):
         started, frames = time.perf_counter(), _compiled_frames()
         self._started = started
         self._cache = None
+        # Packaged steps go to the compile cache, or (without one) to a folder of this runner.
+        self._package_root = cache_root() if compile_cache else None
         if compile_cache and not self.aot:
             self._cache = CompileCache(
                 cache_key(
@@ -732,7 +737,9 @@ class CudaGraphRunner(Runner):
             quantization=quantization_label(self.model),
             packaged=packaged.FORMAT,
         )
-        packages = packaged.StepPackages(self, cache_root() / f"{key}.aot")
+        if self._package_root is None:
+            self._package_root = Path(tempfile.mkdtemp(prefix="fermi-aot-"))
+        packages = packaged.StepPackages(self, self._package_root / f"{key}.aot")
         if not packages.ready():
             with torch.inference_mode(False), _no_duck_shapes():
                 seconds = packages.build()
