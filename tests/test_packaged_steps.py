@@ -7,6 +7,7 @@ module; the CUDA runner's packages are tested in tests/test_cuda.py."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -125,21 +126,41 @@ def test_packaged_tokens_equal_eager(engines, settings):
     assert outs[0] == outs[1]
 
 
-def test_a_folder_of_another_layout_or_missing_a_package_is_not_used(tmp_path, engines):
-    runner = engines[0].runner
+def test_a_first_warm_up_loads_what_a_first_request_needs_and_builds_the_rest_when_idle(
+    engines, folder, compile_cache, tmp_path
+):
+    # The module's packages without two of them: a `first` start builds nothing (its steps'
+    # packages are there); the idle warm-up builds the two missing ones.
+    (built,) = compile_cache.glob("*.aot")
+    cache = tmp_path / "cache"
+    shutil.copytree(built, cache / built.name)
+    for name in ("decode", "prefill_masked"):
+        (cache / built.name / f"{name}.pt2").unlink()
+    ckpt = load_folder(folder, CPU, torch.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FERMI_COMPILE_CACHE", str(cache))
+        mp.setenv("FERMI_AOT", "1")
+        runner = torch_runner(ckpt.model, "torch-compile", MAX_BATCH, MAX_SEQ, CHUNK, "first")
+    assert runner.startup.packages_built_s is None and runner.startup.deferred
+    while runner.warm_more():
+        pass
+    assert set(runner._packages.built) == {"decode", "prefill_masked"}
+    assert runner.startup.packages_built_s > 0
+    assert (cache / built.name / "decode.pt2").is_file()
+
+
+def test_a_folder_of_another_layout_is_emptied_before_use(tmp_path, engines):
     folder = tmp_path / "x.aot"
     folder.mkdir()
-    names = [*packaged.STEPS, *packaged.SAMPLERS.values()]
-    for name in names:
-        (folder / f"{name}.pt2").write_bytes(b"")
-    steps = packaged.StepPackages(runner, folder)
-    (folder / "manifest.json").write_text(json.dumps({"format": packaged.FORMAT}))
-    assert steps.ready()
+    (folder / "decode1.pt2").write_bytes(b"stale")
     (folder / "manifest.json").write_text(json.dumps({"format": packaged.FORMAT + 1}))
-    assert not steps.ready()
-    (folder / "manifest.json").write_text(json.dumps({"format": packaged.FORMAT}))
-    (folder / "decode1.pt2").unlink()
-    assert not steps.ready()
+    steps = packaged.StepPackages(engines[0].runner, folder)
+    steps._usable_folder()
+    assert not (folder / "decode1.pt2").exists()
+    assert json.loads((folder / "manifest.json").read_text())["format"] == packaged.FORMAT
+    (folder / "decode1.pt2").write_bytes(b"kept")
+    steps._usable_folder()  # the right layout: its packages stay
+    assert (folder / "decode1.pt2").read_bytes() == b"kept"
 
 
 @pytest.mark.parametrize("value", ["2", "yes", "on"])

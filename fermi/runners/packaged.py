@@ -122,112 +122,134 @@ class _Fields:
 
 
 class StepPackages:
-    """The packages of one runner set-up (``key``: the compile cache's key of its model,
-    sizes, kernels, torch and GPU), in ``folder``."""
+    """The packages of one runner set-up, in ``folder`` (named by the compile cache's key of
+    its model, sizes, kernels, torch and GPU). Each is loaded on its step's first use, and
+    built first if the folder lacks it: a ``warmup="first"`` start builds what a first
+    request needs, and the rest is built while the engine idles (or by the step that
+    first meets it), as the compiles of the Dynamo path are."""
 
     def __init__(self, runner, folder: Path) -> None:
         self.runner = runner
         self.folder = folder
-        self._steps: dict[str, Callable] = {}
-        self._samplers: dict[str, Callable] = {}
+        self.built: dict[str, float] = {}  # seconds per package this process built
+        self._loaded: dict[str, Callable] = {}
         # Its views give a package the attended length (see _Decode).
         self.marker = torch.empty(runner.cache_len, dtype=torch.int8, device=runner.device)
+        self._state: dict[str, torch.Tensor] | None = None
 
     # -- building ---------------------------------------------------------------------
 
-    def ready(self) -> bool:
+    def _usable_folder(self) -> None:
+        """Make ``folder`` one of this layout: another layout's is emptied."""
+        manifest = self.folder / "manifest.json"
         try:
-            manifest = json.loads((self.folder / "manifest.json").read_text())
-        except (OSError, ValueError):
-            return False
-        names = [*STEPS, *SAMPLERS.values()]
-        return manifest.get("format") == FORMAT and all(
-            (self.folder / f"{name}.pt2").is_file() for name in names
-        )
+            if json.loads(manifest.read_text()).get("format") == FORMAT:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = manifest.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"format": FORMAT, "torch": torch.__version__}))
+        tmp.replace(manifest)
 
-    def build(self) -> dict[str, float]:
-        """Export and compile every package into a fresh folder, then move it into place
-        (a concurrent start never sees half a folder). Returns seconds per package."""
+    def build(self, name: str) -> float:
+        """Export and compile one package into the folder (written under another name and
+        moved into place: a concurrent start never loads half a file). Returns seconds."""
         from torch._inductor import aoti_compile_and_package
 
-        tmp = self.folder.with_name(self.folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        seconds: dict[str, float] = {}
-        configs = {"aot_inductor.package_constants_in_so": False}  # code only
-        for name, module, args, dims in self._exports():
-            started = time.perf_counter()
-            with torch.no_grad():
-                exported = torch.export.export(module, args, dynamic_shapes=dims)
-            aoti_compile_and_package(
-                exported, package_path=str(tmp / f"{name}.pt2"), inductor_configs=configs
-            )
-            seconds[name] = time.perf_counter() - started
-            log.info("packaged %s in %.1f s", name, seconds[name])
-        manifest = {"format": FORMAT, "torch": torch.__version__, "seconds": seconds}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        shutil.rmtree(self.folder, ignore_errors=True)
-        tmp.replace(self.folder)
+        module, args, dims = self._export_args(name)
+        started = time.perf_counter()
+        tmp = self.folder / f"{name}.tmp{os.getpid()}.pt2"
+        with torch.inference_mode(False), torch.no_grad():
+            exported = torch.export.export(module, args, dynamic_shapes=dims)
+            configs = {"aot_inductor.package_constants_in_so": False}  # code only
+            aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=configs)
+        tmp.replace(self.folder / f"{name}.pt2")
+        seconds = self.built[name] = time.perf_counter() - started
+        log.info("packaged %s in %.1f s", name, seconds)
         return seconds
 
-    def _exports(self):
+    def _export_args(self, name: str) -> tuple[torch.nn.Module, tuple, tuple]:
         from torch.export import Dim
 
         r = self.runner
-        model, chunk = r.model, r.chunk
-        auto = Dim.AUTO
+        model, chunk, auto = r.model, r.chunk, Dim.AUTO
         kv = {0: auto(min=r.kv_sizes[0], max=r.kv_sizes[-1])}
         small_kv = self.marker[: r.kv_sizes[0]]
         io, pio = r._io, r._pio
-        one = (io[0, :1], io[1, :1], r._rows[:1], small_kv)
-        yield "decode1", _Decode(model), one, (None, None, None, kv)
         b = r.batch_sizes[1] if len(r.batch_sizes) > 1 else 2
-        rows = {0: auto(min=2, max=max(2, r.max_batch))}
-        decode = (io[0, :b], io[1, :b], r._rows[:b], small_kv)
-        yield "decode", _Decode(model), decode, (rows, rows, rows, kv)
-        t = r.chunk_sizes[0]
-        length = {1: auto(min=r.chunk_sizes[0], max=chunk)}
-        prefill = (
-            pio[:t].view(1, t),
-            pio[chunk : chunk + t].view(1, t),
-            pio[2 * chunk : 2 * chunk + 1],
-            pio[2 * chunk + 1 : 2 * chunk + 2],
-            small_kv,
-        )
-        dims = (length, length, None, None, kv)
-        yield "prefill_causal", _Prefill(model, True), prefill, dims
-        yield "prefill_masked", _Prefill(model, False), prefill, dims
+        if name == "decode1":
+            return (
+                _Decode(model),
+                (io[0, :1], io[1, :1], r._rows[:1], small_kv),
+                (
+                    None,
+                    None,
+                    None,
+                    kv,
+                ),
+            )
+        if name == "decode":
+            rows = {0: auto(min=2, max=max(2, r.max_batch))}
+            return (
+                _Decode(model),
+                (io[0, :b], io[1, :b], r._rows[:b], small_kv),
+                (
+                    rows,
+                    rows,
+                    rows,
+                    kv,
+                ),
+            )
+        if name in ("prefill_causal", "prefill_masked"):
+            t = r.chunk_sizes[0]
+            length = {1: auto(min=r.chunk_sizes[0], max=chunk)}
+            args = (
+                pio[:t].view(1, t),
+                pio[chunk : chunk + t].view(1, t),
+                pio[2 * chunk : 2 * chunk + 1],
+                pio[2 * chunk + 1 : 2 * chunk + 2],
+                small_kv,
+            )
+            module = _Prefill(model, name == "prefill_causal")
+            return module, args, (length, length, None, None, kv)
+        variant = next(v for v, n in SAMPLERS.items() if n == name)
         vocab = model.cfg.vocab_size
-        logits = torch.zeros(b, vocab, device=r.device)
+        fields = tuple(getattr(r.sampling, field) for field in SAMPLING_FIELDS)
         width = {0: auto(min=1, max=r.max_batch)}
-        fields = tuple(getattr(r.sampling, name) for name in SAMPLING_FIELDS)
-        for variant, name in SAMPLERS.items():
-            args = (logits, r._rows[:b], fields)
-            yield name, _Sampler(vocab, variant), args, (width, width, (None,) * len(fields))
+        args = (torch.zeros(b, vocab, device=r.device), r._rows[:b], fields)
+        return _Sampler(vocab, variant), args, (width, width, (None,) * len(fields))
 
     # -- loading ----------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Load every package and bind the steps to the model's weights and cache."""
+    def get(self, name: str) -> Callable:
+        """The loaded package ``name``, built first if the folder lacks it; a step's
+        package gets the model's weights and cache as its constants."""
+        package = self._loaded.get(name)
+        if package is not None:
+            return package
         from torch._inductor import aoti_load_package
 
-        model = self.runner.model
-        state = dict(model.state_dict(keep_vars=True))
-        state |= dict(model.named_buffers())
-        for name in STEPS:
-            step = aoti_load_package(str(self.folder / f"{name}.pt2"))
-            wanted = step.get_constant_fqns()
+        self._usable_folder()
+        path = self.folder / f"{name}.pt2"
+        if not path.is_file():
+            with _no_duck_shapes():
+                self.build(name)
+        package = aoti_load_package(str(path))
+        if name in STEPS:
+            if self._state is None:
+                model = self.runner.model
+                self._state = dict(model.state_dict(keep_vars=True)) | dict(model.named_buffers())
             constants = {}
-            for fqn in wanted:
-                tensor = state.get(fqn.removeprefix("m."))
+            for fqn in package.get_constant_fqns():
+                tensor = self._state.get(fqn.removeprefix("m."))
                 if tensor is None:
-                    where = self.folder / f"{name}.pt2"
-                    raise RuntimeError(f"{where} needs {fqn}, which the model lacks")
+                    raise RuntimeError(f"{path} needs {fqn}, which the model lacks")
                 constants[fqn] = tensor.detach()
-            step.load_constants(constants, check_full_update=True, user_managed=True)
-            self._steps[name] = step
-        for name in SAMPLERS.values():
-            self._samplers[name] = aoti_load_package(str(self.folder / f"{name}.pt2"))
+            package.load_constants(constants, check_full_update=True, user_managed=True)
+        self._loaded[name] = package
+        return package
 
     # -- running ----------------------------------------------------------------------
 
@@ -247,22 +269,28 @@ class StepPackages:
         kv = self.marker[:kv_len]
         if last_index is not None:
             name = "prefill_causal" if causal else "prefill_masked"
-            return self._steps[name](tokens, positions, slots, last_index, kv)
+            return self.get(name)(tokens, positions, slots, last_index, kv)
         if not rows_are_slots or not last_only:
             raise ValueError("packaged steps serve the runner's decode and prefill steps only")
         name = "decode1" if tokens.shape[0] == 1 else "decode"
-        return self._steps[name](tokens, positions, slots, kv)
+        return self.get(name)(tokens, positions, slots, kv)
 
     def sampler(self, variant: tuple) -> Callable | None:
         """The packaged sampler of ``variant``, or None (the runner's eager one then)."""
         name = SAMPLERS.get(variant)
         if name is None:
             return None
-        package = self._samplers[name]
 
         def run(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> SampleOutput:
             fields = tuple(getattr(batch, field) for field in SAMPLING_FIELDS)
-            (tokens,) = package(logits, rows, fields)
+            (tokens,) = self.get(name)(logits, rows, fields)
             return SampleOutput(tokens, None, None, None)
 
         return run
+
+
+def _no_duck_shapes():
+    """One symbol per dynamic size (as the runner's compiles: see torch_cuda)."""
+    import torch.fx.experimental._config as fx_config
+
+    return fx_config.patch(use_duck_shape=False)

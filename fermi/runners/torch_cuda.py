@@ -153,7 +153,7 @@ class StartupStats:
     row_kernels: bool = False
     pdl: bool = False  # the row products launched with programmatic dependent launch
     aot: bool = False  # the steps run as AOTInductor packages (FERMI_AOT, runners.packaged)
-    packages_built_s: float | None = None  # their export and compile, when this start built them
+    packages_built_s: float | None = None  # the packages this start built: their export and compile
     notes: list[str] = field(default_factory=list)
 
 
@@ -575,6 +575,7 @@ class CudaGraphRunner(Runner):
         self.startup.decode_attention = self.decode_attention
         self.startup.row_kernels = self.row_kernels
         self.startup.pdl = self.pdl
+        self._note_packages()
         if not self._deferred:
             self._warm_done()
         else:
@@ -685,10 +686,15 @@ class CudaGraphRunner(Runner):
             self._pool = torch.cuda.graph_pool_handle()
         return True
 
+    def _note_packages(self) -> None:
+        if self._packages is not None and self._packages.built:
+            self.startup.packages_built_s = sum(self._packages.built.values())
+
     def _warm_done(self) -> None:
         if self.startup.complete_s is not None:
             return
         self.startup.graphs = len(self._graphs)
+        self._note_packages()
         try:
             if self._cache is not None:
                 self._cache.save()
@@ -723,8 +729,9 @@ class CudaGraphRunner(Runner):
     # -- internals --------------------------------------------------------------------
 
     def _bind_packages(self) -> None:
-        """Run the steps through the packages of the current set-up: loaded from the
-        compile cache, or built there first (``fermi.runners.packaged``)."""
+        """Run the steps through the packages of the current set-up, kept in the compile
+        cache: each is loaded (or built there first) when a step first needs it
+        (``fermi.runners.packaged``)."""
         key = cache_key(
             self.model.cfg,
             self.model.dtype,
@@ -740,11 +747,6 @@ class CudaGraphRunner(Runner):
         if self._package_root is None:
             self._package_root = Path(tempfile.mkdtemp(prefix="fermi-aot-"))
         packages = packaged.StepPackages(self, self._package_root / f"{key}.aot")
-        if not packages.ready():
-            with torch.inference_mode(False), _no_duck_shapes():
-                seconds = packages.build()
-            self.startup.packages_built_s = sum(seconds.values())
-        packages.load()
         self._packages = packages
         self._forward = packages.forward
         self._samplers.clear()
