@@ -15,8 +15,8 @@ One package per kind of step, its sizes dynamic over the runner's buckets:
 - ``decode``: 2..max_batch rows, any attended length;
 - ``prefill_causal`` / ``prefill_masked``: a prompt chunk of any bucketed length, starting
   a sequence (no mask) or after cached context;
-- ``sample_plain`` / ``sample_filters``: the sampler of the two warm variants, the sampling
-  rows' tensors as inputs.
+- ``sample_plain`` / ``sample_filters`` (on CUDA): the sampler of the two warm variants,
+  the sampling rows' tensors as inputs.
 
 Every step of a process runs these packages whenever its CUDA graph was captured, so the
 tokens do not depend on the order of captures. Packages do not launch the row products
@@ -276,9 +276,12 @@ class StepPackages:
         return self.get(name)(tokens, positions, slots, kv)
 
     def sampler(self, variant: tuple) -> Callable | None:
-        """The packaged sampler of ``variant``, or None (the runner's eager one then)."""
+        """The packaged sampler of ``variant``, or None (the runner's eager one then). On
+        CPU none: Inductor's C++ code generation takes ~80 s for each sampler there (its
+        vocabulary-wide noise hash; perf/LOG.md run 84), and the eager sampler draws the
+        same tokens (integer noise, elementwise arithmetic, exact argmax)."""
         name = SAMPLERS.get(variant)
-        if name is None:
+        if name is None or self.runner.device.type != "cuda":
             return None
 
         def run(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> SampleOutput:
