@@ -150,6 +150,33 @@ def test_a_first_warm_up_loads_what_a_first_request_needs_and_builds_the_rest_wh
     assert (cache / built.name / "decode.pt2").is_file()
 
 
+def test_a_package_that_does_not_load_is_built_again(engines, folder, compile_cache, tmp_path):
+    (built,) = compile_cache.glob("*.aot")
+    cache = tmp_path / "cache"
+    shutil.copytree(built, cache / built.name)
+    (cache / built.name / "decode1.pt2").write_bytes(b"PK\x03\x04 cut short")
+    ckpt = load_folder(folder, CPU, torch.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FERMI_COMPILE_CACHE", str(cache))
+        mp.setenv("FERMI_AOT", "1")
+        runner = torch_runner(ckpt.model, "torch-compile", MAX_BATCH, MAX_SEQ, CHUNK, "first")
+    assert set(runner._packages.built) == {"decode1"} and not runner.startup.notes
+    assert runner.decode([0], [5], [0]).isfinite().all()
+
+
+def test_the_packages_key_follows_the_models_code(tmp_path):
+    # A newer fermi must not run an older one's packages: the key holds a digest of the
+    # model's source (a changed file changes it).
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "decoder.py").write_text("x = 1\n")
+    (tmp_path / "sampling.py").write_text("")
+    first = packaged.source_digest(tmp_path)
+    assert packaged.source_digest(tmp_path) == first
+    (tmp_path / "models" / "decoder.py").write_text("x = 2\n")
+    assert packaged.source_digest(tmp_path) != first
+    assert packaged.source_digest() != first  # (fermi's own files by default)
+
+
 def test_a_folder_of_another_layout_is_emptied_before_use(tmp_path, engines):
     folder = tmp_path / "x.aot"
     folder.mkdir()

@@ -25,6 +25,7 @@ with programmatic dependent launch (an opaque Python op a package cannot call).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,6 +58,21 @@ SAMPLING_FIELDS = (
     "counts",
     "allowed",
 )
+
+
+FERMI_ROOT = Path(__file__).resolve().parent.parent
+
+
+def source_digest(root: Path = FERMI_ROOT) -> str:
+    """A digest of the code a package is compiled from (``root``'s model definition and
+    kernels, its sampler and this module): part of the packages' key, so that a newer
+    fermi never runs an older one's packages (Inductor's own caches key on the traced
+    graph; a package is looked up before anything is traced)."""
+    files = [*sorted((root / "models").glob("*.py")), root / "sampling.py", Path(__file__)]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def aot_wanted() -> bool:
@@ -236,7 +252,14 @@ class StepPackages:
         if not path.is_file():
             with _no_duck_shapes():
                 self.build(name)
-        package = aoti_load_package(str(path))
+        try:
+            package = aoti_load_package(str(path))
+        except Exception as exc:  # a truncated or foreign file: built again, once
+            log.warning("rebuilding %s, which did not load: %s: %s", path, type(exc).__name__, exc)
+            path.unlink(missing_ok=True)
+            with _no_duck_shapes():
+                self.build(name)
+            package = aoti_load_package(str(path))
         if name in STEPS:
             if self._state is None:
                 model = self.runner.model

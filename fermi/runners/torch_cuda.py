@@ -743,6 +743,7 @@ class CudaGraphRunner(Runner):
             row_kernels=self.row_kernels,
             quantization=quantization_label(self.model),
             packaged=packaged.FORMAT,
+            source=packaged.source_digest(),
         )
         if self._package_root is None:
             self._package_root = Path(tempfile.mkdtemp(prefix="fermi-aot-"))
