@@ -191,6 +191,23 @@ def test_a_folder_of_another_layout_is_emptied_before_use(tmp_path, engines):
     assert (folder / "decode1.pt2").read_bytes() == b"kept"
 
 
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_every_package_exports_for_any_batch_size(folder, max_batch):
+    # (Export only, the quick half of a build: the samplers are packaged on CUDA alone.)
+    from fermi.runners.torch_cuda import CudaGraphRunner
+
+    model = load_folder(folder, CPU, torch.float32).model
+    runner = CudaGraphRunner(model, max_batch, 64, 16, backend=None, use_graphs=False)
+    steps = packaged.StepPackages(runner, runner_folder := folder.parent / "unused.aot")
+    names = ["decode1", "prefill_causal", "prefill_masked", *packaged.SAMPLERS.values()]
+    names += ["decode"] if max_batch > 1 else []
+    for name in names:
+        module, args, dims = steps._export_args(name)
+        with torch.no_grad():
+            torch.export.export(module, args, dynamic_shapes=dims)
+    assert not runner_folder.exists()
+
+
 @pytest.mark.parametrize("value", ["2", "yes", "on"])
 def test_fermi_aot_other_than_0_or_1_is_refused(monkeypatch, value):
     monkeypatch.setenv("FERMI_AOT", value)

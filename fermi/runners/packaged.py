@@ -233,6 +233,7 @@ class StepPackages:
         variant = next(v for v, n in SAMPLERS.items() if n == name)
         vocab = model.cfg.vocab_size
         fields = tuple(getattr(r.sampling, field) for field in SAMPLING_FIELDS)
+        b = min(b, r.max_batch)
         width = {0: auto(min=1, max=r.max_batch)}
         args = (torch.zeros(b, vocab, device=r.device), r._rows[:b], fields)
         return _Sampler(vocab, variant), args, (width, width, (None,) * len(fields))
