@@ -19,8 +19,10 @@ One package per kind of step, its sizes dynamic over the runner's buckets:
   the sampling rows' tensors as inputs.
 
 Every step of a process runs these packages whenever its CUDA graph was captured, so the
-tokens do not depend on the order of captures. Packages do not launch the row products
-with programmatic dependent launch (an opaque Python op a package cannot call).
+tokens do not depend on the order of captures. Packages launch the row products without
+programmatic dependent launch: that launch is an opaque Python op (``fermi.models.gemv``),
+which a package would call back into Python for (as it does the CPU's fp16 product, a
+Python op too); untried on a GPU.
 """
 
 from __future__ import annotations

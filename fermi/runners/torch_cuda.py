@@ -260,7 +260,7 @@ class CudaGraphRunner(Runner):
         if row_kernels is None:  # the fused one-row products where Triton runs
             row_kernels = compiled_cuda and gemv.available()
         # The steps as AOTInductor packages (FERMI_AOT=1; fermi.runners.packaged): no
-        # Dynamo at a warm start. They launch no product with PDL (a Python op).
+        # Dynamo at a warm start. They launch no product with PDL (see packaged).
         self.aot = backend == "inductor" and (packaged.aot_wanted() if aot is None else aot)
         self._packages: packaged.StepPackages | None = None
         self._package_root: Path | None = None
