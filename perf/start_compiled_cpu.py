@@ -40,9 +40,17 @@ def child(model: str, precompile: bool) -> None:
     t2 = time.perf_counter()
     out = engine.generate(prompt="hello there", max_tokens=8, temperature=0.0)
     t3 = time.perf_counter()
+    # Then decode speed: one request of 64 tokens, after the idle warm-up is done.
+    deadline = time.perf_counter() + 600
+    while engine.runner.startup.complete_s is None and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    t4 = time.perf_counter()
+    more = engine.generate(prompt="hello there", max_tokens=64, temperature=0.0, ignore_eos=True)
+    decode_s = time.perf_counter() - t4
     print(json.dumps({
         "import_s": t1 - t0, "load_and_warmup_s": t2 - t1, "first_reply_s": t3 - t2,
         "total_s": t3 - t0, "token_ids": list(out.token_ids),
+        "decode_64_tok_s": len(more.token_ids) / decode_s,
     }))  # fmt: skip
 
 
