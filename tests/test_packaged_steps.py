@@ -177,6 +177,27 @@ def test_the_packages_key_follows_the_models_code(tmp_path):
     assert packaged.source_digest() != first  # (fermi's own files by default)
 
 
+def test_a_failing_package_build_falls_back_to_torch_compile(folder, tmp_path, monkeypatch):
+    from fermi.runners.torch_cuda import CudaGraphRunner
+
+    def broken(self, name):
+        raise RuntimeError(f"export of {name} failed")
+
+    compiled = []  # (torch.compile itself is tested elsewhere: here the steps stay eager)
+    monkeypatch.setattr(packaged.StepPackages, "build", broken)
+    monkeypatch.setattr(CudaGraphRunner, "_compile", lambda self: compiled.append(self))
+    monkeypatch.setenv("FERMI_COMPILE_CACHE", str(tmp_path))
+    ckpt = load_folder(folder, CPU, torch.float32)
+    runner = CudaGraphRunner(ckpt.model, 2, 64, 16, use_graphs=False, aot=True, warmup="first")
+    assert not runner.aot and not runner.startup.aot and compiled == [runner]
+    (note,) = runner.startup.notes
+    assert note.startswith("packaged steps failed, compiling instead: RuntimeError: export of")
+    eager = load_folder(folder, CPU, torch.float32).model
+    reference = CudaGraphRunner(eager, 2, 64, 16, backend=None, use_graphs=False, warmup=False)
+    got, want = runner.prefill(0, [5, 9, 14], 0), reference.prefill(0, [5, 9, 14], 0)
+    assert torch.equal(got, want)
+
+
 def test_a_folder_of_another_layout_is_emptied_before_use(tmp_path, engines):
     folder = tmp_path / "x.aot"
     folder.mkdir()

@@ -264,6 +264,7 @@ class CudaGraphRunner(Runner):
         self.aot = backend == "inductor" and (packaged.aot_wanted() if aot is None else aot)
         self._packages: packaged.StepPackages | None = None
         self._package_root: Path | None = None
+        self._cache_wanted = False  # (warmup sets it)
         # Hopper's programmatic dependent launch for the row products (FERMI_PDL=1: on).
         self._pdl_wanted = gemv.pdl_wanted(self.device) and not self.aot
         # Set both ways: the model may come from a runner that turned them on.
@@ -271,17 +272,7 @@ class CudaGraphRunner(Runner):
         self._forward: Callable = model.forward
         self.compile_scope = compile_scope
         if backend is not None and not self.aot:
-            import torch._dynamo.config as dynamo_config
-
-            # Each model a process compiles (or runs with other kernels) is one more compile
-            # of the same layer code; Dynamo's default limit of 8 stops the ninth.
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-            options = {"fullgraph": True, "dynamic": True, "backend": backend}
-            if compile_scope == "model":
-                self._forward = torch.compile(model.forward, **options)
-            else:  # every layer calls the same compiled code: one compile, not one per layer
-                for module in (*model.model.layers, model.model.norm):
-                    module.compile(**options)
+            self._compile()
         self._fed: set[int] = set()  # slots whose newest sampled ids sit in the token input
         self._samplers: dict[Variant, Callable] = {}
         self._graphs: dict[tuple, _Captured] = {}
@@ -301,6 +292,21 @@ class CudaGraphRunner(Runner):
         )
         if scope is not None:
             self.warmup(compile_cache=compile_cache and backend == "inductor", scope=scope)
+
+    def _compile(self) -> None:
+        """Have Dynamo and Inductor compile the model's steps (``torch.compile``)."""
+        import torch._dynamo.config as dynamo_config
+
+        # Each model a process compiles (or runs with other kernels) is one more compile
+        # of the same layer code; Dynamo's default limit of 8 stops the ninth.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        options = {"fullgraph": True, "dynamic": True, "backend": self.backend}
+        model = self.model
+        if self.compile_scope == "model":
+            self._forward = torch.compile(model.forward, **options)
+        else:  # every layer calls the same compiled code: one compile, not one per layer
+            for module in (*model.model.layers, model.model.norm):
+                module.compile(**options)
 
     # -- protocol ---------------------------------------------------------------------
 
@@ -529,26 +535,9 @@ class CudaGraphRunner(Runner):
         self._cache = None
         # Packaged steps go to the compile cache, or (without one) to a folder of this runner.
         self._package_root = cache_root() if compile_cache else None
-        if compile_cache and not self.aot:
-            self._cache = CompileCache(
-                cache_key(
-                    self.model.cfg,
-                    self.model.dtype,
-                    self.device,
-                    max_batch=self.max_batch,
-                    cache_len=self.cache_len,
-                    chunk=self.chunk,
-                    attention=self.decode_attention,
-                    scope=self.compile_scope,
-                    row_kernels=self.row_kernels,
-                    pdl=self.pdl,
-                    quantization=quantization_label(self.model),
-                    # A bundle from before the causal prefill variant lacks its compile,
-                    # and a loaded bundle is never rewritten: keep the two apart.
-                    causal_prefill=self.model.prefill_is_causal(0),
-                )
-            )
-            self.startup.cache_hit = self._cache.load()
+        self._cache_wanted = compile_cache
+        if not self.aot:
+            self._open_compile_cache()
         jobs = self.warm_jobs()
         first = jobs if scope == "full" else self.first_jobs()
         # The fused row products and the decode kernels are the newest parts of the stack:
@@ -565,7 +554,10 @@ class CudaGraphRunner(Runner):
                 self._warm(first)
                 break
             except Exception as exc:
-                if not self._next_plan(exc):
+                # Packaging is the newest part: it goes first, before any kernel set-up.
+                if self.aot and not isinstance(exc, torch.OutOfMemoryError):
+                    self._leave_aot(exc)
+                elif not self._next_plan(exc):
                     raise
         self._deferred = [key for key in self.deferred_order(jobs) if key not in self._warmed]
         self.startup.seconds = time.perf_counter() - started
@@ -587,6 +579,30 @@ class CudaGraphRunner(Runner):
                 len(self._deferred),
             )
         return self.startup
+
+    def _open_compile_cache(self) -> None:
+        """Load Inductor's artefact bundle for this set-up (saved once warm-up is done)."""
+        if not self._cache_wanted:
+            return
+        self._cache = CompileCache(
+            cache_key(
+                self.model.cfg,
+                self.model.dtype,
+                self.device,
+                max_batch=self.max_batch,
+                cache_len=self.cache_len,
+                chunk=self.chunk,
+                attention=self.decode_attention,
+                scope=self.compile_scope,
+                row_kernels=self.row_kernels,
+                pdl=self.pdl,
+                quantization=quantization_label(self.model),
+                # A bundle from before the causal prefill variant lacks its compile,
+                # and a loaded bundle is never rewritten: keep the two apart.
+                causal_prefill=self.model.prefill_is_causal(0),
+            )
+        )
+        self.startup.cache_hit = self._cache.load()
 
     def warm_jobs(self) -> list[tuple]:
         """Every shape a full warm-up captures, as ``_run`` keys: the prefill chunk buckets
@@ -645,10 +661,11 @@ class CudaGraphRunner(Runner):
             except Exception as exc:
                 # (running out of memory says nothing of the kernels: no change of set-up)
                 oom = isinstance(exc, torch.OutOfMemoryError)
-                if not oom and self._next_plan(exc):
+                if not oom and self.aot:
+                    self._leave_aot(exc)
                     self._deferred = self.deferred_order(self.warm_jobs())
-                    if self.aot:
-                        self._bind_packages()
+                elif not oom and self._next_plan(exc):
+                    self._deferred = self.deferred_order(self.warm_jobs())
                 else:
                     log.warning("warm-up of %s failed: %s: %s", key, type(exc).__name__, exc)
                     self.startup.notes.append(f"{key}: {type(exc).__name__}: {str(exc)[:500]}")
@@ -685,6 +702,29 @@ class CudaGraphRunner(Runner):
         if self.use_graphs:  # the old pool went with its graphs: captures need a new one
             self._pool = torch.cuda.graph_pool_handle()
         return True
+
+    def _leave_aot(self, exc: Exception) -> None:
+        """After ``exc`` in the packaged steps: the same set-up through ``torch.compile``
+        (every graph dropped, so that no step keeps a package's code), with its compile
+        cache; the reason goes to ``startup.notes``."""
+        from fermi.models import gemv
+
+        note = f"packaged steps failed, compiling instead: {type(exc).__name__}: {exc}"
+        log.warning("%s", note)
+        self.startup.notes.append(note[:600])
+        self._note_packages()
+        self.aot = self.startup.aot = False
+        self._packages = None
+        self._forward = self.model.forward
+        self._samplers.clear()
+        self._graphs.clear()
+        self._warmed.clear()
+        if self.use_graphs:  # the old pool went with its graphs: captures need a new one
+            self._pool = torch.cuda.graph_pool_handle()
+        self._pdl_wanted = gemv.pdl_wanted(self.device)
+        self._set_row_kernels(self.row_kernels)  # (PDL back where it was wanted)
+        self._compile()
+        self._open_compile_cache()
 
     def _note_packages(self) -> None:
         if self._packages is not None and self._packages.built:
