@@ -77,6 +77,12 @@ def source_digest(root: Path = FERMI_ROOT) -> str:
     return digest.hexdigest()[:16]
 
 
+CUDA_REFUSED = (
+    "FERMI_AOT=1 is not offered on CUDA yet: on the GPU it was tried on (torch 2.11) loading "
+    "any AOTInductor package crashed the process; the steps are compiled by torch.compile"
+)
+
+
 def aot_wanted() -> bool:
     """``FERMI_AOT=1``: the compiled runners run packaged steps (``0``, the default: Dynamo
     and Inductor's compile cache)."""

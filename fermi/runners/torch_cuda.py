@@ -262,6 +262,13 @@ class CudaGraphRunner(Runner):
         # The steps as AOTInductor packages (FERMI_AOT=1; fermi.runners.packaged): no
         # Dynamo at a warm start. They launch no product with PDL (see packaged).
         self.aot = backend == "inductor" and (packaged.aot_wanted() if aot is None else aot)
+        aot_refused = None
+        if self.aot and self.device.type == "cuda":
+            # On the GPU tried (torch 2.11, H100) loading any CUDA AOTInductor package killed
+            # the process (perf/aoti_constants_probe.py, perf/LOG.md run 84): not offered.
+            aot_refused = packaged.CUDA_REFUSED
+            log.warning("%s", aot_refused)
+            self.aot = False
         self._packages: packaged.StepPackages | None = None
         self._package_root: Path | None = None
         self._cache_wanted = False  # (warmup sets it)
@@ -289,6 +296,7 @@ class CudaGraphRunner(Runner):
             row_kernels=self.row_kernels,
             pdl=self.pdl,
             aot=self.aot,
+            notes=[aot_refused] if aot_refused else [],
         )
         if scope is not None:
             self.warmup(compile_cache=compile_cache and backend == "inductor", scope=scope)
