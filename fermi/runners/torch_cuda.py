@@ -593,24 +593,30 @@ class CudaGraphRunner(Runner):
         if not self._cache_wanted:
             return
         self._cache = CompileCache(
-            cache_key(
-                self.model.cfg,
-                self.model.dtype,
-                self.device,
-                max_batch=self.max_batch,
-                cache_len=self.cache_len,
-                chunk=self.chunk,
-                attention=self.decode_attention,
+            self._setup_key(
                 scope=self.compile_scope,
-                row_kernels=self.row_kernels,
                 pdl=self.pdl,
-                quantization=quantization_label(self.model),
                 # A bundle from before the causal prefill variant lacks its compile,
                 # and a loaded bundle is never rewritten: keep the two apart.
                 causal_prefill=self.model.prefill_is_causal(0),
             )
         )
         self.startup.cache_hit = self._cache.load()
+
+    def _setup_key(self, **more) -> str:
+        """The compile cache's key of this model, its sizes and kernels, plus ``more``."""
+        return cache_key(
+            self.model.cfg,
+            self.model.dtype,
+            self.device,
+            max_batch=self.max_batch,
+            cache_len=self.cache_len,
+            chunk=self.chunk,
+            attention=self.decode_attention,
+            row_kernels=self.row_kernels,
+            quantization=quantization_label(self.model),
+            **more,
+        )
 
     def warm_jobs(self) -> list[tuple]:
         """Every shape a full warm-up captures, as ``_run`` keys: the prefill chunk buckets
@@ -780,19 +786,7 @@ class CudaGraphRunner(Runner):
         """Run the steps through the packages of the current set-up, kept in the compile
         cache: each is loaded (or built there first) when a step first needs it
         (``fermi.runners.packaged``)."""
-        key = cache_key(
-            self.model.cfg,
-            self.model.dtype,
-            self.device,
-            max_batch=self.max_batch,
-            cache_len=self.cache_len,
-            chunk=self.chunk,
-            attention=self.decode_attention,
-            row_kernels=self.row_kernels,
-            quantization=quantization_label(self.model),
-            packaged=packaged.FORMAT,
-            source=packaged.source_digest(),
-        )
+        key = self._setup_key(packaged=packaged.FORMAT, source=packaged.source_digest())
         if self._package_root is None:
             self._package_root = Path(tempfile.mkdtemp(prefix="fermi-aot-"))
         packages = packaged.StepPackages(self, self._package_root / f"{key}.aot")
