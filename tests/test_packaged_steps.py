@@ -251,3 +251,115 @@ def test_cuda_runner_refuses_packaged_steps_and_compiles(tmp_path, monkeypatch):
     assert not runner.aot and not runner.startup.aot
     assert runner.startup.notes[0] == packaged.CUDA_REFUSED
     assert runner.startup.compiles > 0 and not list((tmp_path / "cache").glob("*.aot"))
+
+
+def _package_folder(runner, root):
+    runner._package_root = root
+    runner._bind_packages()
+    return runner._packages.folder.name
+
+
+def test_the_packages_key_follows_the_cpu_its_threads_and_the_kernels_layout(
+    folder, tmp_path, monkeypatch
+):
+    # Inductor's C++ code is compiled for this CPU (its vector ISA, -march=native) and its
+    # thread count (one thread: serial loops), and a quantized layer's kernels follow
+    # FERMI_NATIVE, none of it in the compile cache's key: a package built under one of
+    # them must not be loaded under another (a shared cache folder, another
+    # OMP_NUM_THREADS, FERMI_NATIVE=0).
+    from fermi.models.quant import QuantLinear, QuantSpec
+    from fermi.runners.torch_cuda import CudaGraphRunner
+
+    model = load_folder(folder, CPU, torch.float32, quantize=QuantSpec.parse("int8")).model
+    runner = CudaGraphRunner(model, 2, 64, 16, backend=None, use_graphs=False, warmup=False)
+    key = _package_folder(runner, tmp_path)
+    assert _package_folder(runner, tmp_path) == key
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert _package_folder(runner, tmp_path) != key
+    finally:
+        torch.set_num_threads(threads)
+    with monkeypatch.context() as mp:
+        mp.setenv("ATEN_CPU_CAPABILITY", "avx2")  # (Inductor's ISA, picked from it)
+        assert _package_folder(runner, tmp_path) != key
+    with monkeypatch.context() as mp:
+        mp.setattr(packaged, "_cpu_identity", lambda: "another CPU")
+        assert _package_folder(runner, tmp_path) != key
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    layout = layers[0].layout
+    with monkeypatch.context() as mp:
+        for layer in layers:
+            mp.setattr(layer, "layout", "torch" if layout == "native" else "native")
+        assert _package_folder(runner, tmp_path) != key
+
+
+def test_packages_take_every_buffer_from_the_model_they_run(folder, tmp_path, monkeypatch):
+    # A quantized layer reaches its kernel through a one-element ``_handle`` buffer; Inductor
+    # inlines so small a tensor's value unless told to keep it a constant, and the package
+    # then ran the layers of the model it was built from. Two models of one config in one
+    # process (another checkpoint, or the same loaded again): the second loads the first's
+    # packages and must give its own eager logits.
+    from fermi.models.quant import QuantSpec
+    from fermi.runners.torch_cpu_compiled import CompiledCpuRunner
+    from fermi.runners.torch_cuda import CudaGraphRunner
+
+    other = write_checkpoint(tmp_path / "other", {}, seed=3)
+    monkeypatch.setenv("FERMI_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FERMI_AOT", "1")
+    spec = QuantSpec.parse("int8")
+    built = []
+    for ckpt in (folder, other):
+        model = load_folder(ckpt, CPU, torch.float32, quantize=spec).model
+        runner = CompiledCpuRunner(model, 2, 64, 16, warmup="first")
+        assert runner.aot and not runner.startup.notes
+        built.append(set(runner._packages.built))
+        ref = load_folder(ckpt, CPU, torch.float32, quantize=spec).model
+        eager = CudaGraphRunner(ref, 2, 64, 16, backend=None, use_graphs=False, warmup=False)
+        prompt = [5, 9, 14, 100, 7]
+        got, want = runner.prefill(0, prompt, 0), eager.prefill(0, prompt, 0)
+        assert (got - want).abs().max().item() < 1e-2 and got.argmax() == want.argmax()
+        got, want = runner.decode([0], [3], [5]), eager.decode([0], [3], [5])
+        assert (got - want).abs().max().item() < 1e-2 and got.argmax() == want.argmax()
+    assert built == [{"prefill_causal", "decode1"}, set()]  # (the second loaded them)
+
+
+def test_packaged_longrope_tokens_equal_eager_across_the_switch(tmp_path, monkeypatch):
+    # LongRoPE's per-slot ``rope_long`` marks ([max_batch] bools, set between steps) must
+    # reach the package as the model's buffer, not as the values they had at the build.
+    from fermi.loading import GenerationDefaults
+    from fermi.text.tokenizer import Tokenizer
+    from tests.test_arch_phi3 import write
+
+    folder = write(tmp_path, "longrope")
+    monkeypatch.setenv("FERMI_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FERMI_AOT", "1")
+    prompt = list(range(7, 19))  # 12 tokens: decoding crosses the switch at position 32
+    outs = []
+    for name in ("torch-compile", "torch-cpu"):
+        model = load_folder(folder, CPU, torch.float32).model
+        runner = torch_runner(model, name, 2, 128, 16, "first")
+        engine = Engine(runner, Tokenizer.from_folder(folder), GenerationDefaults(), "phi")
+        with engine:
+            out = engine.generate(
+                prompt_token_ids=prompt, max_tokens=40, temperature=0, ignore_eos=True
+            )
+        outs.append(out.token_ids)
+        if name == "torch-compile":
+            assert runner.inner.aot and not runner.inner.startup.notes
+    assert outs[0] == outs[1]
+
+
+def test_a_runner_without_a_compile_cache_removes_its_package_folder(folder):
+    import gc
+
+    from fermi.runners.torch_cuda import CudaGraphRunner
+
+    model = load_folder(folder, CPU, torch.float32).model
+    runner = CudaGraphRunner(model, 2, 64, 16, backend=None, use_graphs=False, warmup=False)
+    runner._bind_packages()  # (as a warm-up with compile_cache=False does)
+    root = runner._package_root
+    assert root.is_dir()
+    del runner
+    gc.collect()
+    assert not root.exists()

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -75,6 +76,43 @@ def source_digest(root: Path = FERMI_ROOT) -> str:
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def build_context(model: torch.nn.Module, device: torch.device) -> dict:
+    """What a package's code depends on beyond the compile cache's key and the source: the
+    form of the weights' kernels (``QuantLinear``'s layout is not in its quantization label:
+    ``FERMI_NATIVE`` picks it) and, on CPU, what Inductor's C++ code specialises on: the
+    vector ISA, the CPU it was compiled on (``-march=native``) and the thread count
+    (``parallel_num_threads``: one thread compiles serial loops). Part of the packages' key,
+    so that a package built in another set-up is never loaded into this one."""
+    from fermi.models.half_weights import KernelLayer
+
+    layouts = sorted({str(m.layout) for m in model.modules() if isinstance(m, KernelLayer)})
+    context: dict = {"layouts": layouts}
+    if device.type == "cpu":
+        from torch._inductor import config as inductor_config
+        from torch._inductor.utils import parallel_num_threads
+
+        context |= {
+            # What Inductor picks its ISA from (the CPU's flags below; pick_vec_isa itself
+            # takes a second, compiling its probes)
+            "isa": (os.environ.get("ATEN_CPU_CAPABILITY"), inductor_config.cpp.simdlen),
+            "cpu": _cpu_identity(),
+            "threads": parallel_num_threads(),
+            "cpu_count": os.cpu_count(),
+        }
+    return context
+
+
+def _cpu_identity() -> str:
+    """The first CPU's model name and feature flags (``/proc/cpuinfo``), hashed."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = [line.partition(":") for line in first.splitlines()]
+    wanted = [v.strip() for k, _, v in fields if k.strip() in ("model name", "flags", "Features")]
+    return hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:16]
 
 
 CUDA_REFUSED = (
@@ -187,7 +225,13 @@ class StepPackages:
         tmp = self.folder / f"{name}.tmp{os.getpid()}.pt2"
         with torch.inference_mode(False), torch.no_grad():
             exported = torch.export.export(module, args, dynamic_shapes=dims)
-            configs = {"aot_inductor.package_constants_in_so": False}  # code only
+            configs = {
+                "aot_inductor.package_constants_in_so": False,  # code only
+                # Every buffer a constant the runner hands over: by default Inductor inlines
+                # a 1-d tensor of up to 8 elements as its value at build time (a fp16 or
+                # quantized layer's ``_handle``, LongRoPE's per-slot ``rope_long`` marks).
+                "always_keep_tensor_constants": True,
+            }
             aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=configs)
         tmp.replace(self.folder / f"{name}.pt2")
         seconds = self.built[name] = time.perf_counter() - started

@@ -41,8 +41,10 @@ import bisect
 import contextlib
 import functools
 import logging
+import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -786,9 +788,14 @@ class CudaGraphRunner(Runner):
         """Run the steps through the packages of the current set-up, kept in the compile
         cache: each is loaded (or built there first) when a step first needs it
         (``fermi.runners.packaged``)."""
-        key = self._setup_key(packaged=packaged.FORMAT, source=packaged.source_digest())
-        if self._package_root is None:
+        key = self._setup_key(
+            packaged=packaged.FORMAT,
+            source=packaged.source_digest(),
+            **packaged.build_context(self.model, self.device),
+        )
+        if self._package_root is None:  # (no compile cache: gone with the runner)
             self._package_root = Path(tempfile.mkdtemp(prefix="fermi-aot-"))
+            weakref.finalize(self, shutil.rmtree, self._package_root, True)
         packages = packaged.StepPackages(self, self._package_root / f"{key}.aot")
         self._packages = packages
         self._forward = packages.forward
