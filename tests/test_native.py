@@ -800,6 +800,22 @@ def test_without_a_compiler_or_when_turned_off_the_cpu_keeps_torchs_kernels(tmp_
 
 
 @needs_kernels
+def test_a_cache_folder_that_cannot_be_written_keeps_torchs_kernels_naming_the_variable(
+    tmp_path,
+):
+    """A service account's HOME (/nonexistent) or a read-only home: the warning said only
+    "[Errno 13] Permission denied: '/nonexistent'", not how to keep the kernels."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    child = _layout_in_child({"FERMI_NATIVE_CACHE": str(blocker / "cache")})
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == "fbgemm"
+    assert "CPU kernels are unavailable" in child.stderr
+    assert f"cannot write their cache {blocker / 'cache'}" in child.stderr
+    assert "set FERMI_NATIVE_CACHE to a writable folder" in child.stderr
+
+
+@needs_kernels
 def test_a_second_process_loads_the_built_library_without_compiling(tmp_path):
     cache = tmp_path / "cache"
     first = _layout_in_child({"FERMI_NATIVE_CACHE": str(cache)})

@@ -136,8 +136,15 @@ def build(flags: tuple[str, ...] = FLAGS) -> Path:
     cc = os.environ.get("CC") or "cc"
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} is not on PATH)")
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(dir=root)
+    except OSError as e:  # (a service account's HOME, a read-only home in a container)
+        raise RuntimeError(
+            f"cannot write their cache {root} ({e.strerror or e}); "
+            "set FERMI_NATIVE_CACHE to a writable folder"
+        ) from e
+    with scratch as tmp:
         out = Path(tmp) / target.name
         try:
             done = subprocess.run(
