@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 from pathlib import Path
 
 import click
 
 from export.build import COMPUTE_UNITS, DEFAULT_CHUNK, QUANTIZE, TARGETS, ExportOptions
+
+# What each target imports, all from the `export` extra (pyproject.toml). Checked before the
+# model loads: without them an export read and ran the checkpoint (~10 s for SmolLM2-135M)
+# and then ended in a ModuleNotFoundError traceback.
+TARGET_MODULES = {
+    "onnx": ("onnx", "onnxscript", "onnx_ir", "onnxruntime"),
+    "coreml": ("coremltools",),
+}
+INSTALL_EXTRA = "pip install 'fermi-infer[export]' (in a clone: pip install -e '.[export]')"
+
+
+def missing_modules(target: str) -> list[str]:
+    """The modules ``target`` needs that cannot be imported here."""
+    missing = []
+    for name in TARGET_MODULES[target]:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken parent package, or a __spec__ of None
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
 
 # SIGTERMs received during an export. A converter may catch the exception the handler
 # raises and raise its own (torch.onnx wraps what fails inside it): the export command
@@ -98,6 +122,12 @@ def export_command(
     verify: bool,
 ) -> None:
     """Export a model to an ONNX or a stateful Core ML artefact folder."""
+    missing = missing_modules(target)
+    if missing:
+        raise click.ClickException(
+            f"--target {target} needs {', '.join(missing)}, from fermi's export extra: "
+            f"{INSTALL_EXTRA}"
+        )
     from export.build import Bar, export_model
     from fermi.errors import FermiError
 
