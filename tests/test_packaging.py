@@ -89,8 +89,10 @@ def test_every_package_data_file_exists():
 FAILING = {
     # huggingface_hub.errors has no LocalEntryNotFoundError: every Hub id an ImportError.
     "huggingface_hub": ["0.24.0", "0.24.7"],
-    # RSGIHTTPProtocol has no client_disconnect: every POST of `fermi serve` a 500.
-    "granian": ["2.0.0", "2.0.1"],
+    # 2.0.x: RSGIHTTPProtocol has no client_disconnect, every POST of `fermi serve` a 500.
+    # 2.1.0-2.3.0: after one request (even GET /metrics) SIGTERM left the worker running
+    # until it was killed 25 s later ("Killing worker-0 after it refused to gracefully stop").
+    "granian": ["2.0.0", "2.0.1", "2.1.0", "2.2.0", "2.3.0"],
     # `import gguf` imports sentencepiece, which they do not declare: every GGUF load fails.
     "gguf": ["0.10.0", "0.11.0", "0.13.0", "0.14.0", "0.16.0"],
     # The ONNX export writes a Slice onnxruntime refuses to load.
