@@ -174,6 +174,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds a start may take")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.phases[0] == "warm" and not args.cache:
+        p.error("a warm start first needs the caches a cold one left: give --cache DIR")
     if args.child:
         child(args.model, args.child, args.warmup, args.max_batch, args.max_seq_len)
         return
